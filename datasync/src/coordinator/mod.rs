@@ -1,0 +1,58 @@
+//! The resync coordinator: drives registered plugins through resync in a fixed order.
+//!
+//! Plugins register at link time ([`crate::register_plugin!`], collected with
+//! `inventory`) or at run time ([`Registry::add`]). [`Registry::resolve`] orders them:
+//! declared dependencies first, ties by name — never link order or hash order; duplicate
+//! names, missing dependencies and cycles are errors at startup.
+//!
+//! The coordinator holds **one** watch registration over the union of all plugins'
+//! prefixes, so every pass works from one consistent snapshot at one revision R: plugin 1
+//! gets its slice and answers, then plugin 2, and so on. Changes from R+1 then go to each
+//! plugin they concern, in plugin order, one revision at a time; the store's `Done` is
+//! answered once every plugin has answered (first error wins). Every wait has a timeout,
+//! and a timeout is a failure — never success, as it was in cn-infra.
+//!
+//! Any new resync from the store (a loss of continuity), a plugin's or operator's request
+//! ([`CoordinatorHandle::request_resync`]) starts a new pass in the same order. Requests
+//! made during a pass set one flag on the registration, so they coalesce into one
+//! follow-up pass. A plugin that fails its resync (after the configured attempts) is
+//! marked failed and gets no changes until a later pass succeeds; the others go on.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use datasync::coordinator::{Coordinator, CoordinatorConfig, Handler, PluginSpec, Registry};
+//! use datasync::{local::Local, Event, Prefix};
+//!
+//! struct Print;
+//! #[async_trait::async_trait]
+//! impl Handler for Print {
+//!     async fn handle(&self, event: Event) {
+//!         println!("{} at {}", if matches!(event, Event::Resync(_)) { "resync" } else { "change" }, event.revision());
+//!         event.into_done().ok();
+//!     }
+//! }
+//!
+//! let store = Local::new();
+//! let mut registry = Registry::new();
+//! registry.add(PluginSpec::new("ifaces", vec![Prefix::new("if/")?], Arc::new(Print)));
+//! registry.add(PluginSpec::new("routes", vec![Prefix::new("rt/")?], Arc::new(Print)).after("ifaces"));
+//! let coordinator = Coordinator::start(&store, registry, CoordinatorConfig::default()).await?;
+//! coordinator.ready().await;
+//! assert_eq!(coordinator.status().passes, 1);
+//! coordinator.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod registry;
+mod run;
+mod status;
+
+pub use registry::{
+    Handler, PluginContext, PluginRegistration, PluginSpec, Registry, RegistryError,
+};
+pub use run::{Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorHandle, ResyncTrigger};
+pub use status::{CoordinatorStatus, PluginState, PluginStatus};
+
+#[cfg(test)]
+mod tests;

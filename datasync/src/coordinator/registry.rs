@@ -1,0 +1,333 @@
+//! Plugin registration (link time through `inventory`, or at run time) and ordering.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use crate::{Event, KeyError, Prefix, Writer};
+
+/// What a plugin does with its events. Answer every event's `Done`: the coordinator waits
+/// for it (with a timeout) before it moves on to the next plugin.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one event: a [`crate::Resync`] of the plugin's prefixes, or a
+    /// [`crate::Change`] restricted to them. The `Done` may be answered after this
+    /// returns (e.g. from a spawned task).
+    async fn handle(&self, event: Event);
+}
+
+/// What a plugin factory gets.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PluginContext {
+    /// Where the plugin writes.
+    pub writer: Arc<dyn Writer>,
+}
+
+impl PluginContext {
+    /// A context writing to `writer`.
+    pub fn new(writer: Arc<dyn Writer>) -> Self {
+        PluginContext { writer }
+    }
+}
+
+/// A plugin registered at link time. Submit one with [`crate::register_plugin!`].
+///
+/// A crate that nothing references is not linked, and its registrations never run:
+/// binaries and tests must reference every plugin crate (`use my_plugin as _;`).
+#[derive(Debug)]
+pub struct PluginRegistration {
+    /// Unique name.
+    pub name: &'static str,
+    /// Plugins that must be resynced before this one.
+    pub deps: &'static [&'static str],
+    /// Watched prefixes.
+    pub prefixes: &'static [&'static str],
+    /// Builds the handler.
+    pub factory: fn(&PluginContext) -> Arc<dyn Handler>,
+}
+
+inventory::collect!(PluginRegistration);
+
+/// Registers a plugin at link time.
+///
+/// ```
+/// use std::sync::Arc;
+/// use datasync::coordinator::{Handler, PluginContext};
+///
+/// struct Routes;
+/// #[async_trait::async_trait]
+/// impl Handler for Routes {
+///     async fn handle(&self, event: datasync::Event) {
+///         event.into_done().ok();
+///     }
+/// }
+///
+/// datasync::register_plugin! {
+///     name: "routes",
+///     deps: ["interfaces"],
+///     prefixes: ["config/routes/"],
+///     factory: |_ctx: &PluginContext| Arc::new(Routes),
+/// }
+/// ```
+#[macro_export]
+macro_rules! register_plugin {
+    (name: $name:expr, deps: [$($dep:expr),* $(,)?], prefixes: [$($p:expr),* $(,)?], factory: $factory:expr $(,)?) => {
+        $crate::inventory::submit! {
+            $crate::coordinator::PluginRegistration {
+                name: $name,
+                deps: &[$($dep),*],
+                prefixes: &[$($p),*],
+                factory: $factory,
+            }
+        }
+    };
+}
+
+/// A plugin ready to be ordered and run.
+#[derive(Clone)]
+pub struct PluginSpec {
+    /// Unique name.
+    pub name: String,
+    /// Plugins that must be resynced before this one.
+    pub deps: Vec<String>,
+    /// Watched prefixes.
+    pub prefixes: Vec<Prefix>,
+    /// The handler.
+    pub handler: Arc<dyn Handler>,
+}
+
+impl fmt::Debug for PluginSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginSpec")
+            .field("name", &self.name)
+            .field("deps", &self.deps)
+            .field("prefixes", &self.prefixes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginSpec {
+    /// A plugin with no dependencies.
+    pub fn new(name: &str, prefixes: Vec<Prefix>, handler: Arc<dyn Handler>) -> Self {
+        PluginSpec {
+            name: name.to_owned(),
+            deps: Vec::new(),
+            prefixes,
+            handler,
+        }
+    }
+
+    /// Adds a dependency.
+    #[must_use]
+    pub fn after(mut self, dep: &str) -> Self {
+        self.deps.push(dep.to_owned());
+        self
+    }
+}
+
+/// The plugin set cannot be run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// Two plugins share a name.
+    #[error("plugin {0:?} is registered twice")]
+    Duplicate(String),
+    /// A plugin depends on one that is not registered.
+    #[error("plugin {plugin:?} depends on {missing:?}, which is not registered")]
+    MissingDependency {
+        /// The dependent plugin.
+        plugin: String,
+        /// The missing dependency.
+        missing: String,
+    },
+    /// Dependencies form a cycle among these plugins.
+    #[error("dependency cycle among plugins {0:?}")]
+    Cycle(Vec<String>),
+    /// A plugin declares an invalid prefix.
+    #[error("plugin {plugin:?} declares invalid prefix {prefix:?}: {error}")]
+    InvalidPrefix {
+        /// The plugin.
+        plugin: String,
+        /// The prefix as declared.
+        prefix: String,
+        /// Why it is invalid.
+        error: KeyError,
+    },
+}
+
+/// Collects plugins and puts them in resync order.
+#[derive(Debug, Default)]
+pub struct Registry {
+    plugins: Vec<PluginSpec>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every plugin registered with [`crate::register_plugin!`] in the linked crates.
+    pub fn from_inventory(ctx: &PluginContext) -> Result<Self, RegistryError> {
+        let mut reg = Registry::new();
+        for r in inventory::iter::<PluginRegistration> {
+            let prefixes = r
+                .prefixes
+                .iter()
+                .map(|p| {
+                    Prefix::new(p).map_err(|error| RegistryError::InvalidPrefix {
+                        plugin: r.name.to_owned(),
+                        prefix: (*p).to_owned(),
+                        error,
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            reg.add(PluginSpec {
+                name: r.name.to_owned(),
+                deps: r.deps.iter().map(|d| (*d).to_owned()).collect(),
+                prefixes,
+                handler: (r.factory)(ctx),
+            });
+        }
+        Ok(reg)
+    }
+
+    /// Adds a plugin at run time.
+    pub fn add(&mut self, spec: PluginSpec) -> &mut Self {
+        self.plugins.push(spec);
+        self
+    }
+
+    /// Names of the plugins added so far, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<_> = self.plugins.iter().map(|p| p.name.as_str()).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The plugins in resync order: dependencies first (Kahn's algorithm), ties by name.
+    /// Link order and hash order never matter.
+    pub fn resolve(self) -> Result<Vec<PluginSpec>, RegistryError> {
+        let mut by_name: BTreeMap<String, PluginSpec> = BTreeMap::new();
+        for p in self.plugins {
+            if by_name.contains_key(&p.name) {
+                return Err(RegistryError::Duplicate(p.name));
+            }
+            by_name.insert(p.name.clone(), p);
+        }
+        let mut pending: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut dependents: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for p in by_name.values() {
+            let deps: BTreeSet<&str> = p.deps.iter().map(String::as_str).collect();
+            for d in &deps {
+                if !by_name.contains_key(*d) {
+                    return Err(RegistryError::MissingDependency {
+                        plugin: p.name.clone(),
+                        missing: (*d).to_owned(),
+                    });
+                }
+                dependents.entry(d).or_default().push(&p.name);
+            }
+            pending.insert(&p.name, deps.len());
+        }
+        let mut ready: BTreeSet<&str> = pending
+            .iter()
+            .filter(|(_, n)| **n == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut order: Vec<String> = Vec::with_capacity(by_name.len());
+        while let Some(next) = ready.pop_first() {
+            order.push(next.to_owned());
+            pending.remove(next);
+            for d in dependents.get(next).into_iter().flatten() {
+                if let Some(n) = pending.get_mut(d) {
+                    *n -= 1;
+                    if *n == 0 {
+                        ready.insert(d);
+                    }
+                }
+            }
+        }
+        if !pending.is_empty() {
+            return Err(RegistryError::Cycle(
+                pending.keys().map(|k| (*k).to_owned()).collect(),
+            ));
+        }
+        Ok(order
+            .into_iter()
+            .filter_map(|n| by_name.remove(&n))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nop;
+    #[async_trait::async_trait]
+    impl Handler for Nop {
+        async fn handle(&self, event: Event) {
+            event.into_done().ok();
+        }
+    }
+
+    fn spec(name: &str, deps: &[&str]) -> PluginSpec {
+        let mut s = PluginSpec::new(name, vec![], Arc::new(Nop));
+        for d in deps {
+            s = s.after(d);
+        }
+        s
+    }
+
+    fn order(specs: Vec<PluginSpec>) -> Result<Vec<String>, RegistryError> {
+        let mut r = Registry::new();
+        for s in specs {
+            r.add(s);
+        }
+        Ok(r.resolve()?.into_iter().map(|p| p.name).collect())
+    }
+
+    #[test]
+    fn dependencies_first_ties_by_name() {
+        let got = order(vec![
+            spec("routes", &["interfaces"]),
+            spec("zeta", &[]),
+            spec("acl", &["interfaces", "routes"]),
+            spec("interfaces", &[]),
+            spec("alpha", &[]),
+        ])
+        .unwrap();
+        assert_eq!(got, ["alpha", "interfaces", "routes", "acl", "zeta"]);
+        // Insertion order does not matter.
+        let again = order(vec![
+            spec("alpha", &[]),
+            spec("interfaces", &[]),
+            spec("acl", &["routes", "interfaces"]),
+            spec("zeta", &[]),
+            spec("routes", &["interfaces"]),
+        ])
+        .unwrap();
+        assert_eq!(got, again);
+    }
+
+    #[test]
+    fn startup_errors() {
+        assert_eq!(
+            order(vec![spec("a", &[]), spec("a", &[])]),
+            Err(RegistryError::Duplicate("a".into()))
+        );
+        assert_eq!(
+            order(vec![spec("a", &["ghost"])]),
+            Err(RegistryError::MissingDependency {
+                plugin: "a".into(),
+                missing: "ghost".into()
+            })
+        );
+        assert_eq!(
+            order(vec![spec("a", &["b"]), spec("b", &["a"]), spec("c", &[])]),
+            Err(RegistryError::Cycle(vec!["a".into(), "b".into()]))
+        );
+    }
+}

@@ -1,0 +1,393 @@
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use super::*;
+use crate::local::Local;
+use crate::{Done, DoneError, Event, Key, Prefix, PutOptions, ResyncReason, WatchOptions, Writer};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Behaviour {
+    Ok,
+    Fail,
+    Drop,
+    /// Keep the `Done` and never answer.
+    Hold,
+    /// Answer once the gate lets it through.
+    Gate,
+}
+
+struct Rec {
+    name: &'static str,
+    log: Arc<Mutex<Vec<String>>>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    held: Mutex<Vec<Done>>,
+    gate: Arc<Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl Handler for Rec {
+    async fn handle(&self, event: Event) {
+        let line = match &event {
+            Event::Resync(r) => format!(
+                "{}:resync@{}:{:?}:{}",
+                self.name,
+                r.revision.0,
+                r.reason,
+                r.values()
+                    .map(|kv| kv.key.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            Event::Change(c) => format!(
+                "{}:change@{}:{}",
+                self.name,
+                c.revision.0,
+                c.changes
+                    .iter()
+                    .map(|kc| kc.key.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        };
+        self.log.lock().unwrap().push(line);
+        let behaviour = *self.behaviour.lock().unwrap();
+        let done = event.into_done();
+        match behaviour {
+            Behaviour::Ok => done.ok(),
+            Behaviour::Fail => done.fail("plugin refused"),
+            Behaviour::Drop => drop(done),
+            Behaviour::Hold => self.held.lock().unwrap().push(done),
+            Behaviour::Gate => {
+                let _permit = self.gate.acquire().await.unwrap();
+                done.ok();
+            }
+        }
+    }
+}
+
+struct Fixture {
+    store: Local,
+    log: Arc<Mutex<Vec<String>>>,
+    registry: Registry,
+    behaviours: Vec<(&'static str, Arc<Mutex<Behaviour>>)>,
+    handlers: Vec<Arc<Rec>>,
+    gate: Arc<Semaphore>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Fixture {
+            store: Local::new(),
+            log: Default::default(),
+            registry: Registry::new(),
+            behaviours: vec![],
+            handlers: vec![],
+            gate: Arc::new(Semaphore::new(0)),
+        }
+    }
+
+    fn plugin(
+        mut self,
+        name: &'static str,
+        prefixes: &[&str],
+        deps: &[&str],
+        b: Behaviour,
+    ) -> Self {
+        let behaviour = Arc::new(Mutex::new(b));
+        let rec = Arc::new(Rec {
+            name,
+            log: self.log.clone(),
+            behaviour: behaviour.clone(),
+            held: Mutex::new(vec![]),
+            gate: self.gate.clone(),
+        });
+        let mut spec = PluginSpec::new(
+            name,
+            prefixes.iter().map(|p| Prefix::new(p).unwrap()).collect(),
+            rec.clone(),
+        );
+        for d in deps {
+            spec = spec.after(d);
+        }
+        self.registry.add(spec);
+        self.behaviours.push((name, behaviour));
+        self.handlers.push(rec);
+        self
+    }
+
+    fn set(&self, name: &str, b: Behaviour) {
+        let (_, slot) = self.behaviours.iter().find(|(n, _)| *n == name).unwrap();
+        *slot.lock().unwrap() = b;
+    }
+
+    async fn put(&self, key: &str) -> u64 {
+        let k = Key::new(key).unwrap();
+        self.store
+            .put(&k, "v".into(), PutOptions::new())
+            .await
+            .unwrap()
+            .0
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn start(&mut self, config: CoordinatorConfig) -> CoordinatorHandle {
+        let registry = std::mem::take(&mut self.registry);
+        Coordinator::start(&self.store, registry, config)
+            .await
+            .unwrap()
+    }
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn startup_resyncs_in_dependency_order_then_changes_flow() {
+    let mut f = Fixture::new()
+        .plugin("routes", &["rt/"], &["ifaces"], Behaviour::Ok)
+        .plugin("ifaces", &["if/"], &[], Behaviour::Ok);
+    f.put("if/a").await;
+    f.put("rt/x").await;
+    f.put("other/z").await;
+    let c = f.start(CoordinatorConfig::default()).await;
+    c.ready().await;
+    assert_eq!(
+        f.log(),
+        [
+            "ifaces:resync@3:Initial:if/a",
+            "routes:resync@3:Initial:rt/x"
+        ]
+    );
+    f.put("if/b").await;
+    f.put("rt/y").await;
+    f.put("other/q").await;
+    settle().await;
+    assert_eq!(
+        f.log()[2..],
+        ["ifaces:change@4:if/b", "routes:change@5:rt/y"]
+    );
+    let status = c.status();
+    assert!(status.plugins.iter().all(|p| p.state == PluginState::Ready));
+    assert_eq!(status.plugin("routes").unwrap().revision.0, 5);
+    assert_eq!(status.plugins[0].name, "ifaces");
+    c.shutdown().await;
+    assert_eq!(f.store.active_watches(), 0, "shutdown releases the watch");
+}
+
+#[tokio::test(start_paused = true)]
+async fn next_plugin_waits_for_the_previous_answer() {
+    let mut f = Fixture::new()
+        .plugin("a", &["a/"], &[], Behaviour::Gate)
+        .plugin("b", &["b/"], &[], Behaviour::Ok);
+    let c = f.start(CoordinatorConfig::default()).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(f.log(), ["a:resync@0:Initial:"]);
+    assert_eq!(c.status().plugins[0].state, PluginState::Resyncing);
+    f.gate.add_permits(1);
+    c.ready().await;
+    assert_eq!(f.log(), ["a:resync@0:Initial:", "b:resync@0:Initial:"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_is_a_failure_and_others_go_on() {
+    let mut f = Fixture::new()
+        .plugin("slow", &["s/"], &[], Behaviour::Hold)
+        .plugin("fine", &["f/"], &[], Behaviour::Ok);
+    let cfg = CoordinatorConfig::default()
+        .timeouts(Duration::from_secs(1), Duration::from_secs(1))
+        .retries(1, Duration::ZERO)
+        .retry_failed_after(None);
+    let c = f.start(cfg).await;
+    c.ready().await;
+    let st = c.status();
+    assert_eq!(st.plugin("slow").unwrap().state, PluginState::TimedOut);
+    assert!(matches!(
+        st.plugin("slow").unwrap().last_error,
+        Some((_, DoneError::TimedOut(_)))
+    ));
+    assert_eq!(st.plugin("fine").unwrap().state, PluginState::Ready);
+    // A late answer is harmless.
+    for d in f.handlers[0].held.lock().unwrap().drain(..) {
+        d.ok();
+    }
+    f.put("s/1").await;
+    f.put("f/1").await;
+    settle().await;
+    assert_eq!(
+        f.log()[2..],
+        ["fine:change@2:f/1"],
+        "no changes to a timed-out plugin"
+    );
+    assert_eq!(
+        c.status().plugin("slow").unwrap().state,
+        PluginState::TimedOut
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_and_drops_are_reported_with_retries() {
+    let mut f = Fixture::new()
+        .plugin("failing", &["x/"], &[], Behaviour::Fail)
+        .plugin("dropping", &["y/"], &[], Behaviour::Drop)
+        .plugin("fine", &["z/"], &[], Behaviour::Ok);
+    let cfg = CoordinatorConfig::default()
+        .retries(3, Duration::from_millis(10))
+        .retry_failed_after(None);
+    let c = f.start(cfg).await;
+    c.ready().await;
+    let st = c.status();
+    let failing = st.plugin("failing").unwrap();
+    assert_eq!(failing.state, PluginState::Failed);
+    assert!(
+        matches!(&failing.last_error, Some((_, DoneError::Failed(e))) if e.to_string() == "plugin refused")
+    );
+    let dropping = st.plugin("dropping").unwrap();
+    assert!(matches!(dropping.last_error, Some((_, DoneError::Dropped))));
+    assert_eq!(st.plugin("fine").unwrap().state, PluginState::Ready);
+    let attempts = f
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("failing:resync"))
+        .count();
+    assert_eq!(attempts, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_plugin_is_retried_by_a_later_pass() {
+    let mut f = Fixture::new().plugin("p", &["p/"], &[], Behaviour::Fail);
+    let cfg = CoordinatorConfig::default()
+        .retries(1, Duration::ZERO)
+        .retry_failed_after(Some(Duration::from_secs(2)));
+    let c = f.start(cfg).await;
+    c.ready().await;
+    assert_eq!(c.status().plugins[0].state, PluginState::Failed);
+    f.set("p", Behaviour::Ok);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = c.status();
+    assert_eq!(st.plugins[0].state, PluginState::Ready);
+    assert_eq!(st.passes, 2);
+    assert_eq!(f.log()[1], "p:resync@0:Requested:");
+}
+
+#[tokio::test(start_paused = true)]
+async fn same_revision_goes_to_plugins_in_order() {
+    let mut f = Fixture::new()
+        .plugin("b", &["k/"], &[], Behaviour::Ok)
+        .plugin("a", &["k/"], &["b"], Behaviour::Ok)
+        .plugin("c", &["k/"], &[], Behaviour::Ok);
+    let c = f.start(CoordinatorConfig::default()).await;
+    c.ready().await;
+    f.put("k/1").await;
+    settle().await;
+    assert_eq!(
+        f.log()[3..],
+        ["b:change@1:k/1", "a:change@1:k/1", "c:change@1:k/1"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_requests_coalesce_into_one_follow_up() {
+    let mut f = Fixture::new().plugin("p", &["p/"], &[], Behaviour::Gate);
+    let c = f.start(CoordinatorConfig::default()).await;
+    settle().await;
+    for _ in 0..10 {
+        c.request_resync();
+        c.trigger().request_resync();
+    }
+    f.gate.add_permits(100);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(c.status().passes, 2, "{:?}", f.log());
+    assert_eq!(f.log(), ["p:resync@0:Initial:", "p:resync@0:Requested:"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn overflow_becomes_a_new_pass() {
+    let mut f = Fixture::new().plugin("p", &["p/"], &[], Behaviour::Ok);
+    let cfg = CoordinatorConfig::default().watch(WatchOptions::default().queue_capacity(2));
+    let c = f.start(cfg).await;
+    c.ready().await;
+    f.set("p", Behaviour::Gate);
+    f.put("p/0").await;
+    settle().await;
+    for i in 1..10 {
+        f.put(&format!("p/{i}")).await;
+    }
+    f.set("p", Behaviour::Ok);
+    f.gate.add_permits(1);
+    settle().await;
+    let log = f.log();
+    assert_eq!(log[1], "p:change@1:p/0");
+    let last = log.last().unwrap();
+    assert!(last.starts_with("p:resync@10:Overflow:"), "{log:?}");
+    assert_eq!(last.split(':').nth(3).unwrap().split(',').count(), 10);
+    assert_eq!(c.status().passes, 2);
+}
+
+struct FromInventory;
+#[async_trait::async_trait]
+impl Handler for FromInventory {
+    async fn handle(&self, event: Event) {
+        event.into_done().ok();
+    }
+}
+
+crate::register_plugin! {
+    name: "inventory-test",
+    deps: [],
+    prefixes: ["inv/"],
+    factory: |_ctx: &PluginContext| Arc::new(FromInventory),
+}
+
+#[tokio::test(start_paused = true)]
+async fn link_time_registration_is_found() {
+    let store = Local::new();
+    let ctx = PluginContext::new(Arc::new(store.clone()));
+    let registry = Registry::from_inventory(&ctx).unwrap();
+    assert!(registry.names().contains(&"inventory-test"));
+    let c = Coordinator::start(&store, registry, CoordinatorConfig::default())
+        .await
+        .unwrap();
+    c.ready().await;
+    assert_eq!(
+        c.status().plugin("inventory-test").unwrap().state,
+        PluginState::Ready
+    );
+}
+
+#[test]
+fn invalid_config_is_rejected() {
+    let cfg = CoordinatorConfig::default().retries(0, Duration::ZERO);
+    assert!(matches!(cfg.validate(), Err(CoordinatorError::Config(_))));
+}
+
+// Compile-time checks: public futures and streams can move across threads.
+#[allow(dead_code)]
+fn public_futures_and_streams_are_send(store: &Local) {
+    fn send<T: Send>(_: T) {}
+    fn send_sync<T: Send + Sync>() {}
+    send(Coordinator::start(
+        store,
+        Registry::new(),
+        CoordinatorConfig::default(),
+    ));
+    send(crate::Watcher::watch(
+        store,
+        "x",
+        &[],
+        WatchOptions::default(),
+    ));
+    send(store.put(&Key::new("k").unwrap(), "v".into(), PutOptions::new()));
+    send_sync::<CoordinatorHandle>();
+    send_sync::<Local>();
+    send_sync::<crate::Registration>();
+    fn send_only<T: Send>() {}
+    send_only::<crate::Watch>();
+    send_only::<crate::Event>();
+    let _ = ResyncReason::Initial;
+}

@@ -1,0 +1,103 @@
+//! Errors of store operations and watch streams.
+
+use std::time::Duration;
+
+use crate::done::BoxError;
+use crate::{KeyError, Revision};
+
+/// A `Result` of a store operation.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A store operation failed.
+///
+/// "This call failed" ([`is_retryable`](Self::is_retryable) tells whether trying again may
+/// help) is kept apart from "this store has stopped" ([`StoreError::Stopped`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The key or prefix is invalid, or the backend cannot represent it.
+    #[error("invalid key")]
+    InvalidKey(#[from] KeyError),
+    /// The value is larger than the store accepts.
+    #[error("value is {size} bytes, the limit is {max}")]
+    ValueTooLarge {
+        /// Size of the rejected value.
+        size: usize,
+        /// The store's limit.
+        max: usize,
+    },
+    /// A TTL of zero (TTLs are never rounded to zero, and zero is refused).
+    #[error("TTL must be positive, got {0:?}")]
+    InvalidTtl(Duration),
+    /// The requested revision is older than the retained history.
+    #[error("revision {requested} is compacted (history starts after {compacted})")]
+    Compacted {
+        /// The revision asked for.
+        requested: Revision,
+        /// The newest compacted revision.
+        compacted: Revision,
+    },
+    /// The requested revision is newer than the store.
+    #[error("revision {requested} is in the future (store is at {current})")]
+    FutureRevision {
+        /// The revision asked for.
+        requested: Revision,
+        /// The store's revision.
+        current: Revision,
+    },
+    /// The store cannot be reached now; trying again may succeed.
+    #[error("store unavailable")]
+    Unavailable(#[source] BoxError),
+    /// The operation did not finish in time; its outcome is unknown.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The operation is not supported by this store.
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
+    /// Stored data failed a check: the store refuses to serve it.
+    #[error("corrupted data: {0}")]
+    Corrupted(String),
+    /// The store has stopped (closed or failed fatally); this handle will not recover.
+    #[error("store stopped")]
+    Stopped,
+    /// Some parts of a composite writer failed.
+    #[error("{} of {} writers failed", .0.failed(), .0.results.len())]
+    Composite(Box<crate::composite::CompositeError>),
+    /// Any other backend error.
+    #[error("backend error")]
+    Backend(#[source] BoxError),
+}
+
+impl StoreError {
+    /// Whether trying the same call again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) | StoreError::Timeout(_) => true,
+            StoreError::Composite(c) => c
+                .results
+                .iter()
+                .all(|(_, r)| r.as_ref().err().is_none_or(StoreError::is_retryable)),
+            _ => false,
+        }
+    }
+}
+
+/// An item-level error of a watch stream.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WatchError {
+    /// Transient: continuity was interrupted and the transport is recovering. The stream
+    /// goes on, and a resync follows before any further change.
+    #[error("watch interrupted")]
+    Interrupted(#[source] StoreError),
+    /// The stream ends after this item.
+    #[error("watch stopped")]
+    Stopped(#[source] StoreError),
+}
+
+impl WatchError {
+    /// Whether the stream goes on after this error.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, WatchError::Interrupted(_))
+    }
+}

@@ -1,0 +1,282 @@
+//! Validated keys and prefixes.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest key (and prefix) accepted, in bytes. Transports may accept less.
+pub const MAX_KEY_LEN: usize = 4096;
+
+/// Why a string is not a valid [`Key`] or [`Prefix`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The key is empty (a prefix may be empty, a key may not).
+    #[error("key is empty")]
+    Empty,
+    /// The key is longer than [`MAX_KEY_LEN`] (or a transport's own limit).
+    #[error("key is {len} bytes, the limit is {max}")]
+    TooLong {
+        /// Length of the rejected key.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// The key contains a NUL or another ASCII control character.
+    #[error("key contains control character {byte:#04x} at byte {position}")]
+    ControlCharacter {
+        /// The offending byte.
+        byte: u8,
+        /// Its position in the key.
+        position: usize,
+    },
+    /// The key is not UTF-8 (only from [`Key::from_bytes`]).
+    #[error("key is not valid UTF-8")]
+    NotUtf8,
+    /// The key cannot be represented by a particular backend.
+    #[error("key {key:?} cannot be stored by {backend}: {reason}")]
+    Unrepresentable {
+        /// The key.
+        key: String,
+        /// Which backend refused it.
+        backend: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+fn check(s: &str) -> Result<(), KeyError> {
+    if s.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong {
+            len: s.len(),
+            max: MAX_KEY_LEN,
+        });
+    }
+    if let Some(position) = s.bytes().position(|b| b < 0x20 || b == 0x7f) {
+        return Err(KeyError::ControlCharacter {
+            byte: s.as_bytes()[position],
+            position,
+        });
+    }
+    Ok(())
+}
+
+/// A validated, non-empty key. Cheap to clone. Keys order by their bytes.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key(Arc<str>);
+
+impl Key {
+    /// Validates `key`: non-empty, at most [`MAX_KEY_LEN`] bytes, no control characters.
+    pub fn new(key: impl AsRef<str>) -> Result<Self, KeyError> {
+        let s = key.as_ref();
+        if s.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        check(s)?;
+        Ok(Key(Arc::from(s)))
+    }
+
+    /// Validates raw bytes as a key (they must be UTF-8).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
+        Self::new(std::str::from_utf8(bytes).map_err(|_| KeyError::NotUtf8)?)
+    }
+
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The key with `prefix` removed, if it starts with it.
+    pub fn strip_prefix(&self, prefix: &Prefix) -> Option<&str> {
+        self.0.strip_prefix(prefix.as_str())
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for Key {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for Key {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<&str> for Key {
+    type Error = KeyError;
+    fn try_from(s: &str) -> Result<Self, KeyError> {
+        Key::new(s)
+    }
+}
+
+impl TryFrom<String> for Key {
+    type Error = KeyError;
+    fn try_from(s: String) -> Result<Self, KeyError> {
+        Key::new(s)
+    }
+}
+
+/// A validated key prefix. The empty prefix matches every key.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix(Arc<str>);
+
+impl Prefix {
+    /// Validates `prefix` like a key, except that it may be empty.
+    pub fn new(prefix: impl AsRef<str>) -> Result<Self, KeyError> {
+        let s = prefix.as_ref();
+        check(s)?;
+        Ok(Prefix(Arc::from(s)))
+    }
+
+    /// The prefix that matches every key.
+    pub fn all() -> Self {
+        Prefix(Arc::from(""))
+    }
+
+    /// The prefix as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `key` lies under this prefix.
+    pub fn matches(&self, key: &str) -> bool {
+        key.starts_with(&*self.0)
+    }
+
+    /// Whether every key under `other` also lies under `self`.
+    pub fn covers(&self, other: &Prefix) -> bool {
+        other.0.starts_with(&*self.0)
+    }
+
+    /// The smallest string greater than every key under this prefix, for range scans;
+    /// `None` when the range is unbounded.
+    pub fn range_end(&self) -> Option<String> {
+        let mut bytes = self.0.as_bytes().to_vec();
+        while let Some(last) = bytes.pop() {
+            if last < 0x7f {
+                bytes.push(last + 1);
+                return String::from_utf8(bytes).ok();
+            }
+        }
+        None
+    }
+}
+
+impl fmt::Debug for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<&str> for Prefix {
+    type Error = KeyError;
+    fn try_from(s: &str) -> Result<Self, KeyError> {
+        Prefix::new(s)
+    }
+}
+
+impl From<Key> for Prefix {
+    fn from(key: Key) -> Self {
+        Prefix(key.0)
+    }
+}
+
+/// A normalized set of prefixes: sorted, duplicates and covered prefixes removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixSet(Vec<Prefix>);
+
+impl PrefixSet {
+    /// Normalizes `prefixes`.
+    pub fn new(prefixes: impl IntoIterator<Item = Prefix>) -> Self {
+        let mut all: Vec<Prefix> = prefixes.into_iter().collect();
+        all.sort();
+        let mut out: Vec<Prefix> = Vec::with_capacity(all.len());
+        for p in all {
+            // After sorting, a covering prefix comes before everything it covers.
+            if !out.last().is_some_and(|last| last.covers(&p)) {
+                out.push(p);
+            }
+        }
+        PrefixSet(out)
+    }
+
+    /// Whether any prefix matches `key`.
+    pub fn matches(&self, key: &str) -> bool {
+        // Few prefixes per registration: a linear scan beats a search.
+        self.0.iter().any(|p| p.matches(key))
+    }
+
+    /// The normalized prefixes, sorted.
+    pub fn prefixes(&self) -> &[Prefix] {
+        &self.0
+    }
+
+    /// Whether the set is empty (matches nothing).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_keys() {
+        assert_eq!(Key::new(""), Err(KeyError::Empty));
+        assert!(matches!(
+            Key::new("a\0b"),
+            Err(KeyError::ControlCharacter {
+                byte: 0,
+                position: 1
+            })
+        ));
+        assert!(matches!(
+            Key::new("x".repeat(MAX_KEY_LEN + 1)),
+            Err(KeyError::TooLong { .. })
+        ));
+        assert_eq!(Key::from_bytes(&[0xff, 0xfe]), Err(KeyError::NotUtf8));
+        assert!(Key::new("x".repeat(MAX_KEY_LEN)).is_ok());
+        assert!(Prefix::new("").is_ok());
+        assert!(Prefix::new("a\nb").is_err());
+    }
+
+    #[test]
+    fn prefix_set_normalizes() {
+        let p = |s: &str| Prefix::new(s).unwrap();
+        let set = PrefixSet::new([p("a/b/"), p("c/"), p("a/"), p("a/")]);
+        assert_eq!(set.prefixes(), &[p("a/"), p("c/")]);
+        assert!(set.matches("a/b/c"));
+        assert!(!set.matches("b"));
+        assert_eq!(PrefixSet::new([p(""), p("x")]).prefixes(), &[p("")]);
+    }
+
+    #[test]
+    fn range_end() {
+        assert_eq!(
+            Prefix::new("a/").unwrap().range_end().as_deref(),
+            Some("a0")
+        );
+        assert_eq!(Prefix::all().range_end(), None);
+    }
+}

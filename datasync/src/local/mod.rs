@@ -1,0 +1,313 @@
+//! `local`: the in-memory transport, the reference implementation of the contract.
+//!
+//! Everything happens under one mutex: a write commits, gets the next revision and is
+//! offered to every registration's bounded queue before the lock is released; a watch
+//! takes its snapshot and joins the fan-out under the same lock. That single ordering
+//! point is what makes the resync/changes hand-off gap-free (rule 2). A registration
+//! whose queue is full stops being fed and, once it has drained its queue, receives a
+//! fresh resync (rule 7) — the writer never waits for a consumer.
+//!
+//! Reads at a past revision keep per-key versions for the last
+//! [`LocalConfig::history`] revisions (older ones are compacted, then reads fail with
+//! [`StoreError::Compacted`]).
+//!
+//! TTLs run on tokio time, so tests can pause and advance the clock. Expired keys are
+//! removed by a background task and, lazily, before any operation, so no read ever sees a
+//! key past its deadline.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use datasync::{local::Local, Event, Key, Prefix, PutOptions, Watcher, WatchOptions, Writer};
+//! use futures_util::StreamExt;
+//!
+//! let store = Local::new();
+//! store.put(&Key::new("cfg/a")?, "1".into(), PutOptions::new()).await?;
+//! let mut watch = store.watch("demo", &[Prefix::new("cfg/")?], WatchOptions::default()).await?;
+//! let Some(Ok(Event::Resync(resync))) = watch.next().await else { panic!() };
+//! assert_eq!(resync.len(), 1);
+//! resync.done.ok();
+//! # Ok(()) }
+//! ```
+
+mod state;
+mod stream;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::instrument;
+
+use self::state::{Mutation, State, Sub};
+use self::stream::LocalStream;
+use crate::{
+    CasOutcome, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing, Prefix, PrefixSet,
+    PutOptions, ReadOptions, Registration, Revision, Source, StoreError, Value, Watch,
+    WatchOptions, Watcher, Writer,
+};
+
+/// Configuration of a [`Local`] store.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LocalConfig {
+    /// Largest value accepted, in bytes (default 1 MiB).
+    pub max_value_size: usize,
+    /// Revisions of history kept for reads at a past revision (default 10,000).
+    pub history: u64,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            max_value_size: 1 << 20,
+            history: 10_000,
+        }
+    }
+}
+
+impl LocalConfig {
+    /// Sets [`max_value_size`](Self::max_value_size).
+    #[must_use]
+    pub fn max_value_size(mut self, n: usize) -> Self {
+        self.max_value_size = n;
+        self
+    }
+
+    /// Sets [`history`](Self::history) (at least 1).
+    #[must_use]
+    pub fn history(mut self, n: u64) -> Self {
+        self.history = n.max(1);
+        self
+    }
+}
+
+/// The in-memory store. Cheap to clone; clones share the store.
+///
+/// Must be created inside a tokio runtime (it spawns the TTL task).
+#[derive(Debug, Clone)]
+pub struct Local {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    config: LocalConfig,
+    source: Source,
+    /// Wakes the TTL task when an earlier deadline appears.
+    ttl_changed: Arc<Notify>,
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic under the lock cannot leave the state half-written: every mutation
+        // completes before anything that may panic. Keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Locks and removes every key whose TTL ran out.
+    fn lock_fresh(&self) -> MutexGuard<'_, State> {
+        let mut st = self.lock();
+        expire(&mut st, Instant::now(), self.config.history);
+        st
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn expire(st: &mut State, now: Instant, history: u64) {
+    if st.next_deadline().is_some_and(|d| d <= now) {
+        let due = st.due(now);
+        st.commit(due.into_iter().map(Mutation::Delete).collect(), history);
+    }
+}
+
+impl Default for Local {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Local {
+    /// An empty store with the default configuration.
+    pub fn new() -> Self {
+        Self::with_config(LocalConfig::default())
+    }
+
+    /// An empty store.
+    pub fn with_config(config: LocalConfig) -> Self {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            config,
+            source: Source::from(""),
+            ttl_changed: Arc::new(Notify::new()),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(ttl_task(
+            Arc::downgrade(&shared),
+            shared.ttl_changed.clone(),
+            shared.stop.clone(),
+        ));
+        Local { shared }
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> Revision {
+        self.shared.lock().revision
+    }
+
+    /// How many registrations the store is feeding (closed ones are released).
+    pub fn active_watches(&self) -> usize {
+        self.shared.lock().active_watches()
+    }
+
+    fn check_value(&self, value: &Value, opts: &PutOptions) -> Result<(), StoreError> {
+        self.limits().check(value)?;
+        opts.validate()
+    }
+
+    fn put_mutation(&self, key: &Key, value: Value, opts: &PutOptions) -> Mutation {
+        let deadline = opts.ttl.map(|t| Instant::now() + t);
+        if deadline.is_some() {
+            self.shared.ttl_changed.notify_one();
+        }
+        Mutation::Put {
+            key: key.clone(),
+            value,
+            deadline,
+        }
+    }
+}
+
+async fn ttl_task(shared: Weak<Shared>, changed: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        let next = match shared.upgrade() {
+            Some(s) => {
+                let mut st = s.lock();
+                expire(&mut st, Instant::now(), s.config.history);
+                st.next_deadline()
+            }
+            None => return,
+        };
+        let sleep = async {
+            match next {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = changed.notified() => {}
+            _ = sleep => {}
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Writer for Local {
+    fn limits(&self) -> Limits {
+        Limits::new(self.shared.config.max_value_size)
+    }
+
+    async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
+        self.check_value(&value, &opts)?;
+        let m = self.put_mutation(key, value, &opts);
+        let mut st = self.shared.lock_fresh();
+        let rev = st.commit(vec![m], self.shared.config.history);
+        Ok(rev.map_or(st.revision, |(r, _)| r))
+    }
+
+    async fn delete(&self, key: &Key, opts: DeleteOptions) -> Result<Deleted, StoreError> {
+        let mut st = self.shared.lock_fresh();
+        let keys = if opts.prefix {
+            st.live_keys_under(&Prefix::from(key.clone()))
+        } else {
+            vec![key.clone()]
+        };
+        let mutations: Vec<_> = keys.into_iter().map(Mutation::Delete).collect();
+        let before = st.revision;
+        match st.commit(mutations, self.shared.config.history) {
+            Some((revision, count)) => Ok(Deleted { count, revision }),
+            None => Ok(Deleted {
+                count: 0,
+                revision: before,
+            }),
+        }
+    }
+
+    async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
+        self.shared.lock_fresh().get(key.as_str(), opts.revision)
+    }
+
+    async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError> {
+        let (revision, values) = self.shared.lock_fresh().list(prefix, opts.revision)?;
+        Ok(Listing { revision, values })
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &Key,
+        expect: Expect,
+        value: Value,
+        opts: PutOptions,
+    ) -> Result<CasOutcome, StoreError> {
+        self.check_value(&value, &opts)?;
+        let mut st = self.shared.lock_fresh();
+        let current = st.latest(key.as_str());
+        let holds = match (expect, &current) {
+            (Expect::Absent, None) => true,
+            (Expect::Revision(r), Some(kv)) => kv.revision == r,
+            _ => false,
+        };
+        if !holds {
+            return Ok(CasOutcome::Conflict(current));
+        }
+        let m = self.put_mutation(key, value, &opts);
+        let rev = st.commit(vec![m], self.shared.config.history);
+        Ok(CasOutcome::Swapped(rev.map_or(st.revision, |(r, _)| r)))
+    }
+}
+
+#[async_trait::async_trait]
+impl Watcher for Local {
+    #[instrument(level = "debug", skip_all, fields(name))]
+    async fn watch(
+        &self,
+        name: &str,
+        prefixes: &[Prefix],
+        opts: WatchOptions,
+    ) -> Result<Watch, StoreError> {
+        let reg = Registration::new(name);
+        let prefixes = PrefixSet::new(prefixes.iter().cloned());
+        let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let initial = {
+            let mut st = self.shared.lock_fresh();
+            let values = st.snapshot(&prefixes);
+            st.subscribe(Sub {
+                reg: reg.clone(),
+                prefixes: prefixes.clone(),
+                tx,
+                overflowed: overflowed.clone(),
+            });
+            (st.revision, values)
+        };
+        let stream = LocalStream::new(
+            self.shared.clone(),
+            reg.clone(),
+            self.shared.source.clone(),
+            prefixes,
+            rx,
+            overflowed,
+            initial,
+        );
+        Ok(Watch::new(reg, stream))
+    }
+}

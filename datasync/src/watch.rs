@@ -1,0 +1,273 @@
+//! Watching: the [`Watcher`] trait, the [`Watch`] stream and its [`Registration`].
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use futures_util::Stream;
+use futures_util::task::AtomicWaker;
+use tokio_util::sync::CancellationToken;
+
+use crate::done::Acks;
+use crate::{AckStatus, Done, Event, Prefix, Revision, StoreError, WatchError};
+
+/// Per-registration options.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WatchOptions {
+    /// How many events may wait for the consumer. A consumer that falls further behind is
+    /// caught up by a resync, never by a stream with holes.
+    pub queue_capacity: usize,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            queue_capacity: 1024,
+        }
+    }
+}
+
+impl WatchOptions {
+    /// Sets [`queue_capacity`](Self::queue_capacity) (at least 1).
+    #[must_use]
+    pub fn queue_capacity(mut self, n: usize) -> Self {
+        self.queue_capacity = n.max(1);
+        self
+    }
+}
+
+/// Something that can be watched.
+///
+/// # To ensure correctness
+/// An implementation keeps every rule of the contract (DESIGN.md, checked by
+/// `datasync::testing`): the stream begins with a [`Event::Resync`] of all prefixes at one
+/// revision R; changes follow from R+1 with strictly increasing revisions, one event per
+/// transaction; previous values are right per registration; any loss of continuity becomes
+/// a new resync; every event carries a `Done` made by [`Registration::done`]; a slow
+/// consumer is resynced, never given holes and never slowing others; closing the
+/// registration releases everything it holds in the store.
+#[async_trait::async_trait]
+pub trait Watcher: Send + Sync + fmt::Debug {
+    /// Registers a watch of `prefixes` named `name` (names appear in logs and status).
+    async fn watch(
+        &self,
+        name: &str,
+        prefixes: &[Prefix],
+        opts: WatchOptions,
+    ) -> Result<Watch, StoreError>;
+}
+
+#[async_trait::async_trait]
+impl<W: Watcher + ?Sized> Watcher for Arc<W> {
+    async fn watch(
+        &self,
+        name: &str,
+        prefixes: &[Prefix],
+        opts: WatchOptions,
+    ) -> Result<Watch, StoreError> {
+        (**self).watch(name, prefixes, opts).await
+    }
+}
+
+/// The event stream of one registration: `Stream<Item = Result<Event, WatchError>>`.
+///
+/// Errors are items; a [`WatchError::Interrupted`] does not end the stream. Dropping the
+/// `Watch` closes its registration.
+pub struct Watch {
+    registration: Registration,
+    stream: Pin<Box<dyn Stream<Item = Result<Event, WatchError>> + Send>>,
+}
+
+impl Watch {
+    /// Wraps a transport's stream (for transports).
+    pub fn new(
+        registration: Registration,
+        stream: impl Stream<Item = Result<Event, WatchError>> + Send + 'static,
+    ) -> Self {
+        Watch {
+            registration,
+            stream: Box::pin(stream),
+        }
+    }
+
+    /// The registration: close it, request a resync, read its acknowledgement status.
+    pub fn registration(&self) -> &Registration {
+        &self.registration
+    }
+}
+
+impl fmt::Debug for Watch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watch")
+            .field("registration", &self.registration)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stream for Watch {
+    type Item = Result<Event, WatchError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.registration.is_closed() {
+            return Poll::Ready(None);
+        }
+        self.stream.as_mut().poll_next(cx)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.registration.close();
+    }
+}
+
+/// A handle to one watch registration. Cheap to clone.
+///
+/// Closing ends the stream and releases the registration in the store (server-side
+/// watches are cancelled). An aggregated registration ([`Registration::aggregate`]) closes
+/// and resyncs all its parts.
+#[derive(Clone)]
+pub struct Registration {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: Arc<str>,
+    cancel: CancellationToken,
+    resync: AtomicBool,
+    waker: AtomicWaker,
+    acks: Arc<Acks>,
+    children: Vec<Registration>,
+}
+
+impl fmt::Debug for Registration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registration")
+            .field("name", &self.inner.name)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Registration {
+    /// A new, open registration (for transports).
+    pub fn new(name: &str) -> Self {
+        Self::with_children(name, Vec::new())
+    }
+
+    /// One registration that stands for several: closing or resyncing it does so to
+    /// all of them, and its status merges theirs.
+    pub fn aggregate(name: &str, parts: Vec<Registration>) -> Self {
+        Self::with_children(name, parts)
+    }
+
+    fn with_children(name: &str, children: Vec<Registration>) -> Self {
+        let name: Arc<str> = Arc::from(name);
+        Registration {
+            inner: Arc::new(Inner {
+                acks: Arc::new(Acks::new(name.clone())),
+                name,
+                cancel: CancellationToken::new(),
+                resync: AtomicBool::new(false),
+                waker: AtomicWaker::new(),
+                children,
+            }),
+        }
+    }
+
+    /// The registration's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Ends the watch. Idempotent.
+    pub fn close(&self) {
+        self.inner.cancel.cancel();
+        self.inner.waker.wake();
+        for c in &self.inner.children {
+            c.close();
+        }
+    }
+
+    /// Whether [`close`](Self::close) was called (or the `Watch` dropped).
+    pub fn is_closed(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+    }
+
+    /// Resolves once the registration is closed (for transport tasks).
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn closed(&self) {
+        self.inner.cancel.cancelled().await
+    }
+
+    /// Asks for a new full resync. Requests made before the transport serves one
+    /// coalesce into that one.
+    pub fn request_resync(&self) {
+        self.inner.resync.store(true, Ordering::Release);
+        self.inner.waker.wake();
+        for c in &self.inner.children {
+            c.request_resync();
+        }
+    }
+
+    /// Takes a pending resync request (for transports).
+    pub fn take_resync_request(&self) -> bool {
+        self.inner.resync.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether a resync request is pending, without taking it (for transports).
+    pub fn resync_pending(&self) -> bool {
+        self.inner.resync.load(Ordering::Acquire)
+    }
+
+    /// Registers the task to wake on [`close`](Self::close) and
+    /// [`request_resync`](Self::request_resync) (for transports' `poll_next`). Check
+    /// both again after registering.
+    pub fn register_waker(&self, waker: &Waker) {
+        self.inner.waker.register(waker);
+    }
+
+    /// Wakes the registered task (for transports: "there is something new").
+    pub fn wake(&self) {
+        self.inner.waker.wake();
+    }
+
+    /// A `Done` for an event at `revision`, recorded in [`acks`](Self::acks)
+    /// (for transports).
+    pub fn done(&self, revision: Revision) -> Done {
+        Done::tracked(self.inner.acks.clone(), revision)
+    }
+
+    /// How this registration's events (and its parts') were answered.
+    pub fn acks(&self) -> AckStatus {
+        self.inner
+            .children
+            .iter()
+            .fold(self.inner.acks.status(), |acc, c| acc.merge(c.acks()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregate_closes_and_resyncs_parts() {
+        let a = Registration::new("a");
+        let b = Registration::new("b");
+        let all = Registration::aggregate("all", vec![a.clone(), b.clone()]);
+        all.request_resync();
+        assert!(a.take_resync_request() && b.take_resync_request());
+        assert!(!a.take_resync_request());
+        a.done(Revision(1)).ok();
+        drop(b.done(Revision(2)));
+        let s = all.acks();
+        assert_eq!((s.answered_ok, s.dropped), (1, 1));
+        all.close();
+        assert!(a.is_closed() && b.is_closed());
+    }
+}

@@ -1,0 +1,267 @@
+//! Writing and reading: the [`Writer`] trait and its options.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::value::{Codec, EncodeError};
+use crate::{Key, KeyValue, Prefix, Revision, StoreError, Value};
+
+/// Options of a put.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PutOptions {
+    /// Delete the key this long after the put (a Delete change with the previous value is
+    /// emitted). A put without TTL removes any earlier TTL of the key. Backends with coarser
+    /// TTLs round up, never down to zero; a zero TTL is refused.
+    pub ttl: Option<Duration>,
+}
+
+impl PutOptions {
+    /// No TTL.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the TTL.
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Checks the options.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        match self.ttl {
+            Some(t) if t.is_zero() => Err(StoreError::InvalidTtl(t)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Options of a delete.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeleteOptions {
+    /// Delete every key that starts with the given key, in one transaction where the
+    /// store has transactions.
+    pub prefix: bool,
+}
+
+impl DeleteOptions {
+    /// Delete one key.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Delete a whole prefix.
+    #[must_use]
+    pub fn prefix(mut self) -> Self {
+        self.prefix = true;
+        self
+    }
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Consistency {
+    /// Reflects every write acknowledged before the read started.
+    #[default]
+    Linearizable,
+    /// Whatever the nearest replica has (may lag).
+    Local,
+}
+
+/// Options of a get or list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReadOptions {
+    /// Read the state at this revision instead of the latest.
+    pub revision: Option<Revision>,
+    /// Freshness of the read.
+    pub consistency: Consistency,
+}
+
+impl ReadOptions {
+    /// Latest, linearizable.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Read at `revision`.
+    #[must_use]
+    pub fn at(mut self, revision: Revision) -> Self {
+        self.revision = Some(revision);
+        self
+    }
+
+    /// Sets the consistency.
+    #[must_use]
+    pub fn consistency(mut self, c: Consistency) -> Self {
+        self.consistency = c;
+        self
+    }
+}
+
+/// The condition of a compare-and-swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key must not exist (create-if-absent).
+    Absent,
+    /// The key must exist and have been last modified at this revision.
+    Revision(Revision),
+}
+
+/// What a compare-and-swap did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum CasOutcome {
+    /// The condition held; the value was written at this revision.
+    Swapped(Revision),
+    /// The condition failed; the key's current state.
+    Conflict(Option<KeyValue>),
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    /// How many keys were deleted.
+    pub count: u64,
+    /// The revision of the (last) delete, or the store's revision if nothing was deleted.
+    pub revision: Revision,
+}
+
+/// A prefix's values at one revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// The revision read at.
+    pub revision: Revision,
+    /// Values sorted by key.
+    pub values: Vec<KeyValue>,
+}
+
+/// Size limits of a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Largest value accepted, in bytes.
+    pub max_value_size: usize,
+}
+
+impl Limits {
+    /// Limits with this largest value size.
+    pub fn new(max_value_size: usize) -> Self {
+        Limits { max_value_size }
+    }
+
+    /// Checks a value against the limits.
+    pub fn check(&self, value: &Value) -> Result<(), StoreError> {
+        if value.len() > self.max_value_size {
+            return Err(StoreError::ValueTooLarge {
+                size: value.len(),
+                max: self.max_value_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Writes and reads a store.
+///
+/// # To ensure correctness
+/// Acknowledge a write only once it is committed (durable where the store is durable);
+/// return the revision it was committed at. A prefix delete returns how many keys it
+/// removed. Check values against [`limits`](Self::limits) and TTLs with
+/// [`PutOptions::validate`] before doing anything.
+#[async_trait::async_trait]
+pub trait Writer: Send + Sync + fmt::Debug {
+    /// The store's size limits.
+    fn limits(&self) -> Limits;
+
+    /// Creates or replaces `key`.
+    async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError>;
+
+    /// Deletes `key`, or every key under it with [`DeleteOptions::prefix`].
+    async fn delete(&self, key: &Key, opts: DeleteOptions) -> Result<Deleted, StoreError>;
+
+    /// Reads one key.
+    async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError>;
+
+    /// Reads every key under `prefix`, at one revision.
+    async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError>;
+
+    /// Writes `value` only if `expect` holds for `key`, atomically.
+    async fn compare_and_swap(
+        &self,
+        key: &Key,
+        expect: Expect,
+        value: Value,
+        opts: PutOptions,
+    ) -> Result<CasOutcome, StoreError>;
+}
+
+#[async_trait::async_trait]
+impl<W: Writer + ?Sized> Writer for Arc<W> {
+    fn limits(&self) -> Limits {
+        (**self).limits()
+    }
+    async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
+        (**self).put(key, value, opts).await
+    }
+    async fn delete(&self, key: &Key, opts: DeleteOptions) -> Result<Deleted, StoreError> {
+        (**self).delete(key, opts).await
+    }
+    async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
+        (**self).get(key, opts).await
+    }
+    async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError> {
+        (**self).list(prefix, opts).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &Key,
+        expect: Expect,
+        value: Value,
+        opts: PutOptions,
+    ) -> Result<CasOutcome, StoreError> {
+        (**self).compare_and_swap(key, expect, value, opts).await
+    }
+}
+
+/// A typed put failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TypedPutError {
+    /// The item did not encode.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The store refused the put.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Typed puts through a [`Codec`] (e.g. [`crate::Proto`], [`crate::Json`]).
+#[async_trait::async_trait]
+pub trait WriterExt: Writer {
+    /// Encodes `item` with `C` and puts it.
+    async fn put_as<C: Codec>(
+        &self,
+        key: &Key,
+        item: &C::Item,
+        opts: PutOptions,
+    ) -> Result<Revision, TypedPutError>
+    where
+        C::Item: Sync,
+    {
+        let value = C::encode(item)?;
+        Ok(self.put(key, value, opts).await?)
+    }
+}
+
+impl<W: Writer + ?Sized> WriterExt for W {}
+
+/// A store: both [`crate::Watcher`] and [`Writer`].
+pub trait Store: crate::Watcher + Writer {}
+
+impl<S: crate::Watcher + Writer + ?Sized> Store for S {}
