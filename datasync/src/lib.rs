@@ -12,6 +12,9 @@ mod key;
 pub mod local;
 mod mirror;
 mod revision;
+#[cfg(any(test, feature = "testing"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 mod value;
 mod watch;
 mod write;

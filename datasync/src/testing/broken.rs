@@ -1,0 +1,268 @@
+//! Deliberately broken transports, each repeating a known cn-infra mistake, and the
+//! proof that the suite fails each one on the rule it breaks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+
+use super::{Harness, run_all};
+use crate::local::Local;
+use crate::{
+    CasOutcome, Change, DeleteOptions, Deleted, Done, DoneError, Event, Expect, Key, KeyChange,
+    KeyValue, Limits, Listing, Op, Prefix, PutOptions, ReadOptions, Revision, StoreError, Value,
+    Watch, WatchOptions, Watcher, Writer,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Bug {
+    /// Starts the change stream at the resync revision R instead of R+1.
+    StartsAtR,
+    /// Keeps one previous-value cache for all registrations.
+    SharedPrev,
+    /// Treats a dropped `Done` as success.
+    SilentDone,
+    /// Loses every 7th change instead of resyncing.
+    Lossy,
+}
+
+#[derive(Debug, Clone)]
+struct Broken {
+    inner: Local,
+    bug: Bug,
+    shared_prev: Arc<Mutex<HashMap<Key, Value>>>,
+}
+
+#[async_trait::async_trait]
+impl Writer for Broken {
+    fn limits(&self) -> Limits {
+        self.inner.limits()
+    }
+    async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
+        self.inner.put(key, value, opts).await
+    }
+    async fn delete(&self, key: &Key, opts: DeleteOptions) -> Result<Deleted, StoreError> {
+        self.inner.delete(key, opts).await
+    }
+    async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
+        self.inner.get(key, opts).await
+    }
+    async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError> {
+        self.inner.list(prefix, opts).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &Key,
+        expect: Expect,
+        value: Value,
+        opts: PutOptions,
+    ) -> Result<CasOutcome, StoreError> {
+        self.inner.compare_and_swap(key, expect, value, opts).await
+    }
+}
+
+impl Broken {
+    /// The changes of revision `r` under `prefixes`, rebuilt from reads at r-1 and r.
+    async fn replay(&self, prefixes: &[Prefix], r: Revision) -> Vec<KeyChange> {
+        let mut out = Vec::new();
+        if r == Revision::ZERO {
+            return out;
+        }
+        for p in prefixes {
+            let before = self
+                .inner
+                .list(p, ReadOptions::new().at(Revision(r.0 - 1)))
+                .await;
+            let after = self.inner.list(p, ReadOptions::new().at(r)).await;
+            let (Ok(before), Ok(after)) = (before, after) else {
+                continue;
+            };
+            let old: HashMap<_, _> = before
+                .values
+                .into_iter()
+                .map(|kv| (kv.key, kv.value))
+                .collect();
+            for kv in after.values.into_iter().filter(|kv| kv.revision == r) {
+                out.push(KeyChange {
+                    prev: old.get(&kv.key).cloned(),
+                    key: kv.key,
+                    op: Op::Put,
+                    value: Some(kv.value),
+                });
+            }
+        }
+        out
+    }
+}
+
+#[async_trait::async_trait]
+impl Watcher for Broken {
+    async fn watch(
+        &self,
+        name: &str,
+        prefixes: &[Prefix],
+        opts: WatchOptions,
+    ) -> Result<Watch, StoreError> {
+        let mut inner = self.inner.watch(name, prefixes, opts).await?;
+        let reg = inner.registration().clone();
+        match self.bug {
+            Bug::StartsAtR => {
+                let first = inner.next().await;
+                let mut replayed = Vec::new();
+                if let Some(Ok(Event::Resync(rs))) = &first {
+                    let changes = self.replay(prefixes, rs.revision).await;
+                    if !changes.is_empty() {
+                        let done = reg.done(rs.revision);
+                        replayed.push(Ok(Event::Change(Change::new(
+                            rs.source.clone(),
+                            rs.revision,
+                            changes,
+                            done,
+                        ))));
+                    }
+                }
+                let head = futures_util::stream::iter(first.into_iter().chain(replayed));
+                Ok(Watch::new(reg, head.chain(inner)))
+            }
+            Bug::SharedPrev => {
+                let cache = self.shared_prev.clone();
+                Ok(Watch::new(
+                    reg,
+                    inner.map(move |item| {
+                        let mut cache = cache.lock().unwrap();
+                        item.map(|ev| match ev {
+                            Event::Resync(rs) => {
+                                for kv in rs.values() {
+                                    cache.insert(kv.key.clone(), kv.value.clone());
+                                }
+                                Event::Resync(rs)
+                            }
+                            Event::Change(mut c) => {
+                                for kc in &mut c.changes {
+                                    kc.prev = cache.get(&kc.key).cloned();
+                                    match &kc.value {
+                                        Some(v) => cache.insert(kc.key.clone(), v.clone()),
+                                        None => cache.remove(&kc.key),
+                                    };
+                                }
+                                Event::Change(c)
+                            }
+                        })
+                    }),
+                ))
+            }
+            Bug::SilentDone => Ok(Watch::new(
+                reg,
+                inner.map(|item| {
+                    item.map(|ev| {
+                        let (mine, waiter) = Done::channel();
+                        let swap = |d: &mut Done| std::mem::replace(d, mine);
+                        let (ev, real) = match ev {
+                            Event::Resync(mut r) => {
+                                let real = swap(&mut r.done);
+                                (Event::Resync(r), real)
+                            }
+                            Event::Change(mut c) => {
+                                let real = swap(&mut c.done);
+                                (Event::Change(c), real)
+                            }
+                        };
+                        tokio::spawn(async move {
+                            match waiter.await {
+                                Err(DoneError::Dropped) => real.ok(),
+                                other => real.complete(other),
+                            }
+                        });
+                        ev
+                    })
+                }),
+            )),
+            Bug::Lossy => {
+                let mut n = 0u32;
+                Ok(Watch::new(
+                    reg,
+                    inner.filter_map(move |item| {
+                        let keep = match &item {
+                            Ok(Event::Change(_)) => {
+                                n += 1;
+                                n % 7 != 0
+                            }
+                            _ => true,
+                        };
+                        let out = if keep {
+                            Some(item)
+                        } else {
+                            item.ok().map(|ev| ev.into_done().ok());
+                            None
+                        };
+                        std::future::ready(out)
+                    }),
+                ))
+            }
+        }
+    }
+}
+
+struct BrokenHarness(Bug);
+
+#[async_trait::async_trait]
+impl Harness for BrokenHarness {
+    type Store = Broken;
+    async fn store(&self) -> Broken {
+        Broken {
+            inner: Local::new(),
+            bug: self.0,
+            shared_prev: Default::default(),
+        }
+    }
+    async fn active_watches(&self, store: &Broken) -> usize {
+        store.inner.active_watches()
+    }
+}
+
+/// Runs the whole suite against `bug` and returns the names of the failing tests.
+async fn failing(bug: Bug) -> Vec<&'static str> {
+    run_all(&BrokenHarness(bug))
+        .await
+        .into_iter()
+        .filter(|(_, outcome)| outcome.is_err())
+        .map(|(name, _)| name)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_catches_a_watch_started_at_r() {
+    let failed = failing(Bug::StartsAtR).await;
+    assert!(
+        failed.contains(&"rule2_handoff_starts_after_the_resync_revision"),
+        "{failed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_catches_shared_previous_values() {
+    let failed = failing(Bug::SharedPrev).await;
+    assert!(
+        failed.contains(&"rule4_prev_values_per_registration"),
+        "{failed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_catches_a_silently_dropped_done() {
+    let failed = failing(Bug::SilentDone).await;
+    assert_eq!(failed, ["rule6_done_answers_and_drops_are_reported"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_catches_a_stream_with_holes() {
+    let failed = failing(Bug::Lossy).await;
+    assert!(
+        failed.contains(&"rule1_resync_first_then_ordered_changes"),
+        "{failed:?}"
+    );
+    assert!(
+        failed.contains(&"rule7_slow_consumer_is_isolated_and_resynced"),
+        "{failed:?}"
+    );
+}
