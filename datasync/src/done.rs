@@ -1,18 +1,4 @@
 //! The `Done` callback that answers every event.
-//!
-//! A [`Done`] is a one-shot token consumed by value: [`Done::ok`], [`Done::fail`] or
-//! [`Done::complete`]. Dropping it unanswered is not silent success: the waiter receives
-//! [`DoneError::Dropped`] (and a warning is logged), so nothing ever hangs on a forgotten
-//! callback. Answering after the waiter has gone (a timeout, a closed registration) is
-//! harmless: the answer is discarded. A token cannot be answered twice; that is enforced
-//! by the type system.
-//!
-//! Who waits depends on where the token came from:
-//! - [`Done::channel`]: a [`DoneWaiter`] future (the coordinator uses this, with a timeout);
-//! - a transport's event: the registration's acknowledgement record
-//!   ([`crate::Registration::acks`]), which counts answers, failures and drops;
-//! - [`Done::split`]: the parent token, answered once every child has been (first error
-//!   wins).
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -51,7 +37,21 @@ impl DoneError {
     }
 }
 
-/// Answers one event. See the [module docs](self).
+/// Answers one event.
+///
+/// A [`Done`] is a one-shot token consumed by value: [`Done::ok`], [`Done::fail`] or
+/// [`Done::complete`]. Dropping it unanswered is not silent success: the waiter receives
+/// [`DoneError::Dropped`] (and a warning is logged), so nothing ever hangs on a forgotten
+/// callback. Answering after the waiter has gone (a timeout, a closed registration) is
+/// harmless: the answer is discarded. A token cannot be answered twice; that is enforced
+/// by the type system.
+///
+/// Who waits depends on where the token came from:
+/// - [`Done::channel`]: a [`DoneWaiter`] future (the coordinator uses this, with a timeout);
+/// - a transport's event: the registration's acknowledgement record
+///   ([`crate::Registration::acks`]), which counts answers, failures and drops;
+/// - [`Done::split`]: the parent token, answered once every child has been (first error
+///   wins).
 #[must_use = "every event must be answered: call ok(), fail() or complete()"]
 #[derive(Debug)]
 pub struct Done {

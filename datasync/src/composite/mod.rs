@@ -10,3 +10,6 @@ mod writer;
 
 pub use watcher::CompositeWatcher;
 pub use writer::{CompositeError, CompositeWriter};
+
+#[cfg(test)]
+mod tests;

@@ -11,6 +11,10 @@
 //! [`LocalConfig::history`] revisions (older ones are compacted, then reads fail with
 //! [`StoreError::Compacted`]).
 //!
+//! Operations never wait for I/O, so each one spends tokio's cooperative budget
+//! (`consume_budget`): a task that writes in a tight loop still yields now and then, and
+//! the consumers it wakes get to run instead of starving in its worker's queue.
+//!
 //! TTLs run on tokio time, so tests can pause and advance the clock. Expired keys are
 //! removed by a background task and, lazily, before any operation, so no read ever sees a
 //! key past its deadline.
@@ -111,7 +115,9 @@ impl Shared {
     /// Locks and removes every key whose TTL ran out.
     fn lock_fresh(&self) -> MutexGuard<'_, State> {
         let mut st = self.lock();
-        expire(&mut st, Instant::now(), self.config.history);
+        if st.next_deadline().is_some() {
+            expire(&mut st, Instant::now(), self.config.history);
+        }
         st
     }
 }
@@ -173,16 +179,29 @@ impl Local {
         opts.validate()
     }
 
-    fn put_mutation(&self, key: &Key, value: Value, opts: &PutOptions) -> Mutation {
+    /// Commits a put under `st`, then releases the lock and, for a TTL, wakes the TTL
+    /// task. The wake must follow the commit: woken earlier, the task could look, find
+    /// no deadline and go back to sleep with the wake-up spent.
+    fn commit_put(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        key: &Key,
+        value: Value,
+        opts: &PutOptions,
+    ) -> Revision {
         let deadline = opts.ttl.map(|t| Instant::now() + t);
-        if deadline.is_some() {
-            self.shared.ttl_changed.notify_one();
-        }
-        Mutation::Put {
+        let m = Mutation::Put {
             key: key.clone(),
             value,
             deadline,
+        };
+        let rev = st.commit(vec![m], self.shared.config.history);
+        let rev = rev.map_or(st.revision, |(r, _)| r);
+        drop(st);
+        if deadline.is_some() {
+            self.shared.ttl_changed.notify_one();
         }
+        rev
     }
 }
 
@@ -217,14 +236,14 @@ impl Writer for Local {
     }
 
     async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
+        tokio::task::coop::consume_budget().await;
         self.check_value(&value, &opts)?;
-        let m = self.put_mutation(key, value, &opts);
-        let mut st = self.shared.lock_fresh();
-        let rev = st.commit(vec![m], self.shared.config.history);
-        Ok(rev.map_or(st.revision, |(r, _)| r))
+        let st = self.shared.lock_fresh();
+        Ok(self.commit_put(st, key, value, &opts))
     }
 
     async fn delete(&self, key: &Key, opts: DeleteOptions) -> Result<Deleted, StoreError> {
+        tokio::task::coop::consume_budget().await;
         let mut st = self.shared.lock_fresh();
         let keys = if opts.prefix {
             st.live_keys_under(&Prefix::from(key.clone()))
@@ -243,10 +262,12 @@ impl Writer for Local {
     }
 
     async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
+        tokio::task::coop::consume_budget().await;
         self.shared.lock_fresh().get(key.as_str(), opts.revision)
     }
 
     async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError> {
+        tokio::task::coop::consume_budget().await;
         let (revision, values) = self.shared.lock_fresh().list(prefix, opts.revision)?;
         Ok(Listing { revision, values })
     }
@@ -258,8 +279,9 @@ impl Writer for Local {
         value: Value,
         opts: PutOptions,
     ) -> Result<CasOutcome, StoreError> {
+        tokio::task::coop::consume_budget().await;
         self.check_value(&value, &opts)?;
-        let mut st = self.shared.lock_fresh();
+        let st = self.shared.lock_fresh();
         let current = st.latest(key.as_str());
         let holds = match (expect, &current) {
             (Expect::Absent, None) => true,
@@ -269,9 +291,7 @@ impl Writer for Local {
         if !holds {
             return Ok(CasOutcome::Conflict(current));
         }
-        let m = self.put_mutation(key, value, &opts);
-        let rev = st.commit(vec![m], self.shared.config.history);
-        Ok(CasOutcome::Swapped(rev.map_or(st.revision, |(r, _)| r)))
+        Ok(CasOutcome::Swapped(self.commit_put(st, key, value, &opts)))
     }
 }
 
@@ -311,3 +331,6 @@ impl Watcher for Local {
         Ok(Watch::new(reg, stream))
     }
 }
+
+#[cfg(test)]
+mod tests;

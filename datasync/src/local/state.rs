@@ -1,6 +1,7 @@
 //! The store's state: versioned keys, TTL deadlines and the registrations to feed.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,7 +68,11 @@ impl Sub {
 pub(super) struct State {
     pub(super) revision: Revision,
     compacted: Revision,
-    keys: BTreeMap<Key, History>,
+    /// Every key with a retained version. Point lookups hash: a B-tree search costs a
+    /// few dozen string compares, the hot path of every write.
+    keys: HashMap<Key, History>,
+    /// The same keys in order, for prefix scans; touched only when a key comes or goes.
+    order: BTreeSet<Key>,
     /// Every version written, oldest first, for compaction.
     written: VecDeque<(Revision, Key)>,
     /// TTL deadlines; the `u64` makes entries unique.
@@ -133,9 +138,10 @@ impl State {
         &'a self,
         prefix: &'a Prefix,
     ) -> impl Iterator<Item = (&'a Key, &'a History)> + 'a {
-        self.keys
+        self.order
             .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
-            .take_while(move |(k, _)| prefix.matches(k.as_str()))
+            .take_while(move |k| prefix.matches(k.as_str()))
+            .filter_map(|k| self.keys.get(k).map(|h| (k, h)))
     }
 
     pub(super) fn list(
@@ -197,7 +203,13 @@ impl State {
                     value,
                     deadline,
                 } => {
-                    let h = self.keys.entry(key.clone()).or_default();
+                    let h = match self.keys.entry(key.clone()) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(e) => {
+                            self.order.insert(key.clone());
+                            e.insert(History::default())
+                        }
+                    };
                     let prev = h.latest().map(|(v, _)| v.clone());
                     h.versions.push(Version {
                         revision,
@@ -281,6 +293,7 @@ impl State {
                 && h.versions[0].revision <= upto
             {
                 self.keys.remove(key.as_str());
+                self.order.remove(key.as_str());
             }
         }
         self.compacted = upto;

@@ -192,7 +192,9 @@ impl Watcher for Broken {
                         let out = if keep {
                             Some(item)
                         } else {
-                            item.ok().map(|ev| ev.into_done().ok());
+                            if let Ok(ev) = item {
+                                ev.into_done().ok();
+                            }
                             None
                         };
                         std::future::ready(out)

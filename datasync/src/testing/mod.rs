@@ -5,8 +5,8 @@
 //! [`conformance_tests!`](crate::conformance_tests) in a test file. Each contract rule of
 //! DESIGN.md becomes separately named `#[tokio::test]`s:
 //!
-//! ```ignore
-//! // tests/conformance.rs of a transport crate
+//! ```text
+//! // tests/conformance.rs of a transport crate, with datasync's `testing` feature on:
 //! datasync::conformance_tests!(my_transport::testing::MyHarness::start().await);
 //! ```
 //!

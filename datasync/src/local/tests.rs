@@ -1,0 +1,209 @@
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use super::*;
+use crate::{Event, Op, ResyncReason};
+
+fn key(s: &str) -> Key {
+    Key::new(s).unwrap()
+}
+
+async fn next(w: &mut Watch) -> Event {
+    tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("event (deadlock?)")
+        .expect("stream open")
+        .expect("no error")
+}
+
+#[tokio::test(start_paused = true)]
+async fn ttl_follows_tokio_time_exactly() {
+    let s = Local::new();
+    let mut w = s
+        .watch("t", &[Prefix::all()], WatchOptions::default())
+        .await
+        .unwrap();
+    next(&mut w).await.into_done().ok();
+    s.put(
+        &key("lease"),
+        "v".into(),
+        PutOptions::new().ttl(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    next(&mut w).await.into_done().ok();
+    tokio::time::sleep(Duration::from_millis(9_999)).await;
+    assert!(
+        s.get(&key("lease"), ReadOptions::new())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let Event::Change(c) = next(&mut w).await else {
+        panic!("want the expiry")
+    };
+    assert_eq!(c.changes[0].op, Op::Delete);
+    assert_eq!(c.changes[0].prev, Some(Value::from("v")));
+    c.done.ok();
+    assert!(
+        s.get(&key("lease"), ReadOptions::new())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn keys_expiring_together_go_in_one_transaction() {
+    let s = Local::new();
+    let mut w = s
+        .watch("t", &[Prefix::all()], WatchOptions::default())
+        .await
+        .unwrap();
+    next(&mut w).await.into_done().ok();
+    let ttl = PutOptions::new().ttl(Duration::from_secs(1));
+    s.put(&key("a"), "1".into(), ttl.clone()).await.unwrap();
+    s.put(&key("b"), "2".into(), ttl).await.unwrap();
+    next(&mut w).await.into_done().ok();
+    next(&mut w).await.into_done().ok();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let Event::Change(c) = next(&mut w).await else {
+        panic!()
+    };
+    assert_eq!(c.changes.len(), 2);
+    assert_eq!(c.revision, Revision(3));
+    c.done.ok();
+}
+
+#[tokio::test]
+async fn prefix_delete_is_one_transaction() {
+    let s = Local::new();
+    for k in ["p/1", "p/2", "p/3", "q"] {
+        s.put(&key(k), "v".into(), PutOptions::new()).await.unwrap();
+    }
+    let mut w = s
+        .watch("t", &[Prefix::all()], WatchOptions::default())
+        .await
+        .unwrap();
+    next(&mut w).await.into_done().ok();
+    let d = s
+        .delete(&key("p/"), DeleteOptions::new().prefix())
+        .await
+        .unwrap();
+    assert_eq!((d.count, d.revision), (3, Revision(5)));
+    let Event::Change(c) = next(&mut w).await else {
+        panic!()
+    };
+    assert_eq!(c.revision, Revision(5));
+    let keys: Vec<_> = c.changes.iter().map(|kc| kc.key.as_str()).collect();
+    assert_eq!(keys, ["p/1", "p/2", "p/3"]);
+    c.done.ok();
+}
+
+#[tokio::test]
+async fn history_is_compacted_and_reads_say_so() {
+    let s = Local::with_config(LocalConfig::default().history(10));
+    for i in 0..100 {
+        s.put(
+            &key(&format!("k{}", i % 3)),
+            format!("{i}").into(),
+            PutOptions::new(),
+        )
+        .await
+        .unwrap();
+    }
+    s.delete(&key("k0"), DeleteOptions::new()).await.unwrap();
+    let now = s.revision();
+    assert_eq!(now, Revision(101));
+    let old = s.get(&key("k1"), ReadOptions::new().at(Revision(5))).await;
+    assert!(matches!(old, Err(StoreError::Compacted { .. })), "{old:?}");
+    let recent = s
+        .get(&key("k1"), ReadOptions::new().at(Revision(95)))
+        .await
+        .unwrap();
+    assert_eq!(recent.unwrap().value, Value::from("94"));
+    let listing = s
+        .list(&Prefix::all(), ReadOptions::new().at(Revision(100)))
+        .await
+        .unwrap();
+    assert_eq!(listing.values.len(), 3);
+    assert_eq!(
+        s.list(&Prefix::all(), ReadOptions::new())
+            .await
+            .unwrap()
+            .values
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn overflow_resync_replaces_queued_changes() {
+    let s = Local::new();
+    let mut w = s
+        .watch(
+            "t",
+            &[Prefix::all()],
+            WatchOptions::default().queue_capacity(2),
+        )
+        .await
+        .unwrap();
+    next(&mut w).await.into_done().ok();
+    for i in 0..10 {
+        s.put(&key(&format!("k{i}")), "v".into(), PutOptions::new())
+            .await
+            .unwrap();
+    }
+    let Event::Resync(r) = next(&mut w).await else {
+        panic!("want the overflow resync")
+    };
+    assert_eq!(
+        (r.reason, r.revision, r.len()),
+        (ResyncReason::Overflow, Revision(10), 10)
+    );
+    r.done.ok();
+    s.put(&key("k0"), "w".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let Event::Change(c) = next(&mut w).await else {
+        panic!()
+    };
+    assert_eq!(c.revision, Revision(11));
+    c.done.ok();
+}
+
+#[tokio::test]
+async fn a_watch_keeps_the_store_alive_and_dropping_releases_it() {
+    let s = Local::new();
+    let w = s
+        .watch("t", &[Prefix::all()], WatchOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.active_watches(), 1);
+    drop(w);
+    assert_eq!(s.active_watches(), 0);
+}
+
+/// Regression: the TTL task was woken before the deadline was committed; on two threads
+/// it could miss it and sleep until some later operation. Expiry must come on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_arrives_without_any_other_operation() {
+    for round in 0..50 {
+        let s = Local::new();
+        let mut w = s
+            .watch("t", &[Prefix::all()], WatchOptions::default())
+            .await
+            .unwrap();
+        next(&mut w).await.into_done().ok();
+        let ttl = PutOptions::new().ttl(Duration::from_millis(1));
+        s.put(&key("k"), "v".into(), ttl).await.unwrap();
+        next(&mut w).await.into_done().ok();
+        let ev = tokio::time::timeout(Duration::from_secs(2), w.next()).await;
+        assert!(
+            matches!(&ev, Ok(Some(Ok(Event::Change(c)))) if c.changes[0].op == Op::Delete),
+            "round {round}: no expiry event: {ev:?}"
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! Runnable datasync scenarios; see `src/bin/`.
