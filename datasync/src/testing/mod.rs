@@ -158,10 +158,16 @@ pub async fn run_all<H: Harness>(harness: &H) -> Vec<(&'static str, Outcome)> {
 
 /// Expands to one `#[tokio::test]` per suite test, each running against the harness
 /// that `$harness` (an expression, may use `.await`) builds.
+///
+/// This macro also holds the one list of suite tests (the `@list` arm), from which
+/// [`all`] is generated, so the two cannot drift apart.
 #[macro_export]
 macro_rules! conformance_tests {
     ($harness:expr) => {
-        $crate::conformance_tests!(@each $harness;
+        $crate::conformance_tests!(@list @each $harness;);
+    };
+    (@list $($head:tt)*) => {
+        $crate::conformance_tests!($($head)*
             rule1_resync_first_then_ordered_changes,
             rule2_handoff_starts_after_the_resync_revision,
             rule2_handoff_under_concurrent_writes,
@@ -189,14 +195,11 @@ macro_rules! conformance_tests {
                 }
             }
         )+
-        #[test]
-        fn conformance_suite_is_complete() {
-            let expanded = [$(stringify!($name)),+];
-            let all: Vec<&str> = $crate::testing::all::<$crate::testing::LocalHarness>()
-                .into_iter()
-                .map(|(n, _)| n)
-                .collect();
-            assert_eq!(expanded.as_slice(), all.as_slice(), "macro and suite list differ");
+    };
+    (@all; $($name:ident),+ $(,)?) => {
+        /// Every suite test, in order, by name.
+        pub fn all<H: Harness>() -> Vec<(&'static str, TestFn<H>)> {
+            vec![$((stringify!($name), (|h| Box::pin($name(h))) as TestFn<H>)),+]
         }
     };
 }

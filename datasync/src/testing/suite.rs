@@ -9,32 +9,7 @@ use crate::{
     ReadOptions, ResyncReason, Revision, StoreError, Value, Watch, WatchOptions, Watcher, Writer,
 };
 
-macro_rules! suite {
-    ($($name:ident),+ $(,)?) => {
-        /// Every suite test, in order, by name.
-        pub fn all<H: Harness>() -> Vec<(&'static str, TestFn<H>)> {
-            vec![$((stringify!($name), (|h| Box::pin($name(h))) as TestFn<H>)),+]
-        }
-    };
-}
-
-suite!(
-    rule1_resync_first_then_ordered_changes,
-    rule2_handoff_starts_after_the_resync_revision,
-    rule2_handoff_under_concurrent_writes,
-    rule3_revisions_match_writes,
-    rule4_prev_values_per_registration,
-    rule4_absent_delete_and_empty_value,
-    rule5_requested_resyncs_coalesce,
-    rule5_close_releases_the_watch,
-    rule6_done_answers_and_drops_are_reported,
-    rule7_slow_consumer_is_isolated_and_resynced,
-    rule8_put_get_list_delete,
-    rule8_ttl_expiry_emits_delete_with_prev,
-    rule8_compare_and_swap,
-    rule8_cas_is_linearizable_read_modify_write,
-    rule9_bad_input_gets_typed_errors,
-);
+crate::conformance_tests!(@list @all;);
 
 fn key(s: &str) -> Key {
     Key::new(s).expect("suite keys are valid")
