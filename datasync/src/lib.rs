@@ -64,6 +64,7 @@ pub mod coordinator;
 mod done;
 mod error;
 mod event;
+pub mod feed;
 mod key;
 pub mod local;
 mod mirror;

@@ -36,15 +36,14 @@
 mod state;
 mod stream;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
-use self::state::{Mutation, State, Sub};
+use self::state::{Mutation, State};
 use self::stream::LocalStream;
 use crate::{
     CasOutcome, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing, Prefix, PrefixSet,
@@ -171,7 +170,7 @@ impl Local {
 
     /// How many registrations the store is feeding (closed ones are released).
     pub fn active_watches(&self) -> usize {
-        self.shared.lock().active_watches()
+        self.shared.lock().hub.active()
     }
 
     fn check_value(&self, value: &Value, opts: &PutOptions) -> Result<(), StoreError> {
@@ -306,26 +305,17 @@ impl Watcher for Local {
     ) -> Result<Watch, StoreError> {
         let reg = Registration::new(name);
         let prefixes = PrefixSet::new(prefixes.iter().cloned());
-        let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
-        let overflowed = Arc::new(AtomicBool::new(false));
-        let initial = {
+        let (feed, initial) = {
             let mut st = self.shared.lock_fresh();
             let values = st.snapshot(&prefixes);
-            st.subscribe(Sub {
-                reg: reg.clone(),
-                prefixes: prefixes.clone(),
-                tx,
-                overflowed: overflowed.clone(),
-            });
-            (st.revision, values)
+            let feed = st.hub.subscribe(&reg, prefixes, opts.queue_capacity);
+            (feed, (st.revision, values))
         };
         let stream = LocalStream::new(
             self.shared.clone(),
             reg.clone(),
             self.shared.source.clone(),
-            prefixes,
-            rx,
-            overflowed,
+            feed,
             initial,
         );
         Ok(Watch::new(reg, stream))

@@ -4,23 +4,13 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::feed::{Hub, Txn};
 use crate::{
-    Key, KeyChange, KeyValue, Op, Prefix, PrefixSet, PrefixValues, Registration, Revision,
-    StoreError, Value,
+    Key, KeyChange, KeyValue, Op, Prefix, PrefixSet, PrefixValues, Revision, StoreError, Value,
 };
-
-/// One committed transaction, shared by every registration it concerns.
-#[derive(Debug)]
-pub(super) struct Txn {
-    pub(super) revision: Revision,
-    /// Sorted by key.
-    pub(super) changes: Vec<KeyChange>,
-}
 
 #[derive(Debug)]
 struct Version {
@@ -49,21 +39,6 @@ impl History {
     }
 }
 
-/// A registration fed by the store.
-#[derive(Debug)]
-pub(super) struct Sub {
-    pub(super) reg: Registration,
-    pub(super) prefixes: PrefixSet,
-    pub(super) tx: mpsc::Sender<Arc<Txn>>,
-    pub(super) overflowed: Arc<AtomicBool>,
-}
-
-impl Sub {
-    fn is_gone(&self) -> bool {
-        self.reg.is_closed() || self.tx.is_closed()
-    }
-}
-
 #[derive(Debug, Default)]
 pub(super) struct State {
     pub(super) revision: Revision,
@@ -78,7 +53,7 @@ pub(super) struct State {
     /// TTL deadlines; the `u64` makes entries unique.
     expiries: BTreeMap<(Instant, u64), Key>,
     next_expiry_id: u64,
-    subs: Vec<Sub>,
+    pub(super) hub: Hub,
 }
 
 /// A write to apply in one transaction.
@@ -263,7 +238,7 @@ impl State {
         changes.sort_by(|a, b| a.key.cmp(&b.key));
         let count = changes.len() as u64;
         self.revision = revision;
-        self.publish(Arc::new(Txn { revision, changes }));
+        self.hub.publish(Arc::new(Txn { revision, changes }));
         if revision.0 - self.compacted.0 > history.saturating_mul(2) {
             self.compact(Revision(revision.0 - history));
         }
@@ -297,43 +272,6 @@ impl State {
             }
         }
         self.compacted = upto;
-    }
-
-    fn publish(&mut self, txn: Arc<Txn>) {
-        self.subs.retain(|sub| {
-            if sub.is_gone() {
-                return false;
-            }
-            if sub.overflowed.load(Ordering::Acquire)
-                || !txn
-                    .changes
-                    .iter()
-                    .any(|c| sub.prefixes.matches(c.key.as_str()))
-            {
-                return true;
-            }
-            match sub.tx.try_send(txn.clone()) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // Stop feeding it; its stream resyncs once it has drained its queue.
-                    tracing::debug!(registration = sub.reg.name(), "queue full: resync follows");
-                    sub.overflowed.store(true, Ordering::Release);
-                    sub.reg.wake();
-                    true
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
-        });
-    }
-
-    pub(super) fn subscribe(&mut self, sub: Sub) {
-        self.subs.retain(|s| !s.is_gone());
-        self.subs.push(sub);
-    }
-
-    pub(super) fn active_watches(&mut self) -> usize {
-        self.subs.retain(|s| !s.is_gone());
-        self.subs.len()
     }
 
     /// The keys whose TTL ran out by `now`.

@@ -2,17 +2,15 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use futures_util::Stream;
-use tokio::sync::mpsc;
 
 use super::Shared;
-use super::state::Txn;
+use crate::feed::Feed;
 use crate::{
-    Change, Event, PrefixSet, PrefixValues, Registration, Resync, ResyncReason, Revision, Source,
-    StoreError, WatchError,
+    Event, PrefixValues, Registration, Resync, ResyncReason, Revision, Source, StoreError,
+    WatchError,
 };
 
 /// Where the stream stands.
@@ -26,12 +24,10 @@ enum State {
 
 #[derive(Debug)]
 pub(super) struct LocalStream {
-    pub(super) shared: Arc<Shared>,
-    pub(super) reg: Registration,
-    pub(super) source: Source,
-    pub(super) prefixes: PrefixSet,
-    pub(super) rx: mpsc::Receiver<Arc<Txn>>,
-    pub(super) overflowed: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    reg: Registration,
+    source: Source,
+    feed: Feed,
     state: State,
 }
 
@@ -40,57 +36,16 @@ impl LocalStream {
         shared: Arc<Shared>,
         reg: Registration,
         source: Source,
-        prefixes: PrefixSet,
-        rx: mpsc::Receiver<Arc<Txn>>,
-        overflowed: Arc<AtomicBool>,
+        feed: Feed,
         initial: (Revision, Vec<PrefixValues>),
     ) -> Self {
         LocalStream {
             shared,
             reg,
             source,
-            prefixes,
-            rx,
-            overflowed,
+            feed,
             state: State::Resync(initial.0, ResyncReason::Initial, initial.1),
         }
-    }
-
-    /// Takes a fresh snapshot if the registration overflowed or asked for one. Queued
-    /// changes are discarded: the snapshot supersedes them. Done under the store lock, so
-    /// no transaction can slip between the snapshot and the re-enabled queue.
-    fn resync_if_needed(&mut self) {
-        let reason = if self.overflowed.load(Ordering::Acquire) {
-            ResyncReason::Overflow
-        } else if self.reg.take_resync_request() {
-            ResyncReason::Requested
-        } else {
-            return;
-        };
-        let st = self.shared.lock();
-        while self.rx.try_recv().is_ok() {}
-        let values = st.snapshot(&self.prefixes);
-        self.overflowed.store(false, Ordering::Release);
-        // An overflow may have coincided with a request: one resync serves both.
-        self.reg.take_resync_request();
-        self.state = State::Resync(st.revision, reason, values);
-    }
-
-    fn change(&self, txn: &Txn) -> Event {
-        let changes: Vec<_> = txn
-            .changes
-            .iter()
-            .filter(|c| self.prefixes.matches(c.key.as_str()))
-            .cloned()
-            .collect();
-        // The store only queues transactions that touch our prefixes.
-        debug_assert!(!changes.is_empty());
-        Event::Change(Change::new(
-            self.source.clone(),
-            txn.revision,
-            changes,
-            self.reg.done(txn.revision),
-        ))
     }
 }
 
@@ -103,39 +58,32 @@ impl Stream for LocalStream {
             if this.reg.is_closed() {
                 return Poll::Ready(None);
             }
-            match std::mem::replace(&mut this.state, State::Streaming) {
-                State::Resync(revision, reason, values) => {
-                    let done = this.reg.done(revision);
-                    let ev = Resync::new(this.source.clone(), revision, reason, values, done);
-                    return Poll::Ready(Some(Ok(Event::Resync(ev))));
-                }
-                State::Streaming => {}
+            if let State::Resync(revision, reason, values) =
+                std::mem::replace(&mut this.state, State::Streaming)
+            {
+                let done = this.reg.done(revision);
+                let ev = Resync::new(this.source.clone(), revision, reason, values, done);
+                return Poll::Ready(Some(Ok(Event::Resync(ev))));
             }
-            this.resync_if_needed();
-            if matches!(this.state, State::Resync(..)) {
+            if let Some(reason) = this.feed.pending_resync() {
+                // Under the store lock, so nothing slips between snapshot and queue.
+                let st = this.shared.lock();
+                this.feed.rearm();
+                let values = st.snapshot(this.feed.prefixes());
+                this.state = State::Resync(st.revision, reason, values);
                 continue;
             }
-            match this.rx.poll_recv(cx) {
+            return match this.feed.poll_recv(cx) {
                 Poll::Ready(Some(txn)) => {
-                    return Poll::Ready(Some(Ok(this.change(&txn))));
+                    Poll::Ready(Some(Ok(this.feed.change_event(&this.source, &txn))))
                 }
                 Poll::Ready(None) => {
                     // The store dropped this registration: say so, then end.
                     this.reg.close();
-                    return Poll::Ready(Some(Err(WatchError::Stopped(StoreError::Stopped))));
+                    Poll::Ready(Some(Err(WatchError::Stopped(StoreError::Stopped))))
                 }
-                Poll::Pending => {
-                    this.reg.register_waker(cx.waker());
-                    // Re-check what may have been signalled before the waker was in place.
-                    if this.reg.is_closed()
-                        || this.overflowed.load(Ordering::Acquire)
-                        || this.reg.resync_pending()
-                    {
-                        continue;
-                    }
-                    return Poll::Pending;
-                }
-            }
+                Poll::Pending => Poll::Pending,
+            };
         }
     }
 }

@@ -1,0 +1,188 @@
+//! Fan-out from a store's commit path to its watch registrations (for transports).
+//!
+//! A transport that applies transactions itself (`local`, the raft state machine) keeps a
+//! [`Hub`] under the same lock that orders its commits and calls [`Hub::publish`] with
+//! every committed [`Txn`]. Each registration gets a [`Feed`]: a bounded queue of shared
+//! transactions. The hub never waits: a registration whose queue is full stops being fed
+//! and is flagged; its stream sees [`Feed::pending_resync`], and, under the same commit
+//! lock, calls [`Feed::rearm`] (which discards what is queued — the resync supersedes it)
+//! and takes a snapshot. Because rearming and snapshotting happen under the lock that
+//! also serializes publication, no transaction falls between the snapshot and the queue.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::sync::mpsc;
+
+use crate::{Change, Event, KeyChange, PrefixSet, Registration, ResyncReason, Revision, Source};
+
+/// One committed transaction: every change carries its revision. Changes sorted by key.
+#[derive(Debug)]
+pub struct Txn {
+    /// The transaction's revision.
+    pub revision: Revision,
+    /// The changed keys, sorted.
+    pub changes: Vec<KeyChange>,
+}
+
+const NONE: u8 = 0;
+const OVERFLOW: u8 = 1;
+const SNAPSHOT: u8 = 2;
+
+#[derive(Debug)]
+struct Sub {
+    reg: Registration,
+    prefixes: PrefixSet,
+    tx: mpsc::Sender<Arc<Txn>>,
+    flag: Arc<AtomicU8>,
+}
+
+impl Sub {
+    fn is_gone(&self) -> bool {
+        self.reg.is_closed() || self.tx.is_closed()
+    }
+
+    fn flag(&self, why: u8) {
+        // Keep the first reason; any flag means "resync".
+        let _ = self
+            .flag
+            .compare_exchange(NONE, why, Ordering::AcqRel, Ordering::Acquire);
+        self.reg.wake();
+    }
+}
+
+/// The registrations a store feeds. Keep it under the store's commit lock.
+#[derive(Debug, Default)]
+pub struct Hub {
+    subs: Vec<Sub>,
+}
+
+impl Hub {
+    /// Registers a feed of the transactions touching `prefixes`, with a queue of
+    /// `capacity` transactions.
+    pub fn subscribe(&mut self, reg: &Registration, prefixes: PrefixSet, capacity: usize) -> Feed {
+        self.subs.retain(|s| !s.is_gone());
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let flag = Arc::new(AtomicU8::new(NONE));
+        self.subs.push(Sub {
+            reg: reg.clone(),
+            prefixes: prefixes.clone(),
+            tx,
+            flag: flag.clone(),
+        });
+        Feed {
+            rx,
+            flag,
+            reg: reg.clone(),
+            prefixes,
+        }
+    }
+
+    /// Offers `txn` to every registration it concerns. Never waits.
+    pub fn publish(&mut self, txn: Arc<Txn>) {
+        self.subs.retain(|sub| {
+            if sub.is_gone() {
+                return false;
+            }
+            if sub.flag.load(Ordering::Acquire) != NONE
+                || !txn
+                    .changes
+                    .iter()
+                    .any(|c| sub.prefixes.matches(c.key.as_str()))
+            {
+                return true;
+            }
+            match sub.tx.try_send(txn.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::debug!(registration = sub.reg.name(), "queue full: resync follows");
+                    sub.flag(OVERFLOW);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+
+    /// Makes every registration resync (the state jumped, e.g. a snapshot was installed).
+    pub fn resync_all(&mut self) {
+        self.subs.retain(|s| !s.is_gone());
+        for s in &self.subs {
+            s.flag(SNAPSHOT);
+        }
+    }
+
+    /// How many registrations are fed (closed ones are released).
+    pub fn active(&mut self) -> usize {
+        self.subs.retain(|s| !s.is_gone());
+        self.subs.len()
+    }
+}
+
+/// The consumer side of one registration's queue.
+#[derive(Debug)]
+pub struct Feed {
+    rx: mpsc::Receiver<Arc<Txn>>,
+    flag: Arc<AtomicU8>,
+    reg: Registration,
+    prefixes: PrefixSet,
+}
+
+impl Feed {
+    /// The registration's prefixes.
+    pub fn prefixes(&self) -> &PrefixSet {
+        &self.prefixes
+    }
+
+    /// Why this registration needs a resync, if it does: overflow, a state jump, or a
+    /// request on the registration.
+    pub fn pending_resync(&self) -> Option<ResyncReason> {
+        match self.flag.load(Ordering::Acquire) {
+            OVERFLOW => Some(ResyncReason::Overflow),
+            SNAPSHOT => Some(ResyncReason::SnapshotInstalled),
+            _ if self.reg.resync_pending() => Some(ResyncReason::Requested),
+            _ => None,
+        }
+    }
+
+    /// Call under the store's commit lock, right before taking the resync snapshot:
+    /// discards the queue, clears the flags (a request included) and resumes feeding.
+    pub fn rearm(&mut self) {
+        while self.rx.try_recv().is_ok() {}
+        self.reg.take_resync_request();
+        self.flag.store(NONE, Ordering::Release);
+    }
+
+    /// Polls for the next transaction; registers the task to be woken on close, resync
+    /// request or overflow as well.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Arc<Txn>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => {
+                self.reg.register_waker(cx.waker());
+                // Re-check what may have been signalled before the waker was in place.
+                if self.reg.is_closed() || self.pending_resync().is_some() {
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
+            ready => ready,
+        }
+    }
+
+    /// The change event of `txn` for this registration (its keys only), with its `Done`.
+    pub fn change_event(&self, source: &Source, txn: &Txn) -> Event {
+        let changes: Vec<_> = txn
+            .changes
+            .iter()
+            .filter(|c| self.prefixes.matches(c.key.as_str()))
+            .cloned()
+            .collect();
+        Event::Change(Change::new(
+            source.clone(),
+            txn.revision,
+            changes,
+            self.reg.done(txn.revision),
+        ))
+    }
+}
