@@ -9,13 +9,18 @@
 //! and takes a snapshot. Because rearming and snapshotting happen under the lock that
 //! also serializes publication, no transaction falls between the snapshot and the queue.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
+use futures_util::Stream;
 use tokio::sync::mpsc;
 
-use crate::{Change, Event, KeyChange, PrefixSet, Registration, ResyncReason, Revision, Source};
+use crate::{
+    Change, Event, KeyChange, PrefixSet, PrefixValues, Registration, Resync, ResyncReason,
+    Revision, Source, StoreError, WatchError,
+};
 
 /// One committed transaction: every change carries its revision. Changes sorted by key.
 #[derive(Debug)]
@@ -184,5 +189,96 @@ impl Feed {
             changes,
             self.reg.done(txn.revision),
         ))
+    }
+}
+
+/// How a store re-reads its state for a resync (for [`FeedStream`]).
+pub trait Snapshots: Send + Sync + 'static {
+    /// Under the lock that orders [`Hub::publish`]: call [`Feed::rearm`] and pin the
+    /// state at the current revision; then return that state under the feed's prefixes.
+    fn resnapshot(&self, feed: &mut Feed) -> Result<(Revision, Vec<PrefixValues>), StoreError>;
+}
+
+#[derive(Debug)]
+enum StreamState {
+    /// A resync is ready to be delivered.
+    Resync(Revision, ResyncReason, Vec<PrefixValues>),
+    /// Delivering changes; `Some` when a resync failed and must be tried again.
+    Streaming(Option<ResyncReason>),
+}
+
+/// A registration's event stream over a [`Feed`]: its initial resync, then changes,
+/// and a fresh resync whenever the feed overflowed, the state jumped or one was
+/// requested.
+#[derive(Debug)]
+pub struct FeedStream<S> {
+    snapshots: S,
+    reg: Registration,
+    source: Source,
+    feed: Feed,
+    state: StreamState,
+}
+
+impl<S: Snapshots> FeedStream<S> {
+    /// Starts with the resync `initial` (taken when `feed` was subscribed).
+    pub fn new(
+        snapshots: S,
+        reg: Registration,
+        source: Source,
+        feed: Feed,
+        initial: (Revision, Vec<PrefixValues>),
+    ) -> Self {
+        FeedStream {
+            snapshots,
+            reg,
+            source,
+            feed,
+            state: StreamState::Resync(initial.0, ResyncReason::Initial, initial.1),
+        }
+    }
+}
+
+impl<S: Snapshots + Unpin> Stream for FeedStream<S> {
+    type Item = Result<Event, WatchError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.reg.is_closed() {
+                return Poll::Ready(None);
+            }
+            let retry = match std::mem::replace(&mut this.state, StreamState::Streaming(None)) {
+                StreamState::Resync(revision, reason, values) => {
+                    let done = this.reg.done(revision);
+                    let ev = Resync::new(this.source.clone(), revision, reason, values, done);
+                    return Poll::Ready(Some(Ok(Event::Resync(ev))));
+                }
+                StreamState::Streaming(retry) => retry,
+            };
+            if let Some(reason) = retry.or_else(|| this.feed.pending_resync()) {
+                match this.snapshots.resnapshot(&mut this.feed) {
+                    Ok((revision, values)) => {
+                        this.state = StreamState::Resync(revision, reason, values);
+                        continue;
+                    }
+                    Err(e) => {
+                        // Transient: say so, and try the resync again on the next poll.
+                        this.state = StreamState::Streaming(Some(reason));
+                        return Poll::Ready(Some(Err(WatchError::Interrupted(e))));
+                    }
+                }
+            }
+            return match this.feed.poll_recv(cx) {
+                Poll::Ready(Some(txn)) => {
+                    Poll::Ready(Some(Ok(this.feed.change_event(&this.source, &txn))))
+                }
+                Poll::Ready(None) => {
+                    // The store dropped this registration: say so, then end.
+                    this.reg.close();
+                    Poll::Ready(Some(Err(WatchError::Stopped(StoreError::Stopped))))
+                }
+                Poll::Pending => Poll::Pending,
+            };
+        }
     }
 }

@@ -34,7 +34,6 @@
 //! ```
 
 mod state;
-mod stream;
 
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -44,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
 use self::state::{Mutation, State};
-use self::stream::LocalStream;
+use crate::feed::{Feed, FeedStream, Snapshots};
 use crate::{
     CasOutcome, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing, Prefix, PrefixSet,
     PutOptions, ReadOptions, Registration, Revision, Source, StoreError, Value, Watch,
@@ -118,6 +117,21 @@ impl Shared {
             expire(&mut st, Instant::now(), self.config.history);
         }
         st
+    }
+}
+
+/// Resync snapshots of the local store.
+#[derive(Debug)]
+struct LocalSnapshots(Arc<Shared>);
+
+impl Snapshots for LocalSnapshots {
+    fn resnapshot(
+        &self,
+        feed: &mut Feed,
+    ) -> Result<(Revision, Vec<crate::PrefixValues>), StoreError> {
+        let st = self.0.lock();
+        feed.rearm();
+        Ok((st.revision, st.snapshot(feed.prefixes())))
     }
 }
 
@@ -311,8 +325,8 @@ impl Watcher for Local {
             let feed = st.hub.subscribe(&reg, prefixes, opts.queue_capacity);
             (feed, (st.revision, values))
         };
-        let stream = LocalStream::new(
-            self.shared.clone(),
+        let stream = FeedStream::new(
+            LocalSnapshots(self.shared.clone()),
             reg.clone(),
             self.shared.source.clone(),
             feed,
