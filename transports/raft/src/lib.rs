@@ -1,0 +1,54 @@
+//! datasync-raft: the built-in store, embedded in the agent process.
+//!
+//! A replicated key-value state machine on Raft ([openraft] 0.9), durable on local disk
+//! in one [redb] database. A single node is the zero-setup default: the first
+//! [`RaftStore::open`] bootstraps a one-node group, later opens restart it from disk
+//! (never re-initializing). [`RaftStore`] implements `datasync`'s `Watcher` and `Writer`
+//! and passes the conformance suite unchanged.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use datasync::{Key, PutOptions, Writer};
+//! use datasync_raft::{RaftConfig, RaftStore};
+//!
+//! let store = RaftStore::open(RaftConfig::new("./data")).await?;
+//! let rev = store.put(&Key::new("config/a")?, "1".into(), PutOptions::new()).await?;
+//! println!("committed and durable at revision {rev}");
+//! store.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! How it keeps the contract:
+//! - **Revisions** are counted by the state machine: every applied command that changes
+//!   something takes the next revision, persisted with the data and last-applied in one
+//!   transaction. A command that changes nothing (a delete of an absent key, a failed
+//!   compare-and-swap, an expiry of a key re-put since) takes none.
+//! - **Durability and group commit**: a write is acknowledged once its log entry is on
+//!   disk and applied. openraft hands the log store every entry waiting at once; they
+//!   are written in one durable redb commit, so concurrent writes share one fsync.
+//!   The state machine commits without fsync (see `storage` docs for why that is safe).
+//! - **Watches** are fed from the apply path through `datasync::feed` (bounded queue per
+//!   registration; overflow becomes a resync; a snapshot install resyncs everyone).
+//! - **Reads** are linearizable by default (`ensure_linearizable`, a read index through
+//!   the leader), or local. Reads at a past revision use an in-memory undo history of the
+//!   last [`RaftConfig::history`] transactions; older revisions, and any before a restart,
+//!   answer `StoreError::Compacted`.
+//! - **TTL** is a lease decided by the leader: a put carries an absolute expiry, and
+//!   the leader proposes an `Expire` command for keys past it (each only if still at the
+//!   revision that set the lease). Every replica deletes the same keys at the same
+//!   revision, and the Delete events carry the previous values. TTLs round up to whole
+//!   milliseconds, never to zero. Expiry happens within milliseconds after the deadline,
+//!   not exactly at it.
+//! - **State-sync view** (the DDA seed): [`RaftStore::propose`] returns once committed;
+//!   a watch starts with the current state as one resync event (the synthetic sets and
+//!   the end marker in one); [`RaftStore::state_hash`] compares replicas.
+
+mod network;
+mod storage;
+mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod types;
+
+pub use storage::OpenError;
+pub use store::{RaftConfig, RaftStore};

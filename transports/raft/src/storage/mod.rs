@@ -1,0 +1,170 @@
+//! The on-disk layout: one redb database holds the raft log, the vote and the state
+//! machine.
+//!
+//! Why one database: a redb commit makes every earlier commit durable too. Log appends
+//! commit with `Durability::Immediate` (an acknowledged write is on disk); state-machine
+//! applies commit with `Durability::None` (no second fsync per write). The state machine
+//! can thus lag the log by the applies since the last durable commit, never more, and
+//! after a crash openraft re-applies those entries from the log. Last-applied is written
+//! in the same transaction as the data it covers.
+//!
+//! redb checksums its pages; at open the whole file is verified
+//! ([`redb::Database::check_integrity`]), so a corrupted file stops the node with an
+//! error naming it instead of serving wrong data.
+
+// openraft's storage traits dictate `StorageError` (224 bytes); the helpers here return it
+// unboxed because every trait method would have to unbox it again.
+#![allow(clippy::result_large_err)]
+
+pub(crate) mod log;
+pub(crate) mod sm;
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+
+pub(crate) const LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raft_log");
+pub(crate) const RAFT_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("raft_meta");
+pub(crate) const KV: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kv");
+pub(crate) const SM_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sm_meta");
+pub(crate) const EXPIRY: TableDefinition<'_, (u64, &str), ()> = TableDefinition::new("expiry");
+pub(crate) const SNAPSHOT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshot");
+
+/// The database file inside a data directory.
+pub(crate) fn db_path(dir: &Path) -> PathBuf {
+    dir.join("datasync.redb")
+}
+
+/// Opening the data directory failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The directory could not be created or read.
+    #[error("cannot use data directory {path}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database file is corrupted or truncated; the node refuses to start.
+    #[error("data file {path} is corrupted: {reason}")]
+    Corrupted {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+    /// Raft could not start.
+    #[error("raft could not start")]
+    Raft(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// No leader was elected in time.
+    #[error("no leader elected within 10 s")]
+    NoLeader,
+    /// The database could not be opened (locked by another process, I/O error, …).
+    #[error("cannot open data file {path}")]
+    Database {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: redb::DatabaseError,
+    },
+}
+
+/// Opens (or creates) the database in `dir`, verifying every checksum.
+pub(crate) fn open(dir: &Path) -> Result<Database, OpenError> {
+    std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let path = db_path(dir);
+    let corrupted = |reason: String| OpenError::Corrupted {
+        path: path.clone(),
+        reason,
+    };
+    let mut db = match Database::create(&path) {
+        Ok(db) => db,
+        Err(
+            e @ (redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))
+            | redb::DatabaseError::Storage(redb::StorageError::Io(_))),
+        ) => {
+            return Err(corrupted(e.to_string()));
+        }
+        Err(source) => return Err(OpenError::Database { path, source }),
+    };
+    match db.check_integrity() {
+        Ok(true) => {}
+        Ok(false) => return Err(corrupted("integrity check repaired damage".into())),
+        Err(e) => return Err(corrupted(e.to_string())),
+    }
+    // Create the tables, so readers never meet a missing table.
+    let init = || -> Result<(), redb::Error> {
+        let tx = db.begin_write()?;
+        tx.open_table(LOG)?;
+        tx.open_table(RAFT_META)?;
+        tx.open_table(KV)?;
+        tx.open_table(SM_META)?;
+        tx.open_table(EXPIRY)?;
+        tx.open_table(SNAPSHOT)?;
+        tx.commit()?;
+        Ok(())
+    };
+    init().map_err(|e| corrupted(e.to_string()))?;
+    // Every stored value must decode; a file with valid pages but wrong contents stops here.
+    sm::verify(&db).map_err(|e| corrupted(e.to_string()))?;
+    let _ = db.begin_read();
+    Ok(db)
+}
+
+/// A stored value: `[mod_rev u64 LE][create_rev u64 LE][expires_at_ms u64 LE][bytes]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stored {
+    pub(crate) mod_rev: u64,
+    pub(crate) create_rev: u64,
+    /// 0: no expiry.
+    pub(crate) expires_at_ms: u64,
+    pub(crate) value: Vec<u8>,
+}
+
+const HEADER: usize = 24;
+
+impl Stored {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER + self.value.len());
+        out.extend_from_slice(&self.mod_rev.to_le_bytes());
+        out.extend_from_slice(&self.create_rev.to_le_bytes());
+        out.extend_from_slice(&self.expires_at_ms.to_le_bytes());
+        out.extend_from_slice(&self.value);
+        out
+    }
+
+    pub(crate) fn header(bytes: &[u8]) -> Result<(u64, u64, u64), CorruptValue> {
+        let h = bytes.get(..HEADER).ok_or(CorruptValue(bytes.len()))?;
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&h[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        Ok((word(0), word(1), word(2)))
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Stored, CorruptValue> {
+        let (mod_rev, create_rev, expires_at_ms) = Self::header(bytes)?;
+        Ok(Stored {
+            mod_rev,
+            create_rev,
+            expires_at_ms,
+            value: bytes[HEADER..].to_vec(),
+        })
+    }
+}
+
+/// A stored record shorter than its header.
+#[derive(Debug, thiserror::Error)]
+#[error("stored record of {0} bytes is shorter than its 24-byte header")]
+pub(crate) struct CorruptValue(usize);

@@ -1,0 +1,766 @@
+//! The replicated key-value state machine: applies committed commands to redb, keeps a
+//! short in-memory history for reads at past revisions, and feeds watchers.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Cursor;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use datasync::feed::{Feed, Hub, Snapshots, Txn};
+use datasync::{
+    Key, KeyChange, KeyValue, Op, Prefix, PrefixSet, PrefixValues, Registration, Revision,
+    StoreError, Value,
+};
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder,
+    StorageIOError,
+};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    Table,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::{EXPIRY, KV, LOG, SM_META, SNAPSHOT, Stored};
+use crate::types::{
+    Command, Entry, LogId, NodeId, Outcome, StorageError, StoredMembership, TypeConfig,
+};
+
+fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::new(ErrorSubject::StateMachine, verb, AnyError::new(&e)).into()
+}
+
+fn rd(e: impl std::error::Error + 'static) -> StorageError {
+    sm_err(ErrorVerb::Read, e)
+}
+
+fn wr(e: impl std::error::Error + 'static) -> StorageError {
+    sm_err(ErrorVerb::Write, e)
+}
+
+/// A redb failure on the read path, as a store error.
+pub(crate) fn read_failed(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+/// Checks that every stored record and log entry decodes (at open).
+pub(crate) fn verify(db: &Database) -> Result<(), String> {
+    let tx = db.begin_read().map_err(|e| e.to_string())?;
+    let kv = tx.open_table(KV).map_err(|e| e.to_string())?;
+    for item in kv.iter().map_err(|e| e.to_string())? {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        Key::new(k.value()).map_err(|e| format!("stored key {:?}: {e}", k.value()))?;
+        Stored::header(v.value()).map_err(|e| format!("key {:?}: {e}", k.value()))?;
+    }
+    let log = tx.open_table(LOG).map_err(|e| e.to_string())?;
+    for item in log.iter().map_err(|e| e.to_string())? {
+        let (i, v) = item.map_err(|e| e.to_string())?;
+        bincode::deserialize::<Entry>(v.value())
+            .map_err(|e| format!("log entry {}: {e}", i.value()))?;
+    }
+    let meta = tx.open_table(SM_META).map_err(|e| e.to_string())?;
+    if let Some(v) = meta.get("revision").map_err(|e| e.to_string())? {
+        bincode::deserialize::<u64>(v.value()).map_err(|e| format!("revision: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Each key a transaction changed, with its value and mod revision before it.
+type Before = Vec<(Key, Option<(Value, u64)>)>;
+
+/// The state of keys before one transaction, to read at past revisions.
+#[derive(Debug)]
+struct Undo {
+    revision: u64,
+    before: Before,
+}
+
+/// What readers and the apply path share. The mutex orders commits with watch
+/// snapshots: apply commits and publishes under it; a snapshot opens its read
+/// transaction under it.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) hub: Hub,
+    pub(crate) revision: u64,
+    history: VecDeque<Undo>,
+}
+
+/// The state machine's shared half (the store's handle reads through it).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) db: Arc<Database>,
+    inner: Mutex<Inner>,
+    history_len: usize,
+    /// Wakes the TTL task when a lease is written.
+    pub(crate) ttl_changed: Notify,
+}
+
+impl Shared {
+    pub(crate) fn new(db: Arc<Database>, history_len: usize) -> Result<Arc<Self>, StorageError> {
+        let revision = {
+            let tx = db.begin_read().map_err(rd)?;
+            let meta = tx.open_table(SM_META).map_err(rd)?;
+            match meta.get("revision").map_err(rd)? {
+                Some(v) => bincode::deserialize(v.value()).map_err(rd)?,
+                None => 0,
+            }
+        };
+        Ok(Arc::new(Shared {
+            db,
+            inner: Mutex::new(Inner {
+                hub: Hub::default(),
+                revision,
+                history: VecDeque::new(),
+            }),
+            history_len,
+            ttl_changed: Notify::new(),
+        }))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pins the current state: a read transaction and its revision.
+    pub(crate) fn pin(&self, inner: &Inner) -> Result<(ReadTransaction, u64), StoreError> {
+        let tx = self.db.begin_read().map_err(read_failed)?;
+        Ok((tx, inner.revision))
+    }
+
+    /// Subscribes `reg` and pins the state its initial resync is read from.
+    pub(crate) fn subscribe(
+        &self,
+        reg: &Registration,
+        prefixes: PrefixSet,
+        capacity: usize,
+    ) -> Result<(Feed, ReadTransaction, u64), StoreError> {
+        let mut inner = self.lock();
+        let (tx, rev) = self.pin(&inner)?;
+        let feed = inner.hub.subscribe(reg, prefixes, capacity);
+        Ok((feed, tx, rev))
+    }
+
+    /// Every value under `prefixes` in the pinned state.
+    pub(crate) fn read_prefixes(
+        tx: &ReadTransaction,
+        prefixes: &PrefixSet,
+    ) -> Result<Vec<PrefixValues>, StoreError> {
+        prefixes
+            .prefixes()
+            .iter()
+            .map(|p| {
+                Ok(PrefixValues {
+                    prefix: p.clone(),
+                    values: scan(tx, p)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Reads `key`, at the current revision or at `at`.
+    pub(crate) fn get(
+        &self,
+        key: &Key,
+        at: Option<Revision>,
+    ) -> Result<Option<KeyValue>, StoreError> {
+        let (tx, undo) = self.pin_at(at)?;
+        let t = tx.open_table(KV).map_err(read_failed)?;
+        let mut cur = match t.get(key.as_str()).map_err(read_failed)? {
+            Some(v) => {
+                let s =
+                    Stored::decode(v.value()).map_err(|e| StoreError::Corrupted(e.to_string()))?;
+                Some((Value::from(s.value), s.mod_rev))
+            }
+            None => None,
+        };
+        for before in undo.iter().rev() {
+            if let Some((_, b)) = before.iter().find(|(k, _)| k == key) {
+                cur = b.clone();
+            }
+        }
+        Ok(cur.map(|(value, rev)| KeyValue {
+            key: key.clone(),
+            value,
+            revision: Revision(rev),
+        }))
+    }
+
+    /// Lists `prefix`, at the current revision or at `at`.
+    pub(crate) fn list(
+        &self,
+        prefix: &Prefix,
+        at: Option<Revision>,
+    ) -> Result<(Revision, Vec<KeyValue>), StoreError> {
+        let (tx, undo) = self.pin_at(at)?;
+        let mut values = scan(&tx, prefix)?;
+        let rev = at.map_or_else(|| undo_base(&tx), Ok)?;
+        if !undo.is_empty() {
+            let mut map: BTreeMap<Key, (Value, u64)> = values
+                .into_iter()
+                .map(|kv| (kv.key, (kv.value, kv.revision.0)))
+                .collect();
+            for before in undo.iter().rev() {
+                for (k, before) in before {
+                    if !prefix.matches(k.as_str()) {
+                        continue;
+                    }
+                    match before {
+                        Some(b) => map.insert(k.clone(), b.clone()),
+                        None => map.remove(k),
+                    };
+                }
+            }
+            values = map
+                .into_iter()
+                .map(|(key, (value, r))| KeyValue {
+                    key,
+                    value,
+                    revision: Revision(r),
+                })
+                .collect();
+        }
+        Ok((rev, values))
+    }
+
+    /// Pins the current state and the undo records needed to go back to `at`.
+    fn pin_at(&self, at: Option<Revision>) -> Result<(ReadTransaction, Vec<Before>), StoreError> {
+        let inner = self.lock();
+        let (tx, current) = self.pin(&inner)?;
+        let Some(Revision(at)) = at else {
+            return Ok((tx, Vec::new()));
+        };
+        if at > current {
+            return Err(StoreError::FutureRevision {
+                requested: Revision(at),
+                current: Revision(current),
+            });
+        }
+        // Undo records cover revisions front.revision..=current: the state at
+        // front.revision - 1 and later can be rebuilt.
+        let oldest = inner.history.front().map_or(current, |u| u.revision - 1);
+        if at < oldest {
+            return Err(StoreError::Compacted {
+                requested: Revision(at),
+                compacted: Revision(oldest),
+            });
+        }
+        let undo = inner
+            .history
+            .iter()
+            .filter(|u| u.revision > at)
+            .map(|u| u.before.clone())
+            .collect();
+        Ok((tx, undo))
+    }
+
+    /// A hash of the whole key space (keys, values, revisions): equal on replicas that
+    /// applied the same log. FNV-1a, 64 bits.
+    pub(crate) fn state_hash(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(read_failed)?;
+        let t = tx.open_table(KV).map_err(read_failed)?;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes.iter().chain(&(bytes.len() as u64).to_le_bytes()) {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        for item in t.iter().map_err(read_failed)? {
+            let (k, v) = item.map_err(read_failed)?;
+            feed(k.value().as_bytes());
+            feed(v.value());
+        }
+        Ok(h)
+    }
+
+    /// The earliest lease deadline, if any.
+    pub(crate) fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read().map_err(read_failed)?;
+        let t = tx.open_table(EXPIRY).map_err(read_failed)?;
+        Ok(t.first().map_err(read_failed)?.map(|(k, _)| k.value().0))
+    }
+
+    /// Keys whose lease ran out by `now_ms`, with their mod revisions (at most `limit`).
+    pub(crate) fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        let tx = self.db.begin_read().map_err(read_failed)?;
+        let exp = tx.open_table(EXPIRY).map_err(read_failed)?;
+        let kv = tx.open_table(KV).map_err(read_failed)?;
+        let mut out = Vec::new();
+        for item in exp
+            .range((0, "")..=(now_ms, "\u{10ffff}"))
+            .map_err(read_failed)?
+            .take(limit)
+        {
+            let (k, _) = item.map_err(read_failed)?;
+            let key = k.value().1.to_owned();
+            if let Some(v) = kv.get(key.as_str()).map_err(read_failed)? {
+                let (mod_rev, _, _) =
+                    Stored::header(v.value()).map_err(|e| StoreError::Corrupted(e.to_string()))?;
+                out.push((key, mod_rev));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The mod revision the current state is at (for listings).
+fn undo_base(tx: &ReadTransaction) -> Result<Revision, StoreError> {
+    let meta = tx.open_table(SM_META).map_err(read_failed)?;
+    let rev = match meta.get("revision").map_err(read_failed)? {
+        Some(v) => {
+            bincode::deserialize(v.value()).map_err(|e| StoreError::Corrupted(e.to_string()))?
+        }
+        None => 0,
+    };
+    Ok(Revision(rev))
+}
+
+fn scan(tx: &ReadTransaction, prefix: &Prefix) -> Result<Vec<KeyValue>, StoreError> {
+    let t = tx.open_table(KV).map_err(read_failed)?;
+    let mut out = Vec::new();
+    for item in t.range(prefix.as_str()..).map_err(read_failed)? {
+        let (k, v) = item.map_err(read_failed)?;
+        let k = k.value();
+        if !prefix.matches(k) {
+            break;
+        }
+        let s = Stored::decode(v.value()).map_err(|e| StoreError::Corrupted(e.to_string()))?;
+        out.push(KeyValue {
+            key: Key::new(k)
+                .map_err(|e| StoreError::Corrupted(format!("stored key {k:?}: {e}")))?,
+            value: Value::from(s.value),
+            revision: Revision(s.mod_rev),
+        });
+    }
+    Ok(out)
+}
+
+/// Resync snapshots for watch streams.
+#[derive(Debug, Clone)]
+pub(crate) struct RaftSnapshots(pub(crate) Arc<Shared>);
+
+impl Snapshots for RaftSnapshots {
+    fn resnapshot(&self, feed: &mut Feed) -> Result<(Revision, Vec<PrefixValues>), StoreError> {
+        let (tx, rev) = {
+            let inner = self.0.lock();
+            feed.rearm();
+            self.0.pin(&inner)?
+        };
+        // Read outside the lock: the read transaction is a consistent snapshot.
+        Ok((Revision(rev), Shared::read_prefixes(&tx, feed.prefixes())?))
+    }
+}
+
+/// The state machine handed to openraft.
+#[derive(Debug)]
+pub(crate) struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+impl StateMachine {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        StateMachine { shared }
+    }
+}
+
+/// The serialized state in a raft snapshot.
+#[derive(Serialize, Deserialize)]
+struct Payload {
+    revision: u64,
+    /// Key and encoded [`Stored`] record, sorted by key.
+    kv: Vec<(String, Vec<u8>)>,
+}
+
+struct Applier<'a> {
+    kv: Table<'a, &'static str, &'static [u8]>,
+    exp: Table<'a, (u64, &'static str), ()>,
+    lease_written: bool,
+}
+
+type Change = (KeyChange, Option<(Value, u64)>);
+
+impl Applier<'_> {
+    fn current(&self, key: &str) -> Result<Option<Stored>, StorageError> {
+        match self.kv.get(key).map_err(rd)? {
+            Some(v) => Ok(Some(Stored::decode(v.value()).map_err(rd)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put(
+        &mut self,
+        key: &str,
+        value: Vec<u8>,
+        expires: Option<u64>,
+        rev: u64,
+    ) -> Result<Change, StorageError> {
+        let prev = self.current(key)?;
+        if let Some(p) = &prev {
+            if p.expires_at_ms != 0 {
+                self.exp.remove((p.expires_at_ms, key)).map_err(wr)?;
+            }
+        }
+        let rec = Stored {
+            mod_rev: rev,
+            create_rev: prev.as_ref().map_or(rev, |p| p.create_rev),
+            expires_at_ms: expires.unwrap_or(0),
+            value,
+        };
+        self.kv.insert(key, rec.encode().as_slice()).map_err(wr)?;
+        if let Some(at) = expires {
+            self.exp.insert((at, key), ()).map_err(wr)?;
+            self.lease_written = true;
+        }
+        let before = prev.map(|p| (Value::from(p.value), p.mod_rev));
+        Ok((
+            KeyChange {
+                key: Key::new(key).map_err(wr)?,
+                op: Op::Put,
+                value: Some(Value::from(rec.value)),
+                prev: before.as_ref().map(|(v, _)| v.clone()),
+            },
+            before,
+        ))
+    }
+
+    fn delete(&mut self, key: &str) -> Result<Option<Change>, StorageError> {
+        let Some(prev) = self.current(key)? else {
+            return Ok(None);
+        };
+        self.kv.remove(key).map_err(wr)?;
+        if prev.expires_at_ms != 0 {
+            self.exp.remove((prev.expires_at_ms, key)).map_err(wr)?;
+        }
+        let value = Value::from(prev.value);
+        Ok(Some((
+            KeyChange {
+                key: Key::new(key).map_err(wr)?,
+                op: Op::Delete,
+                value: None,
+                prev: Some(value.clone()),
+            },
+            Some((value, prev.mod_rev)),
+        )))
+    }
+
+    /// Applies one command as revision `rev` (used only if something changes).
+    fn apply(&mut self, cmd: Command, rev: u64) -> Result<(Outcome, Vec<Change>), StorageError> {
+        Ok(match cmd {
+            Command::Put {
+                key,
+                value,
+                expires_at_ms,
+            } => {
+                let c = self.put(&key, value, expires_at_ms, rev)?;
+                (Outcome::Written { revision: rev }, vec![c])
+            }
+            Command::Cas {
+                key,
+                expect,
+                value,
+                expires_at_ms,
+            } => {
+                let cur = self.current(&key)?;
+                if cur.as_ref().map(|c| c.mod_rev) != expect {
+                    let current = cur.map(|c| (c.value, c.mod_rev));
+                    return Ok((Outcome::Conflict { current }, vec![]));
+                }
+                let c = self.put(&key, value, expires_at_ms, rev)?;
+                (Outcome::Written { revision: rev }, vec![c])
+            }
+            Command::Delete { key, prefix } => {
+                let keys: Vec<String> = if prefix {
+                    let mut keys = Vec::new();
+                    for item in self.kv.range(key.as_str()..).map_err(rd)? {
+                        let (k, _) = item.map_err(rd)?;
+                        if !k.value().starts_with(key.as_str()) {
+                            break;
+                        }
+                        keys.push(k.value().to_owned());
+                    }
+                    keys
+                } else {
+                    vec![key]
+                };
+                let mut changes = Vec::new();
+                for k in keys {
+                    changes.extend(self.delete(&k)?);
+                }
+                let count = changes.len() as u64;
+                let revision = if count == 0 { rev - 1 } else { rev };
+                (Outcome::Deleted { count, revision }, changes)
+            }
+            Command::Expire { keys } => {
+                let mut changes = Vec::new();
+                for (k, mod_rev) in keys {
+                    if self.current(&k)?.is_some_and(|c| c.mod_rev == mod_rev) {
+                        changes.extend(self.delete(&k)?);
+                    }
+                }
+                changes.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+                let count = changes.len() as u64;
+                let revision = if count == 0 { rev - 1 } else { rev };
+                (Outcome::Deleted { count, revision }, changes)
+            }
+        })
+    }
+}
+
+fn put_meta<T: Serialize>(
+    t: &mut Table<'_, &'static str, &'static [u8]>,
+    key: &str,
+    v: &T,
+) -> Result<(), StorageError> {
+    let bytes = bincode::serialize(v).map_err(wr)?;
+    t.insert(key, bytes.as_slice()).map_err(wr)?;
+    Ok(())
+}
+
+fn get_meta<T: serde::de::DeserializeOwned>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, StorageError> {
+    match t.get(key).map_err(rd)? {
+        Some(v) => Ok(Some(bincode::deserialize(v.value()).map_err(rd)?)),
+        None => Ok(None),
+    }
+}
+
+fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, StorageError> {
+    // Held across commit and publish: watch snapshots pin state under the same lock.
+    let mut inner = shared.lock();
+    let mut tx = shared.db.begin_write().map_err(wr)?;
+    // The log is durable; the next durable commit (a log append) persists this one too.
+    tx.set_durability(Durability::None).map_err(wr)?;
+    let mut revision = inner.revision;
+    let mut outcomes = Vec::with_capacity(entries.len());
+    let mut txns = Vec::new();
+    let lease_written;
+    {
+        let mut a = Applier {
+            kv: tx.open_table(KV).map_err(wr)?,
+            exp: tx.open_table(EXPIRY).map_err(wr)?,
+            lease_written: false,
+        };
+        let mut meta = tx.open_table(SM_META).map_err(wr)?;
+        let mut applied = None;
+        for e in entries {
+            applied = Some(e.log_id);
+            match e.payload {
+                EntryPayload::Blank => outcomes.push(Outcome::Unchanged),
+                EntryPayload::Membership(m) => {
+                    put_meta(
+                        &mut meta,
+                        "membership",
+                        &StoredMembership::new(Some(e.log_id), m),
+                    )?;
+                    outcomes.push(Outcome::Unchanged);
+                }
+                EntryPayload::Normal(cmd) => {
+                    let (outcome, changes) = a.apply(cmd, revision + 1)?;
+                    if !changes.is_empty() {
+                        revision += 1;
+                        let (changes, before): (Vec<_>, Vec<_>) = changes.into_iter().unzip();
+                        let keys = changes.iter().map(|c| c.key.clone());
+                        let undo = Undo {
+                            revision,
+                            before: keys.zip(before).collect(),
+                        };
+                        txns.push((
+                            Arc::new(Txn {
+                                revision: Revision(revision),
+                                changes,
+                            }),
+                            undo,
+                        ));
+                    }
+                    outcomes.push(outcome);
+                }
+            }
+        }
+        if let Some(applied) = applied {
+            put_meta(&mut meta, "applied", &applied)?;
+        }
+        put_meta(&mut meta, "revision", &revision)?;
+        lease_written = a.lease_written;
+    }
+    tx.commit().map_err(wr)?;
+    inner.revision = revision;
+    for (txn, undo) in txns {
+        inner.history.push_back(undo);
+        if inner.history.len() > shared.history_len {
+            inner.history.pop_front();
+        }
+        inner.hub.publish(txn);
+    }
+    drop(inner);
+    if lease_written {
+        shared.ttl_changed.notify_one();
+    }
+    Ok(outcomes)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let db = self.shared.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(rd)?;
+            let meta = tx.open_table(SM_META).map_err(rd)?;
+            let applied: Option<LogId> = get_meta(&meta, "applied")?;
+            let membership: Option<StoredMembership> = get_meta(&meta, "membership")?;
+            Ok((applied, membership.unwrap_or_default()))
+        })
+        .await
+        .map_err(rd)?
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || apply_batch(&shared, entries))
+            .await
+            .map_err(wr)?
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            shared: self.shared.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let shared = self.shared.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || install(&shared, &meta, snapshot.into_inner()))
+            .await
+            .map_err(wr)?
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let db = self.shared.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(rd)?;
+            let t = tx.open_table(SNAPSHOT).map_err(rd)?;
+            let meta: Option<SnapshotMeta<NodeId, openraft::BasicNode>> = get_meta(&t, "meta")?;
+            let data = t.get("data").map_err(rd)?.map(|v| v.value().to_vec());
+            Ok(match (meta, data) {
+                (Some(meta), Some(data)) => Some(Snapshot {
+                    meta,
+                    snapshot: Box::new(Cursor::new(data)),
+                }),
+                _ => None,
+            })
+        })
+        .await
+        .map_err(rd)?
+    }
+}
+
+/// Replaces the whole state with a snapshot's; watchers resync.
+fn install(
+    shared: &Shared,
+    meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+) -> Result<(), StorageError> {
+    let payload: Payload = bincode::deserialize(&data).map_err(wr)?;
+    let mut inner = shared.lock();
+    let tx = shared.db.begin_write().map_err(wr)?;
+    {
+        let mut kv = tx.open_table(KV).map_err(wr)?;
+        kv.retain(|_, _| false).map_err(wr)?;
+        let mut exp = tx.open_table(EXPIRY).map_err(wr)?;
+        exp.retain(|_, _| false).map_err(wr)?;
+        for (k, rec) in &payload.kv {
+            kv.insert(k.as_str(), rec.as_slice()).map_err(wr)?;
+            let (_, _, at) = Stored::header(rec).map_err(wr)?;
+            if at != 0 {
+                exp.insert((at, k.as_str()), ()).map_err(wr)?;
+            }
+        }
+        let mut m = tx.open_table(SM_META).map_err(wr)?;
+        if let Some(applied) = meta.last_log_id {
+            put_meta(&mut m, "applied", &applied)?;
+        }
+        put_meta(&mut m, "membership", &meta.last_membership)?;
+        put_meta(&mut m, "revision", &payload.revision)?;
+        let mut s = tx.open_table(SNAPSHOT).map_err(wr)?;
+        put_meta(&mut s, "meta", meta)?;
+        s.insert("data", data.as_slice()).map_err(wr)?;
+    }
+    tx.commit().map_err(wr)?;
+    inner.revision = payload.revision;
+    inner.history.clear();
+    inner.hub.resync_all();
+    drop(inner);
+    shared.ttl_changed.notify_one();
+    Ok(())
+}
+
+/// Builds snapshots from the state machine (log compaction).
+#[derive(Debug)]
+pub(crate) struct SnapshotBuilder {
+    shared: Arc<Shared>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = &shared.db;
+            // Make every apply so far durable, so the snapshot never runs ahead of the
+            // state a restart recovers (the log before it may be purged).
+            let mut tx = db.begin_write().map_err(wr)?;
+            tx.set_durability(Durability::Immediate).map_err(wr)?;
+            tx.commit().map_err(wr)?;
+            let rtx = db.begin_read().map_err(rd)?;
+            let m = rtx.open_table(SM_META).map_err(rd)?;
+            let applied: Option<LogId> = get_meta(&m, "applied")?;
+            let membership: StoredMembership = get_meta(&m, "membership")?.unwrap_or_default();
+            let revision: u64 = get_meta(&m, "revision")?.unwrap_or(0);
+            let kv = rtx.open_table(KV).map_err(rd)?;
+            let mut pairs = Vec::with_capacity(kv.len().map_err(rd)? as usize);
+            for item in kv.iter().map_err(rd)? {
+                let (k, v) = item.map_err(rd)?;
+                pairs.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            let data = bincode::serialize(&Payload {
+                revision,
+                kv: pairs,
+            })
+            .map_err(wr)?;
+            let meta = SnapshotMeta {
+                last_log_id: applied,
+                last_membership: membership,
+                snapshot_id: format!("{}-{revision}", applied.map_or(0, |l| l.index)),
+            };
+            let tx = db.begin_write().map_err(wr)?;
+            {
+                let mut s = tx.open_table(SNAPSHOT).map_err(wr)?;
+                put_meta(&mut s, "meta", &meta)?;
+                s.insert("data", data.as_slice()).map_err(wr)?;
+            }
+            tx.commit().map_err(wr)?;
+            Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            })
+        })
+        .await
+        .map_err(wr)?
+    }
+}

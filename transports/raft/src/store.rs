@@ -1,0 +1,445 @@
+//! [`RaftStore`]: the embedded store handle, a `datasync` `Watcher` and `Writer`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use datasync::feed::FeedStream;
+use datasync::{
+    CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing,
+    Prefix, PrefixSet, PutOptions, ReadOptions, Registration, Revision, Source, StoreError, Value,
+    Watch, WatchOptions, Watcher, Writer,
+};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, Raft, SnapshotPolicy};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, instrument, warn};
+
+use crate::OpenError;
+use crate::network::NoPeers;
+use crate::storage::{self, log::LogStore, sm};
+use crate::types::{Command, NodeId, Outcome, TypeConfig};
+
+/// Configuration of an embedded store.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RaftConfig {
+    /// Data directory (created if missing). Default `./data`.
+    pub dir: PathBuf,
+    /// This node's id (default 1). Keep it across restarts.
+    pub node_id: u64,
+    /// Largest value accepted, in bytes (default 1 MiB).
+    pub max_value_size: usize,
+    /// Transactions kept in memory for reads at past revisions (default 10,000).
+    pub history: usize,
+    /// Build a snapshot (and compact the log) after this many new log entries
+    /// (default 20,000).
+    pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot, for lagging followers (default 1,000).
+    pub keep_logs: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            dir: PathBuf::from("data"),
+            node_id: 1,
+            max_value_size: 1 << 20,
+            history: 10_000,
+            snapshot_every: 20_000,
+            keep_logs: 1_000,
+        }
+    }
+}
+
+impl RaftConfig {
+    /// Defaults, with data in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        RaftConfig {
+            dir: dir.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Sets [`max_value_size`](Self::max_value_size).
+    #[must_use]
+    pub fn max_value_size(mut self, n: usize) -> Self {
+        self.max_value_size = n;
+        self
+    }
+
+    /// Sets [`snapshot_every`](Self::snapshot_every) and [`keep_logs`](Self::keep_logs).
+    #[must_use]
+    pub fn snapshots(mut self, every: u64, keep_logs: u64) -> Self {
+        self.snapshot_every = every;
+        self.keep_logs = keep_logs;
+        self
+    }
+
+    /// Checks the invariants.
+    pub fn validate(&self) -> Result<(), OpenError> {
+        if self.node_id == 0 {
+            return Err(OpenError::Config("node_id must not be 0"));
+        }
+        if self.snapshot_every == 0 {
+            return Err(OpenError::Config("snapshot_every must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// The embedded store. Cheap to clone; clones share the node.
+#[derive(Debug, Clone)]
+pub struct RaftStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    raft: Raft<TypeConfig>,
+    sm: Arc<sm::Shared>,
+    config: RaftConfig,
+    source: Source,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftStore")
+            .field("node_id", &self.config.node_id)
+            .field("dir", &self.config.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The absolute expiry of a TTL: rounded up to whole milliseconds, never to zero.
+fn expiry(ttl: Option<Duration>) -> Option<u64> {
+    ttl.map(|t| now_ms() + (t.as_nanos().div_ceil(1_000_000) as u64).max(1))
+}
+
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Unavailable(Box::new(e))
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> StoreError {
+    match e {
+        RaftError::Fatal(f) => {
+            warn!(error = %f, "raft stopped");
+            StoreError::Stopped
+        }
+        RaftError::APIError(e) => unavailable(e),
+    }
+}
+
+fn read_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> StoreError {
+    match e {
+        RaftError::Fatal(_) => StoreError::Stopped,
+        RaftError::APIError(e) => unavailable(e),
+    }
+}
+
+impl RaftStore {
+    /// Opens the store in `config.dir`: bootstraps a one-node group on first start,
+    /// restarts from disk afterwards (never re-initializing), and waits until this node
+    /// leads.
+    #[instrument(level = "debug", skip_all, fields(dir = %config.dir.display()))]
+    pub async fn open(config: RaftConfig) -> Result<RaftStore, OpenError> {
+        config.validate()?;
+        let dir = config.dir.clone();
+        let db = tokio::task::spawn_blocking(move || storage::open(&dir))
+            .await
+            .map_err(|e| OpenError::Raft(Box::new(e)))??;
+        let db = Arc::new(db);
+        let shared = sm::Shared::new(db.clone(), config.history)
+            .map_err(|e| OpenError::Raft(Box::new(e)))?;
+        let raft_config = openraft::Config {
+            cluster_name: "datasync".into(),
+            heartbeat_interval: 50,
+            election_timeout_min: 150,
+            election_timeout_max: 300,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: config.keep_logs,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| OpenError::Raft(Box::new(e)))?;
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            NoPeers,
+            LogStore::new(db),
+            sm::StateMachine::new(shared.clone()),
+        )
+        .await
+        .map_err(|e| OpenError::Raft(Box::new(e)))?;
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| OpenError::Raft(Box::new(e)))?;
+        if !initialized {
+            debug!(
+                node = config.node_id,
+                "bootstrapping a new single-node group"
+            );
+            let members = BTreeMap::from([(config.node_id, BasicNode::default())]);
+            raft.initialize(members)
+                .await
+                .map_err(|e| OpenError::Raft(Box::new(e)))?;
+        }
+        let id = config.node_id;
+        let mut metrics = raft.metrics();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            metrics.wait_for(|m| m.current_leader == Some(id)),
+        )
+        .await
+        .map_err(|_| OpenError::NoLeader)?
+        .map_err(|_| OpenError::NoLeader)?;
+        let stop = CancellationToken::new();
+        tokio::spawn(ttl_task(raft.clone(), shared.clone(), id, stop.clone()));
+        Ok(RaftStore {
+            inner: Arc::new(Inner {
+                raft,
+                sm: shared,
+                config,
+                source: Source::from(""),
+                stop,
+            }),
+        })
+    }
+
+    /// Proposes `cmd` and returns once it is committed (durable) and applied.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, StoreError> {
+        let resp = self
+            .inner
+            .raft
+            .client_write(cmd)
+            .await
+            .map_err(write_error)?;
+        Ok(resp.data)
+    }
+
+    /// The revision of the applied state.
+    pub fn revision(&self) -> Revision {
+        Revision(self.inner.sm.lock().revision)
+    }
+
+    /// A hash of the whole applied key space; equal on replicas at the same revision.
+    pub fn state_hash(&self) -> Result<u64, StoreError> {
+        self.inner.sm.state_hash()
+    }
+
+    /// How many watch registrations the store feeds.
+    pub fn active_watches(&self) -> usize {
+        self.inner.sm.lock().hub.active()
+    }
+
+    /// Builds a snapshot now and compacts the log behind it.
+    pub async fn snapshot(&self) -> Result<(), StoreError> {
+        self.inner
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|_| StoreError::Stopped)
+    }
+
+    /// Stops the node; persisted state is kept for the next [`open`](Self::open).
+    pub async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        if let Err(e) = self.inner.raft.shutdown().await {
+            warn!(error = %e, "raft shutdown");
+        }
+    }
+
+    async fn read_barrier(&self, opts: &ReadOptions) -> Result<(), StoreError> {
+        if opts.consistency == Consistency::Linearizable {
+            self.inner
+                .raft
+                .ensure_linearizable()
+                .await
+                .map_err(read_error)?;
+        }
+        Ok(())
+    }
+
+    fn check(&self, value: &Value, opts: &PutOptions) -> Result<(), StoreError> {
+        self.limits().check(value)?;
+        opts.validate()
+    }
+}
+
+async fn ttl_task(
+    raft: Raft<TypeConfig>,
+    sm: Arc<sm::Shared>,
+    id: NodeId,
+    stop: CancellationToken,
+) {
+    loop {
+        let now = now_ms();
+        let wait = match sm.next_expiry() {
+            Ok(Some(at)) if at <= now => {
+                // Only the leader decides expiry; followers apply its Expire command.
+                if raft.metrics().borrow().current_leader == Some(id) {
+                    match sm.due(now, 1024) {
+                        Ok(keys) if !keys.is_empty() => {
+                            if let Err(e) = raft.client_write(Command::Expire { keys }).await {
+                                warn!(error = %e, "lease expiry not committed; retrying");
+                                Duration::from_millis(100)
+                            } else {
+                                continue;
+                            }
+                        }
+                        Ok(_) => Duration::from_millis(10),
+                        Err(e) => {
+                            warn!(error = %e, "reading leases");
+                            Duration::from_millis(100)
+                        }
+                    }
+                } else {
+                    Duration::from_millis(100)
+                }
+            }
+            Ok(Some(at)) => Duration::from_millis((at - now).min(1000)),
+            Ok(None) => Duration::from_secs(1),
+            Err(e) => {
+                warn!(error = %e, "reading leases");
+                Duration::from_millis(100)
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = sm.ttl_changed.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Writer for RaftStore {
+    fn limits(&self) -> Limits {
+        Limits::new(self.inner.config.max_value_size)
+    }
+
+    async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
+        self.check(&value, &opts)?;
+        let cmd = Command::Put {
+            key: key.as_str().to_owned(),
+            value: value.as_bytes().to_vec(),
+            expires_at_ms: expiry(opts.ttl),
+        };
+        match self.propose(cmd).await? {
+            Outcome::Written { revision } => Ok(Revision(revision)),
+            other => Err(StoreError::Corrupted(format!("put applied as {other:?}"))),
+        }
+    }
+
+    async fn delete(&self, key: &Key, opts: DeleteOptions) -> Result<Deleted, StoreError> {
+        let cmd = Command::Delete {
+            key: key.as_str().to_owned(),
+            prefix: opts.prefix,
+        };
+        match self.propose(cmd).await? {
+            Outcome::Deleted { count, revision } => Ok(Deleted {
+                count,
+                revision: Revision(revision),
+            }),
+            other => Err(StoreError::Corrupted(format!(
+                "delete applied as {other:?}"
+            ))),
+        }
+    }
+
+    async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
+        self.read_barrier(&opts).await?;
+        self.inner.sm.get(key, opts.revision)
+    }
+
+    async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError> {
+        self.read_barrier(&opts).await?;
+        let sm = self.inner.sm.clone();
+        let prefix = prefix.clone();
+        let (revision, values) =
+            tokio::task::spawn_blocking(move || sm.list(&prefix, opts.revision))
+                .await
+                .map_err(|e| StoreError::Backend(Box::new(e)))??;
+        Ok(Listing { revision, values })
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &Key,
+        expect: Expect,
+        value: Value,
+        opts: PutOptions,
+    ) -> Result<CasOutcome, StoreError> {
+        self.check(&value, &opts)?;
+        let cmd = Command::Cas {
+            key: key.as_str().to_owned(),
+            expect: match expect {
+                Expect::Absent => None,
+                Expect::Revision(r) => Some(r.0),
+            },
+            value: value.as_bytes().to_vec(),
+            expires_at_ms: expiry(opts.ttl),
+        };
+        match self.propose(cmd).await? {
+            Outcome::Written { revision } => Ok(CasOutcome::Swapped(Revision(revision))),
+            Outcome::Conflict { current } => {
+                Ok(CasOutcome::Conflict(current.map(|(v, r)| KeyValue {
+                    key: key.clone(),
+                    value: Value::from(v),
+                    revision: Revision(r),
+                })))
+            }
+            other => Err(StoreError::Corrupted(format!(
+                "compare-and-swap applied as {other:?}"
+            ))),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Watcher for RaftStore {
+    #[instrument(level = "debug", skip_all, fields(name))]
+    async fn watch(
+        &self,
+        name: &str,
+        prefixes: &[Prefix],
+        opts: WatchOptions,
+    ) -> Result<Watch, StoreError> {
+        let reg = Registration::new(name);
+        let set = PrefixSet::new(prefixes.iter().cloned());
+        let sm = self.inner.sm.clone();
+        let (feed, initial) = {
+            let reg = reg.clone();
+            tokio::task::spawn_blocking(move || {
+                let (feed, tx, rev) = sm.subscribe(&reg, set.clone(), opts.queue_capacity)?;
+                let values = sm::Shared::read_prefixes(&tx, &set)?;
+                Ok::<_, StoreError>((feed, (Revision(rev), values)))
+            })
+            .await
+            .map_err(|e| StoreError::Backend(Box::new(e)))??
+        };
+        let stream = FeedStream::new(
+            sm::RaftSnapshots(self.inner.sm.clone()),
+            reg.clone(),
+            self.inner.source.clone(),
+            feed,
+            initial,
+        );
+        Ok(Watch::new(reg, stream))
+    }
+}
