@@ -11,8 +11,9 @@ use datasync::{
     Prefix, PrefixSet, PutOptions, ReadOptions, Registration, Revision, Source, StoreError, Value,
     Watch, WatchOptions, Watcher, Writer,
 };
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, instrument, warn};
 
@@ -101,6 +102,14 @@ struct Inner {
     config: RaftConfig,
     source: Source,
     stop: CancellationToken,
+    ttl: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    proposals: mpsc::Sender<Proposal>,
+}
+
+/// A command waiting to be proposed, and where its outcome goes.
+struct Proposal {
+    cmd: Command,
+    reply: oneshot::Sender<Result<Outcome, StoreError>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -131,16 +140,6 @@ fn expiry(ttl: Option<Duration>) -> Option<u64> {
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Unavailable(Box::new(e))
-}
-
-fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> StoreError {
-    match e {
-        RaftError::Fatal(f) => {
-            warn!(error = %f, "raft stopped");
-            StoreError::Stopped
-        }
-        RaftError::APIError(e) => unavailable(e),
-    }
 }
 
 fn read_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> StoreError {
@@ -208,7 +207,15 @@ impl RaftStore {
         .map_err(|_| OpenError::NoLeader)?
         .map_err(|_| OpenError::NoLeader)?;
         let stop = CancellationToken::new();
-        tokio::spawn(ttl_task(raft.clone(), shared.clone(), id, stop.clone()));
+        let (proposals, queue) = mpsc::channel(8192);
+        tokio::spawn(proposer(raft.clone(), queue, stop.clone()));
+        let ttl = tokio::spawn(ttl_task(
+            proposals.clone(),
+            shared.clone(),
+            raft.clone(),
+            id,
+            stop.clone(),
+        ));
         Ok(RaftStore {
             inner: Arc::new(Inner {
                 raft,
@@ -216,19 +223,20 @@ impl RaftStore {
                 config,
                 source: Source::from(""),
                 stop,
+                ttl: std::sync::Mutex::new(Some(ttl)),
+                proposals,
             }),
         })
     }
 
     /// Proposes `cmd` and returns once it is committed (durable) and applied.
+    ///
+    /// Concurrent proposals are batched into one log entry, so they share one fsync.
+    ///
+    /// # Cancel safety
+    /// Dropping the future does not withdraw a proposal already queued.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, StoreError> {
-        let resp = self
-            .inner
-            .raft
-            .client_write(cmd)
-            .await
-            .map_err(write_error)?;
-        Ok(resp.data)
+        propose(&self.inner.proposals, cmd).await
     }
 
     /// The revision of the applied state.
@@ -257,10 +265,32 @@ impl RaftStore {
     }
 
     /// Stops the node; persisted state is kept for the next [`open`](Self::open).
+    ///
+    /// Returns once raft's tasks have let go of the data files (bounded by 10 s), so the
+    /// directory can be opened again as soon as this handle and its clones are dropped.
+    /// Open watches then end with `WatchError::Stopped`.
     pub async fn shutdown(&self) {
         self.inner.stop.cancel();
+        let ttl = self
+            .inner
+            .ttl
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(ttl) = ttl {
+            let _ = ttl.await;
+        }
         if let Err(e) = self.inner.raft.shutdown().await {
             warn!(error = %e, "raft shutdown");
+        }
+        // openraft's storage workers end shortly after its core; wait for them.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&self.inner.sm) > 1 || Arc::strong_count(&self.inner.sm.db) > 1 {
+            if tokio::time::Instant::now() > deadline {
+                warn!("data files still referenced after shutdown (watches held?)");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -281,9 +311,90 @@ impl RaftStore {
     }
 }
 
-async fn ttl_task(
+async fn propose(queue: &mpsc::Sender<Proposal>, cmd: Command) -> Result<Outcome, StoreError> {
+    let (reply, rx) = oneshot::channel();
+    queue
+        .send(Proposal { cmd, reply })
+        .await
+        .map_err(|_| StoreError::Stopped)?;
+    rx.await.map_err(|_| StoreError::Stopped)?
+}
+
+/// Group commit above openraft: openraft 0.9 waits for each log append to be flushed
+/// before it starts the next, so one client write per entry means one fsync per write.
+/// This task drains every queued proposal into one `Command::Batch` entry while the
+/// previous entry commits; under concurrency many writes share one entry and one fsync.
+async fn proposer(
     raft: Raft<TypeConfig>,
+    mut queue: mpsc::Receiver<Proposal>,
+    stop: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = queue.recv() => match p {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (mut cmds, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+        let cmd = if cmds.len() == 1 {
+            cmds.remove(0)
+        } else {
+            Command::Batch(cmds)
+        };
+        match raft.client_write(cmd).await {
+            Ok(resp) => match resp.data {
+                Outcome::Batch(outs) if outs.len() == replies.len() && replies.len() > 1 => {
+                    for (reply, out) in replies.into_iter().zip(outs) {
+                        let _ = reply.send(Ok(out));
+                    }
+                }
+                out if replies.len() == 1 => {
+                    for reply in replies {
+                        let _ = reply.send(Ok(out.clone()));
+                    }
+                }
+                other => {
+                    for reply in replies {
+                        let _ = reply.send(Err(StoreError::Corrupted(format!(
+                            "batch applied as {other:?}"
+                        ))));
+                    }
+                }
+            },
+            Err(e) => {
+                let fatal = matches!(e, RaftError::Fatal(_));
+                let text = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(if fatal {
+                        StoreError::Stopped
+                    } else {
+                        unavailable(Rejected(text.clone()))
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// raft did not accept a proposal (e.g. no leader).
+#[derive(Debug, thiserror::Error)]
+#[error("raft rejected the proposal: {0}")]
+struct Rejected(String);
+
+async fn ttl_task(
+    proposals: mpsc::Sender<Proposal>,
     sm: Arc<sm::Shared>,
+    raft: Raft<TypeConfig>,
     id: NodeId,
     stop: CancellationToken,
 ) {
@@ -295,7 +406,7 @@ async fn ttl_task(
                 if raft.metrics().borrow().current_leader == Some(id) {
                     match sm.due(now, 1024) {
                         Ok(keys) if !keys.is_empty() => {
-                            if let Err(e) = raft.client_write(Command::Expire { keys }).await {
+                            if let Err(e) = propose(&proposals, Command::Expire { keys }).await {
                                 warn!(error = %e, "lease expiry not committed; retrying");
                                 Duration::from_millis(100)
                             } else {
@@ -434,7 +545,7 @@ impl Watcher for RaftStore {
             .map_err(|e| StoreError::Backend(Box::new(e)))??
         };
         let stream = FeedStream::new(
-            sm::RaftSnapshots(self.inner.sm.clone()),
+            sm::RaftSnapshots(Arc::downgrade(&self.inner.sm)),
             reg.clone(),
             self.inner.source.clone(),
             feed,

@@ -58,6 +58,9 @@ pub enum Command {
         /// Whether `key` is a prefix.
         prefix: bool,
     },
+    /// Several commands proposed concurrently, carried by one log entry (one fsync).
+    /// Each is applied in order as if proposed alone, with its own revision.
+    Batch(Vec<Command>),
     /// Delete keys whose lease ran out, each only if still at the given mod revision
     /// (a key re-put since keeps its new value).
     Expire {
@@ -89,4 +92,6 @@ pub enum Outcome {
         /// Current state, if the key exists.
         current: Option<(Vec<u8>, u64)>,
     },
+    /// The outcomes of a [`Command::Batch`], in order.
+    Batch(Vec<Outcome>),
 }

@@ -87,6 +87,15 @@ pub(crate) fn open(dir: &Path) -> Result<Database, OpenError> {
         path: path.clone(),
         reason,
     };
+    // redb would quietly start afresh over a missing or emptied file: the marker says
+    // this directory once held a store, so its absence of data is an error, not a start.
+    let marker = dir.join("STORE");
+    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    if marker.exists() && len == 0 {
+        return Err(corrupted(
+            "the data file is missing or empty, but this directory held a store".into(),
+        ));
+    }
     let mut db = match Database::create(&path) {
         Ok(db) => db,
         Err(
@@ -115,6 +124,12 @@ pub(crate) fn open(dir: &Path) -> Result<Database, OpenError> {
         Ok(())
     };
     init().map_err(|e| corrupted(e.to_string()))?;
+    if !marker.exists() {
+        std::fs::write(&marker, b"datasync raft store\n").map_err(|source| OpenError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
     // Every stored value must decode; a file with valid pages but wrong contents stops here.
     sm::verify(&db).map_err(|e| corrupted(e.to_string()))?;
     let _ = db.begin_read();

@@ -336,16 +336,18 @@ fn scan(tx: &ReadTransaction, prefix: &Prefix) -> Result<Vec<KeyValue>, StoreErr
     Ok(out)
 }
 
-/// Resync snapshots for watch streams.
+/// Resync snapshots for watch streams. Weak: a watch must not keep a stopped store's
+/// files open; once the store is gone its hub drops and the stream reports `Stopped`.
 #[derive(Debug, Clone)]
-pub(crate) struct RaftSnapshots(pub(crate) Arc<Shared>);
+pub(crate) struct RaftSnapshots(pub(crate) std::sync::Weak<Shared>);
 
 impl Snapshots for RaftSnapshots {
     fn resnapshot(&self, feed: &mut Feed) -> Result<(Revision, Vec<PrefixValues>), StoreError> {
+        let shared = self.0.upgrade().ok_or(StoreError::Stopped)?;
         let (tx, rev) = {
-            let inner = self.0.lock();
+            let inner = shared.lock();
             feed.rearm();
-            self.0.pin(&inner)?
+            shared.pin(&inner)?
         };
         // Read outside the lock: the read transaction is a consistent snapshot.
         Ok((Revision(rev), Shared::read_prefixes(&tx, feed.prefixes())?))
@@ -491,6 +493,8 @@ impl Applier<'_> {
                 let revision = if count == 0 { rev - 1 } else { rev };
                 (Outcome::Deleted { count, revision }, changes)
             }
+            // `apply_command` unrolls batches before they get here.
+            Command::Batch(_) => return Err(wr(super::CorruptValue(0))),
             Command::Expire { keys } => {
                 let mut changes = Vec::new();
                 for (k, mod_rev) in keys {
@@ -527,6 +531,42 @@ fn get_meta<T: serde::de::DeserializeOwned>(
     }
 }
 
+type Published = Vec<(Arc<Txn>, Undo)>;
+
+/// Applies one command (a batch: each part in order), recording what it published.
+fn apply_command(
+    a: &mut Applier<'_>,
+    cmd: Command,
+    revision: &mut u64,
+    txns: &mut Published,
+) -> Result<Outcome, StorageError> {
+    if let Command::Batch(cmds) = cmd {
+        let outs = cmds
+            .into_iter()
+            .map(|c| apply_command(a, c, revision, txns))
+            .collect::<Result<_, _>>()?;
+        return Ok(Outcome::Batch(outs));
+    }
+    let (outcome, changes) = a.apply(cmd, *revision + 1)?;
+    if !changes.is_empty() {
+        *revision += 1;
+        let (changes, before): (Vec<_>, Vec<_>) = changes.into_iter().unzip();
+        let keys = changes.iter().map(|c| c.key.clone());
+        let undo = Undo {
+            revision: *revision,
+            before: keys.zip(before).collect(),
+        };
+        txns.push((
+            Arc::new(Txn {
+                revision: Revision(*revision),
+                changes,
+            }),
+            undo,
+        ));
+    }
+    Ok(outcome)
+}
+
 fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, StorageError> {
     // Held across commit and publish: watch snapshots pin state under the same lock.
     let mut inner = shared.lock();
@@ -535,7 +575,7 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
     tx.set_durability(Durability::None).map_err(wr)?;
     let mut revision = inner.revision;
     let mut outcomes = Vec::with_capacity(entries.len());
-    let mut txns = Vec::new();
+    let mut txns: Published = Vec::new();
     let lease_written;
     {
         let mut a = Applier {
@@ -558,24 +598,7 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
                     outcomes.push(Outcome::Unchanged);
                 }
                 EntryPayload::Normal(cmd) => {
-                    let (outcome, changes) = a.apply(cmd, revision + 1)?;
-                    if !changes.is_empty() {
-                        revision += 1;
-                        let (changes, before): (Vec<_>, Vec<_>) = changes.into_iter().unzip();
-                        let keys = changes.iter().map(|c| c.key.clone());
-                        let undo = Undo {
-                            revision,
-                            before: keys.zip(before).collect(),
-                        };
-                        txns.push((
-                            Arc::new(Txn {
-                                revision: Revision(revision),
-                                changes,
-                            }),
-                            undo,
-                        ));
-                    }
-                    outcomes.push(outcome);
+                    outcomes.push(apply_command(&mut a, cmd, &mut revision, &mut txns)?);
                 }
             }
         }

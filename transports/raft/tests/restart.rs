@@ -1,0 +1,201 @@
+//! Restarts from disk: state, revisions, leases and snapshots survive; nothing is
+//! re-initialized.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use datasync::{
+    DeleteOptions, Event, Key, Prefix, PutOptions, ReadOptions, Revision, Value, WatchOptions,
+    Watcher, Writer,
+};
+use datasync_raft::{RaftConfig, RaftStore};
+use futures_util::StreamExt;
+
+fn key(s: &str) -> Key {
+    Key::new(s).unwrap()
+}
+
+async fn next(w: &mut datasync::Watch) -> Event {
+    tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("event (deadlock?)")
+        .expect("stream open")
+        .expect("no error")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_state_revision_and_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rev, hash) = {
+        let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+        for i in 0..50 {
+            s.put(
+                &key(&format!("a/{i:02}")),
+                format!("v{i}").into(),
+                PutOptions::new(),
+            )
+            .await
+            .unwrap();
+        }
+        s.delete(&key("a/1"), DeleteOptions::new().prefix())
+            .await
+            .unwrap();
+        let rev = s.revision();
+        let hash = s.state_hash().unwrap();
+        s.shutdown().await;
+        (rev, hash)
+    };
+    assert_eq!(rev, Revision(51));
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let mut w = s
+        .watch("w", &[Prefix::new("a/").unwrap()], WatchOptions::default())
+        .await
+        .unwrap();
+    let Event::Resync(r) = next(&mut w).await else {
+        panic!("want a resync")
+    };
+    assert_eq!(
+        r.revision, rev,
+        "the restarted store resyncs at the same revision"
+    );
+    assert_eq!(r.len(), 40);
+    r.done.ok();
+    assert_eq!(s.state_hash().unwrap(), hash);
+    let got = s
+        .get(&key("a/07"), ReadOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.value, got.revision), (Value::from("v7"), Revision(8)));
+    let r2 = s
+        .put(&key("a/new"), "x".into(), PutOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(r2, Revision(52), "revisions continue, never restart");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_compact_the_log_and_restore_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || RaftConfig::new(dir.path()).snapshots(100, 10);
+    let hash = {
+        let s = RaftStore::open(config()).await.unwrap();
+        for i in 0..1000 {
+            s.put(
+                &key(&format!("k/{}", i % 37)),
+                format!("{i}").into(),
+                PutOptions::new(),
+            )
+            .await
+            .unwrap();
+        }
+        s.snapshot().await.unwrap();
+        let hash = s.state_hash().unwrap();
+        s.shutdown().await;
+        hash
+    };
+    let s = RaftStore::open(config()).await.unwrap();
+    assert_eq!(s.revision(), Revision(1000));
+    assert_eq!(s.state_hash().unwrap(), hash);
+    let l = s
+        .list(&Prefix::new("k/").unwrap(), ReadOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(l.values.len(), 37);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_outlives_a_restart_and_then_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+        let ttl = PutOptions::new().ttl(Duration::from_millis(1500));
+        s.put(&key("lease"), "held".into(), ttl).await.unwrap();
+        s.put(&key("plain"), "kept".into(), PutOptions::new())
+            .await
+            .unwrap();
+        s.shutdown().await;
+    }
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let mut w = s
+        .watch("w", &[Prefix::all()], WatchOptions::default())
+        .await
+        .unwrap();
+    let Event::Resync(r) = next(&mut w).await else {
+        panic!()
+    };
+    let lease_present = r.values().any(|kv| kv.key.as_str() == "lease");
+    r.done.ok();
+    if lease_present {
+        let Event::Change(c) = next(&mut w).await else {
+            panic!("want the expiry")
+        };
+        assert_eq!(c.changes[0].key.as_str(), "lease");
+        assert_eq!(c.changes[0].prev, Some(Value::from("held")));
+        c.done.ok();
+    }
+    assert!(
+        s.get(&key("lease"), ReadOptions::new())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        s.get(&key("plain"), ReadOptions::new())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_values_and_zero_ttl_are_refused_before_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RaftStore::open(RaftConfig::new(dir.path()).max_value_size(16))
+        .await
+        .unwrap();
+    let big = s
+        .put(&key("k"), Value::from(vec![0u8; 17]), PutOptions::new())
+        .await;
+    assert!(matches!(
+        big,
+        Err(datasync::StoreError::ValueTooLarge { size: 17, max: 16 })
+    ));
+    let zero = s
+        .put(&key("k"), "v".into(), PutOptions::new().ttl(Duration::ZERO))
+        .await;
+    assert!(matches!(zero, Err(datasync::StoreError::InvalidTtl(_))));
+    assert_eq!(s.revision(), Revision(0));
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_the_files_and_ends_watches_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let mut w = s
+        .watch("w", &[Prefix::all()], WatchOptions::default())
+        .await
+        .unwrap();
+    next(&mut w).await.into_done().ok();
+    let t = std::time::Instant::now();
+    s.shutdown().await;
+    drop(s);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(end, Some(Err(datasync::WatchError::Stopped(_)))),
+        "a watch of a stopped store must say so, got {end:?}"
+    );
+    let again = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    again.shutdown().await;
+}
