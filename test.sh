@@ -28,6 +28,8 @@ command -v cargo >/dev/null 2>&1 || { echo "error: cargo not found: install the 
 need_component fmt rustfmt
 need_component clippy clippy
 need_apt cc gcc
+need_apt protoc protobuf-compiler   # etcd-client's build (integration crate)
+need_apt etcd etcd-server           # real etcd for the integration tests and benchmarks
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

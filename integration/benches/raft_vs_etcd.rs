@@ -1,0 +1,323 @@
+//! The embedded raft store against a real etcd, same machine, same run. Prints a table.
+//!
+//! `cargo bench -p datasync-integration --bench raft_vs_etcd`
+//! (`BENCH_RUNS` sets the runs per measurement, default 3; medians are reported.)
+#![allow(clippy::unwrap_used)] // a benchmark: failing loudly is the point
+
+use std::time::{Duration, Instant};
+
+use datasync::{Event, Key, Prefix, PutOptions, ReadOptions, Value, WatchOptions, Watcher, Writer};
+use datasync_integration::{EtcdServer, proc};
+use datasync_raft::{RaftConfig, RaftStore};
+use futures_util::StreamExt;
+
+const VALUE: usize = 256;
+const SEQ: usize = 1000;
+const INFLIGHT_N: usize = 20_000;
+const DEPTH: usize = 64;
+const WATCH_N: usize = 500;
+const PREFIX_N: usize = 100_000;
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn quantile(mut v: Vec<Duration>, q: f64) -> Duration {
+    v.sort();
+    v[((v.len() - 1) as f64 * q) as usize]
+}
+
+fn value() -> Vec<u8> {
+    vec![b'v'; VALUE]
+}
+
+// ---- raft ----
+
+async fn raft_seq(s: &RaftStore, run: usize) -> (f64, Duration) {
+    let v = Value::from(value());
+    let mut lat = Vec::new();
+    let t = Instant::now();
+    for i in 0..SEQ {
+        let k = Key::new(format!("seq{run}/{i:06}")).unwrap();
+        let s0 = Instant::now();
+        s.put(&k, v.clone(), PutOptions::new()).await.unwrap();
+        lat.push(s0.elapsed());
+    }
+    (SEQ as f64 / t.elapsed().as_secs_f64(), quantile(lat, 0.5))
+}
+
+async fn raft_inflight(s: &RaftStore, prefix: &str, n: usize) -> f64 {
+    let v = Value::from(value());
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..DEPTH)
+        .map(|w| {
+            let (s, v, prefix) = (s.clone(), v.clone(), prefix.to_owned());
+            tokio::spawn(async move {
+                for i in (w..n).step_by(DEPTH) {
+                    let k = Key::new(format!("{prefix}/{i:07}")).unwrap();
+                    s.put(&k, v.clone(), PutOptions::new()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+async fn raft_watch(s: &RaftStore, run: usize) -> Vec<Duration> {
+    let p = format!("watch{run}/");
+    let mut w = s
+        .watch(
+            "bench",
+            &[Prefix::new(&p).unwrap()],
+            WatchOptions::default(),
+        )
+        .await
+        .unwrap();
+    let first = w.next().await.unwrap().unwrap();
+    first.into_done().ok();
+    let v = Value::from(value());
+    let mut lat = Vec::new();
+    for i in 0..WATCH_N {
+        let k = Key::new(format!("{p}{i:06}")).unwrap();
+        let t = Instant::now();
+        s.put(&k, v.clone(), PutOptions::new()).await.unwrap();
+        loop {
+            let ev = w.next().await.unwrap().unwrap();
+            let hit = matches!(&ev, Event::Change(c) if c.changes.iter().any(|kc| kc.key == k));
+            ev.into_done().ok();
+            if hit {
+                break;
+            }
+        }
+        lat.push(t.elapsed());
+    }
+    lat
+}
+
+// ---- etcd ----
+
+async fn etcd_seq(c: &etcd_client::Client, run: usize) -> (f64, Duration) {
+    let mut c = c.clone();
+    let mut lat = Vec::new();
+    let t = Instant::now();
+    for i in 0..SEQ {
+        let s0 = Instant::now();
+        c.put(format!("seq{run}/{i:06}"), value(), None)
+            .await
+            .unwrap();
+        lat.push(s0.elapsed());
+    }
+    (SEQ as f64 / t.elapsed().as_secs_f64(), quantile(lat, 0.5))
+}
+
+async fn etcd_inflight(c: &etcd_client::Client, prefix: &str, n: usize) -> f64 {
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..DEPTH)
+        .map(|w| {
+            let (mut c, prefix) = (c.clone(), prefix.to_owned());
+            tokio::spawn(async move {
+                for i in (w..n).step_by(DEPTH) {
+                    c.put(format!("{prefix}/{i:07}"), value(), None)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+async fn etcd_watch(c: &etcd_client::Client, run: usize) -> Vec<Duration> {
+    let p = format!("watch{run}/");
+    let mut wc = c.clone();
+    let mut stream = wc
+        .watch(
+            p.clone(),
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let mut c = c.clone();
+    let mut lat = Vec::new();
+    for i in 0..WATCH_N {
+        let k = format!("{p}{i:06}");
+        let t = Instant::now();
+        c.put(k.clone(), value(), None).await.unwrap();
+        'wait: loop {
+            let resp = stream.message().await.unwrap().unwrap();
+            for e in resp.events() {
+                if e.kv().is_some_and(|kv| kv.key() == k.as_bytes()) {
+                    break 'wait;
+                }
+            }
+        }
+        lat.push(t.elapsed());
+    }
+    lat
+}
+
+/// Child mode: a fresh embedded store with 100k keys; prints its peak RSS in KiB.
+async fn raft_rss_child(dir: &str) {
+    let s = RaftStore::open(RaftConfig::new(dir)).await.unwrap();
+    raft_inflight(&s, "rss", PREFIX_N).await;
+    let l = s
+        .list(&Prefix::new("rss/").unwrap(), ReadOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(l.values.len(), PREFIX_N);
+    drop(l);
+    println!("{}", proc::peak_rss_kib(std::process::id()).unwrap());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if let Some(i) = args.iter().position(|a| a == "--raft-rss") {
+        rt.block_on(raft_rss_child(&args[i + 1]));
+        return;
+    }
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    rt.block_on(async move {
+        let etcd = EtcdServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let client = etcd.client().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let raft = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+
+        let (mut rs, mut rs50, mut es, mut es50) = (vec![], vec![], vec![], vec![]);
+        let (mut ri, mut ei) = (vec![], vec![]);
+        let (mut rw, mut ew) = (vec![], vec![]);
+        for run in 0..runs {
+            let (ops, p50) = raft_seq(&raft, run).await;
+            rs.push(ops);
+            rs50.push(p50.as_secs_f64());
+            let (ops, p50) = etcd_seq(&client, run).await;
+            es.push(ops);
+            es50.push(p50.as_secs_f64());
+            ri.push(raft_inflight(&raft, &format!("par{run}"), INFLIGHT_N).await);
+            ei.push(etcd_inflight(&client, &format!("par{run}"), INFLIGHT_N).await);
+            rw.extend(raft_watch(&raft, run).await);
+            ew.extend(etcd_watch(&client, run).await);
+        }
+
+        raft_inflight(&raft, "big", PREFIX_N).await;
+        etcd_inflight(&client, "big", PREFIX_N).await;
+        let mut kv = client.kv_client().max_decoding_message_size(256 << 20);
+        let (mut rr, mut er) = (vec![], vec![]);
+        for _ in 0..runs {
+            let t = Instant::now();
+            let l = raft
+                .list(&Prefix::new("big/").unwrap(), ReadOptions::new())
+                .await
+                .unwrap();
+            assert_eq!(l.values.len(), PREFIX_N);
+            rr.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let g = kv
+                .get("big/", Some(etcd_client::GetOptions::new().with_prefix()))
+                .await
+                .unwrap();
+            assert_eq!(g.kvs().len(), PREFIX_N);
+            er.push(t.elapsed().as_secs_f64());
+        }
+        let etcd_rss = proc::peak_rss_kib(etcd.pid()).unwrap() as f64 / 1024.0;
+        let rss_dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .arg("--raft-rss")
+            .arg(rss_dir.path())
+            .output()
+            .unwrap();
+        let raft_rss = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<f64>()
+            .unwrap()
+            / 1024.0;
+
+        let ms = |s: f64| format!("{:.3} ms", s * 1e3);
+        let us = |d: Duration| format!("{} µs", d.as_micros());
+        let (rw50, rw99) = (quantile(rw.clone(), 0.5), quantile(rw, 0.99));
+        let (ew50, ew99) = (quantile(ew.clone(), 0.5), quantile(ew, 0.99));
+        let version = client.clone().status().await.unwrap().version().to_owned();
+        println!("embedded raft store vs etcd {version} on this machine, {runs} runs, medians; 256-byte values");
+        println!();
+        println!("| work | raft | etcd | raft vs etcd | goal |");
+        println!("|---|---|---|---|---|");
+        let row = |work: &str, r: String, e: String, ratio: f64, unit: &str, goal: &str| {
+            println!("| {work} | {r} | {e} | {ratio:.2}{unit} | {goal} |");
+        };
+        let (rs, es) = (median(&rs), median(&es));
+        row(
+            "sequential puts, 1 client (ops/s)",
+            format!("{rs:.0}"),
+            format!("{es:.0}"),
+            rs / es,
+            "×",
+            ">= 2.5×",
+        );
+        row(
+            "  p50 latency",
+            ms(median(&rs50)),
+            ms(median(&es50)),
+            median(&rs50) / median(&es50),
+            "× etcd",
+            "",
+        );
+        let (ri, ei) = (median(&ri), median(&ei));
+        row(
+            "64 puts in flight (ops/s)",
+            format!("{ri:.0}"),
+            format!("{ei:.0}"),
+            ri / ei,
+            "×",
+            ">= 5×",
+        );
+        row(
+            "watch put→event p50",
+            us(rw50),
+            us(ew50),
+            rw50.as_secs_f64() / ew50.as_secs_f64(),
+            "× etcd",
+            "<= 0.5×",
+        );
+        row(
+            "watch put→event p99",
+            us(rw99),
+            us(ew99),
+            rw99.as_secs_f64() / ew99.as_secs_f64(),
+            "× etcd",
+            "",
+        );
+        let (rr, er) = (median(&rr), median(&er));
+        row(
+            "read a 100k-key prefix",
+            ms(rr),
+            ms(er),
+            rr / er,
+            "× etcd",
+            "<= 0.33×",
+        );
+        row(
+            "server peak RSS with 100k keys",
+            format!("{raft_rss:.0} MiB"),
+            format!("{etcd_rss:.0} MiB"),
+            raft_rss / etcd_rss,
+            "× etcd",
+            "<= 0.5×",
+        );
+        raft.shutdown().await;
+    });
+}
