@@ -24,9 +24,12 @@
 //!   transaction. A command that changes nothing (a delete of an absent key, a failed
 //!   compare-and-swap, an expiry of a key re-put since) takes none.
 //! - **Durability and group commit**: a write is acknowledged once its log entry is on
-//!   disk and applied. openraft hands the log store every entry waiting at once; they
-//!   are written in one durable redb commit, so concurrent writes share one fsync.
-//!   The state machine commits without fsync (see `storage` docs for why that is safe).
+//!   disk (a durable redb commit) and applied. openraft 0.9 waits for each log append
+//!   to be flushed before it starts the next, so group commit happens above it: the
+//!   store's proposer drains every proposal queued while the previous entry commits into
+//!   one `Command::Batch` entry, and concurrent writes share one fsync. Each write in a
+//!   batch still gets its own revision and change event. The state machine commits
+//!   without fsync (see `storage` docs for why that is safe).
 //! - **Watches** are fed from the apply path through `datasync::feed` (bounded queue per
 //!   registration; overflow becomes a resync; a snapshot install resyncs everyone).
 //! - **Reads** are linearizable by default (`ensure_linearizable`, a read index through
