@@ -1,5 +1,4 @@
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::StreamExt;
 
@@ -15,11 +14,7 @@ fn key(s: &str) -> Key {
 }
 
 async fn next(w: &mut crate::Watch) -> Event {
-    tokio::time::timeout(Duration::from_secs(5), w.next())
-        .await
-        .expect("event (deadlock?)")
-        .expect("stream open")
-        .expect("no error")
+    crate::testing::next_event(w).await.expect("next event")
 }
 
 #[tokio::test]

@@ -9,12 +9,8 @@ fn key(s: &str) -> Key {
     Key::new(s).unwrap()
 }
 
-async fn next(w: &mut Watch) -> Event {
-    tokio::time::timeout(Duration::from_secs(5), w.next())
-        .await
-        .expect("event (deadlock?)")
-        .expect("stream open")
-        .expect("no error")
+async fn next(w: &mut crate::Watch) -> Event {
+    crate::testing::next_event(w).await.expect("next event")
 }
 
 #[tokio::test(start_paused = true)]

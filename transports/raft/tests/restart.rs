@@ -16,11 +16,7 @@ fn key(s: &str) -> Key {
 }
 
 async fn next(w: &mut datasync::Watch) -> Event {
-    tokio::time::timeout(Duration::from_secs(10), w.next())
-        .await
-        .expect("event (deadlock?)")
-        .expect("stream open")
-        .expect("no error")
+    datasync::testing::next_event(w).await.expect("next event")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ pub(crate) mod sm;
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, TableDefinition};
 
 pub(crate) const LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raft_log");
 pub(crate) const RAFT_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("raft_meta");
@@ -132,7 +132,6 @@ pub(crate) fn open(dir: &Path) -> Result<Database, OpenError> {
     }
     // Every stored value must decode; a file with valid pages but wrong contents stops here.
     sm::verify(&db).map_err(|e| corrupted(e.to_string()))?;
-    let _ = db.begin_read();
     Ok(db)
 }
 
