@@ -1,9 +1,14 @@
 //! A real etcd server per test or benchmark (Debian package `etcd-server`).
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
+use datasync::testing::Harness;
+use datasync_etcd::{EtcdConfig, EtcdStore};
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{HarnessError, find_binary, free_port};
 
@@ -13,7 +18,9 @@ const INSTALL: &str = "apt-get install etcd-server";
 #[derive(Debug)]
 pub struct EtcdServer {
     child: Child,
+    binary: PathBuf,
     endpoint: String,
+    peer_url: String,
     dir: TempDir,
 }
 
@@ -24,10 +31,6 @@ impl EtcdServer {
             binary: "etcd",
             install: INSTALL,
         })?;
-        let io = |source| HarnessError::Io {
-            binary: "etcd",
-            source,
-        };
         let mut last = None;
         // Ports are picked free, then bound by etcd: retry if another process won the race.
         for _ in 0..3 {
@@ -35,30 +38,12 @@ impl EtcdServer {
             let (client, peer) = (free_port().map_err(io)?, free_port().map_err(io)?);
             let endpoint = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let log = std::fs::File::create(dir.path().join("etcd.log")).map_err(io)?;
-            let child = Command::new(&binary)
-                .args(["--name", "bench", "--data-dir"])
-                .arg(dir.path().join("data"))
-                .args([
-                    "--listen-client-urls",
-                    &endpoint,
-                    "--advertise-client-urls",
-                    &endpoint,
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &peer_url,
-                    "--initial-advertise-peer-urls",
-                    &peer_url,
-                ])
-                .args(["--initial-cluster", &format!("bench={peer_url}")])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .map_err(io)?;
+            let child = spawn(&binary, &dir, &endpoint, &peer_url)?;
             let mut server = EtcdServer {
                 child,
+                binary: binary.clone(),
                 endpoint,
+                peer_url,
                 dir,
             };
             match server.wait_ready().await {
@@ -70,6 +55,19 @@ impl EtcdServer {
             binary: "etcd",
             reason: "no attempt made".into(),
         }))
+    }
+
+    /// Kills etcd with SIGKILL (as a crash would) and waits until it is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts etcd again on the same data dir and ports (after [`kill`](Self::kill)).
+    pub async fn start_again(&mut self) -> Result<(), HarnessError> {
+        self.kill();
+        self.child = spawn(&self.binary, &self.dir, &self.endpoint, &self.peer_url)?;
+        self.wait_ready().await
     }
 
     async fn wait_ready(&mut self) -> Result<(), HarnessError> {
@@ -113,11 +111,109 @@ impl EtcdServer {
     pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
         etcd_client::Client::connect([&self.endpoint], None).await
     }
+
+    /// A datasync store on this server.
+    pub async fn store(&self) -> Result<EtcdStore, datasync::StoreError> {
+        EtcdStore::connect(EtcdConfig::new([self.endpoint.clone()])).await
+    }
+
+    /// How many watchers the server holds (its `etcd_debugging_mvcc_watcher_total`).
+    pub async fn watchers(&self) -> std::io::Result<u64> {
+        watchers(&self.endpoint).await
+    }
+}
+
+fn io(source: std::io::Error) -> HarnessError {
+    HarnessError::Io {
+        binary: "etcd",
+        source,
+    }
+}
+
+fn spawn(
+    binary: &PathBuf,
+    dir: &TempDir,
+    endpoint: &str,
+    peer_url: &str,
+) -> Result<Child, HarnessError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join("etcd.log"))
+        .map_err(io)?;
+    Command::new(binary)
+        .args(["--name", "test", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--listen-client-urls",
+            endpoint,
+            "--advertise-client-urls",
+            endpoint,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+        ])
+        .args(["--initial-cluster", &format!("test={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(io)
+}
+
+/// Reads the watcher gauge from etcd's `/metrics` (served on the client URL).
+async fn watchers(endpoint: &str) -> std::io::Result<u64> {
+    let addr = endpoint.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .ok_or_else(|| {
+            std::io::Error::other("etcd /metrics lacks etcd_debugging_mvcc_watcher_total")
+        })
 }
 
 impl Drop for EtcdServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
+    }
+}
+
+/// The conformance-suite harness of `datasync-etcd`: a fresh etcd per store (tests run
+/// in parallel), counting watches on the server.
+#[derive(Debug, Default)]
+pub struct EtcdHarness {
+    servers: Mutex<Vec<EtcdServer>>,
+}
+
+#[async_trait::async_trait]
+impl Harness for EtcdHarness {
+    type Store = EtcdStore;
+
+    async fn store(&self) -> EtcdStore {
+        let server = EtcdServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let store = server
+            .store()
+            .await
+            .unwrap_or_else(|e| panic!("connect to etcd: {e} ({e:?})"));
+        self.servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(server);
+        store
+    }
+
+    async fn active_watches(&self, store: &EtcdStore) -> usize {
+        let endpoint = store.config().endpoints[0].clone();
+        watchers(&endpoint)
+            .await
+            .unwrap_or_else(|e| panic!("read etcd metrics: {e}")) as usize
     }
 }

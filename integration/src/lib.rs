@@ -7,7 +7,7 @@
 pub mod etcd;
 pub mod proc;
 
-pub use etcd::EtcdServer;
+pub use etcd::{EtcdHarness, EtcdServer};
 
 /// A server could not be started.
 #[derive(Debug, thiserror::Error)]

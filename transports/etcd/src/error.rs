@@ -1,0 +1,54 @@
+//! etcd client errors as [`StoreError`]s.
+
+use std::time::Duration;
+
+use datasync::StoreError;
+use tonic::Code;
+
+/// Classifies an etcd client error: what a retry may fix is `Unavailable`.
+pub(crate) fn store_error(e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(status) => match status.code() {
+            Code::Unavailable | Code::Aborted | Code::Cancelled => {
+                StoreError::Unavailable(Box::new(status))
+            }
+            // etcd says "leader changed" or "no leader" with Unknown while it elects.
+            Code::Unknown if is_election(status.message()) => {
+                StoreError::Unavailable(Box::new(status))
+            }
+            Code::DeadlineExceeded => StoreError::Unavailable(Box::new(status)),
+            _ => StoreError::Backend(Box::new(status)),
+        },
+        E::TransportError(t) => StoreError::Unavailable(Box::new(t)),
+        E::IoError(io) => StoreError::Unavailable(Box::new(io)),
+        E::WatchError(w) | E::LeaseKeepAliveError(w) => {
+            StoreError::Unavailable(format!("etcd stream closed: {w}").into())
+        }
+        other => StoreError::Backend(Box::new(other)),
+    }
+}
+
+fn is_election(msg: &str) -> bool {
+    msg.contains("leader changed") || msg.contains("no leader") || msg.contains("timed out")
+}
+
+/// etcd's message for a read at a compacted revision.
+pub(crate) fn is_compacted(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == Code::OutOfRange && s.message().contains("compacted"))
+}
+
+/// etcd's message for a read at a future revision.
+pub(crate) fn is_future(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == Code::OutOfRange && s.message().contains("future"))
+}
+
+/// Runs `call` under the request timeout.
+pub(crate) async fn timed<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<Result<T, etcd_client::Error>, StoreError> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| StoreError::Timeout(timeout))
+}

@@ -1,0 +1,338 @@
+//! Watch registrations: a resync at R, then one etcd watch from R+1, kept continuous.
+//!
+//! Each registration runs one task that owns one etcd watch stream covering all its
+//! prefixes (so every change of one transaction arrives in one event), and feeds a
+//! bounded queue that the registration's [`Watch`] stream drains.
+//!
+//! Continuity, case by case:
+//! - the stream breaks (etcd restarted, network lost): the watch is re-created from the
+//!   last delivered revision + 1 with backoff. etcd replays from there, so the consumer
+//!   sees no gap and no duplicate, and no resync is needed;
+//! - etcd cancels the watch because that revision is compacted (`compact_revision`), or
+//!   for any other reason: a resync (`Compacted` / `Reconnect`);
+//! - a response header shows a revision below what was delivered, or another cluster id
+//!   (etcd restored from a backup): a resync (`StoreReset`);
+//! - the consumer falls `queue_capacity` events behind: the watch is cancelled (a slow
+//!   consumer never holds etcd's stream or anybody else), and once the consumer has made
+//!   room, a resync (`Overflow`) at the then current revision follows what it had queued;
+//! - a resync request: once the consumer has taken what was queued (so that requests
+//!   made until then coalesce), the watch is cancelled, a resync read, the watch
+//!   re-created.
+//!
+//! Progress notifications advance the resume point while nothing under the prefixes
+//! changes, so a reconnect does not replay revisions the consumer does not care about.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use datasync::{
+    Change, Event, KeyChange, Op, Prefix, PrefixSet, PrefixValues, Registration, Resync,
+    ResyncReason, Revision, Source, StoreError, Value, Watch, WatchError, WatchOptions,
+};
+use futures_util::Stream;
+use tokio::sync::{Notify, mpsc};
+
+use crate::EtcdStore;
+use crate::error::{store_error, timed};
+use crate::store::Backoff;
+
+/// What the task hands the stream; the stream attaches each event's `Done` when the
+/// consumer takes it.
+enum Item {
+    Resync(Revision, ResyncReason, Vec<PrefixValues>),
+    Change(Revision, Vec<KeyChange>),
+    Interrupted(StoreError),
+}
+
+pub(crate) async fn start(
+    store: EtcdStore,
+    name: &str,
+    prefixes: &[Prefix],
+    opts: WatchOptions,
+) -> Result<Watch, StoreError> {
+    let reg = Registration::new(name);
+    let set = PrefixSet::new(prefixes.iter().cloned());
+    let (rev, values, cluster) = store.snapshot(&set).await?;
+    let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
+    tx.try_send(Item::Resync(rev, ResyncReason::Initial, values))
+        .map_err(|_| StoreError::Backend("watch queue refused the first resync".into()))?;
+    let demand = Arc::new(Notify::new());
+    let source = store.inner.source.clone();
+    let task = Task {
+        store,
+        set,
+        reg: reg.clone(),
+        tx,
+        last: rev,
+        cluster,
+        demand: demand.clone(),
+    };
+    tokio::spawn(task.run());
+    let queue = Queue {
+        rx,
+        reg: reg.clone(),
+        demand,
+        source,
+    };
+    Ok(Watch::new(reg, queue))
+}
+
+/// The consumer's side: turns queued items into events (attaching each `Done`), and
+/// asks the task for a requested resync only once the consumer has taken everything
+/// queued, so that every request made until then is served by that one resync.
+struct Queue {
+    rx: mpsc::Receiver<Item>,
+    reg: Registration,
+    demand: Arc<Notify>,
+    source: Source,
+}
+
+impl Stream for Queue {
+    type Item = Result<Event, WatchError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let item = match this.rx.poll_recv(cx) {
+            Poll::Pending => {
+                this.reg.register_waker(cx.waker());
+                if this.reg.resync_pending() {
+                    this.demand.notify_one();
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(item)) => item,
+        };
+        let source = this.source.clone();
+        Poll::Ready(Some(match item {
+            Item::Resync(rev, reason, values) => Ok(Event::Resync(Resync::new(
+                source,
+                rev,
+                reason,
+                values,
+                this.reg.done(rev),
+            ))),
+            Item::Change(rev, changes) => Ok(Event::Change(Change::new(
+                source,
+                rev,
+                changes,
+                this.reg.done(rev),
+            ))),
+            Item::Interrupted(e) => Err(WatchError::Interrupted(e)),
+        }))
+    }
+}
+
+struct Task {
+    store: EtcdStore,
+    set: PrefixSet,
+    reg: Registration,
+    tx: mpsc::Sender<Item>,
+    /// The revision the consumer's state is at: the resume point is `last + 1`.
+    last: Revision,
+    /// The cluster id seen at the last resync (0: unknown).
+    cluster: u64,
+    /// Signalled by [`Queue`] when the consumer waits for a requested resync.
+    demand: Arc<Notify>,
+}
+
+/// How following the etcd watch ended.
+enum Flow {
+    Closed,
+    Resync(ResyncReason),
+    Broken(StoreError),
+}
+
+impl Task {
+    async fn run(mut self) {
+        let name = self.reg.name().to_owned();
+        let mut pending: Option<ResyncReason> = None;
+        let mut backoff = Backoff::default();
+        loop {
+            if self.reg.is_closed() {
+                return;
+            }
+            if let Some(reason) = pending.take() {
+                // Wait for room first, so the snapshot is fresh when it is delivered.
+                let permit = tokio::select! {
+                    _ = self.reg.closed() => return,
+                    p = self.tx.reserve() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
+                self.reg.take_resync_request();
+                match self.store.snapshot(&self.set).await {
+                    Ok((rev, values, cluster)) => {
+                        tracing::debug!(registration = %name, ?reason, %rev, "resync");
+                        permit.send(Item::Resync(rev, reason, values));
+                        self.last = rev;
+                        self.cluster = cluster;
+                        backoff.reset();
+                    }
+                    Err(e) => {
+                        tracing::warn!(registration = %name, error = %e, "resync failed; retrying");
+                        permit.send(Item::Interrupted(e));
+                        pending = Some(reason);
+                        self.pause(&mut backoff).await;
+                        continue;
+                    }
+                }
+            }
+            match self.follow(&mut backoff).await {
+                Flow::Closed => return,
+                Flow::Resync(reason) => pending = Some(reason),
+                Flow::Broken(e) => {
+                    tracing::warn!(registration = %name, error = %e, resume = %self.last.next(), "etcd watch broken; resuming");
+                    self.pause(&mut backoff).await;
+                }
+            }
+        }
+    }
+
+    async fn pause(&self, backoff: &mut Backoff) {
+        tokio::select! {
+            _ = self.reg.closed() => {}
+            _ = tokio::time::sleep(backoff.next()) => {}
+        }
+    }
+
+    /// Follows one etcd watch from `last + 1` until it ends.
+    async fn follow(&mut self, backoff: &mut Backoff) -> Flow {
+        let (start, end) = self.store.inner.ns.covering_range(&self.set);
+        let opts = etcd_client::WatchOptions::new()
+            .with_range(end)
+            .with_start_revision(self.last.next().0 as i64)
+            .with_prev_key()
+            .with_progress_notify();
+        let mut client = self.store.watch_client();
+        let mut ws = match timed(self.store.timeout(), client.watch(start, Some(opts))).await {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(e)) => return Flow::Broken(store_error(e)),
+            Err(e) => return Flow::Broken(e),
+        };
+        let mut id = None;
+        let flow = loop {
+            let msg = tokio::select! {
+                biased;
+                _ = self.reg.closed() => break Flow::Closed,
+                _ = self.demand.notified() => {
+                    // A request already served by another resync leaves a stale signal.
+                    if self.reg.resync_pending() {
+                        break Flow::Resync(ResyncReason::Requested);
+                    }
+                    continue;
+                }
+                msg = ws.message() => msg,
+            };
+            let resp = match msg {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    break Flow::Broken(StoreError::Unavailable(
+                        "etcd ended the watch stream".into(),
+                    ));
+                }
+                Err(e) => break Flow::Broken(store_error(e)),
+            };
+            if let Some(h) = resp.header() {
+                let behind = h.revision() > 0 && (h.revision() as u64) < self.last.0;
+                let other =
+                    self.cluster != 0 && h.cluster_id() != 0 && h.cluster_id() != self.cluster;
+                if behind || other {
+                    tracing::warn!(registration = self.reg.name(), revision = h.revision(), seen = %self.last, "etcd went back in time (restored?)");
+                    break Flow::Resync(ResyncReason::StoreReset);
+                }
+            }
+            if resp.canceled() {
+                break Flow::Resync(if resp.compact_revision() > 0 {
+                    ResyncReason::Compacted
+                } else {
+                    tracing::warn!(
+                        registration = self.reg.name(),
+                        reason = resp.cancel_reason(),
+                        "etcd cancelled the watch"
+                    );
+                    ResyncReason::Reconnect
+                });
+            }
+            if resp.created() {
+                id = Some(resp.watch_id());
+                backoff.reset();
+                continue;
+            }
+            if resp.events().is_empty() {
+                // A progress notification: every event up to its revision was sent.
+                if let Some(h) = resp.header() {
+                    self.last = self.last.max(Revision(h.revision() as u64));
+                }
+                continue;
+            }
+            match self.deliver(resp.events()) {
+                Ok(()) => {}
+                Err(flow) => break flow,
+            }
+        };
+        if let Some(id) = id {
+            // Release the server-side watch now; dropping the stream ends it too.
+            let _ = ws.cancel(id).await;
+        }
+        flow
+    }
+
+    /// Queues one change event per revision (etcd never splits a revision across
+    /// responses); an event the queue has no room for ends the watch with `Overflow`.
+    fn deliver(&mut self, events: &[etcd_client::Event]) -> Result<(), Flow> {
+        let mut i = 0;
+        while i < events.len() {
+            let rev = events[i].kv().map_or(0, |kv| kv.mod_revision());
+            let mut changes = Vec::new();
+            while i < events.len() && events[i].kv().map_or(0, |kv| kv.mod_revision()) == rev {
+                if let Some(c) = self.change(&events[i]) {
+                    changes.push(c);
+                }
+                i += 1;
+            }
+            let rev = Revision(rev as u64);
+            if !changes.is_empty() {
+                changes.sort_by(|a, b| a.key.cmp(&b.key));
+                match self.tx.try_send(Item::Change(rev, changes)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::debug!(
+                            registration = self.reg.name(),
+                            "queue full: resync follows"
+                        );
+                        return Err(Flow::Resync(ResyncReason::Overflow));
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(Flow::Closed),
+                }
+            }
+            self.last = rev;
+        }
+        Ok(())
+    }
+
+    fn change(&self, ev: &etcd_client::Event) -> Option<KeyChange> {
+        let kv = ev.kv()?;
+        let key = self.store.decode_key(kv.key())?;
+        if !self.set.matches(key.as_str()) {
+            return None;
+        }
+        let prev = ev.prev_kv().map(|p| Value::from(p.value().to_vec()));
+        Some(match ev.event_type() {
+            etcd_client::EventType::Put => KeyChange {
+                key,
+                op: Op::Put,
+                value: Some(Value::from(kv.value().to_vec())),
+                prev,
+            },
+            etcd_client::EventType::Delete => KeyChange {
+                key,
+                op: Op::Delete,
+                value: None,
+                prev,
+            },
+        })
+    }
+}
