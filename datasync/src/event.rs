@@ -64,7 +64,9 @@ pub enum ResyncReason {
     Compacted,
     /// The replica restored a snapshot.
     SnapshotInstalled,
-    /// The store's revision went backwards (restored from a backup).
+    /// The store's revision went backwards (restored from a backup). The only event
+    /// whose revision may be lower than the one before it: revisions are the store's
+    /// own, and continue from this one.
     StoreReset,
 }
 

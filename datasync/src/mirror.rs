@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{Event, Key, Op, Revision, Source, Value};
+use crate::{Event, Key, Op, ResyncReason, Revision, Source, Value};
 
 /// A rule of the contract that an applied event broke.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,8 +56,9 @@ struct SourceState {
 ///
 /// A resync replaces the state of its source only, so one source of a composite never
 /// deletes another's keys. Every applied event is checked against the contract: revisions
-/// strictly increase per source, no change precedes the first resync, previous values
-/// match what this stream delivered.
+/// strictly increase per source (except at a `StoreReset` resync: the store went back),
+/// no change precedes the first resync, previous values match what this stream
+/// delivered.
 #[derive(Debug, Default)]
 pub struct Mirror {
     sources: BTreeMap<Source, SourceState>,
@@ -75,7 +76,9 @@ impl Mirror {
         match event {
             Event::Resync(r) => {
                 let st = self.sources.entry(r.source.clone()).or_default();
-                if st.revision > r.revision {
+                // The one exception to increasing revisions: the store itself went back
+                // (restored from a backup), which its resync says.
+                if st.revision > r.revision && r.reason != ResyncReason::StoreReset {
                     return Err(MirrorError::RevisionNotIncreasing {
                         from: r.source.clone(),
                         previous: st.revision,
@@ -152,5 +155,32 @@ impl Mirror {
     /// Number of keys held for `source`.
     pub fn len(&self, source: &str) -> usize {
         self.sources.get(source).map_or(0, |s| s.values.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Done, Resync};
+
+    fn resync(rev: u64, reason: ResyncReason) -> Event {
+        let (done, _waiter) = Done::channel();
+        Event::Resync(Resync::new(
+            Source::from(""),
+            Revision(rev),
+            reason,
+            Vec::new(),
+            done,
+        ))
+    }
+
+    #[test]
+    fn only_a_store_reset_may_go_back() {
+        let mut m = Mirror::new();
+        m.apply(&resync(10, ResyncReason::Initial)).unwrap();
+        let back = m.apply(&resync(5, ResyncReason::Requested));
+        assert!(matches!(back, Err(MirrorError::RevisionNotIncreasing { .. })));
+        m.apply(&resync(5, ResyncReason::StoreReset)).unwrap();
+        assert_eq!(m.revision(""), Some(Revision(5)));
     }
 }

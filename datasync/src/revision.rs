@@ -4,7 +4,9 @@ use std::fmt;
 
 /// A store revision: the store's own counter of committed write transactions.
 ///
-/// Revisions are strictly increasing within one event stream (per source, in a composite).
+/// Revisions are strictly increasing within one event stream (per source, in a composite),
+/// except at a resync with [`crate::ResyncReason::StoreReset`]: the store itself went
+/// back (restored from a backup).
 /// [`Revision::ZERO`] means "before any write".
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Revision(pub u64);

@@ -102,6 +102,11 @@ impl EtcdServer {
         &self.endpoint
     }
 
+    /// The data directory (copy it while the server is killed to make a backup).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -6,8 +6,10 @@
 
 pub mod etcd;
 pub mod proc;
+pub mod proxy;
 
 pub use etcd::{EtcdHarness, EtcdServer};
+pub use proxy::Proxy;
 
 /// A server could not be started.
 #[derive(Debug, thiserror::Error)]
