@@ -179,7 +179,10 @@ mod tests {
         let mut m = Mirror::new();
         m.apply(&resync(10, ResyncReason::Initial)).unwrap();
         let back = m.apply(&resync(5, ResyncReason::Requested));
-        assert!(matches!(back, Err(MirrorError::RevisionNotIncreasing { .. })));
+        assert!(matches!(
+            back,
+            Err(MirrorError::RevisionNotIncreasing { .. })
+        ));
         m.apply(&resync(5, ResyncReason::StoreReset)).unwrap();
         assert_eq!(m.revision(""), Some(Revision(5)));
     }

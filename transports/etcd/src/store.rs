@@ -214,30 +214,42 @@ impl EtcdStore {
             if consistency == Consistency::Local {
                 opts = opts.with_serializable();
             }
-            let resp = match timed(self.timeout(), self.kv().get(from.clone(), Some(opts))).await? {
-                Ok(resp) => resp,
-                Err(e) if is_too_large(&e) && page > 1 => {
-                    page /= 2;
-                    continue;
-                }
-                Err(e) => return Err(self.read_error(e, revision).await),
-            };
+            let mut resp =
+                match timed(self.timeout(), self.kv().get(from.clone(), Some(opts))).await? {
+                    Ok(resp) => resp,
+                    Err(e) if is_too_large(&e) && page > 1 => {
+                        page /= 2;
+                        continue;
+                    }
+                    Err(e) => return Err(self.read_error(e, revision).await),
+                };
             let (rev, id) = header_revision(&resp);
             revision.get_or_insert(rev);
             if cluster == 0 {
                 cluster = id;
             }
-            for kv in resp.kvs() {
-                if let Some(kv) = self.key_value(kv) {
-                    out.push(kv);
-                }
-            }
-            match resp.kvs().last() {
-                Some(last) if resp.more() => {
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            if more {
+                if let Some(last) = kvs.last() {
                     from = last.key().to_vec();
                     from.push(0);
                 }
-                _ => break,
+            }
+            out.reserve(kvs.len());
+            for kv in kvs {
+                let mod_revision = kv.mod_revision();
+                let (key, value) = kv.into_key_value();
+                if let Some(key) = self.decode_key(&key) {
+                    out.push(KeyValue {
+                        key,
+                        value: Value::from(value),
+                        revision: Revision(mod_revision as u64),
+                    });
+                }
+            }
+            if !more {
+                break;
             }
         }
         let revision = revision.unwrap_or_default();
