@@ -471,3 +471,40 @@ async fn a_session_keeps_keys_alive_until_closed() {
     assert_eq!(c.changes[0].prev, Some(Value::from("here")));
     ev.into_done().ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_authenticate_and_a_wrong_one_is_refused() {
+    let etcd = server().await;
+    let mut admin = etcd.client().await.unwrap();
+    admin.role_add("root").await.unwrap();
+    admin.user_add("root", "s3cret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let config = EtcdConfig::new([etcd.endpoint()]).with_connect_timeout(Duration::from_secs(2));
+    let store = EtcdStore::connect(config.clone().with_user("root", "s3cret"))
+        .await
+        .unwrap();
+    let r = store
+        .put(&key("auth/k"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let mut w = store
+        .watch("auth", &[prefix("auth/")], WatchOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(next(&mut w).await.revision(), r);
+
+    let wrong = EtcdStore::connect(config.clone().with_user("root", "wrong")).await;
+    let e = wrong.expect_err("a wrong password connected");
+    assert!(
+        !e.is_retryable(),
+        "a wrong password must not look retryable: {e:?}"
+    );
+    let anonymous = EtcdStore::connect(config).await;
+    let e = anonymous.expect_err("no credentials connected to an etcd with auth");
+    assert!(
+        !e.is_retryable(),
+        "missing credentials must not look retryable: {e:?}"
+    );
+}
