@@ -508,3 +508,27 @@ async fn user_and_password_authenticate_and_a_wrong_one_is_refused() {
         "missing credentials must not look retryable: {e:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_of_no_prefixes_resyncs_empty_and_stays_quiet() {
+    let etcd = server().await;
+    let store = connect(etcd.endpoint()).await;
+    let mut w = store
+        .watch("none", &[], WatchOptions::default())
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    assert!(matches!(&ev, Event::Resync(rs) if rs.is_empty()), "{ev:?}");
+    ev.into_done().ok();
+    store
+        .put(&key("any"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    w.registration().request_resync();
+    let ev = next(&mut w).await;
+    assert!(
+        matches!(&ev, Event::Resync(rs) if rs.reason == ResyncReason::Requested && rs.is_empty()),
+        "{ev:?}"
+    );
+    ev.into_done().ok();
+}

@@ -13,8 +13,12 @@ pub(crate) fn store_error(e: etcd_client::Error) -> StoreError {
             Code::Unavailable | Code::Aborted | Code::Cancelled => {
                 StoreError::Unavailable(Box::new(status))
             }
-            // etcd says "leader changed" or "no leader" with Unknown while it elects.
-            Code::Unknown if is_election(status.message()) => {
+            // etcd says "leader changed" or "no leader" with Unknown while it elects, and
+            // a connection that breaks mid-stream surfaces as Unknown or Internal with
+            // the transport error as its source ("h2 protocol error: ...").
+            Code::Unknown | Code::Internal
+                if is_election(status.message()) || is_transport(&status) =>
+            {
                 StoreError::Unavailable(Box::new(status))
             }
             Code::DeadlineExceeded => StoreError::Unavailable(Box::new(status)),
@@ -27,6 +31,18 @@ pub(crate) fn store_error(e: etcd_client::Error) -> StoreError {
         }
         other => StoreError::Backend(Box::new(other)),
     }
+}
+
+fn is_transport(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
+        || [
+            "h2 protocol error",
+            "connection",
+            "broken pipe",
+            "transport",
+        ]
+        .iter()
+        .any(|m| status.message().contains(m))
 }
 
 fn is_election(msg: &str) -> bool {
@@ -51,4 +67,38 @@ pub(crate) async fn timed<T>(
     tokio::time::timeout(timeout, call)
         .await
         .map_err(|_| StoreError::Timeout(timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(status: tonic::Status) -> StoreError {
+        store_error(etcd_client::Error::GRpcStatus(status))
+    }
+
+    #[test]
+    fn broken_connections_and_elections_are_retryable_refusals_are_not() {
+        for s in [
+            tonic::Status::unavailable("connection refused"),
+            tonic::Status::unknown("h2 protocol error: error reading a body from connection"),
+            tonic::Status::unknown("etcdserver: leader changed"),
+            tonic::Status::deadline_exceeded("deadline"),
+        ] {
+            assert!(classify(s.clone()).is_retryable(), "{s:?}");
+        }
+        for s in [
+            tonic::Status::permission_denied("etcdserver: permission denied"),
+            tonic::Status::invalid_argument("etcdserver: authentication failed"),
+            tonic::Status::unknown("etcdserver: some refusal"),
+        ] {
+            assert!(!classify(s.clone()).is_retryable(), "{s:?}");
+        }
+        assert!(is_compacted(&etcd_client::Error::GRpcStatus(
+            tonic::Status::out_of_range("etcdserver: mvcc: required revision has been compacted")
+        )));
+        assert!(is_future(&etcd_client::Error::GRpcStatus(
+            tonic::Status::out_of_range("etcdserver: mvcc: required revision is a future revision")
+        )));
+    }
 }

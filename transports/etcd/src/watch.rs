@@ -183,8 +183,16 @@ impl Task {
             match self.follow(&mut backoff).await {
                 Flow::Closed => return,
                 Flow::Resync(reason) => pending = Some(reason),
-                Flow::Broken(e) => {
+                Flow::Broken(e) if e.is_retryable() => {
                     tracing::warn!(registration = %name, error = %e, resume = %self.last.next(), "etcd watch broken; resuming");
+                    self.pause(&mut backoff).await;
+                }
+                Flow::Broken(e) => {
+                    // Not transient (e.g. permission revoked): tell the consumer, and keep
+                    // trying through resyncs, so the watch never dies quietly.
+                    tracing::warn!(registration = %name, error = %e, "etcd refused the watch");
+                    let _ = self.tx.try_send(Item::Interrupted(e));
+                    pending = Some(ResyncReason::Reconnect);
                     self.pause(&mut backoff).await;
                 }
             }
@@ -200,6 +208,13 @@ impl Task {
 
     /// Follows one etcd watch from `last + 1` until it ends.
     async fn follow(&mut self, backoff: &mut Backoff) -> Flow {
+        if self.set.is_empty() {
+            // Nothing to watch: wait for a close or a request.
+            return tokio::select! {
+                _ = self.reg.closed() => Flow::Closed,
+                _ = self.demand.notified() => Flow::Resync(ResyncReason::Requested),
+            };
+        }
         let (start, end) = self.store.inner.ns.covering_range(&self.set);
         let opts = etcd_client::WatchOptions::new()
             .with_range(end)
