@@ -5,129 +5,19 @@
 //! (`BENCH_RUNS` sets the runs per measurement, default 5; `BENCH_PAGE` the resync page size.)
 #![allow(clippy::unwrap_used)] // a benchmark: failing loudly is the point
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use datasync::{Event, Key, Prefix, PutOptions, Value, WatchOptions, Watcher, Writer};
+use datasync::{Event, Prefix, WatchOptions, Watcher};
 use datasync_etcd::{EtcdConfig, EtcdStore};
 use datasync_integration::EtcdServer;
+use datasync_integration::bench::{
+    etcd_inflight as raw_inflight, etcd_watch, median, quantile, store_inflight as ds_inflight,
+    store_watch,
+};
 use futures_util::StreamExt;
 
-const VALUE: usize = 256;
 const INFLIGHT_N: usize = 20_000;
-const DEPTH: usize = 64;
-const WATCH_N: usize = 500;
 const RESYNC_N: usize = 100_000;
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn quantile(mut v: Vec<Duration>, q: f64) -> Duration {
-    v.sort();
-    v[((v.len() - 1) as f64 * q) as usize]
-}
-
-fn value() -> Vec<u8> {
-    vec![b'v'; VALUE]
-}
-
-async fn ds_inflight(s: &EtcdStore, prefix: &str, n: usize) -> f64 {
-    let v = Value::from(value());
-    let t = Instant::now();
-    let tasks: Vec<_> = (0..DEPTH)
-        .map(|w| {
-            let (s, v, prefix) = (s.clone(), v.clone(), prefix.to_owned());
-            tokio::spawn(async move {
-                for i in (w..n).step_by(DEPTH) {
-                    let k = Key::new(format!("{prefix}/{i:07}")).unwrap();
-                    s.put(&k, v.clone(), PutOptions::new()).await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    n as f64 / t.elapsed().as_secs_f64()
-}
-
-async fn raw_inflight(c: &etcd_client::Client, prefix: &str, n: usize) -> f64 {
-    let t = Instant::now();
-    let tasks: Vec<_> = (0..DEPTH)
-        .map(|w| {
-            let (mut c, prefix) = (c.clone(), prefix.to_owned());
-            tokio::spawn(async move {
-                for i in (w..n).step_by(DEPTH) {
-                    c.put(format!("{prefix}/{i:07}"), value(), None)
-                        .await
-                        .unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    n as f64 / t.elapsed().as_secs_f64()
-}
-
-async fn ds_watch(s: &EtcdStore, run: usize) -> Vec<Duration> {
-    let p = format!("dsw{run}/");
-    let mut w = s
-        .watch(
-            "bench",
-            &[Prefix::new(&p).unwrap()],
-            WatchOptions::default(),
-        )
-        .await
-        .unwrap();
-    w.next().await.unwrap().unwrap().into_done().ok();
-    let v = Value::from(value());
-    let mut lat = Vec::new();
-    for i in 0..WATCH_N {
-        let k = Key::new(format!("{p}{i:06}")).unwrap();
-        let t = Instant::now();
-        s.put(&k, v.clone(), PutOptions::new()).await.unwrap();
-        loop {
-            let ev = w.next().await.unwrap().unwrap();
-            let hit = matches!(&ev, Event::Change(c) if c.changes.iter().any(|kc| kc.key == k));
-            ev.into_done().ok();
-            if hit {
-                break;
-            }
-        }
-        lat.push(t.elapsed());
-    }
-    lat
-}
-
-/// The raw watch asks for previous values too: the contract needs them.
-async fn raw_watch(c: &etcd_client::Client, run: usize) -> Vec<Duration> {
-    let p = format!("raww{run}/");
-    let opts = etcd_client::WatchOptions::new()
-        .with_prefix()
-        .with_prev_key();
-    let mut stream = c.clone().watch(p.clone(), Some(opts)).await.unwrap();
-    let mut c = c.clone();
-    let mut lat = Vec::new();
-    for i in 0..WATCH_N {
-        let k = format!("{p}{i:06}");
-        let t = Instant::now();
-        c.put(k.clone(), value(), None).await.unwrap();
-        'wait: loop {
-            let resp = stream.message().await.unwrap().unwrap();
-            for e in resp.events() {
-                if e.kv().is_some_and(|kv| kv.key() == k.as_bytes()) {
-                    break 'wait;
-                }
-            }
-        }
-        lat.push(t.elapsed());
-    }
-    lat
-}
 
 /// A watch registration's initial resync of 100k keys: from `watch()` to the event.
 async fn ds_resync(s: &EtcdStore) -> f64 {
@@ -232,8 +122,9 @@ fn main() {
                 ri.push(raw_inflight(&client, &format!("raw{run}"), INFLIGHT_N).await);
                 di.push(ds_inflight(&store, &format!("ds{run}"), INFLIGHT_N).await);
             }
-            dw.extend(ds_watch(&store, run).await);
-            rw.extend(raw_watch(&client, run).await);
+            dw.extend(store_watch(&store, &format!("dsw{run}/")).await);
+            // The raw watch asks for previous values too: the contract needs them.
+            rw.extend(etcd_watch(&client, &format!("raww{run}/"), true).await);
         }
         raw_inflight(&client, "big", RESYNC_N).await;
         let mut kv = client.kv_client().max_decoding_message_size(256 << 20);

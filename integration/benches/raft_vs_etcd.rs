@@ -6,34 +6,17 @@
 
 use std::time::{Duration, Instant};
 
-use datasync::{Event, Key, Prefix, PutOptions, ReadOptions, Value, WatchOptions, Watcher, Writer};
+use datasync::{Key, Prefix, PutOptions, ReadOptions, Value, Writer};
+use datasync_integration::bench::{
+    etcd_inflight, etcd_watch, median, quantile, store_inflight as raft_inflight, store_watch,
+    value,
+};
 use datasync_integration::{EtcdServer, proc};
 use datasync_raft::{RaftConfig, RaftStore};
-use futures_util::StreamExt;
 
-const VALUE: usize = 256;
 const SEQ: usize = 1000;
 const INFLIGHT_N: usize = 20_000;
-const DEPTH: usize = 64;
-const WATCH_N: usize = 500;
 const PREFIX_N: usize = 100_000;
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn quantile(mut v: Vec<Duration>, q: f64) -> Duration {
-    v.sort();
-    v[((v.len() - 1) as f64 * q) as usize]
-}
-
-fn value() -> Vec<u8> {
-    vec![b'v'; VALUE]
-}
-
-// ---- raft ----
 
 async fn raft_seq(s: &RaftStore, run: usize) -> (f64, Duration) {
     let v = Value::from(value());
@@ -48,59 +31,6 @@ async fn raft_seq(s: &RaftStore, run: usize) -> (f64, Duration) {
     (SEQ as f64 / t.elapsed().as_secs_f64(), quantile(lat, 0.5))
 }
 
-async fn raft_inflight(s: &RaftStore, prefix: &str, n: usize) -> f64 {
-    let v = Value::from(value());
-    let t = Instant::now();
-    let tasks: Vec<_> = (0..DEPTH)
-        .map(|w| {
-            let (s, v, prefix) = (s.clone(), v.clone(), prefix.to_owned());
-            tokio::spawn(async move {
-                for i in (w..n).step_by(DEPTH) {
-                    let k = Key::new(format!("{prefix}/{i:07}")).unwrap();
-                    s.put(&k, v.clone(), PutOptions::new()).await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    n as f64 / t.elapsed().as_secs_f64()
-}
-
-async fn raft_watch(s: &RaftStore, run: usize) -> Vec<Duration> {
-    let p = format!("watch{run}/");
-    let mut w = s
-        .watch(
-            "bench",
-            &[Prefix::new(&p).unwrap()],
-            WatchOptions::default(),
-        )
-        .await
-        .unwrap();
-    let first = w.next().await.unwrap().unwrap();
-    first.into_done().ok();
-    let v = Value::from(value());
-    let mut lat = Vec::new();
-    for i in 0..WATCH_N {
-        let k = Key::new(format!("{p}{i:06}")).unwrap();
-        let t = Instant::now();
-        s.put(&k, v.clone(), PutOptions::new()).await.unwrap();
-        loop {
-            let ev = w.next().await.unwrap().unwrap();
-            let hit = matches!(&ev, Event::Change(c) if c.changes.iter().any(|kc| kc.key == k));
-            ev.into_done().ok();
-            if hit {
-                break;
-            }
-        }
-        lat.push(t.elapsed());
-    }
-    lat
-}
-
-// ---- etcd ----
-
 async fn etcd_seq(c: &etcd_client::Client, run: usize) -> (f64, Duration) {
     let mut c = c.clone();
     let mut lat = Vec::new();
@@ -113,55 +43,6 @@ async fn etcd_seq(c: &etcd_client::Client, run: usize) -> (f64, Duration) {
         lat.push(s0.elapsed());
     }
     (SEQ as f64 / t.elapsed().as_secs_f64(), quantile(lat, 0.5))
-}
-
-async fn etcd_inflight(c: &etcd_client::Client, prefix: &str, n: usize) -> f64 {
-    let t = Instant::now();
-    let tasks: Vec<_> = (0..DEPTH)
-        .map(|w| {
-            let (mut c, prefix) = (c.clone(), prefix.to_owned());
-            tokio::spawn(async move {
-                for i in (w..n).step_by(DEPTH) {
-                    c.put(format!("{prefix}/{i:07}"), value(), None)
-                        .await
-                        .unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    n as f64 / t.elapsed().as_secs_f64()
-}
-
-async fn etcd_watch(c: &etcd_client::Client, run: usize) -> Vec<Duration> {
-    let p = format!("watch{run}/");
-    let mut wc = c.clone();
-    let mut stream = wc
-        .watch(
-            p.clone(),
-            Some(etcd_client::WatchOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    let mut c = c.clone();
-    let mut lat = Vec::new();
-    for i in 0..WATCH_N {
-        let k = format!("{p}{i:06}");
-        let t = Instant::now();
-        c.put(k.clone(), value(), None).await.unwrap();
-        'wait: loop {
-            let resp = stream.message().await.unwrap().unwrap();
-            for e in resp.events() {
-                if e.kv().is_some_and(|kv| kv.key() == k.as_bytes()) {
-                    break 'wait;
-                }
-            }
-        }
-        lat.push(t.elapsed());
-    }
-    lat
 }
 
 /// Child mode: a fresh embedded store with 100k keys; prints its peak RSS in KiB.
@@ -210,8 +91,8 @@ fn main() {
             es50.push(p50.as_secs_f64());
             ri.push(raft_inflight(&raft, &format!("par{run}"), INFLIGHT_N).await);
             ei.push(etcd_inflight(&client, &format!("par{run}"), INFLIGHT_N).await);
-            rw.extend(raft_watch(&raft, run).await);
-            ew.extend(etcd_watch(&client, run).await);
+            rw.extend(store_watch(&raft, &format!("watch{run}/")).await);
+            ew.extend(etcd_watch(&client, &format!("watch{run}/"), false).await);
         }
 
         raft_inflight(&raft, "big", PREFIX_N).await;

@@ -4,6 +4,7 @@
 //! kills it on drop, so tests run in parallel and leave nothing behind. A missing binary
 //! is an error that says how to install it, never a silent skip.
 
+pub mod bench;
 pub mod etcd;
 pub mod proc;
 pub mod proxy;

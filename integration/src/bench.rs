@@ -1,0 +1,142 @@
+//! Workloads shared by the benchmarks, run the same way against any store or raw etcd.
+
+use std::time::{Duration, Instant};
+
+use datasync::{Event, Key, Prefix, PutOptions, Value, WatchOptions, Watcher, Writer};
+use futures_util::StreamExt;
+
+/// Value size of every benchmark write.
+pub const VALUE: usize = 256;
+/// Writes in flight at once.
+pub const DEPTH: usize = 64;
+/// Writes timed per watch-latency run.
+pub const WATCH_N: usize = 500;
+
+/// The median.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The `q` quantile.
+pub fn quantile(mut v: Vec<Duration>, q: f64) -> Duration {
+    v.sort();
+    v[((v.len() - 1) as f64 * q) as usize]
+}
+
+/// A benchmark value.
+pub fn value() -> Vec<u8> {
+    vec![b'v'; VALUE]
+}
+
+fn bench_key(s: String) -> Key {
+    Key::new(s).expect("benchmark keys are valid")
+}
+
+/// `n` puts under `prefix` from [`DEPTH`] tasks; ops/s.
+pub async fn store_inflight<S: Writer + Clone + 'static>(s: &S, prefix: &str, n: usize) -> f64 {
+    let v = Value::from(value());
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..DEPTH)
+        .map(|w| {
+            let (s, v, prefix) = (s.clone(), v.clone(), prefix.to_owned());
+            tokio::spawn(async move {
+                for i in (w..n).step_by(DEPTH) {
+                    let k = bench_key(format!("{prefix}/{i:07}"));
+                    s.put(&k, v.clone(), PutOptions::new())
+                        .await
+                        .expect("benchmark put");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("benchmark task");
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The same with raw `etcd-client` puts.
+pub async fn etcd_inflight(c: &etcd_client::Client, prefix: &str, n: usize) -> f64 {
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..DEPTH)
+        .map(|w| {
+            let (mut c, prefix) = (c.clone(), prefix.to_owned());
+            tokio::spawn(async move {
+                for i in (w..n).step_by(DEPTH) {
+                    c.put(format!("{prefix}/{i:07}"), value(), None)
+                        .await
+                        .expect("benchmark put");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("benchmark task");
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Put → change event latency through a store's own watch, [`WATCH_N`] times.
+pub async fn store_watch<S: Watcher + Writer>(s: &S, prefix: &str) -> Vec<Duration> {
+    let p = Prefix::new(prefix).expect("benchmark prefix");
+    let mut w = s
+        .watch("bench", &[p], WatchOptions::default())
+        .await
+        .expect("benchmark watch");
+    let first = w.next().await.expect("resync").expect("resync");
+    first.into_done().ok();
+    let v = Value::from(value());
+    let mut lat = Vec::new();
+    for i in 0..WATCH_N {
+        let k = bench_key(format!("{prefix}{i:06}"));
+        let t = Instant::now();
+        s.put(&k, v.clone(), PutOptions::new())
+            .await
+            .expect("benchmark put");
+        loop {
+            let ev = w.next().await.expect("event").expect("event");
+            let hit = matches!(&ev, Event::Change(c) if c.changes.iter().any(|kc| kc.key == k));
+            ev.into_done().ok();
+            if hit {
+                break;
+            }
+        }
+        lat.push(t.elapsed());
+    }
+    lat
+}
+
+/// The same with a raw `etcd-client` put and watch (`prev_kv` asked for when
+/// `prev` is set, as datasync's contract needs it).
+pub async fn etcd_watch(c: &etcd_client::Client, prefix: &str, prev: bool) -> Vec<Duration> {
+    let mut opts = etcd_client::WatchOptions::new().with_prefix();
+    if prev {
+        opts = opts.with_prev_key();
+    }
+    let mut stream = c
+        .clone()
+        .watch(prefix, Some(opts))
+        .await
+        .expect("benchmark watch");
+    let mut c = c.clone();
+    let mut lat = Vec::new();
+    for i in 0..WATCH_N {
+        let k = format!("{prefix}{i:06}");
+        let t = Instant::now();
+        c.put(k.clone(), value(), None)
+            .await
+            .expect("benchmark put");
+        'wait: loop {
+            let resp = stream.message().await.expect("event").expect("event");
+            for e in resp.events() {
+                if e.kv().is_some_and(|kv| kv.key() == k.as_bytes()) {
+                    break 'wait;
+                }
+            }
+        }
+        lat.push(t.elapsed());
+    }
+    lat
+}
