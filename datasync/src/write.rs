@@ -165,6 +165,13 @@ impl Limits {
         }
         Ok(())
     }
+
+    /// Checks what a put or compare-and-swap is given: the value against the limits,
+    /// then the options ([`PutOptions::validate`]).
+    pub fn check_put(&self, value: &Value, opts: &PutOptions) -> Result<(), StoreError> {
+        self.check(value)?;
+        opts.validate()
+    }
 }
 
 /// Writes and reads a store.
@@ -172,8 +179,7 @@ impl Limits {
 /// # To ensure correctness
 /// Acknowledge a write only once it is committed (durable where the store is durable);
 /// return the revision it was committed at. A prefix delete returns how many keys it
-/// removed. Check values against [`limits`](Self::limits) and TTLs with
-/// [`PutOptions::validate`] before doing anything.
+/// removed. Check values and options with [`Limits::check_put`] before doing anything.
 #[async_trait::async_trait]
 pub trait Writer: Send + Sync + fmt::Debug {
     /// The store's size limits.

@@ -187,11 +187,6 @@ impl Local {
         self.shared.lock().hub.active()
     }
 
-    fn check_value(&self, value: &Value, opts: &PutOptions) -> Result<(), StoreError> {
-        self.limits().check(value)?;
-        opts.validate()
-    }
-
     /// Commits a put under `st`, then releases the lock and, for a TTL, wakes the TTL
     /// task. The wake must follow the commit: woken earlier, the task could look, find
     /// no deadline and go back to sleep with the wake-up spent.
@@ -250,7 +245,7 @@ impl Writer for Local {
 
     async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
         tokio::task::coop::consume_budget().await;
-        self.check_value(&value, &opts)?;
+        self.limits().check_put(&value, &opts)?;
         let st = self.shared.lock_fresh();
         Ok(self.commit_put(st, key, value, &opts))
     }
@@ -293,7 +288,7 @@ impl Writer for Local {
         opts: PutOptions,
     ) -> Result<CasOutcome, StoreError> {
         tokio::task::coop::consume_budget().await;
-        self.check_value(&value, &opts)?;
+        self.limits().check_put(&value, &opts)?;
         let st = self.shared.lock_fresh();
         let current = st.latest(key.as_str());
         let holds = match (expect, &current) {

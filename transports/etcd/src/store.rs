@@ -316,11 +316,6 @@ impl EtcdStore {
         }
     }
 
-    fn check(&self, value: &Value, opts: &PutOptions) -> Result<(), StoreError> {
-        opts.validate()?;
-        self.limits().check(value)
-    }
-
     /// The lease for a put with `opts`, 0 for none.
     async fn lease_for(&self, opts: &PutOptions) -> Result<i64, StoreError> {
         match opts.ttl {
@@ -379,7 +374,7 @@ impl Writer for EtcdStore {
     }
 
     async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
-        self.check(&value, &opts)?;
+        self.limits().check_put(&value, &opts)?;
         let k = self.inner.ns.key(key);
         // A lease can vanish under us (revoked by an operator): take a new one, once.
         for attempt in 0..2 {
@@ -458,7 +453,7 @@ impl Writer for EtcdStore {
         value: Value,
         opts: PutOptions,
     ) -> Result<CasOutcome, StoreError> {
-        self.check(&value, &opts)?;
+        self.limits().check_put(&value, &opts)?;
         let k = self.inner.ns.key(key);
         let lease = self.lease_for(&opts).await?;
         let cmp = match expect {

@@ -206,13 +206,24 @@ impl Task {
         }
     }
 
+    /// Resolves when the consumer waits for a pending resync request.
+    async fn requested(&self) {
+        loop {
+            self.demand.notified().await;
+            // A request already served by another resync leaves a stale signal.
+            if self.reg.resync_pending() {
+                return;
+            }
+        }
+    }
+
     /// Follows one etcd watch from `last + 1` until it ends.
     async fn follow(&mut self, backoff: &mut Backoff) -> Flow {
         if self.set.is_empty() {
             // Nothing to watch: wait for a close or a request.
             return tokio::select! {
                 _ = self.reg.closed() => Flow::Closed,
-                _ = self.demand.notified() => Flow::Resync(ResyncReason::Requested),
+                _ = self.requested() => Flow::Resync(ResyncReason::Requested),
             };
         }
         let (start, end) = self.store.inner.ns.covering_range(&self.set);
@@ -232,13 +243,7 @@ impl Task {
             let msg = tokio::select! {
                 biased;
                 _ = self.reg.closed() => break Flow::Closed,
-                _ = self.demand.notified() => {
-                    // A request already served by another resync leaves a stale signal.
-                    if self.reg.resync_pending() {
-                        break Flow::Resync(ResyncReason::Requested);
-                    }
-                    continue;
-                }
+                _ = self.requested() => break Flow::Resync(ResyncReason::Requested),
                 msg = ws.message() => msg,
             };
             let resp = match msg {
@@ -298,17 +303,10 @@ impl Task {
     /// Queues one change event per revision (etcd never splits a revision across
     /// responses); an event the queue has no room for ends the watch with `Overflow`.
     fn deliver(&mut self, events: &[etcd_client::Event]) -> Result<(), Flow> {
-        let mut i = 0;
-        while i < events.len() {
-            let rev = events[i].kv().map_or(0, |kv| kv.mod_revision());
-            let mut changes = Vec::new();
-            while i < events.len() && events[i].kv().map_or(0, |kv| kv.mod_revision()) == rev {
-                if let Some(c) = self.change(&events[i]) {
-                    changes.push(c);
-                }
-                i += 1;
-            }
-            let rev = Revision(rev as u64);
+        let revision = |e: &etcd_client::Event| e.kv().map_or(0, |kv| kv.mod_revision());
+        for txn in events.chunk_by(|a, b| revision(a) == revision(b)) {
+            let rev = Revision(revision(&txn[0]) as u64);
+            let mut changes: Vec<_> = txn.iter().filter_map(|e| self.change(e)).collect();
             if !changes.is_empty() {
                 changes.sort_by(|a, b| a.key.cmp(&b.key));
                 match self.tx.try_send(Item::Change(rev, changes)) {

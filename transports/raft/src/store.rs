@@ -304,11 +304,6 @@ impl RaftStore {
         }
         Ok(())
     }
-
-    fn check(&self, value: &Value, opts: &PutOptions) -> Result<(), StoreError> {
-        self.limits().check(value)?;
-        opts.validate()
-    }
 }
 
 async fn propose(queue: &mpsc::Sender<Proposal>, cmd: Command) -> Result<Outcome, StoreError> {
@@ -445,7 +440,7 @@ impl Writer for RaftStore {
     }
 
     async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
-        self.check(&value, &opts)?;
+        self.limits().check_put(&value, &opts)?;
         let cmd = Command::Put {
             key: key.as_str().to_owned(),
             value: value.as_bytes().to_vec(),
@@ -496,7 +491,7 @@ impl Writer for RaftStore {
         value: Value,
         opts: PutOptions,
     ) -> Result<CasOutcome, StoreError> {
-        self.check(&value, &opts)?;
+        self.limits().check_put(&value, &opts)?;
         let cmd = Command::Cas {
             key: key.as_str().to_owned(),
             expect: match expect {
