@@ -30,6 +30,7 @@ need_component clippy clippy
 need_apt cc gcc
 need_apt protoc protobuf-compiler   # etcd-client's build (integration crate)
 need_apt etcd etcd-server           # real etcd for the integration tests and benchmarks
+need_apt openssl openssl             # test certificates for the etcd TLS test
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

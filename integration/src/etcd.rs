@@ -1,6 +1,6 @@
 //! A real etcd server per test or benchmark (Debian package `etcd-server`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -22,6 +22,8 @@ pub struct EtcdServer {
     endpoint: String,
     peer_url: String,
     dir: TempDir,
+    /// Certificate and key files when clients are served over TLS.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl EtcdServer {
@@ -38,13 +40,14 @@ impl EtcdServer {
             let (client, peer) = (free_port().map_err(io)?, free_port().map_err(io)?);
             let endpoint = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let child = spawn(&binary, &dir, &endpoint, &peer_url)?;
+            let child = spawn(&binary, &dir, &endpoint, &peer_url, None)?;
             let mut server = EtcdServer {
                 child,
                 binary: binary.clone(),
                 endpoint,
                 peer_url,
                 dir,
+                tls: None,
             };
             match server.wait_ready().await {
                 Ok(()) => return Ok(server),
@@ -57,6 +60,30 @@ impl EtcdServer {
         }))
     }
 
+    /// Starts etcd serving clients over TLS with the PEM files `cert` and `key`, on an
+    /// `https://` endpoint. Returns once spawned: connect with
+    /// [`EtcdConfig::with_wait_for_server`] (this harness's readiness probe is plain text).
+    pub fn start_tls(cert: &Path, key: &Path) -> Result<EtcdServer, HarnessError> {
+        let binary = find_binary("etcd").ok_or(HarnessError::Missing {
+            binary: "etcd",
+            install: INSTALL,
+        })?;
+        let dir = tempfile::tempdir().map_err(io)?;
+        let (client, peer) = (free_port().map_err(io)?, free_port().map_err(io)?);
+        let endpoint = format!("https://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let tls = Some((cert.to_owned(), key.to_owned()));
+        let child = spawn(&binary, &dir, &endpoint, &peer_url, tls.as_ref())?;
+        Ok(EtcdServer {
+            child,
+            binary,
+            endpoint,
+            peer_url,
+            dir,
+            tls,
+        })
+    }
+
     /// Kills etcd with SIGKILL (as a crash would) and waits until it is gone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -66,7 +93,13 @@ impl EtcdServer {
     /// Starts etcd again on the same data dir and ports (after [`kill`](Self::kill)).
     pub async fn start_again(&mut self) -> Result<(), HarnessError> {
         self.kill();
-        self.child = spawn(&self.binary, &self.dir, &self.endpoint, &self.peer_url)?;
+        self.child = spawn(
+            &self.binary,
+            &self.dir,
+            &self.endpoint,
+            &self.peer_url,
+            self.tls.as_ref(),
+        )?;
         self.wait_ready().await
     }
 
@@ -140,14 +173,18 @@ fn spawn(
     dir: &TempDir,
     endpoint: &str,
     peer_url: &str,
+    tls: Option<&(PathBuf, PathBuf)>,
 ) -> Result<Child, HarnessError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.path().join("etcd.log"))
         .map_err(io)?;
-    Command::new(binary)
-        .args(["--name", "test", "--data-dir"])
+    let mut cmd = Command::new(binary);
+    if let Some((cert, key)) = tls {
+        cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+    }
+    cmd.args(["--name", "test", "--data-dir"])
         .arg(dir.path().join("data"))
         .args([
             "--listen-client-urls",
