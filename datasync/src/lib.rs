@@ -68,6 +68,7 @@ pub mod feed;
 mod key;
 pub mod local;
 mod mirror;
+pub mod relay;
 mod revision;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]

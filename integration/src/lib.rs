@@ -6,10 +6,12 @@
 
 pub mod bench;
 pub mod etcd;
+pub mod nats;
 pub mod proc;
 pub mod proxy;
 
 pub use etcd::{EtcdHarness, EtcdServer};
+pub use nats::{NatsHarness, NatsServer};
 pub use proxy::Proxy;
 
 /// A server could not be started.

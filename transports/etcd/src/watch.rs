@@ -22,28 +22,15 @@
 //! Progress notifications advance the resume point while nothing under the prefixes
 //! changes, so a reconnect does not replay revisions the consumer does not care about.
 
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-
+use datasync::relay::{self, Item, Relay};
 use datasync::{
-    Change, Event, KeyChange, Op, Prefix, PrefixSet, PrefixValues, Registration, Resync,
-    ResyncReason, Revision, Source, StoreError, Value, Watch, WatchError, WatchOptions,
+    KeyChange, Op, Prefix, PrefixSet, Registration, ResyncReason, Revision, StoreError, Value,
+    Watch, WatchOptions,
 };
-use futures_util::Stream;
-use tokio::sync::{Notify, mpsc};
 
 use crate::EtcdStore;
 use crate::error::{store_error, timed};
 use crate::store::Backoff;
-
-/// What the task hands the stream; the stream attaches each event's `Done` when the
-/// consumer takes it.
-enum Item {
-    Resync(Revision, ResyncReason, Vec<PrefixValues>),
-    Change(Revision, Vec<KeyChange>),
-    Interrupted(StoreError),
-}
 
 pub(crate) async fn start(
     store: EtcdStore,
@@ -54,87 +41,32 @@ pub(crate) async fn start(
     let reg = Registration::new(name);
     let set = PrefixSet::new(prefixes.iter().cloned());
     let (rev, values, cluster) = store.snapshot(&set).await?;
-    let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
-    tx.try_send(Item::Resync(rev, ResyncReason::Initial, values))
-        .map_err(|_| StoreError::Backend("watch queue refused the first resync".into()))?;
-    let demand = Arc::new(Notify::new());
     let source = store.inner.source.clone();
+    let (relay, watch) = relay::channel(&reg, source, opts.queue_capacity);
+    relay
+        .try_send(Item::Resync(rev, ResyncReason::Initial, values))
+        .map_err(|_| StoreError::Backend("watch queue refused the first resync".into()))?;
     let task = Task {
         store,
         set,
-        reg: reg.clone(),
-        tx,
+        reg,
+        relay,
         last: rev,
         cluster,
-        demand: demand.clone(),
     };
     tokio::spawn(task.run());
-    let queue = Queue {
-        rx,
-        reg: reg.clone(),
-        demand,
-        source,
-    };
-    Ok(Watch::new(reg, queue))
-}
-
-/// The consumer's side: turns queued items into events (attaching each `Done`), and
-/// asks the task for a requested resync only once the consumer has taken everything
-/// queued, so that every request made until then is served by that one resync.
-struct Queue {
-    rx: mpsc::Receiver<Item>,
-    reg: Registration,
-    demand: Arc<Notify>,
-    source: Source,
-}
-
-impl Stream for Queue {
-    type Item = Result<Event, WatchError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        let item = match this.rx.poll_recv(cx) {
-            Poll::Pending => {
-                this.reg.register_waker(cx.waker());
-                if this.reg.resync_pending() {
-                    this.demand.notify_one();
-                }
-                return Poll::Pending;
-            }
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Ready(Some(item)) => item,
-        };
-        let source = this.source.clone();
-        Poll::Ready(Some(match item {
-            Item::Resync(rev, reason, values) => Ok(Event::Resync(Resync::new(
-                source,
-                rev,
-                reason,
-                values,
-                this.reg.done(rev),
-            ))),
-            Item::Change(rev, changes) => Ok(Event::Change(Change::new(
-                source,
-                rev,
-                changes,
-                this.reg.done(rev),
-            ))),
-            Item::Interrupted(e) => Err(WatchError::Interrupted(e)),
-        }))
-    }
+    Ok(watch)
 }
 
 struct Task {
     store: EtcdStore,
     set: PrefixSet,
     reg: Registration,
-    tx: mpsc::Sender<Item>,
+    relay: Relay,
     /// The revision the consumer's state is at: the resume point is `last + 1`.
     last: Revision,
     /// The cluster id seen at the last resync (0: unknown).
     cluster: u64,
-    /// Signalled by [`Queue`] when the consumer waits for a requested resync.
-    demand: Arc<Notify>,
 }
 
 /// How following the etcd watch ended.
@@ -155,12 +87,8 @@ impl Task {
             }
             if let Some(reason) = pending.take() {
                 // Wait for room first, so the snapshot is fresh when it is delivered.
-                let permit = tokio::select! {
-                    _ = self.reg.closed() => return,
-                    p = self.tx.reserve() => match p {
-                        Ok(p) => p,
-                        Err(_) => return,
-                    },
+                let Some(permit) = self.relay.reserve().await else {
+                    return;
                 };
                 self.reg.take_resync_request();
                 match self.store.snapshot(&self.set).await {
@@ -191,7 +119,7 @@ impl Task {
                     // Not transient (e.g. permission revoked): tell the consumer, and keep
                     // trying through resyncs, so the watch never dies quietly.
                     tracing::warn!(registration = %name, error = %e, "etcd refused the watch");
-                    let _ = self.tx.try_send(Item::Interrupted(e));
+                    let _ = self.relay.try_send(Item::Interrupted(e));
                     pending = Some(ResyncReason::Reconnect);
                     self.pause(&mut backoff).await;
                 }
@@ -206,24 +134,13 @@ impl Task {
         }
     }
 
-    /// Resolves when the consumer waits for a pending resync request.
-    async fn requested(&self) {
-        loop {
-            self.demand.notified().await;
-            // A request already served by another resync leaves a stale signal.
-            if self.reg.resync_pending() {
-                return;
-            }
-        }
-    }
-
     /// Follows one etcd watch from `last + 1` until it ends.
     async fn follow(&mut self, backoff: &mut Backoff) -> Flow {
         if self.set.is_empty() {
             // Nothing to watch: wait for a close or a request.
             return tokio::select! {
                 _ = self.reg.closed() => Flow::Closed,
-                _ = self.requested() => Flow::Resync(ResyncReason::Requested),
+                _ = self.relay.requested() => Flow::Resync(ResyncReason::Requested),
             };
         }
         let (start, end) = self.store.inner.ns.covering_range(&self.set);
@@ -243,7 +160,7 @@ impl Task {
             let msg = tokio::select! {
                 biased;
                 _ = self.reg.closed() => break Flow::Closed,
-                _ = self.requested() => break Flow::Resync(ResyncReason::Requested),
+                _ = self.relay.requested() => break Flow::Resync(ResyncReason::Requested),
                 msg = ws.message() => msg,
             };
             let resp = match msg {
@@ -309,16 +226,12 @@ impl Task {
             let mut changes: Vec<_> = txn.iter().filter_map(|e| self.change(e)).collect();
             if !changes.is_empty() {
                 changes.sort_by(|a, b| a.key.cmp(&b.key));
-                match self.tx.try_send(Item::Change(rev, changes)) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        tracing::debug!(
-                            registration = self.reg.name(),
-                            "queue full: resync follows"
-                        );
-                        return Err(Flow::Resync(ResyncReason::Overflow));
+                if self.relay.try_send(Item::Change(rev, changes)).is_err() {
+                    if self.reg.is_closed() {
+                        return Err(Flow::Closed);
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(Flow::Closed),
+                    tracing::debug!(registration = self.reg.name(), "queue full: resync follows");
+                    return Err(Flow::Resync(ResyncReason::Overflow));
                 }
             }
             self.last = rev;

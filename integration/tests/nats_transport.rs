@@ -1,0 +1,421 @@
+//! `datasync-nats` against a real nats-server: restarts under load, consumers lost,
+//! key mapping with plain NATS clients, the empty bucket, history limits, auth,
+//! unreachable servers. (The contract itself is checked by `conformance_nats`.)
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use datasync::testing::next_event;
+use datasync::{
+    Event, Key, KeyError, Mirror, Op, Prefix, PutOptions, ReadOptions, ResyncReason, Revision,
+    StoreError, Watch, WatchOptions, Watcher, Writer,
+};
+use datasync_integration::{NatsServer, free_port};
+use datasync_nats::{Auth, NatsConfig, NatsStore};
+use futures_util::StreamExt;
+
+fn key(s: &str) -> Key {
+    Key::new(s).unwrap()
+}
+
+fn prefix(s: &str) -> Prefix {
+    Prefix::new(s).unwrap()
+}
+
+async fn server() -> NatsServer {
+    NatsServer::start().await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn connect(url: &str) -> NatsStore {
+    NatsStore::connect(NatsConfig::new([url]).with_request_timeout(Duration::from_secs(1)))
+        .await
+        .unwrap()
+}
+
+async fn next(w: &mut Watch) -> Event {
+    next_event(w).await.unwrap_or_else(|f| panic!("{f}"))
+}
+
+/// The mirror's values under `p` equal the store's.
+async fn assert_same(store: &NatsStore, mirror: &Mirror, p: &str) {
+    let listing = store.list(&prefix(p), ReadOptions::new()).await.unwrap();
+    let want: Vec<_> = listing
+        .values
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone()))
+        .collect();
+    let got: Vec<_> = mirror
+        .values("")
+        .filter(|(k, _, _)| k.as_str().starts_with(p))
+        .map(|(k, v, _)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(got, want, "consumer state differs from NATS under {p}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_under_write_load_resyncs_and_loses_nothing() {
+    let mut nats = server().await;
+    let store = connect(&nats.url()).await;
+    let mut w = store
+        .watch("load", &[prefix("load/")], WatchOptions::default())
+        .await
+        .unwrap();
+    let mut mirror = Mirror::new();
+    let ev = next(&mut w).await;
+    mirror.apply(&ev).unwrap();
+    ev.into_done().ok();
+
+    // A writer that keeps writing, retrying what fails while the server is down.
+    let acked = Arc::new(Mutex::new(Vec::<Revision>::new()));
+    let failed = Arc::new(Mutex::new(0u32));
+    let writer = {
+        let (store, acked, failed) = (store.clone(), acked.clone(), failed.clone());
+        tokio::spawn(async move {
+            for i in 0..600u32 {
+                let k = key(&format!("load/{}", i % 50));
+                loop {
+                    match store
+                        .put(&k, format!("{i}").into(), PutOptions::new())
+                        .await
+                    {
+                        Ok(r) => {
+                            acked.lock().unwrap().push(r);
+                            break;
+                        }
+                        Err(e) => {
+                            assert!(e.is_retryable(), "a write failed for good: {e:?}");
+                            *failed.lock().unwrap() += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    // Consume while the server dies and comes back.
+    let consume = {
+        let acked = acked.clone();
+        async move {
+            let acked = &acked;
+            let mut changes = Vec::new();
+            let mut resyncs = Vec::new();
+            loop {
+                let done = acked.lock().unwrap().len() == 600;
+                let last = acked.lock().unwrap().last().copied();
+                if done && mirror.revision("") >= last {
+                    return (mirror, changes, resyncs);
+                }
+                let ev = next(&mut w).await;
+                mirror.apply(&ev).unwrap();
+                match &ev {
+                    Event::Change(c) => changes.push(c.revision),
+                    Event::Resync(r) => resyncs.push((r.revision, r.reason)),
+                    _ => unreachable!("datasync has two kinds of event"),
+                }
+                ev.into_done().ok();
+            }
+        }
+    };
+    let consumer = tokio::spawn(consume);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.start_again().await.unwrap();
+    writer.await.unwrap();
+    let (mirror, changes, resyncs) = consumer.await.unwrap();
+
+    assert!(*failed.lock().unwrap() > 0, "no write saw the outage");
+    assert!(
+        resyncs.iter().any(|(_, r)| *r == ResyncReason::Reconnect),
+        "the outage must end in a Reconnect resync, got {resyncs:?}"
+    );
+    // Every acknowledged write was delivered as a change or is covered by a later resync.
+    for r in acked.lock().unwrap().iter() {
+        assert!(
+            changes.contains(r) || resyncs.iter().any(|(rr, _)| rr >= r),
+            "write at {r} neither delivered nor covered by a resync"
+        );
+    }
+    assert_same(&store, &mirror, "load/").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_deleted_on_the_server_becomes_a_resync() {
+    let nats = server().await;
+    let store = connect(&nats.url()).await;
+    store
+        .put(&key("c/a"), "1".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let mut w = store
+        .watch("c", &[prefix("c/")], WatchOptions::default())
+        .await
+        .unwrap();
+    let mut mirror = Mirror::new();
+    let ev = next(&mut w).await;
+    mirror.apply(&ev).unwrap();
+    ev.into_done().ok();
+    // An operator removes every consumer of the bucket.
+    let js = async_nats::jetstream::new(store.client().clone());
+    let stream = js.get_stream("KV_datasync").await.unwrap();
+    let names: Vec<String> = stream.consumer_names().map(|n| n.unwrap()).collect().await;
+    assert_eq!(names.len(), 1, "one watch, one consumer");
+    stream.delete_consumer(&names[0]).await.unwrap();
+    let r = store
+        .put(&key("c/b"), "2".into(), PutOptions::new())
+        .await
+        .unwrap();
+    // The watch notices (the server ends the consumer, or its heartbeats stop) and resyncs.
+    loop {
+        let ev = next(&mut w).await;
+        mirror.apply(&ev).unwrap();
+        let resynced = matches!(&ev, Event::Resync(rs) if rs.reason == ResyncReason::Reconnect);
+        ev.into_done().ok();
+        if resynced {
+            break;
+        }
+    }
+    assert!(mirror.revision("") >= Some(r));
+    assert_same(&store, &mirror, "c/").await;
+    // And it goes on from there.
+    let r = store
+        .put(&key("c/c"), "3".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    assert!(matches!(&ev, Event::Change(c) if c.revision == r), "{ev:?}");
+    ev.into_done().ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_bucket_and_empty_prefix_resyncs_end() {
+    let nats = server().await;
+    let store = connect(&nats.url()).await;
+    let mut w = store
+        .watch("empty", &[prefix("none/")], WatchOptions::default())
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    assert!(
+        matches!(&ev, Event::Resync(rs) if rs.is_empty() && rs.revision == Revision(0)),
+        "{ev:?}"
+    );
+    ev.into_done().ok();
+    store
+        .put(&key("other"), "x".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let mut w2 = store
+        .watch("empty2", &[prefix("none/")], WatchOptions::default())
+        .await
+        .unwrap();
+    let ev = next(&mut w2).await;
+    assert!(
+        matches!(&ev, Event::Resync(rs) if rs.is_empty() && rs.revision == Revision(1)),
+        "a resync of an empty prefix is at the bucket's revision: {ev:?}"
+    );
+    ev.into_done().ok();
+    let r = store
+        .put(&key("none/a"), "1".into(), PutOptions::new())
+        .await
+        .unwrap();
+    for w in [&mut w, &mut w2] {
+        let ev = next(w).await;
+        assert!(matches!(&ev, Event::Change(c) if c.revision == r), "{ev:?}");
+        ev.into_done().ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_map_to_subjects_that_plain_nats_clients_share() {
+    let nats = server().await;
+    let store = connect(&nats.url()).await;
+    let js = async_nats::jetstream::new(store.client().clone());
+    let kv = js.get_key_value("datasync").await.unwrap();
+    // A plain NATS client's dotted key reads as a /-separated datasync key.
+    kv.put("config.if.eth0", "up".into()).await.unwrap();
+    // A key NATS could not hold as is.
+    let odd = key("config/if/eth0.100 (vlan)");
+    store
+        .put(&odd, "vlan".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let raw = kv.get("config.if.eth0=2E100=20=28vlan=29").await.unwrap();
+    assert_eq!(raw.as_deref(), Some(&b"vlan"[..]));
+    // A foreign key that is no mapping of a datasync key is skipped, not fatal.
+    kv.put("config.if.bad=ZZ", "?".into()).await.unwrap();
+    let l = store
+        .list(&prefix("config/if/"), ReadOptions::new())
+        .await
+        .unwrap();
+    let keys: Vec<_> = l.values.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(keys, ["config/if/eth0", "config/if/eth0.100 (vlan)"]);
+    // A prefix ending mid-segment filters on our side.
+    let l = store
+        .list(&prefix("config/if/eth0."), ReadOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(l.values.len(), 1);
+    let mut w = store
+        .watch("if", &[prefix("config/if/e")], WatchOptions::default())
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    assert!(matches!(&ev, Event::Resync(rs) if rs.len() == 2), "{ev:?}");
+    ev.into_done().ok();
+    kv.put("config.if.lo", "up".into()).await.unwrap();
+    kv.put("config.if.eth1", "down".into()).await.unwrap();
+    let ev = next(&mut w).await;
+    let Event::Change(c) = &ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(c.changes[0].key.as_str(), "config/if/eth1");
+    ev.into_done().ok();
+    // A key too long once mapped is refused with a typed error, and nothing is written.
+    let long = key(&format!("x/{}", ".".repeat(1100)));
+    let err = store.put(&long, "v".into(), PutOptions::new()).await;
+    assert!(
+        matches!(
+            err,
+            Err(StoreError::InvalidKey(KeyError::Unrepresentable {
+                backend: "nats",
+                ..
+            }))
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_at_a_revision_the_bucket_no_longer_keeps_are_compacted() {
+    let nats = server().await;
+    let store = NatsStore::connect(NatsConfig::new([nats.url()]).with_history(2))
+        .await
+        .unwrap();
+    let k = key("h/k");
+    let r1 = store.put(&k, "1".into(), PutOptions::new()).await.unwrap();
+    let r2 = store.put(&k, "2".into(), PutOptions::new()).await.unwrap();
+    let at = |r| store.get(&k, ReadOptions::new().at(r));
+    assert_eq!(at(r1).await.unwrap().unwrap().value, "1".into());
+    store.put(&k, "3".into(), PutOptions::new()).await.unwrap();
+    assert_eq!(at(r2).await.unwrap().unwrap().value, "2".into());
+    let gone = at(r1).await;
+    assert!(
+        matches!(gone, Err(StoreError::Compacted { requested, .. }) if requested == r1),
+        "version 1 of 3 with a history of 2: {gone:?}"
+    );
+    // A key created later was simply absent then.
+    let r4 = store
+        .put(&key("h/new"), "n".into(), PutOptions::new())
+        .await
+        .unwrap();
+    assert!(
+        store
+            .get(&key("h/new"), ReadOptions::new().at(r2))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .get(&key("h/new"), ReadOptions::new().at(r4))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_is_raised_to_the_marker_ttl_and_expires_as_a_delete() {
+    let nats = server().await;
+    let store = connect(&nats.url()).await;
+    let mut w = store
+        .watch("t", &[prefix("t/")], WatchOptions::default())
+        .await
+        .unwrap();
+    next(&mut w).await.into_done().ok();
+    let start = tokio::time::Instant::now();
+    let r = store
+        .put(
+            &key("t/k"),
+            "v".into(),
+            PutOptions::new().ttl(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    next(&mut w).await.into_done().ok();
+    let ev = next(&mut w).await;
+    let lived = start.elapsed();
+    let Event::Change(c) = &ev else {
+        panic!("{ev:?}")
+    };
+    assert!(c.revision > r);
+    assert_eq!(c.changes[0].op, Op::Delete);
+    assert_eq!(c.changes[0].prev, Some("v".into()));
+    ev.into_done().ok();
+    let floor = store.config().marker_ttl;
+    assert!(
+        lived >= floor,
+        "a TTL below the marker TTL lives at least the marker TTL: lived {lived:?}, marker {floor:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_checked() {
+    let nats = NatsServer::start_with(&["--user", "agent", "--pass", "s3cret"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config = |auth| NatsConfig::new([nats.url()]).with_auth(auth);
+    let store = NatsStore::connect(config(Auth::UserPassword("agent".into(), "s3cret".into())))
+        .await
+        .unwrap();
+    let r = store
+        .put(&key("a"), "1".into(), PutOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get(&key("a"), ReadOptions::new())
+            .await
+            .unwrap()
+            .unwrap()
+            .revision,
+        r
+    );
+    for auth in [
+        Auth::UserPassword("agent".into(), "wrong".into()),
+        Auth::None,
+    ] {
+        let err = NatsStore::connect(config(auth)).await.unwrap_err();
+        assert!(
+            !err.is_retryable(),
+            "refused credentials are final: {err:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_retryable_or_waited_for() {
+    let port = free_port().unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let err = NatsStore::connect(NatsConfig::new([url.clone()]))
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    // With a wait, connecting succeeds once a server comes up on that port.
+    let waiting = tokio::spawn(NatsStore::connect(
+        NatsConfig::new([url]).with_wait_for_server(Duration::from_secs(20)),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "it must wait for the server");
+    let _nats = NatsServer::start_on(Some(port), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let store = waiting.await.unwrap().unwrap();
+    store
+        .put(&key("up"), "1".into(), PutOptions::new())
+        .await
+        .unwrap();
+}

@@ -1,0 +1,55 @@
+//! datasync-nats: a datasync transport for NATS JetStream Key-Value, on `async-nats`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use datasync::{Key, PutOptions, Writer};
+//! use datasync_nats::{NatsConfig, NatsStore};
+//!
+//! let config = NatsConfig::new(["nats://127.0.0.1:4222"]).with_bucket("agent1");
+//! let store = NatsStore::connect(config).await?; // creates the bucket if missing
+//! let rev = store.put(&Key::new("config/a")?, "1".into(), PutOptions::new()).await?;
+//! println!("committed at stream sequence {rev}");
+//! # Ok(()) }
+//! ```
+//!
+//! How it keeps the contract on a server that has no transactions and no previous
+//! values:
+//! - **Revisions** are the bucket's stream sequences. Every NATS write is one message,
+//!   so every change is its own event; a **prefix delete is one delete marker per key**,
+//!   each at its own revision (the returned revision is the last one), not one
+//!   transaction.
+//! - **Keys** map losslessly onto NATS subjects, `/` becoming the token separator (see
+//!   the table in `keys`); a key longer than 3 KiB once mapped is refused with
+//!   `KeyError::Unrepresentable`. Subjects other clients wrote that are not such a
+//!   mapping are skipped (and logged).
+//! - **Resync** reads the last version of every watched subject through one consumer,
+//!   at one revision R (see `NatsStore` internals, `snapshot`), including the empty
+//!   bucket (the consumer's pending count, not a `seen_current` flag, ends it); the same
+//!   consumer then delivers the changes from R+1.
+//! - **Previous values** come from a per-registration cache seeded by each resync.
+//! - **Continuity**: a lost message, a silent or ended consumer, a reconnect: a new
+//!   resync (see `watch`).
+//! - **TTL** is NATS's per-message TTL, rounded up to whole seconds (never to zero). The
+//!   bucket is created with limit markers, so an expiry writes a delete marker that
+//!   watchers see as a Delete with the previous value. A TTL put replaces the key's
+//!   kept versions (a rollup), so that its expiry leaves the key absent rather than
+//!   bringing an older version back. A watcher away for longer than
+//!   [`NatsConfig::marker_ttl`] learns of an expiry by its next resync.
+//! - **Compare-and-swap** publishes with `Nats-Expected-Last-Subject-Sequence`, after
+//!   reading the key's last version (a delete marker there means "absent").
+//! - **Reads at a past revision** use the versions the bucket keeps
+//!   ([`NatsConfig::history`] per key); where versions up to that revision may have
+//!   been dropped, the read fails with `StoreError::Compacted`.
+//! - **Errors**: an unreachable or restarting server gives `StoreError::Unavailable` or
+//!   `Timeout` (retryable); refused credentials are final.
+
+mod config;
+mod consumer;
+mod error;
+mod keys;
+mod store;
+mod watch;
+
+pub use config::{Auth, NatsConfig};
+pub use keys::MAX_SUBJECT_KEY;
+pub use store::NatsStore;

@@ -1,0 +1,214 @@
+//! Watch registrations: a resync at R, then the same consumer's messages from R+1.
+//!
+//! Each registration runs one task that owns one consumer covering all its prefixes and
+//! feeds the registration's bounded queue ([`datasync::relay`]). Previous values come
+//! from a per-registration cache of the watched keys, seeded by each resync (NATS sends
+//! no previous value).
+//!
+//! Continuity, case by case: any lost message (a consumer-sequence jump, a heartbeat
+//! naming a message we did not get), a silent consumer (server restarted, network
+//! lost), or the server ending the consumer, is a resync (`Reconnect`) on a new
+//! consumer, after an `Interrupted` item. NATS cannot replay what a bucket no longer
+//! keeps, so resuming from the last sequence could skip versions: a resync is the only
+//! honest answer. A full queue drops the consumer and resyncs (`Overflow`) once the
+//! consumer has made room; a requested resync is served once the consumer has taken
+//! what was queued, so requests made until then coalesce.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use datasync::relay::{self, Item, Relay};
+use datasync::{
+    Key, KeyChange, Op, Prefix, PrefixSet, Registration, ResyncReason, Revision, StoreError, Value,
+    Watch, WatchOptions,
+};
+
+use crate::NatsStore;
+use crate::consumer::{Consumer, Record, RecordOp};
+use crate::store::State;
+
+pub(crate) async fn start(
+    store: NatsStore,
+    name: &str,
+    prefixes: &[Prefix],
+    opts: WatchOptions,
+) -> Result<Watch, StoreError> {
+    let reg = Registration::new(name);
+    let set = PrefixSet::new(prefixes.iter().cloned());
+    let (state, consumer) = store.snapshot(&set).await?;
+    let (relay, watch) = relay::channel(&reg, store.inner.source.clone(), opts.queue_capacity);
+    let mut task = Task {
+        store,
+        set,
+        reg,
+        relay,
+        last: state.revision,
+        cache: HashMap::new(),
+        consumer,
+    };
+    task.cache = cache_of(&state);
+    task.relay
+        .try_send(Item::Resync(
+            state.revision,
+            ResyncReason::Initial,
+            state.grouped(&task.set),
+        ))
+        .map_err(|_| StoreError::Backend("watch queue refused the first resync".into()))?;
+    tokio::spawn(task.run());
+    Ok(watch)
+}
+
+/// The values of a resync, for previous values.
+fn cache_of(state: &State) -> HashMap<Key, Value> {
+    state
+        .values
+        .iter()
+        .map(|(k, kv)| (k.clone(), kv.value.clone()))
+        .collect()
+}
+
+struct Task {
+    store: NatsStore,
+    set: PrefixSet,
+    reg: Registration,
+    relay: Relay,
+    /// The revision of the consumer's state.
+    last: Revision,
+    /// The watched keys' current values, for previous values.
+    cache: HashMap<Key, Value>,
+    /// `None` when the registration watches no prefix.
+    consumer: Option<Consumer>,
+}
+
+/// How following the consumer ended.
+enum Flow {
+    Closed,
+    Resync(ResyncReason),
+    Broken(StoreError),
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let reason = match self.follow().await {
+                Flow::Closed => return,
+                Flow::Resync(reason) => reason,
+                Flow::Broken(e) => {
+                    tracing::warn!(registration = self.reg.name(), error = %e, "NATS watch lost continuity; resyncing");
+                    let _ = self.relay.try_send(Item::Interrupted(e));
+                    ResyncReason::Reconnect
+                }
+            };
+            // Release the old consumer before reading anew.
+            self.consumer = None;
+            loop {
+                // Wait for room first, so the snapshot is fresh when it is delivered.
+                let Some(permit) = self.relay.reserve().await else {
+                    return;
+                };
+                self.reg.take_resync_request();
+                match self.store.snapshot(&self.set).await {
+                    Ok((state, consumer)) => {
+                        tracing::debug!(registration = self.reg.name(), ?reason, revision = %state.revision, "resync");
+                        self.cache = cache_of(&state);
+                        self.last = state.revision;
+                        self.consumer = consumer;
+                        permit.send(Item::Resync(
+                            state.revision,
+                            reason,
+                            state.grouped(&self.set),
+                        ));
+                        pause = Duration::from_millis(50);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(registration = self.reg.name(), error = %e, "resync failed; retrying");
+                        permit.send(Item::Interrupted(e));
+                        tokio::select! {
+                            _ = self.reg.closed() => return,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers the consumer's messages until something ends it.
+    async fn follow(&mut self) -> Flow {
+        loop {
+            let rec = {
+                let Some(consumer) = self.consumer.as_mut() else {
+                    // Nothing to watch: wait for a close or a request.
+                    return tokio::select! {
+                        _ = self.reg.closed() => Flow::Closed,
+                        _ = self.relay.requested() => Flow::Resync(ResyncReason::Requested),
+                    };
+                };
+                tokio::select! {
+                    biased;
+                    _ = self.reg.closed() => return Flow::Closed,
+                    _ = self.relay.requested() => return Flow::Resync(ResyncReason::Requested),
+                    rec = consumer.next() => match rec {
+                        Ok(rec) => rec,
+                        Err(lost) => return Flow::Broken(lost.into()),
+                    },
+                }
+            };
+            if let Err(flow) = self.deliver(rec) {
+                return flow;
+            }
+        }
+    }
+
+    /// Queues the change of one message, if it is one for this registration.
+    fn deliver(&mut self, rec: Record) -> Result<(), Flow> {
+        let rev = Revision(rec.seq);
+        if rev <= self.last {
+            // Older than the resync: the hand-off was not what it must be.
+            return Err(Flow::Broken(StoreError::Unavailable(
+                format!("message {rev} at or before the resync at {}", self.last).into(),
+            )));
+        }
+        self.last = rev;
+        let Some(key) = rec.key.filter(|k| self.set.matches(k.as_str())) else {
+            return Ok(());
+        };
+        let change = match rec.op {
+            RecordOp::Put => {
+                let value = Value::from(rec.value);
+                let prev = self.cache.insert(key.clone(), value.clone());
+                KeyChange {
+                    key,
+                    op: Op::Put,
+                    value: Some(value),
+                    prev,
+                }
+            }
+            RecordOp::Delete => match self.cache.remove(&key) {
+                // A delete of an absent key is no change.
+                None => return Ok(()),
+                Some(prev) => KeyChange {
+                    key,
+                    op: Op::Delete,
+                    value: None,
+                    prev: Some(prev),
+                },
+            },
+        };
+        if self
+            .relay
+            .try_send(Item::Change(rev, vec![change]))
+            .is_err()
+        {
+            if self.reg.is_closed() {
+                return Err(Flow::Closed);
+            }
+            tracing::debug!(registration = self.reg.name(), "queue full: resync follows");
+            return Err(Flow::Resync(ResyncReason::Overflow));
+        }
+        Ok(())
+    }
+}
