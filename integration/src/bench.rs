@@ -140,3 +140,50 @@ pub async fn etcd_watch(c: &etcd_client::Client, prefix: &str, prev: bool) -> Ve
     }
     lat
 }
+
+/// `n` raw async-nats KV puts under `prefix` (a NATS key prefix, `.`-separated) from
+/// [`DEPTH`] tasks; ops/s.
+pub async fn nats_inflight(kv: &async_nats::jetstream::kv::Store, prefix: &str, n: usize) -> f64 {
+    let v = bytes::Bytes::from(value());
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..DEPTH)
+        .map(|w| {
+            let (kv, v, prefix) = (kv.clone(), v.clone(), prefix.to_owned());
+            tokio::spawn(async move {
+                for i in (w..n).step_by(DEPTH) {
+                    kv.put(format!("{prefix}.{i:07}"), v.clone())
+                        .await
+                        .expect("benchmark put");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("benchmark task");
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Put → entry latency through a raw async-nats KV put and watch of `prefix.>`,
+/// [`WATCH_N`] times.
+pub async fn nats_watch(kv: &async_nats::jetstream::kv::Store, prefix: &str) -> Vec<Duration> {
+    let mut w = kv
+        .watch(format!("{prefix}.>"))
+        .await
+        .expect("benchmark watch");
+    let v = bytes::Bytes::from(value());
+    let mut lat = Vec::new();
+    for i in 0..WATCH_N {
+        let k = format!("{prefix}.{i:06}");
+        let t = Instant::now();
+        kv.put(&k, v.clone()).await.expect("benchmark put");
+        loop {
+            let e = w.next().await.expect("entry").expect("entry");
+            if e.key == k {
+                break;
+            }
+        }
+        lat.push(t.elapsed());
+    }
+    lat
+}

@@ -8,6 +8,7 @@
 //! detected instead (consumer sequences must be consecutive, heartbeats must arrive and
 //! must name the last message we received), and the caller turns it into a resync.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, ReplayPolicy, push};
@@ -15,6 +16,7 @@ use async_nats::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use datasync::{Key, StoreError};
 use futures_util::StreamExt;
+use tokio::time::{Instant, Sleep};
 
 use crate::NatsStore;
 use crate::keys;
@@ -75,6 +77,12 @@ pub(crate) struct Consumer {
     sub: async_nats::Subscriber,
     /// Consumer sequence of the last message received.
     cseq: u64,
+    /// When the last message (or heartbeat) arrived.
+    heard: Instant,
+    /// Wakes us to check for silence; re-armed lazily, not per message.
+    silence: Pin<Box<Sleep>>,
+    /// Reused by key decoding.
+    scratch: Vec<u8>,
 }
 
 impl Consumer {
@@ -128,6 +136,9 @@ impl Consumer {
                 name: info.name.clone(),
                 sub,
                 cseq: 0,
+                heard: Instant::now(),
+                silence: Box::pin(tokio::time::sleep(SILENCE)),
+                scratch: Vec::new(),
             },
             info.num_pending,
         ))
@@ -139,11 +150,22 @@ impl Consumer {
     /// Cancel safe: a record is consumed only when returned.
     pub(crate) async fn next(&mut self) -> Result<Record, Lost> {
         loop {
-            let msg = match tokio::time::timeout(SILENCE, self.sub.next()).await {
-                Err(_) => return Err(Lost::Silent(SILENCE)),
-                Ok(None) => return Err(Lost::Unsubscribed),
-                Ok(Some(msg)) => msg,
+            let msg = tokio::select! {
+                biased;
+                msg = self.sub.next() => msg,
+                _ = &mut self.silence => {
+                    let deadline = self.heard + SILENCE;
+                    if Instant::now() >= deadline {
+                        return Err(Lost::Silent(SILENCE));
+                    }
+                    self.silence.as_mut().reset(deadline);
+                    continue;
+                }
             };
+            let Some(msg) = msg else {
+                return Err(Lost::Unsubscribed);
+            };
+            self.heard = Instant::now();
             match msg.status {
                 None => {}
                 Some(StatusCode::IDLE_HEARTBEAT) => {
@@ -178,7 +200,7 @@ impl Consumer {
             let key = subject
                 .strip_prefix(&self.store.inner.subject_prefix)
                 .and_then(|k| {
-                    let key = keys::decode(k);
+                    let key = keys::decode_with(k, &mut self.scratch);
                     if key.is_none() {
                         tracing::warn!(subject, "skipping a NATS key datasync cannot represent");
                     }
@@ -236,8 +258,15 @@ fn last_consumer(headers: Option<&HeaderMap>) -> Option<u64> {
 /// `<domain>.<account hash>.` in front (9 or more).
 pub(crate) fn parse_reply(reply: &str) -> Option<(u64, u64)> {
     let rest = reply.strip_prefix("$JS.ACK.")?;
-    let tokens: Vec<&str> = rest.split('.').collect();
-    let base = match tokens.len() {
+    let mut tokens: [&str; 9] = [""; 9];
+    let mut n = 0;
+    for t in rest.split('.') {
+        if n < tokens.len() {
+            tokens[n] = t;
+        }
+        n += 1;
+    }
+    let base = match n {
         7 => 0,
         n if n >= 9 => 2,
         _ => return None,

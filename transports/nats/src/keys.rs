@@ -82,8 +82,15 @@ fn hex(b: u8) -> Option<u8> {
 }
 
 /// The datasync key of a NATS KV key; `None` if it is not the mapping of one.
+#[cfg(test)]
 pub(crate) fn decode(nats: &str) -> Option<Key> {
-    let mut bytes = Vec::with_capacity(nats.len());
+    decode_with(nats, &mut Vec::new())
+}
+
+/// [`decode`], building the key in `bytes` (cleared first; reused across calls so that
+/// a decoded key costs one allocation, the key's own).
+pub(crate) fn decode_with(nats: &str, bytes: &mut Vec<u8>) -> Option<Key> {
+    bytes.clear();
     for (i, token) in nats.split('.').enumerate() {
         if i > 0 {
             bytes.push(b'/');
@@ -113,7 +120,7 @@ pub(crate) fn decode(nats: &str) -> Option<Key> {
             }
         }
     }
-    Key::from_bytes(&bytes).ok()
+    Key::from_bytes(bytes).ok()
 }
 
 /// The subject filter (below the bucket's prefix) that covers every key under `prefix`:
