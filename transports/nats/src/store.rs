@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,59 +61,25 @@ impl From<StoreError> for Refused {
 #[derive(Debug)]
 pub(crate) struct State {
     pub(crate) revision: Revision,
-    /// Sorted by key.
-    pub(crate) values: Vec<KeyValue>,
+    pub(crate) values: BTreeMap<Key, KeyValue>,
 }
 
 impl State {
     /// The values grouped by the (normalized) prefixes of `set`, sorted by key.
-    pub(crate) fn grouped(self, set: &PrefixSet) -> Vec<PrefixValues> {
-        let mut values = self.values.into_iter().peekable();
-        let mut groups = Vec::with_capacity(set.prefixes().len());
-        // Both sorted, and a key matches one normalized prefix at most.
-        for p in set.prefixes() {
-            let mut mine = Vec::new();
-            while let Some(kv) =
-                values.next_if(|kv| kv.key.as_str() < p.as_str() || p.matches(kv.key.as_str()))
-            {
-                if p.matches(kv.key.as_str()) {
-                    mine.push(kv);
-                }
-            }
-            groups.push(PrefixValues {
+    pub(crate) fn grouped(&self, set: &PrefixSet) -> Vec<PrefixValues> {
+        set.prefixes()
+            .iter()
+            .map(|p| PrefixValues {
                 prefix: p.clone(),
-                values: mine,
-            });
-        }
-        groups
+                values: self
+                    .values
+                    .range::<str, _>((Bound::Included(p.as_str()), Bound::Unbounded))
+                    .take_while(|(k, _)| p.matches(k.as_str()))
+                    .map(|(_, kv)| kv.clone())
+                    .collect(),
+            })
+            .collect()
     }
-}
-
-/// The last record of each key among `records` (in stream order), as the sorted values
-/// of the keys whose last record is a put.
-fn last_values(mut records: Vec<(Key, Record)>) -> Vec<KeyValue> {
-    // A resync's records come one per key, often already in key order (keys written in
-    // order): check before sorting. Ties (a key written again while the resync was
-    // read) sort by sequence, so the last of a run is the key's last record.
-    let ordered = |a: &(Key, Record), b: &(Key, Record)| a.0.cmp(&b.0).then(a.1.seq.cmp(&b.1.seq));
-    if !records.is_sorted_by(|a, b| ordered(a, b).is_le()) {
-        records.sort_unstable_by(ordered);
-    }
-    let mut out: Vec<KeyValue> = Vec::with_capacity(records.len());
-    let mut iter = records.into_iter().peekable();
-    while let Some((key, rec)) = iter.next() {
-        if iter.peek().is_some_and(|(next, _)| *next == key) {
-            continue;
-        }
-        if rec.op == RecordOp::Put {
-            out.push(KeyValue {
-                key,
-                value: Value::from(rec.value),
-                revision: Revision(rec.seq),
-            });
-        }
-    }
-    out
 }
 
 impl NatsStore {
@@ -339,23 +306,38 @@ impl NatsStore {
         if filters.is_empty() {
             let state = State {
                 revision: before,
-                values: Vec::new(),
+                values: BTreeMap::new(),
             };
             return Ok((state, None));
         }
         let (mut consumer, pending) =
             Consumer::open(self, &filters, DeliverPolicy::LastPerSubject).await?;
-        let mut revision = before;
-        let mut records = Vec::with_capacity(usize::try_from(pending).unwrap_or(0));
+        // Inserting as messages arrive overlaps the ordering work with the server's
+        // delivery (sorting at the end would add to the resync's latency).
+        let mut state = State {
+            revision: before,
+            values: BTreeMap::new(),
+        };
         for _ in 0..pending {
             let mut rec = consumer.next().await?;
-            revision = revision.max(Revision(rec.seq));
+            state.revision = state.revision.max(Revision(rec.seq));
             if let Some(key) = rec.key.take().filter(|k| set.matches(k.as_str())) {
-                records.push((key, rec));
+                match rec.op {
+                    RecordOp::Put => {
+                        let kv = KeyValue {
+                            key: key.clone(),
+                            value: Value::from(rec.value),
+                            revision: Revision(rec.seq),
+                        };
+                        state.values.insert(key, kv);
+                    }
+                    RecordOp::Delete => {
+                        state.values.remove(&key);
+                    }
+                }
             }
         }
-        let values = last_values(records);
-        Ok((State { revision, values }, Some(consumer)))
+        Ok((state, Some(consumer)))
     }
 
     /// The state under `set` at `at` from the versions the bucket keeps.
@@ -380,7 +362,7 @@ impl NatsStore {
                 }
             }
         }
-        let mut values = Vec::new();
+        let mut values = BTreeMap::new();
         for (key, v) in per_key {
             if v.at.is_none() && (v.count >= history || v.oldest_truncates) {
                 // Versions up to `at` may have been dropped: the state there is unknown.
@@ -390,11 +372,12 @@ impl NatsStore {
                 });
             }
             if let Some(rec) = v.at.filter(|r| r.op == RecordOp::Put) {
-                values.push(KeyValue {
-                    key,
+                let kv = KeyValue {
+                    key: key.clone(),
                     value: Value::from(rec.value),
                     revision: Revision(rec.seq),
-                });
+                };
+                values.insert(key, kv);
             }
         }
         Ok(State {
@@ -557,7 +540,7 @@ impl Writer for NatsStore {
             let (state, _) = self.snapshot(&set).await?;
             state
                 .values
-                .into_iter()
+                .into_values()
                 .map(|kv| (kv.key, kv.revision.0))
                 .collect()
         } else {
@@ -579,7 +562,8 @@ impl Writer for NatsStore {
         if let Some(at) = opts.revision {
             let set = PrefixSet::new([Prefix::from(key.clone())]);
             let state = self.state_at(&set, at).await?;
-            return Ok(state.values.into_iter().find(|kv| kv.key == *key));
+            let mut state = state;
+            return Ok(state.values.remove(key));
         }
         Ok(match self.latest(key, opts.consistency).await? {
             Some((seq, RecordOp::Put, value)) => Some(KeyValue {
@@ -599,7 +583,7 @@ impl Writer for NatsStore {
         };
         Ok(Listing {
             revision: state.revision,
-            values: state.values,
+            values: state.values.into_values().collect(),
         })
     }
 
