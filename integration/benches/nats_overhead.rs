@@ -2,7 +2,8 @@
 //! nats-server, same run. Prints a table of medians and overheads.
 //!
 //! `cargo bench -p datasync-integration --bench nats_overhead`
-//! (`BENCH_RUNS` sets the runs per measurement, default 5.)
+//! (`BENCH_RUNS` sets the runs per measurement, default 5; resyncs run three times as
+//! often.)
 //! `BENCH_ONLY=watch` (or `inflight`, `resync`) runs one measurement, for profiling.
 //! Throughput and resync overheads are medians of per-run ratios (datasync and raw
 //! timed back to back, order alternating); latencies are quantiles over all runs.
@@ -131,9 +132,13 @@ fn main() {
             let c0 = proc::cpu_time().unwrap();
             let wall = f.await;
             cpu.push((proc::cpu_time().unwrap() - c0).as_secs_f64());
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             wall
         }
-        for run in 0..runs {
+        // Resyncs vary most (the server's garbage collector): three times the runs, and a
+        // pause after each, so that cleaning up one (consumer deletion) does not land in
+        // the next.
+        for run in 0..3 * runs {
             if !does("resync") {
             } else if run % 2 == 0 {
                 dr.push(cpu(&mut dc, ds_resync(&store, prefix)).await);

@@ -9,6 +9,7 @@ pub mod etcd;
 pub mod nats;
 pub mod proc;
 pub mod proxy;
+pub mod testkit;
 
 pub use etcd::{EtcdHarness, EtcdServer};
 pub use nats::{NatsHarness, NatsServer};

@@ -7,22 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use datasync::testing::next_event;
 use datasync::{
-    DeleteOptions, Event, Key, Mirror, Op, Prefix, PutOptions, ReadOptions, ResyncReason, Revision,
-    Value, Watch, WatchOptions, Watcher, Writer,
+    DeleteOptions, Event, Mirror, Op, Prefix, PutOptions, ReadOptions, ResyncReason, Revision,
+    Value, WatchOptions, Watcher, Writer,
 };
 use datasync_etcd::{EtcdConfig, EtcdStore};
+use datasync_integration::testkit::{assert_same, key, next, prefix};
 use datasync_integration::{EtcdServer, Proxy, free_port};
 use futures_util::StreamExt;
-
-fn key(s: &str) -> Key {
-    Key::new(s).unwrap()
-}
-
-fn prefix(s: &str) -> Prefix {
-    Prefix::new(s).unwrap()
-}
 
 async fn server() -> EtcdServer {
     EtcdServer::start().await.unwrap_or_else(|e| panic!("{e}"))
@@ -32,26 +24,6 @@ async fn connect(endpoint: &str) -> EtcdStore {
     EtcdStore::connect(EtcdConfig::new([endpoint]).with_request_timeout(Duration::from_secs(1)))
         .await
         .unwrap()
-}
-
-async fn next(w: &mut Watch) -> Event {
-    next_event(w).await.unwrap_or_else(|f| panic!("{f}"))
-}
-
-/// The mirror's values under `p` equal the store's.
-async fn assert_same(store: &EtcdStore, mirror: &Mirror, p: &str) {
-    let listing = store.list(&prefix(p), ReadOptions::new()).await.unwrap();
-    let want: Vec<_> = listing
-        .values
-        .iter()
-        .map(|kv| (kv.key.clone(), kv.value.clone()))
-        .collect();
-    let got: Vec<_> = mirror
-        .values("")
-        .filter(|(k, _, _)| k.as_str().starts_with(p))
-        .map(|(k, v, _)| (k.clone(), v.clone()))
-        .collect();
-    assert_eq!(got, want, "consumer state differs from etcd under {p}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,22 +6,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use datasync::testing::next_event;
 use datasync::{
-    Event, Key, KeyError, Mirror, Op, Prefix, PutOptions, ReadOptions, ResyncReason, Revision,
-    StoreError, Watch, WatchOptions, Watcher, Writer,
+    Event, KeyError, Mirror, Op, PutOptions, ReadOptions, ResyncReason, Revision, StoreError,
+    WatchOptions, Watcher, Writer,
 };
+use datasync_integration::testkit::{assert_same, key, next, prefix};
 use datasync_integration::{NatsServer, free_port};
 use datasync_nats::{Auth, NatsConfig, NatsStore};
 use futures_util::StreamExt;
-
-fn key(s: &str) -> Key {
-    Key::new(s).unwrap()
-}
-
-fn prefix(s: &str) -> Prefix {
-    Prefix::new(s).unwrap()
-}
 
 async fn server() -> NatsServer {
     NatsServer::start().await.unwrap_or_else(|e| panic!("{e}"))
@@ -31,26 +23,6 @@ async fn connect(url: &str) -> NatsStore {
     NatsStore::connect(NatsConfig::new([url]).with_request_timeout(Duration::from_secs(1)))
         .await
         .unwrap()
-}
-
-async fn next(w: &mut Watch) -> Event {
-    next_event(w).await.unwrap_or_else(|f| panic!("{f}"))
-}
-
-/// The mirror's values under `p` equal the store's.
-async fn assert_same(store: &NatsStore, mirror: &Mirror, p: &str) {
-    let listing = store.list(&prefix(p), ReadOptions::new()).await.unwrap();
-    let want: Vec<_> = listing
-        .values
-        .iter()
-        .map(|kv| (kv.key.clone(), kv.value.clone()))
-        .collect();
-    let got: Vec<_> = mirror
-        .values("")
-        .filter(|(k, _, _)| k.as_str().starts_with(p))
-        .map(|(k, v, _)| (k.clone(), v.clone()))
-        .collect();
-    assert_eq!(got, want, "consumer state differs from NATS under {p}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
