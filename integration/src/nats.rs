@@ -27,6 +27,8 @@ pub struct NatsServer {
     port: u16,
     dir: TempDir,
     extra: Vec<String>,
+    /// CA certificate the readiness probe trusts, for a server serving TLS.
+    roots: Option<PathBuf>,
 }
 
 /// The nats-server binary to use: 2.11 or newer.
@@ -86,8 +88,24 @@ impl NatsServer {
         Self::start_on(None, extra).await
     }
 
+    /// Starts nats-server serving clients over TLS only, with the PEM files `cert` and
+    /// `key`; `ca` is the CA that signed `cert`.
+    pub async fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Result<NatsServer, HarnessError> {
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let args = ["--tls", "--tlscert", &cert, "--tlskey", &key];
+        Self::launch(None, &args, Some(ca.to_owned())).await
+    }
+
     /// Like [`start_with`](Self::start_with), on `port` if given.
     pub async fn start_on(port: Option<u16>, extra: &[&str]) -> Result<NatsServer, HarnessError> {
+        Self::launch(port, extra, None).await
+    }
+
+    async fn launch(
+        port: Option<u16>,
+        extra: &[&str],
+        roots: Option<PathBuf>,
+    ) -> Result<NatsServer, HarnessError> {
         let binary = nats_binary()?;
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut last = None;
@@ -105,6 +123,7 @@ impl NatsServer {
                 port,
                 dir,
                 extra: extra.clone(),
+                roots: roots.clone(),
             };
             match server.wait_ready().await {
                 Ok(()) => return Ok(server),
@@ -155,6 +174,9 @@ impl NatsServer {
         let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(1));
         if let (Some(user), Some(pass)) = (arg("--user"), arg("--pass")) {
             opts = opts.user_and_password(user, pass);
+        }
+        if let Some(ca) = &self.roots {
+            opts = opts.require_tls(true).add_root_certificates(ca.clone());
         }
         let Ok(client) = opts.connect(self.url()).await else {
             return false;

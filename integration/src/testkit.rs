@@ -1,5 +1,8 @@
 //! Helpers shared by the transport tests (they panic: a failed helper is a failed test).
 
+use std::path::Path;
+use std::process::Command;
+
 use datasync::testing::next_event;
 use datasync::{Event, Key, Mirror, Prefix, ReadOptions, Watch, Writer};
 
@@ -35,4 +38,82 @@ pub async fn assert_same<S: Writer>(store: &S, mirror: &Mirror, p: &str) {
         .map(|(k, v, _)| (k.clone(), v.clone()))
         .collect();
     assert_eq!(got, want, "consumer state differs from the store under {p}");
+}
+
+/// Runs `openssl` with `args` in `dir`; fails clearly if it is not installed.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run `openssl` ({e}): install it with `apt-get install openssl`")
+        });
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes, in `dir`, a test CA (`ca.crt`, `ca.key`) and a server certificate it signed
+/// for 127.0.0.1 (`server.crt`, `server.key`), with the `openssl` CLI.
+pub fn certificates(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=datasync test CA",
+    ];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req", "-subj", "/CN=127.0.0.1"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap_or_else(|e| panic!("write {}: {e}", dir.display()));
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.crt",
+            "-extfile",
+            "ext",
+        ],
+    );
 }

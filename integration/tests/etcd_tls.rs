@@ -3,92 +3,14 @@
 #![cfg(feature = "tls")]
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use datasync::testing::next_event;
 use datasync::{Key, Prefix, PutOptions, ReadOptions, WatchOptions, Watcher, Writer};
 use datasync_etcd::{EtcdConfig, EtcdStore};
 use datasync_integration::EtcdServer;
+use datasync_integration::testkit::certificates;
 use etcd_client::{Certificate, TlsOptions};
-
-/// Runs `openssl` with `args` in `dir`; fails clearly if it is not installed.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `openssl` ({e}): install it with `apt-get install openssl`")
-        });
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, and a server certificate it signed for 127.0.0.1.
-fn certificates(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=datasync test CA",
-    ];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    openssl(dir, &ca);
-    let mut csr = vec!["req", "-subj", "/CN=127.0.0.1"];
-    csr.extend(ec);
-    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
-    openssl(dir, &csr);
-    std::fs::write(
-        dir.join("ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            "server.crt",
-            "-extfile",
-            "ext",
-        ],
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_and_watches_over_tls_and_refuses_an_unknown_server() {

@@ -391,3 +391,33 @@ async fn an_unreachable_server_is_retryable_or_waited_for() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_trusted_ca_works_and_an_untrusted_server_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    datasync_integration::testkit::certificates(dir.path());
+    let file = |f: &str| dir.path().join(f);
+    let nats = NatsServer::start_tls(&file("server.crt"), &file("server.key"), &file("ca.crt"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let store = NatsStore::connect(NatsConfig::new([nats.url()]).with_tls(Some(file("ca.crt"))))
+        .await
+        .unwrap();
+    let r = store
+        .put(&key("tls/k"), "secret".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let mut w = store
+        .watch("tls", &[prefix("tls/")], WatchOptions::default())
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    assert_eq!(ev.revision(), r);
+    ev.into_done().ok();
+    // A client that does not trust the test CA must not get through.
+    let untrusting = NatsStore::connect(NatsConfig::new([nats.url()]).with_tls(None)).await;
+    assert!(
+        untrusting.is_err(),
+        "connected without trusting the server's CA"
+    );
+}
