@@ -75,5 +75,7 @@ say "cargo test (unit, conformance, doc tests)"
 cargo test --workspace --all-features
 
 say "examples"
-cargo run --quiet -p datasync-examples --bin local >/dev/null
-echo "example local: ok"
+for example in quickstart local; do
+  cargo run --quiet -p datasync-examples --bin "$example" >/dev/null
+  echo "example $example: ok"
+done
