@@ -22,12 +22,30 @@ pub trait Handler: Send + Sync + 'static {
 pub struct PluginContext {
     /// Where the plugin writes.
     pub writer: Arc<dyn Writer>,
+    /// Every plugin's settings (e.g. its section of the agent's config file), by plugin
+    /// name.
+    pub settings: Arc<BTreeMap<String, serde_json::Value>>,
 }
 
 impl PluginContext {
-    /// A context writing to `writer`.
+    /// A context writing to `writer`, with no settings.
     pub fn new(writer: Arc<dyn Writer>) -> Self {
-        PluginContext { writer }
+        PluginContext {
+            writer,
+            settings: Arc::default(),
+        }
+    }
+
+    /// Sets every plugin's settings.
+    #[must_use]
+    pub fn with_settings(mut self, settings: BTreeMap<String, serde_json::Value>) -> Self {
+        self.settings = Arc::new(settings);
+        self
+    }
+
+    /// The settings of plugin `name` (`Null` if it has none).
+    pub fn settings_for(&self, name: &str) -> &serde_json::Value {
+        self.settings.get(name).unwrap_or(&serde_json::Value::Null)
     }
 }
 

@@ -1,0 +1,168 @@
+//! The status endpoint: `/healthz`, `/readyz`, `/status` (JSON), `/metrics`
+//! (Prometheus text).
+
+use std::fmt::Write as _;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use datasync::coordinator::{CoordinatorStatus, PluginState, PluginStatus};
+use serde::Serialize;
+use tokio::sync::watch;
+
+type Status = watch::Receiver<CoordinatorStatus>;
+
+/// A metric family over plugins: name, type, help, value.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&PluginStatus) -> u64,
+);
+
+pub(crate) fn router(status: Status) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status_json))
+        .route("/metrics", get(metrics))
+        .with_state(status)
+}
+
+fn state_name(s: PluginState) -> &'static str {
+    match s {
+        PluginState::Pending => "pending",
+        PluginState::Resyncing => "resyncing",
+        PluginState::Ready => "ready",
+        PluginState::Failed => "failed",
+        PluginState::TimedOut => "timed_out",
+        _ => "unknown",
+    }
+}
+
+/// Ready once a first pass has finished and every plugin took its resync.
+pub(crate) fn is_ready(s: &CoordinatorStatus) -> bool {
+    s.passes > 0 && s.plugins.iter().all(|p| p.state == PluginState::Ready)
+}
+
+async fn readyz(State(status): State<Status>) -> Response {
+    let s = status.borrow().clone();
+    if is_ready(&s) {
+        return (StatusCode::OK, "ready\n").into_response();
+    }
+    let waiting: Vec<String> = s
+        .plugins
+        .iter()
+        .filter(|p| p.state != PluginState::Ready)
+        .map(|p| format!("{}: {}", p.name, state_name(p.state)))
+        .collect();
+    let body = format!("not ready ({} passes): {}\n", s.passes, waiting.join(", "));
+    (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+}
+
+#[derive(Serialize)]
+struct StatusBody {
+    ready: bool,
+    passes: u64,
+    plugins: Vec<PluginBody>,
+}
+
+#[derive(Serialize)]
+struct PluginBody {
+    name: String,
+    state: &'static str,
+    revision: u64,
+    resyncs: u64,
+    changes: u64,
+    failures: u64,
+    last_error: Option<ErrorBody>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    revision: u64,
+    error: String,
+}
+
+async fn status_json(State(status): State<Status>) -> Response {
+    let s = status.borrow().clone();
+    let body = StatusBody {
+        ready: is_ready(&s),
+        passes: s.passes,
+        plugins: s
+            .plugins
+            .iter()
+            .map(|p| PluginBody {
+                name: p.name.clone(),
+                state: state_name(p.state),
+                revision: p.revision.0,
+                resyncs: p.resyncs,
+                changes: p.changes,
+                failures: p.failures,
+                last_error: p.last_error.as_ref().map(|(r, e)| ErrorBody {
+                    revision: r.0,
+                    error: e.to_string(),
+                }),
+            })
+            .collect(),
+    };
+    axum::Json(body).into_response()
+}
+
+async fn metrics(State(status): State<Status>) -> Response {
+    let s = status.borrow().clone();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP datasync_resync_passes_total Completed resync passes."
+    );
+    let _ = writeln!(out, "# TYPE datasync_resync_passes_total counter");
+    let _ = writeln!(out, "datasync_resync_passes_total {}", s.passes);
+    let families: [Family; 5] = [
+        (
+            "datasync_plugin_resyncs_total",
+            "counter",
+            "Resyncs handed to the plugin.",
+            |p| p.resyncs,
+        ),
+        (
+            "datasync_plugin_changes_total",
+            "counter",
+            "Change events handed to the plugin.",
+            |p| p.changes,
+        ),
+        (
+            "datasync_plugin_errors_total",
+            "counter",
+            "Events the plugin failed, timed out or dropped.",
+            |p| p.failures,
+        ),
+        (
+            "datasync_plugin_revision",
+            "gauge",
+            "Revision of the last event the plugin answered with success.",
+            |p| p.revision.0,
+        ),
+        (
+            "datasync_plugin_ready",
+            "gauge",
+            "1 if the plugin took its last resync and receives changes.",
+            |p| u64::from(p.state == PluginState::Ready),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for p in &s.plugins {
+            let _ = writeln!(
+                out,
+                "{name}{{plugin=\"{}\"}} {}",
+                p.name.replace('"', "\\\""),
+                value(p)
+            );
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

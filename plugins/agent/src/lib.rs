@@ -1,0 +1,67 @@
+//! datasync-agent: the runtime that runs an agent's plugins.
+//!
+//! An agent binary links its plugin crates (each registers itself with
+//! `datasync::register_plugin!`; a crate nothing references is not linked, so the binary
+//! names each one: `use my_plugin as _;`), reads its [`AgentConfig`], and runs:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use datasync_agent::{Agent, AgentConfig};
+//!
+//! let config = AgentConfig::load(Some("agent.toml".as_ref()))?; // plus DATASYNC__… overrides
+//! let agent = Agent::start(config).await?; // the embedded raft store in ./data by default
+//! agent.ready().await; // every plugin took its first resync
+//! agent.run_until_signal().await?; // SIGINT / SIGTERM: graceful shutdown
+//! # Ok(()) }
+//! ```
+//!
+//! What it does: opens the store the config names ([`AnyStore`]: the embedded raft
+//! store, NATS, or etcd with the `etcd` feature); hands every plugin factory a
+//! `PluginContext` (a writer on the store and the plugin's `[plugins.<name>]` settings);
+//! runs the resync coordinator over all of them in dependency order; serves `/healthz`,
+//! `/readyz` (200 once every plugin took its resync), `/status` (JSON, per plugin: state,
+//! revision, counts, last error) and `/metrics` (Prometheus text) if `[http] listen` is
+//! set; and on shutdown stops feeding plugins, closes the watch and closes the store.
+
+mod config;
+mod http;
+mod runtime;
+mod store;
+
+pub use config::{AgentConfig, ConfigError, CoordinatorSettings, HttpConfig, StoreConfig};
+pub use runtime::Agent;
+pub use store::AnyStore;
+
+/// The agent could not start or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The embedded raft store could not be opened.
+    #[error("cannot open the embedded raft store")]
+    Raft(#[from] datasync_raft::OpenError),
+    /// The store could not be reached.
+    #[error("cannot connect to the store")]
+    Store(#[from] datasync::StoreError),
+    /// This build has no support for the configured store.
+    #[error("this agent was built without the {0} transport (enable the cargo feature `{0}`)")]
+    NotBuiltIn(&'static str),
+    /// The plugins cannot run (duplicates, missing dependencies, cycles) or the
+    /// coordinator could not watch the store.
+    #[error(transparent)]
+    Coordinator(#[from] datasync::coordinator::CoordinatorError),
+    /// The status endpoint could not listen.
+    #[error("cannot serve HTTP on {addr}")]
+    Http {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot wait for signals")]
+    Signal(#[source] std::io::Error),
+}

@@ -1,0 +1,168 @@
+//! [`Agent`]: the store, the coordinator with every plugin, the status endpoint.
+
+use std::net::SocketAddr;
+
+use datasync::coordinator::{
+    Coordinator, CoordinatorConfig, CoordinatorHandle, CoordinatorStatus, PluginContext,
+    PluginSpec, Registry,
+};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::{AgentConfig, AgentError, AnyStore};
+
+/// A running agent. Stop it with [`Agent::shutdown`] (or run it with
+/// [`Agent::run_until_signal`]).
+#[derive(Debug)]
+pub struct Agent {
+    store: AnyStore,
+    coordinator: CoordinatorHandle,
+    http: Option<Http>,
+}
+
+#[derive(Debug)]
+struct Http {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Agent {
+    /// Opens the store, orders every plugin linked in with `datasync::register_plugin!`
+    /// (dependencies first, then by name) and starts feeding them; serves the status
+    /// endpoint if configured. Returns once the coordinator runs: wait for
+    /// [`ready`](Self::ready) to know the first resync is done.
+    pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
+        Self::start_with(config, |_| Vec::new()).await
+    }
+
+    /// Like [`start`](Self::start), with plugins made at run time as well.
+    pub async fn start_with(
+        config: AgentConfig,
+        plugins: impl FnOnce(&PluginContext) -> Vec<PluginSpec>,
+    ) -> Result<Agent, AgentError> {
+        let store = AnyStore::open(&config.store).await?;
+        let ctx = PluginContext::new(store.writer()).with_settings(config.plugins.clone());
+        let mut registry = Registry::from_inventory(&ctx)
+            .map_err(datasync::coordinator::CoordinatorError::from)?;
+        for spec in plugins(&ctx) {
+            registry.add(spec);
+        }
+        let names = registry.names().join(", ");
+        if names.is_empty() {
+            tracing::warn!("no plugins found: is every plugin crate referenced by the binary?");
+        } else {
+            tracing::info!(plugins = %names, "plugins found");
+        }
+        let cc = CoordinatorConfig::default().timeouts(
+            config.coordinator.resync_timeout(),
+            config.coordinator.change_timeout(),
+        );
+        let coordinator = match Coordinator::start(store.watcher(), registry, cc).await {
+            Ok(c) => c,
+            Err(e) => {
+                store.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        let http = match config.http.listen {
+            None => None,
+            Some(addr) => match serve(addr, coordinator.subscribe()).await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    coordinator.shutdown().await;
+                    store.shutdown().await;
+                    return Err(e);
+                }
+            },
+        };
+        Ok(Agent {
+            store,
+            coordinator,
+            http,
+        })
+    }
+
+    /// Every plugin's status.
+    pub fn status(&self) -> CoordinatorStatus {
+        self.coordinator.status()
+    }
+
+    /// Resolves once the first resync pass is done.
+    pub async fn ready(&self) {
+        self.coordinator.ready().await
+    }
+
+    /// The coordinator (request resyncs, subscribe to status).
+    pub fn coordinator(&self) -> &CoordinatorHandle {
+        &self.coordinator
+    }
+
+    /// The store.
+    pub fn store(&self) -> &AnyStore {
+        &self.store
+    }
+
+    /// Where the status endpoint listens.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|h| h.addr)
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down.
+    pub async fn run_until_signal(self) -> Result<(), AgentError> {
+        wait_for_signal().await?;
+        tracing::info!("signal received: shutting down");
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// Stops feeding plugins (the event in hand is answered or times out first), closes
+    /// the watch, stops the status endpoint and closes the store (the raft store
+    /// flushes).
+    pub async fn shutdown(self) {
+        self.coordinator.shutdown().await;
+        if let Some(h) = self.http {
+            let _ = h.stop.send(());
+            let _ = h.task.await;
+        }
+        self.store.shutdown().await;
+    }
+}
+
+async fn serve(
+    addr: SocketAddr,
+    status: tokio::sync::watch::Receiver<CoordinatorStatus>,
+) -> Result<Http, AgentError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Http { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| AgentError::Http { addr, source })?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let app = crate::http::router(status);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, "status endpoint listening");
+    Ok(Http { addr, stop, task })
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> Result<(), AgentError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.map_err(AgentError::Signal),
+        _ = term.recv() => Ok(()),
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> Result<(), AgentError> {
+    tokio::signal::ctrl_c().await.map_err(AgentError::Signal)
+}
