@@ -1,0 +1,214 @@
+//! The agent and the CLI as separate processes, on a real nats-server: a put through
+//! the CLI reaches the file-mirror plugin's directory, `/readyz`, `/status` and
+//! `/metrics` say so, a delete removes the file, SIGTERM shuts the agent down cleanly.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use datasync_integration::{NatsServer, free_port};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_datasync");
+
+/// `GET path` on `addr`: status code and body.
+async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_owned();
+    Some((code, body))
+}
+
+async fn eventually<F: Fn() -> bool>(what: &str, f: F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn cli(store: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Kills the agent if the test fails before it is stopped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
+    let nats = NatsServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("mirror");
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nkind = \"nats\"\nservers = [\"{}\"]\n[http]\nlisten = \"{addr}\"\n\
+             [plugins.file-mirror]\ndir = {:?}\n",
+            nats.url(),
+            mirror.display().to_string()
+        ),
+    )
+    .unwrap();
+    // Something stale in the mirror: the first resync removes it.
+    std::fs::create_dir_all(&mirror).unwrap();
+    std::fs::write(mirror.join("stale"), "old").unwrap();
+
+    let mut agent = Running(
+        Command::new(BIN)
+            .args(["agent", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((200, body)) = http_get(&addr, "/readyz").await {
+            assert_eq!(body, "ready\n");
+            break;
+        }
+        assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
+        assert!(Instant::now() < deadline, "/readyz never said ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(http_get(&addr, "/healthz").await.unwrap().0, 200);
+    assert!(
+        !mirror.join("stale").exists(),
+        "the resync removes files whose keys are gone"
+    );
+
+    let store = nats.url();
+    let put = cli(&store, &["put", "files/etc/motd", "hello"]);
+    assert!(put.status.success(), "{put:?}");
+    let rev: u64 = String::from_utf8(put.stdout)
+        .unwrap()
+        .trim()
+        .trim_start_matches('r')
+        .parse()
+        .unwrap();
+    let motd = mirror.join("etc/motd");
+    eventually("the file appears", || {
+        std::fs::read_to_string(&motd).is_ok_and(|t| t == "hello")
+    })
+    .await;
+
+    let (code, body) = http_get(&addr, "/status").await.unwrap();
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let plugin = &status["plugins"][0];
+    assert_eq!(status["ready"], true);
+    assert_eq!(plugin["name"], "file-mirror");
+    assert_eq!(plugin["state"], "ready");
+    assert_eq!(plugin["changes"], 1);
+    assert_eq!(plugin["revision"], rev);
+    let (_, metrics) = http_get(&addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("datasync_plugin_changes_total{plugin=\"file-mirror\"} 1"),
+        "{metrics}"
+    );
+
+    // A key the plugin cannot mirror is refused through Done, and shows in /status.
+    let bad = cli(&store, &["put", "files/a//b", "x"]);
+    assert!(bad.status.success());
+    let failed = || async {
+        let (_, body) = http_get(&addr, "/status").await.unwrap();
+        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+        s["plugins"][0]["failures"] == 1
+            && s["plugins"][0]["last_error"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("empty path segment"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !failed().await {
+        assert!(
+            Instant::now() < deadline,
+            "the refusal never showed in /status"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let del = cli(&store, &["del", "files/etc/motd"]);
+    assert!(del.status.success(), "{del:?}");
+    eventually("the file is removed", || !motd.exists()).await;
+
+    // SIGTERM: a clean, prompt exit.
+    let pid = agent.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = agent.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the agent ignored SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "the agent exited with {status}");
+    assert!(
+        http_get(&addr, "/healthz").await.is_none(),
+        "the endpoint is closed"
+    );
+}
+
+#[test]
+fn a_bad_config_names_the_file_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "[store]\nkind = \"raft\"\ndirectory = \"x\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["agent", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&config.display().to_string()) && err.contains("directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_exit_codes_a_script_can_rely_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("raft:{}", dir.path().join("data").display());
+    let code = |args: &[&str]| cli(&store, args).status.code();
+    assert_eq!(code(&["put", "k", "v"]), Some(0));
+    assert_eq!(code(&["get", "k"]), Some(0));
+    assert_eq!(code(&["get", "missing"]), Some(3));
+    assert_eq!(code(&["cas", "k", "w", "--expect", "999"]), Some(4));
+    assert_eq!(code(&["cas", "k", "w", "--expect", "1"]), Some(0));
+    assert_eq!(code(&["cas", "new", "n", "--absent"]), Some(0));
+    assert_eq!(code(&["get", ""]), Some(1), "an empty key is an error");
+    assert_eq!(code(&["put", "k"]), Some(2), "bad usage");
+    let out = cli(&store, &["--output", "json", "ls", ""]);
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listing["values"].as_array().unwrap().len(), 2);
+    assert!(Path::new(&dir.path().join("data")).exists());
+}
