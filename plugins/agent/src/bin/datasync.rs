@@ -15,6 +15,8 @@
 //! (`?bucket=NAME`, default `datasync`), or `etcd://HOST:PORT` when built with the
 //! `etcd` feature.
 //!
+//! Logs go to stderr, filtered by `RUST_LOG` (default `info` for `agent`, `warn` else).
+//!
 //! Exit codes: 0 done; 1 the store or the agent failed; 2 bad usage; 3 the key does not
 //! exist (`get`); 4 the compare-and-swap found another revision (`cas`).
 
@@ -362,6 +364,18 @@ async fn watch(
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr; RUST_LOG picks what (default: info for the agent, warn else).
+    let default = if matches!(cli.command, Command::Agent { .. }) {
+        "info,openraft=warn"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::NotFound) => ExitCode::from(3),
