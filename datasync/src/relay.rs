@@ -92,6 +92,7 @@ impl Relay {
     /// Cancel safe.
     pub async fn reserve(&self) -> Option<Permit<'_>> {
         tokio::select! {
+            biased;
             _ = self.reg.closed() => None,
             p = self.tx.reserve() => p.ok().map(Permit),
         }
