@@ -49,7 +49,8 @@ mod run;
 mod status;
 
 pub use registry::{
-    Handler, PluginContext, PluginRegistration, PluginSpec, Registry, RegistryError,
+    Handler, Plugin, PluginContext, PluginHandler, PluginRegistration, PluginSpec, Registry,
+    RegistryError,
 };
 pub use run::{Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorHandle, ResyncTrigger};
 pub use status::{CoordinatorStatus, PluginState, PluginStatus};

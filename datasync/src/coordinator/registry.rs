@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
-use crate::{Event, KeyError, Prefix, Writer};
+use crate::{BoxError, Change, Event, KeyError, Prefix, Resync, Writer};
 
 /// What a plugin does with its events. Answer every event's `Done`: the coordinator waits
 /// for it (with a timeout) before it moves on to the next plugin.
@@ -14,6 +14,56 @@ pub trait Handler: Send + Sync + 'static {
     /// [`crate::Change`] restricted to them. The `Done` may be answered after this
     /// returns (e.g. from a spawned task).
     async fn handle(&self, event: Event);
+
+    /// Called once when the coordinator shuts down, after the last event, dependents
+    /// before what they depend on. Release what the plugin holds here.
+    async fn close(&self) {}
+}
+
+/// A plugin's logic, for plugins that answer each event from a result: [`PluginHandler`]
+/// answers the `Done` with it (`Err` fails the event, and the coordinator records the
+/// error in the plugin's status).
+#[async_trait::async_trait]
+pub trait Plugin: Send + Sync + 'static {
+    /// Replaces the plugin's state with the resync's values.
+    async fn resync(&self, resync: &Resync) -> Result<(), BoxError>;
+
+    /// Applies one transaction's changes.
+    async fn change(&self, change: &Change) -> Result<(), BoxError>;
+
+    /// See [`Handler::close`].
+    async fn close(&self) {}
+}
+
+/// The [`Handler`] of a [`Plugin`].
+#[derive(Debug)]
+pub struct PluginHandler<P>(pub P);
+
+impl<P: Plugin> PluginHandler<P> {
+    /// `plugin` as a shared handler, for a [`PluginSpec`] or a plugin factory.
+    pub fn shared(plugin: P) -> Arc<dyn Handler> {
+        Arc::new(PluginHandler(plugin))
+    }
+}
+
+#[async_trait::async_trait]
+impl<P: Plugin> Handler for PluginHandler<P> {
+    async fn handle(&self, event: Event) {
+        match event {
+            Event::Resync(r) => match self.0.resync(&r).await {
+                Ok(()) => r.done.ok(),
+                Err(e) => r.done.fail(e),
+            },
+            Event::Change(c) => match self.0.change(&c).await {
+                Ok(()) => c.done.ok(),
+                Err(e) => c.done.fail(e),
+            },
+        }
+    }
+
+    async fn close(&self) {
+        self.0.close().await
+    }
 }
 
 /// What a plugin factory gets.

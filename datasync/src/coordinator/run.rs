@@ -268,6 +268,17 @@ impl Runner {
                 Some(Ok(Event::Change(c))) => self.change(c).await,
             }
         }
+        drop(watch);
+        // Dependents first: a plugin closes while what it depends on is still open.
+        for plugin in self.plugins.iter().rev() {
+            let close = plugin.spec.handler.close();
+            if tokio::time::timeout(self.config.change_timeout, close)
+                .await
+                .is_err()
+            {
+                warn!(plugin = %plugin.spec.name, "close timed out");
+            }
+        }
     }
 
     /// One resync pass: every plugin in order, each with its own prefixes. Returns

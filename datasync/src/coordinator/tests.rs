@@ -391,3 +391,79 @@ fn public_futures_and_streams_are_send(store: &Local) {
     send_only::<crate::Event>();
     let _ = ResyncReason::Initial;
 }
+
+/// A [`Plugin`] that refuses values equal to "bad" and logs its close.
+struct Strict {
+    name: &'static str,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+#[async_trait::async_trait]
+impl Plugin for Strict {
+    async fn resync(&self, _: &crate::Resync) -> Result<(), crate::BoxError> {
+        Ok(())
+    }
+
+    async fn change(&self, c: &crate::Change) -> Result<(), crate::BoxError> {
+        match c.changes.iter().find(|kc| kc.value == Some("bad".into())) {
+            Some(kc) => Err(format!("{} refuses {}", self.name, kc.key).into()),
+            None => Ok(()),
+        }
+    }
+
+    async fn close(&self) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("{}:close", self.name));
+    }
+}
+
+#[tokio::test]
+async fn plugin_results_answer_done_and_shutdown_closes_dependents_first() {
+    let store = Local::new();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let strict = |name| {
+        PluginHandler::shared(Strict {
+            name,
+            log: log.clone(),
+        })
+    };
+    let mut registry = Registry::new();
+    registry.add(PluginSpec::new(
+        "base",
+        vec![Prefix::new("a/").unwrap()],
+        strict("base"),
+    ));
+    registry
+        .add(PluginSpec::new("top", vec![Prefix::new("b/").unwrap()], strict("top")).after("base"));
+    let c = Coordinator::start(&store, registry, CoordinatorConfig::default())
+        .await
+        .unwrap();
+    c.ready().await;
+    store
+        .put(&Key::new("a/x").unwrap(), "bad".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let r = store
+        .put(&Key::new("b/x").unwrap(), "fine".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let mut rx = c.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|s| s.plugin("top").is_some_and(|p| p.revision == r)),
+    )
+    .await
+    .expect("deadlock")
+    .unwrap();
+    let st = c.status();
+    let base = st.plugin("base").unwrap();
+    assert_eq!(base.failures, 1);
+    assert!(
+        matches!(&base.last_error, Some((_, DoneError::Failed(e))) if e.to_string() == "base refuses a/x")
+    );
+    assert_eq!(st.plugin("top").unwrap().failures, 0);
+    c.shutdown().await;
+    assert_eq!(*log.lock().unwrap(), ["top:close", "base:close"]);
+}

@@ -15,10 +15,9 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use datasync::coordinator::{Handler, PluginContext};
-use datasync::{Event, Key, Op, Value};
+use datasync::coordinator::{Plugin, PluginContext, PluginHandler};
+use datasync::{BoxError, Change, Key, Op, Resync, Value};
 
 /// The plugin's name.
 pub const NAME: &str = "file-mirror";
@@ -30,7 +29,7 @@ datasync::register_plugin! {
     name: NAME,
     deps: [],
     prefixes: [PREFIX],
-    factory: |ctx: &PluginContext| Arc::new(FileMirror::from_settings(ctx.settings_for(NAME))),
+    factory: |ctx: &PluginContext| PluginHandler::shared(FileMirror::from_settings(ctx.settings_for(NAME))),
 }
 
 /// Why an event could not be mirrored.
@@ -171,58 +170,37 @@ fn remove_others(dir: &Path, keep: &BTreeSet<PathBuf>) -> Result<(), MirrorError
 }
 
 #[async_trait::async_trait]
-impl Handler for FileMirror {
-    async fn handle(&self, event: Event) {
-        let dir = match self.dir() {
-            Ok(d) => d.to_owned(),
-            Err(e) => return event.into_done().fail(e),
-        };
-        match event {
-            Event::Resync(r) => {
-                let files: Result<Vec<_>, _> = r
-                    .values()
-                    .map(|kv| Ok((Self::path_of(&dir, &kv.key)?, kv.value.clone())))
-                    .collect();
-                let result = match files {
-                    Ok(files) => blocking(move || Self::resync(&dir, files)).await,
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(()) => {
-                        tracing::debug!(files = r.len(), revision = %r.revision, "mirror resynced");
-                        r.done.ok()
-                    }
-                    Err(e) => r.done.fail(e),
+impl Plugin for FileMirror {
+    async fn resync(&self, r: &Resync) -> Result<(), BoxError> {
+        let dir = self.dir()?.to_owned();
+        let files = r
+            .values()
+            .map(|kv| Ok((Self::path_of(&dir, &kv.key)?, kv.value.clone())))
+            .collect::<Result<Vec<_>, MirrorError>>()?;
+        let n = files.len();
+        blocking(move || Self::resync(&dir, files)).await?;
+        tracing::debug!(files = n, revision = %r.revision, "mirror resynced");
+        Ok(())
+    }
+
+    async fn change(&self, c: &Change) -> Result<(), BoxError> {
+        let dir = self.dir()?.to_owned();
+        let ops = c
+            .changes
+            .iter()
+            .map(|kc| Ok((Self::path_of(&dir, &kc.key)?, kc.op, kc.value.clone())))
+            .collect::<Result<Vec<_>, MirrorError>>()?;
+        blocking(move || {
+            for (path, op, value) in ops {
+                match (op, value) {
+                    (Op::Put, Some(v)) => write_atomic(&path, v.as_bytes())?,
+                    _ => remove(&path)?,
                 }
             }
-            Event::Change(c) => {
-                let ops: Result<Vec<_>, _> = c
-                    .changes
-                    .iter()
-                    .map(|kc| Ok((Self::path_of(&dir, &kc.key)?, kc.op, kc.value.clone())))
-                    .collect();
-                let result = match ops {
-                    Ok(ops) => {
-                        blocking(move || {
-                            for (path, op, value) in ops {
-                                match (op, value) {
-                                    (Op::Put, Some(v)) => write_atomic(&path, v.as_bytes())?,
-                                    _ => remove(&path)?,
-                                }
-                            }
-                            Ok(())
-                        })
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(()) => c.done.ok(),
-                    Err(e) => c.done.fail(e),
-                }
-            }
-            other => other.into_done().ok(),
-        }
+            Ok(())
+        })
+        .await?;
+        Ok(())
     }
 }
 
