@@ -291,19 +291,22 @@ impl Runner {
             let groups = slice(&r.prefixes, &plugin.set);
             self.update(i, |s| s.state = PluginState::Resyncing);
             let mut outcome = Err(DoneError::Dropped);
+            let mut took = Duration::ZERO;
             for attempt in 1..=self.config.resync_attempts {
                 if attempt > 1 {
                     tokio::time::sleep(self.config.retry_backoff).await;
                 }
                 let (d, waiter) = Done::channel();
                 let ev = Resync::new(r.source.clone(), r.revision, r.reason, groups.clone(), d);
-                outcome = deliver(
+                let elapsed;
+                (outcome, elapsed) = deliver(
                     &*plugin.spec.handler,
                     Event::Resync(ev),
                     waiter,
                     self.config.resync_timeout,
                 )
                 .await;
+                took += elapsed;
                 match &outcome {
                     Ok(()) => break,
                     Err(e) => {
@@ -312,7 +315,7 @@ impl Runner {
                 }
             }
             self.update(i, |s| {
-                s.record(r.revision, &outcome);
+                s.record(r.revision, &outcome, took);
                 s.resyncs += 1;
                 s.state = match &outcome {
                     Ok(()) => PluginState::Ready,
@@ -349,7 +352,7 @@ impl Runner {
             let plugin = &self.plugins[i];
             let (d, waiter) = Done::channel();
             let ev = Change::new(c.source.clone(), c.revision, changes, d);
-            let outcome = deliver(
+            let (outcome, took) = deliver(
                 &*plugin.spec.handler,
                 Event::Change(ev),
                 waiter,
@@ -360,7 +363,7 @@ impl Runner {
                 warn!(plugin = %plugin.spec.name, revision = %c.revision, error = %e, "change failed");
             }
             self.update(i, |s| {
-                s.record(c.revision, &outcome);
+                s.record(c.revision, &outcome, took);
                 s.changes += 1;
             });
             done.complete(outcome);
@@ -373,20 +376,25 @@ impl Runner {
 }
 
 /// Hands `event` to `handler` and waits for its answer, up to `timeout`.
+/// Hands `event` to `handler` and waits for its answer; returns it and how long it took.
 async fn deliver(
     handler: &dyn super::Handler,
     event: Event,
     waiter: crate::DoneWaiter,
     timeout: Duration,
-) -> Result<(), DoneError> {
+) -> (Result<(), DoneError>, Duration) {
     let started = Instant::now();
     let answered = tokio::time::timeout(timeout, async {
         handler.handle(event).await;
         waiter.await
     })
     .await;
-    debug!(elapsed = ?started.elapsed(), "answered");
-    answered.unwrap_or(Err(DoneError::TimedOut(timeout)))
+    let elapsed = started.elapsed();
+    debug!(?elapsed, "answered");
+    (
+        answered.unwrap_or(Err(DoneError::TimedOut(timeout))),
+        elapsed,
+    )
 }
 
 /// The values of `snapshot` under `set`'s prefixes, grouped per prefix.

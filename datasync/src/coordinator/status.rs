@@ -1,5 +1,7 @@
 //! Observable state of the coordinator and its plugins.
 
+use std::time::Duration;
+
 use crate::{DoneError, Revision};
 
 /// Where a plugin stands.
@@ -36,6 +38,9 @@ pub struct PluginStatus {
     pub failures: u64,
     /// The latest failure, with the revision of its event.
     pub last_error: Option<(Revision, DoneError)>,
+    /// Time from handing over an event to its answer (or timeout), summed over every
+    /// event (all attempts of a resync together).
+    pub answer_time: Duration,
 }
 
 impl PluginStatus {
@@ -48,10 +53,17 @@ impl PluginStatus {
             changes: 0,
             failures: 0,
             last_error: None,
+            answer_time: Duration::ZERO,
         }
     }
 
-    pub(super) fn record(&mut self, revision: Revision, outcome: &Result<(), DoneError>) {
+    pub(super) fn record(
+        &mut self,
+        revision: Revision,
+        outcome: &Result<(), DoneError>,
+        took: Duration,
+    ) {
+        self.answer_time += took;
         match outcome {
             Ok(()) => self.revision = revision,
             Err(e) => {

@@ -42,6 +42,13 @@ fn state_name(s: PluginState) -> &'static str {
     }
 }
 
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// Ready once a first pass has finished and every plugin took its resync.
 pub(crate) fn is_ready(s: &CoordinatorStatus) -> bool {
     s.passes > 0 && s.plugins.iter().all(|p| p.state == PluginState::Ready)
@@ -74,6 +81,7 @@ struct PluginBody {
     name: String,
     state: &'static str,
     revision: u64,
+    answer_seconds: f64,
     resyncs: u64,
     changes: u64,
     failures: u64,
@@ -98,6 +106,7 @@ async fn status_json(State(status): State<Status>) -> Response {
                 name: p.name.clone(),
                 state: state_name(p.state),
                 revision: p.revision.0,
+                answer_seconds: p.answer_time.as_secs_f64(),
                 resyncs: p.resyncs,
                 changes: p.changes,
                 failures: p.failures,
@@ -156,13 +165,29 @@ async fn metrics(State(status): State<Status>) -> Response {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for p in &s.plugins {
-            let _ = writeln!(
-                out,
-                "{name}{{plugin=\"{}\"}} {}",
-                p.name.replace('"', "\\\""),
-                value(p)
-            );
+            let _ = writeln!(out, "{name}{{plugin=\"{}\"}} {}", label(&p.name), value(p));
         }
     }
+    let name = "datasync_plugin_answer_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time from handing an event to the plugin to its answer."
+    );
+    let _ = writeln!(out, "# TYPE {name} summary");
+    for p in &s.plugins {
+        let plugin = label(&p.name);
+        let sum = p.answer_time.as_secs_f64();
+        let _ = writeln!(out, "{name}_sum{{plugin=\"{plugin}\"}} {sum}");
+        let count = p.resyncs + p.changes;
+        let _ = writeln!(out, "{name}_count{{plugin=\"{plugin}\"}} {count}");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(super::label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 }

@@ -124,9 +124,11 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     assert_eq!(plugin["revision"], rev);
     let (_, metrics) = http_get(&addr, "/metrics").await.unwrap();
     assert!(
-        metrics.contains("datasync_plugin_changes_total{plugin=\"file-mirror\"} 1"),
+        metrics.contains("datasync_plugin_changes_total{plugin=\"file-mirror\"} 1")
+            && metrics.contains("datasync_plugin_answer_seconds_count{plugin=\"file-mirror\"} 2"),
         "{metrics}"
     );
+    assert!(plugin["answer_seconds"].as_f64().unwrap() > 0.0);
 
     // A key the plugin cannot mirror is refused through Done, and shows in /status.
     let bad = cli(&store, &["put", "files/a//b", "x"]);
