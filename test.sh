@@ -79,3 +79,11 @@ for example in quickstart local; do
   cargo run --quiet -p datasync-examples --bin "$example" >/dev/null
   echo "example $example: ok"
 done
+# The NATS example needs a server: one of our own on a free port, stopped on exit.
+nats_dir=$(mktemp -d)
+nats_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$nats_dir/js" >/dev/null 2>&1 &
+nats_pid=$!
+trap 'kill "$nats_pid" 2>/dev/null; rm -rf "$nats_dir"' EXIT
+cargo run --quiet -p datasync-examples --bin nats -- "nats://127.0.0.1:$nats_port" >/dev/null
+echo "example nats: ok"

@@ -229,11 +229,22 @@ pub async fn walkthrough<S: Writer>(
             PutOptions::new(),
         )
         .await?;
-    settle().await;
-    let status = coordinator.status();
-    let routes = status.plugin("routes").ok_or("routes plugin missing")?;
-    if routes.failures != 1 {
-        return Err(format!("the rejection must be reported, got {routes:?}").into());
+    let failures = || {
+        coordinator
+            .status()
+            .plugin("routes")
+            .map_or(0, |p| p.failures)
+    };
+    let reported = async {
+        while failures() == 0 {
+            settle().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reported)
+        .await
+        .map_err(|_| "the rejection was not reported within 10 s")?;
+    if failures() != 1 {
+        return Err(format!("one rejection, {} failures reported", failures()).into());
     }
 
     println!("4. a TTL key expires as a Delete with its previous value");
@@ -241,14 +252,18 @@ pub async fn walkthrough<S: Writer>(
     store
         .put(&key("if/tmp0")?, json(r#"{"mtu":68}"#), ttl)
         .await?;
-    let gone = async {
-        while ifaces.lock().expect("not poisoned").contains_key("tmp0") {
+    let has_tmp0 = || ifaces.lock().expect("not poisoned").contains_key("tmp0");
+    let until = |want: bool| async move {
+        while has_tmp0() != want {
             settle().await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), gone)
+    tokio::time::timeout(Duration::from_secs(10), until(true))
         .await
-        .map_err(|_| "the TTL key did not expire within 10 s")?;
+        .map_err(|_| "the TTL key never arrived")?;
+    tokio::time::timeout(Duration::from_secs(20), until(false))
+        .await
+        .map_err(|_| "the TTL key did not expire within 20 s")?;
 
     println!("5. a prefix delete");
     store.delete(&key("rt/bad")?, DeleteOptions::new()).await?;

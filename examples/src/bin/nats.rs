@@ -1,0 +1,59 @@
+//! The same two dependent plugins on NATS JetStream Key-Value: ordered startup resync,
+//! live changes with previous values, a change rejected through `Done`, a TTL expiry (NATS
+//! TTLs are whole seconds, at least the bucket's marker TTL), a prefix delete (one delete
+//! marker per key), and a resync after the server ends the watch's consumer.
+//!
+//! Run: `cargo run -p datasync-examples --bin nats -- nats://127.0.0.1:4222`
+//! (needs a nats-server 2.11 or newer with JetStream: `nats-server -js`). It works in a
+//! bucket of its own, deleted at the end.
+
+use std::error::Error;
+use std::time::Duration;
+
+use datasync::coordinator::{Coordinator, CoordinatorConfig, PluginState};
+use datasync_examples::{Interfaces, print_status, registry, seed, settle, walkthrough};
+use datasync_nats::{NatsConfig, NatsStore};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    let url = std::env::args()
+        .nth(1)
+        .ok_or("usage: nats nats://HOST:PORT (a nats-server with JetStream)")?;
+    let bucket = format!("example_{}", std::process::id());
+    let config = NatsConfig::new([url.clone()])
+        .with_bucket(bucket.clone())
+        .with_wait_for_server(Duration::from_secs(20));
+    let store = NatsStore::connect(config).await?;
+    println!("NATS bucket {bucket} on {url}");
+    seed(&store).await?;
+    let ifaces = Interfaces::default();
+
+    println!("1. startup: one snapshot, plugins in dependency order");
+    let config = CoordinatorConfig::default().retry_failed_after(None);
+    let coordinator = Coordinator::start(&store, registry(&ifaces)?, config).await?;
+    coordinator.ready().await;
+    walkthrough(&store, &coordinator, &ifaces).await?;
+
+    println!("6. the server ends the watch's consumer: a resync in the same order");
+    let js = async_nats::jetstream::new(store.client().clone());
+    let stream = js.get_stream(format!("KV_{bucket}")).await?;
+    let mut names = stream.consumer_names();
+    while let Some(name) = futures_util::StreamExt::next(&mut names).await {
+        stream.delete_consumer(&name?).await?;
+    }
+    let resynced = async {
+        while coordinator.status().passes < 2 {
+            settle().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), resynced)
+        .await
+        .map_err(|_| "no resync within 20 s after the consumer was deleted")?;
+    print_status(&coordinator);
+    let st = coordinator.status();
+    assert!(st.plugins.iter().all(|p| p.state == PluginState::Ready));
+    coordinator.shutdown().await;
+    js.delete_key_value(&bucket).await?;
+    println!("done");
+    Ok(())
+}
