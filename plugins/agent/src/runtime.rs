@@ -117,8 +117,9 @@ impl Agent {
     }
 
     /// Stops feeding plugins (the event in hand is answered or times out first), closes
-    /// the watch, stops the status endpoint and closes the store (the raft store
-    /// flushes).
+    /// them, closes the watch, stops the status endpoint and shuts the store down (the
+    /// raft store flushes). The embedded store's files close once the last handle to it
+    /// is gone: plugins release their writers in `close`.
     pub async fn shutdown(self) {
         self.coordinator.shutdown().await;
         if let Some(h) = self.http {

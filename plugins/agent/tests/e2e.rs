@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use datasync_integration::{NatsServer, free_port};
+// Linked in, so that its registration is part of the in-process agent below.
+use datasync_file_mirror as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_datasync");
@@ -213,4 +215,118 @@ fn cli_exit_codes_a_script_can_rely_on() {
     let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listing["values"].as_array().unwrap().len(), 2);
     assert!(Path::new(&dir.path().join("data")).exists());
+}
+
+/// In process, on the zero-setup default (the embedded raft store): a run-time plugin
+/// gets its settings and its events, the endpoint reports it, shutdown closes the
+/// plugin and releases the store, which reopens with the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_agent_runs_on_the_embedded_store_and_shuts_down_cleanly() {
+    use std::sync::{Arc, Mutex};
+
+    use datasync::coordinator::{Plugin, PluginHandler, PluginSpec};
+    use datasync::{BoxError, Change, Key, Prefix, PutOptions, ReadOptions, Resync};
+    use datasync_agent::{Agent, AgentConfig};
+
+    #[derive(Default)]
+    struct Seen {
+        events: Mutex<Vec<String>>,
+    }
+    struct Recorder(Arc<Seen>, String);
+    #[async_trait::async_trait]
+    impl Plugin for Recorder {
+        async fn resync(&self, r: &Resync) -> Result<(), BoxError> {
+            self.0
+                .events
+                .lock()
+                .unwrap()
+                .push(format!("resync:{}:{}", r.len(), self.1));
+            Ok(())
+        }
+        async fn change(&self, c: &Change) -> Result<(), BoxError> {
+            self.0
+                .events
+                .lock()
+                .unwrap()
+                .push(format!("change:{}", c.changes[0].key));
+            Ok(())
+        }
+        async fn close(&self) {
+            self.0.events.lock().unwrap().push("close".into());
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let text = format!(
+        "[store]\nkind = \"raft\"\ndir = {:?}\n[http]\nlisten = \"{addr}\"\n\
+         [plugins.recorder]\ngreeting = \"hi\"\n[plugins.file-mirror]\ndir = {:?}\n",
+        dir.path().join("data").display().to_string(),
+        dir.path().join("mirror").display().to_string(),
+    );
+    let seen = Arc::new(Seen::default());
+    let start = |seen: Arc<Seen>| {
+        let config = AgentConfig::parse(&text, "agent.toml", std::iter::empty()).unwrap();
+        Agent::start_with(config, move |ctx| {
+            let greeting = ctx.settings_for("recorder")["greeting"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned();
+            vec![PluginSpec::new(
+                "recorder",
+                vec![Prefix::new("cfg/").unwrap()],
+                PluginHandler::shared(Recorder(seen, greeting)),
+            )]
+        })
+    };
+    let agent = start(seen.clone()).await.unwrap();
+    agent.ready().await;
+    let names: Vec<_> = agent
+        .status()
+        .plugins
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        ["file-mirror", "recorder"],
+        "linked and run-time plugins, by name"
+    );
+    let writer = agent.store().writer();
+    writer
+        .put(&Key::new("cfg/a").unwrap(), "1".into(), PutOptions::new())
+        .await
+        .unwrap();
+    eventually("the change arrives", || {
+        seen.events.lock().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(
+        http_get(&agent.http_addr().unwrap().to_string(), "/readyz")
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    // Every store handle must go for the embedded store's files to close.
+    drop(writer);
+    agent.shutdown().await;
+    assert_eq!(
+        *seen.events.lock().unwrap(),
+        ["resync:0:hi", "change:cfg/a", "close"]
+    );
+
+    // The store was released: a new agent opens it and resyncs what was written.
+    let again = Arc::new(Seen::default());
+    let agent = start(again.clone()).await.unwrap();
+    agent.ready().await;
+    assert_eq!(again.events.lock().unwrap()[0], "resync:1:hi");
+    let got = agent
+        .store()
+        .writer()
+        .get(&Key::new("cfg/a").unwrap(), ReadOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(got.unwrap().value, "1".into());
+    agent.shutdown().await;
 }

@@ -46,14 +46,24 @@ pub(crate) async fn start(
     relay
         .try_send(Item::Resync(rev, ResyncReason::Initial, values))
         .map_err(|_| StoreError::Backend("watch queue refused the first resync".into()))?;
-    let task = Task {
+    let mut task = Task {
         store,
         set,
         reg,
         relay,
         last: rev,
         cluster,
+        first: None,
     };
+    // The server-side watch is live when `watch()` returns (a compaction meanwhile is
+    // left to the task, which resyncs).
+    if !task.set.is_empty() {
+        match task.open().await {
+            Ok(open) => task.first = Some(open),
+            Err(Flow::Broken(e)) => return Err(e),
+            Err(_) => {}
+        }
+    }
     tokio::spawn(task.run());
     Ok(watch)
 }
@@ -67,6 +77,8 @@ struct Task {
     last: Revision,
     /// The cluster id seen at the last resync (0: unknown).
     cluster: u64,
+    /// The etcd watch opened by `start`, for the first `follow`.
+    first: Option<(etcd_client::WatchStream, i64)>,
 }
 
 /// How following the etcd watch ended.
@@ -134,15 +146,22 @@ impl Task {
         }
     }
 
-    /// Follows one etcd watch from `last + 1` until it ends.
-    async fn follow(&mut self, backoff: &mut Backoff) -> Flow {
-        if self.set.is_empty() {
-            // Nothing to watch: wait for a close or a request.
-            return tokio::select! {
-                _ = self.reg.closed() => Flow::Closed,
-                _ = self.relay.requested() => Flow::Resync(ResyncReason::Requested),
-            };
+    /// Whether a response shows a store that went back: a revision below what was
+    /// delivered, or another cluster (etcd restored from a backup).
+    fn went_back(&self, resp: &etcd_client::WatchResponse) -> bool {
+        let Some(h) = resp.header() else {
+            return false;
+        };
+        let behind = h.revision() > 0 && (h.revision() as u64) < self.last.0;
+        let other = self.cluster != 0 && h.cluster_id() != 0 && h.cluster_id() != self.cluster;
+        if behind || other {
+            tracing::warn!(registration = self.reg.name(), revision = h.revision(), seen = %self.last, "etcd went back in time (restored?)");
         }
+        behind || other
+    }
+
+    /// Opens an etcd watch from `last + 1` and waits until etcd has created it.
+    async fn open(&self) -> Result<(etcd_client::WatchStream, i64), Flow> {
         let (start, end) = self.store.inner.ns.covering_range(&self.set);
         let opts = etcd_client::WatchOptions::new()
             .with_range(end)
@@ -152,10 +171,54 @@ impl Task {
         let mut client = self.store.watch_client();
         let mut ws = match timed(self.store.timeout(), client.watch(start, Some(opts))).await {
             Ok(Ok(ws)) => ws,
-            Ok(Err(e)) => return Flow::Broken(store_error(e)),
-            Err(e) => return Flow::Broken(e),
+            Ok(Err(e)) => return Err(Flow::Broken(store_error(e))),
+            Err(e) => return Err(Flow::Broken(e)),
         };
-        let mut id = None;
+        loop {
+            let resp = match timed(self.store.timeout(), ws.message()).await {
+                Ok(Ok(Some(resp))) => resp,
+                Ok(Ok(None)) => {
+                    return Err(Flow::Broken(StoreError::Unavailable(
+                        "etcd ended the watch stream".into(),
+                    )));
+                }
+                Ok(Err(e)) => return Err(Flow::Broken(store_error(e))),
+                Err(e) => return Err(Flow::Broken(e)),
+            };
+            if self.went_back(&resp) {
+                return Err(Flow::Resync(ResyncReason::StoreReset));
+            }
+            if resp.canceled() {
+                return Err(Flow::Resync(if resp.compact_revision() > 0 {
+                    ResyncReason::Compacted
+                } else {
+                    ResyncReason::Reconnect
+                }));
+            }
+            if resp.created() {
+                return Ok((ws, resp.watch_id()));
+            }
+        }
+    }
+
+    /// Follows one etcd watch from `last + 1` until it ends.
+    async fn follow(&mut self, backoff: &mut Backoff) -> Flow {
+        if self.set.is_empty() {
+            // Nothing to watch: wait for a close or a request.
+            return tokio::select! {
+                _ = self.reg.closed() => Flow::Closed,
+                _ = self.relay.requested() => Flow::Resync(ResyncReason::Requested),
+            };
+        }
+        let (mut ws, id) = match self.first.take() {
+            Some(open) => open,
+            None => match self.open().await {
+                Ok(open) => open,
+                Err(flow) => return flow,
+            },
+        };
+        backoff.reset();
+        let mut id = Some(id);
         let flow = loop {
             let msg = tokio::select! {
                 biased;
@@ -172,14 +235,8 @@ impl Task {
                 }
                 Err(e) => break Flow::Broken(store_error(e)),
             };
-            if let Some(h) = resp.header() {
-                let behind = h.revision() > 0 && (h.revision() as u64) < self.last.0;
-                let other =
-                    self.cluster != 0 && h.cluster_id() != 0 && h.cluster_id() != self.cluster;
-                if behind || other {
-                    tracing::warn!(registration = self.reg.name(), revision = h.revision(), seen = %self.last, "etcd went back in time (restored?)");
-                    break Flow::Resync(ResyncReason::StoreReset);
-                }
+            if self.went_back(&resp) {
+                break Flow::Resync(ResyncReason::StoreReset);
             }
             if resp.canceled() {
                 break Flow::Resync(if resp.compact_revision() > 0 {
