@@ -115,9 +115,21 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     })
     .await;
 
-    let (code, body) = http_get(&addr, "/status").await.unwrap();
-    assert_eq!(code, 200);
-    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // The status is recorded once the plugin has answered, just after the file appears.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let (code, body) = http_get(&addr, "/status").await.unwrap();
+        assert_eq!(code, 200);
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if status["plugins"][0]["changes"] == 1 {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the change never showed in /status: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let plugin = &status["plugins"][0];
     assert_eq!(status["ready"], true);
     assert_eq!(plugin["name"], "file-mirror");
