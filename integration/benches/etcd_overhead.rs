@@ -95,15 +95,8 @@ async fn raw_paged_resync(kv: &mut etcd_client::KvClient, page: usize) -> f64 {
 }
 
 fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runs = datasync_integration::bench::runs(5);
+    let rt = datasync_integration::bench::runtime();
     rt.block_on(async move {
         let etcd = EtcdServer::start().await.unwrap_or_else(|e| panic!("{e}"));
         let client = etcd.client().await.unwrap();
@@ -172,10 +165,7 @@ fn main() {
         // etcd's own pauses move single timings by tens of percent between runs, in both
         // directions; each run times datasync and raw back to back (order alternating), so
         // the median of the per-run ratios is the estimate that cancels that drift.
-        let paired = |a: &[f64], b: &[f64]| {
-            let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
-            (median(&ratios) - 1.0) * 100.0
-        };
+        let paired = datasync_integration::bench::paired_overhead;
         for (what, raw, goal) in [
             ("one request", &rr, "<= 10 %"),
             ("same pages, pinned", &pr, ""),

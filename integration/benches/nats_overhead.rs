@@ -83,15 +83,8 @@ async fn shuffled_load(kv: &kv::Store, prefix: &str) {
 }
 
 fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runs = datasync_integration::bench::runs(5);
+    let rt = datasync_integration::bench::runtime();
     rt.block_on(async move {
         let nats = NatsServer::start().await.unwrap_or_else(|e| panic!("{e}"));
         let store = nats.store().await.unwrap();
@@ -157,10 +150,7 @@ fn main() {
         println!();
         println!("| work | datasync-nats | raw async-nats | overhead | goal |");
         println!("|---|---|---|---|---|");
-        let paired = |a: &[f64], b: &[f64]| {
-            let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
-            (median(&ratios) - 1.0) * 100.0
-        };
+        let paired = datasync_integration::bench::paired_overhead;
         if does("inflight") {
             println!(
                 "| 64 puts in flight | {:.0} ops/s | {:.0} ops/s | {:+.1} % | <= 10 % |",

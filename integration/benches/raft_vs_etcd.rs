@@ -60,19 +60,12 @@ async fn raft_rss_child(dir: &str) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = datasync_integration::bench::runtime();
     if let Some(i) = args.iter().position(|a| a == "--raft-rss") {
         rt.block_on(raft_rss_child(&args[i + 1]));
         return;
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let runs = datasync_integration::bench::runs(3);
     rt.block_on(async move {
         let etcd = EtcdServer::start().await.unwrap_or_else(|e| panic!("{e}"));
         let client = etcd.client().await.unwrap();

@@ -187,3 +187,27 @@ pub async fn nats_watch(kv: &async_nats::jetstream::kv::Store, prefix: &str) -> 
     }
     lat
 }
+
+/// Runs per measurement: `BENCH_RUNS`, else `default`.
+pub fn runs(default: usize) -> usize {
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The runtime every bench runs on: 2 tokio workers, as many as the machine has cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// How much more `a` took than `b`, in percent: the median of the per-run ratios. Each
+/// run times both back to back, so the ratio cancels the server's drift between runs.
+pub fn paired_overhead(a: &[f64], b: &[f64]) -> f64 {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    (median(&ratios) - 1.0) * 100.0
+}
