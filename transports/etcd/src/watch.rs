@@ -218,7 +218,6 @@ impl Task {
             },
         };
         backoff.reset();
-        let mut id = Some(id);
         let flow = loop {
             let msg = tokio::select! {
                 biased;
@@ -250,11 +249,6 @@ impl Task {
                     ResyncReason::Reconnect
                 });
             }
-            if resp.created() {
-                id = Some(resp.watch_id());
-                backoff.reset();
-                continue;
-            }
             if resp.events().is_empty() {
                 // A progress notification: every event up to its revision was sent.
                 if let Some(h) = resp.header() {
@@ -267,10 +261,8 @@ impl Task {
                 Err(flow) => break flow,
             }
         };
-        if let Some(id) = id {
-            // Release the server-side watch now; dropping the stream ends it too.
-            let _ = ws.cancel(id).await;
-        }
+        // Release the server-side watch now; dropping the stream ends it too.
+        let _ = ws.cancel(id).await;
         flow
     }
 
