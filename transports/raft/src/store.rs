@@ -157,10 +157,9 @@ impl RaftStore {
     pub async fn open(config: RaftConfig) -> Result<RaftStore, OpenError> {
         config.validate()?;
         let dir = config.dir.clone();
-        let db = tokio::task::spawn_blocking(move || storage::open(&dir))
+        let (db, wal) = tokio::task::spawn_blocking(move || storage::open(&dir))
             .await
             .map_err(|e| OpenError::Raft(Box::new(e)))??;
-        let db = Arc::new(db);
         let shared = sm::Shared::new(db.clone(), config.history)
             .map_err(|e| OpenError::Raft(Box::new(e)))?;
         let raft_config = openraft::Config {
@@ -178,7 +177,7 @@ impl RaftStore {
             config.node_id,
             Arc::new(raft_config),
             NoPeers,
-            LogStore::new(db),
+            LogStore::new(db, wal),
             sm::StateMachine::new(shared.clone()),
         )
         .await

@@ -57,8 +57,8 @@ fn find_all(file: &Path, needle: &[u8]) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipped_bytes_in_live_data_are_refused() {
     let (dir, file) = populated().await;
-    // A value the store holds: damage every copy of it on disk (state machine pages,
-    // log entries, the snapshot), so no intact copy could mask the damage.
+    // A value the store holds: damage every copy of it in the database (state machine
+    // pages, the snapshot), so no intact copy could mask the damage.
     let places = find_all(&file, b"value-150-xxxx");
     assert!(!places.is_empty(), "the value is not in the file");
     let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
@@ -96,4 +96,30 @@ async fn an_emptied_or_missing_file_is_refused() {
     assert_refused(dir.path(), &file, "emptied").await;
     std::fs::remove_file(&file).unwrap();
     assert_refused(dir.path(), &file, "deleted").await;
+}
+
+/// The log segment holding the entries (the store's first, index 0).
+fn segment(dir: &Path) -> PathBuf {
+    dir.join("log").join(format!("{:020}.wal", 0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_bytes_in_the_log_are_refused() {
+    let (dir, _) = populated().await;
+    let seg = segment(dir.path());
+    let places = find_all(&seg, b"value-150-xxxx");
+    assert_eq!(places.len(), 1, "the entry is once in the log");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.seek(SeekFrom::Start(places[0] + 6)).unwrap();
+    f.write_all(b"666").unwrap();
+    drop(f);
+    assert_refused(dir.path(), &seg, "flipped bytes in a log entry").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_log_is_refused() {
+    let (dir, _) = populated().await;
+    let log = dir.path().join("log");
+    std::fs::remove_file(segment(dir.path())).unwrap();
+    assert_refused(dir.path(), &log, "log segment deleted").await;
 }

@@ -1,4 +1,5 @@
-//! The raft log and vote, in redb. Blocking redb work runs on `spawn_blocking`.
+//! openraft's log storage: entries in the segment files of [`super::wal`], the vote and
+//! the purge point in redb. Blocking work runs on `spawn_blocking`.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -8,15 +9,17 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{
     AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError, Vote,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableDatabase};
 
-use super::{LOG, RAFT_META};
+use super::RAFT_META;
+use super::wal::Wal;
 use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
 /// The log store. Cheap to clone (the log reader is a clone).
 #[derive(Debug, Clone)]
 pub(crate) struct LogStore {
     db: Arc<Database>,
+    wal: Wal,
 }
 
 fn io(
@@ -36,8 +39,8 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    pub(crate) fn new(db: Arc<Database>) -> Self {
-        LogStore { db }
+    pub(crate) fn new(db: Arc<Database>, wal: Wal) -> Self {
+        LogStore { db, wal }
     }
 
     /// Runs blocking redb work off the async threads.
@@ -51,7 +54,18 @@ impl LogStore {
             .map_err(|e| io(ErrorSubject::Store, ErrorVerb::Write, e))?
     }
 
-    fn meta<T: serde::de::DeserializeOwned>(
+    async fn wal<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Wal) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let wal = self.wal.clone();
+        tokio::task::spawn_blocking(move || f(&wal))
+            .await
+            .map_err(|e| io(ErrorSubject::Store, ErrorVerb::Write, e))?
+            .map_err(write_err)
+    }
+
+    pub(crate) fn meta<T: serde::de::DeserializeOwned>(
         db: &Database,
         key: &str,
     ) -> Result<Option<T>, StorageError> {
@@ -89,22 +103,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => Some(*i),
             Bound::Unbounded => None,
         };
-        self.blocking(move |db| {
-            let tx = db.begin_read().map_err(read_err)?;
-            let t = tx.open_table(LOG).map_err(read_err)?;
-            let iter = match end {
-                Some(end) => t.range(start..end),
-                None => t.range(start..),
-            }
-            .map_err(read_err)?;
-            let mut out = Vec::new();
-            for item in iter {
-                let (_, v) = item.map_err(read_err)?;
-                out.push(bincode::deserialize(v.value()).map_err(read_err)?);
-            }
-            Ok(out)
-        })
-        .await
+        // Entries just appended are in memory: no thread hop for them.
+        if let Some(entries) = self.wal.read_cached(start, end) {
+            return Ok(entries);
+        }
+        self.wal(move |wal| wal.read(start, end)).await
     }
 }
 
@@ -112,23 +115,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        self.blocking(|db| {
-            let purged: Option<LogId> = Self::meta(db, "purged")?;
-            let tx = db.begin_read().map_err(read_err)?;
-            let t = tx.open_table(LOG).map_err(read_err)?;
-            let last = match t.last().map_err(read_err)? {
-                Some((_, v)) => {
-                    let e: Entry = bincode::deserialize(v.value()).map_err(read_err)?;
-                    Some(e.log_id)
-                }
-                None => purged,
-            };
-            Ok(LogState {
-                last_purged_log_id: purged,
-                last_log_id: last,
-            })
+        let mem = self.wal.mem();
+        Ok(LogState {
+            last_purged_log_id: mem.purged,
+            last_log_id: mem.last,
         })
-        .await
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -149,8 +140,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     // the commit index costs a redb commit per write, and after a restart the leader
     // re-learns it by committing an entry of its new term.
 
-    /// One durable transaction per call. The callback runs only after the commit has
-    /// returned, i.e. once the entries are on disk. (openraft 0.9 waits for each append
+    /// One durable frame per call, written before returning (see [`Wal::append`]); the
+    /// callback runs once the entries are on disk. (openraft 0.9 waits for each append
     /// to be flushed before the next, so group commit happens above it: see
     /// `RaftStore::propose`.)
     async fn append<I>(
@@ -163,42 +154,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let result = self
-            .blocking(move |db| {
-                let mut tx = db.begin_write().map_err(write_err)?;
-                tx.set_durability(Durability::Immediate)
-                    .map_err(write_err)?;
-                {
-                    let mut t = tx.open_table(LOG).map_err(write_err)?;
-                    for e in &entries {
-                        let bytes = bincode::serialize(e).map_err(write_err)?;
-                        t.insert(e.log_id.index, bytes.as_slice())
-                            .map_err(write_err)?;
-                    }
-                }
-                tx.commit().map_err(write_err)
-            })
-            .await;
-        match &result {
-            Ok(()) => callback.log_io_completed(Ok(())),
-            Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+        match self.wal.append(entries) {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::new(e.kind(), e.to_string())));
+                Err(write_err(e))
+            }
         }
-        result
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.blocking(move |db| {
-            let tx = db.begin_write().map_err(write_err)?;
-            {
-                let mut t = tx.open_table(LOG).map_err(write_err)?;
-                t.retain_in(log_id.index.., |_, _| false)
-                    .map_err(write_err)?;
-            }
-            tx.commit().map_err(write_err)
-        })
-        .await
+        self.wal(move |wal| wal.truncate(log_id.index)).await
     }
 
+    /// The purge point is stored durably first (which also makes every state-machine
+    /// commit so far durable, so the entries dropped are never needed for a replay),
+    /// then whole segments at or below it are deleted.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.blocking(move |db| {
             let bytes = bincode::serialize(&log_id).map_err(write_err)?;
@@ -206,12 +180,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             {
                 let mut m = tx.open_table(RAFT_META).map_err(write_err)?;
                 m.insert("purged", bytes.as_slice()).map_err(write_err)?;
-                let mut t = tx.open_table(LOG).map_err(write_err)?;
-                t.retain_in(..=log_id.index, |_, _| false)
-                    .map_err(write_err)?;
             }
             tx.commit().map_err(write_err)
         })
-        .await
+        .await?;
+        self.wal(move |wal| wal.purge(log_id)).await
     }
 }

@@ -1,16 +1,18 @@
-//! The on-disk layout: one redb database holds the raft log, the vote and the state
-//! machine.
+//! The on-disk layout: the raft log in segment files under `log/` ([`wal`]); the vote,
+//! the purge point, the state machine and the snapshot in one redb database.
 //!
-//! Why one database: a redb commit makes every earlier commit durable too. Log appends
-//! commit with `Durability::Immediate` (an acknowledged write is on disk); state-machine
-//! applies commit with `Durability::None` (no second fsync per write). The state machine
-//! can thus lag the log by the applies since the last durable commit, never more, and
-//! after a crash openraft re-applies those entries from the log. Last-applied is written
-//! in the same transaction as the data it covers.
+//! Durability: an acknowledged write is durable in the log. State-machine applies
+//! commit with `Durability::None` (no second fsync per write), so after a crash the
+//! state machine is back at its last durable commit and openraft re-applies the log
+//! from there. Last-applied is written in the same transaction as the data it covers.
+//! Durable redb commits happen at snapshots, votes and purges; the purge point is
+//! stored durably before any segment is deleted, so the entries a replay needs are
+//! never gone.
 //!
 //! redb checksums its pages; at open the whole file is verified
-//! ([`redb::Database::check_integrity`]), so a corrupted file stops the node with an
-//! error naming it instead of serving wrong data.
+//! ([`redb::Database::check_integrity`]), and the log's frames are checksummed and
+//! checked for continuity, so a corrupted file stops the node with an error naming it
+//! instead of serving wrong data.
 
 // openraft's storage traits dictate `StorageError` (224 bytes); the helpers here return it
 // unboxed because every trait method would have to unbox it again.
@@ -18,12 +20,15 @@
 
 pub(crate) mod log;
 pub(crate) mod sm;
+pub(crate) mod wal;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use redb::{Database, TableDefinition};
+use redb::{Database, ReadableDatabase, TableDefinition};
 
-pub(crate) const LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raft_log");
+use crate::types::LogId;
+
 pub(crate) const RAFT_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("raft_meta");
 pub(crate) const KV: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kv");
 pub(crate) const SM_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sm_meta");
@@ -76,8 +81,8 @@ pub enum OpenError {
     },
 }
 
-/// Opens (or creates) the database in `dir`, verifying every checksum.
-pub(crate) fn open(dir: &Path) -> Result<Database, OpenError> {
+/// Opens (or creates) the database and the log in `dir`, verifying every checksum.
+pub(crate) fn open(dir: &Path) -> Result<(Arc<Database>, wal::Wal), OpenError> {
     std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir {
         path: dir.to_owned(),
         source,
@@ -114,7 +119,6 @@ pub(crate) fn open(dir: &Path) -> Result<Database, OpenError> {
     // Create the tables, so readers never meet a missing table.
     let init = || -> Result<(), redb::Error> {
         let tx = db.begin_write()?;
-        tx.open_table(LOG)?;
         tx.open_table(RAFT_META)?;
         tx.open_table(KV)?;
         tx.open_table(SM_META)?;
@@ -132,7 +136,35 @@ pub(crate) fn open(dir: &Path) -> Result<Database, OpenError> {
     }
     // Every stored value must decode; a file with valid pages but wrong contents stops here.
     sm::verify(&db).map_err(|e| corrupted(e.to_string()))?;
-    Ok(db)
+    let meta = |table, key| -> Result<Option<LogId>, String> {
+        let tx = db.begin_read().map_err(|e| e.to_string())?;
+        let t = tx.open_table(table).map_err(|e| e.to_string())?;
+        let v = t.get(key).map_err(|e| e.to_string())?;
+        v.map(|v| bincode::deserialize(v.value()).map_err(|e| e.to_string()))
+            .transpose()
+    };
+    let purged = meta(RAFT_META, "purged").map_err(corrupted)?;
+    let applied = meta(SM_META, "applied").map_err(corrupted)?;
+    let db = Arc::new(db);
+    let log_dir = dir.join("log");
+    let log = wal::Wal::open(&log_dir, purged).map_err(|d| OpenError::Corrupted {
+        path: d.path,
+        reason: d.reason,
+    })?;
+    let last = log.mem().last;
+    if let Some(applied) = applied.filter(|a| last.is_none_or(|l| a.index > l.index)) {
+        let ends = last.map_or("the log is empty".into(), |l| {
+            format!("the log ends at index {}", l.index)
+        });
+        return Err(OpenError::Corrupted {
+            path: log_dir,
+            reason: format!(
+                "{ends} but the state machine applied {}: log segments are missing or cut short",
+                applied.index
+            ),
+        });
+    }
+    Ok((db, log))
 }
 
 /// A stored value: `[mod_rev u64 LE][create_rev u64 LE][expires_at_ms u64 LE][bytes]`.
