@@ -1,7 +1,7 @@
 //! datasync-raft: the built-in store, embedded in the agent process.
 //!
-//! A replicated key-value state machine on Raft ([openraft] 0.9), durable on local disk
-//! in one [redb] database. A single node is the zero-setup default: the first
+//! A replicated key-value state machine on Raft ([openraft] 0.9), durable on local disk:
+//! the raft log in append-only segment files, the state machine in a [redb] database. A single node is the zero-setup default: the first
 //! [`RaftStore::open`] bootstraps a one-node group, later opens restart it from disk
 //! (never re-initializing). [`RaftStore`] implements `datasync`'s `Watcher` and `Writer`
 //! and passes the conformance suite unchanged.
@@ -24,12 +24,14 @@
 //!   transaction. A command that changes nothing (a delete of an absent key, a failed
 //!   compare-and-swap, an expiry of a key re-put since) takes none.
 //! - **Durability and group commit**: a write is acknowledged once its log entry is on
-//!   disk (a durable redb commit) and applied. openraft 0.9 waits for each log append
-//!   to be flushed before it starts the next, so group commit happens above it: the
-//!   store's proposer drains every proposal queued while the previous entry commits into
-//!   one `Command::Batch` entry, and concurrent writes share one fsync. Each write in a
-//!   batch still gets its own revision and change event. The state machine commits
-//!   without fsync (see `storage` docs for why that is safe).
+//!   disk (a frame of the log's segment files, written with `O_DIRECT | O_DSYNC`) and
+//!   applied. openraft 0.9 waits for each log append to be flushed before it starts
+//!   the next, so group commit happens above it: the store's proposer drains every
+//!   proposal queued while earlier entries commit into one `Command::Batch` entry (two
+//!   such entries in flight: one applies while the next is written), and concurrent
+//!   writes share one fsync. Each write in a batch still gets its own revision and
+//!   change event. The state machine commits without fsync (see `storage` docs for why
+//!   that is safe).
 //! - **Watches** are fed from the apply path through `datasync::feed` (bounded queue per
 //!   registration; overflow becomes a resync; a snapshot install resyncs everyone).
 //! - **Reads** are linearizable by default (`ensure_linearizable`, a read index through

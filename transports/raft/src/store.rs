@@ -11,6 +11,7 @@ use datasync::{
     Prefix, PrefixSet, PutOptions, ReadOptions, Registration, Revision, Source, StoreError, Value,
     Watch, WatchOptions, Watcher, Writer,
 };
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
 use tokio::sync::{mpsc, oneshot};
@@ -317,18 +318,21 @@ async fn propose(queue: &mpsc::Sender<Proposal>, cmd: Command) -> Result<Outcome
 /// Group commit above openraft: openraft 0.9 waits for each log append to be flushed
 /// before it starts the next, so one client write per entry means one fsync per write.
 /// This task drains every queued proposal into one `Command::Batch` entry while the
-/// previous entry commits; under concurrency many writes share one entry and one fsync.
+/// previous entries commit; under concurrency many writes share one entry and one
+/// fsync. Two batches are in flight, so one is applied while the next is written.
 async fn proposer(
     raft: Raft<TypeConfig>,
     mut queue: mpsc::Receiver<Proposal>,
     stop: CancellationToken,
 ) {
+    let mut inflight = FuturesUnordered::new();
     loop {
         let first = tokio::select! {
             _ = stop.cancelled() => return,
-            p = queue.recv() => match p {
+            Some(()) = inflight.next(), if !inflight.is_empty() => continue,
+            p = queue.recv(), if inflight.len() < IN_FLIGHT => match p {
                 Some(p) => p,
-                None => return,
+                None => break,
             },
         };
         let mut batch = vec![first];
@@ -338,47 +342,57 @@ async fn proposer(
                 Err(_) => break,
             }
         }
-        let (mut cmds, replies): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-        let cmd = if cmds.len() == 1 {
-            cmds.remove(0)
-        } else {
-            Command::Batch(cmds)
-        };
-        match raft.client_write(cmd).await {
-            Ok(resp) => match resp.data {
-                Outcome::Batch(outs) if outs.len() == replies.len() && replies.len() > 1 => {
-                    for (reply, out) in replies.into_iter().zip(outs) {
-                        let _ = reply.send(Ok(out));
-                    }
+        inflight.push(commit(raft.clone(), batch));
+    }
+    while inflight.next().await.is_some() {}
+}
+
+/// Proposes one batch and answers its callers.
+async fn commit(raft: Raft<TypeConfig>, batch: Vec<Proposal>) {
+    let (mut cmds, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+    let cmd = if cmds.len() == 1 {
+        cmds.remove(0)
+    } else {
+        Command::Batch(cmds)
+    };
+    match raft.client_write(cmd).await {
+        Ok(resp) => match resp.data {
+            Outcome::Batch(outs) if outs.len() == replies.len() && replies.len() > 1 => {
+                for (reply, out) in replies.into_iter().zip(outs) {
+                    let _ = reply.send(Ok(out));
                 }
-                out if replies.len() == 1 => {
-                    for reply in replies {
-                        let _ = reply.send(Ok(out.clone()));
-                    }
-                }
-                other => {
-                    for reply in replies {
-                        let _ = reply.send(Err(StoreError::Corrupted(format!(
-                            "batch applied as {other:?}"
-                        ))));
-                    }
-                }
-            },
-            Err(e) => {
-                let fatal = matches!(e, RaftError::Fatal(_));
-                let text = e.to_string();
+            }
+            out if replies.len() == 1 => {
                 for reply in replies {
-                    let _ = reply.send(Err(if fatal {
-                        StoreError::Stopped
-                    } else {
-                        unavailable(Rejected(text.clone()))
-                    }));
+                    let _ = reply.send(Ok(out.clone()));
                 }
+            }
+            other => {
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Corrupted(format!(
+                        "batch applied as {other:?}"
+                    ))));
+                }
+            }
+        },
+        Err(e) => {
+            let fatal = matches!(e, RaftError::Fatal(_));
+            let text = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(if fatal {
+                    StoreError::Stopped
+                } else {
+                    unavailable(Rejected(text.clone()))
+                }));
             }
         }
     }
 }
+
+/// Batches in flight at once: while one is applied, the next is written to the log.
+/// Measured with 64 writers: 1 gives ~45k puts/s, 2 ~58k, 4 ~34k (smaller batches,
+/// more fsyncs).
+const IN_FLIGHT: usize = 2;
 
 /// raft did not accept a proposal (e.g. no leader).
 #[derive(Debug, thiserror::Error)]
