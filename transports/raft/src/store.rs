@@ -206,6 +206,20 @@ impl RaftStore {
         .await
         .map_err(|_| OpenError::NoLeader)?
         .map_err(|_| OpenError::NoLeader)?;
+        // Applies commit durably about once a second, so after a crash the state machine
+        // may be behind the log: it is usable once the log is re-applied, never before
+        // (a reader must not see the revision go back).
+        let replayed = |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
+            m.last_applied.map(|l| l.index) >= m.last_log_index
+        };
+        tokio::time::timeout(Duration::from_secs(300), metrics.wait_for(replayed))
+            .await
+            .map_err(|_| {
+                OpenError::Raft(Box::new(std::io::Error::other(
+                    "re-applying the log did not finish within 300 s",
+                )))
+            })?
+            .map_err(|e| OpenError::Raft(Box::new(e)))?;
         let stop = CancellationToken::new();
         let (proposals, queue) = mpsc::channel(8192);
         tokio::spawn(proposer(raft.clone(), queue, stop.clone()));

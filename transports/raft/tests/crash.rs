@@ -101,6 +101,13 @@ async fn acknowledged_writes_survive_sigkill() {
         let store = RaftStore::open(RaftConfig::new(dir.path()).snapshots(200, 50))
             .await
             .unwrap_or_else(|e| panic!("cycle {cycle}: reopen after SIGKILL failed: {e}"));
+        // Before any read that could wait: open returns only with the log re-applied.
+        let at_open = store.revision();
+        let max_acked = Revision(*acked.values().max().unwrap());
+        assert!(
+            at_open >= max_acked,
+            "cycle {cycle}: revision {at_open} at open, behind acknowledged {max_acked}"
+        );
         for (key, rev) in &acked {
             let got = store
                 .get(&Key::new(key).unwrap(), ReadOptions::new())
@@ -120,7 +127,6 @@ async fn acknowledged_writes_survive_sigkill() {
                 "cycle {cycle}: {key} has a wrong revision"
             );
         }
-        let max_acked = Revision(*acked.values().max().unwrap());
         let now = store.revision();
         assert!(
             now >= max_acked,

@@ -5,9 +5,9 @@
 //! commit with `Durability::None` (no second fsync per write), so after a crash the
 //! state machine is back at its last durable commit and openraft re-applies the log
 //! from there. Last-applied is written in the same transaction as the data it covers.
-//! Durable redb commits happen at snapshots, votes and purges; the purge point is
-//! stored durably before any segment is deleted, so the entries a replay needs are
-//! never gone.
+//! Durable redb commits happen once a second on the apply path (bounding the replay),
+//! at snapshots, votes and purges; the purge point is stored durably before any
+//! segment is deleted, so the entries a replay needs are never gone.
 //!
 //! redb checksums its pages; at open the whole file is verified
 //! ([`redb::Database::check_integrity`]), and the log's frames are checksummed and
