@@ -4,9 +4,10 @@
 //! ~1.2 ms here, against ~190 µs for one page write to a preallocated file with
 //! `O_DIRECT | O_DSYNC`. The log is where every write waits, so it gets its own file.
 //!
-//! Layout: `log/<first index, 20 digits>.wal`, each preallocated with zeros (64 MiB, or
-//! larger for one huge frame), so an append overwrites allocated blocks and the device
-//! flush carries no file-system metadata. One append is one frame:
+//! Layout: `log/<first index, 20 digits>.wal`, each preallocated with zeros (4 MiB for
+//! the first, doubling up to 64 MiB; larger for one huge frame), so an append overwrites
+//! allocated blocks and the device flush carries no file-system metadata. One append is
+//! one frame:
 //!
 //! ```text
 //! magic u32 | header crc u32 | first index u64 | count u32 | payload len u32 | payload crc u32 | 0 u32
@@ -38,8 +39,11 @@ use crate::types::{Entry, LogId};
 const MAGIC: u32 = 0x4453_4C47;
 const HEADER: usize = 32;
 const PAGE: usize = 4096;
-/// Size of a new segment file.
+/// Largest size of a new segment file.
 pub(crate) const SEGMENT: u64 = 64 << 20;
+/// Size of a store's first segment; each next one doubles, up to [`SEGMENT`], so a small
+/// store does not hold 64 MiB of zeros.
+const FIRST_SEGMENT: u64 = 4 << 20;
 /// Bytes of entries kept decoded in memory.
 const CACHE_BUDGET: usize = 8 << 20;
 
@@ -248,10 +252,10 @@ struct Files {
     segments: Vec<u64>,
     active: Option<Active>,
     scratch: Aligned,
-    /// Size of a new segment ([`SEGMENT`]; smaller in tests).
+    /// Largest size of a new segment ([`SEGMENT`]; smaller in tests).
     seg_size: u64,
     /// A zero-filled spare segment being made in the background.
-    spare: Option<std::thread::JoinHandle<io::Result<PathBuf>>>,
+    spare: Option<(u64, std::thread::JoinHandle<io::Result<PathBuf>>)>,
     /// Set after a failed write: the file state is unknown, refuse further writes.
     failed: bool,
 }
@@ -303,25 +307,36 @@ impl Files {
         a.pos = end;
         if a.pos > a.cap / 2 && self.spare.is_none() {
             let path = self.dir.join("spare.tmp");
-            let size = self.seg_size;
-            self.spare = Some(std::thread::spawn(move || {
-                zero_file(&path, size)?;
-                Ok(path)
-            }));
+            let size = self.next_size();
+            self.spare = Some((
+                size,
+                std::thread::spawn(move || {
+                    zero_file(&path, size)?;
+                    Ok(path)
+                }),
+            ));
         }
         Ok(loc)
+    }
+
+    /// The size of the next segment.
+    fn next_size(&self) -> u64 {
+        match &self.active {
+            Some(a) => a.cap.saturating_mul(2).min(self.seg_size),
+            None => FIRST_SEGMENT.min(self.seg_size),
+        }
     }
 
     /// Starts a new segment named `first`, big enough for `need` bytes.
     fn roll(&mut self, first: u64, need: u64) -> io::Result<()> {
         let path = segment_path(&self.dir, first);
-        let len = self.seg_size.max(need.next_multiple_of(PAGE as u64));
+        let len = self.next_size().max(need.next_multiple_of(PAGE as u64));
         let spare = match self.spare.take() {
-            Some(h) if len == self.seg_size => h
+            Some((size, h)) if len == size => h
                 .join()
                 .map_err(|_| io::Error::other("spare segment thread panicked"))?
                 .ok(),
-            Some(h) => {
+            Some((_, h)) => {
                 let _ = h.join();
                 None
             }
@@ -405,6 +420,16 @@ impl Files {
             sync_dir(&self.dir)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Files {
+    /// Waits for a spare segment being made, so no thread writes into the directory
+    /// after the store has let go of it.
+    fn drop(&mut self) {
+        if let Some((_, h)) = self.spare.take() {
+            let _ = h.join();
+        }
     }
 }
 
