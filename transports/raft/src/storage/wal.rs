@@ -832,13 +832,19 @@ mod tests {
 
     const SMALL: u64 = 64 << 10;
 
-    #[test]
-    fn entries_survive_reopen_across_segments_and_are_read_from_disk() {
+    /// A log in a temp dir with entries `0..n` of term 1, one frame each.
+    fn filled(n: u64) -> (tempfile::TempDir, Wal) {
         let dir = tempfile::tempdir().unwrap();
         let w = Wal::open_sized(dir.path(), None, SMALL).unwrap();
-        for i in 0..400 {
+        for i in 0..n {
             w.append(vec![entry(i, 1)]).unwrap();
         }
+        (dir, w)
+    }
+
+    #[test]
+    fn entries_survive_reopen_across_segments_and_are_read_from_disk() {
+        let (dir, w) = filled(400);
         w.append((400..450).map(|i| entry(i, 1)).collect()).unwrap();
         let segments = std::fs::read_dir(dir.path()).unwrap().count();
         assert!(segments > 2, "{segments} segments");
@@ -856,11 +862,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_write_is_cut_off_and_zeroed() {
-        let dir = tempfile::tempdir().unwrap();
-        let w = Wal::open_sized(dir.path(), None, SMALL).unwrap();
-        for i in 0..5 {
-            w.append(vec![entry(i, 1)]).unwrap();
-        }
+        let (dir, w) = filled(5);
         let end = w.files().active.as_ref().unwrap().pos;
         drop(w);
         // Half of a next frame reached the disk.
@@ -884,11 +886,7 @@ mod tests {
 
     #[test]
     fn damage_before_the_last_frame_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let w = Wal::open_sized(dir.path(), None, SMALL).unwrap();
-        for i in 0..5 {
-            w.append(vec![entry(i, 1)]).unwrap();
-        }
+        let (dir, w) = filled(5);
         drop(w);
         let path = segment_path(dir.path(), 0);
         let mut bytes = std::fs::read(&path).unwrap();
@@ -901,11 +899,7 @@ mod tests {
 
     #[test]
     fn a_missing_or_shortened_segment_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let w = Wal::open_sized(dir.path(), None, SMALL).unwrap();
-        for i in 0..400 {
-            w.append(vec![entry(i, 1)]).unwrap();
-        }
+        let (dir, w) = filled(400);
         let segs = w.files().segments.clone();
         drop(w);
         assert!(segs.len() >= 3);
@@ -933,11 +927,7 @@ mod tests {
 
     #[test]
     fn truncate_rewrites_a_shared_frame_and_purge_deletes_whole_segments() {
-        let dir = tempfile::tempdir().unwrap();
-        let w = Wal::open_sized(dir.path(), None, SMALL).unwrap();
-        for i in 0..300 {
-            w.append(vec![entry(i, 1)]).unwrap();
-        }
+        let (dir, w) = filled(300);
         w.append((300..310).map(|i| entry(i, 1)).collect()).unwrap();
         w.truncate(305).unwrap();
         assert_eq!(w.mem().last.unwrap().index, 304);
