@@ -832,6 +832,13 @@ mod tests {
 
     const SMALL: u64 = 64 << 10;
 
+    /// Opening `dir` fails, naming `path`, for a reason that says `why`.
+    fn refused(dir: &Path, path: &Path, why: &str) {
+        let err = Wal::open_sized(dir, None, SMALL).unwrap_err();
+        assert_eq!(err.path, path);
+        assert!(err.reason.contains(why), "{}", err.reason);
+    }
+
     /// A log in a temp dir with entries `0..n` of term 1, one frame each.
     fn filled(n: u64) -> (tempfile::TempDir, Wal) {
         let dir = tempfile::tempdir().unwrap();
@@ -892,9 +899,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER + 100] ^= 0x40; // inside the first entry
         std::fs::write(&path, &bytes).unwrap();
-        let err = Wal::open_sized(dir.path(), None, SMALL).unwrap_err();
-        assert_eq!(err.path, path);
-        assert!(err.reason.contains("checksum"), "{}", err.reason);
+        refused(dir.path(), &path, "checksum");
     }
 
     #[test]
@@ -908,8 +913,7 @@ mod tests {
             std::fs::copy(segment_path(dir.path(), *s), segment_path(copy.path(), *s)).unwrap();
         }
         std::fs::remove_file(segment_path(dir.path(), segs[1])).unwrap();
-        let err = Wal::open_sized(dir.path(), None, SMALL).unwrap_err();
-        assert!(err.reason.contains("missing"), "{}", err.reason);
+        refused(dir.path(), &segment_path(dir.path(), segs[2]), "missing");
         // Cut inside the last frame of the first segment.
         let first = segment_path(copy.path(), segs[0]);
         let used = std::fs::read(&first)
@@ -920,9 +924,7 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&first).unwrap();
         f.set_len(used as u64 - 10).unwrap();
         drop(f);
-        let err = Wal::open_sized(copy.path(), None, SMALL).unwrap_err();
-        assert_eq!(err.path, first);
-        assert!(err.reason.contains("truncated"), "{}", err.reason);
+        refused(copy.path(), &first, "truncated");
     }
 
     #[test]
