@@ -573,7 +573,7 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
     let mut tx = shared.db.begin_write().map_err(wr)?;
     // The log is durable, so applies need no fsync: after a crash openraft re-applies
     // the log from the last durable commit. One apply a second commits durably, which
-    // bounds that replay and lets redb reuse the pages freed since.
+    // bounds that replay.
     let durable = inner.durable_at.elapsed() >= DURABLE_EVERY;
     if durable {
         inner.durable_at = std::time::Instant::now();
