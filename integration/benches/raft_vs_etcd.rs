@@ -115,7 +115,22 @@ async fn bench(runs: usize) {
         assert_eq!(g.kvs().len(), PREFIX_N);
         er.push(t.elapsed().as_secs_f64());
     }
-    let etcd_rss = proc::peak_rss_kib(etcd.pid()).unwrap() as f64 / 1024.0;
+    // Both RSS figures hold exactly 100k keys, each in a fresh server that was written
+    // and read once: the etcd above holds every run's keys too.
+    let etcd_rss = {
+        let fresh = EtcdServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let c = fresh.client().await.unwrap();
+        etcd_inflight(&c, "rss", PREFIX_N).await;
+        let g = c
+            .kv_client()
+            .max_decoding_message_size(256 << 20)
+            .get("rss/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        assert_eq!(g.kvs().len(), PREFIX_N);
+        drop(g);
+        proc::peak_rss_kib(fresh.pid()).unwrap() as f64 / 1024.0
+    };
     let rss_dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .arg("--raft-rss")

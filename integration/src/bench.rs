@@ -34,19 +34,19 @@ fn bench_key(s: String) -> Key {
     Key::new(s).expect("benchmark keys are valid")
 }
 
-/// `n` puts under `prefix` from [`DEPTH`] tasks; ops/s.
-pub async fn store_inflight<S: Writer + Clone + 'static>(s: &S, prefix: &str, n: usize) -> f64 {
-    let v = Value::from(value());
+/// `n` puts from [`DEPTH`] tasks, `put(i)` making the `i`-th; ops/s.
+async fn inflight<F, Fut>(n: usize, put: F) -> f64
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let t = Instant::now();
     let tasks: Vec<_> = (0..DEPTH)
         .map(|w| {
-            let (s, v, prefix) = (s.clone(), v.clone(), prefix.to_owned());
+            let put = put.clone();
             tokio::spawn(async move {
                 for i in (w..n).step_by(DEPTH) {
-                    let k = bench_key(format!("{prefix}/{i:07}"));
-                    s.put(&k, v.clone(), PutOptions::new())
-                        .await
-                        .expect("benchmark put");
+                    put(i).await;
                 }
             })
         })
@@ -57,25 +57,31 @@ pub async fn store_inflight<S: Writer + Clone + 'static>(s: &S, prefix: &str, n:
     n as f64 / t.elapsed().as_secs_f64()
 }
 
+/// `n` puts under `prefix` from [`DEPTH`] tasks; ops/s.
+pub async fn store_inflight<S: Writer + Clone + 'static>(s: &S, prefix: &str, n: usize) -> f64 {
+    let (s, v, prefix) = (s.clone(), Value::from(value()), prefix.to_owned());
+    inflight(n, move |i| {
+        let (s, v) = (s.clone(), v.clone());
+        let k = bench_key(format!("{prefix}/{i:07}"));
+        async move {
+            s.put(&k, v, PutOptions::new())
+                .await
+                .expect("benchmark put");
+        }
+    })
+    .await
+}
+
 /// The same with raw `etcd-client` puts.
 pub async fn etcd_inflight(c: &etcd_client::Client, prefix: &str, n: usize) -> f64 {
-    let t = Instant::now();
-    let tasks: Vec<_> = (0..DEPTH)
-        .map(|w| {
-            let (mut c, prefix) = (c.clone(), prefix.to_owned());
-            tokio::spawn(async move {
-                for i in (w..n).step_by(DEPTH) {
-                    c.put(format!("{prefix}/{i:07}"), value(), None)
-                        .await
-                        .expect("benchmark put");
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.expect("benchmark task");
-    }
-    n as f64 / t.elapsed().as_secs_f64()
+    let (c, prefix) = (c.clone(), prefix.to_owned());
+    inflight(n, move |i| {
+        let (mut c, k) = (c.clone(), format!("{prefix}/{i:07}"));
+        async move {
+            c.put(k, value(), None).await.expect("benchmark put");
+        }
+    })
+    .await
 }
 
 /// Put → change event latency through a store's own watch, [`WATCH_N`] times.
@@ -144,24 +150,14 @@ pub async fn etcd_watch(c: &etcd_client::Client, prefix: &str, prev: bool) -> Ve
 /// `n` raw async-nats KV puts under `prefix` (a NATS key prefix, `.`-separated) from
 /// [`DEPTH`] tasks; ops/s.
 pub async fn nats_inflight(kv: &async_nats::jetstream::kv::Store, prefix: &str, n: usize) -> f64 {
-    let v = bytes::Bytes::from(value());
-    let t = Instant::now();
-    let tasks: Vec<_> = (0..DEPTH)
-        .map(|w| {
-            let (kv, v, prefix) = (kv.clone(), v.clone(), prefix.to_owned());
-            tokio::spawn(async move {
-                for i in (w..n).step_by(DEPTH) {
-                    kv.put(format!("{prefix}.{i:07}"), v.clone())
-                        .await
-                        .expect("benchmark put");
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.expect("benchmark task");
-    }
-    n as f64 / t.elapsed().as_secs_f64()
+    let (kv, v, prefix) = (kv.clone(), bytes::Bytes::from(value()), prefix.to_owned());
+    inflight(n, move |i| {
+        let (kv, v, k) = (kv.clone(), v.clone(), format!("{prefix}.{i:07}"));
+        async move {
+            kv.put(k, v).await.expect("benchmark put");
+        }
+    })
+    .await
 }
 
 /// Put → entry latency through a raw async-nats KV put and watch of `prefix.>`,

@@ -35,6 +35,12 @@ pub(crate) const SM_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::ne
 pub(crate) const EXPIRY: TableDefinition<'_, (u64, &str), ()> = TableDefinition::new("expiry");
 pub(crate) const SNAPSHOT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshot");
 
+/// redb's page cache. Reads past it come from the OS page cache, which the process
+/// does not hold. Measured with 100k keys: peak RSS 108 MiB with redb's default, 89 MiB
+/// with 16 MiB, 70 MiB with 4 MiB; a 100k-key list went from ~31 to ~91 ms (etcd:
+/// ~480 ms), puts unchanged.
+const CACHE: usize = 4 << 20;
+
 /// The database file inside a data directory.
 pub(crate) fn db_path(dir: &Path) -> PathBuf {
     dir.join("datasync.redb")
@@ -101,7 +107,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Arc<Database>, wal::Wal), OpenError> {
             "the data file is missing or empty, but this directory held a store".into(),
         ));
     }
-    let mut db = match Database::create(&path) {
+    let mut db = match redb::Builder::new().set_cache_size(CACHE).create(&path) {
         Ok(db) => db,
         Err(
             e @ (redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))
