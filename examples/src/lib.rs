@@ -7,8 +7,12 @@ use std::error::Error;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use datasync::coordinator::{CoordinatorHandle, Handler, PluginSpec, Registry};
-use datasync::{DeleteOptions, Event, Key, KeyChange, Op, Prefix, PutOptions, Value, Writer};
+use datasync::coordinator::{
+    Coordinator, CoordinatorConfig, CoordinatorHandle, Handler, PluginSpec, Registry,
+};
+use datasync::{
+    DeleteOptions, Event, Key, KeyChange, Op, Prefix, PutOptions, Value, Watcher, Writer,
+};
 
 /// An interface's configuration (JSON under `if/<name>`).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -173,6 +177,18 @@ pub fn print_status(c: &CoordinatorHandle) {
             err.unwrap_or_default()
         );
     }
+}
+
+/// Starts the coordinator with both plugins (no retries, so a failure stays visible)
+/// and waits for the first pass.
+pub async fn start(
+    store: &dyn Watcher,
+    ifaces: &Interfaces,
+) -> Result<CoordinatorHandle, Box<dyn Error>> {
+    let config = CoordinatorConfig::default().retry_failed_after(None);
+    let coordinator = Coordinator::start(store, registry(ifaces)?, config).await?;
+    coordinator.ready().await;
+    Ok(coordinator)
 }
 
 /// A registry with both plugins; routes are added first on purpose: the order comes

@@ -6,9 +6,9 @@
 
 use std::error::Error;
 
-use datasync::coordinator::{Coordinator, CoordinatorConfig, PluginState};
+use datasync::coordinator::PluginState;
 use datasync::local::Local;
-use datasync_examples::{Interfaces, print_status, registry, seed, settle, walkthrough};
+use datasync_examples::{Interfaces, print_status, seed, settle, start, walkthrough};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
@@ -17,9 +17,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let ifaces = Interfaces::default();
 
     println!("1. startup: one snapshot, plugins in dependency order");
-    let config = CoordinatorConfig::default().retry_failed_after(None);
-    let coordinator = Coordinator::start(&store, registry(&ifaces)?, config).await?;
-    coordinator.ready().await;
+    let coordinator = start(&store, &ifaces).await?;
 
     walkthrough(&store, &coordinator, &ifaces).await?;
 

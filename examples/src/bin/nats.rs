@@ -10,8 +10,8 @@
 use std::error::Error;
 use std::time::Duration;
 
-use datasync::coordinator::{Coordinator, CoordinatorConfig, PluginState};
-use datasync_examples::{Interfaces, print_status, registry, seed, settle, walkthrough};
+use datasync::coordinator::PluginState;
+use datasync_examples::{Interfaces, print_status, seed, settle, start, walkthrough};
 use datasync_nats::{NatsConfig, NatsStore};
 
 #[tokio::main]
@@ -29,9 +29,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let ifaces = Interfaces::default();
 
     println!("1. startup: one snapshot, plugins in dependency order");
-    let config = CoordinatorConfig::default().retry_failed_after(None);
-    let coordinator = Coordinator::start(&store, registry(&ifaces)?, config).await?;
-    coordinator.ready().await;
+    let coordinator = start(&store, &ifaces).await?;
     walkthrough(&store, &coordinator, &ifaces).await?;
 
     println!("6. the server ends the watch's consumer: a resync in the same order");

@@ -10,21 +10,10 @@ use std::collections::BTreeMap;
 use std::error::Error;
 use std::path::PathBuf;
 
-use datasync::coordinator::{Coordinator, CoordinatorConfig, CoordinatorHandle, PluginState};
+use datasync::coordinator::{CoordinatorHandle, PluginState};
 use datasync::{Prefix, ReadOptions, Revision, Writer};
-use datasync_examples::{Interfaces, print_status, registry, seed, walkthrough};
+use datasync_examples::{Interfaces, print_status, seed, start, walkthrough};
 use datasync_raft::{RaftConfig, RaftStore};
-
-/// Starts the coordinator with both plugins and waits for the first pass.
-async fn start(
-    store: &RaftStore,
-    ifaces: &Interfaces,
-) -> Result<CoordinatorHandle, Box<dyn Error>> {
-    let config = CoordinatorConfig::default().retry_failed_after(None);
-    let coordinator = Coordinator::start(store, registry(ifaces)?, config).await?;
-    coordinator.ready().await;
-    Ok(coordinator)
-}
 
 /// The revision every plugin's last resync was at.
 fn resynced_at(c: &CoordinatorHandle) -> Vec<(String, Revision)> {
