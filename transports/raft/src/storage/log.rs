@@ -65,7 +65,7 @@ impl LogStore {
             .map_err(write_err)
     }
 
-    pub(crate) fn meta<T: serde::de::DeserializeOwned>(
+    fn meta<T: serde::de::DeserializeOwned>(
         db: &Database,
         key: &str,
     ) -> Result<Option<T>, StorageError> {
