@@ -18,6 +18,22 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Several agents can run one replicated store: give each a [`ClusterConfig`] (an
+//! address, the shared [`Secret`], and for all but the first the members to join
+//! through). [`ClusterConfig`] says how joining, routing and reads work.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use datasync_raft::{ClusterConfig, RaftConfig, RaftStore, Secret};
+//!
+//! let secret = Secret::from_file("/etc/datasync/cluster.secret")?;
+//! // On the first start node 2 joins through node 1; later starts restart from disk.
+//! let cluster = ClusterConfig::new("10.0.0.2:7400".parse()?, secret).join(["10.0.0.1:7400"]);
+//! let store = RaftStore::open(RaftConfig::new("./data").cluster(2, cluster)).await?;
+//! println!("members: {:?}", store.members());
+//! # Ok(()) }
+//! ```
+//!
 //! How it keeps the contract:
 //! - **Revisions** are counted by the state machine: every applied command that changes
 //!   something takes the next revision, persisted with the data and last-applied in one
@@ -46,14 +62,23 @@
 //!   not exactly at it.
 //! - **State-sync view** (the DDA seed): [`RaftStore::propose`] returns once committed;
 //!   a watch starts with the current state as one resync event (the synthetic sets and
-//!   the end marker in one); [`RaftStore::state_hash`] compares replicas.
+//!   the end marker in one); [`RaftStore::state_hash`] compares replicas;
+//!   [`RaftStore::observe_membership`] reports committed configurations only.
+//! - **Clusters**: openraft over a framed TCP protocol authenticated with the cluster
+//!   secret; followers forward writes to the leader and serve linearizable reads
+//!   through the leader's read index; a member that installs a snapshot resyncs its
+//!   watchers.
 
+mod cluster;
 mod network;
+mod propose;
 mod storage;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod types;
 
+pub use cluster::{ClusterConfig, ClusterError, Members, Role};
+pub use network::{MIN_SECRET, NetError, Secret, SecretError};
 pub use storage::OpenError;
-pub use store::{RaftConfig, RaftStore};
+pub use store::{MembershipWatch, RaftConfig, RaftStore};

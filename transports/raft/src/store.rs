@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use datasync::feed::FeedStream;
@@ -12,15 +11,19 @@ use datasync::{
     Prefix, PrefixSet, PutOptions, ReadOptions, Registration, Revision, Source, StoreError, Value,
     Watch, WatchOptions, Watcher, Writer,
 };
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, instrument, warn};
 
 use crate::OpenError;
-use crate::network::NoPeers;
+use crate::cluster::{self, ClusterConfig, ClusterError, Members, Node, Role, Service};
+use crate::network::client::Pool;
+use crate::network::nopeers::NoPeers;
+use crate::network::peer::TcpNetwork;
+use crate::network::server;
+use crate::network::wire::{Reply, Request};
+use crate::propose::{Proposals, ProposeError, Rejected};
 use crate::storage::{self, log::LogStore, sm};
 use crate::types::{Command, NodeId, Outcome, TypeConfig};
 
@@ -41,6 +44,8 @@ pub struct RaftConfig {
     pub snapshot_every: u64,
     /// Log entries kept behind a snapshot, for lagging followers (default 1,000).
     pub keep_logs: u64,
+    /// Cluster membership; `None` (the default) runs a single node with no network.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for RaftConfig {
@@ -52,6 +57,7 @@ impl Default for RaftConfig {
             history: 10_000,
             snapshot_every: 20_000,
             keep_logs: 1_000,
+            cluster: None,
         }
     }
 }
@@ -80,8 +86,20 @@ impl RaftConfig {
         self
     }
 
+    /// Makes this store a cluster member with node id `node_id` (unique in the group,
+    /// kept across restarts).
+    #[must_use]
+    pub fn cluster(mut self, node_id: u64, cluster: ClusterConfig) -> Self {
+        self.node_id = node_id;
+        self.cluster = Some(cluster);
+        self
+    }
+
     /// Checks the invariants.
     pub fn validate(&self) -> Result<(), OpenError> {
+        if let Some(c) = &self.cluster {
+            c.validate().map_err(OpenError::Config)?;
+        }
         if self.node_id == 0 {
             return Err(OpenError::Config("node_id must not be 0"));
         }
@@ -106,12 +124,8 @@ struct Inner {
     stop: CancellationToken,
     ttl: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     proposals: Proposals,
-}
-
-/// A command waiting to be proposed, and where its outcome goes.
-struct Proposal {
-    cmd: Command,
-    reply: oneshot::Sender<Result<Outcome, StoreError>>,
+    /// Set when this store is a cluster member.
+    node: Option<Node>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -152,19 +166,44 @@ fn read_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> St
 }
 
 impl RaftStore {
-    /// Opens the store in `config.dir`: bootstraps a one-node group on first start,
-    /// restarts from disk afterwards (never re-initializing), and waits until this node
-    /// leads.
+    /// Opens the store in `config.dir`.
+    ///
+    /// Without [`RaftConfig::cluster`]: bootstraps a one-node group on first start,
+    /// restarts from disk afterwards (never re-initializing), and returns once this
+    /// node leads and has re-applied its log.
+    ///
+    /// With a cluster: starts serving peers, then on the first start bootstraps a new
+    /// group or joins through [`ClusterConfig::join`] (returning once this node has
+    /// caught up and is a member); on later starts restarts from disk with the same
+    /// identity and returns at once (the group elects a leader when enough members
+    /// run; until then writes wait for one, up to the forward timeout).
     #[instrument(level = "debug", skip_all, fields(dir = %config.dir.display()))]
     pub async fn open(config: RaftConfig) -> Result<RaftStore, OpenError> {
         config.validate()?;
+        let raft_err = |e: &dyn std::fmt::Display| OpenError::Raft(e.to_string().into());
+        let listener = match &config.cluster {
+            None => None,
+            Some(c) => {
+                let l = tokio::net::TcpListener::bind(c.listen)
+                    .await
+                    .map_err(|source| OpenError::Listen {
+                        addr: c.listen,
+                        source,
+                    })?;
+                let bound = l.local_addr().map_err(|source| OpenError::Listen {
+                    addr: c.listen,
+                    source,
+                })?;
+                Some((l, c.advertise.clone().unwrap_or_else(|| bound.to_string())))
+            }
+        };
         let dir = config.dir.clone();
         let (db, wal) = tokio::task::spawn_blocking(move || storage::open(&dir))
             .await
             .map_err(|e| OpenError::Raft(Box::new(e)))??;
         let shared = sm::Shared::new(db.clone(), config.history)
             .map_err(|e| OpenError::Raft(Box::new(e)))?;
-        let raft_config = openraft::Config {
+        let mut raft_config = openraft::Config {
             cluster_name: "datasync".into(),
             heartbeat_interval: 50,
             election_timeout_min: 150,
@@ -172,68 +211,113 @@ impl RaftStore {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: config.keep_logs,
             ..Default::default()
+        };
+        if let Some(c) = &config.cluster {
+            raft_config.heartbeat_interval = c.heartbeat.as_millis() as u64;
+            raft_config.election_timeout_min = c.election.0.as_millis() as u64;
+            raft_config.election_timeout_max = c.election.1.as_millis() as u64;
         }
-        .validate()
-        .map_err(|e| OpenError::Raft(Box::new(e)))?;
-        let raft = Raft::new(
-            config.node_id,
-            Arc::new(raft_config),
-            NoPeers,
+        let raft_config = raft_config
+            .validate()
+            .map_err(|e| OpenError::Raft(Box::new(e)))?;
+        let (log, machine) = (
             LogStore::new(db, wal),
             sm::StateMachine::new(shared.clone()),
-        )
-        .await
+        );
+        let id = config.node_id;
+        let pool = config.cluster.as_ref().map(|c| Pool::new(c.secret.clone()));
+        let raft = match &pool {
+            None => Raft::new(id, Arc::new(raft_config), NoPeers, log, machine).await,
+            Some(pool) => {
+                let net = TcpNetwork { pool: pool.clone() };
+                Raft::new(id, Arc::new(raft_config), net, log, machine).await
+            }
+        }
         .map_err(|e| OpenError::Raft(Box::new(e)))?;
+        let stop = CancellationToken::new();
+        let proposals = Proposals::start(raft.clone(), stop.clone());
         let initialized = raft
             .is_initialized()
             .await
             .map_err(|e| OpenError::Raft(Box::new(e)))?;
-        if !initialized {
-            debug!(
-                node = config.node_id,
-                "bootstrapping a new single-node group"
-            );
-            let members = BTreeMap::from([(config.node_id, BasicNode::default())]);
-            raft.initialize(members)
+        let node = match (config.cluster.as_ref(), pool, listener) {
+            (Some(c), Some(pool), Some((listener, advertise))) => {
+                let service = Arc::new(Service {
+                    raft: raft.clone(),
+                    proposals: proposals.clone(),
+                    sm: shared.clone(),
+                });
+                tokio::spawn(server::serve(
+                    listener,
+                    c.secret.clone(),
+                    service.clone(),
+                    stop.clone(),
+                ));
+                if !initialized && c.join.is_empty() {
+                    debug!(node = id, addr = %advertise, "bootstrapping a new group");
+                    let members = BTreeMap::from([(id, BasicNode::new(&advertise))]);
+                    raft.initialize(members).await.map_err(|e| raft_err(&e))?;
+                } else if !initialized {
+                    debug!(node = id, addr = %advertise, seeds = ?c.join, "joining");
+                    let voter = c.role == Role::Voter;
+                    let req = || Request::Join {
+                        id,
+                        addr: advertise.clone(),
+                        voter,
+                    };
+                    let joined = match cluster::join(&pool, &c.join, req, c.join_timeout).await {
+                        Ok(index) => index,
+                        Err(e) => {
+                            stop.cancel();
+                            let _ = raft.shutdown().await;
+                            return Err(OpenError::Join(e));
+                        }
+                    };
+                    // Caught up means applied here too, not only replicated.
+                    raft.wait(Some(c.join_timeout))
+                        .applied_index_at_least(Some(joined), "joined")
+                        .await
+                        .map_err(|e| raft_err(&e))?;
+                }
+                Some(Node {
+                    id,
+                    addr: advertise,
+                    pool,
+                    service,
+                    forward_timeout: c.forward_timeout,
+                })
+            }
+            _ => None,
+        };
+        if node.is_none() {
+            if !initialized {
+                debug!(node = id, "bootstrapping a new single-node group");
+                let members = BTreeMap::from([(id, BasicNode::default())]);
+                raft.initialize(members).await.map_err(|e| raft_err(&e))?;
+            }
+            let mut metrics = raft.metrics();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                metrics.wait_for(|m| m.current_leader == Some(id)),
+            )
+            .await
+            .map_err(|_| OpenError::NoLeader)?
+            .map_err(|_| OpenError::NoLeader)?;
+            // Applies commit durably about once a second, so after a crash the state
+            // machine may be behind the log: it is usable once the log is re-applied,
+            // never before (a reader must not see the revision go back).
+            let replayed = |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
+                m.last_applied.map(|l| l.index) >= m.last_log_index
+            };
+            tokio::time::timeout(Duration::from_secs(300), metrics.wait_for(replayed))
                 .await
+                .map_err(|_| {
+                    OpenError::Raft(Box::new(std::io::Error::other(
+                        "re-applying the log did not finish within 300 s",
+                    )))
+                })?
                 .map_err(|e| OpenError::Raft(Box::new(e)))?;
         }
-        let id = config.node_id;
-        let mut metrics = raft.metrics();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            metrics.wait_for(|m| m.current_leader == Some(id)),
-        )
-        .await
-        .map_err(|_| OpenError::NoLeader)?
-        .map_err(|_| OpenError::NoLeader)?;
-        // Applies commit durably about once a second, so after a crash the state machine
-        // may be behind the log: it is usable once the log is re-applied, never before
-        // (a reader must not see the revision go back).
-        let replayed = |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
-            m.last_applied.map(|l| l.index) >= m.last_log_index
-        };
-        tokio::time::timeout(Duration::from_secs(300), metrics.wait_for(replayed))
-            .await
-            .map_err(|_| {
-                OpenError::Raft(Box::new(std::io::Error::other(
-                    "re-applying the log did not finish within 300 s",
-                )))
-            })?
-            .map_err(|e| OpenError::Raft(Box::new(e)))?;
-        let stop = CancellationToken::new();
-        let (queue, rx) = mpsc::channel(8192);
-        let proposals = Proposals {
-            queue,
-            raft: raft.clone(),
-            inflight: Arc::new(AtomicUsize::new(0)),
-        };
-        tokio::spawn(proposer(
-            raft.clone(),
-            rx,
-            proposals.inflight.clone(),
-            stop.clone(),
-        ));
         let ttl = tokio::spawn(ttl_task(
             proposals.clone(),
             shared.clone(),
@@ -250,18 +334,140 @@ impl RaftStore {
                 stop,
                 ttl: std::sync::Mutex::new(Some(ttl)),
                 proposals,
+                node,
             }),
         })
     }
 
-    /// Proposes `cmd` and returns once it is committed (durable) and applied.
+    /// Proposes `cmd` and returns once it is committed (durable on a quorum) and
+    /// applied on this member. On a follower the proposal is forwarded to the leader.
     ///
     /// Concurrent proposals are batched into one log entry, so they share one fsync.
     ///
     /// # Cancel safety
-    /// Dropping the future does not withdraw a proposal already queued.
+    /// Dropping the future does not withdraw a proposal already queued or forwarded.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, StoreError> {
-        propose(&self.inner.proposals, cmd).await
+        let Some(node) = &self.inner.node else {
+            return match self.inner.proposals.propose(cmd).await {
+                Ok((out, _)) => Ok(out),
+                Err(ProposeError::Store(e)) => Err(e),
+                Err(ProposeError::NotLeader(_)) => Err(unavailable(Rejected(
+                    "this single node does not lead".into(),
+                ))),
+            };
+        };
+        if node.leads() {
+            // The common case on the leader: no copy of the command for a retry.
+            match self.inner.proposals.propose(cmd.clone()).await {
+                Ok((out, _)) => return Ok(out),
+                Err(ProposeError::Store(e)) => return Err(e),
+                Err(ProposeError::NotLeader(_)) => {}
+            }
+        }
+        match node.to_leader(|| Request::Propose(cmd.clone())).await? {
+            (Reply::Proposed(Ok((out, index))), remote) => {
+                if remote {
+                    self.applied(index).await?;
+                }
+                Ok(out)
+            }
+            (Reply::Proposed(Err(e)), _) => Err(StoreError::Backend(Box::new(e))),
+            _ => Err(StoreError::Backend(Box::new(Rejected(
+                "unexpected reply to a proposal".into(),
+            )))),
+        }
+    }
+
+    /// Waits until this member has applied the log up to `index`.
+    async fn applied(&self, index: u64) -> Result<(), StoreError> {
+        let timeout = self
+            .inner
+            .node
+            .as_ref()
+            .map_or(Duration::from_secs(10), |n| n.forward_timeout);
+        self.inner
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "apply here")
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                openraft::metrics::WaitError::Timeout(t, _) => StoreError::Timeout(t),
+                openraft::metrics::WaitError::ShuttingDown => StoreError::Stopped,
+            })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.inner.config.node_id
+    }
+
+    /// The address other members reach this node at (cluster members only).
+    pub fn cluster_addr(&self) -> Option<&str> {
+        self.inner.node.as_ref().map(|n| n.addr.as_str())
+    }
+
+    /// The leader this node knows of now, if any.
+    pub fn leader(&self) -> Option<u64> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    /// The committed group configuration, as this member has applied it.
+    pub fn members(&self) -> Members {
+        Members::from_stored(&self.inner.sm.membership.borrow())
+    }
+
+    /// Committed group configurations as this member applies them, starting with the
+    /// current one. Only committed configuration counts: a crashed member stays a member
+    /// until it is removed.
+    pub fn observe_membership(&self) -> MembershipWatch {
+        MembershipWatch {
+            rx: self.inner.sm.membership.subscribe(),
+            first: true,
+        }
+    }
+
+    /// Adds node `id` at `addr` (routed to the leader): as a learner that receives the
+    /// log, or as a voter (added as a learner first, made a voter once caught up). Making
+    /// an existing learner a voter promotes it. Returns once the change is committed.
+    /// A change while another is in flight waits for it, up to the forward timeout,
+    /// then fails with [`ClusterError::InProgress`].
+    pub async fn add_member(&self, id: u64, addr: &str, role: Role) -> Result<(), ClusterError> {
+        let node = self.inner.node.as_ref().ok_or(ClusterError::NotClustered)?;
+        let req = || Request::Join {
+            id,
+            addr: addr.to_owned(),
+            voter: role == Role::Voter,
+        };
+        self.membership_change(node, true, req).await
+    }
+
+    /// Removes node `id` from the group (routed to the leader); the node keeps its data.
+    /// Removing this node itself is leaving.
+    pub async fn remove_member(&self, id: u64) -> Result<(), ClusterError> {
+        let node = self.inner.node.as_ref().ok_or(ClusterError::NotClustered)?;
+        // A node that left may never hear that its removal committed: only the others
+        // wait to apply it.
+        let wait = id != node.id;
+        self.membership_change(node, wait, || Request::Leave { id })
+            .await
+    }
+
+    async fn membership_change(
+        &self,
+        node: &Node,
+        wait: bool,
+        req: impl Fn() -> Request,
+    ) -> Result<(), ClusterError> {
+        match node.to_leader(req).await? {
+            (Reply::Membership(Ok(_)), _) if !wait => Ok(()),
+            (Reply::Membership(Ok(index)), _) => self
+                .applied(index)
+                .await
+                .map_err(|_| ClusterError::NoLeader(node.forward_timeout)),
+            (Reply::Membership(Err(e)), _) => Err(ClusterError::Refused(e.to_string())),
+            _ => Err(ClusterError::Refused("unexpected reply".into())),
+        }
     }
 
     /// The revision of the applied state.
@@ -272,6 +478,15 @@ impl RaftStore {
     /// A hash of the whole applied key space; equal on replicas at the same revision.
     pub fn state_hash(&self) -> Result<u64, StoreError> {
         self.inner.sm.state_hash()
+    }
+
+    /// How many snapshots this member has installed from a leader since it opened
+    /// (each resynced its watchers).
+    pub fn snapshots_installed(&self) -> u64 {
+        self.inner
+            .sm
+            .installed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many watch registrations the store feeds.
@@ -320,154 +535,27 @@ impl RaftStore {
     }
 
     async fn read_barrier(&self, opts: &ReadOptions) -> Result<(), StoreError> {
-        if opts.consistency == Consistency::Linearizable {
-            self.inner
+        if opts.consistency != Consistency::Linearizable {
+            return Ok(());
+        }
+        match &self.inner.node {
+            Some(node) if !node.leads() => match node.to_leader(|| Request::ReadIndex).await? {
+                (Reply::ReadIndex(Ok(index)), _) => self.applied(index).await,
+                (Reply::ReadIndex(Err(e)), _) => Err(StoreError::Backend(Box::new(e))),
+                _ => Err(StoreError::Backend(Box::new(Rejected(
+                    "unexpected reply to a read index".into(),
+                )))),
+            },
+            _ => self
+                .inner
                 .raft
                 .ensure_linearizable()
                 .await
-                .map_err(read_error)?;
-        }
-        Ok(())
-    }
-}
-
-/// Proposes `cmd`: directly when nothing is in flight or queued, else through the
-/// proposer task, which batches.
-///
-/// Why the direct path: on this VM a thread that parked during the ~200 µs log write
-/// takes 30–50 µs to wake, and a lone writer would pay that twice, handing its
-/// proposal to the proposer task and getting the answer back. Under concurrency
-/// something is always in flight, so writes queue and batch as before.
-async fn propose(p: &Proposals, cmd: Command) -> Result<Outcome, StoreError> {
-    if p.queue.capacity() == p.queue.max_capacity()
-        && p.inflight
-            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    {
-        let _done = InFlight(&p.inflight);
-        return match p.raft.client_write(cmd).await {
-            Ok(resp) => Ok(resp.data),
-            Err(RaftError::Fatal(_)) => Err(StoreError::Stopped),
-            Err(e) => Err(unavailable(Rejected(e.to_string()))),
-        };
-    }
-    let queue = &p.queue;
-    let (reply, rx) = oneshot::channel();
-    queue
-        .send(Proposal { cmd, reply })
-        .await
-        .map_err(|_| StoreError::Stopped)?;
-    rx.await.map_err(|_| StoreError::Stopped)?
-}
-
-/// The way to the proposer, and what is in flight.
-#[derive(Clone)]
-struct Proposals {
-    queue: mpsc::Sender<Proposal>,
-    raft: Raft<TypeConfig>,
-    /// Writes in flight, batches and direct ones.
-    inflight: Arc<AtomicUsize>,
-}
-
-/// Counts a write in flight until dropped.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Group commit above openraft: openraft 0.9 waits for each log append to be flushed
-/// before it starts the next, so one client write per entry means one fsync per write.
-/// This task drains every queued proposal into one `Command::Batch` entry while the
-/// previous entries commit; under concurrency many writes share one entry and one
-/// fsync. Two batches are in flight, so one is applied while the next is written.
-async fn proposer(
-    raft: Raft<TypeConfig>,
-    mut queue: mpsc::Receiver<Proposal>,
-    inflight_count: Arc<AtomicUsize>,
-    stop: CancellationToken,
-) {
-    let mut inflight = FuturesUnordered::new();
-    loop {
-        let first = tokio::select! {
-            _ = stop.cancelled() => return,
-            Some(()) = inflight.next(), if !inflight.is_empty() => continue,
-            p = queue.recv(), if inflight.len() < IN_FLIGHT => match p {
-                Some(p) => p,
-                None => break,
-            },
-        };
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match queue.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        inflight_count.fetch_add(1, Ordering::AcqRel);
-        let count = inflight_count.clone();
-        let raft = raft.clone();
-        inflight.push(async move {
-            let _done = InFlight(&count);
-            commit(raft, batch).await;
-        });
-    }
-    while inflight.next().await.is_some() {}
-}
-
-/// Proposes one batch and answers its callers.
-async fn commit(raft: Raft<TypeConfig>, batch: Vec<Proposal>) {
-    let (mut cmds, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-    let cmd = if cmds.len() == 1 {
-        cmds.remove(0)
-    } else {
-        Command::Batch(cmds)
-    };
-    match raft.client_write(cmd).await {
-        Ok(resp) => match resp.data {
-            Outcome::Batch(outs) if outs.len() == replies.len() && replies.len() > 1 => {
-                for (reply, out) in replies.into_iter().zip(outs) {
-                    let _ = reply.send(Ok(out));
-                }
-            }
-            out if replies.len() == 1 => {
-                for reply in replies {
-                    let _ = reply.send(Ok(out.clone()));
-                }
-            }
-            other => {
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::Corrupted(format!(
-                        "batch applied as {other:?}"
-                    ))));
-                }
-            }
-        },
-        Err(e) => {
-            let fatal = matches!(e, RaftError::Fatal(_));
-            let text = e.to_string();
-            for reply in replies {
-                let _ = reply.send(Err(if fatal {
-                    StoreError::Stopped
-                } else {
-                    unavailable(Rejected(text.clone()))
-                }));
-            }
+                .map(|_| ())
+                .map_err(read_error),
         }
     }
 }
-
-/// Batches in flight at once: while one is applied, the next is written to the log.
-/// Measured with 64 writers: 1 gives ~45k puts/s, 2 ~58k, 4 ~34k (smaller batches,
-/// more fsyncs).
-const IN_FLIGHT: usize = 2;
-
-/// raft did not accept a proposal (e.g. no leader).
-#[derive(Debug, thiserror::Error)]
-#[error("raft rejected the proposal: {0}")]
-struct Rejected(String);
 
 async fn ttl_task(
     proposals: Proposals,
@@ -484,7 +572,11 @@ async fn ttl_task(
                 if raft.metrics().borrow().current_leader == Some(id) {
                     match sm.due(now, 1024) {
                         Ok(keys) if !keys.is_empty() => {
-                            if let Err(e) = propose(&proposals, Command::Expire { keys }).await {
+                            if let Err(e) = proposals.propose(Command::Expire { keys }).await {
+                                let e = match e {
+                                    ProposeError::Store(e) => e.to_string(),
+                                    ProposeError::NotLeader(_) => "not the leader".into(),
+                                };
                                 warn!(error = %e, "lease expiry not committed; retrying");
                                 Duration::from_millis(100)
                             } else {
@@ -630,5 +722,28 @@ impl Watcher for RaftStore {
             initial,
         );
         Ok(Watch::new(reg, stream))
+    }
+}
+
+/// Committed group configurations of one member: the current one first, then each
+/// change as it is applied. Ends when the store stops.
+#[derive(Debug)]
+pub struct MembershipWatch {
+    rx: tokio::sync::watch::Receiver<crate::types::StoredMembership>,
+    first: bool,
+}
+
+impl MembershipWatch {
+    /// The next configuration; `None` once the store has stopped.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a change not yet returned is returned by the next call.
+    pub async fn next(&mut self) -> Option<Members> {
+        if self.first {
+            self.first = false;
+        } else {
+            self.rx.changed().await.ok()?;
+        }
+        Some(Members::from_stored(&self.rx.borrow_and_update()))
     }
 }

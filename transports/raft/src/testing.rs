@@ -1,11 +1,13 @@
-//! A conformance-suite harness for the embedded store (tests only).
+//! Conformance-suite harnesses for the embedded store (tests only): one node, and a
+//! three-node cluster on loopback whose follower is the store under test.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use datasync::testing::Harness;
 use tempfile::TempDir;
 
-use crate::{RaftConfig, RaftStore};
+use crate::{ClusterConfig, RaftConfig, RaftStore, Role, Secret};
 
 /// Opens a fresh single-node store in a temp dir per suite test; the dirs are removed
 /// when the harness drops.
@@ -28,6 +30,119 @@ impl Harness for RaftHarness {
             .unwrap_or_else(|e| e.into_inner())
             .push(dir);
         store
+    }
+
+    async fn active_watches(&self, store: &RaftStore) -> usize {
+        store.active_watches()
+    }
+}
+
+/// The secret test clusters share.
+pub fn test_secret() -> Secret {
+    Secret::new("datasync test cluster secret").expect("a long enough secret")
+}
+
+/// A cluster of nodes in this process, each on its own loopback port and temp dir,
+/// talking over real TCP. Nodes stop when it drops.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// The members, in the order they were started (node ids 1, 2, …).
+    pub nodes: Vec<RaftStore>,
+    /// Their data directories.
+    pub dirs: Vec<TempDir>,
+}
+
+impl TestCluster {
+    /// The config of node `id` with data in `dir`, joining through `join` (none: it
+    /// bootstraps).
+    pub fn config(id: u64, dir: &std::path::Path, join: Option<&str>) -> RaftConfig {
+        let listen = "127.0.0.1:0".parse().expect("an address");
+        let mut c = ClusterConfig::new(listen, test_secret());
+        if let Some(seed) = join {
+            c = c.join([seed]);
+        }
+        RaftConfig::new(dir).cluster(id, c)
+    }
+
+    /// Starts `n` voters: node 1 bootstraps, the others join through it.
+    pub async fn start(n: u64) -> TestCluster {
+        let mut cluster = TestCluster {
+            nodes: Vec::new(),
+            dirs: Vec::new(),
+        };
+        for id in 1..=n {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let seed = cluster.nodes.first().and_then(|s| s.cluster_addr());
+            let store = RaftStore::open(Self::config(id, dir.path(), seed))
+                .await
+                .expect("open a cluster member");
+            cluster.nodes.push(store);
+            cluster.dirs.push(dir);
+        }
+        for node in &cluster.nodes {
+            wait_until("every member sees every voter", || {
+                node.members().voters.len() == n as usize
+                    && node.members().role(node.node_id()) == Some(Role::Voter)
+            })
+            .await;
+        }
+        cluster
+    }
+
+    /// The member that leads now, as the members agree.
+    pub async fn leader(&self) -> &RaftStore {
+        let mut found = None;
+        wait_until("the members agree on a leader", || {
+            let leaders: Vec<_> = self.nodes.iter().map(RaftStore::leader).collect();
+            found = leaders[0].filter(|l| leaders.iter().all(|x| *x == Some(*l)));
+            found.is_some()
+        })
+        .await;
+        let id = found.expect("a leader");
+        self.nodes
+            .iter()
+            .find(|n| n.node_id() == id)
+            .expect("the leader is a member")
+    }
+
+    /// A member that does not lead now.
+    pub async fn follower(&self) -> &RaftStore {
+        let leader = self.leader().await.node_id();
+        self.nodes
+            .iter()
+            .find(|n| n.node_id() != leader)
+            .expect("a follower")
+    }
+}
+
+/// Waits (up to 30 s) until `check` holds; panics naming `what` otherwise.
+pub async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs the suite against a follower of a fresh three-node cluster per test: writes are
+/// forwarded to the leader, watches and reads are served by the follower.
+#[derive(Debug, Default)]
+pub struct ClusterHarness {
+    clusters: tokio::sync::Mutex<Vec<TestCluster>>,
+}
+
+#[async_trait::async_trait]
+impl Harness for ClusterHarness {
+    type Store = RaftStore;
+
+    async fn store(&self) -> RaftStore {
+        let cluster = TestCluster::start(3).await;
+        let follower = cluster.follower().await.clone();
+        self.clusters.lock().await.push(cluster);
+        follower
     }
 
     async fn active_watches(&self, store: &RaftStore) -> usize {

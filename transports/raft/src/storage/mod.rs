@@ -76,6 +76,18 @@ pub enum OpenError {
     /// No leader was elected in time.
     #[error("no leader elected within 10 s")]
     NoLeader,
+    /// The cluster address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Joining the cluster failed.
+    #[error("cannot join the cluster")]
+    Join(#[source] crate::ClusterError),
     /// The database could not be opened (locked by another process, I/O error, …).
     #[error("cannot open data file {path}")]
     Database {

@@ -20,7 +20,7 @@ use redb::{
     Table,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use super::{EXPIRY, KV, SM_META, SNAPSHOT, Stored};
 use crate::types::{
@@ -90,17 +90,20 @@ pub(crate) struct Shared {
     history_len: usize,
     /// Wakes the TTL task when a lease is written.
     pub(crate) ttl_changed: Notify,
+    /// The applied (so committed) membership.
+    pub(crate) membership: watch::Sender<StoredMembership>,
+    /// Snapshots installed from a leader since open.
+    pub(crate) installed: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
     pub(crate) fn new(db: Arc<Database>, history_len: usize) -> Result<Arc<Self>, StorageError> {
-        let revision = {
+        let (revision, membership) = {
             let tx = db.begin_read().map_err(rd)?;
             let meta = tx.open_table(SM_META).map_err(rd)?;
-            match meta.get("revision").map_err(rd)? {
-                Some(v) => bincode::deserialize(v.value()).map_err(rd)?,
-                None => 0,
-            }
+            let revision: Option<u64> = get_meta(&meta, "revision")?;
+            let membership: Option<StoredMembership> = get_meta(&meta, "membership")?;
+            (revision.unwrap_or(0), membership.unwrap_or_default())
         };
         Ok(Arc::new(Shared {
             db,
@@ -112,6 +115,8 @@ impl Shared {
             }),
             history_len,
             ttl_changed: Notify::new(),
+            membership: watch::Sender::new(membership),
+            installed: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -583,6 +588,7 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
     let mut revision = inner.revision;
     let mut outcomes = Vec::with_capacity(entries.len());
     let mut txns: Published = Vec::new();
+    let mut membership = None;
     let lease_written;
     {
         let mut a = Applier {
@@ -597,11 +603,9 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
             match e.payload {
                 EntryPayload::Blank => outcomes.push(Outcome::Unchanged),
                 EntryPayload::Membership(m) => {
-                    put_meta(
-                        &mut meta,
-                        "membership",
-                        &StoredMembership::new(Some(e.log_id), m),
-                    )?;
+                    let m = StoredMembership::new(Some(e.log_id), m);
+                    put_meta(&mut meta, "membership", &m)?;
+                    membership = Some(m);
                     outcomes.push(Outcome::Unchanged);
                 }
                 EntryPayload::Normal(cmd) => {
@@ -627,6 +631,9 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
     drop(inner);
     if lease_written {
         shared.ttl_changed.notify_one();
+    }
+    if let Some(m) = membership {
+        shared.membership.send_replace(m);
     }
     Ok(outcomes)
 }
@@ -754,6 +761,10 @@ fn install(
     inner.hub.resync_all();
     drop(inner);
     shared.ttl_changed.notify_one();
+    shared.membership.send_replace(meta.last_membership.clone());
+    shared
+        .installed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 

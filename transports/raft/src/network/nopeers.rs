@@ -1,6 +1,5 @@
-//! Node-to-node network. A single node has no peers: every RPC reports the target
-//! `Unreachable` (not `NetworkError`, which openraft retries in a storm). The
-//! authenticated TCP network for clusters replaces this (issue: raft cluster).
+//! The network of a store opened without a cluster: no peers, every RPC reports the
+//! target `Unreachable` (not `NetworkError`, which openraft retries in a storm).
 
 use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};

@@ -1,0 +1,482 @@
+//! Clusters: several stores replicating one state over the authenticated network
+//! (how it works: [`ClusterConfig`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Raft};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::network::client::Pool;
+use crate::network::server::Handler;
+use crate::network::wire::{Reply, Request, ServiceError};
+use crate::network::{NetError, Secret};
+use crate::propose::{Proposals, ProposeError};
+use crate::storage::sm;
+use crate::types::{NodeId, StoredMembership, TypeConfig};
+
+/// How a store takes part in a cluster.
+///
+/// Every member opens its store with this config: an address to listen on, the
+/// shared [`Secret`], and either nothing to join (the first member bootstraps a new
+/// group on its first start) or the addresses of existing members. A joining node asks
+/// any member; the request is routed to the leader, which adds it as a learner, waits
+/// until it has caught up (log or snapshot), then makes it a voter unless it joins as a
+/// [`Role::Learner`]. Later starts restart from disk with the same identity and never
+/// join or bootstrap again.
+///
+/// Writes on a follower are forwarded to the leader (redirects followed, retried while
+/// there is no leader, within [`ClusterConfig::forward_timeout`]); the caller never
+/// sees raft's `ForwardToLeader`. A forwarded write returns once it is applied on this
+/// member too, so a write is visible to the next local read and to local watches.
+/// Linearizable reads on a follower ask the leader for its read index and wait until
+/// this member has applied it; local reads read the replica as it is.
+///
+/// Membership is observed from the **committed** configuration only (the state
+/// machine's), so a crashed member is still a member: only a [`leave`] removes one.
+///
+/// [`leave`]: crate::RaftStore::remove_member
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClusterConfig {
+    /// Where this node listens for the other members.
+    pub listen: SocketAddr,
+    /// The address other nodes use to reach this one (default: the bound `listen`
+    /// address; required when `listen` is a wildcard address).
+    pub advertise: Option<String>,
+    /// The shared cluster secret.
+    pub secret: Secret,
+    /// Members to join through on the first start; empty bootstraps a new group.
+    pub join: Vec<String>,
+    /// Whether this node joins as a voter or a learner.
+    pub role: Role,
+    /// How long a forwarded write, read index or membership change may look for the
+    /// leader (default 10 s).
+    pub forward_timeout: Duration,
+    /// How long joining may take, catching up included (default 300 s).
+    pub join_timeout: Duration,
+    /// Raft heartbeat interval (default 100 ms).
+    pub heartbeat: Duration,
+    /// Raft election timeout range (default 500–1000 ms): a follower that hears no
+    /// leader for a random time in it starts an election.
+    pub election: (Duration, Duration),
+}
+
+impl ClusterConfig {
+    /// A member listening on `listen` with `secret`, bootstrapping a new group unless
+    /// [`join`](Self::join) names members.
+    pub fn new(listen: SocketAddr, secret: Secret) -> Self {
+        ClusterConfig {
+            listen,
+            advertise: None,
+            secret,
+            join: Vec::new(),
+            role: Role::Voter,
+            forward_timeout: Duration::from_secs(10),
+            join_timeout: Duration::from_secs(300),
+            heartbeat: Duration::from_millis(100),
+            election: (Duration::from_millis(500), Duration::from_millis(1000)),
+        }
+    }
+
+    /// Joins an existing group through these members on the first start.
+    #[must_use]
+    pub fn join<S: Into<String>>(mut self, members: impl IntoIterator<Item = S>) -> Self {
+        self.join = members.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Joins as a non-voting learner.
+    #[must_use]
+    pub fn learner(mut self) -> Self {
+        self.role = Role::Learner;
+        self
+    }
+
+    /// Sets the address other nodes reach this one at.
+    #[must_use]
+    pub fn advertise(mut self, addr: impl Into<String>) -> Self {
+        self.advertise = Some(addr.into());
+        self
+    }
+
+    /// Sets raft's heartbeat and election timeouts.
+    #[must_use]
+    pub fn timing(mut self, heartbeat: Duration, election: (Duration, Duration)) -> Self {
+        self.heartbeat = heartbeat;
+        self.election = election;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), &'static str> {
+        if self.advertise.is_none() && self.listen.ip().is_unspecified() {
+            return Err("cluster.advertise is required when listening on a wildcard address");
+        }
+        if self.heartbeat.is_zero() || self.election.0 <= self.heartbeat * 2 {
+            return Err("the election timeout must exceed twice the heartbeat");
+        }
+        if self.election.1 <= self.election.0 {
+            return Err("the election timeout range must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// A member's part in the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Role {
+    /// Votes and counts towards the quorum.
+    Voter,
+    /// Receives the log but does not vote.
+    Learner,
+}
+
+/// A committed group configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Members {
+    /// Voters and their addresses.
+    pub voters: BTreeMap<NodeId, String>,
+    /// Learners and their addresses.
+    pub learners: BTreeMap<NodeId, String>,
+    /// Whether the group is between two voter sets (joint consensus).
+    pub joint: bool,
+    /// The log index of this configuration.
+    pub log_index: u64,
+}
+
+impl Members {
+    pub(crate) fn from_stored(m: &StoredMembership) -> Members {
+        let addr = |id: &NodeId| {
+            m.membership()
+                .get_node(id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_default()
+        };
+        Members {
+            voters: m.voter_ids().map(|id| (id, addr(&id))).collect(),
+            learners: m
+                .membership()
+                .learner_ids()
+                .map(|id| (id, addr(&id)))
+                .collect(),
+            joint: m.membership().get_joint_config().len() > 1,
+            log_index: m.log_id().map_or(0, |l| l.index),
+        }
+    }
+
+    /// `id`'s role, if it is a member.
+    pub fn role(&self, id: NodeId) -> Option<Role> {
+        if self.voters.contains_key(&id) {
+            Some(Role::Voter)
+        } else if self.learners.contains_key(&id) {
+            Some(Role::Learner)
+        } else {
+            None
+        }
+    }
+}
+
+/// A cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// The store was opened without a [`ClusterConfig`].
+    #[error("this store is not part of a cluster")]
+    NotClustered,
+    /// No leader answered in time.
+    #[error("no leader answered within {0:?}")]
+    NoLeader(Duration),
+    /// Another membership change was still in progress when the time ran out.
+    #[error("another membership change is in progress")]
+    InProgress,
+    /// The leader refused the change.
+    #[error("the leader refused: {0}")]
+    Refused(String),
+    /// The call failed after it was sent: its outcome is unknown.
+    #[error("call failed")]
+    Net(#[source] NetError),
+    /// The peer refused this node's cluster secret, or this node refused the peer's.
+    #[error("peer not authenticated")]
+    Unauthenticated(#[source] NetError),
+    /// This node is stopping.
+    #[error("the node is stopping")]
+    Stopped,
+}
+
+impl ClusterError {
+    /// Whether trying the same call again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ClusterError::NoLeader(_) | ClusterError::InProgress | ClusterError::Net(_)
+        )
+    }
+}
+
+impl From<ClusterError> for datasync::StoreError {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::Stopped => datasync::StoreError::Stopped,
+            e if e.is_retryable() => datasync::StoreError::Unavailable(Box::new(e)),
+            e => datasync::StoreError::Backend(Box::new(e)),
+        }
+    }
+}
+
+/// What a member serves to its peers (and, on the leader, to itself).
+pub(crate) struct Service {
+    pub(crate) raft: Raft<TypeConfig>,
+    pub(crate) proposals: Proposals,
+    pub(crate) sm: Arc<sm::Shared>,
+}
+
+fn change_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ServiceError {
+    match e {
+        RaftError::Fatal(_) => ServiceError::Stopped,
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ServiceError::NotLeader {
+            leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(_),
+        )) => ServiceError::InProgress,
+        RaftError::APIError(e) => ServiceError::Failed(e.to_string()),
+    }
+}
+
+fn check_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> ServiceError {
+    match e {
+        RaftError::Fatal(_) => ServiceError::Stopped,
+        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => ServiceError::NotLeader {
+            leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+        },
+        RaftError::APIError(e) => ServiceError::Failed(e.to_string()),
+    }
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    fn members(&self) -> Members {
+        Members::from_stored(&self.sm.membership.borrow())
+    }
+
+    async fn join(&self, id: NodeId, addr: String, voter: bool) -> Result<u64, ServiceError> {
+        let now = self.members();
+        let change = |c| async move {
+            self.raft
+                .change_membership(c, false)
+                .await
+                .map(|r| r.log_id.index)
+                .map_err(change_error)
+        };
+        match now.role(id) {
+            Some(Role::Voter) => Ok(now.log_index),
+            Some(Role::Learner) if !voter => Ok(now.log_index),
+            Some(Role::Learner) => change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await,
+            None => {
+                let added = self
+                    .raft
+                    .add_learner(id, BasicNode::new(addr), true)
+                    .await
+                    .map_err(change_error)?;
+                if voter {
+                    change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+                } else {
+                    Ok(added.log_id.index)
+                }
+            }
+        }
+    }
+
+    async fn leave(&self, id: NodeId) -> Result<u64, ServiceError> {
+        let now = self.members();
+        let ids = BTreeSet::from([id]);
+        let change = match now.role(id) {
+            None => return Ok(now.log_index),
+            Some(Role::Voter) => ChangeMembers::RemoveVoters(ids),
+            Some(Role::Learner) => ChangeMembers::RemoveNodes(ids),
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map(|r| r.log_id.index)
+            .map_err(change_error)
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for Service {
+    async fn handle(&self, req: Request) -> Reply {
+        match req {
+            Request::Append(r) => Reply::Append(self.raft.append_entries(r).await),
+            Request::Vote(r) => Reply::Vote(self.raft.vote(r).await),
+            Request::Snapshot(r) => Reply::Snapshot(self.raft.install_snapshot(r).await),
+            Request::Propose(cmd) => {
+                Reply::Proposed(self.proposals.propose(cmd).await.map_err(|e| match e {
+                    ProposeError::NotLeader(leader) => ServiceError::NotLeader { leader },
+                    ProposeError::Store(datasync::StoreError::Stopped) => ServiceError::Stopped,
+                    ProposeError::Store(e) => ServiceError::Failed(e.to_string()),
+                }))
+            }
+            Request::ReadIndex => Reply::ReadIndex(match self.raft.get_read_log_id().await {
+                Ok((read, _)) => Ok(read.map_or(0, |l| l.index)),
+                Err(e) => Err(check_error(e)),
+            }),
+            Request::Join { id, addr, voter } => {
+                Reply::Membership(self.join(id, addr, voter).await)
+            }
+            Request::Leave { id } => Reply::Membership(self.leave(id).await),
+            Request::Members => Reply::Members(self.members()),
+        }
+    }
+}
+
+impl Reply {
+    fn error(&self) -> Option<&ServiceError> {
+        match self {
+            Reply::Proposed(Err(e)) | Reply::ReadIndex(Err(e)) | Reply::Membership(Err(e)) => {
+                Some(e)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// This member's place in the cluster: who it is and how it reaches the others.
+#[derive(Debug)]
+pub(crate) struct Node {
+    pub(crate) id: NodeId,
+    /// The address peers reach this node at.
+    pub(crate) addr: String,
+    pub(crate) pool: Pool,
+    pub(crate) service: Arc<Service>,
+    pub(crate) forward_timeout: Duration,
+}
+
+impl Node {
+    /// The leader this member knows of, with its address.
+    fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.service.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    /// Whether this member leads now.
+    pub(crate) fn leads(&self) -> bool {
+        self.service.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Sends a request to the leader, following redirects and waiting out elections,
+    /// for up to [`ClusterConfig::forward_timeout`]. Returns the reply and whether it
+    /// came from another member.
+    pub(crate) async fn to_leader(
+        &self,
+        make: impl Fn() -> Request,
+    ) -> Result<(Reply, bool), ClusterError> {
+        let make = &make;
+        route(
+            self.forward_timeout,
+            None,
+            |hint| hint.or_else(|| self.leader()),
+            |target| async move {
+                match target {
+                    (id, _) if id == self.id => Ok((self.service.handle(make()).await, false)),
+                    (_, addr) => {
+                        let left = self.forward_timeout.min(Duration::from_secs(30));
+                        let reply = self.pool.get(&addr).call(make(), left).await?;
+                        Ok((reply, true))
+                    }
+                }
+            },
+        )
+        .await
+    }
+}
+
+/// Asks `seeds` (any member) to add this node; the request is routed to the leader.
+pub(crate) async fn join(
+    pool: &Pool,
+    seeds: &[String],
+    req: impl Fn() -> Request,
+    timeout: Duration,
+) -> Result<u64, ClusterError> {
+    let mut next_seed = seeds.iter().cycle();
+    let (reply, _) = route(
+        timeout,
+        None,
+        |hint| hint.or_else(|| next_seed.next().map(|s| (0, s.clone()))),
+        |(_, addr)| {
+            let req = req();
+            async move { Ok((pool.get(&addr).call(req, timeout).await?, true)) }
+        },
+    )
+    .await?;
+    match reply {
+        Reply::Membership(Ok(index)) => Ok(index),
+        Reply::Membership(Err(e)) => Err(ClusterError::Refused(e.to_string())),
+        _ => Err(ClusterError::Refused("unexpected reply to a join".into())),
+    }
+}
+
+/// The retry loop shared by forwarding and joining: `pick` chooses a target (given a
+/// redirect hint), `send` calls it. A redirect is followed at once; a target that cannot
+/// be reached, no known leader, or a change in progress is retried with backoff until
+/// `timeout`. A call that failed after it was sent is not retried (its outcome is
+/// unknown).
+async fn route<F, Fut>(
+    timeout: Duration,
+    mut hint: Option<(NodeId, String)>,
+    mut pick: impl FnMut(Option<(NodeId, String)>) -> Option<(NodeId, String)>,
+    mut send: F,
+) -> Result<(Reply, bool), ClusterError>
+where
+    F: FnMut((NodeId, String)) -> Fut,
+    Fut: std::future::Future<Output = Result<(Reply, bool), NetError>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    let mut in_progress = false;
+    loop {
+        let redirected = hint.is_some();
+        match pick(hint.take()) {
+            None => {}
+            Some(target) => match send(target).await {
+                Ok((reply, remote)) => match reply.error() {
+                    Some(ServiceError::NotLeader { leader }) => hint = leader.clone(),
+                    Some(ServiceError::InProgress) => in_progress = true,
+                    Some(ServiceError::Stopped) if !remote => return Err(ClusterError::Stopped),
+                    Some(ServiceError::Stopped) => {}
+                    _ => return Ok((reply, remote)),
+                },
+                Err(e @ (NetError::AuthFailed(_) | NetError::Version(_))) => {
+                    return Err(ClusterError::Unauthenticated(e));
+                }
+                Err(e) if e.not_sent() => {}
+                Err(e) => return Err(ClusterError::Net(e)),
+            },
+        }
+        if Instant::now() >= deadline {
+            return Err(if in_progress {
+                ClusterError::InProgress
+            } else {
+                ClusterError::NoLeader(timeout)
+            });
+        }
+        if hint.is_none() || redirected {
+            tokio::time::sleep(pause.min(deadline - Instant::now())).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The calling side: one multiplexed, authenticated connection per peer address.
+//!
+//! A [`Client`] is a cheap handle to one task that owns the connection: calls are
+//! numbered, written as they come and answered as replies arrive, in any order. A broken
+//! connection fails the calls in flight with [`NetError::Closed`] (their outcome is
+//! unknown) and the next call connects again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tracing::debug;
+
+use super::auth::{self, Hello, Opener, Sealer, Secret};
+use super::error::NetError;
+use super::wire::{Envelope, Reply, Request};
+
+/// The largest frame accepted once a peer is authenticated.
+pub(crate) const MAX_FRAME: usize = 256 << 20;
+/// The largest frame accepted before (handshake messages are small).
+pub(crate) const HANDSHAKE_FRAME: usize = 1024;
+/// How long a handshake may take.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) type Conn = Framed<TcpStream, LengthDelimitedCodec>;
+
+pub(crate) fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(HANDSHAKE_FRAME)
+        .new_codec()
+}
+
+pub(crate) async fn send_plain<T: serde::Serialize>(
+    conn: &mut Conn,
+    msg: &T,
+) -> Result<(), NetError> {
+    let bytes = bincode::serialize(msg).map_err(NetError::Decode)?;
+    conn.send(bytes::Bytes::from(bytes))
+        .await
+        .map_err(NetError::Io)?;
+    Ok(())
+}
+
+pub(crate) async fn recv_plain<T: serde::de::DeserializeOwned>(
+    conn: &mut Conn,
+) -> Result<T, NetError> {
+    match conn.next().await {
+        Some(Ok(frame)) => bincode::deserialize(&frame).map_err(NetError::Decode),
+        Some(Err(e)) => Err(NetError::Io(e)),
+        None => Err(NetError::AuthFailed(
+            "the peer closed the connection during the handshake",
+        )),
+    }
+}
+
+/// A call waiting for its reply.
+type Call = (Request, oneshot::Sender<Reply>);
+
+/// A handle to the connection with one peer address. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Client {
+    inner: Arc<ClientInner>,
+}
+
+#[derive(Debug)]
+struct ClientInner {
+    addr: String,
+    secret: Secret,
+    conn: tokio::sync::Mutex<Option<mpsc::Sender<Call>>>,
+}
+
+impl Client {
+    pub(crate) fn new(addr: String, secret: Secret) -> Self {
+        Client {
+            inner: Arc::new(ClientInner {
+                addr,
+                secret,
+                conn: tokio::sync::Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Sends `req` and waits for the reply, within `timeout` in all.
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the reply; the request may still be executed.
+    pub(crate) async fn call(&self, req: Request, timeout: Duration) -> Result<Reply, NetError> {
+        let addr = &self.inner.addr;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let tx = tokio::time::timeout_at(deadline, self.sender())
+            .await
+            .map_err(|_| NetError::Connect {
+                addr: addr.clone(),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })??;
+        let (reply, rx) = oneshot::channel();
+        if tx.send((req, reply)).await.is_err() {
+            return Err(NetError::Closed(addr.clone()));
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Err(NetError::Timeout(addr.clone())),
+            Ok(Err(_)) => Err(NetError::Closed(addr.clone())),
+            Ok(Ok(reply)) => Ok(reply),
+        }
+    }
+
+    /// The live connection's queue, connecting first if there is none.
+    async fn sender(&self) -> Result<mpsc::Sender<Call>, NetError> {
+        let mut conn = self.inner.conn.lock().await;
+        if let Some(tx) = conn.as_ref().filter(|tx| !tx.is_closed()) {
+            return Ok(tx.clone());
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let (framed, sealer, opener) = connect(&self.inner.addr, &self.inner.secret).await?;
+        tokio::spawn(run(framed, sealer, opener, rx, self.inner.addr.clone()));
+        *conn = Some(tx.clone());
+        Ok(tx)
+    }
+}
+
+/// Connects and authenticates.
+async fn connect(addr: &str, secret: &Secret) -> Result<(Conn, Sealer, Opener), NetError> {
+    let connect_err = |source| NetError::Connect {
+        addr: addr.to_owned(),
+        source,
+    };
+    let stream = TcpStream::connect(addr).await.map_err(connect_err)?;
+    stream.set_nodelay(true).map_err(connect_err)?;
+    let mut conn = Framed::new(stream, codec());
+    let handshake = async {
+        let nonce = auth::nonce()?;
+        send_plain(
+            &mut conn,
+            &Hello {
+                magic: auth::MAGIC,
+                version: auth::VERSION,
+                nonce,
+            },
+        )
+        .await?;
+        let challenge = recv_plain(&mut conn).await?;
+        let (proof, sealer, mut opener) = auth::answer(secret, &nonce, &challenge)?;
+        send_plain(&mut conn, &proof).await?;
+        conn.codec_mut().set_max_frame_length(MAX_FRAME);
+        // The server's first sealed frame accepts us; a refusal closes the connection.
+        match conn.next().await {
+            Some(Ok(frame)) => {
+                opener.open(frame)?;
+            }
+            _ => return Err(NetError::AuthFailed("the peer refused the cluster secret")),
+        }
+        Ok((sealer, opener))
+    };
+    let (sealer, opener) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| connect_err(std::io::ErrorKind::TimedOut.into()))??;
+    Ok((conn, sealer, opener))
+}
+
+/// Owns one connection: writes calls, routes replies to their callers.
+async fn run(
+    conn: Conn,
+    mut sealer: Sealer,
+    mut opener: Opener,
+    mut calls: mpsc::Receiver<Call>,
+    addr: String,
+) {
+    let (mut sink, mut stream) = conn.split();
+    let mut pending: HashMap<u64, oneshot::Sender<Reply>> = HashMap::new();
+    let mut next_id = 0u64;
+    let why = loop {
+        tokio::select! {
+            call = calls.recv() => {
+                let Some((body, reply)) = call else { break "no more handles".to_string() };
+                let id = next_id;
+                next_id += 1;
+                let bytes = match bincode::serialize(&Envelope { id, body }) {
+                    Ok(b) => b,
+                    Err(e) => break format!("encoding a request: {e}"),
+                };
+                pending.insert(id, reply);
+                if let Err(e) = sink.send(sealer.seal(&bytes)).await {
+                    break format!("write: {e}");
+                }
+            }
+            frame = stream.next() => {
+                let frame = match frame {
+                    Some(Ok(f)) => f,
+                    Some(Err(e)) => break format!("read: {e}"),
+                    None => break "closed by the peer".to_string(),
+                };
+                let env: Envelope<Reply> = match opener
+                    .open(frame)
+                    .and_then(|b| bincode::deserialize(&b).map_err(NetError::Decode))
+                {
+                    Ok(env) => env,
+                    Err(e) => break format!("reply: {e}"),
+                };
+                if let Some(tx) = pending.remove(&env.id) {
+                    let _ = tx.send(env.body);
+                }
+            }
+        }
+    };
+    debug!(peer = %addr, reason = %why, calls_failed = pending.len(), "connection ended");
+}
+
+/// Connections shared by every user of one node (raft replication, forwarding, joins).
+#[derive(Debug, Clone)]
+pub(crate) struct Pool {
+    secret: Secret,
+    clients: Arc<Mutex<HashMap<String, Client>>>,
+}
+
+impl Pool {
+    pub(crate) fn new(secret: Secret) -> Self {
+        Pool {
+            secret,
+            clients: Arc::default(),
+        }
+    }
+
+    pub(crate) fn get(&self, addr: &str) -> Client {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .entry(addr.to_owned())
+            .or_insert_with(|| Client::new(addr.to_owned(), self.secret.clone()))
+            .clone()
+    }
+}

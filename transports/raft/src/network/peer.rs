@@ -1,0 +1,130 @@
+//! openraft's network over the authenticated connections of [`Pool`].
+
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+
+use super::client::{Client, Pool};
+use super::error::NetError;
+use super::wire::{Reply, Request};
+use crate::types::{NodeId, TypeConfig};
+
+/// An append larger than this (encoded) is refused with `PayloadTooLarge`, and openraft
+/// retries with fewer entries.
+const APPEND_LIMIT: u64 = 16 << 20;
+
+/// The raft network of a cluster member.
+#[derive(Debug, Clone)]
+pub(crate) struct TcpNetwork {
+    pub(crate) pool: Pool,
+}
+
+impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
+    type Network = Peer;
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        Peer {
+            target,
+            client: self.pool.get(&node.addr),
+        }
+    }
+}
+
+/// One peer, as openraft's replication and election see it.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    target: NodeId,
+    client: Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected reply to {0}")]
+struct Unexpected(&'static str);
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl Peer {
+    fn net<E: std::error::Error>(&self, e: NetError) -> RPCError<NodeId, BasicNode, E> {
+        match e {
+            NetError::Decode(_) | NetError::BadFrame => RPCError::Network(NetworkError::new(&e)),
+            // A peer that is down, cut off or restarting: openraft backs off instead of
+            // retrying at once.
+            _ => RPCError::Unreachable(Unreachable::new(&e)),
+        }
+    }
+
+    fn remote<E: std::error::Error>(&self, e: E) -> RPCError<NodeId, BasicNode, E> {
+        RPCError::RemoteError(RemoteError::new(self.target, e))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        if rpc.entries.len() > 1 && bincode::serialized_size(&rpc).unwrap_or(0) > APPEND_LIMIT {
+            let hint = (rpc.entries.len() / 2).max(1) as u64;
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
+        }
+        match self
+            .client
+            .call(Request::Append(rpc), option.hard_ttl())
+            .await
+        {
+            Ok(Reply::Append(r)) => r.map_err(|e| self.remote(e)),
+            Ok(_) => Err(RPCError::Network(NetworkError::new(&Unexpected("append")))),
+            Err(e) => Err(self.net(e)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        match self
+            .client
+            .call(Request::Snapshot(rpc), option.hard_ttl())
+            .await
+        {
+            Ok(Reply::Snapshot(r)) => r.map_err(|e| self.remote(e)),
+            Ok(_) => Err(RPCError::Network(NetworkError::new(&Unexpected(
+                "snapshot",
+            )))),
+            Err(e) => Err(self.net(e)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        match self
+            .client
+            .call(Request::Vote(rpc), option.hard_ttl())
+            .await
+        {
+            Ok(Reply::Vote(r)) => r.map_err(|e| self.remote(e)),
+            Ok(_) => Err(RPCError::Network(NetworkError::new(&Unexpected("vote")))),
+            Err(e) => Err(self.net(e)),
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}

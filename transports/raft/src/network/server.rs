@@ -1,0 +1,203 @@
+//! The answering side: accepts connections, authenticates each peer, and hands every
+//! request to the node's [`Handler`] in its own task (replies go back in any order).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::auth::{self, Hello, Proof, Secret};
+use super::client::{HANDSHAKE_TIMEOUT, MAX_FRAME, codec, recv_plain, send_plain};
+use super::error::NetError;
+use super::wire::{Envelope, Reply, Request};
+
+/// What a node does with an authenticated peer's request.
+#[async_trait::async_trait]
+pub(crate) trait Handler: Send + Sync + 'static {
+    async fn handle(&self, req: Request) -> Reply;
+}
+
+/// Serves `listener` until `stop`; connections end with it.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    secret: Secret,
+    handler: Arc<dyn Handler>,
+    stop: CancellationToken,
+) {
+    let tasks = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (secret, handler, stop) = (secret.clone(), handler.clone(), stop.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                () = connection(stream, peer, secret, handler) => {}
+            }
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    secret: Secret,
+    handler: Arc<dyn Handler>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut conn = Framed::new(stream, codec());
+    let handshake = async {
+        let hello: Hello = recv_plain(&mut conn).await?;
+        let (challenge, nonce_s) = auth::challenge(&secret, &hello)?;
+        send_plain(&mut conn, &challenge).await?;
+        let proof: Proof = recv_plain(&mut conn).await?;
+        auth::accept(&secret, &hello.nonce, &nonce_s, &proof)
+    };
+    let (mut sealer, mut opener) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(keys)) => keys,
+        Ok(Err(e)) => {
+            warn!(%peer, error = %e, "refused a peer that did not authenticate");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "refused a peer: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    conn.codec_mut().set_max_frame_length(MAX_FRAME);
+    let (mut sink, mut frames) = conn.split();
+    if sink.send(sealer.seal(b"accepted")).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<Envelope<Reply>>(256);
+    let writer = tokio::spawn(async move {
+        while let Some(env) = rx.recv().await {
+            let bytes = match bincode::serialize(&env) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "encoding a reply");
+                    break;
+                }
+            };
+            if sink.send(sealer.seal(&bytes)).await.is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(frame) = frames.next().await {
+        let env: Envelope<Request> = match frame
+            .map_err(NetError::Io)
+            .and_then(|f| opener.open(f))
+            .and_then(|b| bincode::deserialize(&b).map_err(NetError::Decode))
+        {
+            Ok(env) => env,
+            Err(e) => {
+                warn!(%peer, error = %e, "dropping a connection: bad frame");
+                break;
+            }
+        };
+        let (handler, tx) = (handler.clone(), tx.clone());
+        tokio::spawn(async move {
+            let body = handler.handle(env.body).await;
+            let _ = tx.send(Envelope { id: env.id, body }).await;
+        });
+    }
+    drop(tx);
+    let _ = writer.await;
+    debug!(%peer, "connection closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cluster::Members;
+    use crate::network::client::Client;
+
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl Handler for Arc<Counting> {
+        async fn handle(&self, _req: Request) -> Reply {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Reply::Members(Members::default())
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_peer_with_the_secret_reaches_the_handler() {
+        let good = Secret::new("the right cluster secret").expect("secret");
+        let bad = Secret::new("a wrong cluster secret!!").expect("secret");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let count = Arc::new(Counting::default());
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            good.clone(),
+            Arc::new(count.clone()),
+            stop.clone(),
+        ));
+        let t = Duration::from_secs(5);
+
+        let stranger = Client::new(addr.clone(), bad);
+        let refused = stranger.call(Request::Members, t).await;
+        assert!(
+            matches!(refused, Err(NetError::AuthFailed(_))),
+            "a wrong secret is refused: {refused:?}"
+        );
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            0,
+            "nothing reached the node"
+        );
+
+        // A peer that skips the check and sends a made-up proof gets no further.
+        let mut raw = Framed::new(TcpStream::connect(&addr).await.expect("connect"), codec());
+        let hello = Hello {
+            magic: auth::MAGIC,
+            version: auth::VERSION,
+            nonce: [7; 32],
+        };
+        send_plain(&mut raw, &hello).await.expect("hello");
+        let _: auth::Challenge = recv_plain(&mut raw).await.expect("challenge");
+        send_plain(&mut raw, &Proof { proof: vec![0; 32] })
+            .await
+            .expect("proof");
+        assert!(
+            !matches!(raw.next().await, Some(Ok(_))),
+            "a forged proof gets no accept, the connection closes"
+        );
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            0,
+            "nothing reached the node"
+        );
+
+        let member = Client::new(addr, good);
+        let reply = member.call(Request::Members, t).await.expect("call");
+        assert!(matches!(reply, Reply::Members(_)));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        stop.cancel();
+    }
+}

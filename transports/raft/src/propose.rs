@@ -1,0 +1,256 @@
+//! Proposing commands on this node's raft: group commit above openraft.
+//!
+//! openraft 0.9 waits for each log append to be flushed before it starts the next, so
+//! one client write per entry means one fsync per write. The proposer task drains every
+//! queued proposal into one `Command::Batch` entry while the previous entries commit;
+//! under concurrency many writes share one entry and one fsync. Two batches are in
+//! flight, so one is applied while the next is written.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use datasync::StoreError;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use openraft::Raft;
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::types::{Command, NodeId, Outcome, TypeConfig};
+
+/// A proposal did not commit here.
+#[derive(Debug)]
+pub(crate) enum ProposeError {
+    /// This node does not lead: the leader's id and address, if known. Nothing was
+    /// proposed.
+    NotLeader(Option<(NodeId, String)>),
+    /// Any other failure.
+    Store(StoreError),
+}
+
+/// What a committed proposal returns: its outcome and the log index it committed at.
+pub(crate) type Committed = Result<(Outcome, u64), ProposeError>;
+
+/// A command waiting to be proposed, and where its outcome goes.
+struct Proposal {
+    cmd: Command,
+    reply: oneshot::Sender<Committed>,
+}
+
+/// The way to the proposer, and what is in flight. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Proposals {
+    queue: mpsc::Sender<Proposal>,
+    raft: Raft<TypeConfig>,
+    /// Writes in flight, batches and direct ones.
+    inflight: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Proposals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proposals")
+            .field("inflight", &self.inflight.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// raft did not accept a proposal.
+#[derive(Debug, thiserror::Error)]
+#[error("raft rejected the proposal: {0}")]
+pub(crate) struct Rejected(pub(crate) String);
+
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Unavailable(Box::new(e))
+}
+
+fn write_error(
+    e: RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>,
+) -> ProposeError {
+    match e {
+        RaftError::Fatal(_) => ProposeError::Store(StoreError::Stopped),
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            ProposeError::NotLeader(f.leader_id.zip(f.leader_node.map(|n| n.addr)))
+        }
+        RaftError::APIError(e) => ProposeError::Store(unavailable(Rejected(e.to_string()))),
+    }
+}
+
+impl Proposals {
+    /// Starts the proposer task.
+    pub(crate) fn start(raft: Raft<TypeConfig>, stop: CancellationToken) -> Self {
+        let (queue, rx) = mpsc::channel(8192);
+        let p = Proposals {
+            queue,
+            raft: raft.clone(),
+            inflight: Arc::new(AtomicUsize::new(0)),
+        };
+        tokio::spawn(proposer(raft, rx, p.inflight.clone(), stop));
+        p
+    }
+
+    /// Proposes `cmd`: directly when nothing is in flight or queued, else through the
+    /// proposer task, which batches.
+    ///
+    /// Why the direct path: on this VM a thread that parked during the ~200 µs log write
+    /// takes 30–50 µs to wake, and a lone writer would pay that twice, handing its
+    /// proposal to the proposer task and getting the answer back. Under concurrency
+    /// something is always in flight, so writes queue and batch as before.
+    ///
+    /// # Cancel safety
+    /// Dropping the future does not withdraw a proposal already queued.
+    pub(crate) async fn propose(&self, cmd: Command) -> Committed {
+        if self.queue.capacity() == self.queue.max_capacity()
+            && self
+                .inflight
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            let _done = InFlight(&self.inflight);
+            return match self.raft.client_write(cmd).await {
+                Ok(resp) => Ok((resp.data, resp.log_id.index)),
+                Err(e) => Err(write_error(e)),
+            };
+        }
+        let (reply, rx) = oneshot::channel();
+        self.queue
+            .send(Proposal { cmd, reply })
+            .await
+            .map_err(|_| ProposeError::Store(StoreError::Stopped))?;
+        rx.await
+            .map_err(|_| ProposeError::Store(StoreError::Stopped))?
+    }
+}
+
+/// Counts a write in flight until dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Batches in flight at once: while one is applied, the next is written to the log.
+/// Measured with 64 writers: 1 gives ~45k puts/s, 2 ~58k, 4 ~34k (smaller batches,
+/// more fsyncs).
+const IN_FLIGHT: usize = 2;
+
+/// A batch closes at this many proposals or bytes of keys and values, so one log entry
+/// stays well within a network frame.
+const BATCH_MAX: usize = 1024;
+const BATCH_BYTES: usize = 4 << 20;
+
+fn size(cmd: &Command) -> usize {
+    match cmd {
+        Command::Put { key, value, .. } | Command::Cas { key, value, .. } => {
+            key.len() + value.len()
+        }
+        Command::Delete { key, .. } => key.len(),
+        Command::Batch(b) => b.iter().map(size).sum(),
+        Command::Expire { keys } => keys.iter().map(|(k, _)| k.len() + 8).sum(),
+    }
+}
+
+async fn proposer(
+    raft: Raft<TypeConfig>,
+    mut queue: mpsc::Receiver<Proposal>,
+    inflight_count: Arc<AtomicUsize>,
+    stop: CancellationToken,
+) {
+    let mut inflight = FuturesUnordered::new();
+    let mut carry: Option<Proposal> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => tokio::select! {
+                _ = stop.cancelled() => return,
+                Some(()) = inflight.next(), if !inflight.is_empty() => continue,
+                p = queue.recv(), if inflight.len() < IN_FLIGHT => match p {
+                    Some(p) => p,
+                    None => break,
+                },
+            },
+        };
+        let mut bytes = size(&first.cmd);
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX && bytes < BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(p) => {
+                    bytes += size(&p.cmd);
+                    if bytes > BATCH_BYTES {
+                        carry = Some(p);
+                        break;
+                    }
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        inflight_count.fetch_add(1, Ordering::AcqRel);
+        let count = inflight_count.clone();
+        let raft = raft.clone();
+        inflight.push(async move {
+            let _done = InFlight(&count);
+            commit(raft, batch).await;
+        });
+        if carry.is_some() && inflight.len() >= IN_FLIGHT {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = inflight.next() => {}
+            }
+        }
+    }
+    while inflight.next().await.is_some() {}
+}
+
+/// Proposes one batch and answers its callers.
+async fn commit(raft: Raft<TypeConfig>, batch: Vec<Proposal>) {
+    let (mut cmds, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+    let cmd = if cmds.len() == 1 {
+        cmds.remove(0)
+    } else {
+        Command::Batch(cmds)
+    };
+    match raft.client_write(cmd).await {
+        Ok(resp) => {
+            let index = resp.log_id.index;
+            match resp.data {
+                Outcome::Batch(outs) if outs.len() == replies.len() && replies.len() > 1 => {
+                    for (reply, out) in replies.into_iter().zip(outs) {
+                        let _ = reply.send(Ok((out, index)));
+                    }
+                }
+                out if replies.len() == 1 => {
+                    for reply in replies {
+                        let _ = reply.send(Ok((out.clone(), index)));
+                    }
+                }
+                other => {
+                    for reply in replies {
+                        let _ = reply.send(Err(ProposeError::Store(StoreError::Corrupted(
+                            format!("batch applied as {other:?}"),
+                        ))));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            let fatal = matches!(e, RaftError::Fatal(_));
+            let leader = match &e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Some(
+                    f.leader_id
+                        .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
+                ),
+                _ => None,
+            };
+            let text = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(match (&leader, fatal) {
+                    (Some(l), _) => ProposeError::NotLeader(l.clone()),
+                    (None, true) => ProposeError::Store(StoreError::Stopped),
+                    (None, false) => ProposeError::Store(unavailable(Rejected(text.clone()))),
+                }));
+            }
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Raft clusters in one process, each member on its own loopback port and temp dir,
+//! talking over real TCP: forwarding, leader loss, learners, leaving, catching up by
+//! snapshot, and refusing a node without the secret.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use datasync::{
+    Consistency, Key, Mirror, Prefix, PutOptions, ReadOptions, Value, WatchOptions, Watcher, Writer,
+};
+use datasync_raft::testing::{TestCluster, test_secret, wait_until};
+use datasync_raft::{ClusterConfig, OpenError, RaftConfig, RaftStore, Role, Secret};
+
+fn key(s: &str) -> Key {
+    Key::new(s).unwrap()
+}
+
+async fn get(s: &RaftStore, k: &str, consistency: Consistency) -> Option<Value> {
+    let opts = ReadOptions::new().consistency(consistency);
+    s.get(&key(k), opts).await.unwrap().map(|kv| kv.value)
+}
+
+/// Waits until every store in `nodes` is at the same revision with the same state hash.
+async fn converged(nodes: &[&RaftStore]) {
+    wait_until("the members converge", || {
+        let revs: Vec<_> = nodes.iter().map(|n| n.revision()).collect();
+        let hashes: Vec<_> = nodes.iter().map(|n| n.state_hash().unwrap()).collect();
+        revs.windows(2).all(|w| w[0] == w[1]) && hashes.windows(2).all(|w| w[0] == w[1])
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_writes_are_forwarded_and_reads_are_linearizable() {
+    let c = TestCluster::start(3).await;
+    let f = c.follower().await;
+    assert_ne!(
+        f.leader(),
+        Some(f.node_id()),
+        "the store under test follows"
+    );
+    let rev = f
+        .put(&key("a/1"), "one".into(), PutOptions::new())
+        .await
+        .unwrap();
+    // A forwarded write returns once applied here: a local read sees it at once.
+    assert!(f.revision() >= rev);
+    assert_eq!(get(f, "a/1", Consistency::Local).await, Some("one".into()));
+    // A write through the leader is seen by a linearizable read on a follower.
+    let leader = c.leader().await;
+    leader
+        .put(&key("a/2"), "two".into(), PutOptions::new())
+        .await
+        .unwrap();
+    for n in &c.nodes {
+        assert_eq!(
+            get(n, "a/2", Consistency::Linearizable).await,
+            Some("two".into()),
+            "node {} reads the leader's write",
+            n.node_id()
+        );
+    }
+    converged(&c.nodes.iter().collect::<Vec<_>>()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_on_after_the_leader_stops() {
+    let mut c = TestCluster::start(3).await;
+    let old = c.leader().await.node_id();
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let f = c.follower().await;
+        let k = format!("k/{i:02}");
+        f.put(&key(&k), Value::from(k.clone()), PutOptions::new())
+            .await
+            .unwrap();
+        acked.push(k);
+    }
+    let i = c.nodes.iter().position(|n| n.node_id() == old).unwrap();
+    let stopped = c.nodes.remove(i);
+    stopped.shutdown().await;
+    drop(stopped);
+    // The survivors elect a new leader; writes through either wait for it.
+    for i in 20..40 {
+        let n = &c.nodes[i % 2];
+        let k = format!("k/{i:02}");
+        n.put(&key(&k), Value::from(k.clone()), PutOptions::new())
+            .await
+            .unwrap();
+        acked.push(k);
+    }
+    let new = c.nodes[0].leader().unwrap();
+    assert_ne!(new, old, "a new leader was elected");
+    converged(&[&c.nodes[0], &c.nodes[1]]).await;
+    for n in &c.nodes {
+        for k in &acked {
+            assert_eq!(
+                get(n, k, Consistency::Local).await,
+                Some(Value::from(k.clone())),
+                "acknowledged write {k} on node {}",
+                n.node_id()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_replicates_and_is_promoted() {
+    let mut c = TestCluster::start(3).await;
+    let mut changes = c.nodes[0].observe_membership();
+    let first = changes.next().await.unwrap();
+    assert_eq!(
+        first.voters.len(),
+        3,
+        "starts with the current configuration"
+    );
+    c.nodes[0]
+        .put(&key("x"), "before".into(), PutOptions::new())
+        .await
+        .unwrap();
+    // Join as a learner through a follower: the request is routed to the leader.
+    let dir = tempfile::tempdir().unwrap();
+    let seed = c.follower().await.cluster_addr().unwrap().to_owned();
+    let listen = "127.0.0.1:0".parse().unwrap();
+    let config = ClusterConfig::new(listen, test_secret())
+        .join([seed])
+        .learner();
+    let learner = RaftStore::open(RaftConfig::new(dir.path()).cluster(4, config))
+        .await
+        .unwrap();
+    let m = c.nodes[0].members();
+    assert_eq!(m.role(4), Some(Role::Learner));
+    assert_eq!(m.voters.len(), 3, "a learner does not vote");
+    // It caught up before open returned, and receives later writes.
+    assert_eq!(
+        get(&learner, "x", Consistency::Local).await,
+        Some("before".into())
+    );
+    c.nodes[1]
+        .put(&key("y"), "after".into(), PutOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&learner, "y", Consistency::Linearizable).await,
+        Some("after".into())
+    );
+    // Observed from committed configuration: the learner's arrival.
+    loop {
+        let m = changes.next().await.unwrap();
+        if m.role(4) == Some(Role::Learner) {
+            break;
+        }
+    }
+    let addr = learner.cluster_addr().unwrap().to_owned();
+    learner.add_member(4, &addr, Role::Voter).await.unwrap();
+    assert_eq!(c.nodes[2].members().role(4), Some(Role::Voter));
+    loop {
+        let m = changes.next().await.unwrap();
+        if m.role(4) == Some(Role::Voter) && !m.joint {
+            break;
+        }
+    }
+    c.nodes.push(learner);
+    c.dirs.push(dir);
+    converged(&c.nodes.iter().collect::<Vec<_>>()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_leaves_and_keeps_its_data() {
+    let c = TestCluster::start(3).await;
+    c.nodes[0]
+        .put(&key("kept"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    converged(&c.nodes.iter().collect::<Vec<_>>()).await;
+    let leaving = &c.nodes[2];
+    leaving.remove_member(leaving.node_id()).await.unwrap();
+    wait_until("the others commit the removal", || {
+        c.nodes[..2]
+            .iter()
+            .all(|n| n.members().role(3).is_none() && n.members().voters.len() == 2)
+    })
+    .await;
+    // The group goes on with two voters; the node that left keeps what it had.
+    c.nodes[1]
+        .put(&key("later"), "w".into(), PutOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        get(leaving, "kept", Consistency::Local).await,
+        Some("v".into())
+    );
+    converged(&[&c.nodes[0], &c.nodes[1]]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_member_catches_up_by_snapshot_and_its_watcher_is_consistent() {
+    // Snapshots every 50 entries, 5 kept behind: a member down for 300 writes is behind
+    // the retained log and must be sent a snapshot.
+    let listen = "127.0.0.1:0".parse().unwrap();
+    let mut nodes = Vec::new();
+    let mut dirs = Vec::new();
+    for id in 1..=3u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cc = ClusterConfig::new(listen, test_secret());
+        if let Some(first) = nodes.first().map(|n: &RaftStore| n.cluster_addr().unwrap()) {
+            cc = cc.join([first]);
+        }
+        let config = RaftConfig::new(dir.path()).snapshots(50, 5).cluster(id, cc);
+        nodes.push(RaftStore::open(config).await.unwrap());
+        dirs.push(dir);
+    }
+    wait_until("three voters", || nodes[2].members().voters.len() == 3).await;
+    let lagging = nodes.pop().unwrap();
+    let addr: std::net::SocketAddr = lagging.cluster_addr().unwrap().parse().unwrap();
+    lagging.shutdown().await;
+    drop(lagging);
+    for i in 0..300 {
+        nodes[i % 2]
+            .put(
+                &key(&format!("s/{i:03}")),
+                Value::from(i.to_string()),
+                PutOptions::new(),
+            )
+            .await
+            .unwrap();
+    }
+    // Back on the same address, with its old identity.
+    let cc = ClusterConfig::new(addr, test_secret());
+    let config = RaftConfig::new(dirs[2].path())
+        .snapshots(50, 5)
+        .cluster(3, cc);
+    let back = RaftStore::open(config).await.unwrap();
+    let mut w = back
+        .watch("w", &[Prefix::new("s/").unwrap()], WatchOptions::default())
+        .await
+        .unwrap();
+    let mut mirror = Mirror::new();
+    let target = nodes[0].revision();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while mirror.revision("") < Some(target) {
+            let ev = datasync::testing::next_event(&mut w).await.unwrap();
+            mirror.apply(&ev).unwrap();
+            ev.into_done().ok();
+        }
+    })
+    .await
+    .expect("the watcher catches up (deadlock?)");
+    assert_eq!(mirror.len(""), 300, "the watcher holds every key");
+    assert!(
+        back.snapshots_installed() > 0,
+        "the member caught up from a snapshot"
+    );
+    nodes.push(back);
+    converged(&nodes.iter().collect::<Vec<_>>()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_secret_cannot_join() {
+    let c = TestCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = Secret::new("not the cluster secret").unwrap();
+    let listen = "127.0.0.1:0".parse().unwrap();
+    let seed = c.nodes[0].cluster_addr().unwrap().to_owned();
+    let config =
+        RaftConfig::new(dir.path()).cluster(9, ClusterConfig::new(listen, stranger).join([seed]));
+    let refused = tokio::time::timeout(Duration::from_secs(20), RaftStore::open(config))
+        .await
+        .expect("refused at once, not retried");
+    assert!(
+        matches!(refused, Err(OpenError::Join(_))),
+        "joining without the secret fails: {refused:?}"
+    );
+    for n in &c.nodes {
+        assert_eq!(n.members().role(9), None, "the stranger is not a member");
+        assert_eq!(n.members().voters.len(), 3);
+    }
+}
