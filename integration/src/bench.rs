@@ -86,8 +86,19 @@ pub async fn etcd_inflight(c: &etcd_client::Client, prefix: &str, n: usize) -> f
 
 /// Put → change event latency through a store's own watch, [`WATCH_N`] times.
 pub async fn store_watch<S: Watcher + Writer>(s: &S, prefix: &str) -> Vec<Duration> {
+    store_watch_on(s, s, prefix).await
+}
+
+/// Put through `writer` → change event on `watcher`'s watch (another member of the same
+/// store), [`WATCH_N`] times.
+pub async fn store_watch_on<W: Writer, S: Watcher>(
+    writer: &W,
+    watcher: &S,
+    prefix: &str,
+) -> Vec<Duration> {
+    let s = writer;
     let p = Prefix::new(prefix).expect("benchmark prefix");
-    let mut w = s
+    let mut w = watcher
         .watch("bench", &[p], WatchOptions::default())
         .await
         .expect("benchmark watch");
@@ -117,16 +128,27 @@ pub async fn store_watch<S: Watcher + Writer>(s: &S, prefix: &str) -> Vec<Durati
 /// The same with a raw `etcd-client` put and watch (`prev_kv` asked for when
 /// `prev` is set, as datasync's contract needs it).
 pub async fn etcd_watch(c: &etcd_client::Client, prefix: &str, prev: bool) -> Vec<Duration> {
+    etcd_watch_on(c, c, prefix, prev).await
+}
+
+/// The same with puts through `writer` and the watch on `watcher` (clients of two
+/// members of one cluster).
+pub async fn etcd_watch_on(
+    writer: &etcd_client::Client,
+    watcher: &etcd_client::Client,
+    prefix: &str,
+    prev: bool,
+) -> Vec<Duration> {
     let mut opts = etcd_client::WatchOptions::new().with_prefix();
     if prev {
         opts = opts.with_prev_key();
     }
-    let mut stream = c
+    let mut stream = watcher
         .clone()
         .watch(prefix, Some(opts))
         .await
         .expect("benchmark watch");
-    let mut c = c.clone();
+    let mut c = writer.clone();
     let mut lat = Vec::new();
     for i in 0..WATCH_N {
         let k = format!("{prefix}{i:06}");

@@ -6,12 +6,14 @@
 
 pub mod bench;
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod nats;
 pub mod proc;
 pub mod proxy;
 pub mod testkit;
 
 pub use etcd::{EtcdHarness, EtcdServer};
+pub use etcd_cluster::EtcdCluster;
 pub use nats::{NatsHarness, NatsServer};
 pub use proxy::Proxy;
 

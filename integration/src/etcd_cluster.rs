@@ -1,0 +1,115 @@
+//! A real 3-member (or n-member) etcd cluster on loopback, for the cluster benchmark.
+//! Each member has its own free ports and temp data dir; all are killed on drop.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::{HarnessError, find_binary, free_port};
+
+/// An etcd cluster whose members are processes of this test or benchmark.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<(Child, String)>,
+    _dirs: Vec<TempDir>,
+}
+
+fn io(source: std::io::Error) -> HarnessError {
+    HarnessError::Io {
+        binary: "etcd",
+        source,
+    }
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until the cluster has a leader (up to 60 s).
+    pub async fn start(n: usize) -> Result<EtcdCluster, HarnessError> {
+        let binary = find_binary("etcd").ok_or(HarnessError::Missing {
+            binary: "etcd",
+            install: "apt-get install etcd-server",
+        })?;
+        let mut ports = Vec::new();
+        for _ in 0..n {
+            ports.push((free_port().map_err(io)?, free_port().map_err(io)?));
+        }
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let initial = initial.join(",");
+        let mut members = Vec::new();
+        let mut dirs = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let dir = tempfile::tempdir().map_err(io)?;
+            let endpoint = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let log = std::fs::File::create(dir.path().join("etcd.log")).map_err(io)?;
+            let child = Command::new(&binary)
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args(["--listen-client-urls", &endpoint])
+                .args(["--advertise-client-urls", &endpoint])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "datasync-bench"])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .map_err(io)?;
+            members.push((child, endpoint));
+            dirs.push(dir);
+        }
+        let cluster = EtcdCluster {
+            members,
+            _dirs: dirs,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while cluster.leader().await.is_none() {
+            if tokio::time::Instant::now() > deadline {
+                return Err(HarnessError::NotReady {
+                    binary: "etcd",
+                    reason: "the cluster elected no leader in 60 s".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(cluster)
+    }
+
+    /// The members' client URLs.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|(_, e)| e.clone()).collect()
+    }
+
+    /// The index of the member that leads now, if the members agree on one.
+    pub async fn leader(&self) -> Option<usize> {
+        let mut leader = None;
+        let mut ids = Vec::new();
+        for (_, endpoint) in &self.members {
+            let mut c = etcd_client::Client::connect([endpoint], None).await.ok()?;
+            let s = c.status().await.ok()?;
+            leader = Some(s.leader());
+            ids.push(s.header()?.member_id());
+        }
+        let leader = leader.filter(|l| *l != 0)?;
+        ids.iter().position(|id| *id == leader)
+    }
+
+    /// A client connected to member `i` only.
+    pub async fn client(&self, i: usize) -> Result<etcd_client::Client, etcd_client::Error> {
+        etcd_client::Client::connect([&self.members[i].1], None).await
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.members {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
