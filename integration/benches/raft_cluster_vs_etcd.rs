@@ -10,43 +10,17 @@
 //! over its own protocol, etcd internally); watches are on a follower.
 #![allow(clippy::unwrap_used)] // a benchmark: failing loudly is the point
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use datasync::{Key, PutOptions, Value, Writer};
 use datasync_integration::EtcdCluster;
 use datasync_integration::bench::{
-    etcd_inflight, etcd_watch_on, median, quantile, store_inflight, store_watch_on, value,
+    etcd_inflight, etcd_seq, etcd_watch_on, median, quantile, store_inflight, store_seq,
+    store_watch_on,
 };
-use datasync_raft::RaftStore;
 use datasync_raft::testing::TestCluster;
 
 const SEQ: usize = 500;
 const INFLIGHT_N: usize = 10_000;
-
-async fn raft_seq(s: &RaftStore, tag: &str) -> (f64, Duration) {
-    let v = Value::from(value());
-    let mut lat = Vec::new();
-    let t = Instant::now();
-    for i in 0..SEQ {
-        let k = Key::new(format!("{tag}/{i:06}")).unwrap();
-        let s0 = Instant::now();
-        s.put(&k, v.clone(), PutOptions::new()).await.unwrap();
-        lat.push(s0.elapsed());
-    }
-    (SEQ as f64 / t.elapsed().as_secs_f64(), quantile(lat, 0.5))
-}
-
-async fn etcd_seq(c: &etcd_client::Client, tag: &str) -> (f64, Duration) {
-    let mut c = c.clone();
-    let mut lat = Vec::new();
-    let t = Instant::now();
-    for i in 0..SEQ {
-        let s0 = Instant::now();
-        c.put(format!("{tag}/{i:06}"), value(), None).await.unwrap();
-        lat.push(s0.elapsed());
-    }
-    (SEQ as f64 / t.elapsed().as_secs_f64(), quantile(lat, 0.5))
-}
 
 fn main() {
     let rt = datasync_integration::bench::runtime();
@@ -79,16 +53,16 @@ async fn bench(runs: usize) {
 
     let (mut r, mut e) = (Samples::default(), Samples::default());
     for run in 0..runs {
-        let (ops, p50) = raft_seq(&rleader, &format!("seq{run}")).await;
+        let (ops, p50) = store_seq(&rleader, &format!("seq{run}"), SEQ).await;
         r.seq.push(ops);
         r.seq50.push(p50.as_secs_f64());
-        let (ops, p50) = etcd_seq(&eleader, &format!("seq{run}")).await;
+        let (ops, p50) = etcd_seq(&eleader, &format!("seq{run}"), SEQ).await;
         e.seq.push(ops);
         e.seq50.push(p50.as_secs_f64());
-        let (ops, p50) = raft_seq(&rfollower, &format!("fseq{run}")).await;
+        let (ops, p50) = store_seq(&rfollower, &format!("fseq{run}"), SEQ).await;
         r.fseq.push(ops);
         r.fseq50.push(p50.as_secs_f64());
-        let (ops, p50) = etcd_seq(&efollower, &format!("fseq{run}")).await;
+        let (ops, p50) = etcd_seq(&efollower, &format!("fseq{run}"), SEQ).await;
         e.fseq.push(ops);
         e.fseq50.push(p50.as_secs_f64());
         r.inflight

@@ -10,10 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use datasync::{Key, Prefix, PutOptions, ReadOptions, Value, Writer};
+use datasync::{Prefix, ReadOptions, Writer};
 use datasync_integration::bench::{
-    etcd_inflight, etcd_watch, median, quantile, store_inflight as raft_inflight, store_watch,
-    value,
+    etcd_inflight, etcd_seq, etcd_watch, median, quantile, store_inflight as raft_inflight,
+    store_seq, store_watch,
 };
 use datasync_integration::{EtcdServer, proc};
 use datasync_raft::{RaftConfig, RaftStore};
@@ -21,33 +21,6 @@ use datasync_raft::{RaftConfig, RaftStore};
 const SEQ: usize = 1000;
 const INFLIGHT_N: usize = 20_000;
 const PREFIX_N: usize = 100_000;
-
-async fn raft_seq(s: &RaftStore, run: usize) -> (f64, Duration) {
-    let v = Value::from(value());
-    let mut lat = Vec::new();
-    let t = Instant::now();
-    for i in 0..SEQ {
-        let k = Key::new(format!("seq{run}/{i:06}")).unwrap();
-        let s0 = Instant::now();
-        s.put(&k, v.clone(), PutOptions::new()).await.unwrap();
-        lat.push(s0.elapsed());
-    }
-    (SEQ as f64 / t.elapsed().as_secs_f64(), quantile(lat, 0.5))
-}
-
-async fn etcd_seq(c: &etcd_client::Client, run: usize) -> (f64, Duration) {
-    let mut c = c.clone();
-    let mut lat = Vec::new();
-    let t = Instant::now();
-    for i in 0..SEQ {
-        let s0 = Instant::now();
-        c.put(format!("seq{run}/{i:06}"), value(), None)
-            .await
-            .unwrap();
-        lat.push(s0.elapsed());
-    }
-    (SEQ as f64 / t.elapsed().as_secs_f64(), quantile(lat, 0.5))
-}
 
 /// Child mode: a fresh embedded store with 100k keys; prints its peak RSS in KiB.
 async fn raft_rss_child(dir: &str) {
@@ -83,10 +56,10 @@ async fn bench(runs: usize) {
     let (mut ri, mut ei) = (vec![], vec![]);
     let (mut rw, mut ew) = (vec![], vec![]);
     for run in 0..runs {
-        let (ops, p50) = raft_seq(&raft, run).await;
+        let (ops, p50) = store_seq(&raft, &format!("seq{run}"), SEQ).await;
         rs.push(ops);
         rs50.push(p50.as_secs_f64());
-        let (ops, p50) = etcd_seq(&client, run).await;
+        let (ops, p50) = etcd_seq(&client, &format!("seq{run}"), SEQ).await;
         es.push(ops);
         es50.push(p50.as_secs_f64());
         ri.push(raft_inflight(&raft, &format!("par{run}"), INFLIGHT_N).await);

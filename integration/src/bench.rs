@@ -72,6 +72,37 @@ pub async fn store_inflight<S: Writer + Clone + 'static>(s: &S, prefix: &str, n:
     .await
 }
 
+/// `n` sequential puts under `prefix` from one task; ops/s and p50 latency.
+pub async fn store_seq<S: Writer>(s: &S, prefix: &str, n: usize) -> (f64, Duration) {
+    let v = Value::from(value());
+    let mut lat = Vec::new();
+    let t = Instant::now();
+    for i in 0..n {
+        let k = bench_key(format!("{prefix}/{i:06}"));
+        let s0 = Instant::now();
+        s.put(&k, v.clone(), PutOptions::new())
+            .await
+            .expect("benchmark put");
+        lat.push(s0.elapsed());
+    }
+    (n as f64 / t.elapsed().as_secs_f64(), quantile(lat, 0.5))
+}
+
+/// The same with raw `etcd-client` puts.
+pub async fn etcd_seq(c: &etcd_client::Client, prefix: &str, n: usize) -> (f64, Duration) {
+    let mut c = c.clone();
+    let mut lat = Vec::new();
+    let t = Instant::now();
+    for i in 0..n {
+        let s0 = Instant::now();
+        c.put(format!("{prefix}/{i:06}"), value(), None)
+            .await
+            .expect("benchmark put");
+        lat.push(s0.elapsed());
+    }
+    (n as f64 / t.elapsed().as_secs_f64(), quantile(lat, 0.5))
+}
+
 /// The same with raw `etcd-client` puts.
 pub async fn etcd_inflight(c: &etcd_client::Client, prefix: &str, n: usize) -> f64 {
     let (c, prefix) = (c.clone(), prefix.to_owned());
