@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{HarnessError, find_binary, free_port};
 
-const INSTALL: &str = "apt-get install etcd-server";
+pub(crate) const INSTALL: &str = "apt-get install etcd-server";
 
 /// An etcd process on free loopback ports with a temp data dir; killed on drop.
 #[derive(Debug)]
@@ -161,7 +161,7 @@ impl EtcdServer {
     }
 }
 
-fn io(source: std::io::Error) -> HarnessError {
+pub(crate) fn io(source: std::io::Error) -> HarnessError {
     HarnessError::Io {
         binary: "etcd",
         source,
@@ -175,6 +175,28 @@ fn spawn(
     peer_url: &str,
     tls: Option<&(PathBuf, PathBuf)>,
 ) -> Result<Child, HarnessError> {
+    spawn_member(
+        binary,
+        dir,
+        endpoint,
+        peer_url,
+        tls,
+        "test",
+        &format!("test={peer_url}"),
+    )
+}
+
+/// Spawns etcd member `name` of the cluster `initial` (`name=peer_url,…`), logging to
+/// `etcd.log` in `dir`.
+pub(crate) fn spawn_member(
+    binary: &PathBuf,
+    dir: &TempDir,
+    endpoint: &str,
+    peer_url: &str,
+    tls: Option<&(PathBuf, PathBuf)>,
+    name: &str,
+    initial: &str,
+) -> Result<Child, HarnessError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -184,7 +206,7 @@ fn spawn(
     if let Some((cert, key)) = tls {
         cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
     }
-    cmd.args(["--name", "test", "--data-dir"])
+    cmd.args(["--name", name, "--data-dir"])
         .arg(dir.path().join("data"))
         .args([
             "--listen-client-urls",
@@ -198,7 +220,7 @@ fn spawn(
             "--initial-advertise-peer-urls",
             peer_url,
         ])
-        .args(["--initial-cluster", &format!("test={peer_url}")])
+        .args(["--initial-cluster", initial])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

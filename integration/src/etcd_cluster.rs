@@ -1,11 +1,12 @@
 //! A real 3-member (or n-member) etcd cluster on loopback, for the cluster benchmark.
 //! Each member has its own free ports and temp data dir; all are killed on drop.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
+use crate::etcd::{INSTALL, io, spawn_member};
 use crate::{HarnessError, find_binary, free_port};
 
 /// An etcd cluster whose members are processes of this test or benchmark.
@@ -15,19 +16,12 @@ pub struct EtcdCluster {
     _dirs: Vec<TempDir>,
 }
 
-fn io(source: std::io::Error) -> HarnessError {
-    HarnessError::Io {
-        binary: "etcd",
-        source,
-    }
-}
-
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster has a leader (up to 60 s).
     pub async fn start(n: usize) -> Result<EtcdCluster, HarnessError> {
         let binary = find_binary("etcd").ok_or(HarnessError::Missing {
             binary: "etcd",
-            install: "apt-get install etcd-server",
+            install: INSTALL,
         })?;
         let mut ports = Vec::new();
         for _ in 0..n {
@@ -45,21 +39,8 @@ impl EtcdCluster {
             let dir = tempfile::tempdir().map_err(io)?;
             let endpoint = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let log = std::fs::File::create(dir.path().join("etcd.log")).map_err(io)?;
-            let child = Command::new(&binary)
-                .args(["--name", &format!("m{i}"), "--data-dir"])
-                .arg(dir.path().join("data"))
-                .args(["--listen-client-urls", &endpoint])
-                .args(["--advertise-client-urls", &endpoint])
-                .args(["--listen-peer-urls", &peer_url])
-                .args(["--initial-advertise-peer-urls", &peer_url])
-                .args(["--initial-cluster", &initial])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "datasync-bench"])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .map_err(io)?;
+            let name = format!("m{i}");
+            let child = spawn_member(&binary, &dir, &endpoint, &peer_url, None, &name, &initial)?;
             members.push((child, endpoint));
             dirs.push(dir);
         }

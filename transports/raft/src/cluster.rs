@@ -17,7 +17,7 @@ use crate::network::wire::{Reply, Request, ServiceError};
 use crate::network::{NetError, Secret};
 use crate::propose::{Proposals, ProposeError};
 use crate::storage::sm;
-use crate::types::{NodeId, StoredMembership, TypeConfig};
+use crate::types::{NodeId, StoredMembership, TypeConfig, leader_of};
 
 /// How a store takes part in a cluster.
 ///
@@ -240,7 +240,7 @@ fn change_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Se
     match e {
         RaftError::Fatal(_) => ServiceError::Stopped,
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ServiceError::NotLeader {
-            leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+            leader: leader_of(&f),
         },
         RaftError::APIError(ClientWriteError::ChangeMembershipError(
             ChangeMembershipError::InProgress(_),
@@ -253,7 +253,7 @@ fn check_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> S
     match e {
         RaftError::Fatal(_) => ServiceError::Stopped,
         RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => ServiceError::NotLeader {
-            leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+            leader: leader_of(&f),
         },
         RaftError::APIError(e) => ServiceError::Failed(e.to_string()),
     }
@@ -388,7 +388,6 @@ impl Node {
         let make = &make;
         route(
             self.forward_timeout,
-            None,
             |hint| hint.or_else(|| self.leader()),
             |target| async move {
                 match target {
@@ -415,7 +414,6 @@ pub(crate) async fn join(
     let mut next_seed = seeds.iter().cycle();
     let (reply, _) = route(
         timeout,
-        None,
         |hint| hint.or_else(|| next_seed.next().map(|s| (0, s.clone()))),
         |(_, addr)| {
             let req = req();
@@ -437,7 +435,6 @@ pub(crate) async fn join(
 /// unknown).
 async fn route<F, Fut>(
     timeout: Duration,
-    mut hint: Option<(NodeId, String)>,
     mut pick: impl FnMut(Option<(NodeId, String)>) -> Option<(NodeId, String)>,
     mut send: F,
 ) -> Result<(Reply, bool), ClusterError>
@@ -446,6 +443,7 @@ where
     Fut: std::future::Future<Output = Result<(Reply, bool), NetError>>,
 {
     let deadline = Instant::now() + timeout;
+    let mut hint = None;
     let mut pause = Duration::from_millis(5);
     let mut in_progress = false;
     loop {

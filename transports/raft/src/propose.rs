@@ -16,7 +16,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::types::{Command, NodeId, Outcome, TypeConfig};
+use crate::types::{Command, NodeId, Outcome, TypeConfig, leader_of};
 
 /// A proposal did not commit here.
 #[derive(Debug)]
@@ -59,19 +59,20 @@ impl std::fmt::Debug for Proposals {
 #[error("raft rejected the proposal: {0}")]
 pub(crate) struct Rejected(pub(crate) String);
 
-fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+pub(crate) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Unavailable(Box::new(e))
 }
 
+/// How a failed `client_write` is reported (by reference: one batch answers many).
 fn write_error(
-    e: RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>,
+    e: &RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>,
 ) -> ProposeError {
     match e {
         RaftError::Fatal(_) => ProposeError::Store(StoreError::Stopped),
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            ProposeError::NotLeader(f.leader_id.zip(f.leader_node.map(|n| n.addr)))
+            ProposeError::NotLeader(leader_of(f))
         }
-        RaftError::APIError(e) => ProposeError::Store(unavailable(Rejected(e.to_string()))),
+        RaftError::APIError(_) => ProposeError::Store(unavailable(Rejected(e.to_string()))),
     }
 }
 
@@ -108,7 +109,7 @@ impl Proposals {
             let _done = InFlight(&self.inflight);
             return match self.raft.client_write(cmd).await {
                 Ok(resp) => Ok((resp.data, resp.log_id.index)),
-                Err(e) => Err(write_error(e)),
+                Err(e) => Err(write_error(&e)),
             };
         }
         let (reply, rx) = oneshot::channel();
@@ -235,21 +236,8 @@ async fn commit(raft: Raft<TypeConfig>, batch: Vec<Proposal>) {
             }
         }
         Err(e) => {
-            let fatal = matches!(e, RaftError::Fatal(_));
-            let leader = match &e {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Some(
-                    f.leader_id
-                        .zip(f.leader_node.as_ref().map(|n| n.addr.clone())),
-                ),
-                _ => None,
-            };
-            let text = e.to_string();
             for reply in replies {
-                let _ = reply.send(Err(match (&leader, fatal) {
-                    (Some(l), _) => ProposeError::NotLeader(l.clone()),
-                    (None, true) => ProposeError::Store(StoreError::Stopped),
-                    (None, false) => ProposeError::Store(unavailable(Rejected(text.clone()))),
-                }));
+                let _ = reply.send(Err(write_error(&e)));
             }
         }
     }

@@ -23,7 +23,7 @@ use crate::network::nopeers::NoPeers;
 use crate::network::peer::TcpNetwork;
 use crate::network::server;
 use crate::network::wire::{Reply, Request};
-use crate::propose::{Proposals, ProposeError, Rejected};
+use crate::propose::{Proposals, ProposeError, Rejected, unavailable};
 use crate::storage::{self, log::LogStore, sm};
 use crate::types::{Command, NodeId, Outcome, TypeConfig};
 
@@ -154,10 +154,6 @@ fn expiry(ttl: Option<Duration>) -> Option<u64> {
     ttl.map(|t| now_ms() + (t.as_nanos().div_ceil(1_000_000) as u64).max(1))
 }
 
-fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
-    StoreError::Unavailable(Box::new(e))
-}
-
 fn read_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> StoreError {
     match e {
         RaftError::Fatal(_) => StoreError::Stopped,
@@ -180,29 +176,29 @@ impl RaftStore {
     #[instrument(level = "debug", skip_all, fields(dir = %config.dir.display()))]
     pub async fn open(config: RaftConfig) -> Result<RaftStore, OpenError> {
         config.validate()?;
-        let raft_err = |e: &dyn std::fmt::Display| OpenError::Raft(e.to_string().into());
-        let listener = match &config.cluster {
+        let raft_err = |e: Box<dyn std::error::Error + Send + Sync>| OpenError::Raft(e);
+        // A member's listener is bound before anything else, so a taken port fails fast.
+        let member = match &config.cluster {
             None => None,
             Some(c) => {
-                let l = tokio::net::TcpListener::bind(c.listen)
-                    .await
-                    .map_err(|source| OpenError::Listen {
-                        addr: c.listen,
-                        source,
-                    })?;
-                let bound = l.local_addr().map_err(|source| OpenError::Listen {
+                let listen_err = |source| OpenError::Listen {
                     addr: c.listen,
                     source,
-                })?;
-                Some((l, c.advertise.clone().unwrap_or_else(|| bound.to_string())))
+                };
+                let listener = tokio::net::TcpListener::bind(c.listen)
+                    .await
+                    .map_err(listen_err)?;
+                let bound = listener.local_addr().map_err(listen_err)?;
+                let advertise = c.advertise.clone().unwrap_or_else(|| bound.to_string());
+                Some((c, listener, advertise, Pool::new(c.secret.clone())))
             }
         };
         let dir = config.dir.clone();
         let (db, wal) = tokio::task::spawn_blocking(move || storage::open(&dir))
             .await
-            .map_err(|e| OpenError::Raft(Box::new(e)))??;
-        let shared = sm::Shared::new(db.clone(), config.history)
-            .map_err(|e| OpenError::Raft(Box::new(e)))?;
+            .map_err(|e| raft_err(Box::new(e)))??;
+        let shared =
+            sm::Shared::new(db.clone(), config.history).map_err(|e| raft_err(Box::new(e)))?;
         let mut raft_config = openraft::Config {
             cluster_name: "datasync".into(),
             heartbeat_interval: 50,
@@ -217,83 +213,80 @@ impl RaftStore {
             raft_config.election_timeout_min = c.election.0.as_millis() as u64;
             raft_config.election_timeout_max = c.election.1.as_millis() as u64;
         }
-        let raft_config = raft_config
-            .validate()
-            .map_err(|e| OpenError::Raft(Box::new(e)))?;
+        let raft_config = Arc::new(raft_config.validate().map_err(|e| raft_err(Box::new(e)))?);
         let (log, machine) = (
             LogStore::new(db, wal),
             sm::StateMachine::new(shared.clone()),
         );
         let id = config.node_id;
-        let pool = config.cluster.as_ref().map(|c| Pool::new(c.secret.clone()));
-        let raft = match &pool {
-            None => Raft::new(id, Arc::new(raft_config), NoPeers, log, machine).await,
-            Some(pool) => {
+        let raft = match &member {
+            None => Raft::new(id, raft_config, NoPeers, log, machine).await,
+            Some((.., pool)) => {
                 let net = TcpNetwork { pool: pool.clone() };
-                Raft::new(id, Arc::new(raft_config), net, log, machine).await
+                Raft::new(id, raft_config, net, log, machine).await
             }
         }
-        .map_err(|e| OpenError::Raft(Box::new(e)))?;
+        .map_err(|e| raft_err(Box::new(e)))?;
         let stop = CancellationToken::new();
         let proposals = Proposals::start(raft.clone(), stop.clone());
         let initialized = raft
             .is_initialized()
             .await
-            .map_err(|e| OpenError::Raft(Box::new(e)))?;
-        let node = match (config.cluster.as_ref(), pool, listener) {
-            (Some(c), Some(pool), Some((listener, advertise))) => {
-                let service = Arc::new(Service {
-                    raft: raft.clone(),
-                    proposals: proposals.clone(),
-                    sm: shared.clone(),
-                });
-                tokio::spawn(server::serve(
-                    listener,
-                    c.secret.clone(),
-                    service.clone(),
-                    stop.clone(),
-                ));
-                if !initialized && c.join.is_empty() {
-                    debug!(node = id, addr = %advertise, "bootstrapping a new group");
-                    let members = BTreeMap::from([(id, BasicNode::new(&advertise))]);
-                    raft.initialize(members).await.map_err(|e| raft_err(&e))?;
-                } else if !initialized {
-                    debug!(node = id, addr = %advertise, seeds = ?c.join, "joining");
-                    let voter = c.role == Role::Voter;
-                    let req = || Request::Join {
-                        id,
-                        addr: advertise.clone(),
-                        voter,
-                    };
-                    let joined = match cluster::join(&pool, &c.join, req, c.join_timeout).await {
-                        Ok(index) => index,
-                        Err(e) => {
-                            stop.cancel();
-                            let _ = raft.shutdown().await;
-                            return Err(OpenError::Join(e));
-                        }
-                    };
-                    // Caught up means applied here too, not only replicated.
-                    raft.wait(Some(c.join_timeout))
-                        .applied_index_at_least(Some(joined), "joined")
-                        .await
-                        .map_err(|e| raft_err(&e))?;
-                }
-                Some(Node {
+            .map_err(|e| raft_err(Box::new(e)))?;
+        let node = if let Some((c, listener, advertise, pool)) = member {
+            let service = Arc::new(Service {
+                raft: raft.clone(),
+                proposals: proposals.clone(),
+                sm: shared.clone(),
+            });
+            tokio::spawn(server::serve(
+                listener,
+                c.secret.clone(),
+                service.clone(),
+                stop.clone(),
+            ));
+            if !initialized && c.join.is_empty() {
+                debug!(node = id, addr = %advertise, "bootstrapping a new group");
+                let members = BTreeMap::from([(id, BasicNode::new(&advertise))]);
+                raft.initialize(members)
+                    .await
+                    .map_err(|e| raft_err(Box::new(e)))?;
+            } else if !initialized {
+                debug!(node = id, addr = %advertise, seeds = ?c.join, "joining");
+                let voter = c.role == Role::Voter;
+                let req = || Request::Join {
                     id,
-                    addr: advertise,
-                    pool,
-                    service,
-                    forward_timeout: c.forward_timeout,
-                })
+                    addr: advertise.clone(),
+                    voter,
+                };
+                let joined = match cluster::join(&pool, &c.join, req, c.join_timeout).await {
+                    Ok(index) => index,
+                    Err(e) => {
+                        stop.cancel();
+                        let _ = raft.shutdown().await;
+                        return Err(OpenError::Join(e));
+                    }
+                };
+                // Caught up means applied here too, not only replicated.
+                raft.wait(Some(c.join_timeout))
+                    .applied_index_at_least(Some(joined), "joined")
+                    .await
+                    .map_err(|e| raft_err(Box::new(e)))?;
             }
-            _ => None,
-        };
-        if node.is_none() {
+            Some(Node {
+                id,
+                addr: advertise,
+                pool,
+                service,
+                forward_timeout: c.forward_timeout,
+            })
+        } else {
             if !initialized {
                 debug!(node = id, "bootstrapping a new single-node group");
                 let members = BTreeMap::from([(id, BasicNode::default())]);
-                raft.initialize(members).await.map_err(|e| raft_err(&e))?;
+                raft.initialize(members)
+                    .await
+                    .map_err(|e| raft_err(Box::new(e)))?;
             }
             let mut metrics = raft.metrics();
             tokio::time::timeout(
@@ -312,12 +305,13 @@ impl RaftStore {
             tokio::time::timeout(Duration::from_secs(300), metrics.wait_for(replayed))
                 .await
                 .map_err(|_| {
-                    OpenError::Raft(Box::new(std::io::Error::other(
+                    raft_err(Box::new(std::io::Error::other(
                         "re-applying the log did not finish within 300 s",
                     )))
                 })?
-                .map_err(|e| OpenError::Raft(Box::new(e)))?;
-        }
+                .map_err(|e| raft_err(Box::new(e)))?;
+            None
+        };
         let ttl = tokio::spawn(ttl_task(
             proposals.clone(),
             shared.clone(),
@@ -357,7 +351,8 @@ impl RaftStore {
             };
         };
         if node.leads() {
-            // The common case on the leader: no copy of the command for a retry.
+            // On the leader the write is proposed here, keeping its typed error. The copy
+            // is for the rare case that leadership moved meanwhile and it is forwarded.
             match self.inner.proposals.propose(cmd.clone()).await {
                 Ok((out, _)) => return Ok(out),
                 Err(ProposeError::Store(e)) => return Err(e),

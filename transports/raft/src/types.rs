@@ -28,6 +28,14 @@ pub type Entry = openraft::Entry<TypeConfig>;
 /// Committed membership.
 pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
 
+/// The leader a `ForwardToLeader` names, with its address, if it names one.
+pub(crate) fn leader_of(
+    f: &openraft::error::ForwardToLeader<NodeId, openraft::BasicNode>,
+) -> Option<(NodeId, String)> {
+    f.leader_id
+        .zip(f.leader_node.as_ref().map(|n| n.addr.clone()))
+}
+
 /// A write, replicated through the log and applied by every replica identically.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Command {

@@ -197,16 +197,12 @@ async fn a_member_leaves_and_keeps_its_data() {
 async fn a_lagging_member_catches_up_by_snapshot_and_its_watcher_is_consistent() {
     // Snapshots every 50 entries, 5 kept behind: a member down for 300 writes is behind
     // the retained log and must be sent a snapshot.
-    let listen = "127.0.0.1:0".parse().unwrap();
     let mut nodes = Vec::new();
     let mut dirs = Vec::new();
     for id in 1..=3u64 {
         let dir = tempfile::tempdir().unwrap();
-        let mut cc = ClusterConfig::new(listen, test_secret());
-        if let Some(first) = nodes.first().map(|n: &RaftStore| n.cluster_addr().unwrap()) {
-            cc = cc.join([first]);
-        }
-        let config = RaftConfig::new(dir.path()).snapshots(50, 5).cluster(id, cc);
+        let seed = nodes.first().map(|n: &RaftStore| n.cluster_addr().unwrap());
+        let config = TestCluster::config(id, dir.path(), seed).snapshots(50, 5);
         nodes.push(RaftStore::open(config).await.unwrap());
         dirs.push(dir);
     }

@@ -89,11 +89,15 @@ impl Secret {
         hmac::verify(&self.0, &msg, proof).is_ok()
     }
 
-    fn session_key(&self, dir: &[u8], nonce_c: &[u8; 32], nonce_s: &[u8; 32]) -> hmac::Key {
-        hmac::Key::new(
-            hmac::HMAC_SHA256,
-            self.proof(dir, nonce_c, nonce_s).as_ref(),
-        )
+    /// The session keys, client → server and server → client.
+    fn session_keys(&self, nonce_c: &[u8; 32], nonce_s: &[u8; 32]) -> (hmac::Key, hmac::Key) {
+        let key = |dir: &[u8]| {
+            hmac::Key::new(
+                hmac::HMAC_SHA256,
+                self.proof(dir, nonce_c, nonce_s).as_ref(),
+            )
+        };
+        (key(b"c2s"), key(b"s2c"))
     }
 }
 
@@ -146,8 +150,7 @@ pub(crate) fn answer(
             .as_ref()
             .to_vec(),
     };
-    let up = secret.session_key(b"c2s", nonce_c, &ch.nonce);
-    let down = secret.session_key(b"s2c", nonce_c, &ch.nonce);
+    let (up, down) = secret.session_keys(nonce_c, &ch.nonce);
     Ok((proof, Sealer::new(up), Opener::new(down)))
 }
 
@@ -185,8 +188,7 @@ pub(crate) fn accept(
             "the peer does not hold the cluster secret",
         ));
     }
-    let down = secret.session_key(b"s2c", nonce_c, nonce_s);
-    let up = secret.session_key(b"c2s", nonce_c, nonce_s);
+    let (up, down) = secret.session_keys(nonce_c, nonce_s);
     Ok((Sealer::new(down), Opener::new(up)))
 }
 

@@ -53,17 +53,26 @@ type RpcResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl Peer {
-    fn net<E: std::error::Error>(&self, e: NetError) -> RPCError<NodeId, BasicNode, E> {
-        match e {
-            NetError::Decode(_) | NetError::BadFrame => RPCError::Network(NetworkError::new(&e)),
+    /// One call: `pick` takes the answer out of the reply (`None`: the wrong kind).
+    async fn call<T, E: std::error::Error>(
+        &self,
+        req: Request,
+        option: &RPCOption,
+        what: &'static str,
+        pick: impl FnOnce(Reply) -> Option<Result<T, E>>,
+    ) -> Result<T, RPCError<NodeId, BasicNode, E>> {
+        match self.client.call(req, option.hard_ttl()).await {
+            Ok(reply) => match pick(reply) {
+                Some(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+                None => Err(RPCError::Network(NetworkError::new(&Unexpected(what)))),
+            },
+            Err(e @ (NetError::Decode(_) | NetError::BadFrame)) => {
+                Err(RPCError::Network(NetworkError::new(&e)))
+            }
             // A peer that is down, cut off or restarting: openraft backs off instead of
             // retrying at once.
-            _ => RPCError::Unreachable(Unreachable::new(&e)),
+            Err(e) => Err(RPCError::Unreachable(Unreachable::new(&e))),
         }
-    }
-
-    fn remote<E: std::error::Error>(&self, e: E) -> RPCError<NodeId, BasicNode, E> {
-        RPCError::RemoteError(RemoteError::new(self.target, e))
     }
 }
 
@@ -79,15 +88,11 @@ impl RaftNetwork<TypeConfig> for Peer {
                 PayloadTooLarge::new_entries_hint(hint),
             ));
         }
-        match self
-            .client
-            .call(Request::Append(rpc), option.hard_ttl())
-            .await
-        {
-            Ok(Reply::Append(r)) => r.map_err(|e| self.remote(e)),
-            Ok(_) => Err(RPCError::Network(NetworkError::new(&Unexpected("append")))),
-            Err(e) => Err(self.net(e)),
-        }
+        self.call(Request::Append(rpc), &option, "append", |r| match r {
+            Reply::Append(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn install_snapshot(
@@ -95,17 +100,11 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        match self
-            .client
-            .call(Request::Snapshot(rpc), option.hard_ttl())
-            .await
-        {
-            Ok(Reply::Snapshot(r)) => r.map_err(|e| self.remote(e)),
-            Ok(_) => Err(RPCError::Network(NetworkError::new(&Unexpected(
-                "snapshot",
-            )))),
-            Err(e) => Err(self.net(e)),
-        }
+        self.call(Request::Snapshot(rpc), &option, "snapshot", |r| match r {
+            Reply::Snapshot(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn vote(
@@ -113,15 +112,11 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
-        match self
-            .client
-            .call(Request::Vote(rpc), option.hard_ttl())
-            .await
-        {
-            Ok(Reply::Vote(r)) => r.map_err(|e| self.remote(e)),
-            Ok(_) => Err(RPCError::Network(NetworkError::new(&Unexpected("vote")))),
-            Err(e) => Err(self.net(e)),
-        }
+        self.call(Request::Vote(rpc), &option, "vote", |r| match r {
+            Reply::Vote(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     fn backoff(&self) -> Backoff {
