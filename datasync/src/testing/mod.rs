@@ -17,6 +17,7 @@
 
 #[cfg(test)]
 mod broken;
+pub mod linearizability;
 mod suite;
 
 use std::fmt;
