@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::network::client::Pool;
 use crate::network::server::Handler;
 use crate::network::wire::{Reply, Request, ServiceError};
-use crate::network::{NetError, Secret};
+use crate::network::{Faults, NetError, Secret};
 use crate::propose::{Proposals, ProposeError};
 use crate::storage::sm;
 use crate::types::{NodeId, StoredMembership, TypeConfig, leader_of};
@@ -64,6 +64,8 @@ pub struct ClusterConfig {
     /// Raft election timeout range (default 500–1000 ms): a follower that hears no
     /// leader for a random time in it starts an election.
     pub election: (Duration, Duration),
+    /// Injected network faults (tests only; see [`Faults`]).
+    pub faults: Option<Faults>,
 }
 
 impl ClusterConfig {
@@ -80,6 +82,7 @@ impl ClusterConfig {
             join_timeout: Duration::from_secs(300),
             heartbeat: Duration::from_millis(100),
             election: (Duration::from_millis(500), Duration::from_millis(1000)),
+            faults: None,
         }
     }
 
@@ -109,6 +112,20 @@ impl ClusterConfig {
     pub fn timing(mut self, heartbeat: Duration, election: (Duration, Duration)) -> Self {
         self.heartbeat = heartbeat;
         self.election = election;
+        self
+    }
+
+    /// Sets how long forwarded calls may look for the leader.
+    #[must_use]
+    pub fn forward_timeout(mut self, timeout: Duration) -> Self {
+        self.forward_timeout = timeout;
+        self
+    }
+
+    /// Sends every message of this member through `faults` (fault-injection tests).
+    #[must_use]
+    pub fn faults(mut self, faults: Faults) -> Self {
+        self.faults = Some(faults);
         self
     }
 

@@ -79,6 +79,6 @@ pub mod testing;
 pub mod types;
 
 pub use cluster::{ClusterConfig, ClusterError, Members, Role};
-pub use network::{MIN_SECRET, NetError, Secret, SecretError};
+pub use network::{Faults, MIN_SECRET, NetError, Secret, SecretError};
 pub use storage::OpenError;
 pub use store::{MembershipWatch, RaftConfig, RaftStore};

@@ -190,7 +190,9 @@ impl RaftStore {
                     .map_err(listen_err)?;
                 let bound = listener.local_addr().map_err(listen_err)?;
                 let advertise = c.advertise.clone().unwrap_or_else(|| bound.to_string());
-                Some((c, listener, advertise, Pool::new(c.secret.clone())))
+                let faults = c.faults.clone().map(|f| (f, advertise.clone()));
+                let pool = Pool::new(c.secret.clone(), faults);
+                Some((c, listener, advertise, pool))
             }
         };
         let dir = config.dir.clone();
@@ -353,10 +355,13 @@ impl RaftStore {
         if node.leads() {
             // On the leader the write is proposed here, keeping its typed error. The copy
             // is for the rare case that leadership moved meanwhile and it is forwarded.
-            match self.inner.proposals.propose(cmd.clone()).await {
-                Ok((out, _)) => return Ok(out),
-                Err(ProposeError::Store(e)) => return Err(e),
-                Err(ProposeError::NotLeader(_)) => {}
+            // A leader cut off from its quorum cannot commit: the caller hears so in time.
+            let proposed = self.inner.proposals.propose(cmd.clone());
+            match tokio::time::timeout(node.forward_timeout, proposed).await {
+                Err(_) => return Err(StoreError::Timeout(node.forward_timeout)),
+                Ok(Ok((out, _))) => return Ok(out),
+                Ok(Err(ProposeError::Store(e))) => return Err(e),
+                Ok(Err(ProposeError::NotLeader(_))) => {}
             }
         }
         match node.to_leader(|| Request::Propose(cmd.clone())).await? {
@@ -541,7 +546,15 @@ impl RaftStore {
                     "unexpected reply to a read index".into(),
                 )))),
             },
-            _ => self
+            Some(node) => {
+                // A leader cut off from its quorum cannot confirm it still leads.
+                let confirmed = self.inner.raft.ensure_linearizable();
+                match tokio::time::timeout(node.forward_timeout, confirmed).await {
+                    Err(_) => Err(StoreError::Timeout(node.forward_timeout)),
+                    Ok(r) => r.map(|_| ()).map_err(read_error),
+                }
+            }
+            None => self
                 .inner
                 .raft
                 .ensure_linearizable()

@@ -7,7 +7,7 @@ use std::time::Duration;
 use datasync::testing::Harness;
 use tempfile::TempDir;
 
-use crate::{ClusterConfig, RaftConfig, RaftStore, Role, Secret};
+use crate::{ClusterConfig, Faults, RaftConfig, RaftStore, Role, Secret};
 
 /// Opens a fresh single-node store in a temp dir per suite test; the dirs are removed
 /// when the harness drops.
@@ -43,13 +43,15 @@ pub fn test_secret() -> Secret {
 }
 
 /// A cluster of nodes in this process, each on its own loopback port and temp dir,
-/// talking over real TCP. Nodes stop when it drops.
+/// talking over real TCP through one fault switchboard. Nodes stop when it drops.
 #[derive(Debug)]
 pub struct TestCluster {
     /// The members, in the order they were started (node ids 1, 2, …).
     pub nodes: Vec<RaftStore>,
     /// Their data directories.
     pub dirs: Vec<TempDir>,
+    /// The faults every member's messages pass through (none until set).
+    pub faults: Faults,
 }
 
 impl TestCluster {
@@ -66,14 +68,24 @@ impl TestCluster {
 
     /// Starts `n` voters: node 1 bootstraps, the others join through it.
     pub async fn start(n: u64) -> TestCluster {
+        Self::start_with(n, |c| c).await
+    }
+
+    /// Starts `n` voters whose cluster configs `tune` adjusts.
+    pub async fn start_with(n: u64, tune: impl Fn(ClusterConfig) -> ClusterConfig) -> TestCluster {
         let mut cluster = TestCluster {
             nodes: Vec::new(),
             dirs: Vec::new(),
+            faults: Faults::new(),
         };
         for id in 1..=n {
             let dir = tempfile::tempdir().expect("temp dir");
             let seed = cluster.nodes.first().and_then(|s| s.cluster_addr());
-            let store = RaftStore::open(Self::config(id, dir.path(), seed))
+            let mut config = Self::config(id, dir.path(), seed);
+            if let Some(c) = config.cluster.take() {
+                config.cluster = Some(tune(c).faults(cluster.faults.clone()));
+            }
+            let store = RaftStore::open(config)
                 .await
                 .expect("open a cluster member");
             cluster.nodes.push(store);
@@ -91,9 +103,23 @@ impl TestCluster {
 
     /// The member that leads now, as the members agree.
     pub async fn leader(&self) -> &RaftStore {
+        self.leader_among(&self.addrs()).await
+    }
+
+    /// The member that leads now, as the members at `addrs` agree (the others may be
+    /// cut off and think otherwise).
+    pub async fn leader_among(&self, addrs: &[String]) -> &RaftStore {
+        let group: Vec<_> = self
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.cluster_addr()
+                    .is_some_and(|a| addrs.iter().any(|x| x == a))
+            })
+            .collect();
         let mut found = None;
         wait_until("the members agree on a leader", || {
-            let leaders: Vec<_> = self.nodes.iter().map(RaftStore::leader).collect();
+            let leaders: Vec<_> = group.iter().map(|n| n.leader()).collect();
             found = leaders[0].filter(|l| leaders.iter().all(|x| *x == Some(*l)));
             found.is_some()
         })
@@ -103,6 +129,14 @@ impl TestCluster {
             .iter()
             .find(|n| n.node_id() == id)
             .expect("the leader is a member")
+    }
+
+    /// The members' cluster addresses, as the fault switchboard names them.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.cluster_addr().map(str::to_owned))
+            .collect()
     }
 
     /// A member that does not lead now.
@@ -125,6 +159,19 @@ pub async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until every store in `nodes` is at the same revision with the same state hash.
+pub async fn converged(nodes: &[&RaftStore]) {
+    wait_until("the members converge", || {
+        let revs: Vec<_> = nodes.iter().map(|n| n.revision()).collect();
+        let hashes: Vec<_> = nodes
+            .iter()
+            .map(|n| n.state_hash().expect("a state hash"))
+            .collect();
+        revs.windows(2).all(|w| w[0] == w[1]) && hashes.windows(2).all(|w| w[0] == w[1])
+    })
+    .await;
 }
 
 /// Runs the suite against a follower of a fresh three-node cluster per test: writes are

@@ -8,7 +8,7 @@ use std::time::Duration;
 use datasync::{
     Consistency, Key, Mirror, Prefix, PutOptions, ReadOptions, Value, WatchOptions, Watcher, Writer,
 };
-use datasync_raft::testing::{TestCluster, test_secret, wait_until};
+use datasync_raft::testing::{TestCluster, converged, test_secret, wait_until};
 use datasync_raft::{ClusterConfig, OpenError, RaftConfig, RaftStore, Role, Secret};
 
 fn key(s: &str) -> Key {
@@ -18,16 +18,6 @@ fn key(s: &str) -> Key {
 async fn get(s: &RaftStore, k: &str, consistency: Consistency) -> Option<Value> {
     let opts = ReadOptions::new().consistency(consistency);
     s.get(&key(k), opts).await.unwrap().map(|kv| kv.value)
-}
-
-/// Waits until every store in `nodes` is at the same revision with the same state hash.
-async fn converged(nodes: &[&RaftStore]) {
-    wait_until("the members converge", || {
-        let revs: Vec<_> = nodes.iter().map(|n| n.revision()).collect();
-        let hashes: Vec<_> = nodes.iter().map(|n| n.state_hash().unwrap()).collect();
-        revs.windows(2).all(|w| w[0] == w[1]) && hashes.windows(2).all(|w| w[0] == w[1])
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +118,8 @@ async fn a_learner_replicates_and_is_promoted() {
     let learner = RaftStore::open(RaftConfig::new(dir.path()).cluster(4, config))
         .await
         .unwrap();
-    let m = c.nodes[0].members();
+    // `open` returned once the learner applied its own join; the others apply it soon.
+    let m = learner.members();
     assert_eq!(m.role(4), Some(Role::Learner));
     assert_eq!(m.voters.len(), 3, "a learner does not vote");
     // It caught up before open returned, and receives later writes.
@@ -153,7 +144,12 @@ async fn a_learner_replicates_and_is_promoted() {
     }
     let addr = learner.cluster_addr().unwrap().to_owned();
     learner.add_member(4, &addr, Role::Voter).await.unwrap();
-    assert_eq!(c.nodes[2].members().role(4), Some(Role::Voter));
+    // Applied here before `add_member` returned; on the other members, soon after.
+    assert_eq!(learner.members().role(4), Some(Role::Voter));
+    wait_until("node 2 applies the promotion", || {
+        c.nodes[2].members().role(4) == Some(Role::Voter)
+    })
+    .await;
     loop {
         let m = changes.next().await.unwrap();
         if m.role(4) == Some(Role::Voter) && !m.joint {

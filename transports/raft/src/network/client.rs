@@ -17,6 +17,7 @@ use tracing::debug;
 
 use super::auth::{self, Hello, Opener, Sealer, Secret};
 use super::error::NetError;
+use super::faults::{Fate, Faults};
 use super::wire::{Envelope, Reply, Request};
 
 /// The largest frame accepted once a peer is authenticated.
@@ -71,17 +72,42 @@ struct ClientInner {
     addr: String,
     secret: Secret,
     conn: tokio::sync::Mutex<Option<mpsc::Sender<Call>>>,
+    /// Injected faults, and the address this node is known by in them.
+    faults: Option<(Faults, String)>,
 }
 
 impl Client {
-    pub(crate) fn new(addr: String, secret: Secret) -> Self {
+    /// A client of `addr`; with `faults` (and the address this node is known by), each
+    /// request first travels the link from this node to the peer, its reply the way back.
+    pub(crate) fn new(addr: String, secret: Secret, faults: Option<(Faults, String)>) -> Self {
         Client {
             inner: Arc::new(ClientInner {
                 addr,
                 secret,
                 conn: tokio::sync::Mutex::new(None),
+                faults,
             }),
         }
+    }
+
+    /// Waits out an injected delay; a lost message is only noticed at the deadline.
+    async fn deliver(
+        &self,
+        from: &str,
+        to: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), NetError> {
+        let Some((faults, _)) = &self.inner.faults else {
+            return Ok(());
+        };
+        match faults.fate(from, to) {
+            Fate::Delivered(d) => tokio::time::sleep(d).await,
+            Fate::Lost => {
+                tokio::time::sleep_until(deadline).await;
+                return Err(NetError::Timeout(self.inner.addr.clone()));
+            }
+        }
+        Ok(())
     }
 
     /// Sends `req` and waits for the reply, within `timeout` in all.
@@ -91,6 +117,8 @@ impl Client {
     pub(crate) async fn call(&self, req: Request, timeout: Duration) -> Result<Reply, NetError> {
         let addr = &self.inner.addr;
         let deadline = tokio::time::Instant::now() + timeout;
+        let me = self.inner.faults.as_ref().map_or("", |(_, me)| me.as_str());
+        self.deliver(me, addr, deadline).await?;
         let tx = tokio::time::timeout_at(deadline, self.sender())
             .await
             .map_err(|_| NetError::Connect {
@@ -104,7 +132,10 @@ impl Client {
         match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => Err(NetError::Timeout(addr.clone())),
             Ok(Err(_)) => Err(NetError::Closed(addr.clone())),
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(reply)) => {
+                self.deliver(addr, me, deadline).await?;
+                Ok(reply)
+            }
         }
     }
 
@@ -214,13 +245,17 @@ async fn run(
 pub(crate) struct Pool {
     secret: Secret,
     clients: Arc<Mutex<HashMap<String, Client>>>,
+    faults: Option<(Faults, String)>,
 }
 
 impl Pool {
-    pub(crate) fn new(secret: Secret) -> Self {
+    /// Connections with `secret`; `faults` (with this node's advertised address) for
+    /// fault-injection tests.
+    pub(crate) fn new(secret: Secret, faults: Option<(Faults, String)>) -> Self {
         Pool {
             secret,
             clients: Arc::default(),
+            faults,
         }
     }
 
@@ -228,7 +263,9 @@ impl Pool {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
             .entry(addr.to_owned())
-            .or_insert_with(|| Client::new(addr.to_owned(), self.secret.clone()))
+            .or_insert_with(|| {
+                Client::new(addr.to_owned(), self.secret.clone(), self.faults.clone())
+            })
             .clone()
     }
 }

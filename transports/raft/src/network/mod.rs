@@ -16,6 +16,7 @@
 pub(crate) mod auth;
 pub(crate) mod client;
 mod error;
+mod faults;
 pub(crate) mod nopeers;
 pub(crate) mod peer;
 pub(crate) mod server;
@@ -23,3 +24,4 @@ pub(crate) mod wire;
 
 pub use auth::{MIN_SECRET, Secret, SecretError};
 pub use error::NetError;
+pub use faults::Faults;

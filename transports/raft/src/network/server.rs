@@ -160,7 +160,7 @@ mod tests {
         ));
         let t = Duration::from_secs(5);
 
-        let stranger = Client::new(addr.clone(), bad);
+        let stranger = Client::new(addr.clone(), bad, None);
         let refused = stranger.call(Request::Members, t).await;
         assert!(
             matches!(refused, Err(NetError::AuthFailed(_))),
@@ -194,7 +194,7 @@ mod tests {
             "nothing reached the node"
         );
 
-        let member = Client::new(addr, good);
+        let member = Client::new(addr, good, None);
         let reply = member.call(Request::Members, t).await.expect("call");
         assert!(matches!(reply, Reply::Members(_)));
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
