@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError};
@@ -12,11 +12,13 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::network::client::Pool;
-use crate::network::server::Handler;
-use crate::network::wire::{Reply, Request, ServiceError};
+use crate::network::server::{Handler, Replies};
+use crate::network::wire::{Reply, Request, ServiceError, WireError, WireItem};
 use crate::network::{Faults, NetError, Secret};
 use crate::propose::{Proposals, ProposeError};
+use crate::remote;
 use crate::storage::sm;
+use crate::store::WeakStore;
 use crate::types::{NodeId, StoredMembership, TypeConfig, leader_of};
 
 /// How a store takes part in a cluster.
@@ -221,6 +223,9 @@ pub enum ClusterError {
     /// The peer refused this node's cluster secret, or this node refused the peer's.
     #[error("peer not authenticated")]
     Unauthenticated(#[source] NetError),
+    /// No member answered in time (a remote client).
+    #[error("no member answered within {0:?}")]
+    NoMember(Duration),
     /// This node is stopping.
     #[error("the node is stopping")]
     Stopped,
@@ -231,7 +236,10 @@ impl ClusterError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ClusterError::NoLeader(_) | ClusterError::InProgress | ClusterError::Net(_)
+            ClusterError::NoLeader(_)
+                | ClusterError::NoMember(_)
+                | ClusterError::InProgress
+                | ClusterError::Net(_)
         )
     }
 }
@@ -251,6 +259,9 @@ pub(crate) struct Service {
     pub(crate) raft: Raft<TypeConfig>,
     pub(crate) proposals: Proposals,
     pub(crate) sm: Arc<sm::Shared>,
+    /// The member's store, for remote clients (set once it is open; weak, as the store
+    /// owns the server).
+    pub(crate) store: OnceLock<WeakStore>,
 }
 
 fn change_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ServiceError {
@@ -354,6 +365,33 @@ impl Handler for Service {
             }
             Request::Leave { id } => Reply::Membership(self.leave(id).await),
             Request::Members => Reply::Members(self.members()),
+            Request::Client(op) => {
+                Reply::Client(match self.store.get().and_then(WeakStore::upgrade) {
+                    Some(store) => remote::serve_op(&store, op).await,
+                    None => Err(WireError::Stopped),
+                })
+            }
+            Request::Watch { .. } => Reply::Watch(WireItem::Failed(WireError::Failed(
+                "a watch is a stream".into(),
+            ))),
+        }
+    }
+
+    async fn stream(&self, req: Request, out: Replies) {
+        let Request::Watch {
+            name,
+            prefixes,
+            queue_capacity,
+        } = req
+        else {
+            return;
+        };
+        match self.store.get().and_then(WeakStore::upgrade) {
+            Some(store) => remote::serve_watch(store, (name, prefixes, queue_capacity), out).await,
+            None => {
+                out.send(Reply::Watch(WireItem::Failed(WireError::Stopped)))
+                    .await;
+            }
         }
     }
 }
@@ -421,8 +459,9 @@ impl Node {
     }
 }
 
-/// Asks `seeds` (any member) to add this node; the request is routed to the leader.
-pub(crate) async fn join(
+/// Asks `seeds` (any member) for a membership change (a join, a leave); the request is
+/// routed to the leader. Returns the change's log index.
+pub(crate) async fn change_membership(
     pool: &Pool,
     seeds: &[String],
     req: impl Fn() -> Request,
@@ -441,7 +480,9 @@ pub(crate) async fn join(
     match reply {
         Reply::Membership(Ok(index)) => Ok(index),
         Reply::Membership(Err(e)) => Err(ClusterError::Refused(e.to_string())),
-        _ => Err(ClusterError::Refused("unexpected reply to a join".into())),
+        _ => Err(ClusterError::Refused(
+            "unexpected reply to a membership change".into(),
+        )),
     }
 }
 

@@ -72,6 +72,7 @@
 mod cluster;
 mod network;
 mod propose;
+mod remote;
 mod storage;
 mod store;
 #[cfg(feature = "testing")]
@@ -80,5 +81,6 @@ pub mod types;
 
 pub use cluster::{ClusterConfig, ClusterError, Members, Role};
 pub use network::{Faults, MIN_SECRET, NetError, Secret, SecretError};
+pub use remote::{RemoteConfig, RemoteStore};
 pub use storage::OpenError;
 pub use store::{MembershipWatch, RaftConfig, RaftStore};

@@ -128,6 +128,16 @@ struct Inner {
     node: Option<Node>,
 }
 
+/// A store that may have stopped (held by its own server, for remote clients).
+#[derive(Debug)]
+pub(crate) struct WeakStore(std::sync::Weak<Inner>);
+
+impl WeakStore {
+    pub(crate) fn upgrade(&self) -> Option<RaftStore> {
+        self.0.upgrade().map(|inner| RaftStore { inner })
+    }
+}
+
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RaftStore")
@@ -240,6 +250,7 @@ impl RaftStore {
                 raft: raft.clone(),
                 proposals: proposals.clone(),
                 sm: shared.clone(),
+                store: std::sync::OnceLock::new(),
             });
             tokio::spawn(server::serve(
                 listener,
@@ -261,14 +272,15 @@ impl RaftStore {
                     addr: advertise.clone(),
                     voter,
                 };
-                let joined = match cluster::join(&pool, &c.join, req, c.join_timeout).await {
-                    Ok(index) => index,
-                    Err(e) => {
-                        stop.cancel();
-                        let _ = raft.shutdown().await;
-                        return Err(OpenError::Join(e));
-                    }
-                };
+                let joined =
+                    match cluster::change_membership(&pool, &c.join, req, c.join_timeout).await {
+                        Ok(index) => index,
+                        Err(e) => {
+                            stop.cancel();
+                            let _ = raft.shutdown().await;
+                            return Err(OpenError::Join(e));
+                        }
+                    };
                 // Caught up means applied here too, not only replicated.
                 raft.wait(Some(c.join_timeout))
                     .applied_index_at_least(Some(joined), "joined")
@@ -321,7 +333,7 @@ impl RaftStore {
             id,
             stop.clone(),
         ));
-        Ok(RaftStore {
+        let store = RaftStore {
             inner: Arc::new(Inner {
                 raft,
                 sm: shared,
@@ -332,7 +344,14 @@ impl RaftStore {
                 proposals,
                 node,
             }),
-        })
+        };
+        if let Some(node) = &store.inner.node {
+            let _ = node
+                .service
+                .store
+                .set(WeakStore(Arc::downgrade(&store.inner)));
+        }
+        Ok(store)
     }
 
     /// Proposes `cmd` and returns once it is committed (durable on a quorum) and
@@ -524,8 +543,10 @@ impl RaftStore {
             warn!(error = %e, "raft shutdown");
         }
         // openraft's storage workers end shortly after its core; wait for them.
+        // The state machine is ours, and a member's service's.
+        let ours = 1 + usize::from(self.inner.node.is_some());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while Arc::strong_count(&self.inner.sm) > 1 || Arc::strong_count(&self.inner.sm.db) > 1 {
+        while Arc::strong_count(&self.inner.sm) > ours || Arc::strong_count(&self.inner.sm.db) > 1 {
             if tokio::time::Instant::now() > deadline {
                 warn!("data files still referenced after shutdown (watches held?)");
                 break;
@@ -534,7 +555,7 @@ impl RaftStore {
         }
     }
 
-    async fn read_barrier(&self, opts: &ReadOptions) -> Result<(), StoreError> {
+    pub(crate) async fn read_barrier(&self, opts: &ReadOptions) -> Result<(), StoreError> {
         if opts.consistency != Consistency::Linearizable {
             return Ok(());
         }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use datasync::testing::Harness;
 use tempfile::TempDir;
 
-use crate::{ClusterConfig, Faults, RaftConfig, RaftStore, Role, Secret};
+use crate::{
+    ClusterConfig, Faults, RaftConfig, RaftStore, RemoteConfig, RemoteStore, Role, Secret,
+};
 
 /// Opens a fresh single-node store in a temp dir per suite test; the dirs are removed
 /// when the harness drops.
@@ -194,5 +196,46 @@ impl Harness for ClusterHarness {
 
     async fn active_watches(&self, store: &RaftStore) -> usize {
         store.active_watches()
+    }
+}
+
+/// Runs the suite against a [`RemoteStore`] (no replica of its own) talking to a fresh
+/// three-node cluster per test, a follower first: every operation crosses the network
+/// and writes are forwarded once more to the leader.
+#[derive(Debug, Default)]
+pub struct RemoteHarness {
+    clusters: tokio::sync::Mutex<Vec<TestCluster>>,
+}
+
+#[async_trait::async_trait]
+impl Harness for RemoteHarness {
+    type Store = RemoteStore;
+
+    async fn store(&self) -> RemoteStore {
+        let cluster = TestCluster::start(3).await;
+        let follower = cluster.follower().await.node_id();
+        let mut endpoints = cluster.addrs();
+        endpoints.sort_by_key(|a| {
+            cluster
+                .nodes
+                .iter()
+                .find(|n| n.cluster_addr() == Some(a))
+                .is_none_or(|n| n.node_id() != follower)
+        });
+        let store = RemoteStore::connect(RemoteConfig::new(endpoints, test_secret()))
+            .await
+            .expect("connect a remote client");
+        self.clusters.lock().await.push(cluster);
+        store
+    }
+
+    /// The watches the members serve for this client's cluster.
+    async fn active_watches(&self, store: &RemoteStore) -> usize {
+        let clusters = self.clusters.lock().await;
+        let cluster = clusters
+            .iter()
+            .find(|c| c.addrs().iter().any(|a| store.endpoints().contains(a)))
+            .expect("the client's cluster");
+        cluster.nodes.iter().map(RaftStore::active_watches).sum()
     }
 }

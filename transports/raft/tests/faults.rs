@@ -4,12 +4,13 @@
 //! client histories under loss, delay and partitions.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use datasync::testing::linearizability::{self, Op, Recorder};
 use datasync::{Consistency, Expect, Key, PutOptions, ReadOptions, StoreError, Value, Writer};
-use datasync_raft::testing::{TestCluster, converged, wait_until};
-use datasync_raft::{ClusterConfig, RaftStore};
+use datasync_raft::testing::{TestCluster, converged, test_secret, wait_until};
+use datasync_raft::{ClusterConfig, RaftStore, RemoteConfig, RemoteStore};
 
 fn key(s: &str) -> Key {
     Key::new(s).unwrap()
@@ -149,7 +150,7 @@ async fn a_one_way_cut_from_the_leader_does_not_stop_the_cluster() {
     assert_eq!(local(f, "k/49").await, Some("v".into()));
 }
 
-/// Clients on every member run random puts, reads, compare-and-swaps and deletes on a
+/// Clients on every member, and remote clients, run random puts, reads, compare-and-swaps and deletes on a
 /// few keys while messages are lost and delayed and the leader is cut off for a while;
 /// the recorded history must be linearizable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,9 +162,19 @@ async fn histories_under_loss_delay_and_partitions_are_linearizable() {
         .delay(Duration::from_micros(0), Duration::from_millis(3));
     let keys: Vec<Key> = (0..3).map(|i| key(&format!("reg/{i}"))).collect();
     let stop = tokio::time::Instant::now() + Duration::from_secs(6);
+    // Six clients on the members, two remote clients (no replica) on all of them.
+    let mut stores: Vec<Arc<dyn Writer>> = Vec::new();
+    for i in 0..6 {
+        stores.push(Arc::new(c.nodes[i % 3].clone()));
+    }
+    for i in 0..2 {
+        let mut endpoints = c.addrs();
+        endpoints.rotate_left(i);
+        let remote = RemoteStore::connect(RemoteConfig::new(endpoints, test_secret()));
+        stores.push(Arc::new(remote.await.unwrap()));
+    }
     let mut clients = Vec::new();
-    for client in 0..6 {
-        let store = c.nodes[client % 3].clone();
+    for (client, store) in stores.into_iter().enumerate() {
         let (recorder, keys) = (recorder.clone(), keys.clone());
         clients.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(client as u64);
@@ -180,7 +191,7 @@ async fn histories_under_loss_delay_and_partitions_are_linearizable() {
                     _ => Op::Delete,
                 };
                 if let linearizability::Outcome::Get(kv) =
-                    recorder.run(&store, client, &keys[k], op).await
+                    recorder.run(&*store, client, &keys[k], op).await
                 {
                     seen[k] = kv.map(|(_, r)| r);
                 }

@@ -58,8 +58,14 @@ pub(crate) async fn recv_plain<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// A call waiting for its reply.
-type Call = (Request, oneshot::Sender<Reply>);
+/// A call waiting for its reply, or for its stream of replies.
+type Call = (Request, Waiter);
+
+#[derive(Debug)]
+enum Waiter {
+    Once(oneshot::Sender<Reply>),
+    Stream(mpsc::Sender<Reply>),
+}
 
 /// A handle to the connection with one peer address. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -126,7 +132,7 @@ impl Client {
                 source: std::io::ErrorKind::TimedOut.into(),
             })??;
         let (reply, rx) = oneshot::channel();
-        if tx.send((req, reply)).await.is_err() {
+        if tx.send((req, Waiter::Once(reply))).await.is_err() {
             return Err(NetError::Closed(addr.clone()));
         }
         match tokio::time::timeout_at(deadline, rx).await {
@@ -137,6 +143,28 @@ impl Client {
                 Ok(reply)
             }
         }
+    }
+
+    /// Sends a [streaming](Request::is_stream) request: its replies arrive on the
+    /// returned queue until the connection breaks. Give a stream a client of its own:
+    /// dropping that client closes the connection, which ends the stream on the peer.
+    pub(crate) async fn stream(
+        &self,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<mpsc::Receiver<Reply>, NetError> {
+        let addr = &self.inner.addr;
+        let tx = tokio::time::timeout(timeout, self.sender())
+            .await
+            .map_err(|_| NetError::Connect {
+                addr: addr.clone(),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })??;
+        let (replies, rx) = mpsc::channel(64);
+        if tx.send((req, Waiter::Stream(replies))).await.is_err() {
+            return Err(NetError::Closed(addr.clone()));
+        }
+        Ok(rx)
     }
 
     /// The live connection's queue, connecting first if there is none.
@@ -201,7 +229,7 @@ async fn run(
     addr: String,
 ) {
     let (mut sink, mut stream) = conn.split();
-    let mut pending: HashMap<u64, oneshot::Sender<Reply>> = HashMap::new();
+    let mut pending: HashMap<u64, Waiter> = HashMap::new();
     let mut next_id = 0u64;
     let why = loop {
         tokio::select! {
@@ -231,8 +259,19 @@ async fn run(
                     Ok(env) => env,
                     Err(e) => break format!("reply: {e}"),
                 };
-                if let Some(tx) = pending.remove(&env.id) {
-                    let _ = tx.send(env.body);
+                match pending.remove(&env.id) {
+                    Some(Waiter::Once(tx)) => {
+                        let _ = tx.send(env.body);
+                    }
+                    // A stream's consumer sets the pace (its connection is its own).
+                    Some(Waiter::Stream(tx)) => {
+                        if tx.send(env.body).await.is_ok() {
+                            pending.insert(env.id, Waiter::Stream(tx));
+                        } else if pending.is_empty() {
+                            break "the stream's consumer is gone".to_string();
+                        }
+                    }
+                    None => {}
                 }
             }
         }

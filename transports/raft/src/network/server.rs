@@ -21,6 +21,35 @@ use super::wire::{Envelope, Reply, Request};
 #[async_trait::async_trait]
 pub(crate) trait Handler: Send + Sync + 'static {
     async fn handle(&self, req: Request) -> Reply;
+
+    /// Answers a [streaming](Request::is_stream) request through `out` until it ends or
+    /// the peer goes away.
+    async fn stream(&self, req: Request, out: Replies) {
+        let _ = (req, out);
+    }
+}
+
+/// Where a streaming request's replies go: every one carries the request's id.
+#[derive(Debug)]
+pub(crate) struct Replies {
+    id: u64,
+    tx: mpsc::Sender<Envelope<Reply>>,
+    closed: CancellationToken,
+}
+
+impl Replies {
+    /// Sends one reply, waiting for room; `false` once the peer is gone.
+    pub(crate) async fn send(&self, body: Reply) -> bool {
+        tokio::select! {
+            _ = self.closed.cancelled() => false,
+            sent = self.tx.send(Envelope { id: self.id, body }) => sent.is_ok(),
+        }
+    }
+
+    /// Resolves once the peer has closed the connection.
+    pub(crate) async fn closed(&self) {
+        self.closed.cancelled().await
+    }
 }
 
 /// Serves `listener` until `stop`; connections end with it.
@@ -101,6 +130,9 @@ async fn connection(
             }
         }
     });
+    // Streams end with the connection.
+    let closed = CancellationToken::new();
+    let _closing = closed.clone().drop_guard();
     while let Some(frame) = frames.next().await {
         let env: Envelope<Request> = match frame
             .map_err(NetError::Io)
@@ -114,12 +146,22 @@ async fn connection(
             }
         };
         let (handler, tx) = (handler.clone(), tx.clone());
+        if env.body.is_stream() {
+            let out = Replies {
+                id: env.id,
+                tx,
+                closed: closed.clone(),
+            };
+            tokio::spawn(async move { handler.stream(env.body, out).await });
+            continue;
+        }
         tokio::spawn(async move {
             let body = handler.handle(env.body).await;
             let _ = tx.send(Envelope { id: env.id, body }).await;
         });
     }
     drop(tx);
+    closed.cancel();
     let _ = writer.await;
     debug!(%peer, "connection closed");
 }

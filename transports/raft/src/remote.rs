@@ -1,0 +1,809 @@
+//! Remote clients: a process without a replica (the CLI, another agent) uses a cluster
+//! as a datasync store, over the members' own authenticated protocol.
+//!
+//! A [`RemoteStore`] sends each operation to one member, which runs it on its own store
+//! as if it were local: writes are forwarded to the leader, linearizable reads go
+//! through the leader's read index. So a remote client has a member's guarantees. If a
+//! member cannot be reached before the request is sent, the next endpoint is tried. If
+//! a call fails after it was sent, its outcome is unknown, and the error says so
+//! (`Unavailable` or `Timeout`). It is not retried, because a retried write could apply
+//! twice.
+//!
+//! Watches: each registration has a connection of its own to one member. That member
+//! runs a watch on its replica and streams it; closing the registration closes the
+//! connection, and that releases the member's watch. Before the member subscribes, it
+//! catches up to the leader's commit index (a read index), so a resync is never older
+//! than anything the client has already seen through another member. A broken
+//! connection cannot prove continuity, so the watch moves to another member with a
+//! resync (`Reconnect`). A consumer that falls `queue_capacity` events behind has its
+//! stream closed, and it is resynced (`Overflow`) once it has made room. A requested
+//! resync opens a fresh stream, so that one resync serves every request made until it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use datasync::relay::{self, Item, Relay};
+use datasync::{
+    CasOutcome, Consistency, DeleteOptions, Deleted, Event, Expect, Key, KeyChange, KeyValue,
+    Limits, Listing, Op, Prefix, PrefixValues, PutOptions, ReadOptions, Registration, ResyncReason,
+    Revision, Source, StoreError, Value, Watch, WatchError, WatchOptions, Watcher, Writer,
+};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::cluster::{self, ClusterError, Members, Role};
+use crate::network::client::{Client, Pool};
+use crate::network::server::Replies;
+use crate::network::wire::{
+    ClientOp, ClientReply, Read, Reply, Request, WireChange, WireError, WireItem, WireKv,
+    WireReason,
+};
+use crate::network::{NetError, Secret};
+use crate::store::RaftStore;
+
+/// How a [`RemoteStore`] reaches a cluster.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RemoteConfig {
+    /// Members to talk to (any of them; tried in turn).
+    pub endpoints: Vec<String>,
+    /// The cluster secret.
+    pub secret: Secret,
+    /// How long one call may take, finding a member that answers included (default
+    /// 15 s: a member's own forwarding may take its forward timeout).
+    pub timeout: Duration,
+}
+
+impl RemoteConfig {
+    /// Talks to `endpoints` (members' cluster addresses) with `secret`.
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>, secret: Secret) -> Self {
+        RemoteConfig {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            secret,
+            timeout: Duration::from_secs(15),
+        }
+    }
+
+    /// Sets the per-call timeout.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// A cluster seen from a process without a replica: a datasync [`Writer`] and
+/// [`Watcher`], plus membership. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RemoteStore {
+    inner: Arc<RemoteInner>,
+}
+
+#[derive(Debug)]
+struct RemoteInner {
+    pool: Pool,
+    config: RemoteConfig,
+    limits: Limits,
+    /// The endpoint that answered last: tried first.
+    preferred: AtomicUsize,
+    source: Source,
+}
+
+impl RemoteStore {
+    /// Connects to the first endpoint that answers and learns the cluster's limits.
+    pub async fn connect(config: RemoteConfig) -> Result<RemoteStore, ClusterError> {
+        if config.endpoints.is_empty() {
+            return Err(ClusterError::Refused("no endpoints to connect to".into()));
+        }
+        let mut store = RemoteStore {
+            inner: Arc::new(RemoteInner {
+                pool: Pool::new(config.secret.clone(), None),
+                config,
+                limits: Limits::new(0),
+                preferred: AtomicUsize::new(0),
+                source: Source::from(""),
+            }),
+        };
+        let max = match store.call(|| Request::Client(ClientOp::Limits)).await? {
+            Reply::Client(Ok(ClientReply::Limits { max_value_size })) => max_value_size,
+            other => return Err(unexpected_reply(&other)),
+        };
+        if let Some(inner) = Arc::get_mut(&mut store.inner) {
+            inner.limits = Limits::new(max);
+        }
+        Ok(store)
+    }
+
+    /// The endpoints this client talks to.
+    pub fn endpoints(&self) -> &[String] {
+        &self.inner.config.endpoints
+    }
+
+    /// Sends a request to a member: the preferred one first, then the others in turn,
+    /// until one takes it or the timeout passes.
+    async fn call(&self, req: impl Fn() -> Request) -> Result<Reply, ClusterError> {
+        let eps = &self.inner.config.endpoints;
+        let timeout = self.inner.config.timeout;
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(20);
+        let first = self.inner.preferred.load(Ordering::Relaxed);
+        for attempt in 0.. {
+            let i = (first + attempt) % eps.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.inner.pool.get(&eps[i]).call(req(), left).await {
+                // A member that is stopping did nothing: another may serve.
+                Ok(Reply::Client(Err(WireError::Stopped))) => {}
+                Ok(reply) => {
+                    self.inner.preferred.store(i, Ordering::Relaxed);
+                    return Ok(reply);
+                }
+                Err(e @ (NetError::AuthFailed(_) | NetError::Version(_))) => {
+                    return Err(ClusterError::Unauthenticated(e));
+                }
+                Err(e) if e.not_sent() => {}
+                Err(e) => return Err(ClusterError::Net(e)),
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            if (attempt + 1) % eps.len() == 0 {
+                tokio::time::sleep(pause.min(deadline - Instant::now())).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+        }
+        Err(ClusterError::NoMember(timeout))
+    }
+
+    async fn op(&self, op: ClientOp) -> Result<ClientReply, StoreError> {
+        match self.call(|| Request::Client(op.clone())).await? {
+            Reply::Client(r) => r.map_err(from_wire),
+            other => Err(unexpected_reply(&other).into()),
+        }
+    }
+
+    /// The committed group configuration, as the member asked knows it.
+    pub async fn members(&self) -> Result<Members, ClusterError> {
+        match self.call(|| Request::Members).await? {
+            Reply::Members(m) => Ok(m),
+            other => Err(unexpected_reply(&other)),
+        }
+    }
+
+    /// Adds node `id` at `addr` as a voter or learner (or promotes a learner); returns
+    /// once the change is committed. See [`RaftStore::add_member`].
+    pub async fn add_member(&self, id: u64, addr: &str, role: Role) -> Result<(), ClusterError> {
+        let req = || Request::Join {
+            id,
+            addr: addr.to_owned(),
+            voter: role == Role::Voter,
+        };
+        self.change(req).await
+    }
+
+    /// Removes node `id` from the group (it keeps its data); returns once committed.
+    pub async fn remove_member(&self, id: u64) -> Result<(), ClusterError> {
+        self.change(|| Request::Leave { id }).await
+    }
+
+    async fn change(&self, req: impl Fn() -> Request) -> Result<(), ClusterError> {
+        let (pool, c) = (&self.inner.pool, &self.inner.config);
+        cluster::change_membership(pool, &c.endpoints, req, c.timeout)
+            .await
+            .map(|_| ())
+    }
+}
+
+fn unexpected_reply(reply: &Reply) -> ClusterError {
+    ClusterError::Refused(format!("unexpected reply: {reply:?}"))
+}
+
+fn read(opts: &ReadOptions) -> Read {
+    Read {
+        linearizable: opts.consistency == Consistency::Linearizable,
+        revision: opts.revision.map(|r| r.0),
+    }
+}
+
+fn kv(raw: WireKv) -> Result<KeyValue, StoreError> {
+    let (key, value, revision) = raw;
+    Ok(KeyValue {
+        key: Key::new(key).map_err(|e| StoreError::Corrupted(e.to_string()))?,
+        value: Value::from(value),
+        revision: Revision(revision),
+    })
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupted(format!("unexpected answer to {what}"))
+}
+
+#[async_trait::async_trait]
+impl Writer for RemoteStore {
+    fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
+        self.limits().check_put(&value, &opts)?;
+        let op = ClientOp::Put {
+            key: key.as_str().to_owned(),
+            value: value.as_bytes().to_vec(),
+            ttl: opts.ttl,
+        };
+        match self.op(op).await? {
+            ClientReply::Revision(r) => Ok(Revision(r)),
+            _ => Err(corrupt("a put")),
+        }
+    }
+
+    async fn delete(&self, key: &Key, opts: DeleteOptions) -> Result<Deleted, StoreError> {
+        let op = ClientOp::Delete {
+            key: key.as_str().to_owned(),
+            prefix: opts.prefix,
+        };
+        match self.op(op).await? {
+            ClientReply::Deleted { count, revision } => Ok(Deleted {
+                count,
+                revision: Revision(revision),
+            }),
+            _ => Err(corrupt("a delete")),
+        }
+    }
+
+    async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
+        let op = ClientOp::Get {
+            key: key.as_str().to_owned(),
+            read: read(&opts),
+        };
+        match self.op(op).await? {
+            ClientReply::Value(v) => v.map(kv).transpose(),
+            _ => Err(corrupt("a get")),
+        }
+    }
+
+    async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError> {
+        let op = ClientOp::List {
+            prefix: prefix.as_str().to_owned(),
+            read: read(&opts),
+        };
+        match self.op(op).await? {
+            ClientReply::Listing { revision, values } => Ok(Listing {
+                revision: Revision(revision),
+                values: values.into_iter().map(kv).collect::<Result<_, _>>()?,
+            }),
+            _ => Err(corrupt("a list")),
+        }
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &Key,
+        expect: Expect,
+        value: Value,
+        opts: PutOptions,
+    ) -> Result<CasOutcome, StoreError> {
+        self.limits().check_put(&value, &opts)?;
+        let op = ClientOp::Cas {
+            key: key.as_str().to_owned(),
+            expect: match expect {
+                Expect::Absent => None,
+                Expect::Revision(r) => Some(r.0),
+            },
+            value: value.as_bytes().to_vec(),
+            ttl: opts.ttl,
+        };
+        match self.op(op).await? {
+            ClientReply::Swapped(r) => Ok(CasOutcome::Swapped(Revision(r))),
+            ClientReply::Conflict(current) => {
+                Ok(CasOutcome::Conflict(current.map(kv).transpose()?))
+            }
+            _ => Err(corrupt("a compare-and-swap")),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Watcher for RemoteStore {
+    async fn watch(
+        &self,
+        name: &str,
+        prefixes: &[Prefix],
+        opts: WatchOptions,
+    ) -> Result<Watch, StoreError> {
+        let reg = Registration::new(name);
+        let (relay, watch) = relay::channel(&reg, self.inner.source.clone(), opts.queue_capacity);
+        let task = WatchTask {
+            store: self.clone(),
+            request: (
+                name.to_owned(),
+                prefixes.iter().map(|p| p.as_str().to_owned()).collect(),
+                opts.queue_capacity,
+            ),
+            reg,
+            relay,
+            last: Revision::ZERO,
+        };
+        // The first stream is open, and its resync queued, before `watch` returns.
+        let (stream, rev, values) = task.open().await?;
+        task.relay
+            .try_send(Item::Resync(rev, ResyncReason::Initial, values))
+            .map_err(|_| StoreError::Backend("watch queue refused the first resync".into()))?;
+        tokio::spawn(task.run(stream, rev));
+        Ok(watch)
+    }
+}
+
+/// One member's watch stream; dropping it closes its connection.
+struct Stream {
+    _client: Client,
+    rx: mpsc::Receiver<Reply>,
+}
+
+struct WatchTask {
+    store: RemoteStore,
+    /// Name, prefixes, member-side queue capacity.
+    request: (String, Vec<String>, usize),
+    reg: Registration,
+    relay: Relay,
+    /// The revision of the last event queued.
+    last: Revision,
+}
+
+impl WatchTask {
+    /// Opens a stream on the first member that answers and waits for its resync.
+    async fn open(&self) -> Result<(Stream, Revision, Vec<PrefixValues>), StoreError> {
+        let inner = &self.store.inner;
+        let eps = &inner.config.endpoints;
+        let first = inner.preferred.load(Ordering::Relaxed);
+        let mut last_err = None;
+        for attempt in 0..eps.len() {
+            let i = (first + attempt) % eps.len();
+            let client = Client::new(eps[i].clone(), inner.config.secret.clone(), None);
+            let (name, prefixes, queue_capacity) = self.request.clone();
+            let req = Request::Watch {
+                name,
+                prefixes,
+                queue_capacity,
+            };
+            let mut rx = match client.stream(req, inner.config.timeout).await {
+                Ok(rx) => rx,
+                Err(e) => {
+                    last_err = Some(StoreError::from(ClusterError::Net(e)));
+                    continue;
+                }
+            };
+            let first_item = tokio::time::timeout(inner.config.timeout, rx.recv()).await;
+            match first_item {
+                Ok(Some(Reply::Watch(WireItem::Resync {
+                    revision, prefixes, ..
+                }))) => {
+                    let values = prefix_values(prefixes)?;
+                    let stream = Stream {
+                        _client: client,
+                        rx,
+                    };
+                    return Ok((stream, Revision(revision), values));
+                }
+                Ok(Some(Reply::Watch(WireItem::Failed(WireError::Stopped)))) | Ok(None) => {
+                    last_err = Some(StoreError::Unavailable(
+                        format!("member {} ended the watch", eps[i]).into(),
+                    ));
+                }
+                Ok(Some(Reply::Watch(WireItem::Failed(e)))) => return Err(from_wire(e)),
+                Ok(Some(_)) => return Err(corrupt("a watch")),
+                Err(_) => return Err(StoreError::Timeout(inner.config.timeout)),
+            }
+        }
+        Err(last_err.unwrap_or(StoreError::Unavailable("no member to watch on".into())))
+    }
+
+    async fn run(mut self, stream: Stream, rev: Revision) {
+        let name = self.reg.name().to_owned();
+        self.last = rev;
+        let mut stream = Some(stream);
+        let mut pending: Option<ResyncReason> = None;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            if self.reg.is_closed() {
+                return;
+            }
+            if let Some(reason) = pending.take() {
+                stream = None;
+                // Wait for room first, so the resync is fresh when it is delivered.
+                let Some(permit) = self.relay.reserve().await else {
+                    return;
+                };
+                self.reg.take_resync_request();
+                let opened = tokio::select! {
+                    _ = self.reg.closed() => return,
+                    opened = self.open() => opened,
+                };
+                match opened {
+                    Ok((s, rev, values)) => {
+                        // A member restored from a backup is the only way back.
+                        let reason = if rev < self.last {
+                            ResyncReason::StoreReset
+                        } else {
+                            reason
+                        };
+                        tracing::debug!(registration = %name, ?reason, %rev, "remote resync");
+                        permit.send(Item::Resync(rev, reason, values));
+                        self.last = rev;
+                        stream = Some(s);
+                        pause = Duration::from_millis(50);
+                    }
+                    Err(e) => {
+                        tracing::warn!(registration = %name, error = %e, "remote watch: no member answers; retrying");
+                        permit.send(Item::Interrupted(e));
+                        pending = Some(reason);
+                        tokio::select! {
+                            _ = self.reg.closed() => return,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+            let Some(s) = stream.as_mut() else {
+                pending = Some(ResyncReason::Reconnect);
+                continue;
+            };
+            let msg = tokio::select! {
+                biased;
+                _ = self.reg.closed() => return,
+                _ = self.relay.requested() => {
+                    pending = Some(ResyncReason::Requested);
+                    continue;
+                }
+                msg = s.rx.recv() => msg,
+            };
+            if let Err(reason) = self.deliver(msg) {
+                pending = Some(reason);
+            }
+        }
+    }
+
+    /// Queues one item from the member; `Err` asks for a resync.
+    fn deliver(&mut self, msg: Option<Reply>) -> Result<(), ResyncReason> {
+        let item = match msg {
+            None => {
+                tracing::debug!(registration = self.reg.name(), "remote watch stream broke");
+                return Err(ResyncReason::Reconnect);
+            }
+            Some(Reply::Watch(item)) => item,
+            Some(_) => return Err(ResyncReason::Reconnect),
+        };
+        let (item, rev) = match item {
+            WireItem::Change { revision, changes } => {
+                let changes = match key_changes(changes) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = self.relay.try_send(Item::Interrupted(e));
+                        return Err(ResyncReason::Reconnect);
+                    }
+                };
+                (Item::Change(Revision(revision), changes), revision)
+            }
+            WireItem::Resync {
+                revision,
+                reason,
+                prefixes,
+            } => match prefix_values(prefixes) {
+                Ok(values) => (
+                    Item::Resync(Revision(revision), reason.into(), values),
+                    revision,
+                ),
+                Err(e) => {
+                    let _ = self.relay.try_send(Item::Interrupted(e));
+                    return Err(ResyncReason::Reconnect);
+                }
+            },
+            WireItem::Interrupted(e) => {
+                let _ = self.relay.try_send(Item::Interrupted(from_wire(e)));
+                return Ok(());
+            }
+            WireItem::Failed(e) => {
+                let _ = self.relay.try_send(Item::Interrupted(from_wire(e)));
+                return Err(ResyncReason::Reconnect);
+            }
+        };
+        if self.relay.try_send(item).is_err() {
+            tracing::debug!(registration = self.reg.name(), "queue full: resync follows");
+            return Err(ResyncReason::Overflow);
+        }
+        self.last = Revision(rev);
+        Ok(())
+    }
+}
+
+fn prefix_values(raw: Vec<(String, Vec<WireKv>)>) -> Result<Vec<PrefixValues>, StoreError> {
+    raw.into_iter()
+        .map(|(prefix, values)| {
+            Ok(PrefixValues {
+                prefix: Prefix::new(prefix).map_err(|e| StoreError::Corrupted(e.to_string()))?,
+                values: values.into_iter().map(kv).collect::<Result<_, _>>()?,
+            })
+        })
+        .collect()
+}
+
+fn key_changes(raw: Vec<WireChange>) -> Result<Vec<KeyChange>, StoreError> {
+    raw.into_iter()
+        .map(|(key, delete, value, prev)| {
+            Ok(KeyChange {
+                key: Key::new(key).map_err(|e| StoreError::Corrupted(e.to_string()))?,
+                op: if delete { Op::Delete } else { Op::Put },
+                value: value.map(Value::from),
+                prev: prev.map(Value::from),
+            })
+        })
+        .collect()
+}
+
+// The member's side.
+
+/// Runs a remote client's operation on this member's store.
+pub(crate) async fn serve_op(store: &RaftStore, op: ClientOp) -> Result<ClientReply, WireError> {
+    let key = |k: String| Key::new(k).map_err(|e| WireError::Failed(e.to_string()));
+    let put_opts = |ttl: Option<Duration>| match ttl {
+        Some(t) => PutOptions::new().ttl(t),
+        None => PutOptions::new(),
+    };
+    let read_opts = |r: Read| {
+        let c = if r.linearizable {
+            Consistency::Linearizable
+        } else {
+            Consistency::Local
+        };
+        let opts = ReadOptions::new().consistency(c);
+        match r.revision {
+            Some(rev) => opts.at(Revision(rev)),
+            None => opts,
+        }
+    };
+    let raw = |kv: KeyValue| {
+        (
+            kv.key.as_str().to_owned(),
+            kv.value.as_bytes().to_vec(),
+            kv.revision.0,
+        )
+    };
+    let reply = match op {
+        ClientOp::Put { key: k, value, ttl } => store
+            .put(&key(k)?, Value::from(value), put_opts(ttl))
+            .await
+            .map(|r| ClientReply::Revision(r.0)),
+        ClientOp::Delete { key: k, prefix } => {
+            let opts = if prefix {
+                DeleteOptions::new().prefix()
+            } else {
+                DeleteOptions::new()
+            };
+            store
+                .delete(&key(k)?, opts)
+                .await
+                .map(|d| ClientReply::Deleted {
+                    count: d.count,
+                    revision: d.revision.0,
+                })
+        }
+        ClientOp::Get { key: k, read } => store
+            .get(&key(k)?, read_opts(read))
+            .await
+            .map(|v| ClientReply::Value(v.map(raw))),
+        ClientOp::List { prefix, read } => {
+            let prefix = Prefix::new(prefix).map_err(|e| WireError::Failed(e.to_string()))?;
+            store
+                .list(&prefix, read_opts(read))
+                .await
+                .map(|l| ClientReply::Listing {
+                    revision: l.revision.0,
+                    values: l.values.into_iter().map(raw).collect(),
+                })
+        }
+        ClientOp::Cas {
+            key: k,
+            expect,
+            value,
+            ttl,
+        } => {
+            let expect = expect.map_or(Expect::Absent, |r| Expect::Revision(Revision(r)));
+            store
+                .compare_and_swap(&key(k)?, expect, Value::from(value), put_opts(ttl))
+                .await
+                .map(|o| match o {
+                    CasOutcome::Swapped(r) => ClientReply::Swapped(r.0),
+                    CasOutcome::Conflict(c) => ClientReply::Conflict(c.map(raw)),
+                })
+        }
+        ClientOp::Limits => Ok(ClientReply::Limits {
+            max_value_size: store.limits().max_value_size,
+        }),
+    };
+    reply.map_err(to_wire)
+}
+
+/// Streams a watch on this member's replica to a remote client until it goes away.
+pub(crate) async fn serve_watch(
+    store: RaftStore,
+    (name, prefixes, queue_capacity): (String, Vec<String>, usize),
+    out: Replies,
+) {
+    // The store is let go once the watch runs: a remote watch must not keep a member
+    // that is being shut down alive.
+    let started = async move {
+        let prefixes = prefixes
+            .into_iter()
+            .map(Prefix::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| WireError::Failed(e.to_string()))?;
+        // Catch up with the leader's commit first: never older than what the client saw.
+        store
+            .read_barrier(&ReadOptions::new())
+            .await
+            .map_err(to_wire)?;
+        let opts = WatchOptions::default().queue_capacity(queue_capacity);
+        store.watch(&name, &prefixes, opts).await.map_err(to_wire)
+    };
+    let mut watch = match started.await {
+        Ok(w) => w,
+        Err(e) => {
+            out.send(Reply::Watch(WireItem::Failed(e))).await;
+            return;
+        }
+    };
+    let raw = |kv: &KeyValue| {
+        (
+            kv.key.as_str().to_owned(),
+            kv.value.as_bytes().to_vec(),
+            kv.revision.0,
+        )
+    };
+    loop {
+        let ev = tokio::select! {
+            _ = out.closed() => return,
+            ev = watch.next() => ev,
+        };
+        let (item, done) = match ev {
+            None => (WireItem::Failed(WireError::Stopped), None),
+            Some(Ok(Event::Resync(r))) => {
+                let prefixes = r
+                    .prefixes
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.prefix.as_str().to_owned(),
+                            p.values.iter().map(raw).collect(),
+                        )
+                    })
+                    .collect();
+                let item = WireItem::Resync {
+                    revision: r.revision.0,
+                    reason: r.reason.into(),
+                    prefixes,
+                };
+                (item, Some(r.done))
+            }
+            Some(Ok(Event::Change(c))) => {
+                let changes = c
+                    .changes
+                    .iter()
+                    .map(|k| {
+                        let value = k.value.as_ref().map(|v| v.as_bytes().to_vec());
+                        let prev = k.prev.as_ref().map(|v| v.as_bytes().to_vec());
+                        (k.key.as_str().to_owned(), k.op == Op::Delete, value, prev)
+                    })
+                    .collect();
+                let item = WireItem::Change {
+                    revision: c.revision.0,
+                    changes,
+                };
+                (item, Some(c.done))
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(WatchError::Interrupted(e))) => (WireItem::Interrupted(to_wire(e)), None),
+            Some(Err(e)) => (WireItem::Failed(WireError::Failed(e.to_string())), None),
+        };
+        let last = matches!(item, WireItem::Failed(_));
+        if !out.send(Reply::Watch(item)).await || last {
+            return;
+        }
+        // Handed on: the remote consumer answers its own Done.
+        if let Some(done) = done {
+            done.ok();
+        }
+    }
+}
+
+// Errors and reasons on the wire.
+
+fn to_wire(e: StoreError) -> WireError {
+    match e {
+        StoreError::ValueTooLarge { size, max } => WireError::ValueTooLarge { size, max },
+        StoreError::InvalidTtl(t) => WireError::InvalidTtl(t),
+        StoreError::Compacted {
+            requested,
+            compacted,
+        } => WireError::Compacted {
+            requested: requested.0,
+            compacted: compacted.0,
+        },
+        StoreError::FutureRevision { requested, current } => WireError::FutureRevision {
+            requested: requested.0,
+            current: current.0,
+        },
+        StoreError::Timeout(t) => WireError::Timeout(t),
+        StoreError::Corrupted(s) => WireError::Corrupted(s),
+        StoreError::Stopped => WireError::Stopped,
+        e @ StoreError::Unavailable(_) => WireError::Unavailable(error_chain(&e)),
+        e => WireError::Failed(error_chain(&e)),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+fn from_wire(e: WireError) -> StoreError {
+    match e {
+        WireError::ValueTooLarge { size, max } => StoreError::ValueTooLarge { size, max },
+        WireError::InvalidTtl(t) => StoreError::InvalidTtl(t),
+        WireError::Compacted {
+            requested,
+            compacted,
+        } => StoreError::Compacted {
+            requested: Revision(requested),
+            compacted: Revision(compacted),
+        },
+        WireError::FutureRevision { requested, current } => StoreError::FutureRevision {
+            requested: Revision(requested),
+            current: Revision(current),
+        },
+        WireError::Timeout(t) => StoreError::Timeout(t),
+        WireError::Corrupted(s) => StoreError::Corrupted(s),
+        // The member stopped, not this client: another member may serve.
+        e @ (WireError::Stopped | WireError::Unavailable(_)) => {
+            StoreError::Unavailable(Box::new(e))
+        }
+        e @ WireError::Failed(_) => StoreError::Backend(Box::new(e)),
+    }
+}
+
+impl From<ResyncReason> for WireReason {
+    fn from(r: ResyncReason) -> Self {
+        match r {
+            ResyncReason::Initial => WireReason::Initial,
+            ResyncReason::Overflow => WireReason::Overflow,
+            ResyncReason::Requested => WireReason::Requested,
+            ResyncReason::Reconnect => WireReason::Reconnect,
+            ResyncReason::Compacted => WireReason::Compacted,
+            ResyncReason::SnapshotInstalled => WireReason::SnapshotInstalled,
+            ResyncReason::StoreReset => WireReason::StoreReset,
+            _ => WireReason::Reconnect,
+        }
+    }
+}
+
+impl From<WireReason> for ResyncReason {
+    fn from(r: WireReason) -> Self {
+        match r {
+            WireReason::Initial => ResyncReason::Initial,
+            WireReason::Overflow => ResyncReason::Overflow,
+            WireReason::Requested => ResyncReason::Requested,
+            WireReason::Reconnect => ResyncReason::Reconnect,
+            WireReason::Compacted => ResyncReason::Compacted,
+            WireReason::SnapshotInstalled => ResyncReason::SnapshotInstalled,
+            WireReason::StoreReset => ResyncReason::StoreReset,
+        }
+    }
+}

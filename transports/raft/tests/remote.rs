@@ -1,0 +1,171 @@
+//! Remote clients (no replica of their own) of a three-node cluster on loopback: a
+//! watch that moves to another member when its member stops, failing over to a live
+//! endpoint, membership, and refusing a client without the secret.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use datasync::{Event, ResyncReason};
+use datasync::{
+    Key, Mirror, Prefix, PutOptions, ReadOptions, Revision, Value, WatchOptions, Watcher, Writer,
+};
+use datasync_raft::testing::{TestCluster, test_secret, wait_until};
+use datasync_raft::{
+    ClusterConfig, ClusterError, RaftConfig, RaftStore, RemoteConfig, RemoteStore, Role, Secret,
+};
+
+fn key(s: &str) -> Key {
+    Key::new(s).unwrap()
+}
+
+/// Writes through `remote`, retrying a call whose outcome is unknown (same key and
+/// value: applying twice changes nothing but the revision).
+async fn put(remote: &RemoteStore, k: &str) -> Revision {
+    for _ in 0..50 {
+        match remote
+            .put(&key(k), Value::from(k.to_owned()), PutOptions::new())
+            .await
+        {
+            Ok(rev) => return rev,
+            Err(e) => eprintln!("put {k}: {e}; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("put {k} never succeeded");
+}
+
+/// Applies events until the mirror is at `rev`; returns the resync reasons seen.
+async fn follow(w: &mut datasync::Watch, mirror: &mut Mirror, rev: Revision) -> Vec<ResyncReason> {
+    let mut reasons = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while mirror.revision("") < Some(rev) {
+            let ev = datasync::testing::next_event(w).await.unwrap();
+            if let Event::Resync(r) = &ev {
+                reasons.push(r.reason);
+            }
+            mirror.apply(&ev).unwrap();
+            ev.into_done().ok();
+        }
+    })
+    .await
+    .expect("the watcher catches up (deadlock?)");
+    reasons
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_watch_moves_to_another_member_when_its_member_stops() {
+    let mut c = TestCluster::start(3).await;
+    let f = c.follower().await.node_id();
+    let fi = c.nodes.iter().position(|n| n.node_id() == f).unwrap();
+    // The follower first: it serves the watch.
+    let mut endpoints = c.addrs();
+    endpoints.swap(0, fi);
+    let remote = RemoteStore::connect(RemoteConfig::new(endpoints, test_secret()))
+        .await
+        .unwrap();
+    let mut w = remote
+        .watch("w", &[Prefix::new("m/").unwrap()], WatchOptions::default())
+        .await
+        .unwrap();
+    let mut mirror = Mirror::new();
+    let mut rev = Revision::ZERO;
+    for i in 0..20 {
+        rev = put(&remote, &format!("m/{i:02}")).await;
+    }
+    let reasons = follow(&mut w, &mut mirror, rev).await;
+    assert_eq!(reasons, [ResyncReason::Initial]);
+    assert_eq!(
+        c.nodes[fi].active_watches(),
+        1,
+        "the follower serves the watch"
+    );
+
+    let stopped = c.nodes.remove(fi);
+    stopped.shutdown().await;
+    drop(stopped);
+    // Writes go on through the next endpoint; the watch resyncs on another member.
+    for i in 20..40 {
+        rev = put(&remote, &format!("m/{i:02}")).await;
+    }
+    let reasons = follow(&mut w, &mut mirror, rev).await;
+    assert!(
+        reasons.contains(&ResyncReason::Reconnect),
+        "a reconnect is a resync: {reasons:?}"
+    );
+    assert_eq!(mirror.len(""), 40);
+    let listing = remote
+        .list(&Prefix::new("m/").unwrap(), ReadOptions::new())
+        .await
+        .unwrap();
+    let listed: Vec<_> = listing.values.iter().map(|kv| kv.key.clone()).collect();
+    let mirrored: Vec<_> = mirror.values("").map(|(k, _, _)| k.clone()).collect();
+    assert_eq!(listed, mirrored, "the watcher holds what the store holds");
+    // Closing the registration releases the member's watch.
+    drop(w);
+    wait_until("the member's watch is released", || {
+        c.nodes.iter().map(RaftStore::active_watches).sum::<usize>() == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_client_fails_over_to_a_live_endpoint() {
+    let c = TestCluster::start(3).await;
+    // Nothing listens on port 1; the client goes on to a member.
+    let mut endpoints = vec!["127.0.0.1:1".to_owned()];
+    endpoints.extend(c.addrs());
+    let remote = RemoteStore::connect(RemoteConfig::new(endpoints, test_secret()))
+        .await
+        .unwrap();
+    let rev = put(&remote, "a").await;
+    let got = remote.get(&key("a"), ReadOptions::new()).await.unwrap();
+    assert_eq!(got.map(|kv| kv.revision), Some(rev));
+    assert_eq!(
+        remote.limits(),
+        c.nodes[0].limits(),
+        "limits come from the members"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_through_a_remote_client() {
+    let c = TestCluster::start(3).await;
+    let remote = RemoteStore::connect(RemoteConfig::new(c.addrs(), test_secret()))
+        .await
+        .unwrap();
+    assert_eq!(remote.members().await.unwrap().voters.len(), 3);
+    // A fourth node joins as a learner; the remote client promotes it, then removes it.
+    let dir = tempfile::tempdir().unwrap();
+    let listen = "127.0.0.1:0".parse().unwrap();
+    let config = ClusterConfig::new(listen, test_secret())
+        .join(c.addrs())
+        .learner();
+    let fourth = RaftStore::open(RaftConfig::new(dir.path()).cluster(4, config))
+        .await
+        .unwrap();
+    let addr = fourth.cluster_addr().unwrap().to_owned();
+    remote.add_member(4, &addr, Role::Voter).await.unwrap();
+    wait_until("node 4 votes", || {
+        c.nodes[0].members().role(4) == Some(Role::Voter)
+    })
+    .await;
+    remote.remove_member(4).await.unwrap();
+    wait_until("node 4 is gone", || c.nodes[0].members().role(4).is_none()).await;
+    let m = remote.members().await.unwrap();
+    assert_eq!(m.voters.len(), 3);
+    assert_eq!(m.role(4), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_client_without_the_secret_is_refused() {
+    let c = TestCluster::start(1).await;
+    let wrong = Secret::new("not the cluster secret at all").unwrap();
+    let err = RemoteStore::connect(RemoteConfig::new(c.addrs(), wrong))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClusterError::Unauthenticated(_)), "{err:?}");
+    let none = RemoteStore::connect(RemoteConfig::new(Vec::<String>::new(), test_secret()))
+        .await
+        .unwrap_err();
+    assert!(matches!(none, ClusterError::Refused(_)), "{none:?}");
+}
