@@ -44,6 +44,9 @@ pub struct RaftConfig {
     pub snapshot_every: u64,
     /// Log entries kept behind a snapshot, for lagging followers (default 1,000).
     pub keep_logs: u64,
+    /// Largest log segment file, in bytes (default 64 MiB; at least 64 KiB). Compaction
+    /// deletes whole segments, so the log's disk use stays within a few of these.
+    pub log_segment: u64,
     /// Cluster membership; `None` (the default) runs a single node with no network.
     pub cluster: Option<ClusterConfig>,
 }
@@ -57,6 +60,7 @@ impl Default for RaftConfig {
             history: 10_000,
             snapshot_every: 20_000,
             keep_logs: 1_000,
+            log_segment: crate::storage::SEGMENT,
             cluster: None,
         }
     }
@@ -86,6 +90,13 @@ impl RaftConfig {
         self
     }
 
+    /// Sets [`log_segment`](Self::log_segment).
+    #[must_use]
+    pub fn log_segment(mut self, bytes: u64) -> Self {
+        self.log_segment = bytes;
+        self
+    }
+
     /// Makes this store a cluster member with node id `node_id` (unique in the group,
     /// kept across restarts).
     #[must_use]
@@ -105,6 +116,9 @@ impl RaftConfig {
         }
         if self.snapshot_every == 0 {
             return Err(OpenError::Config("snapshot_every must be positive"));
+        }
+        if self.log_segment < 64 << 10 {
+            return Err(OpenError::Config("log_segment must be at least 64 KiB"));
         }
         Ok(())
     }
@@ -205,8 +219,8 @@ impl RaftStore {
                 Some((c, listener, advertise, pool))
             }
         };
-        let dir = config.dir.clone();
-        let (db, wal) = tokio::task::spawn_blocking(move || storage::open(&dir))
+        let (dir, segment) = (config.dir.clone(), config.log_segment);
+        let (db, wal) = tokio::task::spawn_blocking(move || storage::open(&dir, segment))
             .await
             .map_err(|e| raft_err(Box::new(e)))??;
         let shared =

@@ -73,8 +73,8 @@ impl TestCluster {
         Self::start_with(n, |c| c).await
     }
 
-    /// Starts `n` voters whose cluster configs `tune` adjusts.
-    pub async fn start_with(n: u64, tune: impl Fn(ClusterConfig) -> ClusterConfig) -> TestCluster {
+    /// Starts `n` voters whose configs `tune` adjusts.
+    pub async fn start_with(n: u64, tune: impl Fn(RaftConfig) -> RaftConfig) -> TestCluster {
         let mut cluster = TestCluster {
             nodes: Vec::new(),
             dirs: Vec::new(),
@@ -83,10 +83,8 @@ impl TestCluster {
         for id in 1..=n {
             let dir = tempfile::tempdir().expect("temp dir");
             let seed = cluster.nodes.first().and_then(|s| s.cluster_addr());
-            let mut config = Self::config(id, dir.path(), seed);
-            if let Some(c) = config.cluster.take() {
-                config.cluster = Some(tune(c).faults(cluster.faults.clone()));
-            }
+            let mut config = tune(Self::config(id, dir.path(), seed));
+            config.cluster = config.cluster.map(|c| c.faults(cluster.faults.clone()));
             let store = RaftStore::open(config)
                 .await
                 .expect("open a cluster member");

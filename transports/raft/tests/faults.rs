@@ -10,15 +10,16 @@ use std::time::Duration;
 use datasync::testing::linearizability::{self, Op, Recorder};
 use datasync::{Consistency, Expect, Key, PutOptions, ReadOptions, StoreError, Value, Writer};
 use datasync_raft::testing::{TestCluster, converged, test_secret, wait_until};
-use datasync_raft::{ClusterConfig, RaftStore, RemoteConfig, RemoteStore};
+use datasync_raft::{RaftConfig, RaftStore, RemoteConfig, RemoteStore};
 
 fn key(s: &str) -> Key {
     Key::new(s).unwrap()
 }
 
 /// Calls that cannot complete give up after 2 s, so a cut-off member answers in time.
-fn tuned(c: ClusterConfig) -> ClusterConfig {
-    c.forward_timeout(Duration::from_secs(2))
+fn tuned(mut c: RaftConfig) -> RaftConfig {
+    c.cluster = c.cluster.map(|c| c.forward_timeout(Duration::from_secs(2)));
+    c
 }
 
 async fn local(s: &RaftStore, k: &str) -> Option<Value> {

@@ -22,6 +22,8 @@ pub(crate) mod log;
 pub(crate) mod sm;
 pub(crate) mod wal;
 
+pub(crate) use wal::SEGMENT;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -100,7 +102,7 @@ pub enum OpenError {
 }
 
 /// Opens (or creates) the database and the log in `dir`, verifying every checksum.
-pub(crate) fn open(dir: &Path) -> Result<(Arc<Database>, wal::Wal), OpenError> {
+pub(crate) fn open(dir: &Path, segment: u64) -> Result<(Arc<Database>, wal::Wal), OpenError> {
     std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir {
         path: dir.to_owned(),
         source,
@@ -165,7 +167,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Arc<Database>, wal::Wal), OpenError> {
     let applied = meta(SM_META, "applied").map_err(corrupted)?;
     let db = Arc::new(db);
     let log_dir = dir.join("log");
-    let log = wal::Wal::open(&log_dir, purged).map_err(|d| OpenError::Corrupted {
+    let log = wal::Wal::open(&log_dir, purged, segment).map_err(|d| OpenError::Corrupted {
         path: d.path,
         reason: d.reason,
     })?;

@@ -478,8 +478,9 @@ impl std::fmt::Debug for Wal {
 
 impl Wal {
     /// Opens the log in `dir`, recovering it; entries at or below `purged` are dropped.
-    pub(crate) fn open(dir: &Path, purged: Option<LogId>) -> Result<Wal, Damage> {
-        Self::open_sized(dir, purged, SEGMENT)
+    /// New segments grow up to `seg_size` bytes.
+    pub(crate) fn open(dir: &Path, purged: Option<LogId>, seg_size: u64) -> Result<Wal, Damage> {
+        Self::open_sized(dir, purged, seg_size)
     }
 
     fn open_sized(dir: &Path, purged: Option<LogId>, seg_size: u64) -> Result<Wal, Damage> {

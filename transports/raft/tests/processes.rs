@@ -1,0 +1,306 @@
+//! Three members as separate processes on loopback (the `cluster_node` example), driven
+//! through remote clients: the leader is killed with SIGKILL under load, writes go on
+//! after the re-election, every acknowledged write survives, and the killed member,
+//! restarted behind the retained log, catches up by snapshot; watchers resync and end
+//! with the store's state.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use datasync::testing::next_event;
+use datasync::{
+    Consistency, Event, Key, Mirror, Prefix, PutOptions, ReadOptions, ResyncReason, Revision,
+    Value, Watch, WatchOptions, Watcher, Writer,
+};
+use datasync_raft::testing::test_secret;
+use datasync_raft::{RemoteConfig, RemoteStore};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn node_binary() -> PathBuf {
+    // target/<profile>/deps/processes-<hash> -> target/<profile>/examples/cluster_node
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples")
+        .join("cluster_node");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test` builds it (or: cargo build -p datasync-raft --example cluster_node)",
+        bin.display()
+    );
+    bin
+}
+
+/// What a member process last reported.
+#[derive(Debug, Default, Clone, Copy)]
+struct Status {
+    leader: u64,
+    revision: u64,
+    installed: u64,
+}
+
+/// A member process; killed when dropped.
+struct Node {
+    id: u64,
+    addr: String,
+    child: Child,
+    status: Arc<Mutex<Status>>,
+}
+
+impl Node {
+    async fn start(id: u64, dir: &Path, listen: &str, join: Option<&str>) -> Node {
+        let mut cmd = Command::new(node_binary());
+        cmd.arg(id.to_string()).arg(dir).arg(listen);
+        if let Some(seed) = join {
+            cmd.arg(seed);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn a member");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the member did not start within 60 s")
+            .unwrap()
+            .unwrap_or_else(|| panic!("member {id} exited at start"));
+        let addr = ready
+            .strip_prefix("READY ")
+            .unwrap_or_else(|| panic!("member {id}: {ready}"))
+            .to_owned();
+        let status = Arc::new(Mutex::new(Status::default()));
+        let report = status.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let f: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                if let [leader, revision, installed] = f[..] {
+                    *report.lock().unwrap() = Status {
+                        leader,
+                        revision,
+                        installed,
+                    };
+                }
+            }
+        });
+        Node {
+            id,
+            addr,
+            child,
+            status,
+        }
+    }
+
+    fn status(&self) -> Status {
+        *self.status.lock().unwrap()
+    }
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn remote(endpoints: Vec<String>) -> RemoteStore {
+    RemoteStore::connect(RemoteConfig::new(endpoints, test_secret()))
+        .await
+        .unwrap()
+}
+
+/// Applies `w`'s events until its mirror is at `rev`; returns the resync reasons.
+async fn follow(w: &mut Watch, mirror: &mut Mirror, rev: Revision) -> Vec<ResyncReason> {
+    let mut reasons = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while mirror.revision("") < Some(rev) {
+            let ev = next_event(w).await.unwrap();
+            if let Event::Resync(r) = &ev {
+                reasons.push(r.reason);
+            }
+            mirror.apply(&ev).unwrap();
+            ev.into_done().ok();
+        }
+    })
+    .await
+    .expect("the watcher catches up (deadlock?)");
+    reasons
+}
+
+type Acked = Arc<Mutex<BTreeMap<String, u64>>>;
+
+/// Writers that put unique keys through `store` until `stop`, recording each write
+/// acknowledged (a failed one is of unknown outcome: not recorded, not retried).
+fn writers(store: &RemoteStore, acked: &Acked, stop: &Arc<AtomicBool>, tag: &str) {
+    for w in 0..4 {
+        let (store, acked, stop) = (store.clone(), acked.clone(), stop.clone());
+        let tag = tag.to_owned();
+        tokio::spawn(async move {
+            for i in 0u64.. {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let k = format!("load/{tag}/{w}/{i:05}");
+                let v = Value::from(i.to_string());
+                match store
+                    .put(&Key::new(&k).unwrap(), v, PutOptions::new())
+                    .await
+                {
+                    Ok(rev) => {
+                        acked.lock().unwrap().insert(k, rev.0);
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_the_leader_under_load() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = vec![Node::start(1, dirs[0].path(), "127.0.0.1:0", None).await];
+    let seed = nodes[0].addr.clone();
+    for id in 2..=3u64 {
+        let dir = dirs[id as usize - 1].path();
+        nodes.push(Node::start(id, dir, "127.0.0.1:0", Some(&seed)).await);
+    }
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    wait_for("the members agree on a leader", || {
+        let l = nodes[0].status().leader;
+        l != 0 && nodes.iter().all(|n| n.status().leader == l)
+    })
+    .await;
+    let leader = nodes[0].status().leader;
+    let li = nodes.iter().position(|n| n.id == leader).unwrap();
+
+    let client = remote(addrs.clone()).await;
+    // A watcher served by the leader (its address first).
+    let mut on_leader = addrs.clone();
+    on_leader.swap(0, li);
+    let watcher = remote(on_leader).await;
+    let prefix = Prefix::new("load/").unwrap();
+    let mut w = watcher
+        .watch("w", std::slice::from_ref(&prefix), WatchOptions::default())
+        .await
+        .unwrap();
+    let mut mirror = Mirror::new();
+
+    let acked: Acked = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    writers(&client, &acked, &stop, "a");
+    wait_for("200 writes acknowledged", || {
+        acked.lock().unwrap().len() >= 200
+    })
+    .await;
+
+    // SIGKILL the leader mid-load.
+    let mut killed = nodes.remove(li);
+    killed.child.start_kill().unwrap();
+    killed.child.wait().await.unwrap();
+    let at_kill = acked.lock().unwrap().len();
+    // Writes go on after the re-election, and run far past the killed member's log
+    // (snapshots every 50 entries, 5 kept).
+    wait_for("writes continue after the re-election", || {
+        acked.lock().unwrap().len() >= at_kill + 1500
+    })
+    .await;
+    let new_leader = nodes[0].status().leader;
+    assert!(
+        new_leader != 0 && new_leader != leader,
+        "a new leader: {new_leader}"
+    );
+
+    // The killed member comes back on its address, behind the retained log.
+    let back = Node::start(
+        killed.id,
+        dirs[killed.id as usize - 1].path(),
+        &killed.addr,
+        None,
+    )
+    .await;
+    drop(killed);
+    nodes.push(back);
+    stop.store(true, Ordering::Relaxed);
+    // Let in-flight writes finish, then read the final revision.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listing = client.list(&prefix, ReadOptions::new()).await.unwrap();
+    let target = listing.revision;
+    let back = nodes.last().unwrap();
+    wait_for("the restarted member catches up", || {
+        back.status().revision >= target.0
+    })
+    .await;
+    assert!(
+        back.status().installed > 0,
+        "the restarted member caught up by snapshot"
+    );
+
+    // Every acknowledged write is there, with its revision, also on the restarted
+    // member's own replica.
+    let acked = acked.lock().unwrap().clone();
+    let on_back = remote(vec![back.addr.clone()]).await;
+    let local = ReadOptions::new().consistency(Consistency::Local);
+    let replica = on_back.list(&prefix, local).await.unwrap();
+    for l in [&listing, &replica] {
+        let stored: BTreeMap<_, _> = l
+            .values
+            .iter()
+            .map(|kv| (kv.key.as_str().to_owned(), kv.revision.0))
+            .collect();
+        for (k, rev) in &acked {
+            assert_eq!(stored.get(k), Some(rev), "acknowledged write {k}");
+        }
+    }
+    assert_eq!(
+        replica.values, listing.values,
+        "the replica equals the cluster"
+    );
+
+    // The leader's watcher moved to a survivor with a resync and holds the final state;
+    // a watcher on the restarted member starts from its caught-up replica.
+    let reasons = follow(&mut w, &mut mirror, target).await;
+    assert!(
+        reasons.contains(&ResyncReason::Reconnect),
+        "the watcher resynced after the kill: {reasons:?}"
+    );
+    let mut fresh = on_back
+        .watch(
+            "fresh",
+            std::slice::from_ref(&prefix),
+            WatchOptions::default(),
+        )
+        .await
+        .unwrap();
+    let mut fresh_mirror = Mirror::new();
+    follow(&mut fresh, &mut fresh_mirror, target).await;
+    for m in [&mirror, &fresh_mirror] {
+        let held: Vec<_> = m
+            .values("")
+            .map(|(k, v, r)| (k.clone(), v.clone(), r))
+            .collect();
+        let stored: Vec<_> = listing
+            .values
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.clone(), kv.revision))
+            .collect();
+        assert_eq!(held, stored, "a watcher ends with the store's state");
+    }
+}
