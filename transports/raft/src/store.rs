@@ -300,6 +300,34 @@ impl RaftStore {
                     .applied_index_at_least(Some(joined), "joined")
                     .await
                     .map_err(|e| raft_err(Box::new(e)))?;
+            } else if c.role == Role::Voter
+                && Members::from_stored(&shared.membership.borrow()).role(id) == Some(Role::Learner)
+            {
+                // Configured as a voter but restarting as a learner: it crashed between
+                // the two steps of its join, or was configured as a learner before. The
+                // promotion is asked for in the background (the leader may need a
+                // while); asking twice is harmless.
+                let members = Members::from_stored(&shared.membership.borrow());
+                let seeds: Vec<String> = c
+                    .join
+                    .iter()
+                    .cloned()
+                    .chain(members.voters.into_values())
+                    .collect();
+                let (pool, addr, timeout) = (pool.clone(), advertise.clone(), c.join_timeout);
+                tokio::spawn(async move {
+                    let req = || Request::Join {
+                        id,
+                        addr: addr.clone(),
+                        voter: true,
+                    };
+                    match cluster::change_membership(&pool, &seeds, req, timeout).await {
+                        Ok(_) => debug!(node = id, "promoted to voter, as configured"),
+                        Err(e) => {
+                            warn!(node = id, error = %e, "could not become a voter as configured")
+                        }
+                    }
+                });
             }
             Some(Node {
                 id,

@@ -1,6 +1,6 @@
 //! Raft clusters in one process, each member on its own loopback port and temp dir,
 //! talking over real TCP: forwarding, leader loss, learners, leaving, catching up by
-//! snapshot, and refusing a node without the secret.
+//! snapshot, finishing an interrupted join, and refusing a node without the secret.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::time::Duration;
@@ -266,5 +266,37 @@ async fn a_node_without_the_secret_cannot_join() {
     for n in &c.nodes {
         assert_eq!(n.members().role(9), None, "the stranger is not a member");
         assert_eq!(n.members().voters.len(), 3);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_restarted_as_a_voter_is_promoted() {
+    // The state a crash between the two steps of a voter's join leaves behind: added
+    // as a learner, not yet promoted.
+    let c = TestCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let listen = "127.0.0.1:0".parse().unwrap();
+    let learner = ClusterConfig::new(listen, test_secret())
+        .join(c.addrs())
+        .learner();
+    let node = RaftStore::open(RaftConfig::new(dir.path()).cluster(4, learner))
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = node.cluster_addr().unwrap().parse().unwrap();
+    node.shutdown().await;
+    drop(node);
+    wait_until("node 4 is a learner everywhere", || {
+        c.nodes
+            .iter()
+            .all(|n| n.members().role(4) == Some(Role::Learner))
+    })
+    .await;
+    // Restarted with the same identity, configured as a voter: it asks to be promoted.
+    let voter = ClusterConfig::new(addr, test_secret());
+    let node = RaftStore::open(RaftConfig::new(dir.path()).cluster(4, voter))
+        .await
+        .unwrap();
+    for n in c.nodes.iter().chain([&node]) {
+        wait_until("node 4 votes", || n.members().role(4) == Some(Role::Voter)).await;
     }
 }
