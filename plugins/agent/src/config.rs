@@ -2,11 +2,20 @@
 //!
 //! ```toml
 //! [store]                 # which store; the default is the embedded raft store
-//! kind = "raft"           # "raft" | "nats" | "etcd"
+//! kind = "raft"           # "raft" | "remote" | "nats" | "etcd"
 //! dir = "./data"          # raft: the data directory
+//! # node_id = 1                           # raft: this member's id, kept across restarts
 //! # servers = ["nats://127.0.0.1:4222"]   # nats
 //! # bucket = "datasync"                   # nats
-//! # endpoints = ["http://127.0.0.1:2379"] # etcd
+//! # endpoints = ["http://127.0.0.1:2379"] # etcd; remote: members' cluster addresses
+//! # secret_file = "/etc/datasync/secret"  # remote: the cluster secret
+//!
+//! # [store.cluster]       # raft: make this agent a member of a cluster
+//! # listen = "0.0.0.0:7400"
+//! # advertise = "10.0.0.1:7400"           # required with a wildcard `listen`
+//! # secret_file = "/etc/datasync/secret"  # the shared cluster secret (>= 16 bytes)
+//! # join = ["10.0.0.2:7400"]              # first start: join through these members
+//! # learner = false                       # join as a non-voting learner
 //!
 //! [http]
 //! listen = "127.0.0.1:9191"   # /healthz, /readyz, /status, /metrics; omit to disable
@@ -58,11 +67,24 @@ pub enum ConfigError {
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum StoreConfig {
-    /// The embedded raft store (single node).
+    /// The embedded raft store: one node, or a member of a cluster.
     Raft {
         /// The data directory.
         #[serde(default = "default_dir")]
         dir: PathBuf,
+        /// This node's id (unique in its cluster, kept across restarts).
+        #[serde(default = "default_node_id")]
+        node_id: u64,
+        /// Cluster membership; absent: one node with no network.
+        #[serde(default)]
+        cluster: Option<ClusterSettings>,
+    },
+    /// A raft cluster reached as a remote client (no replica in this process).
+    Remote {
+        /// Members' cluster addresses (`HOST:PORT`), any of them.
+        endpoints: Vec<String>,
+        /// The file holding the cluster secret.
+        secret_file: PathBuf,
     },
     /// NATS JetStream Key-Value.
     Nats {
@@ -82,8 +104,87 @@ pub enum StoreConfig {
     },
 }
 
+/// How an embedded raft store takes part in a cluster (`[store.cluster]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ClusterSettings {
+    /// Where to listen for the other members.
+    pub listen: SocketAddr,
+    /// The address the others reach this member at (default: the bound `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// The file holding the shared cluster secret.
+    pub secret_file: PathBuf,
+    /// Members to join through on the first start; empty bootstraps a new cluster.
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// Join as a non-voting learner.
+    #[serde(default)]
+    pub learner: bool,
+}
+
+impl ClusterSettings {
+    /// A member listening on `listen`, with the secret in `secret_file`, bootstrapping
+    /// a new cluster unless it is given members to join.
+    pub fn new(listen: SocketAddr, secret_file: impl Into<PathBuf>) -> Self {
+        ClusterSettings {
+            listen,
+            advertise: None,
+            secret_file: secret_file.into(),
+            join: Vec::new(),
+            learner: false,
+        }
+    }
+
+    /// Sets the advertised address.
+    #[must_use]
+    pub fn advertise(mut self, addr: Option<String>) -> Self {
+        self.advertise = addr;
+        self
+    }
+
+    /// Sets the members to join through on the first start.
+    #[must_use]
+    pub fn join(mut self, members: Vec<String>) -> Self {
+        self.join = members;
+        self
+    }
+
+    /// Joins as a learner (`true`) or a voter.
+    #[must_use]
+    pub fn learner(mut self, learner: bool) -> Self {
+        self.learner = learner;
+        self
+    }
+}
+
+impl StoreConfig {
+    /// The embedded single-node raft store in `dir`.
+    pub fn raft(dir: impl Into<PathBuf>) -> Self {
+        StoreConfig::Raft {
+            dir: dir.into(),
+            node_id: default_node_id(),
+            cluster: None,
+        }
+    }
+
+    /// The embedded raft store in `dir` as cluster member `node_id`.
+    pub fn raft_member(dir: impl Into<PathBuf>, node_id: u64, cluster: ClusterSettings) -> Self {
+        StoreConfig::Raft {
+            dir: dir.into(),
+            node_id,
+            cluster: Some(cluster),
+        }
+    }
+}
+
 fn default_dir() -> PathBuf {
     PathBuf::from("./data")
+}
+
+fn default_node_id() -> u64 {
+    1
 }
 
 fn default_bucket() -> String {
@@ -92,7 +193,7 @@ fn default_bucket() -> String {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig::Raft { dir: default_dir() }
+        StoreConfig::raft(default_dir())
     }
 }
 
@@ -235,12 +336,7 @@ mod tests {
     fn empty_is_the_zero_setup_default() {
         let c = AgentConfig::parse("", "x", env(&[])).expect("valid");
         assert_eq!(c, AgentConfig::default());
-        assert_eq!(
-            c.store,
-            StoreConfig::Raft {
-                dir: "./data".into()
-            }
-        );
+        assert_eq!(c.store, StoreConfig::raft("./data"));
     }
 
     #[test]
@@ -273,6 +369,50 @@ mod tests {
         );
         assert_eq!(c.coordinator.change_timeout(), Duration::from_millis(500));
         assert_eq!(c.plugins["file-mirror"]["dir"], "/tmp/m");
+    }
+
+    #[test]
+    fn raft_cluster_and_remote_settings() {
+        let text = r#"
+            [store]
+            kind = "raft"
+            dir = "/var/lib/datasync"
+            node_id = 2
+            [store.cluster]
+            listen = "0.0.0.0:7400"
+            advertise = "10.0.0.2:7400"
+            secret_file = "/etc/datasync/secret"
+            join = ["10.0.0.1:7400"]
+        "#;
+        let c = AgentConfig::parse(text, "agent.toml", env(&[])).expect("valid");
+        let StoreConfig::Raft {
+            node_id, cluster, ..
+        } = c.store
+        else {
+            panic!("a raft store: {:?}", c.store);
+        };
+        assert_eq!(node_id, 2);
+        let cluster = cluster.expect("cluster settings");
+        assert_eq!(cluster.join, ["10.0.0.1:7400"]);
+        assert!(!cluster.learner);
+        let c = AgentConfig::parse(
+            "[store]\nkind = \"remote\"\nendpoints = [\"10.0.0.1:7400\"]\nsecret_file = \"s\"\n",
+            "agent.toml",
+            env(&[]),
+        )
+        .expect("valid");
+        assert!(
+            matches!(c.store, StoreConfig::Remote { .. }),
+            "{:?}",
+            c.store
+        );
+        let err = AgentConfig::parse(
+            "[store]\nkind = \"raft\"\n[store.cluster]\nlisten = \"0.0.0.0:7400\"\n",
+            "agent.toml",
+            env(&[]),
+        )
+        .expect_err("no secret");
+        assert!(err.to_string().contains("secret_file"), "{err}");
     }
 
     #[test]

@@ -28,7 +28,9 @@ mod http;
 mod runtime;
 mod store;
 
-pub use config::{AgentConfig, ConfigError, CoordinatorSettings, HttpConfig, StoreConfig};
+pub use config::{
+    AgentConfig, ClusterSettings, ConfigError, CoordinatorSettings, HttpConfig, StoreConfig,
+};
 pub use runtime::Agent;
 pub use store::AnyStore;
 
@@ -45,6 +47,15 @@ pub enum AgentError {
     /// The store could not be reached.
     #[error("cannot connect to the store")]
     Store(#[from] datasync::StoreError),
+    /// The cluster secret could not be read or is too short.
+    #[error("unusable cluster secret")]
+    Secret(#[from] datasync_raft::SecretError),
+    /// The raft cluster could not be reached as a remote client.
+    #[error("cannot reach the raft cluster")]
+    Cluster(#[from] datasync_raft::ClusterError),
+    /// Membership was asked of a store that is no raft cluster.
+    #[error("membership is a raft cluster's: this store is NATS or etcd")]
+    NotClustered,
     /// This build has no support for the configured store.
     #[error("this agent was built without the {0} transport (enable the cargo feature `{0}`)")]
     NotBuiltIn(&'static str),

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use datasync::{Watcher, Writer};
-use datasync_raft::{RaftConfig, RaftStore};
+use datasync_raft::{
+    ClusterConfig, Members, RaftConfig, RaftStore, RemoteConfig, RemoteStore, Role, Secret,
+};
 
 use crate::{AgentError, StoreConfig};
 
@@ -11,8 +13,10 @@ use crate::{AgentError, StoreConfig};
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum AnyStore {
-    /// The embedded raft store.
+    /// The embedded raft store (one node or a cluster member).
     Raft(RaftStore),
+    /// A raft cluster reached as a remote client.
+    Remote(RemoteStore),
     /// NATS JetStream Key-Value.
     #[cfg(feature = "nats")]
     Nats(datasync_nats::NatsStore),
@@ -25,8 +29,32 @@ impl AnyStore {
     /// Opens (or connects to) the store `config` names.
     pub async fn open(config: &StoreConfig) -> Result<AnyStore, AgentError> {
         match config {
-            StoreConfig::Raft { dir } => {
-                Ok(AnyStore::Raft(RaftStore::open(RaftConfig::new(dir)).await?))
+            StoreConfig::Raft {
+                dir,
+                node_id,
+                cluster,
+            } => {
+                let mut raft = RaftConfig::new(dir);
+                raft.node_id = *node_id;
+                if let Some(c) = cluster {
+                    let mut cc = ClusterConfig::new(c.listen, Secret::from_file(&c.secret_file)?)
+                        .join(c.join.clone());
+                    if let Some(a) = &c.advertise {
+                        cc = cc.advertise(a.clone());
+                    }
+                    if c.learner {
+                        cc = cc.learner();
+                    }
+                    raft = raft.cluster(*node_id, cc);
+                }
+                Ok(AnyStore::Raft(RaftStore::open(raft).await?))
+            }
+            StoreConfig::Remote {
+                endpoints,
+                secret_file,
+            } => {
+                let c = RemoteConfig::new(endpoints.clone(), Secret::from_file(secret_file)?);
+                Ok(AnyStore::Remote(RemoteStore::connect(c).await?))
             }
             #[cfg(feature = "nats")]
             StoreConfig::Nats { servers, bucket } => {
@@ -53,6 +81,7 @@ impl AnyStore {
     pub fn watcher(&self) -> &dyn Watcher {
         match self {
             AnyStore::Raft(s) => s,
+            AnyStore::Remote(s) => s,
             #[cfg(feature = "nats")]
             AnyStore::Nats(s) => s,
             #[cfg(feature = "etcd")]
@@ -64,6 +93,7 @@ impl AnyStore {
     pub fn writer(&self) -> Arc<dyn Writer> {
         match self {
             AnyStore::Raft(s) => Arc::new(s.clone()),
+            AnyStore::Remote(s) => Arc::new(s.clone()),
             #[cfg(feature = "nats")]
             AnyStore::Nats(s) => Arc::new(s.clone()),
             #[cfg(feature = "etcd")]
@@ -71,10 +101,41 @@ impl AnyStore {
         }
     }
 
+    /// The committed members of the raft cluster this store is or reaches.
+    pub async fn members(&self) -> Result<Members, AgentError> {
+        match self {
+            AnyStore::Raft(s) => Ok(s.members()),
+            AnyStore::Remote(s) => Ok(s.members().await?),
+            #[allow(unreachable_patterns)]
+            _ => Err(AgentError::NotClustered),
+        }
+    }
+
+    /// Adds node `id` at `addr` to the raft cluster (or promotes a learner).
+    pub async fn add_member(&self, id: u64, addr: &str, role: Role) -> Result<(), AgentError> {
+        match self {
+            AnyStore::Raft(s) => Ok(s.add_member(id, addr, role).await?),
+            AnyStore::Remote(s) => Ok(s.add_member(id, addr, role).await?),
+            #[allow(unreachable_patterns)]
+            _ => Err(AgentError::NotClustered),
+        }
+    }
+
+    /// Removes node `id` from the raft cluster (it keeps its data).
+    pub async fn remove_member(&self, id: u64) -> Result<(), AgentError> {
+        match self {
+            AnyStore::Raft(s) => Ok(s.remove_member(id).await?),
+            AnyStore::Remote(s) => Ok(s.remove_member(id).await?),
+            #[allow(unreachable_patterns)]
+            _ => Err(AgentError::NotClustered),
+        }
+    }
+
     /// Flushes and closes what the store holds locally (the raft store's files).
     pub async fn shutdown(&self) {
         match self {
             AnyStore::Raft(s) => s.shutdown().await,
+            AnyStore::Remote(_) => {}
             #[cfg(feature = "nats")]
             AnyStore::Nats(_) => {}
             #[cfg(feature = "etcd")]

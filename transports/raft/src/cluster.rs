@@ -298,7 +298,25 @@ impl Service {
         Members::from_stored(&self.sm.membership.borrow())
     }
 
+    /// A member that knows another leader redirects membership changes itself (openraft
+    /// would log the redirect as an error).
+    fn redirect(&self) -> Result<(), ServiceError> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        match m.current_leader {
+            Some(l) if l != m.id => Err(ServiceError::NotLeader {
+                leader: m
+                    .membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| (l, n.addr.clone())),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     async fn join(&self, id: NodeId, addr: String, voter: bool) -> Result<u64, ServiceError> {
+        self.redirect()?;
         let now = self.members();
         let change = |c| async move {
             self.raft
@@ -327,6 +345,7 @@ impl Service {
     }
 
     async fn leave(&self, id: NodeId) -> Result<u64, ServiceError> {
+        self.redirect()?;
         let now = self.members();
         let ids = BTreeSet::from([id]);
         let change = match now.role(id) {

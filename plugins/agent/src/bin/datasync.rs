@@ -8,19 +8,23 @@
 //! datasync cas config/a '{"mtu":9000}' --expect 12
 //! datasync del config/ --prefix
 //! datasync agent --config agent.toml
+//! datasync serve --id 1 --listen 127.0.0.1:7400 --secret-file secret --dir n1
+//! datasync --store raft://127.0.0.1:7400 --secret-file secret members
 //! ```
 //!
 //! `--store` (or `DATASYNC_STORE`) picks the store: a directory (or `raft:DIR`) for the
-//! embedded raft store (default `./data`; one process at a time), `nats://HOST:PORT`
-//! (`?bucket=NAME`, default `datasync`), or `etcd://HOST:PORT` when built with the
-//! `etcd` feature.
+//! embedded raft store (default `./data`; one process at a time), `raft://HOST:PORT[,…]`
+//! for a raft cluster reached as a remote client (with `--secret-file`),
+//! `nats://HOST:PORT` (`?bucket=NAME`, default `datasync`), or `etcd://HOST:PORT` when
+//! built with the `etcd` feature.
 //!
-//! Logs go to stderr, filtered by `RUST_LOG` (default `info` for `agent`, `warn` else).
+//! Logs go to stderr, filtered by `RUST_LOG` (default `info` for `agent` and `serve`,
+//! `warn` else). Long listings and resyncs show a progress bar on a terminal's stderr.
 //!
 //! Exit codes: 0 done; 1 the store or the agent failed; 2 bad usage; 3 the key does not
 //! exist (`get`); 4 the compare-and-swap found another revision (`cas`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -29,8 +33,11 @@ use datasync::{
     CasOutcome, DeleteOptions, Event, Expect, Key, KeyValue, Prefix, PutOptions, ReadOptions,
     Revision, Value, WatchOptions,
 };
-use datasync_agent::{Agent, AgentConfig, AnyStore, StoreConfig};
+use datasync_agent::{Agent, AgentConfig, AnyStore, ClusterSettings, StoreConfig};
+use datasync_raft::Role;
 use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::Write;
 // Plugins linked into this agent (a crate nothing references is not linked).
 use datasync_file_mirror as _;
 
@@ -41,9 +48,12 @@ use datasync_file_mirror as _;
     about = "Read, write and watch a datasync store; run the agent."
 )]
 struct Cli {
-    /// The store: a directory or raft:DIR (embedded), nats://HOST:PORT[?bucket=B], etcd://HOST:PORT.
+    /// The store: a directory or raft:DIR (embedded), raft://HOST:PORT[,HOST:PORT] (a raft cluster, remote), nats://HOST:PORT[?bucket=B], etcd://HOST:PORT.
     #[arg(long, global = true, env = "DATASYNC_STORE", default_value = "./data")]
     store: String,
+    /// The raft cluster's secret (for raft:// stores and `serve`).
+    #[arg(long, global = true, env = "DATASYNC_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -112,6 +122,47 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Runs a raft store node (a cluster member serving other members and remote
+    /// clients) until SIGINT or SIGTERM.
+    Serve {
+        /// The data directory.
+        #[arg(long, default_value = "./data")]
+        dir: PathBuf,
+        /// This node's id, unique in the cluster and kept across restarts.
+        #[arg(long, default_value_t = 1)]
+        id: u64,
+        /// Where to listen for members and clients.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The address others reach this node at (default: the bound listen address).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// On the first start, join through this member (repeatable); none bootstraps.
+        #[arg(long)]
+        join: Vec<String>,
+        /// Join as a non-voting learner.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Lists a raft cluster's members, or changes them.
+    Members {
+        #[command(subcommand)]
+        change: Option<MembersCommand>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MembersCommand {
+    /// Adds a node as a voter (or promotes a learner), or as a learner.
+    Add {
+        id: u64,
+        /// Its cluster address.
+        addr: String,
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Removes a node (it keeps its data).
+    Remove { id: u64 },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -129,7 +180,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("bad duration {s:?}: {e}"))
 }
 
-fn store_config(url: &str) -> Result<StoreConfig, String> {
+fn store_config(url: &str, secret_file: Option<&Path>) -> Result<StoreConfig, String> {
+    if let Some(rest) = url.strip_prefix("raft://") {
+        let secret_file =
+            secret_file.ok_or("a raft:// store needs --secret-file (or DATASYNC_SECRET_FILE)")?;
+        let endpoints: Vec<String> = rest.split(',').map(str::to_owned).collect();
+        return Ok(StoreConfig::Remote {
+            endpoints,
+            secret_file: secret_file.to_owned(),
+        });
+    }
     if url.starts_with("nats://") || url.starts_with("tls://") {
         let (server, query) = url.split_once('?').unwrap_or((url, ""));
         let bucket = query
@@ -145,7 +205,7 @@ fn store_config(url: &str) -> Result<StoreConfig, String> {
         return parse_store(&toml);
     }
     let dir = url.strip_prefix("raft:").unwrap_or(url);
-    Ok(StoreConfig::Raft { dir: dir.into() })
+    Ok(StoreConfig::raft(dir))
 }
 
 fn parse_store(toml: &str) -> Result<StoreConfig, String> {
@@ -157,6 +217,7 @@ fn parse_store(toml: &str) -> Result<StoreConfig, String> {
 /// What a command ends with.
 enum Failure {
     Error(Box<dyn std::error::Error>),
+    Usage(String),
     NotFound,
     Conflict,
 }
@@ -185,7 +246,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         agent.run_until_signal().await?;
         return Ok(());
     }
-    let store = AnyStore::open(&store_config(&cli.store)?).await?;
+    if let Command::Serve {
+        dir,
+        id,
+        listen,
+        advertise,
+        join,
+        learner,
+    } = cli.command
+    {
+        let secret_file = cli.secret_file.ok_or_else(|| {
+            Failure::Usage("serve needs --secret-file (or DATASYNC_SECRET_FILE)".into())
+        })?;
+        let cluster = ClusterSettings::new(listen, secret_file)
+            .advertise(advertise)
+            .join(join)
+            .learner(learner);
+        return serve(StoreConfig::raft_member(dir, id, cluster)).await;
+    }
+    let config = store_config(&cli.store, cli.secret_file.as_deref()).map_err(Failure::Usage)?;
+    let store = AnyStore::open(&config).await?;
     let result = command(&store, cli.command, json).await;
     store.shutdown().await;
     result
@@ -226,7 +306,10 @@ async fn command(store: &AnyStore, command: Command, json: bool) -> Result<(), F
             );
         }
         Command::Ls { prefix, rev } => {
+            let waiting = spinner(format!("listing {prefix:?}"));
             let l = w.list(&Prefix::new(&prefix)?, read(rev)).await?;
+            waiting.finish_and_clear();
+            let bar = progress(l.values.len(), "keys");
             if json {
                 let values: Vec<_> = l.values.iter().map(kv_json).collect();
                 println!(
@@ -234,9 +317,13 @@ async fn command(store: &AnyStore, command: Command, json: bool) -> Result<(), F
                     serde_json::json!({"revision": l.revision.0, "values": values})
                 );
             } else {
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                 for kv in &l.values {
-                    println!("{}\t{}", kv.key, text(&kv.value));
+                    writeln!(out, "{}\t{}", kv.key, text(&kv.value))?;
+                    bar.inc(1);
                 }
+                out.flush()?;
+                bar.finish_and_clear();
                 eprintln!("{} keys at r{}", l.values.len(), l.revision);
             }
         }
@@ -279,7 +366,10 @@ async fn command(store: &AnyStore, command: Command, json: bool) -> Result<(), F
             }
         }
         Command::Watch { prefixes, count } => watch(store, &prefixes, count, json).await?,
-        Command::Agent { .. } => unreachable!("handled before opening a store"),
+        Command::Members { change } => members(store, change, json).await?,
+        Command::Agent { .. } | Command::Serve { .. } => {
+            unreachable!("handled before opening a store")
+        }
     }
     Ok(())
 }
@@ -328,9 +418,14 @@ async fn watch(
                     );
                 } else {
                     println!("resync r{} ({:?}): {} keys", r.revision, r.reason, r.len());
+                    let bar = progress(r.len(), "keys of the resync");
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                     for kv in r.values() {
-                        println!("  {}\t{}", kv.key, text(&kv.value));
+                        writeln!(out, "  {}\t{}", kv.key, text(&kv.value))?;
+                        bar.inc(1);
                     }
+                    out.flush()?;
+                    bar.finish_and_clear();
                 }
             }
             Event::Change(c) => {
@@ -361,11 +456,96 @@ async fn watch(
     Ok(())
 }
 
+/// A progress bar on stderr for `len` items, drawn only on a terminal and only when
+/// there are many.
+fn progress(len: usize, what: &'static str) -> ProgressBar {
+    if len < 1000 {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}") {
+        bar.set_style(style);
+    }
+    bar.set_message(what);
+    bar
+}
+
+/// A spinner on stderr while a call runs (drawn only on a terminal).
+fn spinner(msg: String) -> ProgressBar {
+    let s = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    s.set_message(msg);
+    s.enable_steady_tick(Duration::from_millis(120));
+    s
+}
+
+/// Runs a raft store node until SIGINT or SIGTERM, then shuts it down cleanly.
+async fn serve(config: StoreConfig) -> Result<(), Failure> {
+    let store = AnyStore::open(&config).await?;
+    let AnyStore::Raft(node) = &store else {
+        return Err(Failure::Usage("serve runs a raft store".into()));
+    };
+    eprintln!(
+        "node {} serving on {} (members: {:?})",
+        node.node_id(),
+        node.cluster_addr().unwrap_or("-"),
+        node.members().voters.keys().collect::<Vec<_>>()
+    );
+    wait_for_signal().await?;
+    eprintln!("shutting down");
+    store.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<(), Failure> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+async fn members(
+    store: &AnyStore,
+    change: Option<MembersCommand>,
+    json: bool,
+) -> Result<(), Failure> {
+    match change {
+        Some(MembersCommand::Add { id, addr, learner }) => {
+            let role = if learner { Role::Learner } else { Role::Voter };
+            store.add_member(id, &addr, role).await?;
+        }
+        Some(MembersCommand::Remove { id }) => store.remove_member(id).await?,
+        None => {}
+    }
+    let m = store.members().await?;
+    if json {
+        let list = |m: &std::collections::BTreeMap<u64, String>| {
+            m.iter()
+                .map(|(id, addr)| serde_json::json!({"id": id, "addr": addr}))
+                .collect::<Vec<_>>()
+        };
+        println!(
+            "{}",
+            serde_json::json!({"voters": list(&m.voters), "learners": list(&m.learners), "joint": m.joint})
+        );
+    } else {
+        for (id, addr) in &m.voters {
+            println!("{id}\tvoter\t{addr}");
+        }
+        for (id, addr) in &m.learners {
+            println!("{id}\tlearner\t{addr}");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     // Logs go to stderr; RUST_LOG picks what (default: info for the agent, warn else).
-    let default = if matches!(cli.command, Command::Agent { .. }) {
+    let default = if matches!(cli.command, Command::Agent { .. } | Command::Serve { .. }) {
         "info,openraft=warn"
     } else {
         "warn"
@@ -378,6 +558,10 @@ async fn main() -> ExitCode {
         .init();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
         Err(Failure::NotFound) => ExitCode::from(3),
         Err(Failure::Conflict) => ExitCode::from(4),
         Err(Failure::Error(e)) => {
