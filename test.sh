@@ -75,15 +75,24 @@ say "cargo test (unit, conformance, doc tests)"
 cargo test --workspace --all-features
 
 say "examples"
-for example in quickstart local; do
+for example in quickstart local cluster; do
   cargo run --quiet -p datasync-examples --bin "$example" >/dev/null
   echo "example $example: ok"
 done
-# The NATS example needs a server: one of our own on a free port, stopped on exit.
-nats_dir=$(mktemp -d)
-nats_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$nats_dir/js" >/dev/null 2>&1 &
+# The NATS and etcd examples need servers: ours, on free ports, stopped on exit.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+servers_dir=$(mktemp -d)
+nats_port=$(free_port)
+nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$servers_dir/js" >/dev/null 2>&1 &
 nats_pid=$!
-trap 'kill "$nats_pid" 2>/dev/null; rm -rf "$nats_dir"' EXIT
+etcd_port=$(free_port)
+etcd_peer=$(free_port)
+etcd --data-dir "$servers_dir/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
+  --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+  --listen-peer-urls "http://127.0.0.1:$etcd_peer" >/dev/null 2>&1 &
+etcd_pid=$!
+trap 'kill "$nats_pid" "$etcd_pid" 2>/dev/null; rm -rf "$servers_dir"' EXIT
 cargo run --quiet -p datasync-examples --bin nats -- "nats://127.0.0.1:$nats_port" >/dev/null
 echo "example nats: ok"
+cargo run --quiet -p datasync-examples --features etcd --bin etcd -- "http://127.0.0.1:$etcd_port" >/dev/null
+echo "example etcd: ok"
