@@ -127,6 +127,33 @@ pub async fn next_event(watch: &mut Watch) -> Result<Event, Failure> {
     }
 }
 
+/// Applies `watch`'s events to `mirror` (checking the contract, answering each `Done`)
+/// until the mirror is at `revision` for the events' source; returns the reasons of the
+/// resyncs seen.
+pub async fn mirror_until(
+    watch: &mut Watch,
+    mirror: &mut crate::Mirror,
+    revision: crate::Revision,
+) -> Result<Vec<crate::ResyncReason>, Failure> {
+    let mut reasons = Vec::new();
+    let mut source: Option<crate::Source> = None;
+    while source
+        .as_deref()
+        .is_none_or(|s| mirror.revision(s) < Some(revision))
+    {
+        let ev = next_event(watch).await?;
+        source = Some(ev.source().clone());
+        if let Event::Resync(r) = &ev {
+            reasons.push(r.reason);
+        }
+        mirror
+            .apply(&ev)
+            .map_err(|e| Failure(format!("the stream broke the contract: {e}")))?;
+        ev.into_done().ok();
+    }
+    Ok(reasons)
+}
+
 /// Polls `check` until it returns true, for up to [`WAIT`].
 pub async fn eventually<F, Fut>(what: &str, mut check: F) -> Outcome
 where

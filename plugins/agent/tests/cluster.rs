@@ -5,45 +5,15 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use datasync_integration::free_port;
 
+mod common;
+use common::Running;
+
 const BIN: &str = env!("CARGO_BIN_EXE_datasync");
-
-/// A child process, killed if the test fails before it is stopped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Running {
-    /// SIGTERM, then a clean exit within 10 s.
-    fn stop(mut self) {
-        let pid = self.0.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "a process ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(status.success(), "exited with {status}");
-    }
-}
 
 fn addr() -> String {
     format!("127.0.0.1:{}", free_port().unwrap())

@@ -4,10 +4,13 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use datasync_integration::{NatsServer, free_port};
+
+mod common;
+use common::Running;
 // Linked in, so that its registration is part of the in-process agent below.
 use datasync_file_mirror as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,16 +45,6 @@ fn cli(store: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-/// Kills the agent if the test fails before it is stopped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,23 +162,7 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     eventually("the file is removed", || !motd.exists()).await;
 
     // SIGTERM: a clean, prompt exit.
-    let pid = agent.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = agent.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the agent ignored SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(status.success(), "the agent exited with {status}");
+    agent.stop();
     assert!(
         http_get(&addr, "/healthz").await.is_none(),
         "the endpoint is closed"

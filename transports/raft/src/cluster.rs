@@ -435,6 +435,8 @@ pub(crate) struct Node {
     pub(crate) pool: Pool,
     pub(crate) service: Arc<Service>,
     pub(crate) forward_timeout: Duration,
+    /// The task serving peers and remote clients (awaited at shutdown).
+    pub(crate) server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Node {

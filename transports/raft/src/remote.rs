@@ -42,6 +42,7 @@ use crate::network::wire::{
 };
 use crate::network::{NetError, Secret};
 use crate::store::RaftStore;
+use crate::types::expected_rev;
 
 /// How a [`RemoteStore`] reaches a cluster.
 #[derive(Debug, Clone)]
@@ -287,10 +288,7 @@ impl Writer for RemoteStore {
         self.limits().check_put(&value, &opts)?;
         let op = ClientOp::Cas {
             key: key.as_str().to_owned(),
-            expect: match expect {
-                Expect::Absent => None,
-                Expect::Revision(r) => Some(r.0),
-            },
+            expect: expected_rev(expect),
             value: value.as_bytes().to_vec(),
             ttl: opts.ttl,
         };

@@ -25,7 +25,7 @@ use crate::network::server;
 use crate::network::wire::{Reply, Request};
 use crate::propose::{Proposals, ProposeError, Rejected, unavailable};
 use crate::storage::{self, log::LogStore, sm};
-use crate::types::{Command, NodeId, Outcome, TypeConfig};
+use crate::types::{Command, NodeId, Outcome, TypeConfig, expected_rev};
 
 /// Configuration of an embedded store.
 #[derive(Debug, Clone)]
@@ -266,7 +266,7 @@ impl RaftStore {
                 sm: shared.clone(),
                 store: std::sync::OnceLock::new(),
             });
-            tokio::spawn(server::serve(
+            let server = tokio::spawn(server::serve(
                 listener,
                 c.secret.clone(),
                 service.clone(),
@@ -335,6 +335,7 @@ impl RaftStore {
                 pool,
                 service,
                 forward_timeout: c.forward_timeout,
+                server: std::sync::Mutex::new(Some(server)),
             })
         } else {
             if !initialized {
@@ -584,6 +585,20 @@ impl RaftStore {
         if let Err(e) = self.inner.raft.shutdown().await {
             warn!(error = %e, "raft shutdown");
         }
+        // The listener is closed once the server has ended, so the address can be
+        // bound again.
+        let server = self
+            .inner
+            .node
+            .as_ref()
+            .and_then(|n| n.server.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(server) = server
+            && tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .is_err()
+        {
+            warn!("the cluster server did not stop within 10 s");
+        }
         // openraft's storage workers end shortly after its core; wait for them.
         // The state machine is ours, and a member's service's.
         let ours = 1 + usize::from(self.inner.node.is_some());
@@ -740,10 +755,7 @@ impl Writer for RaftStore {
         self.limits().check_put(&value, &opts)?;
         let cmd = Command::Cas {
             key: key.as_str().to_owned(),
-            expect: match expect {
-                Expect::Absent => None,
-                Expect::Revision(r) => Some(r.0),
-            },
+            expect: expected_rev(expect),
             value: value.as_bytes().to_vec(),
             expires_at_ms: expiry(opts.ttl),
         };

@@ -149,6 +149,25 @@ impl TestCluster {
     }
 }
 
+/// The path of this package's example `name`, next to the running test binary
+/// (`cargo test` builds the examples); panics saying how to build it if it is missing.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/examples/<name>
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test` builds it (or: cargo build -p datasync-raft --example {name})",
+        bin.display()
+    );
+    bin
+}
+
 /// Waits (up to 30 s) until `check` holds; panics naming `what` otherwise.
 pub async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

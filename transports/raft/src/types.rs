@@ -36,6 +36,14 @@ pub(crate) fn leader_of(
         .zip(f.leader_node.as_ref().map(|n| n.addr.clone()))
 }
 
+/// A compare-and-swap's condition as a mod revision (`None`: the key must be absent).
+pub(crate) fn expected_rev(expect: datasync::Expect) -> Option<u64> {
+    match expect {
+        datasync::Expect::Absent => None,
+        datasync::Expect::Revision(r) => Some(r.0),
+    }
+}
+
 /// A write, replicated through the log and applied by every replica identically.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Command {

@@ -5,31 +5,14 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use datasync::{Key, ReadOptions, Revision, Value, Writer};
+use datasync_raft::testing::example_binary;
 use datasync_raft::{RaftConfig, RaftStore};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
-
-fn writer_binary() -> PathBuf {
-    // target/<profile>/deps/crash-<hash> -> target/<profile>/examples/crash_writer
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join("examples")
-        .join("crash_writer");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test` builds it (or: cargo build -p datasync-raft --example crash_writer)",
-        bin.display()
-    );
-    bin
-}
 
 /// A small deterministic generator for kill delays.
 fn delay_ms(cycle: u64) -> u64 {
@@ -45,7 +28,7 @@ async fn acknowledged_writes_survive_sigkill() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let bin = writer_binary();
+    let bin = example_binary("crash_writer");
     let dir = tempfile::tempdir().unwrap();
     let mut last_revision = Revision::ZERO;
     let mut total_acked = 0usize;

@@ -6,38 +6,21 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use datasync::testing::next_event;
+use datasync::testing::mirror_until;
 use datasync::{
-    Consistency, Event, Key, Mirror, Prefix, PutOptions, ReadOptions, ResyncReason, Revision,
-    Value, Watch, WatchOptions, Watcher, Writer,
+    Consistency, Key, Mirror, Prefix, PutOptions, ReadOptions, ResyncReason, Value, WatchOptions,
+    Watcher, Writer,
 };
-use datasync_raft::testing::test_secret;
+use datasync_raft::testing::{example_binary, test_secret, wait_until};
 use datasync_raft::{RemoteConfig, RemoteStore};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-fn node_binary() -> PathBuf {
-    // target/<profile>/deps/processes-<hash> -> target/<profile>/examples/cluster_node
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join("examples")
-        .join("cluster_node");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test` builds it (or: cargo build -p datasync-raft --example cluster_node)",
-        bin.display()
-    );
-    bin
-}
 
 /// What a member process last reported.
 #[derive(Debug, Default, Clone, Copy)]
@@ -57,7 +40,7 @@ struct Node {
 
 impl Node {
     async fn start(id: u64, dir: &Path, listen: &str, join: Option<&str>) -> Node {
-        let mut cmd = Command::new(node_binary());
+        let mut cmd = Command::new(example_binary("cluster_node"));
         cmd.arg(id.to_string()).arg(dir).arg(listen);
         if let Some(seed) = join {
             cmd.arg(seed);
@@ -109,39 +92,10 @@ impl Node {
     }
 }
 
-async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn remote(endpoints: Vec<String>) -> RemoteStore {
     RemoteStore::connect(RemoteConfig::new(endpoints, test_secret()))
         .await
         .unwrap()
-}
-
-/// Applies `w`'s events until its mirror is at `rev`; returns the resync reasons.
-async fn follow(w: &mut Watch, mirror: &mut Mirror, rev: Revision) -> Vec<ResyncReason> {
-    let mut reasons = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while mirror.revision("") < Some(rev) {
-            let ev = next_event(w).await.unwrap();
-            if let Event::Resync(r) = &ev {
-                reasons.push(r.reason);
-            }
-            mirror.apply(&ev).unwrap();
-            ev.into_done().ok();
-        }
-    })
-    .await
-    .expect("the watcher catches up (deadlock?)");
-    reasons
 }
 
 type Acked = Arc<Mutex<BTreeMap<String, u64>>>;
@@ -183,7 +137,7 @@ async fn sigkill_the_leader_under_load() {
         nodes.push(Node::start(id, dir, "127.0.0.1:0", Some(&seed)).await);
     }
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
-    wait_for("the members agree on a leader", || {
+    wait_until("the members agree on a leader", || {
         let l = nodes[0].status().leader;
         l != 0 && nodes.iter().all(|n| n.status().leader == l)
     })
@@ -206,7 +160,7 @@ async fn sigkill_the_leader_under_load() {
     let acked: Acked = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     writers(&client, &acked, &stop, "a");
-    wait_for("200 writes acknowledged", || {
+    wait_until("200 writes acknowledged", || {
         acked.lock().unwrap().len() >= 200
     })
     .await;
@@ -218,7 +172,7 @@ async fn sigkill_the_leader_under_load() {
     let at_kill = acked.lock().unwrap().len();
     // Writes go on after the re-election, and run far past the killed member's log
     // (snapshots every 50 entries, 5 kept).
-    wait_for("writes continue after the re-election", || {
+    wait_until("writes continue after the re-election", || {
         acked.lock().unwrap().len() >= at_kill + 1500
     })
     .await;
@@ -244,7 +198,7 @@ async fn sigkill_the_leader_under_load() {
     let listing = client.list(&prefix, ReadOptions::new()).await.unwrap();
     let target = listing.revision;
     let back = nodes.last().unwrap();
-    wait_for("the restarted member catches up", || {
+    wait_until("the restarted member catches up", || {
         back.status().revision >= target.0
     })
     .await;
@@ -276,7 +230,7 @@ async fn sigkill_the_leader_under_load() {
 
     // The leader's watcher moved to a survivor with a resync and holds the final state;
     // a watcher on the restarted member starts from its caught-up replica.
-    let reasons = follow(&mut w, &mut mirror, target).await;
+    let reasons = mirror_until(&mut w, &mut mirror, target).await.unwrap();
     assert!(
         reasons.contains(&ResyncReason::Reconnect),
         "the watcher resynced after the kill: {reasons:?}"
@@ -290,7 +244,9 @@ async fn sigkill_the_leader_under_load() {
         .await
         .unwrap();
     let mut fresh_mirror = Mirror::new();
-    follow(&mut fresh, &mut fresh_mirror, target).await;
+    mirror_until(&mut fresh, &mut fresh_mirror, target)
+        .await
+        .unwrap();
     for m in [&mirror, &fresh_mirror] {
         let held: Vec<_> = m
             .values("")

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use datasync::{Event, ResyncReason};
+use datasync::ResyncReason;
+use datasync::testing::mirror_until;
 use datasync::{
     Key, Mirror, Prefix, PutOptions, ReadOptions, Revision, Value, WatchOptions, Watcher, Writer,
 };
@@ -34,24 +35,6 @@ async fn put(remote: &RemoteStore, k: &str) -> Revision {
     panic!("put {k} never succeeded");
 }
 
-/// Applies events until the mirror is at `rev`; returns the resync reasons seen.
-async fn follow(w: &mut datasync::Watch, mirror: &mut Mirror, rev: Revision) -> Vec<ResyncReason> {
-    let mut reasons = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while mirror.revision("") < Some(rev) {
-            let ev = datasync::testing::next_event(w).await.unwrap();
-            if let Event::Resync(r) = &ev {
-                reasons.push(r.reason);
-            }
-            mirror.apply(&ev).unwrap();
-            ev.into_done().ok();
-        }
-    })
-    .await
-    .expect("the watcher catches up (deadlock?)");
-    reasons
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_watch_moves_to_another_member_when_its_member_stops() {
     let mut c = TestCluster::start(3).await;
@@ -72,7 +55,7 @@ async fn a_remote_watch_moves_to_another_member_when_its_member_stops() {
     for i in 0..20 {
         rev = put(&remote, &format!("m/{i:02}")).await;
     }
-    let reasons = follow(&mut w, &mut mirror, rev).await;
+    let reasons = mirror_until(&mut w, &mut mirror, rev).await.unwrap();
     assert_eq!(reasons, [ResyncReason::Initial]);
     assert_eq!(
         c.nodes[fi].active_watches(),
@@ -87,7 +70,7 @@ async fn a_remote_watch_moves_to_another_member_when_its_member_stops() {
     for i in 20..40 {
         rev = put(&remote, &format!("m/{i:02}")).await;
     }
-    let reasons = follow(&mut w, &mut mirror, rev).await;
+    let reasons = mirror_until(&mut w, &mut mirror, rev).await.unwrap();
     assert!(
         reasons.contains(&ResyncReason::Reconnect),
         "a reconnect is a resync: {reasons:?}"

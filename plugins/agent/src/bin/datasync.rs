@@ -48,7 +48,7 @@ use datasync_file_mirror as _;
     about = "Read, write and watch a datasync store; run the agent."
 )]
 struct Cli {
-    /// The store: a directory or raft:DIR (embedded), raft://HOST:PORT[,HOST:PORT] (a raft cluster, remote), nats://HOST:PORT[?bucket=B], etcd://HOST:PORT.
+    /// The store: a directory or raft:DIR (embedded), raft://HOST:PORT,HOST:PORT… (a raft cluster, remote), nats://HOST:PORT[?bucket=B], etcd://HOST:PORT.
     #[arg(long, global = true, env = "DATASYNC_STORE", default_value = "./data")]
     store: String,
     /// The raft cluster's secret (for raft:// stores and `serve`).

@@ -125,12 +125,7 @@ impl Client {
         let deadline = tokio::time::Instant::now() + timeout;
         let me = self.inner.faults.as_ref().map_or("", |(_, me)| me.as_str());
         self.deliver(me, addr, deadline).await?;
-        let tx = tokio::time::timeout_at(deadline, self.sender())
-            .await
-            .map_err(|_| NetError::Connect {
-                addr: addr.clone(),
-                source: std::io::ErrorKind::TimedOut.into(),
-            })??;
+        let tx = self.sender_by(deadline).await?;
         let (reply, rx) = oneshot::channel();
         if tx.send((req, Waiter::Once(reply))).await.is_err() {
             return Err(NetError::Closed(addr.clone()));
@@ -153,18 +148,27 @@ impl Client {
         req: Request,
         timeout: Duration,
     ) -> Result<mpsc::Receiver<Reply>, NetError> {
-        let addr = &self.inner.addr;
-        let tx = tokio::time::timeout(timeout, self.sender())
-            .await
-            .map_err(|_| NetError::Connect {
-                addr: addr.clone(),
-                source: std::io::ErrorKind::TimedOut.into(),
-            })??;
+        let tx = self
+            .sender_by(tokio::time::Instant::now() + timeout)
+            .await?;
         let (replies, rx) = mpsc::channel(64);
         if tx.send((req, Waiter::Stream(replies))).await.is_err() {
-            return Err(NetError::Closed(addr.clone()));
+            return Err(NetError::Closed(self.inner.addr.clone()));
         }
         Ok(rx)
+    }
+
+    /// [`sender`](Self::sender), connected by `deadline`.
+    async fn sender_by(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<mpsc::Sender<Call>, NetError> {
+        tokio::time::timeout_at(deadline, self.sender())
+            .await
+            .map_err(|_| NetError::Connect {
+                addr: self.inner.addr.clone(),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
     }
 
     /// The live connection's queue, connecting first if there is none.
