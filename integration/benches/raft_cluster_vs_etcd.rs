@@ -7,7 +7,9 @@
 //! Every member of both clusters shares the machine's 2 cores and one disk, so each
 //! write costs three fsyncs on the same device. Writes go to the leader (and, in the
 //! "through a follower" row, to a follower, which forwards: datasync-raft to its leader
-//! over its own protocol, etcd internally); watches are on a follower.
+//! over its own protocol, etcd internally); watches are on a follower. The "remote
+//! client" rows write through a `RemoteStore` connected to the leader over loopback TCP,
+//! as the CLI and other agents do: the fair match for etcd's gRPC client.
 #![allow(clippy::unwrap_used)] // a benchmark: failing loudly is the point
 
 use std::time::Duration;
@@ -17,7 +19,8 @@ use datasync_integration::bench::{
     etcd_inflight, etcd_seq, etcd_watch_on, median, quantile, store_inflight, store_seq,
     store_watch_on,
 };
-use datasync_raft::testing::TestCluster;
+use datasync_raft::testing::{TestCluster, test_secret};
+use datasync_raft::{RemoteConfig, RemoteStore};
 
 const SEQ: usize = 500;
 const INFLIGHT_N: usize = 10_000;
@@ -35,6 +38,9 @@ struct Samples {
     fseq: Vec<f64>,
     fseq50: Vec<f64>,
     inflight: Vec<f64>,
+    rseq: Vec<f64>,
+    rseq50: Vec<f64>,
+    rinflight: Vec<f64>,
     watch: Vec<Duration>,
 }
 
@@ -50,6 +56,12 @@ async fn bench(runs: usize) {
     );
     let raft = TestCluster::start(3).await;
     let (rleader, rfollower) = (raft.leader().await.clone(), raft.follower().await.clone());
+    let remote = RemoteStore::connect(RemoteConfig::new(
+        [rleader.cluster_addr().unwrap().to_owned()],
+        test_secret(),
+    ))
+    .await
+    .unwrap();
 
     let (mut r, mut e) = (Samples::default(), Samples::default());
     for run in 0..runs {
@@ -69,6 +81,11 @@ async fn bench(runs: usize) {
             .push(store_inflight(&rleader, &format!("par{run}"), INFLIGHT_N).await);
         e.inflight
             .push(etcd_inflight(&eleader, &format!("par{run}"), INFLIGHT_N).await);
+        let (ops, p50) = store_seq(&remote, &format!("rseq{run}"), SEQ).await;
+        r.rseq.push(ops);
+        r.rseq50.push(p50.as_secs_f64());
+        r.rinflight
+            .push(store_inflight(&remote, &format!("rpar{run}"), INFLIGHT_N).await);
         r.watch
             .extend(store_watch_on(&rleader, &rfollower, &format!("watch{run}/")).await);
         e.watch
@@ -125,6 +142,30 @@ async fn bench(runs: usize) {
         ms(median(&r.fseq50)),
         ms(median(&e.fseq50)),
         median(&r.fseq50) / median(&e.fseq50),
+        "× etcd",
+        "",
+    );
+    row(
+        "64 puts in flight from a remote client (ops/s)",
+        format!("{:.0}", ops(&r.rinflight)),
+        format!("{:.0}", ops(&e.inflight)),
+        ops(&r.rinflight) / ops(&e.inflight),
+        "×",
+        "",
+    );
+    row(
+        "sequential puts from a remote client (ops/s)",
+        format!("{:.0}", ops(&r.rseq)),
+        format!("{:.0}", ops(&e.seq)),
+        ops(&r.rseq) / ops(&e.seq),
+        "×",
+        "",
+    );
+    row(
+        "  p50 latency",
+        ms(median(&r.rseq50)),
+        ms(median(&e.seq50)),
+        median(&r.rseq50) / median(&e.seq50),
         "× etcd",
         "",
     );

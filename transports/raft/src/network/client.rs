@@ -107,6 +107,8 @@ impl Client {
             return Ok(());
         };
         match faults.fate(from, to) {
+            // Even a zero sleep waits for the timer wheel's next tick (~1 ms).
+            Fate::Delivered(d) if d.is_zero() => {}
             Fate::Delivered(d) => tokio::time::sleep(d).await,
             Fate::Lost => {
                 tokio::time::sleep_until(deadline).await;
@@ -238,16 +240,27 @@ async fn run(
     let why = loop {
         tokio::select! {
             call = calls.recv() => {
-                let Some((body, reply)) = call else { break "no more handles".to_string() };
-                let id = next_id;
-                next_id += 1;
-                let bytes = match bincode::serialize(&Envelope { id, body }) {
-                    Ok(b) => b,
-                    Err(e) => break format!("encoding a request: {e}"),
+                let Some(mut call) = call else { break "no more handles".to_string() };
+                // Calls queued meanwhile go out with this one, in one write.
+                let sent = loop {
+                    let (body, reply) = call;
+                    let id = next_id;
+                    next_id += 1;
+                    let bytes = match bincode::serialize(&Envelope { id, body }) {
+                        Ok(b) => b,
+                        Err(e) => break Err(format!("encoding a request: {e}")),
+                    };
+                    pending.insert(id, reply);
+                    if let Err(e) = sink.feed(sealer.seal(&bytes)).await {
+                        break Err(format!("write: {e}"));
+                    }
+                    match calls.try_recv() {
+                        Ok(next) => call = next,
+                        Err(_) => break sink.flush().await.map_err(|e| format!("write: {e}")),
+                    }
                 };
-                pending.insert(id, reply);
-                if let Err(e) = sink.send(sealer.seal(&bytes)).await {
-                    break format!("write: {e}");
+                if let Err(why) = sent {
+                    break why;
                 }
             }
             frame = stream.next() => {

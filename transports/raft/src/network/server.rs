@@ -117,16 +117,26 @@ async fn connection(
     }
     let (tx, mut rx) = mpsc::channel::<Envelope<Reply>>(256);
     let writer = tokio::spawn(async move {
-        while let Some(env) = rx.recv().await {
-            let bytes = match bincode::serialize(&env) {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(error = %e, "encoding a reply");
-                    break;
+        // Replies ready together go out in one write.
+        while let Some(mut env) = rx.recv().await {
+            loop {
+                let bytes = match bincode::serialize(&env) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(error = %e, "encoding a reply");
+                        return;
+                    }
+                };
+                if sink.feed(sealer.seal(&bytes)).await.is_err() {
+                    return;
                 }
-            };
-            if sink.send(sealer.seal(&bytes)).await.is_err() {
-                break;
+                match rx.try_recv() {
+                    Ok(next) => env = next,
+                    Err(_) => break,
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
             }
         }
     });
