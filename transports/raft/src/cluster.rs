@@ -226,6 +226,12 @@ pub enum ClusterError {
     /// No member answered in time (a remote client).
     #[error("no member answered within {0:?}")]
     NoMember(Duration),
+    /// This node left the group: it keeps its data for local reads, but no longer
+    /// writes, serves linearizable reads or new watches.
+    #[error(
+        "this node has left the cluster (its data is kept; to join again, start from a fresh data directory)"
+    )]
+    Left,
     /// This node is stopping.
     #[error("the node is stopping")]
     Stopped,
@@ -437,6 +443,19 @@ pub(crate) struct Node {
     pub(crate) forward_timeout: Duration,
     /// The task serving peers and remote clients (awaited at shutdown).
     pub(crate) server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set once this node's own leave committed (it may never apply it itself: the
+    /// leader stops replicating to it).
+    pub(crate) left: std::sync::atomic::AtomicBool,
+}
+
+impl Node {
+    /// `Err(Left)` once this node has left the group.
+    pub(crate) fn check_member(&self) -> Result<(), ClusterError> {
+        if self.left.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ClusterError::Left);
+        }
+        Ok(())
+    }
 }
 
 impl Node {

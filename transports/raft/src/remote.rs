@@ -545,6 +545,10 @@ fn key_changes(raw: Vec<WireChange>) -> Result<Vec<KeyChange>, StoreError> {
 
 /// Runs a remote client's operation on this member's store.
 pub(crate) async fn serve_op(store: &RaftStore, op: ClientOp) -> Result<ClientReply, WireError> {
+    // A member that left serves no clients: they go on to another endpoint.
+    if store.has_left() {
+        return Err(WireError::Stopped);
+    }
     let key = |k: String| Key::new(k).map_err(|e| WireError::Failed(e.to_string()));
     let put_opts = |ttl: Option<Duration>| match ttl {
         Some(t) => PutOptions::new().ttl(t),

@@ -336,6 +336,7 @@ impl RaftStore {
                 service,
                 forward_timeout: c.forward_timeout,
                 server: std::sync::Mutex::new(Some(server)),
+                left: std::sync::atomic::AtomicBool::new(false),
             })
         } else {
             if !initialized {
@@ -414,6 +415,7 @@ impl RaftStore {
                 ))),
             };
         };
+        node.check_member()?;
         if node.leads() {
             // On the leader the write is proposed here, keeping its typed error. The copy
             // is for the rare case that leadership moved meanwhile and it is forwarded.
@@ -512,7 +514,21 @@ impl RaftStore {
         // wait to apply it.
         let wait = id != node.id;
         self.membership_change(node, wait, || Request::Leave { id })
-            .await
+            .await?;
+        if !wait {
+            node.left.store(true, std::sync::atomic::Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Whether this node has left its cluster ([`remove_member`](Self::remove_member)
+    /// of itself): it then refuses writes, linearizable reads and new watches with
+    /// [`ClusterError::Left`], and keeps its data for local reads.
+    pub fn has_left(&self) -> bool {
+        self.inner
+            .node
+            .as_ref()
+            .is_some_and(|n| n.check_member().is_err())
     }
 
     async fn membership_change(
@@ -615,6 +631,9 @@ impl RaftStore {
     pub(crate) async fn read_barrier(&self, opts: &ReadOptions) -> Result<(), StoreError> {
         if opts.consistency != Consistency::Linearizable {
             return Ok(());
+        }
+        if let Some(node) = &self.inner.node {
+            node.check_member()?;
         }
         match &self.inner.node {
             Some(node) if !node.leads() => match node.to_leader(|| Request::ReadIndex).await? {
@@ -784,6 +803,9 @@ impl Watcher for RaftStore {
         prefixes: &[Prefix],
         opts: WatchOptions,
     ) -> Result<Watch, StoreError> {
+        if let Some(node) = &self.inner.node {
+            node.check_member()?;
+        }
         let reg = Registration::new(name);
         let set = PrefixSet::new(prefixes.iter().cloned());
         let sm = self.inner.sm.clone();

@@ -6,10 +6,13 @@
 use std::time::Duration;
 
 use datasync::{
-    Consistency, Key, Mirror, Prefix, PutOptions, ReadOptions, Value, WatchOptions, Watcher, Writer,
+    Consistency, Key, Mirror, Prefix, PutOptions, ReadOptions, StoreError, Value, WatchOptions,
+    Watcher, Writer,
 };
 use datasync_raft::testing::{TestCluster, converged, test_secret, wait_until};
-use datasync_raft::{ClusterConfig, OpenError, RaftConfig, RaftStore, Role, Secret};
+use datasync_raft::{
+    ClusterConfig, OpenError, RaftConfig, RaftStore, RemoteConfig, RemoteStore, Role, Secret,
+};
 
 fn key(s: &str) -> Key {
     Key::new(s).unwrap()
@@ -186,6 +189,28 @@ async fn a_member_leaves_and_keeps_its_data() {
         get(leaving, "kept", Consistency::Local).await,
         Some("v".into())
     );
+    // It says so instead of serving a replica that no longer follows the group.
+    assert!(leaving.has_left());
+    let write = leaving.put(&key("x"), "y".into(), PutOptions::new()).await;
+    match write {
+        Err(StoreError::Backend(e)) => assert!(e.to_string().contains("left the cluster"), "{e}"),
+        other => panic!("a write on a node that left: {other:?}"),
+    }
+    let read = ReadOptions::new().consistency(Consistency::Linearizable);
+    assert!(leaving.get(&key("kept"), read).await.is_err());
+    let all = [Prefix::new("").unwrap()];
+    let watch = leaving.watch("w", &all, WatchOptions::default()).await;
+    assert!(watch.is_err(), "no new watch on a node that left");
+    // A remote client that tries it first goes on to a member.
+    let mut endpoints = vec![leaving.cluster_addr().unwrap().to_owned()];
+    endpoints.push(c.nodes[0].cluster_addr().unwrap().to_owned());
+    let remote = RemoteStore::connect(RemoteConfig::new(endpoints, test_secret()))
+        .await
+        .unwrap();
+    remote
+        .put(&key("via-remote"), "z".into(), PutOptions::new())
+        .await
+        .unwrap();
     converged(&[&c.nodes[0], &c.nodes[1]]).await;
 }
 
