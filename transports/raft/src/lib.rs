@@ -34,6 +34,22 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A process with no replica (the CLI, another agent) uses a cluster through a
+//! [`RemoteStore`]: the same `Watcher` and `Writer`, over the members' authenticated
+//! protocol, with membership changes too.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use datasync::{Key, ReadOptions, Writer};
+//! use datasync_raft::{RemoteConfig, RemoteStore, Secret};
+//!
+//! let secret = Secret::from_file("/etc/datasync/cluster.secret")?;
+//! let remote = RemoteStore::connect(RemoteConfig::new(["10.0.0.1:7400", "10.0.0.2:7400"], secret)).await?;
+//! let value = remote.get(&Key::new("config/a")?, ReadOptions::new()).await?;
+//! println!("{value:?}; members: {:?}", remote.members().await?);
+//! # Ok(()) }
+//! ```
+//!
 //! How it keeps the contract:
 //! - **Revisions** are counted by the state machine: every applied command that changes
 //!   something takes the next revision, persisted with the data and last-applied in one

@@ -76,7 +76,11 @@ impl RemoteConfig {
 }
 
 /// A cluster seen from a process without a replica: a datasync [`Writer`] and
-/// [`Watcher`], plus membership. Cheap to clone.
+/// [`Watcher`], plus membership. Cheap to clone: clones share one connection per
+/// member.
+///
+/// # Cancel safety
+/// Dropping a call's future abandons its reply; a request already sent may still run.
 #[derive(Debug, Clone)]
 pub struct RemoteStore {
     inner: Arc<RemoteInner>,
