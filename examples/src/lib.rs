@@ -1,155 +1,23 @@
-//! The example plugins shared by the runnable scenarios in `src/bin/`: interfaces, and
-//! routes that depend on them (a route through a missing interface is rejected through
-//! `Done`).
+//! The steps shared by the runnable scenarios in `src/bin/`, on the plugin pair of
+//! `datasync-netconfig`: interfaces under `if/`, and routes under `rt/` that depend on
+//! them (a route through a missing interface is rejected through `Done`).
 
-use std::collections::BTreeMap;
 use std::error::Error;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use datasync::coordinator::{
-    Coordinator, CoordinatorConfig, CoordinatorHandle, Handler, PluginSpec, Registry,
+    Coordinator, CoordinatorConfig, CoordinatorHandle, PluginSpec, Registry,
 };
-use datasync::{
-    DeleteOptions, Event, Key, KeyChange, Op, Prefix, PutOptions, Value, Watcher, Writer,
-};
+use datasync::{DeleteOptions, Key, Prefix, PutOptions, Value, Watcher, Writer};
+use datasync_netconfig::{Device, InterfacesPlugin, Report, RoutesPlugin};
 
-/// An interface's configuration (JSON under `if/<name>`).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct Interface {
-    /// The MTU.
-    pub mtu: u32,
-}
+/// The device the example plugins configure (interfaces and routes).
+pub type Interfaces = Device;
 
-/// A route's configuration (JSON under `rt/<name>`).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct Route {
-    /// The interface the route goes through.
-    pub via: String,
-}
-
-/// Interfaces known to the agent, shared by both plugins: name → MTU.
-pub type Interfaces = Arc<Mutex<BTreeMap<String, u32>>>;
-
-/// Prints one key change.
-pub fn show(plugin: &str, c: &KeyChange, revision: datasync::Revision) {
-    let text = |v: &Option<Value>| {
-        v.as_ref().map_or("-".to_owned(), |v| {
-            String::from_utf8_lossy(v.as_bytes()).into_owned()
-        })
-    };
-    println!(
-        "  [{plugin}] change r{revision}: {:?} {} prev={} now={}",
-        c.op,
-        c.key,
-        text(&c.prev),
-        text(&c.value)
-    );
-}
-
-/// Keeps [`Interfaces`] in sync with `if/`.
-#[derive(Debug)]
-pub struct InterfacesPlugin(pub Interfaces);
-
-#[async_trait::async_trait]
-impl Handler for InterfacesPlugin {
-    async fn handle(&self, event: Event) {
-        let mut ifaces = self.0.lock().expect("not poisoned");
-        match event {
-            Event::Resync(r) => {
-                ifaces.clear();
-                for kv in r.values() {
-                    let name = kv.key.as_str().trim_start_matches("if/").to_owned();
-                    match kv.value.json::<Interface>() {
-                        Ok(i) => {
-                            ifaces.insert(name, i.mtu);
-                        }
-                        Err(e) => println!("  [interfaces] skipping {}: {e}", kv.key),
-                    }
-                }
-                println!(
-                    "  [interfaces] resync r{} ({:?}): {:?}",
-                    r.revision, r.reason, *ifaces
-                );
-                r.done.ok();
-            }
-            Event::Change(c) => {
-                for kc in &c.changes {
-                    show("interfaces", kc, c.revision);
-                    let name = kc.key.as_str().trim_start_matches("if/").to_owned();
-                    match kc.value.as_ref().map(Value::json::<Interface>) {
-                        Some(Ok(i)) => {
-                            ifaces.insert(name, i.mtu);
-                        }
-                        Some(Err(e)) => return c.done.fail(e),
-                        None => {
-                            ifaces.remove(&name);
-                        }
-                    }
-                }
-                c.done.ok();
-            }
-            other => other.into_done().ok(),
-        }
-    }
-}
-
-/// Accepts routes under `rt/` only through a known interface; rejects others through
-/// `Done`.
-#[derive(Debug)]
-pub struct RoutesPlugin(pub Interfaces);
-
-impl RoutesPlugin {
-    fn check(&self, key: &Key, value: &Value) -> Result<(), String> {
-        let route: Route = value.json().map_err(|e| format!("{key}: {e}"))?;
-        if self
-            .0
-            .lock()
-            .expect("not poisoned")
-            .contains_key(&route.via)
-        {
-            Ok(())
-        } else {
-            Err(format!("{key}: interface {:?} does not exist", route.via))
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Handler for RoutesPlugin {
-    async fn handle(&self, event: Event) {
-        match event {
-            Event::Resync(r) => {
-                let checked: Result<Vec<_>, _> = r
-                    .values()
-                    .map(|kv| self.check(&kv.key, &kv.value).map(|()| kv.key.as_str()))
-                    .collect();
-                match checked {
-                    Ok(routes) => {
-                        println!(
-                            "  [routes] resync r{} ({:?}): {routes:?}",
-                            r.revision, r.reason
-                        );
-                        r.done.ok();
-                    }
-                    Err(e) => r.done.fail(e),
-                }
-            }
-            Event::Change(c) => {
-                for kc in &c.changes {
-                    show("routes", kc, c.revision);
-                    if let (Op::Put, Some(v)) = (kc.op, &kc.value) {
-                        if let Err(e) = self.check(&kc.key, v) {
-                            println!("  [routes] rejected: {e}");
-                            return c.done.fail(e);
-                        }
-                    }
-                }
-                c.done.ok();
-            }
-            other => other.into_done().ok(),
-        }
-    }
+/// What the plugins report goes to stdout, indented.
+fn stdout() -> Report {
+    Arc::new(|line: &str| println!("  {line}"))
 }
 
 /// Gives the plugins a moment to take what was written.
@@ -199,14 +67,14 @@ pub fn registry(ifaces: &Interfaces) -> Result<Registry, datasync::KeyError> {
         PluginSpec::new(
             "routes",
             vec![Prefix::new("rt/")?],
-            Arc::new(RoutesPlugin(ifaces.clone())),
+            Arc::new(RoutesPlugin::new("rt/", ifaces.clone()).report(stdout())),
         )
         .after("interfaces"),
     );
     registry.add(PluginSpec::new(
         "interfaces",
         vec![Prefix::new("if/")?],
-        Arc::new(InterfacesPlugin(ifaces.clone())),
+        Arc::new(InterfacesPlugin::new("if/", ifaces.clone()).report(stdout())),
     ));
     Ok(registry)
 }
@@ -268,7 +136,7 @@ pub async fn walkthrough<S: Writer>(
     store
         .put(&key("if/tmp0")?, json(r#"{"mtu":68}"#), ttl)
         .await?;
-    let has_tmp0 = || ifaces.lock().expect("not poisoned").contains_key("tmp0");
+    let has_tmp0 = || ifaces.state().interfaces.contains_key("tmp0");
     let until = |want: bool| async move {
         while has_tmp0() != want {
             settle().await;

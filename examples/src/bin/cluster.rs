@@ -105,7 +105,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         )
         .await?;
     let arrived = async {
-        while !ifaces.lock().map_err(|_| "poisoned")?.contains_key("eth2") {
+        while !ifaces.state().interfaces.contains_key("eth2") {
             settle().await;
         }
         Ok::<_, Box<dyn Error>>(())

@@ -35,14 +35,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
     walkthrough(&store, &coordinator, &ifaces).await?;
     print_status(&coordinator);
     let before = store.list(&Prefix::all(), ReadOptions::new()).await?;
-    let known: BTreeMap<String, u32> = ifaces.lock().map_err(|_| "poisoned")?.clone();
+    let known: BTreeMap<String, u32> = ifaces.state().interfaces.clone();
 
     println!("6. the agent restarts: one resync of what etcd holds, in the same order");
     coordinator.shutdown().await;
     let again = Interfaces::default();
     let coordinator = start(&store, &again).await?;
     print_status(&coordinator);
-    if *again.lock().map_err(|_| "poisoned")? != known {
+    if again.state().interfaces != known {
         return Err("the plugins did not resync the same state".into());
     }
     let st = coordinator.status();

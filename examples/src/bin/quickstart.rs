@@ -51,7 +51,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     walkthrough(&store, &coordinator, &ifaces).await?;
     print_status(&coordinator);
     let before = store.list(&Prefix::all(), ReadOptions::new()).await?;
-    let known: BTreeMap<String, u32> = ifaces.lock().expect("not poisoned").clone();
+    let known: BTreeMap<String, u32> = ifaces.state().interfaces.clone();
 
     println!("6. restart: shut down, open the same directory, resync from disk");
     coordinator.shutdown().await;
@@ -67,7 +67,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "the store must come back with the same state and revision"
     );
     assert_eq!(
-        *again.lock().expect("not poisoned"),
+        again.state().interfaces,
         known,
         "plugins resync the same state"
     );

@@ -1,6 +1,7 @@
 //! The agent and the CLI as separate processes, on a real nats-server: a put through
 //! the CLI reaches the file-mirror plugin's directory, `/readyz`, `/status` and
-//! `/metrics` say so, a delete removes the file, SIGTERM shuts the agent down cleanly.
+//! `/metrics` say so, a route through a missing interface is refused by the netconfig
+//! pair, a delete removes the file, SIGTERM shuts the agent down cleanly.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::path::Path;
@@ -153,6 +154,46 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
         assert!(
             Instant::now() < deadline,
             "the refusal never showed in /status"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The netconfig pair is linked in too: a route through a missing interface is
+    // refused through Done, and says so in /status; one through a known one is not.
+    assert!(
+        cli(&store, &["put", "net/if/eth0", r#"{"mtu":1500}"#])
+            .status
+            .success()
+    );
+    assert!(
+        cli(&store, &["put", "net/rt/ok", r#"{"via":"eth0"}"#])
+            .status
+            .success()
+    );
+    assert!(
+        cli(&store, &["put", "net/rt/bad", r#"{"via":"eth9"}"#])
+            .status
+            .success()
+    );
+    let refused = || async {
+        let (_, body) = http_get(&addr, "/status").await.unwrap();
+        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let plugins = s["plugins"].as_array().unwrap().clone();
+        let by = |n: &str| plugins.iter().find(|p| p["name"] == n).cloned().unwrap();
+        let (ifaces, routes) = (by("interfaces"), by("routes"));
+        ifaces["changes"] == 1
+            && ifaces["failures"] == 0
+            && routes["changes"] == 2
+            && routes["failures"] == 1
+            && routes["last_error"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(r#"net/rt/bad: interface "eth9" does not exist"#))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !refused().await {
+        assert!(
+            Instant::now() < deadline,
+            "the route's refusal never showed in /status"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

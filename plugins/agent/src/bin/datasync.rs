@@ -40,6 +40,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::Write;
 // Plugins linked into this agent (a crate nothing references is not linked).
 use datasync_file_mirror as _;
+use datasync_netconfig as _;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -1,0 +1,288 @@
+//! datasync-netconfig: two plugins with a dependency, the shape of a real agent's
+//! network configuration. `interfaces` keeps a device's interfaces in sync with
+//! `net/if/<name>` (JSON `{"mtu": 1500}`); `routes` installs `net/rt/<name>` (JSON
+//! `{"via": "eth0"}`) only through an interface the device has, and rejects any other
+//! through `Done` with an error naming the route and the interface.
+//!
+//! Why the order matters: at every resync the coordinator hands `interfaces` its
+//! snapshot and waits for its `Done` before `routes` gets the same revision's, because
+//! `routes` declares it runs after `interfaces`. So a resync never finds a route whose
+//! interface is merely not applied yet; a route it rejects really has no interface.
+//!
+//! The registered plugins (linked into an agent with `use datasync_netconfig as _;`)
+//! configure [`Device::global`], the process's one device, as a real network stack is
+//! one per host. [`InterfacesPlugin::new`] and [`RoutesPlugin::new`] build the pair on
+//! a device and prefixes of one's own (the examples do), with a [`Report`] of what they
+//! do (default: `tracing` at info).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+
+use datasync::coordinator::{Handler, PluginContext};
+use datasync::{Event, Key, KeyChange, Op, Revision, Value};
+
+/// The interfaces plugin's name.
+pub const INTERFACES: &str = "interfaces";
+/// The routes plugin's name.
+pub const ROUTES: &str = "routes";
+/// The registered interfaces plugin's prefix.
+pub const INTERFACES_PREFIX: &str = "net/if/";
+/// The registered routes plugin's prefix.
+pub const ROUTES_PREFIX: &str = "net/rt/";
+
+datasync::register_plugin! {
+    name: INTERFACES,
+    deps: [],
+    prefixes: [INTERFACES_PREFIX],
+    factory: |_ctx: &PluginContext| Arc::new(InterfacesPlugin::new(INTERFACES_PREFIX, Device::global())),
+}
+
+datasync::register_plugin! {
+    name: ROUTES,
+    deps: [INTERFACES],
+    prefixes: [ROUTES_PREFIX],
+    factory: |_ctx: &PluginContext| Arc::new(RoutesPlugin::new(ROUTES_PREFIX, Device::global())),
+}
+
+/// An interface's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Interface {
+    /// The MTU.
+    pub mtu: u32,
+}
+
+/// A route's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Route {
+    /// The interface the route goes through.
+    pub via: String,
+}
+
+/// What the plugins configure: interfaces (name → MTU) and installed routes (name →
+/// interface). Cheap to clone; clones share the state.
+#[derive(Debug, Clone, Default)]
+pub struct Device(Arc<Mutex<DeviceState>>);
+
+/// The state of a [`Device`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeviceState {
+    /// Interfaces: name → MTU.
+    pub interfaces: BTreeMap<String, u32>,
+    /// Installed routes: name → interface.
+    pub routes: BTreeMap<String, String>,
+}
+
+impl Device {
+    /// The process's device, which the registered plugins configure.
+    pub fn global() -> Device {
+        static GLOBAL: LazyLock<Device> = LazyLock::new(Device::default);
+        GLOBAL.clone()
+    }
+
+    /// The state now.
+    pub fn state(&self) -> MutexGuard<'_, DeviceState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where the plugins report what they do, a line at a time.
+pub type Report = Arc<dyn Fn(&str) + Send + Sync>;
+
+fn log_report() -> Report {
+    Arc::new(|line: &str| tracing::info!("{line}"))
+}
+
+/// One key change as a report line.
+pub fn describe(plugin: &str, c: &KeyChange, revision: Revision) -> String {
+    let text = |v: &Option<Value>| {
+        v.as_ref().map_or("-".to_owned(), |v| {
+            String::from_utf8_lossy(v.as_bytes()).into_owned()
+        })
+    };
+    format!(
+        "[{plugin}] change r{revision}: {:?} {} prev={} now={}",
+        c.op,
+        c.key,
+        text(&c.prev),
+        text(&c.value)
+    )
+}
+
+fn name<'a>(prefix: &str, key: &'a Key) -> &'a str {
+    key.as_str().strip_prefix(prefix).unwrap_or(key.as_str())
+}
+
+/// Keeps a [`Device`]'s interfaces in sync with a prefix.
+pub struct InterfacesPlugin {
+    prefix: String,
+    device: Device,
+    report: Report,
+}
+
+impl std::fmt::Debug for InterfacesPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InterfacesPlugin")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InterfacesPlugin {
+    /// Interfaces under `prefix`, configured on `device`.
+    pub fn new(prefix: &str, device: Device) -> Self {
+        InterfacesPlugin {
+            prefix: prefix.to_owned(),
+            device,
+            report: log_report(),
+        }
+    }
+
+    /// Reports through `report` instead of `tracing`.
+    #[must_use]
+    pub fn report(mut self, report: Report) -> Self {
+        self.report = report;
+        self
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for InterfacesPlugin {
+    async fn handle(&self, event: Event) {
+        match event {
+            Event::Resync(r) => {
+                let mut interfaces = BTreeMap::new();
+                for kv in r.values() {
+                    match kv.value.json::<Interface>() {
+                        Ok(i) => {
+                            interfaces.insert(name(&self.prefix, &kv.key).to_owned(), i.mtu);
+                        }
+                        // One bad value is reported, and does not hold up the others.
+                        Err(e) => (self.report)(&format!("[interfaces] skipping {}: {e}", kv.key)),
+                    }
+                }
+                (self.report)(&format!(
+                    "[interfaces] resync r{} ({:?}): {:?}",
+                    r.revision, r.reason, interfaces
+                ));
+                self.device.state().interfaces = interfaces;
+                r.done.ok();
+            }
+            Event::Change(c) => {
+                for kc in &c.changes {
+                    (self.report)(&describe(INTERFACES, kc, c.revision));
+                    let n = name(&self.prefix, &kc.key).to_owned();
+                    match kc.value.as_ref().map(Value::json::<Interface>) {
+                        Some(Ok(i)) => {
+                            self.device.state().interfaces.insert(n, i.mtu);
+                        }
+                        Some(Err(e)) => return c.done.fail(format!("{}: {e}", kc.key)),
+                        None => {
+                            self.device.state().interfaces.remove(&n);
+                        }
+                    }
+                }
+                c.done.ok();
+            }
+            other => other.into_done().ok(),
+        }
+    }
+}
+
+/// Installs routes under a prefix on a [`Device`], only through its interfaces.
+pub struct RoutesPlugin {
+    prefix: String,
+    device: Device,
+    report: Report,
+}
+
+impl std::fmt::Debug for RoutesPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoutesPlugin")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RoutesPlugin {
+    /// Routes under `prefix`, installed on `device`.
+    pub fn new(prefix: &str, device: Device) -> Self {
+        RoutesPlugin {
+            prefix: prefix.to_owned(),
+            device,
+            report: log_report(),
+        }
+    }
+
+    /// Reports through `report` instead of `tracing`.
+    #[must_use]
+    pub fn report(mut self, report: Report) -> Self {
+        self.report = report;
+        self
+    }
+
+    /// The route's interface, if the device has it; else why not.
+    fn check(&self, key: &Key, value: &Value) -> Result<String, String> {
+        let route: Route = value.json().map_err(|e| format!("{key}: {e}"))?;
+        if self.device.state().interfaces.contains_key(&route.via) {
+            Ok(route.via)
+        } else {
+            Err(format!("{key}: interface {:?} does not exist", route.via))
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for RoutesPlugin {
+    async fn handle(&self, event: Event) {
+        match event {
+            Event::Resync(r) => {
+                let checked: Result<BTreeMap<_, _>, _> = r
+                    .values()
+                    .map(|kv| {
+                        self.check(&kv.key, &kv.value)
+                            .map(|via| (name(&self.prefix, &kv.key).to_owned(), via))
+                    })
+                    .collect();
+                match checked {
+                    Ok(routes) => {
+                        (self.report)(&format!(
+                            "[routes] resync r{} ({:?}): {:?}",
+                            r.revision,
+                            r.reason,
+                            routes.keys().collect::<Vec<_>>()
+                        ));
+                        self.device.state().routes = routes;
+                        r.done.ok();
+                    }
+                    Err(e) => {
+                        (self.report)(&format!("[routes] resync rejected: {e}"));
+                        r.done.fail(e);
+                    }
+                }
+            }
+            Event::Change(c) => {
+                for kc in &c.changes {
+                    (self.report)(&describe(ROUTES, kc, c.revision));
+                    let n = name(&self.prefix, &kc.key).to_owned();
+                    match (kc.op, &kc.value) {
+                        (Op::Put, Some(v)) => match self.check(&kc.key, v) {
+                            Ok(via) => {
+                                self.device.state().routes.insert(n, via);
+                            }
+                            Err(e) => {
+                                (self.report)(&format!("[routes] rejected: {e}"));
+                                return c.done.fail(e);
+                            }
+                        },
+                        _ => {
+                            self.device.state().routes.remove(&n);
+                        }
+                    }
+                }
+                c.done.ok();
+            }
+            other => other.into_done().ok(),
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The pair on the in-memory transport under the real coordinator: ordered resync,
+//! a route through a missing interface rejected through `Done`, and the registered pair
+//! linked in, `routes` after `interfaces`.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use datasync::coordinator::{
+    Coordinator, CoordinatorConfig, CoordinatorHandle, PluginContext, PluginSpec, PluginState,
+    Registry,
+};
+use datasync::local::Local;
+use datasync::{Key, Prefix, PutOptions, Writer};
+use datasync_netconfig::{Device, InterfacesPlugin, Report, RoutesPlugin};
+
+async fn put(store: &Local, k: &str, v: &str) {
+    store
+        .put(
+            &Key::new(k).unwrap(),
+            v.to_owned().into(),
+            PutOptions::new(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Both plugins on `store` with their own device; routes added first, on purpose.
+async fn start(
+    store: &Local,
+    device: &Device,
+    lines: &Arc<Mutex<Vec<String>>>,
+) -> CoordinatorHandle {
+    let log = lines.clone();
+    let report: Report = Arc::new(move |l: &str| log.lock().unwrap().push(l.to_owned()));
+    let mut registry = Registry::new();
+    let routes = RoutesPlugin::new("rt/", device.clone()).report(report.clone());
+    registry.add(
+        PluginSpec::new(
+            "routes",
+            vec![Prefix::new("rt/").unwrap()],
+            Arc::new(routes),
+        )
+        .after("interfaces"),
+    );
+    let ifaces = InterfacesPlugin::new("if/", device.clone()).report(report);
+    registry.add(PluginSpec::new(
+        "interfaces",
+        vec![Prefix::new("if/").unwrap()],
+        Arc::new(ifaces),
+    ));
+    let config = CoordinatorConfig::default().retry_failed_after(None);
+    let c = Coordinator::start(store, registry, config).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), c.ready())
+        .await
+        .expect("the first pass ends (deadlock?)");
+    c
+}
+
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_in_dependency_order_then_changes() {
+    let store = Local::new();
+    put(&store, "if/eth0", r#"{"mtu":1500}"#).await;
+    put(&store, "rt/default", r#"{"via":"eth0"}"#).await;
+    let (device, lines) = (Device::default(), Arc::default());
+    let c = start(&store, &device, &lines).await;
+    {
+        let l = lines.lock().unwrap();
+        assert!(l[0].starts_with("[interfaces] resync"), "{l:?}");
+        assert!(l[1].starts_with("[routes] resync"), "{l:?}");
+    }
+    let st = device.state().clone();
+    assert_eq!(st.interfaces.get("eth0"), Some(&1500));
+    assert_eq!(st.routes.get("default").map(String::as_str), Some("eth0"));
+    assert!(
+        c.status()
+            .plugins
+            .iter()
+            .all(|p| p.state == PluginState::Ready)
+    );
+
+    put(&store, "if/eth1", r#"{"mtu":9000}"#).await;
+    put(&store, "rt/storage", r#"{"via":"eth1"}"#).await;
+    until("the route through eth1 is installed", || {
+        device.state().routes.contains_key("storage")
+    })
+    .await;
+    // A change's report carries previous and current value and revision.
+    put(&store, "if/eth1", r#"{"mtu":1500}"#).await;
+    until("eth1's MTU changes", || {
+        device.state().interfaces.get("eth1") == Some(&1500)
+    })
+    .await;
+    assert!(
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(r#"prev={"mtu":9000} now={"mtu":1500}"#)),
+        "{:?}",
+        lines.lock().unwrap()
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_through_a_missing_interface_is_rejected_through_done() {
+    let store = Local::new();
+    put(&store, "if/eth0", r#"{"mtu":1500}"#).await;
+    let (device, lines) = (Device::default(), Arc::default());
+    let c = start(&store, &device, &lines).await;
+    put(&store, "rt/bad", r#"{"via":"eth9"}"#).await;
+    until("the rejection is reported", || {
+        c.status().plugin("routes").is_some_and(|p| p.failures == 1)
+    })
+    .await;
+    let st = c.status();
+    let routes = st.plugin("routes").unwrap();
+    let (_, err) = routes.last_error.clone().unwrap();
+    assert!(
+        err.to_string()
+            .contains(r#"rt/bad: interface "eth9" does not exist"#),
+        "{err}"
+    );
+    assert!(!device.state().routes.contains_key("bad"));
+    // The interfaces plugin is untouched by the other's failure.
+    assert_eq!(st.plugin("interfaces").unwrap().failures, 0);
+    // A bad interface value is refused through Done too.
+    put(&store, "if/eth2", "not json").await;
+    until("the bad interface is reported", || {
+        c.status()
+            .plugin("interfaces")
+            .is_some_and(|p| p.failures == 1)
+    })
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_registered_pair_is_linked_and_ordered() {
+    let ctx = PluginContext::new(Arc::new(Local::new()));
+    let order = Registry::from_inventory(&ctx).unwrap().resolve().unwrap();
+    let names: Vec<_> = order.iter().map(|p| p.name.as_str()).collect();
+    let (i, r) = (
+        names.iter().position(|n| *n == "interfaces").unwrap(),
+        names.iter().position(|n| *n == "routes").unwrap(),
+    );
+    assert!(i < r, "routes after interfaces: {names:?}");
+    // Declared, not an accident of names: the order holds whatever they are called.
+    assert_eq!(order[r].deps, ["interfaces"]);
+    assert_eq!(order[i].prefixes, [Prefix::new("net/if/").unwrap()]);
+}
