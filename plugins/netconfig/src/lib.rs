@@ -113,35 +113,45 @@ fn name<'a>(prefix: &str, key: &'a Key) -> &'a str {
     key.as_str().strip_prefix(prefix).unwrap_or(key.as_str())
 }
 
-/// Keeps a [`Device`]'s interfaces in sync with a prefix.
-pub struct InterfacesPlugin {
+/// What each plugin of the pair holds: its prefix, its device, where it reports.
+struct Parts {
     prefix: String,
     device: Device,
     report: Report,
 }
 
-impl std::fmt::Debug for InterfacesPlugin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InterfacesPlugin")
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
-    }
-}
-
-impl InterfacesPlugin {
-    /// Interfaces under `prefix`, configured on `device`.
-    pub fn new(prefix: &str, device: Device) -> Self {
-        InterfacesPlugin {
+impl Parts {
+    fn new(prefix: &str, device: Device) -> Self {
+        Parts {
             prefix: prefix.to_owned(),
             device,
             report: log_report(),
         }
     }
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keeps a [`Device`]'s interfaces in sync with a prefix.
+#[derive(Debug)]
+pub struct InterfacesPlugin(Parts);
+
+impl InterfacesPlugin {
+    /// Interfaces under `prefix`, configured on `device`.
+    pub fn new(prefix: &str, device: Device) -> Self {
+        InterfacesPlugin(Parts::new(prefix, device))
+    }
 
     /// Reports through `report` instead of `tracing`.
     #[must_use]
     pub fn report(mut self, report: Report) -> Self {
-        self.report = report;
+        self.0.report = report;
         self
     }
 }
@@ -155,30 +165,32 @@ impl Handler for InterfacesPlugin {
                 for kv in r.values() {
                     match kv.value.json::<Interface>() {
                         Ok(i) => {
-                            interfaces.insert(name(&self.prefix, &kv.key).to_owned(), i.mtu);
+                            interfaces.insert(name(&self.0.prefix, &kv.key).to_owned(), i.mtu);
                         }
                         // One bad value is reported, and does not hold up the others.
-                        Err(e) => (self.report)(&format!("[interfaces] skipping {}: {e}", kv.key)),
+                        Err(e) => {
+                            (self.0.report)(&format!("[interfaces] skipping {}: {e}", kv.key))
+                        }
                     }
                 }
-                (self.report)(&format!(
+                (self.0.report)(&format!(
                     "[interfaces] resync r{} ({:?}): {:?}",
                     r.revision, r.reason, interfaces
                 ));
-                self.device.state().interfaces = interfaces;
+                self.0.device.state().interfaces = interfaces;
                 r.done.ok();
             }
             Event::Change(c) => {
                 for kc in &c.changes {
-                    (self.report)(&describe(INTERFACES, kc, c.revision));
-                    let n = name(&self.prefix, &kc.key).to_owned();
+                    (self.0.report)(&describe(INTERFACES, kc, c.revision));
+                    let n = name(&self.0.prefix, &kc.key).to_owned();
                     match kc.value.as_ref().map(Value::json::<Interface>) {
                         Some(Ok(i)) => {
-                            self.device.state().interfaces.insert(n, i.mtu);
+                            self.0.device.state().interfaces.insert(n, i.mtu);
                         }
                         Some(Err(e)) => return c.done.fail(format!("{}: {e}", kc.key)),
                         None => {
-                            self.device.state().interfaces.remove(&n);
+                            self.0.device.state().interfaces.remove(&n);
                         }
                     }
                 }
@@ -190,41 +202,26 @@ impl Handler for InterfacesPlugin {
 }
 
 /// Installs routes under a prefix on a [`Device`], only through its interfaces.
-pub struct RoutesPlugin {
-    prefix: String,
-    device: Device,
-    report: Report,
-}
-
-impl std::fmt::Debug for RoutesPlugin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RoutesPlugin")
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
-    }
-}
+#[derive(Debug)]
+pub struct RoutesPlugin(Parts);
 
 impl RoutesPlugin {
     /// Routes under `prefix`, installed on `device`.
     pub fn new(prefix: &str, device: Device) -> Self {
-        RoutesPlugin {
-            prefix: prefix.to_owned(),
-            device,
-            report: log_report(),
-        }
+        RoutesPlugin(Parts::new(prefix, device))
     }
 
     /// Reports through `report` instead of `tracing`.
     #[must_use]
     pub fn report(mut self, report: Report) -> Self {
-        self.report = report;
+        self.0.report = report;
         self
     }
 
     /// The route's interface, if the device has it; else why not.
     fn check(&self, key: &Key, value: &Value) -> Result<String, String> {
         let route: Route = value.json().map_err(|e| format!("{key}: {e}"))?;
-        if self.device.state().interfaces.contains_key(&route.via) {
+        if self.0.device.state().interfaces.contains_key(&route.via) {
             Ok(route.via)
         } else {
             Err(format!("{key}: interface {:?} does not exist", route.via))
@@ -241,42 +238,42 @@ impl Handler for RoutesPlugin {
                     .values()
                     .map(|kv| {
                         self.check(&kv.key, &kv.value)
-                            .map(|via| (name(&self.prefix, &kv.key).to_owned(), via))
+                            .map(|via| (name(&self.0.prefix, &kv.key).to_owned(), via))
                     })
                     .collect();
                 match checked {
                     Ok(routes) => {
-                        (self.report)(&format!(
+                        (self.0.report)(&format!(
                             "[routes] resync r{} ({:?}): {:?}",
                             r.revision,
                             r.reason,
                             routes.keys().collect::<Vec<_>>()
                         ));
-                        self.device.state().routes = routes;
+                        self.0.device.state().routes = routes;
                         r.done.ok();
                     }
                     Err(e) => {
-                        (self.report)(&format!("[routes] resync rejected: {e}"));
+                        (self.0.report)(&format!("[routes] resync rejected: {e}"));
                         r.done.fail(e);
                     }
                 }
             }
             Event::Change(c) => {
                 for kc in &c.changes {
-                    (self.report)(&describe(ROUTES, kc, c.revision));
-                    let n = name(&self.prefix, &kc.key).to_owned();
+                    (self.0.report)(&describe(ROUTES, kc, c.revision));
+                    let n = name(&self.0.prefix, &kc.key).to_owned();
                     match (kc.op, &kc.value) {
                         (Op::Put, Some(v)) => match self.check(&kc.key, v) {
                             Ok(via) => {
-                                self.device.state().routes.insert(n, via);
+                                self.0.device.state().routes.insert(n, via);
                             }
                             Err(e) => {
-                                (self.report)(&format!("[routes] rejected: {e}"));
+                                (self.0.report)(&format!("[routes] rejected: {e}"));
                                 return c.done.fail(e);
                             }
                         },
                         _ => {
-                            self.device.state().routes.remove(&n);
+                            self.0.device.state().routes.remove(&n);
                         }
                     }
                 }
