@@ -48,8 +48,8 @@ impl Event {
     }
 }
 
-/// Why a resync was sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a resync was sent (serde: remote transports send it on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum ResyncReason {
     /// The first event of a registration.

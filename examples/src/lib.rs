@@ -79,6 +79,19 @@ pub fn registry(ifaces: &Interfaces) -> Result<Registry, datasync::KeyError> {
     Ok(registry)
 }
 
+/// Steps 1 to 5 on one store: the plugins start on a device of their own (one
+/// snapshot, in dependency order), then the [`walkthrough`]. Returns the running
+/// coordinator and the device.
+pub async fn first_run<S: Watcher + Writer>(
+    store: &S,
+) -> Result<(CoordinatorHandle, Interfaces), Box<dyn Error>> {
+    let ifaces = Interfaces::default();
+    println!("1. startup: one snapshot, plugins in dependency order");
+    let coordinator = start(store, &ifaces).await?;
+    walkthrough(store, &coordinator, &ifaces).await?;
+    Ok((coordinator, ifaces))
+}
+
 /// Steps shared by the scenarios, on any store the coordinator runs on: live changes
 /// with previous values, a route rejected through `Done`, a TTL key expiring, a prefix
 /// delete. Checks what it shows, so running a scenario tests it.

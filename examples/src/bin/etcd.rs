@@ -14,7 +14,7 @@ use std::time::Duration;
 use datasync::coordinator::PluginState;
 use datasync::{DeleteOptions, Key, Prefix, ReadOptions, Writer};
 use datasync_etcd::{EtcdConfig, EtcdStore};
-use datasync_examples::{Interfaces, print_status, seed, start, walkthrough};
+use datasync_examples::{Interfaces, first_run, print_status, seed, start};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
@@ -28,11 +28,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let store = EtcdStore::connect(config).await?;
     println!("etcd on {url}, namespace {namespace}");
     seed(&store).await?;
-    let ifaces = Interfaces::default();
-
-    println!("1. startup: one snapshot, plugins in dependency order");
-    let coordinator = start(&store, &ifaces).await?;
-    walkthrough(&store, &coordinator, &ifaces).await?;
+    let (coordinator, ifaces) = first_run(&store).await?;
     print_status(&coordinator);
     let before = store.list(&Prefix::all(), ReadOptions::new()).await?;
     let known: BTreeMap<String, u32> = ifaces.state().interfaces.clone();

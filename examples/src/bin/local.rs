@@ -8,18 +8,13 @@ use std::error::Error;
 
 use datasync::coordinator::PluginState;
 use datasync::local::Local;
-use datasync_examples::{Interfaces, print_status, seed, settle, start, walkthrough};
+use datasync_examples::{first_run, print_status, seed, settle};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let store = Local::new();
     seed(&store).await?;
-    let ifaces = Interfaces::default();
-
-    println!("1. startup: one snapshot, plugins in dependency order");
-    let coordinator = start(&store, &ifaces).await?;
-
-    walkthrough(&store, &coordinator, &ifaces).await?;
+    let (coordinator, _device) = first_run(&store).await?;
 
     println!("6. an operator asks for a full resync: same order, current state");
     coordinator.request_resync();

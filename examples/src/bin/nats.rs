@@ -11,7 +11,7 @@ use std::error::Error;
 use std::time::Duration;
 
 use datasync::coordinator::PluginState;
-use datasync_examples::{Interfaces, print_status, seed, settle, start, walkthrough};
+use datasync_examples::{first_run, print_status, seed, settle};
 use datasync_nats::{NatsConfig, NatsStore};
 
 #[tokio::main]
@@ -26,11 +26,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let store = NatsStore::connect(config).await?;
     println!("NATS bucket {bucket} on {url}");
     seed(&store).await?;
-    let ifaces = Interfaces::default();
-
-    println!("1. startup: one snapshot, plugins in dependency order");
-    let coordinator = start(&store, &ifaces).await?;
-    walkthrough(&store, &coordinator, &ifaces).await?;
+    let (coordinator, _device) = first_run(&store).await?;
 
     println!("6. the server ends the watch's consumer: a resync in the same order");
     let js = async_nats::jetstream::new(store.client().clone());

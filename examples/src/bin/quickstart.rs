@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use datasync::coordinator::{CoordinatorHandle, PluginState};
 use datasync::{Prefix, ReadOptions, Revision, Writer};
-use datasync_examples::{Interfaces, print_status, seed, start, walkthrough};
+use datasync_examples::{Interfaces, first_run, print_status, seed, start};
 use datasync_raft::{RaftConfig, RaftStore};
 
 /// The revision every plugin's last resync was at.
@@ -44,11 +44,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     {
         seed(&store).await?;
     }
-    let ifaces = Interfaces::default();
-
-    println!("1. startup: one snapshot, plugins in dependency order");
-    let coordinator = start(&store, &ifaces).await?;
-    walkthrough(&store, &coordinator, &ifaces).await?;
+    let (coordinator, ifaces) = first_run(&store).await?;
     print_status(&coordinator);
     let before = store.list(&Prefix::all(), ReadOptions::new()).await?;
     let known: BTreeMap<String, u32> = ifaces.state().interfaces.clone();

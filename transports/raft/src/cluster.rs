@@ -423,10 +423,13 @@ impl Handler for Service {
 
 impl Reply {
     fn error(&self) -> Option<&ServiceError> {
+        // A member that is stopping (or left) did nothing with a client's call.
+        static STOPPED: ServiceError = ServiceError::Stopped;
         match self {
             Reply::Proposed(Err(e)) | Reply::ReadIndex(Err(e)) | Reply::Membership(Err(e)) => {
                 Some(e)
             }
+            Reply::Client(Err(WireError::Stopped)) => Some(&STOPPED),
             _ => None,
         }
     }
@@ -531,7 +534,7 @@ pub(crate) async fn change_membership(
 /// be reached, no known leader, or a change in progress is retried with backoff until
 /// `timeout`. A call that failed after it was sent is not retried (its outcome is
 /// unknown).
-async fn route<F, Fut>(
+pub(crate) async fn route<F, Fut>(
     timeout: Duration,
     mut pick: impl FnMut(Option<(NodeId, String)>) -> Option<(NodeId, String)>,
     mut send: F,

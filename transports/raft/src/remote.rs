@@ -34,13 +34,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::cluster::{self, ClusterError, Members, Role};
+use crate::network::Secret;
 use crate::network::client::{Client, Pool};
 use crate::network::server::Replies;
 use crate::network::wire::{
     ClientOp, ClientReply, Read, Reply, Request, WireChange, WireError, WireItem, WireKv,
-    WireReason,
 };
-use crate::network::{NetError, Secret};
 use crate::store::RaftStore;
 use crate::types::expected_rev;
 
@@ -102,23 +101,22 @@ impl RemoteStore {
         if config.endpoints.is_empty() {
             return Err(ClusterError::Refused("no endpoints to connect to".into()));
         }
-        let mut store = RemoteStore {
-            inner: Arc::new(RemoteInner {
-                pool: Pool::new(config.secret.clone(), None),
-                config,
-                limits: Limits::new(0),
-                preferred: AtomicUsize::new(0),
-                source: Source::from(""),
-            }),
+        let mut inner = RemoteInner {
+            pool: Pool::new(config.secret.clone(), None),
+            config,
+            limits: Limits::new(0),
+            preferred: AtomicUsize::new(0),
+            source: Source::from(""),
         };
-        let max = match store.call(|| Request::Client(ClientOp::Limits)).await? {
-            Reply::Client(Ok(ClientReply::Limits { max_value_size })) => max_value_size,
+        inner.limits = match inner.call(|| Request::Client(ClientOp::Limits)).await? {
+            Reply::Client(Ok(ClientReply::Limits { max_value_size })) => {
+                Limits::new(max_value_size)
+            }
             other => return Err(unexpected_reply(&other)),
         };
-        if let Some(inner) = Arc::get_mut(&mut store.inner) {
-            inner.limits = Limits::new(max);
-        }
-        Ok(store)
+        Ok(RemoteStore {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The endpoints this client talks to.
@@ -126,43 +124,8 @@ impl RemoteStore {
         &self.inner.config.endpoints
     }
 
-    /// Sends a request to a member: the preferred one first, then the others in turn,
-    /// until one takes it or the timeout passes.
-    async fn call(&self, req: impl Fn() -> Request) -> Result<Reply, ClusterError> {
-        let eps = &self.inner.config.endpoints;
-        let timeout = self.inner.config.timeout;
-        let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_millis(20);
-        let first = self.inner.preferred.load(Ordering::Relaxed);
-        for attempt in 0.. {
-            let i = (first + attempt) % eps.len();
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.inner.pool.get(&eps[i]).call(req(), left).await {
-                // A member that is stopping did nothing: another may serve.
-                Ok(Reply::Client(Err(WireError::Stopped))) => {}
-                Ok(reply) => {
-                    self.inner.preferred.store(i, Ordering::Relaxed);
-                    return Ok(reply);
-                }
-                Err(e @ (NetError::AuthFailed(_) | NetError::Version(_))) => {
-                    return Err(ClusterError::Unauthenticated(e));
-                }
-                Err(e) if e.not_sent() => {}
-                Err(e) => return Err(ClusterError::Net(e)),
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-            if (attempt + 1) % eps.len() == 0 {
-                tokio::time::sleep(pause.min(deadline - Instant::now())).await;
-                pause = (pause * 2).min(Duration::from_millis(500));
-            }
-        }
-        Err(ClusterError::NoMember(timeout))
-    }
-
     async fn op(&self, op: ClientOp) -> Result<ClientReply, StoreError> {
-        match self.call(|| Request::Client(op.clone())).await? {
+        match self.inner.call(|| Request::Client(op.clone())).await? {
             Reply::Client(r) => r.map_err(from_wire),
             other => Err(unexpected_reply(&other).into()),
         }
@@ -170,7 +133,7 @@ impl RemoteStore {
 
     /// The committed group configuration, as the member asked knows it.
     pub async fn members(&self) -> Result<Members, ClusterError> {
-        match self.call(|| Request::Members).await? {
+        match self.inner.call(|| Request::Members).await? {
             Reply::Members(m) => Ok(m),
             other => Err(unexpected_reply(&other)),
         }
@@ -200,6 +163,38 @@ impl RemoteStore {
     }
 }
 
+impl RemoteInner {
+    /// Sends a request to a member, the one that answered last first, then the others
+    /// in turn (`cluster::route`'s retries: unreachable or stopping members are skipped,
+    /// a call that failed after it was sent is not retried).
+    async fn call(&self, req: impl Fn() -> Request) -> Result<Reply, ClusterError> {
+        let (eps, timeout) = (&self.config.endpoints, self.config.timeout);
+        let deadline = Instant::now() + timeout;
+        let first = self.preferred.load(Ordering::Relaxed);
+        let mut next = (0..).map(|a| (first + a) % eps.len());
+        let routed = cluster::route(
+            timeout,
+            // Members forward client calls themselves: no redirect comes back.
+            |_| next.next().map(|i| (i as u64, eps[i].clone())),
+            |(i, addr)| {
+                let req = req();
+                async move {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let reply = self.pool.get(&addr).call(req, left).await?;
+                    self.preferred.store(i as usize, Ordering::Relaxed);
+                    Ok((reply, true))
+                }
+            },
+        )
+        .await;
+        match routed {
+            Ok((reply, _)) => Ok(reply),
+            Err(ClusterError::NoLeader(t)) => Err(ClusterError::NoMember(t)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 fn unexpected_reply(reply: &Reply) -> ClusterError {
     ClusterError::Refused(format!("unexpected reply: {reply:?}"))
 }
@@ -209,6 +204,14 @@ fn read(opts: &ReadOptions) -> Read {
         linearizable: opts.consistency == Consistency::Linearizable,
         revision: opts.revision.map(|r| r.0),
     }
+}
+
+fn wire_kv(kv: &KeyValue) -> WireKv {
+    (
+        kv.key.as_str().to_owned(),
+        kv.value.as_bytes().to_vec(),
+        kv.revision.0,
+    )
 }
 
 fn kv(raw: WireKv) -> Result<KeyValue, StoreError> {
@@ -494,10 +497,7 @@ impl WatchTask {
                 reason,
                 prefixes,
             } => match prefix_values(prefixes) {
-                Ok(values) => (
-                    Item::Resync(Revision(revision), reason.into(), values),
-                    revision,
-                ),
+                Ok(values) => (Item::Resync(Revision(revision), reason, values), revision),
                 Err(e) => {
                     let _ = self.relay.try_send(Item::Interrupted(e));
                     return Err(ResyncReason::Reconnect);
@@ -570,13 +570,6 @@ pub(crate) async fn serve_op(store: &RaftStore, op: ClientOp) -> Result<ClientRe
             None => opts,
         }
     };
-    let raw = |kv: KeyValue| {
-        (
-            kv.key.as_str().to_owned(),
-            kv.value.as_bytes().to_vec(),
-            kv.revision.0,
-        )
-    };
     let reply = match op {
         ClientOp::Put { key: k, value, ttl } => store
             .put(&key(k)?, Value::from(value), put_opts(ttl))
@@ -599,7 +592,7 @@ pub(crate) async fn serve_op(store: &RaftStore, op: ClientOp) -> Result<ClientRe
         ClientOp::Get { key: k, read } => store
             .get(&key(k)?, read_opts(read))
             .await
-            .map(|v| ClientReply::Value(v.map(raw))),
+            .map(|v| ClientReply::Value(v.as_ref().map(wire_kv))),
         ClientOp::List { prefix, read } => {
             let prefix = Prefix::new(prefix).map_err(|e| WireError::Failed(e.to_string()))?;
             store
@@ -607,7 +600,7 @@ pub(crate) async fn serve_op(store: &RaftStore, op: ClientOp) -> Result<ClientRe
                 .await
                 .map(|l| ClientReply::Listing {
                     revision: l.revision.0,
-                    values: l.values.into_iter().map(raw).collect(),
+                    values: l.values.iter().map(wire_kv).collect(),
                 })
         }
         ClientOp::Cas {
@@ -622,7 +615,7 @@ pub(crate) async fn serve_op(store: &RaftStore, op: ClientOp) -> Result<ClientRe
                 .await
                 .map(|o| match o {
                     CasOutcome::Swapped(r) => ClientReply::Swapped(r.0),
-                    CasOutcome::Conflict(c) => ClientReply::Conflict(c.map(raw)),
+                    CasOutcome::Conflict(c) => ClientReply::Conflict(c.as_ref().map(wire_kv)),
                 })
         }
         ClientOp::Limits => Ok(ClientReply::Limits {
@@ -661,13 +654,6 @@ pub(crate) async fn serve_watch(
             return;
         }
     };
-    let raw = |kv: &KeyValue| {
-        (
-            kv.key.as_str().to_owned(),
-            kv.value.as_bytes().to_vec(),
-            kv.revision.0,
-        )
-    };
     loop {
         let ev = tokio::select! {
             _ = out.closed() => return,
@@ -682,13 +668,13 @@ pub(crate) async fn serve_watch(
                     .map(|p| {
                         (
                             p.prefix.as_str().to_owned(),
-                            p.values.iter().map(raw).collect(),
+                            p.values.iter().map(wire_kv).collect(),
                         )
                     })
                     .collect();
                 let item = WireItem::Resync {
                     revision: r.revision.0,
-                    reason: r.reason.into(),
+                    reason: r.reason,
                     prefixes,
                 };
                 (item, Some(r.done))
@@ -782,34 +768,5 @@ fn from_wire(e: WireError) -> StoreError {
             StoreError::Unavailable(Box::new(e))
         }
         e @ WireError::Failed(_) => StoreError::Backend(Box::new(e)),
-    }
-}
-
-impl From<ResyncReason> for WireReason {
-    fn from(r: ResyncReason) -> Self {
-        match r {
-            ResyncReason::Initial => WireReason::Initial,
-            ResyncReason::Overflow => WireReason::Overflow,
-            ResyncReason::Requested => WireReason::Requested,
-            ResyncReason::Reconnect => WireReason::Reconnect,
-            ResyncReason::Compacted => WireReason::Compacted,
-            ResyncReason::SnapshotInstalled => WireReason::SnapshotInstalled,
-            ResyncReason::StoreReset => WireReason::StoreReset,
-            _ => WireReason::Reconnect,
-        }
-    }
-}
-
-impl From<WireReason> for ResyncReason {
-    fn from(r: WireReason) -> Self {
-        match r {
-            WireReason::Initial => ResyncReason::Initial,
-            WireReason::Overflow => ResyncReason::Overflow,
-            WireReason::Requested => ResyncReason::Requested,
-            WireReason::Reconnect => ResyncReason::Reconnect,
-            WireReason::Compacted => ResyncReason::Compacted,
-            WireReason::SnapshotInstalled => ResyncReason::SnapshotInstalled,
-            WireReason::StoreReset => ResyncReason::StoreReset,
-        }
     }
 }

@@ -632,32 +632,30 @@ impl RaftStore {
         if opts.consistency != Consistency::Linearizable {
             return Ok(());
         }
-        if let Some(node) = &self.inner.node {
-            node.check_member()?;
-        }
-        match &self.inner.node {
-            Some(node) if !node.leads() => match node.to_leader(|| Request::ReadIndex).await? {
-                (Reply::ReadIndex(Ok(index)), _) => self.applied(index).await,
-                (Reply::ReadIndex(Err(e)), _) => Err(StoreError::Backend(Box::new(e))),
-                _ => Err(StoreError::Backend(Box::new(Rejected(
-                    "unexpected reply to a read index".into(),
-                )))),
-            },
-            Some(node) => {
-                // A leader cut off from its quorum cannot confirm it still leads.
-                let confirmed = self.inner.raft.ensure_linearizable();
-                match tokio::time::timeout(node.forward_timeout, confirmed).await {
-                    Err(_) => Err(StoreError::Timeout(node.forward_timeout)),
-                    Ok(r) => r.map(|_| ()).map_err(read_error),
-                }
-            }
-            None => self
+        let Some(node) = &self.inner.node else {
+            return self
                 .inner
                 .raft
                 .ensure_linearizable()
                 .await
                 .map(|_| ())
-                .map_err(read_error),
+                .map_err(read_error);
+        };
+        node.check_member()?;
+        if !node.leads() {
+            return match node.to_leader(|| Request::ReadIndex).await? {
+                (Reply::ReadIndex(Ok(index)), _) => self.applied(index).await,
+                (Reply::ReadIndex(Err(e)), _) => Err(StoreError::Backend(Box::new(e))),
+                _ => Err(StoreError::Backend(Box::new(Rejected(
+                    "unexpected reply to a read index".into(),
+                )))),
+            };
+        }
+        // A leader cut off from its quorum cannot confirm it still leads.
+        let confirmed = self.inner.raft.ensure_linearizable();
+        match tokio::time::timeout(node.forward_timeout, confirmed).await {
+            Err(_) => Err(StoreError::Timeout(node.forward_timeout)),
+            Ok(r) => r.map(|_| ()).map_err(read_error),
         }
     }
 }

@@ -254,15 +254,13 @@ async fn a_lagging_member_catches_up_by_snapshot_and_its_watcher_is_consistent()
         .unwrap();
     let mut mirror = Mirror::new();
     let target = nodes[0].revision();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while mirror.revision("") < Some(target) {
-            let ev = datasync::testing::next_event(&mut w).await.unwrap();
-            mirror.apply(&ev).unwrap();
-            ev.into_done().ok();
-        }
-    })
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        datasync::testing::mirror_until(&mut w, &mut mirror, target),
+    )
     .await
-    .expect("the watcher catches up (deadlock?)");
+    .expect("the watcher catches up (deadlock?)")
+    .unwrap();
     assert_eq!(mirror.len(""), 300, "the watcher holds every key");
     assert!(
         back.snapshots_installed() > 0,

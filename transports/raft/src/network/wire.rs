@@ -130,7 +130,7 @@ pub(crate) enum WireItem {
     /// A resync: the values per prefix, at a revision.
     Resync {
         revision: u64,
-        reason: WireReason,
+        reason: datasync::ResyncReason,
         prefixes: Vec<(String, Vec<WireKv>)>,
     },
     /// One transaction's changes.
@@ -142,18 +142,6 @@ pub(crate) enum WireItem {
     Interrupted(WireError),
     /// The watch could not start, or ended.
     Failed(WireError),
-}
-
-/// Why a resync was sent (datasync's `ResyncReason`, on the wire).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub(crate) enum WireReason {
-    Initial,
-    Overflow,
-    Requested,
-    Reconnect,
-    Compacted,
-    SnapshotInstalled,
-    StoreReset,
 }
 
 /// A store error, on the wire.
