@@ -59,11 +59,14 @@
 //!   disk (a frame of the log's segment files, written with `O_DIRECT | O_DSYNC`) and
 //!   applied. openraft 0.9 waits for each log append to be flushed before it starts
 //!   the next, so group commit happens above it: the store's proposer drains every
-//!   proposal queued while earlier entries commit into one `Command::Batch` entry (two
-//!   such entries in flight: one applies while the next is written), and concurrent
-//!   writes share one fsync. Each write in a batch still gets its own revision and
-//!   change event. The state machine commits without fsync (see `storage` docs for why
-//!   that is safe).
+//!   proposal queued while earlier entries commit into one `Command::Batch` entry (one
+//!   such entry in flight on a single node, two in a cluster), and concurrent writes
+//!   share one fsync. Each write in a batch still gets its own revision and change
+//!   event. The state machine commits without fsync (see `storage` docs for why that is
+//!   safe), on a writer thread behind the apply: an apply computes outcomes, events and
+//!   undo records from redb plus the writes not yet stored, and hands its writes on.
+//!   A read waits for the writer to catch up, so it sees every write acknowledged
+//!   before it.
 //! - **Watches** are fed from the apply path through `datasync::feed` (bounded queue per
 //!   registration; overflow becomes a resync; a snapshot install resyncs everyone).
 //! - **Reads** are linearizable by default (`ensure_linearizable`, a read index through

@@ -254,7 +254,11 @@ impl RaftStore {
         }
         .map_err(|e| raft_err(Box::new(e)))?;
         let stop = CancellationToken::new();
-        let proposals = Proposals::start(raft.clone(), stop.clone());
+        let in_flight = match &config.cluster {
+            None => crate::propose::IN_FLIGHT_SINGLE,
+            Some(_) => crate::propose::IN_FLIGHT_CLUSTER,
+        };
+        let proposals = Proposals::start(raft.clone(), in_flight, stop.clone());
         let initialized = raft
             .is_initialized()
             .await
@@ -615,6 +619,8 @@ impl RaftStore {
         {
             warn!("the cluster server did not stop within 10 s");
         }
+        // Everything applied is stored before the files close.
+        self.inner.sm.close();
         // openraft's storage workers end shortly after its core; wait for them.
         // The state machine is ours, and a member's service's.
         let ours = 1 + usize::from(self.inner.node.is_some());

@@ -194,7 +194,7 @@ pub(crate) struct Stored {
     pub(crate) create_rev: u64,
     /// 0: no expiry.
     pub(crate) expires_at_ms: u64,
-    pub(crate) value: Vec<u8>,
+    pub(crate) value: datasync::Value,
 }
 
 const HEADER: usize = 24;
@@ -205,7 +205,7 @@ impl Stored {
         out.extend_from_slice(&self.mod_rev.to_le_bytes());
         out.extend_from_slice(&self.create_rev.to_le_bytes());
         out.extend_from_slice(&self.expires_at_ms.to_le_bytes());
-        out.extend_from_slice(&self.value);
+        out.extend_from_slice(self.value.as_bytes());
         out
     }
 
@@ -225,7 +225,7 @@ impl Stored {
             mod_rev,
             create_rev,
             expires_at_ms,
-            value: bytes[HEADER..].to_vec(),
+            value: datasync::Value::from(bytes[HEADER..].to_vec()),
         })
     }
 }
