@@ -754,7 +754,10 @@ impl Writer for RaftStore {
 
     async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
         self.read_barrier(&opts).await?;
-        self.inner.sm.get(key, opts.revision)
+        match opts.revision {
+            None => self.inner.sm.get_current(key).await,
+            at => self.inner.sm.get(key, at),
+        }
     }
 
     async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError> {

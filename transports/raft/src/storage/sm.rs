@@ -112,6 +112,7 @@ impl Shared {
         let pending = Arc::new(Pending {
             state: Mutex::new(PendingState::default()),
             progress: Condvar::new(),
+            stored_changed: Notify::new(),
             backlog: tokio::sync::Semaphore::new(BACKLOG),
         });
         let ttl_changed = Arc::new(Notify::new());
@@ -200,6 +201,19 @@ impl Shared {
                 })
             })
             .collect()
+    }
+
+    /// Reads `key` at the current revision, without holding up applies: once the
+    /// writer has stored everything applied before the call, redb's latest state holds
+    /// every write acknowledged before it.
+    pub(crate) async fn get_current(&self, key: &Key) -> Result<Option<KeyValue>, StoreError> {
+        self.pending.caught_up().await?;
+        let tx = self.db.begin_read().map_err(read_failed)?;
+        let t = tx.open_table(KV).map_err(read_failed)?;
+        t.get(key.as_str())
+            .map_err(read_failed)?
+            .map(|v| stored_kv(key.as_str(), v.value()))
+            .transpose()
     }
 
     /// Reads `key`, at the current revision or at `at`.
@@ -524,6 +538,8 @@ struct PendingState {
 struct Pending {
     state: Mutex<PendingState>,
     progress: Condvar,
+    /// `progress` for async waiters.
+    stored_changed: Notify,
     /// Applies the writer may fall behind by; apply waits beyond it.
     backlog: tokio::sync::Semaphore,
 }
@@ -534,6 +550,26 @@ const BACKLOG: usize = 256;
 impl Pending {
     fn lock(&self) -> MutexGuard<'_, PendingState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`Pending::settle`] without blocking the thread.
+    async fn caught_up(&self) -> Result<(), StoreError> {
+        let target = self.lock().queued;
+        loop {
+            let notified = self.stored_changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.lock();
+                if let Some(why) = &st.failed {
+                    return Err(read_failed(WriterFailed(why.clone())));
+                }
+                if st.stored >= target {
+                    return Ok(());
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Waits until everything applied so far is in redb.
@@ -877,6 +913,7 @@ fn writer(
         let failed = st.failed.is_some();
         drop(st);
         pending.progress.notify_all();
+        pending.stored_changed.notify_waiters();
         pending.backlog.add_permits(n);
         if failed {
             return;
