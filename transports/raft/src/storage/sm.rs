@@ -916,6 +916,8 @@ fn writer(
         pending.stored_changed.notify_waiters();
         pending.backlog.add_permits(n);
         if failed {
+            // Applies waiting for room fail rather than wait for a writer that is gone.
+            pending.backlog.close();
             return;
         }
         if leases {
