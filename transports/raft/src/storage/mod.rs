@@ -4,10 +4,12 @@
 //! Durability: an acknowledged write is durable in the log. State-machine applies
 //! commit with `Durability::None` (no second fsync per write), so after a crash the
 //! state machine is back at its last durable commit and openraft re-applies the log
-//! from there. Last-applied is written in the same transaction as the data it covers.
-//! Durable redb commits happen once a second on the apply path (bounding the replay),
-//! at snapshots, votes and purges; the purge point is stored durably before any
-//! segment is deleted, so the entries a replay needs are never gone.
+//! from there. Last-applied is written in the same transaction as the data it covers,
+//! by the state machine's writer thread, behind the apply path. Durable redb commits
+//! happen once a second on that thread (bounding the replay), at snapshots (after the
+//! writer has caught up, so a snapshot never runs ahead of what a restart recovers),
+//! votes and purges; the purge point is stored durably before any segment is deleted,
+//! so the entries a replay needs are never gone.
 //!
 //! redb checksums its pages; at open the whole file is verified
 //! ([`redb::Database::check_integrity`]), and the log's frames are checksummed and
