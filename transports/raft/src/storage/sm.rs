@@ -168,7 +168,7 @@ impl Shared {
     /// Pins the current state: a read transaction and its revision. Under the lock no
     /// apply runs, so once the writer has caught up redb is at `inner.revision`.
     pub(crate) fn pin(&self, inner: &Inner) -> Result<(ReadTransaction, u64), StoreError> {
-        self.pending.settle()?;
+        self.settle()?;
         let tx = self.db.begin_read().map_err(read_failed)?;
         Ok((tx, inner.revision))
     }
@@ -389,6 +389,39 @@ fn stored_kv(k: &str, v: &[u8]) -> Result<KeyValue, StoreError> {
     })
 }
 
+type Item<'a> = Result<
+    (
+        redb::AccessGuard<'a, &'static str>,
+        redb::AccessGuard<'a, &'static [u8]>,
+    ),
+    redb::StorageError,
+>;
+
+/// One end of a split scan (`side` 0 forward, 1 backward): reads `items` into `out`
+/// until they run out or, checked every [`MEET_EVERY`] keys, this end has reached the
+/// last key the other end published.
+fn read_until_met<'a>(
+    items: impl Iterator<Item = Item<'a>>,
+    out: &mut Vec<KeyValue>,
+    met: &Mutex<[Option<Key>; 2]>,
+    side: usize,
+) -> Result<(), StoreError> {
+    for (n, item) in items.enumerate() {
+        let (k, v) = item.map_err(read_failed)?;
+        out.push(stored_kv(k.value(), v.value())?);
+        if (n + 1) % MEET_EVERY == 0 {
+            let mut m = met.lock().unwrap_or_else(|e| e.into_inner());
+            m[side] = out.last().map(|kv| kv.key.clone());
+            if let [Some(f), Some(b)] = &*m
+                && f >= b
+            {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Every value under `prefix`, in key order.
 ///
 /// Why two threads for long listings: most of a long scan is redb fetching pages its
@@ -414,42 +447,16 @@ fn scan(tx: &ReadTransaction, prefix: &Prefix) -> Result<Vec<KeyValue>, StoreErr
     if out.len() < SPLIT_AFTER || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         return Ok(out);
     }
-    // The last key each end has read; an end stops once it has passed the other's.
-    let met: Mutex<(Option<Key>, Option<Key>)> = Mutex::new((None, None));
-    let crossed = |m: &(Option<Key>, Option<Key>)| match m {
-        (Some(f), Some(b)) => f >= b,
-        _ => false,
-    };
+    // The last key each end has read (forward, backward).
+    let met = Mutex::new([None, None]);
     let back = std::thread::scope(|scope| {
         let helper = scope.spawn(|| -> Result<Vec<KeyValue>, StoreError> {
             let t = tx.open_table(KV).map_err(read_failed)?;
             let mut back = Vec::new();
-            for item in range(&t).map_err(read_failed)?.rev() {
-                let (k, v) = item.map_err(read_failed)?;
-                back.push(stored_kv(k.value(), v.value())?);
-                if back.len() % MEET_EVERY == 0 {
-                    let mut m = met.lock().unwrap_or_else(|e| e.into_inner());
-                    m.1 = back.last().map(|kv| kv.key.clone());
-                    if crossed(&m) {
-                        break;
-                    }
-                }
-            }
+            read_until_met(range(&t).map_err(read_failed)?.rev(), &mut back, &met, 1)?;
             Ok(back)
         });
-        let mut n = 0;
-        for item in fwd.by_ref() {
-            let (k, v) = item.map_err(read_failed)?;
-            out.push(stored_kv(k.value(), v.value())?);
-            n += 1;
-            if n % MEET_EVERY == 0 {
-                let mut m = met.lock().unwrap_or_else(|e| e.into_inner());
-                m.0 = out.last().map(|kv| kv.key.clone());
-                if crossed(&m) {
-                    break;
-                }
-            }
-        }
+        read_until_met(fwd, &mut out, &met, 0)?;
         helper
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
@@ -506,7 +513,7 @@ struct Payload {
 /// `None` once deleted.
 #[derive(Debug)]
 struct Write {
-    key: String,
+    key: Key,
     record: Option<Stored>,
 }
 
@@ -525,7 +532,7 @@ struct Work {
 struct PendingState {
     /// The newest applied record of every key changed but not yet stored (`None`:
     /// deleted), with the revision of that change.
-    keys: BTreeMap<String, (u64, Option<Stored>)>,
+    keys: BTreeMap<Key, (u64, Option<Stored>)>,
     /// Applies handed to the writer, and applies it has stored.
     queued: u64,
     stored: u64,
@@ -559,14 +566,8 @@ impl Pending {
             let notified = self.stored_changed.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            {
-                let st = self.lock();
-                if let Some(why) = &st.failed {
-                    return Err(read_failed(WriterFailed(why.clone())));
-                }
-                if st.stored >= target {
-                    return Ok(());
-                }
+            if let Some(done) = self.lock().reached(target) {
+                return done;
             }
             notified.await;
         }
@@ -576,12 +577,21 @@ impl Pending {
     fn settle(&self) -> Result<(), StoreError> {
         let mut st = self.lock();
         let target = st.queued;
-        while st.stored < target && st.failed.is_none() {
+        loop {
+            if let Some(done) = st.reached(target) {
+                return done;
+            }
             st = self.progress.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        match &st.failed {
-            Some(why) => Err(read_failed(WriterFailed(why.clone()))),
-            None => Ok(()),
+    }
+}
+
+impl PendingState {
+    /// Whether waiting for the writer to store `target` applies is over, and how.
+    fn reached(&self, target: u64) -> Option<Result<(), StoreError>> {
+        match &self.failed {
+            Some(why) => Some(Err(read_failed(WriterFailed(why.clone())))),
+            None => (self.stored >= target).then_some(Ok(())),
         }
     }
 }
@@ -612,12 +622,12 @@ impl View<'_> {
         }
     }
 
-    fn record(&mut self, key: &str, revision: u64, record: Option<Stored>) {
+    fn record(&mut self, key: &Key, revision: u64, record: Option<Stored>) {
         self.pending
             .keys
-            .insert(key.to_owned(), (revision, record.clone()));
+            .insert(key.clone(), (revision, record.clone()));
         self.writes.push(Write {
-            key: key.to_owned(),
+            key: key.clone(),
             record,
         });
     }
@@ -638,11 +648,12 @@ impl View<'_> {
         };
         self.lease_written |= expires.is_some();
         let value = rec.value.clone();
-        self.record(key, rev, Some(rec));
+        let key = Key::new(key).map_err(wr)?;
+        self.record(&key, rev, Some(rec));
         let before = prev.map(|p| (p.value, p.mod_rev));
         Ok((
             KeyChange {
-                key: Key::new(key).map_err(wr)?,
+                key,
                 op: Op::Put,
                 value: Some(value),
                 prev: before.as_ref().map(|(v, _)| v.clone()),
@@ -655,10 +666,11 @@ impl View<'_> {
         let Some(prev) = self.current(key)? else {
             return Ok(None);
         };
-        self.record(key, rev, None);
+        let key = Key::new(key).map_err(wr)?;
+        self.record(&key, rev, None);
         Ok(Some((
             KeyChange {
-                key: Key::new(key).map_err(wr)?,
+                key,
                 op: Op::Delete,
                 value: None,
                 prev: Some(prev.value.clone()),
@@ -667,7 +679,8 @@ impl View<'_> {
         )))
     }
 
-    /// Keys under `prefix` in the applied state (redb's, with pending writes).
+    /// Keys under `prefix` in redb or among the pending writes (including ones deleted
+    /// since, which `delete` skips).
     fn keys_under(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let mut keys = std::collections::BTreeSet::new();
         for item in self.kv.range(prefix..).map_err(rd)? {
@@ -677,19 +690,16 @@ impl View<'_> {
             }
             keys.insert(k.value().to_owned());
         }
-        for (k, (_, rec)) in self.pending.keys.range::<str, _>((
+        let pending = self.pending.keys.range::<str, _>((
             std::ops::Bound::Included(prefix),
             std::ops::Bound::Unbounded,
-        )) {
-            if !k.starts_with(prefix) {
-                break;
-            }
-            if rec.is_some() {
-                keys.insert(k.clone());
-            } else {
-                keys.remove(k);
-            }
-        }
+        ));
+        keys.extend(
+            pending
+                .map(|(k, _)| k.as_str())
+                .take_while(|k| k.starts_with(prefix))
+                .map(str::to_owned),
+        );
         Ok(keys.into_iter().collect())
     }
 
@@ -938,7 +948,7 @@ fn store(db: &Database, works: Vec<Work>, durable: bool) -> Result<(), StorageEr
         let mut meta = tx.open_table(SM_META).map_err(wr)?;
         let (mut last, mut revision) = (None, None);
         for w in works {
-            for Write { key, record, .. } in w.writes {
+            for Write { key, record } in w.writes {
                 let old = match &record {
                     Some(r) => kv.insert(key.as_str(), r.encode().as_slice()),
                     None => kv.remove(key.as_str()),
