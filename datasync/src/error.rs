@@ -26,8 +26,9 @@ pub enum StoreError {
         /// The store's limit.
         max: usize,
     },
-    /// A TTL of zero (TTLs are never rounded to zero, and zero is refused).
-    #[error("TTL must be positive, got {0:?}")]
+    /// A TTL of zero (TTLs are never rounded to zero, and zero is refused) or longer
+    /// than [`MAX_TTL`](crate::MAX_TTL).
+    #[error("TTL must be positive and at most ten years (MAX_TTL), got {0:?}")]
     InvalidTtl(Duration),
     /// The requested revision is older than the retained history.
     #[error("revision {requested} is compacted (history starts after {compacted})")]

@@ -164,12 +164,20 @@ impl Prefix {
 
     /// The smallest string greater than every key under this prefix, for range scans;
     /// `None` when the range is unbounded.
+    ///
+    /// UTF-8 orders by code point, so the bound is the prefix with its last character
+    /// replaced by the next one (skipping surrogates); a last character of U+10FFFF is
+    /// dropped and the one before it incremented instead.
     pub fn range_end(&self) -> Option<String> {
-        let mut bytes = self.0.as_bytes().to_vec();
-        while let Some(last) = bytes.pop() {
-            if last < 0x7f {
-                bytes.push(last + 1);
-                return String::from_utf8(bytes).ok();
+        let mut chars: Vec<char> = self.0.chars().collect();
+        while let Some(last) = chars.pop() {
+            let next = match last {
+                '\u{d7ff}' => Some('\u{e000}'),
+                c => char::from_u32(c as u32 + 1),
+            };
+            if let Some(next) = next {
+                chars.push(next);
+                return Some(chars.into_iter().collect());
             }
         }
         None
@@ -278,5 +286,49 @@ mod tests {
             Some("a0")
         );
         assert_eq!(Prefix::all().range_end(), None);
+        // Multi-byte last characters: the next character, not a shorter prefix's end.
+        let end = |s: &str| Prefix::new(s).unwrap().range_end();
+        assert_eq!(end("p/é").as_deref(), Some("p/ê"));
+        assert_eq!(end("é").as_deref(), Some("ê"));
+        assert_eq!(end("p/日").as_deref(), Some("p/旦"));
+        assert_eq!(end("a\u{d7ff}").as_deref(), Some("a\u{e000}"));
+        assert_eq!(end("a\u{10ffff}").as_deref(), Some("b"));
+        assert_eq!(end("\u{10ffff}\u{10ffff}"), None);
+    }
+
+    /// Every string under a prefix sorts below its range end, and every string outside
+    /// the prefix that sorts at or above the prefix sorts at or above the end.
+    #[test]
+    fn range_end_bounds_exactly() {
+        use proptest::prelude::*;
+        let chars = prop_oneof![
+            Just('a'),
+            Just('z'),
+            Just('\u{7e}'),
+            Just('\u{80}'),
+            Just('é'),
+            Just('ê'),
+            Just('\u{7ff}'),
+            Just('\u{800}'),
+            Just('\u{d7ff}'),
+            Just('\u{e000}'),
+            Just('\u{ffff}'),
+            Just('\u{10000}'),
+            Just('\u{10ffff}'),
+            any::<char>(),
+        ];
+        let string =
+            proptest::collection::vec(chars, 0..5).prop_map(|c| c.into_iter().collect::<String>());
+        proptest!(|(prefix in string.clone(), key in string)| {
+            let p = Prefix(Arc::from(prefix.as_str()));
+            match p.range_end() {
+                Some(end) => {
+                    prop_assert!(end.as_str() > prefix.as_str());
+                    let inside = key.as_str() >= prefix.as_str() && key.as_str() < end.as_str();
+                    prop_assert_eq!(inside, p.matches(&key), "key {:?} end {:?}", key, end);
+                }
+                None => prop_assert!(key.as_str() < prefix.as_str() || p.matches(&key)),
+            }
+        });
     }
 }

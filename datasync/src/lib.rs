@@ -91,6 +91,6 @@ pub use revision::Revision;
 pub use value::{Codec, DecodeError, EncodeError, Json, Proto, Value};
 pub use watch::{Registration, Watch, WatchOptions, Watcher};
 pub use write::{
-    CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Limits, Listing, PutOptions,
+    CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Limits, Listing, MAX_TTL, PutOptions,
     ReadOptions, Store, TypedPutError, Writer, WriterExt,
 };

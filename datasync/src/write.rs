@@ -7,13 +7,23 @@ use std::time::Duration;
 use crate::value::{Codec, EncodeError};
 use crate::{Key, KeyValue, Prefix, Revision, StoreError, Value};
 
+/// Longest TTL a put accepts: ten years (365-day years). Longer TTLs are refused with
+/// [`StoreError::InvalidTtl`] rather than clamped, so a caller never gets a lease other
+/// than the one it asked for.
+///
+/// Why a limit at all: each backend keeps deadlines in its own units (an `Instant`, etcd's
+/// lease seconds, a NATS TTL header, the raft store's milliseconds), and unbounded
+/// durations overflow some of them. Ten years fits all of them with room to spare.
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
 /// Options of a put.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PutOptions {
     /// Delete the key this long after the put (a Delete change with the previous value is
     /// emitted). A put without TTL removes any earlier TTL of the key. Backends with coarser
-    /// TTLs round up, never down to zero; a zero TTL is refused.
+    /// TTLs round up, never down to zero; a zero TTL, or one longer than [`MAX_TTL`], is
+    /// refused.
     pub ttl: Option<Duration>,
 }
 
@@ -33,7 +43,7 @@ impl PutOptions {
     /// Checks the options.
     pub fn validate(&self) -> Result<(), StoreError> {
         match self.ttl {
-            Some(t) if t.is_zero() => Err(StoreError::InvalidTtl(t)),
+            Some(t) if t.is_zero() || t > MAX_TTL => Err(StoreError::InvalidTtl(t)),
             _ => Ok(()),
         }
     }

@@ -24,6 +24,24 @@ enum Bug {
     SilentDone,
     /// Loses every 7th change instead of resyncing.
     Lossy,
+    /// Lists a prefix as a byte range whose end drops non-ASCII bytes (the raft store's
+    /// old `Prefix::range_end`), so `list("p/é")` returns `p/ê` too.
+    AsciiRange,
+    /// Turns a TTL longer than a day into an immediate expiry (a deadline that
+    /// overflowed), and accepts any TTL.
+    HugeTtl,
+}
+
+/// The old, too-wide range end: the prefix up to its last ASCII byte below 0x7f, plus one.
+fn ascii_range_end(prefix: &str) -> Option<String> {
+    let mut bytes = prefix.as_bytes().to_vec();
+    while let Some(last) = bytes.pop() {
+        if last < 0x7f {
+            bytes.push(last + 1);
+            return String::from_utf8(bytes).ok();
+        }
+    }
+    None
 }
 
 #[derive(Debug, Clone)]
@@ -39,7 +57,13 @@ impl Writer for Broken {
         self.inner.limits()
     }
     async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
-        self.inner.put(key, value, opts).await
+        match opts.ttl {
+            Some(t) if self.bug == Bug::HugeTtl && t > std::time::Duration::from_secs(86_400) => {
+                let opts = PutOptions::new().ttl(std::time::Duration::from_millis(1));
+                self.inner.put(key, value, opts).await
+            }
+            _ => self.inner.put(key, value, opts).await,
+        }
     }
     async fn delete(&self, key: &Key, opts: DeleteOptions) -> Result<Deleted, StoreError> {
         self.inner.delete(key, opts).await
@@ -48,7 +72,16 @@ impl Writer for Broken {
         self.inner.get(key, opts).await
     }
     async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError> {
-        self.inner.list(prefix, opts).await
+        if self.bug != Bug::AsciiRange {
+            return self.inner.list(prefix, opts).await;
+        }
+        let mut all = self.inner.list(&Prefix::all(), opts).await?;
+        let end = ascii_range_end(prefix.as_str());
+        all.values.retain(|kv| {
+            let k = kv.key.as_str();
+            k >= prefix.as_str() && end.as_deref().is_none_or(|e| k < e)
+        });
+        Ok(all)
     }
     async fn compare_and_swap(
         &self,
@@ -177,6 +210,7 @@ impl Watcher for Broken {
                     })
                 }),
             )),
+            Bug::AsciiRange | Bug::HugeTtl => Ok(inner),
             Bug::Lossy => {
                 let mut n = 0u32;
                 Ok(Watch::new(
@@ -267,4 +301,16 @@ async fn suite_catches_a_stream_with_holes() {
         failed.contains(&"rule7_slow_consumer_is_isolated_and_resynced"),
         "{failed:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_catches_a_prefix_range_that_drops_non_ascii_bytes() {
+    let failed = failing(Bug::AsciiRange).await;
+    assert_eq!(failed, ["keys_unicode_prefixes_match_a_model"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_catches_huge_ttls_that_expire_at_once() {
+    let failed = failing(Bug::HugeTtl).await;
+    assert_eq!(failed, ["rule8_huge_ttls_are_refused_or_kept"]);
 }

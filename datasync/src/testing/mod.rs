@@ -208,9 +208,11 @@ macro_rules! conformance_tests {
             rule7_slow_consumer_is_isolated_and_resynced,
             rule8_put_get_list_delete,
             rule8_ttl_expiry_emits_delete_with_prev,
+            rule8_huge_ttls_are_refused_or_kept,
             rule8_compare_and_swap,
             rule8_cas_is_linearizable_read_modify_write,
             rule9_bad_input_gets_typed_errors,
+            keys_unicode_prefixes_match_a_model,
         );
     };
     (@each $harness:expr; $($name:ident),+ $(,)?) => {

@@ -566,6 +566,31 @@ pub async fn rule8_put_get_list_delete<H: Harness>(h: &H) -> Outcome {
         matches!(future, Err(StoreError::FutureRevision { .. })),
         "a read at a future revision must fail with FutureRevision, got {future:?}"
     );
+    // Revisions past i64::MAX (a backend with signed revisions must not wrap them).
+    for far in [Revision(1 << 63), Revision(u64::MAX)] {
+        let got = s.get(&key("r8/b"), ReadOptions::new().at(far)).await;
+        ensure!(
+            matches!(got, Err(StoreError::FutureRevision { .. })),
+            "a read at {far} must fail with FutureRevision, got {got:?}"
+        );
+        let got = s.list(&prefix("r8/"), ReadOptions::new().at(far)).await;
+        ensure!(
+            matches!(got, Err(StoreError::FutureRevision { .. })),
+            "a listing at {far} must fail with FutureRevision, got {got:?}"
+        );
+        let got = s
+            .compare_and_swap(
+                &key("r8/b"),
+                Expect::Revision(far),
+                "x".into(),
+                PutOptions::new(),
+            )
+            .await?;
+        ensure!(
+            matches!(&got, CasOutcome::Conflict(Some(kv)) if kv.value == Value::from("3")),
+            "a compare-and-swap expecting revision {far} must conflict, got {got:?}"
+        );
+    }
     let d = s.delete(&key("r8/a"), DeleteOptions::new()).await?;
     ensure!(d.count == 1 && d.revision > r3, "delete returned {d:?}");
     put(&s, "r8/c", "4").await?;
@@ -795,5 +820,253 @@ pub async fn rule9_bad_input_gets_typed_errors<H: Harness>(h: &H) -> Outcome {
         "the stream must go on after a bad value, got {ev:?}"
     );
     answer(ev);
+    Ok(())
+}
+
+/// How many generated cases [`keys_unicode_prefixes_match_a_model`] runs: 16, or
+/// `DATASYNC_PROPTEST_CASES` for longer runs.
+fn proptest_cases() -> u32 {
+    std::env::var("DATASYNC_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
+
+/// Key tails and prefixes: short strings over characters that stress byte-ordered
+/// ranges (the last ASCII character, two-, three- and four-byte characters next to each
+/// other, the ends of the surrogate gap, U+10FFFF) and any other non-control character.
+fn unicode_cases() -> impl proptest::strategy::Strategy<Value = (Vec<String>, Vec<String>)> {
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    let ch = prop_oneof![
+        Just('a'),
+        Just('b'),
+        Just('/'),
+        Just('.'),
+        Just('~'),
+        Just('\u{80}'),
+        Just('é'),
+        Just('ê'),
+        Just('\u{7ff}'),
+        Just('\u{800}'),
+        Just('日'),
+        Just('本'),
+        Just('\u{d7ff}'),
+        Just('\u{e000}'),
+        Just('\u{ffff}'),
+        Just('\u{10000}'),
+        Just('\u{10ffff}'),
+        any::<char>().prop_filter("no control characters", |c| !c.is_ascii_control()),
+    ];
+    let text = |max| {
+        proptest::collection::vec(ch.clone(), 0..max)
+            .prop_map(|c| c.into_iter().collect::<String>())
+    };
+    let keys = proptest::collection::vec(
+        text(6).prop_filter("keys are not empty", |k| !k.is_empty()),
+        1..10,
+    );
+    // Prefixes: cuts of the keys (so some are prefixes of others, and some end inside a
+    // run of multi-byte characters) and arbitrary strings.
+    let cuts = proptest::collection::vec((any::<Index>(), any::<Index>()), 1..4);
+    (keys, cuts, proptest::collection::vec(text(3), 0..2)).prop_map(|(keys, cuts, mut other)| {
+        let mut prefixes: Vec<String> = cuts
+            .iter()
+            .map(|(k, cut)| {
+                let key = k.get(&keys);
+                let n = cut.index(key.chars().count() + 1);
+                key.chars().take(n).collect()
+            })
+            .collect();
+        prefixes.append(&mut other);
+        (keys, prefixes)
+    })
+}
+
+/// Rule 8 and rule 1 over generated keys: for keys and prefixes of any Unicode
+/// (multi-byte last characters, prefixes that are prefixes of each other), `list` and
+/// the initial resync return exactly the keys of a model that start with the prefix,
+/// and later writes reach a watch exactly when their key is under one of its prefixes.
+/// A transport may refuse a key it cannot represent ([`crate::KeyError::Unrepresentable`]).
+pub async fn keys_unicode_prefixes_match_a_model<H: Harness>(h: &H) -> Outcome {
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::{Config, TestRng, TestRunner};
+    // Generated up front: proptest's strategies are not `Send`.
+    let cases = {
+        let config = Config {
+            cases: proptest_cases(),
+            ..Config::default()
+        };
+        let mut runner = TestRunner::new_with_rng(config, TestRng::deterministic_rng(config_rng()));
+        let strategy = unicode_cases();
+        (0..runner.config().cases)
+            .map(|case| {
+                strategy
+                    .new_tree(&mut runner)
+                    .map(|t| t.current())
+                    .map_err(|e| Failure(format!("generating case {case}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let s = h.store().await;
+    for (case, (tails, prefix_tails)) in cases.into_iter().enumerate() {
+        let ns = format!("pu{case}/");
+        let mut model = std::collections::BTreeMap::<String, Value>::new();
+        for (i, tail) in tails.iter().enumerate() {
+            let k = Key::new(format!("{ns}{tail}"))?;
+            let v = Value::from(format!("v{i}"));
+            match s.put(&k, v.clone(), PutOptions::new()).await {
+                Ok(_) => {
+                    model.insert(k.as_str().to_owned(), v);
+                }
+                Err(StoreError::InvalidKey(crate::KeyError::Unrepresentable { .. })) => {}
+                Err(e) => return Err(Failure(format!("case {case}: put {k:?}: {e}"))),
+            }
+        }
+        let under =
+            |model: &std::collections::BTreeMap<String, Value>, p: &str| -> Vec<(String, Value)> {
+                model
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(p))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            };
+        let prefixes: Vec<Prefix> = prefix_tails
+            .iter()
+            .map(|t| Prefix::new(format!("{ns}{t}")))
+            .collect::<Result<_, _>>()?;
+        for p in &prefixes {
+            let listing = s.list(p, ReadOptions::new()).await?;
+            let got: Vec<_> = listing
+                .values
+                .iter()
+                .map(|kv| (kv.key.as_str().to_owned(), kv.value.clone()))
+                .collect();
+            let want = under(&model, p.as_str());
+            ensure!(
+                got == want,
+                "case {case}: list({p:?}) returned {got:?}, the model has {want:?} (keys {tails:?})"
+            );
+        }
+        let mut w = s
+            .watch(&format!("pu{case}"), &prefixes, WatchOptions::default())
+            .await?;
+        let ev = next_event(&mut w).await?;
+        let Event::Resync(rs) = &ev else {
+            return Err(Failure(format!(
+                "case {case}: first event is not a resync: {ev:?}"
+            )));
+        };
+        for g in &rs.prefixes {
+            let got: Vec<_> = g
+                .values
+                .iter()
+                .map(|kv| (kv.key.as_str().to_owned(), kv.value.clone()))
+                .collect();
+            let want = under(&model, g.prefix.as_str());
+            ensure!(
+                got == want,
+                "case {case}: the resync of {:?} holds {got:?}, the model has {want:?}",
+                g.prefix
+            );
+        }
+        let mut mirror = Mirror::new();
+        mirror.apply(&ev)?;
+        answer(ev);
+        // Rewrite every key, then a sentinel under the first prefix, and follow the
+        // stream to it: the mirror must hold exactly the watched part of the model.
+        let keys: Vec<String> = model.keys().cloned().collect();
+        for (i, k) in keys.iter().enumerate() {
+            let v = Value::from(format!("w{i}"));
+            s.put(&key(k), v.clone(), PutOptions::new()).await?;
+            model.insert(k.clone(), v);
+        }
+        let sentinel = key(&format!("{}~end", prefixes[0]));
+        let last = s.put(&sentinel, "end".into(), PutOptions::new()).await?;
+        model.insert(sentinel.as_str().to_owned(), Value::from("end"));
+        catch_up(&mut w, &mut mirror, last).await?;
+        let got: Vec<_> = mirror
+            .values("")
+            .map(|(k, v, _)| (k.as_str().to_owned(), v.clone()))
+            .collect();
+        let want: Vec<_> = model
+            .iter()
+            .filter(|(k, _)| prefixes.iter().any(|p| p.matches(k)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        ensure!(
+            got == want,
+            "case {case}: after the rewrites the watch of {prefixes:?} holds {got:?}, the model has {want:?}"
+        );
+        drop(w);
+        s.delete(&key(&ns), DeleteOptions::new().prefix()).await?;
+    }
+    Ok(())
+}
+
+/// The seed algorithm of the suite's generated cases (fixed, so a failure repeats).
+fn config_rng() -> proptest::test_runner::RngAlgorithm {
+    proptest::test_runner::RngAlgorithm::ChaCha
+}
+
+/// Rule 8: a TTL above [`crate::MAX_TTL`] (up to `Duration::MAX`) is refused with a
+/// typed error, not a panic, an overflow or an immediate expiry; `MAX_TTL` itself is
+/// accepted and the key stays.
+pub async fn rule8_huge_ttls_are_refused_or_kept<H: Harness>(h: &H) -> Outcome {
+    let s = h.store().await;
+    let mut w = watch(&s, "r8h", &["r8h/"]).await?;
+    let mut mirror = Mirror::new();
+    answer(apply_next(&mut w, &mut mirror).await?);
+    for ttl in [
+        Duration::MAX,
+        crate::MAX_TTL + Duration::from_nanos(1),
+        Duration::from_secs(u64::MAX / 1000),
+    ] {
+        let k = key("r8h/refused");
+        let got = s.put(&k, "x".into(), PutOptions::new().ttl(ttl)).await;
+        ensure!(
+            matches!(got, Err(StoreError::InvalidTtl(t)) if t == ttl),
+            "a TTL of {ttl:?} must be refused with InvalidTtl, got {got:?}"
+        );
+        let cas = s
+            .compare_and_swap(&k, Expect::Absent, "x".into(), PutOptions::new().ttl(ttl))
+            .await;
+        ensure!(
+            matches!(cas, Err(StoreError::InvalidTtl(_))),
+            "a compare-and-swap with a TTL of {ttl:?} must be refused, got {cas:?}"
+        );
+        ensure!(
+            s.get(&k, ReadOptions::new()).await?.is_none(),
+            "a refused TTL put was stored"
+        );
+    }
+    let k = key("r8h/longest");
+    let r = s
+        .put(&k, "kept".into(), PutOptions::new().ttl(crate::MAX_TTL))
+        .await?;
+    let ttl_1 = key("r8h/day");
+    s.put(
+        &ttl_1,
+        "d".into(),
+        PutOptions::new().ttl(Duration::from_secs(86_400)),
+    )
+    .await?;
+    let last = put(&s, "r8h/after", "a").await?;
+    catch_up(&mut w, &mut mirror, last).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let end = put(&s, "r8h/end", "e").await?;
+    catch_up(&mut w, &mut mirror, end).await?;
+    for k in [&k, &ttl_1] {
+        ensure!(
+            mirror.get("", k.as_str()).is_some(),
+            "a key with a long TTL was deleted at once: {k:?} (put at {r})"
+        );
+        ensure!(
+            s.get(k, ReadOptions::new()).await?.is_some(),
+            "a key with a long TTL is no longer readable: {k:?}"
+        );
+    }
+    s.delete(&key("r8h/"), DeleteOptions::new().prefix())
+        .await?;
     Ok(())
 }

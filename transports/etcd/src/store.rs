@@ -149,6 +149,18 @@ impl EtcdStore {
             .map_err(store_error)
     }
 
+    /// `r` as etcd's signed revision; above `i64::MAX` it can only be in the future (it
+    /// must not wrap to a negative revision, which etcd reads as "current").
+    async fn etcd_revision(&self, r: Revision) -> Result<i64, StoreError> {
+        match i64::try_from(r.0) {
+            Ok(r) => Ok(r),
+            Err(_) => Err(StoreError::FutureRevision {
+                requested: r,
+                current: self.current_revision().await?,
+            }),
+        }
+    }
+
     /// A read error, with the revisions a caller needs to act on it.
     async fn read_error(&self, e: etcd_client::Error, requested: Option<Revision>) -> StoreError {
         match requested {
@@ -209,7 +221,7 @@ impl EtcdStore {
                 .with_range(end.clone())
                 .with_limit(page as i64);
             if let Some(r) = revision {
-                opts = opts.with_revision(r.0 as i64);
+                opts = opts.with_revision(self.etcd_revision(r).await?);
             }
             if consistency == Consistency::Local {
                 opts = opts.with_serializable();
@@ -423,7 +435,7 @@ impl Writer for EtcdStore {
     async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
         let mut o = GetOptions::new();
         if let Some(r) = opts.revision {
-            o = o.with_revision(r.0 as i64);
+            o = o.with_revision(self.etcd_revision(r).await?);
         }
         if opts.consistency == Consistency::Local {
             o = o.with_serializable();
@@ -458,7 +470,11 @@ impl Writer for EtcdStore {
         let lease = self.lease_for(&opts).await?;
         let cmp = match expect {
             Expect::Absent => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
-            Expect::Revision(r) => Compare::mod_revision(k.clone(), CompareOp::Equal, r.0 as i64),
+            // No key is at a revision above i64::MAX: -1 makes the compare fail, as it must.
+            Expect::Revision(r) => {
+                let r = i64::try_from(r.0).unwrap_or(-1);
+                Compare::mod_revision(k.clone(), CompareOp::Equal, r)
+            }
         };
         let txn = Txn::new()
             .when([cmp])

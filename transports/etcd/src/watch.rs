@@ -272,6 +272,17 @@ impl Task {
         let revision = |e: &etcd_client::Event| e.kv().map_or(0, |kv| kv.mod_revision());
         for txn in events.chunk_by(|a, b| revision(a) == revision(b)) {
             let rev = Revision(revision(&txn[0]) as u64);
+            if let Some(e) = txn.iter().find(|e| lost_prev(e)) {
+                // Compaction passed the previous revision while the event was in flight:
+                // etcd sends it without `prev_kv`. Deliver no guess; resync from here.
+                tracing::warn!(
+                    registration = self.reg.name(),
+                    key = %String::from_utf8_lossy(e.kv().map_or(&[][..], |kv| kv.key())),
+                    revision = rev.0,
+                    "etcd sent a change without its previous value (compacted): resync follows"
+                );
+                return Err(Flow::Resync(ResyncReason::Compacted));
+            }
             let mut changes: Vec<_> = txn.iter().filter_map(|e| self.change(e)).collect();
             if !changes.is_empty() {
                 changes.sort_by(|a, b| a.key.cmp(&b.key));
@@ -288,6 +299,7 @@ impl Task {
         Ok(())
     }
 
+    /// The change `ev` makes to a watched key; `None` for keys outside the watch.
     fn change(&self, ev: &etcd_client::Event) -> Option<KeyChange> {
         let kv = ev.kv()?;
         let key = self.store.decode_key(kv.key())?;
@@ -309,5 +321,40 @@ impl Task {
                 prev,
             },
         })
+    }
+}
+
+/// Whether etcd dropped `ev`'s previous value: a delete always had one, and so did a
+/// put to a key created before this revision.
+fn lost_prev(ev: &etcd_client::Event) -> bool {
+    let Some(kv) = ev.kv() else {
+        return false;
+    };
+    let put = ev.event_type() == etcd_client::EventType::Put;
+    prev_missing(
+        put,
+        kv.create_revision(),
+        kv.mod_revision(),
+        ev.prev_kv().is_some(),
+    )
+}
+
+/// [`lost_prev`] on the event's fields.
+fn prev_missing(put: bool, create_revision: i64, mod_revision: i64, has_prev: bool) -> bool {
+    !has_prev && (!put || create_revision != mod_revision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prev_missing;
+
+    #[test]
+    fn a_change_without_its_previous_value_is_detected() {
+        // A create has no previous value; an update or a delete without one lost it.
+        assert!(!prev_missing(true, 7, 7, false));
+        assert!(prev_missing(true, 3, 7, false));
+        assert!(prev_missing(false, 3, 7, false));
+        assert!(!prev_missing(true, 3, 7, true));
+        assert!(!prev_missing(false, 3, 7, true));
     }
 }

@@ -151,14 +151,11 @@ pub(crate) fn filters(prefixes: &[Prefix]) -> Vec<String> {
     let mut all: Vec<String> = prefixes.iter().map(filter).collect();
     all.sort();
     all.dedup();
-    let mut out: Vec<String> = Vec::new();
-    // Sorted, a covering filter comes before what it covers ("a.>" < "a.b.>").
-    for f in all {
-        if !out.iter().any(|o| covers(o, &f)) {
-            out.push(f);
-        }
-    }
-    out
+    // Not by sorting alone: a covered filter can sort before the one covering it
+    // ("a.0.>" < "a.>", as digits, `-` and `=` sort below `>`), and JetStream refuses
+    // a consumer whose filters overlap.
+    let covered = |f: &String| all.iter().any(|o| o != f && covers(o, f));
+    all.iter().filter(|f| !covered(f)).cloned().collect()
 }
 
 #[cfg(test)]
@@ -246,6 +243,13 @@ mod tests {
             .map(|p| Prefix::new(*p).expect("valid prefix"))
             .collect();
         assert_eq!(filters(&p), vec!["a.>", "c.>"]);
+        // A covered filter that sorts before its cover (digits, `-` and `=` sort below
+        // `>`) is dropped too: JetStream refuses overlapping filters.
+        let p: Vec<Prefix> = ["a/0/", "a/x", "b/é/", "b/"]
+            .iter()
+            .map(|s| Prefix::new(s).expect("valid prefix"))
+            .collect();
+        assert_eq!(filters(&p), vec!["a.>", "b.>"]);
         // A prefix's keys all match its filter.
         for (p, k) in [("a/", "a/"), ("a/", "a/x/y"), ("a/x", "a/xyz"), ("", "q")] {
             let subject = encode(&key(k)).expect("encodes");

@@ -89,6 +89,8 @@
 //!   watchers.
 
 mod cluster;
+#[cfg(test)]
+mod decode_fuzz;
 mod network;
 mod propose;
 mod remote;

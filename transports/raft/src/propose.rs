@@ -117,6 +117,13 @@ impl Proposals {
     /// # Cancel safety
     /// Dropping the future does not withdraw a proposal already queued.
     pub(crate) async fn propose(&self, cmd: Command) -> Committed {
+        cmd.check().map_err(ProposeError::Store)?;
+        self.propose_unchecked(cmd).await
+    }
+
+    /// [`Proposals::propose`] without [`Command::check`]: only for tests that need an
+    /// invalid entry in the log.
+    pub(crate) async fn propose_unchecked(&self, cmd: Command) -> Committed {
         if !self.busy.load(Ordering::Relaxed)
             && self.queue.capacity() == self.queue.max_capacity()
             && self

@@ -186,6 +186,18 @@ fn read_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> St
 }
 
 impl RaftStore {
+    /// Proposes `cmd` on this single node without [`Command::check`], as a hostile or
+    /// older member could have: only for tests of apply's handling of invalid entries.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub async fn propose_unchecked(&self, cmd: Command) -> Result<Outcome, StoreError> {
+        match self.inner.proposals.propose_unchecked(cmd).await {
+            Ok((out, _)) => Ok(out),
+            Err(ProposeError::Store(e)) => Err(e),
+            Err(ProposeError::NotLeader(_)) => Err(StoreError::Unsupported("not the leader")),
+        }
+    }
+
     /// Opens the store in `config.dir`.
     ///
     /// Without [`RaftConfig::cluster`]: bootstraps a one-node group on first start,
@@ -410,6 +422,7 @@ impl RaftStore {
     /// # Cancel safety
     /// Dropping the future does not withdraw a proposal already queued or forwarded.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, StoreError> {
+        cmd.check()?;
         let Some(node) = &self.inner.node else {
             return match self.inner.proposals.propose(cmd).await {
                 Ok((out, _)) => Ok(out),

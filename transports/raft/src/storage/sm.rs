@@ -405,9 +405,13 @@ fn read_until_met<'a>(
     out: &mut Vec<KeyValue>,
     met: &Mutex<[Option<Key>; 2]>,
     side: usize,
+    prefix: &Prefix,
 ) -> Result<(), StoreError> {
     for (n, item) in items.enumerate() {
         let (k, v) = item.map_err(read_failed)?;
+        if !prefix.matches(k.value()) {
+            continue;
+        }
         out.push(stored_kv(k.value(), v.value())?);
         if (n + 1) % MEET_EVERY == 0 {
             let mut m = met.lock().unwrap_or_else(|e| e.into_inner());
@@ -424,6 +428,10 @@ fn read_until_met<'a>(
 
 /// Every value under `prefix`, in key order.
 ///
+/// Each key is checked against the prefix as well as bounded by the range: the range is
+/// only as right as [`Prefix::range_end`], and a key outside the prefix in a listing or
+/// a resync would be a phantom that never gets an update.
+///
 /// Why two threads for long listings: most of a long scan is redb fetching pages its
 /// cache does not hold, one read and one allocation at a time, and a cache that holds
 /// a large prefix would cost its size in resident memory. Reading from both ends of the
@@ -439,6 +447,9 @@ fn scan(tx: &ReadTransaction, prefix: &Prefix) -> Result<Vec<KeyValue>, StoreErr
     let mut out = Vec::new();
     for item in fwd.by_ref() {
         let (k, v) = item.map_err(read_failed)?;
+        if !prefix.matches(k.value()) {
+            continue;
+        }
         out.push(stored_kv(k.value(), v.value())?);
         if out.len() == SPLIT_AFTER {
             break;
@@ -453,10 +464,16 @@ fn scan(tx: &ReadTransaction, prefix: &Prefix) -> Result<Vec<KeyValue>, StoreErr
         let helper = scope.spawn(|| -> Result<Vec<KeyValue>, StoreError> {
             let t = tx.open_table(KV).map_err(read_failed)?;
             let mut back = Vec::new();
-            read_until_met(range(&t).map_err(read_failed)?.rev(), &mut back, &met, 1)?;
+            read_until_met(
+                range(&t).map_err(read_failed)?.rev(),
+                &mut back,
+                &met,
+                1,
+                prefix,
+            )?;
             Ok(back)
         });
-        read_until_met(fwd, &mut out, &met, 0)?;
+        read_until_met(fwd, &mut out, &met, 0, prefix)?;
         helper
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
@@ -783,6 +800,10 @@ fn get_meta<T: serde::de::DeserializeOwned>(
 type Published = Vec<(Arc<Txn>, Undo)>;
 
 /// Applies one command (a batch: each part in order), recording what it published.
+///
+/// Total on a command's content: an invalid command (see [`Command::check`]) changes
+/// nothing and answers [`Outcome::Invalid`]. An error here is fatal to the replica and
+/// comes back on every restart, so it is kept for storage failures.
 fn apply_command(
     a: &mut View<'_>,
     cmd: Command,
@@ -790,11 +811,17 @@ fn apply_command(
     txns: &mut Published,
 ) -> Result<Outcome, StorageError> {
     if let Command::Batch(cmds) = cmd {
-        let outs = cmds
-            .into_iter()
-            .map(|c| apply_command(a, c, revision, txns))
-            .collect::<Result<_, _>>()?;
+        let mut outs = Vec::with_capacity(cmds.len());
+        for c in cmds {
+            outs.push(match c {
+                Command::Batch(_) => invalid(&c, "a batch inside a batch".into()),
+                c => apply_command(a, c, revision, txns)?,
+            });
+        }
         return Ok(Outcome::Batch(outs));
+    }
+    if let Err(e) = cmd.check_single() {
+        return Ok(invalid(&cmd, e.to_string()));
     }
     let (outcome, changes) = a.apply(cmd, *revision + 1)?;
     if !changes.is_empty() {
@@ -814,6 +841,12 @@ fn apply_command(
         ));
     }
     Ok(outcome)
+}
+
+/// The outcome of an invalid command that reached the log, logged once per replica.
+fn invalid(cmd: &Command, why: String) -> Outcome {
+    tracing::error!(?cmd, %why, "skipping an invalid command in the log");
+    Outcome::Invalid(why)
 }
 
 /// How often the writer commits durably.

@@ -127,7 +127,8 @@ fn header(b: &[u8]) -> Option<(u64, u32, usize, u32)> {
 
 /// Decodes a frame's payload into its entries.
 fn decode_payload(mut p: &[u8], count: u32) -> Result<Vec<Entry>, String> {
-    let mut out = Vec::with_capacity(count as usize);
+    // Each entry takes at least its 4-byte length: a count is not trusted beyond that.
+    let mut out = Vec::with_capacity((count as usize).min(p.len() / 4));
     for _ in 0..count {
         if p.len() < 4 {
             return Err("frame payload ends inside an entry".into());
@@ -140,6 +141,15 @@ fn decode_payload(mut p: &[u8], count: u32) -> Result<Vec<Entry>, String> {
         p = &p[4 + len..];
     }
     Ok(out)
+}
+
+/// The frame decoders on arbitrary bytes, past the checksums (as a frame whose damage
+/// they missed would be): whether the payload decoded.
+#[cfg(test)]
+pub(crate) fn decode_frame_for_fuzz(b: &[u8]) -> bool {
+    let _ = header(b);
+    let count = if b.len() >= 20 { u32_at(b, 16) } else { 0 };
+    decode_payload(b.get(HEADER..).unwrap_or(&[]), count).is_ok()
 }
 
 /// Reads and checks the frame at `off` of an open segment.
@@ -229,6 +239,115 @@ impl Aligned {
         let page = self.get(PAGE);
         page[..tail.len()].copy_from_slice(tail);
         page
+    }
+}
+
+/// A truncation's intent, made durable (in [`REDO`]) before a segment is changed in
+/// place, and removed durably after.
+///
+/// Why: a truncation zeroes a frame and rewrites the entries before the cut in its
+/// place. A crash in between would lose those entries, which may be committed; with the
+/// intent on disk, open finishes the rewrite (zeroing and writing again is idempotent)
+/// before it reads the segments. A torn intent (bad checksum) means the crash came
+/// before the segment was touched, and it is dropped. No append happens while it exists.
+#[derive(Debug, PartialEq, Eq)]
+struct Redo {
+    /// The segment (its first index).
+    seg: u64,
+    /// Where the cut frame starts.
+    off: u64,
+    /// End of the frames before the truncation: zero `off..old_end`.
+    old_end: u64,
+    /// The frame to write at `off` (empty: none).
+    frame: Vec<u8>,
+}
+
+/// The file name of a pending truncation's [`Redo`].
+pub(crate) const REDO: &str = "truncate.redo";
+
+impl Redo {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.frame.len());
+        out.extend_from_slice(&self.seg.to_le_bytes());
+        out.extend_from_slice(&self.off.to_le_bytes());
+        out.extend_from_slice(&self.old_end.to_le_bytes());
+        out.extend_from_slice(&self.frame);
+        let sum = crc(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        out
+    }
+
+    /// `None` for a torn record.
+    fn decode(b: &[u8]) -> Option<Redo> {
+        let body = b.get(..b.len().checked_sub(4)?)?;
+        if b.len() < 28 || crc(body) != u32_at(b, body.len()) {
+            return None;
+        }
+        Some(Redo {
+            seg: u64_at(b, 0),
+            off: u64_at(b, 8),
+            old_end: u64_at(b, 16),
+            frame: body[24..].to_vec(),
+        })
+    }
+
+    fn write(&self, dir: &Path) -> io::Result<()> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(REDO))?;
+        f.write_all_at(&self.encode(), 0)?;
+        f.sync_all()?;
+        sync_dir(dir)
+    }
+
+    /// Zeroes the cut frames and writes the kept entries' frame, durably.
+    fn apply(&self, dir: &Path) -> io::Result<()> {
+        let path = segment_path(dir, self.seg);
+        let f = OpenOptions::new().write(true).open(&path)?;
+        let chunk = vec![0u8; 1 << 20];
+        let mut at = self.off;
+        while at < self.old_end {
+            let n = chunk.len().min((self.old_end - at) as usize);
+            f.write_all_at(&chunk[..n], at)?;
+            at += n as u64;
+        }
+        f.write_all_at(&self.frame, self.off)?;
+        f.sync_all()
+    }
+
+    fn remove(dir: &Path) -> io::Result<()> {
+        std::fs::remove_file(dir.join(REDO))?;
+        sync_dir(dir)
+    }
+
+    /// Finishes a truncation a crash interrupted, if any (at open).
+    fn recover(dir: &Path) -> Result<(), Damage> {
+        let path = dir.join(REDO);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Damage::new(&path, e.to_string())),
+        };
+        let fail = |e: io::Error| Damage::new(&path, e.to_string());
+        match Redo::decode(&bytes) {
+            Some(redo) => {
+                warn!(
+                    segment = redo.seg,
+                    offset = redo.off,
+                    "finishing a log truncation interrupted by a crash"
+                );
+                redo.apply(dir).map_err(|e| {
+                    Damage::new(
+                        &segment_path(dir, redo.seg),
+                        format!("finishing a truncation: {e}"),
+                    )
+                })?;
+            }
+            None => warn!("dropping a torn log truncation record (the log was not changed yet)"),
+        }
+        Redo::remove(dir).map_err(fail)
     }
 }
 
@@ -372,27 +491,27 @@ impl Files {
         }
         sync_dir(&self.dir)?;
         let path = segment_path(&self.dir, loc.seg);
-        let plain = OpenOptions::new().read(true).write(true).open(&path)?;
-        let cap = plain.metadata()?.len();
-        // Zero from the frame to the old end of data (bounded by the file).
-        let chunk = vec![0u8; 1 << 20];
-        let mut at = loc.off;
+        let cap = std::fs::metadata(&path)?.len();
         let old_end = match &self.active {
             Some(a) if a.first == loc.seg => a.pos,
             _ => cap,
         };
-        while at < old_end {
-            let n = chunk.len().min((old_end - at) as usize);
-            plain.write_all_at(&chunk[..n], at)?;
-            at += n as u64;
-        }
-        let mut pos = loc.off;
-        if !keep.is_empty() {
-            let frame = encode(keep)?;
-            plain.write_all_at(&frame, loc.off)?;
-            pos += frame.len() as u64;
-        }
-        plain.sync_all()?;
+        let frame = if keep.is_empty() {
+            Vec::new()
+        } else {
+            encode(keep)?
+        };
+        let redo = Redo {
+            seg: loc.seg,
+            off: loc.off,
+            old_end,
+            frame,
+        };
+        redo.write(&self.dir)?;
+        redo.apply(&self.dir)?;
+        Redo::remove(&self.dir)?;
+        let pos = loc.off + redo.frame.len() as u64;
+        let plain = OpenOptions::new().read(true).open(&path)?;
         let page_start = pos - pos % PAGE as u64;
         let mut tail = vec![0u8; (pos - page_start) as usize];
         plain.read_exact_at(&mut tail, page_start)?;
@@ -485,6 +604,7 @@ impl Wal {
 
     fn open_sized(dir: &Path, purged: Option<LogId>, seg_size: u64) -> Result<Wal, Damage> {
         std::fs::create_dir_all(dir).map_err(|e| Damage::new(dir, e.to_string()))?;
+        Redo::recover(dir)?;
         let mut segments = Vec::new();
         let listing = std::fs::read_dir(dir).map_err(|e| Damage::new(dir, e.to_string()))?;
         for item in listing {
@@ -519,6 +639,15 @@ impl Wal {
             let mut off = 0usize;
             let mut first_seen = true;
             let end = loop {
+                if off > bytes.len() {
+                    return Err(Damage::new(
+                        &path,
+                        format!(
+                            "the file ends at {} inside a frame's padding (truncated)",
+                            bytes.len()
+                        ),
+                    ));
+                }
                 if off + HEADER > bytes.len() {
                     if bytes[off..].iter().any(|&b| b != 0) {
                         return Err(Damage::new(&path, format!("truncated frame at {off}")));
@@ -957,5 +1086,100 @@ mod tests {
         assert_eq!(w.read(200, Some(202)).unwrap(), vec![]);
         assert_eq!(w.read(300, Some(301)).unwrap(), vec![entry(300, 3)]);
         assert_eq!(w.mem().purged, Some(upto));
+    }
+
+    /// A segment cut inside the zero padding after its last frame is refused, naming
+    /// the file (it used to panic slicing past the end).
+    #[test]
+    fn a_segment_cut_inside_padding_is_refused_not_a_panic() {
+        let (dir, w) = filled(3);
+        let off = w.mem().locs[&2].off as usize;
+        drop(w);
+        let path = segment_path(dir.path(), 0);
+        let bytes = std::fs::read(&path).unwrap();
+        let stop = off + HEADER + u32_at(&bytes, off + 20) as usize;
+        assert_ne!(stop % 8, 0, "the test needs a frame with padding");
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(stop as u64).unwrap();
+        drop(f);
+        refused(dir.path(), &path, "padding");
+    }
+
+    /// A truncation that cuts a shared frame, crashed at each step: before its intent
+    /// is durable, with the intent torn, after it, with the frame zeroed, with the kept
+    /// entries' frame half written, and before the intent is removed. The reopened log
+    /// holds every entry before the cut (the truncation finished) or every entry (it had
+    /// not begun), never fewer; appends go on after it.
+    #[test]
+    fn a_truncation_survives_a_crash_at_every_step() {
+        for step in 0..6 {
+            let (dir, w) = filled(20);
+            w.append((20..30).map(|i| entry(i, 1)).collect()).unwrap();
+            let loc = w.mem().locs[&25];
+            let end = w.files().active.as_ref().unwrap().pos;
+            drop(w);
+            let keep: Vec<Entry> = (20..25).map(|i| entry(i, 1)).collect();
+            let redo = Redo {
+                seg: loc.seg,
+                off: loc.off,
+                old_end: end,
+                frame: encode(&keep).unwrap(),
+            };
+            let path = segment_path(dir.path(), loc.seg);
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            let zero = || {
+                f.write_all_at(&vec![0u8; (end - loc.off) as usize], loc.off)
+                    .unwrap()
+            };
+            let finished = step >= 2;
+            match step {
+                0 => {}
+                1 => {
+                    let bytes = redo.encode();
+                    std::fs::write(dir.path().join(REDO), &bytes[..bytes.len() / 2]).unwrap();
+                }
+                2 => redo.write(dir.path()).unwrap(),
+                3 => {
+                    redo.write(dir.path()).unwrap();
+                    zero();
+                }
+                4 => {
+                    redo.write(dir.path()).unwrap();
+                    zero();
+                    f.write_all_at(&redo.frame[..redo.frame.len() / 2], loc.off)
+                        .unwrap();
+                }
+                _ => {
+                    redo.write(dir.path()).unwrap();
+                    redo.apply(dir.path()).unwrap();
+                }
+            }
+            drop(f);
+            let w = Wal::open_sized(dir.path(), None, SMALL)
+                .unwrap_or_else(|e| panic!("step {step}: {e:?}"));
+            let last = if finished { 25 } else { 30 };
+            assert_eq!(indexes(&w, 0), (0..last).collect::<Vec<_>>(), "step {step}");
+            assert!(!dir.path().join(REDO).exists(), "step {step}");
+            w.append(vec![entry(last, 2)]).unwrap();
+            drop(w);
+            let w = Wal::open_sized(dir.path(), None, SMALL).unwrap();
+            assert_eq!(
+                indexes(&w, 0),
+                (0..=last).collect::<Vec<_>>(),
+                "step {step}"
+            );
+        }
+    }
+
+    /// A truncation through the real path leaves no intent behind and reopens cut.
+    #[test]
+    fn truncate_removes_its_intent() {
+        let (dir, w) = filled(20);
+        w.append((20..30).map(|i| entry(i, 1)).collect()).unwrap();
+        w.truncate(25).unwrap();
+        assert!(!dir.path().join(REDO).exists());
+        drop(w);
+        let w = Wal::open_sized(dir.path(), None, SMALL).unwrap();
+        assert_eq!(indexes(&w, 0), (0..25).collect::<Vec<_>>());
     }
 }
