@@ -73,12 +73,18 @@
 //!   the leader), or local. Reads at a past revision use an in-memory undo history of the
 //!   last [`RaftConfig::history`] transactions; older revisions, and any before a restart,
 //!   answer `StoreError::Compacted`.
-//! - **TTL** is a lease decided by the leader: a put carries an absolute expiry, and
-//!   the leader proposes an `Expire` command for keys past it (each only if still at the
-//!   revision that set the lease). Every replica deletes the same keys at the same
-//!   revision, and the Delete events carry the previous values. TTLs round up to whole
-//!   milliseconds, never to zero. Expiry happens within milliseconds after the deadline,
-//!   not exactly at it.
+//! - **TTL** is a lease decided by the leader on its monotonic clock: a put carries its
+//!   TTL as a duration (never a wall-clock deadline, so skew between members or a
+//!   clock step changes nothing); every replica counts it from its own apply of the
+//!   put, and the leader proposes an `Expire` command for keys past their deadline
+//!   (each only if still at the revision that set the lease). Every replica deletes the
+//!   same keys at the same revision, and the Delete events carry the previous values.
+//!   A new leader counts from its own apply, so a leader change never expires a key
+//!   early. The rule across restarts is etcd's after a leader change: at open every
+//!   lease gets its full TTL again (the time a store was down is not measured), and
+//!   reads serve the key until then. TTLs round up to whole milliseconds, never to
+//!   zero, and are at most `datasync::MAX_TTL`. Expiry happens within milliseconds
+//!   after the deadline, not exactly at it.
 //! - **State-sync view** (the DDA seed): [`RaftStore::propose`] returns once committed;
 //!   a watch starts with the current state as one resync event (the synthetic sets and
 //!   the end marker in one); [`RaftStore::state_hash`] compares replicas;
@@ -104,4 +110,5 @@ pub use cluster::{ClusterConfig, ClusterError, Members, Role};
 pub use network::{Faults, MIN_SECRET, NetError, Secret, SecretError};
 pub use remote::{RemoteConfig, RemoteStore};
 pub use storage::OpenError;
+pub use storage::lease::Clock;
 pub use store::{MembershipWatch, RaftConfig, RaftStore};

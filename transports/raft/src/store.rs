@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use datasync::feed::FeedStream;
 use datasync::{
@@ -24,6 +24,7 @@ use crate::network::peer::TcpNetwork;
 use crate::network::server;
 use crate::network::wire::{Reply, Request};
 use crate::propose::{Proposals, ProposeError, Rejected, unavailable};
+use crate::storage::lease::Clock;
 use crate::storage::{self, log::LogStore, sm};
 use crate::types::{Command, NodeId, Outcome, TypeConfig, expected_rev};
 
@@ -49,6 +50,8 @@ pub struct RaftConfig {
     pub log_segment: u64,
     /// Cluster membership; `None` (the default) runs a single node with no network.
     pub cluster: Option<ClusterConfig>,
+    /// The monotonic clock TTLs are counted on (the system's; tests skew it).
+    pub clock: Clock,
 }
 
 impl Default for RaftConfig {
@@ -62,6 +65,7 @@ impl Default for RaftConfig {
             keep_logs: 1_000,
             log_segment: crate::storage::SEGMENT,
             cluster: None,
+            clock: Clock::default(),
         }
     }
 }
@@ -87,6 +91,13 @@ impl RaftConfig {
     pub fn snapshots(mut self, every: u64, keep_logs: u64) -> Self {
         self.snapshot_every = every;
         self.keep_logs = keep_logs;
+        self
+    }
+
+    /// Counts TTLs on `clock` (for tests of members whose clocks disagree).
+    #[must_use]
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -167,15 +178,9 @@ impl Drop for Inner {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The absolute expiry of a TTL: rounded up to whole milliseconds, never to zero.
+/// The lease word of a TTL (a duration: see [`crate::storage::lease`]).
 fn expiry(ttl: Option<Duration>) -> Option<u64> {
-    ttl.map(|t| now_ms() + (t.as_nanos().div_ceil(1_000_000) as u64).max(1))
+    ttl.map(crate::storage::lease::word)
 }
 
 fn read_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> StoreError {
@@ -235,8 +240,8 @@ impl RaftStore {
         let (db, wal) = tokio::task::spawn_blocking(move || storage::open(&dir, segment))
             .await
             .map_err(|e| raft_err(Box::new(e)))??;
-        let shared =
-            sm::Shared::new(db.clone(), config.history).map_err(|e| raft_err(Box::new(e)))?;
+        let shared = sm::Shared::new(db.clone(), config.history, config.clock.clone())
+            .map_err(|e| raft_err(Box::new(e)))?;
         let mut raft_config = openraft::Config {
             cluster_name: "datasync".into(),
             heartbeat_interval: 50,
@@ -687,40 +692,30 @@ async fn ttl_task(
     stop: CancellationToken,
 ) {
     loop {
-        let now = now_ms();
-        let wait = match sm.next_expiry() {
-            Ok(Some(at)) if at <= now => {
+        let (next, now) = sm.next_expiry();
+        let wait = match next {
+            Some(at) if at <= now => {
                 // Only the leader decides expiry; followers apply its Expire command.
                 if raft.metrics().borrow().current_leader == Some(id) {
-                    match sm.due(now, 1024) {
-                        Ok(keys) if !keys.is_empty() => {
-                            if let Err(e) = proposals.propose(Command::Expire { keys }).await {
-                                let e = match e {
-                                    ProposeError::Store(e) => e.to_string(),
-                                    ProposeError::NotLeader(_) => "not the leader".into(),
-                                };
-                                warn!(error = %e, "lease expiry not committed; retrying");
-                                Duration::from_millis(100)
-                            } else {
-                                continue;
-                            }
-                        }
-                        Ok(_) => Duration::from_millis(10),
-                        Err(e) => {
-                            warn!(error = %e, "reading leases");
-                            Duration::from_millis(100)
-                        }
+                    let keys = sm.due(now, 1024);
+                    if keys.is_empty() {
+                        Duration::from_millis(10)
+                    } else if let Err(e) = proposals.propose(Command::Expire { keys }).await {
+                        let e = match e {
+                            ProposeError::Store(e) => e.to_string(),
+                            ProposeError::NotLeader(_) => "not the leader".into(),
+                        };
+                        warn!(error = %e, "lease expiry not committed; retrying");
+                        Duration::from_millis(100)
+                    } else {
+                        continue;
                     }
                 } else {
                     Duration::from_millis(100)
                 }
             }
-            Ok(Some(at)) => Duration::from_millis((at - now).min(1000)),
-            Ok(None) => Duration::from_secs(1),
-            Err(e) => {
-                warn!(error = %e, "reading leases");
-                Duration::from_millis(100)
-            }
+            Some(at) => (at - now).min(Duration::from_secs(1)),
+            None => Duration::from_secs(1),
         };
         tokio::select! {
             _ = stop.cancelled() => return,

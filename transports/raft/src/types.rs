@@ -47,13 +47,15 @@ pub(crate) fn expected_rev(expect: datasync::Expect) -> Option<u64> {
 /// A write, replicated through the log and applied by every replica identically.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Command {
-    /// Create or replace a key. `expires_at_ms` (Unix ms) is decided by the leader.
+    /// Create or replace a key. `expires_at_ms` is a lease word: a TTL in milliseconds
+    /// with the top bit set, counted by each replica from its apply (see the crate's
+    /// TTL notes); without the bit, an absolute Unix-ms deadline from older versions.
     Put {
         /// The key.
         key: String,
         /// The value.
         value: Vec<u8>,
-        /// Absolute expiry, if any.
+        /// The lease word, if any.
         expires_at_ms: Option<u64>,
     },
     /// Put only if the key's mod revision is `expect` (`None`: the key must be absent).
@@ -64,7 +66,7 @@ pub enum Command {
         expect: Option<u64>,
         /// The value.
         value: Vec<u8>,
-        /// Absolute expiry, if any.
+        /// The lease word, if any.
         expires_at_ms: Option<u64>,
     },
     /// Delete a key, or every key under it.

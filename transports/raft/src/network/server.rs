@@ -52,6 +52,39 @@ impl Replies {
     }
 }
 
+/// Connections allowed to be in their handshake at once. Each costs a task and a
+/// socket for up to [`HANDSHAKE_TIMEOUT`] before it has shown the secret; past this
+/// many, new connections are closed at once (members and clients retry with backoff).
+pub(crate) const MAX_HANDSHAKES: usize = 64;
+
+/// Logs a warning at most once a second, counting the ones it held back, so that a
+/// flood of refused connections cannot flood the log.
+#[derive(Debug)]
+struct Throttle(std::sync::Mutex<(Option<std::time::Instant>, u64)>);
+
+impl Throttle {
+    fn new() -> Self {
+        Throttle(std::sync::Mutex::new((None, 0)))
+    }
+
+    /// Runs `log` (given how many were held back since the last one) unless a warning
+    /// went out less than a second ago.
+    fn warn(&self, log: impl FnOnce(u64)) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if g.0
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+        {
+            g.1 += 1;
+            return;
+        }
+        let held = std::mem::take(&mut g.1);
+        g.0 = Some(now);
+        drop(g);
+        log(held);
+    }
+}
+
 /// Serves `listener` until `stop`; connections end with it.
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -60,6 +93,8 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) {
     let tasks = TaskTracker::new();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let throttle = Arc::new(Throttle::new());
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -72,11 +107,19 @@ pub(crate) async fn serve(
                 }
             },
         };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            throttle.warn(|held| {
+                warn!(%peer, held_back = held, "refused a connection: {MAX_HANDSHAKES} handshakes in progress");
+            });
+            drop(stream);
+            continue;
+        };
         let (secret, handler, stop) = (secret.clone(), handler.clone(), stop.clone());
+        let throttle = throttle.clone();
         tasks.spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                () = connection(stream, peer, secret, handler) => {}
+                () = connection(stream, peer, secret, handler, permit, &throttle) => {}
             }
         });
     }
@@ -89,6 +132,8 @@ async fn connection(
     peer: SocketAddr,
     secret: Secret,
     handler: Arc<dyn Handler>,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    throttle: &Throttle,
 ) {
     let _ = stream.set_nodelay(true);
     let mut conn = Framed::new(stream, codec());
@@ -102,14 +147,19 @@ async fn connection(
     let (mut sealer, mut opener) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(keys)) => keys,
         Ok(Err(e)) => {
-            warn!(%peer, error = %e, "refused a peer that did not authenticate");
+            throttle.warn(|held| {
+                warn!(%peer, error = %e, held_back = held, "refused a peer that did not authenticate");
+            });
             return;
         }
         Err(_) => {
-            warn!(%peer, "refused a peer: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            throttle.warn(|held| {
+                warn!(%peer, held_back = held, "refused a peer: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            });
             return;
         }
     };
+    drop(handshake_permit);
     conn.codec_mut().set_max_frame_length(MAX_FRAME);
     let (mut sink, mut frames) = conn.split();
     if sink.send(sealer.seal(b"accepted")).await.is_err() {
@@ -250,6 +300,49 @@ mod tests {
         let reply = member.call(Request::Members, t).await.expect("call");
         assert!(matches!(reply, Reply::Members(_)));
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        stop.cancel();
+    }
+
+    /// Connections that never authenticate take at most [`MAX_HANDSHAKES`] slots; the
+    /// ones past that are closed at once, and once the idle ones go, a member gets in.
+    #[tokio::test]
+    async fn unauthenticated_connections_are_capped() {
+        let secret = Secret::new("the right cluster secret").expect("secret");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let count = Arc::new(Counting::default());
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            secret.clone(),
+            Arc::new(count.clone()),
+            stop.clone(),
+        ));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_HANDSHAKES {
+            idle.push(TcpStream::connect(&addr).await.expect("connect"));
+        }
+        // Give the server time to take them all in.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut extra = TcpStream::connect(&addr).await.expect("connect");
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::io::AsyncReadExt::read(&mut extra, &mut buf),
+        )
+        .await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a connection past the cap is closed at once (well before the {HANDSHAKE_TIMEOUT:?} handshake timeout): {read:?}"
+        );
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let member = Client::new(addr, secret, None);
+        let reply = member
+            .call(Request::Members, Duration::from_secs(5))
+            .await
+            .expect("a member gets in once the idle connections are gone");
+        assert!(matches!(reply, Reply::Members(_)));
         stop.cancel();
     }
 }

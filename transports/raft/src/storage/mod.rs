@@ -20,6 +20,7 @@
 // unboxed because every trait method would have to unbox it again.
 #![allow(clippy::result_large_err)]
 
+pub(crate) mod lease;
 pub(crate) mod log;
 pub(crate) mod sm;
 pub(crate) mod wal;
@@ -194,7 +195,7 @@ pub(crate) fn open(dir: &Path, segment: u64) -> Result<(Arc<Database>, wal::Wal)
 pub(crate) struct Stored {
     pub(crate) mod_rev: u64,
     pub(crate) create_rev: u64,
-    /// 0: no expiry.
+    /// 0: no expiry; else a lease word (see [`lease`]).
     pub(crate) expires_at_ms: u64,
     pub(crate) value: datasync::Value,
 }

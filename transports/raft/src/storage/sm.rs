@@ -23,6 +23,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
+use super::lease::{self, Clock, Leases};
 use super::{EXPIRY, KV, SM_META, SNAPSHOT, Stored};
 use crate::types::{
     Command, Entry, LogId, NodeId, Outcome, StorageError, StoredMembership, TypeConfig,
@@ -81,6 +82,8 @@ pub(crate) struct Inner {
     history: VecDeque<Undo>,
     /// The way to the writer thread (`None` once closed).
     writer: Option<std::sync::mpsc::Sender<Work>>,
+    /// Lease deadlines, kept by apply (see [`super::lease`]).
+    leases: Leases,
 }
 
 /// The state machine's shared half (the store's handle reads through it).
@@ -92,8 +95,10 @@ pub(crate) struct Shared {
     /// Applied writes the writer thread has not stored yet.
     pending: Arc<Pending>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Wakes the TTL task when a lease is stored.
+    /// Wakes the TTL task when a lease is set.
     pub(crate) ttl_changed: Arc<Notify>,
+    /// The clock lease deadlines are counted on.
+    clock: Clock,
     /// The applied (so committed) membership.
     pub(crate) membership: watch::Sender<StoredMembership>,
     /// Snapshots installed from a leader since open.
@@ -101,13 +106,22 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(db: Arc<Database>, history_len: usize) -> Result<Arc<Self>, StorageError> {
-        let (revision, membership) = {
+    pub(crate) fn new(
+        db: Arc<Database>,
+        history_len: usize,
+        clock: Clock,
+    ) -> Result<Arc<Self>, StorageError> {
+        let (revision, membership, leases) = {
             let tx = db.begin_read().map_err(rd)?;
             let meta = tx.open_table(SM_META).map_err(rd)?;
             let revision: Option<u64> = get_meta(&meta, "revision")?;
             let membership: Option<StoredMembership> = get_meta(&meta, "membership")?;
-            (revision.unwrap_or(0), membership.unwrap_or_default())
+            let leases = load_leases(&tx, &clock)?;
+            (
+                revision.unwrap_or(0),
+                membership.unwrap_or_default(),
+                leases,
+            )
         };
         let pending = Arc::new(Pending {
             state: Mutex::new(PendingState::default()),
@@ -131,11 +145,13 @@ impl Shared {
                 revision,
                 history: VecDeque::new(),
                 writer: Some(queue),
+                leases,
             }),
             history_len,
             pending,
             writer_thread: Mutex::new(Some(thread)),
             ttl_changed,
+            clock,
             membership: watch::Sender::new(membership),
             installed: std::sync::atomic::AtomicU64::new(0),
         }))
@@ -333,34 +349,37 @@ impl Shared {
         Ok(h)
     }
 
-    /// The earliest lease deadline, if any.
-    pub(crate) fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
-        let tx = self.db.begin_read().map_err(read_failed)?;
-        let t = tx.open_table(EXPIRY).map_err(read_failed)?;
-        Ok(t.first().map_err(read_failed)?.map(|(k, _)| k.value().0))
+    /// The earliest lease deadline, if any, and now on the same clock.
+    pub(crate) fn next_expiry(&self) -> (Option<std::time::Instant>, std::time::Instant) {
+        (self.lock().leases.next(), self.clock.now())
     }
 
-    /// Keys whose lease ran out by `now_ms`, with their mod revisions (at most `limit`).
-    pub(crate) fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
-        let tx = self.db.begin_read().map_err(read_failed)?;
-        let exp = tx.open_table(EXPIRY).map_err(read_failed)?;
-        let kv = tx.open_table(KV).map_err(read_failed)?;
-        let mut out = Vec::new();
-        for item in exp
-            .range((0, "")..=(now_ms, "\u{10ffff}"))
-            .map_err(read_failed)?
-            .take(limit)
-        {
-            let (k, _) = item.map_err(read_failed)?;
-            let key = k.value().1.to_owned();
-            if let Some(v) = kv.get(key.as_str()).map_err(read_failed)? {
-                let (mod_rev, _, _) =
-                    Stored::header(v.value()).map_err(|e| StoreError::Corrupted(e.to_string()))?;
-                out.push((key, mod_rev));
-            }
-        }
-        Ok(out)
+    /// Keys whose lease ran out by `now`, with their mod revisions (at most `limit`).
+    pub(crate) fn due(&self, now: std::time::Instant, limit: usize) -> Vec<(String, u64)> {
+        self.lock().leases.due(now, limit)
     }
+}
+
+/// Every stored lease, each with its full TTL from now (see [`super::lease`]).
+fn load_leases(tx: &ReadTransaction, clock: &Clock) -> Result<Leases, StorageError> {
+    let exp = tx.open_table(EXPIRY).map_err(rd)?;
+    let kv = tx.open_table(KV).map_err(rd)?;
+    let now = clock.now();
+    let mut leases = Leases::default();
+    for item in exp.iter().map_err(rd)? {
+        let (k, _) = item.map_err(rd)?;
+        let (word, key) = k.value();
+        let Some(v) = kv.get(key).map_err(rd)? else {
+            continue;
+        };
+        let (mod_rev, _, stored) = Stored::header(v.value()).map_err(rd)?;
+        if stored != word {
+            continue;
+        }
+        let key = Key::new(key).map_err(rd)?;
+        leases.set(&key, now + lease::ttl_of(word), mod_rev);
+    }
+    Ok(leases)
 }
 
 /// The mod revision the current state is at (for listings).
@@ -624,6 +643,9 @@ struct View<'a> {
     pending: &'a mut PendingState,
     writes: Vec<Write>,
     lease_written: bool,
+    leases: &'a mut Leases,
+    /// When this apply runs, on the lease clock.
+    now: std::time::Instant,
 }
 
 type Change = (KeyChange, Option<(Value, u64)>);
@@ -666,6 +688,10 @@ impl View<'_> {
         self.lease_written |= expires.is_some();
         let value = rec.value.clone();
         let key = Key::new(key).map_err(wr)?;
+        match expires {
+            Some(word) => self.leases.set(&key, self.now + lease::ttl_of(word), rev),
+            None => self.leases.clear(&key),
+        }
         self.record(&key, rev, Some(rec));
         let before = prev.map(|p| (p.value, p.mod_rev));
         Ok((
@@ -684,6 +710,7 @@ impl View<'_> {
             return Ok(None);
         };
         let key = Key::new(key).map_err(wr)?;
+        self.leases.clear(&key);
         self.record(&key, rev, None);
         Ok(Some((
             KeyChange {
@@ -862,7 +889,8 @@ const DURABLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// crash, as before. Readers see pending writes by waiting for the writer ([`Pending::settle`]).
 fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, StorageError> {
     // Held across publish: watch snapshots pin state under the same lock.
-    let mut inner = shared.lock();
+    let mut guard = shared.lock();
+    let inner = &mut *guard;
     let mut pending = shared.pending.lock();
     if let Some(why) = &pending.failed {
         return Err(wr(WriterFailed(why.clone())));
@@ -880,6 +908,8 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
         pending: &mut pending,
         writes: Vec::new(),
         lease_written: false,
+        leases: &mut inner.leases,
+        now: shared.clock.now(),
     };
     for e in entries {
         applied = Some(e.log_id);
@@ -901,6 +931,7 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
         membership: membership.clone(),
         lease_written: view.lease_written,
     };
+    let leases_set = work.lease_written;
     let sent = inner.writer.as_ref().is_some_and(|w| w.send(work).is_ok());
     if !sent {
         return Err(wr(WriterFailed("the writer has stopped".into())));
@@ -915,7 +946,10 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
         }
         inner.hub.publish(txn);
     }
-    drop(inner);
+    drop(guard);
+    if leases_set {
+        shared.ttl_changed.notify_one();
+    }
     if let Some(m) = membership {
         shared.membership.send_replace(m);
     }
@@ -1142,6 +1176,8 @@ fn install(
         s.insert("data", data.as_slice()).map_err(wr)?;
     }
     tx.commit().map_err(wr)?;
+    let rtx = shared.db.begin_read().map_err(rd)?;
+    inner.leases = load_leases(&rtx, &shared.clock)?;
     inner.revision = payload.revision;
     inner.history.clear();
     inner.hub.resync_all();

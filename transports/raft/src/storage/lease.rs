@@ -1,0 +1,196 @@
+//! Lease deadlines on a monotonic clock.
+//!
+//! Why not deadlines in the log: a deadline is a reading of some member's wall clock,
+//! and members' clocks disagree (a follower 30 s behind would make a 10 s TTL expire at
+//! once) or step. The log carries each lease's duration instead; every replica counts
+//! it from its own apply of the write, on its own monotonic clock, and only the leader
+//! turns a deadline it reached into an `Expire` command. A new leader counts from its
+//! own apply, never before the old leader's, so a leader change never expires a key
+//! early; it may give a key up to the replication delay more. At open, every lease gets
+//! its full TTL again (etcd's rule after a leader change): the time a store was down is
+//! not measured, so nothing expires for it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use datasync::Key;
+
+/// Set in a stored lease word: the other bits are a TTL in milliseconds. Without it
+/// the word is an absolute Unix-ms deadline, as older stores wrote; such a lease gets
+/// what is left of it by this machine's wall clock, counted from when it is read.
+pub(crate) const TTL_FLAG: u64 = 1 << 63;
+
+/// The lease word of `ttl`: rounded up to whole milliseconds, never to zero. TTLs are
+/// at most [`datasync::MAX_TTL`], far below the flag bit.
+pub(crate) fn word(ttl: Duration) -> u64 {
+    let ms = u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+    TTL_FLAG | ms.clamp(1, !TTL_FLAG)
+}
+
+/// The TTL a nonzero lease word stands for, counted from now.
+pub(crate) fn ttl_of(word: u64) -> Duration {
+    if word & TTL_FLAG != 0 {
+        return Duration::from_millis(word & !TTL_FLAG);
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Duration::from_millis(word.saturating_sub(now).max(1))
+}
+
+/// The monotonic clock a store measures TTLs with: the system's, plus an offset that
+/// tests move to give members clocks that disagree.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl Clock {
+    /// The system's monotonic clock.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Now, on this clock.
+    pub fn now(&self) -> Instant {
+        let offset = self.offset_ms.load(Ordering::Relaxed);
+        let base = Instant::now();
+        let by = Duration::from_millis(offset.unsigned_abs());
+        if offset >= 0 {
+            base + by
+        } else {
+            base.checked_sub(by).unwrap_or(base)
+        }
+    }
+
+    /// Moves this clock forward by `by` (for tests: a member whose clock runs ahead).
+    pub fn advance(&self, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// Moves this clock back by `by` (for tests: a member whose clock lags).
+    pub fn rewind(&self, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.offset_ms.fetch_sub(ms, Ordering::Relaxed);
+    }
+}
+
+/// The deadline of every key with a lease, as this replica counts it.
+#[derive(Debug, Default)]
+pub(crate) struct Leases {
+    by_deadline: BTreeSet<(Instant, Key)>,
+    /// Deadline and the mod revision of the version the lease belongs to.
+    by_key: HashMap<Key, (Instant, u64)>,
+}
+
+impl Leases {
+    /// `key`, at `mod_rev`, expires at `deadline` (replacing any earlier lease).
+    pub(crate) fn set(&mut self, key: &Key, deadline: Instant, mod_rev: u64) {
+        self.clear(key);
+        self.by_deadline.insert((deadline, key.clone()));
+        self.by_key.insert(key.clone(), (deadline, mod_rev));
+    }
+
+    /// `key` has no lease (any more).
+    pub(crate) fn clear(&mut self, key: &Key) {
+        if let Some((deadline, _)) = self.by_key.remove(key) {
+            self.by_deadline.remove(&(deadline, key.clone()));
+        }
+    }
+
+    /// The earliest deadline.
+    pub(crate) fn next(&self) -> Option<Instant> {
+        self.by_deadline.first().map(|(d, _)| *d)
+    }
+
+    /// Keys whose deadline is at or before `now`, with their mod revisions, at most
+    /// `limit`, earliest first.
+    pub(crate) fn due(&self, now: Instant, limit: usize) -> Vec<(String, u64)> {
+        self.by_deadline
+            .iter()
+            .take_while(|(d, _)| *d <= now)
+            .take(limit)
+            .filter_map(|(_, k)| {
+                self.by_key
+                    .get(k)
+                    .map(|(_, rev)| (k.as_str().to_owned(), *rev))
+            })
+            .collect()
+    }
+
+    /// How many keys have a lease.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.by_key.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> Key {
+        Key::new(s).expect("valid key")
+    }
+
+    #[test]
+    fn lease_words_round_trip_and_never_round_to_zero() {
+        assert_eq!(
+            ttl_of(word(Duration::from_secs(10))),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            ttl_of(word(Duration::from_nanos(1))),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            ttl_of(word(datasync::MAX_TTL)),
+            datasync::MAX_TTL,
+            "the longest TTL fits the word"
+        );
+        // A legacy absolute deadline in the past leaves the shortest TTL, not none.
+        assert_eq!(ttl_of(1), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn leases_are_replaced_cleared_and_due_in_deadline_order() {
+        let clock = Clock::new();
+        let t0 = clock.now();
+        let mut l = Leases::default();
+        l.set(&key("a"), t0 + Duration::from_secs(5), 1);
+        l.set(&key("b"), t0 + Duration::from_secs(1), 2);
+        l.set(&key("a"), t0 + Duration::from_secs(2), 3);
+        assert_eq!(l.len(), 2);
+        assert_eq!(l.next(), Some(t0 + Duration::from_secs(1)));
+        assert!(l.due(t0, 10).is_empty());
+        assert_eq!(
+            l.due(t0 + Duration::from_secs(3), 10),
+            vec![("b".to_owned(), 2), ("a".to_owned(), 3)]
+        );
+        assert_eq!(l.due(t0 + Duration::from_secs(3), 1).len(), 1);
+        l.clear(&key("b"));
+        assert_eq!(
+            l.due(t0 + Duration::from_secs(9), 10),
+            vec![("a".to_owned(), 3)]
+        );
+        l.clear(&key("a"));
+        assert_eq!(l.next(), None);
+    }
+
+    #[test]
+    fn a_clock_moves_by_its_offset() {
+        let c = Clock::new();
+        let skewed = c.clone();
+        let before = Instant::now();
+        skewed.advance(Duration::from_secs(30));
+        assert!(
+            c.now() >= before + Duration::from_secs(30),
+            "clones share the offset"
+        );
+        skewed.rewind(Duration::from_secs(60));
+        assert!(c.now() <= Instant::now());
+    }
+}
