@@ -390,9 +390,9 @@ impl Handler for Service {
             }
             Request::Leave { id } => Reply::Membership(self.leave(id).await),
             Request::Members => Reply::Members(self.members()),
-            Request::Client(op) => {
+            Request::Client(op, id) => {
                 Reply::Client(match self.store.get().and_then(WeakStore::upgrade) {
-                    Some(store) => remote::serve_op(&store, op).await,
+                    Some(store) => remote::serve_op(&store, op, id).await,
                     None => Err(WireError::Stopped),
                 })
             }

@@ -151,19 +151,37 @@ fn wire_requests_decode_or_fail_cleanly() {
             Some(LogId::new(CommittedLeaderId::new(3, 1), 9)),
         )),
         Request::Propose(commands().remove(4)),
-        Request::Client(ClientOp::Cas {
-            key: "k".into(),
-            expect: None,
-            value: b"v".to_vec(),
-            ttl: Some(std::time::Duration::from_millis(1500)),
-        }),
-        Request::Client(ClientOp::List {
-            prefix: "p/日".into(),
-            read: Read {
-                linearizable: true,
-                revision: Some(7),
+        Request::Propose(Command::Once {
+            id: crate::types::RequestId {
+                client: 3,
+                seq: 2,
+                first_unacked: 1,
             },
+            cmd: Box::new(commands().remove(0)),
         }),
+        Request::Client(
+            ClientOp::Cas {
+                key: "k".into(),
+                expect: None,
+                value: b"v".to_vec(),
+                ttl: Some(std::time::Duration::from_millis(1500)),
+            },
+            Some(crate::types::RequestId {
+                client: 99,
+                seq: 7,
+                first_unacked: 5,
+            }),
+        ),
+        Request::Client(
+            ClientOp::List {
+                prefix: "p/日".into(),
+                read: Read {
+                    linearizable: true,
+                    revision: Some(7),
+                },
+            },
+            None,
+        ),
         Request::Watch {
             name: "w".into(),
             prefixes: vec!["a/".into(), "b/".into()],

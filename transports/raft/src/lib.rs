@@ -85,6 +85,9 @@
 //!   reads serve the key until then. TTLs round up to whole milliseconds, never to
 //!   zero, and are at most `datasync::MAX_TTL`. Expiry happens within milliseconds
 //!   after the deadline, not exactly at it.
+//! - **Exactly-once writes**: in a cluster every client write carries a request id,
+//!   the same in every retry (a member that answers "stopping" may have committed it);
+//!   the state machine answers a repeat with the first outcome. See `storage::session`.
 //! - **State-sync view** (the DDA seed): [`RaftStore::propose`] returns once committed;
 //!   a watch starts with the current state as one resync event (the synthetic sets and
 //!   the end marker in one); [`RaftStore::state_hash`] compares replicas;
@@ -98,6 +101,7 @@ mod cluster;
 #[cfg(test)]
 mod decode_fuzz;
 mod network;
+mod once;
 mod propose;
 mod remote;
 mod storage;

@@ -175,6 +175,7 @@ fn size(cmd: &Command) -> usize {
         }
         Command::Delete { key, .. } => key.len(),
         Command::Batch(b) => b.iter().map(size).sum(),
+        Command::Once { cmd, .. } => size(cmd),
         Command::Expire { keys } => keys.iter().map(|(k, _)| k.len() + 8).sum(),
     }
 }

@@ -40,8 +40,9 @@ use crate::network::server::Replies;
 use crate::network::wire::{
     ClientOp, ClientReply, Read, Reply, Request, WireChange, WireError, WireItem, WireKv,
 };
+use crate::once::Requests;
 use crate::store::RaftStore;
-use crate::types::expected_rev;
+use crate::types::{RequestId, expected_rev};
 
 /// How a [`RemoteStore`] reaches a cluster.
 #[derive(Debug, Clone)]
@@ -93,6 +94,8 @@ struct RemoteInner {
     /// The endpoint that answered last: tried first.
     preferred: AtomicUsize,
     source: Source,
+    /// Request ids of this client's writes.
+    requests: Requests,
 }
 
 impl RemoteStore {
@@ -107,8 +110,12 @@ impl RemoteStore {
             limits: Limits::new(0),
             preferred: AtomicUsize::new(0),
             source: Source::from(""),
+            requests: Requests::new(),
         };
-        inner.limits = match inner.call(|| Request::Client(ClientOp::Limits)).await? {
+        inner.limits = match inner
+            .call(|| Request::Client(ClientOp::Limits, None))
+            .await?
+        {
             Reply::Client(Ok(ClientReply::Limits { max_value_size })) => {
                 Limits::new(max_value_size)
             }
@@ -124,8 +131,16 @@ impl RemoteStore {
         &self.inner.config.endpoints
     }
 
+    /// Runs `op` on a member; a write carries a request id, the same in every retry,
+    /// so the store applies it once (see `Request::Client`).
     async fn op(&self, op: ClientOp) -> Result<ClientReply, StoreError> {
-        match self.inner.call(|| Request::Client(op.clone())).await? {
+        let write = matches!(
+            op,
+            ClientOp::Put { .. } | ClientOp::Delete { .. } | ClientOp::Cas { .. }
+        );
+        let ticket = write.then(|| self.inner.requests.begin());
+        let id = ticket.as_ref().map(|t| t.id);
+        match self.inner.call(|| Request::Client(op.clone(), id)).await? {
             Reply::Client(r) => r.map_err(from_wire),
             other => Err(unexpected_reply(&other).into()),
         }
@@ -548,7 +563,11 @@ fn key_changes(raw: Vec<WireChange>) -> Result<Vec<KeyChange>, StoreError> {
 // The member's side.
 
 /// Runs a remote client's operation on this member's store.
-pub(crate) async fn serve_op(store: &RaftStore, op: ClientOp) -> Result<ClientReply, WireError> {
+pub(crate) async fn serve_op(
+    store: &RaftStore,
+    op: ClientOp,
+    id: Option<RequestId>,
+) -> Result<ClientReply, WireError> {
     // A member that left serves no clients: they go on to another endpoint.
     if store.has_left() {
         return Err(WireError::Stopped);
@@ -572,7 +591,7 @@ pub(crate) async fn serve_op(store: &RaftStore, op: ClientOp) -> Result<ClientRe
     };
     let reply = match op {
         ClientOp::Put { key: k, value, ttl } => store
-            .put(&key(k)?, Value::from(value), put_opts(ttl))
+            .put_as(&key(k)?, Value::from(value), put_opts(ttl), id)
             .await
             .map(|r| ClientReply::Revision(r.0)),
         ClientOp::Delete { key: k, prefix } => {
@@ -582,7 +601,7 @@ pub(crate) async fn serve_op(store: &RaftStore, op: ClientOp) -> Result<ClientRe
                 DeleteOptions::new()
             };
             store
-                .delete(&key(k)?, opts)
+                .delete_as(&key(k)?, opts, id)
                 .await
                 .map(|d| ClientReply::Deleted {
                     count: d.count,
@@ -611,7 +630,7 @@ pub(crate) async fn serve_op(store: &RaftStore, op: ClientOp) -> Result<ClientRe
         } => {
             let expect = expect.map_or(Expect::Absent, |r| Expect::Revision(Revision(r)));
             store
-                .compare_and_swap(&key(k)?, expect, Value::from(value), put_opts(ttl))
+                .compare_and_swap_as(&key(k)?, expect, Value::from(value), put_opts(ttl), id)
                 .await
                 .map(|o| match o {
                     CasOutcome::Swapped(r) => ClientReply::Swapped(r.0),

@@ -23,10 +23,11 @@ use crate::network::nopeers::NoPeers;
 use crate::network::peer::TcpNetwork;
 use crate::network::server;
 use crate::network::wire::{Reply, Request};
+use crate::once::Requests;
 use crate::propose::{Proposals, ProposeError, Rejected, unavailable};
 use crate::storage::lease::Clock;
 use crate::storage::{self, log::LogStore, sm};
-use crate::types::{Command, NodeId, Outcome, TypeConfig, expected_rev};
+use crate::types::{Command, NodeId, Outcome, RequestId, TypeConfig, expected_rev};
 
 /// Configuration of an embedded store.
 #[derive(Debug, Clone)]
@@ -151,6 +152,8 @@ struct Inner {
     proposals: Proposals,
     /// Set when this store is a cluster member.
     node: Option<Node>,
+    /// This store's own writes' request ids, in a cluster (forwarding retries).
+    requests: Requests,
 }
 
 /// A store that may have stopped (held by its own server, for remote clients).
@@ -408,6 +411,7 @@ impl RaftStore {
                 ttl: std::sync::Mutex::new(Some(ttl)),
                 proposals,
                 node,
+                requests: Requests::new(),
             }),
         };
         if let Some(node) = &store.inner.node {
@@ -732,32 +736,11 @@ impl Writer for RaftStore {
     }
 
     async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
-        self.limits().check_put(&value, &opts)?;
-        let cmd = Command::Put {
-            key: key.as_str().to_owned(),
-            value: value.as_bytes().to_vec(),
-            expires_at_ms: expiry(opts.ttl),
-        };
-        match self.propose(cmd).await? {
-            Outcome::Written { revision } => Ok(Revision(revision)),
-            other => Err(StoreError::Corrupted(format!("put applied as {other:?}"))),
-        }
+        self.put_as(key, value, opts, None).await
     }
 
     async fn delete(&self, key: &Key, opts: DeleteOptions) -> Result<Deleted, StoreError> {
-        let cmd = Command::Delete {
-            key: key.as_str().to_owned(),
-            prefix: opts.prefix,
-        };
-        match self.propose(cmd).await? {
-            Outcome::Deleted { count, revision } => Ok(Deleted {
-                count,
-                revision: Revision(revision),
-            }),
-            other => Err(StoreError::Corrupted(format!(
-                "delete applied as {other:?}"
-            ))),
-        }
+        self.delete_as(key, opts, None).await
     }
 
     async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
@@ -786,6 +769,87 @@ impl Writer for RaftStore {
         value: Value,
         opts: PutOptions,
     ) -> Result<CasOutcome, StoreError> {
+        self.compare_and_swap_as(key, expect, value, opts, None)
+            .await
+    }
+}
+
+/// The writes, with the request id a remote client gave them (`None`: this store's own).
+impl RaftStore {
+    /// Proposes a client write exactly once: with `id`, or in a cluster (where a retry
+    /// through another member or leader can repeat it) with an id of this store's; the
+    /// state machine answers a repeat with the first outcome.
+    async fn write(&self, cmd: Command, id: Option<RequestId>) -> Result<Outcome, StoreError> {
+        let ticket;
+        let id = match id {
+            Some(id) => Some(id),
+            None if self.inner.node.is_some() => {
+                ticket = self.inner.requests.begin();
+                Some(ticket.id)
+            }
+            None => None,
+        };
+        let cmd = match id {
+            Some(id) => Command::Once {
+                id,
+                cmd: Box::new(cmd),
+            },
+            None => cmd,
+        };
+        match self.propose(cmd).await? {
+            Outcome::Invalid(why) => Err(StoreError::Backend(why.into())),
+            out => Ok(out),
+        }
+    }
+
+    pub(crate) async fn put_as(
+        &self,
+        key: &Key,
+        value: Value,
+        opts: PutOptions,
+        id: Option<RequestId>,
+    ) -> Result<Revision, StoreError> {
+        self.limits().check_put(&value, &opts)?;
+        let cmd = Command::Put {
+            key: key.as_str().to_owned(),
+            value: value.as_bytes().to_vec(),
+            expires_at_ms: expiry(opts.ttl),
+        };
+        match self.write(cmd, id).await? {
+            Outcome::Written { revision } => Ok(Revision(revision)),
+            other => Err(StoreError::Corrupted(format!("put applied as {other:?}"))),
+        }
+    }
+
+    pub(crate) async fn delete_as(
+        &self,
+        key: &Key,
+        opts: DeleteOptions,
+        id: Option<RequestId>,
+    ) -> Result<Deleted, StoreError> {
+        let cmd = Command::Delete {
+            key: key.as_str().to_owned(),
+            prefix: opts.prefix,
+        };
+        match self.write(cmd, id).await? {
+            Outcome::Deleted { count, revision } => Ok(Deleted {
+                count,
+                revision: Revision(revision),
+            }),
+            other => Err(StoreError::Corrupted(format!(
+                "delete applied as {other:?}"
+            ))),
+        }
+    }
+
+    pub(crate) async fn compare_and_swap_as(
+        &self,
+        key: &Key,
+        expect: Expect,
+        value: Value,
+        opts: PutOptions,
+        id: Option<RequestId>,
+    ) -> Result<CasOutcome, StoreError> {
         self.limits().check_put(&value, &opts)?;
         let cmd = Command::Cas {
             key: key.as_str().to_owned(),
@@ -793,7 +857,7 @@ impl Writer for RaftStore {
             value: value.as_bytes().to_vec(),
             expires_at_ms: expiry(opts.ttl),
         };
-        match self.propose(cmd).await? {
+        match self.write(cmd, id).await? {
             Outcome::Written { revision } => Ok(CasOutcome::Swapped(Revision(revision))),
             Outcome::Conflict { current } => {
                 Ok(CasOutcome::Conflict(current.map(|(v, r)| KeyValue {

@@ -87,6 +87,30 @@ pub enum Command {
         /// `(key, mod revision)` pairs.
         keys: Vec<(String, u64)>,
     },
+    /// A client's write (a put, compare-and-swap or delete) with its request id: applied
+    /// once however often it is proposed; a repeat answers the first outcome.
+    Once {
+        /// Who asks, and which of its requests this is.
+        id: RequestId,
+        /// The write.
+        #[serde(deserialize_with = "nested_command")]
+        cmd: Box<Command>,
+    },
+}
+
+/// A client write's identity, for exactly-once writes through retries.
+///
+/// `client` is random per client (a store handle, a remote client); `seq` counts its
+/// requests. `first_unacked` is the lowest `seq` the client still waits for: the state
+/// machine forgets outcomes below it, which bounds what it keeps per client.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RequestId {
+    /// The client.
+    pub client: u64,
+    /// This request.
+    pub seq: u64,
+    /// The lowest request of this client not yet answered.
+    pub first_unacked: u64,
 }
 
 impl Command {
@@ -120,6 +144,18 @@ impl Command {
             Command::Batch(_) => {
                 return Err(datasync::StoreError::Unsupported("a batch inside a batch"));
             }
+            Command::Once { id, cmd } => match **cmd {
+                Command::Put { .. } | Command::Cas { .. } | Command::Delete { .. }
+                    if id.first_unacked <= id.seq =>
+                {
+                    cmd.check_single()?
+                }
+                _ => {
+                    return Err(datasync::StoreError::Unsupported(
+                        "a request id on something other than one client write",
+                    ));
+                }
+            },
         }
         Ok(())
     }
@@ -135,6 +171,32 @@ thread_local! {
     static BATCH_DEPTH: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
 }
 
+/// Decodes a [`Command::Once`]'s write, counting it as a level of nesting like a batch.
+fn nested_command<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<Command>, D::Error> {
+    let _level = Level::enter()?;
+    Command::deserialize(d).map(Box::new)
+}
+
+/// One level of nesting being decoded on this thread; refused past [`MAX_BATCH_DEPTH`].
+struct Level;
+
+impl Level {
+    fn enter<E: serde::de::Error>() -> Result<Level, E> {
+        let depth = BATCH_DEPTH.with(|b| b.get());
+        if depth >= MAX_BATCH_DEPTH {
+            return Err(E::custom("commands nested too deep"));
+        }
+        BATCH_DEPTH.with(|b| b.set(depth + 1));
+        Ok(Level)
+    }
+}
+
+impl Drop for Level {
+    fn drop(&mut self) {
+        BATCH_DEPTH.with(|b| b.set(b.get().saturating_sub(1)));
+    }
+}
+
 /// Decodes a batch's commands, refusing batches nested deeper than [`MAX_BATCH_DEPTH`].
 ///
 /// Why a thread-local: serde decodes nested values by recursion on one thread, so a
@@ -142,18 +204,7 @@ thread_local! {
 /// the check comes before the nested decode recurses any further, so hostile nesting
 /// cannot exhaust the stack.
 fn flat_batch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Command>, D::Error> {
-    struct Leave;
-    impl Drop for Leave {
-        fn drop(&mut self) {
-            BATCH_DEPTH.with(|b| b.set(b.get().saturating_sub(1)));
-        }
-    }
-    let depth = BATCH_DEPTH.with(|b| b.get());
-    if depth >= MAX_BATCH_DEPTH {
-        return Err(serde::de::Error::custom("batches nested too deep"));
-    }
-    BATCH_DEPTH.with(|b| b.set(depth + 1));
-    let _leave = Leave;
+    let _level = Level::enter()?;
     Vec::<Command>::deserialize(d)
 }
 

@@ -102,7 +102,8 @@ impl Secret {
 }
 
 pub(crate) const MAGIC: [u8; 8] = *b"DSRAFT01";
-pub(crate) const VERSION: u16 = 1;
+/// The protocol version; 2: client writes carry request ids (`Request::Client`).
+pub(crate) const VERSION: u16 = 2;
 
 /// Step 1, client → server.
 #[derive(Debug, Serialize, Deserialize)]

@@ -18,7 +18,7 @@ use tracing::debug;
 use super::auth::{self, Hello, Opener, Sealer, Secret};
 use super::error::NetError;
 use super::faults::{Fate, Faults};
-use super::wire::{Envelope, Reply, Request};
+use super::wire::{Envelope, Reply, Request, ServiceError, WireError};
 
 /// The largest frame accepted once a peer is authenticated.
 pub(crate) const MAX_FRAME: usize = 256 << 20;
@@ -118,6 +118,22 @@ impl Client {
         Ok(())
     }
 
+    /// `reply`, or "stopping" in its place where the faults say so.
+    fn stopped_instead(&self, from: &str, to: &str, reply: Reply) -> Reply {
+        let Some((faults, _)) = &self.inner.faults else {
+            return reply;
+        };
+        match reply {
+            Reply::Proposed(_) if faults.take_stopped(from, to) => {
+                Reply::Proposed(Err(ServiceError::Stopped))
+            }
+            Reply::Client(_) if faults.take_stopped(from, to) => {
+                Reply::Client(Err(WireError::Stopped))
+            }
+            other => other,
+        }
+    }
+
     /// Sends `req` and waits for the reply, within `timeout` in all.
     ///
     /// # Cancel safety
@@ -137,7 +153,7 @@ impl Client {
             Ok(Err(_)) => Err(NetError::Closed(addr.clone())),
             Ok(Ok(reply)) => {
                 self.deliver(addr, me, deadline).await?;
-                Ok(reply)
+                Ok(self.stopped_instead(addr, me, reply))
             }
         }
     }

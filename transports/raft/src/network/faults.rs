@@ -28,6 +28,8 @@ struct Links {
     drop: f64,
     /// The range each message's delay is drawn from.
     delay: (Duration, Duration),
+    /// Replies to writes to turn into "stopping", per link (from → to): how many more.
+    stopped: HashMap<(String, String), usize>,
 }
 
 impl Links {
@@ -80,6 +82,29 @@ impl Faults {
     /// Delays each message by a time drawn uniformly from `min..=max`, on every link.
     pub fn delay(&self, min: Duration, max: Duration) {
         self.links().delay = (min, max.max(min));
+    }
+
+    /// Replaces the next `n` answers to writes (a forwarded proposal, a remote client's
+    /// call) that travel from `from` to `to` with "this member is stopping", after the
+    /// write ran: what a member that stops between committing a write and answering it
+    /// says. The caller retries elsewhere, as it would then.
+    pub fn stop_replies(&self, from: &str, to: &str, n: usize) {
+        self.links()
+            .stopped
+            .insert((from.to_owned(), to.to_owned()), n);
+    }
+
+    /// Whether this answer from `from` to `to` is to be replaced (see
+    /// [`Faults::stop_replies`]); counts it.
+    pub(crate) fn take_stopped(&self, from: &str, to: &str) -> bool {
+        let mut links = self.links();
+        match links.stopped.get_mut(&(from.to_owned(), to.to_owned())) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Restores every cut link (loss and delay stay as set).

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::Members;
-use crate::types::{Command, NodeId, Outcome, TypeConfig};
+use crate::types::{Command, NodeId, Outcome, RequestId, TypeConfig};
 
 /// A request with its id; the reply carries the same id.
 #[derive(Debug, Serialize, Deserialize)]
@@ -48,8 +48,9 @@ pub(crate) enum Request {
     },
     /// The committed membership, as this node knows it.
     Members,
-    /// A remote client's store operation, run by this member as if local.
-    Client(ClientOp),
+    /// A remote client's store operation, run by this member as if local; a write
+    /// carries the client's request id, so a retry applies once.
+    Client(ClientOp, Option<RequestId>),
     /// A remote client's watch: a stream of [`WireItem`]s under this request's id,
     /// until the connection closes.
     Watch {

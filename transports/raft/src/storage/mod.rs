@@ -22,6 +22,7 @@
 
 pub(crate) mod lease;
 pub(crate) mod log;
+pub(crate) mod session;
 pub(crate) mod sm;
 pub(crate) mod wal;
 
@@ -39,6 +40,8 @@ pub(crate) const KV: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kv
 pub(crate) const SM_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sm_meta");
 pub(crate) const EXPIRY: TableDefinition<'_, (u64, &str), ()> = TableDefinition::new("expiry");
 pub(crate) const SNAPSHOT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshot");
+/// Client sessions for exactly-once writes: client id → bincode `session::Session`.
+pub(crate) const CLIENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("clients");
 
 /// redb's page cache. Reads past it come from the OS page cache, which the process
 /// does not hold. Measured with 100k keys: peak RSS 108 MiB with redb's default, 89 MiB
@@ -147,6 +150,7 @@ pub(crate) fn open(dir: &Path, segment: u64) -> Result<(Arc<Database>, wal::Wal)
         tx.open_table(SM_META)?;
         tx.open_table(EXPIRY)?;
         tx.open_table(SNAPSHOT)?;
+        tx.open_table(CLIENTS)?;
         tx.commit()?;
         Ok(())
     };

@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use super::lease::{self, Clock, Leases};
-use super::{EXPIRY, KV, SM_META, SNAPSHOT, Stored};
+use super::session::{Seen, Sessions};
+use super::{CLIENTS, EXPIRY, KV, SM_META, SNAPSHOT, Stored};
 use crate::types::{
     Command, Entry, LogId, NodeId, Outcome, StorageError, StoredMembership, TypeConfig,
 };
@@ -84,6 +85,8 @@ pub(crate) struct Inner {
     writer: Option<std::sync::mpsc::Sender<Work>>,
     /// Lease deadlines, kept by apply (see [`super::lease`]).
     leases: Leases,
+    /// Client sessions, kept by apply (see [`super::session`]).
+    sessions: Sessions,
 }
 
 /// The state machine's shared half (the store's handle reads through it).
@@ -123,6 +126,7 @@ impl Shared {
                 leases,
             )
         };
+        let sessions = load_sessions(&db.begin_read().map_err(rd)?)?;
         let pending = Arc::new(Pending {
             state: Mutex::new(PendingState::default()),
             progress: Condvar::new(),
@@ -146,6 +150,7 @@ impl Shared {
                 history: VecDeque::new(),
                 writer: Some(queue),
                 leases,
+                sessions,
             }),
             history_len,
             pending,
@@ -360,6 +365,22 @@ impl Shared {
     }
 }
 
+/// The stored client sessions.
+fn load_sessions(tx: &ReadTransaction) -> Result<Sessions, StorageError> {
+    Sessions::load(session_records(tx)?).map_err(rd)
+}
+
+/// The stored client sessions, encoded.
+fn session_records(tx: &ReadTransaction) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    let t = tx.open_table(CLIENTS).map_err(rd)?;
+    let mut out = Vec::new();
+    for item in t.iter().map_err(rd)? {
+        let (k, v) = item.map_err(rd)?;
+        out.push((k.value(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
 /// Every stored lease, each with its full TTL from now (see [`super::lease`]).
 fn load_leases(tx: &ReadTransaction, clock: &Clock) -> Result<Leases, StorageError> {
     let exp = tx.open_table(EXPIRY).map_err(rd)?;
@@ -543,6 +564,28 @@ struct Payload {
     revision: u64,
     /// Key and encoded [`Stored`] record, sorted by key.
     kv: Vec<(String, Vec<u8>)>,
+    /// Client id and encoded session (see [`super::session`]).
+    sessions: Vec<(u64, Vec<u8>)>,
+}
+
+/// A snapshot's state as stores before client sessions wrote it.
+#[derive(Deserialize)]
+struct PayloadV1 {
+    revision: u64,
+    kv: Vec<(String, Vec<u8>)>,
+}
+
+impl Payload {
+    fn decode(data: &[u8]) -> Result<Payload, bincode::Error> {
+        bincode::deserialize(data).or_else(|e| match bincode::deserialize::<PayloadV1>(data) {
+            Ok(v1) => Ok(Payload {
+                revision: v1.revision,
+                kv: v1.kv,
+                sessions: Vec::new(),
+            }),
+            Err(_) => Err(e),
+        })
+    }
 }
 
 /// A key changed by an apply, as the writer thread will store it: its record, or
@@ -561,6 +604,8 @@ struct Work {
     revision: u64,
     membership: Option<StoredMembership>,
     lease_written: bool,
+    /// Client sessions changed (`None`: evicted).
+    sessions: Vec<(u64, Option<Vec<u8>>)>,
 }
 
 /// Applied state not yet written to redb, and the writer's progress.
@@ -646,6 +691,9 @@ struct View<'a> {
     leases: &'a mut Leases,
     /// When this apply runs, on the lease clock.
     now: std::time::Instant,
+    sessions: &'a mut Sessions,
+    /// The log index of the entry being applied.
+    index: u64,
 }
 
 type Change = (KeyChange, Option<(Value, u64)>);
@@ -786,8 +834,8 @@ impl View<'_> {
                 let revision = if count == 0 { rev - 1 } else { rev };
                 (Outcome::Deleted { count, revision }, changes)
             }
-            // `apply_command` unrolls batches before they get here.
-            Command::Batch(_) => return Err(wr(super::CorruptValue(0))),
+            // `apply_command` unrolls batches and request ids before they get here.
+            Command::Batch(_) | Command::Once { .. } => return Err(wr(super::CorruptValue(0))),
             Command::Expire { keys } => {
                 let mut changes = Vec::new();
                 for (k, mod_rev) in keys {
@@ -850,6 +898,20 @@ fn apply_command(
     if let Err(e) = cmd.check_single() {
         return Ok(invalid(&cmd, e.to_string()));
     }
+    if let Command::Once { id, cmd } = cmd {
+        return Ok(match a.sessions.seen(&id) {
+            Seen::Repeat(out) => out,
+            Seen::Forgotten => Outcome::Invalid(format!(
+                "request {} of client {:x} was answered and forgotten: not applied again",
+                id.seq, id.client
+            )),
+            Seen::First => {
+                let out = apply_command(a, *cmd, revision, txns)?;
+                a.sessions.record(&id, out.clone(), a.index);
+                out
+            }
+        });
+    }
     let (outcome, changes) = a.apply(cmd, *revision + 1)?;
     if !changes.is_empty() {
         *revision += 1;
@@ -910,9 +972,12 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
         lease_written: false,
         leases: &mut inner.leases,
         now: shared.clock.now(),
+        sessions: &mut inner.sessions,
+        index: 0,
     };
     for e in entries {
         applied = Some(e.log_id);
+        view.index = e.log_id.index;
         match e.payload {
             EntryPayload::Blank => outcomes.push(Outcome::Unchanged),
             EntryPayload::Membership(m) => {
@@ -930,6 +995,7 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
         revision,
         membership: membership.clone(),
         lease_written: view.lease_written,
+        sessions: view.sessions.take_dirty(),
     };
     let leases_set = work.lease_written;
     let sent = inner.writer.as_ref().is_some_and(|w| w.send(work).is_ok());
@@ -1013,8 +1079,16 @@ fn store(db: &Database, works: Vec<Work>, durable: bool) -> Result<(), StorageEr
         let mut kv = tx.open_table(KV).map_err(wr)?;
         let mut exp = tx.open_table(EXPIRY).map_err(wr)?;
         let mut meta = tx.open_table(SM_META).map_err(wr)?;
+        let mut clients = tx.open_table(CLIENTS).map_err(wr)?;
         let (mut last, mut revision) = (None, None);
         for w in works {
+            for (client, session) in &w.sessions {
+                match session {
+                    Some(bytes) => clients.insert(client, bytes.as_slice()),
+                    None => clients.remove(client),
+                }
+                .map_err(wr)?;
+            }
             for Write { key, record } in w.writes {
                 let old = match &record {
                     Some(r) => kv.insert(key.as_str(), r.encode().as_slice()),
@@ -1148,7 +1222,7 @@ fn install(
     meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
     data: Vec<u8>,
 ) -> Result<(), StorageError> {
-    let payload: Payload = bincode::deserialize(&data).map_err(wr)?;
+    let payload = Payload::decode(&data).map_err(wr)?;
     let mut inner = shared.lock();
     // Applies run one at a time, so once the writer has caught up nothing is pending.
     shared.settle().map_err(wr)?;
@@ -1165,6 +1239,11 @@ fn install(
                 exp.insert((at, k.as_str()), ()).map_err(wr)?;
             }
         }
+        let mut clients = tx.open_table(CLIENTS).map_err(wr)?;
+        clients.retain(|_, _| false).map_err(wr)?;
+        for (client, session) in &payload.sessions {
+            clients.insert(client, session.as_slice()).map_err(wr)?;
+        }
         let mut m = tx.open_table(SM_META).map_err(wr)?;
         if let Some(applied) = meta.last_log_id {
             put_meta(&mut m, "applied", &applied)?;
@@ -1178,6 +1257,7 @@ fn install(
     tx.commit().map_err(wr)?;
     let rtx = shared.db.begin_read().map_err(rd)?;
     inner.leases = load_leases(&rtx, &shared.clock)?;
+    inner.sessions = load_sessions(&rtx)?;
     inner.revision = payload.revision;
     inner.history.clear();
     inner.hub.resync_all();
@@ -1221,6 +1301,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let data = bincode::serialize(&Payload {
                 revision,
                 kv: pairs,
+                sessions: session_records(&rtx)?,
             })
             .map_err(wr)?;
             let meta = SnapshotMeta {
