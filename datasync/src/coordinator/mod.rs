@@ -17,6 +17,15 @@
 //! made during a pass set one flag on the registration, so they coalesce into one
 //! follow-up pass. A plugin that fails its resync (after the configured attempts) is
 //! marked failed and gets no changes until a later pass succeeds; the others go on.
+//! Passes after a failed one wait [`CoordinatorConfig::retry_failed_after`], doubling
+//! with each failed pass in a row (up to 32 times), so a plugin that keeps failing on
+//! one bad key cannot keep the others in passes.
+//!
+//! A failed or timed-out change follows the plugin's [`OnChangeFailure`]: by default
+//! the plugin is marked [`PluginState::OutOfSync`] with the first change it did not
+//! apply, gets no more changes, and a pass follows shortly to resync it. A handler is
+//! never cancelled: one that is still running when its time is up keeps running, the
+//! plugin counts as timed out, and it gets no event until that handler has returned.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -49,8 +58,8 @@ mod run;
 mod status;
 
 pub use registry::{
-    Handler, Plugin, PluginContext, PluginHandler, PluginRegistration, PluginSpec, Registry,
-    RegistryError,
+    Handler, OnChangeFailure, Plugin, PluginContext, PluginHandler, PluginRegistration, PluginSpec,
+    Registry, RegistryError,
 };
 pub use run::{Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorHandle, ResyncTrigger};
 pub use status::{CoordinatorStatus, PluginState, PluginStatus};

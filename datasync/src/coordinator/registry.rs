@@ -163,6 +163,36 @@ pub struct PluginSpec {
     pub prefixes: Vec<Prefix>,
     /// The handler.
     pub handler: Arc<dyn Handler>,
+    /// What a failed or timed-out change does (default [`OnChangeFailure::Resync`]).
+    pub on_change_failure: OnChangeFailure,
+}
+
+/// What the coordinator does when a plugin fails a change, or does not answer it in
+/// time: the plugin then holds something other than the store.
+///
+/// Why resync by default: most plugins' state depends on what they accepted (a route
+/// needs its interface), so a rejected change leaves a plugin whose later changes would
+/// build on state it does not have; only a resync puts it back on the store's state.
+/// A plugin that cannot take a value should skip and report it in its resync (as the
+/// netconfig plugins do), or the resync fails too, and that plugin waits out a
+/// growing backoff between passes while the others go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnChangeFailure {
+    /// The plugin gets no more changes; a resync pass follows after
+    /// [`retry_backoff`](super::CoordinatorConfig::retry_backoff), and the plugin is
+    /// ready again once its resync succeeds.
+    #[default]
+    Resync,
+    /// The same change is handed over again, up to `attempts` times in all, with
+    /// `retry_backoff` between; if it still fails, as [`OnChangeFailure::Resync`].
+    Retry {
+        /// Attempts in all, at least 1.
+        attempts: u32,
+    },
+    /// Only reported (status, log); the plugin stays ready and gets the next changes.
+    /// For plugins whose state does not build on what they accepted.
+    Report,
 }
 
 impl fmt::Debug for PluginSpec {
@@ -171,6 +201,7 @@ impl fmt::Debug for PluginSpec {
             .field("name", &self.name)
             .field("deps", &self.deps)
             .field("prefixes", &self.prefixes)
+            .field("on_change_failure", &self.on_change_failure)
             .finish_non_exhaustive()
     }
 }
@@ -183,7 +214,15 @@ impl PluginSpec {
             deps: Vec::new(),
             prefixes,
             handler,
+            on_change_failure: OnChangeFailure::default(),
         }
+    }
+
+    /// Sets what a failed or timed-out change does.
+    #[must_use]
+    pub fn on_change_failure(mut self, policy: OnChangeFailure) -> Self {
+        self.on_change_failure = policy;
+        self
     }
 
     /// Adds a dependency.
@@ -256,6 +295,7 @@ impl Registry {
                 deps: r.deps.iter().map(|d| (*d).to_owned()).collect(),
                 prefixes,
                 handler: (r.factory)(ctx),
+                on_change_failure: OnChangeFailure::default(),
             });
         }
         Ok(reg)

@@ -10,11 +10,11 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::registry::{PluginSpec, Registry, RegistryError};
+use super::registry::{OnChangeFailure, PluginSpec, Registry, RegistryError};
 use super::status::{CoordinatorStatus, PluginState, PluginStatus};
 use crate::{
     Change, Done, DoneError, Event, KeyChange, PrefixSet, PrefixValues, Registration, Resync,
-    StoreError, Watch, WatchOptions, Watcher,
+    Revision, StoreError, Watch, WatchOptions, Watcher,
 };
 
 /// Timeouts and retry policy of the coordinator.
@@ -30,7 +30,8 @@ pub struct CoordinatorConfig {
     /// Pause between those attempts (default 100 ms).
     pub retry_backoff: Duration,
     /// After a pass in which a plugin failed, start another full pass this much later
-    /// (default 5 s; `None`: wait for the next trigger).
+    /// (default 5 s; `None`: wait for the next trigger), doubled for each further
+    /// failed pass in a row, up to 32 times.
     pub retry_failed_after: Option<Duration>,
     /// Options of the coordinator's single watch registration.
     pub watch: WatchOptions,
@@ -141,6 +142,7 @@ impl Coordinator {
             .map(|spec| Plugin {
                 set: PrefixSet::new(spec.prefixes.iter().cloned()),
                 spec,
+                busy: std::sync::Mutex::new(None),
             })
             .collect();
         let task = tokio::spawn(
@@ -148,6 +150,7 @@ impl Coordinator {
                 plugins,
                 config,
                 status: status_tx,
+                registration: registration.clone(),
             }
             .run(watch, stop.clone()),
         );
@@ -226,17 +229,36 @@ impl ResyncTrigger {
 struct Plugin {
     spec: PluginSpec,
     set: PrefixSet,
+    /// A handler still running after its time was up (never cancelled): the plugin
+    /// gets no event until it has returned.
+    busy: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Runner {
     plugins: Vec<Plugin>,
     config: CoordinatorConfig,
     status: watch::Sender<CoordinatorStatus>,
+    /// The coordinator's watch: a handler that returns after its time was up asks it
+    /// for a pass, so its plugin is resynced once it can take events again.
+    registration: Registration,
+}
+
+impl Plugin {
+    /// Whether a handler that ran past its time is still running.
+    fn busy(&self) -> bool {
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
+    }
 }
 
 impl Runner {
     async fn run(self, mut watch: Watch, stop: CancellationToken) {
         let mut retry: Option<Pin<Box<Sleep>>> = None;
+        // Failed passes in a row: the pause before the next one doubles with each.
+        let mut failed_passes = 0u32;
         loop {
             let item = tokio::select! {
                 biased;
@@ -260,15 +282,40 @@ impl Runner {
                 }
                 Some(Ok(Event::Resync(r))) => {
                     let all_ok = self.pass(r).await;
+                    failed_passes = if all_ok { 0 } else { failed_passes + 1 };
                     retry = match (all_ok, self.config.retry_failed_after) {
-                        (false, Some(after)) => Some(Box::pin(tokio::time::sleep(after))),
+                        (false, Some(after)) => {
+                            let pause = after.saturating_mul(1 << (failed_passes - 1).min(5));
+                            Some(Box::pin(tokio::time::sleep(pause)))
+                        }
                         _ => None,
                     };
                 }
-                Some(Ok(Event::Change(c))) => self.change(c).await,
+                Some(Ok(Event::Change(c))) => {
+                    // A plugin out of sync waits `retry_backoff`, not a longer pause
+                    // left by failed passes.
+                    if self.change(c).await {
+                        let soon = Instant::now() + self.config.retry_backoff;
+                        if retry.as_ref().is_none_or(|r| r.deadline() > soon) {
+                            retry = Some(Box::pin(tokio::time::sleep_until(soon)));
+                        }
+                    }
+                }
             }
         }
         drop(watch);
+        // Handlers that ran past their time may still be working: give them as long as
+        // a change may take before their plugins close.
+        for plugin in &self.plugins {
+            let running = plugin.busy.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(h) = running
+                && tokio::time::timeout(self.config.change_timeout, h)
+                    .await
+                    .is_err()
+            {
+                warn!(plugin = %plugin.spec.name, "a handler still runs at shutdown");
+            }
+        }
         // Dependents first: a plugin closes while what it depends on is still open.
         for plugin in self.plugins.iter().rev() {
             let close = plugin.spec.handler.close();
@@ -290,33 +337,28 @@ impl Runner {
         for (i, (plugin, done)) in self.plugins.iter().zip(dones).enumerate() {
             let groups = slice(&r.prefixes, &plugin.set);
             self.update(i, |s| s.state = PluginState::Resyncing);
-            let mut outcome = Err(DoneError::Dropped);
-            let mut took = Duration::ZERO;
-            for attempt in 1..=self.config.resync_attempts {
-                if attempt > 1 {
-                    tokio::time::sleep(self.config.retry_backoff).await;
-                }
-                let (d, waiter) = Done::channel();
-                let ev = Resync::new(r.source.clone(), r.revision, r.reason, groups.clone(), d);
-                let elapsed;
-                (outcome, elapsed) = deliver(
-                    &*plugin.spec.handler,
-                    Event::Resync(ev),
-                    waiter,
+            let (outcome, took, _) = self
+                .attempts(
+                    plugin,
+                    self.config.resync_attempts,
                     self.config.resync_timeout,
+                    r.revision,
+                    |d| {
+                        Event::Resync(Resync::new(
+                            r.source.clone(),
+                            r.revision,
+                            r.reason,
+                            groups.clone(),
+                            d,
+                        ))
+                    },
                 )
                 .await;
-                took += elapsed;
-                match &outcome {
-                    Ok(()) => break,
-                    Err(e) => {
-                        warn!(plugin = %plugin.spec.name, attempt, error = %e, "resync failed")
-                    }
-                }
-            }
             self.update(i, |s| {
                 s.record(r.revision, &outcome, took);
                 s.resyncs += 1;
+                // Out of sync no more: resynced, or failed (see `last_error`).
+                s.unapplied = None;
                 s.state = match &outcome {
                     Ok(()) => PluginState::Ready,
                     Err(DoneError::TimedOut(_)) => PluginState::TimedOut,
@@ -330,8 +372,10 @@ impl Runner {
         all_ok
     }
 
-    /// Delivers a change to every ready plugin it concerns, in plugin order.
-    async fn change(&self, c: Change) {
+    /// Delivers a change to every ready plugin it concerns, in plugin order. A plugin
+    /// that fails it follows its [`OnChangeFailure`]; returns whether one of them now
+    /// waits for a resync.
+    async fn change(&self, c: Change) -> bool {
         let targets: Vec<(usize, Vec<KeyChange>)> = self
             .plugins
             .iter()
@@ -348,26 +392,85 @@ impl Runner {
             })
             .collect();
         let dones = c.done.split(targets.len());
+        let mut resync = false;
         for ((i, changes), done) in targets.into_iter().zip(dones) {
             let plugin = &self.plugins[i];
-            let (d, waiter) = Done::channel();
-            let ev = Change::new(c.source.clone(), c.revision, changes, d);
-            let (outcome, took) = deliver(
-                &*plugin.spec.handler,
-                Event::Change(ev),
-                waiter,
-                self.config.change_timeout,
-            )
-            .await;
-            if let Err(e) = &outcome {
-                warn!(plugin = %plugin.spec.name, revision = %c.revision, error = %e, "change failed");
-            }
+            let attempts = match plugin.spec.on_change_failure {
+                OnChangeFailure::Retry { attempts } => attempts.clamp(1, MAX_CHANGE_ATTEMPTS),
+                _ => 1,
+            };
+            let (outcome, took, skipped) = self
+                .attempts(
+                    plugin,
+                    attempts,
+                    self.config.change_timeout,
+                    c.revision,
+                    |d| {
+                        Event::Change(Change::new(
+                            c.source.clone(),
+                            c.revision,
+                            changes.clone(),
+                            d,
+                        ))
+                    },
+                )
+                .await;
+            // A plugin whose handler still runs never saw this change: whatever its
+            // policy, it is out of sync.
+            let out_of_sync = outcome.is_err()
+                && (skipped || plugin.spec.on_change_failure != OnChangeFailure::Report);
             self.update(i, |s| {
                 s.record(c.revision, &outcome, took);
                 s.changes += 1;
+                if out_of_sync {
+                    s.state = PluginState::OutOfSync;
+                    s.unapplied = Some((
+                        c.revision,
+                        changes.iter().map(|kc| kc.key.clone()).collect(),
+                    ));
+                }
             });
+            resync |= out_of_sync;
             done.complete(outcome);
         }
+        resync
+    }
+
+    /// Hands `plugin` the event `make` builds, up to `attempts` times with
+    /// `retry_backoff` between, until it succeeds, waiting up to `timeout` for each. Returns the last outcome, the time
+    /// taken in all, and whether the plugin's handler was still busy with an earlier
+    /// event (then the event never reached it, and trying again is no use).
+    async fn attempts(
+        &self,
+        plugin: &Plugin,
+        attempts: u32,
+        timeout: Duration,
+        revision: Revision,
+        make: impl Fn(Done) -> Event,
+    ) -> (Result<(), DoneError>, Duration, bool) {
+        let mut outcome = Err(DoneError::Dropped);
+        let mut took = Duration::ZERO;
+        for attempt in 1..=attempts {
+            if attempt > 1 {
+                tokio::time::sleep(self.config.retry_backoff).await;
+            }
+            if plugin.busy() {
+                warn!(plugin = %plugin.spec.name, %revision, "still handling an earlier event: this one fails as timed out");
+                return (Err(DoneError::TimedOut(timeout)), took, true);
+            }
+            let (d, waiter) = Done::channel();
+            let event = make(d);
+            let elapsed;
+            (outcome, elapsed) = deliver(plugin, event, waiter, timeout, &self.registration).await;
+            took += elapsed;
+            match &outcome {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(plugin = %plugin.spec.name, %revision, attempt, error = %e, "event failed")
+                }
+            }
+        }
+        (outcome, took, false)
     }
 
     fn update(&self, i: usize, f: impl FnOnce(&mut PluginStatus)) {
@@ -375,20 +478,42 @@ impl Runner {
     }
 }
 
-/// Hands `event` to `handler` and waits for its answer, up to `timeout`.
-/// Hands `event` to `handler` and waits for its answer; returns it and how long it took.
+/// Attempts at one change under [`OnChangeFailure::Retry`], at most.
+const MAX_CHANGE_ATTEMPTS: u32 = 10;
+
+/// Hands `event` to `plugin`'s handler and waits for its answer, up to `timeout`;
+/// returns it and how long it took.
+///
+/// The handler's `handle` runs in a task of its own and is never cancelled: one still
+/// running when the time is up goes on (a half-done apply is worse than a late one),
+/// the plugin gets no further event until it has returned (see [`Runner::attempts`]),
+/// and then it asks for a pass through `registration`. (Work a
+/// handler spawns to answer `Done` later is its own to track.) A handler that panics
+/// counts as a dropped `Done`.
 async fn deliver(
-    handler: &dyn super::Handler,
+    plugin: &Plugin,
     event: Event,
     waiter: crate::DoneWaiter,
     timeout: Duration,
+    registration: &Registration,
 ) -> (Result<(), DoneError>, Duration) {
     let started = Instant::now();
+    let handler = plugin.spec.handler.clone();
+    let mut task = tokio::spawn(async move { handler.handle(event).await });
     let answered = tokio::time::timeout(timeout, async {
-        handler.handle(event).await;
+        if let Err(e) = (&mut task).await {
+            warn!(plugin = %plugin.spec.name, error = %e, "handler panicked");
+        }
         waiter.await
     })
     .await;
+    if !task.is_finished() {
+        let registration = registration.clone();
+        *plugin.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::spawn(async move {
+            let _ = task.await;
+            registration.request_resync();
+        }));
+    }
     let elapsed = started.elapsed();
     debug!(?elapsed, "answered");
     (

@@ -18,6 +18,9 @@ pub enum PluginState {
     Failed,
     /// Its last resync was not answered in time; no changes until a resync succeeds.
     TimedOut,
+    /// It failed or did not answer a change in time (see
+    /// [`PluginStatus::unapplied`]); no more changes until a resync succeeds.
+    OutOfSync,
 }
 
 /// One plugin's status.
@@ -38,6 +41,9 @@ pub struct PluginStatus {
     pub failures: u64,
     /// The latest failure, with the revision of its event.
     pub last_error: Option<(Revision, DoneError)>,
+    /// While [`PluginState::OutOfSync`]: the first change it did not apply (revision
+    /// and keys); later changes were not handed to it either.
+    pub unapplied: Option<(Revision, Vec<crate::Key>)>,
     /// Time from handing over an event to its answer (or timeout), summed over every
     /// event (all attempts of a resync together).
     pub answer_time: Duration,
@@ -53,6 +59,7 @@ impl PluginStatus {
             changes: 0,
             failures: 0,
             last_error: None,
+            unapplied: None,
             answer_time: Duration::ZERO,
         }
     }

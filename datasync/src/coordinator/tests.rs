@@ -16,6 +16,10 @@ enum Behaviour {
     Hold,
     /// Answer once the gate lets it through.
     Gate,
+    /// Fail, then behave as `Ok` from the next event on.
+    FailOnce,
+    /// Work inside `handle` for 3 s, log "finished", then answer ok.
+    Slow,
 }
 
 struct Rec {
@@ -63,6 +67,18 @@ impl Handler for Rec {
                 let _permit = self.gate.acquire().await.unwrap();
                 done.ok();
             }
+            Behaviour::FailOnce => {
+                *self.behaviour.lock().unwrap() = Behaviour::Ok;
+                done.fail("plugin refused once");
+            }
+            Behaviour::Slow => {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                self.log
+                    .lock()
+                    .unwrap()
+                    .push(format!("{}:finished", self.name));
+                done.ok();
+            }
         }
     }
 }
@@ -88,12 +104,17 @@ impl Fixture {
         }
     }
 
-    fn plugin(
+    fn plugin(self, name: &'static str, prefixes: &[&str], deps: &[&str], b: Behaviour) -> Self {
+        self.plugin_with(name, prefixes, deps, b, OnChangeFailure::default())
+    }
+
+    fn plugin_with(
         mut self,
         name: &'static str,
         prefixes: &[&str],
         deps: &[&str],
         b: Behaviour,
+        policy: OnChangeFailure,
     ) -> Self {
         let behaviour = Arc::new(Mutex::new(b));
         let rec = Arc::new(Rec {
@@ -111,6 +132,7 @@ impl Fixture {
         for d in deps {
             spec = spec.after(d);
         }
+        spec = spec.on_change_failure(policy);
         self.registry.add(spec);
         self.behaviours.push((name, behaviour));
         self.handlers.push(rec);
@@ -466,4 +488,194 @@ async fn plugin_results_answer_done_and_shutdown_closes_dependents_first() {
     assert_eq!(st.plugin("top").unwrap().failures, 0);
     c.shutdown().await;
     assert_eq!(*log.lock().unwrap(), ["top:close", "base:close"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_change_resyncs_the_plugin_by_default() {
+    let mut f = Fixture::new()
+        .plugin("p", &["p/"], &[], Behaviour::Ok)
+        .plugin("q", &["q/"], &[], Behaviour::Ok);
+    let c = f.start(CoordinatorConfig::default()).await;
+    c.ready().await;
+    f.set("p", Behaviour::Fail);
+    let r1 = f.put("p/1").await;
+    settle().await;
+    let st = c.status();
+    let p = st.plugin("p").unwrap();
+    assert_eq!(p.state, PluginState::OutOfSync);
+    assert_eq!(
+        p.unapplied,
+        Some((crate::Revision(r1), vec![Key::new("p/1").unwrap()]))
+    );
+    // Out of sync, it gets no changes (they would build on what it refused)...
+    f.set("p", Behaviour::Ok);
+    f.put("p/2").await;
+    f.put("q/1").await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        f.log()[2..],
+        ["p:change@1:p/1", "q:change@3:q/1"],
+        "no change for a plugin out of sync"
+    );
+    // ...until a pass, after the retry backoff, resyncs it with the store's state.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let st = c.status();
+    assert_eq!(st.passes, 2);
+    let p = st.plugin("p").unwrap();
+    assert_eq!(p.state, PluginState::Ready);
+    assert_eq!(p.unapplied, None);
+    assert!(
+        f.log().contains(&"p:resync@3:Requested:p/1,p/2".to_owned()),
+        "{:?}",
+        f.log()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_policy_hands_the_same_change_again() {
+    let mut f = Fixture::new().plugin_with(
+        "p",
+        &["p/"],
+        &[],
+        Behaviour::Ok,
+        OnChangeFailure::Retry { attempts: 3 },
+    );
+    let c = f.start(CoordinatorConfig::default()).await;
+    c.ready().await;
+    f.set("p", Behaviour::FailOnce);
+    f.put("p/1").await;
+    settle().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(f.log()[1..], ["p:change@1:p/1", "p:change@1:p/1"]);
+    let st = c.status();
+    assert_eq!(st.plugins[0].state, PluginState::Ready);
+    assert_eq!(st.plugins[0].failures, 0, "the retry succeeded");
+    assert_eq!(st.passes, 1, "no resync needed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_report_policy_keeps_the_plugin_ready() {
+    let mut f =
+        Fixture::new().plugin_with("p", &["p/"], &[], Behaviour::Fail, OnChangeFailure::Report);
+    let c = f
+        .start(CoordinatorConfig::default().retry_failed_after(None))
+        .await;
+    c.ready().await;
+    // Its resync failed: a later pass makes it ready.
+    f.set("p", Behaviour::Ok);
+    c.request_resync();
+    settle().await;
+    f.set("p", Behaviour::Fail);
+    f.put("p/1").await;
+    settle().await;
+    f.set("p", Behaviour::Ok);
+    f.put("p/2").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let st = c.status();
+    assert_eq!(st.plugins[0].state, PluginState::Ready);
+    assert_eq!(st.plugins[0].unapplied, None);
+    assert!(matches!(
+        st.plugins[0].last_error,
+        Some((crate::Revision(1), DoneError::Failed(_)))
+    ));
+    assert_eq!(st.passes, 2, "no resync for a reported failure");
+    let changes: Vec<_> = f
+        .log()
+        .into_iter()
+        .filter(|l| !l.contains(":resync@"))
+        .collect();
+    assert_eq!(changes, ["p:change@1:p/1", "p:change@2:p/2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timed_out_handler_is_not_cancelled_and_gets_nothing_until_it_returns() {
+    let mut f = Fixture::new().plugin("p", &["p/"], &[], Behaviour::Ok);
+    let cfg = CoordinatorConfig::default()
+        .timeouts(Duration::from_secs(1), Duration::from_secs(1))
+        .retries(1, Duration::from_millis(100))
+        .retry_failed_after(Some(Duration::from_secs(5)));
+    let c = f.start(cfg).await;
+    c.ready().await;
+    f.set("p", Behaviour::Slow);
+    f.put("p/1").await;
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    assert_eq!(c.status().plugins[0].state, PluginState::OutOfSync);
+    // The pass that follows finds the handler still busy: the resync fails at once,
+    // and is not handed to it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = c.status();
+    assert_eq!(st.plugins[0].state, PluginState::TimedOut, "{st:?}");
+    assert_eq!(f.log()[1..], ["p:change@1:p/1"]);
+    // The handler was not cancelled: it finishes its work, and then asks for the
+    // pass that resyncs its plugin (long before the 5 s retry pause).
+    f.set("p", Behaviour::Ok);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        f.log()[1..],
+        ["p:change@1:p/1", "p:finished", "p:resync@1:Requested:p/1"]
+    );
+    let st = c.status();
+    assert_eq!(st.plugins[0].state, PluginState::Ready, "{st:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_skipped_for_a_busy_handler_puts_even_a_report_plugin_out_of_sync() {
+    let mut f =
+        Fixture::new().plugin_with("p", &["p/"], &[], Behaviour::Ok, OnChangeFailure::Report);
+    let cfg = CoordinatorConfig::default()
+        .timeouts(Duration::from_secs(1), Duration::from_secs(1))
+        .retry_failed_after(None);
+    let c = f.start(cfg).await;
+    c.ready().await;
+    f.set("p", Behaviour::Slow);
+    f.put("p/1").await;
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    // Timed out, reported only: still ready.
+    assert_eq!(c.status().plugins[0].state, PluginState::Ready);
+    f.set("p", Behaviour::Ok);
+    let r2 = f.put("p/2").await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // It never saw p/2: out of sync, whatever its policy.
+    let st = c.status();
+    assert_eq!(st.plugins[0].state, PluginState::OutOfSync, "{st:?}");
+    assert_eq!(
+        st.plugins[0].unapplied,
+        Some((crate::Revision(r2), vec![Key::new("p/2").unwrap()]))
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = c.status();
+    assert_eq!(st.plugins[0].state, PluginState::Ready, "{st:?}");
+    assert!(
+        f.log().contains(&"p:resync@2:Requested:p/1,p/2".to_owned()),
+        "{:?}",
+        f.log()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plugin_failing_every_pass_backs_off_while_the_others_go_on() {
+    let mut f = Fixture::new()
+        .plugin("p", &["p/"], &[], Behaviour::Fail)
+        .plugin("q", &["q/"], &[], Behaviour::Ok);
+    let cfg = CoordinatorConfig::default()
+        .retries(1, Duration::ZERO)
+        .retry_failed_after(Some(Duration::from_secs(1)));
+    let c = f.start(cfg).await;
+    c.ready().await;
+    for i in 0..60 {
+        f.put(&format!("q/{i}")).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let st = c.status();
+    // Passes at 0, 1, 3, 7, 15, 31 and 63 s: doubling pauses, not one a second.
+    assert!((5..=7).contains(&st.passes), "{} passes in 60 s", st.passes);
+    assert_eq!(st.plugin("p").unwrap().state, PluginState::Failed);
+    assert_eq!(st.plugin("q").unwrap().state, PluginState::Ready);
+    let q_changes = f.log().iter().filter(|l| l.starts_with("q:change")).count();
+    let q_resyncs = f.log().iter().filter(|l| l.starts_with("q:resync")).count();
+    assert_eq!(q_resyncs as u64, st.passes);
+    assert!(
+        q_changes + q_resyncs >= 55,
+        "q kept getting the store's writes: {q_changes} changes"
+    );
 }

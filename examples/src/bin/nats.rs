@@ -29,6 +29,21 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let (coordinator, _device) = first_run(&store).await?;
 
     println!("6. the server ends the watch's consumer: a resync in the same order");
+    // Wait for the pass that resyncs routes after its rejected change, then count.
+    let settled = async {
+        while coordinator
+            .status()
+            .plugins
+            .iter()
+            .any(|p| p.state != PluginState::Ready)
+        {
+            settle().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), settled)
+        .await
+        .map_err(|_| "a plugin is not ready within 20 s")?;
+    let before = coordinator.status().passes;
     let js = async_nats::jetstream::new(store.client().clone());
     let stream = js.get_stream(format!("KV_{bucket}")).await?;
     let mut names = stream.consumer_names();
@@ -36,7 +51,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         stream.delete_consumer(&name?).await?;
     }
     let resynced = async {
-        while coordinator.status().passes < 2 {
+        while coordinator.status().passes <= before {
             settle().await;
         }
     };

@@ -38,6 +38,7 @@ fn state_name(s: PluginState) -> &'static str {
         PluginState::Ready => "ready",
         PluginState::Failed => "failed",
         PluginState::TimedOut => "timed_out",
+        PluginState::OutOfSync => "out_of_sync",
         _ => "unknown",
     }
 }

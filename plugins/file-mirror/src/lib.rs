@@ -7,6 +7,9 @@
 //!   by a crash mid-write included); a change writes or removes one file.
 //! - Errors are reported through `Done`, never swallowed: a key that would leave the
 //!   directory (`..`, an empty segment), a key that names a directory, a failed write.
+//!   In a resync, a key that maps to no file is skipped and logged instead, so that one
+//!   bad key cannot keep the mirror from every later change (the coordinator resyncs a
+//!   plugin that failed a change, and the same key comes back there).
 //! - Settings (`[plugins.file-mirror]` in the agent's config): `dir`, the directory
 //!   (default `./mirror`).
 //!
@@ -171,12 +174,21 @@ fn remove_others(dir: &Path, keep: &BTreeSet<PathBuf>) -> Result<(), MirrorError
 
 #[async_trait::async_trait]
 impl Plugin for FileMirror {
+    /// A key that maps to no file is skipped and logged, and does not hold up the
+    /// others: failing the resync on it would keep the mirror from every later change
+    /// until that one key is fixed.
     async fn resync(&self, r: &Resync) -> Result<(), BoxError> {
         let dir = self.dir()?.to_owned();
-        let files = r
+        let files: Vec<_> = r
             .values()
-            .map(|kv| Ok((Self::path_of(&dir, &kv.key)?, kv.value.clone())))
-            .collect::<Result<Vec<_>, MirrorError>>()?;
+            .filter_map(|kv| match Self::path_of(&dir, &kv.key) {
+                Ok(path) => Some((path, kv.value.clone())),
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "not mirroring a key");
+                    None
+                }
+            })
+            .collect();
         let n = files.len();
         blocking(move || Self::resync(&dir, files)).await?;
         tracing::debug!(files = n, revision = %r.revision, "mirror resynced");

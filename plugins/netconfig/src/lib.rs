@@ -1,13 +1,16 @@
 //! datasync-netconfig: two plugins with a dependency, the shape of a real agent's
 //! network configuration. `interfaces` keeps a device's interfaces in sync with
 //! `net/if/<name>` (JSON `{"mtu": 1500}`); `routes` installs `net/rt/<name>` (JSON
-//! `{"via": "eth0"}`) only through an interface the device has, and rejects any other
-//! through `Done` with an error naming the route and the interface.
+//! `{"via": "eth0"}`) only through an interface the device has: a change to a route
+//! through a missing interface is rejected through `Done` with an error naming the
+//! route and the interface. The coordinator then resyncs `routes`, which keeps such a
+//! route pending (reported) and installs it once the interface appears, so one route
+//! cannot keep the plugin from the others.
 //!
 //! Why the order matters: at every resync the coordinator hands `interfaces` its
 //! snapshot and waits for its `Done` before `routes` gets the same revision's, because
 //! `routes` declares it runs after `interfaces`. So a resync never finds a route whose
-//! interface is merely not applied yet; a route it rejects really has no interface.
+//! interface is merely not applied yet; a pending route really has no interface.
 //!
 //! The registered plugins (linked into an agent with `use datasync_netconfig as _;`)
 //! configure [`Device::global`], the process's one device, as a real network stack is
@@ -71,6 +74,22 @@ pub struct DeviceState {
     pub interfaces: BTreeMap<String, u32>,
     /// Installed routes: name → interface.
     pub routes: BTreeMap<String, String>,
+    /// Routes the store holds whose interface the device does not have (yet): name →
+    /// interface. Installed when the interface appears; back here if it goes.
+    pub pending: BTreeMap<String, String>,
+}
+
+impl DeviceState {
+    /// Installs the pending routes whose interface exists, and sets aside installed
+    /// ones whose interface is gone.
+    fn reconcile(&mut self) {
+        let (ready, waiting): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .chain(std::mem::take(&mut self.routes))
+            .partition(|(_, via)| self.interfaces.contains_key(via));
+        self.routes = ready;
+        self.pending = waiting;
+    }
 }
 
 impl Device {
@@ -177,7 +196,10 @@ impl Handler for InterfacesPlugin {
                     "[interfaces] resync r{} ({:?}): {:?}",
                     r.revision, r.reason, interfaces
                 ));
-                self.0.device.state().interfaces = interfaces;
+                let mut device = self.0.device.state();
+                device.interfaces = interfaces;
+                device.reconcile();
+                drop(device);
                 r.done.ok();
             }
             Event::Change(c) => {
@@ -186,11 +208,15 @@ impl Handler for InterfacesPlugin {
                     let n = name(&self.0.prefix, &kc.key).to_owned();
                     match kc.value.as_ref().map(Value::json::<Interface>) {
                         Some(Ok(i)) => {
-                            self.0.device.state().interfaces.insert(n, i.mtu);
+                            let mut device = self.0.device.state();
+                            device.interfaces.insert(n, i.mtu);
+                            device.reconcile();
                         }
                         Some(Err(e)) => return c.done.fail(format!("{}: {e}", kc.key)),
                         None => {
-                            self.0.device.state().interfaces.remove(&n);
+                            let mut device = self.0.device.state();
+                            device.interfaces.remove(&n);
+                            device.reconcile();
                         }
                     }
                 }
@@ -218,13 +244,14 @@ impl RoutesPlugin {
         self
     }
 
-    /// The route's interface, if the device has it; else why not.
-    fn check(&self, key: &Key, value: &Value) -> Result<String, String> {
+    /// The route's interface, if the device has it; else why not (`Ok(Err(via))`:
+    /// only the interface is missing; `Err`: the value is not a route).
+    fn check(&self, key: &Key, value: &Value) -> Result<Result<String, String>, String> {
         let route: Route = value.json().map_err(|e| format!("{key}: {e}"))?;
         if self.0.device.state().interfaces.contains_key(&route.via) {
-            Ok(route.via)
+            Ok(Ok(route.via))
         } else {
-            Err(format!("{key}: interface {:?} does not exist", route.via))
+            Ok(Err(route.via))
         }
     }
 }
@@ -233,30 +260,41 @@ impl RoutesPlugin {
 impl Handler for RoutesPlugin {
     async fn handle(&self, event: Event) {
         match event {
+            // A route whose interface is missing waits for it (installed when the
+            // interface plugin adds it), and a value that is no route is skipped and
+            // reported: neither holds up the others. Failing the resync on one would
+            // keep the plugin from every later change until that key is fixed (the
+            // coordinator resyncs a plugin that rejected a change, so a route rejected
+            // below comes back here).
             Event::Resync(r) => {
-                let checked: Result<BTreeMap<_, _>, _> = r
-                    .values()
-                    .map(|kv| {
-                        self.check(&kv.key, &kv.value)
-                            .map(|via| (name(&self.0.prefix, &kv.key).to_owned(), via))
-                    })
-                    .collect();
-                match checked {
-                    Ok(routes) => {
-                        (self.0.report)(&format!(
-                            "[routes] resync r{} ({:?}): {:?}",
-                            r.revision,
-                            r.reason,
-                            routes.keys().collect::<Vec<_>>()
-                        ));
-                        self.0.device.state().routes = routes;
-                        r.done.ok();
-                    }
-                    Err(e) => {
-                        (self.0.report)(&format!("[routes] resync rejected: {e}"));
-                        r.done.fail(e);
+                let (mut routes, mut pending) = (BTreeMap::new(), BTreeMap::new());
+                for kv in r.values() {
+                    let n = name(&self.0.prefix, &kv.key).to_owned();
+                    match self.check(&kv.key, &kv.value) {
+                        Ok(Ok(via)) => {
+                            routes.insert(n, via);
+                        }
+                        Ok(Err(via)) => {
+                            (self.0.report)(&format!(
+                                "[routes] {}: waiting for interface {via:?}",
+                                kv.key
+                            ));
+                            pending.insert(n, via);
+                        }
+                        Err(e) => (self.0.report)(&format!("[routes] skipping {e}")),
                     }
                 }
+                (self.0.report)(&format!(
+                    "[routes] resync r{} ({:?}): {:?}",
+                    r.revision,
+                    r.reason,
+                    routes.keys().collect::<Vec<_>>()
+                ));
+                let mut device = self.0.device.state();
+                device.routes = routes;
+                device.pending = pending;
+                drop(device);
+                r.done.ok();
             }
             Event::Change(c) => {
                 for kc in &c.changes {
@@ -264,8 +302,15 @@ impl Handler for RoutesPlugin {
                     let n = name(&self.0.prefix, &kc.key).to_owned();
                     match (kc.op, &kc.value) {
                         (Op::Put, Some(v)) => match self.check(&kc.key, v) {
-                            Ok(via) => {
-                                self.0.device.state().routes.insert(n, via);
+                            Ok(Ok(via)) => {
+                                let mut device = self.0.device.state();
+                                device.pending.remove(&n);
+                                device.routes.insert(n, via);
+                            }
+                            Ok(Err(via)) => {
+                                let e = format!("{}: interface {via:?} does not exist", kc.key);
+                                (self.0.report)(&format!("[routes] rejected: {e}"));
+                                return c.done.fail(e);
                             }
                             Err(e) => {
                                 (self.0.report)(&format!("[routes] rejected: {e}"));
@@ -273,7 +318,9 @@ impl Handler for RoutesPlugin {
                             }
                         },
                         _ => {
-                            self.0.device.state().routes.remove(&n);
+                            let mut device = self.0.device.state();
+                            device.routes.remove(&n);
+                            device.pending.remove(&n);
                         }
                     }
                 }

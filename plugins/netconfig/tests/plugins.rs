@@ -136,6 +136,25 @@ async fn a_route_through_a_missing_interface_is_rejected_through_done() {
     assert!(!device.state().routes.contains_key("bad"));
     // The interfaces plugin is untouched by the other's failure.
     assert_eq!(st.plugin("interfaces").unwrap().failures, 0);
+    // The coordinator resyncs routes: the route waits for its interface, the plugin is
+    // ready for the others, and the route is installed once the interface appears.
+    until("routes is resynced with the route pending", || {
+        c.status()
+            .plugin("routes")
+            .is_some_and(|p| p.state == PluginState::Ready)
+            && device.state().pending.contains_key("bad")
+    })
+    .await;
+    put(&store, "rt/ok", r#"{"via":"eth0"}"#).await;
+    put(&store, "if/eth9", r#"{"mtu":1500}"#).await;
+    until("the pending route is installed with its interface", || {
+        let d = device.state();
+        d.routes.get("bad").is_some_and(|v| v == "eth9")
+            && d.routes.contains_key("ok")
+            && d.pending.is_empty()
+    })
+    .await;
+    assert_eq!(c.status().plugin("routes").unwrap().failures, 1);
     // A bad interface value is refused through Done too.
     put(&store, "if/eth2", "not json").await;
     until("the bad interface is reported", || {

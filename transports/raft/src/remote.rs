@@ -138,7 +138,10 @@ impl RemoteStore {
             op,
             ClientOp::Put { .. } | ClientOp::Delete { .. } | ClientOp::Cas { .. }
         );
-        let ticket = write.then(|| self.inner.requests.begin());
+        let ticket = match write {
+            true => Some(self.inner.requests.begin().await),
+            false => None,
+        };
         let id = ticket.as_ref().map(|t| t.id);
         match self.inner.call(|| Request::Client(op.clone(), id)).await? {
             Reply::Client(r) => r.map_err(from_wire),

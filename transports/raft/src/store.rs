@@ -784,7 +784,7 @@ impl RaftStore {
         let id = match id {
             Some(id) => Some(id),
             None if self.inner.node.is_some() => {
-                ticket = self.inner.requests.begin();
+                ticket = self.inner.requests.begin().await;
                 Some(ticket.id)
             }
             None => None,

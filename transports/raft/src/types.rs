@@ -129,7 +129,37 @@ impl Command {
                 }
                 c => c.check(),
             }),
-            c => c.check_single(),
+            c => {
+                c.check_single()?;
+                c.check_lease()
+            }
+        }
+    }
+
+    /// A new write's lease word must be a TTL word within [`datasync::MAX_TTL`] (apply
+    /// still takes the absolute deadlines older versions wrote to their logs).
+    fn check_lease(&self) -> Result<(), datasync::StoreError> {
+        use crate::storage::lease::TTL_FLAG;
+        match self {
+            Command::Put {
+                expires_at_ms: Some(w),
+                ..
+            }
+            | Command::Cas {
+                expires_at_ms: Some(w),
+                ..
+            } => {
+                let ms = w & !TTL_FLAG;
+                let max = datasync::MAX_TTL.as_millis() as u64;
+                if w & TTL_FLAG == 0 || ms == 0 || ms > max {
+                    return Err(datasync::StoreError::InvalidTtl(
+                        std::time::Duration::from_millis(ms),
+                    ));
+                }
+                Ok(())
+            }
+            Command::Once { cmd, .. } => cmd.check_lease(),
+            _ => Ok(()),
         }
     }
 
@@ -197,6 +227,12 @@ impl Drop for Level {
     }
 }
 
+/// Decodes a batch's outcomes, counting it as a level of nesting.
+fn nested_outcomes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Outcome>, D::Error> {
+    let _level = Level::enter()?;
+    Vec::<Outcome>::deserialize(d)
+}
+
 /// Decodes a batch's commands, refusing batches nested deeper than [`MAX_BATCH_DEPTH`].
 ///
 /// Why a thread-local: serde decodes nested values by recursion on one thread, so a
@@ -231,8 +267,9 @@ pub enum Outcome {
         /// Current state, if the key exists.
         current: Option<(Vec<u8>, u64)>,
     },
-    /// The outcomes of a [`Command::Batch`], in order.
-    Batch(Vec<Outcome>),
+    /// The outcomes of a [`Command::Batch`], in order (decoded with the same depth
+    /// bound as batches).
+    Batch(#[serde(deserialize_with = "nested_outcomes")] Vec<Outcome>),
     /// The command is invalid (see [`Command::check`]) and changed nothing. Only an
     /// entry that reached a log without the checks at its entry gets this: apply never
     /// fails on a command's content, so one bad entry cannot stop every replica.
@@ -262,6 +299,23 @@ mod tests {
         let bytes = bincode::serialize(&flat).expect("serializes");
         assert_eq!(
             bincode::deserialize::<Command>(&bytes).expect("decodes"),
+            flat
+        );
+    }
+
+    /// Outcomes nest the same way (a reply, a stored session): bounded too.
+    #[test]
+    fn nested_outcomes_are_refused_by_the_decoder() {
+        let mut bytes = Vec::new();
+        for _ in 0..100_000 {
+            bytes.extend_from_slice(&4u32.to_le_bytes()); // Outcome::Batch
+            bytes.extend_from_slice(&1u64.to_le_bytes());
+        }
+        assert!(bincode::deserialize::<Outcome>(&bytes).is_err());
+        let flat = Outcome::Batch(vec![Outcome::Written { revision: 3 }]);
+        let bytes = bincode::serialize(&flat).expect("serializes");
+        assert_eq!(
+            bincode::deserialize::<Outcome>(&bytes).expect("decodes"),
             flat
         );
     }
@@ -300,5 +354,23 @@ mod tests {
             .check()
             .is_err()
         );
+        let lease = |w: u64| Command::Put {
+            key: "k".into(),
+            value: vec![],
+            expires_at_ms: Some(w),
+        };
+        let flag = crate::storage::lease::TTL_FLAG;
+        assert!(lease(flag | 1000).check().is_ok());
+        for bad in [
+            0,
+            1000,
+            flag,
+            flag | (datasync::MAX_TTL.as_millis() as u64 + 1),
+        ] {
+            assert!(
+                matches!(lease(bad).check(), Err(datasync::StoreError::InvalidTtl(_))),
+                "{bad:#x}"
+            );
+        }
     }
 }

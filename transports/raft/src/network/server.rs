@@ -52,10 +52,60 @@ impl Replies {
     }
 }
 
-/// Connections allowed to be in their handshake at once. Each costs a task and a
-/// socket for up to [`HANDSHAKE_TIMEOUT`] before it has shown the secret; past this
-/// many, new connections are closed at once (members and clients retry with backoff).
-pub(crate) const MAX_HANDSHAKES: usize = 64;
+/// Connections from one address allowed to be in their handshake at once. Each costs
+/// a task and a socket for up to [`HANDSHAKE_TIMEOUT`] before it has shown the secret;
+/// past this many, that address's new connections are closed at once (members and
+/// clients retry with backoff). Per address, so that one host holding sockets open
+/// cannot lock the members and clients on other hosts out.
+pub(crate) const MAX_HANDSHAKES_PER_ADDR: usize = 16;
+/// Connections in their handshake at once, from all addresses.
+pub(crate) const MAX_HANDSHAKES: usize = 512;
+
+/// Handshakes in progress per source address.
+#[derive(Debug, Default)]
+struct Handshaking(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection's place among the handshakes in progress; given back on drop.
+struct InHandshake {
+    /// Held for its drop: the place among all handshakes.
+    _all: tokio::sync::OwnedSemaphorePermit,
+    by_addr: Arc<Handshaking>,
+    addr: std::net::IpAddr,
+}
+
+impl Handshaking {
+    /// A place for a handshake from `addr`, unless that address or everyone has too many.
+    fn enter(
+        self: &Arc<Self>,
+        all: &Arc<tokio::sync::Semaphore>,
+        addr: std::net::IpAddr,
+    ) -> Option<InHandshake> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(addr).or_default();
+        if *n >= MAX_HANDSHAKES_PER_ADDR {
+            return None;
+        }
+        let permit = all.clone().try_acquire_owned().ok()?;
+        *n += 1;
+        Some(InHandshake {
+            _all: permit,
+            by_addr: self.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for InHandshake {
+    fn drop(&mut self) {
+        let mut m = self.by_addr.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.addr);
+            }
+        }
+    }
+}
 
 /// Logs a warning at most once a second, counting the ones it held back, so that a
 /// flood of refused connections cannot flood the log.
@@ -94,6 +144,7 @@ pub(crate) async fn serve(
 ) {
     let tasks = TaskTracker::new();
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let handshaking = Arc::new(Handshaking::default());
     let throttle = Arc::new(Throttle::new());
     loop {
         let (stream, peer) = tokio::select! {
@@ -107,9 +158,9 @@ pub(crate) async fn serve(
                 }
             },
         };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+        let Some(permit) = handshaking.enter(&handshakes, peer.ip()) else {
             throttle.warn(|held| {
-                warn!(%peer, held_back = held, "refused a connection: {MAX_HANDSHAKES} handshakes in progress");
+                warn!(%peer, held_back = held, "refused a connection: too many handshakes in progress from its address, or in all");
             });
             drop(stream);
             continue;
@@ -132,7 +183,7 @@ async fn connection(
     peer: SocketAddr,
     secret: Secret,
     handler: Arc<dyn Handler>,
-    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    handshake_permit: InHandshake,
     throttle: &Throttle,
 ) {
     let _ = stream.set_nodelay(true);
@@ -303,8 +354,9 @@ mod tests {
         stop.cancel();
     }
 
-    /// Connections that never authenticate take at most [`MAX_HANDSHAKES`] slots; the
-    /// ones past that are closed at once, and once the idle ones go, a member gets in.
+    /// Connections that never authenticate take at most [`MAX_HANDSHAKES_PER_ADDR`]
+    /// slots of their address; the ones past that are closed at once, and once the idle
+    /// ones go, a member gets in.
     #[tokio::test]
     async fn unauthenticated_connections_are_capped() {
         let secret = Secret::new("the right cluster secret").expect("secret");
@@ -319,7 +371,7 @@ mod tests {
             stop.clone(),
         ));
         let mut idle = Vec::new();
-        for _ in 0..MAX_HANDSHAKES {
+        for _ in 0..MAX_HANDSHAKES_PER_ADDR {
             idle.push(TcpStream::connect(&addr).await.expect("connect"));
         }
         // Give the server time to take them all in.

@@ -29,19 +29,19 @@ pub(crate) fn word(ttl: Duration) -> u64 {
     TTL_FLAG | ms.clamp(1, !TTL_FLAG)
 }
 
-/// The TTL a nonzero lease word stands for, counted from now.
-pub(crate) fn ttl_of(word: u64) -> Duration {
+/// The TTL a nonzero lease word stands for, counted from now (`wall_ms`, this
+/// member's [`Clock::wall_ms`], is read only for an older version's absolute word).
+pub(crate) fn ttl_of(word: u64, wall_ms: u64) -> Duration {
     if word & TTL_FLAG != 0 {
         return Duration::from_millis(word & !TTL_FLAG);
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    Duration::from_millis(word.saturating_sub(now).max(1))
+    Duration::from_millis(word.saturating_sub(wall_ms).max(1))
 }
 
-/// The monotonic clock a store measures TTLs with: the system's, plus an offset that
-/// tests move to give members clocks that disagree.
+/// The clocks a store reads: the system's monotonic and wall clocks, both shifted by
+/// one offset that tests move to give members clocks that disagree. The store reads
+/// time only through this (the wall clock only for lease words older versions wrote),
+/// so a test that skews it skews everything the store could measure a TTL with.
 #[derive(Debug, Clone, Default)]
 pub struct Clock {
     offset_ms: Arc<AtomicI64>,
@@ -63,6 +63,15 @@ impl Clock {
         } else {
             base.checked_sub(by).unwrap_or(base)
         }
+    }
+
+    /// Now on this member's wall clock, in Unix milliseconds.
+    pub fn wall_ms(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        now.saturating_add(self.offset_ms.load(Ordering::Relaxed))
+            .max(0) as u64
     }
 
     /// Moves this clock forward by `by` (for tests: a member whose clock runs ahead).
@@ -139,20 +148,21 @@ mod tests {
     #[test]
     fn lease_words_round_trip_and_never_round_to_zero() {
         assert_eq!(
-            ttl_of(word(Duration::from_secs(10))),
+            ttl_of(word(Duration::from_secs(10)), 0),
             Duration::from_secs(10)
         );
         assert_eq!(
-            ttl_of(word(Duration::from_nanos(1))),
+            ttl_of(word(Duration::from_nanos(1)), 0),
             Duration::from_millis(1)
         );
         assert_eq!(
-            ttl_of(word(datasync::MAX_TTL)),
+            ttl_of(word(datasync::MAX_TTL), 0),
             datasync::MAX_TTL,
             "the longest TTL fits the word"
         );
         // A legacy absolute deadline in the past leaves the shortest TTL, not none.
-        assert_eq!(ttl_of(1), Duration::from_millis(1));
+        assert_eq!(ttl_of(1, 5_000), Duration::from_millis(1));
+        assert_eq!(ttl_of(9_000, 5_000), Duration::from_millis(4_000));
     }
 
     #[test]

@@ -9,10 +9,14 @@
 //! member or after a leader change finds it too.
 //!
 //! Bounds: a client's outcomes below its `first_unacked` are dropped as each request
-//! applies, and at most [`MAX_OUTCOMES`] are kept per client; at most [`MAX_SESSIONS`]
-//! clients are kept, the one whose last request is oldest evicted first. A retry whose
-//! outcome was dropped is refused ([`Seen::Forgotten`]), never applied again; a retry
-//! from a client evicted since (10,000 newer clients in between) would apply again.
+//! applies; a client keeps at most [`MAX_OUTCOMES`] requests in flight (our clients
+//! wait for room, see `once::Requests`), and a request past that is refused unapplied
+//! ([`Seen::Full`]) — never by dropping an outcome above `first_unacked`, which could
+//! belong to a request still waiting and make it look answered. At most
+//! [`MAX_SESSIONS`] clients are kept, the one whose last request is oldest evicted
+//! first. A retry whose outcome was dropped is refused ([`Seen::Forgotten`]), never
+//! applied again; a retry from a client evicted since (10,000 newer clients in
+//! between) would apply again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -22,7 +26,7 @@ use crate::types::{Outcome, RequestId};
 
 /// Clients whose outcomes are kept.
 pub(crate) const MAX_SESSIONS: usize = 10_000;
-/// Outcomes kept per client (requests it has not acknowledged).
+/// Outcomes kept per client: its requests in flight at most.
 pub(crate) const MAX_OUTCOMES: usize = 1024;
 
 /// One client's recent outcomes.
@@ -44,6 +48,9 @@ pub(crate) enum Seen {
     Repeat(Outcome),
     /// Below what the client acknowledged: applied before, outcome dropped.
     Forgotten,
+    /// Not applied yet, but the client has [`MAX_OUTCOMES`] outcomes it has not
+    /// acknowledged: refused unapplied (the client may try it again later).
+    Full,
 }
 
 /// Every client's session, and which changed since they were last stored.
@@ -76,6 +83,12 @@ impl Sessions {
         match s.outcomes.get(&id.seq) {
             Some(out) => Seen::Repeat(out.clone()),
             None if id.seq < s.floor => Seen::Forgotten,
+            // Past the client's window, or more outcomes kept than it may have.
+            None if id.seq.saturating_sub(id.first_unacked) >= MAX_OUTCOMES as u64
+                || s.outcomes.range(id.first_unacked..).count() >= MAX_OUTCOMES =>
+            {
+                Seen::Full
+            }
             None => Seen::First,
         }
     }
@@ -87,11 +100,6 @@ impl Sessions {
         s.floor = s.floor.max(id.first_unacked);
         s.outcomes.insert(id.seq, outcome);
         s.outcomes = s.outcomes.split_off(&s.floor);
-        while s.outcomes.len() > MAX_OUTCOMES {
-            if let Some((seq, _)) = s.outcomes.pop_first() {
-                s.floor = seq + 1;
-            }
-        }
         self.dirty.insert(id.client);
         if self.map.len() > MAX_SESSIONS {
             let oldest = self
@@ -164,10 +172,26 @@ mod tests {
     #[test]
     fn outcomes_and_sessions_are_bounded() {
         let mut s = Sessions::default();
-        for seq in 0..(MAX_OUTCOMES as u64 + 10) {
+        // Request 0 waits (its answer is not in) while the rest of the window applies:
+        // a request past the window is refused unapplied, and request 0 still applies
+        // when it arrives.
+        let max = MAX_OUTCOMES as u64;
+        for seq in 1..max {
+            assert_eq!(s.seen(&id(1, seq, 0)), Seen::First);
             s.record(&id(1, seq, 0), written(seq), seq);
         }
-        assert_eq!(s.map[&1].outcomes.len(), MAX_OUTCOMES);
+        assert_eq!(s.seen(&id(1, max, 0)), Seen::Full);
+        assert_eq!(
+            s.seen(&id(1, 0, 0)),
+            Seen::First,
+            "a waiting request is not lost"
+        );
+        s.record(&id(1, 0, 0), written(0), 2000);
+        // Once the client acknowledges them, there is room again.
+        let next = id(1, max, max);
+        assert_eq!(s.seen(&next), Seen::First);
+        s.record(&next, written(1), 2001);
+        assert_eq!(s.map[&1].outcomes.len(), 1);
         assert_eq!(s.seen(&id(1, 0, 0)), Seen::Forgotten);
         for client in 2..(MAX_SESSIONS as u64 + 2) {
             s.record(&id(client, 0, 0), written(client), 100_000 + client);

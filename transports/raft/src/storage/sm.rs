@@ -351,6 +351,14 @@ impl Shared {
             feed(k.value().as_bytes());
             feed(v.value());
         }
+        // Client sessions are replicated state too: a replica that lost them would
+        // apply a retried write again.
+        let clients = tx.open_table(CLIENTS).map_err(read_failed)?;
+        for item in clients.iter().map_err(read_failed)? {
+            let (k, v) = item.map_err(read_failed)?;
+            feed(&k.value().to_le_bytes());
+            feed(v.value());
+        }
         Ok(h)
     }
 
@@ -398,7 +406,7 @@ fn load_leases(tx: &ReadTransaction, clock: &Clock) -> Result<Leases, StorageErr
             continue;
         }
         let key = Key::new(key).map_err(rd)?;
-        leases.set(&key, now + lease::ttl_of(word), mod_rev);
+        leases.set(&key, now + lease::ttl_of(word, clock.wall_ms()), mod_rev);
     }
     Ok(leases)
 }
@@ -575,16 +583,28 @@ struct PayloadV1 {
     kv: Vec<(String, Vec<u8>)>,
 }
 
+/// The first bytes of a snapshot with client sessions; without them, a [`PayloadV1`]
+/// (whose first bytes are its revision: never this large).
+const PAYLOAD_V2: &[u8; 8] = b"DSSNAP02";
+
 impl Payload {
+    fn encode(&self) -> Result<Vec<u8>, bincode::Error> {
+        let mut out = PAYLOAD_V2.to_vec();
+        bincode::serialize_into(&mut out, self)?;
+        Ok(out)
+    }
+
+    /// Decodes either format, told apart by the tag, never by trying one and then the
+    /// other (a damaged new snapshot must not pass for an old one without sessions).
     fn decode(data: &[u8]) -> Result<Payload, bincode::Error> {
-        bincode::deserialize(data).or_else(|e| match bincode::deserialize::<PayloadV1>(data) {
-            Ok(v1) => Ok(Payload {
+        match data.strip_prefix(PAYLOAD_V2) {
+            Some(v2) => bincode::deserialize(v2),
+            None => bincode::deserialize::<PayloadV1>(data).map(|v1| Payload {
                 revision: v1.revision,
                 kv: v1.kv,
                 sessions: Vec::new(),
             }),
-            Err(_) => Err(e),
-        })
+        }
     }
 }
 
@@ -689,8 +709,9 @@ struct View<'a> {
     writes: Vec<Write>,
     lease_written: bool,
     leases: &'a mut Leases,
-    /// When this apply runs, on the lease clock.
+    /// When this apply runs, on the lease clock (and its wall clock).
     now: std::time::Instant,
+    wall_ms: u64,
     sessions: &'a mut Sessions,
     /// The log index of the entry being applied.
     index: u64,
@@ -726,6 +747,8 @@ impl View<'_> {
         expires: Option<u64>,
         rev: u64,
     ) -> Result<Change, StorageError> {
+        // 0 is "no lease" in a stored record: a command carrying it has none.
+        let expires = expires.filter(|w| *w != 0);
         let prev = self.current(key)?;
         let rec = Stored {
             mod_rev: rev,
@@ -737,7 +760,10 @@ impl View<'_> {
         let value = rec.value.clone();
         let key = Key::new(key).map_err(wr)?;
         match expires {
-            Some(word) => self.leases.set(&key, self.now + lease::ttl_of(word), rev),
+            Some(word) => {
+                let ttl = lease::ttl_of(word, self.wall_ms);
+                self.leases.set(&key, self.now + ttl, rev)
+            }
             None => self.leases.clear(&key),
         }
         self.record(&key, rev, Some(rec));
@@ -905,6 +931,12 @@ fn apply_command(
                 "request {} of client {:x} was answered and forgotten: not applied again",
                 id.seq, id.client
             )),
+            Seen::Full => Outcome::Invalid(format!(
+                "client {:x} has {} requests in flight: request {} not applied",
+                id.client,
+                super::session::MAX_OUTCOMES,
+                id.seq
+            )),
             Seen::First => {
                 let out = apply_command(a, *cmd, revision, txns)?;
                 a.sessions.record(&id, out.clone(), a.index);
@@ -972,6 +1004,7 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
         lease_written: false,
         leases: &mut inner.leases,
         now: shared.clock.now(),
+        wall_ms: shared.clock.wall_ms(),
         sessions: &mut inner.sessions,
         index: 0,
     };
@@ -1298,11 +1331,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 let (k, v) = item.map_err(rd)?;
                 pairs.push((k.value().to_owned(), v.value().to_vec()));
             }
-            let data = bincode::serialize(&Payload {
+            let data = Payload {
                 revision,
                 kv: pairs,
                 sessions: session_records(&rtx)?,
-            })
+            }
+            .encode()
             .map_err(wr)?;
             let meta = SnapshotMeta {
                 last_log_id: applied,
