@@ -11,8 +11,8 @@ use openraft::{
 };
 use redb::{Database, ReadableDatabase};
 
-use super::RAFT_META;
 use super::wal::Wal;
+use super::{RAFT_META, SM_META};
 use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
 /// The log store. Cheap to clone (the log reader is a clone).
@@ -36,6 +36,35 @@ fn read_err(e: impl std::error::Error + 'static) -> StorageError {
 
 fn write_err(e: impl std::error::Error + 'static) -> StorageError {
     io(ErrorSubject::Logs, ErrorVerb::Write, e)
+}
+
+/// Blocks until the state machine's committed applied index is at least `index`.
+fn wait_applied(db: &Database, index: u64) -> Result<(), StorageError> {
+    let started = std::time::Instant::now();
+    let mut warned = started;
+    loop {
+        let applied: Option<LogId> = {
+            let tx = db.begin_read().map_err(read_err)?;
+            let t = tx.open_table(SM_META).map_err(read_err)?;
+            match t.get("applied").map_err(read_err)? {
+                Some(v) => Some(bincode::deserialize(v.value()).map_err(read_err)?),
+                None => None,
+            }
+        };
+        if applied.is_some_and(|a| a.index >= index) {
+            return Ok(());
+        }
+        if warned.elapsed() >= std::time::Duration::from_secs(10) {
+            warned = std::time::Instant::now();
+            tracing::warn!(
+                purge_to = index,
+                applied = ?applied.map(|a| a.index),
+                waited = ?started.elapsed(),
+                "a log purge waits for the state machine to reach it (a snapshot install?)"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 impl LogStore {
@@ -173,8 +202,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// The purge point is stored durably first (which also makes every state-machine
     /// commit so far durable, so the entries dropped are never needed for a replay),
     /// then whole segments at or below it are deleted.
+    ///
+    /// Why it first waits for the state machine to reach the purge point: openraft
+    /// 0.9 asks for the purge right after handing a snapshot's install to the state
+    /// machine's worker. Were the purge point durable before the install, a crash in
+    /// between would leave a state machine behind a log that no longer has the entries
+    /// to catch up from. Waiting orders the two: the install commits first, and this
+    /// durable commit then covers it. Everywhere else the state machine is past the
+    /// purge point already (a snapshot is built from applied state), so nothing waits.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.blocking(move |db| {
+            wait_applied(db, log_id.index)?;
             let bytes = bincode::serialize(&log_id).map_err(write_err)?;
             let tx = db.begin_write().map_err(write_err)?;
             {
@@ -185,5 +223,43 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
         .await?;
         self.wal(move |wal| wal.purge(log_id)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::CommittedLeaderId;
+
+    use super::*;
+
+    fn set_applied(db: &Database, index: u64) {
+        let tx = db.begin_write().expect("write");
+        {
+            let mut t = tx.open_table(SM_META).expect("table");
+            let id = LogId::new(CommittedLeaderId::new(1, 1), index);
+            let bytes = bincode::serialize(&id).expect("encodes");
+            t.insert("applied", bytes.as_slice()).expect("insert");
+        }
+        tx.commit().expect("commit");
+    }
+
+    /// A purge to a point the state machine has not reached (a snapshot install still
+    /// on its way) waits for it, so the purge point never becomes durable first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_waits_for_the_state_machine_to_reach_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, wal) = super::super::open(dir.path(), 64 << 10).expect("opens");
+        set_applied(&db, 5);
+        let mut store = LogStore::new(db.clone(), wal);
+        let upto = LogId::new(CommittedLeaderId::new(1, 1), 10);
+        let purge = tokio::spawn(async move { store.purge(upto).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!purge.is_finished(), "the purge went ahead of the install");
+        set_applied(&db, 10);
+        tokio::time::timeout(std::time::Duration::from_secs(5), purge)
+            .await
+            .expect("the purge went on once the state machine got there")
+            .expect("joins")
+            .expect("purged");
     }
 }

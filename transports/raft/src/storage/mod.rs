@@ -172,6 +172,8 @@ pub(crate) fn open(dir: &Path, segment: u64) -> Result<(Arc<Database>, wal::Wal)
     };
     let purged = meta(RAFT_META, "purged").map_err(corrupted)?;
     let applied = meta(SM_META, "applied").map_err(corrupted)?;
+    // The last log id of a snapshot installed from a leader (not one built here).
+    let installed = meta(SM_META, "installed").map_err(corrupted)?;
     let db = Arc::new(db);
     let log_dir = dir.join("log");
     let log = wal::Wal::open(&log_dir, purged, segment).map_err(|d| OpenError::Corrupted {
@@ -179,7 +181,13 @@ pub(crate) fn open(dir: &Path, segment: u64) -> Result<(Arc<Database>, wal::Wal)
         reason: d.reason,
     })?;
     let last = log.mem().last;
-    if let Some(applied) = applied.filter(|a| last.is_none_or(|l| a.index > l.index)) {
+    // A log that ends before the applied state is damage (acknowledged entries may be
+    // lost with it), unless that state is a snapshot installed from a leader just
+    // before a crash that came before its log purge: openraft purges the log up to it
+    // at start (see `log::LogStore::purge` for the order). A snapshot built here never
+    // runs ahead of its own log.
+    let behind = |a: &LogId| last.is_none_or(|l| a.index > l.index);
+    if let Some(applied) = applied.filter(|a| behind(a) && installed.as_ref() != Some(a)) {
         let ends = last.map_or("the log is empty".into(), |l| {
             format!("the log ends at index {}", l.index)
         });
@@ -241,3 +249,72 @@ impl Stored {
 #[derive(Debug, thiserror::Error)]
 #[error("stored record of {0} bytes is shorter than its 24-byte header")]
 pub(crate) struct CorruptValue(usize);
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload, SnapshotMeta};
+
+    use super::*;
+    use crate::types::{Command, Entry};
+
+    fn log_id(i: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(1, 1), i)
+    }
+
+    /// A store whose log holds entries 0..10 and whose state machine says it applied
+    /// index 20, from a snapshot installed at `installed` (`None`: none installed; a
+    /// snapshot built here at 20 all the same).
+    fn crashed_after_install(installed: Option<u64>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, wal) = open(dir.path(), 64 << 10).expect("opens");
+        for i in 0..10 {
+            wal.append(vec![Entry {
+                log_id: log_id(i),
+                payload: EntryPayload::Normal(Command::Delete {
+                    key: "k".into(),
+                    prefix: false,
+                }),
+            }])
+            .expect("appends");
+        }
+        let tx = db.begin_write().expect("write");
+        {
+            let mut m = tx.open_table(SM_META).expect("table");
+            let applied = bincode::serialize(&log_id(20)).expect("encodes");
+            m.insert("applied", applied.as_slice()).expect("insert");
+            if let Some(i) = installed {
+                let bytes = bincode::serialize(&log_id(i)).expect("encodes");
+                m.insert("installed", bytes.as_slice()).expect("insert");
+            }
+            let meta = SnapshotMeta::<u64, openraft::BasicNode> {
+                last_log_id: Some(log_id(20)),
+                last_membership: Default::default(),
+                snapshot_id: "s".into(),
+            };
+            let mut t = tx.open_table(SNAPSHOT).expect("table");
+            let bytes = bincode::serialize(&meta).expect("encodes");
+            t.insert("meta", bytes.as_slice()).expect("insert");
+        }
+        tx.commit().expect("commit");
+        dir
+    }
+
+    /// A crash between a snapshot's install and the log purge that follows it leaves a
+    /// log ending before the applied state: open accepts it (openraft purges the log up
+    /// to the snapshot at start). A log ending before an applied state that is not an
+    /// installed snapshot (a snapshot built here, or one installed earlier) is still
+    /// refused as damage.
+    #[test]
+    fn a_log_behind_an_installed_snapshot_opens() {
+        let dir = crashed_after_install(Some(20));
+        assert!(open(dir.path(), 64 << 10).is_ok());
+        for snapshot in [None, Some(15)] {
+            let dir = crashed_after_install(snapshot);
+            let err = open(dir.path(), 64 << 10).expect_err("refused");
+            assert!(
+                err.to_string().contains("corrupt") || format!("{err:?}").contains("missing"),
+                "{err:?}"
+            );
+        }
+    }
+}

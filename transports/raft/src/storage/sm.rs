@@ -1283,6 +1283,9 @@ fn install(
         }
         put_meta(&mut m, "membership", &meta.last_membership)?;
         put_meta(&mut m, "revision", &payload.revision)?;
+        // What open needs to tell a crash between this and the log purge that follows
+        // from a damaged log (see `storage::open`).
+        put_meta(&mut m, "installed", &meta.last_log_id)?;
         let mut s = tx.open_table(SNAPSHOT).map_err(wr)?;
         put_meta(&mut s, "meta", meta)?;
         s.insert("data", data.as_slice()).map_err(wr)?;
