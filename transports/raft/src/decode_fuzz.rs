@@ -1,4 +1,6 @@
-//! Decoder hardening: every decoder of bytes from the network or the disk is fed
+//! Decoder hardening: every decoder of bytes from the network or the disk (commands,
+//! wire requests and replies, the handshake, log frames, stored records, snapshot
+//! payloads, client sessions) is fed
 //! arbitrary and mutated inputs, and must answer each with a value or an error, never a
 //! panic, a hang or an allocation beyond its input's claims (bincode reads from slices,
 //! which check a length against the bytes left before allocating).
@@ -261,5 +263,87 @@ fn wal_frames_decode_or_fail_cleanly() {
         crate::storage::wal::encode(&entries[..1]).expect("encodes"),
     ];
     let ok = fuzz(4, &seeds, crate::storage::wal::decode_frame_for_fuzz);
+    assert!(ok > 0);
+}
+
+#[test]
+fn handshake_messages_decode_or_fail_cleanly() {
+    use crate::network::auth::{Challenge, Hello, Proof};
+    let seeds = vec![
+        ser(&Hello {
+            magic: crate::network::auth::MAGIC,
+            version: crate::network::auth::VERSION,
+            nonce: [7; 32],
+        }),
+        ser(&Challenge {
+            nonce: [9; 32],
+            proof: vec![1; 32],
+        }),
+        ser(&Proof { proof: vec![2; 32] }),
+    ];
+    let ok = fuzz(5, &seeds, |b| {
+        let hello = bincode::deserialize::<Hello>(b).is_ok();
+        let challenge = bincode::deserialize::<Challenge>(b).is_ok();
+        bincode::deserialize::<Proof>(b).is_ok() || hello || challenge
+    });
+    assert!(ok > 0);
+}
+
+#[test]
+fn stored_records_decode_or_fail_cleanly() {
+    use crate::storage::Stored;
+    let rec = |expires: u64, v: &'static str| Stored {
+        mod_rev: 5,
+        create_rev: 3,
+        expires_at_ms: expires,
+        value: datasync::Value::from(v),
+    };
+    let seeds = vec![
+        rec(0, "value").encode(),
+        rec(
+            crate::storage::lease::word(std::time::Duration::from_secs(5)),
+            "",
+        )
+        .encode(),
+    ];
+    let ok = fuzz(6, &seeds, |b| Stored::decode(b).is_ok());
+    assert!(ok > 0);
+}
+
+#[test]
+fn snapshot_payloads_decode_or_fail_cleanly() {
+    let seed = crate::storage::sm::payload_for_fuzz(None).expect("encodes");
+    let ok = fuzz(7, &[seed], |b| {
+        crate::storage::sm::payload_for_fuzz(Some(b)).is_ok()
+    });
+    assert!(ok > 0);
+}
+
+#[test]
+fn client_sessions_decode_or_fail_cleanly() {
+    use crate::storage::session::Sessions;
+    use crate::types::RequestId;
+    let mut s = Sessions::default();
+    for seq in 1..4 {
+        let id = RequestId {
+            client: 11,
+            seq,
+            first_unacked: 1,
+        };
+        s.record(&id, Outcome::Written { revision: seq }, seq);
+    }
+    s.record(
+        &RequestId {
+            client: 11,
+            seq: 4,
+            first_unacked: 1,
+        },
+        Outcome::Conflict {
+            current: Some((b"x".to_vec(), 2)),
+        },
+        4,
+    );
+    let seeds: Vec<Vec<u8>> = s.take_dirty().into_iter().filter_map(|(_, b)| b).collect();
+    let ok = fuzz(8, &seeds, |b| Sessions::load([(1, b.to_vec())]).is_ok());
     assert!(ok > 0);
 }

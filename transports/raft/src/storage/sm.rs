@@ -583,6 +583,29 @@ struct PayloadV1 {
     kv: Vec<(String, Vec<u8>)>,
 }
 
+/// The snapshot payload decoder on arbitrary bytes, and a valid payload to mutate.
+#[cfg(test)]
+pub(crate) fn payload_for_fuzz(data: Option<&[u8]>) -> Result<Vec<u8>, bincode::Error> {
+    match data {
+        Some(d) => Payload::decode(d).map(|p| p.encode().unwrap_or_default()),
+        None => Payload {
+            revision: 9,
+            kv: vec![(
+                "k/é".into(),
+                Stored {
+                    mod_rev: 9,
+                    create_rev: 2,
+                    expires_at_ms: 0,
+                    value: Value::from("v"),
+                }
+                .encode(),
+            )],
+            sessions: vec![(7, vec![1, 2, 3])],
+        }
+        .encode(),
+    }
+}
+
 /// The first bytes of a snapshot with client sessions; without them, a [`PayloadV1`]
 /// (whose first bytes are its revision: never this large).
 const PAYLOAD_V2: &[u8; 8] = b"DSSNAP02";
