@@ -282,7 +282,11 @@ impl Runner {
                 }
                 Some(Ok(Event::Resync(r))) => {
                     let all_ok = self.pass(r).await;
-                    failed_passes = if all_ok { 0 } else { failed_passes + 1 };
+                    failed_passes = if all_ok {
+                        0
+                    } else {
+                        failed_passes.saturating_add(1)
+                    };
                     retry = match (all_ok, self.config.retry_failed_after) {
                         (false, Some(after)) => {
                             let pause = after.saturating_mul(1 << (failed_passes - 1).min(5));

@@ -121,8 +121,8 @@ impl Proposals {
         self.propose_unchecked(cmd).await
     }
 
-    /// [`Proposals::propose`] without [`Command::check`]: only for tests that need an
-    /// invalid entry in the log.
+    /// [`Proposals::propose`] without [`Command::check`]: for a command its caller has
+    /// checked, or a test that needs an invalid entry in the log.
     pub(crate) async fn propose_unchecked(&self, cmd: Command) -> Committed {
         if !self.busy.load(Ordering::Relaxed)
             && self.queue.capacity() == self.queue.max_capacity()

@@ -431,9 +431,10 @@ impl RaftStore {
     /// # Cancel safety
     /// Dropping the future does not withdraw a proposal already queued or forwarded.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, StoreError> {
+        // Checked here for a typed error even where it is forwarded; not again below.
         cmd.check()?;
         let Some(node) = &self.inner.node else {
-            return match self.inner.proposals.propose(cmd).await {
+            return match self.inner.proposals.propose_unchecked(cmd).await {
                 Ok((out, _)) => Ok(out),
                 Err(ProposeError::Store(e)) => Err(e),
                 Err(ProposeError::NotLeader(_)) => Err(unavailable(Rejected(
@@ -446,7 +447,7 @@ impl RaftStore {
             // On the leader the write is proposed here, keeping its typed error. The copy
             // is for the rare case that leadership moved meanwhile and it is forwarded.
             // A leader cut off from its quorum cannot commit: the caller hears so in time.
-            let proposed = self.inner.proposals.propose(cmd.clone());
+            let proposed = self.inner.proposals.propose_unchecked(cmd.clone());
             match tokio::time::timeout(node.forward_timeout, proposed).await {
                 Err(_) => return Err(StoreError::Timeout(node.forward_timeout)),
                 Ok(Ok((out, _))) => return Ok(out),

@@ -193,6 +193,22 @@ pub async fn converged(nodes: &[&RaftStore]) {
     .await;
 }
 
+/// A watch of `prefix` on `store` whose initial resync has been taken and answered:
+/// the next events are the changes after it.
+pub async fn watch_past_resync(store: &impl datasync::Watcher, prefix: &str) -> datasync::Watch {
+    let prefix = datasync::Prefix::new(prefix).expect("a valid prefix");
+    let mut w = store
+        .watch("test", &[prefix], datasync::WatchOptions::default())
+        .await
+        .expect("a watch");
+    datasync::testing::next_event(&mut w)
+        .await
+        .expect("the initial resync")
+        .into_done()
+        .ok();
+    w
+}
+
 /// Runs the suite against a follower of a fresh three-node cluster per test: writes are
 /// forwarded to the leader, watches and reads are served by the follower.
 #[derive(Debug, Default)]

@@ -4,10 +4,9 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use datasync::{
-    CasOutcome, DeleteOptions, Event, Expect, Key, Prefix, PutOptions, Revision, Value, Watch,
-    WatchOptions, Watcher, Writer,
+    CasOutcome, DeleteOptions, Event, Expect, Key, PutOptions, Revision, Value, Watch, Writer,
 };
-use datasync_raft::testing::{TestCluster, test_secret};
+use datasync_raft::testing::{TestCluster, test_secret, watch_past_resync};
 use datasync_raft::types::{Command, Outcome, RequestId};
 use datasync_raft::{RaftConfig, RaftStore, RemoteConfig, RemoteStore};
 
@@ -34,17 +33,17 @@ fn put(k: &str, v: &str) -> Command {
     }
 }
 
-async fn watch(s: &impl Watcher, name: &str) -> Watch {
-    let mut w = s
-        .watch(name, &[Prefix::new("x/").unwrap()], WatchOptions::default())
-        .await
-        .unwrap();
-    datasync::testing::next_event(&mut w)
-        .await
-        .unwrap()
-        .into_done()
-        .ok();
-    w
+/// The leader and a follower of `c`, their addresses (as the faults name them), and a
+/// watch of `x/` on the leader past its resync.
+async fn leader_and_follower(c: &TestCluster) -> (&RaftStore, &RaftStore, String, String, Watch) {
+    let leader = c.leader().await;
+    let follower = c.follower().await;
+    let (l, f) = (
+        leader.cluster_addr().unwrap().to_owned(),
+        follower.cluster_addr().unwrap().to_owned(),
+    );
+    let w = watch_past_resync(leader, "x/").await;
+    (leader, follower, l, f, w)
 }
 
 /// The changes `w` delivers up to and including revision `last`, as (revision, key).
@@ -67,7 +66,7 @@ async fn changes_until(w: &mut Watch, last: Revision) -> Vec<(Revision, String)>
 async fn a_repeated_request_applies_once_and_answers_its_first_outcome() {
     let dir = tempfile::tempdir().unwrap();
     let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
-    let mut w = watch(&s, "w").await;
+    let mut w = watch_past_resync(&s, "x/").await;
     let first = s.propose(once(1, 1, put("x/a", "1"))).await.unwrap();
     assert_eq!(s.propose(once(1, 1, put("x/a", "1"))).await.unwrap(), first);
     let cas = Command::Cas {
@@ -118,13 +117,7 @@ async fn a_repeated_request_applies_once_and_answers_its_first_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_write_retried_after_its_commit_applies_once() {
     let cluster = TestCluster::start(3).await;
-    let leader = cluster.leader().await;
-    let follower = cluster.follower().await;
-    let (l, f) = (
-        leader.cluster_addr().unwrap().to_owned(),
-        follower.cluster_addr().unwrap().to_owned(),
-    );
-    let mut w = watch(leader, "w").await;
+    let (_, follower, l, f, mut w) = leader_and_follower(&cluster).await;
     cluster.faults.stop_replies(&l, &f, 1);
     let got = follower
         .compare_and_swap(&key("x/k"), Expect::Absent, "v".into(), PutOptions::new())
@@ -161,16 +154,10 @@ async fn a_forwarded_write_retried_after_its_commit_applies_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_clients_write_retried_after_its_commit_applies_once() {
     let cluster = TestCluster::start(3).await;
-    let leader = cluster.leader().await;
-    let follower = cluster.follower().await;
-    let (l, f) = (
-        leader.cluster_addr().unwrap().to_owned(),
-        follower.cluster_addr().unwrap().to_owned(),
-    );
+    let (_, _, l, f, mut w) = leader_and_follower(&cluster).await;
     let remote = RemoteStore::connect(RemoteConfig::new([f.clone()], test_secret()))
         .await
         .unwrap();
-    let mut w = watch(leader, "w").await;
     cluster.faults.stop_replies(&l, &f, 1);
     let got = remote
         .compare_and_swap(&key("x/k"), Expect::Absent, "v".into(), PutOptions::new())

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use datasync::{Event, Key, Op, Prefix, PutOptions, ReadOptions, WatchOptions, Watcher, Writer};
-use datasync_raft::testing::TestCluster;
+use datasync_raft::testing::{TestCluster, watch_past_resync};
 use datasync_raft::{Clock, RaftConfig, RaftStore};
 
 fn key(s: &str) -> Key {
@@ -41,19 +41,7 @@ async fn clock_skew_between_members_does_not_move_expiry() {
     })
     .await;
     let leader = cluster.leader().await;
-    let mut w = leader
-        .watch(
-            "ttl",
-            &[Prefix::new("t/").unwrap()],
-            WatchOptions::default(),
-        )
-        .await
-        .unwrap();
-    datasync::testing::next_event(&mut w)
-        .await
-        .unwrap()
-        .into_done()
-        .ok();
+    let mut w = watch_past_resync(leader, "t/").await;
     let ttl = Duration::from_secs(2);
     let mut puts = Vec::new();
     for (i, node) in cluster.nodes.iter().enumerate() {
@@ -107,19 +95,7 @@ async fn a_new_leader_never_expires_a_key_early() {
         .iter()
         .position(|n| n.node_id() != leader_id)
         .unwrap();
-    let mut w = cluster.nodes[follower]
-        .watch(
-            "ttl",
-            &[Prefix::new("t/").unwrap()],
-            WatchOptions::default(),
-        )
-        .await
-        .unwrap();
-    datasync::testing::next_event(&mut w)
-        .await
-        .unwrap()
-        .into_done()
-        .ok();
+    let mut w = watch_past_resync(&cluster.nodes[follower], "t/").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pos = cluster
         .nodes

@@ -297,20 +297,27 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn only_a_peer_with_the_secret_reaches_the_handler() {
-        let good = Secret::new("the right cluster secret").expect("secret");
-        let bad = Secret::new("a wrong cluster secret!!").expect("secret");
+    /// A server with `secret` on a free loopback port, counting the requests that reach
+    /// it: its address, the count, and the token that stops it.
+    async fn counting_server(secret: &Secret) -> (String, Arc<Counting>, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let count = Arc::new(Counting::default());
         let stop = CancellationToken::new();
         tokio::spawn(serve(
             listener,
-            good.clone(),
+            secret.clone(),
             Arc::new(count.clone()),
             stop.clone(),
         ));
+        (addr, count, stop)
+    }
+
+    #[tokio::test]
+    async fn only_a_peer_with_the_secret_reaches_the_handler() {
+        let good = Secret::new("the right cluster secret").expect("secret");
+        let bad = Secret::new("a wrong cluster secret!!").expect("secret");
+        let (addr, count, stop) = counting_server(&good).await;
         let t = Duration::from_secs(5);
 
         let stranger = Client::new(addr.clone(), bad, None);
@@ -360,16 +367,7 @@ mod tests {
     #[tokio::test]
     async fn unauthenticated_connections_are_capped() {
         let secret = Secret::new("the right cluster secret").expect("secret");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let count = Arc::new(Counting::default());
-        let stop = CancellationToken::new();
-        tokio::spawn(serve(
-            listener,
-            secret.clone(),
-            Arc::new(count.clone()),
-            stop.clone(),
-        ));
+        let (addr, _count, stop) = counting_server(&secret).await;
         let mut idle = Vec::new();
         for _ in 0..MAX_HANDSHAKES_PER_ADDR {
             idle.push(TcpStream::connect(&addr).await.expect("connect"));

@@ -85,7 +85,8 @@ impl Sessions {
             None if id.seq < s.floor => Seen::Forgotten,
             // Past the client's window, or more outcomes kept than it may have.
             None if id.seq.saturating_sub(id.first_unacked) >= MAX_OUTCOMES as u64
-                || s.outcomes.range(id.first_unacked..).count() >= MAX_OUTCOMES =>
+                || (s.outcomes.len() >= MAX_OUTCOMES
+                    && s.outcomes.range(id.first_unacked..).count() >= MAX_OUTCOMES) =>
             {
                 Seen::Full
             }
@@ -99,7 +100,11 @@ impl Sessions {
         s.last_index = index;
         s.floor = s.floor.max(id.first_unacked);
         s.outcomes.insert(id.seq, outcome);
-        s.outcomes = s.outcomes.split_off(&s.floor);
+        while let Some(e) = s.outcomes.first_entry()
+            && *e.key() < s.floor
+        {
+            e.remove();
+        }
         self.dirty.insert(id.client);
         if self.map.len() > MAX_SESSIONS {
             let oldest = self

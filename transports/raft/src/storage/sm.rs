@@ -114,19 +114,18 @@ impl Shared {
         history_len: usize,
         clock: Clock,
     ) -> Result<Arc<Self>, StorageError> {
-        let (revision, membership, leases) = {
+        let (revision, membership, leases, sessions) = {
             let tx = db.begin_read().map_err(rd)?;
             let meta = tx.open_table(SM_META).map_err(rd)?;
             let revision: Option<u64> = get_meta(&meta, "revision")?;
             let membership: Option<StoredMembership> = get_meta(&meta, "membership")?;
-            let leases = load_leases(&tx, &clock)?;
             (
                 revision.unwrap_or(0),
                 membership.unwrap_or_default(),
-                leases,
+                load_leases(&tx, &clock)?,
+                load_sessions(&tx)?,
             )
         };
-        let sessions = load_sessions(&db.begin_read().map_err(rd)?)?;
         let pending = Arc::new(Pending {
             state: Mutex::new(PendingState::default()),
             progress: Condvar::new(),
@@ -136,10 +135,10 @@ impl Shared {
         let ttl_changed = Arc::new(Notify::new());
         let (queue, rx) = std::sync::mpsc::channel();
         let thread = {
-            let (db, pending, ttl) = (db.clone(), pending.clone(), ttl_changed.clone());
+            let (db, pending) = (db.clone(), pending.clone());
             std::thread::Builder::new()
                 .name("datasync-raft-writer".into())
-                .spawn(move || writer(db, pending, ttl, rx))
+                .spawn(move || writer(db, pending, rx))
                 .map_err(wr)?
         };
         Ok(Arc::new(Shared {
@@ -583,27 +582,28 @@ struct PayloadV1 {
     kv: Vec<(String, Vec<u8>)>,
 }
 
-/// The snapshot payload decoder on arbitrary bytes, and a valid payload to mutate.
+/// A valid snapshot payload, for the decoder fuzz test to mutate.
 #[cfg(test)]
-pub(crate) fn payload_for_fuzz(data: Option<&[u8]>) -> Result<Vec<u8>, bincode::Error> {
-    match data {
-        Some(d) => Payload::decode(d).map(|p| p.encode().unwrap_or_default()),
-        None => Payload {
-            revision: 9,
-            kv: vec![(
-                "k/é".into(),
-                Stored {
-                    mod_rev: 9,
-                    create_rev: 2,
-                    expires_at_ms: 0,
-                    value: Value::from("v"),
-                }
-                .encode(),
-            )],
-            sessions: vec![(7, vec![1, 2, 3])],
-        }
-        .encode(),
+pub(crate) fn payload_seed() -> Vec<u8> {
+    let rec = Stored {
+        mod_rev: 9,
+        create_rev: 2,
+        expires_at_ms: 0,
+        value: Value::from("v"),
+    };
+    Payload {
+        revision: 9,
+        kv: vec![("k/é".into(), rec.encode())],
+        sessions: vec![(7, vec![1, 2, 3])],
     }
+    .encode()
+    .unwrap_or_default()
+}
+
+/// Whether `data` decodes as a snapshot payload (for the decoder fuzz test).
+#[cfg(test)]
+pub(crate) fn payload_decodes(data: &[u8]) -> bool {
+    Payload::decode(data).is_ok()
 }
 
 /// The first bytes of a snapshot with client sessions; without them, a [`PayloadV1`]
@@ -646,7 +646,6 @@ struct Work {
     applied: Option<LogId>,
     revision: u64,
     membership: Option<StoredMembership>,
-    lease_written: bool,
     /// Client sessions changed (`None`: evicted).
     sessions: Vec<(u64, Option<Vec<u8>>)>,
 }
@@ -1050,10 +1049,9 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
         applied,
         revision,
         membership: membership.clone(),
-        lease_written: view.lease_written,
         sessions: view.sessions.take_dirty(),
     };
-    let leases_set = work.lease_written;
+    let leases_set = view.lease_written;
     let sent = inner.writer.as_ref().is_some_and(|w| w.send(work).is_ok());
     if !sent {
         return Err(wr(WriterFailed("the writer has stopped".into())));
@@ -1080,12 +1078,7 @@ fn apply_batch(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Outcome>, Sto
 
 /// The writer thread: stores applies in order, several per redb transaction when it
 /// falls behind; one transaction a second is durable, which bounds a crash's replay.
-fn writer(
-    db: Arc<Database>,
-    pending: Arc<Pending>,
-    ttl_changed: Arc<Notify>,
-    queue: std::sync::mpsc::Receiver<Work>,
-) {
+fn writer(db: Arc<Database>, pending: Arc<Pending>, queue: std::sync::mpsc::Receiver<Work>) {
     let mut durable_at = std::time::Instant::now();
     while let Ok(first) = queue.recv() {
         let mut works = vec![first];
@@ -1095,7 +1088,6 @@ fn writer(
             durable_at = std::time::Instant::now();
         }
         let n = works.len();
-        let leases = works.iter().any(|w| w.lease_written);
         let revision = works.last().map_or(0, |w| w.revision);
         let result = store(&db, works, durable);
         let mut st = pending.lock();
@@ -1118,9 +1110,6 @@ fn writer(
             // Applies waiting for room fail rather than wait for a writer that is gone.
             pending.backlog.close();
             return;
-        }
-        if leases {
-            ttl_changed.notify_one();
         }
     }
 }
