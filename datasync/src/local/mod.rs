@@ -129,7 +129,8 @@ impl Snapshots for LocalSnapshots {
         &self,
         feed: &mut Feed,
     ) -> Result<(Revision, Vec<crate::PrefixValues>), StoreError> {
-        let st = self.0.lock();
+        // Expired keys go first: a resync never holds a key past its TTL.
+        let st = self.0.lock_fresh();
         feed.rearm();
         Ok((st.revision, st.snapshot(feed.prefixes())))
     }

@@ -203,3 +203,28 @@ async fn expiry_arrives_without_any_other_operation() {
         );
     }
 }
+
+/// The TTL task has had no chance to run (one thread, never yielded to): a requested
+/// resync must still leave the expired key out, as reads do.
+#[tokio::test(flavor = "current_thread")]
+async fn a_resync_never_holds_an_expired_key() {
+    let s = Local::new();
+    let mut w = s
+        .watch("t", &[Prefix::all()], WatchOptions::default())
+        .await
+        .unwrap();
+    next(&mut w).await.into_done().ok();
+    let ttl = PutOptions::new().ttl(Duration::from_millis(1));
+    s.put(&key("gone"), "v".into(), ttl).await.unwrap();
+    s.put(&key("kept"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    w.registration().request_resync();
+    let Event::Resync(r) = next(&mut w).await else {
+        panic!("want the resync")
+    };
+    let keys: Vec<_> = r.values().map(|kv| kv.key.as_str().to_owned()).collect();
+    assert_eq!(keys, ["kept"]);
+    r.done.ok();
+}

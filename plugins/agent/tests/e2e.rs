@@ -65,9 +65,10 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
         ),
     )
     .unwrap();
-    // Something stale in the mirror: the first resync removes it.
+    // A file the mirror did not write: it stays (file-mirror's own tests cover what
+    // it removes).
     std::fs::create_dir_all(&mirror).unwrap();
-    std::fs::write(mirror.join("stale"), "old").unwrap();
+    std::fs::write(mirror.join("foreign"), "theirs").unwrap();
 
     let mut agent = Running(
         Command::new(BIN)
@@ -89,9 +90,10 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(http_get(&addr, "/healthz").await.unwrap().0, 200);
-    assert!(
-        !mirror.join("stale").exists(),
-        "the resync removes files whose keys are gone"
+    assert_eq!(
+        std::fs::read_to_string(mirror.join("foreign")).unwrap(),
+        "theirs",
+        "the resync leaves files it did not write"
     );
 
     let store = nats.url();

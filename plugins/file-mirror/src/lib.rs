@@ -1,32 +1,56 @@
 //! datasync-file-mirror: a plugin that keeps a directory in sync with the key prefix
 //! `files/`: key `files/etc/motd` is the file `<dir>/etc/motd`, its value the content.
 //!
-//! - Writes are atomic: a temp file in the same directory, flushed, then renamed over
-//!   the target, so a reader never sees half a file.
-//! - A resync writes every file and removes the files whose keys are gone (files left
-//!   by a crash mid-write included); a change writes or removes one file.
-//! - Errors are reported through `Done`, never swallowed: a key that would leave the
-//!   directory (`..`, an empty segment), a key that names a directory, a failed write.
-//!   In a resync, a key that maps to no file is skipped and logged instead, so that one
-//!   bad key cannot keep the mirror from every later change (the coordinator resyncs a
-//!   plugin that failed a change, and the same key comes back there).
-//! - Settings (`[plugins.file-mirror]` in the agent's config): `dir`, the directory
-//!   (default `./mirror`).
+//! What it touches, and what it never does:
+//! - It only ever replaces or removes files **it wrote**. It records them, with the
+//!   source each came from, in `<dir>/.datasync-file-mirror` (JSON), and records a file
+//!   there before it creates it, so a crash never leaves a file of its own unrecorded.
+//!   A file it did not write that stands where a key's file goes is left alone and the
+//!   key is reported ("a file the mirror did not write is in the way"); so pointing
+//!   `dir` at a directory with other files in it loses none of them.
+//! - It never follows a symbolic link: a link where a directory of a key's path should
+//!   be is reported, a link where the file goes is replaced (the link, never its
+//!   target), and every access goes through a handle on the directory that refuses
+//!   paths leading outside it (`cap-std`), so a link planted inside cannot make it
+//!   write or delete elsewhere.
+//! - Writes are atomic: an exclusively created temp file with a random name next to
+//!   the target (`*.datasync-tmp`), flushed, then renamed over it. Leftovers of a crash
+//!   are removed at the next resync.
+//! - Directories are made as keys need them, and removed once the last file under them
+//!   is; an empty directory where a key's file goes is removed, so `files/a/b` can be
+//!   deleted and `files/a` written.
+//! - Per source: a resync replaces only the files of its source (a
+//!   [`datasync::CompositeWatcher`] part), so one store's resync never removes
+//!   another's files. A file that two sources both hold is the last writer's.
 //!
-//! Link it into an agent binary with `use datasync_file_mirror as _;`.
+//! Errors are reported through `Done`, never swallowed: a key that would leave the
+//! directory (`..`, an empty segment), a path in the way, a failed write. A change is
+//! checked whole before any of it is written. In a resync, a key that cannot be
+//! mirrored is skipped and logged instead, so that one bad key cannot keep the mirror
+//! from every later change (the coordinator resyncs a plugin that failed a change, and
+//! the same key comes back there).
+//!
+//! Settings (`[plugins.file-mirror]` in the agent's config): `dir`, the directory
+//! (default `./mirror`). Link it into an agent binary with `use datasync_file_mirror as _;`.
 
-use std::collections::BTreeSet;
-use std::io::Write;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+use cap_std::ambient_authority;
+use cap_std::fs::{Dir, OpenOptions};
 use datasync::coordinator::{Plugin, PluginContext, PluginHandler};
-use datasync::{BoxError, Change, Key, Op, Resync, Value};
+use datasync::{BoxError, Change, Key, Op, Resync, Source, Value};
 
 /// The plugin's name.
 pub const NAME: &str = "file-mirror";
 /// The watched prefix.
 pub const PREFIX: &str = "files/";
+/// The record of the files the plugin wrote, at the top of its directory.
+pub const MANIFEST: &str = ".datasync-file-mirror";
 const TEMP_SUFFIX: &str = ".datasync-tmp";
+const MANIFEST_FORMAT: u32 = 1;
 
 datasync::register_plugin! {
     name: NAME,
@@ -50,6 +74,23 @@ pub enum MirrorError {
         /// Why.
         reason: &'static str,
     },
+    /// Something the mirror did not make, or must not follow, stands on the key's path.
+    #[error("key {key:?} cannot be mirrored: {reason}")]
+    InTheWay {
+        /// The key.
+        key: String,
+        /// What is in the way.
+        reason: &'static str,
+    },
+    /// The record of the mirror's files cannot be read: the mirror cannot know which
+    /// files are its own, and touches none.
+    #[error("{path}: {reason} (move it away to start the mirror afresh)")]
+    Manifest {
+        /// The manifest's path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The file system refused.
     #[error("{op} {path}")]
     Io {
@@ -67,6 +108,8 @@ pub enum MirrorError {
 #[derive(Debug, Clone)]
 pub struct FileMirror {
     dir: Result<PathBuf, String>,
+    /// Opened at the first event (the directory may not exist before).
+    tree: Arc<Mutex<Option<Tree>>>,
 }
 
 impl FileMirror {
@@ -74,6 +117,7 @@ impl FileMirror {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         FileMirror {
             dir: Ok(dir.into()),
+            tree: Arc::default(),
         }
     }
 
@@ -88,7 +132,10 @@ impl FileMirror {
             },
             other => Err(format!("expected a table with `dir`, got {other}")),
         };
-        FileMirror { dir }
+        FileMirror {
+            dir,
+            tree: Arc::default(),
+        }
     }
 
     fn dir(&self) -> Result<&Path, MirrorError> {
@@ -97,8 +144,8 @@ impl FileMirror {
             .map_err(|e| MirrorError::Settings(e.clone()))
     }
 
-    /// The file of `key`, checked to stay inside the directory.
-    fn path_of(dir: &Path, key: &Key) -> Result<PathBuf, MirrorError> {
+    /// The path of `key` under the directory, as segments, checked to stay inside it.
+    fn path_of(key: &Key) -> Result<Vec<String>, MirrorError> {
         let bad = |reason| MirrorError::BadKey {
             key: key.as_str().to_owned(),
             reason,
@@ -107,69 +154,377 @@ impl FileMirror {
             .as_str()
             .strip_prefix(PREFIX)
             .ok_or(bad("outside files/"))?;
-        let mut path = dir.to_owned();
-        for seg in rel.split('/') {
-            match seg {
+        let segs: Vec<String> = rel.split('/').map(str::to_owned).collect();
+        for seg in &segs {
+            match seg.as_str() {
                 "" => return Err(bad("an empty path segment")),
                 "." | ".." => return Err(bad("a `.` or `..` segment")),
                 s if s.ends_with(TEMP_SUFFIX) => return Err(bad("the mirror's temp-file suffix")),
                 s if s.contains('\\') => return Err(bad("a backslash")),
-                s => path.push(s),
+                _ => {}
             }
         }
-        Ok(path)
+        if segs[0] == MANIFEST {
+            return Err(bad("the name of the mirror's record of its files"));
+        }
+        Ok(segs)
     }
 
-    /// Applies a resync: every file written, every other file removed.
-    fn resync(dir: &Path, files: Vec<(PathBuf, Value)>) -> Result<(), MirrorError> {
-        let keep: BTreeSet<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
-        for (path, value) in &files {
-            write_atomic(path, value.as_bytes())?;
-        }
-        remove_others(dir, &keep)
+    /// Runs `f` on the opened tree, in a blocking task.
+    async fn with_tree<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Tree) -> Result<T, MirrorError> + Send + 'static,
+    ) -> Result<T, MirrorError> {
+        let dir = self.dir()?.to_owned();
+        let tree = self.tree.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = tree.lock().unwrap_or_else(|e| e.into_inner());
+            if guard.is_none() {
+                *guard = Some(Tree::open(&dir)?);
+            }
+            f(guard.as_mut().expect("just opened"))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(MirrorError::Io {
+                op: "run",
+                path: PathBuf::new(),
+                source: std::io::Error::other(e),
+            })
+        })
     }
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MirrorError {
-    let path = path.to_owned();
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    format: u32,
+    /// Relative path → the source it came from.
+    files: BTreeMap<String, String>,
+}
+
+/// The opened directory and the record of the files the mirror wrote.
+#[derive(Debug)]
+struct Tree {
+    path: PathBuf,
+    root: Dir,
+    owned: BTreeMap<String, Source>,
+    /// `owned` differs from the manifest on disk.
+    dirty: bool,
+}
+
+/// A file about to be written: its directory, its name, its relative path.
+struct Slot {
+    parent: Dir,
+    name: String,
+    rel: String,
+}
+
+fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> MirrorError {
+    let path = path.into();
     move |source| MirrorError::Io { op, path, source }
 }
 
-fn write_atomic(path: &Path, content: &[u8]) -> Result<(), MirrorError> {
-    let parent = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(TEMP_SUFFIX);
-    let temp = PathBuf::from(temp);
-    let mut f = std::fs::File::create(&temp).map_err(io("create", &temp))?;
-    f.write_all(content).map_err(io("write", &temp))?;
-    f.sync_data().map_err(io("sync", &temp))?;
-    drop(f);
-    std::fs::rename(&temp, path).map_err(io("rename into", path))
+fn temp_name(name: &str) -> String {
+    format!("{name}.{:016x}{TEMP_SUFFIX}", fastrand::u64(..))
 }
 
-fn remove(path: &Path) -> Result<(), MirrorError> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", path)(e)),
-        _ => Ok(()),
+impl Tree {
+    fn open(path: &Path) -> Result<Tree, MirrorError> {
+        Dir::create_ambient_dir_all(path, ambient_authority())
+            .map_err(io("create directory", path))?;
+        let root = Dir::open_ambient_dir(path, ambient_authority()).map_err(io("open", path))?;
+        let manifest_path = path.join(MANIFEST);
+        let bad = |reason: String| MirrorError::Manifest {
+            path: manifest_path.clone(),
+            reason,
+        };
+        let owned = match root.symlink_metadata(MANIFEST) {
+            Err(e) if e.kind() == ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(io("read", &manifest_path)(e)),
+            Ok(m) if !m.is_file() => return Err(bad("not a regular file".into())),
+            Ok(_) => {
+                let text = root
+                    .read_to_string(MANIFEST)
+                    .map_err(io("read", &manifest_path))?;
+                let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+                if m.format != MANIFEST_FORMAT {
+                    return Err(bad(format!("unknown format {}", m.format)));
+                }
+                if let Some(p) = m.files.keys().find(|p| !valid_rel(p)) {
+                    return Err(bad(format!("invalid path {p:?}")));
+                }
+                m.files
+                    .into_iter()
+                    .map(|(p, s)| (p, Source::from(s)))
+                    .collect()
+            }
+        };
+        Ok(Tree {
+            path: path.to_owned(),
+            root,
+            owned,
+            dirty: false,
+        })
     }
-}
 
-/// Removes every file under `dir` not in `keep`.
-fn remove_others(dir: &Path, keep: &BTreeSet<PathBuf>) -> Result<(), MirrorError> {
-    let entries = match std::fs::read_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        r => r.map_err(io("list", dir))?,
-    };
-    for entry in entries {
-        let path = entry.map_err(io("list", dir))?.path();
-        if path.is_dir() {
-            remove_others(&path, keep)?;
-        } else if !keep.contains(&path) {
-            remove(&path)?;
+    /// Writes the manifest if it changed (temp file, flush, rename).
+    fn flush(&mut self) -> Result<(), MirrorError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let m = Manifest {
+            format: MANIFEST_FORMAT,
+            files: self
+                .owned
+                .iter()
+                .map(|(p, s)| (p.clone(), s.to_string()))
+                .collect(),
+        };
+        let text = serde_json::to_vec(&m).expect("a map of strings serializes");
+        write_file(&self.root, MANIFEST, &text, &self.path.join(MANIFEST))?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    fn claim(&mut self, rel: &str, source: &Source) {
+        if self.owned.get(rel) != Some(source) {
+            self.owned.insert(rel.to_owned(), source.clone());
+            self.dirty = true;
         }
     }
-    Ok(())
+
+    /// The directories along `segs` (the root first, then each parent), made where
+    /// missing if `create`; `None` if one is missing. Refuses links and files where a
+    /// directory goes.
+    fn dirs(
+        &self,
+        key: &str,
+        segs: &[String],
+        create: bool,
+    ) -> Result<Option<Vec<Dir>>, MirrorError> {
+        let in_the_way = |reason| MirrorError::InTheWay {
+            key: key.to_owned(),
+            reason,
+        };
+        let mut chain = vec![self.root.try_clone().map_err(io("open", &self.path))?];
+        let mut path = self.path.clone();
+        for seg in &segs[..segs.len() - 1] {
+            path.push(seg);
+            let d = chain.last().expect("the root at least");
+            match d.symlink_metadata(seg) {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(in_the_way("a symbolic link stands where a directory goes"));
+                }
+                Ok(_) => return Err(in_the_way("a file stands where a directory goes")),
+                Err(e) if e.kind() == ErrorKind::NotFound && create => {
+                    d.create_dir(seg).map_err(io("create directory", &path))?
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io("inspect", &path)(e)),
+            }
+            let next = d.open_dir(seg).map_err(io("open", &path))?;
+            chain.push(next);
+        }
+        Ok(Some(chain))
+    }
+
+    /// Makes way for the file of `key`: its directories, and no directory or foreign
+    /// file where it goes (an empty directory is removed).
+    fn prepare(&self, key: &str, segs: &[String]) -> Result<Slot, MirrorError> {
+        let in_the_way = |reason| MirrorError::InTheWay {
+            key: key.to_owned(),
+            reason,
+        };
+        let mut chain = self.dirs(key, segs, true)?.expect("created");
+        let parent = chain.pop().expect("the root at least");
+        let name = segs[segs.len() - 1].clone();
+        let rel = segs.join("/");
+        match parent.symlink_metadata(&name) {
+            // An empty directory goes (what a deleted `files/a/b` leaves of `a/`).
+            Ok(m) if m.is_dir() && parent.remove_dir(&name).is_err() => {
+                return Err(in_the_way(
+                    "a directory that is not empty stands where the file goes",
+                ));
+            }
+            Ok(m) if m.is_dir() => {}
+            Ok(_) if !self.owned.contains_key(&rel) => {
+                return Err(in_the_way("a file the mirror did not write is in the way"));
+            }
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                return Err(io("inspect", self.path.join(&rel))(e));
+            }
+            _ => {}
+        }
+        Ok(Slot { parent, name, rel })
+    }
+
+    /// Removes the file at `rel` if the mirror wrote it, and the directories it leaves
+    /// empty.
+    fn remove(&mut self, rel: &str) -> Result<(), MirrorError> {
+        if !self.owned.contains_key(rel) {
+            return Ok(());
+        }
+        let segs: Vec<String> = rel.split('/').map(str::to_owned).collect();
+        // Something in the way of the path means the file is not there any more.
+        if let Ok(Some(chain)) = self.dirs(rel, &segs, false) {
+            let parent = chain.last().expect("the root at least");
+            let name = &segs[segs.len() - 1];
+            match parent.symlink_metadata(name) {
+                Ok(m) if !m.is_dir() => parent
+                    .remove_file(name)
+                    .or_else(|e| {
+                        if e.kind() == ErrorKind::NotFound {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(io("remove", self.path.join(rel)))?,
+                _ => {}
+            }
+            // Prune: stops at the first directory that is not empty (or not ours to
+            // remove).
+            for depth in (1..chain.len()).rev() {
+                if chain[depth - 1].remove_dir(&segs[depth - 1]).is_err() {
+                    break;
+                }
+            }
+        }
+        self.owned.remove(rel);
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Removes temp files a crash left, anywhere in the tree (never through a link).
+    fn sweep(&self, d: &Dir, path: &Path) -> Result<(), MirrorError> {
+        for entry in d.entries().map_err(io("list", path))? {
+            let entry = entry.map_err(io("list", path))?;
+            let name = entry.file_name();
+            let ft = entry.file_type().map_err(io("inspect", path.join(&name)))?;
+            if ft.is_dir() {
+                let sub = d.open_dir(&name).map_err(io("open", path.join(&name)))?;
+                self.sweep(&sub, &path.join(&name))?;
+            } else if ft.is_file() && name.to_string_lossy().ends_with(TEMP_SUFFIX) {
+                match d.remove_file(&name) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => {
+                        return Err(io("remove", path.join(&name))(e));
+                    }
+                    _ => tracing::debug!(file = ?path.join(&name), "removed a leftover temp file"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A resync of `source`: its files written, its files that are gone removed, other
+    /// sources' and foreign files untouched. Keys in the way are skipped and logged.
+    fn resync(
+        &mut self,
+        source: &Source,
+        files: Vec<(Key, Vec<String>, Value)>,
+    ) -> Result<(), MirrorError> {
+        let keep: BTreeSet<String> = files.iter().map(|(_, s, _)| s.join("/")).collect();
+        let stale: Vec<String> = self
+            .owned
+            .iter()
+            .filter(|(rel, s)| *s == source && !keep.contains(*rel))
+            .map(|(rel, _)| rel.clone())
+            .collect();
+        for rel in stale {
+            self.remove(&rel)?;
+        }
+        let root = self.root.try_clone().map_err(io("open", &self.path))?;
+        self.sweep(&root, &self.path.clone())?;
+        let mut slots = Vec::with_capacity(files.len());
+        for (key, segs, value) in files {
+            match self.prepare(key.as_str(), &segs) {
+                Ok(slot) => {
+                    self.claim(&slot.rel, source);
+                    slots.push((slot, value));
+                }
+                Err(e @ MirrorError::InTheWay { .. }) => {
+                    tracing::warn!(%key, error = %e, "not mirroring a key");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.flush()?;
+        for (slot, value) in slots {
+            write_file(
+                &slot.parent,
+                &slot.name,
+                value.as_bytes(),
+                &self.path.join(&slot.rel),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One change: checked whole (paths in the way fail it before anything is
+    /// written), then applied.
+    fn change(
+        &mut self,
+        source: &Source,
+        ops: Vec<(Key, Vec<String>, Option<Value>)>,
+    ) -> Result<(), MirrorError> {
+        let mut writes = Vec::new();
+        let mut removals = Vec::new();
+        // The last op on a path wins (a transaction may touch a key once only, but be
+        // safe).
+        for (key, segs, value) in ops {
+            match value {
+                Some(v) => writes.push((self.prepare(key.as_str(), &segs)?, v)),
+                None => removals.push(segs.join("/")),
+            }
+        }
+        for (slot, _) in &writes {
+            let rel = slot.rel.clone();
+            self.claim(&rel, source);
+        }
+        self.flush()?;
+        for (slot, value) in writes {
+            write_file(
+                &slot.parent,
+                &slot.name,
+                value.as_bytes(),
+                &self.path.join(&slot.rel),
+            )?;
+        }
+        for rel in removals {
+            self.remove(&rel)?;
+        }
+        self.flush()
+    }
+}
+
+/// A relative path the manifest may hold: what [`FileMirror::path_of`] makes.
+fn valid_rel(rel: &str) -> bool {
+    rel.split('/').all(|s| {
+        !s.is_empty() && s != "." && s != ".." && !s.contains('\\') && !s.ends_with(TEMP_SUFFIX)
+    }) && rel.split('/').next() != Some(MANIFEST)
+}
+
+/// Writes `name` in `dir` atomically: a new temp file (exclusive, random name), flushed,
+/// renamed over it. `path` is for errors.
+fn write_file(dir: &Dir, name: &str, content: &[u8], path: &Path) -> Result<(), MirrorError> {
+    let temp = temp_name(name);
+    let mut f = dir
+        .open_with(&temp, OpenOptions::new().write(true).create_new(true))
+        .map_err(io("create", path.with_file_name(&temp)))?;
+    let written = f
+        .write_all(content)
+        .and_then(|()| f.sync_data())
+        .map_err(io("write", path.with_file_name(&temp)))
+        .and_then(|()| {
+            drop(f);
+            dir.rename(&temp, dir, name)
+                .map_err(io("rename into", path))
+        });
+    if written.is_err() {
+        let _ = dir.remove_file(&temp);
+    }
+    written
 }
 
 #[async_trait::async_trait]
@@ -178,11 +533,10 @@ impl Plugin for FileMirror {
     /// others: failing the resync on it would keep the mirror from every later change
     /// until that one key is fixed.
     async fn resync(&self, r: &Resync) -> Result<(), BoxError> {
-        let dir = self.dir()?.to_owned();
         let files: Vec<_> = r
             .values()
-            .filter_map(|kv| match Self::path_of(&dir, &kv.key) {
-                Ok(path) => Some((path, kv.value.clone())),
+            .filter_map(|kv| match Self::path_of(&kv.key) {
+                Ok(segs) => Some((kv.key.clone(), segs, kv.value.clone())),
                 Err(e) => {
                     tracing::warn!(key = %kv.key, error = %e, "not mirroring a key");
                     None
@@ -190,42 +544,28 @@ impl Plugin for FileMirror {
             })
             .collect();
         let n = files.len();
-        blocking(move || Self::resync(&dir, files)).await?;
-        tracing::debug!(files = n, revision = %r.revision, "mirror resynced");
+        let source = r.source.clone();
+        self.with_tree(move |t| t.resync(&source, files)).await?;
+        tracing::debug!(files = n, revision = %r.revision, source = %r.source, "mirror resynced");
         Ok(())
     }
 
     async fn change(&self, c: &Change) -> Result<(), BoxError> {
-        let dir = self.dir()?.to_owned();
         let ops = c
             .changes
             .iter()
-            .map(|kc| Ok((Self::path_of(&dir, &kc.key)?, kc.op, kc.value.clone())))
+            .map(|kc| {
+                let value = match kc.op {
+                    Op::Put => kc.value.clone(),
+                    Op::Delete => None,
+                };
+                Ok((kc.key.clone(), Self::path_of(&kc.key)?, value))
+            })
             .collect::<Result<Vec<_>, MirrorError>>()?;
-        blocking(move || {
-            for (path, op, value) in ops {
-                match (op, value) {
-                    (Op::Put, Some(v)) => write_atomic(&path, v.as_bytes())?,
-                    _ => remove(&path)?,
-                }
-            }
-            Ok(())
-        })
-        .await?;
+        let source = c.source.clone();
+        self.with_tree(move |t| t.change(&source, ops)).await?;
         Ok(())
     }
-}
-
-async fn blocking(
-    f: impl FnOnce() -> Result<(), MirrorError> + Send + 'static,
-) -> Result<(), MirrorError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(MirrorError::Io {
-            op: "run",
-            path: PathBuf::new(),
-            source: std::io::Error::other(e),
-        })
-    })
 }
 
 #[cfg(test)]
@@ -234,11 +574,10 @@ mod tests {
 
     #[test]
     fn keys_stay_inside_the_directory() {
-        let dir = Path::new("/m");
         let key = |k: &str| Key::new(k).expect("valid");
         assert_eq!(
-            FileMirror::path_of(dir, &key("files/etc/motd")).expect("fine"),
-            PathBuf::from("/m/etc/motd")
+            FileMirror::path_of(&key("files/etc/motd")).expect("fine"),
+            vec!["etc".to_owned(), "motd".to_owned()]
         );
         for bad in [
             "files/../x",
@@ -247,8 +586,26 @@ mod tests {
             "files/a/.",
             "other/x",
             "files/x.datasync-tmp",
+            "files/.datasync-file-mirror",
         ] {
-            assert!(FileMirror::path_of(dir, &key(bad)).is_err(), "{bad}");
+            assert!(FileMirror::path_of(&key(bad)).is_err(), "{bad}");
+        }
+        // The name is only reserved at the top.
+        assert!(FileMirror::path_of(&key("files/a/.datasync-file-mirror")).is_ok());
+    }
+
+    #[test]
+    fn manifest_paths_are_checked() {
+        assert!(valid_rel("a/b"));
+        for bad in [
+            "",
+            "a//b",
+            "../x",
+            "a/..",
+            ".datasync-file-mirror",
+            "x.datasync-tmp",
+        ] {
+            assert!(!valid_rel(bad), "{bad}");
         }
     }
 
