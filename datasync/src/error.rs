@@ -94,11 +94,35 @@ pub enum WatchError {
     /// The stream ends after this item.
     #[error("watch stopped")]
     Stopped(#[source] StoreError),
+    /// An error of one part of a composite ([`crate::CompositeWatcher`]), named by its
+    /// source. The composite's stream goes on with its other parts: a part that
+    /// stopped ends only its own events.
+    #[error("watch of source {part:?}")]
+    InPart {
+        /// The part's source (as its events carry it).
+        part: crate::Source,
+        /// The part's error.
+        #[source]
+        error: Box<WatchError>,
+    },
 }
 
 impl WatchError {
-    /// Whether the stream goes on after this error.
+    /// Whether the stream (or, for [`WatchError::InPart`], the part) goes on after this
+    /// error.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, WatchError::Interrupted(_))
+        match self {
+            WatchError::Interrupted(_) => true,
+            WatchError::InPart { error, .. } => error.is_retryable(),
+            WatchError::Stopped(_) => false,
+        }
+    }
+
+    /// The source of a composite's part this error is of, if any.
+    pub fn part(&self) -> Option<&crate::Source> {
+        match self {
+            WatchError::InPart { part, .. } => Some(part),
+            _ => None,
+        }
     }
 }

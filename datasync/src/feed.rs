@@ -64,6 +64,11 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// Ends every feed: their streams report `Stopped` and end (the store stopped).
+    pub fn stop_all(&mut self) {
+        self.subs.clear();
+    }
+
     /// Registers a feed of the transactions touching `prefixes`, with a queue of
     /// `capacity` transactions.
     pub fn subscribe(&mut self, reg: &Registration, prefixes: PrefixSet, capacity: usize) -> Feed {

@@ -58,6 +58,12 @@ pub trait Watcher: Send + Sync + fmt::Debug {
         prefixes: &[Prefix],
         opts: WatchOptions,
     ) -> Result<Watch, StoreError>;
+
+    /// The sources whose events a watch carries: one resync of each starts the stream
+    /// (in any order). A plain store is one source, `""`; a composite names its parts.
+    fn sources(&self) -> Vec<crate::Source> {
+        vec![crate::Source::from("")]
+    }
 }
 
 #[async_trait::async_trait]
@@ -69,6 +75,10 @@ impl<W: Watcher + ?Sized> Watcher for Arc<W> {
         opts: WatchOptions,
     ) -> Result<Watch, StoreError> {
         (**self).watch(name, prefixes, opts).await
+    }
+
+    fn sources(&self) -> Vec<crate::Source> {
+        (**self).sources()
     }
 }
 

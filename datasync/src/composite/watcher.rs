@@ -3,10 +3,14 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use futures_util::stream::select_all;
 
-use crate::{Event, Prefix, Registration, Source, StoreError, Watch, WatchOptions, Watcher};
+use crate::{
+    Event, Prefix, Registration, Source, StoreError, Watch, WatchError, WatchOptions, Watcher,
+};
 
 /// Merges the streams of several watchers into one; events keep their part's order and
-/// carry the part's name as their source. Closing the registration closes every part.
+/// carry the part's name as their source, errors come as [`WatchError::InPart`] with
+/// it. A part that stops ends only its own events: the others go on, and the stream
+/// ends when every part has. Closing the registration closes every part.
 #[derive(Debug, Clone, Default)]
 pub struct CompositeWatcher {
     parts: Vec<(Source, Arc<dyn Watcher>)>,
@@ -51,7 +55,17 @@ impl Watcher for CompositeWatcher {
             regs.push(watch.registration().clone());
             let part_name = part_name.clone();
             streams.push(watch.map(move |item| {
-                item.map(|ev| match ev {
+                item.map_err(|e| match e {
+                    WatchError::InPart { part, error } => WatchError::InPart {
+                        part: qualify(&part_name, &part),
+                        error,
+                    },
+                    other => WatchError::InPart {
+                        part: part_name.clone(),
+                        error: Box::new(other),
+                    },
+                })
+                .map(|ev| match ev {
                     Event::Resync(mut r) => {
                         r.source = qualify(&part_name, &r.source);
                         Event::Resync(r)
@@ -67,5 +81,12 @@ impl Watcher for CompositeWatcher {
             Registration::aggregate(name, regs),
             select_all(streams),
         ))
+    }
+
+    fn sources(&self) -> Vec<Source> {
+        self.parts
+            .iter()
+            .flat_map(|(name, part)| part.sources().into_iter().map(|s| qualify(name, &s)))
+            .collect()
     }
 }

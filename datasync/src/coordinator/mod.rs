@@ -12,6 +12,14 @@
 //! answered once every plugin has answered (first error wins). Every wait has a timeout,
 //! and a timeout is a failure — never success, as it was in cn-infra.
 //!
+//! Over a [`crate::CompositeWatcher`] each part (source) resyncs on its own: a pass
+//! hands every plugin that source's resync, and plugins replace only what that source
+//! gave them ([`Handler::handle`]). [`CoordinatorHandle::ready`] waits for a pass of
+//! every source; a part whose watch stops is marked in [`SourceStatus::stopped`] while
+//! the others go on. When the store's watch ends or fails for good, the coordinator
+//! closes the plugins and says why in [`CoordinatorStatus::stopped`]
+//! ([`CoordinatorHandle::stopped`] resolves): an agent must not look ready then.
+//!
 //! Any new resync from the store (a loss of continuity), a plugin's or operator's request
 //! ([`CoordinatorHandle::request_resync`]) starts a new pass in the same order. Requests
 //! made during a pass set one flag on the registration, so they coalesce into one
@@ -62,7 +70,7 @@ pub use registry::{
     Registry, RegistryError,
 };
 pub use run::{Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorHandle, ResyncTrigger};
-pub use status::{CoordinatorStatus, PluginState, PluginStatus};
+pub use status::{CoordinatorStatus, PluginState, PluginStatus, SourceStatus};
 
 #[cfg(test)]
 mod tests;

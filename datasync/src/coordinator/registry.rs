@@ -13,6 +13,10 @@ pub trait Handler: Send + Sync + 'static {
     /// Handles one event: a [`crate::Resync`] of the plugin's prefixes, or a
     /// [`crate::Change`] restricted to them. The `Done` may be answered after this
     /// returns (e.g. from a spawned task).
+    ///
+    /// A resync replaces what the plugin holds **from its source** (`resync.source`)
+    /// only: over a [`crate::CompositeWatcher`] each part resyncs alone, and the
+    /// others' state must stay. Over a plain store there is one source.
     async fn handle(&self, event: Event);
 
     /// Called once when the coordinator shuts down, after the last event, dependents
@@ -25,7 +29,8 @@ pub trait Handler: Send + Sync + 'static {
 /// error in the plugin's status).
 #[async_trait::async_trait]
 pub trait Plugin: Send + Sync + 'static {
-    /// Replaces the plugin's state with the resync's values.
+    /// Replaces the plugin's state from the resync's source (`resync.source`) with the
+    /// resync's values; what other sources gave stays (see [`Handler::handle`]).
     async fn resync(&self, resync: &Resync) -> Result<(), BoxError>;
 
     /// Applies one transaction's changes.

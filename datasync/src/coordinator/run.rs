@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::registry::{OnChangeFailure, PluginSpec, Registry, RegistryError};
-use super::status::{CoordinatorStatus, PluginState, PluginStatus};
+use super::status::{CoordinatorStatus, PluginState, PluginStatus, SourceStatus};
 use crate::{
     Change, Done, DoneError, Event, KeyChange, PrefixSet, PrefixValues, Registration, Resync,
     Revision, StoreError, Watch, WatchOptions, Watcher,
@@ -134,6 +134,12 @@ impl Coordinator {
         let initial = CoordinatorStatus {
             passes: 0,
             plugins: plugins.iter().map(|p| PluginStatus::new(&p.name)).collect(),
+            sources: watcher
+                .sources()
+                .into_iter()
+                .map(SourceStatus::new)
+                .collect(),
+            stopped: None,
         };
         let (status_tx, status_rx) = watch::channel(initial);
         let stop = CancellationToken::new();
@@ -195,15 +201,35 @@ impl CoordinatorHandle {
         ResyncTrigger(self.registration.clone())
     }
 
-    /// Resolves once the first pass has finished (every plugin answered, failed or timed
-    /// out).
+    /// Resolves once every source has had its first pass (every plugin answered,
+    /// failed or timed out), or stopped, or the coordinator stopped.
     ///
     /// # Cancel safety
     /// Cancel safe.
     pub async fn ready(&self) {
         let mut rx = self.status.clone();
         // An error means the task ended; there is nothing more to wait for.
-        let _ = rx.wait_for(|s| s.passes > 0).await;
+        let _ = rx
+            .wait_for(|s| {
+                s.stopped.is_some()
+                    || s.sources
+                        .iter()
+                        .all(|src| src.passes > 0 || src.stopped.is_some())
+            })
+            .await;
+    }
+
+    /// Resolves when the coordinator stops by itself (see
+    /// [`CoordinatorStatus::stopped`]), with the reason. Never resolves while it runs.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn stopped(&self) -> String {
+        let mut rx = self.status.clone();
+        match rx.wait_for(|s| s.stopped.is_some()).await {
+            Ok(s) => s.stopped.clone().unwrap_or_default(),
+            Err(_) => "the coordinator's task ended".to_owned(),
+        }
     }
 
     /// Stops after the event in hand is answered, closes the watch and waits for the task.
@@ -259,10 +285,10 @@ impl Runner {
         let mut retry: Option<Pin<Box<Sleep>>> = None;
         // Failed passes in a row: the pause before the next one doubles with each.
         let mut failed_passes = 0u32;
-        loop {
+        let stopped = loop {
             let item = tokio::select! {
                 biased;
-                _ = stop.cancelled() => break,
+                _ = stop.cancelled() => break None,
                 _ = async { retry.as_mut().expect("guarded").await }, if retry.is_some() => {
                     retry = None;
                     watch.registration().request_resync();
@@ -273,15 +299,40 @@ impl Runner {
             match item {
                 None => {
                     warn!("watch ended; coordinator stops");
-                    break;
+                    break Some("the store's watch ended".to_owned());
                 }
-                Some(Err(e)) if e.is_retryable() => warn!(error = %e, "watch interrupted"),
+                Some(Err(e)) if e.is_retryable() => {
+                    warn!(error = %e, "watch interrupted");
+                    let reason = error_chain(&e);
+                    match e.part() {
+                        Some(part) => self.source(part, |s| s.interrupted = Some(reason)),
+                        // The whole watch: every source.
+                        None => self.status.send_modify(|s| {
+                            for src in &mut s.sources {
+                                src.interrupted = Some(reason.clone());
+                            }
+                        }),
+                    }
+                }
+                // One part of a composite stopped: the others go on.
+                Some(Err(e)) if e.part().is_some() => {
+                    let part = e.part().cloned().unwrap_or_default();
+                    warn!(error = %e, source = %part, "a source's watch stopped; the others go on");
+                    let reason = error_chain(&e);
+                    self.source(&part, |s| s.stopped = Some(reason));
+                }
                 Some(Err(e)) => {
-                    warn!(error = %e, "watch stopped");
-                    break;
+                    warn!(error = %e, "watch stopped; coordinator stops");
+                    break Some(error_chain(&e));
                 }
                 Some(Ok(Event::Resync(r))) => {
+                    let (source, revision) = (r.source.clone(), r.revision);
                     let all_ok = self.pass(r).await;
+                    self.source(&source, |s| {
+                        s.passes += 1;
+                        s.revision = revision;
+                        s.interrupted = None;
+                    });
                     failed_passes = if all_ok {
                         0
                     } else {
@@ -296,9 +347,12 @@ impl Runner {
                     };
                 }
                 Some(Ok(Event::Change(c))) => {
+                    let (source, revision) = (c.source.clone(), c.revision);
+                    let resync = self.change(c).await;
+                    self.source(&source, |s| s.revision = revision);
                     // A plugin out of sync waits `retry_backoff`, not a longer pause
                     // left by failed passes.
-                    if self.change(c).await {
+                    if resync {
                         let soon = Instant::now() + self.config.retry_backoff;
                         if retry.as_ref().is_none_or(|r| r.deadline() > soon) {
                             retry = Some(Box::pin(tokio::time::sleep_until(soon)));
@@ -306,7 +360,7 @@ impl Runner {
                     }
                 }
             }
-        }
+        };
         drop(watch);
         // Handlers that ran past their time may still be working: give them as long as
         // a change may take before their plugins close.
@@ -330,6 +384,24 @@ impl Runner {
                 warn!(plugin = %plugin.spec.name, "close timed out");
             }
         }
+        // Said last: whoever waits for it finds the plugins closed.
+        if let Some(reason) = stopped {
+            self.status.send_modify(|s| s.stopped = Some(reason));
+        }
+    }
+
+    /// Updates the status of `source` (added if the watcher did not name it).
+    fn source(&self, source: &crate::Source, f: impl FnOnce(&mut SourceStatus)) {
+        self.status.send_modify(|s| {
+            let i = match s.sources.iter().position(|x| &x.name == source) {
+                Some(i) => i,
+                None => {
+                    s.sources.push(SourceStatus::new(source.clone()));
+                    s.sources.len() - 1
+                }
+            };
+            f(&mut s.sources[i]);
+        });
     }
 
     /// One resync pass: every plugin in order, each with its own prefixes. Returns
@@ -480,6 +552,18 @@ impl Runner {
     fn update(&self, i: usize, f: impl FnOnce(&mut PluginStatus)) {
         self.status.send_modify(|s| f(&mut s.plugins[i]));
     }
+}
+
+/// An error with its causes, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// Attempts at one change under [`OnChangeFailure::Retry`], at most.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{DoneError, Revision};
+use crate::{DoneError, Revision, Source};
 
 /// Where a plugin stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,19 +81,66 @@ impl PluginStatus {
     }
 }
 
+/// One source's status: the store, or one part of a composite.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SourceStatus {
+    /// The source, as its events name it (`""` for a plain store).
+    pub name: Source,
+    /// Resync passes of this source.
+    pub passes: u64,
+    /// The revision of its last event handed to the plugins.
+    pub revision: Revision,
+    /// Why its watch stopped, if it did: the plugins keep what it last delivered but
+    /// get nothing more from it.
+    pub stopped: Option<String>,
+    /// Why its watch is interrupted (the store unreachable, say), until the resync
+    /// that follows the recovery: the plugins hold what it last delivered.
+    pub interrupted: Option<String>,
+}
+
+impl SourceStatus {
+    pub(super) fn new(name: Source) -> Self {
+        SourceStatus {
+            name,
+            passes: 0,
+            revision: Revision::ZERO,
+            stopped: None,
+            interrupted: None,
+        }
+    }
+}
+
 /// The coordinator's status.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct CoordinatorStatus {
-    /// Completed resync passes.
+    /// Completed resync passes, of every source.
     pub passes: u64,
     /// Every plugin, in resync order.
     pub plugins: Vec<PluginStatus>,
+    /// Every source of the watch (one for a plain store, a composite's parts).
+    pub sources: Vec<SourceStatus>,
+    /// Why the coordinator stopped by itself (the store's watch ended or failed for
+    /// good): no plugin gets anything more. `None` while it runs, and after
+    /// [`shutdown`](super::CoordinatorHandle::shutdown).
+    pub stopped: Option<String>,
 }
 
 impl CoordinatorStatus {
     /// The status of plugin `name`.
     pub fn plugin(&self, name: &str) -> Option<&PluginStatus> {
         self.plugins.iter().find(|p| p.name == name)
+    }
+
+    /// Whether the plugins follow the store: the coordinator runs, and every source
+    /// has had a pass and streams, neither stopped nor interrupted. (Each plugin's own
+    /// state is in `plugins`.)
+    pub fn following(&self) -> bool {
+        self.stopped.is_none()
+            && self
+                .sources
+                .iter()
+                .all(|s| s.passes > 0 && s.stopped.is_none() && s.interrupted.is_none())
     }
 }

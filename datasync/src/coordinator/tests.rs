@@ -679,3 +679,127 @@ async fn a_plugin_failing_every_pass_backs_off_while_the_others_go_on() {
         "q kept getting the store's writes: {q_changes} changes"
     );
 }
+
+/// A store whose watch can be made to stop for good (what a closed or failed store
+/// does).
+#[derive(Debug, Clone)]
+struct Stoppable {
+    inner: Local,
+    stop: Arc<tokio::sync::Notify>,
+    /// Each permit: one `Interrupted` item, then a resync (as a transport recovers).
+    interrupt: Arc<tokio::sync::Notify>,
+}
+
+impl Stoppable {
+    fn new() -> Self {
+        Stoppable {
+            inner: Local::new(),
+            stop: Arc::default(),
+            interrupt: Arc::default(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::Watcher for Stoppable {
+    async fn watch(
+        &self,
+        name: &str,
+        prefixes: &[Prefix],
+        opts: WatchOptions,
+    ) -> Result<crate::Watch, crate::StoreError> {
+        use futures_util::StreamExt;
+        let w = self.inner.watch(name, prefixes, opts).await?;
+        let reg = w.registration().clone();
+        let stop = self.stop.clone();
+        let interrupt = self.interrupt.clone();
+        let recover = reg.clone();
+        let interruptions = futures_util::stream::unfold((), move |()| {
+            let (interrupt, recover) = (interrupt.clone(), recover.clone());
+            async move {
+                interrupt.notified().await;
+                recover.request_resync();
+                let e = crate::StoreError::Unavailable("down".into());
+                Some((Err(crate::WatchError::Interrupted(e)), ()))
+            }
+        });
+        let stream = futures_util::stream::select(w, interruptions)
+            .take_until(async move { stop.notified().await })
+            .chain(futures_util::stream::once(async {
+                Err(crate::WatchError::Stopped(crate::StoreError::Stopped))
+            }));
+        Ok(crate::Watch::new(reg, stream))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_composite_is_ready_after_every_source_and_outlives_a_stopped_part() {
+    let (one, two) = (Local::new(), Stoppable::new());
+    let composite = crate::CompositeWatcher::new()
+        .with("one", Arc::new(one.clone()))
+        .with("two", Arc::new(two.clone()));
+    let mut f = Fixture::new().plugin("p", &["k/"], &[], Behaviour::Ok);
+    let registry = std::mem::take(&mut f.registry);
+    let c = Coordinator::start(&composite, registry, CoordinatorConfig::default())
+        .await
+        .unwrap();
+    c.ready().await;
+    let s = c.status();
+    let names: Vec<_> = s
+        .sources
+        .iter()
+        .map(|s| (s.name.to_string(), s.passes))
+        .collect();
+    assert_eq!(names, [("one".to_owned(), 1), ("two".to_owned(), 1)]);
+    assert!(s.following());
+    assert_eq!(s.passes, 2);
+
+    two.stop.notify_one();
+    settle().await;
+    let s = c.status();
+    assert!(s.stopped.is_none(), "{:?}", s.stopped);
+    assert!(s.sources[1].stopped.is_some());
+    assert!(!s.following());
+    // The other part still streams.
+    one.put(&Key::new("k/1").unwrap(), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    settle().await;
+    assert!(
+        f.log().last().unwrap().starts_with("p:change@1:k/1"),
+        "{:?}",
+        f.log()
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_watch_stops_the_coordinator_and_says_why() {
+    let store = Stoppable::new();
+    let mut f = Fixture::new().plugin("p", &["k/"], &[], Behaviour::Ok);
+    let registry = std::mem::take(&mut f.registry);
+    let c = Coordinator::start(&store, registry, CoordinatorConfig::default())
+        .await
+        .unwrap();
+    c.ready().await;
+    assert!(c.status().following());
+    // Interrupted: not following until the resync of the recovery has been taken
+    // (held at the gate, so the state in between can be seen).
+    f.set("p", Behaviour::Gate);
+    let mut rx = c.subscribe();
+    store.interrupt.notify_one();
+    rx.wait_for(|s| s.sources[0].interrupted.is_some())
+        .await
+        .unwrap();
+    assert!(!c.status().following());
+    f.gate.add_permits(1);
+    rx.wait_for(|s| s.following()).await.unwrap();
+    assert_eq!(c.status().sources[0].passes, 2);
+    store.stop.notify_one();
+    let why = tokio::time::timeout(Duration::from_secs(5), c.stopped())
+        .await
+        .expect("the coordinator stops");
+    assert!(why.contains("store stopped"), "{why}");
+    assert!(!c.status().following());
+    c.shutdown().await;
+}

@@ -24,7 +24,7 @@ type Family = (
 
 pub(crate) fn router(status: Status) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status_json))
         .route("/metrics", get(metrics))
@@ -50,15 +50,46 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Ready once a first pass has finished and every plugin took its resync.
+/// Ready while the coordinator follows every source (each had a pass, none stopped)
+/// and every plugin took its resync.
 pub(crate) fn is_ready(s: &CoordinatorStatus) -> bool {
-    s.passes > 0 && s.plugins.iter().all(|p| p.state == PluginState::Ready)
+    s.following() && s.plugins.iter().all(|p| p.state == PluginState::Ready)
+}
+
+/// Alive until the coordinator has stopped (the agent then exits, non-zero).
+async fn healthz(State(status): State<Status>) -> Response {
+    match &status.borrow().stopped {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("coordinator stopped: {why}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn readyz(State(status): State<Status>) -> Response {
     let s = status.borrow().clone();
     if is_ready(&s) {
         return (StatusCode::OK, "ready\n").into_response();
+    }
+    if let Some(why) = &s.stopped {
+        let body = format!("not ready: coordinator stopped: {why}\n");
+        return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+    }
+    let sources: Vec<String> = s
+        .sources
+        .iter()
+        .filter_map(|src| match (&src.stopped, &src.interrupted) {
+            (Some(why), _) => Some(format!("source {:?} stopped: {why}", src.name)),
+            (None, Some(why)) => Some(format!("source {:?} interrupted: {why}", src.name)),
+            (None, None) if src.passes == 0 => Some(format!("source {:?}: no pass yet", src.name)),
+            (None, None) => None,
+        })
+        .collect();
+    if !sources.is_empty() {
+        let body = format!("not ready: {}\n", sources.join(", "));
+        return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
     }
     let waiting: Vec<String> = s
         .plugins
@@ -74,7 +105,18 @@ async fn readyz(State(status): State<Status>) -> Response {
 struct StatusBody {
     ready: bool,
     passes: u64,
+    stopped: Option<String>,
+    sources: Vec<SourceBody>,
     plugins: Vec<PluginBody>,
+}
+
+#[derive(Serialize)]
+struct SourceBody {
+    name: String,
+    passes: u64,
+    revision: u64,
+    stopped: Option<String>,
+    interrupted: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -100,6 +142,18 @@ async fn status_json(State(status): State<Status>) -> Response {
     let body = StatusBody {
         ready: is_ready(&s),
         passes: s.passes,
+        stopped: s.stopped.clone(),
+        sources: s
+            .sources
+            .iter()
+            .map(|src| SourceBody {
+                name: src.name.to_string(),
+                passes: src.passes,
+                revision: src.revision.0,
+                stopped: src.stopped.clone(),
+                interrupted: src.interrupted.clone(),
+            })
+            .collect(),
         plugins: s
             .plugins
             .iter()
@@ -130,6 +184,16 @@ async fn metrics(State(status): State<Status>) -> Response {
     );
     let _ = writeln!(out, "# TYPE datasync_resync_passes_total counter");
     let _ = writeln!(out, "datasync_resync_passes_total {}", s.passes);
+    let _ = writeln!(
+        out,
+        "# HELP datasync_coordinator_up 1 while the coordinator runs, 0 once it stopped."
+    );
+    let _ = writeln!(out, "# TYPE datasync_coordinator_up gauge");
+    let _ = writeln!(
+        out,
+        "datasync_coordinator_up {}",
+        u8::from(s.stopped.is_none())
+    );
     let families: [Family; 5] = [
         (
             "datasync_plugin_resyncs_total",

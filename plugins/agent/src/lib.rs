@@ -72,6 +72,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The coordinator stopped by itself: the store's watch ended or failed for good.
+    #[error("the agent stopped following the store: {0}")]
+    Stopped(String),
     /// Signal handlers could not be installed.
     #[error("cannot wait for signals")]
     Signal(#[source] std::io::Error),

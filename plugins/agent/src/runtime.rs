@@ -108,12 +108,32 @@ impl Agent {
         self.http.as_ref().map(|h| h.addr)
     }
 
-    /// Runs until SIGINT or SIGTERM, then shuts down.
+    /// Resolves when the coordinator stops by itself (the store's watch ended or
+    /// failed for good), with the reason: the agent no longer follows the store.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn stopped(&self) -> String {
+        self.coordinator.stopped().await
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down; or until the coordinator stops
+    /// by itself, then shuts down and returns [`AgentError::Stopped`] (a supervisor
+    /// should restart the agent: it no longer follows the store).
     pub async fn run_until_signal(self) -> Result<(), AgentError> {
-        wait_for_signal().await?;
-        tracing::info!("signal received: shutting down");
-        self.shutdown().await;
-        Ok(())
+        tokio::select! {
+            r = wait_for_signal() => {
+                r?;
+                tracing::info!("signal received: shutting down");
+                self.shutdown().await;
+                Ok(())
+            }
+            why = self.coordinator.stopped() => {
+                tracing::error!(reason = %why, "the coordinator stopped: shutting down");
+                self.shutdown().await;
+                Err(AgentError::Stopped(why))
+            }
+        }
     }
 
     /// Stops feeding plugins (the event in hand is answered or times out first), closes

@@ -362,3 +362,43 @@ async fn the_default_agent_runs_on_the_embedded_store_and_shuts_down_cleanly() {
     assert_eq!(got.unwrap().value, "1".into());
     agent.shutdown().await;
 }
+
+/// The store stops under a running agent: readiness and liveness fail with the reason,
+/// and the agent's run ends with an error (the binary exits 1), not idle and ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_stops_under_the_agent_fails_readiness_and_the_run() {
+    use datasync_agent::{Agent, AgentConfig, AgentError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let text = format!(
+        "[store]\nkind = \"raft\"\ndir = {:?}\n[http]\nlisten = \"{addr}\"\n\
+         [plugins.file-mirror]\ndir = {:?}\n",
+        dir.path().join("data").display().to_string(),
+        dir.path().join("mirror").display().to_string(),
+    );
+    let config = AgentConfig::parse(&text, "agent.toml", std::iter::empty()).unwrap();
+    let agent = Agent::start(config).await.unwrap();
+    agent.ready().await;
+    assert_eq!(http_get(&addr, "/readyz").await.unwrap().0, 200);
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get(&addr, "/status").await.unwrap().1).unwrap();
+    assert_eq!(status["sources"][0]["passes"], 1, "{status}");
+
+    // The store goes away under the agent (as a fatal raft error would take it).
+    agent.store().shutdown().await;
+    let why = tokio::time::timeout(Duration::from_secs(10), agent.stopped())
+        .await
+        .expect("the coordinator notices");
+    assert!(why.contains("stopped"), "{why}");
+    let (code, body) = http_get(&addr, "/readyz").await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("coordinator stopped"), "{body}");
+    assert_eq!(http_get(&addr, "/healthz").await.unwrap().0, 503);
+    let (_, metrics) = http_get(&addr, "/metrics").await.unwrap();
+    assert!(metrics.contains("datasync_coordinator_up 0"), "{metrics}");
+    let run = tokio::time::timeout(Duration::from_secs(10), agent.run_until_signal())
+        .await
+        .expect("the run ends without a signal");
+    assert!(matches!(run, Err(AgentError::Stopped(_))), "{run:?}");
+}

@@ -7,6 +7,17 @@
 //! route pending (reported) and installs it once the interface appears, so one route
 //! cannot keep the plugin from the others.
 //!
+//! Dependent state, the pattern to copy:
+//! - A change is checked whole before any of it is applied: a transaction with one
+//!   bad value fails through `Done` and changes nothing, never half.
+//! - What depends on something missing waits instead of failing the resync: a route
+//!   whose interface is gone (deleted, or not there yet) is set aside as pending, not
+//!   left installed, and comes back when the interface does.
+//! - Per source: each resync replaces only what its source gave (a
+//!   [`datasync::CompositeWatcher`] part), so two stores under one composite can each
+//!   hold interfaces and routes. An interface or route two sources both hold is the
+//!   last writer's, and a source's delete removes only what it owns.
+//!
 //! Why the order matters: at every resync the coordinator hands `interfaces` its
 //! snapshot and waits for its `Done` before `routes` gets the same revision's, because
 //! `routes` declares it runs after `interfaces`. So a resync never finds a route whose
@@ -22,7 +33,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use datasync::coordinator::{Handler, PluginContext};
-use datasync::{Event, Key, KeyChange, Op, Revision, Value};
+use datasync::{Event, Key, KeyChange, Op, Revision, Source, Value};
 
 /// The interfaces plugin's name.
 pub const INTERFACES: &str = "interfaces";
@@ -77,9 +88,58 @@ pub struct DeviceState {
     /// Routes the store holds whose interface the device does not have (yet): name →
     /// interface. Installed when the interface appears; back here if it goes.
     pub pending: BTreeMap<String, String>,
+    /// The source each interface came from.
+    interface_sources: BTreeMap<String, Source>,
+    /// The source each route (installed or pending) came from.
+    route_sources: BTreeMap<String, Source>,
 }
 
 impl DeviceState {
+    /// A resync of `source`'s interfaces: its others go, other sources' stay.
+    fn resync_interfaces(&mut self, source: &Source, new: BTreeMap<String, u32>) {
+        let gone: Vec<String> = owned_by(&self.interface_sources, source)
+            .filter(|n| !new.contains_key(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            self.interfaces.remove(&n);
+            self.interface_sources.remove(&n);
+        }
+        for (n, mtu) in new {
+            self.interface_sources.insert(n.clone(), source.clone());
+            self.interfaces.insert(n, mtu);
+        }
+        self.reconcile();
+    }
+
+    /// A resync of `source`'s routes (name → interface): its others go, other
+    /// sources' stay.
+    fn resync_routes(&mut self, source: &Source, new: BTreeMap<String, String>) {
+        let gone: Vec<String> = owned_by(&self.route_sources, source)
+            .filter(|n| !new.contains_key(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            self.remove_route(&n);
+        }
+        for (n, via) in new {
+            self.put_route(source, n, via);
+        }
+        self.reconcile();
+    }
+
+    fn put_route(&mut self, source: &Source, name: String, via: String) {
+        self.routes.remove(&name);
+        self.route_sources.insert(name.clone(), source.clone());
+        self.pending.insert(name, via);
+    }
+
+    fn remove_route(&mut self, name: &str) {
+        self.routes.remove(name);
+        self.pending.remove(name);
+        self.route_sources.remove(name);
+    }
+
     /// Installs the pending routes whose interface exists, and sets aside installed
     /// ones whose interface is gone.
     fn reconcile(&mut self) {
@@ -103,6 +163,21 @@ impl Device {
     pub fn state(&self) -> MutexGuard<'_, DeviceState> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn owned_by<'a>(
+    owners: &'a BTreeMap<String, Source>,
+    source: &'a Source,
+) -> impl Iterator<Item = &'a String> {
+    owners
+        .iter()
+        .filter(move |(_, s)| *s == source)
+        .map(|(n, _)| n)
+}
+
+/// Whether `source` may delete `name`: it owns it, or nobody does.
+fn may_delete(owners: &BTreeMap<String, Source>, name: &str, source: &Source) -> bool {
+    owners.get(name).is_none_or(|s| s == source)
 }
 
 /// Where the plugins report what they do, a line at a time.
@@ -193,33 +268,43 @@ impl Handler for InterfacesPlugin {
                     }
                 }
                 (self.0.report)(&format!(
-                    "[interfaces] resync r{} ({:?}): {:?}",
-                    r.revision, r.reason, interfaces
+                    "[interfaces] resync r{} ({:?}) of source {:?}: {:?}",
+                    r.revision, r.reason, r.source, interfaces
                 ));
-                let mut device = self.0.device.state();
-                device.interfaces = interfaces;
-                device.reconcile();
-                drop(device);
+                self.0
+                    .device
+                    .state()
+                    .resync_interfaces(&r.source, interfaces);
                 r.done.ok();
             }
             Event::Change(c) => {
+                // Checked whole first: a bad value changes nothing.
+                let mut ops = Vec::with_capacity(c.changes.len());
                 for kc in &c.changes {
                     (self.0.report)(&describe(INTERFACES, kc, c.revision));
                     let n = name(&self.0.prefix, &kc.key).to_owned();
                     match kc.value.as_ref().map(Value::json::<Interface>) {
-                        Some(Ok(i)) => {
-                            let mut device = self.0.device.state();
-                            device.interfaces.insert(n, i.mtu);
-                            device.reconcile();
-                        }
+                        Some(Ok(i)) => ops.push((n, Some(i.mtu))),
                         Some(Err(e)) => return c.done.fail(format!("{}: {e}", kc.key)),
-                        None => {
-                            let mut device = self.0.device.state();
-                            device.interfaces.remove(&n);
-                            device.reconcile();
-                        }
+                        None => ops.push((n, None)),
                     }
                 }
+                let mut device = self.0.device.state();
+                for (n, mtu) in ops {
+                    match mtu {
+                        Some(mtu) => {
+                            device.interface_sources.insert(n.clone(), c.source.clone());
+                            device.interfaces.insert(n, mtu);
+                        }
+                        None if may_delete(&device.interface_sources, &n, &c.source) => {
+                            device.interfaces.remove(&n);
+                            device.interface_sources.remove(&n);
+                        }
+                        None => {}
+                    }
+                }
+                device.reconcile();
+                drop(device);
                 c.done.ok();
             }
             other => other.into_done().ok(),
@@ -267,46 +352,43 @@ impl Handler for RoutesPlugin {
             // coordinator resyncs a plugin that rejected a change, so a route rejected
             // below comes back here).
             Event::Resync(r) => {
-                let (mut routes, mut pending) = (BTreeMap::new(), BTreeMap::new());
+                let mut all = BTreeMap::new();
                 for kv in r.values() {
                     let n = name(&self.0.prefix, &kv.key).to_owned();
                     match self.check(&kv.key, &kv.value) {
                         Ok(Ok(via)) => {
-                            routes.insert(n, via);
+                            all.insert(n, via);
                         }
                         Ok(Err(via)) => {
                             (self.0.report)(&format!(
                                 "[routes] {}: waiting for interface {via:?}",
                                 kv.key
                             ));
-                            pending.insert(n, via);
+                            all.insert(n, via);
                         }
                         Err(e) => (self.0.report)(&format!("[routes] skipping {e}")),
                     }
                 }
                 (self.0.report)(&format!(
-                    "[routes] resync r{} ({:?}): {:?}",
+                    "[routes] resync r{} ({:?}) of source {:?}: {:?}",
                     r.revision,
                     r.reason,
-                    routes.keys().collect::<Vec<_>>()
+                    r.source,
+                    all.keys().collect::<Vec<_>>()
                 ));
-                let mut device = self.0.device.state();
-                device.routes = routes;
-                device.pending = pending;
-                drop(device);
+                self.0.device.state().resync_routes(&r.source, all);
                 r.done.ok();
             }
             Event::Change(c) => {
+                // Checked whole first: one route that cannot be installed changes
+                // nothing.
+                let mut ops = Vec::with_capacity(c.changes.len());
                 for kc in &c.changes {
                     (self.0.report)(&describe(ROUTES, kc, c.revision));
                     let n = name(&self.0.prefix, &kc.key).to_owned();
                     match (kc.op, &kc.value) {
                         (Op::Put, Some(v)) => match self.check(&kc.key, v) {
-                            Ok(Ok(via)) => {
-                                let mut device = self.0.device.state();
-                                device.pending.remove(&n);
-                                device.routes.insert(n, via);
-                            }
+                            Ok(Ok(via)) => ops.push((n, Some(via))),
                             Ok(Err(via)) => {
                                 let e = format!("{}: interface {via:?} does not exist", kc.key);
                                 (self.0.report)(&format!("[routes] rejected: {e}"));
@@ -317,13 +399,21 @@ impl Handler for RoutesPlugin {
                                 return c.done.fail(e);
                             }
                         },
-                        _ => {
-                            let mut device = self.0.device.state();
-                            device.routes.remove(&n);
-                            device.pending.remove(&n);
-                        }
+                        _ => ops.push((n, None)),
                     }
                 }
+                let mut device = self.0.device.state();
+                for (n, via) in ops {
+                    match via {
+                        Some(via) => device.put_route(&c.source, n, via),
+                        None if may_delete(&device.route_sources, &n, &c.source) => {
+                            device.remove_route(&n)
+                        }
+                        None => {}
+                    }
+                }
+                device.reconcile();
+                drop(device);
                 c.done.ok();
             }
             other => other.into_done().ok(),

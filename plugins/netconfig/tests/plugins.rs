@@ -11,7 +11,7 @@ use datasync::coordinator::{
     Registry,
 };
 use datasync::local::Local;
-use datasync::{Key, Prefix, PutOptions, Writer};
+use datasync::{Event, Key, Prefix, PutOptions, Writer};
 use datasync_netconfig::{Device, InterfacesPlugin, Report, RoutesPlugin};
 
 async fn put(store: &Local, k: &str, v: &str) {
@@ -179,4 +179,119 @@ async fn the_registered_pair_is_linked_and_ordered() {
     // Declared, not an accident of names: the order holds whatever they are called.
     assert_eq!(order[r].deps, ["interfaces"]);
     assert_eq!(order[i].prefixes, [Prefix::new("net/if/").unwrap()]);
+}
+
+/// Two stores under one composite, the pair over it: neither source's resync removes
+/// what the other gave, through passes and per-source deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sources_keep_their_interfaces_and_routes_through_passes() {
+    let (one, two) = (Local::new(), Local::new());
+    put(&one, "if/eth0", r#"{"mtu":1500}"#).await;
+    put(&one, "rt/a", r#"{"via":"eth0"}"#).await;
+    put(&two, "if/eth1", r#"{"mtu":9000}"#).await;
+    put(&two, "rt/b", r#"{"via":"eth1"}"#).await;
+    // Across sources: two's route through one's interface.
+    put(&two, "rt/c", r#"{"via":"eth0"}"#).await;
+    let composite = datasync::CompositeWatcher::new()
+        .with("one", Arc::new(one.clone()))
+        .with("two", Arc::new(two.clone()));
+    let device = Device::default();
+    let mut registry = Registry::new();
+    registry.add(
+        PluginSpec::new(
+            "routes",
+            vec![Prefix::new("rt/").unwrap()],
+            Arc::new(RoutesPlugin::new("rt/", device.clone())),
+        )
+        .after("interfaces"),
+    );
+    registry.add(PluginSpec::new(
+        "interfaces",
+        vec![Prefix::new("if/").unwrap()],
+        Arc::new(InterfacesPlugin::new("if/", device.clone())),
+    ));
+    let c = Coordinator::start(&composite, registry, CoordinatorConfig::default())
+        .await
+        .unwrap();
+    c.ready().await;
+    let full = || {
+        let d = device.state();
+        d.interfaces.len() == 2
+            && d.routes.keys().map(String::as_str).collect::<Vec<_>>() == ["a", "b", "c"]
+            && d.pending.is_empty()
+    };
+    assert!(full(), "{:?}", *device.state());
+    for _ in 0..2 {
+        let before = c.status().passes;
+        c.request_resync();
+        until("both sources' passes", || c.status().passes >= before + 2).await;
+        assert!(full(), "{:?}", *device.state());
+    }
+    // One's interface goes: the routes through it wait, the others stay.
+    one.delete(
+        &Key::new("if/eth0").unwrap(),
+        datasync::DeleteOptions::new(),
+    )
+    .await
+    .unwrap();
+    until("routes through eth0 pending", || {
+        let d = device.state();
+        d.pending.keys().map(String::as_str).collect::<Vec<_>>() == ["a", "c"]
+            && d.routes.keys().map(String::as_str).collect::<Vec<_>>() == ["b"]
+    })
+    .await;
+    c.shutdown().await;
+}
+
+/// A transaction with one route that cannot be installed changes nothing (the
+/// coordinator then resyncs the plugin; here the handler is called directly to see the
+/// state in between).
+#[tokio::test]
+async fn a_change_is_applied_whole_or_not_at_all() {
+    use datasync::coordinator::Handler;
+    use datasync::{Change, Done, KeyChange, Op, Revision, Source};
+    let device = Device::default();
+    let routes = RoutesPlugin::new("rt/", device.clone());
+    let ifaces = InterfacesPlugin::new("if/", device.clone());
+    let put_change = |k: &str, v: &str| KeyChange {
+        key: Key::new(k).unwrap(),
+        op: Op::Put,
+        value: Some(v.to_owned().into()),
+        prev: None,
+    };
+    let send = |changes: Vec<KeyChange>, revision: u64| {
+        let (done, waiter) = Done::channel();
+        (
+            Event::Change(Change::new(
+                Source::from(""),
+                Revision(revision),
+                changes,
+                done,
+            )),
+            waiter,
+        )
+    };
+    let (ev, waiter) = send(vec![put_change("if/eth0", r#"{"mtu":1500}"#)], 1);
+    ifaces.handle(ev).await;
+    waiter.await.unwrap();
+    let (ev, waiter) = send(
+        vec![
+            put_change("rt/good", r#"{"via":"eth0"}"#),
+            put_change("rt/bad", r#"{"via":"eth9"}"#),
+        ],
+        2,
+    );
+    routes.handle(ev).await;
+    assert!(waiter.await.is_err());
+    assert!(device.state().routes.is_empty(), "{:?}", *device.state());
+    let (ev, waiter) = send(
+        vec![
+            put_change("if/eth1", r#"{"mtu":1500}"#),
+            put_change("if/eth2", "not json"),
+        ],
+        3,
+    );
+    ifaces.handle(ev).await;
+    assert!(waiter.await.is_err());
+    assert_eq!(device.state().interfaces.len(), 1, "{:?}", *device.state());
 }

@@ -628,6 +628,8 @@ impl RaftStore {
         if let Err(e) = self.inner.raft.shutdown().await {
             warn!(error = %e, "raft shutdown");
         }
+        // Watches end now, not when the last handle to the store is dropped.
+        self.inner.sm.lock().hub.stop_all();
         // The listener is closed once the server has ended, so the address can be
         // bound again.
         let server = self
@@ -883,6 +885,9 @@ impl Watcher for RaftStore {
         prefixes: &[Prefix],
         opts: WatchOptions,
     ) -> Result<Watch, StoreError> {
+        if self.inner.stop.is_cancelled() {
+            return Err(StoreError::Stopped);
+        }
         if let Some(node) = &self.inner.node {
             node.check_member()?;
         }
