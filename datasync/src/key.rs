@@ -30,6 +30,16 @@ pub enum KeyError {
         /// Its position in the key.
         position: usize,
     },
+    /// The key contains a character that would let it drive a terminal or hide what
+    /// it says: a C1 control (U+0080–U+009F) or a bidirectional formatting character
+    /// (U+061C, U+200E, U+200F, U+202A–U+202E, U+2066–U+2069).
+    #[error("key contains forbidden character {ch:?} at byte {position}")]
+    ForbiddenCharacter {
+        /// The character.
+        ch: char,
+        /// Its byte position in the key.
+        position: usize,
+    },
     /// The key is not UTF-8 (only from [`Key::from_bytes`]).
     #[error("key is not valid UTF-8")]
     NotUtf8,
@@ -58,7 +68,19 @@ fn check(s: &str) -> Result<(), KeyError> {
             position,
         });
     }
+    // Only non-ASCII text can hold the others.
+    if !s.is_ascii()
+        && let Some((position, ch)) = s.char_indices().find(|(_, c)| forbidden(*c))
+    {
+        return Err(KeyError::ForbiddenCharacter { ch, position });
+    }
     Ok(())
+}
+
+/// C1 controls and bidirectional formatting characters: printed raw they drive a
+/// terminal (U+009B is CSI) or reorder what a reader sees.
+fn forbidden(c: char) -> bool {
+    matches!(c, '\u{80}'..='\u{9f}' | '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// A validated, non-empty key. Cheap to clone. Keys order by their bytes.
@@ -66,7 +88,8 @@ fn check(s: &str) -> Result<(), KeyError> {
 pub struct Key(Arc<str>);
 
 impl Key {
-    /// Validates `key`: non-empty, at most [`MAX_KEY_LEN`] bytes, no control characters.
+    /// Validates `key`: non-empty, at most [`MAX_KEY_LEN`] bytes, no control characters
+    /// (C0, DEL, C1) and no bidirectional formatting characters.
     pub fn new(key: impl AsRef<str>) -> Result<Self, KeyError> {
         let s = key.as_ref();
         if s.is_empty() {
@@ -267,6 +290,32 @@ mod tests {
         assert!(Key::new("x".repeat(MAX_KEY_LEN)).is_ok());
         assert!(Prefix::new("").is_ok());
         assert!(Prefix::new("a\nb").is_err());
+    }
+
+    #[test]
+    fn rejects_terminal_and_bidi_characters() {
+        for (k, ch, position) in [
+            ("a\u{9b}31m", '\u{9b}', 1),
+            ("\u{80}", '\u{80}', 0),
+            ("é\u{9f}", '\u{9f}', 2),
+            ("x\u{202e}gpj.exe", '\u{202e}', 1),
+            ("x\u{2066}", '\u{2066}', 1),
+            ("x\u{200f}", '\u{200f}', 1),
+            ("x\u{61c}", '\u{61c}', 1),
+        ] {
+            assert_eq!(
+                Key::new(k),
+                Err(KeyError::ForbiddenCharacter { ch, position }),
+                "{k:?}"
+            );
+            assert!(Prefix::new(k).is_err(), "{k:?}");
+        }
+        // Their neighbours are fine.
+        for k in [
+            "\u{a0}", "\u{7e}", "\u{2010}", "\u{2065}", "\u{206a}", "日本",
+        ] {
+            assert!(Key::new(k).is_ok(), "{k:?}");
+        }
     }
 
     #[test]

@@ -29,8 +29,12 @@
 //! ```
 //!
 //! An environment variable `DATASYNC__<SECTION>__<KEY>` overrides `key` in `[section]`
-//! (`DATASYNC__STORE__KIND=nats`); its value is read as TOML if it parses (numbers,
-//! booleans, arrays), else as a string. Errors name the file and the field.
+//! (`DATASYNC__STORE__KIND=nats`, `DATASYNC__PLUGINS__FILE_MIRROR__DIR=/m`). Each part
+//! of the name matches a key the file has ignoring case, with `_` for `-`, and is
+//! lower case otherwise. The value is read as TOML if that fits (numbers, booleans,
+//! arrays), else as a string (`DATASYNC__STORE__BUCKET=123` is the bucket "123").
+//! Variables whose name or value is not Unicode are ignored, or, under `DATASYNC__`,
+//! an error. Errors name the file and the field.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -267,7 +271,19 @@ impl AgentConfig {
             None => String::new(),
         };
         let origin = path.map_or_else(|| "(no file)".to_owned(), |p| p.display().to_string());
-        Self::parse(&text, &origin, std::env::vars())
+        // `vars()` panics on a variable that is not Unicode: read them raw.
+        let mut env = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str().filter(|n| n.starts_with(ENV_PREFIX)) else {
+                continue;
+            };
+            let value = value.into_string().map_err(|_| ConfigError::Invalid {
+                origin: "the environment".to_owned(),
+                message: format!("{name}: the value is not Unicode"),
+            })?;
+            env.push((name.to_owned(), value));
+        }
+        Self::parse(&text, &origin, env)
     }
 
     /// Parses TOML `text` (from `origin`, for messages) with overrides from `env`.
@@ -290,26 +306,42 @@ impl AgentConfig {
             let Some(path) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            let parts: Vec<&str> = path.split("__").collect();
             let (last, sections) = parts
                 .split_last()
+                .filter(|(l, s)| !l.is_empty() && s.iter().all(|p| !p.is_empty()))
                 .ok_or_else(|| invalid("the environment", format!("{name}: no key")))?;
+            // The keys the override sets, sections made where missing.
+            let mut keys = Vec::with_capacity(parts.len());
             let mut t = &mut table;
             for s in sections {
+                let k = key_in(t, s);
                 t = t
-                    .entry(s.clone())
+                    .entry(k.clone())
                     .or_insert_with(|| toml::Value::Table(toml::Table::new()))
                     .as_table_mut()
                     .ok_or_else(|| {
-                        invalid("the environment", format!("{name}: `{s}` is not a section"))
+                        invalid("the environment", format!("{name}: `{k}` is not a section"))
                     })?;
+                keys.push(k);
             }
+            keys.push(key_in(t, last));
+            // A value that reads as TOML is taken so if the configuration then fits,
+            // else as the string it is (a bucket named "123").
             let parsed = format!("v = {value}")
                 .parse::<toml::Table>()
                 .ok()
                 .and_then(|mut t| t.remove("v"))
-                .unwrap_or(toml::Value::String(value));
-            t.insert(last.clone(), parsed);
+                .filter(|v| !v.is_str());
+            match parsed {
+                Some(parsed) => {
+                    set(&mut table, &keys, parsed);
+                    if !fits(&table) {
+                        set(&mut table, &keys, toml::Value::String(value));
+                    }
+                }
+                None => set(&mut table, &keys, toml::Value::String(value)),
+            }
             overridden.push(name);
         }
         AgentConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
@@ -321,6 +353,35 @@ impl AgentConfig {
     }
 }
 
+/// The key of `table` that `part` (an environment variable's name part) names: one
+/// that matches ignoring case, with `_` for `-`; else `part` in lower case.
+fn key_in(table: &toml::Table, part: &str) -> String {
+    let norm = |s: &str| s.to_ascii_lowercase().replace('-', "_");
+    table
+        .keys()
+        .find(|k| norm(k) == norm(part))
+        .cloned()
+        .unwrap_or_else(|| part.to_ascii_lowercase())
+}
+
+/// Whether `table` is a valid configuration.
+fn fits(table: &toml::Table) -> bool {
+    AgentConfig::deserialize(toml::Value::Table(table.clone())).is_ok()
+}
+
+/// Sets the value at `keys` (its sections exist).
+fn set(table: &mut toml::Table, keys: &[String], value: toml::Value) {
+    let (last, sections) = keys.split_last().expect("a key at least");
+    let mut t = table;
+    for k in sections {
+        t = t
+            .get_mut(k)
+            .and_then(toml::Value::as_table_mut)
+            .expect("made by the override");
+    }
+    t.insert(last.clone(), value);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +391,87 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn overrides_reach_any_key_and_keep_strings_strings() {
+        let text = r#"
+            [store]
+            kind = "nats"
+            servers = ["nats://127.0.0.1:4222"]
+            [plugins.file-mirror]
+            dirName = "/a"
+        "#;
+        let c = AgentConfig::parse(
+            text,
+            "agent.toml",
+            env(&[
+                ("DATASYNC__STORE__BUCKET", "123"),
+                ("DATASYNC__PLUGINS__FILE_MIRROR__DIRNAME", "/b"),
+                ("DATASYNC__PLUGINS__FILE_MIRROR__RETRIES", "3"),
+                ("DATASYNC__", "x"),
+            ]),
+        );
+        assert!(c.is_err(), "a name with no key is refused");
+        let c = AgentConfig::parse(
+            text,
+            "agent.toml",
+            env(&[
+                ("DATASYNC__STORE__BUCKET", "123"),
+                ("DATASYNC__PLUGINS__FILE_MIRROR__DIRNAME", "/b"),
+                ("DATASYNC__PLUGINS__FILE_MIRROR__RETRIES", "3"),
+            ]),
+        )
+        .expect("valid");
+        let StoreConfig::Nats { bucket, .. } = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(bucket, "123");
+        let fm = &c.plugins["file-mirror"];
+        assert_eq!(fm["dirName"], "/b", "{fm}");
+        assert_eq!(fm["retries"], 3, "{fm}");
+        assert!(fm.get("dirname").is_none(), "{fm}");
+    }
+
+    /// `load` in a child process with a variable that is not Unicode: no panic, and one
+    /// under `DATASYNC__` is named in the error.
+    #[test]
+    fn a_variable_that_is_not_unicode_does_not_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        if std::env::var_os("DATASYNC_CONFIG_CHILD").is_some() {
+            let r = AgentConfig::load(None);
+            match std::env::var("DATASYNC_CONFIG_CHILD").as_deref() {
+                Ok("foreign") => assert!(r.is_ok(), "{r:?}"),
+                _ => assert!(
+                    r.as_ref()
+                        .is_err_and(|e| e.to_string().contains("DATASYNC__STORE__DIR")
+                            || format!("{e:?}").contains("DATASYNC__STORE__DIR")),
+                    "{r:?}"
+                ),
+            }
+            return;
+        }
+        let bad = std::ffi::OsStr::from_bytes(b"\xff\xfe");
+        let exe = std::env::current_exe().expect("test binary");
+        for (mode, name) in [
+            ("foreign", "SOMETHING_ELSE"),
+            ("ours", "DATASYNC__STORE__DIR"),
+        ] {
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "config::tests::a_variable_that_is_not_unicode_does_not_panic",
+                ])
+                .env("DATASYNC_CONFIG_CHILD", mode)
+                .env(name, bad)
+                .output()
+                .expect("run the child");
+            assert!(out.status.success(), "{mode}: {out:?}");
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+                "{mode}: {out:?}"
+            );
+        }
     }
 
     #[test]

@@ -241,12 +241,73 @@ fn cli_exit_codes_a_script_can_rely_on() {
     assert_eq!(code(&["cas", "k", "w", "--expect", "999"]), Some(4));
     assert_eq!(code(&["cas", "k", "w", "--expect", "1"]), Some(0));
     assert_eq!(code(&["cas", "new", "n", "--absent"]), Some(0));
-    assert_eq!(code(&["get", ""]), Some(1), "an empty key is an error");
+    assert_eq!(code(&["get", ""]), Some(2), "an empty key is bad usage");
+    assert_eq!(
+        code(&["put", "a\u{9b}b", "v"]),
+        Some(2),
+        "a C1 control in a key"
+    );
+    assert_eq!(
+        code(&["put", "a\u{202e}b", "v"]),
+        Some(2),
+        "a bidi override in a key"
+    );
     assert_eq!(code(&["put", "k"]), Some(2), "bad usage");
     let out = cli(&store, &["--output", "json", "ls", ""]);
     let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listing["values"].as_array().unwrap().len(), 2);
     assert!(Path::new(&dir.path().join("data")).exists());
+}
+
+/// `--store` with a scheme the CLI does not know is bad usage, never a directory
+/// named after the URL; the forms it knows take several endpoints.
+#[test]
+fn unknown_store_schemes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for store in [
+        "nast://h:4222",
+        "https://h:2379",
+        "etcd://",
+        "nats://h:4222?buket=x",
+        "etcd://h",
+        "nats://h:4222/path",
+    ] {
+        let out = Command::new(BIN)
+            .current_dir(dir.path())
+            .args(["--store", store, "put", "k", "v"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{store}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("store") || err.contains("endpoint"),
+            "{store}: {err}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "nothing is created: {left:?}");
+}
+
+/// Text output cannot drive the terminal or forge lines; JSON output is exact.
+#[test]
+fn text_output_escapes_what_a_value_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("raft:{}", dir.path().join("data").display());
+    let hostile = "\u{1b}]0;owned\u{7}x\nforged\tline\u{9b}2J\u{202e}";
+    assert!(cli(&store, &["put", "k", hostile]).status.success());
+    let get = String::from_utf8(cli(&store, &["get", "k"]).stdout).unwrap();
+    assert_eq!(
+        get, "\\u{1b}]0;owned\\u{7}x\nforged\tline\\u{9b}2J\\u{202e}\n",
+        "one value: only what drives a terminal is escaped"
+    );
+    let ls = String::from_utf8(cli(&store, &["ls", ""]).stdout).unwrap();
+    assert_eq!(
+        ls, "k\t\\u{1b}]0;owned\\u{7}x\\nforged\\tline\\u{9b}2J\\u{202e}\n",
+        "one line per key"
+    );
+    let json = cli(&store, &["--output", "json", "get", "k"]).stdout;
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(v["value"], hostile);
 }
 
 /// In process, on the zero-setup default (the embedded raft store): a run-time plugin

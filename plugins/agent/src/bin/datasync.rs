@@ -15,13 +15,19 @@
 //! `--store` (or `DATASYNC_STORE`) picks the store: a directory (or `raft:DIR`) for the
 //! embedded raft store (default `./data`; one process at a time), `raft://HOST:PORT[,…]`
 //! for a raft cluster reached as a remote client (with `--secret-file`),
-//! `nats://HOST:PORT` (`?bucket=NAME`, default `datasync`), or `etcd://HOST:PORT` when
-//! built with the `etcd` feature.
+//! `nats://HOST:PORT[,…]` or `tls://…` (`?bucket=NAME`, default `datasync`), or
+//! `etcd://HOST:PORT[,…]` (`?namespace=N`) when built with the `etcd` feature. Any
+//! other scheme is bad usage.
+//!
+//! Text output escapes what could drive a terminal (control and bidirectional
+//! formatting characters as `\u{…}`); `ls` and `watch` also escape newline, tab and
+//! backslash, one line per key. `--output json` shows values exactly.
 //!
 //! Logs go to stderr, filtered by `RUST_LOG` (default `info` for `agent` and `serve`,
 //! `warn` else). Long listings and resyncs show a progress bar on a terminal's stderr.
 //!
-//! Exit codes: 0 done; 1 the store or the agent failed; 2 bad usage; 3 the key does not
+//! Exit codes: 0 done; 1 the store or the agent failed (or the agent stopped following
+//! the store); 2 bad usage (an invalid key or `--store` included); 3 the key does not
 //! exist (`get`); 4 the compare-and-swap found another revision (`cas`).
 
 use std::path::{Path, PathBuf};
@@ -181,38 +187,114 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("bad duration {s:?}: {e}"))
 }
 
-fn store_config(url: &str, secret_file: Option<&Path>) -> Result<StoreConfig, String> {
-    if let Some(rest) = url.strip_prefix("raft://") {
-        let secret_file =
-            secret_file.ok_or("a raft:// store needs --secret-file (or DATASYNC_SECRET_FILE)")?;
-        let endpoints: Vec<String> = rest.split(',').map(str::to_owned).collect();
-        return Ok(StoreConfig::Remote {
+/// The `--store` argument as a store configuration. A value without `://` is a
+/// directory; with it, the scheme must be one the CLI knows (a typo must not turn into
+/// a directory named after a URL).
+fn store_config(spec: &str, secret_file: Option<&Path>) -> Result<StoreConfig, String> {
+    const FORMS: &str = "a directory, raft:DIR, raft://HOST:PORT[,…], \
+        nats://HOST:PORT[,…][?bucket=B], tls://HOST:PORT[,…][?bucket=B] or \
+        etcd://HOST:PORT[,…][?namespace=N]";
+    let Some((scheme, rest)) = spec.split_once("://") else {
+        let dir = spec.strip_prefix("raft:").unwrap_or(spec);
+        if dir.is_empty() {
+            return Err(format!("empty store directory; --store takes {FORMS}"));
+        }
+        return Ok(StoreConfig::raft(dir));
+    };
+    let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut params: std::collections::BTreeMap<String, String> =
+        url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+    let known = ["raft", "nats", "tls", "etcd"];
+    if !known.contains(&scheme) {
+        return Err(format!(
+            "unknown store scheme {scheme:?} in {spec:?}; --store takes {FORMS}"
+        ));
+    }
+    let endpoints = hosts
+        .split(',')
+        .map(|h| endpoint(scheme, h))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = match scheme {
+        "raft" => StoreConfig::Remote {
             endpoints,
-            secret_file: secret_file.to_owned(),
-        });
+            secret_file: secret_file
+                .ok_or("a raft:// store needs --secret-file (or DATASYNC_SECRET_FILE)")?
+                .to_owned(),
+        },
+        "nats" | "tls" => StoreConfig::Nats {
+            servers: endpoints
+                .iter()
+                .map(|e| format!("{scheme}://{e}"))
+                .collect(),
+            bucket: params
+                .remove("bucket")
+                .unwrap_or_else(|| "datasync".to_owned()),
+        },
+        _ => StoreConfig::Etcd {
+            endpoints: endpoints.iter().map(|e| format!("http://{e}")).collect(),
+            namespace: params.remove("namespace").unwrap_or_default(),
+        },
+    };
+    match params.keys().next() {
+        Some(k) => Err(format!("unknown parameter {k:?} for a {scheme}:// store")),
+        None => Ok(config),
     }
-    if url.starts_with("nats://") || url.starts_with("tls://") {
-        let (server, query) = url.split_once('?').unwrap_or((url, ""));
-        let bucket = query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("bucket="))
-            .unwrap_or("datasync");
-        let toml =
-            format!("[store]\nkind = \"nats\"\nservers = [{server:?}]\nbucket = {bucket:?}\n");
-        return parse_store(&toml);
-    }
-    if let Some(rest) = url.strip_prefix("etcd://") {
-        let toml = format!("[store]\nkind = \"etcd\"\nendpoints = [\"http://{rest}\"]\n");
-        return parse_store(&toml);
-    }
-    let dir = url.strip_prefix("raft:").unwrap_or(url);
-    Ok(StoreConfig::raft(dir))
 }
 
-fn parse_store(toml: &str) -> Result<StoreConfig, String> {
-    AgentConfig::parse(toml, "--store", std::iter::empty())
-        .map(|c| c.store)
-        .map_err(|e| e.to_string())
+/// One `HOST:PORT` of a store URL, checked by the `url` crate.
+fn endpoint(scheme: &str, hostport: &str) -> Result<String, String> {
+    let bad = |why: &str| format!("bad {scheme}:// endpoint {hostport:?}: {why}");
+    let u = url::Url::parse(&format!("{scheme}://{hostport}")).map_err(|e| bad(&e.to_string()))?;
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if u.port().is_none() {
+        return Err(bad("no port"));
+    }
+    if !matches!(u.path(), "" | "/") || u.fragment().is_some() {
+        return Err(bad("only HOST:PORT is allowed"));
+    }
+    Ok(hostport.to_owned())
+}
+
+/// A key argument; an invalid one is bad usage (exit code 2).
+fn key_arg(key: &str) -> Result<Key, Failure> {
+    Key::new(key).map_err(|e| Failure::Usage(format!("invalid key {key:?}: {e}")))
+}
+
+/// A prefix argument; an invalid one is bad usage (exit code 2).
+fn prefix_arg(prefix: &str) -> Result<Prefix, Failure> {
+    Prefix::new(prefix).map_err(|e| Failure::Usage(format!("invalid prefix {prefix:?}: {e}")))
+}
+
+/// Text output of a value, safe for a terminal: control characters (C0 but newline and
+/// tab, DEL, C1) and bidirectional formatting characters become `\u{…}` escapes, so a
+/// value cannot retitle the terminal or reorder what is shown. With `line`, for output
+/// of one line per key (`ls`, `watch`), newline, tab, carriage return and backslash are
+/// escaped too, so a value cannot forge a line. `--output json` shows values exactly.
+fn escape(s: &str, line: bool) -> std::borrow::Cow<'_, str> {
+    let needs = |c: char| {
+        (c.is_control() && (line || !matches!(c, '\n' | '\t')))
+            || (line && c == '\\')
+            || matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(needs) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            _ if !needs(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+        }
+    }
+    out.into()
 }
 
 /// What a command ends with.
@@ -284,13 +366,15 @@ async fn command(store: &AnyStore, command: Command, json: bool) -> Result<(), F
             if let Some(t) = ttl {
                 opts = opts.ttl(t);
             }
-            let rev = w.put(&Key::new(&key)?, Value::from(value), opts).await?;
+            let rev = w.put(&key_arg(&key)?, Value::from(value), opts).await?;
             say(json, serde_json::json!({"revision": rev.0}), || {
                 format!("r{rev}")
             });
         }
-        Command::Get { key, rev } => match w.get(&Key::new(&key)?, read(rev)).await? {
-            Some(kv) => say(json, kv_json(&kv), || text(&kv.value)),
+        Command::Get { key, rev } => match w.get(&key_arg(&key)?, read(rev)).await? {
+            Some(kv) => say(json, kv_json(&kv), || {
+                escape(&text(&kv.value), false).into_owned()
+            }),
             None => return Err(Failure::NotFound),
         },
         Command::Del { key, prefix } => {
@@ -299,7 +383,7 @@ async fn command(store: &AnyStore, command: Command, json: bool) -> Result<(), F
             } else {
                 DeleteOptions::new()
             };
-            let d = w.delete(&Key::new(&key)?, opts).await?;
+            let d = w.delete(&key_arg(&key)?, opts).await?;
             say(
                 json,
                 serde_json::json!({"deleted": d.count, "revision": d.revision.0}),
@@ -308,7 +392,7 @@ async fn command(store: &AnyStore, command: Command, json: bool) -> Result<(), F
         }
         Command::Ls { prefix, rev } => {
             let waiting = spinner(format!("listing {prefix:?}"));
-            let l = w.list(&Prefix::new(&prefix)?, read(rev)).await?;
+            let l = w.list(&prefix_arg(&prefix)?, read(rev)).await?;
             waiting.finish_and_clear();
             let bar = progress(l.values.len(), "keys");
             if json {
@@ -320,7 +404,7 @@ async fn command(store: &AnyStore, command: Command, json: bool) -> Result<(), F
             } else {
                 let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                 for kv in &l.values {
-                    writeln!(out, "{}\t{}", kv.key, text(&kv.value))?;
+                    writeln!(out, "{}\t{}", kv.key, escape(&text(&kv.value), true))?;
                     bar.inc(1);
                 }
                 out.flush()?;
@@ -340,7 +424,7 @@ async fn command(store: &AnyStore, command: Command, json: bool) -> Result<(), F
             };
             match w
                 .compare_and_swap(
-                    &Key::new(&key)?,
+                    &key_arg(&key)?,
                     expect,
                     Value::from(value),
                     PutOptions::new(),
@@ -389,7 +473,10 @@ async fn watch(
     count: Option<u64>,
     json: bool,
 ) -> Result<(), Failure> {
-    let prefixes: Vec<Prefix> = prefixes.iter().map(Prefix::new).collect::<Result<_, _>>()?;
+    let prefixes: Vec<Prefix> = prefixes
+        .iter()
+        .map(|p| prefix_arg(p))
+        .collect::<Result<_, _>>()?;
     let mut w = store
         .watcher()
         .watch("cli", &prefixes, WatchOptions::default())
@@ -422,7 +509,7 @@ async fn watch(
                     let bar = progress(r.len(), "keys of the resync");
                     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                     for kv in r.values() {
-                        writeln!(out, "  {}\t{}", kv.key, text(&kv.value))?;
+                        writeln!(out, "  {}\t{}", kv.key, escape(&text(&kv.value), true))?;
                         bar.inc(1);
                     }
                     out.flush()?;
@@ -443,8 +530,8 @@ async fn watch(
                             c.revision,
                             kc.op,
                             kc.key,
-                            prev.as_deref().unwrap_or("-"),
-                            now.as_deref().unwrap_or("-")
+                            prev.as_deref().map_or("-".into(), |v| escape(v, true)),
+                            now.as_deref().map_or("-".into(), |v| escape(v, true))
                         );
                     }
                 }
