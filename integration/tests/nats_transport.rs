@@ -420,3 +420,171 @@ async fn tls_with_a_trusted_ca_works_and_an_untrusted_server_is_refused() {
         "connected without trusting the server's CA"
     );
 }
+
+/// A bucket made elsewhere (as `nats kv add` makes one: history 1) is read by its own
+/// limits: the overwritten version is `Compacted`, never "absent".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_made_elsewhere_is_read_by_its_own_history() {
+    use async_nats::jetstream::kv;
+    let nats = server().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_key_value(kv::Config {
+        bucket: "made-elsewhere".into(),
+        history: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // This store's own setting says 16; the bucket keeps 1.
+    let store = NatsStore::connect(
+        NatsConfig::new([nats.url()])
+            .with_bucket("made-elsewhere")
+            .with_history(16),
+    )
+    .await
+    .unwrap();
+    let k = key("k");
+    let r1 = store.put(&k, "1".into(), PutOptions::new()).await.unwrap();
+    let r2 = store.put(&k, "2".into(), PutOptions::new()).await.unwrap();
+    let got = store.get(&k, ReadOptions::new().at(r1)).await;
+    assert!(
+        matches!(got, Err(StoreError::Compacted { requested, .. }) if requested == r1),
+        "{got:?}"
+    );
+    let got = store.get(&k, ReadOptions::new().at(r2)).await.unwrap();
+    assert_eq!(got.unwrap().value, "2".into());
+}
+
+/// A bucket with an age limit loses whole keys: a read from before they went is
+/// `Compacted`, never "absent".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_with_an_age_limit_refuses_reads_from_before_what_it_dropped() {
+    use async_nats::jetstream::kv;
+    let nats = server().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_key_value(kv::Config {
+        bucket: "aged".into(),
+        history: 8,
+        max_age: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let store = NatsStore::connect(NatsConfig::new([nats.url()]).with_bucket("aged"))
+        .await
+        .unwrap();
+    let r1 = store
+        .put(&key("old"), "1".into(), PutOptions::new())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r2 = store
+        .put(&key("new"), "2".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let got = store.get(&key("old"), ReadOptions::new().at(r1)).await;
+    assert!(
+        matches!(got, Err(StoreError::Compacted { requested, .. }) if requested == r1),
+        "the key aged out: {got:?}"
+    );
+    let l = store.list(&prefix(""), ReadOptions::new().at(r2)).await;
+    assert_eq!(
+        l.unwrap().values.len(),
+        1,
+        "after the drop, reads are exact"
+    );
+}
+
+/// `get` at a revision reads the key's own versions: a sibling that shares its name
+/// as a prefix (`h/kk` for `h/k`) and overflowed its history does not make it
+/// `Compacted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_past_read_of_a_key_ignores_its_siblings_history() {
+    let nats = server().await;
+    let store = NatsStore::connect(NatsConfig::new([nats.url()]).with_history(2))
+        .await
+        .unwrap();
+    let r0 = store
+        .put(&key("h/k"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        store
+            .put(&key("h/kk"), i.to_string().into(), PutOptions::new())
+            .await
+            .unwrap();
+    }
+    let got = store.get(&key("h/k"), ReadOptions::new().at(r0)).await;
+    assert_eq!(got.unwrap().unwrap().value, "v".into());
+}
+
+/// Keys other clients wrote with escapes our encoding never makes are foreign: they
+/// are skipped, and never read as (or mixed with) the key they look like.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_canonical_foreign_keys_are_skipped() {
+    let nats = server().await;
+    let store = connect(&nats.url()).await;
+    let js = async_nats::jetstream::new(store.client().clone());
+    let kv = js.get_key_value("datasync").await.unwrap();
+    store
+        .put(&key("a/b"), "ours".into(), PutOptions::new())
+        .await
+        .unwrap();
+    kv.put("a=2Fb", "theirs".into()).await.unwrap();
+    kv.put("=61", "theirs".into()).await.unwrap();
+    let l = store.list(&prefix(""), ReadOptions::new()).await.unwrap();
+    let got: Vec<_> = l
+        .values
+        .iter()
+        .map(|kv| (kv.key.as_str(), kv.value.clone()))
+        .collect();
+    assert_eq!(got, [("a/b", "ours".into())]);
+    let mut w = store
+        .watch("all", &[prefix("")], WatchOptions::default())
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    assert!(matches!(&ev, Event::Resync(r) if r.len() == 1), "{ev:?}");
+    ev.into_done().ok();
+}
+
+/// A lost flow-control answer stalls the server's delivery while its heartbeats go
+/// on; the consumer answers the stall and the resync completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_flow_control_answer_does_not_stall_a_watch() {
+    let nats = server().await;
+    let store = connect(&nats.url()).await;
+    let value: datasync::Value = vec![b'x'; 512 * 1024].into();
+    for i in 0..96 {
+        store
+            .put(
+                &key(&format!("big/{i:03}")),
+                value.clone(),
+                PutOptions::new(),
+            )
+            .await
+            .unwrap();
+    }
+    datasync_nats::testing::drop_flow_control_answers(1);
+    // The resync's snapshot is read while the watch registers.
+    let (_w, ev) = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut w = store
+            .watch("big", &[prefix("big/")], WatchOptions::default())
+            .await
+            .unwrap();
+        let ev = next(&mut w).await;
+        (w, ev)
+    })
+    .await
+    .expect("the resync completes");
+    assert!(matches!(&ev, Event::Resync(r) if r.len() == 96), "{ev:?}");
+    ev.into_done().ok();
+
+    assert_eq!(
+        datasync_nats::testing::flow_control_answers_dropped(),
+        1,
+        "the server asked for flow control, and one answer was lost"
+    );
+}

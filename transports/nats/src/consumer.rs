@@ -21,6 +21,12 @@ use tokio::time::{Instant, Sleep};
 use crate::NatsStore;
 use crate::keys;
 
+/// The heartbeat header naming the flow-control reply a stalled consumer waits for.
+const STALLED: &str = "Nats-Consumer-Stalled";
+
+#[cfg(feature = "testing")]
+use crate::testing;
+
 /// How often an idle consumer sends a heartbeat.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Silence after which a consumer is taken for lost.
@@ -144,6 +150,18 @@ impl Consumer {
         ))
     }
 
+    /// Answers a flow-control request (or a stall) on `reply`.
+    fn answer_flow_control(&self, reply: String) {
+        #[cfg(feature = "testing")]
+        if testing::drop_flow_control() {
+            return;
+        }
+        let client = self.store.inner.client.clone();
+        tokio::spawn(async move {
+            let _ = client.publish(reply, Bytes::new()).await;
+        });
+    }
+
     /// The next record. An error means continuity is lost: drop this consumer.
     ///
     /// # Cancel safety
@@ -169,13 +187,19 @@ impl Consumer {
             match msg.status {
                 None => {}
                 Some(StatusCode::IDLE_HEARTBEAT) => {
-                    if let Some(reply) = msg.reply {
+                    // A heartbeat naming a stalled consumer: the server still waits for
+                    // the answer to a flow-control request (lost, or never sent) and
+                    // delivers nothing until it comes, while heartbeats keep coming.
+                    let stalled = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(STALLED))
+                        .map(|v| v.as_str().to_owned());
+                    if let Some(reply) = msg.reply.map(|r| r.to_string()).or(stalled) {
                         // Flow control: the server waits for this answer.
-                        let client = self.store.inner.client.clone();
-                        tokio::spawn(async move {
-                            let _ = client.publish(reply, Bytes::new()).await;
-                        });
-                    } else if let Some(last) = last_consumer(msg.headers.as_ref()) {
+                        self.answer_flow_control(reply);
+                    }
+                    if let Some(last) = last_consumer(msg.headers.as_ref()) {
                         if last > self.cseq {
                             return Err(Lost::Jump(self.cseq, last));
                         }

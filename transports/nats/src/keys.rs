@@ -17,7 +17,9 @@
 //! is filtered again on our side after decoding. A key longer than
 //! [`MAX_SUBJECT_KEY`] bytes once mapped is refused with
 //! [`KeyError::Unrepresentable`]; subjects that do not decode (written by other clients)
-//! are skipped.
+//! are skipped. Decoding is canonical: it accepts exactly what encoding produces (an
+//! escape of a byte that needs none, or of `/`, is foreign), so two NATS keys never
+//! read as one datasync key.
 
 use datasync::{Key, KeyError, Prefix};
 
@@ -108,7 +110,13 @@ pub(crate) fn decode_with(nats: &str, bytes: &mut Vec<u8>) -> Option<Key> {
                 b'=' => {
                     let hi = hex(*t.get(j + 1)?)?;
                     let lo = hex(*t.get(j + 2)?)?;
-                    bytes.push(hi << 4 | lo);
+                    let b = hi << 4 | lo;
+                    // Only what `encode` escapes: `a=2Fb` is not `a/b`, nor `=61` `a`
+                    // (one datasync key, one NATS key).
+                    if plain(b) || b == b'/' {
+                        return None;
+                    }
+                    bytes.push(b);
                     j += 3;
                 }
                 // `/` is in NATS's key alphabet but never in a mapped key.
@@ -216,6 +224,39 @@ mod tests {
         for bad in ["a..b", "", "a=2", "a=zz", "a=2e", "a/b", "a.", ".a", "=00"] {
             assert_eq!(decode(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn decoding_is_canonical() {
+        for foreign in ["a=2Fb", "=61", "a=2D", "a=5F", "x.=30"] {
+            assert_eq!(decode(foreign), None, "{foreign:?}");
+        }
+        // Every NATS key of up to 5 characters over an alphabet of escapes, plain bytes
+        // and separators: one that decodes is exactly the encoding of its key.
+        let alphabet: Vec<char> = "a=2F6E1.-".chars().collect();
+        let mut n = 0;
+        let mut word = Vec::new();
+        fn each(alphabet: &[char], word: &mut Vec<char>, depth: usize, n: &mut usize) {
+            let s: String = word.iter().collect();
+            if let Some(k) = decode(&s) {
+                assert_eq!(
+                    encode(&k).as_deref(),
+                    Ok(s.as_str()),
+                    "{s:?} reads as {k:?}"
+                );
+                *n += 1;
+            }
+            if depth == 0 {
+                return;
+            }
+            for c in alphabet {
+                word.push(*c);
+                each(alphabet, word, depth - 1, n);
+                word.pop();
+            }
+        }
+        each(&alphabet, &mut word, 5, &mut n);
+        assert!(n > 1000, "only {n} keys decoded: the check checks little");
     }
 
     #[test]

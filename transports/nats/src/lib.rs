@@ -37,9 +37,23 @@
 //!   [`NatsConfig::marker_ttl`] learns of an expiry by its next resync.
 //! - **Compare-and-swap** publishes with `Nats-Expected-Last-Subject-Sequence`, after
 //!   reading the key's last version (a delete marker there means "absent").
-//! - **Reads at a past revision** use the versions the bucket keeps
-//!   ([`NatsConfig::history`] per key); where versions up to that revision may have
-//!   been dropped, the read fails with `StoreError::Compacted`.
+//! - **Reads at a past revision** use the versions the bucket keeps, judged by the
+//!   bucket's own limits as its stream reports them (a bucket made elsewhere, e.g. by
+//!   `nats kv add` with a history of 1, is read by its limits, not by
+//!   [`NatsConfig::history`]); a `get` reads the key's own subject only. Where versions
+//!   up to that revision may have been dropped (a key's history full, a rollup) the
+//!   read fails with `StoreError::Compacted`. On a bucket where whole keys can vanish
+//!   through the stream's own limits (age, count, size), they do so at no revision and
+//!   leave no trace: once the stream has removed a message, reads at revisions from it
+//!   on fail with `Compacted`, but for the present one. Known gap: a key whose TTL expired *and* whose expiry
+//!   marker expired ([`NatsConfig::marker_ttl`] later) vanishes the same way, and a
+//!   read from before its expiry then answers "absent".
+//! - **Keys written by other clients** that are no encoding of a datasync key (an
+//!   escape where none is needed, `=2F` for `/`, bytes outside the alphabet) are
+//!   skipped as foreign, never read as another key.
+//! - **Flow control**: a consumer's flow-control requests are answered, and so is a
+//!   heartbeat that says the consumer is stalled on one (its answer was lost), so a
+//!   watch never stalls silently.
 //! - **Errors**: an unreachable or restarting server gives `StoreError::Unavailable` or
 //!   `Timeout` (retryable); refused credentials are final.
 
@@ -49,6 +63,9 @@ mod error;
 mod keys;
 mod store;
 mod watch;
+
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::{Auth, NatsConfig};
 pub use keys::MAX_SUBJECT_KEY;

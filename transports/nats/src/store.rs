@@ -340,24 +340,88 @@ impl NatsStore {
         Ok((state, Some(consumer)))
     }
 
-    /// The state under `set` at `at` from the versions the bucket keeps.
-    async fn state_at(&self, set: &PrefixSet, at: Revision) -> Result<State, StoreError> {
-        let current = self.current_revision().await?;
+    /// What the bucket's stream keeps, from its current configuration and state (not
+    /// from this store's configuration: the bucket may have been made elsewhere, with
+    /// other limits, and limits can be changed).
+    async fn retention(&self) -> Result<Retention, StoreError> {
+        let info = self
+            .timed(self.inner.stream.get_info())
+            .await?
+            .map_err(|e| self.classify(e))?;
+        let c = &info.config;
+        let history = usize::try_from(c.max_messages_per_subject)
+            .ok()
+            .filter(|h| *h > 0)
+            .unwrap_or(usize::MAX);
+        // Limits that can take a key's every version, not only its older ones: the
+        // stream's own (age, count, size). (A key whose TTL expired and whose expiry
+        // marker expired too vanishes as well; telling that apart from a history
+        // drop needs more than the stream reports, see the crate docs.)
+        let whole_keys = !c.max_age.is_zero() || c.max_messages > 0 || c.max_bytes > 0;
+        let mut first_removed = None;
+        if whole_keys {
+            if info.state.first_sequence > 1 {
+                first_removed = Some(1);
+            } else if info.state.deleted_count.unwrap_or(0) > 0 {
+                let detailed = self
+                    .timed(self.inner.stream.info_builder().with_deleted(true).fetch())
+                    .await?
+                    .map_err(|e| self.classify(e))?;
+                first_removed = detailed.info.state.deleted.iter().flatten().min().copied();
+            }
+        }
+        Ok(Retention {
+            current: Revision(info.state.last_sequence),
+            history,
+            first_removed,
+        })
+    }
+
+    /// The state under `set` (or of the key `only`) at `at` from the versions the
+    /// bucket keeps; `Compacted` where they cannot tell it.
+    async fn state_at(
+        &self,
+        set: &PrefixSet,
+        only: Option<&Key>,
+        at: Revision,
+    ) -> Result<State, StoreError> {
+        let Retention {
+            current,
+            history,
+            first_removed,
+        } = self.retention().await?;
         if at > current {
             return Err(StoreError::FutureRevision {
                 requested: at,
                 current,
             });
         }
-        let history = usize::from(self.inner.config.history);
-        let filters = keys::filters(set.prefixes());
+        // The stream's limits remove whole keys at a time, at no revision: a key removed
+        // so leaves no trace, and whether it was there at `at` cannot be told once
+        // anything up to `at` has gone. Only the present (`current`) is still known.
+        if first_removed.is_some_and(|f| f <= at.0) && at < current {
+            return Err(StoreError::Compacted {
+                requested: at,
+                compacted: Revision(current.0.saturating_sub(1)),
+            });
+        }
+        let filters = match only {
+            // The key's own subject: its siblings (`h/kk` for `h/k`) are no business
+            // of this read.
+            Some(k) => vec![keys::encode(k)?],
+            None => keys::filters(set.prefixes()),
+        };
         let mut per_key: BTreeMap<Key, Versions> = BTreeMap::new();
         if !filters.is_empty() {
             let (mut consumer, pending) =
                 Consumer::open(self, &filters, DeliverPolicy::All).await?;
             for _ in 0..pending {
                 let rec = consumer.next().await?;
-                if let Some(key) = rec.key.clone().filter(|k| set.matches(k.as_str())) {
+                if let Some(key) = rec
+                    .key
+                    .clone()
+                    .filter(|k| set.matches(k.as_str()) && only.is_none_or(|o| o == k))
+                {
                     per_key.entry(key).or_default().add(rec, at);
                 }
             }
@@ -437,6 +501,16 @@ impl NatsStore {
         }
         Ok((count, last))
     }
+}
+
+/// What the bucket's stream keeps (see [`NatsStore::retention`]).
+struct Retention {
+    /// The stream's last sequence.
+    current: Revision,
+    /// Versions kept per key.
+    history: usize,
+    /// Where whole keys can vanish: the first sequence removed, if any.
+    first_removed: Option<u64>,
 }
 
 /// One key's retained versions, as seen by a read at a past revision.
@@ -561,7 +635,7 @@ impl Writer for NatsStore {
     async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
         if let Some(at) = opts.revision {
             let set = PrefixSet::new([Prefix::from(key.clone())]);
-            let state = self.state_at(&set, at).await?;
+            let state = self.state_at(&set, Some(key), at).await?;
             let mut state = state;
             return Ok(state.values.remove(key));
         }
@@ -578,7 +652,7 @@ impl Writer for NatsStore {
     async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError> {
         let set = PrefixSet::new([prefix.clone()]);
         let state = match opts.revision {
-            Some(at) => self.state_at(&set, at).await?,
+            Some(at) => self.state_at(&set, None, at).await?,
             None => self.snapshot(&set).await?.0,
         };
         Ok(Listing {
