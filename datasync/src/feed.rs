@@ -61,12 +61,15 @@ impl Sub {
 #[derive(Debug, Default)]
 pub struct Hub {
     subs: Vec<Sub>,
+    /// After [`Hub::stop_all`], new feeds end at once.
+    stopped: bool,
 }
 
 impl Hub {
     /// Ends every feed: their streams report `Stopped` and end (the store stopped).
     pub fn stop_all(&mut self) {
         self.subs.clear();
+        self.stopped = true;
     }
 
     /// Registers a feed of the transactions touching `prefixes`, with a queue of
@@ -75,12 +78,15 @@ impl Hub {
         self.subs.retain(|s| !s.is_gone());
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let flag = Arc::new(AtomicU8::new(NONE));
-        self.subs.push(Sub {
-            reg: reg.clone(),
-            prefixes: prefixes.clone(),
-            tx,
-            flag: flag.clone(),
-        });
+        // Stopped: the sender goes at once, and the stream reports `Stopped`.
+        if !self.stopped {
+            self.subs.push(Sub {
+                reg: reg.clone(),
+                prefixes: prefixes.clone(),
+                tx,
+                flag: flag.clone(),
+            });
+        }
         Feed {
             rx,
             flag,

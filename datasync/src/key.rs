@@ -56,6 +56,18 @@ pub enum KeyError {
 }
 
 fn check(s: &str) -> Result<(), KeyError> {
+    check_stored(s)?;
+    // Only non-ASCII text can hold the others.
+    if !s.is_ascii()
+        && let Some((position, ch)) = s.char_indices().find(|(_, c)| forbidden(*c))
+    {
+        return Err(KeyError::ForbiddenCharacter { ch, position });
+    }
+    Ok(())
+}
+
+/// The rule keys were first written under: length, no C0 control or DEL.
+fn check_stored(s: &str) -> Result<(), KeyError> {
     if s.len() > MAX_KEY_LEN {
         return Err(KeyError::TooLong {
             len: s.len(),
@@ -67,12 +79,6 @@ fn check(s: &str) -> Result<(), KeyError> {
             byte: s.as_bytes()[position],
             position,
         });
-    }
-    // Only non-ASCII text can hold the others.
-    if !s.is_ascii()
-        && let Some((position, ch)) = s.char_indices().find(|(_, c)| forbidden(*c))
-    {
-        return Err(KeyError::ForbiddenCharacter { ch, position });
     }
     Ok(())
 }
@@ -96,6 +102,21 @@ impl Key {
             return Err(KeyError::Empty);
         }
         check(s)?;
+        Ok(Key(Arc::from(s)))
+    }
+
+    /// A key a store already holds, checked by the rule it was written under: not
+    /// empty, at most [`MAX_KEY_LEN`] bytes, no C0 control or DEL. A key written before
+    /// [`Key::new`] refused C1 controls and bidirectional formatting characters stays
+    /// readable and deletable (and a replicated log written then applies the same on
+    /// every member). For a transport's own records only: anything from outside goes
+    /// through [`Key::new`].
+    pub fn from_stored(key: impl AsRef<str>) -> Result<Self, KeyError> {
+        let s = key.as_ref();
+        if s.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        check_stored(s)?;
         Ok(Key(Arc::from(s)))
     }
 
@@ -310,6 +331,9 @@ mod tests {
             );
             assert!(Prefix::new(k).is_err(), "{k:?}");
         }
+        // A key stored before the rule reads back.
+        assert!(Key::from_stored("x\u{202e}").is_ok());
+        assert!(Key::from_stored("x\u{1b}").is_err());
         // Their neighbours are fine.
         for k in [
             "\u{a0}", "\u{7e}", "\u{2010}", "\u{2065}", "\u{206a}", "日本",

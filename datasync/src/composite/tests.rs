@@ -164,3 +164,24 @@ async fn writer_fans_out_and_reports_each_part() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn parts_with_one_name_are_refused() {
+    let (a, b) = (Local::new(), Local::new());
+    let twice = CompositeWatcher::new()
+        .with("x", Arc::new(a.clone()))
+        .with("x", Arc::new(b.clone()));
+    let got = twice
+        .watch("w", &[Prefix::all()], WatchOptions::default())
+        .await;
+    assert!(matches!(got, Err(StoreError::Unsupported(_))), "{got:?}");
+    // `a/b` beside a nested `a` with a part `b`: the same source name.
+    let nested = CompositeWatcher::new().with("b", Arc::new(b));
+    let clash = CompositeWatcher::new()
+        .with("a/b", Arc::new(a))
+        .with("a", Arc::new(nested));
+    let got = clash
+        .watch("w", &[Prefix::all()], WatchOptions::default())
+        .await;
+    assert!(matches!(got, Err(StoreError::Unsupported(_))), "{got:?}");
+}

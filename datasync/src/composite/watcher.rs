@@ -47,6 +47,14 @@ impl Watcher for CompositeWatcher {
         prefixes: &[Prefix],
         opts: WatchOptions,
     ) -> Result<Watch, StoreError> {
+        let mut sources = self.sources();
+        sources.sort();
+        if sources.windows(2).any(|w| w[0] == w[1]) {
+            // Their events and status could not be told apart.
+            return Err(StoreError::Unsupported(
+                "a composite with two parts (or nested parts) of the same name",
+            ));
+        }
         let mut regs = Vec::with_capacity(self.parts.len());
         let mut streams = Vec::with_capacity(self.parts.len());
         for (part_name, part) in &self.parts {

@@ -98,9 +98,20 @@ impl PluginContext {
         self
     }
 
-    /// The settings of plugin `name` (`Null` if it has none).
+    /// The settings of plugin `name` (`Null` if it has none). A section whose name
+    /// differs only by `_` for `-` counts too (`file_mirror` for `file-mirror`: what an
+    /// environment variable can spell).
     pub fn settings_for(&self, name: &str) -> &serde_json::Value {
-        self.settings.get(name).unwrap_or(&serde_json::Value::Null)
+        let norm = |s: &str| s.replace('_', "-");
+        self.settings
+            .get(name)
+            .or_else(|| {
+                self.settings
+                    .iter()
+                    .find(|(k, _)| norm(k) == norm(name))
+                    .map(|(_, v)| v)
+            })
+            .unwrap_or(&serde_json::Value::Null)
     }
 }
 

@@ -149,6 +149,7 @@ impl Coordinator {
                 set: PrefixSet::new(spec.prefixes.iter().cloned()),
                 spec,
                 busy: std::sync::Mutex::new(None),
+                unsynced: std::sync::Mutex::default(),
             })
             .collect();
         let task = tokio::spawn(
@@ -258,6 +259,10 @@ struct Plugin {
     /// A handler still running after its time was up (never cancelled): the plugin
     /// gets no event until it has returned.
     busy: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Sources whose state the plugin does not hold (a failed resync or change of
+    /// theirs): it is ready only once every one has been resynced, whatever other
+    /// sources' passes do meanwhile.
+    unsynced: std::sync::Mutex<std::collections::BTreeSet<crate::Source>>,
 }
 
 struct Runner {
@@ -270,6 +275,18 @@ struct Runner {
 }
 
 impl Plugin {
+    /// Records whether the plugin holds `source`'s state; returns whether it holds
+    /// every source's.
+    fn synced(&self, source: &crate::Source, ok: bool) -> bool {
+        let mut u = self.unsynced.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            u.remove(source);
+        } else {
+            u.insert(source.clone());
+        }
+        u.is_empty()
+    }
+
     /// Whether a handler that ran past its time is still running.
     fn busy(&self) -> bool {
         self.busy
@@ -404,14 +421,15 @@ impl Runner {
         });
     }
 
-    /// One resync pass: every plugin in order, each with its own prefixes. Returns
-    /// whether every plugin succeeded.
+    /// One resync pass (of one source): every plugin in order, each with its own
+    /// prefixes. Returns whether every plugin holds every source's state.
     async fn pass(&self, r: Resync) -> bool {
         debug!(revision = %r.revision, reason = ?r.reason, "resync pass");
         let dones = r.done.split(self.plugins.len());
         let mut all_ok = true;
         for (i, (plugin, done)) in self.plugins.iter().zip(dones).enumerate() {
             let groups = slice(&r.prefixes, &plugin.set);
+            let before = self.status.borrow().plugins[i].state;
             self.update(i, |s| s.state = PluginState::Resyncing);
             let (outcome, took, _) = self
                 .attempts(
@@ -430,18 +448,28 @@ impl Runner {
                     },
                 )
                 .await;
+            let all_sources = plugin.synced(&r.source, outcome.is_ok());
             self.update(i, |s| {
                 s.record(r.revision, &outcome, took);
                 s.resyncs += 1;
-                // Out of sync no more: resynced, or failed (see `last_error`).
-                s.unapplied = None;
                 s.state = match &outcome {
+                    // Another source's state is still missing: as it was.
+                    Ok(()) if !all_sources => match before {
+                        PluginState::Pending | PluginState::Resyncing | PluginState::Ready => {
+                            PluginState::Failed
+                        }
+                        other => other,
+                    },
                     Ok(()) => PluginState::Ready,
                     Err(DoneError::TimedOut(_)) => PluginState::TimedOut,
                     Err(_) => PluginState::Failed,
                 };
+                // Out of sync no more: resynced, or failed (see `last_error`).
+                if all_sources || outcome.is_err() {
+                    s.unapplied = None;
+                }
             });
-            all_ok &= outcome.is_ok();
+            all_ok &= all_sources;
             done.complete(outcome);
         }
         self.status.send_modify(|s| s.passes += 1);
@@ -506,6 +534,9 @@ impl Runner {
                     ));
                 }
             });
+            if out_of_sync {
+                plugin.synced(&c.source, false);
+            }
             resync |= out_of_sync;
             done.complete(outcome);
         }

@@ -803,3 +803,86 @@ async fn a_stopped_watch_stops_the_coordinator_and_says_why() {
     assert!(!c.status().following());
     c.shutdown().await;
 }
+
+/// Fails every resync of source "one" while `fail` is set; answers all else.
+struct FailsOne {
+    fail: Arc<std::sync::atomic::AtomicBool>,
+    changes: Arc<Mutex<Vec<String>>>,
+}
+
+#[async_trait::async_trait]
+impl Handler for FailsOne {
+    async fn handle(&self, event: Event) {
+        match event {
+            Event::Resync(r)
+                if &*r.source == "one" && self.fail.load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                r.done.fail("cannot take one's state")
+            }
+            Event::Change(c) => {
+                self.changes
+                    .lock()
+                    .unwrap()
+                    .push(format!("{}:{}", c.source, c.changes[0].key));
+                c.done.ok()
+            }
+            other => other.into_done().ok(),
+        }
+    }
+}
+
+/// One source's successful pass does not hide another's failed one: the plugin stays
+/// failed (no changes from either source) until the failed source is resynced.
+#[tokio::test(start_paused = true)]
+async fn a_failed_source_stays_failed_through_another_sources_pass() {
+    let (one, two) = (Local::new(), Local::new());
+    let composite = crate::CompositeWatcher::new()
+        .with("one", Arc::new(one.clone()))
+        .with("two", Arc::new(two.clone()));
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let changes = Arc::new(Mutex::new(Vec::new()));
+    let mut registry = Registry::new();
+    registry.add(PluginSpec::new(
+        "p",
+        vec![Prefix::new("k/").unwrap()],
+        Arc::new(FailsOne {
+            fail: fail.clone(),
+            changes: changes.clone(),
+        }),
+    ));
+    let config = CoordinatorConfig::default()
+        .retries(1, Duration::from_millis(10))
+        .retry_failed_after(Some(Duration::from_secs(10)));
+    let c = Coordinator::start(&composite, registry, config)
+        .await
+        .unwrap();
+    c.ready().await;
+    assert_eq!(c.status().plugin("p").unwrap().state, PluginState::Failed);
+    // A pass of every source, with one still failing: two's success does not make
+    // the plugin ready.
+    let mut rx = c.subscribe();
+    let passes = c.status().passes;
+    c.request_resync();
+    rx.wait_for(|s| s.passes >= passes + 2).await.unwrap();
+    assert_eq!(c.status().plugin("p").unwrap().state, PluginState::Failed);
+    two.put(&Key::new("k/2").unwrap(), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    settle().await;
+    assert!(
+        changes.lock().unwrap().is_empty(),
+        "{:?}",
+        changes.lock().unwrap()
+    );
+    // One can be taken again: the retry resyncs it, and changes flow.
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    rx.wait_for(|s| s.plugin("p").unwrap().state == PluginState::Ready)
+        .await
+        .unwrap();
+    one.put(&Key::new("k/1").unwrap(), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    settle().await;
+    assert_eq!(*changes.lock().unwrap(), ["one:k/1"]);
+    c.shutdown().await;
+}

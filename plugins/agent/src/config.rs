@@ -302,6 +302,7 @@ impl AgentConfig {
         let _: AgentConfig = AgentConfig::deserialize(toml::Value::Table(table.clone()))
             .map_err(|e| invalid(origin, e.to_string()))?;
         let mut overridden = Vec::new();
+        let mut typed = Vec::new();
         for (name, value) in env {
             let Some(path) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
@@ -326,23 +327,36 @@ impl AgentConfig {
                 keys.push(k);
             }
             keys.push(key_in(t, last));
-            // A value that reads as TOML is taken so if the configuration then fits,
-            // else as the string it is (a bucket named "123").
+            // A value that reads as TOML is taken so (a quoted string unquoted), else
+            // as the string it is.
             let parsed = format!("v = {value}")
                 .parse::<toml::Table>()
                 .ok()
-                .and_then(|mut t| t.remove("v"))
-                .filter(|v| !v.is_str());
+                .and_then(|mut t| t.remove("v"));
             match parsed {
-                Some(parsed) => {
-                    set(&mut table, &keys, parsed);
-                    if !fits(&table) {
-                        set(&mut table, &keys, toml::Value::String(value));
-                    }
+                Some(v) if !v.is_str() => {
+                    set(&mut table, &keys, v);
+                    typed.push((keys, toml::Value::String(value)));
                 }
+                Some(v) => set(&mut table, &keys, v),
                 None => set(&mut table, &keys, toml::Value::String(value)),
             }
             overridden.push(name);
+        }
+        // A typed value where the configuration wants a string (a bucket named "123")
+        // is taken as the string it was, once every override is in (their order does
+        // not matter).
+        for (keys, as_string) in typed {
+            if fits(&table) {
+                break;
+            }
+            let typed_value = get(&table, &keys);
+            set(&mut table, &keys, as_string);
+            if !fits(&table)
+                && let Some(v) = typed_value
+            {
+                set(&mut table, &keys, v);
+            }
         }
         AgentConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
             invalid(
@@ -367,6 +381,16 @@ fn key_in(table: &toml::Table, part: &str) -> String {
 /// Whether `table` is a valid configuration.
 fn fits(table: &toml::Table) -> bool {
     AgentConfig::deserialize(toml::Value::Table(table.clone())).is_ok()
+}
+
+/// The value at `keys`, if set.
+fn get(table: &toml::Table, keys: &[String]) -> Option<toml::Value> {
+    let (last, sections) = keys.split_last()?;
+    let mut t = table;
+    for k in sections {
+        t = t.get(k)?.as_table()?;
+    }
+    t.get(last).cloned()
 }
 
 /// Sets the value at `keys` (its sections exist).
@@ -431,6 +455,31 @@ mod tests {
         assert_eq!(fm["dirName"], "/b", "{fm}");
         assert_eq!(fm["retries"], 3, "{fm}");
         assert!(fm.get("dirname").is_none(), "{fm}");
+    }
+
+    #[tokio::test]
+    async fn override_order_and_quotes_do_not_matter() {
+        let c = AgentConfig::parse(
+            "",
+            "agent.toml",
+            env(&[
+                ("DATASYNC__STORE__SERVERS", r#"["nats://a:4222"]"#),
+                ("DATASYNC__STORE__BUCKET", "123"),
+                ("DATASYNC__STORE__KIND", r#""nats""#),
+                ("DATASYNC__PLUGINS__FILE_MIRROR__DIR", "/m"),
+            ]),
+        )
+        .expect("valid");
+        let StoreConfig::Nats { servers, bucket } = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(servers, &["nats://a:4222"]);
+        assert_eq!(bucket, "123");
+        let ctx = datasync::coordinator::PluginContext::new(std::sync::Arc::new(
+            datasync::local::Local::new(),
+        ))
+        .with_settings(c.plugins.clone());
+        assert_eq!(ctx.settings_for("file-mirror")["dir"], "/m");
     }
 
     /// `load` in a child process with a variable that is not Unicode: no panic, and one

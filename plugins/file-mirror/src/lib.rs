@@ -50,6 +50,8 @@ pub const PREFIX: &str = "files/";
 /// The record of the files the plugin wrote, at the top of its directory.
 pub const MANIFEST: &str = ".datasync-file-mirror";
 const TEMP_SUFFIX: &str = ".datasync-tmp";
+/// The longest file name most file systems take.
+const MAX_NAME: usize = 255;
 const MANIFEST_FORMAT: u32 = 1;
 
 datasync::register_plugin! {
@@ -161,6 +163,7 @@ impl FileMirror {
                 "." | ".." => return Err(bad("a `.` or `..` segment")),
                 s if s.ends_with(TEMP_SUFFIX) => return Err(bad("the mirror's temp-file suffix")),
                 s if s.contains('\\') => return Err(bad("a backslash")),
+                s if s.len() > MAX_NAME => return Err(bad("a path segment over 255 bytes")),
                 _ => {}
             }
         }
@@ -224,8 +227,24 @@ fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error)
     move |source| MirrorError::Io { op, path, source }
 }
 
-fn temp_name(name: &str) -> String {
-    format!("{name}.{:016x}{TEMP_SUFFIX}", fastrand::u64(..))
+/// A temp file's name: short whatever the target's (so a long name still fits), and
+/// of a form no key's file takes (keys ending in the suffix are refused).
+fn temp_name() -> String {
+    format!(".{:016x}{TEMP_SUFFIX}", fastrand::u64(..))
+}
+
+/// Whether `name` is one [`temp_name`] makes.
+fn is_temp(name: &str) -> bool {
+    name.len() == 1 + 16 + TEMP_SUFFIX.len()
+        && name.starts_with('.')
+        && name.ends_with(TEMP_SUFFIX)
+        && name[1..17].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Whether a proper ancestor of `rel` is in `paths`: both cannot be files.
+fn under_another(rel: &str, paths: &BTreeSet<String>) -> bool {
+    rel.match_indices('/')
+        .any(|(i, _)| paths.contains(&rel[..i]))
 }
 
 impl Tree {
@@ -359,10 +378,10 @@ impl Tree {
         Ok(Slot { parent, name, rel })
     }
 
-    /// Removes the file at `rel` if the mirror wrote it, and the directories it leaves
-    /// empty.
-    fn remove(&mut self, rel: &str) -> Result<(), MirrorError> {
-        if !self.owned.contains_key(rel) {
+    /// Removes the file at `rel` if the mirror wrote it for `source` (another source
+    /// that wrote it last keeps it), and the directories it leaves empty.
+    fn remove(&mut self, rel: &str, source: &Source) -> Result<(), MirrorError> {
+        if self.owned.get(rel) != Some(source) {
             return Ok(());
         }
         let segs: Vec<String> = rel.split('/').map(str::to_owned).collect();
@@ -396,25 +415,48 @@ impl Tree {
         Ok(())
     }
 
-    /// Removes temp files a crash left, anywhere in the tree (never through a link).
-    fn sweep(&self, d: &Dir, path: &Path) -> Result<(), MirrorError> {
-        for entry in d.entries().map_err(io("list", path))? {
-            let entry = entry.map_err(io("list", path))?;
-            let name = entry.file_name();
-            let ft = entry.file_type().map_err(io("inspect", path.join(&name)))?;
-            if ft.is_dir() {
-                let sub = d.open_dir(&name).map_err(io("open", path.join(&name)))?;
-                self.sweep(&sub, &path.join(&name))?;
-            } else if ft.is_file() && name.to_string_lossy().ends_with(TEMP_SUFFIX) {
-                match d.remove_file(&name) {
-                    Err(e) if e.kind() != ErrorKind::NotFound => {
-                        return Err(io("remove", path.join(&name))(e));
+    /// Removes temp files a crash left. They can only be where the mirror's own files
+    /// go (a file is recorded before its temp file is made): the top directory and
+    /// the directories of recorded files, never any other, never through a link.
+    fn sweep(&self) {
+        let mut parents: BTreeSet<Vec<String>> = BTreeSet::new();
+        parents.insert(vec!["x".to_owned()]);
+        for rel in self.owned.keys() {
+            parents.insert(rel.split('/').map(str::to_owned).collect());
+        }
+        let mut seen = BTreeSet::new();
+        for segs in parents {
+            let dir_rel = segs[..segs.len() - 1].join("/");
+            if !seen.insert(dir_rel.clone()) {
+                continue;
+            }
+            let path = self.path.join(&dir_rel);
+            let Ok(Some(chain)) = self.dirs(&dir_rel, &segs, false) else {
+                continue;
+            };
+            let d = chain.last().expect("the root at least");
+            let entries = match d.entries() {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(dir = ?path, error = %e, "cannot list for leftover temp files");
+                    continue;
+                }
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+                if is_file && name.to_str().is_some_and(is_temp) {
+                    match d.remove_file(&name) {
+                        Err(e) if e.kind() != ErrorKind::NotFound => {
+                            tracing::warn!(file = ?path.join(&name), error = %e, "cannot remove a leftover temp file");
+                        }
+                        _ => {
+                            tracing::debug!(file = ?path.join(&name), "removed a leftover temp file")
+                        }
                     }
-                    _ => tracing::debug!(file = ?path.join(&name), "removed a leftover temp file"),
                 }
             }
         }
-        Ok(())
     }
 
     /// A resync of `source`: its files written, its files that are gone removed, other
@@ -432,13 +474,22 @@ impl Tree {
             .map(|(rel, _)| rel.clone())
             .collect();
         for rel in stale {
-            self.remove(&rel)?;
+            self.remove(&rel, source)?;
         }
-        let root = self.root.try_clone().map_err(io("open", &self.path))?;
-        self.sweep(&root, &self.path.clone())?;
+        self.sweep();
         let mut slots = Vec::with_capacity(files.len());
         for (key, segs, value) in files {
-            match self.prepare(key.as_str(), &segs) {
+            let rel = segs.join("/");
+            // `files/a` and `files/a/b` both: the first is kept.
+            let prepared = if under_another(&rel, &keep) {
+                Err(MirrorError::InTheWay {
+                    key: key.as_str().to_owned(),
+                    reason: "another key's file stands where a directory goes",
+                })
+            } else {
+                self.prepare(key.as_str(), &segs)
+            };
+            match prepared {
                 Ok(slot) => {
                     self.claim(&slot.rel, source);
                     slots.push((slot, value));
@@ -472,8 +523,19 @@ impl Tree {
         let mut removals = Vec::new();
         // The last op on a path wins (a transaction may touch a key once only, but be
         // safe).
+        let written: BTreeSet<String> = ops
+            .iter()
+            .filter(|(_, _, v)| v.is_some())
+            .map(|(_, segs, _)| segs.join("/"))
+            .collect();
         for (key, segs, value) in ops {
             match value {
+                Some(_) if under_another(&segs.join("/"), &written) => {
+                    return Err(MirrorError::InTheWay {
+                        key: key.as_str().to_owned(),
+                        reason: "another key's file stands where a directory goes",
+                    });
+                }
                 Some(v) => writes.push((self.prepare(key.as_str(), &segs)?, v)),
                 None => removals.push(segs.join("/")),
             }
@@ -492,7 +554,7 @@ impl Tree {
             )?;
         }
         for rel in removals {
-            self.remove(&rel)?;
+            self.remove(&rel, source)?;
         }
         self.flush()
     }
@@ -508,7 +570,7 @@ fn valid_rel(rel: &str) -> bool {
 /// Writes `name` in `dir` atomically: a new temp file (exclusive, random name), flushed,
 /// renamed over it. `path` is for errors.
 fn write_file(dir: &Dir, name: &str, content: &[u8], path: &Path) -> Result<(), MirrorError> {
-    let temp = temp_name(name);
+    let temp = temp_name();
     let mut f = dir
         .open_with(&temp, OpenOptions::new().write(true).create_new(true))
         .map_err(io("create", path.with_file_name(&temp)))?;

@@ -70,10 +70,16 @@ async fn changes(c: &CoordinatorHandle, n: u64) {
     .await;
 }
 
+/// Asks for a pass and waits until every source has had one.
 async fn pass(c: &CoordinatorHandle) {
-    let before = c.status().passes;
+    let before: Vec<u64> = c.status().sources.iter().map(|s| s.passes).collect();
     c.request_resync();
-    until("a pass", || c.status().passes > before).await;
+    until("a pass of every source", || {
+        let now = c.status();
+        now.sources.len() == before.len()
+            && now.sources.iter().zip(&before).all(|(s, b)| s.passes > *b)
+    })
+    .await;
 }
 
 fn read(p: &Path) -> String {
@@ -207,17 +213,24 @@ async fn a_directory_becomes_a_file_and_back() {
 async fn crash_leftovers_go_and_a_damaged_record_stops_the_mirror() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("mirror");
-    std::fs::create_dir_all(dir.join("d")).expect("mkdir");
-    std::fs::write(dir.join("d/f.0123456789abcdef.datasync-tmp"), "half").expect("write");
     let store = Local::new();
     put(&store, "files/d/f", "whole").await;
     let c = start(&store, &dir).await;
+    c.shutdown().await;
+    // What a crash between recording a file and renaming its temp file leaves, and a
+    // file of someone else's that merely looks like one.
+    std::fs::write(dir.join("d/.0123456789abcdef.datasync-tmp"), "half").expect("write");
+    std::fs::write(dir.join(".fedcba9876543210.datasync-tmp"), "half").expect("write");
+    std::fs::write(dir.join("d/notes.datasync-tmp"), "theirs").expect("write");
+    let c = start(&store, &dir).await;
     assert_eq!(read(&dir.join("d/f")), "whole");
-    let left: Vec<_> = std::fs::read_dir(dir.join("d"))
+    let mut left: Vec<_> = std::fs::read_dir(dir.join("d"))
         .expect("list")
         .map(|e| e.expect("entry").file_name())
         .collect();
-    assert_eq!(left, ["f"]);
+    left.sort();
+    assert_eq!(left, ["f", "notes.datasync-tmp"]);
+    assert!(!dir.join(".fedcba9876543210.datasync-tmp").exists());
     c.shutdown().await;
 
     // A record it cannot read: it touches nothing and says why.
@@ -281,5 +294,56 @@ async fn two_sources_keep_their_files_through_passes() {
     pass(&c).await;
     assert_eq!(read(&dir.join("one")), "1");
     assert_eq!(read(&dir.join("shared/b")), "2b");
+    c.shutdown().await;
+}
+
+/// Keys that cannot all be files (`files/a` and `files/a/b`), and a name too long for
+/// a file system, are skipped in a resync; the others are written and the plugin is
+/// ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_cannot_all_be_files_are_skipped_not_fatal() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mirror");
+    let store = Local::new();
+    put(&store, "files/a", "file").await;
+    put(&store, "files/a/b", "under a file").await;
+    put(&store, &format!("files/{}", "n".repeat(300)), "long").await;
+    put(&store, "files/z", "after them").await;
+    let c = start(&store, &dir).await;
+    assert_eq!(
+        c.status().plugin(NAME).expect("plugin").state,
+        PluginState::Ready,
+        "{}",
+        last_error(&c)
+    );
+    assert_eq!(read(&dir.join("a")), "file");
+    assert_eq!(read(&dir.join("z")), "after them");
+    // A name of 226 to 255 bytes fits with its temp file beside it.
+    let long = "m".repeat(250);
+    put(&store, &format!("files/{long}"), "fits").await;
+    changes(&c, 1).await;
+    assert_eq!(read(&dir.join(&long)), "fits", "{}", last_error(&c));
+    c.shutdown().await;
+}
+
+/// A source's delete of a file another source wrote last leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_removes_only_its_own_sources_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mirror");
+    let (one, two) = (Local::new(), Local::new());
+    let composite = CompositeWatcher::new()
+        .with("one", Arc::new(one.clone()))
+        .with("two", Arc::new(two.clone()));
+    let c = start(&composite, &dir).await;
+    put(&one, "files/x", "one's").await;
+    changes(&c, 1).await;
+    put(&two, "files/x", "two's").await;
+    changes(&c, 2).await;
+    delete(&one, "files/x").await;
+    changes(&c, 3).await;
+    assert_eq!(read(&dir.join("x")), "two's");
+    delete(&two, "files/x").await;
+    until("two's delete removes it", || !dir.join("x").exists()).await;
     c.shutdown().await;
 }

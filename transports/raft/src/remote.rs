@@ -235,7 +235,7 @@ fn wire_kv(kv: &KeyValue) -> WireKv {
 fn kv(raw: WireKv) -> Result<KeyValue, StoreError> {
     let (key, value, revision) = raw;
     Ok(KeyValue {
-        key: Key::new(key).map_err(|e| StoreError::Corrupted(e.to_string()))?,
+        key: Key::from_stored(key).map_err(|e| StoreError::Corrupted(e.to_string()))?,
         value: Value::from(value),
         revision: Revision(revision),
     })
@@ -554,7 +554,7 @@ fn key_changes(raw: Vec<WireChange>) -> Result<Vec<KeyChange>, StoreError> {
     raw.into_iter()
         .map(|(key, delete, value, prev)| {
             Ok(KeyChange {
-                key: Key::new(key).map_err(|e| StoreError::Corrupted(e.to_string()))?,
+                key: Key::from_stored(key).map_err(|e| StoreError::Corrupted(e.to_string()))?,
                 op: if delete { Op::Delete } else { Op::Put },
                 value: value.map(Value::from),
                 prev: prev.map(Value::from),

@@ -165,7 +165,9 @@ impl Command {
 
     /// [`Command::check`] for a command that is not a batch (a batch is refused).
     pub(crate) fn check_single(&self) -> Result<(), datasync::StoreError> {
-        let key = |k: &str| datasync::Key::new(k).map(drop);
+        // The log's rule (what was valid when an entry was written applies the same on
+        // every member); new writes pass `Key::new` before they get here.
+        let key = |k: &str| datasync::Key::from_stored(k).map(drop);
         match self {
             Command::Put { key: k, .. }
             | Command::Cas { key: k, .. }

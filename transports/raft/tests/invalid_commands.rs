@@ -96,3 +96,33 @@ async fn an_invalid_entry_in_the_log_is_skipped_not_fatal() {
         .unwrap();
     s.shutdown().await;
 }
+
+/// A key written before keys refused bidirectional formatting and C1 characters (here
+/// proposed as an old member would have): it applies, the store reopens with it, reads
+/// list it and a prefix delete removes it. New writes of such a key are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_stored_under_the_older_rule_stay_readable() {
+    use datasync::{DeleteOptions, Prefix};
+    let dir = tempfile::tempdir().unwrap();
+    let old = "legacy/x\u{202e}y";
+    {
+        let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+        let got = s.propose_unchecked(put(old)).await.unwrap();
+        assert!(matches!(got, Outcome::Written { .. }), "{got:?}");
+        assert!(Key::new(old).is_err(), "new writes are refused");
+        s.shutdown().await;
+    }
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let l = s
+        .list(&Prefix::new("legacy/").unwrap(), ReadOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(l.values.len(), 1);
+    assert_eq!(l.values[0].key.as_str(), old);
+    let d = s
+        .delete(&Key::new("legacy/").unwrap(), DeleteOptions::new().prefix())
+        .await
+        .unwrap();
+    assert_eq!(d.count, 1);
+    s.shutdown().await;
+}

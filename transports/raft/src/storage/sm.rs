@@ -53,7 +53,7 @@ pub(crate) fn verify(db: &Database) -> Result<(), String> {
     let kv = tx.open_table(KV).map_err(|e| e.to_string())?;
     for item in kv.iter().map_err(|e| e.to_string())? {
         let (k, v) = item.map_err(|e| e.to_string())?;
-        Key::new(k.value()).map_err(|e| format!("stored key {:?}: {e}", k.value()))?;
+        Key::from_stored(k.value()).map_err(|e| format!("stored key {:?}: {e}", k.value()))?;
         Stored::header(v.value()).map_err(|e| format!("key {:?}: {e}", k.value()))?;
     }
     let meta = tx.open_table(SM_META).map_err(|e| e.to_string())?;
@@ -404,7 +404,7 @@ fn load_leases(tx: &ReadTransaction, clock: &Clock) -> Result<Leases, StorageErr
         if stored != word {
             continue;
         }
-        let key = Key::new(key).map_err(rd)?;
+        let key = Key::from_stored(key).map_err(rd)?;
         leases.set(&key, now + lease::ttl_of(word, clock.wall_ms()), mod_rev);
     }
     Ok(leases)
@@ -430,7 +430,8 @@ const MEET_EVERY: usize = 256;
 fn stored_kv(k: &str, v: &[u8]) -> Result<KeyValue, StoreError> {
     let s = Stored::decode(v).map_err(|e| StoreError::Corrupted(e.to_string()))?;
     Ok(KeyValue {
-        key: Key::new(k).map_err(|e| StoreError::Corrupted(format!("stored key {k:?}: {e}")))?,
+        key: Key::from_stored(k)
+            .map_err(|e| StoreError::Corrupted(format!("stored key {k:?}: {e}")))?,
         value: s.value,
         revision: Revision(s.mod_rev),
     })
@@ -780,7 +781,7 @@ impl View<'_> {
         };
         self.lease_written |= expires.is_some();
         let value = rec.value.clone();
-        let key = Key::new(key).map_err(wr)?;
+        let key = Key::from_stored(key).map_err(wr)?;
         match expires {
             Some(word) => {
                 let ttl = lease::ttl_of(word, self.wall_ms);
@@ -805,7 +806,7 @@ impl View<'_> {
         let Some(prev) = self.current(key)? else {
             return Ok(None);
         };
-        let key = Key::new(key).map_err(wr)?;
+        let key = Key::from_stored(key).map_err(wr)?;
         self.leases.clear(&key);
         self.record(&key, rev, None);
         Ok(Some((
