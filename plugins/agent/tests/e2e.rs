@@ -463,3 +463,72 @@ async fn a_store_that_stops_under_the_agent_fails_readiness_and_the_run() {
         .expect("the run ends without a signal");
     assert!(matches!(run, Err(AgentError::Stopped(_))), "{run:?}");
 }
+
+/// Waits until `GET path` answers `code`, for up to 30 s; returns the body.
+async fn until_http(addr: &str, path: &str, code: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((c, body)) = http_get(addr, path).await
+            && c == code
+        {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{path} never answered {code}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The agent as a process on NATS: with the server unreachable at start it exits 1
+/// saying why; with the server gone under it `/readyz` says so (503) and it does not
+/// exit; with the server back it resyncs and is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_through_a_store_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nkind = \"nats\"\nservers = [\"nats://127.0.0.1:{port}\"]\n\
+             [http]\nlisten = \"{addr}\"\n[plugins.file-mirror]\ndir = {:?}\n",
+            dir.path().join("mirror").display().to_string()
+        ),
+    )
+    .unwrap();
+    let agent = || {
+        Command::new(BIN)
+            .args(["agent", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // Unreachable at start: a clear error and exit code 1.
+    let out = agent().wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to the store"), "{err}");
+
+    // Up, then an outage, then back on the same port and data.
+    let mut nats = NatsServer::start_on(Some(port), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let running = Running(agent());
+    until_http(&addr, "/readyz", 200).await;
+    nats.kill();
+    let body = until_http(&addr, "/readyz", 503).await;
+    assert!(body.contains("interrupted"), "{body}");
+    assert_eq!(http_get(&addr, "/healthz").await.unwrap().0, 200, "alive, waiting");
+    nats.start_again().await.unwrap_or_else(|e| panic!("{e}"));
+    until_http(&addr, "/readyz", 200).await;
+    let put = cli(&nats.url(), &["put", "files/back", "again"]);
+    assert!(put.status.success(), "{put:?}");
+    eventually("the mirror follows again", || {
+        std::fs::read_to_string(dir.path().join("mirror/back")).is_ok_and(|t| t == "again")
+    })
+    .await;
+    running.stop();
+}
