@@ -129,6 +129,8 @@ pub struct PluginRegistration {
     pub prefixes: &'static [&'static str],
     /// Builds the handler.
     pub factory: fn(&PluginContext) -> Arc<dyn Handler>,
+    /// What a failed or timed-out change does.
+    pub on_change_failure: OnChangeFailure,
 }
 
 inventory::collect!(PluginRegistration);
@@ -154,15 +156,28 @@ inventory::collect!(PluginRegistration);
 ///     factory: |_ctx: &PluginContext| Arc::new(Routes),
 /// }
 /// ```
+///
+/// An optional last field, `on_change_failure: OnChangeFailure::Report` (or `Retry {
+/// attempts: 3 }`), sets what a failed change does (default `Resync`).
 #[macro_export]
 macro_rules! register_plugin {
     (name: $name:expr, deps: [$($dep:expr),* $(,)?], prefixes: [$($p:expr),* $(,)?], factory: $factory:expr $(,)?) => {
+        $crate::register_plugin! {
+            name: $name,
+            deps: [$($dep),*],
+            prefixes: [$($p),*],
+            factory: $factory,
+            on_change_failure: $crate::coordinator::OnChangeFailure::Resync,
+        }
+    };
+    (name: $name:expr, deps: [$($dep:expr),* $(,)?], prefixes: [$($p:expr),* $(,)?], factory: $factory:expr, on_change_failure: $policy:expr $(,)?) => {
         $crate::inventory::submit! {
             $crate::coordinator::PluginRegistration {
                 name: $name,
                 deps: &[$($dep),*],
                 prefixes: &[$($p),*],
                 factory: $factory,
+                on_change_failure: $policy,
             }
         }
     };
@@ -311,7 +326,7 @@ impl Registry {
                 deps: r.deps.iter().map(|d| (*d).to_owned()).collect(),
                 prefixes,
                 handler: (r.factory)(ctx),
-                on_change_failure: OnChangeFailure::default(),
+                on_change_failure: r.on_change_failure,
             });
         }
         Ok(reg)
@@ -321,6 +336,13 @@ impl Registry {
     pub fn add(&mut self, spec: PluginSpec) -> &mut Self {
         self.plugins.push(spec);
         self
+    }
+
+    /// The plugins added so far, sorted by name.
+    pub fn specs(&self) -> impl Iterator<Item = &PluginSpec> {
+        let mut specs: Vec<_> = self.plugins.iter().collect();
+        specs.sort_by(|a, b| a.name.cmp(&b.name));
+        specs.into_iter()
     }
 
     /// Names of the plugins added so far, sorted.

@@ -366,12 +366,35 @@ crate::register_plugin! {
     factory: |_ctx: &PluginContext| Arc::new(FromInventory),
 }
 
+crate::register_plugin! {
+    name: "inventory-report",
+    deps: [],
+    prefixes: ["inv-report/"],
+    factory: |_ctx: &PluginContext| Arc::new(FromInventory),
+    on_change_failure: OnChangeFailure::Retry { attempts: 2 },
+}
+
 #[tokio::test(start_paused = true)]
 async fn link_time_registration_is_found() {
     let store = Local::new();
     let ctx = PluginContext::new(Arc::new(store.clone()));
     let registry = Registry::from_inventory(&ctx).unwrap();
     assert!(registry.names().contains(&"inventory-test"));
+    let policies: Vec<_> = registry
+        .specs()
+        .filter(|s| s.name.starts_with("inventory-"))
+        .map(|s| (s.name.clone(), s.on_change_failure))
+        .collect();
+    assert_eq!(
+        policies,
+        [
+            (
+                "inventory-report".to_owned(),
+                OnChangeFailure::Retry { attempts: 2 }
+            ),
+            ("inventory-test".to_owned(), OnChangeFailure::Resync),
+        ]
+    );
     let c = Coordinator::start(&store, registry, CoordinatorConfig::default())
         .await
         .unwrap();

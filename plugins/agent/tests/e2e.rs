@@ -521,7 +521,11 @@ async fn the_agent_through_a_store_outage() {
     nats.kill();
     let body = until_http(&addr, "/readyz", 503).await;
     assert!(body.contains("interrupted"), "{body}");
-    assert_eq!(http_get(&addr, "/healthz").await.unwrap().0, 200, "alive, waiting");
+    assert_eq!(
+        http_get(&addr, "/healthz").await.unwrap().0,
+        200,
+        "alive, waiting"
+    );
     nats.start_again().await.unwrap_or_else(|e| panic!("{e}"));
     until_http(&addr, "/readyz", 200).await;
     let put = cli(&nats.url(), &["put", "files/back", "again"]);
