@@ -111,6 +111,7 @@ impl Key {
     /// readable and deletable (and a replicated log written then applies the same on
     /// every member). For a transport's own records only: anything from outside goes
     /// through [`Key::new`].
+    #[doc(hidden)]
     pub fn from_stored(key: impl AsRef<str>) -> Result<Self, KeyError> {
         let s = key.as_ref();
         if s.is_empty() {

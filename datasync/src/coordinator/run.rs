@@ -337,6 +337,11 @@ impl Runner {
                     warn!(error = %e, source = %part, "a source's watch stopped; the others go on");
                     let reason = error_chain(&e);
                     self.source(&part, |s| s.stopped = Some(reason));
+                    // Nothing more comes from it: plugins keep what it gave them, and
+                    // no plugin waits for its resync.
+                    for p in &self.plugins {
+                        p.synced(&part, true);
+                    }
                 }
                 Some(Err(e)) => {
                     warn!(error = %e, "watch stopped; coordinator stops");
@@ -480,6 +485,17 @@ impl Runner {
     /// that fails it follows its [`OnChangeFailure`]; returns whether one of them now
     /// waits for a resync.
     async fn change(&self, c: Change) -> bool {
+        // A plugin that is not ready misses this change: it lacks its source's state
+        // until that source's next resync, whatever other sources' passes do. (The
+        // pass that resyncs it is already due: it is not ready.)
+        for (i, p) in self.plugins.iter().enumerate() {
+            if self.status.borrow().plugins[i].state != PluginState::Ready
+                && c.changes.iter().any(|kc| p.set.matches(kc.key.as_str()))
+            {
+                p.synced(&c.source, false);
+            }
+        }
+        let mut resync = false;
         let targets: Vec<(usize, Vec<KeyChange>)> = self
             .plugins
             .iter()
@@ -496,7 +512,6 @@ impl Runner {
             })
             .collect();
         let dones = c.done.split(targets.len());
-        let mut resync = false;
         for ((i, changes), done) in targets.into_iter().zip(dones) {
             let plugin = &self.plugins[i];
             let attempts = match plugin.spec.on_change_failure {

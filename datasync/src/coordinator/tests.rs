@@ -849,7 +849,15 @@ impl Handler for FailsOne {
                     .push(format!("{}:{}", c.source, c.changes[0].key));
                 c.done.ok()
             }
-            other => other.into_done().ok(),
+            Event::Resync(r) => {
+                let keys: Vec<_> = r.values().map(|kv| kv.key.as_str().to_owned()).collect();
+                self.changes.lock().unwrap().push(format!(
+                    "{}:resync:{}",
+                    r.source,
+                    keys.join(",")
+                ));
+                r.done.ok()
+            }
         }
     }
 }
@@ -893,8 +901,12 @@ async fn a_failed_source_stays_failed_through_another_sources_pass() {
         .unwrap();
     settle().await;
     assert!(
-        changes.lock().unwrap().is_empty(),
-        "{:?}",
+        !changes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| !l.contains(":resync:")),
+        "no change reaches a failed plugin: {:?}",
         changes.lock().unwrap()
     );
     // One can be taken again: the retry resyncs it, and changes flow.
@@ -902,10 +914,122 @@ async fn a_failed_source_stays_failed_through_another_sources_pass() {
     rx.wait_for(|s| s.plugin("p").unwrap().state == PluginState::Ready)
         .await
         .unwrap();
+    changes.lock().unwrap().clear();
     one.put(&Key::new("k/1").unwrap(), "v".into(), PutOptions::new())
         .await
         .unwrap();
     settle().await;
     assert_eq!(*changes.lock().unwrap(), ["one:k/1"]);
+    c.shutdown().await;
+}
+
+/// A change the plugin missed while not ready (from source two) keeps it from being
+/// ready when only source one resyncs (here through an overflow of one's queue); the
+/// retry resyncs two as well, and the plugin gets the missed key there.
+#[tokio::test(start_paused = true)]
+async fn a_change_missed_while_not_ready_needs_its_sources_resync() {
+    let (one, two) = (Local::new(), Local::new());
+    let composite = crate::CompositeWatcher::new()
+        .with("one", Arc::new(one.clone()))
+        .with("two", Arc::new(two.clone()));
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut registry = Registry::new();
+    registry.add(PluginSpec::new(
+        "p",
+        vec![Prefix::new("k/").unwrap()],
+        Arc::new(FailsOne {
+            fail: fail.clone(),
+            changes: log.clone(),
+        }),
+    ));
+    let config = CoordinatorConfig::default()
+        .retries(1, Duration::from_millis(10))
+        .retry_failed_after(Some(Duration::from_secs(10)))
+        .watch(WatchOptions::default().queue_capacity(1));
+    let c = Coordinator::start(&composite, registry, config)
+        .await
+        .unwrap();
+    c.ready().await;
+    assert_eq!(c.status().plugin("p").unwrap().state, PluginState::Failed);
+    two.put(&Key::new("k/2").unwrap(), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    settle().await;
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    log.lock().unwrap().clear();
+    // One alone overflows and resyncs.
+    let one_passes = c.status().sources[0].passes;
+    for i in 0..20 {
+        one.put(
+            &Key::new(format!("k/one{i}")).unwrap(),
+            "v".into(),
+            PutOptions::new(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut rx = c.subscribe();
+    rx.wait_for(|s| s.sources[0].passes > one_passes)
+        .await
+        .unwrap();
+    let s = c.status();
+    assert_eq!(s.sources[1].passes, 1, "two did not resync");
+    assert_ne!(
+        s.plugin("p").unwrap().state,
+        PluginState::Ready,
+        "ready without two's k/2: {:?}",
+        log.lock().unwrap()
+    );
+    rx.wait_for(|s| s.plugin("p").unwrap().state == PluginState::Ready)
+        .await
+        .unwrap();
+    assert!(
+        log.lock().unwrap().iter().any(|l| l == "two:resync:k/2"),
+        "{:?}",
+        log.lock().unwrap()
+    );
+    c.shutdown().await;
+}
+
+/// A source that stopped for good is waited for no more: the plugin that failed its
+/// resync is ready again after the other source's next pass.
+#[tokio::test(start_paused = true)]
+async fn a_stopped_source_is_not_waited_for() {
+    let (one, two) = (Stoppable::new(), Local::new());
+    let composite = crate::CompositeWatcher::new()
+        .with("one", Arc::new(one.clone()))
+        .with("two", Arc::new(two.clone()));
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut registry = Registry::new();
+    registry.add(PluginSpec::new(
+        "p",
+        vec![Prefix::new("k/").unwrap()],
+        Arc::new(FailsOne {
+            fail,
+            changes: Arc::default(),
+        }),
+    ));
+    let config = CoordinatorConfig::default()
+        .retries(1, Duration::from_millis(10))
+        .retry_failed_after(Some(Duration::from_secs(1)));
+    let c = Coordinator::start(&composite, registry, config)
+        .await
+        .unwrap();
+    c.ready().await;
+    assert_eq!(c.status().plugin("p").unwrap().state, PluginState::Failed);
+    one.stop.notify_one();
+    let mut rx = c.subscribe();
+    rx.wait_for(|s| s.sources[0].stopped.is_some())
+        .await
+        .unwrap();
+    c.request_resync();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        rx.wait_for(|s| s.plugin("p").unwrap().state == PluginState::Ready),
+    )
+    .await
+    .expect("ready after two's pass")
+    .unwrap();
     c.shutdown().await;
 }

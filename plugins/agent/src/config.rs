@@ -346,16 +346,33 @@ impl AgentConfig {
         // A typed value where the configuration wants a string (a bucket named "123")
         // is taken as the string it was, once every override is in (their order does
         // not matter).
-        for (keys, as_string) in typed {
-            if fits(&table) {
-                break;
+        // Fewest strings first; a handful of typed overrides at most is tried.
+        if !fits(&table) && typed.len() <= 8 {
+            let typed_values: Vec<_> = typed.iter().map(|(k, _)| get(&table, k)).collect();
+            let mut sets: Vec<u32> = (1..1u32 << typed.len()).collect();
+            sets.sort_by_key(|m| m.count_ones());
+            for mask in sets {
+                for (i, (keys, as_string)) in typed.iter().enumerate() {
+                    let v = if mask & (1 << i) != 0 {
+                        Some(as_string.clone())
+                    } else {
+                        typed_values[i].clone()
+                    };
+                    if let Some(v) = v {
+                        set(&mut table, keys, v);
+                    }
+                }
+                if fits(&table) {
+                    break;
+                }
             }
-            let typed_value = get(&table, &keys);
-            set(&mut table, &keys, as_string);
-            if !fits(&table)
-                && let Some(v) = typed_value
-            {
-                set(&mut table, &keys, v);
+            if !fits(&table) {
+                // None fits: the typed values, whose error is the one to report.
+                for ((keys, _), v) in typed.iter().zip(typed_values) {
+                    if let Some(v) = v {
+                        set(&mut table, keys, v);
+                    }
+                }
             }
         }
         AgentConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
@@ -480,6 +497,23 @@ mod tests {
         ))
         .with_settings(c.plugins.clone());
         assert_eq!(ctx.settings_for("file-mirror")["dir"], "/m");
+        // Two values that both must stay strings.
+        let raft = AgentConfig::parse(
+            "",
+            "agent.toml",
+            env(&[
+                ("DATASYNC__STORE__KIND", "raft"),
+                ("DATASYNC__STORE__DIR", "2024"),
+                ("DATASYNC__STORE__CLUSTER__SECRET_FILE", "7"),
+                ("DATASYNC__STORE__CLUSTER__LISTEN", "127.0.0.1:7400"),
+            ]),
+        )
+        .expect("valid");
+        let StoreConfig::Raft { dir, cluster, .. } = &raft.store else {
+            panic!("{:?}", raft.store)
+        };
+        assert_eq!(dir, Path::new("2024"));
+        assert_eq!(cluster.as_ref().unwrap().secret_file, Path::new("7"));
     }
 
     /// `load` in a child process with a variable that is not Unicode: no panic, and one

@@ -466,7 +466,18 @@ impl Tree {
         source: &Source,
         files: Vec<(Key, Vec<String>, Value)>,
     ) -> Result<(), MirrorError> {
+        // `files/a` and `files/a/b` both: the file `a` is kept, and `a/b` is no key
+        // of this source's any more (an `a/b` mirrored before goes, so `a` can come).
+        let all: BTreeSet<String> = files.iter().map(|(_, s, _)| s.join("/")).collect();
+        let (files, shadowed): (Vec<_>, Vec<_>) = files
+            .into_iter()
+            .partition(|(_, segs, _)| !under_another(&segs.join("/"), &all));
+        for (key, _, _) in &shadowed {
+            tracing::warn!(%key, "not mirroring a key: another key's file stands where a directory goes");
+        }
         let keep: BTreeSet<String> = files.iter().map(|(_, s, _)| s.join("/")).collect();
+        // Leftovers first: one in a directory would keep it from being pruned.
+        self.sweep();
         let stale: Vec<String> = self
             .owned
             .iter()
@@ -476,20 +487,9 @@ impl Tree {
         for rel in stale {
             self.remove(&rel, source)?;
         }
-        self.sweep();
         let mut slots = Vec::with_capacity(files.len());
         for (key, segs, value) in files {
-            let rel = segs.join("/");
-            // `files/a` and `files/a/b` both: the first is kept.
-            let prepared = if under_another(&rel, &keep) {
-                Err(MirrorError::InTheWay {
-                    key: key.as_str().to_owned(),
-                    reason: "another key's file stands where a directory goes",
-                })
-            } else {
-                self.prepare(key.as_str(), &segs)
-            };
-            match prepared {
+            match self.prepare(key.as_str(), &segs) {
                 Ok(slot) => {
                     self.claim(&slot.rel, source);
                     slots.push((slot, value));

@@ -347,3 +347,31 @@ async fn a_delete_removes_only_its_own_sources_file() {
     until("two's delete removes it", || !dir.join("x").exists()).await;
     c.shutdown().await;
 }
+
+/// A key that turns a mirrored directory into a file in one resync (`files/a/b`
+/// mirrored, then `files/a` as well): `a/b` goes and `a` is written. A crash leftover
+/// beside a file deleted meanwhile does not keep its directory alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_turns_a_directory_into_a_file_past_leftovers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mirror");
+    let store = Local::new();
+    put(&store, "files/a/b", "under").await;
+    put(&store, "files/d/x", "x").await;
+    let c = start(&store, &dir).await;
+    c.shutdown().await;
+    std::fs::write(dir.join("d/.0123456789abcdef.datasync-tmp"), "half").expect("write");
+    put(&store, "files/a", "file").await;
+    delete(&store, "files/d/x").await;
+    put(&store, "files/d", "now a file").await;
+    let c = start(&store, &dir).await;
+    assert_eq!(
+        c.status().plugin(NAME).expect("plugin").state,
+        PluginState::Ready,
+        "{}",
+        last_error(&c)
+    );
+    assert_eq!(read(&dir.join("a")), "file");
+    assert_eq!(read(&dir.join("d")), "now a file");
+    c.shutdown().await;
+}

@@ -575,7 +575,9 @@ pub(crate) async fn serve_op(
     if store.has_left() {
         return Err(WireError::Stopped);
     }
-    let key = |k: String| Key::new(k).map_err(|e| WireError::Failed(e.to_string()));
+    // The log's rule: a key stored under the older one can be read and deleted by
+    // name (clients build new keys with `Key::new`).
+    let key = |k: String| Key::from_stored(k).map_err(|e| WireError::Failed(e.to_string()));
     let put_opts = |ttl: Option<Duration>| match ttl {
         Some(t) => PutOptions::new().ttl(t),
         None => PutOptions::new(),
