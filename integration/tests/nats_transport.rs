@@ -588,3 +588,45 @@ async fn a_lost_flow_control_answer_does_not_stall_a_watch() {
         "the server asked for flow control, and one answer was lost"
     );
 }
+
+/// A bucket made elsewhere that takes per-message TTLs without expiry markers: an
+/// expired key just goes, so a read from before it went is `Compacted`, not "absent".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttls_without_markers_make_older_reads_compacted() {
+    use async_nats::jetstream::stream;
+    let nats = server().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(stream::Config {
+        name: "KV_nomarkers".into(),
+        subjects: vec!["$KV.nomarkers.>".into()],
+        max_messages_per_subject: 8,
+        allow_rollup: true,
+        allow_direct: true,
+        allow_message_ttl: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let store = NatsStore::connect(NatsConfig::new([nats.url()]).with_bucket("nomarkers"))
+        .await
+        .unwrap();
+    let r1 = store
+        .put(
+            &key("lease"),
+            "1".into(),
+            PutOptions::new().ttl(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    store
+        .put(&key("later"), "2".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let got = store.get(&key("lease"), ReadOptions::new().at(r1)).await;
+    assert!(
+        matches!(got, Err(StoreError::Compacted { requested, .. }) if requested == r1),
+        "the key expired without a marker: {got:?}"
+    );
+}

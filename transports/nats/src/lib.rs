@@ -43,7 +43,8 @@
 //!   [`NatsConfig::history`]); a `get` reads the key's own subject only. Where versions
 //!   up to that revision may have been dropped (a key's history full, a rollup) the
 //!   read fails with `StoreError::Compacted`. On a bucket where whole keys can vanish
-//!   through the stream's own limits (age, count, size), they do so at no revision and
+//!   through the stream's own limits (age, count, size), or through per-message TTLs
+//!   on a bucket without expiry markers, they do so at no revision and
 //!   leave no trace: once the stream has removed a message, reads at revisions from it
 //!   on fail with `Compacted`, but for the present one. Known gap: a key whose TTL expired *and* whose expiry
 //!   marker expired ([`NatsConfig::marker_ttl`] later) vanishes the same way, and a

@@ -354,10 +354,14 @@ impl NatsStore {
             .filter(|h| *h > 0)
             .unwrap_or(usize::MAX);
         // Limits that can take a key's every version, not only its older ones: the
-        // stream's own (age, count, size). (A key whose TTL expired and whose expiry
-        // marker expired too vanishes as well; telling that apart from a history
-        // drop needs more than the stream reports, see the crate docs.)
-        let whole_keys = !c.max_age.is_zero() || c.max_messages > 0 || c.max_bytes > 0;
+        // stream's own (age, count, size), and per-message TTLs on a bucket without
+        // expiry markers (the expired message just goes). (With markers, a key whose
+        // marker expired too vanishes as well; telling that apart from a history drop
+        // needs more than the stream reports, see the crate docs.)
+        let whole_keys = !c.max_age.is_zero()
+            || c.max_messages > 0
+            || c.max_bytes > 0
+            || (c.allow_message_ttl && c.subject_delete_marker_ttl.is_none());
         let mut first_removed = None;
         if whole_keys {
             if info.state.first_sequence > 1 {
