@@ -185,6 +185,13 @@ impl CoordinatorHandle {
         self.status.borrow().clone()
     }
 
+    /// What the store's watch registration recorded of the coordinator's answers: the
+    /// highest revision acknowledged, and failures (a change a plugin failed, or missed
+    /// while not in sync).
+    pub fn acks(&self) -> crate::AckStatus {
+        self.registration.acks()
+    }
+
     /// Receives every status update.
     pub fn subscribe(&self) -> watch::Receiver<CoordinatorStatus> {
         self.status.clone()
@@ -487,12 +494,15 @@ impl Runner {
     async fn change(&self, c: Change) -> bool {
         // A plugin that is not ready misses this change: it lacks its source's state
         // until that source's next resync, whatever other sources' passes do. (The
-        // pass that resyncs it is already due: it is not ready.)
+        // pass that resyncs it is already due: it is not ready.) The store hears so:
+        // this revision is not applied everywhere it should be.
+        let mut missed = Vec::new();
         for (i, p) in self.plugins.iter().enumerate() {
             if self.status.borrow().plugins[i].state != PluginState::Ready
                 && c.changes.iter().any(|kc| p.set.matches(kc.key.as_str()))
             {
                 p.synced(&c.source, false);
+                missed.push(p.spec.name.clone());
             }
         }
         let mut resync = false;
@@ -511,7 +521,17 @@ impl Runner {
                 (!mine.is_empty()).then_some((i, mine))
             })
             .collect();
-        let dones = c.done.split(targets.len());
+        let mut dones = c
+            .done
+            .split(targets.len() + usize::from(!missed.is_empty()));
+        if !missed.is_empty()
+            && let Some(done) = dones.pop()
+        {
+            done.fail(format!(
+                "not applied by {} (not in sync; resynced later)",
+                missed.join(", ")
+            ));
+        }
         for ((i, changes), done) in targets.into_iter().zip(dones) {
             let plugin = &self.plugins[i];
             let attempts = match plugin.spec.on_change_failure {

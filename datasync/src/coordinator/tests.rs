@@ -896,6 +896,7 @@ async fn a_failed_source_stays_failed_through_another_sources_pass() {
     c.request_resync();
     rx.wait_for(|s| s.passes >= passes + 2).await.unwrap();
     assert_eq!(c.status().plugin("p").unwrap().state, PluginState::Failed);
+    let failed_before = c.acks().failed;
     two.put(&Key::new("k/2").unwrap(), "v".into(), PutOptions::new())
         .await
         .unwrap();
@@ -909,6 +910,8 @@ async fn a_failed_source_stays_failed_through_another_sources_pass() {
         "no change reaches a failed plugin: {:?}",
         changes.lock().unwrap()
     );
+    // The store hears that the change was not applied.
+    assert_eq!(c.acks().failed, failed_before + 1, "{:?}", c.acks());
     // One can be taken again: the retry resyncs it, and changes flow.
     fail.store(false, std::sync::atomic::Ordering::SeqCst);
     rx.wait_for(|s| s.plugin("p").unwrap().state == PluginState::Ready)
