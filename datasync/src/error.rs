@@ -126,3 +126,16 @@ impl WatchError {
         }
     }
 }
+
+/// An error with its causes, on one line (`a: b: c`): for logs, status and messages
+/// that must say everything at once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}

@@ -79,7 +79,7 @@ mod write;
 
 pub use composite::{CompositeError, CompositeWatcher, CompositeWriter};
 pub use done::{AckStatus, BoxError, Done, DoneError, DoneWaiter};
-pub use error::{Result, StoreError, WatchError};
+pub use error::{Result, StoreError, WatchError, error_chain};
 pub use event::{
     Change, Event, KeyChange, KeyValue, Op, PrefixValues, Resync, ResyncReason, Source,
 };

@@ -14,7 +14,7 @@ use super::registry::{OnChangeFailure, PluginSpec, Registry, RegistryError};
 use super::status::{CoordinatorStatus, PluginState, PluginStatus, SourceStatus};
 use crate::{
     Change, Done, DoneError, Event, KeyChange, PrefixSet, PrefixValues, Registration, Resync,
-    Revision, StoreError, Watch, WatchOptions, Watcher,
+    Revision, StoreError, Watch, WatchOptions, Watcher, error_chain,
 };
 
 /// Timeouts and retry policy of the coordinator.
@@ -618,18 +618,6 @@ impl Runner {
     fn update(&self, i: usize, f: impl FnOnce(&mut PluginStatus)) {
         self.status.send_modify(|s| f(&mut s.plugins[i]));
     }
-}
-
-/// An error with its causes, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 /// Attempts at one change under [`OnChangeFailure::Retry`], at most.

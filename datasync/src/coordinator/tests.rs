@@ -862,33 +862,49 @@ impl Handler for FailsOne {
     }
 }
 
-/// One source's successful pass does not hide another's failed one: the plugin stays
-/// failed (no changes from either source) until the failed source is resynced.
-#[tokio::test(start_paused = true)]
-async fn a_failed_source_stays_failed_through_another_sources_pass() {
-    let (one, two) = (Local::new(), Local::new());
+/// Plugin "p" on `k/` with a [`FailsOne`] handler over a composite of `one` and `two`,
+/// started and past its first pass (in which it failed one's resync).
+async fn fails_one_over(
+    one: Arc<dyn crate::Watcher>,
+    two: Arc<dyn crate::Watcher>,
+    config: CoordinatorConfig,
+) -> (
+    CoordinatorHandle,
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<Mutex<Vec<String>>>,
+) {
     let composite = crate::CompositeWatcher::new()
-        .with("one", Arc::new(one.clone()))
-        .with("two", Arc::new(two.clone()));
+        .with("one", one)
+        .with("two", two);
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let changes = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::new(Mutex::new(Vec::new()));
     let mut registry = Registry::new();
     registry.add(PluginSpec::new(
         "p",
         vec![Prefix::new("k/").unwrap()],
         Arc::new(FailsOne {
             fail: fail.clone(),
-            changes: changes.clone(),
+            changes: log.clone(),
         }),
     ));
-    let config = CoordinatorConfig::default()
-        .retries(1, Duration::from_millis(10))
-        .retry_failed_after(Some(Duration::from_secs(10)));
     let c = Coordinator::start(&composite, registry, config)
         .await
         .unwrap();
     c.ready().await;
     assert_eq!(c.status().plugin("p").unwrap().state, PluginState::Failed);
+    (c, fail, log)
+}
+
+/// One source's successful pass does not hide another's failed one: the plugin stays
+/// failed (no changes from either source) until the failed source is resynced.
+#[tokio::test(start_paused = true)]
+async fn a_failed_source_stays_failed_through_another_sources_pass() {
+    let (one, two) = (Local::new(), Local::new());
+    let config = CoordinatorConfig::default()
+        .retries(1, Duration::from_millis(10))
+        .retry_failed_after(Some(Duration::from_secs(10)));
+    let (c, fail, changes) =
+        fails_one_over(Arc::new(one.clone()), Arc::new(two.clone()), config).await;
     // A pass of every source, with one still failing: two's success does not make
     // the plugin ready.
     let mut rx = c.subscribe();
@@ -932,29 +948,11 @@ async fn a_failed_source_stays_failed_through_another_sources_pass() {
 #[tokio::test(start_paused = true)]
 async fn a_change_missed_while_not_ready_needs_its_sources_resync() {
     let (one, two) = (Local::new(), Local::new());
-    let composite = crate::CompositeWatcher::new()
-        .with("one", Arc::new(one.clone()))
-        .with("two", Arc::new(two.clone()));
-    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let mut registry = Registry::new();
-    registry.add(PluginSpec::new(
-        "p",
-        vec![Prefix::new("k/").unwrap()],
-        Arc::new(FailsOne {
-            fail: fail.clone(),
-            changes: log.clone(),
-        }),
-    ));
     let config = CoordinatorConfig::default()
         .retries(1, Duration::from_millis(10))
         .retry_failed_after(Some(Duration::from_secs(10)))
         .watch(WatchOptions::default().queue_capacity(1));
-    let c = Coordinator::start(&composite, registry, config)
-        .await
-        .unwrap();
-    c.ready().await;
-    assert_eq!(c.status().plugin("p").unwrap().state, PluginState::Failed);
+    let (c, fail, log) = fails_one_over(Arc::new(one.clone()), Arc::new(two.clone()), config).await;
     two.put(&Key::new("k/2").unwrap(), "v".into(), PutOptions::new())
         .await
         .unwrap();
@@ -1000,27 +998,10 @@ async fn a_change_missed_while_not_ready_needs_its_sources_resync() {
 #[tokio::test(start_paused = true)]
 async fn a_stopped_source_is_not_waited_for() {
     let (one, two) = (Stoppable::new(), Local::new());
-    let composite = crate::CompositeWatcher::new()
-        .with("one", Arc::new(one.clone()))
-        .with("two", Arc::new(two.clone()));
-    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let mut registry = Registry::new();
-    registry.add(PluginSpec::new(
-        "p",
-        vec![Prefix::new("k/").unwrap()],
-        Arc::new(FailsOne {
-            fail,
-            changes: Arc::default(),
-        }),
-    ));
     let config = CoordinatorConfig::default()
         .retries(1, Duration::from_millis(10))
         .retry_failed_after(Some(Duration::from_secs(1)));
-    let c = Coordinator::start(&composite, registry, config)
-        .await
-        .unwrap();
-    c.ready().await;
-    assert_eq!(c.status().plugin("p").unwrap().state, PluginState::Failed);
+    let (c, _fail, _log) = fails_one_over(Arc::new(one.clone()), Arc::new(two), config).await;
     one.stop.notify_one();
     let mut rx = c.subscribe();
     rx.wait_for(|s| s.sources[0].stopped.is_some())

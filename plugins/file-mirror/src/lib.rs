@@ -501,13 +501,14 @@ impl Tree {
             }
         }
         self.flush()?;
+        self.write_all(slots)
+    }
+
+    /// Writes prepared files (already recorded and flushed).
+    fn write_all(&self, slots: Vec<(Slot, Value)>) -> Result<(), MirrorError> {
         for (slot, value) in slots {
-            write_file(
-                &slot.parent,
-                &slot.name,
-                value.as_bytes(),
-                &self.path.join(&slot.rel),
-            )?;
+            let path = self.path.join(&slot.rel);
+            write_file(&slot.parent, &slot.name, value.as_bytes(), &path)?;
         }
         Ok(())
     }
@@ -545,14 +546,7 @@ impl Tree {
             self.claim(&rel, source);
         }
         self.flush()?;
-        for (slot, value) in writes {
-            write_file(
-                &slot.parent,
-                &slot.name,
-                value.as_bytes(),
-                &self.path.join(&slot.rel),
-            )?;
-        }
+        self.write_all(writes)?;
         for rel in removals {
             self.remove(&rel, source)?;
         }

@@ -754,20 +754,9 @@ fn to_wire(e: StoreError) -> WireError {
         StoreError::Timeout(t) => WireError::Timeout(t),
         StoreError::Corrupted(s) => WireError::Corrupted(s),
         StoreError::Stopped => WireError::Stopped,
-        e @ StoreError::Unavailable(_) => WireError::Unavailable(error_chain(&e)),
-        e => WireError::Failed(error_chain(&e)),
+        e @ StoreError::Unavailable(_) => WireError::Unavailable(datasync::error_chain(&e)),
+        e => WireError::Failed(datasync::error_chain(&e)),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 fn from_wire(e: WireError) -> StoreError {

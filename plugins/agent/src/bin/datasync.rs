@@ -653,13 +653,7 @@ async fn main() -> ExitCode {
         Err(Failure::NotFound) => ExitCode::from(3),
         Err(Failure::Conflict) => ExitCode::from(4),
         Err(Failure::Error(e)) => {
-            let mut msg = format!("error: {e}");
-            let mut src = e.source();
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("error: {}", datasync::error_chain(&*e));
             ExitCode::from(1)
         }
     }
