@@ -235,6 +235,13 @@ pub enum ClusterError {
     /// This node is stopping.
     #[error("the node is stopping")]
     Stopped,
+    /// This member restarted after a crash and no leader has yet confirmed how far the
+    /// log is committed, so its replica may be older than what it served before: it
+    /// serves no local read or new watch until then.
+    #[error(
+        "this member restarted after a crash and is not yet caught up with its group (it needs a leader)"
+    )]
+    CatchingUp,
 }
 
 impl ClusterError {
@@ -246,6 +253,7 @@ impl ClusterError {
                 | ClusterError::NoMember(_)
                 | ClusterError::InProgress
                 | ClusterError::Net(_)
+                | ClusterError::CatchingUp
         )
     }
 }
@@ -449,6 +457,9 @@ pub(crate) struct Node {
     /// Set once this node's own leave committed (it may never apply it itself: the
     /// leader stops replicating to it).
     pub(crate) left: std::sync::atomic::AtomicBool,
+    /// Whether this member's replica holds at least what it held before it last
+    /// stopped (see [`crate::store::RaftStore::caught_up`]).
+    pub(crate) caught_up: tokio::sync::watch::Sender<bool>,
 }
 
 impl Node {

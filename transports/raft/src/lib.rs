@@ -72,7 +72,12 @@
 //! - **Reads** are linearizable by default (`ensure_linearizable`, a read index through
 //!   the leader), or local. Reads at a past revision use an in-memory undo history of the
 //!   last [`RaftConfig::history`] transactions; older revisions, and any before a restart,
-//!   answer `StoreError::Compacted`.
+//!   answer `StoreError::Compacted`. A replica never goes back: the state machine
+//!   commits durably about once a second, so a store that crashed may hold less than
+//!   it served until it replays its log. A single node replays before `open` returns;
+//!   a cluster member learns how far to replay only from a leader, so after a crash
+//!   (not after a clean stop) it refuses local reads and new watches with
+//!   `ClusterError::CatchingUp` until it has applied a leader's read index.
 //! - **TTL** is a lease decided by the leader on its monotonic clock: a put carries its
 //!   TTL as a duration (never a wall-clock deadline, so skew between members or a
 //!   clock step changes nothing); every replica counts it from its own apply of the

@@ -245,6 +245,13 @@ impl RaftStore {
             .map_err(|e| raft_err(Box::new(e)))??;
         let shared = sm::Shared::new(db.clone(), config.history, config.clock.clone())
             .map_err(|e| raft_err(Box::new(e)))?;
+        let clean = {
+            let db = db.clone();
+            tokio::task::spawn_blocking(move || sm::take_clean_close(&db))
+                .await
+                .map_err(|e| raft_err(Box::new(e)))?
+                .map_err(|e| raft_err(Box::new(e)))?
+        };
         let mut raft_config = openraft::Config {
             cluster_name: "datasync".into(),
             heartbeat_interval: 50,
@@ -361,6 +368,7 @@ impl RaftStore {
                 forward_timeout: c.forward_timeout,
                 server: std::sync::Mutex::new(Some(server)),
                 left: std::sync::atomic::AtomicBool::new(false),
+                caught_up: tokio::sync::watch::Sender::new(clean),
             })
         } else {
             if !initialized {
@@ -414,6 +422,14 @@ impl RaftStore {
                 requests: Requests::new(),
             }),
         };
+        if let Some(node) = &store.inner.node
+            && !*node.caught_up.borrow()
+        {
+            tokio::spawn(catch_up(
+                Arc::downgrade(&store.inner),
+                store.inner.stop.clone(),
+            ));
+        }
         if let Some(node) = &store.inner.node {
             let _ = node
                 .service
@@ -659,9 +675,35 @@ impl RaftStore {
         }
     }
 
+    /// Waits (up to the forward timeout) until a member that restarted after a crash
+    /// holds at least what it held before: applies of its last second before the crash
+    /// may be missing from its files until it replays its log, and it knows how far to
+    /// replay only once a leader answers a read index. Until then, local reads and new
+    /// watches are refused with [`ClusterError::CatchingUp`] (retryable) rather than
+    /// served from an older state: a reader never sees a member's revision go back.
+    /// After a clean stop nothing waits. A linearizable read waits on its read index
+    /// instead, which covers this.
+    pub(crate) async fn caught_up(&self) -> Result<(), StoreError> {
+        let Some(node) = &self.inner.node else {
+            return Ok(());
+        };
+        let mut rx = node.caught_up.subscribe();
+        if *rx.borrow_and_update() {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = self.inner.stop.cancelled() => Err(StoreError::Stopped),
+            r = tokio::time::timeout(node.forward_timeout, rx.wait_for(|c| *c)) => match r {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(_)) => Err(StoreError::Stopped),
+                Err(_) => Err(ClusterError::CatchingUp.into()),
+            },
+        }
+    }
+
     pub(crate) async fn read_barrier(&self, opts: &ReadOptions) -> Result<(), StoreError> {
         if opts.consistency != Consistency::Linearizable {
-            return Ok(());
+            return self.caught_up().await;
         }
         let Some(node) = &self.inner.node else {
             return self
@@ -688,6 +730,43 @@ impl RaftStore {
             Err(_) => Err(StoreError::Timeout(node.forward_timeout)),
             Ok(r) => r.map(|_| ()).map_err(read_error),
         }
+    }
+}
+
+/// Opens the read gate of a member that restarted after a crash (see
+/// [`RaftStore::caught_up`]) once it has applied a read index from a leader. Retries
+/// with growing pauses until then; ends when the store stops.
+async fn catch_up(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let store = RaftStore { inner };
+        let Some(node) = &store.inner.node else {
+            return;
+        };
+        let attempt = async {
+            match node.to_leader(|| Request::ReadIndex).await {
+                Ok((Reply::ReadIndex(Ok(index)), _)) => store.applied(index).await.is_ok(),
+                _ => false,
+            }
+        };
+        let done = tokio::select! {
+            _ = stop.cancelled() => return,
+            done = attempt => done,
+        };
+        if done {
+            debug!(node = node.id, "caught up with the group after a restart");
+            node.caught_up.send_replace(true);
+            return;
+        }
+        drop(store);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -891,6 +970,7 @@ impl Watcher for RaftStore {
         if let Some(node) = &self.inner.node {
             node.check_member()?;
         }
+        self.caught_up().await?;
         let reg = Registration::new(name);
         let set = PrefixSet::new(prefixes.iter().cloned());
         let sm = self.inner.sm.clone();

@@ -2,7 +2,8 @@
 //! through remote clients: the leader is killed with SIGKILL under load, writes go on
 //! after the re-election, every acknowledged write survives, and the killed member,
 //! restarted behind the retained log, catches up by snapshot; watchers resync and end
-//! with the store's state.
+//! with the store's state. A member killed and restarted alone serves no state older
+//! than it served before.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use datasync::{
 };
 use datasync_raft::testing::{example_binary, test_secret, wait_until};
 use datasync_raft::{RemoteConfig, RemoteStore};
+use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -130,19 +132,8 @@ fn writers(store: &RemoteStore, acked: &Acked, stop: &Arc<AtomicBool>, tag: &str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_the_leader_under_load() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes = vec![Node::start(1, dirs[0].path(), "127.0.0.1:0", None).await];
-    let seed = nodes[0].addr.clone();
-    for id in 2..=3u64 {
-        let dir = dirs[id as usize - 1].path();
-        nodes.push(Node::start(id, dir, "127.0.0.1:0", Some(&seed)).await);
-    }
+    let (mut nodes, leader) = three_members(&dirs).await;
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
-    wait_until("the members agree on a leader", || {
-        let l = nodes[0].status().leader;
-        l != 0 && nodes.iter().all(|n| n.status().leader == l)
-    })
-    .await;
-    let leader = nodes[0].status().leader;
     let li = nodes.iter().position(|n| n.id == leader).unwrap();
 
     let client = remote(addrs.clone()).await;
@@ -259,4 +250,118 @@ async fn sigkill_the_leader_under_load() {
             .collect();
         assert_eq!(held, stored, "a watcher ends with the store's state");
     }
+}
+
+/// Three members; returns them, started and agreeing on a leader, with the leader's id.
+async fn three_members(dirs: &[tempfile::TempDir]) -> (Vec<Node>, u64) {
+    let mut nodes = vec![Node::start(1, dirs[0].path(), "127.0.0.1:0", None).await];
+    let seed = nodes[0].addr.clone();
+    for id in 2..=3u64 {
+        let dir = dirs[id as usize - 1].path();
+        nodes.push(Node::start(id, dir, "127.0.0.1:0", Some(&seed)).await);
+    }
+    wait_until("the members agree on a leader", || {
+        let l = nodes[0].status().leader;
+        l != 0 && nodes.iter().all(|n| n.status().leader == l)
+    })
+    .await;
+    let leader = nodes[0].status().leader;
+    (nodes, leader)
+}
+
+/// A member's state machine commits durably about once a second, so after a SIGKILL its
+/// files may hold less than it had applied and served; its log holds the rest, but only
+/// a leader can say how far that log is committed. Restarted alone, it must refuse local
+/// reads and new watches rather than serve the older state; once the others are back it
+/// serves everything again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarted_after_a_crash_never_serves_older_state() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (mut nodes, leader) = three_members(&dirs).await;
+    let fi = nodes.iter().position(|n| n.id != leader).unwrap();
+    let (fid, faddr) = (nodes[fi].id, nodes[fi].addr.clone());
+    let short = |addr: &str| {
+        RemoteStore::connect(
+            RemoteConfig::new([addr.to_owned()], test_secret()).timeout(Duration::from_secs(2)),
+        )
+    };
+    let on_f = short(&faddr).await.unwrap();
+    let prefix = Prefix::new("g/").unwrap();
+    let local = ReadOptions::new().consistency(Consistency::Local);
+    // Fewer writes than a snapshot's 50 entries (a snapshot commits durably), in well
+    // under a second: the last of them are applied but not yet durable in redb.
+    for i in 0..30 {
+        let k = Key::new(format!("g/{i:03}")).unwrap();
+        on_f.put(&k, Value::from(i.to_string()), PutOptions::new())
+            .await
+            .unwrap();
+    }
+    let before = on_f.list(&prefix, local).await.unwrap();
+    assert_eq!(before.values.len(), 30, "the follower serves every write");
+    drop(on_f);
+    for n in &mut nodes {
+        n.child.start_kill().unwrap();
+    }
+    for n in &mut nodes {
+        n.child.wait().await.unwrap();
+    }
+
+    // The follower alone: no leader can tell it how far its log is committed.
+    let back = Node::start(fid, dirs[fid as usize - 1].path(), &faddr, None).await;
+    let client = short(&back.addr).await.unwrap();
+    let older = |l: &datasync::Listing| l.revision < before.revision || l.values != before.values;
+    match client.list(&prefix, local).await {
+        Ok(l) => assert!(
+            !older(&l),
+            "a restarted member served an older state: {} keys at r{}, after serving {} at r{}",
+            l.values.len(),
+            l.revision.0,
+            before.values.len(),
+            before.revision.0
+        ),
+        Err(e) => eprintln!("refused while catching up, as it should: {e}"),
+    }
+    if let Ok(mut w) = client
+        .watch(
+            "early",
+            std::slice::from_ref(&prefix),
+            WatchOptions::default(),
+        )
+        .await
+    {
+        let first = tokio::time::timeout(Duration::from_secs(2), w.next()).await;
+        if let Ok(Some(Ok(datasync::Event::Resync(r)))) = first {
+            let values: Vec<_> = r.values().cloned().collect();
+            assert!(
+                r.revision >= before.revision && values == before.values,
+                "a watch on a restarted member began with an older state: {} keys at r{}",
+                values.len(),
+                r.revision.0
+            );
+        }
+    }
+
+    // The others come back; the member catches up and serves everything it had.
+    let mut others = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        if i != fi {
+            others.push(Node::start(n.id, dirs[n.id as usize - 1].path(), &n.addr, None).await);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.list(&prefix, local).await {
+            Ok(l) if !older(&l) => break,
+            Ok(l) => panic!(
+                "a member that caught up served an older state: {} keys at r{}",
+                l.values.len(),
+                l.revision.0
+            ),
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                panic!("the restarted member did not catch up within 60 s: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    drop((back, others));
 }

@@ -1113,6 +1113,41 @@ fn writer(db: Arc<Database>, pending: Arc<Pending>, queue: std::sync::mpsc::Rece
             return;
         }
     }
+    // The queue closed: the store is closing. A durable commit makes everything stored
+    // so far durable and says so (see `take_clean_close`).
+    if let Err(e) = mark_clean(&db) {
+        tracing::warn!(error = %e, "could not record a clean close");
+    }
+}
+
+/// Records that the applied state is durable as of `applied`, at a clean close.
+fn mark_clean(db: &Database) -> Result<(), StorageError> {
+    let tx = db.begin_write().map_err(wr)?;
+    {
+        let mut meta = tx.open_table(SM_META).map_err(wr)?;
+        let applied = meta.get("applied").map_err(rd)?.map(|v| v.value().to_vec());
+        if let Some(applied) = applied {
+            meta.insert("closed", applied.as_slice()).map_err(wr)?;
+        }
+    }
+    tx.commit().map_err(wr)
+}
+
+/// Whether the store closed cleanly last time: everything it had applied (and served)
+/// is in redb. After a crash, applies of the last second may be missing until the log
+/// is replayed, which a cluster member can only do once a leader tells it how far the
+/// log is committed. The mark is removed durably here, so a later crash is not taken
+/// for a clean close.
+pub(crate) fn take_clean_close(db: &Database) -> Result<bool, redb::Error> {
+    let tx = db.begin_write()?;
+    let clean = {
+        let mut meta = tx.open_table(SM_META)?;
+        let closed = meta.remove("closed")?.map(|v| v.value().to_vec());
+        let applied = meta.get("applied")?.map(|v| v.value().to_vec());
+        closed.is_some() && closed == applied
+    };
+    tx.commit()?;
+    Ok(clean)
 }
 
 /// Stores `works` in one redb transaction.
