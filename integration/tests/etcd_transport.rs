@@ -191,6 +191,67 @@ async fn compaction_while_the_network_is_down_becomes_a_resync() {
     ev.into_done().ok();
 }
 
+/// etcd looks up an event's `prev_kv` when it sends the event, not when the write
+/// happens: events held in its send queue while compaction passes their previous
+/// revision go out without `prev_kv` and without an error. Here the queue is held by a
+/// paused connection (flow control), compaction passes every queued event, and the
+/// watch must not deliver a Put of an existing key as a create: it resyncs
+/// (`Compacted`), and its consumer's state stays right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_without_prev_kv_after_compaction_become_a_resync() {
+    let etcd = server().await;
+    let proxy = Proxy::start(etcd.endpoint().trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let store = connect(&proxy.endpoint()).await;
+    let direct = connect(etcd.endpoint()).await;
+    direct
+        .put(&key("p/k"), "v0".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let mut w = store
+        .watch("p", &[prefix("p/")], WatchOptions::default())
+        .await
+        .unwrap();
+    let mut mirror = Mirror::new();
+    let first = next(&mut w).await;
+    mirror.apply(&first).unwrap();
+    first.into_done().ok();
+
+    // 40 overwrites of 256 KiB (10 MiB) fill the windows of a paused connection, so
+    // most of them wait in etcd's send queue (128 deep: the watcher stays synced).
+    proxy.pause();
+    let big = "x".repeat(256 * 1024);
+    let mut head = Revision(0);
+    for i in 0..40 {
+        head = direct
+            .put(&key("p/k"), format!("{i}{big}").into(), PutOptions::new())
+            .await
+            .unwrap();
+    }
+    let mut kv = direct.client().kv_client();
+    kv.compact(head.0 as i64, None).await.unwrap();
+    proxy.resume();
+
+    let mut reasons = Vec::new();
+    while mirror.revision("").is_none_or(|r| r < head) {
+        let ev = next(&mut w).await;
+        // The contract checker refuses a Put of an existing key without its previous value.
+        mirror
+            .apply(&ev)
+            .unwrap_or_else(|e| panic!("the watch broke the contract: {e}"));
+        if let Event::Resync(r) = &ev {
+            reasons.push(r.reason);
+        }
+        ev.into_done().ok();
+    }
+    assert!(
+        reasons.contains(&ResyncReason::Compacted),
+        "the events after compaction carried no previous value: want a resync, got {reasons:?}"
+    );
+    assert_same(&direct, &mirror, "p/").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_restored_from_a_backup_becomes_a_resync() {
     let mut etcd = server().await;
