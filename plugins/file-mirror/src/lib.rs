@@ -18,7 +18,9 @@
 //!   are removed at the next resync.
 //! - Directories are made as keys need them, and removed once the last file under them
 //!   is; an empty directory where a key's file goes is removed, so `files/a/b` can be
-//!   deleted and `files/a` written.
+//!   deleted and `files/a` written. A change that fails before its files are written
+//!   takes back the directories it made (left there, they could stand where a later
+//!   key's file goes).
 //! - Per source: a resync replaces only the files of its source (a
 //!   [`datasync::CompositeWatcher`] part), so one store's resync never removes
 //!   another's files. A file that two sources both hold is the last writer's.
@@ -220,6 +222,8 @@ struct Slot {
     parent: Dir,
     name: String,
     rel: String,
+    /// The directories this slot's preparation made: `segs[made..]` of the parent path.
+    made: Option<usize>,
 }
 
 fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> MirrorError {
@@ -313,13 +317,24 @@ impl Tree {
     }
 
     /// The directories along `segs` (the root first, then each parent), made where
-    /// missing if `create`; `None` if one is missing. Refuses links and files where a
-    /// directory goes.
+    /// missing if `create` (see [`Self::prepare`]); `None` if one is missing. Refuses
+    /// links and files where a directory goes.
     fn dirs(
         &self,
         key: &str,
         segs: &[String],
         create: bool,
+    ) -> Result<Option<Vec<Dir>>, MirrorError> {
+        self.dirs_making(key, segs, create, &mut None)
+    }
+
+    /// [`Self::dirs`], saying in `made` from which depth on it made the directories.
+    fn dirs_making(
+        &self,
+        key: &str,
+        segs: &[String],
+        create: bool,
+        made: &mut Option<usize>,
     ) -> Result<Option<Vec<Dir>>, MirrorError> {
         let in_the_way = |reason| MirrorError::InTheWay {
             key: key.to_owned(),
@@ -337,7 +352,8 @@ impl Tree {
                 }
                 Ok(_) => return Err(in_the_way("a file stands where a directory goes")),
                 Err(e) if e.kind() == ErrorKind::NotFound && create => {
-                    d.create_dir(seg).map_err(io("create directory", &path))?
+                    d.create_dir(seg).map_err(io("create directory", &path))?;
+                    made.get_or_insert(chain.len() - 1);
                 }
                 Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(io("inspect", &path)(e)),
@@ -351,11 +367,39 @@ impl Tree {
     /// Makes way for the file of `key`: its directories, and no directory or foreign
     /// file where it goes (an empty directory is removed).
     fn prepare(&self, key: &str, segs: &[String]) -> Result<Slot, MirrorError> {
+        let mut made = None;
+        let chain = self.dirs_making(key, segs, true, &mut made);
+        let slot = chain.and_then(|c| self.slot(key, segs, c.expect("created"), made));
+        if slot.is_err() {
+            self.unmake(segs, made);
+        }
+        slot
+    }
+
+    /// Removes the directories along `segs` that a preparation made (`segs[made..]`
+    /// of the parent path), deepest first, while they are empty: a change that fails
+    /// leaves no directory that could later stand where a file goes.
+    fn unmake(&self, segs: &[String], made: Option<usize>) {
+        let Some(from) = made else { return };
+        for depth in (from..segs.len() - 1).rev() {
+            if self.root.remove_dir(segs[..=depth].join("/")).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The slot for the file at `segs` in `chain`'s last directory.
+    fn slot(
+        &self,
+        key: &str,
+        segs: &[String],
+        mut chain: Vec<Dir>,
+        made: Option<usize>,
+    ) -> Result<Slot, MirrorError> {
         let in_the_way = |reason| MirrorError::InTheWay {
             key: key.to_owned(),
             reason,
         };
-        let mut chain = self.dirs(key, segs, true)?.expect("created");
         let parent = chain.pop().expect("the root at least");
         let name = segs[segs.len() - 1].clone();
         let rel = segs.join("/");
@@ -375,7 +419,12 @@ impl Tree {
             }
             _ => {}
         }
-        Ok(Slot { parent, name, rel })
+        Ok(Slot {
+            parent,
+            name,
+            rel,
+            made,
+        })
     }
 
     /// Removes the file at `rel` if the mirror wrote it for `source` (another source
@@ -530,15 +579,26 @@ impl Tree {
             .map(|(_, segs, _)| segs.join("/"))
             .collect();
         for (key, segs, value) in ops {
-            match value {
-                Some(_) if under_another(&segs.join("/"), &written) => {
-                    return Err(MirrorError::InTheWay {
-                        key: key.as_str().to_owned(),
-                        reason: "another key's file stands where a directory goes",
-                    });
+            let step = match value {
+                Some(_) if under_another(&segs.join("/"), &written) => Err(MirrorError::InTheWay {
+                    key: key.as_str().to_owned(),
+                    reason: "another key's file stands where a directory goes",
+                }),
+                Some(v) => self
+                    .prepare(key.as_str(), &segs)
+                    .map(|slot| writes.push((slot, v))),
+                None => {
+                    removals.push(segs.join("/"));
+                    Ok(())
                 }
-                Some(v) => writes.push((self.prepare(key.as_str(), &segs)?, v)),
-                None => removals.push(segs.join("/")),
+            };
+            if let Err(e) = step {
+                // Nothing is written yet: take back the directories made for it.
+                for (slot, _) in writes.iter().rev() {
+                    let segs: Vec<String> = slot.rel.split('/').map(str::to_owned).collect();
+                    self.unmake(&segs, slot.made);
+                }
+                return Err(e);
             }
         }
         for (slot, _) in &writes {
@@ -663,6 +723,39 @@ mod tests {
         ] {
             assert!(!valid_rel(bad), "{bad}");
         }
+    }
+
+    /// A change of several keys that fails on one of them (possible with etcd
+    /// transactions) takes back the directories it made for the others: left there,
+    /// `x/y/` would stand where a later `files/x` goes, and fail it forever.
+    #[test]
+    fn a_failed_change_leaves_no_directory_behind() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut tree = Tree::open(tmp.path()).expect("open");
+        std::fs::write(tmp.path().join("w"), "foreign").expect("plant");
+        let key = |k: &str| Key::new(k).expect("valid");
+        let op = |k: &str| {
+            let k = key(k);
+            let segs = FileMirror::path_of(&k).expect("a path");
+            (k, segs, Some(Value::from("v")))
+        };
+        let src = Source::from("");
+        let failed = tree.change(&src, vec![op("files/x/y/z"), op("files/w")]);
+        assert!(
+            matches!(failed, Err(MirrorError::InTheWay { .. })),
+            "{failed:?}"
+        );
+        assert!(
+            !tmp.path().join("x").exists(),
+            "x/ made for the failed change"
+        );
+        tree.change(&src, vec![op("files/x")])
+            .expect("x becomes a file");
+        assert!(tmp.path().join("x").is_file());
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("w")).expect("read"),
+            "foreign"
+        );
     }
 
     #[test]
