@@ -9,6 +9,9 @@
 //! delete (of a key or a prefix, returning the count), get/list at a revision, and
 //! compare-and-swap on a key's revision.
 //!
+//! The rules every transport keeps, with the tests that check them, are in the
+//! repository's `docs/CONTRACT.md`; `docs/ARCHITECTURE.md` maps the crates and modules.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;

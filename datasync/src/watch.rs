@@ -42,7 +42,7 @@ impl WatchOptions {
 /// Something that can be watched.
 ///
 /// # To ensure correctness
-/// An implementation keeps every rule of the contract (DESIGN.md, checked by
+/// An implementation keeps every rule of the contract (`docs/CONTRACT.md`, checked by
 /// `datasync::testing`): the stream begins with a [`Event::Resync`] of all prefixes at one
 /// revision R; changes follow from R+1 with strictly increasing revisions, one event per
 /// transaction; previous values are right per registration; any loss of continuity becomes

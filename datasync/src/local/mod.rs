@@ -4,8 +4,8 @@
 //! offered to every registration's bounded queue before the lock is released; a watch
 //! takes its snapshot and joins the fan-out under the same lock. That single ordering
 //! point is what makes the resync/changes hand-off gap-free (rule 2). A registration
-//! whose queue is full stops being fed and, once it has drained its queue, receives a
-//! fresh resync (rule 7) — the writer never waits for a consumer.
+//! whose queue is full stops being fed; its next poll discards what was queued and
+//! delivers a fresh resync (rule 7) — the writer never waits for a consumer.
 //!
 //! Reads at a past revision keep per-key versions for the last
 //! [`LocalConfig::history`] revisions (older ones are compacted, then reads fail with

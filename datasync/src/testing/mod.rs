@@ -2,8 +2,9 @@
 //!
 //! Every transport runs the same suite, unchanged: implement [`Harness`] (a fresh, empty
 //! store per test, and a count of the watches the store is serving) and expand
-//! [`conformance_tests!`](crate::conformance_tests) in a test file. Each contract rule of
-//! DESIGN.md becomes separately named `#[tokio::test]`s:
+//! [`conformance_tests!`](crate::conformance_tests) in a test file. Each rule of the
+//! contract (`docs/CONTRACT.md` in the repository) becomes separately named
+//! `#[tokio::test]`s:
 //!
 //! ```text
 //! // tests/conformance.rs of a transport crate, with datasync's `testing` feature on:

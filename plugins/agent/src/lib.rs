@@ -19,7 +19,8 @@
 //! store, NATS, or etcd with the `etcd` feature); hands every plugin factory a
 //! `PluginContext` (a writer on the store and the plugin's `[plugins.<name>]` settings);
 //! runs the resync coordinator over all of them in dependency order; serves `/healthz`,
-//! `/readyz` (200 once every plugin took its resync), `/status` (JSON, per plugin: state,
+//! `/readyz` (200 while the coordinator follows every source and every plugin is
+//! `Ready`), `/status` (JSON, per plugin: state,
 //! revision, counts, last error) and `/metrics` (Prometheus text) if `[http] listen` is
 //! set; and on shutdown stops feeding plugins, closes the watch and closes the store.
 

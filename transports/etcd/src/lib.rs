@@ -20,8 +20,9 @@
 //!   R+1 with previous values, so nothing falls between the two (see `watch` for how
 //!   continuity is kept after that).
 //! - **Previous values** come from etcd (`prev_kv`), correct for every registration.
-//!   etcd drops a previous value it has compacted; with compaction far behind the head, as
-//!   usual, that does not happen.
+//!   etcd looks a previous value up when it sends the event, and drops it without an
+//!   error if compaction passed it meanwhile; an event missing it becomes a `Compacted`
+//!   resync, never a change that looks like a create (see `watch`).
 //! - **TTL** puts use shared leases (see `lease`): keys live at least their TTL, rounded
 //!   up to etcd's whole seconds and its minimum lease TTL (2 s by default). Expiry
 //!   arrives as a Delete with the previous value. [`Session`] keeps keys alive for as
