@@ -59,6 +59,8 @@
 //! - [`CompositeWatcher`] / [`CompositeWriter`]: several stores behind one trait, each
 //!   source's resync scoped to that source;
 //! - [`coordinator`]: drives registered plugins through resync in a fixed order;
+//! - [`transport`], for transports only: the producer's side of a registration, the
+//!   resync driver and the queues;
 //! - `testing` (feature `testing`): the conformance suite every transport runs unchanged.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -67,15 +69,14 @@ pub mod coordinator;
 mod done;
 mod error;
 mod event;
-pub mod feed;
 mod key;
 pub mod local;
 mod mirror;
-pub mod relay;
 mod revision;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+pub mod transport;
 mod value;
 mod watch;
 mod write;

@@ -46,8 +46,9 @@ impl WatchOptions {
 /// `datasync::testing`): the stream begins with a [`Event::Resync`] of all prefixes at one
 /// revision R; changes follow from R+1 with strictly increasing revisions, one event per
 /// transaction; previous values are right per registration; any loss of continuity becomes
-/// a new resync; every event carries a `Done` made by [`Registration::done`]; a slow
-/// consumer is resynced, never given holes and never slowing others; closing the
+/// a new resync; every event carries a `Done` made by
+/// [`Producer::done`](crate::transport::Producer::done); a slow consumer is resynced,
+/// never given holes and never slowing others; closing the
 /// registration releases everything it holds in the store.
 #[async_trait::async_trait]
 pub trait Watcher: Send + Sync + fmt::Debug {
@@ -133,11 +134,14 @@ impl Drop for Watch {
     }
 }
 
-/// A handle to one watch registration. Cheap to clone.
+/// The consumer's handle to one watch registration: close it, ask for a resync, read
+/// how its events were answered. Cheap to clone.
 ///
 /// Closing ends the stream and releases the registration in the store (server-side
-/// watches are cancelled). An aggregated registration ([`Registration::aggregate`]) closes
-/// and resyncs all its parts.
+/// watches are cancelled). A composite's registration closes and resyncs all its parts.
+/// The transport's side of the same registration is a
+/// [`transport::Producer`](crate::transport::Producer): only it can take a resync
+/// request or make a `Done`, so a consumer cannot swallow a pending resync.
 #[derive(Clone)]
 pub struct Registration {
     inner: Arc<Inner>,
@@ -162,14 +166,14 @@ impl fmt::Debug for Registration {
 }
 
 impl Registration {
-    /// A new, open registration (for transports).
-    pub fn new(name: &str) -> Self {
+    /// A new, open registration (see [`crate::transport::Producer::new`]).
+    pub(crate) fn new(name: &str) -> Self {
         Self::with_children(name, Vec::new())
     }
 
     /// One registration that stands for several: closing or resyncing it does so to
     /// all of them, and its status merges theirs.
-    pub fn aggregate(name: &str, parts: Vec<Registration>) -> Self {
+    pub(crate) fn aggregate(name: &str, parts: Vec<Registration>) -> Self {
         Self::with_children(name, parts)
     }
 
@@ -206,7 +210,7 @@ impl Registration {
         self.inner.cancel.is_cancelled()
     }
 
-    /// Resolves once the registration is closed (for transport tasks).
+    /// Resolves once the registration is closed.
     ///
     /// # Cancel safety
     /// Cancel safe.
@@ -224,31 +228,29 @@ impl Registration {
         }
     }
 
-    /// Takes a pending resync request (for transports).
-    pub fn take_resync_request(&self) -> bool {
+    /// Takes a pending resync request.
+    pub(crate) fn take_resync_request(&self) -> bool {
         self.inner.resync.swap(false, Ordering::AcqRel)
     }
 
-    /// Whether a resync request is pending, without taking it (for transports).
-    pub fn resync_pending(&self) -> bool {
+    /// Whether a resync request is pending, without taking it.
+    pub(crate) fn resync_pending(&self) -> bool {
         self.inner.resync.load(Ordering::Acquire)
     }
 
     /// Registers the task to wake on [`close`](Self::close) and
-    /// [`request_resync`](Self::request_resync) (for transports' `poll_next`). Check
-    /// both again after registering.
-    pub fn register_waker(&self, waker: &Waker) {
+    /// [`request_resync`](Self::request_resync). Check both again after registering.
+    pub(crate) fn register_waker(&self, waker: &Waker) {
         self.inner.waker.register(waker);
     }
 
-    /// Wakes the registered task (for transports: "there is something new").
-    pub fn wake(&self) {
+    /// Wakes the registered task ("there is something new").
+    pub(crate) fn wake(&self) {
         self.inner.waker.wake();
     }
 
-    /// A `Done` for an event at `revision`, recorded in [`acks`](Self::acks)
-    /// (for transports).
-    pub fn done(&self, revision: Revision) -> Done {
+    /// A `Done` for an event at `revision`, recorded in [`acks`](Self::acks).
+    pub(crate) fn done(&self, revision: Revision) -> Done {
         Done::tracked(self.inner.acks.clone(), revision)
     }
 

@@ -35,6 +35,7 @@
 
 mod state;
 
+use crate::transport::Producer;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use tokio::sync::Notify;
@@ -43,11 +44,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
 use self::state::{Mutation, State};
-use crate::feed::{Feed, FeedStream, Snapshots};
+use crate::transport::feed::{Feed, FeedStream, Snapshots};
 use crate::{
     CasOutcome, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing, Prefix, PrefixSet,
-    PutOptions, ReadOptions, Registration, Revision, Source, StoreError, Value, Watch,
-    WatchOptions, Watcher, Writer,
+    PutOptions, ReadOptions, Revision, Source, StoreError, Value, Watch, WatchOptions, Watcher,
+    Writer,
 };
 
 /// Configuration of a [`Local`] store.
@@ -313,7 +314,7 @@ impl Watcher for Local {
         prefixes: &[Prefix],
         opts: WatchOptions,
     ) -> Result<Watch, StoreError> {
-        let reg = Registration::new(name);
+        let reg = Producer::new(name);
         let prefixes = PrefixSet::new(prefixes.iter().cloned());
         let (feed, initial) = {
             let mut st = self.shared.lock_fresh();
@@ -328,7 +329,7 @@ impl Watcher for Local {
             feed,
             initial,
         );
-        Ok(Watch::new(reg, stream))
+        Ok(Watch::new(reg.registration(), stream))
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::feed::{Hub, Txn};
+use crate::transport::feed::{Hub, Txn};
 use crate::{
     Key, KeyChange, KeyValue, Op, Prefix, PrefixSet, PrefixValues, Revision, StoreError, Value,
 };

@@ -9,6 +9,7 @@
 //! and takes a snapshot. Because rearming and snapshotting happen under the lock that
 //! also serializes publication, no transaction falls between the snapshot and the queue.
 
+use crate::transport::Producer;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -18,8 +19,8 @@ use futures_util::Stream;
 use tokio::sync::mpsc;
 
 use crate::{
-    Change, Event, KeyChange, PrefixSet, PrefixValues, Registration, Resync, ResyncReason,
-    Revision, Source, StoreError, WatchError,
+    Change, Event, KeyChange, PrefixSet, PrefixValues, Resync, ResyncReason, Revision, Source,
+    StoreError, WatchError,
 };
 
 /// One committed transaction: every change carries its revision. Changes sorted by key.
@@ -37,7 +38,7 @@ const SNAPSHOT: u8 = 2;
 
 #[derive(Debug)]
 struct Sub {
-    reg: Registration,
+    reg: Producer,
     prefixes: PrefixSet,
     tx: mpsc::Sender<Arc<Txn>>,
     flag: Arc<AtomicU8>,
@@ -74,7 +75,7 @@ impl Hub {
 
     /// Registers a feed of the transactions touching `prefixes`, with a queue of
     /// `capacity` transactions.
-    pub fn subscribe(&mut self, reg: &Registration, prefixes: PrefixSet, capacity: usize) -> Feed {
+    pub fn subscribe(&mut self, reg: &Producer, prefixes: PrefixSet, capacity: usize) -> Feed {
         self.subs.retain(|s| !s.is_gone());
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let flag = Arc::new(AtomicU8::new(NONE));
@@ -141,7 +142,7 @@ impl Hub {
 pub struct Feed {
     rx: mpsc::Receiver<Arc<Txn>>,
     flag: Arc<AtomicU8>,
-    reg: Registration,
+    reg: Producer,
     prefixes: PrefixSet,
 }
 
@@ -224,7 +225,7 @@ enum StreamState {
 #[derive(Debug)]
 pub struct FeedStream<S> {
     snapshots: S,
-    reg: Registration,
+    reg: Producer,
     source: Source,
     feed: Feed,
     state: StreamState,
@@ -234,7 +235,7 @@ impl<S: Snapshots> FeedStream<S> {
     /// Starts with the resync `initial` (taken when `feed` was subscribed).
     pub fn new(
         snapshots: S,
-        reg: Registration,
+        reg: Producer,
         source: Source,
         feed: Feed,
         initial: (Revision, Vec<PrefixValues>),

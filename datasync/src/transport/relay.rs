@@ -12,6 +12,7 @@
 //! has taken everything queued, so that every request made until then is served by that
 //! one resync (rule 5).
 
+use crate::transport::Producer;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,8 +21,8 @@ use futures_util::Stream;
 use tokio::sync::{Notify, mpsc};
 
 use crate::{
-    Change, Event, KeyChange, PrefixValues, Registration, Resync, ResyncReason, Revision, Source,
-    StoreError, Watch, WatchError,
+    Change, Event, KeyChange, PrefixValues, Resync, ResyncReason, Revision, Source, StoreError,
+    Watch, WatchError,
 };
 
 /// What a watch task hands its stream.
@@ -37,7 +38,7 @@ pub enum Item {
 
 /// A registration's queue: the task's side ([`Relay`]) and the consumer's side (the
 /// returned [`Watch`]), holding at most `capacity` items.
-pub fn channel(reg: &Registration, source: Source, capacity: usize) -> (Relay, Watch) {
+pub fn channel(reg: &Producer, source: Source, capacity: usize) -> (Relay, Watch) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let demand = Arc::new(Notify::new());
     let stream = RelayStream {
@@ -51,14 +52,14 @@ pub fn channel(reg: &Registration, source: Source, capacity: usize) -> (Relay, W
         reg: reg.clone(),
         demand,
     };
-    (relay, Watch::new(reg.clone(), stream))
+    (relay, Watch::new(reg.registration(), stream))
 }
 
 /// The task's side of a registration's queue.
 #[derive(Debug)]
 pub struct Relay {
     tx: mpsc::Sender<Item>,
-    reg: Registration,
+    reg: Producer,
     demand: Arc<Notify>,
 }
 
@@ -74,8 +75,8 @@ impl Permit<'_> {
 }
 
 impl Relay {
-    /// The registration.
-    pub fn registration(&self) -> &Registration {
+    /// The registration's producer side.
+    pub fn producer(&self) -> &Producer {
         &self.reg
     }
 
@@ -99,7 +100,7 @@ impl Relay {
     }
 
     /// Resolves once the consumer waits for a pending resync request (it has taken all
-    /// that was queued). Take the request with [`Registration::take_resync_request`] when
+    /// that was queued). Take the request with [`Producer::take_resync_request`] when
     /// serving it.
     ///
     /// # Cancel safety
@@ -119,7 +120,7 @@ impl Relay {
 #[derive(Debug)]
 struct RelayStream {
     rx: mpsc::Receiver<Item>,
-    reg: Registration,
+    reg: Producer,
     demand: Arc<Notify>,
     source: Source,
 }
@@ -167,7 +168,7 @@ mod tests {
 
     #[tokio::test]
     async fn full_queue_refuses_and_request_waits_for_drain() {
-        let reg = Registration::new("r");
+        let reg = Producer::new("r");
         let (relay, mut watch) = channel(&reg, Source::from(""), 1);
         let resync = || Item::Resync(Revision(1), ResyncReason::Initial, Vec::new());
         assert!(relay.try_send(resync()).is_ok());
@@ -176,7 +177,7 @@ mod tests {
                 .try_send(Item::Change(Revision(2), Vec::new()))
                 .is_err()
         );
-        reg.request_resync();
+        reg.registration().request_resync();
         // The consumer has not drained the queue: no demand yet.
         let early = tokio::time::timeout(std::time::Duration::from_millis(20), relay.requested());
         assert!(early.await.is_err());

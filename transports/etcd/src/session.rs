@@ -10,7 +10,6 @@ use tokio::task::JoinHandle;
 
 use crate::EtcdStore;
 use crate::error::{store_error, timed};
-use crate::store::Backoff;
 
 /// A lease that this process keeps alive (a keep-alive every TTL/3). Keys put through
 /// the session live while it does; when it is closed or dropped, or the process dies,
@@ -139,7 +138,7 @@ impl Inner {
 /// Keeps the lease alive every TTL/3 until stopped.
 async fn keep_alive(inner: Arc<Inner>, mut stopped: watch::Receiver<bool>) {
     let period = Duration::from_millis((inner.ttl as u64 * 1000 / 3).max(100));
-    let mut backoff = Backoff::default();
+    let mut backoff = datasync::transport::resync::Pauses::default();
     loop {
         let id = inner.state.lock().await.0;
         let mut lease = inner.store.lease_client();
@@ -170,7 +169,7 @@ async fn keep_alive(inner: Arc<Inner>, mut stopped: watch::Receiver<bool>) {
         }
         tokio::select! {
             _ = stopped.changed() => return,
-            _ = tokio::time::sleep(backoff.next()) => {}
+            _ = tokio::time::sleep(backoff.next_pause()) => {}
         }
     }
 }

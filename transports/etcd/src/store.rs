@@ -56,14 +56,14 @@ impl EtcdStore {
             return Err(StoreError::Backend("no etcd endpoints configured".into()));
         }
         let deadline = tokio::time::Instant::now() + config.wait_for_server;
-        let mut backoff = Backoff::default();
+        let mut backoff = datasync::transport::resync::Pauses::default();
         loop {
             match Self::try_connect(&config).await {
                 Ok(store) => return Ok(store),
                 Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
                     tracing::warn!(endpoints = ?config.endpoints, error = %e, "etcd unreachable; retrying");
                     tokio::time::sleep_until(
-                        deadline.min(tokio::time::Instant::now() + backoff.next()),
+                        deadline.min(tokio::time::Instant::now() + backoff.next_pause()),
                     )
                     .await;
                 }
@@ -355,28 +355,6 @@ fn is_too_large(e: &etcd_client::Error) -> bool {
 
 fn is_lease_gone(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found"))
-}
-
-/// Exponential backoff from 50 ms to 2 s.
-#[derive(Debug)]
-pub(crate) struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff(Duration::from_millis(50))
-    }
-}
-
-impl Backoff {
-    pub(crate) fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(2));
-        d
-    }
-
-    pub(crate) fn reset(&mut self) {
-        *self = Backoff::default();
-    }
 }
 
 #[async_trait::async_trait]

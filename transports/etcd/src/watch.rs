@@ -1,8 +1,9 @@
 //! Watch registrations: a resync at R, then one etcd watch from R+1, kept continuous.
 //!
-//! Each registration runs one task that owns one etcd watch stream covering all its
-//! prefixes (so every change of one transaction arrives in one event), and feeds a
-//! bounded queue that the registration's [`Watch`] stream drains.
+//! Each registration runs one task ([`datasync::transport::resync::drive`], which owns the
+//! recovery loop) over one etcd watch stream covering all its prefixes (so every change
+//! of one transaction arrives in one event); this module is its [`Upstream`]: the
+//! snapshot, opening a watch from a revision, and what each response means.
 //!
 //! Continuity, case by case:
 //! - the stream breaks (etcd restarted, network lost): the watch is re-created from the
@@ -22,15 +23,18 @@
 //! Progress notifications advance the resume point while nothing under the prefixes
 //! changes, so a reconnect does not replay revisions the consumer does not care about.
 
-use datasync::relay::{self, Item, Relay};
+use datasync::transport::Producer;
+use std::collections::VecDeque;
+
+use datasync::transport::relay::{self, Item};
+use datasync::transport::resync::{self, Lost, Next, Snapshot, Start, Upstream};
 use datasync::{
-    KeyChange, Op, Prefix, PrefixSet, Registration, ResyncReason, Revision, StoreError, Value,
-    Watch, WatchOptions,
+    KeyChange, Op, Prefix, PrefixSet, ResyncReason, Revision, StoreError, Value, Watch,
+    WatchOptions,
 };
 
 use crate::EtcdStore;
 use crate::error::{store_error, timed};
-use crate::store::Backoff;
 
 pub(crate) async fn start(
     store: EtcdStore,
@@ -38,7 +42,7 @@ pub(crate) async fn start(
     prefixes: &[Prefix],
     opts: WatchOptions,
 ) -> Result<Watch, StoreError> {
-    let reg = Registration::new(name);
+    let reg = Producer::new(name);
     let set = PrefixSet::new(prefixes.iter().cloned());
     let (rev, values, cluster) = store.snapshot(&set).await?;
     let source = store.inner.source.clone();
@@ -46,229 +50,167 @@ pub(crate) async fn start(
     relay
         .try_send(Item::Resync(rev, ResyncReason::Initial, values))
         .map_err(|_| StoreError::Backend("watch queue refused the first resync".into()))?;
-    let mut task = Task {
+    let up = EtcdWatch {
         store,
         set,
         reg,
-        relay,
-        last: rev,
         cluster,
-        first: None,
+        buffered: VecDeque::new(),
     };
     // The server-side watch is live when `watch()` returns (a compaction meanwhile is
-    // left to the task, which resyncs).
-    if !task.set.is_empty() {
-        match task.open().await {
-            Ok(open) => task.first = Some(open),
-            Err(Flow::Broken(e)) => return Err(e),
-            Err(_) => {}
+    // left to the driver, which resyncs).
+    let mut start = Start {
+        revision: rev,
+        follower: None,
+        owed: None,
+    };
+    if !up.set.is_empty() {
+        match up.open(rev).await {
+            Ok(open) => start.follower = Some(open),
+            Err(Lost::Broken(e)) => return Err(e),
+            Err(Lost::Resync(reason)) => start.owed = Some(reason),
         }
     }
-    tokio::spawn(task.run());
+    tokio::spawn(resync::drive(up, relay, start));
     Ok(watch)
 }
 
-struct Task {
+/// One registration's side of etcd: a watch of the registration's range from a
+/// revision, with `prev_kv` and progress notifications.
+struct EtcdWatch {
     store: EtcdStore,
     set: PrefixSet,
-    reg: Registration,
-    relay: Relay,
-    /// The revision the consumer's state is at: the resume point is `last + 1`.
-    last: Revision,
+    reg: Producer,
     /// The cluster id seen at the last resync (0: unknown).
     cluster: u64,
-    /// The etcd watch opened by `start`, for the first `follow`.
-    first: Option<(etcd_client::WatchStream, i64)>,
+    /// Changes of a response not yet handed to the driver, one per revision, or how
+    /// the response showed continuity lost.
+    buffered: VecDeque<Result<(Revision, Vec<KeyChange>), Lost>>,
 }
 
-/// How following the etcd watch ended.
-enum Flow {
-    Closed,
-    Resync(ResyncReason),
-    Broken(StoreError),
-}
+/// An open etcd watch and its id.
+type Follower = (etcd_client::WatchStream, i64);
 
-impl Task {
-    async fn run(mut self) {
-        let name = self.reg.name().to_owned();
-        let mut pending: Option<ResyncReason> = None;
-        let mut backoff = Backoff::default();
+#[async_trait::async_trait]
+impl Upstream for EtcdWatch {
+    type Follower = Follower;
+    // etcd replays from any revision it has not compacted.
+    const RESUMES: bool = true;
+
+    fn idle(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    async fn snapshot(&mut self) -> Result<Snapshot<Follower>, StoreError> {
+        let (revision, values, cluster) = self.store.snapshot(&self.set).await?;
+        self.cluster = cluster;
+        Ok(Snapshot {
+            revision,
+            values,
+            follower: None,
+        })
+    }
+
+    async fn resume(&mut self, from: Revision) -> Result<Follower, Lost> {
+        self.buffered.clear();
+        self.open(Revision(from.0.saturating_sub(1))).await
+    }
+
+    async fn next(&mut self, (ws, _): &mut Follower, last: Revision) -> Result<Next, Lost> {
         loop {
-            if self.reg.is_closed() {
-                return;
+            if let Some(item) = self.buffered.pop_front() {
+                return item.map(|(rev, changes)| Next::Change(rev, changes));
             }
-            if let Some(reason) = pending.take() {
-                // Wait for room first, so the snapshot is fresh when it is delivered.
-                let Some(permit) = self.relay.reserve().await else {
-                    return;
-                };
-                self.reg.take_resync_request();
-                match self.store.snapshot(&self.set).await {
-                    Ok((rev, values, cluster)) => {
-                        tracing::debug!(registration = %name, ?reason, %rev, "resync");
-                        permit.send(Item::Resync(rev, reason, values));
-                        self.last = rev;
-                        self.cluster = cluster;
-                        backoff.reset();
-                    }
-                    Err(e) => {
-                        tracing::warn!(registration = %name, error = %e, "resync failed; retrying");
-                        permit.send(Item::Interrupted(e));
-                        pending = Some(reason);
-                        self.pause(&mut backoff).await;
-                        continue;
-                    }
+            let resp = match ws.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    return Err(Lost::Broken(StoreError::Unavailable(
+                        "etcd ended the watch stream".into(),
+                    )));
                 }
+                Err(e) => return Err(Lost::Broken(store_error(e))),
+            };
+            self.check(&resp, last)?;
+            if resp.events().is_empty() {
+                // A progress notification: every event up to its revision was sent.
+                if let Some(h) = resp.header() {
+                    return Ok(Next::Progress(Revision(h.revision() as u64)));
+                }
+                continue;
             }
-            match self.follow(&mut backoff).await {
-                Flow::Closed => return,
-                Flow::Resync(reason) => pending = Some(reason),
-                Flow::Broken(e) if e.is_retryable() => {
-                    tracing::warn!(registration = %name, error = %e, resume = %self.last.next(), "etcd watch broken; resuming");
-                    self.pause(&mut backoff).await;
-                }
-                Flow::Broken(e) => {
-                    // Not transient (e.g. permission revoked): tell the consumer, and keep
-                    // trying through resyncs, so the watch never dies quietly.
-                    tracing::warn!(registration = %name, error = %e, "etcd refused the watch");
-                    let _ = self.relay.try_send(Item::Interrupted(e));
-                    pending = Some(ResyncReason::Reconnect);
-                    self.pause(&mut backoff).await;
-                }
-            }
+            self.buffer(resp.events());
         }
     }
 
-    async fn pause(&self, backoff: &mut Backoff) {
-        tokio::select! {
-            _ = self.reg.closed() => {}
-            _ = tokio::time::sleep(backoff.next()) => {}
-        }
+    async fn release(&mut self, (mut ws, id): Follower) {
+        // Release the server-side watch now; dropping the stream ends it too.
+        let _ = ws.cancel(id).await;
     }
+}
 
-    /// Whether a response shows a store that went back: a revision below what was
-    /// delivered, or another cluster (etcd restored from a backup).
-    fn went_back(&self, resp: &etcd_client::WatchResponse) -> bool {
-        let Some(h) = resp.header() else {
-            return false;
-        };
-        let behind = h.revision() > 0 && (h.revision() as u64) < self.last.0;
-        let other = self.cluster != 0 && h.cluster_id() != 0 && h.cluster_id() != self.cluster;
-        if behind || other {
-            tracing::warn!(registration = self.reg.name(), revision = h.revision(), seen = %self.last, "etcd went back in time (restored?)");
+impl EtcdWatch {
+    /// Whether a response shows a store that went back (a revision below what was
+    /// delivered, or another cluster: etcd restored from a backup), or a cancelled
+    /// watch.
+    fn check(&self, resp: &etcd_client::WatchResponse, last: Revision) -> Result<(), Lost> {
+        if let Some(h) = resp.header() {
+            let behind = h.revision() > 0 && (h.revision() as u64) < last.0;
+            let other = self.cluster != 0 && h.cluster_id() != 0 && h.cluster_id() != self.cluster;
+            if behind || other {
+                tracing::warn!(registration = self.reg.name(), revision = h.revision(), seen = %last, "etcd went back in time (restored?)");
+                return Err(Lost::Resync(ResyncReason::StoreReset));
+            }
         }
-        behind || other
+        if resp.canceled() {
+            return Err(Lost::Resync(if resp.compact_revision() > 0 {
+                ResyncReason::Compacted
+            } else {
+                tracing::warn!(
+                    registration = self.reg.name(),
+                    reason = resp.cancel_reason(),
+                    "etcd cancelled the watch"
+                );
+                ResyncReason::Reconnect
+            }));
+        }
+        Ok(())
     }
 
     /// Opens an etcd watch from `last + 1` and waits until etcd has created it.
-    async fn open(&self) -> Result<(etcd_client::WatchStream, i64), Flow> {
+    async fn open(&self, last: Revision) -> Result<Follower, Lost> {
         let (start, end) = self.store.inner.ns.covering_range(&self.set);
         let opts = etcd_client::WatchOptions::new()
             .with_range(end)
-            .with_start_revision(self.last.next().0 as i64)
+            .with_start_revision(last.next().0 as i64)
             .with_prev_key()
             .with_progress_notify();
         let mut client = self.store.watch_client();
         let mut ws = match timed(self.store.timeout(), client.watch(start, Some(opts))).await {
             Ok(Ok(ws)) => ws,
-            Ok(Err(e)) => return Err(Flow::Broken(store_error(e))),
-            Err(e) => return Err(Flow::Broken(e)),
+            Ok(Err(e)) => return Err(Lost::Broken(store_error(e))),
+            Err(e) => return Err(Lost::Broken(e)),
         };
         loop {
             let resp = match timed(self.store.timeout(), ws.message()).await {
                 Ok(Ok(Some(resp))) => resp,
                 Ok(Ok(None)) => {
-                    return Err(Flow::Broken(StoreError::Unavailable(
+                    return Err(Lost::Broken(StoreError::Unavailable(
                         "etcd ended the watch stream".into(),
                     )));
                 }
-                Ok(Err(e)) => return Err(Flow::Broken(store_error(e))),
-                Err(e) => return Err(Flow::Broken(e)),
+                Ok(Err(e)) => return Err(Lost::Broken(store_error(e))),
+                Err(e) => return Err(Lost::Broken(e)),
             };
-            if self.went_back(&resp) {
-                return Err(Flow::Resync(ResyncReason::StoreReset));
-            }
-            if resp.canceled() {
-                return Err(Flow::Resync(if resp.compact_revision() > 0 {
-                    ResyncReason::Compacted
-                } else {
-                    ResyncReason::Reconnect
-                }));
-            }
+            self.check(&resp, last)?;
             if resp.created() {
                 return Ok((ws, resp.watch_id()));
             }
         }
     }
 
-    /// Follows one etcd watch from `last + 1` until it ends.
-    async fn follow(&mut self, backoff: &mut Backoff) -> Flow {
-        if self.set.is_empty() {
-            // Nothing to watch: wait for a close or a request.
-            return tokio::select! {
-                _ = self.reg.closed() => Flow::Closed,
-                _ = self.relay.requested() => Flow::Resync(ResyncReason::Requested),
-            };
-        }
-        let (mut ws, id) = match self.first.take() {
-            Some(open) => open,
-            None => match self.open().await {
-                Ok(open) => open,
-                Err(flow) => return flow,
-            },
-        };
-        backoff.reset();
-        let flow = loop {
-            let msg = tokio::select! {
-                biased;
-                _ = self.reg.closed() => break Flow::Closed,
-                _ = self.relay.requested() => break Flow::Resync(ResyncReason::Requested),
-                msg = ws.message() => msg,
-            };
-            let resp = match msg {
-                Ok(Some(resp)) => resp,
-                Ok(None) => {
-                    break Flow::Broken(StoreError::Unavailable(
-                        "etcd ended the watch stream".into(),
-                    ));
-                }
-                Err(e) => break Flow::Broken(store_error(e)),
-            };
-            if self.went_back(&resp) {
-                break Flow::Resync(ResyncReason::StoreReset);
-            }
-            if resp.canceled() {
-                break Flow::Resync(if resp.compact_revision() > 0 {
-                    ResyncReason::Compacted
-                } else {
-                    tracing::warn!(
-                        registration = self.reg.name(),
-                        reason = resp.cancel_reason(),
-                        "etcd cancelled the watch"
-                    );
-                    ResyncReason::Reconnect
-                });
-            }
-            if resp.events().is_empty() {
-                // A progress notification: every event up to its revision was sent.
-                if let Some(h) = resp.header() {
-                    self.last = self.last.max(Revision(h.revision() as u64));
-                }
-                continue;
-            }
-            match self.deliver(resp.events()) {
-                Ok(()) => {}
-                Err(flow) => break flow,
-            }
-        };
-        // Release the server-side watch now; dropping the stream ends it too.
-        let _ = ws.cancel(id).await;
-        flow
-    }
-
-    /// Queues one change event per revision (etcd never splits a revision across
-    /// responses); an event the queue has no room for ends the watch with `Overflow`.
-    fn deliver(&mut self, events: &[etcd_client::Event]) -> Result<(), Flow> {
+    /// Buffers one change per revision (etcd never splits a revision across
+    /// responses), up to an event that lost its previous value.
+    fn buffer(&mut self, events: &[etcd_client::Event]) {
         let revision = |e: &etcd_client::Event| e.kv().map_or(0, |kv| kv.mod_revision());
         for txn in events.chunk_by(|a, b| revision(a) == revision(b)) {
             let rev = Revision(revision(&txn[0]) as u64);
@@ -281,22 +223,16 @@ impl Task {
                     revision = rev.0,
                     "etcd sent a change without its previous value (compacted): resync follows"
                 );
-                return Err(Flow::Resync(ResyncReason::Compacted));
+                self.buffered
+                    .push_back(Err(Lost::Resync(ResyncReason::Compacted)));
+                return;
             }
             let mut changes: Vec<_> = txn.iter().filter_map(|e| self.change(e)).collect();
             if !changes.is_empty() {
                 changes.sort_by(|a, b| a.key.cmp(&b.key));
-                if self.relay.try_send(Item::Change(rev, changes)).is_err() {
-                    if self.reg.is_closed() {
-                        return Err(Flow::Closed);
-                    }
-                    tracing::debug!(registration = self.reg.name(), "queue full: resync follows");
-                    return Err(Flow::Resync(ResyncReason::Overflow));
-                }
+                self.buffered.push_back(Ok((rev, changes)));
             }
-            self.last = rev;
         }
-        Ok(())
     }
 
     /// The change `ev` makes to a watched key; `None` for keys outside the watch.

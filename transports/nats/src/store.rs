@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::ops::Bound;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::PublishErrorKind;
@@ -551,7 +550,7 @@ async fn connect_client(config: &NatsConfig) -> Result<async_nats::Client, Store
     let deadline = config
         .wait_for_server
         .map(|w| tokio::time::Instant::now() + w);
-    let mut pause = Duration::from_millis(50);
+    let mut pauses = datasync::transport::resync::Pauses::default();
     loop {
         let mut opts = ConnectOptions::new()
             .connection_timeout(config.connect_timeout)
@@ -580,11 +579,11 @@ async fn connect_client(config: &NatsConfig) -> Result<async_nats::Client, Store
             Ok(client) => return Ok(client),
             Err(e) => {
                 let err = connect_error(e);
+                let pause = pauses.next_pause();
                 match deadline {
                     Some(d) if err.is_retryable() && tokio::time::Instant::now() + pause < d => {
                         tracing::debug!(error = %err, "NATS unreachable; waiting");
                         tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(2));
                     }
                     _ => return Err(err),
                 }

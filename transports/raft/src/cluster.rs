@@ -556,7 +556,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     let mut hint = None;
-    let mut pause = Duration::from_millis(5);
+    let mut pauses = datasync::transport::resync::Pauses::between(
+        Duration::from_millis(5),
+        Duration::from_millis(200),
+    );
     let mut in_progress = false;
     loop {
         let redirected = hint.is_some();
@@ -585,8 +588,7 @@ where
             });
         }
         if hint.is_none() || redirected {
-            tokio::time::sleep(pause.min(deadline - Instant::now())).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
+            tokio::time::sleep(pauses.next_pause().min(deadline - Instant::now())).await;
         }
     }
 }

@@ -67,7 +67,7 @@
 //!   undo records from redb plus the writes not yet stored, and hands its writes on.
 //!   A read waits for the writer to catch up, so it sees every write acknowledged
 //!   before it.
-//! - **Watches** are fed from the apply path through `datasync::feed` (bounded queue per
+//! - **Watches** are fed from the apply path through `datasync::transport::feed` (bounded queue per
 //!   registration; overflow becomes a resync; a snapshot install resyncs everyone).
 //! - **Reads** are linearizable by default (`ensure_linearizable`, a read index through
 //!   the leader), or local. Reads at a past revision use an in-memory undo history of the

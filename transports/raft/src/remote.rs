@@ -18,16 +18,20 @@
 //! resync (`Reconnect`). A consumer that falls `queue_capacity` events behind has its
 //! stream closed, and it is resynced (`Overflow`) once it has made room. A requested
 //! resync opens a fresh stream, so that one resync serves every request made until it.
+//! The loop that does all this is `datasync::transport::resync::drive`; `RemoteWatch` is its
+//! `Upstream`.
 
+use datasync::transport::Producer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use datasync::relay::{self, Item, Relay};
+use datasync::transport::relay::{self, Item};
+use datasync::transport::resync::{self, Lost, Next, Snapshot, Start, Upstream};
 use datasync::{
     CasOutcome, Consistency, DeleteOptions, Deleted, Event, Expect, Key, KeyChange, KeyValue,
-    Limits, Listing, Op, Prefix, PrefixValues, PutOptions, ReadOptions, Registration, ResyncReason,
-    Revision, Source, StoreError, Value, Watch, WatchError, WatchOptions, Watcher, Writer,
+    Limits, Listing, Op, Prefix, PrefixValues, PutOptions, ReadOptions, ResyncReason, Revision,
+    Source, StoreError, Value, Watch, WatchError, WatchOptions, Watcher, Writer,
 };
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -335,9 +339,9 @@ impl Watcher for RemoteStore {
         prefixes: &[Prefix],
         opts: WatchOptions,
     ) -> Result<Watch, StoreError> {
-        let reg = Registration::new(name);
+        let reg = Producer::new(name);
         let (relay, watch) = relay::channel(&reg, self.inner.source.clone(), opts.queue_capacity);
-        let task = WatchTask {
+        let mut up = RemoteWatch {
             store: self.clone(),
             request: (
                 name.to_owned(),
@@ -345,15 +349,22 @@ impl Watcher for RemoteStore {
                 opts.queue_capacity,
             ),
             reg,
-            relay,
-            last: Revision::ZERO,
         };
         // The first stream is open, and its resync queued, before `watch` returns.
-        let (stream, rev, values) = task.open().await?;
-        task.relay
-            .try_send(Item::Resync(rev, ResyncReason::Initial, values))
+        let first = up.snapshot().await?;
+        relay
+            .try_send(Item::Resync(
+                first.revision,
+                ResyncReason::Initial,
+                first.values,
+            ))
             .map_err(|_| StoreError::Backend("watch queue refused the first resync".into()))?;
-        tokio::spawn(task.run(stream, rev));
+        let start = Start {
+            revision: first.revision,
+            follower: first.follower,
+            owed: None,
+        };
+        tokio::spawn(resync::drive(up, relay, start));
         Ok(watch)
     }
 }
@@ -364,19 +375,23 @@ struct Stream {
     rx: mpsc::Receiver<Reply>,
 }
 
-struct WatchTask {
+/// One registration's side of the cluster: a watch stream on one member at a time,
+/// moved to another (with a resync) when it breaks.
+struct RemoteWatch {
     store: RemoteStore,
     /// Name, prefixes, member-side queue capacity.
     request: (String, Vec<String>, usize),
-    reg: Registration,
-    relay: Relay,
-    /// The revision of the last event queued.
-    last: Revision,
+    reg: Producer,
 }
 
-impl WatchTask {
+#[async_trait::async_trait]
+impl Upstream for RemoteWatch {
+    type Follower = Stream;
+    // A member's stream cannot be resumed at a revision: another member resyncs.
+    const RESUMES: bool = false;
+
     /// Opens a stream on the first member that answers and waits for its resync.
-    async fn open(&self) -> Result<(Stream, Revision, Vec<PrefixValues>), StoreError> {
+    async fn snapshot(&mut self) -> Result<Snapshot<Stream>, StoreError> {
         let inner = &self.store.inner;
         let eps = &inner.config.endpoints;
         let first = inner.preferred.load(Ordering::Relaxed);
@@ -407,7 +422,11 @@ impl WatchTask {
                         _client: client,
                         rx,
                     };
-                    return Ok((stream, Revision(revision), values));
+                    return Ok(Snapshot {
+                        revision: Revision(revision),
+                        values,
+                        follower: Some(stream),
+                    });
                 }
                 Ok(Some(Reply::Watch(WireItem::Failed(WireError::Stopped)))) | Ok(None) => {
                     last_err = Some(StoreError::Unavailable(
@@ -422,120 +441,33 @@ impl WatchTask {
         Err(last_err.unwrap_or(StoreError::Unavailable("no member to watch on".into())))
     }
 
-    async fn run(mut self, stream: Stream, rev: Revision) {
-        let name = self.reg.name().to_owned();
-        self.last = rev;
-        let mut stream = Some(stream);
-        let mut pending: Option<ResyncReason> = None;
-        let mut pause = Duration::from_millis(50);
-        loop {
-            if self.reg.is_closed() {
-                return;
-            }
-            if let Some(reason) = pending.take() {
-                stream = None;
-                // Wait for room first, so the resync is fresh when it is delivered.
-                let Some(permit) = self.relay.reserve().await else {
-                    return;
-                };
-                self.reg.take_resync_request();
-                let opened = tokio::select! {
-                    _ = self.reg.closed() => return,
-                    opened = self.open() => opened,
-                };
-                match opened {
-                    Ok((s, rev, values)) => {
-                        // A member restored from a backup is the only way back.
-                        let reason = if rev < self.last {
-                            ResyncReason::StoreReset
-                        } else {
-                            reason
-                        };
-                        tracing::debug!(registration = %name, ?reason, %rev, "remote resync");
-                        permit.send(Item::Resync(rev, reason, values));
-                        self.last = rev;
-                        stream = Some(s);
-                        pause = Duration::from_millis(50);
-                    }
-                    Err(e) => {
-                        tracing::warn!(registration = %name, error = %e, "remote watch: no member answers; retrying");
-                        permit.send(Item::Interrupted(e));
-                        pending = Some(reason);
-                        tokio::select! {
-                            _ = self.reg.closed() => return,
-                            _ = tokio::time::sleep(pause) => {}
-                        }
-                        pause = (pause * 2).min(Duration::from_secs(2));
-                        continue;
-                    }
-                }
-            }
-            let Some(s) = stream.as_mut() else {
-                pending = Some(ResyncReason::Reconnect);
-                continue;
-            };
-            let msg = tokio::select! {
-                biased;
-                _ = self.reg.closed() => return,
-                _ = self.relay.requested() => {
-                    pending = Some(ResyncReason::Requested);
-                    continue;
-                }
-                msg = s.rx.recv() => msg,
-            };
-            if let Err(reason) = self.deliver(msg) {
-                pending = Some(reason);
-            }
-        }
+    async fn resume(&mut self, _from: Revision) -> Result<Stream, Lost> {
+        Err(Lost::Resync(ResyncReason::Reconnect))
     }
 
-    /// Queues one item from the member; `Err` asks for a resync.
-    fn deliver(&mut self, msg: Option<Reply>) -> Result<(), ResyncReason> {
-        let item = match msg {
+    async fn next(&mut self, stream: &mut Stream, _last: Revision) -> Result<Next, Lost> {
+        let item = match stream.rx.recv().await {
+            Some(Reply::Watch(item)) => item,
             None => {
                 tracing::debug!(registration = self.reg.name(), "remote watch stream broke");
-                return Err(ResyncReason::Reconnect);
+                return Err(Lost::Resync(ResyncReason::Reconnect));
             }
-            Some(Reply::Watch(item)) => item,
-            Some(_) => return Err(ResyncReason::Reconnect),
+            Some(_) => return Err(Lost::Resync(ResyncReason::Reconnect)),
         };
-        let (item, rev) = match item {
-            WireItem::Change { revision, changes } => {
-                let changes = match key_changes(changes) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = self.relay.try_send(Item::Interrupted(e));
-                        return Err(ResyncReason::Reconnect);
-                    }
-                };
-                (Item::Change(Revision(revision), changes), revision)
-            }
+        match item {
+            WireItem::Change { revision, changes } => key_changes(changes)
+                .map(|c| Next::Change(Revision(revision), c))
+                .map_err(Lost::Broken),
             WireItem::Resync {
                 revision,
                 reason,
                 prefixes,
-            } => match prefix_values(prefixes) {
-                Ok(values) => (Item::Resync(Revision(revision), reason, values), revision),
-                Err(e) => {
-                    let _ = self.relay.try_send(Item::Interrupted(e));
-                    return Err(ResyncReason::Reconnect);
-                }
-            },
-            WireItem::Interrupted(e) => {
-                let _ = self.relay.try_send(Item::Interrupted(from_wire(e)));
-                return Ok(());
-            }
-            WireItem::Failed(e) => {
-                let _ = self.relay.try_send(Item::Interrupted(from_wire(e)));
-                return Err(ResyncReason::Reconnect);
-            }
-        };
-        if self.relay.try_send(item).is_err() {
-            tracing::debug!(registration = self.reg.name(), "queue full: resync follows");
-            return Err(ResyncReason::Overflow);
+            } => prefix_values(prefixes)
+                .map(|values| Next::Resync(Revision(revision), reason, values))
+                .map_err(Lost::Broken),
+            WireItem::Interrupted(e) => Ok(Next::Interrupted(from_wire(e))),
+            WireItem::Failed(e) => Err(Lost::Broken(from_wire(e))),
         }
-        self.last = Revision(rev);
-        Ok(())
     }
 }
 

@@ -1,15 +1,16 @@
 //! [`RaftStore`]: the embedded store handle, a `datasync` `Watcher` and `Writer`.
 
+use datasync::transport::Producer;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use datasync::feed::FeedStream;
+use datasync::transport::feed::FeedStream;
 use datasync::{
     CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing,
-    Prefix, PrefixSet, PutOptions, ReadOptions, Registration, Revision, Source, StoreError, Value,
-    Watch, WatchOptions, Watcher, Writer,
+    Prefix, PrefixSet, PutOptions, ReadOptions, Revision, Source, StoreError, Value, Watch,
+    WatchOptions, Watcher, Writer,
 };
 use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
@@ -737,7 +738,10 @@ impl RaftStore {
 /// [`RaftStore::caught_up`]) once it has applied a read index from a leader. Retries
 /// with growing pauses until then; ends when the store stops.
 async fn catch_up(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
-    let mut pause = Duration::from_millis(50);
+    let mut pauses = datasync::transport::resync::Pauses::between(
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+    );
     loop {
         let Some(inner) = inner.upgrade() else {
             return;
@@ -764,9 +768,8 @@ async fn catch_up(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
         drop(store);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(pauses.next_pause()) => {}
         }
-        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -971,7 +974,7 @@ impl Watcher for RaftStore {
             node.check_member()?;
         }
         self.caught_up().await?;
-        let reg = Registration::new(name);
+        let reg = Producer::new(name);
         let set = PrefixSet::new(prefixes.iter().cloned());
         let sm = self.inner.sm.clone();
         let (feed, initial) = {
@@ -991,7 +994,7 @@ impl Watcher for RaftStore {
             feed,
             initial,
         );
-        Ok(Watch::new(reg, stream))
+        Ok(Watch::new(reg.registration(), stream))
     }
 }
 

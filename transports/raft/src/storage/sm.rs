@@ -2,14 +2,14 @@
 //! in-memory history for reads at past revisions, and feeds watchers. redb is written
 //! behind the apply path by a writer thread (see [`apply_batch`]).
 
+use datasync::transport::Producer;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Cursor;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use datasync::feed::{Feed, Hub, Snapshots, Txn};
+use datasync::transport::feed::{Feed, Hub, Snapshots, Txn};
 use datasync::{
-    Key, KeyChange, KeyValue, Op, Prefix, PrefixSet, PrefixValues, Registration, Revision,
-    StoreError, Value,
+    Key, KeyChange, KeyValue, Op, Prefix, PrefixSet, PrefixValues, Revision, StoreError, Value,
 };
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{
@@ -196,7 +196,7 @@ impl Shared {
     /// Subscribes `reg` and pins the state its initial resync is read from.
     pub(crate) fn subscribe(
         &self,
-        reg: &Registration,
+        reg: &Producer,
         prefixes: PrefixSet,
         capacity: usize,
     ) -> Result<(Feed, ReadTransaction, u64), StoreError> {

@@ -1,0 +1,478 @@
+//! The driver's transitions, without I/O: the pure state machine first, then [`drive`]
+//! over a scripted upstream under paused time.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::*;
+use crate::transport::{Producer, relay};
+use crate::{Event, Key, KeyChange, Op, Registration, Source, Value, Watch, WatchError};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn paused(state: &State) -> Option<(Duration, Phase)> {
+    match state.phase() {
+        Phase::Pausing { delay, then } => Some((*delay, (**then).clone())),
+        _ => None,
+    }
+}
+
+#[test]
+fn changes_move_the_revision_and_losses_owe_a_resync() {
+    let s = State::new(Phase::Following, Revision(1), true);
+    let (_, s) = s.step(Input::Change(Revision(4)));
+    assert_eq!((s.phase(), s.last()), (&Phase::Following, Revision(4)));
+    let (_, s) = s.step(Input::Progress(Revision(3)));
+    assert_eq!(s.last(), Revision(4), "progress never goes back");
+    let (_, s) = s.step(Input::Progress(Revision(9)));
+    assert_eq!(s.last(), Revision(9));
+    for (input, reason) in [
+        (Input::QueueFull, ResyncReason::Overflow),
+        (Input::Requested, ResyncReason::Requested),
+        (
+            Input::Lost(ResyncReason::Compacted),
+            ResyncReason::Compacted,
+        ),
+        (
+            Input::Lost(ResyncReason::StoreReset),
+            ResyncReason::StoreReset,
+        ),
+    ] {
+        let s = State::new(Phase::Following, Revision(1), true);
+        let (effect, s) = s.step(input);
+        assert_eq!(effect, Effect::None);
+        assert_eq!(s.action(), Action::Resync(reason));
+    }
+    let s = State::new(Phase::Following, Revision(5), true);
+    let (effect, s) = s.step(Input::Stale);
+    assert_eq!(effect, Effect::Report);
+    assert_eq!(s.action(), Action::Resync(ResyncReason::Reconnect));
+}
+
+#[test]
+fn a_resync_below_the_last_revision_is_a_store_reset() {
+    let s = State::new(
+        Phase::Resyncing(ResyncReason::Compacted),
+        Revision(7),
+        false,
+    );
+    assert_eq!(
+        s.reason_for(ResyncReason::Compacted, Revision(3)),
+        ResyncReason::StoreReset
+    );
+    assert_eq!(
+        s.reason_for(ResyncReason::Compacted, Revision(7)),
+        ResyncReason::Compacted
+    );
+    let (_, s) = s.step(Input::Resynced {
+        revision: Revision(3),
+        open: false,
+    });
+    assert_eq!(s.last(), Revision(3));
+    assert_eq!(s.action(), Action::Resume(Revision(4)));
+}
+
+#[test]
+fn a_break_resumes_with_growing_pauses_where_the_transport_resumes() {
+    let mut s = State::new(Phase::Following, Revision(2), true);
+    let mut pauses = Vec::new();
+    for _ in 0..8 {
+        let (effect, next) = s.step(Input::Broken { retryable: true });
+        assert_eq!(effect, Effect::None, "a resumable break is not reported");
+        let (delay, then) = paused(&next).expect("a pause");
+        assert_eq!(then, Phase::Resuming);
+        pauses.push(delay.as_millis());
+        let (_, next) = next.step(Input::Paused);
+        assert_eq!(next.action(), Action::Resume(Revision(3)));
+        s = next;
+    }
+    assert_eq!(pauses, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
+    // An open follower starts the pauses over.
+    let (_, s) = s.step(Input::Opened);
+    let (_, s) = s.step(Input::Broken { retryable: true });
+    assert_eq!(paused(&s).expect("a pause").0, ms(50));
+}
+
+#[test]
+fn a_break_that_cannot_resume_is_reported_and_resynced() {
+    for (resumes, retryable) in [(false, true), (false, false), (true, false)] {
+        let s = State::new(Phase::Following, Revision(2), resumes);
+        let (effect, s) = s.step(Input::Broken { retryable });
+        assert_eq!(
+            effect,
+            Effect::Report,
+            "resumes {resumes}, retryable {retryable}"
+        );
+        assert_eq!(s.action(), Action::Resync(ResyncReason::Reconnect));
+    }
+}
+
+#[test]
+fn failed_resyncs_back_off_and_a_success_starts_over() {
+    let mut s = State::new(Phase::Resyncing(ResyncReason::Overflow), Revision(2), false);
+    let mut pauses = Vec::new();
+    for _ in 0..3 {
+        let (_, next) = s.step(Input::ResyncFailed);
+        let (delay, then) = paused(&next).expect("a pause");
+        assert_eq!(
+            then,
+            Phase::Resyncing(ResyncReason::Overflow),
+            "the reason is kept"
+        );
+        pauses.push(delay.as_millis());
+        s = next.step(Input::Paused).1;
+    }
+    assert_eq!(pauses, [50, 100, 200]);
+    let (_, s) = s.step(Input::Resynced {
+        revision: Revision(9),
+        open: true,
+    });
+    assert_eq!((s.action(), s.last()), (Action::Follow, Revision(9)));
+    let (_, s) = s.step(Input::Lost(ResyncReason::Reconnect));
+    let (_, s) = s.step(Input::ResyncFailed);
+    assert_eq!(paused(&s).expect("a pause").0, ms(50));
+}
+
+#[test]
+fn a_close_ends_every_phase_for_good() {
+    let phases = [
+        Phase::Following,
+        Phase::Resuming,
+        Phase::Resyncing(ResyncReason::Requested),
+        Phase::Pausing {
+            delay: ms(50),
+            then: Box::new(Phase::Resuming),
+        },
+    ];
+    for phase in phases {
+        let (_, s) = State::new(phase, Revision(1), true).step(Input::Closed);
+        assert_eq!(s.action(), Action::Stop);
+        for input in [Input::Opened, Input::Requested, Input::Paused, Input::Stale] {
+            let (effect, after) = State::new(Phase::Closed, Revision(1), true).step(input);
+            assert_eq!((effect, after.action()), (Effect::None, Action::Stop));
+        }
+    }
+}
+
+// --- The driver over a scripted upstream.
+
+type Follower = mpsc::UnboundedReceiver<Result<Next, Lost>>;
+
+/// What the fake was asked, and when.
+type Log = Arc<Mutex<Vec<(Instant, String)>>>;
+
+struct Fake<const RESUMES: bool> {
+    /// Each snapshot's answer: a revision (and whether a follower comes with it), or an
+    /// error.
+    snapshots: VecDeque<Result<(u64, bool), StoreError>>,
+    /// Followers handed out by snapshots and resumes, in order.
+    followers: VecDeque<Follower>,
+    log: Log,
+    released: Arc<Mutex<usize>>,
+}
+
+impl<const R: bool> Fake<R> {
+    fn note(&self, what: String) {
+        self.log.lock().expect("log").push((Instant::now(), what));
+    }
+}
+
+#[async_trait::async_trait]
+impl<const R: bool> Upstream for Fake<R> {
+    type Follower = Follower;
+    const RESUMES: bool = R;
+
+    async fn snapshot(&mut self) -> Result<Snapshot<Follower>, StoreError> {
+        self.note("snapshot".into());
+        match self.snapshots.pop_front() {
+            Some(Ok((rev, with))) => Ok(Snapshot {
+                revision: Revision(rev),
+                values: Vec::new(),
+                follower: if with {
+                    self.followers.pop_front()
+                } else {
+                    None
+                },
+            }),
+            Some(Err(e)) => Err(e),
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn resume(&mut self, from: Revision) -> Result<Follower, Lost> {
+        self.note(format!("resume {}", from.0));
+        match self.followers.pop_front() {
+            Some(f) => Ok(f),
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn next(&mut self, f: &mut Follower, _last: Revision) -> Result<Next, Lost> {
+        match f.recv().await {
+            Some(item) => item,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn release(&mut self, _f: Follower) {
+        *self.released.lock().expect("count") += 1;
+    }
+}
+
+struct Run {
+    watch: Watch,
+    reg: Registration,
+    task: tokio::task::JoinHandle<()>,
+    log: Log,
+    released: Arc<Mutex<usize>>,
+}
+
+/// Starts a driver after an initial resync at r1, following `follower`.
+fn run<const R: bool>(
+    snapshots: Vec<Result<(u64, bool), StoreError>>,
+    mut followers: Vec<Follower>,
+    capacity: usize,
+) -> Run {
+    let producer = Producer::new("t");
+    let reg = producer.registration();
+    let (relay, watch) = relay::channel(&producer, Source::from(""), capacity);
+    relay
+        .try_send(relay::Item::Resync(
+            Revision(1),
+            ResyncReason::Initial,
+            Vec::new(),
+        ))
+        .expect("room");
+    let first = followers.remove(0);
+    let log = Log::default();
+    let released = Arc::new(Mutex::new(0));
+    let up = Fake::<R> {
+        snapshots: snapshots.into(),
+        followers: followers.into(),
+        log: log.clone(),
+        released: released.clone(),
+    };
+    let start = Start {
+        revision: Revision(1),
+        follower: Some(first),
+        owed: None,
+    };
+    let task = tokio::spawn(drive(up, relay, start));
+    Run {
+        watch,
+        reg,
+        task,
+        log,
+        released,
+    }
+}
+
+fn follower() -> (mpsc::UnboundedSender<Result<Next, Lost>>, Follower) {
+    mpsc::unbounded_channel()
+}
+
+fn change(rev: u64) -> Result<Next, Lost> {
+    let key = Key::new("k").expect("valid");
+    Ok(Next::Change(
+        Revision(rev),
+        vec![KeyChange {
+            key,
+            op: Op::Put,
+            value: Some(Value::from("v")),
+            prev: None,
+        }],
+    ))
+}
+
+/// The next event or error, as (kind, revision or reason).
+async fn next(w: &mut Watch) -> String {
+    let item = tokio::time::timeout(Duration::from_secs(60), w.next())
+        .await
+        .expect("an item within 60 s")
+        .expect("the stream goes on");
+    match item {
+        Ok(Event::Resync(r)) => {
+            let s = format!("resync {} {:?}", r.revision.0, r.reason);
+            r.done.ok();
+            s
+        }
+        Ok(Event::Change(c)) => {
+            let s = format!("change {}", c.revision.0);
+            c.done.ok();
+            s
+        }
+        Err(WatchError::Interrupted(_)) => "interrupted".into(),
+        Err(e) => format!("error {e}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn compaction_resyncs_with_its_reason_and_follows_the_new_follower() {
+    let (tx1, f1) = follower();
+    let (tx2, f2) = follower();
+    let mut r = run::<false>(vec![Ok((5, true))], vec![f1, f2], 8);
+    assert_eq!(next(&mut r.watch).await, "resync 1 Initial");
+    tx1.send(change(2)).expect("open");
+    tx1.send(Err(Lost::Resync(ResyncReason::Compacted)))
+        .expect("open");
+    assert_eq!(next(&mut r.watch).await, "change 2");
+    assert_eq!(next(&mut r.watch).await, "resync 5 Compacted");
+    tx2.send(change(6)).expect("open");
+    assert_eq!(next(&mut r.watch).await, "change 6");
+    assert_eq!(*r.released.lock().expect("count"), 1, "the old follower");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_went_back_is_a_store_reset_and_a_stale_change_is_an_error() {
+    let (tx1, f1) = follower();
+    let (tx2, f2) = follower();
+    let mut r = run::<false>(vec![Ok((3, true)), Ok((4, true))], vec![f1, f2], 8);
+    assert_eq!(next(&mut r.watch).await, "resync 1 Initial");
+    tx1.send(change(7)).expect("open");
+    tx1.send(Err(Lost::Resync(ResyncReason::Reconnect)))
+        .expect("open");
+    assert_eq!(next(&mut r.watch).await, "change 7");
+    assert_eq!(next(&mut r.watch).await, "resync 3 StoreReset");
+    tx2.send(change(3)).expect("open");
+    assert_eq!(next(&mut r.watch).await, "interrupted");
+    assert_eq!(next(&mut r.watch).await, "resync 4 Reconnect");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_resync_backs_off_and_reports_each_failure() {
+    let (tx1, f1) = follower();
+    let (_tx2, f2) = follower();
+    let down = || Err(StoreError::Unavailable("down".into()));
+    let mut r = run::<false>(vec![down(), down(), down(), Ok((9, true))], vec![f1, f2], 8);
+    assert_eq!(next(&mut r.watch).await, "resync 1 Initial");
+    tx1.send(Err(Lost::Broken(StoreError::Unavailable("gone".into()))))
+        .expect("open");
+    // The break itself, then three failed reads, then the resync.
+    for _ in 0..4 {
+        assert_eq!(next(&mut r.watch).await, "interrupted");
+    }
+    assert_eq!(next(&mut r.watch).await, "resync 9 Reconnect");
+    let log = r.log.lock().expect("log").clone();
+    let times: Vec<Instant> = log.iter().map(|(t, _)| *t).collect();
+    let gaps: Vec<u128> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    // Paused time fires a timer on the millisecond after its deadline at the latest.
+    let expected = [50, 100, 200];
+    assert_eq!(gaps.len(), 3, "{log:?}");
+    for (gap, want) in gaps.iter().zip(expected) {
+        assert!(
+            (want..=want + 2).contains(gap),
+            "pauses {gaps:?}, want {expected:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resuming_transport_reopens_from_the_next_revision_without_a_resync() {
+    let (tx1, f1) = follower();
+    let (tx2, f2) = follower();
+    let (_tx3, f3) = follower();
+    let mut r = run::<true>(vec![], vec![f1, f2, f3], 8);
+    assert_eq!(next(&mut r.watch).await, "resync 1 Initial");
+    tx1.send(change(2)).expect("open");
+    tx1.send(Err(Lost::Broken(StoreError::Unavailable("gone".into()))))
+        .expect("open");
+    assert_eq!(next(&mut r.watch).await, "change 2");
+    tx2.send(change(3)).expect("open");
+    tx2.send(Err(Lost::Broken(StoreError::Timeout(ms(1)))))
+        .expect("open");
+    assert_eq!(next(&mut r.watch).await, "change 3");
+    tokio::time::sleep(ms(500)).await;
+    let log: Vec<String> = r
+        .log
+        .lock()
+        .expect("log")
+        .iter()
+        .map(|(_, s)| s.clone())
+        .collect();
+    assert_eq!(log, ["resume 3", "resume 4"], "no resync, no snapshot");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_resyncs_once_the_consumer_made_room() {
+    let (tx1, f1) = follower();
+    let (_tx2, f2) = follower();
+    let mut r = run::<false>(vec![Ok((10, true))], vec![f1, f2], 2);
+    for rev in 2..=5 {
+        tx1.send(change(rev)).expect("open");
+    }
+    tokio::time::sleep(ms(10)).await;
+    // The queue held the initial resync and r2; r3 found it full.
+    assert_eq!(next(&mut r.watch).await, "resync 1 Initial");
+    assert_eq!(next(&mut r.watch).await, "change 2");
+    assert_eq!(next(&mut r.watch).await, "resync 10 Overflow");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_requested_resync_comes_after_what_was_queued() {
+    let (tx1, f1) = follower();
+    let (_tx2, f2) = follower();
+    let mut r = run::<false>(vec![Ok((6, true))], vec![f1, f2], 8);
+    tx1.send(change(2)).expect("open");
+    tokio::time::sleep(ms(10)).await;
+    r.reg.request_resync();
+    r.reg.request_resync();
+    assert_eq!(next(&mut r.watch).await, "resync 1 Initial");
+    assert_eq!(next(&mut r.watch).await, "change 2");
+    assert_eq!(next(&mut r.watch).await, "resync 6 Requested");
+    tokio::time::sleep(ms(100)).await;
+    let snapshots = r.log.lock().expect("log").len();
+    assert_eq!(snapshots, 1, "two requests, one resync");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_close_ends_the_task_in_every_phase_and_releases_the_follower() {
+    // Following.
+    let (_tx, f) = follower();
+    let r = run::<false>(vec![], vec![f], 8);
+    tokio::time::sleep(ms(10)).await;
+    r.reg.close();
+    tokio::time::timeout(ms(100), r.task)
+        .await
+        .expect("ends")
+        .expect("no panic");
+    assert_eq!(*r.released.lock().expect("count"), 1);
+    // Pausing after failed resyncs.
+    let (tx, f) = follower();
+    let down = Err(StoreError::Unavailable("down".into()));
+    let r = run::<false>(vec![down], vec![f], 8);
+    tx.send(Err(Lost::Resync(ResyncReason::Compacted)))
+        .expect("open");
+    tokio::time::sleep(ms(20)).await;
+    r.reg.close();
+    tokio::time::timeout(ms(100), r.task)
+        .await
+        .expect("ends")
+        .expect("no panic");
+    // Resyncing (the read never answers) and resuming (never opens).
+    for resumes in [false, true] {
+        let (tx, f) = follower();
+        let r = if resumes {
+            run::<true>(vec![], vec![f], 8)
+        } else {
+            run::<false>(vec![], vec![f], 8)
+        };
+        tx.send(Err(Lost::Broken(StoreError::Unavailable("gone".into()))))
+            .expect("open");
+        tokio::time::sleep(ms(3000)).await;
+        r.reg.close();
+        tokio::time::timeout(ms(100), r.task)
+            .await
+            .expect("ends")
+            .expect("no panic");
+    }
+}
