@@ -61,6 +61,13 @@ pub enum StoreError {
     /// The store has stopped (closed or failed fatally); this handle will not recover.
     #[error("store stopped")]
     Stopped,
+    /// The store did not accept the credentials (a wrong password or secret, none
+    /// given where they are required, an expired token). Not retryable.
+    #[error("not authenticated")]
+    Unauthenticated(#[source] BoxError),
+    /// The credentials were accepted but do not allow this operation. Not retryable.
+    #[error("permission denied")]
+    PermissionDenied(#[source] BoxError),
     /// Some parts of a composite writer failed.
     #[error("{} of {} writers failed", .0.failed(), .0.results.len())]
     Composite(Box<crate::composite::CompositeError>),

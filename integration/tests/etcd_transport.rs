@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use datasync::{
     DeleteOptions, Event, Mirror, Op, Prefix, PutOptions, ReadOptions, ResyncReason, Revision,
-    Value, WatchOptions, Watcher, Writer,
+    StoreError, Value, WatchOptions, Watcher, Writer,
 };
 use datasync_etcd::{EtcdConfig, EtcdStore};
 use datasync_integration::testkit::{assert_same, key, next, prefix};
@@ -531,15 +531,20 @@ async fn user_and_password_authenticate_and_a_wrong_one_is_refused() {
     let wrong = EtcdStore::connect(config.clone().with_user("root", "wrong")).await;
     let e = wrong.expect_err("a wrong password connected");
     assert!(
-        !e.is_retryable(),
-        "a wrong password must not look retryable: {e:?}"
+        matches!(e, StoreError::Unauthenticated(_)),
+        "a wrong password: {e:?}"
     );
+    assert!(!e.is_retryable());
     let anonymous = EtcdStore::connect(config).await;
     let e = anonymous.expect_err("no credentials connected to an etcd with auth");
     assert!(
-        !e.is_retryable(),
-        "missing credentials must not look retryable: {e:?}"
+        matches!(
+            e,
+            StoreError::Unauthenticated(_) | StoreError::PermissionDenied(_)
+        ),
+        "missing credentials: {e:?}"
     );
+    assert!(!e.is_retryable());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,17 @@ pub(crate) fn store_error(e: etcd_client::Error) -> StoreError {
                 StoreError::Unavailable(Box::new(status))
             }
             Code::DeadlineExceeded => StoreError::Unavailable(Box::new(status)),
+            Code::Unauthenticated => StoreError::Unauthenticated(Box::new(status)),
+            // etcd answers a wrong user or password, and a request without one where
+            // auth is on, with InvalidArgument.
+            Code::InvalidArgument
+                if ["authentication failed", "user name is empty"]
+                    .iter()
+                    .any(|m| status.message().contains(m)) =>
+            {
+                StoreError::Unauthenticated(Box::new(status))
+            }
+            Code::PermissionDenied => StoreError::PermissionDenied(Box::new(status)),
             _ => StoreError::Backend(Box::new(status)),
         },
         E::TransportError(t) => StoreError::Unavailable(Box::new(t)),

@@ -33,9 +33,8 @@ where
 pub(crate) fn connect_error(err: async_nats::ConnectError) -> StoreError {
     use async_nats::ConnectErrorKind as K;
     match err.kind() {
-        K::AuthorizationViolation | K::Authentication | K::ServerParse => {
-            StoreError::Backend(Box::new(err))
-        }
+        K::AuthorizationViolation | K::Authentication => StoreError::Unauthenticated(Box::new(err)),
+        K::ServerParse => StoreError::Backend(Box::new(err)),
         _ => StoreError::Unavailable(Box::new(err)),
     }
 }

@@ -262,6 +262,9 @@ impl From<ClusterError> for datasync::StoreError {
     fn from(e: ClusterError) -> Self {
         match e {
             ClusterError::Stopped => datasync::StoreError::Stopped,
+            e @ ClusterError::Unauthenticated(_) => {
+                datasync::StoreError::Unauthenticated(Box::new(e))
+            }
             e if e.is_retryable() => datasync::StoreError::Unavailable(Box::new(e)),
             e => datasync::StoreError::Backend(Box::new(e)),
         }
