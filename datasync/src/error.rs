@@ -65,6 +65,10 @@ pub enum StoreError {
     /// given where they are required, an expired token). Not retryable.
     #[error("not authenticated")]
     Unauthenticated(#[source] BoxError),
+    /// A read-modify-write ([`crate::WriterExt::update`]) met a conflict on every one of
+    /// this many attempts: the key is changing too fast. Retryable.
+    #[error("the key changed under each of {0} attempts")]
+    Contended(u32),
     /// The credentials were accepted but do not allow this operation. Not retryable.
     #[error("permission denied")]
     PermissionDenied(#[source] BoxError),
@@ -80,7 +84,7 @@ impl StoreError {
     /// Whether trying the same call again may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            StoreError::Unavailable(_) | StoreError::Timeout(_) => true,
+            StoreError::Unavailable(_) | StoreError::Timeout(_) | StoreError::Contended(_) => true,
             StoreError::Composite(c) => c
                 .results
                 .iter()

@@ -96,5 +96,5 @@ pub use value::{Codec, DecodeError, EncodeError, Json, Proto, Value};
 pub use watch::{Registration, Watch, WatchOptions, Watcher};
 pub use write::{
     CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Limits, Listing, MAX_TTL, PutOptions,
-    ReadOptions, Store, TypedPutError, Writer, WriterExt,
+    ReadOptions, Store, TypedPutError, UPDATE_ATTEMPTS, Updated, Writer, WriterExt,
 };

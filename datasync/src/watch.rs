@@ -53,6 +53,10 @@ impl WatchOptions {
 #[async_trait::async_trait]
 pub trait Watcher: Send + Sync + fmt::Debug {
     /// Registers a watch of `prefixes` named `name` (names appear in logs and status).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a registration whose `watch` was dropped before it returned is
+    /// released with it (its stream or connection is dropped; no task outlives it).
     async fn watch(
         &self,
         name: &str,

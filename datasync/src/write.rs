@@ -196,18 +196,36 @@ pub trait Writer: Send + Sync + fmt::Debug {
     fn limits(&self) -> Limits;
 
     /// Creates or replaces `key`.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped after the request left, the write may or may not
+    /// happen, as when it fails with `Unavailable` or `Timeout`; read to find out.
     async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError>;
 
     /// Deletes `key`, or every key under it with [`DeleteOptions::prefix`].
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped after the request left, the write may or may not
+    /// happen, as when it fails with `Unavailable` or `Timeout`; read to find out.
     async fn delete(&self, key: &Key, opts: DeleteOptions) -> Result<Deleted, StoreError>;
 
     /// Reads one key.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it changes nothing.
     async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError>;
 
     /// Reads every key under `prefix`, at one revision.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it changes nothing.
     async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError>;
 
     /// Writes `value` only if `expect` holds for `key`, atomically.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped after the request left, the write may or may not
+    /// happen, as when it fails with `Unavailable` or `Timeout`; read to find out.
     async fn compare_and_swap(
         &self,
         key: &Key,
@@ -257,9 +275,61 @@ pub enum TypedPutError {
     Store(#[from] StoreError),
 }
 
-/// Typed puts through a [`Codec`] (e.g. [`crate::Proto`], [`crate::Json`]).
+/// How many times [`WriterExt::update`] tries before it reports
+/// [`StoreError::Contended`].
+pub const UPDATE_ATTEMPTS: u32 = 64;
+
+/// What [`WriterExt::update`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Updated {
+    /// The new value was written at this revision.
+    Written(Revision),
+    /// The function left the key as it was; the key's state it saw.
+    Unchanged(Option<KeyValue>),
+}
+
+/// Typed puts through a [`Codec`] (e.g. [`crate::Proto`], [`crate::Json`]), and
+/// read-modify-write.
 #[async_trait::async_trait]
 pub trait WriterExt: Writer {
+    /// Read-modify-write of one key, in the style of CASPaxos: reads the key
+    /// (linearizable), gives `f` its current value (`None`: absent), and writes what `f`
+    /// returns with a compare-and-swap on the revision it read; `f` returning `None`
+    /// writes nothing. On a conflict `f` runs again on the value the conflict reports,
+    /// up to [`UPDATE_ATTEMPTS`] times in all, then [`StoreError::Contended`]
+    /// (retryable). So `f` must be a pure function of its input: it may run more than
+    /// once, and only its last result is written.
+    ///
+    /// A transport without compare-and-swap answers `Unsupported`.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped after its compare-and-swap was sent, the write may or
+    /// may not have happened (as for any write).
+    async fn update<F>(&self, key: &Key, mut f: F, opts: PutOptions) -> Result<Updated, StoreError>
+    where
+        F: FnMut(Option<&Value>) -> Option<Value> + Send,
+    {
+        let mut current = self.get(key, ReadOptions::new()).await?;
+        for _ in 0..UPDATE_ATTEMPTS {
+            let Some(value) = f(current.as_ref().map(|kv| &kv.value)) else {
+                return Ok(Updated::Unchanged(current));
+            };
+            let expect = match &current {
+                None => Expect::Absent,
+                Some(kv) => Expect::Revision(kv.revision),
+            };
+            match self
+                .compare_and_swap(key, expect, value, opts.clone())
+                .await?
+            {
+                CasOutcome::Swapped(rev) => return Ok(Updated::Written(rev)),
+                CasOutcome::Conflict(now) => current = now,
+            }
+        }
+        Err(StoreError::Contended(UPDATE_ATTEMPTS))
+    }
+
     /// Encodes `item` with `C` and puts it.
     async fn put_as<C: Codec>(
         &self,

@@ -51,7 +51,10 @@ impl Proxy {
                     if let Ok(server) = TcpStream::connect(&upstream).await {
                         let (mut from_server, mut to_server) = server.into_split();
                         let (mut from_client, to_client) = client.into_split();
-                        let up = tokio::io::copy(&mut from_client, &mut to_server);
+                        let up = async {
+                            tokio::io::copy(&mut from_client, &mut to_server).await?;
+                            to_server.shutdown().await
+                        };
                         let down = forward(&mut from_server, to_client, paused);
                         let _ = tokio::join!(up, down);
                     }

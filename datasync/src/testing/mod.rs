@@ -212,6 +212,7 @@ macro_rules! conformance_tests {
             rule8_huge_ttls_are_refused_or_kept,
             rule8_compare_and_swap,
             rule8_cas_is_linearizable_read_modify_write,
+            rule8_update_is_a_read_modify_write,
             rule9_bad_input_gets_typed_errors,
             keys_unicode_prefixes_match_a_model,
         );

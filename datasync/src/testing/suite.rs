@@ -7,6 +7,7 @@ use super::{Failure, Harness, Outcome, TestFn, ensure, eventually, next_event};
 use crate::{
     CasOutcome, DeleteOptions, DoneError, Event, Expect, Key, Mirror, Op, Prefix, PutOptions,
     ReadOptions, ResyncReason, Revision, StoreError, Value, Watch, WatchOptions, Watcher, Writer,
+    WriterExt,
 };
 
 crate::conformance_tests!(@list @all;);
@@ -764,6 +765,64 @@ pub async fn rule8_cas_is_linearizable_read_modify_write<H: Harness>(h: &H) -> O
         values == (1..=200).collect::<Vec<_>>(),
         "swaps in revision order must count 1..=200, got {values:?}"
     );
+    Ok(())
+}
+
+/// Rule 8: `update` (read-modify-write on compare-and-swap) creates, leaves alone, and
+/// under concurrent writers loses no increment and writes none twice.
+pub async fn rule8_update_is_a_read_modify_write<H: Harness>(h: &H) -> Outcome {
+    let s = h.store().await;
+    let k = key("r8u/counter");
+    let count = |v: Option<&Value>| -> u64 {
+        v.and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let first = s
+        .update(
+            &k,
+            |v| Some(Value::from((count(v) + 1).to_string())),
+            PutOptions::new(),
+        )
+        .await?;
+    ensure!(
+        matches!(first, crate::Updated::Written(_)),
+        "an update of an absent key creates it: {first:?}"
+    );
+    let left = s.update(&k, |_| None, PutOptions::new()).await?;
+    ensure!(
+        matches!(&left, crate::Updated::Unchanged(Some(kv)) if kv.value == Value::from("1")),
+        "an update that returns None writes nothing and reports what it saw: {left:?}"
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (s, k) = (s.clone(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut revisions = Vec::new();
+            for _ in 0..10 {
+                let inc = |v: Option<&Value>| Some(Value::from((count(v) + 1).to_string()));
+                match s.update(&k, inc, PutOptions::new()).await? {
+                    crate::Updated::Written(r) => revisions.push(r),
+                    other => return Err(StoreError::Backend(format!("{other:?}").into())),
+                }
+            }
+            Ok::<_, StoreError>(revisions)
+        }));
+    }
+    let mut revisions = Vec::new();
+    for t in tasks {
+        revisions.extend(
+            t.await
+                .map_err(|e| Failure(format!("task panicked: {e}")))??,
+        );
+    }
+    let final_value = s.get(&k, ReadOptions::new()).await?.map(|kv| kv.value);
+    ensure!(
+        final_value == Some(Value::from("41")),
+        "1 + 40 concurrent increments left {final_value:?}"
+    );
+    revisions.sort();
+    revisions.dedup();
+    ensure!(revisions.len() == 40, "40 writes, each at its own revision");
     Ok(())
 }
 

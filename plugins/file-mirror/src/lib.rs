@@ -382,8 +382,11 @@ impl Tree {
     fn unmake(&self, segs: &[String], made: Option<usize>) {
         let Some(from) = made else { return };
         for depth in (from..segs.len() - 1).rev() {
-            if self.root.remove_dir(segs[..=depth].join("/")).is_err() {
-                return;
+            match self.root.remove_dir(segs[..=depth].join("/")) {
+                // Never made (the making failed before it): go on up.
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(_) => return,
+                Ok(()) => {}
             }
         }
     }

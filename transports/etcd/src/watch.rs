@@ -85,7 +85,7 @@ struct EtcdWatch {
     cluster: u64,
     /// Changes of a response not yet handed to the driver, one per revision, or how
     /// the response showed continuity lost.
-    buffered: VecDeque<Result<(Revision, Vec<KeyChange>), Lost>>,
+    buffered: VecDeque<Result<Next, Lost>>,
 }
 
 /// An open etcd watch and its id.
@@ -119,7 +119,7 @@ impl Upstream for EtcdWatch {
     async fn next(&mut self, (ws, _): &mut Follower, last: Revision) -> Result<Next, Lost> {
         loop {
             if let Some(item) = self.buffered.pop_front() {
-                return item.map(|(rev, changes)| Next::Change(rev, changes));
+                return item;
             }
             let resp = match ws.message().await {
                 Ok(Some(resp)) => resp,
@@ -228,9 +228,13 @@ impl EtcdWatch {
                 return;
             }
             let mut changes: Vec<_> = txn.iter().filter_map(|e| self.change(e)).collect();
-            if !changes.is_empty() {
+            if changes.is_empty() {
+                // Only keys outside the prefixes (the watched range covers them): the
+                // resume point still moves past it.
+                self.buffered.push_back(Ok(Next::Progress(rev)));
+            } else {
                 changes.sort_by(|a, b| a.key.cmp(&b.key));
-                self.buffered.push_back(Ok((rev, changes)));
+                self.buffered.push_back(Ok(Next::Change(rev, changes)));
             }
         }
     }

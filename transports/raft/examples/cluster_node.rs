@@ -1,7 +1,7 @@
 //! Test helper for `tests/processes.rs`: one cluster member in a process of its own,
 //! with the test secret and small snapshots (every 50 entries, 5 kept), until killed.
 //! Prints `READY <addr>` once open, then `STATUS <leader> <revision> <snapshots
-//! installed>` every 50 ms.
+//! installed>` every 50 ms; SIGTERM shuts the store down cleanly.
 //!
 //! Run: `cargo run -p datasync-raft --example cluster_node -- <id> <dir> <listen> [<join>]`
 
@@ -25,18 +25,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .snapshots(50, 5)
         .cluster(id.parse()?, cluster);
     let store = RaftStore::open(config).await?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "READY {}", store.cluster_addr().unwrap_or_default())?;
-    out.flush()?;
+    println!("READY {}", store.cluster_addr().unwrap_or_default());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        writeln!(
-            out,
+        let line = format!(
             "STATUS {} {} {}",
             store.leader().unwrap_or(0),
             store.revision().0,
             store.snapshots_installed()
-        )?;
-        out.flush()?;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        );
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}")?;
+            out.flush()?;
+        }
+        tokio::select! {
+            _ = term.recv() => {
+                store.shutdown().await;
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
     }
 }

@@ -253,6 +253,11 @@ impl RaftStore {
                 .map_err(|e| raft_err(Box::new(e)))?
                 .map_err(|e| raft_err(Box::new(e)))?
         };
+        // A member that left has no group to catch up with; it serves what it has.
+        let left = config.dir.join(LEFT).exists();
+        if config.cluster.is_some() {
+            shared.set_complete(clean || left);
+        }
         let mut raft_config = openraft::Config {
             cluster_name: "datasync".into(),
             heartbeat_interval: 50,
@@ -368,8 +373,8 @@ impl RaftStore {
                 service,
                 forward_timeout: c.forward_timeout,
                 server: std::sync::Mutex::new(Some(server)),
-                left: std::sync::atomic::AtomicBool::new(false),
-                caught_up: tokio::sync::watch::Sender::new(clean),
+                left: std::sync::atomic::AtomicBool::new(left),
+                caught_up: tokio::sync::watch::Sender::new(clean || left),
             })
         } else {
             if !initialized {
@@ -561,6 +566,11 @@ impl RaftStore {
             .await?;
         if !wait {
             node.left.store(true, std::sync::atomic::Ordering::Release);
+            // Remembered across restarts: a restarted member that left must not wait
+            // for a group that no longer replicates to it (see `caught_up`).
+            if let Err(e) = std::fs::write(self.inner.config.dir.join(LEFT), b"left\n") {
+                warn!(error = %e, "could not record that this member left");
+            }
         }
         Ok(())
     }
@@ -734,14 +744,20 @@ impl RaftStore {
     }
 }
 
+/// The file in a member's data directory that says it left its group.
+const LEFT: &str = "LEFT";
+
 /// Opens the read gate of a member that restarted after a crash (see
-/// [`RaftStore::caught_up`]) once it has applied a read index from a leader. Retries
-/// with growing pauses until then; ends when the store stops.
+/// [`RaftStore::caught_up`]) once it has applied a read index from a leader: the first
+/// one it gets, waited for as long as it takes (a member that applies slower than a
+/// busy group writes would never reach a fresh index each time). Retries with growing
+/// pauses; ends when the store stops.
 async fn catch_up(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
     let mut pauses = datasync::transport::resync::Pauses::between(
         Duration::from_millis(50),
         Duration::from_secs(1),
     );
+    let mut target = None;
     loop {
         let Some(inner) = inner.upgrade() else {
             return;
@@ -751,9 +767,15 @@ async fn catch_up(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
             return;
         };
         let attempt = async {
-            match node.to_leader(|| Request::ReadIndex).await {
-                Ok((Reply::ReadIndex(Ok(index)), _)) => store.applied(index).await.is_ok(),
-                _ => false,
+            if target.is_none()
+                && let Ok((Reply::ReadIndex(Ok(index)), _)) =
+                    node.to_leader(|| Request::ReadIndex).await
+            {
+                target = Some(index);
+            }
+            match target {
+                Some(index) => store.applied(index).await.is_ok(),
+                None => false,
             }
         };
         let done = tokio::select! {
@@ -762,6 +784,7 @@ async fn catch_up(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
         };
         if done {
             debug!(node = node.id, "caught up with the group after a restart");
+            store.inner.sm.set_complete(true);
             node.caught_up.send_replace(true);
             return;
         }

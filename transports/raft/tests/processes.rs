@@ -288,6 +288,14 @@ async fn a_member_restarted_after_a_crash_never_serves_older_state() {
     let on_f = short(&faddr).await.unwrap();
     let prefix = Prefix::new("g/").unwrap();
     let local = ReadOptions::new().consistency(Consistency::Local);
+    // Two writes a second apart: the state machine commits durably about once a
+    // second, so its files then hold an applied state (a clean-close record needs one).
+    for w in ["w/0", "w/1"] {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        on_f.put(&Key::new(w).unwrap(), Value::from("x"), PutOptions::new())
+            .await
+            .unwrap();
+    }
     // Fewer writes than a snapshot's 50 entries (a snapshot commits durably), in well
     // under a second: the last of them are applied but not yet durable in redb.
     for i in 0..30 {
@@ -339,6 +347,32 @@ async fn a_member_restarted_after_a_crash_never_serves_older_state() {
                 r.revision.0
             );
         }
+    }
+
+    // Stopped cleanly while still behind, it must not take its files for complete.
+    let pid = back.child.id().expect("running");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let mut back = back;
+    let exit = tokio::time::timeout(Duration::from_secs(30), back.child.wait())
+        .await
+        .expect("a clean stop within 30 s")
+        .unwrap();
+    assert!(exit.success(), "clean stop: {exit:?}");
+    drop(client);
+    let back = Node::start(fid, dirs[fid as usize - 1].path(), &faddr, None).await;
+    let client = short(&back.addr).await.unwrap();
+    match client.list(&prefix, local).await {
+        Ok(l) => assert!(
+            !older(&l),
+            "after a clean stop while catching up, a member served an older state: {} keys at r{}",
+            l.values.len(),
+            l.revision.0
+        ),
+        Err(e) => eprintln!("still refused after a clean stop, as it should: {e}"),
     }
 
     // The others come back; the member catches up and serves everything it had.

@@ -243,9 +243,11 @@ impl State {
                 self.pause_then(Phase::Resuming)
             }
             (Input::Broken { .. }, _) => {
-                // Not resumable here: the consumer hears of it, and a resync follows.
+                // Not resumable here: the consumer hears of it, and a resync follows
+                // after a pause (a break that persists while reads work must not become
+                // a loop of full resyncs).
                 effect = Effect::Report;
-                Phase::Resyncing(ResyncReason::Reconnect)
+                self.pause_then(Phase::Resyncing(ResyncReason::Reconnect))
             }
             // An input the phase does not expect (a late pause end, a failure after a
             // close) changes nothing.

@@ -110,6 +110,8 @@ fn a_break_that_cannot_resume_is_reported_and_resynced() {
             Effect::Report,
             "resumes {resumes}, retryable {retryable}"
         );
+        assert_eq!(s.action(), Action::Pause(ms(50)));
+        let (_, s) = s.step(Input::Paused);
         assert_eq!(s.action(), Action::Resync(ResyncReason::Reconnect));
     }
 }
@@ -354,7 +356,7 @@ async fn a_failing_resync_backs_off_and_reports_each_failure() {
     assert_eq!(next(&mut r.watch).await, "resync 1 Initial");
     tx1.send(Err(Lost::Broken(StoreError::Unavailable("gone".into()))))
         .expect("open");
-    // The break itself, then three failed reads, then the resync.
+    // The break itself (a pause follows it), then three failed reads, then the resync.
     for _ in 0..4 {
         assert_eq!(next(&mut r.watch).await, "interrupted");
     }
@@ -366,7 +368,7 @@ async fn a_failing_resync_backs_off_and_reports_each_failure() {
         .map(|w| (w[1] - w[0]).as_millis())
         .collect();
     // Paused time fires a timer on the millisecond after its deadline at the latest.
-    let expected = [50, 100, 200];
+    let expected = [100, 200, 400];
     assert_eq!(gaps.len(), 3, "{log:?}");
     for (gap, want) in gaps.iter().zip(expected) {
         assert!(

@@ -131,6 +131,7 @@ impl Shared {
             progress: Condvar::new(),
             stored_changed: Notify::new(),
             backlog: tokio::sync::Semaphore::new(BACKLOG),
+            complete: std::sync::atomic::AtomicBool::new(true),
         });
         let ttl_changed = Arc::new(Notify::new());
         let (queue, rx) = std::sync::mpsc::channel();
@@ -178,6 +179,14 @@ impl Shared {
         {
             tracing::error!("the state machine's writer thread panicked");
         }
+    }
+
+    /// Says whether the replica holds at least what it served before its last crash
+    /// (see [`take_clean_close`]).
+    pub(crate) fn set_complete(&self, complete: bool) {
+        self.pending
+            .complete
+            .store(complete, std::sync::atomic::Ordering::Release);
     }
 
     /// Waits until redb holds everything applied so far.
@@ -673,6 +682,9 @@ struct Pending {
     stored_changed: Notify,
     /// Applies the writer may fall behind by; apply waits beyond it.
     backlog: tokio::sync::Semaphore,
+    /// Whether the replica holds at least what it served before its last crash (false
+    /// while a restarted member catches up): only then is a close a clean one.
+    complete: std::sync::atomic::AtomicBool,
 }
 
 /// Applies a writer thread may fall behind by before apply waits for it.
@@ -1114,8 +1126,11 @@ fn writer(db: Arc<Database>, pending: Arc<Pending>, queue: std::sync::mpsc::Rece
         }
     }
     // The queue closed: the store is closing. A durable commit makes everything stored
-    // so far durable and says so (see `take_clean_close`).
-    if let Err(e) = mark_clean(&db) {
+    // so far durable and says so (see `take_clean_close`), unless the replica is still
+    // behind what it served before a crash: then the next open must catch up again.
+    if pending.complete.load(std::sync::atomic::Ordering::Acquire)
+        && let Err(e) = mark_clean(&db)
+    {
         tracing::warn!(error = %e, "could not record a clean close");
     }
 }
