@@ -252,6 +252,49 @@ async fn events_sent_without_prev_kv_after_compaction_become_a_resync() {
     assert_same(&direct, &mirror, "p/").await;
 }
 
+/// A watch of `a/` and `c/` covers `b/` on the server (one range), so etcd sends the
+/// writes under `b/` too. They are not the consumer's, but the resume point must move
+/// past them: a network drop, then compaction up to the head, must resume without a
+/// resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resume_point_moves_past_writes_outside_the_prefixes() {
+    let etcd = server().await;
+    let proxy = Proxy::start(etcd.endpoint().trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let store = connect(&proxy.endpoint()).await;
+    let direct = connect(etcd.endpoint()).await;
+    let mut w = store
+        .watch("ac", &[prefix("a/"), prefix("c/")], WatchOptions::default())
+        .await
+        .unwrap();
+    let first = next(&mut w).await;
+    first.into_done().ok();
+    let mut head = Revision(0);
+    for i in 0..5 {
+        head = direct
+            .put(&key(&format!("b/{i}")), "x".into(), PutOptions::new())
+            .await
+            .unwrap();
+    }
+    // Let the watch see them (they reach the client, which drops them).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    let mut kv = direct.client().kv_client();
+    kv.compact(head.0 as i64, None).await.unwrap();
+    proxy.restore();
+    let r = direct
+        .put(&key("a/1"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    let Event::Change(c) = &ev else {
+        panic!("want the change at {r} without a resync, got {ev:?}");
+    };
+    assert_eq!(c.revision, r);
+    ev.into_done().ok();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_restored_from_a_backup_becomes_a_resync() {
     let mut etcd = server().await;
