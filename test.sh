@@ -71,6 +71,13 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 say "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --quiet
 
+say "the agent runtime without its plugins feature links no shipped plugin"
+if cargo tree -p datasync-agent --no-default-features -e normal --prefix none |
+  grep -E '^datasync-(file-mirror|netconfig) '; then
+  echo "error: datasync-agent without the plugins feature depends on a shipped plugin" >&2
+  exit 1
+fi
+
 say "cargo test (unit, conformance, doc tests)"
 cargo test --workspace --all-features
 
