@@ -26,6 +26,16 @@ async fn connect(endpoint: &str) -> EtcdStore {
         .unwrap()
 }
 
+/// A proxy to `etcd`, a store through it, and a store straight to etcd.
+async fn through_a_proxy(etcd: &EtcdServer) -> (Proxy, EtcdStore, EtcdStore) {
+    let proxy = Proxy::start(etcd.endpoint().trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let store = connect(&proxy.endpoint()).await;
+    let direct = connect(etcd.endpoint()).await;
+    (proxy, store, direct)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_killed_under_write_load_no_gap_no_duplicate() {
     let mut etcd = server().await;
@@ -126,11 +136,7 @@ async fn etcd_killed_under_write_load_no_gap_no_duplicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_while_the_network_is_down_becomes_a_resync() {
     let etcd = server().await;
-    let proxy = Proxy::start(etcd.endpoint().trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let store = connect(&proxy.endpoint()).await;
-    let direct = connect(etcd.endpoint()).await;
+    let (proxy, store, direct) = through_a_proxy(&etcd).await;
     for i in 0..10 {
         direct
             .put(&key(&format!("c/{i}")), "old".into(), PutOptions::new())
@@ -200,11 +206,7 @@ async fn compaction_while_the_network_is_down_becomes_a_resync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_sent_without_prev_kv_after_compaction_become_a_resync() {
     let etcd = server().await;
-    let proxy = Proxy::start(etcd.endpoint().trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let store = connect(&proxy.endpoint()).await;
-    let direct = connect(etcd.endpoint()).await;
+    let (proxy, store, direct) = through_a_proxy(&etcd).await;
     direct
         .put(&key("p/k"), "v0".into(), PutOptions::new())
         .await
@@ -259,11 +261,7 @@ async fn events_sent_without_prev_kv_after_compaction_become_a_resync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_resume_point_moves_past_writes_outside_the_prefixes() {
     let etcd = server().await;
-    let proxy = Proxy::start(etcd.endpoint().trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let store = connect(&proxy.endpoint()).await;
-    let direct = connect(etcd.endpoint()).await;
+    let (proxy, store, direct) = through_a_proxy(&etcd).await;
     let mut w = store
         .watch("ac", &[prefix("a/"), prefix("c/")], WatchOptions::default())
         .await
