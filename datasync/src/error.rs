@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::done::BoxError;
-use crate::{KeyError, Revision};
+use crate::{KeyError, Revision, Source};
 
 /// A `Result` of a store operation.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -74,7 +74,7 @@ pub enum StoreError {
     PermissionDenied(#[source] BoxError),
     /// Some parts of a composite writer failed.
     #[error("{} of {} writers failed", .0.failed(), .0.results.len())]
-    Composite(Box<crate::composite::CompositeError>),
+    Composite(Box<CompositeError>),
     /// Any other backend error.
     #[error("backend error")]
     Backend(#[source] BoxError),
@@ -149,4 +149,19 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+/// Per-part outcome of a composite write that did not succeed everywhere.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct CompositeError {
+    /// Every part's outcome, in part order.
+    pub results: Vec<(Source, Result<(), StoreError>)>,
+}
+
+impl CompositeError {
+    /// How many parts failed.
+    pub fn failed(&self) -> usize {
+        self.results.iter().filter(|(_, r)| r.is_err()).count()
+    }
 }

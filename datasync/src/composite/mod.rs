@@ -8,8 +8,9 @@
 mod watcher;
 mod writer;
 
+pub use crate::error::CompositeError;
 pub use watcher::CompositeWatcher;
-pub use writer::{CompositeError, CompositeWriter};
+pub use writer::CompositeWriter;
 
 #[cfg(test)]
 mod tests;

@@ -2,25 +2,11 @@ use std::sync::Arc;
 
 use futures_util::future::join_all;
 
+use crate::error::CompositeError;
 use crate::{
     CasOutcome, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing, Prefix, PutOptions,
     ReadOptions, Revision, Source, StoreError, Value, Writer,
 };
-
-/// Per-part outcome of a composite write that did not succeed everywhere.
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct CompositeError {
-    /// Every part's outcome, in part order.
-    pub results: Vec<(Source, Result<(), StoreError>)>,
-}
-
-impl CompositeError {
-    /// How many parts failed.
-    pub fn failed(&self) -> usize {
-        self.results.iter().filter(|(_, r)| r.is_err()).count()
-    }
-}
 
 /// Writes to every part concurrently; reads from the first part (the primary).
 ///

@@ -6,7 +6,7 @@ use std::time::Duration;
 use datasync::{
     CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing,
     Prefix, PrefixSet, PrefixValues, PutOptions, ReadOptions, Revision, Source, StoreError, Value,
-    Watch, WatchOptions, Watcher, Writer,
+    Writer,
 };
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, GetResponse, KvClient, LeaseClient, Txn, TxnOp,
@@ -474,17 +474,5 @@ impl Writer for EtcdStore {
             _ => None,
         });
         Ok(CasOutcome::Conflict(current.flatten()))
-    }
-}
-
-#[async_trait::async_trait]
-impl Watcher for EtcdStore {
-    async fn watch(
-        &self,
-        name: &str,
-        prefixes: &[Prefix],
-        opts: WatchOptions,
-    ) -> Result<Watch, StoreError> {
-        crate::watch::start(self.clone(), name, prefixes, opts).await
     }
 }

@@ -30,7 +30,7 @@ use datasync::transport::relay::{self, Item};
 use datasync::transport::resync::{self, Lost, Next, Snapshot, Start, Upstream};
 use datasync::{
     KeyChange, Op, Prefix, PrefixSet, ResyncReason, Revision, StoreError, Value, Watch,
-    WatchOptions,
+    WatchOptions, Watcher,
 };
 
 use crate::EtcdStore;
@@ -282,6 +282,18 @@ fn lost_prev(ev: &etcd_client::Event) -> bool {
 /// [`lost_prev`] on the event's fields.
 fn prev_missing(put: bool, create_revision: i64, mod_revision: i64, has_prev: bool) -> bool {
     !has_prev && (!put || create_revision != mod_revision)
+}
+
+#[async_trait::async_trait]
+impl Watcher for EtcdStore {
+    async fn watch(
+        &self,
+        name: &str,
+        prefixes: &[Prefix],
+        opts: WatchOptions,
+    ) -> Result<Watch, StoreError> {
+        start(self.clone(), name, prefixes, opts).await
+    }
 }
 
 #[cfg(test)]

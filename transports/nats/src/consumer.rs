@@ -18,7 +18,9 @@ use datasync::{Key, StoreError};
 use futures_util::StreamExt;
 use tokio::time::{Instant, Sleep};
 
-use crate::NatsStore;
+use std::sync::Arc;
+
+use crate::bucket::Bucket;
 use crate::keys;
 
 /// The heartbeat header naming the flow-control reply a stalled consumer waits for.
@@ -78,7 +80,7 @@ impl From<Lost> for StoreError {
 /// A push consumer with AckPolicy::None on the bucket's stream; deleted on drop.
 #[derive(Debug)]
 pub(crate) struct Consumer {
-    store: NatsStore,
+    bucket: Arc<Bucket>,
     name: String,
     sub: async_nats::Subscriber,
     /// Consumer sequence of the last message received.
@@ -95,18 +97,18 @@ impl Consumer {
     /// Creates a consumer of `filters` (below the bucket's subject prefix); returns it and
     /// how many messages it had to deliver when created.
     pub(crate) async fn open(
-        store: &NatsStore,
+        bucket: &Arc<Bucket>,
         filters: &[String],
         policy: DeliverPolicy,
     ) -> Result<(Consumer, u64), StoreError> {
-        let inner = &store.inner;
+        let inner = bucket;
         let inbox = inner.client.new_inbox();
         // Subscribe first: nothing the consumer pushes can precede our interest.
         let sub = inner
             .client
             .subscribe(inbox.clone())
             .await
-            .map_err(|e| store.classify(e))?;
+            .map_err(|e| bucket.classify(e))?;
         let mut subjects: Vec<String> = filters
             .iter()
             .map(|f| format!("{}{f}", inner.subject_prefix))
@@ -131,14 +133,14 @@ impl Consumer {
             num_replicas: 1,
             ..Default::default()
         };
-        let consumer = store
+        let consumer = bucket
             .timed(inner.stream.create_consumer(config))
             .await?
-            .map_err(|e| store.classify(e))?;
+            .map_err(|e| bucket.classify(e))?;
         let info = consumer.cached_info();
         Ok((
             Consumer {
-                store: store.clone(),
+                bucket: bucket.clone(),
                 name: info.name.clone(),
                 sub,
                 cseq: 0,
@@ -156,7 +158,7 @@ impl Consumer {
         if testing::drop_flow_control() {
             return;
         }
-        let client = self.store.inner.client.clone();
+        let client = self.bucket.client.clone();
         tokio::spawn(async move {
             let _ = client.publish(reply, Bytes::new()).await;
         });
@@ -222,7 +224,7 @@ impl Consumer {
             self.cseq = cseq;
             let subject = msg.subject.as_str();
             let key = subject
-                .strip_prefix(&self.store.inner.subject_prefix)
+                .strip_prefix(&self.bucket.subject_prefix)
                 .and_then(|k| {
                     let key = keys::decode_with(k, &mut self.scratch);
                     if key.is_none() {
@@ -245,11 +247,11 @@ impl Consumer {
 impl Drop for Consumer {
     fn drop(&mut self) {
         // Release it on the server now; `inactive_threshold` is the backstop.
-        let store = self.store.clone();
+        let bucket = self.bucket.clone();
         let name = std::mem::take(&mut self.name);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = store.timed(store.inner.stream.delete_consumer(&name)).await;
+                let _ = bucket.timed(bucket.stream.delete_consumer(&name)).await;
             });
         }
     }

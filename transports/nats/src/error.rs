@@ -1,30 +1,196 @@
 //! Classifying async-nats errors as datasync [`StoreError`]s.
+//!
+//! async-nats gives every call its own error-kind enum. Each kind we meet says what it
+//! is through [`Kind`]; a kind that only says "the request failed" (`Request`, or a
+//! stream creation inside a bucket creation) defers to the error it carries, found by
+//! walking the source chain.
 
+use std::error::Error as StdError;
 use std::time::Duration;
 
 use async_nats::connection::State;
+use async_nats::jetstream::Error as ApiError;
+use async_nats::jetstream::context::{
+    CreateKeyValueErrorKind, CreateStreamErrorKind, GetStreamErrorKind, PublishErrorKind,
+    RequestErrorKind,
+};
+use async_nats::jetstream::stream::{
+    ConsumerErrorKind, DirectGetErrorKind, LastRawMessageErrorKind,
+};
 use datasync::StoreError;
 
-/// `err` as a [`StoreError`]: retryable (`Unavailable`, `Timeout`) when the connection is
-/// down, the request timed out or nobody answered (JetStream restarting); `Backend`
-/// otherwise.
-///
-/// async-nats gives every call its own error-kind enum; all of them display a timeout as
-/// "timed out" and a missing JetStream as "no responders", which is what is read here.
-pub(crate) fn classify<E>(client: &async_nats::Client, timeout: Duration, err: E) -> StoreError
+/// What a failed call means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// The request timed out: retryable.
+    Timeout,
+    /// Nobody answered, or the server said it cannot serve now (JetStream restarting,
+    /// a server gone): retryable.
+    Unavailable,
+    /// Anything else: final.
+    Failed,
+}
+
+/// An async-nats error kind, classified; `None` defers to the error it carries.
+pub(crate) trait Kind {
+    fn class(&self) -> Option<Class>;
+}
+
+/// A JetStream API error: 503 is the server's "not now" (no JetStream, no quorum).
+fn api(e: &ApiError) -> Class {
+    match e.code() {
+        503 => Class::Unavailable,
+        408 => Class::Timeout,
+        _ => Class::Failed,
+    }
+}
+
+impl Kind for RequestErrorKind {
+    fn class(&self) -> Option<Class> {
+        Some(match self {
+            RequestErrorKind::TimedOut => Class::Timeout,
+            RequestErrorKind::NoResponders => Class::Unavailable,
+            _ => Class::Failed,
+        })
+    }
+}
+
+impl Kind for GetStreamErrorKind {
+    fn class(&self) -> Option<Class> {
+        match self {
+            GetStreamErrorKind::Request => None,
+            GetStreamErrorKind::JetStream(e) => Some(api(e)),
+            _ => Some(Class::Failed),
+        }
+    }
+}
+
+impl Kind for CreateKeyValueErrorKind {
+    fn class(&self) -> Option<Class> {
+        match self {
+            CreateKeyValueErrorKind::TimedOut => Some(Class::Timeout),
+            CreateKeyValueErrorKind::BucketCreate | CreateKeyValueErrorKind::JetStream => None,
+            _ => Some(Class::Failed),
+        }
+    }
+}
+
+impl Kind for CreateStreamErrorKind {
+    fn class(&self) -> Option<Class> {
+        Some(match self {
+            CreateStreamErrorKind::TimedOut => Class::Timeout,
+            CreateStreamErrorKind::JetStreamUnavailable => Class::Unavailable,
+            CreateStreamErrorKind::JetStream(e) => api(e),
+            _ => Class::Failed,
+        })
+    }
+}
+
+impl Kind for PublishErrorKind {
+    fn class(&self) -> Option<Class> {
+        Some(match self {
+            PublishErrorKind::TimedOut => Class::Timeout,
+            PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound => Class::Unavailable,
+            _ => Class::Failed,
+        })
+    }
+}
+
+impl Kind for DirectGetErrorKind {
+    fn class(&self) -> Option<Class> {
+        match self {
+            DirectGetErrorKind::TimedOut => Some(Class::Timeout),
+            DirectGetErrorKind::Request => None,
+            DirectGetErrorKind::ErrorResponse(code, _) if code.as_u16() == 503 => {
+                Some(Class::Unavailable)
+            }
+            _ => Some(Class::Failed),
+        }
+    }
+}
+
+impl Kind for LastRawMessageErrorKind {
+    fn class(&self) -> Option<Class> {
+        match self {
+            LastRawMessageErrorKind::JetStream(e) => Some(api(e)),
+            LastRawMessageErrorKind::Other => None,
+            _ => Some(Class::Failed),
+        }
+    }
+}
+
+impl Kind for ConsumerErrorKind {
+    fn class(&self) -> Option<Class> {
+        match self {
+            ConsumerErrorKind::TimedOut => Some(Class::Timeout),
+            ConsumerErrorKind::Request => None,
+            ConsumerErrorKind::JetStream(e) => Some(api(e)),
+            _ => Some(Class::Failed),
+        }
+    }
+}
+
+impl Kind for async_nats::SubscribeErrorKind {
+    fn class(&self) -> Option<Class> {
+        match self {
+            async_nats::SubscribeErrorKind::Other => None,
+            _ => Some(Class::Failed),
+        }
+    }
+}
+
+/// The class of the first error in `source`'s chain that has one.
+fn chain_class(mut source: Option<&(dyn StdError + 'static)>) -> Option<Class> {
+    while let Some(e) = source {
+        macro_rules! try_kind {
+            ($($k:ty),*) => {$(
+                if let Some(e) = e.downcast_ref::<async_nats::error::Error<$k>>()
+                    && let Some(c) = e.kind().class()
+                {
+                    return Some(c);
+                }
+            )*};
+        }
+        try_kind!(
+            RequestErrorKind,
+            GetStreamErrorKind,
+            CreateStreamErrorKind,
+            ConsumerErrorKind,
+            DirectGetErrorKind
+        );
+        if let Some(e) = e.downcast_ref::<std::io::Error>() {
+            return Some(match e.kind() {
+                std::io::ErrorKind::TimedOut => Class::Timeout,
+                _ => Class::Unavailable,
+            });
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// `err` as a [`StoreError`]: `Unavailable` when the connection is down or the
+/// [`Class`] says so, `Timeout` for a timeout, `Backend` otherwise.
+pub(crate) fn classify<K>(
+    client: &async_nats::Client,
+    timeout: Duration,
+    err: async_nats::error::Error<K>,
+) -> StoreError
 where
-    E: std::error::Error + Send + Sync + 'static,
+    K: Kind + Clone + std::fmt::Debug + std::fmt::Display + PartialEq + Send + Sync + 'static,
 {
     if client.connection_state() != State::Connected {
         return StoreError::Unavailable(Box::new(err));
     }
-    let text = err.to_string().to_ascii_lowercase();
-    if text.contains("timed out") {
-        StoreError::Timeout(timeout)
-    } else if text.contains("no responders") || text.contains("broken pipe") {
-        StoreError::Unavailable(Box::new(err))
-    } else {
-        StoreError::Backend(Box::new(err))
+    let class = err
+        .kind()
+        .class()
+        .or_else(|| chain_class(err.source()))
+        .unwrap_or(Class::Failed);
+    match class {
+        Class::Timeout => StoreError::Timeout(timeout),
+        Class::Unavailable => StoreError::Unavailable(Box::new(err)),
+        Class::Failed => StoreError::Backend(Box::new(err)),
     }
 }
 
@@ -36,5 +202,25 @@ pub(crate) fn connect_error(err: async_nats::ConnectError) -> StoreError {
         K::AuthorizationViolation | K::Authentication => StoreError::Unauthenticated(Box::new(err)),
         K::ServerParse => StoreError::Backend(Box::new(err)),
         _ => StoreError::Unavailable(Box::new(err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kind that only says "the request failed" is classified by what it carries.
+    #[test]
+    fn a_request_kind_defers_to_the_request_error_it_carries() {
+        let inner =
+            async_nats::jetstream::context::RequestError::new(RequestErrorKind::NoResponders);
+        let outer = async_nats::jetstream::context::GetStreamError::with_source(
+            GetStreamErrorKind::Request,
+            inner,
+        );
+        assert_eq!(outer.kind().class(), None);
+        assert_eq!(chain_class(outer.source()), Some(Class::Unavailable));
+        let timed = async_nats::jetstream::stream::ConsumerError::new(ConsumerErrorKind::TimedOut);
+        assert_eq!(timed.kind().class(), Some(Class::Timeout));
     }
 }

@@ -58,6 +58,7 @@
 //! - **Errors**: an unreachable or restarting server gives `StoreError::Unavailable` or
 //!   `Timeout` (retryable); refused credentials are final.
 
+mod bucket;
 mod config;
 mod consumer;
 mod error;

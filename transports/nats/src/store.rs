@@ -14,31 +14,18 @@ use bytes::Bytes;
 use datasync::{
     CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing,
     Prefix, PrefixSet, PrefixValues, PutOptions, ReadOptions, Revision, Source, StoreError, Value,
-    Watch, WatchOptions, Watcher, Writer,
+    Writer,
 };
 
+use crate::bucket::Bucket;
 use crate::consumer::{Consumer, Record, RecordOp};
-use crate::error::{classify, connect_error};
+use crate::error::{Kind, classify, connect_error};
 use crate::{NatsConfig, keys};
 
 /// A datasync store on a NATS JetStream Key-Value bucket. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct NatsStore {
-    pub(crate) inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-pub(crate) struct Inner {
-    pub(crate) client: async_nats::Client,
-    pub(crate) js: jetstream::Context,
-    pub(crate) stream: stream::Stream,
-    /// `$KV.<bucket>.`
-    pub(crate) subject_prefix: String,
-    pub(crate) config: NatsConfig,
-    pub(crate) max_value_size: usize,
-    /// The bucket takes per-message TTLs (it was created with limit markers).
-    pub(crate) ttl: bool,
-    pub(crate) source: Source,
+    pub(crate) inner: Arc<Bucket>,
 }
 
 /// Room left in a message for our headers (TTL, rollup, expected sequence).
@@ -118,7 +105,7 @@ impl NatsStore {
             .max_value_size
             .min(server_max.saturating_sub(HEADER_ROOM));
         Ok(NatsStore {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Bucket {
                 subject_prefix: format!("$KV.{}.", config.bucket),
                 client,
                 js,
@@ -159,19 +146,16 @@ impl NatsStore {
         Ok(info.state.consumer_count)
     }
 
-    pub(crate) fn classify<E: std::error::Error + Send + Sync + 'static>(
-        &self,
-        e: E,
-    ) -> StoreError {
-        classify(&self.inner.client, self.inner.config.request_timeout, e)
+    pub(crate) fn classify<K>(&self, e: async_nats::error::Error<K>) -> StoreError
+    where
+        K: Kind + Clone + std::fmt::Debug + std::fmt::Display + PartialEq + Send + Sync + 'static,
+    {
+        self.inner.classify(e)
     }
 
     /// Runs `f` with the request timeout.
     pub(crate) async fn timed<T>(&self, f: impl Future<Output = T>) -> Result<T, StoreError> {
-        let t = self.inner.config.request_timeout;
-        tokio::time::timeout(t, f)
-            .await
-            .map_err(|_| StoreError::Timeout(t))
+        self.inner.timed(f).await
     }
 
     fn subject(&self, key: &Key) -> Result<String, StoreError> {
@@ -310,7 +294,7 @@ impl NatsStore {
             return Ok((state, None));
         }
         let (mut consumer, pending) =
-            Consumer::open(self, &filters, DeliverPolicy::LastPerSubject).await?;
+            Consumer::open(&self.inner, &filters, DeliverPolicy::LastPerSubject).await?;
         // Inserting as messages arrive overlaps the ordering work with the server's
         // delivery (sorting at the end would add to the resync's latency).
         let mut state = State {
@@ -417,7 +401,7 @@ impl NatsStore {
         let mut per_key: BTreeMap<Key, Versions> = BTreeMap::new();
         if !filters.is_empty() {
             let (mut consumer, pending) =
-                Consumer::open(self, &filters, DeliverPolicy::All).await?;
+                Consumer::open(&self.inner, &filters, DeliverPolicy::All).await?;
             for _ in 0..pending {
                 let rec = consumer.next().await?;
                 if let Some(key) = rec
@@ -703,17 +687,5 @@ impl Writer for NatsStore {
         Err(StoreError::Unavailable(
             "compare-and-swap lost 16 races in a row".into(),
         ))
-    }
-}
-
-#[async_trait::async_trait]
-impl Watcher for NatsStore {
-    async fn watch(
-        &self,
-        name: &str,
-        prefixes: &[Prefix],
-        opts: WatchOptions,
-    ) -> Result<Watch, StoreError> {
-        crate::watch::start(self.clone(), name, prefixes, opts).await
     }
 }

@@ -22,7 +22,7 @@ use datasync::transport::relay::{self, Item};
 use datasync::transport::resync::{self, Lost, Next, Snapshot, Start, Upstream};
 use datasync::{
     Key, KeyChange, KeyValue, Op, Prefix, PrefixSet, ResyncReason, Revision, StoreError, Value,
-    Watch, WatchOptions,
+    Watch, WatchOptions, Watcher,
 };
 
 use crate::NatsStore;
@@ -147,5 +147,17 @@ impl NatsWatch {
         };
         tracing::trace!(registration = self.reg.name(), %rev, "change");
         Ok(Next::Change(rev, vec![change]))
+    }
+}
+
+#[async_trait::async_trait]
+impl Watcher for NatsStore {
+    async fn watch(
+        &self,
+        name: &str,
+        prefixes: &[Prefix],
+        opts: WatchOptions,
+    ) -> Result<Watch, StoreError> {
+        start(self.clone(), name, prefixes, opts).await
     }
 }

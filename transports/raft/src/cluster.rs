@@ -1,25 +1,26 @@
 //! Clusters: several stores replicating one state over the authenticated network
 //! (how it works: [`ClusterConfig`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft};
-use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
+use crate::error::ClusterError;
+use crate::members::{Members, Refusal, Role};
 use crate::network::client::Pool;
 use crate::network::server::{Handler, Replies};
-use crate::network::wire::{Reply, Request, ServiceError, WireError, WireItem};
-use crate::network::{Faults, NetError, Secret};
+use crate::network::wire::{
+    ClientOp, ClientReply, Reply, Request, ServiceError, WireError, WireItem,
+};
+use crate::network::{Faults, Secret};
 use crate::propose::{Proposals, ProposeError};
-use crate::remote;
+use crate::routing::route;
 use crate::storage::sm;
-use crate::store::WeakStore;
-use crate::types::{NodeId, StoredMembership, TypeConfig, leader_of};
+use crate::types::{NodeId, RequestId, TypeConfig, leader_of};
 
 /// How a store takes part in a cluster.
 ///
@@ -145,140 +146,27 @@ impl ClusterConfig {
     }
 }
 
-/// A member's part in the group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum Role {
-    /// Votes and counts towards the quorum.
-    Voter,
-    /// Receives the log but does not vote.
-    Learner,
-}
-
-/// A committed group configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct Members {
-    /// Voters and their addresses.
-    pub voters: BTreeMap<NodeId, String>,
-    /// Learners and their addresses.
-    pub learners: BTreeMap<NodeId, String>,
-    /// Whether the group is between two voter sets (joint consensus).
-    pub joint: bool,
-    /// The log index of this configuration.
-    pub log_index: u64,
-}
-
-impl Members {
-    pub(crate) fn from_stored(m: &StoredMembership) -> Members {
-        let addr = |id: &NodeId| {
-            m.membership()
-                .get_node(id)
-                .map(|n| n.addr.clone())
-                .unwrap_or_default()
-        };
-        Members {
-            voters: m.voter_ids().map(|id| (id, addr(&id))).collect(),
-            learners: m
-                .membership()
-                .learner_ids()
-                .map(|id| (id, addr(&id)))
-                .collect(),
-            joint: m.membership().get_joint_config().len() > 1,
-            log_index: m.log_id().map_or(0, |l| l.index),
-        }
-    }
-
-    /// `id`'s role, if it is a member.
-    pub fn role(&self, id: NodeId) -> Option<Role> {
-        if self.voters.contains_key(&id) {
-            Some(Role::Voter)
-        } else if self.learners.contains_key(&id) {
-            Some(Role::Learner)
-        } else {
-            None
-        }
-    }
-}
-
-/// A cluster operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClusterError {
-    /// The store was opened without a [`ClusterConfig`].
-    #[error("this store is not part of a cluster")]
-    NotClustered,
-    /// No leader answered in time.
-    #[error("no leader answered within {0:?}")]
-    NoLeader(Duration),
-    /// Another membership change was still in progress when the time ran out.
-    #[error("another membership change is in progress")]
-    InProgress,
-    /// The leader refused the change.
-    #[error("the leader refused: {0}")]
-    Refused(String),
-    /// The call failed after it was sent: its outcome is unknown.
-    #[error("call failed")]
-    Net(#[source] NetError),
-    /// The peer refused this node's cluster secret, or this node refused the peer's.
-    #[error("peer not authenticated")]
-    Unauthenticated(#[source] NetError),
-    /// No member answered in time (a remote client).
-    #[error("no member answered within {0:?}")]
-    NoMember(Duration),
-    /// This node left the group: it keeps its data for local reads, but no longer
-    /// writes, serves linearizable reads or new watches.
-    #[error(
-        "this node has left the cluster (its data is kept; to join again, start from a fresh data directory)"
-    )]
-    Left,
-    /// This node is stopping.
-    #[error("the node is stopping")]
-    Stopped,
-    /// This member restarted after a crash and no leader has yet confirmed how far the
-    /// log is committed, so its replica may be older than what it served before: it
-    /// serves no local read or new watch until then.
-    #[error(
-        "this member restarted after a crash and is not yet caught up with its group (it needs a leader)"
-    )]
-    CatchingUp,
-}
-
-impl ClusterError {
-    /// Whether trying the same call again may succeed.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ClusterError::NoLeader(_)
-                | ClusterError::NoMember(_)
-                | ClusterError::InProgress
-                | ClusterError::Net(_)
-                | ClusterError::CatchingUp
-        )
-    }
-}
-
-impl From<ClusterError> for datasync::StoreError {
-    fn from(e: ClusterError) -> Self {
-        match e {
-            ClusterError::Stopped => datasync::StoreError::Stopped,
-            e @ ClusterError::Unauthenticated(_) => {
-                datasync::StoreError::Unauthenticated(Box::new(e))
-            }
-            e if e.is_retryable() => datasync::StoreError::Unavailable(Box::new(e)),
-            e => datasync::StoreError::Backend(Box::new(e)),
-        }
-    }
-}
-
 /// What a member serves to its peers (and, on the leader, to itself).
 pub(crate) struct Service {
     pub(crate) raft: Raft<TypeConfig>,
     pub(crate) proposals: Proposals,
     pub(crate) sm: Arc<sm::Shared>,
-    /// The member's store, for remote clients (set once it is open; weak, as the store
-    /// owns the server).
-    pub(crate) store: OnceLock<WeakStore>,
+    /// Remote clients' operations, served by the member's store (set once it is open).
+    pub(crate) clients: OnceLock<Box<dyn ClientService>>,
+}
+
+/// What a member's store answers remote clients (`serve.rs`).
+///
+/// Why set late: a member answers raft RPCs while its store opens (a joining node is
+/// caught up through them before `RaftStore::open` returns), so the server starts
+/// first and clients are refused as stopped until the store is there. The store holds
+/// the server, so this side holds the store weakly.
+#[async_trait::async_trait]
+pub(crate) trait ClientService: Send + Sync + 'static {
+    /// Runs one operation.
+    async fn op(&self, op: ClientOp, id: Option<RequestId>) -> Result<ClientReply, WireError>;
+    /// Streams a watch to `out` until the client goes away.
+    async fn watch(&self, name: String, prefixes: Vec<String>, queue_capacity: usize, out: Replies);
 }
 
 fn change_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ServiceError {
@@ -290,7 +178,12 @@ fn change_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Se
         RaftError::APIError(ClientWriteError::ChangeMembershipError(
             ChangeMembershipError::InProgress(_),
         )) => ServiceError::InProgress,
-        RaftError::APIError(e) => ServiceError::Failed(e.to_string()),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::EmptyMembership(_),
+        )) => ServiceError::Refused(Refusal::NoVoterLeft),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::LearnerNotFound(l),
+        )) => ServiceError::Refused(Refusal::NotALearner(l.node_id)),
     }
 }
 
@@ -300,7 +193,7 @@ fn check_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> S
         RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => ServiceError::NotLeader {
             leader: leader_of(&f),
         },
-        RaftError::APIError(e) => ServiceError::Failed(e.to_string()),
+        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)) => ServiceError::NoQuorum,
     }
 }
 
@@ -389,7 +282,7 @@ impl Handler for Service {
                 Reply::Proposed(self.proposals.propose(cmd).await.map_err(|e| match e {
                     ProposeError::NotLeader(leader) => ServiceError::NotLeader { leader },
                     ProposeError::Store(datasync::StoreError::Stopped) => ServiceError::Stopped,
-                    ProposeError::Store(e) => ServiceError::Failed(e.to_string()),
+                    ProposeError::Store(e) => ServiceError::Store(e.into()),
                 }))
             }
             Request::ReadIndex => Reply::ReadIndex(match self.raft.get_read_log_id().await {
@@ -401,15 +294,11 @@ impl Handler for Service {
             }
             Request::Leave { id } => Reply::Membership(self.leave(id).await),
             Request::Members => Reply::Members(self.members()),
-            Request::Client(op, id) => {
-                Reply::Client(match self.store.get().and_then(WeakStore::upgrade) {
-                    Some(store) => remote::serve_op(&store, op, id).await,
-                    None => Err(WireError::Stopped),
-                })
-            }
-            Request::Watch { .. } => Reply::Watch(WireItem::Failed(WireError::Failed(
-                "a watch is a stream".into(),
-            ))),
+            Request::Client(op, id) => Reply::Client(match self.clients.get() {
+                Some(clients) => clients.op(op, id).await,
+                None => Err(WireError::Stopped),
+            }),
+            Request::Watch { .. } => Reply::Watch(WireItem::Failed(WireError::Misrouted)),
         }
     }
 
@@ -422,26 +311,12 @@ impl Handler for Service {
         else {
             return;
         };
-        match self.store.get().and_then(WeakStore::upgrade) {
-            Some(store) => remote::serve_watch(store, (name, prefixes, queue_capacity), out).await,
+        match self.clients.get() {
+            Some(clients) => clients.watch(name, prefixes, queue_capacity, out).await,
             None => {
                 out.send(Reply::Watch(WireItem::Failed(WireError::Stopped)))
                     .await;
             }
-        }
-    }
-}
-
-impl Reply {
-    fn error(&self) -> Option<&ServiceError> {
-        // A member that is stopping (or left) did nothing with a client's call.
-        static STOPPED: ServiceError = ServiceError::Stopped;
-        match self {
-            Reply::Proposed(Err(e)) | Reply::ReadIndex(Err(e)) | Reply::Membership(Err(e)) => {
-                Some(e)
-            }
-            Reply::Client(Err(WireError::Stopped)) => Some(&STOPPED),
-            _ => None,
         }
     }
 }
@@ -513,85 +388,5 @@ impl Node {
             },
         )
         .await
-    }
-}
-
-/// Asks `seeds` (any member) for a membership change (a join, a leave); the request is
-/// routed to the leader. Returns the change's log index.
-pub(crate) async fn change_membership(
-    pool: &Pool,
-    seeds: &[String],
-    req: impl Fn() -> Request,
-    timeout: Duration,
-) -> Result<u64, ClusterError> {
-    let mut next_seed = seeds.iter().cycle();
-    let (reply, _) = route(
-        timeout,
-        |hint| hint.or_else(|| next_seed.next().map(|s| (0, s.clone()))),
-        |(_, addr)| {
-            let req = req();
-            async move { Ok((pool.get(&addr).call(req, timeout).await?, true)) }
-        },
-    )
-    .await?;
-    match reply {
-        Reply::Membership(Ok(index)) => Ok(index),
-        Reply::Membership(Err(e)) => Err(ClusterError::Refused(e.to_string())),
-        _ => Err(ClusterError::Refused(
-            "unexpected reply to a membership change".into(),
-        )),
-    }
-}
-
-/// The retry loop shared by forwarding and joining: `pick` chooses a target (given a
-/// redirect hint), `send` calls it. A redirect is followed at once; a target that cannot
-/// be reached, no known leader, or a change in progress is retried with backoff until
-/// `timeout`. A call that failed after it was sent is not retried (its outcome is
-/// unknown).
-pub(crate) async fn route<F, Fut>(
-    timeout: Duration,
-    mut pick: impl FnMut(Option<(NodeId, String)>) -> Option<(NodeId, String)>,
-    mut send: F,
-) -> Result<(Reply, bool), ClusterError>
-where
-    F: FnMut((NodeId, String)) -> Fut,
-    Fut: std::future::Future<Output = Result<(Reply, bool), NetError>>,
-{
-    let deadline = Instant::now() + timeout;
-    let mut hint = None;
-    let mut pauses = datasync::transport::resync::Pauses::between(
-        Duration::from_millis(5),
-        Duration::from_millis(200),
-    );
-    let mut in_progress = false;
-    loop {
-        let redirected = hint.is_some();
-        match pick(hint.take()) {
-            None => {}
-            Some(target) => match send(target).await {
-                Ok((reply, remote)) => match reply.error() {
-                    Some(ServiceError::NotLeader { leader }) => hint = leader.clone(),
-                    Some(ServiceError::InProgress) => in_progress = true,
-                    Some(ServiceError::Stopped) if !remote => return Err(ClusterError::Stopped),
-                    Some(ServiceError::Stopped) => {}
-                    _ => return Ok((reply, remote)),
-                },
-                Err(e @ (NetError::AuthFailed(_) | NetError::Version(_))) => {
-                    return Err(ClusterError::Unauthenticated(e));
-                }
-                Err(e) if e.not_sent() => {}
-                Err(e) => return Err(ClusterError::Net(e)),
-            },
-        }
-        if Instant::now() >= deadline {
-            return Err(if in_progress {
-                ClusterError::InProgress
-            } else {
-                ClusterError::NoLeader(timeout)
-            });
-        }
-        if hint.is_none() || redirected {
-            tokio::time::sleep(pauses.next_pause().min(deadline - Instant::now())).await;
-        }
     }
 }

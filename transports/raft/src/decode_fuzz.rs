@@ -287,7 +287,7 @@ fn handshake_messages_decode_or_fail_cleanly() {
 
 #[test]
 fn stored_records_decode_or_fail_cleanly() {
-    use crate::storage::Stored;
+    use crate::storage::tables::Stored;
     let rec = |expires: u64, v: &'static str| Stored {
         mod_rev: 5,
         create_rev: 3,

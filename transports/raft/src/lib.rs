@@ -105,17 +105,23 @@
 mod cluster;
 #[cfg(test)]
 mod decode_fuzz;
+mod error;
+mod members;
 mod network;
 mod once;
 mod propose;
 mod remote;
+mod routing;
+mod serve;
 mod storage;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod types;
 
-pub use cluster::{ClusterConfig, ClusterError, Members, Role};
+pub use cluster::ClusterConfig;
+pub use error::ClusterError;
+pub use members::{Members, Role};
 pub use network::{Faults, MIN_SECRET, NetError, Secret, SecretError};
 pub use remote::{RemoteConfig, RemoteStore};
 pub use storage::OpenError;

@@ -29,24 +29,23 @@ use std::time::Duration;
 use datasync::transport::relay::{self, Item};
 use datasync::transport::resync::{self, Lost, Next, Snapshot, Start, Upstream};
 use datasync::{
-    CasOutcome, Consistency, DeleteOptions, Deleted, Event, Expect, Key, KeyChange, KeyValue,
-    Limits, Listing, Op, Prefix, PrefixValues, PutOptions, ReadOptions, ResyncReason, Revision,
-    Source, StoreError, Value, Watch, WatchError, WatchOptions, Watcher, Writer,
+    CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Key, KeyChange, KeyValue, Limits,
+    Listing, Op, Prefix, PrefixValues, PutOptions, ReadOptions, ResyncReason, Revision, Source,
+    StoreError, Value, Watch, WatchOptions, Watcher, Writer,
 };
-use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::cluster::{self, ClusterError, Members, Role};
+use crate::error::ClusterError;
+use crate::members::{Members, Role};
 use crate::network::Secret;
 use crate::network::client::{Client, Pool};
-use crate::network::server::Replies;
 use crate::network::wire::{
     ClientOp, ClientReply, Read, Reply, Request, WireChange, WireError, WireItem, WireKv,
 };
 use crate::once::Requests;
-use crate::store::RaftStore;
-use crate::types::{RequestId, expected_rev};
+use crate::routing;
+use crate::types::expected_rev;
 
 /// How a [`RemoteStore`] reaches a cluster.
 #[derive(Debug, Clone)]
@@ -106,7 +105,7 @@ impl RemoteStore {
     /// Connects to the first endpoint that answers and learns the cluster's limits.
     pub async fn connect(config: RemoteConfig) -> Result<RemoteStore, ClusterError> {
         if config.endpoints.is_empty() {
-            return Err(ClusterError::Refused("no endpoints to connect to".into()));
+            return Err(ClusterError::NoEndpoints);
         }
         let mut inner = RemoteInner {
             pool: Pool::new(config.secret.clone(), None),
@@ -148,7 +147,7 @@ impl RemoteStore {
         };
         let id = ticket.as_ref().map(|t| t.id);
         match self.inner.call(|| Request::Client(op.clone(), id)).await? {
-            Reply::Client(r) => r.map_err(from_wire),
+            Reply::Client(r) => r.map_err(StoreError::from),
             other => Err(unexpected_reply(&other).into()),
         }
     }
@@ -162,7 +161,7 @@ impl RemoteStore {
     }
 
     /// Adds node `id` at `addr` as a voter or learner (or promotes a learner); returns
-    /// once the change is committed. See [`RaftStore::add_member`].
+    /// once the change is committed. See [`RaftStore::add_member`](crate::RaftStore::add_member).
     pub async fn add_member(&self, id: u64, addr: &str, role: Role) -> Result<(), ClusterError> {
         let req = || Request::Join {
             id,
@@ -179,7 +178,7 @@ impl RemoteStore {
 
     async fn change(&self, req: impl Fn() -> Request) -> Result<(), ClusterError> {
         let (pool, c) = (&self.inner.pool, &self.inner.config);
-        cluster::change_membership(pool, &c.endpoints, req, c.timeout)
+        routing::change_membership(pool, &c.endpoints, req, c.timeout)
             .await
             .map(|_| ())
     }
@@ -194,7 +193,7 @@ impl RemoteInner {
         let deadline = Instant::now() + timeout;
         let first = self.preferred.load(Ordering::Relaxed);
         let mut next = (0..).map(|a| (first + a) % eps.len());
-        let routed = cluster::route(
+        let routed = routing::route(
             timeout,
             // Members forward client calls themselves: no redirect comes back.
             |_| next.next().map(|i| (i as u64, eps[i].clone())),
@@ -218,7 +217,8 @@ impl RemoteInner {
 }
 
 fn unexpected_reply(reply: &Reply) -> ClusterError {
-    ClusterError::Refused(format!("unexpected reply: {reply:?}"))
+    tracing::debug!(?reply, "unexpected reply");
+    ClusterError::UnexpectedReply
 }
 
 fn read(opts: &ReadOptions) -> Read {
@@ -226,14 +226,6 @@ fn read(opts: &ReadOptions) -> Read {
         linearizable: opts.consistency == Consistency::Linearizable,
         revision: opts.revision.map(|r| r.0),
     }
-}
-
-fn wire_kv(kv: &KeyValue) -> WireKv {
-    (
-        kv.key.as_str().to_owned(),
-        kv.value.as_bytes().to_vec(),
-        kv.revision.0,
-    )
 }
 
 fn kv(raw: WireKv) -> Result<KeyValue, StoreError> {
@@ -433,7 +425,7 @@ impl Upstream for RemoteWatch {
                         format!("member {} ended the watch", eps[i]).into(),
                     ));
                 }
-                Ok(Some(Reply::Watch(WireItem::Failed(e)))) => return Err(from_wire(e)),
+                Ok(Some(Reply::Watch(WireItem::Failed(e)))) => return Err(StoreError::from(e)),
                 Ok(Some(_)) => return Err(corrupt("a watch")),
                 Err(_) => return Err(StoreError::Timeout(inner.config.timeout)),
             }
@@ -465,8 +457,8 @@ impl Upstream for RemoteWatch {
             } => prefix_values(prefixes)
                 .map(|values| Next::Resync(Revision(revision), reason, values))
                 .map_err(Lost::Broken),
-            WireItem::Interrupted(e) => Ok(Next::Interrupted(from_wire(e))),
-            WireItem::Failed(e) => Err(Lost::Broken(from_wire(e))),
+            WireItem::Interrupted(e) => Ok(Next::Interrupted(StoreError::from(e))),
+            WireItem::Failed(e) => Err(Lost::Broken(StoreError::from(e))),
         }
     }
 }
@@ -495,223 +487,4 @@ fn key_changes(raw: Vec<WireChange>) -> Result<Vec<KeyChange>, StoreError> {
         .collect()
 }
 
-// The member's side.
-
-/// Runs a remote client's operation on this member's store.
-pub(crate) async fn serve_op(
-    store: &RaftStore,
-    op: ClientOp,
-    id: Option<RequestId>,
-) -> Result<ClientReply, WireError> {
-    // A member that left serves no clients: they go on to another endpoint.
-    if store.has_left() {
-        return Err(WireError::Stopped);
-    }
-    // The log's rule: a key stored under the older one can be read and deleted by
-    // name (clients build new keys with `Key::new`).
-    let key = |k: String| Key::from_stored(k).map_err(|e| WireError::Failed(e.to_string()));
-    let put_opts = |ttl: Option<Duration>| match ttl {
-        Some(t) => PutOptions::new().ttl(t),
-        None => PutOptions::new(),
-    };
-    let read_opts = |r: Read| {
-        let c = if r.linearizable {
-            Consistency::Linearizable
-        } else {
-            Consistency::Local
-        };
-        let opts = ReadOptions::new().consistency(c);
-        match r.revision {
-            Some(rev) => opts.at(Revision(rev)),
-            None => opts,
-        }
-    };
-    let reply = match op {
-        ClientOp::Put { key: k, value, ttl } => store
-            .put_as(&key(k)?, Value::from(value), put_opts(ttl), id)
-            .await
-            .map(|r| ClientReply::Revision(r.0)),
-        ClientOp::Delete { key: k, prefix } => {
-            let opts = if prefix {
-                DeleteOptions::new().prefix()
-            } else {
-                DeleteOptions::new()
-            };
-            store
-                .delete_as(&key(k)?, opts, id)
-                .await
-                .map(|d| ClientReply::Deleted {
-                    count: d.count,
-                    revision: d.revision.0,
-                })
-        }
-        ClientOp::Get { key: k, read } => store
-            .get(&key(k)?, read_opts(read))
-            .await
-            .map(|v| ClientReply::Value(v.as_ref().map(wire_kv))),
-        ClientOp::List { prefix, read } => {
-            let prefix = Prefix::new(prefix).map_err(|e| WireError::Failed(e.to_string()))?;
-            store
-                .list(&prefix, read_opts(read))
-                .await
-                .map(|l| ClientReply::Listing {
-                    revision: l.revision.0,
-                    values: l.values.iter().map(wire_kv).collect(),
-                })
-        }
-        ClientOp::Cas {
-            key: k,
-            expect,
-            value,
-            ttl,
-        } => {
-            let expect = expect.map_or(Expect::Absent, |r| Expect::Revision(Revision(r)));
-            store
-                .compare_and_swap_as(&key(k)?, expect, Value::from(value), put_opts(ttl), id)
-                .await
-                .map(|o| match o {
-                    CasOutcome::Swapped(r) => ClientReply::Swapped(r.0),
-                    CasOutcome::Conflict(c) => ClientReply::Conflict(c.as_ref().map(wire_kv)),
-                })
-        }
-        ClientOp::Limits => Ok(ClientReply::Limits {
-            max_value_size: store.limits().max_value_size,
-        }),
-    };
-    reply.map_err(to_wire)
-}
-
-/// Streams a watch on this member's replica to a remote client until it goes away.
-pub(crate) async fn serve_watch(
-    store: RaftStore,
-    (name, prefixes, queue_capacity): (String, Vec<String>, usize),
-    out: Replies,
-) {
-    // The store is let go once the watch runs: a remote watch must not keep a member
-    // that is being shut down alive.
-    let started = async move {
-        let prefixes = prefixes
-            .into_iter()
-            .map(Prefix::new)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| WireError::Failed(e.to_string()))?;
-        // Catch up with the leader's commit first: never older than what the client saw.
-        store
-            .read_barrier(&ReadOptions::new())
-            .await
-            .map_err(to_wire)?;
-        let opts = WatchOptions::default().queue_capacity(queue_capacity);
-        store.watch(&name, &prefixes, opts).await.map_err(to_wire)
-    };
-    let mut watch = match started.await {
-        Ok(w) => w,
-        Err(e) => {
-            out.send(Reply::Watch(WireItem::Failed(e))).await;
-            return;
-        }
-    };
-    loop {
-        let ev = tokio::select! {
-            _ = out.closed() => return,
-            ev = watch.next() => ev,
-        };
-        let (item, done) = match ev {
-            None => (WireItem::Failed(WireError::Stopped), None),
-            Some(Ok(Event::Resync(r))) => {
-                let prefixes = r
-                    .prefixes
-                    .iter()
-                    .map(|p| {
-                        (
-                            p.prefix.as_str().to_owned(),
-                            p.values.iter().map(wire_kv).collect(),
-                        )
-                    })
-                    .collect();
-                let item = WireItem::Resync {
-                    revision: r.revision.0,
-                    reason: r.reason,
-                    prefixes,
-                };
-                (item, Some(r.done))
-            }
-            Some(Ok(Event::Change(c))) => {
-                let changes = c
-                    .changes
-                    .iter()
-                    .map(|k| {
-                        let value = k.value.as_ref().map(|v| v.as_bytes().to_vec());
-                        let prev = k.prev.as_ref().map(|v| v.as_bytes().to_vec());
-                        (k.key.as_str().to_owned(), k.op == Op::Delete, value, prev)
-                    })
-                    .collect();
-                let item = WireItem::Change {
-                    revision: c.revision.0,
-                    changes,
-                };
-                (item, Some(c.done))
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(WatchError::Interrupted(e))) => (WireItem::Interrupted(to_wire(e)), None),
-            Some(Err(e)) => (WireItem::Failed(WireError::Failed(e.to_string())), None),
-        };
-        let last = matches!(item, WireItem::Failed(_));
-        if !out.send(Reply::Watch(item)).await || last {
-            return;
-        }
-        // Handed on: the remote consumer answers its own Done.
-        if let Some(done) = done {
-            done.ok();
-        }
-    }
-}
-
 // Errors and reasons on the wire.
-
-fn to_wire(e: StoreError) -> WireError {
-    match e {
-        StoreError::ValueTooLarge { size, max } => WireError::ValueTooLarge { size, max },
-        StoreError::InvalidTtl(t) => WireError::InvalidTtl(t),
-        StoreError::Compacted {
-            requested,
-            compacted,
-        } => WireError::Compacted {
-            requested: requested.0,
-            compacted: compacted.0,
-        },
-        StoreError::FutureRevision { requested, current } => WireError::FutureRevision {
-            requested: requested.0,
-            current: current.0,
-        },
-        StoreError::Timeout(t) => WireError::Timeout(t),
-        StoreError::Corrupted(s) => WireError::Corrupted(s),
-        StoreError::Stopped => WireError::Stopped,
-        e @ StoreError::Unavailable(_) => WireError::Unavailable(datasync::error_chain(&e)),
-        e => WireError::Failed(datasync::error_chain(&e)),
-    }
-}
-
-fn from_wire(e: WireError) -> StoreError {
-    match e {
-        WireError::ValueTooLarge { size, max } => StoreError::ValueTooLarge { size, max },
-        WireError::InvalidTtl(t) => StoreError::InvalidTtl(t),
-        WireError::Compacted {
-            requested,
-            compacted,
-        } => StoreError::Compacted {
-            requested: Revision(requested),
-            compacted: Revision(compacted),
-        },
-        WireError::FutureRevision { requested, current } => StoreError::FutureRevision {
-            requested: Revision(requested),
-            current: Revision(current),
-        },
-        WireError::Timeout(t) => StoreError::Timeout(t),
-        WireError::Corrupted(s) => StoreError::Corrupted(s),
-        // The member stopped, not this client: another member may serve.
-        e @ (WireError::Stopped | WireError::Unavailable(_)) => {
-            StoreError::Unavailable(Box::new(e))
-        }
-        e @ WireError::Failed(_) => StoreError::Backend(Box::new(e)),
-    }
-}

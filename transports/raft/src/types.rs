@@ -5,6 +5,12 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+/// Set in a lease word (of a command and of a stored record): the other bits are a TTL
+/// in milliseconds. Without it the word is an absolute Unix-ms deadline, as older stores
+/// wrote; such a lease gets what is left of it by this machine's wall clock, counted
+/// from when it is read.
+pub(crate) const TTL_FLAG: u64 = 1 << 63;
+
 openraft::declare_raft_types!(
     /// The raft type configuration of the datasync store.
     pub TypeConfig:
@@ -139,7 +145,6 @@ impl Command {
     /// A new write's lease word must be a TTL word within [`datasync::MAX_TTL`] (apply
     /// still takes the absolute deadlines older versions wrote to their logs).
     fn check_lease(&self) -> Result<(), datasync::StoreError> {
-        use crate::storage::lease::TTL_FLAG;
         match self {
             Command::Put {
                 expires_at_ms: Some(w),
@@ -361,7 +366,7 @@ mod tests {
             value: vec![],
             expires_at_ms: Some(w),
         };
-        let flag = crate::storage::lease::TTL_FLAG;
+        let flag = TTL_FLAG;
         assert!(lease(flag | 1000).check().is_ok());
         for bad in [
             0,

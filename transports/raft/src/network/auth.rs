@@ -102,8 +102,9 @@ impl Secret {
 }
 
 pub(crate) const MAGIC: [u8; 8] = *b"DSRAFT01";
-/// The protocol version; 2: client writes carry request ids (`Request::Client`).
-pub(crate) const VERSION: u16 = 2;
+/// The protocol version; 2: client writes carry request ids (`Request::Client`);
+/// 3: errors keep their type (`WireError`, `ServiceError`).
+pub(crate) const VERSION: u16 = 3;
 
 /// Step 1, client → server.
 #[derive(Debug, Serialize, Deserialize)]

@@ -12,51 +12,14 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 use tracing::debug;
 
 use super::auth::{self, Hello, Opener, Sealer, Secret};
 use super::error::NetError;
 use super::faults::{Fate, Faults};
+use super::frame::{Conn, HANDSHAKE_TIMEOUT, MAX_FRAME, codec, recv_plain, send_plain};
 use super::wire::{Envelope, Reply, Request, ServiceError, WireError};
-
-/// The largest frame accepted once a peer is authenticated.
-pub(crate) const MAX_FRAME: usize = 256 << 20;
-/// The largest frame accepted before (handshake messages are small).
-pub(crate) const HANDSHAKE_FRAME: usize = 1024;
-/// How long a handshake may take.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-pub(crate) type Conn = Framed<TcpStream, LengthDelimitedCodec>;
-
-pub(crate) fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .max_frame_length(HANDSHAKE_FRAME)
-        .new_codec()
-}
-
-pub(crate) async fn send_plain<T: serde::Serialize>(
-    conn: &mut Conn,
-    msg: &T,
-) -> Result<(), NetError> {
-    let bytes = bincode::serialize(msg).map_err(NetError::Decode)?;
-    conn.send(bytes::Bytes::from(bytes))
-        .await
-        .map_err(NetError::Io)?;
-    Ok(())
-}
-
-pub(crate) async fn recv_plain<T: serde::de::DeserializeOwned>(
-    conn: &mut Conn,
-) -> Result<T, NetError> {
-    match conn.next().await {
-        Some(Ok(frame)) => bincode::deserialize(&frame).map_err(NetError::Decode),
-        Some(Err(e)) => Err(NetError::Io(e)),
-        None => Err(NetError::AuthFailed(
-            "the peer closed the connection during the handshake",
-        )),
-    }
-}
 
 /// A call waiting for its reply, or for its stream of replies.
 type Call = (Request, Waiter);

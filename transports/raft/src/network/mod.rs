@@ -17,6 +17,7 @@ pub(crate) mod auth;
 pub(crate) mod client;
 mod error;
 mod faults;
+pub(crate) mod frame;
 pub(crate) mod nopeers;
 pub(crate) mod peer;
 pub(crate) mod server;

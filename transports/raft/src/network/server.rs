@@ -13,8 +13,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::auth::{self, Hello, Proof, Secret};
-use super::client::{HANDSHAKE_TIMEOUT, MAX_FRAME, codec, recv_plain, send_plain};
 use super::error::NetError;
+use super::frame::{HANDSHAKE_TIMEOUT, MAX_FRAME, codec, recv_plain, send_plain};
 use super::wire::{Envelope, Reply, Request};
 
 /// What a node does with an authenticated peer's request.
@@ -283,7 +283,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::cluster::Members;
+    use crate::members::Members;
     use crate::network::client::Client;
 
     #[derive(Default)]

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::Members;
+use datasync::{KeyError, Revision, StoreError};
+
+use crate::members::{Members, Refusal};
 use crate::types::{Command, NodeId, Outcome, RequestId, TypeConfig};
 
 /// A request with its id; the reply carries the same id.
@@ -145,8 +147,9 @@ pub(crate) enum WireItem {
     Failed(WireError),
 }
 
-/// A store error, on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+/// A store error, on the wire: each `StoreError` a caller may match on keeps its
+/// variant (see `to_wire` / `from_wire`).
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error, PartialEq, Eq)]
 pub(crate) enum WireError {
     #[error("value is {size} bytes, the limit is {max}")]
     ValueTooLarge { size: usize, max: usize },
@@ -165,8 +168,125 @@ pub(crate) enum WireError {
     /// The member is stopping (another member may serve).
     #[error("the member is stopping")]
     Stopped,
+    /// A failure with no variant of its own (`StoreError::Backend` on the member),
+    /// described.
     #[error("{0}")]
-    Failed(String),
+    Backend(String),
+    /// A key or prefix the member refused.
+    #[error("invalid key: {0}")]
+    InvalidKey(WireKeyError),
+    /// A compare-and-swap retry loop gave up after this many conflicts.
+    #[error("contended: gave up after {0} conflicts")]
+    Contended(u32),
+    /// The request does not fit where it was sent (a watch sent as a call).
+    #[error("the request was sent the wrong way")]
+    Misrouted,
+}
+
+/// `datasync::KeyError` on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) enum WireKeyError {
+    Empty,
+    TooLong { len: usize, max: usize },
+    ControlCharacter { byte: u8, position: usize },
+    ForbiddenCharacter { ch: char, position: usize },
+    NotUtf8,
+}
+
+impl std::fmt::Display for WireKeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        KeyError::from(self.clone()).fmt(f)
+    }
+}
+
+impl From<WireKeyError> for KeyError {
+    fn from(e: WireKeyError) -> Self {
+        match e {
+            WireKeyError::Empty => KeyError::Empty,
+            WireKeyError::TooLong { len, max } => KeyError::TooLong { len, max },
+            WireKeyError::ControlCharacter { byte, position } => {
+                KeyError::ControlCharacter { byte, position }
+            }
+            WireKeyError::ForbiddenCharacter { ch, position } => {
+                KeyError::ForbiddenCharacter { ch, position }
+            }
+            WireKeyError::NotUtf8 => KeyError::NotUtf8,
+        }
+    }
+}
+
+impl From<KeyError> for WireError {
+    fn from(e: KeyError) -> Self {
+        WireError::InvalidKey(match e {
+            KeyError::Empty => WireKeyError::Empty,
+            KeyError::TooLong { len, max } => WireKeyError::TooLong { len, max },
+            KeyError::ControlCharacter { byte, position } => {
+                WireKeyError::ControlCharacter { byte, position }
+            }
+            KeyError::ForbiddenCharacter { ch, position } => {
+                WireKeyError::ForbiddenCharacter { ch, position }
+            }
+            KeyError::NotUtf8 => WireKeyError::NotUtf8,
+            // A backend's own refusal (never raft's), or a newer variant.
+            e => return WireError::Backend(e.to_string()),
+        })
+    }
+}
+
+impl From<StoreError> for WireError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::InvalidKey(k) => k.into(),
+            StoreError::ValueTooLarge { size, max } => WireError::ValueTooLarge { size, max },
+            StoreError::InvalidTtl(t) => WireError::InvalidTtl(t),
+            StoreError::Compacted {
+                requested,
+                compacted,
+            } => WireError::Compacted {
+                requested: requested.0,
+                compacted: compacted.0,
+            },
+            StoreError::FutureRevision { requested, current } => WireError::FutureRevision {
+                requested: requested.0,
+                current: current.0,
+            },
+            StoreError::Timeout(t) => WireError::Timeout(t),
+            StoreError::Corrupted(s) => WireError::Corrupted(s),
+            StoreError::Stopped => WireError::Stopped,
+            StoreError::Contended(n) => WireError::Contended(n),
+            e @ StoreError::Unavailable(_) => WireError::Unavailable(datasync::error_chain(&e)),
+            e => WireError::Backend(datasync::error_chain(&e)),
+        }
+    }
+}
+
+impl From<WireError> for StoreError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::InvalidKey(k) => StoreError::InvalidKey(k.into()),
+            WireError::ValueTooLarge { size, max } => StoreError::ValueTooLarge { size, max },
+            WireError::InvalidTtl(t) => StoreError::InvalidTtl(t),
+            WireError::Compacted {
+                requested,
+                compacted,
+            } => StoreError::Compacted {
+                requested: Revision(requested),
+                compacted: Revision(compacted),
+            },
+            WireError::FutureRevision { requested, current } => StoreError::FutureRevision {
+                requested: Revision(requested),
+                current: Revision(current),
+            },
+            WireError::Timeout(t) => StoreError::Timeout(t),
+            WireError::Corrupted(s) => StoreError::Corrupted(s),
+            WireError::Contended(n) => StoreError::Contended(n),
+            // The member stopped, not this client: another member may serve.
+            e @ (WireError::Stopped | WireError::Unavailable(_)) => {
+                StoreError::Unavailable(Box::new(e))
+            }
+            e @ (WireError::Backend(_) | WireError::Misrouted) => StoreError::Backend(Box::new(e)),
+        }
+    }
 }
 
 /// What a node answers.
@@ -198,7 +318,112 @@ pub(crate) enum ServiceError {
     /// The node is shutting down.
     #[error("the node is stopping")]
     Stopped,
-    /// Anything else, described.
-    #[error("{0}")]
-    Failed(String),
+    /// The leader could not confirm with a quorum that it still leads.
+    #[error("the leader cannot reach a quorum")]
+    NoQuorum,
+    /// A membership change refused.
+    #[error("membership change refused: {0}")]
+    Refused(Refusal),
+    /// A proposal failed on the leader with this store error.
+    #[error(transparent)]
+    Store(WireError),
+}
+
+impl From<ServiceError> for StoreError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Store(w) => w.into(),
+            e @ ServiceError::Refused(_) => StoreError::Backend(Box::new(e)),
+            e => StoreError::Unavailable(Box::new(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    fn across(e: StoreError) -> StoreError {
+        let bytes = bincode::serialize(&WireError::from(e)).unwrap();
+        StoreError::from(bincode::deserialize::<WireError>(&bytes).unwrap())
+    }
+
+    /// Each store error a caller may match on comes back from a member as itself.
+    #[test]
+    fn store_errors_keep_their_variant_across_the_wire() {
+        let same: Vec<fn() -> StoreError> = vec![
+            || StoreError::InvalidKey(KeyError::Empty),
+            || {
+                StoreError::InvalidKey(KeyError::TooLong {
+                    len: 5000,
+                    max: 4096,
+                })
+            },
+            || {
+                StoreError::InvalidKey(KeyError::ControlCharacter {
+                    byte: 1,
+                    position: 2,
+                })
+            },
+            || {
+                StoreError::InvalidKey(KeyError::ForbiddenCharacter {
+                    ch: '\u{202e}',
+                    position: 0,
+                })
+            },
+            || StoreError::InvalidKey(KeyError::NotUtf8),
+            || StoreError::ValueTooLarge { size: 10, max: 5 },
+            || StoreError::InvalidTtl(Duration::ZERO),
+            || StoreError::Compacted {
+                requested: Revision(3),
+                compacted: Revision(7),
+            },
+            || StoreError::FutureRevision {
+                requested: Revision(9),
+                current: Revision(4),
+            },
+            || StoreError::Timeout(Duration::from_secs(2)),
+            || StoreError::Corrupted("bad record".into()),
+            || StoreError::Contended(64),
+            || StoreError::Unavailable("no leader".into()),
+            || StoreError::Backend("disk on fire".into()),
+        ];
+        for make in same {
+            let (sent, got) = (make(), across(make()));
+            assert_eq!(
+                std::mem::discriminant(&sent),
+                std::mem::discriminant(&got),
+                "{sent:?} came back as {got:?}"
+            );
+            assert!(
+                got.to_string().contains(&sent.to_string()) || got.to_string() == sent.to_string(),
+                "{sent} / {got}"
+            );
+            if let (StoreError::InvalidKey(a), StoreError::InvalidKey(b)) = (&sent, &got) {
+                assert_eq!(a, b);
+            }
+        }
+        // A member that stops did not fail the call: another member may serve it.
+        assert!(matches!(
+            across(StoreError::Stopped),
+            StoreError::Unavailable(_)
+        ));
+    }
+
+    /// A proposal forwarded to the leader fails with the leader's store error.
+    #[test]
+    fn a_forwarded_proposal_keeps_the_leaders_error() {
+        let e = ServiceError::Store(StoreError::ValueTooLarge { size: 10, max: 5 }.into());
+        let bytes = bincode::serialize(&e).unwrap();
+        let back: ServiceError = bincode::deserialize(&bytes).unwrap();
+        assert!(matches!(
+            StoreError::from(back),
+            StoreError::ValueTooLarge { size: 10, max: 5 }
+        ));
+        assert!(matches!(
+            StoreError::from(ServiceError::NoQuorum),
+            StoreError::Unavailable(_)
+        ));
+    }
 }

@@ -17,10 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use datasync::Key;
 
-/// Set in a stored lease word: the other bits are a TTL in milliseconds. Without it
-/// the word is an absolute Unix-ms deadline, as older stores wrote; such a lease gets
-/// what is left of it by this machine's wall clock, counted from when it is read.
-pub(crate) const TTL_FLAG: u64 = 1 << 63;
+use crate::types::TTL_FLAG;
 
 /// The lease word of `ttl`: rounded up to whole milliseconds, never to zero. TTLs are
 /// at most [`datasync::MAX_TTL`], far below the flag bit.

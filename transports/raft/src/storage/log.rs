@@ -11,8 +11,8 @@ use openraft::{
 };
 use redb::{Database, ReadableDatabase};
 
+use super::tables::{RAFT_META, SM_META};
 use super::wal::Wal;
-use super::{RAFT_META, SM_META};
 use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
 /// The log store. Cheap to clone (the log reader is a clone).

@@ -24,24 +24,18 @@ pub(crate) mod lease;
 pub(crate) mod log;
 pub(crate) mod session;
 pub(crate) mod sm;
+pub(crate) mod tables;
 pub(crate) mod wal;
 
+use tables::{CLIENTS, EXPIRY, KV, RAFT_META, SM_META, SNAPSHOT};
 pub(crate) use wal::SEGMENT;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase};
 
 use crate::types::LogId;
-
-pub(crate) const RAFT_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("raft_meta");
-pub(crate) const KV: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kv");
-pub(crate) const SM_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sm_meta");
-pub(crate) const EXPIRY: TableDefinition<'_, (u64, &str), ()> = TableDefinition::new("expiry");
-pub(crate) const SNAPSHOT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshot");
-/// Client sessions for exactly-once writes: client id → bincode `session::Session`.
-pub(crate) const CLIENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("clients");
 
 /// redb's page cache. Reads past it come from the OS page cache, which the process
 /// does not hold. Measured with 100k keys: peak RSS 108 MiB with redb's default, 89 MiB
@@ -78,9 +72,44 @@ pub enum OpenError {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(&'static str),
-    /// Raft could not start.
-    #[error("raft could not start")]
-    Raft(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A task reading the data files panicked.
+    #[error("opening the data files did not finish")]
+    Task(#[source] tokio::task::JoinError),
+    /// The state machine's records (membership, leases, sessions) could not be read.
+    #[error("cannot read the state machine")]
+    State(#[source] Box<crate::types::StorageError>),
+    /// The mark of a clean close could not be read or removed.
+    #[error("cannot read or clear the clean-close mark")]
+    CleanMark(#[source] redb::Error),
+    /// The cluster's timing is one raft refuses (see [`crate::ClusterConfig::timing`]).
+    #[error("invalid raft timing")]
+    Timing(#[source] Box<openraft::ConfigError>),
+    /// Raft stopped while the store opened (a storage failure, or a panic in raft).
+    #[error("raft stopped while the store opened")]
+    Fatal(#[source] Box<openraft::error::Fatal<crate::types::NodeId>>),
+    /// A new group could not be bootstrapped.
+    #[error("cannot bootstrap a new group")]
+    Bootstrap(
+        #[source]
+        Box<
+            openraft::error::RaftError<
+                crate::types::NodeId,
+                openraft::error::InitializeError<crate::types::NodeId, openraft::BasicNode>,
+            >,
+        >,
+    ),
+    /// This node joined, but had not applied its join within the join timeout.
+    #[error("joined at log index {index} but did not catch up in time")]
+    CatchUp {
+        /// The log index of the join.
+        index: u64,
+        /// The cause.
+        #[source]
+        source: openraft::metrics::WaitError,
+    },
+    /// Re-applying the log after a crash did not finish in time.
+    #[error("re-applying the log did not finish within {0:?}")]
+    Replay(std::time::Duration),
     /// No leader was elected in time.
     #[error("no leader elected within 10 s")]
     NoLeader,
@@ -201,54 +230,6 @@ pub(crate) fn open(dir: &Path, segment: u64) -> Result<(Arc<Database>, wal::Wal)
     }
     Ok((db, log))
 }
-
-/// A stored value: `[mod_rev u64 LE][create_rev u64 LE][expires_at_ms u64 LE][bytes]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Stored {
-    pub(crate) mod_rev: u64,
-    pub(crate) create_rev: u64,
-    /// 0: no expiry; else a lease word (see [`lease`]).
-    pub(crate) expires_at_ms: u64,
-    pub(crate) value: datasync::Value,
-}
-
-const HEADER: usize = 24;
-
-impl Stored {
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + self.value.len());
-        out.extend_from_slice(&self.mod_rev.to_le_bytes());
-        out.extend_from_slice(&self.create_rev.to_le_bytes());
-        out.extend_from_slice(&self.expires_at_ms.to_le_bytes());
-        out.extend_from_slice(self.value.as_bytes());
-        out
-    }
-
-    pub(crate) fn header(bytes: &[u8]) -> Result<(u64, u64, u64), CorruptValue> {
-        let h = bytes.get(..HEADER).ok_or(CorruptValue(bytes.len()))?;
-        let word = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&h[i * 8..i * 8 + 8]);
-            u64::from_le_bytes(w)
-        };
-        Ok((word(0), word(1), word(2)))
-    }
-
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Stored, CorruptValue> {
-        let (mod_rev, create_rev, expires_at_ms) = Self::header(bytes)?;
-        Ok(Stored {
-            mod_rev,
-            create_rev,
-            expires_at_ms,
-            value: datasync::Value::from(bytes[HEADER..].to_vec()),
-        })
-    }
-}
-
-/// A stored record shorter than its header.
-#[derive(Debug, thiserror::Error)]
-#[error("stored record of {0} bytes is shorter than its 24-byte header")]
-pub(crate) struct CorruptValue(usize);
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,6 @@
 //! [`RaftStore`]: the embedded store handle, a `datasync` `Watcher` and `Writer`.
 
 use datasync::transport::Producer;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,21 +12,22 @@ use datasync::{
     WatchOptions, Watcher, Writer,
 };
 use openraft::error::{CheckIsLeaderError, RaftError};
-use openraft::{BasicNode, Raft, SnapshotPolicy};
+use openraft::{BasicNode, Raft};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, instrument, warn};
+use tracing::{instrument, warn};
 
 use crate::OpenError;
-use crate::cluster::{self, ClusterConfig, ClusterError, Members, Node, Role, Service};
-use crate::network::client::Pool;
-use crate::network::nopeers::NoPeers;
-use crate::network::peer::TcpNetwork;
-use crate::network::server;
+use crate::cluster::{ClusterConfig, Node};
+use crate::error::ClusterError;
+use crate::members::{Members, Role};
 use crate::network::wire::{Reply, Request};
 use crate::once::Requests;
 use crate::propose::{Proposals, ProposeError, Rejected, unavailable};
 use crate::storage::lease::Clock;
-use crate::storage::{self, log::LogStore, sm};
+use crate::storage::sm;
+mod open;
+mod tasks;
+
 use crate::types::{Command, NodeId, Outcome, RequestId, TypeConfig, expected_rev};
 
 /// Configuration of an embedded store.
@@ -207,244 +207,6 @@ impl RaftStore {
         }
     }
 
-    /// Opens the store in `config.dir`.
-    ///
-    /// Without [`RaftConfig::cluster`]: bootstraps a one-node group on first start,
-    /// restarts from disk afterwards (never re-initializing), and returns once this
-    /// node leads and has re-applied its log.
-    ///
-    /// With a cluster: starts serving peers, then on the first start bootstraps a new
-    /// group or joins through [`ClusterConfig::join`] (returning once this node has
-    /// caught up and is a member); on later starts restarts from disk with the same
-    /// identity and returns at once (the group elects a leader when enough members
-    /// run; until then writes wait for one, up to the forward timeout).
-    #[instrument(level = "debug", skip_all, fields(dir = %config.dir.display()))]
-    pub async fn open(config: RaftConfig) -> Result<RaftStore, OpenError> {
-        config.validate()?;
-        let raft_err = |e: Box<dyn std::error::Error + Send + Sync>| OpenError::Raft(e);
-        // A member's listener is bound before anything else, so a taken port fails fast.
-        let member = match &config.cluster {
-            None => None,
-            Some(c) => {
-                let listen_err = |source| OpenError::Listen {
-                    addr: c.listen,
-                    source,
-                };
-                let listener = tokio::net::TcpListener::bind(c.listen)
-                    .await
-                    .map_err(listen_err)?;
-                let bound = listener.local_addr().map_err(listen_err)?;
-                let advertise = c.advertise.clone().unwrap_or_else(|| bound.to_string());
-                let faults = c.faults.clone().map(|f| (f, advertise.clone()));
-                let pool = Pool::new(c.secret.clone(), faults);
-                Some((c, listener, advertise, pool))
-            }
-        };
-        let (dir, segment) = (config.dir.clone(), config.log_segment);
-        let (db, wal) = tokio::task::spawn_blocking(move || storage::open(&dir, segment))
-            .await
-            .map_err(|e| raft_err(Box::new(e)))??;
-        let shared = sm::Shared::new(db.clone(), config.history, config.clock.clone())
-            .map_err(|e| raft_err(Box::new(e)))?;
-        let clean = {
-            let db = db.clone();
-            tokio::task::spawn_blocking(move || sm::take_clean_close(&db))
-                .await
-                .map_err(|e| raft_err(Box::new(e)))?
-                .map_err(|e| raft_err(Box::new(e)))?
-        };
-        // A member that left has no group to catch up with; it serves what it has.
-        let left = config.dir.join(LEFT).exists();
-        if config.cluster.is_some() {
-            shared.set_complete(clean || left);
-        }
-        let mut raft_config = openraft::Config {
-            cluster_name: "datasync".into(),
-            heartbeat_interval: 50,
-            election_timeout_min: 150,
-            election_timeout_max: 300,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
-            max_in_snapshot_log_to_keep: config.keep_logs,
-            ..Default::default()
-        };
-        if let Some(c) = &config.cluster {
-            raft_config.heartbeat_interval = c.heartbeat.as_millis() as u64;
-            raft_config.election_timeout_min = c.election.0.as_millis() as u64;
-            raft_config.election_timeout_max = c.election.1.as_millis() as u64;
-        }
-        let raft_config = Arc::new(raft_config.validate().map_err(|e| raft_err(Box::new(e)))?);
-        let (log, machine) = (
-            LogStore::new(db, wal),
-            sm::StateMachine::new(shared.clone()),
-        );
-        let id = config.node_id;
-        let raft = match &member {
-            None => Raft::new(id, raft_config, NoPeers, log, machine).await,
-            Some((.., pool)) => {
-                let net = TcpNetwork { pool: pool.clone() };
-                Raft::new(id, raft_config, net, log, machine).await
-            }
-        }
-        .map_err(|e| raft_err(Box::new(e)))?;
-        let stop = CancellationToken::new();
-        let in_flight = match &config.cluster {
-            None => crate::propose::IN_FLIGHT_SINGLE,
-            Some(_) => crate::propose::IN_FLIGHT_CLUSTER,
-        };
-        let proposals = Proposals::start(raft.clone(), in_flight, stop.clone());
-        let initialized = raft
-            .is_initialized()
-            .await
-            .map_err(|e| raft_err(Box::new(e)))?;
-        let node = if let Some((c, listener, advertise, pool)) = member {
-            let service = Arc::new(Service {
-                raft: raft.clone(),
-                proposals: proposals.clone(),
-                sm: shared.clone(),
-                store: std::sync::OnceLock::new(),
-            });
-            let server = tokio::spawn(server::serve(
-                listener,
-                c.secret.clone(),
-                service.clone(),
-                stop.clone(),
-            ));
-            if !initialized && c.join.is_empty() {
-                debug!(node = id, addr = %advertise, "bootstrapping a new group");
-                let members = BTreeMap::from([(id, BasicNode::new(&advertise))]);
-                raft.initialize(members)
-                    .await
-                    .map_err(|e| raft_err(Box::new(e)))?;
-            } else if !initialized {
-                debug!(node = id, addr = %advertise, seeds = ?c.join, "joining");
-                let voter = c.role == Role::Voter;
-                let req = || Request::Join {
-                    id,
-                    addr: advertise.clone(),
-                    voter,
-                };
-                let joined =
-                    match cluster::change_membership(&pool, &c.join, req, c.join_timeout).await {
-                        Ok(index) => index,
-                        Err(e) => {
-                            stop.cancel();
-                            let _ = raft.shutdown().await;
-                            return Err(OpenError::Join(e));
-                        }
-                    };
-                // Caught up means applied here too, not only replicated.
-                raft.wait(Some(c.join_timeout))
-                    .applied_index_at_least(Some(joined), "joined")
-                    .await
-                    .map_err(|e| raft_err(Box::new(e)))?;
-            } else if c.role == Role::Voter
-                && Members::from_stored(&shared.membership.borrow()).role(id) == Some(Role::Learner)
-            {
-                // Configured as a voter but restarting as a learner: it crashed between
-                // the two steps of its join, or was configured as a learner before. The
-                // promotion is asked for in the background (the leader may need a
-                // while); asking twice is harmless.
-                let members = Members::from_stored(&shared.membership.borrow());
-                let seeds: Vec<String> = c
-                    .join
-                    .iter()
-                    .cloned()
-                    .chain(members.voters.into_values())
-                    .collect();
-                let (pool, addr, timeout) = (pool.clone(), advertise.clone(), c.join_timeout);
-                tokio::spawn(async move {
-                    let req = || Request::Join {
-                        id,
-                        addr: addr.clone(),
-                        voter: true,
-                    };
-                    match cluster::change_membership(&pool, &seeds, req, timeout).await {
-                        Ok(_) => debug!(node = id, "promoted to voter, as configured"),
-                        Err(e) => {
-                            warn!(node = id, error = %e, "could not become a voter as configured")
-                        }
-                    }
-                });
-            }
-            Some(Node {
-                id,
-                addr: advertise,
-                pool,
-                service,
-                forward_timeout: c.forward_timeout,
-                server: std::sync::Mutex::new(Some(server)),
-                left: std::sync::atomic::AtomicBool::new(left),
-                caught_up: tokio::sync::watch::Sender::new(clean || left),
-            })
-        } else {
-            if !initialized {
-                debug!(node = id, "bootstrapping a new single-node group");
-                let members = BTreeMap::from([(id, BasicNode::default())]);
-                raft.initialize(members)
-                    .await
-                    .map_err(|e| raft_err(Box::new(e)))?;
-            }
-            let mut metrics = raft.metrics();
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                metrics.wait_for(|m| m.current_leader == Some(id)),
-            )
-            .await
-            .map_err(|_| OpenError::NoLeader)?
-            .map_err(|_| OpenError::NoLeader)?;
-            // Applies commit durably about once a second, so after a crash the state
-            // machine may be behind the log: it is usable once the log is re-applied,
-            // never before (a reader must not see the revision go back).
-            let replayed = |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
-                m.last_applied.map(|l| l.index) >= m.last_log_index
-            };
-            tokio::time::timeout(Duration::from_secs(300), metrics.wait_for(replayed))
-                .await
-                .map_err(|_| {
-                    raft_err(Box::new(std::io::Error::other(
-                        "re-applying the log did not finish within 300 s",
-                    )))
-                })?
-                .map_err(|e| raft_err(Box::new(e)))?;
-            None
-        };
-        let ttl = tokio::spawn(ttl_task(
-            proposals.clone(),
-            shared.clone(),
-            raft.clone(),
-            id,
-            stop.clone(),
-        ));
-        let store = RaftStore {
-            inner: Arc::new(Inner {
-                raft,
-                sm: shared,
-                config,
-                source: Source::from(""),
-                stop,
-                ttl: std::sync::Mutex::new(Some(ttl)),
-                proposals,
-                node,
-                requests: Requests::new(),
-            }),
-        };
-        if let Some(node) = &store.inner.node
-            && !*node.caught_up.borrow()
-        {
-            tokio::spawn(catch_up(
-                Arc::downgrade(&store.inner),
-                store.inner.stop.clone(),
-            ));
-        }
-        if let Some(node) = &store.inner.node {
-            let _ = node
-                .service
-                .store
-                .set(WeakStore(Arc::downgrade(&store.inner)));
-        }
-        Ok(store)
-    }
-
     /// Proposes `cmd` and returns once it is committed (durable on a quorum) and
     /// applied on this member. On a follower the proposal is forwarded to the leader.
     ///
@@ -484,10 +246,8 @@ impl RaftStore {
                 }
                 Ok(out)
             }
-            (Reply::Proposed(Err(e)), _) => Err(StoreError::Backend(Box::new(e))),
-            _ => Err(StoreError::Backend(Box::new(Rejected(
-                "unexpected reply to a proposal".into(),
-            )))),
+            (Reply::Proposed(Err(e)), _) => Err(e.into()),
+            _ => Err(StoreError::Backend(Box::new(ClusterError::UnexpectedReply))),
         }
     }
 
@@ -597,8 +357,10 @@ impl RaftStore {
                 .applied(index)
                 .await
                 .map_err(|_| ClusterError::NoLeader(node.forward_timeout)),
-            (Reply::Membership(Err(e)), _) => Err(ClusterError::Refused(e.to_string())),
-            _ => Err(ClusterError::Refused("unexpected reply".into())),
+            (Reply::Membership(Err(e)), _) => {
+                Err(crate::routing::membership_error(e, node.forward_timeout))
+            }
+            _ => Err(ClusterError::UnexpectedReply),
         }
     }
 
@@ -729,10 +491,8 @@ impl RaftStore {
         if !node.leads() {
             return match node.to_leader(|| Request::ReadIndex).await? {
                 (Reply::ReadIndex(Ok(index)), _) => self.applied(index).await,
-                (Reply::ReadIndex(Err(e)), _) => Err(StoreError::Backend(Box::new(e))),
-                _ => Err(StoreError::Backend(Box::new(Rejected(
-                    "unexpected reply to a read index".into(),
-                )))),
+                (Reply::ReadIndex(Err(e)), _) => Err(e.into()),
+                _ => Err(StoreError::Backend(Box::new(ClusterError::UnexpectedReply))),
             };
         }
         // A leader cut off from its quorum cannot confirm it still leads.
@@ -746,96 +506,6 @@ impl RaftStore {
 
 /// The file in a member's data directory that says it left its group.
 const LEFT: &str = "LEFT";
-
-/// Opens the read gate of a member that restarted after a crash (see
-/// [`RaftStore::caught_up`]) once it has applied a read index from a leader: the first
-/// one it gets, waited for as long as it takes (a member that applies slower than a
-/// busy group writes would never reach a fresh index each time). Retries with growing
-/// pauses; ends when the store stops.
-async fn catch_up(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
-    let mut pauses = datasync::transport::resync::Pauses::between(
-        Duration::from_millis(50),
-        Duration::from_secs(1),
-    );
-    let mut target = None;
-    loop {
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        let store = RaftStore { inner };
-        let Some(node) = &store.inner.node else {
-            return;
-        };
-        let attempt = async {
-            if target.is_none()
-                && let Ok((Reply::ReadIndex(Ok(index)), _)) =
-                    node.to_leader(|| Request::ReadIndex).await
-            {
-                target = Some(index);
-            }
-            match target {
-                Some(index) => store.applied(index).await.is_ok(),
-                None => false,
-            }
-        };
-        let done = tokio::select! {
-            _ = stop.cancelled() => return,
-            done = attempt => done,
-        };
-        if done {
-            debug!(node = node.id, "caught up with the group after a restart");
-            store.inner.sm.set_complete(true);
-            node.caught_up.send_replace(true);
-            return;
-        }
-        drop(store);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(pauses.next_pause()) => {}
-        }
-    }
-}
-
-async fn ttl_task(
-    proposals: Proposals,
-    sm: Arc<sm::Shared>,
-    raft: Raft<TypeConfig>,
-    id: NodeId,
-    stop: CancellationToken,
-) {
-    loop {
-        let (next, now) = sm.next_expiry();
-        let wait = match next {
-            Some(at) if at <= now => {
-                // Only the leader decides expiry; followers apply its Expire command.
-                if raft.metrics().borrow().current_leader == Some(id) {
-                    let keys = sm.due(now, 1024);
-                    if keys.is_empty() {
-                        Duration::from_millis(10)
-                    } else if let Err(e) = proposals.propose(Command::Expire { keys }).await {
-                        let e = match e {
-                            ProposeError::Store(e) => e.to_string(),
-                            ProposeError::NotLeader(_) => "not the leader".into(),
-                        };
-                        warn!(error = %e, "lease expiry not committed; retrying");
-                        Duration::from_millis(100)
-                    } else {
-                        continue;
-                    }
-                } else {
-                    Duration::from_millis(100)
-                }
-            }
-            Some(at) => (at - now).min(Duration::from_secs(1)),
-            None => Duration::from_secs(1),
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = sm.ttl_changed.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-}
 
 #[async_trait::async_trait]
 impl Writer for RaftStore {

@@ -1,0 +1,75 @@
+//! Group membership as the public API shows it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{NodeId, StoredMembership};
+
+/// A member's part in the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Role {
+    /// Votes and counts towards the quorum.
+    Voter,
+    /// Receives the log but does not vote.
+    Learner,
+}
+
+/// A committed group configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Members {
+    /// Voters and their addresses.
+    pub voters: BTreeMap<NodeId, String>,
+    /// Learners and their addresses.
+    pub learners: BTreeMap<NodeId, String>,
+    /// Whether the group is between two voter sets (joint consensus).
+    pub joint: bool,
+    /// The log index of this configuration.
+    pub log_index: u64,
+}
+
+impl Members {
+    pub(crate) fn from_stored(m: &StoredMembership) -> Members {
+        let addr = |id: &NodeId| {
+            m.membership()
+                .get_node(id)
+                .map(|n| n.addr.clone())
+                .unwrap_or_default()
+        };
+        Members {
+            voters: m.voter_ids().map(|id| (id, addr(&id))).collect(),
+            learners: m
+                .membership()
+                .learner_ids()
+                .map(|id| (id, addr(&id)))
+                .collect(),
+            joint: m.membership().get_joint_config().len() > 1,
+            log_index: m.log_id().map_or(0, |l| l.index),
+        }
+    }
+
+    /// `id`'s role, if it is a member.
+    pub fn role(&self, id: NodeId) -> Option<Role> {
+        if self.voters.contains_key(&id) {
+            Some(Role::Voter)
+        } else if self.learners.contains_key(&id) {
+            Some(Role::Learner)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why the leader refused a membership change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The change would leave the group without a voter.
+    #[error("the change would leave no voter")]
+    NoVoterLeft,
+    /// The node to promote is not a learner of the group (it was removed meanwhile).
+    #[error("node {0} is not a learner of the group")]
+    NotALearner(NodeId),
+}

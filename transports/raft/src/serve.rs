@@ -1,0 +1,225 @@
+//! The member's side of the client protocol: a remote client's operations and watches,
+//! served on this member's store.
+
+use std::time::Duration;
+
+use datasync::{
+    CasOutcome, Consistency, DeleteOptions, Event, Expect, Key, KeyValue, Op, Prefix, PutOptions,
+    ReadOptions, Revision, Value, WatchError, WatchOptions, Watcher, Writer,
+};
+
+use crate::cluster::ClientService;
+use crate::network::server::Replies;
+use crate::network::wire::{ClientOp, ClientReply, Read, Reply, WireError, WireItem, WireKv};
+use crate::store::{RaftStore, WeakStore};
+use crate::types::RequestId;
+use futures_util::StreamExt;
+
+#[async_trait::async_trait]
+impl ClientService for WeakStore {
+    async fn op(&self, op: ClientOp, id: Option<RequestId>) -> Result<ClientReply, WireError> {
+        match self.upgrade() {
+            Some(store) => serve_op(&store, op, id).await,
+            None => Err(WireError::Stopped),
+        }
+    }
+
+    async fn watch(
+        &self,
+        name: String,
+        prefixes: Vec<String>,
+        queue_capacity: usize,
+        out: Replies,
+    ) {
+        match self.upgrade() {
+            Some(store) => serve_watch(store, (name, prefixes, queue_capacity), out).await,
+            None => {
+                out.send(Reply::Watch(WireItem::Failed(WireError::Stopped)))
+                    .await;
+            }
+        }
+    }
+}
+
+/// Runs a remote client's operation on this member's store.
+async fn serve_op(
+    store: &RaftStore,
+    op: ClientOp,
+    id: Option<RequestId>,
+) -> Result<ClientReply, WireError> {
+    // A member that left serves no clients: they go on to another endpoint.
+    if store.has_left() {
+        return Err(WireError::Stopped);
+    }
+    // The log's rule: a key stored under the older one can be read and deleted by
+    // name (clients build new keys with `Key::new`).
+    let key = |k: String| Key::from_stored(k).map_err(WireError::from);
+    let put_opts = |ttl: Option<Duration>| match ttl {
+        Some(t) => PutOptions::new().ttl(t),
+        None => PutOptions::new(),
+    };
+    let read_opts = |r: Read| {
+        let c = if r.linearizable {
+            Consistency::Linearizable
+        } else {
+            Consistency::Local
+        };
+        let opts = ReadOptions::new().consistency(c);
+        match r.revision {
+            Some(rev) => opts.at(Revision(rev)),
+            None => opts,
+        }
+    };
+    let reply = match op {
+        ClientOp::Put { key: k, value, ttl } => store
+            .put_as(&key(k)?, Value::from(value), put_opts(ttl), id)
+            .await
+            .map(|r| ClientReply::Revision(r.0)),
+        ClientOp::Delete { key: k, prefix } => {
+            let opts = if prefix {
+                DeleteOptions::new().prefix()
+            } else {
+                DeleteOptions::new()
+            };
+            store
+                .delete_as(&key(k)?, opts, id)
+                .await
+                .map(|d| ClientReply::Deleted {
+                    count: d.count,
+                    revision: d.revision.0,
+                })
+        }
+        ClientOp::Get { key: k, read } => store
+            .get(&key(k)?, read_opts(read))
+            .await
+            .map(|v| ClientReply::Value(v.as_ref().map(wire_kv))),
+        ClientOp::List { prefix, read } => {
+            let prefix = Prefix::new(prefix).map_err(WireError::from)?;
+            store
+                .list(&prefix, read_opts(read))
+                .await
+                .map(|l| ClientReply::Listing {
+                    revision: l.revision.0,
+                    values: l.values.iter().map(wire_kv).collect(),
+                })
+        }
+        ClientOp::Cas {
+            key: k,
+            expect,
+            value,
+            ttl,
+        } => {
+            let expect = expect.map_or(Expect::Absent, |r| Expect::Revision(Revision(r)));
+            store
+                .compare_and_swap_as(&key(k)?, expect, Value::from(value), put_opts(ttl), id)
+                .await
+                .map(|o| match o {
+                    CasOutcome::Swapped(r) => ClientReply::Swapped(r.0),
+                    CasOutcome::Conflict(c) => ClientReply::Conflict(c.as_ref().map(wire_kv)),
+                })
+        }
+        ClientOp::Limits => Ok(ClientReply::Limits {
+            max_value_size: store.limits().max_value_size,
+        }),
+    };
+    reply.map_err(WireError::from)
+}
+
+/// Streams a watch on this member's replica to a remote client until it goes away.
+async fn serve_watch(
+    store: RaftStore,
+    (name, prefixes, queue_capacity): (String, Vec<String>, usize),
+    out: Replies,
+) {
+    // The store is let go once the watch runs: a remote watch must not keep a member
+    // that is being shut down alive.
+    let started = async move {
+        let prefixes = prefixes
+            .into_iter()
+            .map(Prefix::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(WireError::from)?;
+        // Catch up with the leader's commit first: never older than what the client saw.
+        store
+            .read_barrier(&ReadOptions::new())
+            .await
+            .map_err(WireError::from)?;
+        let opts = WatchOptions::default().queue_capacity(queue_capacity);
+        store
+            .watch(&name, &prefixes, opts)
+            .await
+            .map_err(WireError::from)
+    };
+    let mut watch = match started.await {
+        Ok(w) => w,
+        Err(e) => {
+            out.send(Reply::Watch(WireItem::Failed(e))).await;
+            return;
+        }
+    };
+    loop {
+        let ev = tokio::select! {
+            _ = out.closed() => return,
+            ev = watch.next() => ev,
+        };
+        let (item, done) = match ev {
+            None => (WireItem::Failed(WireError::Stopped), None),
+            Some(Ok(Event::Resync(r))) => {
+                let prefixes = r
+                    .prefixes
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.prefix.as_str().to_owned(),
+                            p.values.iter().map(wire_kv).collect(),
+                        )
+                    })
+                    .collect();
+                let item = WireItem::Resync {
+                    revision: r.revision.0,
+                    reason: r.reason,
+                    prefixes,
+                };
+                (item, Some(r.done))
+            }
+            Some(Ok(Event::Change(c))) => {
+                let changes = c
+                    .changes
+                    .iter()
+                    .map(|k| {
+                        let value = k.value.as_ref().map(|v| v.as_bytes().to_vec());
+                        let prev = k.prev.as_ref().map(|v| v.as_bytes().to_vec());
+                        (k.key.as_str().to_owned(), k.op == Op::Delete, value, prev)
+                    })
+                    .collect();
+                let item = WireItem::Change {
+                    revision: c.revision.0,
+                    changes,
+                };
+                (item, Some(c.done))
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(WatchError::Interrupted(e))) => {
+                (WireItem::Interrupted(WireError::from(e)), None)
+            }
+            Some(Err(WatchError::Stopped(e))) => (WireItem::Failed(e.into()), None),
+            Some(Err(e)) => (WireItem::Failed(WireError::Backend(e.to_string())), None),
+        };
+        let last = matches!(item, WireItem::Failed(_));
+        if !out.send(Reply::Watch(item)).await || last {
+            return;
+        }
+        // Handed on: the remote consumer answers its own Done.
+        if let Some(done) = done {
+            done.ok();
+        }
+    }
+}
+
+fn wire_kv(kv: &KeyValue) -> WireKv {
+    (
+        kv.key.as_str().to_owned(),
+        kv.value.as_bytes().to_vec(),
+        kv.revision.0,
+    )
+}

@@ -1,0 +1,311 @@
+//! The replicated key-value state machine: applies committed commands, keeps a short
+//! in-memory history for reads at past revisions, and feeds watchers. redb is written
+//! behind the apply path by a writer thread (see [`apply::apply_batch`]).
+//!
+//! This module holds what the parts share ([`Shared`], [`Inner`], the undo history);
+//! `apply` turns committed entries into revisions, events and undo records; `writer`
+//! stores them in redb on its own thread; `reads` answers reads, listings and resync
+//! snapshots; `snapshot` is the openraft adapter (applied state, raft snapshots).
+
+use datasync::transport::Producer;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use datasync::transport::feed::{Feed, Hub};
+use datasync::{Key, PrefixSet, PrefixValues, Revision, StoreError, Value};
+use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageIOError};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table};
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+
+use super::lease::{self, Clock, Leases};
+use super::session::Sessions;
+use super::tables::{CLIENTS, EXPIRY, KV, SM_META, Stored};
+
+mod apply;
+mod reads;
+mod snapshot;
+mod writer;
+
+pub(crate) use reads::RaftSnapshots;
+use reads::scan;
+pub(crate) use snapshot::StateMachine;
+#[cfg(test)]
+pub(crate) use snapshot::{payload_decodes, payload_seed};
+pub(crate) use writer::take_clean_close;
+use writer::{BACKLOG, Pending, PendingState, Work, writer};
+
+use crate::types::{StorageError, StoredMembership};
+
+fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::new(ErrorSubject::StateMachine, verb, AnyError::new(&e)).into()
+}
+
+fn rd(e: impl std::error::Error + 'static) -> StorageError {
+    sm_err(ErrorVerb::Read, e)
+}
+
+fn wr(e: impl std::error::Error + 'static) -> StorageError {
+    sm_err(ErrorVerb::Write, e)
+}
+
+/// A redb failure on the read path, as a store error.
+pub(crate) fn read_failed(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+/// Checks that every stored record decodes (at open; the log checks its own frames).
+pub(crate) fn verify(db: &Database) -> Result<(), String> {
+    let tx = db.begin_read().map_err(|e| e.to_string())?;
+    let kv = tx.open_table(KV).map_err(|e| e.to_string())?;
+    for item in kv.iter().map_err(|e| e.to_string())? {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        Key::from_stored(k.value()).map_err(|e| format!("stored key {:?}: {e}", k.value()))?;
+        Stored::header(v.value()).map_err(|e| format!("key {:?}: {e}", k.value()))?;
+    }
+    let meta = tx.open_table(SM_META).map_err(|e| e.to_string())?;
+    if let Some(v) = meta.get("revision").map_err(|e| e.to_string())? {
+        bincode::deserialize::<u64>(v.value()).map_err(|e| format!("revision: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Each key a transaction changed, with its value and mod revision before it.
+type Before = Vec<(Key, Option<(Value, u64)>)>;
+
+/// The state of keys before one transaction, to read at past revisions.
+#[derive(Debug)]
+struct Undo {
+    revision: u64,
+    before: Before,
+}
+
+/// What readers and the apply path share. The mutex orders commits with watch
+/// snapshots: apply commits and publishes under it; a snapshot opens its read
+/// transaction under it.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) hub: Hub,
+    pub(crate) revision: u64,
+    history: VecDeque<Undo>,
+    /// The way to the writer thread (`None` once closed).
+    writer: Option<std::sync::mpsc::Sender<Work>>,
+    /// Lease deadlines, kept by apply (see [`super::lease`]).
+    leases: Leases,
+    /// Client sessions, kept by apply (see [`super::session`]).
+    sessions: Sessions,
+}
+
+/// The state machine's shared half (the store's handle reads through it).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) db: Arc<Database>,
+    inner: Mutex<Inner>,
+    history_len: usize,
+    /// Applied writes the writer thread has not stored yet.
+    pending: Arc<Pending>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Wakes the TTL task when a lease is set.
+    pub(crate) ttl_changed: Arc<Notify>,
+    /// The clock lease deadlines are counted on.
+    clock: Clock,
+    /// The applied (so committed) membership.
+    pub(crate) membership: watch::Sender<StoredMembership>,
+    /// Snapshots installed from a leader since open.
+    pub(crate) installed: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        db: Arc<Database>,
+        history_len: usize,
+        clock: Clock,
+    ) -> Result<Arc<Self>, StorageError> {
+        let (revision, membership, leases, sessions) = {
+            let tx = db.begin_read().map_err(rd)?;
+            let meta = tx.open_table(SM_META).map_err(rd)?;
+            let revision: Option<u64> = get_meta(&meta, "revision")?;
+            let membership: Option<StoredMembership> = get_meta(&meta, "membership")?;
+            (
+                revision.unwrap_or(0),
+                membership.unwrap_or_default(),
+                load_leases(&tx, &clock)?,
+                load_sessions(&tx)?,
+            )
+        };
+        let pending = Arc::new(Pending {
+            state: Mutex::new(PendingState::default()),
+            progress: Condvar::new(),
+            stored_changed: Notify::new(),
+            backlog: tokio::sync::Semaphore::new(BACKLOG),
+            complete: std::sync::atomic::AtomicBool::new(true),
+        });
+        let ttl_changed = Arc::new(Notify::new());
+        let (queue, rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (db, pending) = (db.clone(), pending.clone());
+            std::thread::Builder::new()
+                .name("datasync-raft-writer".into())
+                .spawn(move || writer(db, pending, rx))
+                .map_err(wr)?
+        };
+        Ok(Arc::new(Shared {
+            db,
+            inner: Mutex::new(Inner {
+                hub: Hub::default(),
+                revision,
+                history: VecDeque::new(),
+                writer: Some(queue),
+                leases,
+                sessions,
+            }),
+            history_len,
+            pending,
+            writer_thread: Mutex::new(Some(thread)),
+            ttl_changed,
+            clock,
+            membership: watch::Sender::new(membership),
+            installed: std::sync::atomic::AtomicU64::new(0),
+        }))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops the writer thread once it has stored everything applied (at shutdown).
+    pub(crate) fn close(&self) {
+        self.lock().writer = None;
+        let thread = self
+            .writer_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = thread
+            && t.join().is_err()
+        {
+            tracing::error!("the state machine's writer thread panicked");
+        }
+    }
+
+    /// Says whether the replica holds at least what it served before its last crash
+    /// (see [`take_clean_close`]).
+    pub(crate) fn set_complete(&self, complete: bool) {
+        self.pending
+            .complete
+            .store(complete, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Waits until redb holds everything applied so far.
+    pub(crate) fn settle(&self) -> Result<(), StoreError> {
+        self.pending.settle()
+    }
+
+    /// Pins the current state: a read transaction and its revision. Under the lock no
+    /// apply runs, so once the writer has caught up redb is at `inner.revision`.
+    pub(crate) fn pin(&self, inner: &Inner) -> Result<(ReadTransaction, u64), StoreError> {
+        self.settle()?;
+        let tx = self.db.begin_read().map_err(read_failed)?;
+        Ok((tx, inner.revision))
+    }
+
+    /// Subscribes `reg` and pins the state its initial resync is read from.
+    pub(crate) fn subscribe(
+        &self,
+        reg: &Producer,
+        prefixes: PrefixSet,
+        capacity: usize,
+    ) -> Result<(Feed, ReadTransaction, u64), StoreError> {
+        let mut inner = self.lock();
+        let (tx, rev) = self.pin(&inner)?;
+        let feed = inner.hub.subscribe(reg, prefixes, capacity);
+        Ok((feed, tx, rev))
+    }
+
+    /// Every value under `prefixes` in the pinned state.
+    pub(crate) fn read_prefixes(
+        tx: &ReadTransaction,
+        prefixes: &PrefixSet,
+    ) -> Result<Vec<PrefixValues>, StoreError> {
+        prefixes
+            .prefixes()
+            .iter()
+            .map(|p| {
+                Ok(PrefixValues {
+                    prefix: p.clone(),
+                    values: scan(tx, p)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The stored client sessions.
+fn load_sessions(tx: &ReadTransaction) -> Result<Sessions, StorageError> {
+    Sessions::load(session_records(tx)?).map_err(rd)
+}
+
+/// The stored client sessions, encoded.
+fn session_records(tx: &ReadTransaction) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    let t = tx.open_table(CLIENTS).map_err(rd)?;
+    let mut out = Vec::new();
+    for item in t.iter().map_err(rd)? {
+        let (k, v) = item.map_err(rd)?;
+        out.push((k.value(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
+/// Every stored lease, each with its full TTL from now (see [`super::lease`]).
+fn load_leases(tx: &ReadTransaction, clock: &Clock) -> Result<Leases, StorageError> {
+    let exp = tx.open_table(EXPIRY).map_err(rd)?;
+    let kv = tx.open_table(KV).map_err(rd)?;
+    let now = clock.now();
+    let mut leases = Leases::default();
+    for item in exp.iter().map_err(rd)? {
+        let (k, _) = item.map_err(rd)?;
+        let (word, key) = k.value();
+        let Some(v) = kv.get(key).map_err(rd)? else {
+            continue;
+        };
+        let (mod_rev, _, stored) = Stored::header(v.value()).map_err(rd)?;
+        if stored != word {
+            continue;
+        }
+        let key = Key::from_stored(key).map_err(rd)?;
+        leases.set(&key, now + lease::ttl_of(word, clock.wall_ms()), mod_rev);
+    }
+    Ok(leases)
+}
+
+/// The mod revision the current state is at (for listings).
+fn undo_base(tx: &ReadTransaction) -> Result<Revision, StoreError> {
+    let meta = tx.open_table(SM_META).map_err(read_failed)?;
+    let rev = match meta.get("revision").map_err(read_failed)? {
+        Some(v) => {
+            bincode::deserialize(v.value()).map_err(|e| StoreError::Corrupted(e.to_string()))?
+        }
+        None => 0,
+    };
+    Ok(Revision(rev))
+}
+
+fn put_meta<T: Serialize>(
+    t: &mut Table<'_, &'static str, &'static [u8]>,
+    key: &str,
+    v: &T,
+) -> Result<(), StorageError> {
+    let bytes = bincode::serialize(v).map_err(wr)?;
+    t.insert(key, bytes.as_slice()).map_err(wr)?;
+    Ok(())
+}
+
+fn get_meta<T: serde::de::DeserializeOwned>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, StorageError> {
+    match t.get(key).map_err(rd)? {
+        Some(v) => Ok(Some(bincode::deserialize(v.value()).map_err(rd)?)),
+        None => Ok(None),
+    }
+}

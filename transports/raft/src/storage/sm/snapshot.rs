@@ -1,0 +1,283 @@
+//! The openraft adapter: applied state, apply, and raft snapshots (build, install).
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{OptionalSend, RaftSnapshotBuilder};
+use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use serde::{Deserialize, Serialize};
+
+use crate::storage::tables::{CLIENTS, EXPIRY, KV, SM_META, SNAPSHOT, Stored};
+use crate::types::{Entry, LogId, NodeId, Outcome, StorageError, StoredMembership, TypeConfig};
+
+use super::apply::{apply_batch, small};
+use super::*;
+
+/// The state machine handed to openraft.
+#[derive(Debug)]
+pub(crate) struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+impl StateMachine {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        StateMachine { shared }
+    }
+}
+
+/// The serialized state in a raft snapshot.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Payload {
+    revision: u64,
+    /// Key and encoded [`Stored`] record, sorted by key.
+    kv: Vec<(String, Vec<u8>)>,
+    /// Client id and encoded session (see [`super::session`]).
+    sessions: Vec<(u64, Vec<u8>)>,
+}
+
+/// A snapshot's state as stores before client sessions wrote it.
+#[derive(Deserialize)]
+pub(super) struct PayloadV1 {
+    revision: u64,
+    kv: Vec<(String, Vec<u8>)>,
+}
+
+/// A valid snapshot payload, for the decoder fuzz test to mutate.
+#[cfg(test)]
+pub(crate) fn payload_seed() -> Vec<u8> {
+    let rec = Stored {
+        mod_rev: 9,
+        create_rev: 2,
+        expires_at_ms: 0,
+        value: Value::from("v"),
+    };
+    Payload {
+        revision: 9,
+        kv: vec![("k/é".into(), rec.encode())],
+        sessions: vec![(7, vec![1, 2, 3])],
+    }
+    .encode()
+    .unwrap_or_default()
+}
+
+/// Whether `data` decodes as a snapshot payload (for the decoder fuzz test).
+#[cfg(test)]
+pub(crate) fn payload_decodes(data: &[u8]) -> bool {
+    Payload::decode(data).is_ok()
+}
+
+/// The first bytes of a snapshot with client sessions; without them, a [`PayloadV1`]
+/// (whose first bytes are its revision: never this large).
+pub(super) const PAYLOAD_V2: &[u8; 8] = b"DSSNAP02";
+
+impl Payload {
+    fn encode(&self) -> Result<Vec<u8>, bincode::Error> {
+        let mut out = PAYLOAD_V2.to_vec();
+        bincode::serialize_into(&mut out, self)?;
+        Ok(out)
+    }
+
+    /// Decodes either format, told apart by the tag, never by trying one and then the
+    /// other (a damaged new snapshot must not pass for an old one without sessions).
+    fn decode(data: &[u8]) -> Result<Payload, bincode::Error> {
+        match data.strip_prefix(PAYLOAD_V2) {
+            Some(v2) => bincode::deserialize(v2),
+            None => bincode::deserialize::<PayloadV1>(data).map(|v1| Payload {
+                revision: v1.revision,
+                kv: v1.kv,
+                sessions: Vec::new(),
+            }),
+        }
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            shared.settle().map_err(rd)?;
+            let tx = shared.db.begin_read().map_err(rd)?;
+            let meta = tx.open_table(SM_META).map_err(rd)?;
+            let applied: Option<LogId> = get_meta(&meta, "applied")?;
+            let membership: Option<StoredMembership> = get_meta(&meta, "membership")?;
+            Ok((applied, membership.unwrap_or_default()))
+        })
+        .await
+        .map_err(rd)?
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let shared = self.shared.clone();
+        // A permit per apply, returned once the writer has stored it.
+        shared.pending.backlog.acquire().await.map_err(wr)?.forget();
+        if small(&entries) {
+            return apply_batch(&shared, entries);
+        }
+        tokio::task::spawn_blocking(move || apply_batch(&shared, entries))
+            .await
+            .map_err(wr)?
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            shared: self.shared.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let shared = self.shared.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || install(&shared, &meta, snapshot.into_inner()))
+            .await
+            .map_err(wr)?
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let db = self.shared.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(rd)?;
+            let t = tx.open_table(SNAPSHOT).map_err(rd)?;
+            let meta: Option<SnapshotMeta<NodeId, openraft::BasicNode>> = get_meta(&t, "meta")?;
+            let data = t.get("data").map_err(rd)?.map(|v| v.value().to_vec());
+            Ok(match (meta, data) {
+                (Some(meta), Some(data)) => Some(Snapshot {
+                    meta,
+                    snapshot: Box::new(Cursor::new(data)),
+                }),
+                _ => None,
+            })
+        })
+        .await
+        .map_err(rd)?
+    }
+}
+
+/// Replaces the whole state with a snapshot's; watchers resync.
+pub(super) fn install(
+    shared: &Shared,
+    meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+) -> Result<(), StorageError> {
+    let payload = Payload::decode(&data).map_err(wr)?;
+    let mut inner = shared.lock();
+    // Applies run one at a time, so once the writer has caught up nothing is pending.
+    shared.settle().map_err(wr)?;
+    let tx = shared.db.begin_write().map_err(wr)?;
+    {
+        let mut kv = tx.open_table(KV).map_err(wr)?;
+        kv.retain(|_, _| false).map_err(wr)?;
+        let mut exp = tx.open_table(EXPIRY).map_err(wr)?;
+        exp.retain(|_, _| false).map_err(wr)?;
+        for (k, rec) in &payload.kv {
+            kv.insert(k.as_str(), rec.as_slice()).map_err(wr)?;
+            let (_, _, at) = Stored::header(rec).map_err(wr)?;
+            if at != 0 {
+                exp.insert((at, k.as_str()), ()).map_err(wr)?;
+            }
+        }
+        let mut clients = tx.open_table(CLIENTS).map_err(wr)?;
+        clients.retain(|_, _| false).map_err(wr)?;
+        for (client, session) in &payload.sessions {
+            clients.insert(client, session.as_slice()).map_err(wr)?;
+        }
+        let mut m = tx.open_table(SM_META).map_err(wr)?;
+        if let Some(applied) = meta.last_log_id {
+            put_meta(&mut m, "applied", &applied)?;
+        }
+        put_meta(&mut m, "membership", &meta.last_membership)?;
+        put_meta(&mut m, "revision", &payload.revision)?;
+        // What open needs to tell a crash between this and the log purge that follows
+        // from a damaged log (see `storage::open`).
+        put_meta(&mut m, "installed", &meta.last_log_id)?;
+        let mut s = tx.open_table(SNAPSHOT).map_err(wr)?;
+        put_meta(&mut s, "meta", meta)?;
+        s.insert("data", data.as_slice()).map_err(wr)?;
+    }
+    tx.commit().map_err(wr)?;
+    let rtx = shared.db.begin_read().map_err(rd)?;
+    inner.leases = load_leases(&rtx, &shared.clock)?;
+    inner.sessions = load_sessions(&rtx)?;
+    inner.revision = payload.revision;
+    inner.history.clear();
+    inner.hub.resync_all();
+    drop(inner);
+    shared.ttl_changed.notify_one();
+    shared.membership.send_replace(meta.last_membership.clone());
+    shared
+        .installed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Builds snapshots from the state machine (log compaction).
+#[derive(Debug)]
+pub(crate) struct SnapshotBuilder {
+    shared: Arc<Shared>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = &shared.db;
+            shared.settle().map_err(rd)?;
+            // Make every apply so far durable, so the snapshot never runs ahead of the
+            // state a restart recovers (the log before it may be purged).
+            let mut tx = db.begin_write().map_err(wr)?;
+            tx.set_durability(Durability::Immediate).map_err(wr)?;
+            tx.commit().map_err(wr)?;
+            let rtx = db.begin_read().map_err(rd)?;
+            let m = rtx.open_table(SM_META).map_err(rd)?;
+            let applied: Option<LogId> = get_meta(&m, "applied")?;
+            let membership: StoredMembership = get_meta(&m, "membership")?.unwrap_or_default();
+            let revision: u64 = get_meta(&m, "revision")?.unwrap_or(0);
+            let kv = rtx.open_table(KV).map_err(rd)?;
+            let mut pairs = Vec::with_capacity(kv.len().map_err(rd)? as usize);
+            for item in kv.iter().map_err(rd)? {
+                let (k, v) = item.map_err(rd)?;
+                pairs.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            let data = Payload {
+                revision,
+                kv: pairs,
+                sessions: session_records(&rtx)?,
+            }
+            .encode()
+            .map_err(wr)?;
+            let meta = SnapshotMeta {
+                last_log_id: applied,
+                last_membership: membership,
+                snapshot_id: format!("{}-{revision}", applied.map_or(0, |l| l.index)),
+            };
+            let tx = db.begin_write().map_err(wr)?;
+            {
+                let mut s = tx.open_table(SNAPSHOT).map_err(wr)?;
+                put_meta(&mut s, "meta", &meta)?;
+                s.insert("data", data.as_slice()).map_err(wr)?;
+            }
+            tx.commit().map_err(wr)?;
+            Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            })
+        })
+        .await
+        .map_err(wr)?
+    }
+}

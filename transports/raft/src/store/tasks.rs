@@ -1,0 +1,106 @@
+//! The store's background tasks: lease expiry (on the leader) and a restarted
+//! member's catch-up gate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::Raft;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{Inner, RaftStore};
+use crate::network::wire::{Reply, Request};
+use crate::propose::{Proposals, ProposeError};
+use crate::storage::sm;
+use crate::types::{Command, NodeId, TypeConfig};
+
+/// Opens the read gate of a member that restarted after a crash (see
+/// [`RaftStore::caught_up`]) once it has applied a read index from a leader: the first
+/// one it gets, waited for as long as it takes (a member that applies slower than a
+/// busy group writes would never reach a fresh index each time). Retries with growing
+/// pauses; ends when the store stops.
+pub(super) async fn catch_up(inner: std::sync::Weak<Inner>, stop: CancellationToken) {
+    let mut pauses = datasync::transport::resync::Pauses::between(
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+    );
+    let mut target = None;
+    loop {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let store = RaftStore { inner };
+        let Some(node) = &store.inner.node else {
+            return;
+        };
+        let attempt = async {
+            if target.is_none()
+                && let Ok((Reply::ReadIndex(Ok(index)), _)) =
+                    node.to_leader(|| Request::ReadIndex).await
+            {
+                target = Some(index);
+            }
+            match target {
+                Some(index) => store.applied(index).await.is_ok(),
+                None => false,
+            }
+        };
+        let done = tokio::select! {
+            _ = stop.cancelled() => return,
+            done = attempt => done,
+        };
+        if done {
+            debug!(node = node.id, "caught up with the group after a restart");
+            store.inner.sm.set_complete(true);
+            node.caught_up.send_replace(true);
+            return;
+        }
+        drop(store);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pauses.next_pause()) => {}
+        }
+    }
+}
+
+/// Proposes the expiry of due leases, on the leader only.
+pub(super) async fn ttl_task(
+    proposals: Proposals,
+    sm: Arc<sm::Shared>,
+    raft: Raft<TypeConfig>,
+    id: NodeId,
+    stop: CancellationToken,
+) {
+    loop {
+        let (next, now) = sm.next_expiry();
+        let wait = match next {
+            Some(at) if at <= now => {
+                // Only the leader decides expiry; followers apply its Expire command.
+                if raft.metrics().borrow().current_leader == Some(id) {
+                    let keys = sm.due(now, 1024);
+                    if keys.is_empty() {
+                        Duration::from_millis(10)
+                    } else if let Err(e) = proposals.propose(Command::Expire { keys }).await {
+                        let e = match e {
+                            ProposeError::Store(e) => e.to_string(),
+                            ProposeError::NotLeader(_) => "not the leader".into(),
+                        };
+                        warn!(error = %e, "lease expiry not committed; retrying");
+                        Duration::from_millis(100)
+                    } else {
+                        continue;
+                    }
+                } else {
+                    Duration::from_millis(100)
+                }
+            }
+            Some(at) => (at - now).min(Duration::from_secs(1)),
+            None => Duration::from_secs(1),
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = sm.ttl_changed.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
