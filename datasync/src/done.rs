@@ -93,6 +93,14 @@ impl Done {
         self.complete(Err(DoneError::failed(err)));
     }
 
+    /// Reports success or the error of `result`: a plugin's answer from its work.
+    pub fn answer<E: Into<BoxError>>(self, result: Result<(), E>) {
+        match result {
+            Ok(()) => self.ok(),
+            Err(e) => self.fail(e),
+        }
+    }
+
     /// Reports `result`.
     pub fn complete(mut self, result: Result<(), DoneError>) {
         if let Some(slot) = self.slot.take() {

@@ -14,7 +14,7 @@
 //!
 //! Over a [`crate::CompositeWatcher`] each part (source) resyncs on its own: a pass
 //! hands every plugin that source's resync, and plugins replace only what that source
-//! gave them ([`Handler::handle`]). [`CoordinatorHandle::ready`] waits for a pass of
+//! gave them ([`Plugin::handle`]). [`CoordinatorHandle::ready`] waits for a pass of
 //! every source; a part whose watch stops is marked in [`SourceStatus::stopped`] while
 //! the others go on. When the store's watch ends or fails for good, the coordinator
 //! closes the plugins and says why in [`CoordinatorStatus::stopped`]
@@ -31,19 +31,19 @@
 //!
 //! A failed or timed-out change follows the plugin's [`OnChangeFailure`]: by default
 //! the plugin is marked [`PluginState::OutOfSync`] with the first change it did not
-//! apply, gets no more changes, and a pass follows shortly to resync it. A handler is
-//! never cancelled: one that is still running when its time is up keeps running, the
-//! plugin counts as timed out, and it gets no event until that handler has returned.
+//! apply, gets no more changes, and a pass follows shortly to resync it. A plugin's
+//! `handle` is never cancelled: one still running when its time is up keeps running,
+//! the plugin counts as timed out, and it gets no event until that call has returned.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use datasync::coordinator::{Coordinator, CoordinatorConfig, Handler, PluginSpec, Registry};
+//! use datasync::coordinator::{Coordinator, CoordinatorConfig, Plugin, PluginSpec, Registry};
 //! use datasync::{local::Local, Event, Prefix};
 //!
 //! struct Print;
 //! #[async_trait::async_trait]
-//! impl Handler for Print {
+//! impl Plugin for Print {
 //!     async fn handle(&self, event: Event) {
 //!         println!("{} at {}", if matches!(event, Event::Resync(_)) { "resync" } else { "change" }, event.revision());
 //!         event.into_done().ok();
@@ -66,8 +66,7 @@ mod run;
 mod status;
 
 pub use registry::{
-    Handler, OnChangeFailure, Plugin, PluginContext, PluginHandler, PluginRegistration, PluginSpec,
-    Registry, RegistryError,
+    OnChangeFailure, Plugin, PluginContext, PluginRegistration, PluginSpec, Registry, RegistryError,
 };
 pub use run::{Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorHandle, ResyncTrigger};
 pub use status::{CoordinatorStatus, PluginState, PluginStatus, SourceStatus};

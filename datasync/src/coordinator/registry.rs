@@ -4,15 +4,46 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
-use crate::{BoxError, Change, Event, KeyError, Prefix, Resync, Writer};
+use crate::{Event, KeyError, Prefix, Writer};
 
-/// What a plugin does with its events. Answer every event's `Done`: the coordinator waits
-/// for it (with a timeout) before it moves on to the next plugin.
+/// A plugin: what it does with its events.
+///
+/// Every event carries a `Done`; answer it, now or later (e.g. from a task the plugin
+/// spawns): the coordinator waits for it (with a timeout) before it moves on to the next
+/// plugin. A plugin whose work is a function of the event answers with its result:
+///
+/// ```
+/// use datasync::coordinator::Plugin;
+/// use datasync::{BoxError, Change, Event, Resync};
+///
+/// struct Counter;
+/// impl Counter {
+///     async fn resync(&self, r: &Resync) -> Result<(), BoxError> { Ok(()) }
+///     async fn change(&self, c: &Change) -> Result<(), BoxError> { Ok(()) }
+/// }
+///
+/// #[async_trait::async_trait]
+/// impl Plugin for Counter {
+///     async fn handle(&self, event: Event) {
+///         let result = match &event {
+///             Event::Resync(r) => self.resync(r).await,
+///             Event::Change(c) => self.change(c).await,
+///             _ => Ok(()), // `Event` may grow
+///         };
+///         event.into_done().answer(result);
+///     }
+/// }
+/// ```
+///
+/// Why one method and not `resync` and `change`: the `Done` is the contract (as in
+/// cn-infra), and only the plugin knows when its work is done; a plugin that applies
+/// asynchronously keeps the `Done` and answers it when it has. An `Err` answer fails the
+/// event, and the coordinator records the error in the plugin's status.
 #[async_trait::async_trait]
-pub trait Handler: Send + Sync + 'static {
+pub trait Plugin: Send + Sync + 'static {
     /// Handles one event: a [`crate::Resync`] of the plugin's prefixes, or a
     /// [`crate::Change`] restricted to them. The `Done` may be answered after this
-    /// returns (e.g. from a spawned task).
+    /// returns.
     ///
     /// A resync replaces what the plugin holds **from its source** (`resync.source`)
     /// only: over a [`crate::CompositeWatcher`] each part resyncs alone, and the
@@ -22,53 +53,6 @@ pub trait Handler: Send + Sync + 'static {
     /// Called once when the coordinator shuts down, after the last event, dependents
     /// before what they depend on. Release what the plugin holds here.
     async fn close(&self) {}
-}
-
-/// A plugin's logic, for plugins that answer each event from a result: [`PluginHandler`]
-/// answers the `Done` with it (`Err` fails the event, and the coordinator records the
-/// error in the plugin's status).
-#[async_trait::async_trait]
-pub trait Plugin: Send + Sync + 'static {
-    /// Replaces the plugin's state from the resync's source (`resync.source`) with the
-    /// resync's values; what other sources gave stays (see [`Handler::handle`]).
-    async fn resync(&self, resync: &Resync) -> Result<(), BoxError>;
-
-    /// Applies one transaction's changes.
-    async fn change(&self, change: &Change) -> Result<(), BoxError>;
-
-    /// See [`Handler::close`].
-    async fn close(&self) {}
-}
-
-/// The [`Handler`] of a [`Plugin`].
-#[derive(Debug)]
-pub struct PluginHandler<P>(pub P);
-
-impl<P: Plugin> PluginHandler<P> {
-    /// `plugin` as a shared handler, for a [`PluginSpec`] or a plugin factory.
-    pub fn shared(plugin: P) -> Arc<dyn Handler> {
-        Arc::new(PluginHandler(plugin))
-    }
-}
-
-#[async_trait::async_trait]
-impl<P: Plugin> Handler for PluginHandler<P> {
-    async fn handle(&self, event: Event) {
-        match event {
-            Event::Resync(r) => match self.0.resync(&r).await {
-                Ok(()) => r.done.ok(),
-                Err(e) => r.done.fail(e),
-            },
-            Event::Change(c) => match self.0.change(&c).await {
-                Ok(()) => c.done.ok(),
-                Err(e) => c.done.fail(e),
-            },
-        }
-    }
-
-    async fn close(&self) {
-        self.0.close().await
-    }
 }
 
 /// What a plugin factory gets.
@@ -127,8 +111,8 @@ pub struct PluginRegistration {
     pub deps: &'static [&'static str],
     /// Watched prefixes.
     pub prefixes: &'static [&'static str],
-    /// Builds the handler.
-    pub factory: fn(&PluginContext) -> Arc<dyn Handler>,
+    /// Builds the plugin.
+    pub factory: fn(&PluginContext) -> Arc<dyn Plugin>,
     /// What a failed or timed-out change does.
     pub on_change_failure: OnChangeFailure,
 }
@@ -139,11 +123,11 @@ inventory::collect!(PluginRegistration);
 ///
 /// ```
 /// use std::sync::Arc;
-/// use datasync::coordinator::{Handler, PluginContext};
+/// use datasync::coordinator::{Plugin, PluginContext};
 ///
 /// struct Routes;
 /// #[async_trait::async_trait]
-/// impl Handler for Routes {
+/// impl Plugin for Routes {
 ///     async fn handle(&self, event: datasync::Event) {
 ///         event.into_done().ok();
 ///     }
@@ -192,8 +176,8 @@ pub struct PluginSpec {
     pub deps: Vec<String>,
     /// Watched prefixes.
     pub prefixes: Vec<Prefix>,
-    /// The handler.
-    pub handler: Arc<dyn Handler>,
+    /// The plugin.
+    pub plugin: Arc<dyn Plugin>,
     /// What a failed or timed-out change does (default [`OnChangeFailure::Resync`]).
     pub on_change_failure: OnChangeFailure,
 }
@@ -239,12 +223,12 @@ impl fmt::Debug for PluginSpec {
 
 impl PluginSpec {
     /// A plugin with no dependencies.
-    pub fn new(name: &str, prefixes: Vec<Prefix>, handler: Arc<dyn Handler>) -> Self {
+    pub fn new(name: &str, prefixes: Vec<Prefix>, plugin: Arc<dyn Plugin>) -> Self {
         PluginSpec {
             name: name.to_owned(),
             deps: Vec::new(),
             prefixes,
-            handler,
+            plugin,
             on_change_failure: OnChangeFailure::default(),
         }
     }
@@ -325,7 +309,7 @@ impl Registry {
                 name: r.name.to_owned(),
                 deps: r.deps.iter().map(|d| (*d).to_owned()).collect(),
                 prefixes,
-                handler: (r.factory)(ctx),
+                plugin: (r.factory)(ctx),
                 on_change_failure: r.on_change_failure,
             });
         }
@@ -413,7 +397,7 @@ mod tests {
 
     struct Nop;
     #[async_trait::async_trait]
-    impl Handler for Nop {
+    impl Plugin for Nop {
         async fn handle(&self, event: Event) {
             event.into_done().ok();
         }

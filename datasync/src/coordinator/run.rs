@@ -145,7 +145,7 @@ impl Coordinator {
         let stop = CancellationToken::new();
         let plugins = plugins
             .into_iter()
-            .map(|spec| Plugin {
+            .map(|spec| Running {
                 set: PrefixSet::new(spec.prefixes.iter().cloned()),
                 spec,
                 busy: std::sync::Mutex::new(None),
@@ -260,7 +260,7 @@ impl ResyncTrigger {
     }
 }
 
-struct Plugin {
+struct Running {
     spec: PluginSpec,
     set: PrefixSet,
     /// A handler still running after its time was up (never cancelled): the plugin
@@ -273,7 +273,7 @@ struct Plugin {
 }
 
 struct Runner {
-    plugins: Vec<Plugin>,
+    plugins: Vec<Running>,
     config: CoordinatorConfig,
     status: watch::Sender<CoordinatorStatus>,
     /// The coordinator's watch: a handler that returns after its time was up asks it
@@ -281,7 +281,7 @@ struct Runner {
     registration: Registration,
 }
 
-impl Plugin {
+impl Running {
     /// Records whether the plugin holds `source`'s state; returns whether it holds
     /// every source's.
     fn synced(&self, source: &crate::Source, ok: bool) -> bool {
@@ -405,7 +405,7 @@ impl Runner {
         }
         // Dependents first: a plugin closes while what it depends on is still open.
         for plugin in self.plugins.iter().rev() {
-            let close = plugin.spec.handler.close();
+            let close = plugin.spec.plugin.close();
             if tokio::time::timeout(self.config.change_timeout, close)
                 .await
                 .is_err()
@@ -584,7 +584,7 @@ impl Runner {
     /// event (then the event never reached it, and trying again is no use).
     async fn attempts(
         &self,
-        plugin: &Plugin,
+        plugin: &Running,
         attempts: u32,
         timeout: Duration,
         revision: Revision,
@@ -633,15 +633,15 @@ const MAX_CHANGE_ATTEMPTS: u32 = 10;
 /// handler spawns to answer `Done` later is its own to track.) A handler that panics
 /// counts as a dropped `Done`.
 async fn deliver(
-    plugin: &Plugin,
+    plugin: &Running,
     event: Event,
     waiter: crate::DoneWaiter,
     timeout: Duration,
     registration: &Registration,
 ) -> (Result<(), DoneError>, Duration) {
     let started = Instant::now();
-    let handler = plugin.spec.handler.clone();
-    let mut task = tokio::spawn(async move { handler.handle(event).await });
+    let handle = plugin.spec.plugin.clone();
+    let mut task = tokio::spawn(async move { handle.handle(event).await });
     let answered = tokio::time::timeout(timeout, async {
         if let Err(e) = (&mut task).await {
             warn!(plugin = %plugin.spec.name, error = %e, "handler panicked");

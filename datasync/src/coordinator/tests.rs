@@ -31,7 +31,7 @@ struct Rec {
 }
 
 #[async_trait::async_trait]
-impl Handler for Rec {
+impl Plugin for Rec {
     async fn handle(&self, event: Event) {
         let line = match &event {
             Event::Resync(r) => format!(
@@ -353,7 +353,7 @@ async fn overflow_becomes_a_new_pass() {
 
 struct FromInventory;
 #[async_trait::async_trait]
-impl Handler for FromInventory {
+impl Plugin for FromInventory {
     async fn handle(&self, event: Event) {
         event.into_done().ok();
     }
@@ -445,14 +445,16 @@ struct Strict {
 
 #[async_trait::async_trait]
 impl Plugin for Strict {
-    async fn resync(&self, _: &crate::Resync) -> Result<(), crate::BoxError> {
-        Ok(())
-    }
-
-    async fn change(&self, c: &crate::Change) -> Result<(), crate::BoxError> {
-        match c.changes.iter().find(|kc| kc.value == Some("bad".into())) {
-            Some(kc) => Err(format!("{} refuses {}", self.name, kc.key).into()),
-            None => Ok(()),
+    async fn handle(&self, event: Event) {
+        match event {
+            Event::Resync(r) => r.done.ok(),
+            Event::Change(c) => {
+                let refused = c.changes.iter().find(|kc| kc.value == Some("bad".into()));
+                c.done.answer(match refused {
+                    Some(kc) => Err(format!("{} refuses {}", self.name, kc.key)),
+                    None => Ok(()),
+                })
+            }
         }
     }
 
@@ -469,10 +471,10 @@ async fn plugin_results_answer_done_and_shutdown_closes_dependents_first() {
     let store = Local::new();
     let log = Arc::new(Mutex::new(Vec::new()));
     let strict = |name| {
-        PluginHandler::shared(Strict {
+        Arc::new(Strict {
             name,
             log: log.clone(),
-        })
+        }) as Arc<dyn Plugin>
     };
     let mut registry = Registry::new();
     registry.add(PluginSpec::new(
@@ -834,7 +836,7 @@ struct FailsOne {
 }
 
 #[async_trait::async_trait]
-impl Handler for FailsOne {
+impl Plugin for FailsOne {
     async fn handle(&self, event: Event) {
         match event {
             Event::Resync(r)

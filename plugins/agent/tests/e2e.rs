@@ -317,8 +317,8 @@ fn text_output_escapes_what_a_value_holds() {
 async fn the_default_agent_runs_on_the_embedded_store_and_shuts_down_cleanly() {
     use std::sync::{Arc, Mutex};
 
-    use datasync::coordinator::{Plugin, PluginHandler, PluginSpec};
-    use datasync::{BoxError, Change, Key, Prefix, PutOptions, ReadOptions, Resync};
+    use datasync::coordinator::{Plugin, PluginSpec};
+    use datasync::{Event, Key, Prefix, PutOptions, ReadOptions};
     use datasync_agent::{Agent, AgentConfig};
 
     #[derive(Default)]
@@ -328,21 +328,14 @@ async fn the_default_agent_runs_on_the_embedded_store_and_shuts_down_cleanly() {
     struct Recorder(Arc<Seen>, String);
     #[async_trait::async_trait]
     impl Plugin for Recorder {
-        async fn resync(&self, r: &Resync) -> Result<(), BoxError> {
-            self.0
-                .events
-                .lock()
-                .unwrap()
-                .push(format!("resync:{}:{}", r.len(), self.1));
-            Ok(())
-        }
-        async fn change(&self, c: &Change) -> Result<(), BoxError> {
-            self.0
-                .events
-                .lock()
-                .unwrap()
-                .push(format!("change:{}", c.changes[0].key));
-            Ok(())
+        async fn handle(&self, event: Event) {
+            let line = match &event {
+                Event::Resync(r) => format!("resync:{}:{}", r.len(), self.1),
+                Event::Change(c) => format!("change:{}", c.changes[0].key),
+                _ => "other".into(),
+            };
+            self.0.events.lock().unwrap().push(line);
+            event.into_done().ok();
         }
         async fn close(&self) {
             self.0.events.lock().unwrap().push("close".into());
@@ -368,7 +361,7 @@ async fn the_default_agent_runs_on_the_embedded_store_and_shuts_down_cleanly() {
             vec![PluginSpec::new(
                 "recorder",
                 vec![Prefix::new("cfg/").unwrap()],
-                PluginHandler::shared(Recorder(seen, greeting)),
+                Arc::new(Recorder(seen, greeting)),
             )]
         })
     };

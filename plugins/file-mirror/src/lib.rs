@@ -42,8 +42,8 @@ use std::sync::{Arc, Mutex};
 
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions};
-use datasync::coordinator::{Plugin, PluginContext, PluginHandler};
-use datasync::{BoxError, Change, Key, Op, Resync, Source, Value};
+use datasync::coordinator::{Plugin, PluginContext};
+use datasync::{BoxError, Change, Event, Key, Op, Resync, Source, Value};
 
 /// The plugin's name.
 pub const NAME: &str = "file-mirror";
@@ -60,7 +60,7 @@ datasync::register_plugin! {
     name: NAME,
     deps: [],
     prefixes: [PREFIX],
-    factory: |ctx: &PluginContext| PluginHandler::shared(FileMirror::from_settings(ctx.settings_for(NAME))),
+    factory: |ctx: &PluginContext| Arc::new(FileMirror::from_settings(ctx.settings_for(NAME))),
 }
 
 /// Why an event could not be mirrored.
@@ -648,6 +648,17 @@ fn write_file(dir: &Dir, name: &str, content: &[u8], path: &Path) -> Result<(), 
 
 #[async_trait::async_trait]
 impl Plugin for FileMirror {
+    async fn handle(&self, event: Event) {
+        let result = match &event {
+            Event::Resync(r) => self.resync(r).await,
+            Event::Change(c) => self.change(c).await,
+            _ => Ok(()),
+        };
+        event.into_done().answer(result);
+    }
+}
+
+impl FileMirror {
     /// A key that maps to no file is skipped and logged, and does not hold up the
     /// others: failing the resync on it would keep the mirror from every later change
     /// until that one key is fixed.

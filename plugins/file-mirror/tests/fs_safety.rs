@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use datasync::coordinator::{
-    Coordinator, CoordinatorConfig, CoordinatorHandle, PluginHandler, PluginSpec, PluginState,
-    Registry,
+    Coordinator, CoordinatorConfig, CoordinatorHandle, PluginSpec, PluginState, Registry,
 };
 use datasync::local::Local;
 use datasync::{CompositeWatcher, DeleteOptions, Key, Prefix, PutOptions, Watcher, Writer};
@@ -39,7 +38,7 @@ async fn start(watcher: &dyn Watcher, dir: &Path) -> CoordinatorHandle {
     registry.add(PluginSpec::new(
         NAME,
         vec![Prefix::new(PREFIX).expect("prefix")],
-        PluginHandler::shared(FileMirror::new(dir)),
+        Arc::new(FileMirror::new(dir)),
     ));
     let config = CoordinatorConfig::default()
         .retries(1, Duration::from_millis(10))

@@ -32,7 +32,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
-use datasync::coordinator::{Handler, PluginContext};
+use datasync::coordinator::{Plugin, PluginContext};
 use datasync::{Event, Key, KeyChange, Op, Revision, Source, Value};
 
 /// The interfaces plugin's name.
@@ -251,7 +251,7 @@ impl InterfacesPlugin {
 }
 
 #[async_trait::async_trait]
-impl Handler for InterfacesPlugin {
+impl Plugin for InterfacesPlugin {
     async fn handle(&self, event: Event) {
         match event {
             Event::Resync(r) => {
@@ -342,7 +342,7 @@ impl RoutesPlugin {
 }
 
 #[async_trait::async_trait]
-impl Handler for RoutesPlugin {
+impl Plugin for RoutesPlugin {
     async fn handle(&self, event: Event) {
         match event {
             // A route whose interface is missing waits for it (installed when the

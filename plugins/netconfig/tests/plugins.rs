@@ -248,7 +248,7 @@ async fn two_sources_keep_their_interfaces_and_routes_through_passes() {
 /// state in between).
 #[tokio::test]
 async fn a_change_is_applied_whole_or_not_at_all() {
-    use datasync::coordinator::Handler;
+    use datasync::coordinator::Plugin;
     use datasync::{Change, Done, KeyChange, Op, Revision, Source};
     let device = Device::default();
     let routes = RoutesPlugin::new("rt/", device.clone());
