@@ -11,12 +11,13 @@ use openraft::{BasicNode, ChangeMembers, Raft};
 
 use crate::error::ClusterError;
 use crate::members::{Members, Refusal, Role};
+use crate::network::Secret;
 use crate::network::client::Pool;
+use crate::network::link::Link;
 use crate::network::server::{Handler, Replies};
 use crate::network::wire::{
     ClientOp, ClientReply, Reply, Request, ServiceError, WireError, WireItem,
 };
-use crate::network::{Faults, Secret};
 use crate::propose::{Proposals, ProposeError};
 use crate::routing::route;
 use crate::storage::sm;
@@ -67,8 +68,8 @@ pub struct ClusterConfig {
     /// Raft election timeout range (default 500–1000 ms): a follower that hears no
     /// leader for a random time in it starts an election.
     pub election: (Duration, Duration),
-    /// Injected network faults (tests only; see [`Faults`]).
-    pub faults: Option<Faults>,
+    /// How messages travel: the real link, or injected faults (tests only).
+    pub(crate) link: Option<Arc<dyn Link>>,
 }
 
 impl ClusterConfig {
@@ -85,7 +86,7 @@ impl ClusterConfig {
             join_timeout: Duration::from_secs(300),
             heartbeat: Duration::from_millis(100),
             election: (Duration::from_millis(500), Duration::from_millis(1000)),
-            faults: None,
+            link: None,
         }
     }
 
@@ -122,13 +123,6 @@ impl ClusterConfig {
     #[must_use]
     pub fn forward_timeout(mut self, timeout: Duration) -> Self {
         self.forward_timeout = timeout;
-        self
-    }
-
-    /// Sends every message of this member through `faults` (fault-injection tests).
-    #[must_use]
-    pub fn faults(mut self, faults: Faults) -> Self {
-        self.faults = Some(faults);
         self
     }
 

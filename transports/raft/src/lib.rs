@@ -122,7 +122,7 @@ pub mod types;
 pub use cluster::ClusterConfig;
 pub use error::ClusterError;
 pub use members::{Members, Role};
-pub use network::{Faults, MIN_SECRET, NetError, Secret, SecretError};
+pub use network::{MIN_SECRET, NetError, Secret, SecretError};
 pub use remote::{RemoteConfig, RemoteStore};
 pub use storage::OpenError;
 pub use storage::lease::Clock;

@@ -1,5 +1,5 @@
 //! A three-node cluster under injected network faults (the members talk over real TCP;
-//! [`Faults`](datasync_raft::Faults) decides which messages arrive, and when): an
+//! [`Faults`](datasync_raft::testing::Faults) decides which messages arrive, and when): an
 //! isolated leader, a minority follower, a one-way cut, and a linearizability check of
 //! client histories under loss, delay and partitions.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test

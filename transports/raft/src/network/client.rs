@@ -17,8 +17,8 @@ use tracing::debug;
 
 use super::auth::{self, Hello, Opener, Sealer, Secret};
 use super::error::NetError;
-use super::faults::{Fate, Faults};
 use super::frame::{Conn, HANDSHAKE_TIMEOUT, MAX_FRAME, codec, recv_plain, send_plain};
+use super::link::{Fate, Link};
 use super::wire::{Envelope, Reply, Request, ServiceError, WireError};
 
 /// A call waiting for its reply, or for its stream of replies.
@@ -42,13 +42,17 @@ struct ClientInner {
     secret: Secret,
     conn: tokio::sync::Mutex<Option<mpsc::Sender<Call>>>,
     /// Injected faults, and the address this node is known by in them.
-    faults: Option<(Faults, String)>,
+    faults: Option<(Arc<dyn Link>, String)>,
 }
 
 impl Client {
     /// A client of `addr`; with `faults` (and the address this node is known by), each
     /// request first travels the link from this node to the peer, its reply the way back.
-    pub(crate) fn new(addr: String, secret: Secret, faults: Option<(Faults, String)>) -> Self {
+    pub(crate) fn new(
+        addr: String,
+        secret: Secret,
+        faults: Option<(Arc<dyn Link>, String)>,
+    ) -> Self {
         Client {
             inner: Arc::new(ClientInner {
                 addr,
@@ -280,13 +284,13 @@ async fn run(
 pub(crate) struct Pool {
     secret: Secret,
     clients: Arc<Mutex<HashMap<String, Client>>>,
-    faults: Option<(Faults, String)>,
+    faults: Option<(Arc<dyn Link>, String)>,
 }
 
 impl Pool {
     /// Connections with `secret`; `faults` (with this node's advertised address) for
     /// fault-injection tests.
-    pub(crate) fn new(secret: Secret, faults: Option<(Faults, String)>) -> Self {
+    pub(crate) fn new(secret: Secret, faults: Option<(Arc<dyn Link>, String)>) -> Self {
         Pool {
             secret,
             clients: Arc::default(),

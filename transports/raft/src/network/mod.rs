@@ -16,8 +16,8 @@
 pub(crate) mod auth;
 pub(crate) mod client;
 mod error;
-mod faults;
 pub(crate) mod frame;
+pub(crate) mod link;
 pub(crate) mod nopeers;
 pub(crate) mod peer;
 pub(crate) mod server;
@@ -25,4 +25,3 @@ pub(crate) mod wire;
 
 pub use auth::{MIN_SECRET, Secret, SecretError};
 pub use error::NetError;
-pub use faults::Faults;

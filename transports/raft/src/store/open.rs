@@ -195,7 +195,7 @@ async fn bind(c: &ClusterConfig) -> Result<Bound<'_>, OpenError> {
     let listener = TcpListener::bind(c.listen).await.map_err(listen_err)?;
     let bound = listener.local_addr().map_err(listen_err)?;
     let advertise = c.advertise.clone().unwrap_or_else(|| bound.to_string());
-    let faults = c.faults.clone().map(|f| (f, advertise.clone()));
+    let faults = c.link.clone().map(|f| (f, advertise.clone()));
     let pool = Pool::new(c.secret.clone(), faults);
     Ok(Bound {
         config: c,

@@ -1,5 +1,6 @@
 //! Conformance-suite harnesses for the embedded store (tests only): one node, and a
-//! three-node cluster on loopback whose follower is the store under test.
+//! three-node cluster on loopback whose follower is the store under test; [`Faults`],
+//! the switchboard a test cluster's messages pass through.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -7,9 +8,10 @@ use std::time::Duration;
 use datasync::testing::Harness;
 use tempfile::TempDir;
 
-use crate::{
-    ClusterConfig, Faults, RaftConfig, RaftStore, RemoteConfig, RemoteStore, Role, Secret,
-};
+use crate::{ClusterConfig, RaftConfig, RaftStore, RemoteConfig, RemoteStore, Role, Secret};
+
+mod faults;
+pub use faults::Faults;
 
 /// Opens a fresh single-node store in a temp dir per suite test; the dirs are removed
 /// when the harness drops.

@@ -11,10 +11,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Shared fault settings: give clones to the members' [`ClusterConfig`]s, then change
-/// them while the cluster runs. Members are named by the address they advertise.
+use crate::network::link::{Fate, Link};
+
+/// Shared fault settings: give clones to the members' [`ClusterConfig`]s
+/// ([`ClusterConfig::faults`]), then change them while the cluster runs. Members are named by the address they advertise.
 ///
 /// [`ClusterConfig`]: crate::ClusterConfig
+/// [`ClusterConfig::faults`]: crate::ClusterConfig::faults
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     inner: Arc<Mutex<Links>>,
@@ -39,13 +42,6 @@ impl Links {
             .or_default()
             .insert(to.to_owned());
     }
-}
-
-/// What happens to one message.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Fate {
-    Lost,
-    Delivered(Duration),
 }
 
 impl Faults {
@@ -94,19 +90,6 @@ impl Faults {
             .insert((from.to_owned(), to.to_owned()), n);
     }
 
-    /// Whether this answer from `from` to `to` is to be replaced (see
-    /// [`Faults::stop_replies`]); counts it.
-    pub(crate) fn take_stopped(&self, from: &str, to: &str) -> bool {
-        let mut links = self.links();
-        match links.stopped.get_mut(&(from.to_owned(), to.to_owned())) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// Restores every cut link (loss and delay stay as set).
     pub fn heal(&self) {
         self.links().cut.clear();
@@ -116,9 +99,11 @@ impl Faults {
     pub fn reset(&self) {
         *self.links() = Links::default();
     }
+}
 
+impl Link for Faults {
     /// The fate of one message from `from` to `to`.
-    pub(crate) fn fate(&self, from: &str, to: &str) -> Fate {
+    fn fate(&self, from: &str, to: &str) -> Fate {
         let links = self.links();
         if links
             .cut
@@ -131,6 +116,28 @@ impl Faults {
         let (min, max) = links.delay;
         let spread = (max - min).as_micros() as u64;
         Fate::Delivered(min + Duration::from_micros(fastrand::u64(0..=spread)))
+    }
+
+    /// Whether this answer from `from` to `to` is to be replaced (see
+    /// [`Faults::stop_replies`]); counts it.
+    fn take_stopped(&self, from: &str, to: &str) -> bool {
+        let mut links = self.links();
+        match links.stopped.get_mut(&(from.to_owned(), to.to_owned())) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl crate::ClusterConfig {
+    /// Sends every message of this member through `faults` (fault-injection tests).
+    #[must_use]
+    pub fn faults(mut self, faults: Faults) -> Self {
+        self.link = Some(Arc::new(faults));
+        self
     }
 }
 
