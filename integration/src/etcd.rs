@@ -1,11 +1,12 @@
 //! A real etcd server per test or benchmark (Debian package `etcd-server`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use datasync::testing::Harness;
+use datasync::testing::process::{Process, with_port_retries};
 use datasync_etcd::{EtcdConfig, EtcdStore};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,117 +18,89 @@ pub(crate) const INSTALL: &str = "apt-get install etcd-server";
 /// An etcd process on free loopback ports with a temp data dir; killed on drop.
 #[derive(Debug)]
 pub struct EtcdServer {
-    child: Child,
-    binary: PathBuf,
+    process: Process,
     endpoint: String,
-    peer_url: String,
     dir: TempDir,
-    /// Certificate and key files when clients are served over TLS.
-    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl EtcdServer {
     /// Starts etcd and waits until it serves requests (up to 30 s).
     pub async fn start() -> Result<EtcdServer, HarnessError> {
-        let binary = find_binary("etcd").ok_or(HarnessError::Missing {
-            binary: "etcd",
-            install: INSTALL,
-        })?;
-        let mut last = None;
+        let binary = etcd_binary()?;
         // Ports are picked free, then bound by etcd: retry if another process won the race.
-        for _ in 0..3 {
-            let dir = tempfile::tempdir().map_err(io)?;
-            let (client, peer) = (free_port().map_err(io)?, free_port().map_err(io)?);
-            let endpoint = format!("http://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
-            let child = spawn(&binary, &dir, &endpoint, &peer_url, None)?;
-            let mut server = EtcdServer {
-                child,
-                binary: binary.clone(),
-                endpoint,
-                peer_url,
-                dir,
-                tls: None,
-            };
-            match server.wait_ready().await {
-                Ok(()) => return Ok(server),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or(HarnessError::NotReady {
-            binary: "etcd",
-            reason: "no attempt made".into(),
-        }))
+        with_port_retries(3, || async {
+            let mut server = Self::spawn(&binary, "http", None)?;
+            server.wait_ready().await?;
+            Ok(server)
+        })
+        .await
     }
 
     /// Starts etcd serving clients over TLS with the PEM files `cert` and `key`, on an
     /// `https://` endpoint. Returns once spawned: connect with
     /// [`EtcdConfig::with_wait_for_server`] (this harness's readiness probe is plain text).
     pub fn start_tls(cert: &Path, key: &Path) -> Result<EtcdServer, HarnessError> {
-        let binary = find_binary("etcd").ok_or(HarnessError::Missing {
-            binary: "etcd",
-            install: INSTALL,
-        })?;
+        let tls = Some((cert.to_owned(), key.to_owned()));
+        Self::spawn(&etcd_binary()?, "https", tls)
+    }
+
+    fn spawn(
+        binary: &Path,
+        scheme: &str,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> Result<EtcdServer, HarnessError> {
         let dir = tempfile::tempdir().map_err(io)?;
         let (client, peer) = (free_port().map_err(io)?, free_port().map_err(io)?);
-        let endpoint = format!("https://127.0.0.1:{client}");
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let tls = Some((cert.to_owned(), key.to_owned()));
-        let child = spawn(&binary, &dir, &endpoint, &peer_url, tls.as_ref())?;
-        Ok(EtcdServer {
-            child,
+        let initial = format!("test={peer_url}");
+        let command = member_command(
             binary,
-            endpoint,
-            peer_url,
-            dir,
+            dir.path(),
+            &endpoint,
+            &peer_url,
             tls,
+            "test",
+            &initial,
+        );
+        let process =
+            Process::spawn("etcd", Some(dir.path().join("etcd.log")), command).map_err(io)?;
+        Ok(EtcdServer {
+            process,
+            endpoint,
+            dir,
         })
     }
 
     /// Kills etcd with SIGKILL (as a crash would) and waits until it is gone.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 
     /// Starts etcd again on the same data dir and ports (after [`kill`](Self::kill)).
     pub async fn start_again(&mut self) -> Result<(), HarnessError> {
-        self.kill();
-        self.child = spawn(
-            &self.binary,
-            &self.dir,
-            &self.endpoint,
-            &self.peer_url,
-            self.tls.as_ref(),
-        )?;
+        self.process.restart().map_err(io)?;
         self.wait_ready().await
     }
 
     async fn wait_ready(&mut self) -> Result<(), HarnessError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(self.not_ready(format!("exited with {status}")));
-            }
-            if let Ok(mut c) = etcd_client::Client::connect([&self.endpoint], None).await {
-                if c.status().await.is_ok() {
-                    return Ok(());
+        let endpoint = self.endpoint.clone();
+        let serving = || {
+            let endpoint = endpoint.clone();
+            async move {
+                match etcd_client::Client::connect([&endpoint], None).await {
+                    Ok(mut c) => c.status().await.is_ok(),
+                    Err(_) => false,
                 }
             }
-            if tokio::time::Instant::now() > deadline {
-                return Err(self.not_ready("not serving after 30 s".into()));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn not_ready(&self, what: String) -> HarnessError {
-        let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
-        let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-        HarnessError::NotReady {
-            binary: "etcd",
-            reason: format!("{what}; log: {tail}"),
-        }
+        };
+        self.process
+            .wait_ready(Duration::from_secs(30), serving)
+            .await
+            .map_err(|e| HarnessError::NotReady {
+                binary: "etcd",
+                reason: e.reason,
+            })
     }
 
     /// The client URL, e.g. `http://127.0.0.1:23790`.
@@ -142,7 +115,7 @@ impl EtcdServer {
 
     /// The server's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// A connected client.
@@ -168,63 +141,47 @@ pub(crate) fn io(source: std::io::Error) -> HarnessError {
     }
 }
 
-fn spawn(
-    binary: &PathBuf,
-    dir: &TempDir,
-    endpoint: &str,
-    peer_url: &str,
-    tls: Option<&(PathBuf, PathBuf)>,
-) -> Result<Child, HarnessError> {
-    spawn_member(
-        binary,
-        dir,
-        endpoint,
-        peer_url,
-        tls,
-        "test",
-        &format!("test={peer_url}"),
-    )
+pub(crate) fn etcd_binary() -> Result<PathBuf, HarnessError> {
+    find_binary("etcd").ok_or(HarnessError::Missing {
+        binary: "etcd",
+        install: INSTALL,
+    })
 }
 
-/// Spawns etcd member `name` of the cluster `initial` (`name=peer_url,…`), logging to
-/// `etcd.log` in `dir`.
-pub(crate) fn spawn_member(
-    binary: &PathBuf,
-    dir: &TempDir,
+/// The command of etcd member `name` of the cluster `initial` (`name=peer_url,…`),
+/// with its data in `dir` and its log appended to `etcd.log` there.
+pub(crate) fn member_command(
+    binary: &Path,
+    dir: &Path,
     endpoint: &str,
     peer_url: &str,
-    tls: Option<&(PathBuf, PathBuf)>,
+    tls: Option<(PathBuf, PathBuf)>,
     name: &str,
     initial: &str,
-) -> Result<Child, HarnessError> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.path().join("etcd.log"))
-        .map_err(io)?;
-    let mut cmd = Command::new(binary);
-    if let Some((cert, key)) = tls {
-        cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+) -> impl FnMut() -> Command + Send + Sync + 'static {
+    let (binary, dir) = (binary.to_owned(), dir.to_owned());
+    let (endpoint, peer_url) = (endpoint.to_owned(), peer_url.to_owned());
+    let (name, initial) = (name.to_owned(), initial.to_owned());
+    move || {
+        let mut cmd = Command::new(&binary);
+        if let Some((cert, key)) = &tls {
+            cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("etcd.log"));
+        cmd.args(["--name", &name, "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &endpoint])
+            .args(["--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &initial])
+            .stdout(Stdio::null())
+            .stderr(log.map_or_else(|_| Stdio::null(), Stdio::from));
+        cmd
     }
-    cmd.args(["--name", name, "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
-            "--listen-client-urls",
-            endpoint,
-            "--advertise-client-urls",
-            endpoint,
-        ])
-        .args([
-            "--listen-peer-urls",
-            peer_url,
-            "--initial-advertise-peer-urls",
-            peer_url,
-        ])
-        .args(["--initial-cluster", initial])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(io)
 }
 
 /// Reads the watcher gauge from etcd's `/metrics` (served on the client URL).
@@ -242,12 +199,6 @@ async fn watchers(endpoint: &str) -> std::io::Result<u64> {
         .ok_or_else(|| {
             std::io::Error::other("etcd /metrics lacks etcd_debugging_mvcc_watcher_total")
         })
-}
-
-impl Drop for EtcdServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// The conformance-suite harness of `datasync-etcd`: a fresh etcd per store (tests run

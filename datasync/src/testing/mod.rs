@@ -19,6 +19,7 @@
 #[cfg(test)]
 mod broken;
 pub mod linearizability;
+pub mod process;
 mod suite;
 
 use std::fmt;

@@ -27,12 +27,8 @@ fn serve(dir: &Path, secret: &Path, id: u64, listen: &str, join: Option<&str>) -
     if let Some(seed) = join {
         cmd.args(["--join", seed]);
     }
-    Running(
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    Running::spawn(cmd)
 }
 
 fn cli(store: &str, secret: &Path, args: &[&str]) -> Output {
@@ -72,15 +68,14 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 }
 
 fn agent(config: &Path) -> Running {
-    Running(
-        Command::new(BIN)
-            .args(["agent", "--config"])
+    Running::spawn({
+        let mut c = Command::new(BIN);
+        c.args(["agent", "--config"])
             .arg(config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+            .stderr(Stdio::null());
+        c
+    })
 }
 
 fn mirror_config(dir: &Path, name: &str, store: &str) -> (PathBuf, PathBuf) {

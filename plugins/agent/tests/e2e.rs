@@ -70,22 +70,21 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     std::fs::create_dir_all(&mirror).unwrap();
     std::fs::write(mirror.join("foreign"), "theirs").unwrap();
 
-    let mut agent = Running(
-        Command::new(BIN)
-            .args(["agent", "--config"])
+    let mut agent = Running::spawn({
+        let mut c = Command::new(BIN);
+        c.args(["agent", "--config"])
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+            .stderr(Stdio::null());
+        c
+    });
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some((200, body)) = http_get(&addr, "/readyz").await {
             assert_eq!(body, "ready\n");
             break;
         }
-        assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
+        assert!(agent.0.exited().is_none(), "the agent exited");
         assert!(Instant::now() < deadline, "/readyz never said ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -490,17 +489,16 @@ async fn the_agent_through_a_store_outage() {
     )
     .unwrap();
     let agent = || {
-        Command::new(BIN)
-            .args(["agent", "--config"])
+        let mut c = Command::new(BIN);
+        c.args(["agent", "--config"])
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::piped());
+        c
     };
 
     // Unreachable at start: a clear error and exit code 1.
-    let out = agent().wait_with_output().unwrap();
+    let out = agent().spawn().unwrap().wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot connect to the store"), "{err}");
@@ -509,7 +507,7 @@ async fn the_agent_through_a_store_outage() {
     let mut nats = NatsServer::start_on(Some(port), &[])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let running = Running(agent());
+    let running = Running::spawn(agent());
     until_http(&addr, "/readyz", 200).await;
     nats.kill();
     let body = until_http(&addr, "/readyz", 503).await;

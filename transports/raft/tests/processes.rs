@@ -8,12 +8,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use datasync::testing::mirror_until;
+use datasync::testing::process::Process;
 use datasync::{
     Consistency, Key, Mirror, Prefix, PutOptions, ReadOptions, ResyncReason, Value, WatchOptions,
     Watcher, Writer,
@@ -22,7 +23,6 @@ use datasync_raft::testing::{example_binary, test_secret, wait_until};
 use datasync_raft::{RemoteConfig, RemoteStore};
 use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 /// What a member process last reported.
 #[derive(Debug, Default, Clone, Copy)]
@@ -36,7 +36,7 @@ struct Status {
 struct Node {
     id: u64,
     addr: String,
-    child: Child,
+    process: Process,
     status: Arc<Mutex<Status>>,
 }
 
@@ -47,13 +47,11 @@ impl Node {
         if let Some(seed) = join {
             cmd.arg(seed);
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn a member");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut process = Process::spawn_once("cluster_node", cmd).expect("spawn a member");
+        let stdout = process.child().stdout.take().unwrap();
+        let stdout = tokio::process::ChildStdout::from_std(stdout).unwrap();
+        let mut lines = BufReader::new(stdout).lines();
         let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
             .await
             .expect("the member did not start within 60 s")
@@ -84,7 +82,7 @@ impl Node {
         Node {
             id,
             addr,
-            child,
+            process,
             status,
         }
     }
@@ -158,8 +156,7 @@ async fn sigkill_the_leader_under_load() {
 
     // SIGKILL the leader mid-load.
     let mut killed = nodes.remove(li);
-    killed.child.start_kill().unwrap();
-    killed.child.wait().await.unwrap();
+    killed.process.kill();
     let at_kill = acked.lock().unwrap().len();
     // Writes go on after the re-election, and run far past the killed member's log
     // (snapshots every 50 entries, 5 kept).
@@ -308,10 +305,7 @@ async fn a_member_restarted_after_a_crash_never_serves_older_state() {
     assert_eq!(before.values.len(), 30, "the follower serves every write");
     drop(on_f);
     for n in &mut nodes {
-        n.child.start_kill().unwrap();
-    }
-    for n in &mut nodes {
-        n.child.wait().await.unwrap();
+        n.process.kill();
     }
 
     // The follower alone: no leader can tell it how far its log is committed.
@@ -350,17 +344,12 @@ async fn a_member_restarted_after_a_crash_never_serves_older_state() {
     }
 
     // Stopped cleanly while still behind, it must not take its files for complete.
-    let pid = back.child.id().expect("running");
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(term.success());
     let mut back = back;
-    let exit = tokio::time::timeout(Duration::from_secs(30), back.child.wait())
+    let exit = back
+        .process
+        .stop(Duration::from_secs(30))
         .await
-        .expect("a clean stop within 30 s")
-        .unwrap();
+        .unwrap_or_else(|e| panic!("a clean stop within 30 s: {e}"));
     assert!(exit.success(), "clean stop: {exit:?}");
     drop(client);
     let back = Node::start(fid, dirs[fid as usize - 1].path(), &faddr, None).await;
