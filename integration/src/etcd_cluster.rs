@@ -14,6 +14,7 @@ use crate::{HarnessError, free_port};
 /// An etcd cluster whose members are processes of this test or benchmark.
 #[derive(Debug)]
 pub struct EtcdCluster {
+    /// Dropped (killed) before the dirs.
     members: Vec<(Process, String)>,
     _dirs: Vec<TempDir>,
 }
@@ -32,8 +33,9 @@ impl EtcdCluster {
             .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
             .collect();
         let initial = initial.join(",");
-        let mut members = Vec::new();
+        // Dirs are declared first so that, on an error, they drop after the members.
         let mut dirs = Vec::new();
+        let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let dir = tempfile::tempdir().map_err(io)?;
             let endpoint = format!("http://127.0.0.1:{client}");

@@ -50,6 +50,16 @@ fn crates() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Whether `line` (trimmed) is a `use` declaration, of any visibility.
+fn is_use(line: &str) -> bool {
+    let rest = match line.strip_prefix("pub") {
+        Some(r) if r.starts_with('(') => r.find(')').map_or("", |i| &r[i + 1..]),
+        Some(r) => r,
+        None => line,
+    };
+    rest.trim_start().starts_with("use ")
+}
+
 /// The lines of `text` outside comments and `#[cfg(test)]` modules.
 fn code_lines(text: &str) -> Vec<String> {
     let lines: Vec<&str> = text.lines().collect();
@@ -85,9 +95,7 @@ fn code_lines(text: &str) -> Vec<String> {
         }
         // A `use` spread over lines is read as one.
         let mut line = lines[i - 1].to_owned();
-        if (t.starts_with("use ") || t.starts_with("pub use ") || t.starts_with("pub(crate) use "))
-            && !t.contains(';')
-        {
+        if is_use(t) && !t.contains(';') {
             while i < lines.len() {
                 line.push(' ');
                 line.push_str(lines[i].trim());
@@ -151,7 +159,7 @@ fn paths(line: &str, here: &ModPath, mods: &BTreeMap<ModPath, Module>) -> Vec<Mo
     let mut out = Vec::new();
     let bytes = line.as_bytes();
     let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
-    let is_use = line.trim_start().starts_with("use ");
+    let is_use = is_use(line.trim_start());
     let mut i = 0;
     while i < bytes.len() {
         if !ident(bytes[i]) || (i > 0 && (ident(bytes[i - 1]) || bytes[i - 1] == b':')) {
@@ -266,10 +274,10 @@ fn reexports(mods: &BTreeMap<ModPath, Module>) -> Reexports {
     for (here, m) in mods {
         for line in &m.code {
             let t = line.trim_start();
-            let Some(rest) = t
-                .strip_prefix("pub use ")
-                .or_else(|| t.strip_prefix("pub(crate) use "))
-            else {
+            if !is_use(t) || !t.starts_with("pub") {
+                continue;
+            }
+            let Some(rest) = t.split_once("use ").map(|(_, r)| r) else {
                 continue;
             };
             for p in paths(&format!("use {rest}"), here, mods) {
@@ -318,10 +326,6 @@ fn dependencies(mods: &BTreeMap<ModPath, Module>) -> BTreeSet<(ModPath, ModPath)
     let mut deps = BTreeSet::new();
     for (here, m) in mods {
         for line in &m.code {
-            let t = line.trim_start();
-            if t.starts_with("pub use") || t.starts_with("pub(crate) use") {
-                continue;
-            }
             for p in paths(line, here, mods) {
                 let to = module_of(&p, mods, &re);
                 if &to != here {
@@ -443,6 +447,40 @@ fn strongly_connected(n: usize, edges: &BTreeMap<usize, BTreeSet<usize>>) -> Vec
     t.out
 }
 
+/// Every library crate of the workspace is read (a members list the parser misreads
+/// would otherwise check nothing).
+#[test]
+fn every_library_crate_is_read() {
+    let read: Vec<String> = crates()
+        .iter()
+        .map(|src| src.parent().unwrap().display().to_string())
+        .collect();
+    for expected in [
+        "datasync",
+        "transports/raft",
+        "transports/etcd",
+        "transports/nats",
+        "plugins/agent",
+        "plugins/file-mirror",
+        "plugins/netconfig",
+        "integration",
+        "examples",
+    ] {
+        assert!(
+            read.iter().any(|r| r.ends_with(expected)),
+            "{expected} not read: {read:?}"
+        );
+    }
+    let raft = crates()
+        .into_iter()
+        .find(|s| s.ends_with("transports/raft/src"))
+        .unwrap();
+    assert!(
+        modules(&raft).len() > 20,
+        "the raft crate's modules are found"
+    );
+}
+
 #[test]
 fn no_module_depends_on_a_sibling_that_depends_back() {
     let mut found = Vec::new();
@@ -528,6 +566,13 @@ fn the_checker_finds_a_sibling_cycle_and_only_that() {
         "a re-export is followed: {deps:?}"
     );
     assert!(sibling_cycles(&mods, &deps).is_empty());
+    // A re-export is a dependency too: c re-exporting a's item closes a → b → c → a.
+    write(
+        "c.rs",
+        "pub fn g() {}\npub(crate) use crate::a::{\n    h,\n};\n",
+    );
+    let mods = modules(src);
+    assert_eq!(sibling_cycles(&mods, &dependencies(&mods)).len(), 1);
     write("c.rs", "pub fn g() { crate::a::h() }\n");
     let mods = modules(src);
     let cycles = sibling_cycles(&mods, &dependencies(&mods));

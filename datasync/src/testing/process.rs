@@ -134,7 +134,11 @@ impl Process {
         }
     }
 
-    fn sigterm(&self) -> Result<(), String> {
+    fn sigterm(&mut self) -> Result<(), String> {
+        // Never signal a pid that may have been reused.
+        if self.exited().is_some() {
+            return Ok(());
+        }
         let pid = self.child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status();
         match sent {
@@ -144,7 +148,8 @@ impl Process {
     }
 
     /// Waits until `ready()` holds, checking every 50 ms: fails when the process exits
-    /// first or `within` passes, with the end of its log.
+    /// first or `within` passes (a `ready()` still running then included), with the end
+    /// of its log.
     ///
     /// # Cancel safety
     /// Cancel safe (it only polls).
@@ -162,7 +167,10 @@ impl Process {
             if let Some(status) = self.exited() {
                 return Err(self.not_ready(format!("exited with {status}")));
             }
-            if ready().await {
+            // A probe that hangs (a server that accepts and never answers) counts as
+            // not ready, within the same deadline.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if tokio::time::timeout(left, ready()).await == Ok(true) {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {

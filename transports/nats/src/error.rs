@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::jetstream::Error as ApiError;
 use async_nats::jetstream::context::{
-    CreateKeyValueErrorKind, CreateStreamErrorKind, GetStreamErrorKind, PublishErrorKind,
-    RequestErrorKind,
+    AccountErrorKind, CreateKeyValueErrorKind, CreateStreamErrorKind, GetStreamErrorKind,
+    PublishErrorKind, RequestErrorKind,
 };
 use async_nats::jetstream::stream::{
     ConsumerErrorKind, DirectGetErrorKind, LastRawMessageErrorKind,
@@ -47,11 +47,35 @@ fn api(e: &ApiError) -> Class {
 
 impl Kind for RequestErrorKind {
     fn class(&self) -> Option<Class> {
-        Some(match self {
-            RequestErrorKind::TimedOut => Class::Timeout,
-            RequestErrorKind::NoResponders => Class::Unavailable,
-            _ => Class::Failed,
-        })
+        match self {
+            RequestErrorKind::TimedOut => Some(Class::Timeout),
+            RequestErrorKind::NoResponders => Some(Class::Unavailable),
+            // An API error (e.g. 503) or a core request error, carried as the source.
+            RequestErrorKind::Other => None,
+            _ => Some(Class::Failed),
+        }
+    }
+}
+
+impl Kind for async_nats::RequestErrorKind {
+    fn class(&self) -> Option<Class> {
+        match self {
+            async_nats::RequestErrorKind::TimedOut => Some(Class::Timeout),
+            async_nats::RequestErrorKind::NoResponders => Some(Class::Unavailable),
+            async_nats::RequestErrorKind::Other => None,
+            _ => Some(Class::Failed),
+        }
+    }
+}
+
+impl Kind for AccountErrorKind {
+    fn class(&self) -> Option<Class> {
+        match self {
+            AccountErrorKind::TimedOut => Some(Class::Timeout),
+            AccountErrorKind::JetStreamUnavailable => Some(Class::Unavailable),
+            AccountErrorKind::JetStream(e) => Some(api(e)),
+            _ => None,
+        }
     }
 }
 
@@ -153,16 +177,28 @@ fn chain_class(mut source: Option<&(dyn StdError + 'static)>) -> Option<Class> {
         }
         try_kind!(
             RequestErrorKind,
+            async_nats::RequestErrorKind,
+            AccountErrorKind,
             GetStreamErrorKind,
             CreateStreamErrorKind,
             ConsumerErrorKind,
             DirectGetErrorKind
         );
+        if let Some(e) = e.downcast_ref::<ApiError>() {
+            return Some(api(e));
+        }
         if let Some(e) = e.downcast_ref::<std::io::Error>() {
-            return Some(match e.kind() {
-                std::io::ErrorKind::TimedOut => Class::Timeout,
-                _ => Class::Unavailable,
-            });
+            use std::io::ErrorKind as K;
+            match e.kind() {
+                K::TimedOut => return Some(Class::Timeout),
+                K::BrokenPipe
+                | K::ConnectionReset
+                | K::ConnectionAborted
+                | K::ConnectionRefused
+                | K::NotConnected
+                | K::UnexpectedEof => return Some(Class::Unavailable),
+                _ => {}
+            }
         }
         source = e.source();
     }
@@ -206,6 +242,7 @@ pub(crate) fn connect_error(err: async_nats::ConnectError) -> StoreError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 mod tests {
     use super::*;
 
@@ -222,5 +259,29 @@ mod tests {
         assert_eq!(chain_class(outer.source()), Some(Class::Unavailable));
         let timed = async_nats::jetstream::stream::ConsumerError::new(ConsumerErrorKind::TimedOut);
         assert_eq!(timed.kind().class(), Some(Class::Timeout));
+        // A bucket creation whose account query timed out is a timeout, not final.
+        let account = async_nats::jetstream::context::AccountError::new(AccountErrorKind::TimedOut);
+        let create = async_nats::jetstream::context::CreateKeyValueError::with_source(
+            CreateKeyValueErrorKind::JetStream,
+            account,
+        );
+        assert_eq!(create.kind().class(), None);
+        assert_eq!(chain_class(create.source()), Some(Class::Timeout));
+        // A stream info answered with the server's 503 is retryable; a 404 is final.
+        let api = |code: u16| -> ApiError {
+            serde_json::from_str(&format!(
+                r#"{{"code":{code},"err_code":10008,"description":"x"}}"#
+            ))
+            .unwrap()
+        };
+        let info = |code| {
+            async_nats::jetstream::context::RequestError::with_source(
+                RequestErrorKind::Other,
+                api(code),
+            )
+        };
+        assert_eq!(info(503).kind().class(), None);
+        assert_eq!(chain_class(info(503).source()), Some(Class::Unavailable));
+        assert_eq!(chain_class(info(404).source()), Some(Class::Failed));
     }
 }

@@ -100,7 +100,10 @@
 //! - **Clusters**: openraft over a framed TCP protocol authenticated with the cluster
 //!   secret; followers forward writes to the leader and serve linearizable reads
 //!   through the leader's read index; a member that installs a snapshot resyncs its
-//!   watchers.
+//!   watchers. The protocol is versioned in its handshake; members and clients of
+//!   different versions refuse each other (`NetError::Version`), so a cluster is
+//!   upgraded by stopping every member, not one at a time. Version 3 (errors keep
+//!   their type on the wire) does not talk to version 2.
 
 mod cluster;
 #[cfg(test)]

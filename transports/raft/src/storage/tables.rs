@@ -33,6 +33,7 @@ impl Stored {
         out
     }
 
+    #[inline]
     pub(crate) fn header(bytes: &[u8]) -> Result<(u64, u64, u64), CorruptValue> {
         let h = bytes.get(..HEADER).ok_or(CorruptValue(bytes.len()))?;
         let word = |i: usize| {
@@ -43,6 +44,7 @@ impl Stored {
         Ok((word(0), word(1), word(2)))
     }
 
+    #[inline]
     pub(crate) fn decode(bytes: &[u8]) -> Result<Stored, CorruptValue> {
         let (mod_rev, create_rev, expires_at_ms) = Self::header(bytes)?;
         Ok(Stored {
