@@ -2,8 +2,23 @@
 
 use std::time::Duration;
 
-use datasync::StoreError;
+use datasync::{Revision, StoreError};
 use tonic::Code;
+
+/// An etcd revision (or count) as ours. etcd's are non-negative `i64`s; a negative one
+/// comes from a server (or something between) that cannot be trusted, and is refused
+/// rather than cast: cast, it would wrap to a far-ahead revision (a watch resumed from
+/// there would wait forever and miss every change).
+pub(crate) fn revision(r: i64) -> Result<Revision, StoreError> {
+    u64::try_from(r)
+        .map(Revision)
+        .map_err(|_| StoreError::Corrupted(format!("etcd sent a negative revision ({r})")))
+}
+
+/// The revision of a response header (0 without one).
+pub(crate) fn header_rev(h: Option<&etcd_client::ResponseHeader>) -> Result<Revision, StoreError> {
+    revision(h.map_or(0, |h| h.revision()))
+}
 
 /// Classifies an etcd client error: what a retry may fix is `Unavailable`.
 pub(crate) fn store_error(e: etcd_client::Error) -> StoreError {

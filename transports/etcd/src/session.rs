@@ -9,7 +9,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
 use crate::EtcdStore;
-use crate::error::{store_error, timed};
+use crate::error::{header_rev, store_error, timed};
 
 /// A lease that this process keeps alive (a keep-alive every TTL/3). Keys put through
 /// the session live while it does; when it is closed or dropped, or the process dies,
@@ -114,7 +114,7 @@ impl Inner {
         )
         .await?
         .map_err(store_error)?;
-        Ok(Revision(resp.header().map_or(0, |h| h.revision()) as u64))
+        header_rev(resp.header())
     }
 
     /// A new lease with every key of the session put again under it.

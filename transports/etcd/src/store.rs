@@ -14,7 +14,7 @@ use etcd_client::{
 };
 
 use crate::EtcdConfig;
-use crate::error::{is_compacted, is_future, store_error, timed};
+use crate::error::{header_rev, is_compacted, is_future, revision, store_error, timed};
 use crate::keys::Namespace;
 use crate::lease::LeasePool;
 
@@ -118,7 +118,7 @@ impl EtcdStore {
             .with_count_only()
             .with_limit(1);
         let resp = self.get_raw(start, opts).await?;
-        Ok(header_revision(&resp).0)
+        Ok(header_revision(&resp)?.0)
     }
 
     /// How many distinct leases this store has granted for TTL puts (they are shared
@@ -235,7 +235,7 @@ impl EtcdStore {
                     }
                     Err(e) => return Err(self.read_error(e, revision).await),
                 };
-            let (rev, id) = header_revision(&resp);
+            let (rev, id) = header_revision(&resp)?;
             revision.get_or_insert(rev);
             if cluster == 0 {
                 cluster = id;
@@ -256,7 +256,7 @@ impl EtcdStore {
                     out.push(KeyValue {
                         key,
                         value: Value::from(value),
-                        revision: Revision(mod_revision as u64),
+                        revision: crate::error::revision(mod_revision)?,
                     });
                 }
             }
@@ -307,12 +307,17 @@ impl EtcdStore {
         }
     }
 
+    /// A stored etcd key-value as ours; `None` for a key datasync cannot represent
+    /// (see [`decode_key`](Self::decode_key)) or a negative revision (logged).
     pub(crate) fn key_value(&self, kv: &etcd_client::KeyValue) -> Option<KeyValue> {
         let key = self.decode_key(kv.key())?;
+        let revision = revision(kv.mod_revision())
+            .inspect_err(|e| tracing::warn!(key = %key, error = %e, "skipping a value"))
+            .ok()?;
         Some(KeyValue {
             key,
             value: Value::from(kv.value().to_vec()),
-            revision: Revision(kv.mod_revision() as u64),
+            revision,
         })
     }
 
@@ -343,10 +348,11 @@ impl EtcdStore {
 }
 
 /// A response header's revision and cluster id.
-fn header_revision(resp: &GetResponse) -> (Revision, u64) {
-    resp.header()
-        .map(|h| (Revision(h.revision() as u64), h.cluster_id()))
-        .unwrap_or_default()
+fn header_revision(resp: &GetResponse) -> Result<(Revision, u64), StoreError> {
+    Ok((
+        header_rev(resp.header())?,
+        resp.header().map_or(0, |h| h.cluster_id()),
+    ))
 }
 
 fn is_too_large(e: &etcd_client::Error) -> bool {
@@ -378,8 +384,7 @@ impl Writer for EtcdStore {
             .await?
             {
                 Ok(resp) => {
-                    let rev = resp.header().map_or(0, |h| h.revision());
-                    return Ok(Revision(rev as u64));
+                    return header_rev(resp.header());
                 }
                 Err(e) if attempt == 0 && lease != 0 && is_lease_gone(&e) => {
                     self.inner.leases.forget(lease).await;
@@ -405,8 +410,8 @@ impl Writer for EtcdStore {
             .await?
             .map_err(store_error)?;
         Ok(Deleted {
-            count: resp.deleted() as u64,
-            revision: Revision(resp.header().map_or(0, |h| h.revision()) as u64),
+            count: revision(resp.deleted())?.0,
+            revision: header_rev(resp.header())?,
         })
     }
 
@@ -466,8 +471,7 @@ impl Writer for EtcdStore {
             .await?
             .map_err(store_error)?;
         if resp.succeeded() {
-            let rev = resp.header().map_or(0, |h| h.revision());
-            return Ok(CasOutcome::Swapped(Revision(rev as u64)));
+            return Ok(CasOutcome::Swapped(header_rev(resp.header())?));
         }
         let current = resp.op_responses().into_iter().find_map(|r| match r {
             TxnOpResponse::Get(g) => Some(g.kvs().first().and_then(|kv| self.key_value(kv))),

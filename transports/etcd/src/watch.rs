@@ -34,7 +34,7 @@ use datasync::{
 };
 
 use crate::EtcdStore;
-use crate::error::{store_error, timed};
+use crate::error::{revision, store_error, timed};
 
 pub(crate) async fn start(
     store: EtcdStore,
@@ -134,7 +134,9 @@ impl Upstream for EtcdWatch {
             if resp.events().is_empty() {
                 // A progress notification: every event up to its revision was sent.
                 if let Some(h) = resp.header() {
-                    return Ok(Next::Progress(Revision(h.revision() as u64)));
+                    return Ok(Next::Progress(
+                        revision(h.revision()).map_err(Lost::Broken)?,
+                    ));
                 }
                 continue;
             }
@@ -211,9 +213,15 @@ impl EtcdWatch {
     /// Buffers one change per revision (etcd never splits a revision across
     /// responses), up to an event that lost its previous value.
     fn buffer(&mut self, events: &[etcd_client::Event]) {
-        let revision = |e: &etcd_client::Event| e.kv().map_or(0, |kv| kv.mod_revision());
-        for txn in events.chunk_by(|a, b| revision(a) == revision(b)) {
-            let rev = Revision(revision(&txn[0]) as u64);
+        let mod_rev = |e: &etcd_client::Event| e.kv().map_or(0, |kv| kv.mod_revision());
+        for txn in events.chunk_by(|a, b| mod_rev(a) == mod_rev(b)) {
+            let rev = match revision(mod_rev(&txn[0])) {
+                Ok(rev) => rev,
+                Err(e) => {
+                    self.buffered.push_back(Err(Lost::Broken(e)));
+                    return;
+                }
+            };
             if let Some(e) = txn.iter().find(|e| lost_prev(e)) {
                 // Compaction passed the previous revision while the event was in flight:
                 // etcd sends it without `prev_kv`. Deliver no guess; resync from here.
