@@ -54,6 +54,10 @@ struct SourceState {
 
 /// The state a consumer builds from one watch stream, kept per source.
 ///
+/// Why `Mirror`: it holds a mirror of the watched keys, as a plugin would, and checks
+/// the stream while it builds it. It is the reference consumer and the contract check
+/// the conformance suite applies every event to, in one.
+///
 /// A resync replaces the state of its source only, so one source of a composite never
 /// deletes another's keys. Every applied event is checked against the contract: revisions
 /// strictly increase per source (except at a `StoreReset` resync: the store went back),

@@ -184,7 +184,14 @@ impl Limits {
     }
 }
 
-/// Writes and reads a store.
+/// Writes and reads a store: the request/response side, where [`crate::Watcher`] is
+/// the stream side.
+///
+/// Why it is called `Writer` although it reads: a plugin reads what it watches from its
+/// stream, and comes here to write. The reads here (get and list at a revision, the
+/// current value a compare-and-swap returns) serve writes: a read-modify-write needs
+/// both on one store and one revision space. The name keeps the split a reader guesses:
+/// `Watcher` streams, `Writer` asks.
 ///
 /// # To ensure correctness
 /// Acknowledge a write only once it is committed (durable where the store is durable);
