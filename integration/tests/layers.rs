@@ -1,28 +1,35 @@
 //! The workspace's module structure: dependencies between modules go one way, and no
 //! source file outgrows a reader.
 //!
-//! Every crate's `src/` is read as text. A module's dependencies are the paths its code
-//! names (`crate::…`, `super::…`, `self::…`, and `use` of a child module), outside
-//! comments and `#[cfg(test)]` modules, each resolved to the deepest module it names.
-//! The rule checked, at every level of every crate: among the submodules of one module
+//! Every crate's `src/` is parsed with `syn`. A module's dependencies are the paths its
+//! code names that start at `crate`, `super`, `self` or a child module (in `use` trees,
+//! in code, and in macro bodies), outside `#[cfg(test)]` items. Each is resolved to the
+//! module that defines the item, following `pub use` re-exports (globs included). The
+//! rule checked, at every level of every crate: among the submodules of one module
 //! (each standing for its whole subtree), dependencies form no cycle. A module's own
-//! file and its submodules are one unit (Rust lets a child see its parent's private
-//! items for exactly that), and `pub use` lines are a façade, not a dependency.
+//! file and its submodules are one unit: Rust lets a child see its parent's private
+//! items for exactly that.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use petgraph::graph::DiGraph;
+use proc_macro2::{TokenStream, TokenTree};
+use syn::visit::Visit;
+
 /// Longest module file, in lines of code outside `#[cfg(test)]` modules.
 const MAX_LINES: usize = 800;
 
 type ModPath = Vec<String>;
+type Mods = BTreeMap<ModPath, Module>;
 
 struct Module {
     file: PathBuf,
-    /// Lines outside comments and test modules.
-    code: Vec<String>,
+    /// Lines of code outside comments and test modules.
+    code_lines: usize,
+    ast: syn::File,
 }
 
 fn workspace() -> PathBuf {
@@ -50,32 +57,21 @@ fn crates() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Whether `line` (trimmed) is a `use` declaration, of any visibility.
-fn is_use(line: &str) -> bool {
-    let rest = match line.strip_prefix("pub") {
-        Some(r) if r.starts_with('(') => r.find(')').map_or("", |i| &r[i + 1..]),
-        Some(r) => r,
-        None => line,
-    };
-    rest.trim_start().starts_with("use ")
-}
-
-/// The lines of `text` outside comments and `#[cfg(test)]` modules.
-fn code_lines(text: &str) -> Vec<String> {
+/// Lines of code in `text`: not blank, not a comment, not in a `#[cfg(test)]` module.
+/// (The size rule is about what a reader reads; counted on the text, as written.)
+fn count_code_lines(text: &str) -> usize {
     let lines: Vec<&str> = text.lines().collect();
-    let mut out = Vec::new();
-    let mut i = 0;
+    let (mut count, mut i) = (0, 0);
     while i < lines.len() {
         let t = lines[i].trim();
         if t == "#[cfg(test)]" {
-            // Past further attributes: is it a test module?
             let mut j = i + 1;
             while j < lines.len() && lines[j].trim_start().starts_with("#[") {
                 j += 1;
             }
             let m = lines.get(j).map_or("", |l| l.trim());
-            if (m.starts_with("mod ") || m.starts_with("pub(crate) mod ")) && m.ends_with('{') {
-                // Skip it: count braces until its own closes.
+            if m.contains("mod ") && m.ends_with('{') {
+                // Skip the module: count braces until its own closes.
                 let mut depth = 0i64;
                 i = j;
                 while i < lines.len() {
@@ -89,30 +85,17 @@ fn code_lines(text: &str) -> Vec<String> {
                 continue;
             }
         }
+        if !t.is_empty() && !t.starts_with("//") {
+            count += 1;
+        }
         i += 1;
-        if t.starts_with("//") || t.is_empty() {
-            continue;
-        }
-        // A `use` spread over lines is read as one.
-        let mut line = lines[i - 1].to_owned();
-        if is_use(t) && !t.contains(';') {
-            while i < lines.len() {
-                line.push(' ');
-                line.push_str(lines[i].trim());
-                i += 1;
-                if lines[i - 1].contains(';') {
-                    break;
-                }
-            }
-        }
-        out.push(line);
     }
-    out
+    count
 }
 
 /// The modules of the crate at `src`, by path (the crate root is `[]`). Test-only
-/// modules (`tests.rs`, `tests/`) are left out.
-fn modules(src: &Path) -> BTreeMap<ModPath, Module> {
+/// modules (`tests.rs`, `tests/`) and binaries are left out.
+fn modules(src: &Path) -> Mods {
     let mut out = BTreeMap::new();
     let mut stack = vec![src.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -141,11 +124,14 @@ fn modules(src: &Path) -> BTreeMap<ModPath, Module> {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
+            let ast = syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let code_lines = count_code_lines(&text);
             out.insert(
                 parts,
                 Module {
                     file: path.clone(),
-                    code: code_lines(&text),
+                    code_lines,
+                    ast,
                 },
             );
         }
@@ -153,184 +139,270 @@ fn modules(src: &Path) -> BTreeMap<ModPath, Module> {
     out
 }
 
-/// The paths named in `line` that start at `crate`, `super` or `self`, or (in a `use`)
-/// at a child of `here`; groups (`a::{b, c::d}`) are expanded.
-fn paths(line: &str, here: &ModPath, mods: &BTreeMap<ModPath, Module>) -> Vec<ModPath> {
-    let mut out = Vec::new();
-    let bytes = line.as_bytes();
-    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
-    let is_use = is_use(line.trim_start());
+fn is_cfg_test(attrs: &[syn::Attribute]) -> bool {
+    attrs.iter().any(|a| {
+        a.path().is_ident("cfg") && a.parse_args::<syn::Ident>().is_ok_and(|i| i == "test")
+    })
+}
+
+fn item_attrs(item: &syn::Item) -> &[syn::Attribute] {
+    use syn::Item as I;
+    match item {
+        I::Const(i) => &i.attrs,
+        I::Enum(i) => &i.attrs,
+        I::ExternCrate(i) => &i.attrs,
+        I::Fn(i) => &i.attrs,
+        I::ForeignMod(i) => &i.attrs,
+        I::Impl(i) => &i.attrs,
+        I::Macro(i) => &i.attrs,
+        I::Mod(i) => &i.attrs,
+        I::Static(i) => &i.attrs,
+        I::Struct(i) => &i.attrs,
+        I::Trait(i) => &i.attrs,
+        I::TraitAlias(i) => &i.attrs,
+        I::Type(i) => &i.attrs,
+        I::Union(i) => &i.attrs,
+        I::Use(i) => &i.attrs,
+        _ => &[],
+    }
+}
+
+/// Every path a `use` tree names, with the name it binds (`*` for a glob).
+fn use_paths(tree: &syn::UseTree, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, String)>) {
+    use syn::UseTree as U;
+    let with = |prefix: &Vec<String>, last: String| {
+        let mut p = prefix.clone();
+        p.push(last);
+        p
+    };
+    match tree {
+        U::Path(p) => {
+            prefix.push(p.ident.to_string());
+            use_paths(&p.tree, prefix, out);
+            prefix.pop();
+        }
+        U::Name(n) if n.ident == "self" => {
+            out.push((prefix.clone(), prefix.last().cloned().unwrap_or_default()))
+        }
+        U::Name(n) => out.push((with(prefix, n.ident.to_string()), n.ident.to_string())),
+        U::Rename(r) => out.push((with(prefix, r.ident.to_string()), r.rename.to_string())),
+        U::Glob(_) => out.push((with(prefix, "*".into()), "*".into())),
+        U::Group(g) => g.items.iter().for_each(|t| use_paths(t, prefix, out)),
+    }
+}
+
+/// The paths in a macro's tokens that start at `crate`, `super` or `self`.
+fn macro_paths(tokens: TokenStream, out: &mut Vec<Vec<String>>) {
+    let toks: Vec<TokenTree> = tokens.into_iter().collect();
+    let colons = |i: usize| {
+        matches!((toks.get(i), toks.get(i + 1)),
+            (Some(TokenTree::Punct(a)), Some(TokenTree::Punct(b))) if a.as_char() == ':' && b.as_char() == ':')
+    };
     let mut i = 0;
-    while i < bytes.len() {
-        if !ident(bytes[i]) || (i > 0 && (ident(bytes[i - 1]) || bytes[i - 1] == b':')) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        // A path: identifiers joined by `::`, possibly ending in a `{…}` group.
-        let mut end = i;
-        while end < bytes.len() && (ident(bytes[end]) || line[end..].starts_with("::")) {
-            end += if line[end..].starts_with("::") { 2 } else { 1 };
-        }
-        let mut path = line[start..end].trim_end_matches("::").to_owned();
-        let first = path.split("::").next().unwrap_or("").to_owned();
-        let relative = ["crate", "super", "self"].contains(&first.as_str())
-            || (is_use && start == line.find("use ").unwrap() + 4 && {
-                let mut child = here.clone();
-                child.push(first.clone());
-                mods.contains_key(&child)
-            });
-        if relative && (path.contains("::") || line[end..].starts_with('{')) {
-            let group = if line[end..].starts_with('{') {
-                let close = matching(&line[end..]).map(|c| end + c);
-                close.map(|c| &line[end + 1..c])
-            } else {
-                None
-            };
-            match group {
-                Some(g) => {
-                    for part in split_top(g) {
-                        let full = format!("{path}::{}", part.trim());
-                        out.extend(paths(&format!("use {full}"), here, mods).into_iter().chain(
-                            // A part naming only an item of `path` itself.
-                            std::iter::once(resolve_str(&path, here)),
-                        ));
+    while i < toks.len() {
+        match &toks[i] {
+            TokenTree::Group(g) => macro_paths(g.stream(), out),
+            TokenTree::Ident(id)
+                if ["crate", "super", "self"].contains(&id.to_string().as_str())
+                    && (i < 2 || !colons(i - 2)) =>
+            {
+                let mut segs = vec![id.to_string()];
+                while colons(i + 1) {
+                    match toks.get(i + 3) {
+                        Some(TokenTree::Ident(next)) => segs.push(next.to_string()),
+                        _ => break,
                     }
+                    i += 3;
                 }
-                None => {
-                    path = path.trim_end_matches("::").to_owned();
-                    out.push(resolve_str(&path, here));
-                }
-            }
-        }
-        i = end.max(i + 1);
-    }
-    out
-}
-
-fn matching(s: &str) -> Option<usize> {
-    let mut depth = 0;
-    for (i, c) in s.char_indices() {
-        match c {
-            '{' => depth += 1,
-            '}' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(i);
+                if segs.len() > 1 {
+                    out.push(segs);
                 }
             }
             _ => {}
         }
+        i += 1;
     }
-    None
 }
 
-fn split_top(s: &str) -> Vec<&str> {
-    let (mut out, mut depth, mut from) = (Vec::new(), 0, 0);
-    for (i, c) in s.char_indices() {
-        match c {
-            '{' => depth += 1,
-            '}' => depth -= 1,
-            ',' if depth == 0 => {
-                out.push(&s[from..i]);
-                from = i + 1;
-            }
-            _ => {}
-        }
-    }
-    out.push(&s[from..]);
-    out.into_iter().filter(|p| !p.trim().is_empty()).collect()
-}
-
-/// `path` as absolute segments (still naming items, not only modules).
-fn resolve_str(path: &str, here: &ModPath) -> ModPath {
-    let mut segs = path.split("::").map(str::to_owned);
-    let first = segs.next().unwrap();
-    let mut base: ModPath = match first.as_str() {
+/// `segs` (relative to `here`) as an absolute path, if it starts inside the crate.
+fn absolute(segs: &[String], here: &ModPath, mods: &Mods) -> Option<ModPath> {
+    let (first, rest) = segs.split_first()?;
+    let mut base = match first.as_str() {
         "crate" => Vec::new(),
         "self" => here.clone(),
         "super" => here[..here.len().saturating_sub(1)].to_vec(),
         child => {
             let mut b = here.clone();
             b.push(child.to_owned());
+            if !mods.contains_key(&b) {
+                return None;
+            }
             b
         }
     };
-    for s in segs {
-        if s == "super" {
-            base.pop();
-        } else if s != "self" && s != "*" {
-            base.push(s);
+    for s in rest {
+        match s.as_str() {
+            "super" => {
+                base.pop();
+            }
+            "self" => {}
+            s => base.push(s.to_owned()),
         }
     }
-    base
+    Some(base)
 }
 
-/// Items a module re-exports (`pub use`): `(module, name)` → the item's own path.
-type Reexports = BTreeMap<(ModPath, String), ModPath>;
+/// What one module's code names: paths (absolute) and its `pub use` bindings.
+#[derive(Default)]
+struct Names {
+    paths: Vec<ModPath>,
+    /// `pub use`: (name bound here, absolute path; ending in `*` for a glob).
+    reexports: Vec<(String, ModPath)>,
+    /// Items defined here.
+    defined: BTreeSet<String>,
+}
 
-fn reexports(mods: &BTreeMap<ModPath, Module>) -> Reexports {
-    let mut out = Reexports::new();
-    for (here, m) in mods {
-        for line in &m.code {
-            let t = line.trim_start();
-            if !is_use(t) || !t.starts_with("pub") {
-                continue;
-            }
-            let Some(rest) = t.split_once("use ").map(|(_, r)| r) else {
-                continue;
+struct Collect<'a> {
+    here: &'a ModPath,
+    mods: &'a Mods,
+    names: Names,
+    depth: usize,
+}
+
+impl<'ast> Visit<'ast> for Collect<'_> {
+    fn visit_item(&mut self, item: &'ast syn::Item) {
+        if is_cfg_test(item_attrs(item)) {
+            return;
+        }
+        if self.depth == 0 {
+            use syn::Item as I;
+            let name = match item {
+                I::Const(i) => Some(&i.ident),
+                I::Enum(i) => Some(&i.ident),
+                I::Fn(i) => Some(&i.sig.ident),
+                I::Mod(i) => Some(&i.ident),
+                I::Static(i) => Some(&i.ident),
+                I::Struct(i) => Some(&i.ident),
+                I::Trait(i) => Some(&i.ident),
+                I::Type(i) => Some(&i.ident),
+                I::Union(i) => Some(&i.ident),
+                I::Macro(i) => i.ident.as_ref(),
+                _ => None,
             };
-            for p in paths(&format!("use {rest}"), here, mods) {
-                if let Some(name) = p.last() {
-                    let name = line_alias(rest, name).unwrap_or(name.clone());
-                    out.insert((here.clone(), name), p.clone());
+            if let Some(n) = name {
+                self.names.defined.insert(n.to_string());
+            }
+        }
+        self.depth += 1;
+        syn::visit::visit_item(self, item);
+        self.depth -= 1;
+    }
+
+    fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
+        let mut found = Vec::new();
+        use_paths(&u.tree, &mut Vec::new(), &mut found);
+        let public = !matches!(u.vis, syn::Visibility::Inherited);
+        for (segs, name) in found {
+            if let Some(abs) = absolute(&segs, self.here, self.mods) {
+                if public && self.depth == 1 {
+                    self.names.reexports.push((name, abs.clone()));
                 }
+                self.names.paths.push(abs);
             }
         }
     }
-    out
+
+    fn visit_path(&mut self, p: &'ast syn::Path) {
+        let segs: Vec<String> = p.segments.iter().map(|s| s.ident.to_string()).collect();
+        if segs.len() > 1
+            && let Some(abs) = absolute(&segs, self.here, self.mods)
+        {
+            self.names.paths.push(abs);
+        }
+        syn::visit::visit_path(self, p);
+    }
+
+    fn visit_macro(&mut self, m: &'ast syn::Macro) {
+        let mut found = Vec::new();
+        macro_paths(m.tokens.clone(), &mut found);
+        for segs in found {
+            if let Some(abs) = absolute(&segs, self.here, self.mods) {
+                self.names.paths.push(abs);
+            }
+        }
+        syn::visit::visit_macro(self, m);
+    }
 }
 
-/// The name `item` is re-exported as, if `use` renames it (`item as name`).
-fn line_alias(line: &str, item: &str) -> Option<String> {
-    let at = line.find(&format!("{item} as "))?;
-    let name: String = line[at + item.len() + 4..]
-        .chars()
-        .take_while(|c| c.is_alphanumeric() || *c == '_')
-        .collect();
-    Some(name)
+fn names(mods: &Mods) -> BTreeMap<ModPath, Names> {
+    mods.iter()
+        .map(|(here, m)| {
+            let mut c = Collect {
+                here,
+                mods,
+                names: Names::default(),
+                depth: 0,
+            };
+            c.visit_file(&m.ast);
+            (here.clone(), c.names)
+        })
+        .collect()
 }
 
-/// The deepest module `path` names, following re-exports to where an item is defined.
-fn module_of(path: &ModPath, mods: &BTreeMap<ModPath, Module>, re: &Reexports) -> ModPath {
+/// The module that defines what `path` names: the deepest module it names, then
+/// through `pub use` re-exports (named or glob) to where the item is defined.
+fn module_of(path: &ModPath, mods: &Mods, all: &BTreeMap<ModPath, Names>) -> ModPath {
     let mut path = path.clone();
     for _ in 0..8 {
-        let mut p = path.clone();
-        while !p.is_empty() && !mods.contains_key(&p) {
-            p.pop();
+        let mut m = path.clone();
+        while !m.is_empty() && !mods.contains_key(&m) {
+            m.pop();
         }
-        match path
-            .get(p.len())
-            .and_then(|item| re.get(&(p.clone(), item.clone())))
-        {
-            Some(target) if target != &path => path = target.clone(),
-            _ => return p,
+        let (Some(item), Some(names)) = (path.get(m.len()), all.get(&m)) else {
+            return m;
+        };
+        if item == "*" || names.defined.contains(item) {
+            return m;
+        }
+        let named = names.reexports.iter().find(|(n, _)| n == item);
+        // A glob re-export (`pub use x::*`) stands for the items `x` has.
+        let has = |g: &ModPath| {
+            let mut child = g.clone();
+            child.push(item.clone());
+            mods.contains_key(&child)
+                || all.get(g).is_some_and(|n| {
+                    n.defined.contains(item) || n.reexports.iter().any(|(r, _)| r == item)
+                })
+        };
+        let glob = || {
+            names
+                .reexports
+                .iter()
+                .filter(|(n, _)| n == "*")
+                .map(|(_, t)| t[..t.len() - 1].to_vec())
+                .find(|g| has(g))
+                .map(|mut g| {
+                    g.push(item.clone());
+                    g
+                })
+        };
+        match named.map(|(_, t)| t.clone()).or_else(glob) {
+            Some(target) if target != path => path = target,
+            _ => return m,
         }
     }
     path
 }
 
 /// `(from, to)` module dependencies of a crate.
-fn dependencies(mods: &BTreeMap<ModPath, Module>) -> BTreeSet<(ModPath, ModPath)> {
-    let re = reexports(mods);
+fn dependencies(mods: &Mods) -> BTreeSet<(ModPath, ModPath)> {
+    let all = names(mods);
     let mut deps = BTreeSet::new();
-    for (here, m) in mods {
-        for line in &m.code {
-            for p in paths(line, here, mods) {
-                let to = module_of(&p, mods, &re);
-                if &to != here {
-                    deps.insert((here.clone(), to));
-                }
+    for (here, n) in &all {
+        for p in &n.paths {
+            let to = module_of(p, mods, &all);
+            if &to != here {
+                deps.insert((here.clone(), to));
             }
         }
     }
@@ -339,10 +411,7 @@ fn dependencies(mods: &BTreeMap<ModPath, Module>) -> BTreeSet<(ModPath, ModPath)
 
 /// Cycles among the children of every module: each child stands for its subtree; a
 /// module's own file and its descendants are one unit.
-fn sibling_cycles(
-    mods: &BTreeMap<ModPath, Module>,
-    deps: &BTreeSet<(ModPath, ModPath)>,
-) -> Vec<String> {
+fn sibling_cycles(mods: &Mods, deps: &BTreeSet<(ModPath, ModPath)>) -> Vec<String> {
     let mut found = Vec::new();
     for parent in mods.keys() {
         let children: Vec<&ModPath> = mods
@@ -352,34 +421,30 @@ fn sibling_cycles(
         if children.len() < 2 {
             continue;
         }
-        let child_of = |m: &ModPath| {
-            children
-                .iter()
-                .position(|c| m.len() >= c.len() && m.starts_with(c))
-        };
-        let mut edges: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
-        let mut why: BTreeMap<(usize, usize), (ModPath, ModPath)> = BTreeMap::new();
+        let child_of = |m: &ModPath| children.iter().position(|c| m.starts_with(c));
+        let mut graph = DiGraph::<usize, ()>::new();
+        let nodes: Vec<_> = (0..children.len()).map(|i| graph.add_node(i)).collect();
+        let mut why: BTreeMap<(usize, usize), (&ModPath, &ModPath)> = BTreeMap::new();
         for (from, to) in deps {
             if let (Some(a), Some(b)) = (child_of(from), child_of(to))
                 && a != b
             {
-                edges.entry(a).or_default().insert(b);
-                why.entry((a, b)).or_insert((from.clone(), to.clone()));
+                graph.update_edge(nodes[a], nodes[b], ());
+                why.entry((a, b)).or_insert((from, to));
             }
         }
-        for scc in strongly_connected(children.len(), &edges) {
+        for scc in petgraph::algo::tarjan_scc(&graph) {
             if scc.len() < 2 {
                 continue;
             }
+            let scc: Vec<usize> = scc.iter().map(|n| graph[*n]).collect();
             let names: Vec<String> = scc.iter().map(|&i| children[i].join("::")).collect();
-            let mut detail = Vec::new();
-            for &a in &scc {
-                for &b in &scc {
-                    if let Some((f, t)) = why.get(&(a, b)) {
-                        detail.push(format!("{} -> {}", f.join("::"), t.join("::")));
-                    }
-                }
-            }
+            let detail: Vec<String> = scc
+                .iter()
+                .flat_map(|&a| scc.iter().map(move |&b| (a, b)))
+                .filter_map(|k| why.get(&k))
+                .map(|(f, t)| format!("{} -> {}", f.join("::"), t.join("::")))
+                .collect();
             found.push(format!(
                 "{{{}}} via {}",
                 names.join(", "),
@@ -390,65 +455,6 @@ fn sibling_cycles(
     found
 }
 
-/// Tarjan's strongly connected components.
-fn strongly_connected(n: usize, edges: &BTreeMap<usize, BTreeSet<usize>>) -> Vec<Vec<usize>> {
-    struct T<'a> {
-        edges: &'a BTreeMap<usize, BTreeSet<usize>>,
-        index: Vec<Option<usize>>,
-        low: Vec<usize>,
-        on: Vec<bool>,
-        stack: Vec<usize>,
-        next: usize,
-        out: Vec<Vec<usize>>,
-    }
-    fn visit(t: &mut T<'_>, v: usize) {
-        t.index[v] = Some(t.next);
-        t.low[v] = t.next;
-        t.next += 1;
-        t.stack.push(v);
-        t.on[v] = true;
-        let succ: Vec<usize> = t.edges.get(&v).into_iter().flatten().copied().collect();
-        for w in succ {
-            match t.index[w] {
-                None => {
-                    visit(t, w);
-                    t.low[v] = t.low[v].min(t.low[w]);
-                }
-                Some(i) if t.on[w] => t.low[v] = t.low[v].min(i),
-                Some(_) => {}
-            }
-        }
-        if Some(t.low[v]) == t.index[v] {
-            let mut scc = Vec::new();
-            while let Some(w) = t.stack.pop() {
-                t.on[w] = false;
-                scc.push(w);
-                if w == v {
-                    break;
-                }
-            }
-            t.out.push(scc);
-        }
-    }
-    let mut t = T {
-        edges,
-        index: vec![None; n],
-        low: vec![0; n],
-        on: vec![false; n],
-        stack: Vec::new(),
-        next: 0,
-        out: Vec::new(),
-    };
-    for v in 0..n {
-        if t.index[v].is_none() {
-            visit(&mut t, v);
-        }
-    }
-    t.out
-}
-
-/// Every library crate of the workspace is read (a members list the parser misreads
-/// would otherwise check nothing).
 #[test]
 fn every_library_crate_is_read() {
     let read: Vec<String> = crates()
@@ -507,8 +513,8 @@ fn no_module_file_outgrows_a_reader() {
     let mut long = Vec::new();
     for src in crates() {
         for m in modules(&src).values() {
-            if m.code.len() > MAX_LINES {
-                long.push(format!("{} ({} lines)", m.file.display(), m.code.len()));
+            if m.code_lines > MAX_LINES {
+                long.push(format!("{} ({} lines)", m.file.display(), m.code_lines));
             }
         }
     }

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::time::Duration;
 
+use backon::{ConstantBuilder, Retryable};
+
 /// A child process, its command (to start it again) and its log file.
 pub struct Process {
     name: String,
@@ -104,12 +106,9 @@ impl Process {
         self.sigterm()?;
         let deadline = std::time::Instant::now() + within;
         loop {
-            if let Some(status) = self.exited() {
-                return Ok(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                self.kill();
-                return Err(format!("{} ignored SIGTERM for {within:?}", self.name));
+            let overdue = std::time::Instant::now() >= deadline;
+            if let Some(done) = self.after_sigterm(overdue, within) {
+                return done;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -123,15 +122,29 @@ impl Process {
         self.sigterm()?;
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if let Some(status) = self.exited() {
-                return Ok(status);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                self.kill();
-                return Err(format!("{} ignored SIGTERM for {within:?}", self.name));
+            let overdue = tokio::time::Instant::now() >= deadline;
+            if let Some(done) = self.after_sigterm(overdue, within) {
+                return done;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// One look after SIGTERM: the exit status, or (once `overdue`) a kill and an
+    /// error; `None` to look again.
+    fn after_sigterm(
+        &mut self,
+        overdue: bool,
+        within: Duration,
+    ) -> Option<Result<ExitStatus, String>> {
+        if let Some(status) = self.exited() {
+            return Some(Ok(status));
+        }
+        if overdue {
+            self.kill();
+            return Some(Err(format!("{} ignored SIGTERM for {within:?}", self.name)));
+        }
+        None
     }
 
     fn sigterm(&mut self) -> Result<(), String> {
@@ -204,19 +217,15 @@ impl Drop for Process {
 /// Runs `start` up to `attempts` times until it succeeds, for a server started on ports
 /// picked free and then bound by the server: another process may take a port in
 /// between. Returns the last error.
-pub async fn with_port_retries<T, E, F, Fut>(attempts: usize, mut start: F) -> Result<T, E>
+pub async fn with_port_retries<T, E, F, Fut>(attempts: usize, start: F) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut tries = 1;
-    loop {
-        match start().await {
-            Ok(t) => return Ok(t),
-            Err(e) if tries >= attempts => return Err(e),
-            Err(_) => tries += 1,
-        }
-    }
+    let again = ConstantBuilder::default()
+        .with_delay(Duration::ZERO)
+        .with_max_times(attempts.saturating_sub(1));
+    start.retry(again).sleep(tokio::time::sleep).await
 }
 
 #[cfg(test)]

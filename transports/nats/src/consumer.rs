@@ -101,17 +101,16 @@ impl Consumer {
         filters: &[String],
         policy: DeliverPolicy,
     ) -> Result<(Consumer, u64), StoreError> {
-        let inner = bucket;
-        let inbox = inner.client.new_inbox();
+        let inbox = bucket.client.new_inbox();
         // Subscribe first: nothing the consumer pushes can precede our interest.
-        let sub = inner
+        let sub = bucket
             .client
             .subscribe(inbox.clone())
             .await
             .map_err(|e| bucket.classify(e))?;
         let mut subjects: Vec<String> = filters
             .iter()
-            .map(|f| format!("{}{f}", inner.subject_prefix))
+            .map(|f| format!("{}{f}", bucket.subject_prefix))
             .collect();
         let (filter_subject, filter_subjects) = if subjects.len() == 1 {
             (subjects.pop().unwrap_or_default(), Vec::new())
@@ -134,7 +133,7 @@ impl Consumer {
             ..Default::default()
         };
         let consumer = bucket
-            .timed(inner.stream.create_consumer(config))
+            .timed(bucket.stream.create_consumer(config))
             .await?
             .map_err(|e| bucket.classify(e))?;
         let info = consumer.cached_info();

@@ -1,7 +1,6 @@
 //! [`NatsStore`]: connecting, reading and writing.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -19,7 +18,7 @@ use datasync::{
 
 use crate::bucket::Bucket;
 use crate::consumer::{Consumer, Record, RecordOp};
-use crate::error::{Kind, classify, connect_error};
+use crate::error::{classify, connect_error};
 use crate::{NatsConfig, keys};
 
 /// A datasync store on a NATS JetStream Key-Value bucket. Cheap to clone.
@@ -131,31 +130,21 @@ impl NatsStore {
     /// The bucket's current revision (its stream's last sequence).
     pub async fn current_revision(&self) -> Result<Revision, StoreError> {
         let info = self
+            .inner
             .timed(self.inner.stream.get_info())
             .await?
-            .map_err(|e| self.classify(e))?;
+            .map_err(|e| self.inner.classify(e))?;
         Ok(Revision(info.state.last_sequence))
     }
 
     /// How many consumers the bucket's stream has (each watch holds one).
     pub async fn consumers(&self) -> Result<usize, StoreError> {
         let info = self
+            .inner
             .timed(self.inner.stream.get_info())
             .await?
-            .map_err(|e| self.classify(e))?;
+            .map_err(|e| self.inner.classify(e))?;
         Ok(info.state.consumer_count)
-    }
-
-    pub(crate) fn classify<K>(&self, e: async_nats::error::Error<K>) -> StoreError
-    where
-        K: Kind + Clone + std::fmt::Debug + std::fmt::Display + PartialEq + Send + Sync + 'static,
-    {
-        self.inner.classify(e)
-    }
-
-    /// Runs `f` with the request timeout.
-    pub(crate) async fn timed<T>(&self, f: impl Future<Output = T>) -> Result<T, StoreError> {
-        self.inner.timed(f).await
     }
 
     fn subject(&self, key: &Key) -> Result<String, StoreError> {
@@ -196,7 +185,7 @@ impl NatsStore {
             PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound => {
                 Refused::Store(StoreError::Unavailable(Box::new(e)))
             }
-            _ => Refused::Store(self.classify(e)),
+            _ => Refused::Store(self.inner.classify(e)),
         }
     }
 
@@ -241,23 +230,25 @@ impl NatsStore {
         let stream = &self.inner.stream;
         let got = match consistency {
             Consistency::Local => self
+                .inner
                 .timed(stream.direct_get_last_for_subject(subject))
                 .await?
                 .map_err(|e| {
                     if e.kind() == stream::DirectGetErrorKind::NotFound {
                         None
                     } else {
-                        Some(self.classify(e))
+                        Some(self.inner.classify(e))
                     }
                 }),
             _ => self
+                .inner
                 .timed(stream.get_last_raw_message_by_subject(&subject))
                 .await?
                 .map_err(|e| {
                     if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound {
                         None
                     } else {
-                        Some(self.classify(e))
+                        Some(self.inner.classify(e))
                     }
                 }),
         };
@@ -328,9 +319,10 @@ impl NatsStore {
     /// other limits, and limits can be changed).
     async fn retention(&self) -> Result<Retention, StoreError> {
         let info = self
+            .inner
             .timed(self.inner.stream.get_info())
             .await?
-            .map_err(|e| self.classify(e))?;
+            .map_err(|e| self.inner.classify(e))?;
         let c = &info.config;
         let history = usize::try_from(c.max_messages_per_subject)
             .ok()
@@ -351,9 +343,10 @@ impl NatsStore {
                 first_removed = Some(1);
             } else if info.state.deleted_count.unwrap_or(0) > 0 {
                 let detailed = self
+                    .inner
                     .timed(self.inner.stream.info_builder().with_deleted(true).fetch())
                     .await?
-                    .map_err(|e| self.classify(e))?;
+                    .map_err(|e| self.inner.classify(e))?;
                 first_removed = detailed.info.state.deleted.iter().flatten().min().copied();
             }
         }
