@@ -68,6 +68,12 @@ pub enum ResyncReason {
     /// whose revision may be lower than the one before it: revisions are the store's
     /// own, and continue from this one.
     StoreReset,
+    /// Prefixes were added to a live registration
+    /// ([`Registration::add_prefix`](crate::Registration::add_prefix)). Unlike every other
+    /// reason, the resync replaces the consumer's state only under the prefixes it
+    /// lists: the added ones (or, on a transport that cannot read them alone, all of
+    /// them); the state under the others carries on.
+    PrefixAdded,
 }
 
 /// A key with its value and the revision that last modified it.
@@ -127,6 +133,12 @@ impl Resync {
     /// All values, in prefix then key order.
     pub fn values(&self) -> impl Iterator<Item = &KeyValue> {
         self.prefixes.iter().flat_map(|p| p.values.iter())
+    }
+
+    /// Whether the resync replaces the state under its listed prefixes only
+    /// ([`ResyncReason::PrefixAdded`]), not the registration's whole state.
+    pub fn is_partial(&self) -> bool {
+        self.reason == ResyncReason::PrefixAdded
     }
 
     /// Number of values.

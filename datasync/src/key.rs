@@ -288,6 +288,23 @@ impl PrefixSet {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Whether every key under `prefix` matches the set.
+    pub fn covers(&self, prefix: &Prefix) -> bool {
+        self.0.iter().any(|p| p.covers(prefix))
+    }
+
+    /// The keys both sets match, as a set.
+    pub fn intersect(&self, other: &PrefixSet) -> PrefixSet {
+        let mine = self.0.iter().filter(|p| other.covers(p));
+        let theirs = other.0.iter().filter(|p| self.covers(p));
+        PrefixSet::new(mine.chain(theirs).cloned())
+    }
+
+    /// The keys either set matches, as a set.
+    pub fn union(&self, other: &PrefixSet) -> PrefixSet {
+        PrefixSet::new(self.0.iter().chain(&other.0).cloned())
+    }
 }
 
 #[cfg(test)]

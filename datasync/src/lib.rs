@@ -73,6 +73,7 @@ mod key;
 pub mod local;
 mod mirror;
 mod revision;
+mod scope;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;

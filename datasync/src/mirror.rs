@@ -90,10 +90,17 @@ impl Mirror {
                     });
                 }
                 st.revision = r.revision;
-                st.values = r
+                let fresh = r
                     .values()
-                    .map(|kv| (kv.key.clone(), (kv.value.clone(), kv.revision)))
-                    .collect();
+                    .map(|kv| (kv.key.clone(), (kv.value.clone(), kv.revision)));
+                if r.is_partial() {
+                    // Only the listed prefixes are replaced.
+                    st.values
+                        .retain(|k, _| !r.prefixes.iter().any(|g| g.prefix.matches(k.as_str())));
+                    st.values.extend(fresh);
+                } else {
+                    st.values = fresh.collect();
+                }
                 Ok(())
             }
             Event::Change(c) => {
@@ -189,5 +196,42 @@ mod tests {
         ));
         m.apply(&resync(5, ResyncReason::StoreReset)).unwrap();
         assert_eq!(m.revision(""), Some(Revision(5)));
+    }
+
+    #[test]
+    fn a_partial_resync_replaces_only_its_prefixes() {
+        use crate::{Key, KeyValue, Prefix, PrefixValues, Value};
+        let group = |p: &str, keys: &[&str]| PrefixValues {
+            prefix: Prefix::new(p).unwrap(),
+            values: keys
+                .iter()
+                .map(|k| KeyValue {
+                    key: Key::new(k).unwrap(),
+                    value: Value::from("v"),
+                    revision: Revision(1),
+                })
+                .collect(),
+        };
+        let event = |rev, reason, groups| {
+            let (done, _waiter) = Done::channel();
+            Event::Resync(Resync::new(
+                Source::from(""),
+                Revision(rev),
+                reason,
+                groups,
+                done,
+            ))
+        };
+        let mut m = Mirror::new();
+        let first = vec![group("a/", &["a/1", "a/2"]), group("b/", &["b/1"])];
+        m.apply(&event(3, ResyncReason::Initial, first)).unwrap();
+        let added = vec![group("b/", &["b/2"]), group("c/", &["c/1"])];
+        m.apply(&event(4, ResyncReason::PrefixAdded, added))
+            .unwrap();
+        let keys: Vec<_> = m.values("").map(|(k, _, _)| k.to_string()).collect();
+        assert_eq!(keys, ["a/1", "a/2", "b/2", "c/1"]);
+        m.apply(&event(5, ResyncReason::Requested, vec![group("c/", &[])]))
+            .unwrap();
+        assert_eq!(m.len(""), 0, "a full resync replaces everything");
     }
 }

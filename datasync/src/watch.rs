@@ -2,8 +2,8 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use futures_util::Stream;
@@ -11,7 +11,8 @@ use futures_util::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 
 use crate::done::Acks;
-use crate::{AckStatus, Done, Event, Prefix, Revision, StoreError, WatchError};
+use crate::scope::Scope;
+use crate::{AckStatus, Done, Event, Prefix, PrefixSet, Revision, StoreError, WatchError};
 
 /// Per-registration options.
 #[derive(Debug, Clone)]
@@ -125,10 +126,24 @@ impl fmt::Debug for Watch {
 impl Stream for Watch {
     type Item = Result<Event, WatchError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.registration.is_closed() {
-            return Poll::Ready(None);
+        loop {
+            if self.registration.is_closed() {
+                return Poll::Ready(None);
+            }
+            let item = std::task::ready!(self.stream.as_mut().poll_next(cx));
+            // A composite's parts restrict their own events.
+            let reg = &self.registration.inner;
+            if !reg.reshaped.load(Ordering::Acquire) || !reg.children.is_empty() {
+                return Poll::Ready(item);
+            }
+            match item {
+                Some(Ok(ev)) => match self.registration.scope().restrict(ev) {
+                    Some(ev) => return Poll::Ready(Some(Ok(ev))),
+                    None => continue,
+                },
+                other => return Poll::Ready(other),
+            }
         }
-        self.stream.as_mut().poll_next(cx)
     }
 }
 
@@ -138,8 +153,8 @@ impl Drop for Watch {
     }
 }
 
-/// The consumer's handle to one watch registration: close it, ask for a resync, read
-/// how its events were answered. Cheap to clone.
+/// The consumer's handle to one watch registration: close it, ask for a resync, add or
+/// remove prefixes, read how its events were answered. Cheap to clone.
 ///
 /// Closing ends the stream and releases the registration in the store (server-side
 /// watches are cancelled). A composite's registration closes and resyncs all its parts.
@@ -157,6 +172,9 @@ struct Inner {
     resync: AtomicBool,
     waker: AtomicWaker,
     acks: Arc<Acks>,
+    scope: Mutex<Scope>,
+    /// Prefixes were added or removed (until then, events pass unfiltered).
+    reshaped: AtomicBool,
     children: Vec<Registration>,
 }
 
@@ -170,18 +188,18 @@ impl fmt::Debug for Registration {
 }
 
 impl Registration {
-    /// A new, open registration (see [`crate::transport::Producer::new`]).
-    pub(crate) fn new(name: &str) -> Self {
-        Self::with_children(name, Vec::new())
+    /// A new, open registration of `prefixes` (see [`crate::transport::Producer::new`]).
+    pub(crate) fn new(name: &str, prefixes: &[Prefix]) -> Self {
+        Self::with_children(name, prefixes, Vec::new())
     }
 
-    /// One registration that stands for several: closing or resyncing it does so to
-    /// all of them, and its status merges theirs.
-    pub(crate) fn aggregate(name: &str, parts: Vec<Registration>) -> Self {
-        Self::with_children(name, parts)
+    /// One registration that stands for several watching the same prefixes: closing,
+    /// resyncing or reshaping it does so to all of them, and its status merges theirs.
+    pub(crate) fn aggregate(name: &str, prefixes: &[Prefix], parts: Vec<Registration>) -> Self {
+        Self::with_children(name, prefixes, parts)
     }
 
-    fn with_children(name: &str, children: Vec<Registration>) -> Self {
+    fn with_children(name: &str, prefixes: &[Prefix], children: Vec<Registration>) -> Self {
         let name: Arc<str> = Arc::from(name);
         Registration {
             inner: Arc::new(Inner {
@@ -190,9 +208,16 @@ impl Registration {
                 cancel: CancellationToken::new(),
                 resync: AtomicBool::new(false),
                 waker: AtomicWaker::new(),
+                scope: Mutex::new(Scope::new(prefixes)),
+                reshaped: AtomicBool::new(false),
                 children,
             }),
         }
+    }
+
+    pub(crate) fn scope(&self) -> MutexGuard<'_, Scope> {
+        // The scope's methods do not panic midway; a poisoned lock holds a whole scope.
+        self.inner.scope.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The registration's name.
@@ -230,6 +255,63 @@ impl Registration {
         for c in &self.inner.children {
             c.request_resync();
         }
+    }
+
+    /// The prefixes watched now (normalized).
+    pub fn prefixes(&self) -> PrefixSet {
+        self.scope().set().clone()
+    }
+
+    /// Starts watching `prefix` too (the later cn-infra `Register`): a resync with
+    /// [`ResyncReason::PrefixAdded`](crate::ResyncReason::PrefixAdded) listing it comes
+    /// in order with the changes, and its changes follow that resync. Until then no
+    /// change under it is delivered. False if `prefix` was asked for already (adding a
+    /// prefix covered by one watched already reads nothing).
+    pub fn add_prefix(&self, prefix: Prefix) -> bool {
+        let added = self.scope().add(prefix.clone());
+        if added {
+            self.inner.reshaped.store(true, Ordering::Release);
+            self.inner.waker.wake();
+        }
+        for c in &self.inner.children {
+            c.add_prefix(prefix.clone());
+        }
+        added
+    }
+
+    /// Stops watching `prefix` (the later cn-infra `Unregister`): once this returns, no
+    /// event carries a key that only `prefix` matched; keys another watched prefix
+    /// matches go on. False if `prefix` was not asked for (as given, not normalized).
+    pub fn remove_prefix(&self, prefix: &Prefix) -> bool {
+        let removed = self.scope().remove(prefix);
+        if removed {
+            self.inner.reshaped.store(true, Ordering::Release);
+        }
+        for c in &self.inner.children {
+            c.remove_prefix(prefix);
+        }
+        removed
+    }
+
+    /// Whether added prefixes wait for their resync.
+    pub(crate) fn owes(&self) -> bool {
+        self.inner.reshaped.load(Ordering::Acquire) && self.scope().owes()
+    }
+
+    /// Takes the added prefixes owed a resync: the whole set, and the owed ones.
+    pub(crate) fn take_owed(&self) -> Option<(PrefixSet, PrefixSet)> {
+        if !self.inner.reshaped.load(Ordering::Acquire) {
+            return None;
+        }
+        self.scope().take_owed()
+    }
+
+    /// Takes the set for a full resync, if it changed since the transport last took it.
+    pub(crate) fn take_set(&self) -> Option<PrefixSet> {
+        if !self.inner.reshaped.load(Ordering::Acquire) {
+            return None;
+        }
+        self.scope().take_set()
     }
 
     /// Takes a pending resync request.
@@ -273,9 +355,9 @@ mod tests {
 
     #[test]
     fn aggregate_closes_and_resyncs_parts() {
-        let a = Registration::new("a");
-        let b = Registration::new("b");
-        let all = Registration::aggregate("all", vec![a.clone(), b.clone()]);
+        let a = Registration::new("a", &[]);
+        let b = Registration::new("b", &[]);
+        let all = Registration::aggregate("all", &[], vec![a.clone(), b.clone()]);
         all.request_resync();
         assert!(a.take_resync_request() && b.take_resync_request());
         assert!(!a.take_resync_request());

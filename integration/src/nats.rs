@@ -245,6 +245,9 @@ pub struct NatsHarness {
 
 #[async_trait::async_trait]
 impl Harness for NatsHarness {
+    // A bucket cannot be read at a past sequence: an added prefix is a full resync.
+    const READS_ADDED_PREFIXES_ALONE: bool = false;
+
     type Store = NatsStore;
 
     async fn store(&self) -> NatsStore {

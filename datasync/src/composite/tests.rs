@@ -185,3 +185,55 @@ async fn parts_with_one_name_are_refused() {
         .await;
     assert!(matches!(got, Err(StoreError::Unsupported(_))), "{got:?}");
 }
+
+#[tokio::test]
+async fn added_and_removed_prefixes_reach_every_part() {
+    let (a, b) = (Local::new(), Local::new());
+    for (s, k) in [(&a, "x/a"), (&b, "x/b"), (&a, "y/a"), (&b, "y/b")] {
+        s.put(&key(k), "v".into(), PutOptions::new()).await.unwrap();
+    }
+    let composite = CompositeWatcher::new()
+        .with("a", Arc::new(a.clone()))
+        .with("b", Arc::new(b.clone()));
+    let x = Prefix::new("x/").unwrap();
+    let y = Prefix::new("y/").unwrap();
+    let mut w = composite
+        .watch("c", std::slice::from_ref(&x), WatchOptions::default())
+        .await
+        .unwrap();
+    let mut mirror = Mirror::new();
+    for _ in 0..2 {
+        let ev = next(&mut w).await;
+        mirror.apply(&ev).unwrap();
+        ev.into_done().ok();
+    }
+    let reg = w.registration().clone();
+    assert!(reg.add_prefix(y.clone()));
+    assert_eq!(reg.prefixes().prefixes(), [x.clone(), y.clone()]);
+    let mut added = Vec::new();
+    while added.len() < 2 {
+        let ev = next(&mut w).await;
+        if let Event::Resync(r) = &ev {
+            assert!(r.is_partial() && r.prefixes.len() == 1 && r.prefixes[0].prefix == y);
+            added.push(r.source.to_string());
+        }
+        mirror.apply(&ev).unwrap();
+        ev.into_done().ok();
+    }
+    added.sort();
+    assert_eq!(added, ["a", "b"]);
+    assert_eq!((mirror.len("a"), mirror.len("b")), (2, 2));
+    assert!(reg.remove_prefix(&x));
+    a.put(&key("x/a2"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    b.put(&key("y/b2"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    assert!(
+        matches!(&ev, Event::Change(c) if &*c.source == "b" && c.changes[0].key.as_str() == "y/b2"),
+        "the removed x/ is not delivered by either part: {ev:?}"
+    );
+    ev.into_done().ok();
+}

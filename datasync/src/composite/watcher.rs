@@ -86,7 +86,7 @@ impl Watcher for CompositeWatcher {
             }));
         }
         Ok(Watch::new(
-            Registration::aggregate(name, regs),
+            Registration::aggregate(name, prefixes, regs),
             select_all(streams),
         ))
     }

@@ -131,9 +131,20 @@ impl Snapshots for LocalSnapshots {
         feed: &mut Feed,
     ) -> Result<(Revision, Vec<crate::PrefixValues>), StoreError> {
         // Expired keys go first: a resync never holds a key past its TTL.
-        let st = self.0.lock_fresh();
-        feed.rearm();
+        let mut st = self.0.lock_fresh();
+        feed.rearm(&mut st.hub);
         Ok((st.revision, st.snapshot(feed.prefixes())))
+    }
+
+    fn extend(
+        &self,
+        feed: &mut Feed,
+    ) -> Result<Option<(Revision, Vec<crate::PrefixValues>)>, StoreError> {
+        let mut st = self.0.lock_fresh();
+        let Some(added) = feed.extend(&mut st.hub) else {
+            return Ok(None);
+        };
+        Ok(Some((st.revision, st.snapshot(&added))))
     }
 }
 
@@ -314,7 +325,7 @@ impl Watcher for Local {
         prefixes: &[Prefix],
         opts: WatchOptions,
     ) -> Result<Watch, StoreError> {
-        let reg = Producer::new(name);
+        let reg = Producer::new(name, prefixes);
         let prefixes = PrefixSet::new(prefixes.iter().cloned());
         let (feed, initial) = {
             let mut st = self.shared.lock_fresh();

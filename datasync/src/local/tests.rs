@@ -171,6 +171,50 @@ async fn overflow_resync_replaces_queued_changes() {
 }
 
 #[tokio::test]
+async fn an_added_prefix_comes_after_the_queued_changes_or_with_an_overflow_resync() {
+    let s = Local::new();
+    let put = |k: &str| {
+        let s = s.clone();
+        let k = key(k);
+        async move { s.put(&k, "v".into(), PutOptions::new()).await.unwrap() }
+    };
+    put("b/0").await;
+    let a = Prefix::new("a/").unwrap();
+    let b = Prefix::new("b/").unwrap();
+    let opts = WatchOptions::default().queue_capacity(4);
+    let mut w = s.watch("t", std::slice::from_ref(&a), opts).await.unwrap();
+    next(&mut w).await.into_done().ok();
+    put("a/1").await;
+    put("b/1").await;
+    w.registration().add_prefix(b.clone());
+    put("a/2").await;
+    // Read at the first poll (revision 4), after the two queued a/ changes.
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let ev = next(&mut w).await;
+        got.push(match &ev {
+            Event::Change(c) => format!("change {}", c.revision),
+            Event::Resync(r) => format!("{:?} {} {}", r.reason, r.revision, r.len()),
+        });
+        ev.into_done().ok();
+    }
+    assert_eq!(got, ["change 2", "change 4", "PrefixAdded 4 2"]);
+    // An overflow while an added prefix is owed: one full resync pays both.
+    let c = Prefix::new("c/").unwrap();
+    put("c/1").await;
+    w.registration().add_prefix(c.clone());
+    for i in 0..6 {
+        put(&format!("a/x{i}")).await;
+    }
+    let Event::Resync(r) = next(&mut w).await else {
+        panic!("want a resync")
+    };
+    let listed: Vec<_> = r.prefixes.iter().map(|g| g.prefix.clone()).collect();
+    assert_eq!(listed, [a, b, c]);
+    assert_eq!((r.reason, r.len()), (ResyncReason::Overflow, 11));
+}
+
+#[tokio::test]
 async fn a_watch_keeps_the_store_alive_and_dropping_releases_it() {
     let s = Local::new();
     let w = s

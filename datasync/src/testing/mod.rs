@@ -49,6 +49,10 @@ pub trait Harness: Send + Sync + 'static {
     /// How many watch registrations `store` serves now (server-side watches for a
     /// remote store). Used to check that closing a registration releases it.
     async fn active_watches(&self, store: &Self::Store) -> usize;
+
+    /// Whether the transport reads a prefix added to a live registration alone (its
+    /// `PrefixAdded` resync lists only it), rather than resyncing every prefix.
+    const READS_ADDED_PREFIXES_ALONE: bool = true;
 }
 
 /// The harness of the in-memory [`Local`] transport.
@@ -216,6 +220,7 @@ macro_rules! conformance_tests {
             rule8_update_is_a_read_modify_write,
             rule9_bad_input_gets_typed_errors,
             keys_unicode_prefixes_match_a_model,
+            rule10_prefixes_added_and_removed_on_a_live_registration,
         );
     };
     (@each $harness:expr; $($name:ident),+ $(,)?) => {

@@ -8,6 +8,10 @@
 //! lock, calls [`Feed::rearm`] (which discards what is queued — the resync supersedes it)
 //! and takes a snapshot. Because rearming and snapshotting happen under the lock that
 //! also serializes publication, no transaction falls between the snapshot and the queue.
+//!
+//! Prefixes added to a live registration are read the same way, under the lock, at the
+//! current revision C ([`Snapshots::extend`]); the queue is kept, and the stream delivers
+//! what it holds up to C before that partial resync, so it comes in order.
 
 use crate::transport::Producer;
 use std::pin::Pin;
@@ -38,6 +42,7 @@ const SNAPSHOT: u8 = 2;
 
 #[derive(Debug)]
 struct Sub {
+    id: u64,
     reg: Producer,
     prefixes: PrefixSet,
     tx: mpsc::Sender<Arc<Txn>>,
@@ -64,6 +69,7 @@ pub struct Hub {
     subs: Vec<Sub>,
     /// After [`Hub::stop_all`], new feeds end at once.
     stopped: bool,
+    next_id: u64,
 }
 
 impl Hub {
@@ -79,9 +85,12 @@ impl Hub {
         self.subs.retain(|s| !s.is_gone());
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let flag = Arc::new(AtomicU8::new(NONE));
+        let id = self.next_id;
+        self.next_id += 1;
         // Stopped: the sender goes at once, and the stream reports `Stopped`.
         if !self.stopped {
             self.subs.push(Sub {
+                id,
                 reg: reg.clone(),
                 prefixes: prefixes.clone(),
                 tx,
@@ -89,10 +98,18 @@ impl Hub {
             });
         }
         Feed {
+            id,
             rx,
+            stash: None,
             flag,
             reg: reg.clone(),
             prefixes,
+        }
+    }
+
+    fn set_prefixes(&mut self, id: u64, prefixes: &PrefixSet) {
+        if let Some(sub) = self.subs.iter_mut().find(|s| s.id == id) {
+            sub.prefixes = prefixes.clone();
         }
     }
 
@@ -140,7 +157,11 @@ impl Hub {
 /// The consumer side of one registration's queue.
 #[derive(Debug)]
 pub struct Feed {
+    id: u64,
     rx: mpsc::Receiver<Arc<Txn>>,
+    /// A transaction taken from the queue after a partial resync's revision, delivered
+    /// after it.
+    stash: Option<Arc<Txn>>,
     flag: Arc<AtomicU8>,
     reg: Producer,
     prefixes: PrefixSet,
@@ -164,21 +185,51 @@ impl Feed {
     }
 
     /// Call under the store's commit lock, right before taking the resync snapshot:
-    /// discards the queue, clears the flags (a request included) and resumes feeding.
-    pub fn rearm(&mut self) {
+    /// discards the queue, clears the flags (a request included), takes the prefixes
+    /// to read (see [`prefixes`](Self::prefixes)) and resumes feeding.
+    pub fn rearm(&mut self, hub: &mut Hub) {
         while self.rx.try_recv().is_ok() {}
+        self.stash = None;
         self.reg.take_resync_request();
+        if let Some(set) = self.reg.take_set() {
+            hub.set_prefixes(self.id, &set);
+            self.prefixes = set;
+        }
         self.flag.store(NONE, Ordering::Release);
     }
 
+    /// Call under the store's commit lock: takes the prefixes added to the registration
+    /// and owed a resync, and feeds the whole set from now on; read the returned ones
+    /// at the current revision. `None` if none are owed.
+    pub fn extend(&mut self, hub: &mut Hub) -> Option<PrefixSet> {
+        let (set, owed) = self.reg.take_owed()?;
+        hub.set_prefixes(self.id, &set);
+        self.prefixes = set;
+        Some(owed)
+    }
+
+    /// The next queued transaction at or below `revision`, without waiting.
+    fn try_recv_upto(&mut self, revision: Revision) -> Option<Arc<Txn>> {
+        let txn = self.stash.take().or_else(|| self.rx.try_recv().ok())?;
+        if txn.revision <= revision {
+            Some(txn)
+        } else {
+            self.stash = Some(txn);
+            None
+        }
+    }
+
     /// Polls for the next transaction; registers the task to be woken on close, resync
-    /// request or overflow as well.
+    /// request, added prefixes or overflow as well.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Arc<Txn>>> {
+        if let Some(txn) = self.stash.take() {
+            return Poll::Ready(Some(txn));
+        }
         match self.rx.poll_recv(cx) {
             Poll::Pending => {
                 self.reg.register_waker(cx.waker());
                 // Re-check what may have been signalled before the waker was in place.
-                if self.reg.is_closed() || self.pending_resync().is_some() {
+                if self.reg.is_closed() || self.pending_resync().is_some() || self.reg.owes() {
                     cx.waker().wake_by_ref();
                 }
                 Poll::Pending
@@ -209,12 +260,20 @@ pub trait Snapshots: Send + Sync + 'static {
     /// Under the lock that orders [`Hub::publish`]: call [`Feed::rearm`] and pin the
     /// state at the current revision; then return that state under the feed's prefixes.
     fn resnapshot(&self, feed: &mut Feed) -> Result<(Revision, Vec<PrefixValues>), StoreError>;
+
+    /// Under the same lock: call [`Feed::extend`]; if it returns prefixes, pin the
+    /// state at the current revision and return it under those prefixes.
+    #[allow(clippy::type_complexity)]
+    fn extend(&self, feed: &mut Feed) -> Result<Option<(Revision, Vec<PrefixValues>)>, StoreError>;
 }
 
 #[derive(Debug)]
 enum StreamState {
     /// A resync is ready to be delivered.
     Resync(Revision, ResyncReason, Vec<PrefixValues>),
+    /// A resync of added prefixes, read at this revision, is delivered once the queued
+    /// transactions up to it are.
+    Extended(Revision, Vec<PrefixValues>),
     /// Delivering changes; `Some` when a resync failed and must be tried again.
     Streaming(Option<ResyncReason>),
 }
@@ -265,6 +324,18 @@ impl<S: Snapshots + Unpin> Stream for FeedStream<S> {
                     let ev = Resync::new(this.source.clone(), revision, reason, values, done);
                     return Poll::Ready(Some(Ok(Event::Resync(ev))));
                 }
+                // A full resync, when one is due, covers the added prefixes too.
+                StreamState::Extended(revision, values) if this.feed.pending_resync().is_none() => {
+                    if let Some(txn) = this.feed.try_recv_upto(revision) {
+                        this.state = StreamState::Extended(revision, values);
+                        return Poll::Ready(Some(Ok(this.feed.change_event(&this.source, &txn))));
+                    }
+                    let done = this.reg.done(revision);
+                    let reason = ResyncReason::PrefixAdded;
+                    let ev = Resync::new(this.source.clone(), revision, reason, values, done);
+                    return Poll::Ready(Some(Ok(Event::Resync(ev))));
+                }
+                StreamState::Extended(..) => None,
                 StreamState::Streaming(retry) => retry,
             };
             if let Some(reason) = retry.or_else(|| this.feed.pending_resync()) {
@@ -276,6 +347,20 @@ impl<S: Snapshots + Unpin> Stream for FeedStream<S> {
                     Err(e) => {
                         // Transient: say so, and try the resync again on the next poll.
                         this.state = StreamState::Streaming(Some(reason));
+                        return Poll::Ready(Some(Err(WatchError::Interrupted(e))));
+                    }
+                }
+            }
+            if this.reg.owes() {
+                match this.snapshots.extend(&mut this.feed) {
+                    Ok(Some((revision, values))) => {
+                        this.state = StreamState::Extended(revision, values);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        // The owed prefixes were taken: a full resync pays them.
+                        this.state = StreamState::Streaming(Some(ResyncReason::PrefixAdded));
                         return Poll::Ready(Some(Err(WatchError::Interrupted(e))));
                     }
                 }

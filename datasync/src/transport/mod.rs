@@ -19,7 +19,7 @@ pub mod feed;
 pub mod relay;
 pub mod resync;
 
-use crate::{Done, Registration, Revision};
+use crate::{Done, Prefix, PrefixSet, Registration, Revision};
 
 /// The transport's side of one registration. Cheap to clone; the consumer's side is
 /// [`registration`](Self::registration).
@@ -29,10 +29,10 @@ pub struct Producer {
 }
 
 impl Producer {
-    /// A new, open registration named `name`.
-    pub fn new(name: &str) -> Self {
+    /// A new, open registration named `name`, of `prefixes`.
+    pub fn new(name: &str, prefixes: &[Prefix]) -> Self {
         Producer {
-            reg: Registration::new(name),
+            reg: Registration::new(name, prefixes),
         }
     }
 
@@ -74,6 +74,32 @@ impl Producer {
     /// Whether a resync request is pending, without taking it.
     pub fn resync_pending(&self) -> bool {
         self.reg.resync_pending()
+    }
+
+    /// The prefixes the consumer watches now.
+    pub fn prefixes(&self) -> PrefixSet {
+        self.reg.prefixes()
+    }
+
+    /// Whether prefixes were added that wait for their resync.
+    pub fn owes(&self) -> bool {
+        self.reg.owes()
+    }
+
+    /// For a resync of added prefixes alone (`ResyncReason::PrefixAdded`): takes them,
+    /// with the whole set to follow from then on; `None` if none are owed. Serve them in
+    /// order: the resync comes after every change already delivered, at a revision at
+    /// or above the last one, and their changes follow it. Changes the consumer has no
+    /// state for are dropped by the `Watch`, so following the whole set a little early
+    /// is harmless.
+    pub fn take_owed(&self) -> Option<(PrefixSet, PrefixSet)> {
+        self.reg.take_owed()
+    }
+
+    /// For a full resync: takes the set to read and follow, if it changed since it was
+    /// last taken (owed prefixes are paid by the full resync).
+    pub fn take_set(&self) -> Option<PrefixSet> {
+        self.reg.take_set()
     }
 
     /// Registers the task to wake on a close or a resync request (for a stream's

@@ -99,9 +99,10 @@ impl Relay {
         }
     }
 
-    /// Resolves once the consumer waits for a pending resync request (it has taken all
-    /// that was queued). Take the request with [`Producer::take_resync_request`] when
-    /// serving it.
+    /// Resolves once the consumer waits for a pending resync request or for added
+    /// prefixes (it has taken all that was queued). Take the request with
+    /// [`Producer::take_resync_request`] when serving it, the prefixes with
+    /// [`Producer::take_owed`].
     ///
     /// # Cancel safety
     /// Cancel safe.
@@ -109,7 +110,7 @@ impl Relay {
         loop {
             self.demand.notified().await;
             // A request already served by another resync leaves a stale signal.
-            if self.reg.resync_pending() {
+            if self.reg.resync_pending() || self.reg.owes() {
                 return;
             }
         }
@@ -133,7 +134,7 @@ impl Stream for RelayStream {
         let item = match this.rx.poll_recv(cx) {
             Poll::Pending => {
                 this.reg.register_waker(cx.waker());
-                if this.reg.resync_pending() {
+                if this.reg.resync_pending() || this.reg.owes() {
                     this.demand.notify_one();
                 }
                 return Poll::Pending;
@@ -168,7 +169,7 @@ mod tests {
 
     #[tokio::test]
     async fn full_queue_refuses_and_request_waits_for_drain() {
-        let reg = Producer::new("r");
+        let reg = Producer::new("r", &[]);
         let (relay, mut watch) = channel(&reg, Source::from(""), 1);
         let resync = || Item::Resync(Revision(1), ResyncReason::Initial, Vec::new());
         assert!(relay.try_send(resync()).is_ok());

@@ -307,6 +307,26 @@ impl EtcdStore {
         }
     }
 
+    /// Every value under `set` at revision `at`, for a resync of prefixes added to a
+    /// live watch (`Compacted` once etcd no longer keeps `at`).
+    pub(crate) async fn snapshot_at(
+        &self,
+        set: &PrefixSet,
+        at: Revision,
+    ) -> Result<Vec<PrefixValues>, StoreError> {
+        let mut groups = Vec::with_capacity(set.prefixes().len());
+        for p in set.prefixes() {
+            let (_, values, _) = self
+                .read_prefix(p, Some(at), Consistency::Linearizable)
+                .await?;
+            groups.push(PrefixValues {
+                prefix: p.clone(),
+                values,
+            });
+        }
+        Ok(groups)
+    }
+
     /// A stored etcd key-value as ours; `None` for a key datasync cannot represent
     /// (see [`decode_key`](Self::decode_key)) or a negative revision (logged).
     pub(crate) fn key_value(&self, kv: &etcd_client::KeyValue) -> Option<KeyValue> {

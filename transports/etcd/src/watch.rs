@@ -29,8 +29,8 @@ use std::collections::VecDeque;
 use datasync::transport::relay::{self, Item};
 use datasync::transport::resync::{self, Lost, Next, Snapshot, Start, Upstream};
 use datasync::{
-    KeyChange, Op, Prefix, PrefixSet, ResyncReason, Revision, StoreError, Value, Watch,
-    WatchOptions, Watcher,
+    KeyChange, Op, Prefix, PrefixSet, PrefixValues, ResyncReason, Revision, StoreError, Value,
+    Watch, WatchOptions, Watcher,
 };
 
 use crate::EtcdStore;
@@ -42,7 +42,7 @@ pub(crate) async fn start(
     prefixes: &[Prefix],
     opts: WatchOptions,
 ) -> Result<Watch, StoreError> {
-    let reg = Producer::new(name);
+    let reg = Producer::new(name, prefixes);
     let set = PrefixSet::new(prefixes.iter().cloned());
     let (rev, values, cluster) = store.snapshot(&set).await?;
     let source = store.inner.source.clone();
@@ -99,6 +99,23 @@ impl Upstream for EtcdWatch {
 
     fn idle(&self) -> bool {
         self.set.is_empty()
+    }
+
+    fn rescope(&mut self, prefixes: PrefixSet) {
+        self.set = prefixes;
+    }
+
+    async fn extend(
+        &mut self,
+        added: &PrefixSet,
+        at: Revision,
+    ) -> Result<Option<Vec<PrefixValues>>, StoreError> {
+        match self.store.snapshot_at(added, at).await {
+            Ok(values) => Ok(Some(values)),
+            // Too old to read: a full resync.
+            Err(StoreError::Compacted { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn snapshot(&mut self) -> Result<Snapshot<Follower>, StoreError> {

@@ -34,7 +34,7 @@ pub(crate) async fn start(
     prefixes: &[Prefix],
     opts: WatchOptions,
 ) -> Result<Watch, StoreError> {
-    let reg = Producer::new(name);
+    let reg = Producer::new(name, prefixes);
     let set = PrefixSet::new(prefixes.iter().cloned());
     let (state, consumer) = store.snapshot(&set).await?;
     let (relay, watch) = relay::channel(&reg, store.inner.source.clone(), opts.queue_capacity);
@@ -80,6 +80,10 @@ impl Upstream for NatsWatch {
 
     fn idle(&self) -> bool {
         self.set.is_empty()
+    }
+
+    fn rescope(&mut self, prefixes: PrefixSet) {
+        self.set = prefixes;
     }
 
     async fn snapshot(&mut self) -> Result<Snapshot<Consumer>, StoreError> {

@@ -30,8 +30,8 @@ use datasync::transport::relay::{self, Item};
 use datasync::transport::resync::{self, Lost, Next, Snapshot, Start, Upstream};
 use datasync::{
     CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Key, KeyChange, KeyValue, Limits,
-    Listing, Op, Prefix, PrefixValues, PutOptions, ReadOptions, ResyncReason, Revision, Source,
-    StoreError, Value, Watch, WatchOptions, Watcher, Writer,
+    Listing, Op, Prefix, PrefixSet, PrefixValues, PutOptions, ReadOptions, ResyncReason, Revision,
+    Source, StoreError, Value, Watch, WatchOptions, Watcher, Writer,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -331,7 +331,7 @@ impl Watcher for RemoteStore {
         prefixes: &[Prefix],
         opts: WatchOptions,
     ) -> Result<Watch, StoreError> {
-        let reg = Producer::new(name);
+        let reg = Producer::new(name, prefixes);
         let (relay, watch) = relay::channel(&reg, self.inner.source.clone(), opts.queue_capacity);
         let mut up = RemoteWatch {
             store: self.clone(),
@@ -381,6 +381,14 @@ impl Upstream for RemoteWatch {
     type Follower = Stream;
     // A member's stream cannot be resumed at a revision: another member resyncs.
     const RESUMES: bool = false;
+
+    fn rescope(&mut self, prefixes: PrefixSet) {
+        self.request.1 = prefixes
+            .prefixes()
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect();
+    }
 
     /// Opens a stream on the first member that answers and waits for its resync.
     async fn snapshot(&mut self) -> Result<Snapshot<Stream>, StoreError> {

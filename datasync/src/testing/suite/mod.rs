@@ -8,7 +8,9 @@ use crate::{
     ResyncReason, Revision, StoreError, Value, Watch, WatchOptions, Watcher, Writer,
 };
 
+mod reshape;
 mod writes;
+pub use reshape::*;
 pub use writes::*;
 
 crate::conformance_tests!(@list @all;);

@@ -13,6 +13,10 @@
 //! - a change the queue has no room for drops the follower and resyncs (`Overflow`)
 //!   once the consumer has made room (rule 7);
 //! - a requested resync is served once the consumer has taken what was queued;
+//! - prefixes added to the registration are read alone at the last delivered revision
+//!   L ([`Upstream::extend`]), queued as a `PrefixAdded` resync at L, and the whole
+//!   set is followed from L + 1; a transport that cannot read at L (or fails to)
+//!   gets a full resync with reason `PrefixAdded` instead;
 //! - a follower that breaks is opened again from `last + 1` with the same pauses if the
 //!   transport [`RESUMES`](Upstream::RESUMES) and the error is retryable; otherwise the
 //!   consumer hears of it (`Interrupted`) and a resync (`Reconnect`) follows;
@@ -28,7 +32,7 @@ mod state;
 mod tests;
 
 use crate::transport::relay::{Item, Relay};
-use crate::{KeyChange, PrefixValues, ResyncReason, Revision, StoreError};
+use crate::{KeyChange, PrefixSet, PrefixValues, ResyncReason, Revision, StoreError};
 
 pub use state::{Action, Effect, FIRST_PAUSE, Input, MAX_PAUSE, Pauses, Phase, State};
 
@@ -76,10 +80,29 @@ pub trait Upstream: Send + 'static {
     /// resync (the store replays from any revision it retains, as etcd does).
     const RESUMES: bool;
 
-    /// Whether the registration watches nothing (no follower is ever opened; the
-    /// driver waits for a close or a request).
+    /// Whether the registration watches nothing (no follower is opened; the driver
+    /// waits for a close, a request or added prefixes).
     fn idle(&self) -> bool {
         false
+    }
+
+    /// The prefixes to read and follow from now on (the consumer added or removed
+    /// some): later snapshots and followers use them.
+    fn rescope(&mut self, prefixes: PrefixSet);
+
+    /// Reads `added` alone at revision `at` (the last delivered), for a resync of added
+    /// prefixes. `Ok(None)`: the transport cannot (the default, or `at` was compacted);
+    /// a full resync follows.
+    ///
+    /// # Cancel safety
+    /// Dropped when the registration closes.
+    async fn extend(
+        &mut self,
+        added: &PrefixSet,
+        at: Revision,
+    ) -> Result<Option<Vec<PrefixValues>>, StoreError> {
+        let _ = (added, at);
+        Ok(None)
     }
 
     /// Reads every prefix at one revision.
@@ -147,6 +170,9 @@ pub async fn drive<U: Upstream>(mut up: U, relay: Relay, start: Start<U::Followe
                     break;
                 };
                 reg.take_resync_request();
+                if let Some(set) = reg.take_set() {
+                    up.rescope(set);
+                }
                 let read = tokio::select! {
                     _ = reg.closed() => break,
                     read = up.snapshot() => read,
@@ -170,6 +196,43 @@ pub async fn drive<U: Upstream>(mut up: U, relay: Relay, start: Start<U::Followe
                     }
                 }
             }
+            Action::Extend => {
+                let Some((set, added)) = reg.take_owed() else {
+                    // A full resync paid them meanwhile.
+                    state = state.step(Input::Extended { open: true }).1;
+                    continue;
+                };
+                if let Some(f) = follower.take() {
+                    up.release(f).await;
+                }
+                up.rescope(set);
+                let Some(permit) = relay.reserve().await else {
+                    break;
+                };
+                let last = state.last();
+                // A transport that cannot resume could not follow on from `last`.
+                let read = if U::RESUMES {
+                    tokio::select! {
+                        _ = reg.closed() => break,
+                        read = up.extend(&added, last) => read,
+                    }
+                } else {
+                    Ok(None)
+                };
+                match read {
+                    Ok(Some(values)) => {
+                        tracing::debug!(registration = %name, revision = %last, "resync of added prefixes");
+                        permit.send(Item::Resync(last, ResyncReason::PrefixAdded, values));
+                        Input::Extended { open: false }
+                    }
+                    Ok(None) => Input::Lost(ResyncReason::PrefixAdded),
+                    Err(e) => {
+                        tracing::warn!(registration = %name, error = %e, "reading added prefixes failed; resyncing");
+                        permit.send(Item::Interrupted(e));
+                        Input::Lost(ResyncReason::PrefixAdded)
+                    }
+                }
+            }
             Action::Resume(from) => {
                 let opened = tokio::select! {
                     _ = reg.closed() => break,
@@ -184,20 +247,36 @@ pub async fn drive<U: Upstream>(mut up: U, relay: Relay, start: Start<U::Followe
                 }
             }
             Action::Follow => {
+                // A request or added prefixes, once the consumer has taken what was queued.
+                let asked = || {
+                    if reg.resync_pending() {
+                        Input::Requested
+                    } else {
+                        Input::Added
+                    }
+                };
                 let Some(f) = follower.as_mut() else {
-                    // Nothing to follow: wait for a close or a request.
+                    // Nothing to follow: wait for a close, a request or added prefixes.
                     tokio::select! {
                         _ = reg.closed() => break,
                         _ = relay.requested() => {}
                     }
-                    state = state.step(Input::Requested).1;
+                    state = state.step(asked()).1;
                     continue;
                 };
                 let next = tokio::select! {
                     biased;
                     _ = reg.closed() => None,
-                    _ = relay.requested() => Some(Err(Lost::Resync(ResyncReason::Requested))),
-                    next = up.next(f, state.last()) => Some(next),
+                    _ = relay.requested() => Some(Err(asked())),
+                    next = up.next(f, state.last()) => Some(Ok(next)),
+                };
+                let next = match next {
+                    None => None,
+                    Some(Err(input)) => {
+                        state = state.step(input).1;
+                        continue;
+                    }
+                    Some(Ok(next)) => Some(next),
                 };
                 match next {
                     None => Input::Closed,

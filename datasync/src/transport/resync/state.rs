@@ -63,6 +63,9 @@ pub enum Phase {
     Resuming,
     /// A resync is owed, for this reason.
     Resyncing(ResyncReason),
+    /// Prefixes were added: read them alone at `last` if the transport can, else
+    /// resync.
+    Extending,
     /// Waiting, then `then`.
     Pausing {
         /// How long.
@@ -100,6 +103,15 @@ pub enum Input {
     QueueFull,
     /// The consumer asked for a resync and has taken all that was queued.
     Requested,
+    /// The consumer added prefixes and has taken all that was queued.
+    Added,
+    /// The added prefixes were served: their resync at `last` was queued (`open`:
+    /// false, a follower of the whole set is opened next), or none were owed after
+    /// all (`open`: true, the follower was kept).
+    Extended {
+        /// Whether a follower is open.
+        open: bool,
+    },
     /// The transport lost continuity.
     Lost(ResyncReason),
     /// The follower broke; `retryable`: the same call may succeed later.
@@ -131,6 +143,8 @@ pub enum Action {
     Resume(Revision),
     /// Wait for room, take the resync request, read a resync and queue it.
     Resync(ResyncReason),
+    /// Take the added prefixes; read them at `last` and queue that resync.
+    Extend,
     /// Sleep (a close ends it early).
     Pause(Duration),
     /// End the task.
@@ -175,6 +189,7 @@ impl State {
             Phase::Following => Action::Follow,
             Phase::Resuming => Action::Resume(self.last.next()),
             Phase::Resyncing(reason) => Action::Resync(*reason),
+            Phase::Extending => Action::Extend,
             Phase::Pausing { delay, .. } => Action::Pause(*delay),
             Phase::Closed => Action::Stop,
         }
@@ -238,6 +253,16 @@ impl State {
             }
             (Input::QueueFull, _) => Phase::Resyncing(ResyncReason::Overflow),
             (Input::Requested, _) => Phase::Resyncing(ResyncReason::Requested),
+            (Input::Added, Phase::Following) => Phase::Extending,
+            (Input::Extended { open: true }, Phase::Extending) => Phase::Following,
+            (Input::Extended { open: false }, Phase::Extending) => {
+                // Only a transport that resumes reads added prefixes alone.
+                if self.resumes {
+                    Phase::Resuming
+                } else {
+                    Phase::Resyncing(ResyncReason::PrefixAdded)
+                }
+            }
             (Input::Lost(reason), _) => Phase::Resyncing(reason),
             (Input::Broken { retryable: true }, _) if self.resumes => {
                 self.pause_then(Phase::Resuming)

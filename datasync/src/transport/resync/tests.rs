@@ -176,6 +176,10 @@ struct Fake<const RESUMES: bool> {
     snapshots: VecDeque<Result<(u64, bool), StoreError>>,
     /// Followers handed out by snapshots and resumes, in order.
     followers: VecDeque<Follower>,
+    /// Each read of added prefixes: read (true), cannot (false), or an error.
+    extends: VecDeque<Result<bool, StoreError>>,
+    /// The prefixes read (a snapshot lists each, without values).
+    set: PrefixSet,
     log: Log,
     released: Arc<Mutex<usize>>,
 }
@@ -196,13 +200,34 @@ impl<const R: bool> Upstream for Fake<R> {
         match self.snapshots.pop_front() {
             Some(Ok((rev, with))) => Ok(Snapshot {
                 revision: Revision(rev),
-                values: Vec::new(),
+                values: empty_groups(&self.set),
                 follower: if with {
                     self.followers.pop_front()
                 } else {
                     None
                 },
             }),
+            Some(Err(e)) => Err(e),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn rescope(&mut self, prefixes: PrefixSet) {
+        let all: Vec<_> = prefixes.prefixes().iter().map(|p| p.to_string()).collect();
+        self.note(format!("rescope {}", all.join(" ")));
+        self.set = prefixes;
+    }
+
+    async fn extend(
+        &mut self,
+        added: &PrefixSet,
+        at: Revision,
+    ) -> Result<Option<Vec<PrefixValues>>, StoreError> {
+        let all: Vec<_> = added.prefixes().iter().map(|p| p.to_string()).collect();
+        self.note(format!("extend {} at {}", all.join(" "), at.0));
+        match self.extends.pop_front() {
+            Some(Ok(true)) => Ok(Some(empty_groups(added))),
+            Some(Ok(false)) => Ok(None),
             Some(Err(e)) => Err(e),
             None => std::future::pending().await,
         }
@@ -239,10 +264,20 @@ struct Run {
 /// Starts a driver after an initial resync at r1, following `follower`.
 fn run<const R: bool>(
     snapshots: Vec<Result<(u64, bool), StoreError>>,
-    mut followers: Vec<Follower>,
+    followers: Vec<Follower>,
     capacity: usize,
 ) -> Run {
-    let producer = Producer::new("t");
+    run_with::<R>(snapshots, followers, capacity, Vec::new())
+}
+
+/// [`run`], with the answers to reads of added prefixes.
+fn run_with<const R: bool>(
+    snapshots: Vec<Result<(u64, bool), StoreError>>,
+    mut followers: Vec<Follower>,
+    capacity: usize,
+    extends: Vec<Result<bool, StoreError>>,
+) -> Run {
+    let producer = Producer::new("t", &[crate::Prefix::new("k").expect("valid")]);
     let reg = producer.registration();
     let (relay, watch) = relay::channel(&producer, Source::from(""), capacity);
     relay
@@ -258,6 +293,8 @@ fn run<const R: bool>(
     let up = Fake::<R> {
         snapshots: snapshots.into(),
         followers: followers.into(),
+        extends: extends.into(),
+        set: PrefixSet::new([crate::Prefix::new("k").expect("valid")]),
         log: log.clone(),
         released: released.clone(),
     };
@@ -276,12 +313,26 @@ fn run<const R: bool>(
     }
 }
 
+fn empty_groups(set: &PrefixSet) -> Vec<PrefixValues> {
+    set.prefixes()
+        .iter()
+        .map(|p| PrefixValues {
+            prefix: p.clone(),
+            values: Vec::new(),
+        })
+        .collect()
+}
+
 fn follower() -> (mpsc::UnboundedSender<Result<Next, Lost>>, Follower) {
     mpsc::unbounded_channel()
 }
 
 fn change(rev: u64) -> Result<Next, Lost> {
-    let key = Key::new("k").expect("valid");
+    change_of(rev, "k")
+}
+
+fn change_of(rev: u64, key: &str) -> Result<Next, Lost> {
+    let key = Key::new(key).expect("valid");
     Ok(Next::Change(
         Revision(rev),
         vec![KeyChange {
@@ -477,4 +528,130 @@ async fn a_close_ends_the_task_in_every_phase_and_releases_the_follower() {
             .expect("ends")
             .expect("no panic");
     }
+}
+
+// --- Prefixes added to a live registration.
+
+#[test]
+fn added_prefixes_are_read_alone_then_followed_or_resynced() {
+    let s = State::new(Phase::Following, Revision(4), true);
+    let (_, s) = s.step(Input::Added);
+    assert_eq!(s.action(), Action::Extend);
+    let (_, kept) =
+        State::new(Phase::Extending, Revision(4), true).step(Input::Extended { open: true });
+    assert_eq!(
+        kept.action(),
+        Action::Follow,
+        "none owed after all: the follower stays"
+    );
+    let (_, s) = s.step(Input::Extended { open: false });
+    assert_eq!(s.action(), Action::Resume(Revision(5)));
+    let (_, s) =
+        State::new(Phase::Extending, Revision(4), false).step(Input::Extended { open: false });
+    assert_eq!(s.action(), Action::Resync(ResyncReason::PrefixAdded));
+    let (_, s) = State::new(Phase::Extending, Revision(4), true)
+        .step(Input::Lost(ResyncReason::PrefixAdded));
+    assert_eq!(s.action(), Action::Resync(ResyncReason::PrefixAdded));
+    // Added while a resync is owed: the resync reads the whole set anyway.
+    let (_, s) =
+        State::new(Phase::Resyncing(ResyncReason::Overflow), Revision(4), true).step(Input::Added);
+    assert_eq!(s.action(), Action::Resync(ResyncReason::Overflow));
+}
+
+fn logged(r: &Run) -> Vec<String> {
+    r.log
+        .lock()
+        .expect("log")
+        .iter()
+        .map(|(_, w)| w.clone())
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_added_prefix_is_read_at_the_last_revision_and_followed_from_the_next() {
+    let (tx1, f1) = follower();
+    let (tx2, f2) = follower();
+    let mut r = run_with::<true>(Vec::new(), vec![f1, f2], 8, vec![Ok(true)]);
+    assert_eq!(next(&mut r.watch).await, "resync 1 Initial");
+    tx1.send(change(2)).expect("open");
+    assert_eq!(next(&mut r.watch).await, "change 2");
+    assert!(r.reg.add_prefix(crate::Prefix::new("b/").expect("valid")));
+    // The old follower still sends b/ (it is dropped: no state for it yet).
+    tx1.send(change_of(3, "b/1")).ok();
+    assert_eq!(next(&mut r.watch).await, "resync 2 PrefixAdded");
+    tx2.send(change_of(3, "b/1")).expect("open");
+    assert_eq!(next(&mut r.watch).await, "change 3");
+    assert_eq!(logged(&r), ["rescope b/ k", "extend b/ at 2", "resume 3"]);
+    assert_eq!(*r.released.lock().expect("count"), 1, "the old follower");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_added_prefix_on_a_transport_that_cannot_read_it_alone_is_a_full_resync() {
+    let (_tx1, f1) = follower();
+    let (tx2, f2) = follower();
+    let mut r = run_with::<false>(vec![Ok((7, true))], vec![f1, f2], 8, Vec::new());
+    assert_eq!(next(&mut r.watch).await, "resync 1 Initial");
+    r.reg.add_prefix(crate::Prefix::new("b/").expect("valid"));
+    assert_eq!(next(&mut r.watch).await, "resync 7 PrefixAdded");
+    tx2.send(change_of(8, "b/1")).expect("open");
+    assert_eq!(next(&mut r.watch).await, "change 8");
+    assert_eq!(logged(&r), ["rescope b/ k", "snapshot"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_or_impossible_read_of_added_prefixes_becomes_a_full_resync() {
+    let (_tx1, f1) = follower();
+    let (_tx2, f2) = follower();
+    let (tx3, f3) = follower();
+    let down = Err(StoreError::Unavailable("down".into()));
+    let mut r = run_with::<true>(
+        vec![Ok((5, true)), Ok((9, true))],
+        vec![f1, f2, f3],
+        8,
+        vec![down, Ok(false)],
+    );
+    assert_eq!(next(&mut r.watch).await, "resync 1 Initial");
+    r.reg.add_prefix(crate::Prefix::new("b/").expect("valid"));
+    assert_eq!(next(&mut r.watch).await, "interrupted");
+    assert_eq!(next(&mut r.watch).await, "resync 5 PrefixAdded");
+    // Compacted (the transport cannot read at `last`): a full resync too.
+    r.reg.add_prefix(crate::Prefix::new("c/").expect("valid"));
+    assert_eq!(next(&mut r.watch).await, "resync 9 PrefixAdded");
+    tx3.send(change_of(10, "c/1")).expect("open");
+    assert_eq!(next(&mut r.watch).await, "change 10");
+    assert_eq!(
+        logged(&r),
+        [
+            "rescope b/ k",
+            "extend b/ at 1",
+            "snapshot",
+            "rescope b/ c/ k",
+            "extend c/ at 5",
+            "snapshot"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_prefix_stops_at_once_without_touching_the_transport() {
+    let (tx1, f1) = follower();
+    let mut r = run::<true>(Vec::new(), vec![f1], 8);
+    assert_eq!(next(&mut r.watch).await, "resync 1 Initial");
+    r.reg.add_prefix(crate::Prefix::new("b/").expect("valid"));
+    assert!(
+        r.reg
+            .remove_prefix(&crate::Prefix::new("b/").expect("valid")),
+        "owed, then not"
+    );
+    assert!(
+        r.reg
+            .remove_prefix(&crate::Prefix::new("k").expect("valid"))
+    );
+    tx1.send(change(2)).expect("open");
+    tx1.send(change(3)).expect("open");
+    let quiet = tokio::time::timeout(Duration::from_secs(5), r.watch.next()).await;
+    assert!(quiet.is_err(), "nothing watched any more: {quiet:?}");
+    assert_eq!(logged(&r), Vec::<String>::new());
+    r.reg.close();
+    r.task.await.expect("the driver ends");
 }

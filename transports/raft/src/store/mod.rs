@@ -667,7 +667,7 @@ impl Watcher for RaftStore {
             node.check_member()?;
         }
         self.caught_up().await?;
-        let reg = Producer::new(name);
+        let reg = Producer::new(name, prefixes);
         let set = PrefixSet::new(prefixes.iter().cloned());
         let sm = self.inner.sm.clone();
         let (feed, initial) = {

@@ -244,6 +244,10 @@ pub struct RemoteHarness {
 
 #[async_trait::async_trait]
 impl Harness for RemoteHarness {
+    // The member's stream cannot be extended over the wire: an added prefix is a full
+    // resync on a new stream.
+    const READS_ADDED_PREFIXES_ALONE: bool = false;
+
     type Store = RemoteStore;
 
     async fn store(&self) -> RemoteStore {

@@ -285,11 +285,24 @@ impl Snapshots for RaftSnapshots {
     fn resnapshot(&self, feed: &mut Feed) -> Result<(Revision, Vec<PrefixValues>), StoreError> {
         let shared = self.0.upgrade().ok_or(StoreError::Stopped)?;
         let (tx, rev) = {
-            let inner = shared.lock();
-            feed.rearm();
+            let mut inner = shared.lock();
+            feed.rearm(&mut inner.hub);
             shared.pin(&inner)?
         };
         // Read outside the lock: the read transaction is a consistent snapshot.
         Ok((Revision(rev), Shared::read_prefixes(&tx, feed.prefixes())?))
+    }
+
+    fn extend(&self, feed: &mut Feed) -> Result<Option<(Revision, Vec<PrefixValues>)>, StoreError> {
+        let shared = self.0.upgrade().ok_or(StoreError::Stopped)?;
+        let (tx, rev, added) = {
+            let mut inner = shared.lock();
+            let Some(added) = feed.extend(&mut inner.hub) else {
+                return Ok(None);
+            };
+            let (tx, rev) = shared.pin(&inner)?;
+            (tx, rev, added)
+        };
+        Ok(Some((Revision(rev), Shared::read_prefixes(&tx, &added)?)))
     }
 }
