@@ -81,6 +81,11 @@ impl Scope {
         !self.owed.is_empty()
     }
 
+    /// Whether the set changed since the transport last took it.
+    pub(crate) fn dirty(&self) -> bool {
+        self.dirty
+    }
+
     /// For a resync of the added prefixes only: the whole set, and the prefixes owed.
     pub(crate) fn take_owed(&mut self) -> Option<(PrefixSet, PrefixSet)> {
         if self.owed.is_empty() {

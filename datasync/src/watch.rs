@@ -298,6 +298,11 @@ impl Registration {
         self.inner.reshaped.load(Ordering::Acquire) && self.scope().owes()
     }
 
+    /// Whether the set changed since the transport last took it.
+    pub(crate) fn rescoped(&self) -> bool {
+        self.inner.reshaped.load(Ordering::Acquire) && self.scope().dirty()
+    }
+
     /// Takes the added prefixes owed a resync: the whole set, and the owed ones.
     pub(crate) fn take_owed(&self) -> Option<(PrefixSet, PrefixSet)> {
         if !self.inner.reshaped.load(Ordering::Acquire) {

@@ -215,6 +215,35 @@ async fn an_added_prefix_comes_after_the_queued_changes_or_with_an_overflow_resy
 }
 
 #[tokio::test]
+async fn a_removed_prefix_is_no_longer_fed_so_it_cannot_overflow_the_queue() {
+    let s = Local::new();
+    let a = Prefix::new("a/").unwrap();
+    let b = Prefix::new("b/").unwrap();
+    let opts = WatchOptions::default().queue_capacity(2);
+    let mut w = s.watch("t", &[a, b.clone()], opts).await.unwrap();
+    next(&mut w).await.into_done().ok();
+    assert!(w.registration().remove_prefix(&b));
+    s.put(&key("a/1"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    next(&mut w).await.into_done().ok();
+    for i in 0..5 {
+        s.put(&key(&format!("b/{i}")), "v".into(), PutOptions::new())
+            .await
+            .unwrap();
+    }
+    let r = s
+        .put(&key("a/2"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    assert!(
+        matches!(&ev, Event::Change(c) if c.revision == r),
+        "want the change of a/2, not an overflow of unwatched b/ writes: {ev:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_watch_keeps_the_store_alive_and_dropping_releases_it() {
     let s = Local::new();
     let w = s

@@ -198,14 +198,17 @@ impl Feed {
         self.flag.store(NONE, Ordering::Release);
     }
 
-    /// Call under the store's commit lock: takes the prefixes added to the registration
-    /// and owed a resync, and feeds the whole set from now on; read the returned ones
-    /// at the current revision. `None` if none are owed.
+    /// Call under the store's commit lock: feeds the registration's current set from
+    /// now on, and returns the prefixes added and owed a resync, to read at the current
+    /// revision (`None` if none are: prefixes were only removed, and are no longer fed).
     pub fn extend(&mut self, hub: &mut Hub) -> Option<PrefixSet> {
-        let (set, owed) = self.reg.take_owed()?;
+        let (set, owed) = match self.reg.take_owed() {
+            Some((set, owed)) => (set, Some(owed)),
+            None => (self.reg.take_set()?, None),
+        };
         hub.set_prefixes(self.id, &set);
         self.prefixes = set;
-        Some(owed)
+        owed
     }
 
     /// The next queued transaction at or below `revision`, without waiting.
@@ -309,6 +312,20 @@ impl<S: Snapshots> FeedStream<S> {
     }
 }
 
+impl<S> FeedStream<S> {
+    /// The stream's end, if a failed read means the store stopped (it said so, or it
+    /// no longer feeds this registration): retrying would only spin.
+    fn stopped(&mut self, e: &StoreError) -> Option<Poll<Option<Result<Event, WatchError>>>> {
+        if !matches!(e, StoreError::Stopped) && !self.feed.rx.is_closed() {
+            return None;
+        }
+        self.reg.close();
+        Some(Poll::Ready(Some(Err(WatchError::Stopped(
+            StoreError::Stopped,
+        )))))
+    }
+}
+
 impl<S: Snapshots + Unpin> Stream for FeedStream<S> {
     type Item = Result<Event, WatchError>;
 
@@ -345,13 +362,16 @@ impl<S: Snapshots + Unpin> Stream for FeedStream<S> {
                         continue;
                     }
                     Err(e) => {
+                        if let Some(end) = this.stopped(&e) {
+                            return end;
+                        }
                         // Transient: say so, and try the resync again on the next poll.
                         this.state = StreamState::Streaming(Some(reason));
                         return Poll::Ready(Some(Err(WatchError::Interrupted(e))));
                     }
                 }
             }
-            if this.reg.owes() {
+            if this.reg.rescoped() {
                 match this.snapshots.extend(&mut this.feed) {
                     Ok(Some((revision, values))) => {
                         this.state = StreamState::Extended(revision, values);
@@ -359,7 +379,10 @@ impl<S: Snapshots + Unpin> Stream for FeedStream<S> {
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        // The owed prefixes were taken: a full resync pays them.
+                        if let Some(end) = this.stopped(&e) {
+                            return end;
+                        }
+                        // The owed prefixes may have been taken: a full resync pays them.
                         this.state = StreamState::Streaming(Some(ResyncReason::PrefixAdded));
                         return Poll::Ready(Some(Err(WatchError::Interrupted(e))));
                     }

@@ -86,6 +86,11 @@ impl Producer {
         self.reg.owes()
     }
 
+    /// Whether prefixes were added or removed since the set was last taken.
+    pub fn rescoped(&self) -> bool {
+        self.reg.rescoped()
+    }
+
     /// For a resync of added prefixes alone (`ResyncReason::PrefixAdded`): takes them,
     /// with the whole set to follow from then on; `None` if none are owed. Serve them in
     /// order: the resync comes after every change already delivered, at a revision at

@@ -308,23 +308,26 @@ impl EtcdStore {
     }
 
     /// Every value under `set` at revision `at`, for a resync of prefixes added to a
-    /// live watch (`Compacted` once etcd no longer keeps `at`).
+    /// live watch (`Compacted` once etcd no longer keeps `at`), with the cluster id
+    /// that answered.
     pub(crate) async fn snapshot_at(
         &self,
         set: &PrefixSet,
         at: Revision,
-    ) -> Result<Vec<PrefixValues>, StoreError> {
+    ) -> Result<(Vec<PrefixValues>, u64), StoreError> {
         let mut groups = Vec::with_capacity(set.prefixes().len());
+        let mut cluster = 0;
         for p in set.prefixes() {
-            let (_, values, _) = self
+            let (_, values, id) = self
                 .read_prefix(p, Some(at), Consistency::Linearizable)
                 .await?;
+            cluster = id;
             groups.push(PrefixValues {
                 prefix: p.clone(),
                 values,
             });
         }
-        Ok(groups)
+        Ok((groups, cluster))
     }
 
     /// A stored etcd key-value as ours; `None` for a key datasync cannot represent

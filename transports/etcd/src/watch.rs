@@ -105,16 +105,18 @@ impl Upstream for EtcdWatch {
         self.set = prefixes;
     }
 
-    async fn extend(
-        &mut self,
-        added: &PrefixSet,
-        at: Revision,
-    ) -> Result<Option<Vec<PrefixValues>>, StoreError> {
+    async fn extend(&mut self, added: &PrefixSet, at: Revision) -> Result<Vec<PrefixValues>, Lost> {
         match self.store.snapshot_at(added, at).await {
-            Ok(values) => Ok(Some(values)),
+            // Another cluster (restored from a backup) may hold `at` with other values.
+            Ok((_, cluster)) if self.cluster != 0 && cluster != 0 && cluster != self.cluster => {
+                Err(Lost::Resync(ResyncReason::StoreReset))
+            }
+            Ok((values, _)) => Ok(values),
             // Too old to read: a full resync.
-            Err(StoreError::Compacted { .. }) => Ok(None),
-            Err(e) => Err(e),
+            Err(StoreError::Compacted { .. }) => Err(Lost::Resync(ResyncReason::PrefixAdded)),
+            // The store is behind what was delivered: it went back.
+            Err(StoreError::FutureRevision { .. }) => Err(Lost::Resync(ResyncReason::StoreReset)),
+            Err(e) => Err(Lost::Broken(e)),
         }
     }
 

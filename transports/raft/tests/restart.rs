@@ -195,3 +195,39 @@ async fn shutdown_releases_the_files_and_ends_watches_with_an_error() {
     let again = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
     again.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_watch_asked_for_a_prefix_or_a_resync_after_shutdown_ends_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let a = Prefix::new("a/").unwrap();
+    let mut one = s
+        .watch("one", std::slice::from_ref(&a), WatchOptions::default())
+        .await
+        .unwrap();
+    let mut two = s
+        .watch("two", std::slice::from_ref(&a), WatchOptions::default())
+        .await
+        .unwrap();
+    next(&mut one).await.into_done().ok();
+    next(&mut two).await.into_done().ok();
+    s.shutdown().await;
+    drop(s);
+    one.registration().add_prefix(Prefix::new("b/").unwrap());
+    two.registration().request_resync();
+    for w in [&mut one, &mut two] {
+        let mut items = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(item) = w.next().await {
+                items.push(format!("{item:?}"));
+                assert!(items.len() < 10, "the stream spins: {items:?}");
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the stream did not end: {items:?}");
+        assert!(
+            items.last().is_some_and(|l| l.starts_with("Err(Stopped")),
+            "it must end saying the store stopped: {items:?}"
+        );
+    }
+}

@@ -99,6 +99,12 @@ pub async fn rule10_prefixes_added_and_removed_on_a_live_registration<H: Harness
         !reg.add_prefix(prefix("r10/b/")),
         "add_prefix(twice) returned true"
     );
+    // One transaction over both prefixes before the add is served: its b/ part must
+    // not reach the consumer before b/'s resync (the Mirror has no b/1 to delete).
+    s.delete(&super::key("r10/"), crate::DeleteOptions::new().prefix())
+        .await?;
+    put(&s, "r10/a/1", "a1").await?;
+    put(&s, "r10/b/1", "b1").await?;
     ensure!(
         reg.prefixes().prefixes() == [prefix("r10/a/"), prefix("r10/b/")],
         "prefixes() after the add: {:?}",

@@ -91,18 +91,16 @@ pub trait Upstream: Send + 'static {
     fn rescope(&mut self, prefixes: PrefixSet);
 
     /// Reads `added` alone at revision `at` (the last delivered), for a resync of added
-    /// prefixes. `Ok(None)`: the transport cannot (the default, or `at` was compacted);
-    /// a full resync follows.
+    /// prefixes (called only if the transport [`RESUMES`](Self::RESUMES)). Otherwise a
+    /// full resync follows: `Lost::Resync` with its reason (`PrefixAdded` when the
+    /// transport cannot, e.g. `at` was compacted; `StoreReset` when the store is not the
+    /// one `at` came from), or `Lost::Broken` (told to the consumer, then `PrefixAdded`).
     ///
     /// # Cancel safety
     /// Dropped when the registration closes.
-    async fn extend(
-        &mut self,
-        added: &PrefixSet,
-        at: Revision,
-    ) -> Result<Option<Vec<PrefixValues>>, StoreError> {
+    async fn extend(&mut self, added: &PrefixSet, at: Revision) -> Result<Vec<PrefixValues>, Lost> {
         let _ = (added, at);
-        Ok(None)
+        Err(Lost::Resync(ResyncReason::PrefixAdded))
     }
 
     /// Reads every prefix at one revision.
@@ -217,16 +215,16 @@ pub async fn drive<U: Upstream>(mut up: U, relay: Relay, start: Start<U::Followe
                         read = up.extend(&added, last) => read,
                     }
                 } else {
-                    Ok(None)
+                    Err(Lost::Resync(ResyncReason::PrefixAdded))
                 };
                 match read {
-                    Ok(Some(values)) => {
+                    Ok(values) => {
                         tracing::debug!(registration = %name, revision = %last, "resync of added prefixes");
                         permit.send(Item::Resync(last, ResyncReason::PrefixAdded, values));
                         Input::Extended { open: false }
                     }
-                    Ok(None) => Input::Lost(ResyncReason::PrefixAdded),
-                    Err(e) => {
+                    Err(Lost::Resync(reason)) => Input::Lost(reason),
+                    Err(Lost::Broken(e)) => {
                         tracing::warn!(registration = %name, error = %e, "reading added prefixes failed; resyncing");
                         permit.send(Item::Interrupted(e));
                         Input::Lost(ResyncReason::PrefixAdded)

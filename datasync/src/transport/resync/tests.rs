@@ -218,17 +218,13 @@ impl<const R: bool> Upstream for Fake<R> {
         self.set = prefixes;
     }
 
-    async fn extend(
-        &mut self,
-        added: &PrefixSet,
-        at: Revision,
-    ) -> Result<Option<Vec<PrefixValues>>, StoreError> {
+    async fn extend(&mut self, added: &PrefixSet, at: Revision) -> Result<Vec<PrefixValues>, Lost> {
         let all: Vec<_> = added.prefixes().iter().map(|p| p.to_string()).collect();
         self.note(format!("extend {} at {}", all.join(" "), at.0));
         match self.extends.pop_front() {
-            Some(Ok(true)) => Ok(Some(empty_groups(added))),
-            Some(Ok(false)) => Ok(None),
-            Some(Err(e)) => Err(e),
+            Some(Ok(true)) => Ok(empty_groups(added)),
+            Some(Ok(false)) => Err(Lost::Resync(ResyncReason::PrefixAdded)),
+            Some(Err(e)) => Err(Lost::Broken(e)),
             None => std::future::pending().await,
         }
     }
@@ -576,7 +572,8 @@ async fn an_added_prefix_is_read_at_the_last_revision_and_followed_from_the_next
     tx1.send(change(2)).expect("open");
     assert_eq!(next(&mut r.watch).await, "change 2");
     assert!(r.reg.add_prefix(crate::Prefix::new("b/").expect("valid")));
-    // The old follower still sends b/ (it is dropped: no state for it yet).
+    // Sent by the old follower after the add: released unread (a request or an add
+    // wins the biased select).
     tx1.send(change_of(3, "b/1")).ok();
     assert_eq!(next(&mut r.watch).await, "resync 2 PrefixAdded");
     tx2.send(change_of(3, "b/1")).expect("open");
