@@ -20,6 +20,7 @@
 // unboxed because every trait method would have to unbox it again.
 #![allow(clippy::result_large_err)]
 
+mod crash;
 pub(crate) mod lease;
 pub(crate) mod log;
 pub(crate) mod session;

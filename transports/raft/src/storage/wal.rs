@@ -29,6 +29,8 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+use super::crash::{point, write_at};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -172,6 +174,7 @@ pub(crate) fn segment_path(dir: &Path, first: u64) -> PathBuf {
 
 /// Creates a zero-filled file of `len` bytes at `path`, durably.
 fn zero_file(path: &Path, len: u64) -> io::Result<()> {
+    point()?;
     let f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -181,13 +184,15 @@ fn zero_file(path: &Path, len: u64) -> io::Result<()> {
     let mut at = 0;
     while at < len {
         let n = chunk.len().min((len - at) as usize);
-        f.write_all_at(&chunk[..n], at)?;
+        write_at(&f, &chunk[..n], at)?;
         at += n as u64;
     }
+    point()?;
     f.sync_all()
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
+    point()?;
     File::open(dir)?.sync_all()
 }
 
@@ -292,12 +297,14 @@ impl Redo {
     }
 
     fn write(&self, dir: &Path) -> io::Result<()> {
+        point()?;
         let f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(dir.join(REDO))?;
-        f.write_all_at(&self.encode(), 0)?;
+        write_at(&f, &self.encode(), 0)?;
+        point()?;
         f.sync_all()?;
         sync_dir(dir)
     }
@@ -310,14 +317,16 @@ impl Redo {
         let mut at = self.off;
         while at < self.old_end {
             let n = chunk.len().min((self.old_end - at) as usize);
-            f.write_all_at(&chunk[..n], at)?;
+            write_at(&f, &chunk[..n], at)?;
             at += n as u64;
         }
-        f.write_all_at(&self.frame, self.off)?;
+        write_at(&f, &self.frame, self.off)?;
+        point()?;
         f.sync_all()
     }
 
     fn remove(dir: &Path) -> io::Result<()> {
+        point()?;
         std::fs::remove_file(dir.join(REDO))?;
         sync_dir(dir)
     }
@@ -414,13 +423,13 @@ impl Files {
             let buf = self.scratch.get(len);
             buf[..a.tail.len()].copy_from_slice(&a.tail);
             buf[a.tail.len()..a.tail.len() + frame.len()].copy_from_slice(frame);
-            a.file.write_all_at(buf, page_start)?;
+            write_at(&a.file, buf, page_start)?;
             let new_page = end - end % PAGE as u64;
             let keep = (end - new_page) as usize;
             let used = a.tail.len() + frame.len();
             a.tail = buf[used - keep..used].to_vec();
         } else {
-            a.file.write_all_at(frame, a.pos)?;
+            write_at(&a.file, frame, a.pos)?;
             a.tail.clear();
         }
         a.pos = end;
@@ -462,7 +471,10 @@ impl Files {
             None => None,
         };
         match spare {
-            Some(tmp) => std::fs::rename(tmp, &path)?,
+            Some(tmp) => {
+                point()?;
+                std::fs::rename(tmp, &path)?
+            }
             None => zero_file(&path, len)?,
         }
         sync_dir(&self.dir)?;
@@ -486,6 +498,7 @@ impl Files {
         // Later segments go first, so a crash leaves a prefix of the log.
         while self.segments.last().is_some_and(|&s| s > loc.seg) {
             if let Some(s) = self.segments.pop() {
+                point()?;
                 std::fs::remove_file(segment_path(&self.dir, s))?;
             }
         }
@@ -532,6 +545,7 @@ impl Files {
         let mut removed = false;
         while self.segments.len() > 1 && self.segments[1] <= upto + 1 {
             let s = self.segments.remove(0);
+            point()?;
             std::fs::remove_file(segment_path(&self.dir, s))?;
             removed = true;
         }
@@ -939,6 +953,7 @@ mod tests {
     use openraft::{CommittedLeaderId, EntryPayload};
 
     use super::*;
+    use crate::storage::crash;
     use crate::types::Command;
 
     fn entry(i: u64, term: u64) -> Entry {
@@ -1181,5 +1196,205 @@ mod tests {
         drop(w);
         let w = Wal::open_sized(dir.path(), None, SMALL).unwrap();
         assert_eq!(indexes(&w, 0), (0..25).collect::<Vec<_>>());
+    }
+
+    /// An entry with a 4 KB value: sixteen fill a small segment.
+    fn big(i: u64, term: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), i),
+            payload: EntryPayload::Normal(Command::Put {
+                key: format!("k/{i}"),
+                value: vec![b'v'; 4000],
+                expires_at_ms: None,
+            }),
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// One frame of these (index, term).
+        Append(Vec<(u64, u64)>),
+        Truncate(u64),
+        Purge(u64),
+    }
+
+    /// Appends one by one across segments (with spare segments made behind), a frame
+    /// of several, a truncation inside that frame (the redo record), one that drops
+    /// whole segments, purges (of whole segments, and close to the end as after a
+    /// snapshot install), with appends between.
+    fn workload() -> Vec<Step> {
+        let one = |r: std::ops::Range<u64>, t| r.map(move |i| Step::Append(vec![(i, t)]));
+        let mut v: Vec<Step> = one(0..40, 1).collect();
+        v.push(Step::Append((40..48).map(|i| (i, 1)).collect()));
+        v.push(Step::Truncate(44));
+        v.push(Step::Append((44..52).map(|i| (i, 2)).collect()));
+        v.push(Step::Truncate(20));
+        v.extend(one(20..36, 3));
+        v.push(Step::Purge(10));
+        v.extend(one(36..60, 3));
+        v.push(Step::Purge(50));
+        v.push(Step::Append(vec![(60, 3)]));
+        v
+    }
+
+    type Model = BTreeMap<u64, u64>;
+
+    fn apply(m: &mut Model, step: &Step) {
+        match step {
+            Step::Append(es) => m.extend(es.iter().copied()),
+            Step::Truncate(from) => drop(m.split_off(from)),
+            Step::Purge(_) => {}
+        }
+    }
+
+    /// Runs the workload with a crash at operation `at` (never: `u64::MAX`); returns the
+    /// operations counted, the model after the last completed step, the step the crash
+    /// stopped (if any), and the purge point made durable (the store writes it first).
+    fn run(dir: &Path, at: u64, torn: bool) -> (u64, Model, Option<Step>, Option<LogId>) {
+        crash::arm(Some(crash::Plan {
+            at,
+            torn,
+            ..Default::default()
+        }));
+        let w = Wal::open_sized(dir, None, SMALL).unwrap();
+        let mut model = Model::new();
+        let mut purged = None;
+        let mut stopped = None;
+        for step in workload() {
+            let done = match &step {
+                Step::Append(es) => w.append(es.iter().map(|&(i, t)| big(i, t)).collect()),
+                Step::Truncate(from) => w.truncate(*from),
+                Step::Purge(upto) => {
+                    let id = LogId::new(CommittedLeaderId::new(model[upto], 1), *upto);
+                    purged = Some(id);
+                    w.purge(id)
+                }
+            };
+            if done.is_err() {
+                stopped = Some(step);
+                break;
+            }
+            apply(&mut model, &step);
+        }
+        let plan = crash::arm(None).unwrap();
+        drop(w);
+        (plan.count, model, stopped, purged)
+    }
+
+    fn held(w: &Wal, floor: u64) -> Model {
+        w.read(floor, None)
+            .unwrap()
+            .iter()
+            .map(|e| (e.log_id.index, e.log_id.leader_id.term))
+            .collect()
+    }
+
+    fn copy_dir(from: &Path) -> tempfile::TempDir {
+        let to = tempfile::tempdir().unwrap();
+        for item in std::fs::read_dir(from).unwrap() {
+            let item = item.unwrap();
+            std::fs::copy(item.path(), to.path().join(item.file_name())).unwrap();
+        }
+        to
+    }
+
+    /// Copies of the crashed log in `dir`, each crashed again at one file operation of
+    /// its reopening (finishing a truncation, zeroing a torn tail, removing leftovers).
+    fn crashed_in_recovery(dir: &Path, purged: Option<LogId>) -> Vec<(u64, tempfile::TempDir)> {
+        let probe = copy_dir(dir);
+        crash::arm(Some(crash::Plan {
+            at: u64::MAX,
+            ..Default::default()
+        }));
+        let opened = Wal::open_sized(probe.path(), purged, SMALL);
+        let ops = crash::arm(None).unwrap().count;
+        drop(opened);
+        (1..=ops)
+            .map(|at| {
+                let copy = copy_dir(dir);
+                crash::arm(Some(crash::Plan {
+                    at,
+                    ..Default::default()
+                }));
+                drop(Wal::open_sized(copy.path(), purged, SMALL));
+                crash::arm(None);
+                (at, copy)
+            })
+            .collect()
+    }
+
+    /// Every operation that changes the log's files, in turn, is where the process
+    /// dies (cleanly, and with a torn write), and then each operation of the reopening
+    /// that follows: the log must reopen, hold what the completed steps left (a stopped
+    /// append all or nothing; a stopped truncation a prefix of the log before it, at
+    /// least down to the cut; a purge changes nothing above the purge point), and take
+    /// appends again.
+    #[test]
+    fn the_log_reopens_whole_after_a_crash_at_every_file_operation() {
+        let (total, ..) = run(tempfile::tempdir().unwrap().path(), u64::MAX, false);
+        assert!(
+            total > 100,
+            "only {total} operations: the workload is too small"
+        );
+        let mut recoveries = 0;
+        for torn in [false, true] {
+            for at in 1..=total {
+                let dir = tempfile::tempdir().unwrap();
+                let (_, before, stopped, purged) = run(dir.path(), at, torn);
+                let step = stopped.unwrap_or_else(|| panic!("no crash at {at}"));
+                let floor = purged.map_or(0, |p| p.index + 1);
+                let keep =
+                    |m: &Model| -> Model { m.range(floor..).map(|(i, t)| (*i, *t)).collect() };
+                let mut after = before.clone();
+                apply(&mut after, &step);
+                let (before, after) = (keep(&before), keep(&after));
+                let what = format!("crash at operation {at}/{total} (torn {torn}) in {step:?}");
+                let again = crashed_in_recovery(dir.path(), purged);
+                recoveries += again.len();
+                let dirs = std::iter::once((what.clone(), dir)).chain(
+                    again
+                        .into_iter()
+                        .map(|(m, d)| (format!("{what}, then at operation {m} of reopening"), d)),
+                );
+                for (what, dir) in dirs {
+                    let w = Wal::open_sized(dir.path(), purged, SMALL)
+                        .unwrap_or_else(|e| panic!("{what}: the log does not reopen: {e:?}"));
+                    let got = held(&w, floor);
+                    let ok = match &step {
+                        // A prefix of the log before, cut no lower than the truncation.
+                        Step::Truncate(from) => {
+                            let end = got.keys().max().map_or(floor, |m| m + 1);
+                            let prefix: Model =
+                                before.range(..end).map(|(i, t)| (*i, *t)).collect();
+                            let lowest = before.keys().max().map_or(floor, |m| m + 1).min(*from);
+                            got == prefix && end >= lowest
+                        }
+                        _ => got == before || got == after,
+                    };
+                    let keys = |m: &Model| m.keys().copied().collect::<Vec<_>>();
+                    assert!(
+                        ok,
+                        "{what}: the log holds {:?}, want {:?} or {:?}",
+                        keys(&got),
+                        keys(&before),
+                        keys(&after)
+                    );
+                    let next = got.keys().max().map_or(floor, |m| m + 1);
+                    w.append(vec![big(next, 9)])
+                        .unwrap_or_else(|e| panic!("{what}: no append after reopening: {e}"));
+                    drop(w);
+                    let w = Wal::open_sized(dir.path(), purged, SMALL).unwrap();
+                    assert_eq!(
+                        held(&w, floor).get(&next),
+                        Some(&9),
+                        "{what}: the append after the crash is lost"
+                    );
+                }
+            }
+        }
+        assert!(
+            recoveries > 0,
+            "no reopening had a file operation to crash in"
+        );
     }
 }
