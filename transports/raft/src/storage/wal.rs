@@ -199,6 +199,8 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Opens a segment for appends: `O_DIRECT | O_DSYNC` where the file system allows it
 /// (checked with a real write of `tail` at `page_start`), else `O_DSYNC`.
 fn open_for_append(path: &Path, tail: &[u8], page_start: u64) -> io::Result<(File, bool)> {
+    // The probe rewrites bytes already there; a crash before it changes nothing.
+    point()?;
     let direct = OpenOptions::new()
         .write(true)
         .read(true)
@@ -480,6 +482,9 @@ impl Files {
         sync_dir(&self.dir)?;
         let (file, direct) = open_for_append(&path, &[], 0)?;
         debug!(segment = %path.display(), direct, "new log segment");
+        // An empty segment of the same name (kept at open, or left by a truncation to
+        // its start) was just made again: it is one segment, not two.
+        self.segments.retain(|&s| s != first);
         self.segments.push(first);
         self.active = Some(Active {
             first,
@@ -626,7 +631,7 @@ impl Wal {
             let name = item.file_name();
             let name = name.to_string_lossy();
             if name.ends_with(".tmp") {
-                let _ = std::fs::remove_file(item.path());
+                let _ = point().and_then(|()| std::fs::remove_file(item.path()));
             } else if let Some(n) = name.strip_suffix(".wal") {
                 let first = n
                     .parse::<u64>()
@@ -737,9 +742,13 @@ impl Wal {
                 }
                 off = stop.next_multiple_of(8);
             };
-            if end == 0 && is_last && seg != next {
-                // An empty segment made just before a crash, named for another index.
-                std::fs::remove_file(&path).map_err(|e| Damage::new(&path, e.to_string()))?;
+            if end == 0 && is_last {
+                // An empty segment made just before a crash (perhaps shorter than it was
+                // to be): it holds nothing, and the next append makes a new one.
+                point()
+                    .and_then(|()| std::fs::remove_file(&path))
+                    .and_then(|()| sync_dir(dir))
+                    .map_err(|e| Damage::new(&path, e.to_string()))?;
                 continue;
             }
             if end == 0 && !is_last {
@@ -755,7 +764,8 @@ impl Wal {
                         .write(true)
                         .open(&path)
                         .map_err(|e| Damage::new(&path, e.to_string()))?;
-                    f.write_all_at(&vec![0u8; d + 1], end as u64)
+                    write_at(&f, &vec![0u8; d + 1], end as u64)
+                        .and_then(|()| point())
                         .and_then(|()| f.sync_all())
                         .map_err(|e| Damage::new(&path, e.to_string()))?;
                 }
@@ -1299,8 +1309,9 @@ mod tests {
     }
 
     /// Copies of the crashed log in `dir`, each crashed again at one file operation of
-    /// its reopening (finishing a truncation, zeroing a torn tail, removing leftovers).
-    fn crashed_in_recovery(dir: &Path, purged: Option<LogId>) -> Vec<(u64, tempfile::TempDir)> {
+    /// its reopening (finishing a truncation, zeroing a torn tail, removing leftovers),
+    /// cleanly and torn.
+    fn crashed_in_recovery(dir: &Path, purged: Option<LogId>) -> Vec<(String, tempfile::TempDir)> {
         let probe = copy_dir(dir);
         crash::arm(Some(crash::Plan {
             at: u64::MAX,
@@ -1309,18 +1320,24 @@ mod tests {
         let opened = Wal::open_sized(probe.path(), purged, SMALL);
         let ops = crash::arm(None).unwrap().count;
         drop(opened);
-        (1..=ops)
-            .map(|at| {
+        let mut out = Vec::new();
+        for torn in [false, true] {
+            for at in 1..=ops {
                 let copy = copy_dir(dir);
                 crash::arm(Some(crash::Plan {
                     at,
+                    torn,
                     ..Default::default()
                 }));
                 drop(Wal::open_sized(copy.path(), purged, SMALL));
                 crash::arm(None);
-                (at, copy)
-            })
-            .collect()
+                out.push((
+                    format!("at operation {at}/{ops} of reopening (torn {torn})"),
+                    copy,
+                ));
+            }
+        }
+        out
     }
 
     /// Every operation that changes the log's files, in turn, is where the process
@@ -1354,7 +1371,7 @@ mod tests {
                 let dirs = std::iter::once((what.clone(), dir)).chain(
                     again
                         .into_iter()
-                        .map(|(m, d)| (format!("{what}, then at operation {m} of reopening"), d)),
+                        .map(|(m, d)| (format!("{what}, then {m}"), d)),
                 );
                 for (what, dir) in dirs {
                     let w = Wal::open_sized(dir.path(), purged, SMALL)
@@ -1379,15 +1396,26 @@ mod tests {
                         keys(&before),
                         keys(&after)
                     );
+                    let last = w.mem().last.map(|l| l.index);
+                    let want = got.keys().max().copied().or(purged.map(|p| p.index));
+                    assert_eq!(last, want, "{what}: the reopened log's last entry");
+                    // Appends (across a new segment) and a purge up to them work on.
                     let next = got.keys().max().map_or(floor, |m| m + 1);
-                    w.append(vec![big(next, 9)])
-                        .unwrap_or_else(|e| panic!("{what}: no append after reopening: {e}"));
+                    for i in next..next + 20 {
+                        w.append(vec![big(i, 9)])
+                            .unwrap_or_else(|e| panic!("{what}: no append after reopening: {e}"));
+                    }
+                    let upto = LogId::new(CommittedLeaderId::new(9, 1), next + 17);
+                    w.purge(upto)
+                        .unwrap_or_else(|e| panic!("{what}: no purge after reopening: {e}"));
                     drop(w);
-                    let w = Wal::open_sized(dir.path(), purged, SMALL).unwrap();
+                    let w = Wal::open_sized(dir.path(), Some(upto), SMALL)
+                        .unwrap_or_else(|e| panic!("{what}: no reopening after a purge: {e:?}"));
+                    let tail: Vec<_> = held(&w, next + 18).into_iter().collect();
                     assert_eq!(
-                        held(&w, floor).get(&next),
-                        Some(&9),
-                        "{what}: the append after the crash is lost"
+                        tail,
+                        [(next + 18, 9), (next + 19, 9)],
+                        "{what}: the appends after the crash are lost"
                     );
                 }
             }
