@@ -21,10 +21,14 @@ pub(crate) fn point() -> io::Result<()> {
 /// `f.write_all_at(buf, at)`; at a test's crash point, none of it or (torn) a part.
 pub(crate) fn write_at(f: &File, buf: &[u8], at: u64) -> io::Result<()> {
     if let imp::Cut::Torn = imp::hit(true)? {
-        // Whole 512-byte sectors, as a disk tears (and `O_DIRECT` accepts).
-        let part = buf.len() / 2 / 512 * 512;
-        if part > 0 {
-            let _ = f.write_all_at(&buf[..part], at);
+        // Whole sectors, as a disk tears: 512 bytes, or 4 KiB where `O_DIRECT` asks for
+        // whole 4 KiB blocks.
+        for sector in [512, 4096] {
+            let part = buf.len() / 2 / sector * sector;
+            if part > 0 && f.write_all_at(&buf[..part], at).is_ok() {
+                imp::tore();
+                break;
+            }
         }
         return Err(crashed());
     }
@@ -50,6 +54,8 @@ mod imp {
     pub(super) fn hit(_write: bool) -> std::io::Result<Cut> {
         Ok(Cut::Go)
     }
+
+    pub(super) fn tore() {}
 }
 
 #[cfg(test)]
@@ -62,13 +68,14 @@ mod imp {
     }
 
     /// A crash at operation `at` (counted from 1; `u64::MAX`: none, only count), torn
-    /// if it is a write; `count`: the operations seen.
+    /// if it is a write; `count`: the operations seen; `tore`: part of a write landed.
     #[derive(Debug, Default, Clone)]
     pub(crate) struct Plan {
         pub(crate) at: u64,
         pub(crate) torn: bool,
         pub(crate) count: u64,
         pub(crate) dead: bool,
+        pub(crate) tore: bool,
     }
 
     thread_local! {
@@ -78,6 +85,14 @@ mod imp {
     /// Arms `plan` on this thread (`None` disarms); returns the one it replaces.
     pub(crate) fn arm(plan: Option<Plan>) -> Option<Plan> {
         PLAN.with(|p| std::mem::replace(&mut *p.borrow_mut(), plan))
+    }
+
+    pub(super) fn tore() {
+        PLAN.with(|p| {
+            if let Some(plan) = p.borrow_mut().as_mut() {
+                plan.tore = true;
+            }
+        })
     }
 
     pub(super) fn hit(write: bool) -> std::io::Result<Cut> {

@@ -1259,8 +1259,9 @@ mod tests {
 
     /// Runs the workload with a crash at operation `at` (never: `u64::MAX`); returns the
     /// operations counted, the model after the last completed step, the step the crash
-    /// stopped (if any), and the purge point made durable (the store writes it first).
-    fn run(dir: &Path, at: u64, torn: bool) -> (u64, Model, Option<Step>, Option<LogId>) {
+    /// stopped (if any), the purge point made durable (the store writes it first), and
+    /// whether a torn write landed in part.
+    fn run(dir: &Path, at: u64, torn: bool) -> (Run, Model, Option<Step>, Option<LogId>) {
         crash::arm(Some(crash::Plan {
             at,
             torn,
@@ -1288,7 +1289,16 @@ mod tests {
         }
         let plan = crash::arm(None).unwrap();
         drop(w);
-        (plan.count, model, stopped, purged)
+        let run = Run {
+            count: plan.count,
+            tore: plan.tore,
+        };
+        (run, model, stopped, purged)
+    }
+
+    struct Run {
+        count: u64,
+        tore: bool,
     }
 
     fn held(w: &Wal, floor: u64) -> Model {
@@ -1348,7 +1358,10 @@ mod tests {
     /// appends again.
     #[test]
     fn the_log_reopens_whole_after_a_crash_at_every_file_operation() {
-        let (total, ..) = run(tempfile::tempdir().unwrap().path(), u64::MAX, false);
+        let total = run(tempfile::tempdir().unwrap().path(), u64::MAX, false)
+            .0
+            .count;
+        let mut tears = 0;
         assert!(
             total > 100,
             "only {total} operations: the workload is too small"
@@ -1357,7 +1370,8 @@ mod tests {
         for torn in [false, true] {
             for at in 1..=total {
                 let dir = tempfile::tempdir().unwrap();
-                let (_, before, stopped, purged) = run(dir.path(), at, torn);
+                let (ran, before, stopped, purged) = run(dir.path(), at, torn);
+                tears += usize::from(ran.tore);
                 let step = stopped.unwrap_or_else(|| panic!("no crash at {at}"));
                 let floor = purged.map_or(0, |p| p.index + 1);
                 let keep =
@@ -1420,6 +1434,8 @@ mod tests {
                 }
             }
         }
+        // Appends are writes of whole frames: a good share of torn crashes tear one.
+        assert!(tears > 50, "only {tears} torn writes landed in part");
         assert!(
             recoveries > 0,
             "no reopening had a file operation to crash in"
