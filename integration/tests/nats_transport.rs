@@ -630,3 +630,64 @@ async fn ttls_without_markers_make_older_reads_compacted() {
         "the key expired without a marker: {got:?}"
     );
 }
+
+/// A key whose TTL expired and whose expiry marker then expired too leaves no trace in
+/// the bucket: a read from before its expiry is `Compacted`, never "absent" (issue 16).
+/// A read at a revision within the marker TTL of the server's clock is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_expiry_marker_expired_too_reads_compacted_not_absent() {
+    let nats = server().await;
+    let mut config = NatsConfig::new([nats.url()]).with_bucket("markers");
+    config.marker_ttl = Duration::from_secs(1);
+    let store = NatsStore::connect(config).await.unwrap();
+    let r1 = store
+        .put(
+            &key("lease"),
+            "1".into(),
+            PutOptions::new().ttl(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+    store
+        .put(&key("other"), "2".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let fresh = store.get(&key("lease"), ReadOptions::new().at(r1)).await;
+    assert!(
+        matches!(&fresh, Ok(Some(kv)) if kv.value == "1".into()),
+        "a read at a fresh revision is answered: {fresh:?}"
+    );
+    // Wait until the key's every message, its expiry marker included, has gone.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("KV_markers")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut seen_marker = false;
+    loop {
+        match stream
+            .get_last_raw_message_by_subject("$KV.markers.lease")
+            .await
+        {
+            Ok(m) => seen_marker |= m.sequence > r1.0,
+            Err(_) if seen_marker => break,
+            Err(e) => panic!("the key's last message went without a marker first: {e}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the expiry marker never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = store.get(&key("lease"), ReadOptions::new().at(r1)).await;
+    assert!(
+        matches!(got, Err(StoreError::Compacted { requested, .. }) if requested == r1),
+        "the key had a value at {r1}; with no trace of it left, the read must say so: {got:?}"
+    );
+    let listed = store.list(&prefix(""), ReadOptions::new().at(r1)).await;
+    assert!(
+        matches!(listed, Err(StoreError::Compacted { .. })),
+        "a listing at {r1} would miss the key: {listed:?}"
+    );
+}

@@ -46,9 +46,12 @@
 //!   through the stream's own limits (age, count, size), or through per-message TTLs
 //!   on a bucket without expiry markers, they do so at no revision and
 //!   leave no trace: once the stream has removed a message, reads at revisions from it
-//!   on fail with `Compacted`, but for the present one. Known gap: a key whose TTL expired *and* whose expiry
-//!   marker expired ([`NatsConfig::marker_ttl`] later) vanishes the same way, and a
-//!   read from before its expiry then answers "absent".
+//!   on fail with `Compacted`, but for the present one. A key whose TTL expired *and*
+//!   whose expiry marker expired ([`NatsConfig::marker_ttl`] later) vanishes the same
+//!   way: a read at a revision the server's clock puts at least the bucket's marker TTL
+//!   in the past, on a stream that has removed a message above it, fails with
+//!   `Compacted` (such a marker was written after that revision, so it cannot have gone
+//!   any sooner); a younger read is answered.
 //! - **Keys written by other clients** that are no encoding of a datasync key (an
 //!   escape where none is needed, `=2F` for `/`, bytes outside the alphabet) are
 //!   skipped as foreign, never read as another key.

@@ -3,10 +3,12 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::{ConnectOptions, HeaderMap, ServerAddr};
 use bytes::Bytes;
@@ -331,8 +333,7 @@ impl NatsStore {
         // Limits that can take a key's every version, not only its older ones: the
         // stream's own (age, count, size), and per-message TTLs on a bucket without
         // expiry markers (the expired message just goes). (With markers, a key whose
-        // marker expired too vanishes as well; telling that apart from a history drop
-        // needs more than the stream reports, see the crate docs.)
+        // marker expired too vanishes as well, later: see `markers_may_be_gone`.)
         let whole_keys = !c.max_age.is_zero()
             || c.max_messages > 0
             || c.max_bytes > 0
@@ -350,11 +351,81 @@ impl NatsStore {
                 first_removed = detailed.info.state.deleted.iter().flatten().min().copied();
             }
         }
+        let marker_ttl = c.subject_delete_marker_ttl.filter(|_| c.allow_message_ttl);
         Ok(Retention {
             current: Revision(info.state.last_sequence),
             history,
             first_removed,
+            marker_ttl,
+            first_sequence: info.state.first_sequence,
+            deleted_count: info.state.deleted_count.unwrap_or(0) as u64,
         })
+    }
+
+    /// Whether a key that had a value at `at` may since have vanished with no trace: its
+    /// TTL expired, and then its expiry marker (which lives `marker_ttl`) did too.
+    ///
+    /// Why this can be told: such a key expired after `at`, so its marker was written
+    /// after the message at `at`, and the server removes it `marker_ttl` after that.
+    /// While the server's clock reads less than `marker_ttl` past the message at `at`,
+    /// no such marker is gone; and a removed marker is a removed sequence above `at`.
+    /// Both are read from the server (its clock too, not this host's). The marker TTL is
+    /// the bucket's now: one lowered since would be trusted too long.
+    async fn markers_may_be_gone(&self, at: Revision, r: &Retention) -> Result<bool, StoreError> {
+        let Some(marker_ttl) = r.marker_ttl else {
+            return Ok(false);
+        };
+        if at.0 == 0 || at >= r.current {
+            return Ok(false);
+        }
+        let removed_above = if r.first_sequence > at.0 + 1 {
+            true
+        } else if r.deleted_count > 0 {
+            let detailed = self
+                .inner
+                .timed(self.inner.stream.info_builder().with_deleted(true).fetch())
+                .await?
+                .map_err(|e| self.inner.classify(e))?;
+            detailed
+                .info
+                .state
+                .deleted
+                .iter()
+                .flatten()
+                .any(|d| *d > at.0)
+        } else {
+            false
+        };
+        if !removed_above {
+            return Ok(false);
+        }
+        let name = &self.inner.stream.cached_info().config.name;
+        let now: jetstream::response::Response<ServerTime> = self
+            .inner
+            .timed(self.inner.js.request(format!("STREAM.INFO.{name}"), &()))
+            .await?
+            .map_err(|e| self.inner.classify(e))?;
+        let now = match now {
+            jetstream::response::Response::Ok(t) => t.ts,
+            jetstream::response::Response::Err { error } => {
+                return Err(StoreError::Unavailable(
+                    format!("stream info: {error}").into(),
+                ));
+            }
+        };
+        let then = match self
+            .inner
+            .timed(self.inner.stream.get_raw_message(at.0))
+            .await?
+        {
+            Ok(m) => m.time,
+            // The message at `at` is gone too: its time cannot be read.
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
+                return Ok(true);
+            }
+            Err(e) => return Err(self.inner.classify(e)),
+        };
+        Ok(now - then >= marker_ttl)
     }
 
     /// The state under `set` (or of the key `only`) at `at` from the versions the
@@ -365,11 +436,13 @@ impl NatsStore {
         only: Option<&Key>,
         at: Revision,
     ) -> Result<State, StoreError> {
+        let retention = self.retention().await?;
         let Retention {
             current,
             history,
             first_removed,
-        } = self.retention().await?;
+            ..
+        } = retention;
         if at > current {
             return Err(StoreError::FutureRevision {
                 requested: at,
@@ -379,7 +452,10 @@ impl NatsStore {
         // The stream's limits remove whole keys at a time, at no revision: a key removed
         // so leaves no trace, and whether it was there at `at` cannot be told once
         // anything up to `at` has gone. Only the present (`current`) is still known.
-        if first_removed.is_some_and(|f| f <= at.0) && at < current {
+        // Expiry markers that expired in turn do the same for the keys they stood for.
+        if (first_removed.is_some_and(|f| f <= at.0) && at < current)
+            || self.markers_may_be_gone(at, &retention).await?
+        {
             return Err(StoreError::Compacted {
                 requested: at,
                 compacted: Revision(current.0.saturating_sub(1)),
@@ -491,6 +567,18 @@ struct Retention {
     history: usize,
     /// Where whole keys can vanish: the first sequence removed, if any.
     first_removed: Option<u64>,
+    /// How long expiry markers live, on a bucket with per-message TTLs and markers.
+    marker_ttl: Option<Duration>,
+    /// The stream's first sequence and how many inside it were removed.
+    first_sequence: u64,
+    deleted_count: u64,
+}
+
+/// The server's clock, as a stream info reports it (`ts`).
+#[derive(serde::Deserialize)]
+struct ServerTime {
+    #[serde(with = "time::serde::rfc3339")]
+    ts: time::OffsetDateTime,
 }
 
 /// One key's retained versions, as seen by a read at a past revision.
