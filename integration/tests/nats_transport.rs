@@ -270,6 +270,14 @@ async fn reads_at_a_revision_the_bucket_no_longer_keeps_are_compacted() {
     let r2 = store.put(&k, "2".into(), PutOptions::new()).await.unwrap();
     let at = |r| store.get(&k, ReadOptions::new().at(r));
     assert_eq!(at(r1).await.unwrap().unwrap().value, "1".into());
+    // A key created later was simply absent then (nothing has been removed yet).
+    let r3 = store
+        .put(&key("h/new"), "n".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let new = key("h/new");
+    let new_at = |r| store.get(&new, ReadOptions::new().at(r));
+    assert!(new_at(r2).await.unwrap().is_none());
     store.put(&k, "3".into(), PutOptions::new()).await.unwrap();
     assert_eq!(at(r2).await.unwrap().unwrap().value, "2".into());
     let gone = at(r1).await;
@@ -277,25 +285,15 @@ async fn reads_at_a_revision_the_bucket_no_longer_keeps_are_compacted() {
         matches!(gone, Err(StoreError::Compacted { requested, .. }) if requested == r1),
         "version 1 of 3 with a history of 2: {gone:?}"
     );
-    // A key created later was simply absent then.
-    let r4 = store
-        .put(&key("h/new"), "n".into(), PutOptions::new())
-        .await
-        .unwrap();
+    // Once a sequence up to r2 is removed (version 1), the absence of a key at r2 can
+    // no longer be told from a TTL'd version of it that expired: on a bucket with
+    // per-message TTLs, the read says so.
+    let unknown = new_at(r2).await;
     assert!(
-        store
-            .get(&key("h/new"), ReadOptions::new().at(r2))
-            .await
-            .unwrap()
-            .is_none()
+        matches!(unknown, Err(StoreError::Compacted { requested, .. }) if requested == r2),
+        "{unknown:?}"
     );
-    assert!(
-        store
-            .get(&key("h/new"), ReadOptions::new().at(r4))
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(new_at(r3).await.unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -648,7 +646,7 @@ async fn a_key_whose_expiry_marker_expired_too_reads_compacted_not_absent() {
         )
         .await
         .unwrap();
-    store
+    let r2 = store
         .put(&key("other"), "2".into(), PutOptions::new())
         .await
         .unwrap();
@@ -685,9 +683,58 @@ async fn a_key_whose_expiry_marker_expired_too_reads_compacted_not_absent() {
         matches!(got, Err(StoreError::Compacted { requested, .. }) if requested == r1),
         "the key had a value at {r1}; with no trace of it left, the read must say so: {got:?}"
     );
-    let listed = store.list(&prefix(""), ReadOptions::new().at(r1)).await;
+    let listed = store.list(&prefix(""), ReadOptions::new().at(r2)).await;
     assert!(
         matches!(listed, Err(StoreError::Compacted { .. })),
-        "a listing at {r1} would miss the key: {listed:?}"
+        "a listing at {r2} would miss the key: {listed:?}"
     );
+    // A key with a version kept at or below the revision is still read exactly.
+    let other = store.get(&key("other"), ReadOptions::new().at(r2)).await;
+    assert!(
+        matches!(&other, Ok(Some(kv)) if kv.value == "2".into()),
+        "{other:?}"
+    );
+}
+
+/// A TTL'd version overwritten before its TTL ran out is removed when it does, with no
+/// marker (a later version stands): a read from when it was the value is `Compacted`,
+/// never "absent".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_version_overwritten_before_it_expired_reads_compacted_not_absent() {
+    let nats = server().await;
+    let mut config = NatsConfig::new([nats.url()]).with_bucket("overwritten");
+    config.marker_ttl = Duration::from_secs(1);
+    let store = NatsStore::connect(config).await.unwrap();
+    let r1 = store
+        .put(
+            &key("lease"),
+            "1".into(),
+            PutOptions::new().ttl(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+    store
+        .put(&key("lease"), "2".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("KV_overwritten")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while stream.get_raw_message(r1.0).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the TTL'd version never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = store.get(&key("lease"), ReadOptions::new().at(r1)).await;
+    assert!(
+        matches!(got, Err(StoreError::Compacted { requested, .. }) if requested == r1),
+        "the key was \"1\" at {r1}: {got:?}"
+    );
+    let now = store.get(&key("lease"), ReadOptions::new()).await.unwrap();
+    assert_eq!(now.map(|kv| kv.value), Some("2".into()));
 }

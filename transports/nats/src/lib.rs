@@ -46,12 +46,14 @@
 //!   through the stream's own limits (age, count, size), or through per-message TTLs
 //!   on a bucket without expiry markers, they do so at no revision and
 //!   leave no trace: once the stream has removed a message, reads at revisions from it
-//!   on fail with `Compacted`, but for the present one. A key whose TTL expired *and*
-//!   whose expiry marker expired ([`NatsConfig::marker_ttl`] later) vanishes the same
-//!   way: a read at a revision the server's clock puts at least the bucket's marker TTL
-//!   in the past, on a stream that has removed a message above it, fails with
-//!   `Compacted` (such a marker was written after that revision, so it cannot have gone
-//!   any sooner); a younger read is answered.
+//!   on fail with `Compacted`, but for the present one. With per-message TTLs (the
+//!   buckets this crate makes), a version whose TTL ran out is removed at no revision
+//!   too: a key's last one leaves an expiry marker that expires in turn
+//!   ([`NatsConfig::marker_ttl`] later), one followed by a later version just goes. So
+//!   an answer at a past revision that rests on a key's absence (a `get` of a key with
+//!   no version kept at or below it, and every listing) fails with `Compacted` once the
+//!   stream has removed any sequence up to that revision (a history drop cannot be told
+//!   from an expiry); a key with a version kept at or below it is read exactly.
 //! - **Keys written by other clients** that are no encoding of a datasync key (an
 //!   escape where none is needed, `=2F` for `/`, bytes outside the alphabet) are
 //!   skipped as foreign, never read as another key.

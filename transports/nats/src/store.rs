@@ -3,12 +3,10 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::{ConnectOptions, HeaderMap, ServerAddr};
 use bytes::Bytes;
@@ -332,100 +330,52 @@ impl NatsStore {
             .unwrap_or(usize::MAX);
         // Limits that can take a key's every version, not only its older ones: the
         // stream's own (age, count, size), and per-message TTLs on a bucket without
-        // expiry markers (the expired message just goes). (With markers, a key whose
-        // marker expired too vanishes as well, later: see `markers_may_be_gone`.)
+        // expiry markers (the expired message just goes). (With markers, see `ttl`.)
         let whole_keys = !c.max_age.is_zero()
             || c.max_messages > 0
             || c.max_bytes > 0
             || (c.allow_message_ttl && c.subject_delete_marker_ttl.is_none());
-        let mut first_removed = None;
-        if whole_keys {
-            if info.state.first_sequence > 1 {
-                first_removed = Some(1);
-            } else if info.state.deleted_count.unwrap_or(0) > 0 {
-                let detailed = self
-                    .inner
-                    .timed(self.inner.stream.info_builder().with_deleted(true).fetch())
-                    .await?
-                    .map_err(|e| self.inner.classify(e))?;
-                first_removed = detailed.info.state.deleted.iter().flatten().min().copied();
-            }
-        }
-        let marker_ttl = c.subject_delete_marker_ttl.filter(|_| c.allow_message_ttl);
+        let first_removed = if whole_keys {
+            self.first_removed(&info.state).await?
+        } else {
+            None
+        };
         Ok(Retention {
             current: Revision(info.state.last_sequence),
             history,
             first_removed,
-            marker_ttl,
-            first_sequence: info.state.first_sequence,
-            deleted_count: info.state.deleted_count.unwrap_or(0) as u64,
+            ttl: c.allow_message_ttl,
         })
     }
 
-    /// Whether a key that had a value at `at` may since have vanished with no trace: its
-    /// TTL expired, and then its expiry marker (which lives `marker_ttl`) did too.
-    ///
-    /// Why this can be told: such a key expired after `at`, so its marker was written
-    /// after the message at `at`, and the server removes it `marker_ttl` after that.
-    /// While the server's clock reads less than `marker_ttl` past the message at `at`,
-    /// no such marker is gone; and a removed marker is a removed sequence above `at`.
-    /// Both are read from the server (its clock too, not this host's). The marker TTL is
-    /// the bucket's now: one lowered since would be trusted too long.
-    async fn markers_may_be_gone(&self, at: Revision, r: &Retention) -> Result<bool, StoreError> {
-        let Some(marker_ttl) = r.marker_ttl else {
-            return Ok(false);
-        };
-        if at.0 == 0 || at >= r.current {
-            return Ok(false);
+    /// The first sequence the stream has removed, if any (below its first sequence, or
+    /// deleted inside it).
+    async fn first_removed(&self, state: &stream::State) -> Result<Option<u64>, StoreError> {
+        if state.first_sequence > 1 {
+            return Ok(Some(1));
         }
-        let removed_above = if r.first_sequence > at.0 + 1 {
-            true
-        } else if r.deleted_count > 0 {
-            let detailed = self
-                .inner
-                .timed(self.inner.stream.info_builder().with_deleted(true).fetch())
-                .await?
-                .map_err(|e| self.inner.classify(e))?;
-            detailed
-                .info
-                .state
-                .deleted
-                .iter()
-                .flatten()
-                .any(|d| *d > at.0)
-        } else {
-            false
-        };
-        if !removed_above {
-            return Ok(false);
+        if state.deleted_count.unwrap_or(0) == 0 {
+            return Ok(None);
         }
-        let name = &self.inner.stream.cached_info().config.name;
-        let now: jetstream::response::Response<ServerTime> = self
+        let detailed = self
             .inner
-            .timed(self.inner.js.request(format!("STREAM.INFO.{name}"), &()))
+            .timed(self.inner.stream.info_builder().with_deleted(true).fetch())
             .await?
             .map_err(|e| self.inner.classify(e))?;
-        let now = match now {
-            jetstream::response::Response::Ok(t) => t.ts,
-            jetstream::response::Response::Err { error } => {
-                return Err(StoreError::Unavailable(
-                    format!("stream info: {error}").into(),
-                ));
-            }
-        };
-        let then = match self
+        Ok(detailed.info.state.deleted.iter().flatten().min().copied())
+    }
+
+    /// Whether the stream has removed a sequence at or below `at` (read now).
+    async fn removed_up_to(&self, at: Revision) -> Result<bool, StoreError> {
+        let info = self
             .inner
-            .timed(self.inner.stream.get_raw_message(at.0))
+            .timed(self.inner.stream.get_info())
             .await?
-        {
-            Ok(m) => m.time,
-            // The message at `at` is gone too: its time cannot be read.
-            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
-                return Ok(true);
-            }
-            Err(e) => return Err(self.inner.classify(e)),
-        };
-        Ok(now - then >= marker_ttl)
+            .map_err(|e| self.inner.classify(e))?;
+        Ok(self
+            .first_removed(&info.state)
+            .await?
+            .is_some_and(|f| f <= at.0))
     }
 
     /// The state under `set` (or of the key `only`) at `at` from the versions the
@@ -436,13 +386,12 @@ impl NatsStore {
         only: Option<&Key>,
         at: Revision,
     ) -> Result<State, StoreError> {
-        let retention = self.retention().await?;
         let Retention {
             current,
             history,
             first_removed,
-            ..
-        } = retention;
+            ttl,
+        } = self.retention().await?;
         if at > current {
             return Err(StoreError::FutureRevision {
                 requested: at,
@@ -452,10 +401,7 @@ impl NatsStore {
         // The stream's limits remove whole keys at a time, at no revision: a key removed
         // so leaves no trace, and whether it was there at `at` cannot be told once
         // anything up to `at` has gone. Only the present (`current`) is still known.
-        // Expiry markers that expired in turn do the same for the keys they stood for.
-        if (first_removed.is_some_and(|f| f <= at.0) && at < current)
-            || self.markers_may_be_gone(at, &retention).await?
-        {
+        if first_removed.is_some_and(|f| f <= at.0) && at < current {
             return Err(StoreError::Compacted {
                 requested: at,
                 compacted: Revision(current.0.saturating_sub(1)),
@@ -481,6 +427,24 @@ impl NatsStore {
                     per_key.entry(key).or_default().add(rec, at);
                 }
             }
+        }
+        // With per-message TTLs (and expiry markers), a version whose TTL ran out is
+        // removed at no revision: a key's last one leaves a marker, which expires in turn
+        // (`NatsConfig::marker_ttl`); one followed by a later version just goes. Either
+        // way that version's sequence, at or below `at` if it was the value at `at`, is
+        // removed. So an answer that rests on a key's absence at `at` holds only while no
+        // sequence up to `at` has been removed; checked after the read, since removals
+        // only grow. A key with a version kept at or below `at` is exact (a TTL put rolls
+        // up the versions before it).
+        let absence = match only {
+            Some(k) => per_key.get(k).is_none_or(|v| v.at.is_none()),
+            None => true,
+        };
+        if ttl && absence && at.0 > 0 && at < current && self.removed_up_to(at).await? {
+            return Err(StoreError::Compacted {
+                requested: at,
+                compacted: Revision(current.0.saturating_sub(1)),
+            });
         }
         let mut values = BTreeMap::new();
         for (key, v) in per_key {
@@ -567,18 +531,8 @@ struct Retention {
     history: usize,
     /// Where whole keys can vanish: the first sequence removed, if any.
     first_removed: Option<u64>,
-    /// How long expiry markers live, on a bucket with per-message TTLs and markers.
-    marker_ttl: Option<Duration>,
-    /// The stream's first sequence and how many inside it were removed.
-    first_sequence: u64,
-    deleted_count: u64,
-}
-
-/// The server's clock, as a stream info reports it (`ts`).
-#[derive(serde::Deserialize)]
-struct ServerTime {
-    #[serde(with = "time::serde::rfc3339")]
-    ts: time::OffsetDateTime,
+    /// The bucket takes per-message TTLs.
+    ttl: bool,
 }
 
 /// One key's retained versions, as seen by a read at a past revision.
