@@ -629,23 +629,23 @@ async fn ttls_without_markers_make_older_reads_compacted() {
     );
 }
 
+/// A bucket with 1 s expiry markers, and its revision of `lease` = "1" with a 1 s TTL.
+async fn lease_bucket(nats: &NatsServer, bucket: &str) -> (NatsStore, Revision) {
+    let mut config = NatsConfig::new([nats.url()]).with_bucket(bucket);
+    config.marker_ttl = Duration::from_secs(1);
+    let store = NatsStore::connect(config).await.unwrap();
+    let ttl = PutOptions::new().ttl(Duration::from_secs(1));
+    let r = store.put(&key("lease"), "1".into(), ttl).await.unwrap();
+    (store, r)
+}
+
 /// A key whose TTL expired and whose expiry marker then expired too leaves no trace in
-/// the bucket: a read from before its expiry is `Compacted`, never "absent" (issue 16).
-/// A read at a revision within the marker TTL of the server's clock is still answered.
+/// the bucket: a read from before its expiry that rests on its absence is `Compacted`,
+/// never "absent" (issue 16); a fresh one is still answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_whose_expiry_marker_expired_too_reads_compacted_not_absent() {
     let nats = server().await;
-    let mut config = NatsConfig::new([nats.url()]).with_bucket("markers");
-    config.marker_ttl = Duration::from_secs(1);
-    let store = NatsStore::connect(config).await.unwrap();
-    let r1 = store
-        .put(
-            &key("lease"),
-            "1".into(),
-            PutOptions::new().ttl(Duration::from_secs(1)),
-        )
-        .await
-        .unwrap();
+    let (store, r1) = lease_bucket(&nats, "markers").await;
     let r2 = store
         .put(&key("other"), "2".into(), PutOptions::new())
         .await
@@ -702,17 +702,7 @@ async fn a_key_whose_expiry_marker_expired_too_reads_compacted_not_absent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ttl_version_overwritten_before_it_expired_reads_compacted_not_absent() {
     let nats = server().await;
-    let mut config = NatsConfig::new([nats.url()]).with_bucket("overwritten");
-    config.marker_ttl = Duration::from_secs(1);
-    let store = NatsStore::connect(config).await.unwrap();
-    let r1 = store
-        .put(
-            &key("lease"),
-            "1".into(),
-            PutOptions::new().ttl(Duration::from_secs(1)),
-        )
-        .await
-        .unwrap();
+    let (store, r1) = lease_bucket(&nats, "overwritten").await;
     store
         .put(&key("lease"), "2".into(), PutOptions::new())
         .await
