@@ -2,16 +2,19 @@
 //!
 //! Every operation that changes the log's files goes through [`point`] or
 //! [`write_at`]. A test arms a `Plan` on its thread: the `n`-th such operation fails
-//! (a write may first tear, in whole 512-byte sectors), and so does every later one, as
-//! if the process had died there. The model: every operation before it reached the disk
-//! (appends are `O_DSYNC`, everything else is synced before the next step depends on
-//! it); losing unsynced page-cache writes is the simulated disk's business (issue 18).
+//! (a write may first tear, in whole sectors), and so does every later one, as if the
+//! process had died there. Appends are `O_DSYNC`: durable once written. Other writes
+//! ([`write_unsynced`]) are durable at the next [`sync`]; with `lose`, a crash undoes
+//! every such write since the last sync (of any file: coarser than a disk, which keeps
+//! each file's own). Directory operations count as durable at once; reordering them is
+//! the simulated disk's business (issue 18).
 //! Another thread's operations (the spare segment made in the background, into a
 //! `.tmp` file open removes) are not counted.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 /// Where a test may stop the process: before an operation that changes the log's files.
 pub(crate) fn point() -> io::Result<()> {
@@ -35,6 +38,20 @@ pub(crate) fn write_at(f: &File, buf: &[u8], at: u64) -> io::Result<()> {
     f.write_all_at(buf, at)
 }
 
+/// [`write_at`] for a write that is durable only once its file is [`sync`]ed.
+pub(crate) fn write_unsynced(f: &File, path: &Path, buf: &[u8], at: u64) -> io::Result<()> {
+    imp::remember(path, at, buf.len());
+    write_at(f, buf, at)
+}
+
+/// `f.sync_all()`: the writes before it are durable.
+pub(crate) fn sync(f: &File) -> io::Result<()> {
+    point()?;
+    f.sync_all()?;
+    imp::synced();
+    Ok(())
+}
+
 fn crashed() -> io::Error {
     io::Error::other("crash point")
 }
@@ -56,11 +73,19 @@ mod imp {
     }
 
     pub(super) fn tore() {}
+
+    #[inline]
+    pub(super) fn remember(_path: &std::path::Path, _at: u64, _len: usize) {}
+
+    #[inline]
+    pub(super) fn synced() {}
 }
 
 #[cfg(test)]
 mod imp {
     use std::cell::RefCell;
+    use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
 
     pub(super) enum Cut {
         Go,
@@ -68,23 +93,80 @@ mod imp {
     }
 
     /// A crash at operation `at` (counted from 1; `u64::MAX`: none, only count), torn
-    /// if it is a write; `count`: the operations seen; `tore`: part of a write landed.
+    /// if it is a write, losing the unsynced writes if `lose`; `count`: the operations
+    /// seen; `tore`: part of a write landed; `lost`: unsynced writes undone.
     #[derive(Debug, Default, Clone)]
     pub(crate) struct Plan {
         pub(crate) at: u64,
         pub(crate) torn: bool,
+        pub(crate) lose: bool,
         pub(crate) count: u64,
         pub(crate) dead: bool,
         pub(crate) tore: bool,
+        pub(crate) lost: usize,
+        /// Unsynced writes: the file, where, and its bytes there and length before.
+        pub(crate) pending: Vec<(PathBuf, u64, Vec<u8>, u64)>,
     }
 
     thread_local! {
         static PLAN: RefCell<Option<Plan>> = const { RefCell::new(None) };
     }
 
-    /// Arms `plan` on this thread (`None` disarms); returns the one it replaces.
+    /// Arms `plan` on this thread (`None` disarms); returns the one it replaces, after
+    /// undoing its unsynced writes if it crashed with `lose`.
     pub(crate) fn arm(plan: Option<Plan>) -> Option<Plan> {
-        PLAN.with(|p| std::mem::replace(&mut *p.borrow_mut(), plan))
+        let mut old = PLAN.with(|p| std::mem::replace(&mut *p.borrow_mut(), plan))?;
+        if old.dead && old.lose {
+            for (path, at, bytes, len) in old.pending.drain(..).rev() {
+                undo(&path, at, &bytes, len).expect("undoing an unsynced write");
+                old.lost += 1;
+            }
+        }
+        Some(old)
+    }
+
+    fn undo(path: &Path, at: u64, bytes: &[u8], len: u64) -> std::io::Result<()> {
+        let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) else {
+            return Ok(()); // removed since: nothing to undo
+        };
+        f.write_all_at(bytes, at)?;
+        if f.metadata()?.len() > len {
+            f.set_len(len)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn remember(path: &Path, at: u64, len: usize) {
+        PLAN.with(|p| {
+            let mut p = p.borrow_mut();
+            let Some(plan) = p.as_mut().filter(|p| p.lose && !p.dead) else {
+                return;
+            };
+            let (old, old_len) = read_range(path, at, len);
+            plan.pending.push((path.to_owned(), at, old, old_len));
+        })
+    }
+
+    /// The bytes of `path` at `at..at + len` that exist, and the file's length.
+    fn read_range(path: &Path, at: u64, len: usize) -> (Vec<u8>, u64) {
+        let Ok(f) = std::fs::File::open(path) else {
+            return (Vec::new(), 0);
+        };
+        let file_len = f.metadata().map_or(0, |m| m.len());
+        let have = file_len.saturating_sub(at).min(len as u64) as usize;
+        let mut buf = vec![0u8; have];
+        if f.read_exact_at(&mut buf, at).is_err() {
+            buf.clear();
+        }
+        (buf, file_len)
+    }
+
+    pub(super) fn synced() {
+        PLAN.with(|p| {
+            if let Some(plan) = p.borrow_mut().as_mut() {
+                plan.pending.clear();
+            }
+        })
     }
 
     pub(super) fn tore() {

@@ -30,7 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
-use super::crash::{point, write_at};
+use super::crash::{point, sync, write_at, write_unsynced};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -184,11 +184,10 @@ fn zero_file(path: &Path, len: u64) -> io::Result<()> {
     let mut at = 0;
     while at < len {
         let n = chunk.len().min((len - at) as usize);
-        write_at(&f, &chunk[..n], at)?;
+        write_unsynced(&f, path, &chunk[..n], at)?;
         at += n as u64;
     }
-    point()?;
-    f.sync_all()
+    sync(&f)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -305,9 +304,8 @@ impl Redo {
             .create(true)
             .truncate(true)
             .open(dir.join(REDO))?;
-        write_at(&f, &self.encode(), 0)?;
-        point()?;
-        f.sync_all()?;
+        write_unsynced(&f, &dir.join(REDO), &self.encode(), 0)?;
+        sync(&f)?;
         sync_dir(dir)
     }
 
@@ -319,12 +317,11 @@ impl Redo {
         let mut at = self.off;
         while at < self.old_end {
             let n = chunk.len().min((self.old_end - at) as usize);
-            write_at(&f, &chunk[..n], at)?;
+            write_unsynced(&f, &path, &chunk[..n], at)?;
             at += n as u64;
         }
-        write_at(&f, &self.frame, self.off)?;
-        point()?;
-        f.sync_all()
+        write_unsynced(&f, &path, &self.frame, self.off)?;
+        sync(&f)
     }
 
     fn remove(dir: &Path) -> io::Result<()> {
@@ -764,9 +761,8 @@ impl Wal {
                         .write(true)
                         .open(&path)
                         .map_err(|e| Damage::new(&path, e.to_string()))?;
-                    write_at(&f, &vec![0u8; d + 1], end as u64)
-                        .and_then(|()| point())
-                        .and_then(|()| f.sync_all())
+                    write_unsynced(&f, &path, &vec![0u8; d + 1], end as u64)
+                        .and_then(|()| sync(&f))
                         .map_err(|e| Damage::new(&path, e.to_string()))?;
                 }
                 let page_start = end - end % PAGE;
@@ -1261,10 +1257,15 @@ mod tests {
     /// operations counted, the model after the last completed step, the step the crash
     /// stopped (if any), the purge point made durable (the store writes it first), and
     /// whether a torn write landed in part.
-    fn run(dir: &Path, at: u64, torn: bool) -> (Run, Model, Option<Step>, Option<LogId>) {
+    fn run(
+        dir: &Path,
+        at: u64,
+        (torn, lose): (bool, bool),
+    ) -> (Run, Model, Option<Step>, Option<LogId>) {
         crash::arm(Some(crash::Plan {
             at,
             torn,
+            lose,
             ..Default::default()
         }));
         let w = Wal::open_sized(dir, None, SMALL).unwrap();
@@ -1292,6 +1293,7 @@ mod tests {
         let run = Run {
             count: plan.count,
             tore: plan.tore,
+            lost: plan.lost,
         };
         (run, model, stopped, purged)
     }
@@ -1299,6 +1301,7 @@ mod tests {
     struct Run {
         count: u64,
         tore: bool,
+        lost: usize,
     }
 
     fn held(w: &Wal, floor: u64) -> Model {
@@ -1358,20 +1361,27 @@ mod tests {
     /// appends again.
     #[test]
     fn the_log_reopens_whole_after_a_crash_at_every_file_operation() {
-        let total = run(tempfile::tempdir().unwrap().path(), u64::MAX, false)
-            .0
-            .count;
+        let total = run(
+            tempfile::tempdir().unwrap().path(),
+            u64::MAX,
+            (false, false),
+        )
+        .0
+        .count;
         let mut tears = 0;
+        let mut lost = 0;
         assert!(
             total > 100,
             "only {total} operations: the workload is too small"
         );
         let mut recoveries = 0;
-        for torn in [false, true] {
+        // Clean, torn, and losing the writes not yet synced.
+        for (torn, lose) in [(false, false), (true, false), (false, true)] {
             for at in 1..=total {
                 let dir = tempfile::tempdir().unwrap();
-                let (ran, before, stopped, purged) = run(dir.path(), at, torn);
+                let (ran, before, stopped, purged) = run(dir.path(), at, (torn, lose));
                 tears += usize::from(ran.tore);
+                lost += ran.lost;
                 let step = stopped.unwrap_or_else(|| panic!("no crash at {at}"));
                 let floor = purged.map_or(0, |p| p.index + 1);
                 let keep =
@@ -1379,8 +1389,14 @@ mod tests {
                 let mut after = before.clone();
                 apply(&mut after, &step);
                 let (before, after) = (keep(&before), keep(&after));
-                let what = format!("crash at operation {at}/{total} (torn {torn}) in {step:?}");
-                let again = crashed_in_recovery(dir.path(), purged);
+                let what = format!(
+                    "crash at operation {at}/{total} (torn {torn}, lose {lose}) in {step:?}"
+                );
+                let again = if lose {
+                    Vec::new()
+                } else {
+                    crashed_in_recovery(dir.path(), purged)
+                };
                 recoveries += again.len();
                 let dirs = std::iter::once((what.clone(), dir)).chain(
                     again
@@ -1436,6 +1452,7 @@ mod tests {
         }
         // Appends are writes of whole frames: a good share of torn crashes tear one.
         assert!(tears > 50, "only {tears} torn writes landed in part");
+        assert!(lost > 10, "only {lost} unsynced writes were lost");
         assert!(
             recoveries > 0,
             "no reopening had a file operation to crash in"
