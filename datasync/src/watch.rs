@@ -295,28 +295,31 @@ impl Registration {
 
     /// Whether added prefixes wait for their resync.
     pub(crate) fn owes(&self) -> bool {
-        self.inner.reshaped.load(Ordering::Acquire) && self.scope().owes()
+        self.reshaped_scope().is_some_and(|s| s.owes())
     }
 
     /// Whether the set changed since the transport last took it.
     pub(crate) fn rescoped(&self) -> bool {
-        self.inner.reshaped.load(Ordering::Acquire) && self.scope().dirty()
+        self.reshaped_scope().is_some_and(|s| s.dirty())
     }
 
     /// Takes the added prefixes owed a resync: the whole set, and the owed ones.
     pub(crate) fn take_owed(&self) -> Option<(PrefixSet, PrefixSet)> {
-        if !self.inner.reshaped.load(Ordering::Acquire) {
-            return None;
-        }
-        self.scope().take_owed()
+        self.reshaped_scope()?.take_owed()
     }
 
     /// Takes the set for a full resync, if it changed since the transport last took it.
     pub(crate) fn take_set(&self) -> Option<PrefixSet> {
-        if !self.inner.reshaped.load(Ordering::Acquire) {
-            return None;
-        }
-        self.scope().take_set()
+        self.reshaped_scope()?.take_set()
+    }
+
+    /// The scope, once prefixes were added or removed (before, one atomic load: the
+    /// transports ask on every poll).
+    fn reshaped_scope(&self) -> Option<MutexGuard<'_, Scope>> {
+        self.inner
+            .reshaped
+            .load(Ordering::Acquire)
+            .then(|| self.scope())
     }
 
     /// Takes a pending resync request.

@@ -76,11 +76,6 @@ impl Producer {
         self.reg.resync_pending()
     }
 
-    /// The prefixes the consumer watches now.
-    pub fn prefixes(&self) -> PrefixSet {
-        self.reg.prefixes()
-    }
-
     /// Whether prefixes were added that wait for their resync.
     pub fn owes(&self) -> bool {
         self.reg.owes()

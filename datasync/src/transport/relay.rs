@@ -110,11 +110,16 @@ impl Relay {
         loop {
             self.demand.notified().await;
             // A request already served by another resync leaves a stale signal.
-            if self.reg.resync_pending() || self.reg.owes() {
+            if asks(&self.reg) {
                 return;
             }
         }
     }
+}
+
+/// Whether the consumer waits for a resync or for prefixes it added.
+fn asks(reg: &Producer) -> bool {
+    reg.resync_pending() || reg.owes()
 }
 
 /// The consumer's side: turns queued items into events, attaching each `Done`.
@@ -134,7 +139,7 @@ impl Stream for RelayStream {
         let item = match this.rx.poll_recv(cx) {
             Poll::Pending => {
                 this.reg.register_waker(cx.waker());
-                if this.reg.resync_pending() || this.reg.owes() {
+                if asks(&this.reg) {
                     this.demand.notify_one();
                 }
                 return Poll::Pending;

@@ -1254,14 +1254,14 @@ mod tests {
     }
 
     /// Runs the workload with a crash at operation `at` (never: `u64::MAX`); returns the
-    /// operations counted, the model after the last completed step, the step the crash
-    /// stopped (if any), the purge point made durable (the store writes it first), and
-    /// whether a torn write landed in part.
+    /// spent plan (operations counted, what tore or was lost), the model after the last
+    /// completed step, the step the crash stopped (if any), and the purge point made
+    /// durable (the store writes it first).
     fn run(
         dir: &Path,
         at: u64,
         (torn, lose): (bool, bool),
-    ) -> (Run, Model, Option<Step>, Option<LogId>) {
+    ) -> (crash::Plan, Model, Option<Step>, Option<LogId>) {
         crash::arm(Some(crash::Plan {
             at,
             torn,
@@ -1290,18 +1290,7 @@ mod tests {
         }
         let plan = crash::arm(None).unwrap();
         drop(w);
-        let run = Run {
-            count: plan.count,
-            tore: plan.tore,
-            lost: plan.lost,
-        };
-        (run, model, stopped, purged)
-    }
-
-    struct Run {
-        count: u64,
-        tore: bool,
-        lost: usize,
+        (plan, model, stopped, purged)
     }
 
     fn held(w: &Wal, floor: u64) -> Model {
