@@ -70,6 +70,8 @@ pub struct ClusterConfig {
     pub election: (Duration, Duration),
     /// How messages travel: the real link, or injected faults (tests only).
     pub(crate) link: Option<Arc<dyn Link>>,
+    /// How connections are made: TCP, or a simulated network (tests only).
+    pub(crate) net: Arc<dyn crate::network::net::Net>,
 }
 
 impl ClusterConfig {
@@ -87,7 +89,17 @@ impl ClusterConfig {
             heartbeat: Duration::from_millis(100),
             election: (Duration::from_millis(500), Duration::from_millis(1000)),
             link: None,
+            net: crate::network::net::tcp(),
         }
+    }
+
+    /// Makes connections and listens through `net` instead of TCP (a simulated
+    /// network).
+    #[cfg(feature = "testing")]
+    #[must_use]
+    pub fn net(mut self, net: Arc<dyn crate::testing::Net>) -> Self {
+        self.net = net;
+        self
     }
 
     /// Joins an existing group through these members on the first start.

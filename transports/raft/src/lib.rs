@@ -115,6 +115,7 @@ mod once;
 mod propose;
 mod remote;
 mod routing;
+mod rt;
 mod serve;
 mod storage;
 mod store;

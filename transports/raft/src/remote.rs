@@ -58,6 +58,8 @@ pub struct RemoteConfig {
     /// How long one call may take, finding a member that answers included (default
     /// 15 s: a member's own forwarding may take its forward timeout).
     pub timeout: Duration,
+    /// How connections are made: TCP, or a simulated network (tests only).
+    pub(crate) net: Arc<dyn crate::network::net::Net>,
 }
 
 impl RemoteConfig {
@@ -67,6 +69,7 @@ impl RemoteConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             secret,
             timeout: Duration::from_secs(15),
+            net: crate::network::net::tcp(),
         }
     }
 
@@ -74,6 +77,14 @@ impl RemoteConfig {
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Makes connections through `net` instead of TCP (a simulated network).
+    #[cfg(feature = "testing")]
+    #[must_use]
+    pub fn net(mut self, net: Arc<dyn crate::testing::Net>) -> Self {
+        self.net = net;
         self
     }
 }
@@ -108,7 +119,7 @@ impl RemoteStore {
             return Err(ClusterError::NoEndpoints);
         }
         let mut inner = RemoteInner {
-            pool: Pool::new(config.secret.clone(), None),
+            pool: Pool::new(config.secret.clone(), None, config.net.clone()),
             config,
             limits: Limits::new(0),
             preferred: AtomicUsize::new(0),
@@ -398,7 +409,12 @@ impl Upstream for RemoteWatch {
         let mut last_err = None;
         for attempt in 0..eps.len() {
             let i = (first + attempt) % eps.len();
-            let client = Client::new(eps[i].clone(), inner.config.secret.clone(), None);
+            let client = Client::new(
+                eps[i].clone(),
+                inner.config.secret.clone(),
+                None,
+                inner.config.net.clone(),
+            );
             let (name, prefixes, queue_capacity) = self.request.clone();
             let req = Request::Watch {
                 name,

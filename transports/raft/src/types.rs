@@ -5,6 +5,8 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::rt::{Rng, Runtime};
+
 /// Set in a lease word (of a command and of a stored record): the other bits are a TTL
 /// in milliseconds. Without it the word is an absolute Unix-ms deadline, as older stores
 /// wrote; such a lease gets what is left of it by this machine's wall clock, counted
@@ -20,7 +22,7 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = crate::rt::Runtime,
 );
 
 /// Node identifier.

@@ -176,3 +176,49 @@ async fn a_reopened_store_gives_every_lease_its_full_ttl_again() {
     );
     s.shutdown().await;
 }
+
+/// The store runs on one thread under paused time (as a simulation runs it, see
+/// `docs/SIMULATION.md`): blocking work and the state machine's writer inline, every
+/// clock the runtime's. An hour's TTL then expires after an hour of simulated time,
+/// not before, in moments of real time.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_store_on_one_thread_under_paused_time_expires_a_ttl_on_simulated_time() {
+    datasync_raft::testing::set_inline(true);
+    let dir = tempfile::tempdir().unwrap();
+    let store = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let real = Instant::now();
+    let hour = Duration::from_secs(3600);
+    store
+        .put(&key("lease"), "held".into(), PutOptions::new().ttl(hour))
+        .await
+        .unwrap();
+    let mut w = watch_past_resync(&store, "lease").await;
+    let start = tokio::time::Instant::now();
+    tokio::time::sleep(hour - Duration::from_secs(1)).await;
+    assert!(
+        store
+            .get(&key("lease"), ReadOptions::new())
+            .await
+            .unwrap()
+            .is_some(),
+        "expired before its TTL"
+    );
+    expiry_of(&mut w, "lease").await;
+    let simulated = start.elapsed();
+    assert!(simulated >= hour - Duration::from_secs(1), "{simulated:?}");
+    assert!(simulated < hour + Duration::from_secs(2), "{simulated:?}");
+    assert!(
+        store
+            .get(&key("lease"), ReadOptions::new())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store.shutdown().await;
+    datasync_raft::testing::set_inline(false);
+    assert!(
+        real.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        real.elapsed()
+    );
+}

@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ring::hmac;
-use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use super::error::NetError;
@@ -129,9 +128,7 @@ pub(crate) struct Proof {
 
 pub(crate) fn nonce() -> Result<[u8; 32], NetError> {
     let mut n = [0u8; 32];
-    SystemRandom::new()
-        .fill(&mut n)
-        .map_err(|_| NetError::Random)?;
+    crate::rt::fill_random(&mut n).ok_or(NetError::Random)?;
     Ok(n)
 }
 

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tracing::debug;
@@ -19,6 +18,7 @@ use super::auth::{self, Hello, Opener, Sealer, Secret};
 use super::error::NetError;
 use super::frame::{Conn, HANDSHAKE_TIMEOUT, MAX_FRAME, codec, recv_plain, send_plain};
 use super::link::{Fate, Link};
+use super::net::Net;
 use super::wire::{Envelope, Reply, Request, ServiceError, WireError};
 
 /// A call waiting for its reply, or for its stream of replies.
@@ -43,6 +43,7 @@ struct ClientInner {
     conn: tokio::sync::Mutex<Option<mpsc::Sender<Call>>>,
     /// Injected faults, and the address this node is known by in them.
     faults: Option<(Arc<dyn Link>, String)>,
+    net: Arc<dyn Net>,
 }
 
 impl Client {
@@ -52,6 +53,7 @@ impl Client {
         addr: String,
         secret: Secret,
         faults: Option<(Arc<dyn Link>, String)>,
+        net: Arc<dyn Net>,
     ) -> Self {
         Client {
             inner: Arc::new(ClientInner {
@@ -59,6 +61,7 @@ impl Client {
                 secret,
                 conn: tokio::sync::Mutex::new(None),
                 faults,
+                net,
             }),
         }
     }
@@ -163,7 +166,8 @@ impl Client {
             return Ok(tx.clone());
         }
         let (tx, rx) = mpsc::channel(1024);
-        let (framed, sealer, opener) = connect(&self.inner.addr, &self.inner.secret).await?;
+        let (framed, sealer, opener) =
+            connect(&*self.inner.net, &self.inner.addr, &self.inner.secret).await?;
         tokio::spawn(run(framed, sealer, opener, rx, self.inner.addr.clone()));
         *conn = Some(tx.clone());
         Ok(tx)
@@ -171,13 +175,16 @@ impl Client {
 }
 
 /// Connects and authenticates.
-async fn connect(addr: &str, secret: &Secret) -> Result<(Conn, Sealer, Opener), NetError> {
+async fn connect(
+    net: &dyn Net,
+    addr: &str,
+    secret: &Secret,
+) -> Result<(Conn, Sealer, Opener), NetError> {
     let connect_err = |source| NetError::Connect {
         addr: addr.to_owned(),
         source,
     };
-    let stream = TcpStream::connect(addr).await.map_err(connect_err)?;
-    stream.set_nodelay(true).map_err(connect_err)?;
+    let stream = net.connect(addr).await.map_err(connect_err)?;
     let mut conn = Framed::new(stream, codec());
     let handshake = async {
         let nonce = auth::nonce()?;
@@ -285,16 +292,22 @@ pub(crate) struct Pool {
     secret: Secret,
     clients: Arc<Mutex<HashMap<String, Client>>>,
     faults: Option<(Arc<dyn Link>, String)>,
+    net: Arc<dyn Net>,
 }
 
 impl Pool {
     /// Connections with `secret`; `faults` (with this node's advertised address) for
     /// fault-injection tests.
-    pub(crate) fn new(secret: Secret, faults: Option<(Arc<dyn Link>, String)>) -> Self {
+    pub(crate) fn new(
+        secret: Secret,
+        faults: Option<(Arc<dyn Link>, String)>,
+        net: Arc<dyn Net>,
+    ) -> Self {
         Pool {
             secret,
             clients: Arc::default(),
             faults,
+            net,
         }
     }
 
@@ -303,7 +316,12 @@ impl Pool {
         clients
             .entry(addr.to_owned())
             .or_insert_with(|| {
-                Client::new(addr.to_owned(), self.secret.clone(), self.faults.clone())
+                Client::new(
+                    addr.to_owned(),
+                    self.secret.clone(),
+                    self.faults.clone(),
+                    self.net.clone(),
+                )
             })
             .clone()
     }

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use super::error::NetError;
@@ -16,7 +15,7 @@ pub(crate) const HANDSHAKE_FRAME: usize = 1024;
 /// How long a handshake may take.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) type Conn = Framed<TcpStream, LengthDelimitedCodec>;
+pub(crate) type Conn = Framed<super::net::Socket, LengthDelimitedCodec>;
 
 pub(crate) fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()

@@ -18,6 +18,7 @@ pub(crate) mod client;
 mod error;
 pub(crate) mod frame;
 pub(crate) mod link;
+pub(crate) mod net;
 pub(crate) mod nopeers;
 pub(crate) mod peer;
 pub(crate) mod server;

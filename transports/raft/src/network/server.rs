@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::net::{Listener, Socket};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -110,7 +110,7 @@ impl Drop for InHandshake {
 /// Logs a warning at most once a second, counting the ones it held back, so that a
 /// flood of refused connections cannot flood the log.
 #[derive(Debug)]
-struct Throttle(std::sync::Mutex<(Option<std::time::Instant>, u64)>);
+struct Throttle(std::sync::Mutex<(Option<tokio::time::Instant>, u64)>);
 
 impl Throttle {
     fn new() -> Self {
@@ -121,7 +121,7 @@ impl Throttle {
     /// went out less than a second ago.
     fn warn(&self, log: impl FnOnce(u64)) {
         let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         if g.0
             .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
         {
@@ -137,7 +137,7 @@ impl Throttle {
 
 /// Serves `listener` until `stop`; connections end with it.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: Box<dyn Listener>,
     secret: Secret,
     handler: Arc<dyn Handler>,
     stop: CancellationToken,
@@ -179,14 +179,13 @@ pub(crate) async fn serve(
 }
 
 async fn connection(
-    stream: TcpStream,
+    stream: Socket,
     peer: SocketAddr,
     secret: Secret,
     handler: Arc<dyn Handler>,
     handshake_permit: InHandshake,
     throttle: &Throttle,
 ) {
-    let _ = stream.set_nodelay(true);
     let mut conn = Framed::new(stream, codec());
     let handshake = async {
         let hello: Hello = recv_plain(&mut conn).await?;
@@ -285,6 +284,8 @@ mod tests {
     use super::*;
     use crate::members::Members;
     use crate::network::client::Client;
+    use crate::network::net::tcp;
+    use tokio::net::{TcpListener, TcpStream};
 
     #[derive(Default)]
     struct Counting(AtomicUsize);
@@ -305,7 +306,7 @@ mod tests {
         let count = Arc::new(Counting::default());
         let stop = CancellationToken::new();
         tokio::spawn(serve(
-            listener,
+            Box::new(listener),
             secret.clone(),
             Arc::new(count.clone()),
             stop.clone(),
@@ -320,7 +321,7 @@ mod tests {
         let (addr, count, stop) = counting_server(&good).await;
         let t = Duration::from_secs(5);
 
-        let stranger = Client::new(addr.clone(), bad, None);
+        let stranger = Client::new(addr.clone(), bad, None, tcp());
         let refused = stranger.call(Request::Members, t).await;
         assert!(
             matches!(refused, Err(NetError::AuthFailed(_))),
@@ -333,7 +334,9 @@ mod tests {
         );
 
         // A peer that skips the check and sends a made-up proof gets no further.
-        let mut raw = Framed::new(TcpStream::connect(&addr).await.expect("connect"), codec());
+        let raw: crate::network::net::Socket =
+            Box::new(TcpStream::connect(&addr).await.expect("connect"));
+        let mut raw = Framed::new(raw, codec());
         let hello = Hello {
             magic: auth::MAGIC,
             version: auth::VERSION,
@@ -354,7 +357,7 @@ mod tests {
             "nothing reached the node"
         );
 
-        let member = Client::new(addr, good, None);
+        let member = Client::new(addr, good, None, tcp());
         let reply = member.call(Request::Members, t).await.expect("call");
         assert!(matches!(reply, Reply::Members(_)));
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
@@ -387,7 +390,7 @@ mod tests {
         );
         drop(idle);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let member = Client::new(addr, secret, None);
+        let member = Client::new(addr, secret, None, tcp());
         let reply = member
             .call(Request::Members, Duration::from_secs(5))
             .await

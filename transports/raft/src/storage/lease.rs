@@ -13,7 +13,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use datasync::Key;
 
@@ -35,7 +37,8 @@ pub(crate) fn ttl_of(word: u64, wall_ms: u64) -> Duration {
     Duration::from_millis(word.saturating_sub(wall_ms).max(1))
 }
 
-/// The clocks a store reads: the system's monotonic and wall clocks, both shifted by
+/// The clocks a store reads: the runtime's monotonic clock (`tokio::time`, so paused or
+/// simulated time in a test that pauses or simulates it) and the system's wall clock, both shifted by
 /// one offset that tests move to give members clocks that disagree. The store reads
 /// time only through this (the wall clock only for lease words older versions wrote),
 /// so a test that skews it skews everything the store could measure a TTL with.

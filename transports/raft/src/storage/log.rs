@@ -1,5 +1,5 @@
 //! openraft's log storage: entries in the segment files of [`super::wal`], the vote and
-//! the purge point in redb. Blocking work runs on `spawn_blocking`.
+//! the purge point in redb. Blocking work runs off the async workers (`rt::blocking`).
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -38,32 +38,37 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
     io(ErrorSubject::Logs, ErrorVerb::Write, e)
 }
 
-/// Blocks until the state machine's committed applied index is at least `index`.
-fn wait_applied(db: &Database, index: u64) -> Result<(), StorageError> {
-    let started = std::time::Instant::now();
-    let mut warned = started;
-    loop {
-        let applied: Option<LogId> = {
-            let tx = db.begin_read().map_err(read_err)?;
-            let t = tx.open_table(SM_META).map_err(read_err)?;
-            match t.get("applied").map_err(read_err)? {
-                Some(v) => Some(bincode::deserialize(v.value()).map_err(read_err)?),
-                None => None,
+/// The state machine's committed applied log id.
+fn applied(db: &Database) -> Result<Option<LogId>, StorageError> {
+    let tx = db.begin_read().map_err(read_err)?;
+    let t = tx.open_table(SM_META).map_err(read_err)?;
+    match t.get("applied").map_err(read_err)? {
+        Some(v) => Ok(Some(bincode::deserialize(v.value()).map_err(read_err)?)),
+        None => Ok(None),
+    }
+}
+
+impl LogStore {
+    /// Waits until the state machine's committed applied index is at least `index`.
+    async fn wait_applied(&self, index: u64) -> Result<(), StorageError> {
+        let started = tokio::time::Instant::now();
+        let mut warned = started;
+        loop {
+            let applied = self.blocking(applied).await?;
+            if applied.is_some_and(|a| a.index >= index) {
+                return Ok(());
             }
-        };
-        if applied.is_some_and(|a| a.index >= index) {
-            return Ok(());
+            if warned.elapsed() >= std::time::Duration::from_secs(10) {
+                warned = tokio::time::Instant::now();
+                tracing::warn!(
+                    purge_to = index,
+                    applied = ?applied.map(|a| a.index),
+                    waited = ?started.elapsed(),
+                    "a log purge waits for the state machine to reach it (a snapshot install?)"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
-        if warned.elapsed() >= std::time::Duration::from_secs(10) {
-            warned = std::time::Instant::now();
-            tracing::warn!(
-                purge_to = index,
-                applied = ?applied.map(|a| a.index),
-                waited = ?started.elapsed(),
-                "a log purge waits for the state machine to reach it (a snapshot install?)"
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
 
@@ -78,7 +83,7 @@ impl LogStore {
         f: impl FnOnce(&Database) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
+        crate::rt::blocking(move || f(&db))
             .await
             .map_err(|e| io(ErrorSubject::Store, ErrorVerb::Write, e))?
     }
@@ -88,7 +93,7 @@ impl LogStore {
         f: impl FnOnce(&Wal) -> std::io::Result<T> + Send + 'static,
     ) -> Result<T, StorageError> {
         let wal = self.wal.clone();
-        tokio::task::spawn_blocking(move || f(&wal))
+        crate::rt::blocking(move || f(&wal))
             .await
             .map_err(|e| io(ErrorSubject::Store, ErrorVerb::Write, e))?
             .map_err(write_err)
@@ -211,8 +216,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// durable commit then covers it. Everywhere else the state machine is past the
     /// purge point already (a snapshot is built from applied state), so nothing waits.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.wait_applied(log_id.index).await?;
         self.blocking(move |db| {
-            wait_applied(db, log_id.index)?;
             let bytes = bincode::serialize(&log_id).map_err(write_err)?;
             let tx = db.begin_write().map_err(write_err)?;
             {

@@ -382,7 +382,7 @@ struct Files {
     /// Largest size of a new segment ([`SEGMENT`]; smaller in tests).
     seg_size: u64,
     /// A zero-filled spare segment being made in the background.
-    spare: Option<(u64, std::thread::JoinHandle<io::Result<PathBuf>>)>,
+    spare: Option<(u64, crate::rt::Background<io::Result<PathBuf>>)>,
     /// Set after a failed write: the file state is unknown, refuse further writes.
     failed: bool,
 }
@@ -437,7 +437,7 @@ impl Files {
             let size = self.next_size();
             self.spare = Some((
                 size,
-                std::thread::spawn(move || {
+                crate::rt::Background::spawn(move || {
                     zero_file(&path, size)?;
                     Ok(path)
                 }),
@@ -461,7 +461,7 @@ impl Files {
         let spare = match self.spare.take() {
             Some((size, h)) if len == size => h
                 .join()
-                .map_err(|_| io::Error::other("spare segment thread panicked"))?
+                .ok_or_else(|| io::Error::other("spare segment thread panicked"))?
                 .ok(),
             Some((_, h)) => {
                 let _ = h.join();

@@ -533,10 +533,9 @@ impl Writer for RaftStore {
         self.read_barrier(&opts).await?;
         let sm = self.inner.sm.clone();
         let prefix = prefix.clone();
-        let (revision, values) =
-            tokio::task::spawn_blocking(move || sm.list(&prefix, opts.revision))
-                .await
-                .map_err(|e| StoreError::Backend(Box::new(e)))??;
+        let (revision, values) = crate::rt::blocking(move || sm.list(&prefix, opts.revision))
+            .await
+            .map_err(|e| StoreError::Backend(Box::new(e)))??;
         Ok(Listing { revision, values })
     }
 
@@ -672,7 +671,7 @@ impl Watcher for RaftStore {
         let sm = self.inner.sm.clone();
         let (feed, initial) = {
             let reg = reg.clone();
-            tokio::task::spawn_blocking(move || {
+            crate::rt::blocking(move || {
                 let (feed, tx, rev) = sm.subscribe(&reg, set.clone(), opts.queue_capacity)?;
                 let values = sm::Shared::read_prefixes(&tx, &set)?;
                 Ok::<_, StoreError>((feed, (Revision(rev), values)))

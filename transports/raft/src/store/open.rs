@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::{BasicNode, Raft, SnapshotPolicy};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, instrument, warn};
 
@@ -35,7 +34,7 @@ const REPLAY_WITHIN: Duration = Duration::from_secs(300);
 /// A member's listener, bound before anything else so a taken port fails fast.
 struct Bound<'a> {
     config: &'a ClusterConfig,
-    listener: TcpListener,
+    listener: Box<dyn crate::network::net::Listener>,
     advertise: String,
     pool: Pool,
 }
@@ -60,16 +59,16 @@ impl RaftStore {
             Some(c) => Some(bind(c).await?),
         };
         let (dir, segment) = (config.dir.clone(), config.log_segment);
-        let (db, wal) = tokio::task::spawn_blocking(move || storage::open(&dir, segment))
+        let (db, wal) = crate::rt::blocking(move || storage::open(&dir, segment))
             .await
-            .map_err(OpenError::Task)??;
+            .map_err(|e| OpenError::Task(e.0))??;
         let shared = sm::Shared::new(db.clone(), config.history, config.clock.clone())
             .map_err(|e| OpenError::State(Box::new(e)))?;
         let clean = {
             let db = db.clone();
-            tokio::task::spawn_blocking(move || sm::take_clean_close(&db))
+            crate::rt::blocking(move || sm::take_clean_close(&db))
                 .await
-                .map_err(OpenError::Task)?
+                .map_err(|e| OpenError::Task(e.0))?
                 .map_err(OpenError::CleanMark)?
         };
         // A member that left has no group to catch up with; it serves what it has.
@@ -192,11 +191,11 @@ async fn bind(c: &ClusterConfig) -> Result<Bound<'_>, OpenError> {
         addr: c.listen,
         source,
     };
-    let listener = TcpListener::bind(c.listen).await.map_err(listen_err)?;
+    let listener = c.net.bind(c.listen).await.map_err(listen_err)?;
     let bound = listener.local_addr().map_err(listen_err)?;
     let advertise = c.advertise.clone().unwrap_or_else(|| bound.to_string());
     let faults = c.link.clone().map(|f| (f, advertise.clone()));
-    let pool = Pool::new(c.secret.clone(), faults);
+    let pool = Pool::new(c.secret.clone(), faults, c.net.clone());
     Ok(Bound {
         config: c,
         listener,

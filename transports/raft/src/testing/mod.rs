@@ -11,6 +11,8 @@ use tempfile::TempDir;
 use crate::{ClusterConfig, RaftConfig, RaftStore, RemoteConfig, RemoteStore, Role, Secret};
 
 mod faults;
+pub use crate::network::net::{Listener, Net, Socket, Stream, Tcp};
+pub use crate::rt::set_inline;
 pub use faults::Faults;
 
 /// Opens a fresh single-node store in a temp dir per suite test; the dirs are removed

@@ -12,7 +12,7 @@ use crate::storage::session::{Seen, Sessions};
 use crate::storage::tables::{KV, Stored};
 use crate::types::{Command, Entry, Outcome, StorageError, StoredMembership};
 
-use super::writer::{Work, Write, WriterFailed};
+use super::writer::{Queue, Work, Write, WriterFailed, store_works};
 use super::*;
 
 /// Where apply reads a key's current record: pending writes first, then redb.
@@ -23,7 +23,7 @@ pub(super) struct View<'a> {
     lease_written: bool,
     leases: &'a mut Leases,
     /// When this apply runs, on the lease clock (and its wall clock).
-    now: std::time::Instant,
+    now: tokio::time::Instant,
     wall_ms: u64,
     sessions: &'a mut Sessions,
     /// The log index of the entry being applied.
@@ -325,12 +325,19 @@ pub(super) fn apply_batch(
         sessions: view.sessions.take_dirty(),
     };
     let leases_set = view.lease_written;
-    let sent = inner.writer.as_ref().is_some_and(|w| w.send(work).is_ok());
-    if !sent {
-        return Err(wr(WriterFailed("the writer has stopped".into())));
-    }
+    let inline = match &inner.writer {
+        Some(Queue::Thread(w)) => match w.send(work) {
+            Ok(()) => None,
+            Err(_) => return Err(wr(WriterFailed("the writer has stopped".into()))),
+        },
+        Some(Queue::Inline { .. }) => Some(work),
+        None => return Err(wr(WriterFailed("the writer has stopped".into()))),
+    };
     pending.queued += 1;
     drop(pending);
+    if let (Some(work), Some(Queue::Inline { durable_at })) = (inline, &mut inner.writer) {
+        store_works(&shared.db, &shared.pending, vec![work], durable_at);
+    }
     inner.revision = revision;
     for (txn, undo) in txns {
         inner.history.push_back(undo);

@@ -33,7 +33,7 @@ pub(crate) use snapshot::StateMachine;
 #[cfg(test)]
 pub(crate) use snapshot::{payload_decodes, payload_seed};
 pub(crate) use writer::take_clean_close;
-use writer::{BACKLOG, Pending, PendingState, Work, writer};
+use writer::{BACKLOG, Pending, PendingState, Queue, close_clean, writer};
 
 use crate::types::{StorageError, StoredMembership};
 
@@ -88,8 +88,8 @@ pub(crate) struct Inner {
     pub(crate) hub: Hub,
     pub(crate) revision: u64,
     history: VecDeque<Undo>,
-    /// The way to the writer thread (`None` once closed).
-    writer: Option<std::sync::mpsc::Sender<Work>>,
+    /// The way to the writer (`None` once closed).
+    writer: Option<Queue>,
     /// Lease deadlines, kept by apply (see [`super::lease`]).
     leases: Leases,
     /// Client sessions, kept by apply (see [`super::session`]).
@@ -141,13 +141,17 @@ impl Shared {
             complete: std::sync::atomic::AtomicBool::new(true),
         });
         let ttl_changed = Arc::new(Notify::new());
-        let (queue, rx) = std::sync::mpsc::channel();
-        let thread = {
+        let (queue, thread) = if crate::rt::inline() {
+            let durable_at = tokio::time::Instant::now();
+            (Queue::Inline { durable_at }, None)
+        } else {
+            let (queue, rx) = std::sync::mpsc::channel();
             let (db, pending) = (db.clone(), pending.clone());
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name("datasync-raft-writer".into())
                 .spawn(move || writer(db, pending, rx))
-                .map_err(wr)?
+                .map_err(wr)?;
+            (Queue::Thread(queue), Some(thread))
         };
         Ok(Arc::new(Shared {
             db,
@@ -161,7 +165,7 @@ impl Shared {
             }),
             history_len,
             pending,
-            writer_thread: Mutex::new(Some(thread)),
+            writer_thread: Mutex::new(thread),
             ttl_changed,
             clock,
             membership: watch::Sender::new(membership),
@@ -175,7 +179,9 @@ impl Shared {
 
     /// Stops the writer thread once it has stored everything applied (at shutdown).
     pub(crate) fn close(&self) {
-        self.lock().writer = None;
+        if let Some(Queue::Inline { .. }) = self.lock().writer.take() {
+            close_clean(&self.db, &self.pending);
+        }
         let thread = self
             .writer_thread
             .lock()

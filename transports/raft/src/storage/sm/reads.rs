@@ -152,12 +152,12 @@ impl Shared {
     }
 
     /// The earliest lease deadline, if any, and now on the same clock.
-    pub(crate) fn next_expiry(&self) -> (Option<std::time::Instant>, std::time::Instant) {
+    pub(crate) fn next_expiry(&self) -> (Option<tokio::time::Instant>, tokio::time::Instant) {
         (self.lock().leases.next(), self.clock.now())
     }
 
     /// Keys whose lease ran out by `now`, with their mod revisions (at most `limit`).
-    pub(crate) fn due(&self, now: std::time::Instant, limit: usize) -> Vec<(String, u64)> {
+    pub(crate) fn due(&self, now: tokio::time::Instant, limit: usize) -> Vec<(String, u64)> {
         self.lock().leases.due(now, limit)
     }
 }
@@ -243,7 +243,10 @@ pub(super) fn scan(tx: &ReadTransaction, prefix: &Prefix) -> Result<Vec<KeyValue
             break;
         }
     }
-    if out.len() < SPLIT_AFTER || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+    if out.len() < SPLIT_AFTER
+        || crate::rt::inline()
+        || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2
+    {
         return Ok(out);
     }
     // The last key each end has read (forward, backward).

@@ -97,7 +97,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
         let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::rt::blocking(move || {
             shared.settle().map_err(rd)?;
             let tx = shared.db.begin_read().map_err(rd)?;
             let meta = tx.open_table(SM_META).map_err(rd)?;
@@ -121,7 +121,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if small(&entries) {
             return apply_batch(&shared, entries);
         }
-        tokio::task::spawn_blocking(move || apply_batch(&shared, entries))
+        crate::rt::blocking(move || apply_batch(&shared, entries))
             .await
             .map_err(wr)?
     }
@@ -143,14 +143,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let shared = self.shared.clone();
         let meta = meta.clone();
-        tokio::task::spawn_blocking(move || install(&shared, &meta, snapshot.into_inner()))
+        crate::rt::blocking(move || install(&shared, &meta, snapshot.into_inner()))
             .await
             .map_err(wr)?
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let db = self.shared.db.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::rt::blocking(move || {
             let tx = db.begin_read().map_err(rd)?;
             let t = tx.open_table(SNAPSHOT).map_err(rd)?;
             let meta: Option<SnapshotMeta<NodeId, openraft::BasicNode>> = get_meta(&t, "meta")?;
@@ -234,7 +234,7 @@ pub(crate) struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::rt::blocking(move || {
             let db = &shared.db;
             shared.settle().map_err(rd)?;
             // Make every apply so far durable, so the snapshot never runs ahead of the

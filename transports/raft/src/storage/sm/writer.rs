@@ -118,17 +118,46 @@ pub(super) fn writer(
     pending: Arc<Pending>,
     queue: std::sync::mpsc::Receiver<Work>,
 ) {
-    let mut durable_at = std::time::Instant::now();
+    let mut durable_at = tokio::time::Instant::now();
     while let Ok(first) = queue.recv() {
         let mut works = vec![first];
         works.extend(queue.try_iter());
+        if !store_works(&db, &pending, works, &mut durable_at) {
+            return;
+        }
+    }
+    close_clean(&db, &pending);
+}
+
+/// Where applies go to be stored.
+#[derive(Debug)]
+pub(super) enum Queue {
+    /// To the writer thread.
+    Thread(std::sync::mpsc::Sender<Work>),
+    /// Stored by the apply itself, under a simulation (see `rt`): the writer is never
+    /// behind, but the code that stores is the same.
+    Inline {
+        /// When the last durable commit was.
+        durable_at: tokio::time::Instant,
+    },
+}
+
+/// Stores `works` in one transaction (durable if the last durable one is
+/// [`DURABLE_EVERY`] old) and records the progress; `false` once the writer failed.
+pub(super) fn store_works(
+    db: &Database,
+    pending: &Pending,
+    works: Vec<Work>,
+    durable_at: &mut tokio::time::Instant,
+) -> bool {
+    {
         let durable = durable_at.elapsed() >= DURABLE_EVERY;
         if durable {
-            durable_at = std::time::Instant::now();
+            *durable_at = tokio::time::Instant::now();
         }
         let n = works.len();
         let revision = works.last().map_or(0, |w| w.revision);
-        let result = store(&db, works, durable);
+        let result = store(db, works, durable);
         let mut st = pending.lock();
         match result {
             Ok(()) => {
@@ -148,14 +177,18 @@ pub(super) fn writer(
         if failed {
             // Applies waiting for room fail rather than wait for a writer that is gone.
             pending.backlog.close();
-            return;
+            return false;
         }
     }
-    // The queue closed: the store is closing. A durable commit makes everything stored
-    // so far durable and says so (see `take_clean_close`), unless the replica is still
-    // behind what it served before a crash: then the next open must catch up again.
+    true
+}
+
+/// At close, once everything applied is stored: a durable commit makes everything
+/// stored so far durable and says so (see `take_clean_close`), unless the replica is
+/// still behind what it served before a crash: then the next open must catch up again.
+pub(super) fn close_clean(db: &Database, pending: &Pending) {
     if pending.complete.load(std::sync::atomic::Ordering::Acquire)
-        && let Err(e) = mark_clean(&db)
+        && let Err(e) = mark_clean(db)
     {
         tracing::warn!(error = %e, "could not record a clean close");
     }
