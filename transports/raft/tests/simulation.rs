@@ -1,16 +1,43 @@
-//! Seeded simulation of raft clusters (issue 18, `docs/SIMULATION.md`): every member and
-//! client of a cluster runs on one thread under turmoil's simulated time and network,
-//! with the production code unchanged behind the `Net` seam and inline blocking work.
+//! Seeded simulation of raft clusters (issue 18; the plan in `docs/SIMULATION.md`).
+//!
+//! Every member and client of a cluster runs on this test's thread, under turmoil's
+//! simulated time and network. The production code runs unchanged: connections go
+//! through the `Net` seam, blocking work and the state machine's writer run inline
+//! (`testing::set_inline`), openraft's and our randomness come from `fastrand`'s
+//! thread-local generator, which the seed sets. Data is on real files (a member that
+//! crashes loses what a killed process loses: nothing it wrote; see the README for
+//! what is and is not simulated).
+//!
+//! One run: three members; two clients making random puts, reads, compare-and-swaps
+//! and deletes through `RemoteStore`, recorded; a watcher through another
+//! `RemoteStore`, applying its stream to a `Mirror`. For the first part of the run a
+//! nemesis chosen by the seed partitions members (both ways and one way), loses,
+//! delays and reorders messages, answers committed writes with "stopping", crashes
+//! members and restarts them from disk, and skews their clocks. Then the faults stop
+//! and the cluster must converge within a bound (liveness), and the checks run: the
+//! client history is linearizable; the watch stream kept the contract (the `Mirror`'s
+//! rules, every acknowledged write seen with its value at its revision, and the final
+//! mirror equal to the store); all members hold one `state_hash()`.
+//!
+//! `cargo test` runs a fixed set of seeds; `DATASYNC_SIM_SEEDS=N` runs N random ones;
+//! a failure prints its seed, and `DATASYNC_SIM_SEED=S` replays it.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use datasync::{Key, PutOptions, ReadOptions, Writer};
-use datasync_raft::testing::{Listener, Net, Socket, set_inline, test_secret};
-use datasync_raft::{ClusterConfig, RaftConfig, RaftStore, RemoteConfig, RemoteStore};
+use datasync::testing::linearizability::{self, Op, Recorder};
+use datasync::{
+    Event, Expect, Key, Mirror, Prefix, ReadOptions, Value, WatchOptions, Watcher, Writer,
+};
+use datasync_raft::testing::{Faults, Listener, Net, Socket, set_inline, test_secret};
+use datasync_raft::{Clock, ClusterConfig, RaftConfig, RaftStore, RemoteConfig, RemoteStore};
+use futures_util::StreamExt;
 
 /// turmoil's simulated TCP.
 #[derive(Debug)]
@@ -50,61 +77,567 @@ impl Listener for SimListener {
 }
 
 const PORT: u16 = 7400;
+const MEMBERS: u64 = 3;
+const CLIENTS: usize = 2;
+const KEYS: usize = 3;
+/// How long the nemesis acts.
+const FAULTS_FOR: Duration = Duration::from_secs(20);
+/// How long the cluster may take to converge once the faults stop.
+const LIVENESS: Duration = Duration::from_secs(30);
+
+fn host(id: u64) -> String {
+    format!("n{id}")
+}
 
 fn addr(id: u64) -> String {
     format!("n{id}:{PORT}")
 }
 
-/// Member `id`'s config: node 1 bootstraps, the others join through it.
-fn member(id: u64, dir: &std::path::Path) -> RaftConfig {
-    let listen = SocketAddr::from(([0, 0, 0, 0], PORT));
-    let mut c = ClusterConfig::new(listen, test_secret())
-        .advertise(addr(id))
-        .net(Arc::new(SimNet));
-    if id > 1 {
-        c = c.join([addr(1)]);
-    }
-    RaftConfig::new(dir).cluster(id, c)
+fn reg(i: usize) -> Key {
+    Key::new(format!("reg/{i}")).unwrap()
 }
 
-#[test]
-fn a_simulated_cluster_elects_and_serves_a_write() {
+/// A member's lasting parts: its disk and clock outlive its crashes.
+struct Member {
+    id: u64,
+    dir: tempfile::TempDir,
+    clock: Clock,
+    /// The open store, while the member runs.
+    store: Arc<Mutex<Option<RaftStore>>>,
+    /// When a crashed member restarts.
+    restart_at: Option<Duration>,
+}
+
+impl Member {
+    fn config(id: u64, dir: &std::path::Path, clock: Clock, faults: Faults) -> RaftConfig {
+        let listen = SocketAddr::from(([0, 0, 0, 0], PORT));
+        let mut c = ClusterConfig::new(listen, test_secret())
+            .advertise(addr(id))
+            .timing(
+                Duration::from_millis(100),
+                (Duration::from_millis(500), Duration::from_millis(1000)),
+            )
+            .net(Arc::new(SimNet))
+            .faults(faults);
+        if id > 1 {
+            c = c.join([addr(1)]);
+        }
+        RaftConfig::new(dir)
+            .clock(clock)
+            .snapshots(200, 50)
+            .cluster(id, c)
+    }
+}
+
+/// Data directories on a memory file system when there is one: the simulation's time
+/// does not pass during I/O, so a real disk only makes it slower.
+fn data_dir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(d) = tempfile::tempdir_in(shm)
+    {
+        return d;
+    }
+    tempfile::tempdir().unwrap()
+}
+
+/// What a run did, for the report and for comparing replays.
+#[derive(Debug, Default)]
+struct Report {
+    calls: usize,
+    unknown: usize,
+    faults: usize,
+    crashes: usize,
+    events: usize,
+    /// A digest of everything observable: the history's operations and outcomes in
+    /// order, the watch stream, the final state. Equal digests: the replay repeated.
+    digest: u64,
+}
+
+/// The watcher's view, shared with the checks.
+#[derive(Default)]
+struct Watched {
+    mirror: Mirror,
+    /// What each delivered change said, by revision: (key, value).
+    changes: BTreeMap<u64, Vec<(Key, Option<Value>)>>,
+    events: usize,
+    violations: Vec<String>,
+    finished: bool,
+}
+
+/// Runs one seed; `Err` describes the violation found.
+fn run(seed: u64) -> Result<Report, String> {
+    // `DATASYNC_SIM_LOG=<filter>` logs a run (e.g. `datasync_raft=debug`).
+    if let Ok(filter) = std::env::var("DATASYNC_SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     set_inline(true);
-    fastrand::seed(1);
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    fastrand::seed(seed);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| simulate(seed)));
+    set_inline(false);
+    match result {
+        Ok(r) => r,
+        Err(p) => Err(format!(
+            "panicked: {}",
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default()
+        )),
+    }
+}
+
+fn simulate(seed: u64) -> Result<Report, String> {
+    let mut nemesis = fastrand::Rng::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15);
     let mut sim = turmoil::Builder::new()
-        .simulation_duration(Duration::from_secs(120))
-        .rng_seed(1)
+        .simulation_duration(FAULTS_FOR + LIVENESS * 3)
+        .min_message_latency(Duration::from_micros(100))
+        .max_message_latency(Duration::from_millis(5))
+        .rng_seed(seed)
         .build();
-    for id in 1..=3u64 {
-        let dir = dirs[id as usize - 1].path().to_owned();
-        sim.host(format!("n{id}"), move || {
-            let dir = dir.clone();
+    let faults = Faults::new();
+    let mut members: Vec<Member> = (1..=MEMBERS)
+        .map(|id| Member {
+            id,
+            dir: data_dir(),
+            clock: Clock::new(),
+            store: Arc::default(),
+            restart_at: None,
+        })
+        .collect();
+    for m in &members {
+        let (id, dir, clock, slot, faults) = (
+            m.id,
+            m.dir.path().to_owned(),
+            m.clock.clone(),
+            m.store.clone(),
+            faults.clone(),
+        );
+        sim.host(host(id), move || {
+            let (dir, clock, slot, faults) =
+                (dir.clone(), clock.clone(), slot.clone(), faults.clone());
             async move {
-                let _store = RaftStore::open(member(id, &dir)).await?;
+                let store = RaftStore::open(Member::config(id, &dir, clock, faults))
+                    .await
+                    .map_err(|e| format!("member {id} could not open: {e} ({e:?})"))?;
+                *slot.lock().unwrap() = Some(store);
                 std::future::pending::<()>().await;
                 Ok(())
             }
         });
     }
-    sim.client("client", async {
-        let remote = RemoteStore::connect(
-            RemoteConfig::new((1..=3).map(addr), test_secret()).net(Arc::new(SimNet)),
-        )
-        .await?;
-        let k = Key::new("sim/a")?;
-        loop {
-            let members = remote.members().await?;
-            if members.voters.len() == 3 {
-                break;
+
+    let recorder = Recorder::new();
+    let writes_stop = Arc::new(AtomicBool::new(false));
+    let writers_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // What each client is doing, for a report when liveness fails.
+    let status: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let say = |status: &Arc<Mutex<BTreeMap<String, String>>>, who: &str, what: String| {
+        status.lock().unwrap().insert(who.to_owned(), what);
+    };
+    let remote = |rotate: usize| {
+        let mut endpoints: Vec<String> = (1..=MEMBERS).map(addr).collect();
+        endpoints.rotate_left(rotate % MEMBERS as usize);
+        RemoteConfig::new(endpoints, test_secret())
+            .timeout(Duration::from_secs(5))
+            .net(Arc::new(SimNet))
+    };
+    for client in 0..CLIENTS {
+        let status = status.clone();
+        let (recorder, stop, done, config) = (
+            recorder.clone(),
+            writes_stop.clone(),
+            writers_done.clone(),
+            remote(client),
+        );
+        let mut rng = fastrand::Rng::with_seed(seed.wrapping_add(client as u64 + 1));
+        sim.client(format!("c{client}"), async move {
+            // Until the members have formed the group.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let store = RemoteStore::connect(config).await?;
+            let mut seen: Vec<Option<datasync::Revision>> = vec![None; KEYS];
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let k = rng.usize(..KEYS);
+                let value = Value::from(format!("c{client}-{n}"));
+                n += 1;
+                let op = match rng.u32(..100) {
+                    0..40 => Op::Put(value),
+                    40..70 => Op::Get,
+                    70..90 => Op::Cas(seen[k].map_or(Expect::Absent, Expect::Revision), value),
+                    _ => Op::Delete,
+                };
+                if let linearizability::Outcome::Get(kv) =
+                    recorder.run(&store, client, &reg(k), op).await
+                {
+                    seen[k] = kv.map(|(_, r)| r);
+                }
+                tokio::time::sleep(Duration::from_millis(rng.u64(0..30))).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            done.fetch_add(1, Ordering::Relaxed);
+            let me = format!("c{client}");
+            // Liveness: once the faults stop, every key is read within the bound (the
+            // reads also put every acknowledged write to the test).
+            for k in 0..KEYS {
+                say(&status, &me, format!("final read of {}", reg(k)));
+                loop {
+                    let out = recorder.run(&store, client, &reg(k), Op::Get).await;
+                    if out != linearizability::Outcome::Unknown {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            say(&status, &me, "done".into());
+            Ok(())
+        });
+    }
+
+    let watched = Arc::new(Mutex::new(Watched::default()));
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    {
+        let status = status.clone();
+        let (watched, stop, config) = (watched.clone(), watch_stop.clone(), remote(CLIENTS));
+        sim.client("watcher", async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let store = RemoteStore::connect(config).await?;
+            let prefix = Prefix::new("reg/")?;
+            let mut w = store.watch("sim", std::slice::from_ref(&prefix), WatchOptions::default()).await?;
+            let mut target = None;
+            loop {
+                if target.is_none() && stop.load(Ordering::Relaxed) {
+                    // Everything is written: the stream must reach the store's state.
+                    let listing = loop {
+                        match store.list(&prefix, ReadOptions::new()).await {
+                            Ok(l) => break l,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        }
+                    };
+                    say(&status, "watcher", format!("catching up with r{}", listing.revision.0));
+                    target = Some(listing);
+                }
+                if let Some(listing) = &target {
+                    let mut st = watched.lock().unwrap();
+                    let at = st.mirror.revision("").unwrap_or_default();
+                    if at > listing.revision {
+                        // A write that was in flight committed since: look again.
+                        drop(st);
+                        target = None;
+                        continue;
+                    }
+                    if at == listing.revision {
+                        let mirrored: Vec<(Key, Value)> = st
+                            .mirror
+                            .values("")
+                            .map(|(k, v, _)| (k.clone(), v.clone()))
+                            .collect();
+                        let stored: Vec<(Key, Value)> = listing
+                            .values
+                            .iter()
+                            .map(|kv| (kv.key.clone(), kv.value.clone()))
+                            .collect();
+                        if mirrored != stored {
+                            st.violations.push(format!(
+                                "the watch stream's state at {at} is {mirrored:?}, the store's at {} is {stored:?}",
+                                listing.revision
+                            ));
+                        }
+                        st.finished = true;
+                        return Ok(());
+                    }
+                }
+                let next = tokio::time::timeout(Duration::from_millis(200), w.next()).await;
+                let ev = match next {
+                    Err(_) => continue,
+                    Ok(None) => return Err("the watch stream ended".into()),
+                    Ok(Some(Err(e))) if e.is_retryable() => continue,
+                    Ok(Some(Err(e))) => return Err(format!("the watch failed: {e}").into()),
+                    Ok(Some(Ok(ev))) => ev,
+                };
+                let mut st = watched.lock().unwrap();
+                st.events += 1;
+                if let Err(e) = st.mirror.apply(&ev) {
+                    st.violations.push(format!("watch stream: {e}"));
+                }
+                if let Event::Change(c) = &ev {
+                    let kcs = c.changes.iter().map(|kc| (kc.key.clone(), kc.value.clone())).collect();
+                    st.changes.insert(c.revision.0, kcs);
+                }
+                drop(st);
+                ev.into_done().ok();
+            }
+        });
+    }
+
+    let mut report = Report::default();
+    let step = |sim: &mut turmoil::Sim<'_>| -> Result<bool, String> {
+        sim.step()
+            .map_err(|e| format!("at {:?}: {e}", sim.elapsed()))
+    };
+    // The nemesis.
+    let mut next_fault = Duration::from_secs(4);
+    let mut cut: Vec<(String, String)> = Vec::new();
+    while sim.elapsed() < FAULTS_FOR {
+        step(&mut sim)?;
+        let now = sim.elapsed();
+        for m in &mut members {
+            if m.restart_at.is_some_and(|t| t <= now) {
+                m.restart_at = None;
+                sim.bounce(host(m.id));
+            }
         }
-        let rev = remote.put(&k, "1".into(), PutOptions::new()).await?;
-        let got = remote.get(&k, ReadOptions::new()).await?.unwrap();
-        assert_eq!((got.value.as_bytes(), got.revision), (&b"1"[..], rev));
-        Ok(())
-    });
-    sim.run().unwrap();
-    set_inline(false);
+        if now < next_fault {
+            continue;
+        }
+        next_fault = now + Duration::from_millis(nemesis.u64(200..2000));
+        report.faults += 1;
+        let a = nemesis.u64(1..=MEMBERS);
+        let b = (a + nemesis.u64(1..MEMBERS) - 1) % MEMBERS + 1;
+        match nemesis.u32(..100) {
+            0..15 => {
+                // Isolate a member from the other members, both ways.
+                for o in (1..=MEMBERS).filter(|&o| o != a) {
+                    sim.partition(host(a), host(o));
+                    cut.push((host(a), host(o)));
+                }
+            }
+            15..25 => {
+                sim.partition_oneway(host(a), host(b));
+                cut.push((host(a), host(b)));
+            }
+            25..45 => {
+                for (x, y) in cut.drain(..) {
+                    sim.repair(x, y);
+                }
+                faults.reset();
+            }
+            45..55 => {
+                let m = &mut members[a as usize - 1];
+                if m.restart_at.is_none() {
+                    report.crashes += 1;
+                    sim.crash(host(a));
+                    m.store.lock().unwrap().take();
+                    m.restart_at = Some(now + Duration::from_millis(nemesis.u64(100..5000)));
+                }
+            }
+            55..65 => {
+                let by = Duration::from_millis(nemesis.u64(..30_000));
+                let clock = &members[a as usize - 1].clock;
+                if nemesis.bool() {
+                    clock.advance(by);
+                } else {
+                    clock.rewind(by);
+                }
+            }
+            65..75 => faults.drop_rate(nemesis.f64() * 0.1),
+            75..85 => faults.delay(Duration::ZERO, Duration::from_millis(nemesis.u64(1..100))),
+            85..95 => faults.stop_replies(&addr(a), &addr(b), nemesis.usize(1..4)),
+            _ => sim.set_max_message_latency(Duration::from_millis(nemesis.u64(1..200))),
+        }
+    }
+
+    // The faults stop: every link heals and every member runs.
+    for (x, y) in cut.drain(..) {
+        sim.repair(x, y);
+    }
+    faults.reset();
+    sim.set_max_message_latency(Duration::from_millis(5));
+    for m in &mut members {
+        if m.restart_at.take().is_some() {
+            sim.bounce(host(m.id));
+        }
+    }
+    writes_stop.store(true, Ordering::Relaxed);
+    let healed = sim.elapsed();
+    // Liveness: the members converge and the clients finish their reads.
+    let hashes = |members: &[Member]| -> Option<Vec<u64>> {
+        members
+            .iter()
+            .map(|m| {
+                m.store
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .and_then(|s| s.state_hash().ok())
+            })
+            .collect()
+    };
+    let mut converged = false;
+    loop {
+        let clients_done = step(&mut sim)?;
+        if !converged
+            && let Some(h) = hashes(&members)
+            && h.windows(2).all(|w| w[0] == w[1])
+            && writers_done.load(Ordering::Relaxed) == CLIENTS
+        {
+            converged = true;
+            watch_stop.store(true, Ordering::Relaxed);
+        }
+        if converged && clients_done {
+            break;
+        }
+        if sim.elapsed() - healed > LIVENESS {
+            let members: Vec<String> = members
+                .iter()
+                .map(|m| match &*m.store.lock().unwrap() {
+                    None => format!("n{}: down", m.id),
+                    Some(s) => format!(
+                        "n{}: leader {:?}, at {}, hash {:?}, voters {:?}",
+                        m.id,
+                        s.leader(),
+                        s.revision(),
+                        s.state_hash().ok(),
+                        s.members().voters.keys().collect::<Vec<_>>()
+                    ),
+                })
+                .collect();
+            let watcher = {
+                let w = watched.lock().unwrap();
+                format!("{} events, at {:?}", w.events, w.mirror.revision(""))
+            };
+            return Err(format!(
+                "no liveness {LIVENESS:?} after the faults stopped (converged: {converged}): members {members:?}; clients {:?}; watcher {watcher}",
+                status.lock().unwrap()
+            ));
+        }
+    }
+
+    // The checks.
+    let history = recorder.history();
+    report.calls = history.iter().filter(|c| c.end.is_some()).count();
+    report.unknown = history.len() - report.calls;
+    if let Err(v) = linearizability::check(&history) {
+        return Err(v.to_string());
+    }
+    let st = watched.lock().unwrap();
+    if let Some(v) = st.violations.first() {
+        return Err(v.clone());
+    }
+    if !st.finished {
+        return Err("the watcher did not reach the store's final state".into());
+    }
+    // Every acknowledged write the stream delivered came with its value.
+    for call in &history {
+        let (rev, value) = match (&call.op, &call.outcome) {
+            (Op::Put(v), linearizability::Outcome::Put(r)) => (r.0, Some(v)),
+            (Op::Cas(_, v), linearizability::Outcome::Cas(Some(r))) => (r.0, Some(v)),
+            _ => continue,
+        };
+        if let Some(kcs) = st.changes.get(&rev) {
+            let hit = kcs
+                .iter()
+                .any(|(k, v)| *k == call.key && v.as_ref() == value);
+            if !hit {
+                return Err(format!(
+                    "the write of {:?} to {} acknowledged at r{rev} is not what the stream delivered at r{rev}: {kcs:?}",
+                    value, call.key
+                ));
+            }
+        }
+    }
+    report.events = st.events;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for c in &history {
+        (
+            c.client,
+            c.key.as_str(),
+            format!("{:?}{:?}", c.op, c.outcome),
+        )
+            .hash(&mut h);
+    }
+    for (rev, kcs) in &st.changes {
+        (rev, format!("{kcs:?}")).hash(&mut h);
+    }
+    hashes(&members).hash(&mut h);
+    report.digest = h.finish();
+    Ok(report)
+}
+
+/// Seeds `cargo test` runs when no environment variable asks for others.
+const FIXED_SEEDS: std::ops::RangeInclusive<u64> = 1..=200;
+
+/// The seeds to run: `DATASYNC_SIM_SEED=S` (one), `DATASYNC_SIM_SEEDS=N` (N random
+/// ones), or the fixed set.
+fn seeds() -> Vec<u64> {
+    let var = |name| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if let Some(s) = var("DATASYNC_SIM_SEED") {
+        return vec![s.parse().expect("DATASYNC_SIM_SEED is a number")];
+    }
+    if let Some(n) = var("DATASYNC_SIM_SEEDS") {
+        let n: u64 = n.parse().expect("DATASYNC_SIM_SEEDS is a number");
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        return (0..n)
+            .map(|i| base.wrapping_add(i.wrapping_mul(0x9e37_79b9)))
+            .collect();
+    }
+    FIXED_SEEDS.rev().collect()
+}
+
+#[test]
+fn simulated_clusters_keep_their_guarantees_under_faults() {
+    let seeds = seeds();
+    let total = seeds.len();
+    let queue = Arc::new(Mutex::new(seeds));
+    // Seeds run on as many threads as there are cores: each simulation keeps to its
+    // own thread (its hosts, its inline work, its generator).
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                let mut failed = Vec::new();
+                loop {
+                    let next = queue.lock().unwrap().pop();
+                    let Some(seed) = next else { break };
+                    let started = std::time::Instant::now();
+                    match run(seed) {
+                        Ok(r) => eprintln!(
+                            "seed {seed}: ok in {:.1?}: {} calls ({} unknown), {} faults ({} crashes), {} watch events, digest {:016x}",
+                            started.elapsed(),
+                            r.calls,
+                            r.unknown,
+                            r.faults,
+                            r.crashes,
+                            r.events,
+                            r.digest
+                        ),
+                        Err(e) => {
+                            eprintln!(
+                                "seed {seed}: FAILED: {e}\n  replay: DATASYNC_SIM_SEED={seed} cargo test -p datasync-raft --all-features --test simulation"
+                            );
+                            failed.push(seed);
+                        }
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed: Vec<u64> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    failed.sort_unstable();
+    eprintln!("{total} seeds, {} failed", failed.len());
+    assert!(failed.is_empty(), "failing seeds: {failed:?} (see above)");
+}
+
+/// A seed replays to the same run: the same calls with the same outcomes, the same
+/// watch stream, the same final state.
+#[test]
+fn a_seed_replays_to_the_same_run() {
+    let seed = 11;
+    let first = run(seed).unwrap();
+    let again = run(seed).unwrap();
+    assert_eq!(
+        (first.digest, first.calls, first.events),
+        (again.digest, again.calls, again.events),
+        "seed {seed} did not replay the same"
+    );
 }

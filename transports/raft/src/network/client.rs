@@ -5,7 +5,7 @@
 //! connection fails the calls in flight with [`NetError::Closed`] (their outcome is
 //! unknown) and the next call connects again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +21,8 @@ use super::link::{Fate, Link};
 use super::net::Net;
 use super::wire::{Envelope, Reply, Request, ServiceError, WireError};
 
-/// A call waiting for its reply, or for its stream of replies.
-type Call = (Request, Waiter);
+/// A call waiting for its reply (by a deadline), or for its stream of replies.
+type Call = (Request, Waiter, Option<tokio::time::Instant>);
 
 #[derive(Debug)]
 enum Waiter {
@@ -115,7 +115,11 @@ impl Client {
         self.deliver(me, addr, deadline).await?;
         let tx = self.sender_by(deadline).await?;
         let (reply, rx) = oneshot::channel();
-        if tx.send((req, Waiter::Once(reply))).await.is_err() {
+        if tx
+            .send((req, Waiter::Once(reply), Some(deadline)))
+            .await
+            .is_err()
+        {
             return Err(NetError::Closed(addr.clone()));
         }
         match tokio::time::timeout_at(deadline, rx).await {
@@ -140,7 +144,7 @@ impl Client {
             .sender_by(tokio::time::Instant::now() + timeout)
             .await?;
         let (replies, rx) = mpsc::channel(64);
-        if tx.send((req, Waiter::Stream(replies))).await.is_err() {
+        if tx.send((req, Waiter::Stream(replies), None)).await.is_err() {
             return Err(NetError::Closed(self.inner.addr.clone()));
         }
         Ok(rx)
@@ -217,6 +221,13 @@ async fn connect(
 }
 
 /// Owns one connection: writes calls, routes replies to their callers.
+///
+/// A connection that stays silent until a call's deadline is taken for dead and
+/// closed, so the next call connects again. Why: a connection can stop delivering
+/// without failing (a peer host that froze or rebooted without a reset, a middlebox
+/// that lost its state); TCP then retransmits for many minutes before it reports an
+/// error, and every call meanwhile would time out on the same connection. A reply to
+/// any call, or a stream's message, shows the connection alive.
 async fn run(
     conn: Conn,
     mut sealer: Sealer,
@@ -225,15 +236,28 @@ async fn run(
     addr: String,
 ) {
     let (mut sink, mut stream) = conn.split();
-    let mut pending: HashMap<u64, Waiter> = HashMap::new();
+    let mut pending: BTreeMap<u64, Waiter> = BTreeMap::new();
     let mut next_id = 0u64;
+    // The earliest deadline of the calls sent since the peer was last heard from.
+    let mut silent_until: Option<tokio::time::Instant> = None;
     let why = loop {
+        let dead_at = silent_until;
         tokio::select! {
+            () = async { tokio::time::sleep_until(dead_at.expect("guarded")).await }, if dead_at.is_some() => {
+                break "no reply from the peer by a call's deadline: the connection is taken for dead".to_string();
+            }
             call = calls.recv() => {
                 let Some(mut call) = call else { break "no more handles".to_string() };
                 // Calls queued meanwhile go out with this one, in one write.
                 let sent = loop {
-                    let (body, reply) = call;
+                    let (body, reply, deadline) = call;
+                    if let Some(d) = deadline {
+                        silent_until = Some(silent_until.map_or(d, |s| s.min(d)));
+                    }
+                    // Calls whose callers gave up take no room.
+                    if pending.len() >= 64 && pending.len().is_power_of_two() {
+                        pending.retain(|_, w| !matches!(w, Waiter::Once(tx) if tx.is_closed()));
+                    }
                     let id = next_id;
                     next_id += 1;
                     let bytes = match bincode::serialize(&Envelope { id, body }) {
@@ -259,6 +283,7 @@ async fn run(
                     Some(Err(e)) => break format!("read: {e}"),
                     None => break "closed by the peer".to_string(),
                 };
+                silent_until = None;
                 let env: Envelope<Reply> = match opener
                     .open(frame)
                     .and_then(|b| bincode::deserialize(&b).map_err(NetError::Decode))

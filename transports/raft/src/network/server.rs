@@ -398,4 +398,83 @@ mod tests {
         assert!(matches!(reply, Reply::Members(_)));
         stop.cancel();
     }
+
+    /// A TCP proxy to `upstream` on a free loopback port. Bumping the returned
+    /// generation freezes every connection opened before: it stays open but forwards
+    /// nothing more, either way (a peer host that froze, a middlebox that lost its
+    /// state). Connections opened after work.
+    async fn freezing_proxy(upstream: String) -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+        type Half<T> = Box<T>;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let generation = Arc::new(AtomicUsize::new(0));
+        let current = generation.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let born = current.load(Ordering::SeqCst);
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                let ways: [(
+                    Half<dyn AsyncRead + Send + Unpin>,
+                    Half<dyn AsyncWrite + Send + Unpin>,
+                ); 2] = [(Box::new(dr), Box::new(uw)), (Box::new(ur), Box::new(dw))];
+                for (mut r, mut w) in ways {
+                    let current = current.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 8192];
+                        while let Ok(n) = r.read(&mut buf).await {
+                            if n == 0 {
+                                return;
+                            }
+                            if current.load(Ordering::SeqCst) != born {
+                                // Frozen: hold the sockets open, deliver nothing.
+                                std::future::pending::<()>().await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        (addr, generation)
+    }
+
+    /// A connection that goes silent without failing is given up at the deadline of
+    /// a call it did not answer, so the next call connects again instead of timing
+    /// out on it too (TCP would report the dead connection only after many minutes).
+    #[tokio::test]
+    async fn a_connection_silent_past_a_calls_deadline_is_replaced() {
+        let secret = Secret::new("the right cluster secret").expect("secret");
+        let (addr, count, stop) = counting_server(&secret).await;
+        let (proxy, generation) = freezing_proxy(addr).await;
+        let member = Client::new(proxy, secret, None, tcp());
+        let t = Duration::from_secs(5);
+        member
+            .call(Request::Members, t)
+            .await
+            .expect("a first call");
+        generation.fetch_add(1, Ordering::SeqCst);
+        let lost = member
+            .call(Request::Members, Duration::from_millis(300))
+            .await;
+        assert!(matches!(lost, Err(NetError::Timeout(_))), "{lost:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reply = member
+            .call(Request::Members, t)
+            .await
+            .expect("the call after a silent timeout goes out on a new connection");
+        assert!(matches!(reply, Reply::Members(_)));
+        let reached = count.0.load(Ordering::SeqCst);
+        assert_eq!(
+            reached, 2,
+            "the first and the third call reach the node, the lost one not"
+        );
+        stop.cancel();
+    }
 }
