@@ -19,7 +19,7 @@ pub(crate) fn inline() -> bool {
     INLINE.with(Cell::get)
 }
 
-#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
+#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code, unreachable_pub))]
 /// Runs blocking work on this thread from now on (`true`), or off the async workers
 /// again (`false`). For a simulation that runs a cluster on one thread.
 pub fn set_inline(on: bool) {

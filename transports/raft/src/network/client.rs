@@ -26,7 +26,8 @@ type Call = (Request, Waiter, Option<tokio::time::Instant>);
 
 #[derive(Debug)]
 enum Waiter {
-    Once(oneshot::Sender<Reply>),
+    /// `None`: the connection was given up before the request was written.
+    Once(oneshot::Sender<Option<Reply>>),
     Stream(mpsc::Sender<Reply>),
 }
 
@@ -120,12 +121,13 @@ impl Client {
             .await
             .is_err()
         {
-            return Err(NetError::Closed(addr.clone()));
+            return Err(NetError::Unsent(addr.clone()));
         }
         match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => Err(NetError::Timeout(addr.clone())),
             Ok(Err(_)) => Err(NetError::Closed(addr.clone())),
-            Ok(Ok(reply)) => {
+            Ok(Ok(None)) => Err(NetError::Unsent(addr.clone())),
+            Ok(Ok(Some(reply))) => {
                 self.deliver(addr, me, deadline).await?;
                 Ok(self.stopped_instead(addr, me, reply))
             }
@@ -145,7 +147,7 @@ impl Client {
             .await?;
         let (replies, rx) = mpsc::channel(64);
         if tx.send((req, Waiter::Stream(replies), None)).await.is_err() {
-            return Err(NetError::Closed(self.inner.addr.clone()));
+            return Err(NetError::Unsent(self.inner.addr.clone()));
         }
         Ok(rx)
     }
@@ -220,14 +222,21 @@ async fn connect(
     Ok((conn, sealer, opener))
 }
 
+/// How long a connection may stay silent past a call's deadline (see [`run`]).
+pub(crate) const SILENT_FOR: Duration = Duration::from_secs(3);
+
 /// Owns one connection: writes calls, routes replies to their callers.
 ///
-/// A connection that stays silent until a call's deadline is taken for dead and
-/// closed, so the next call connects again. Why: a connection can stop delivering
-/// without failing (a peer host that froze or rebooted without a reset, a middlebox
-/// that lost its state); TCP then retransmits for many minutes before it reports an
-/// error, and every call meanwhile would time out on the same connection. A reply to
-/// any call, or a stream's message, shows the connection alive.
+/// A connection is taken for dead and closed, so the next call connects again, once
+/// a call written on it has passed its deadline and nothing at all has been heard on
+/// it for [`SILENT_FOR`] (both since the last frame received). Why: a connection can
+/// stop delivering without failing (a peer host that froze or rebooted without a
+/// reset, a middlebox that lost its state); TCP then retransmits for many minutes
+/// before it reports an error, and every call meanwhile would time out on the same
+/// connection. Why both: a call past its deadline alone is no sign (raft's heartbeats
+/// have 100 ms deadlines, a busy peer may take longer), and silence alone is none
+/// either (a slow call, a quiet stream). Calls queued but not yet written when it is
+/// given up fail as [`NetError::Unsent`], safe to send elsewhere.
 async fn run(
     conn: Conn,
     mut sealer: Sealer,
@@ -238,13 +247,53 @@ async fn run(
     let (mut sink, mut stream) = conn.split();
     let mut pending: BTreeMap<u64, Waiter> = BTreeMap::new();
     let mut next_id = 0u64;
-    // The earliest deadline of the calls sent since the peer was last heard from.
-    let mut silent_until: Option<tokio::time::Instant> = None;
+    let mut heard_at = tokio::time::Instant::now();
+    // The earliest deadline of the calls written since the peer was last heard from.
+    let mut expires: Option<tokio::time::Instant> = None;
     let why = loop {
-        let dead_at = silent_until;
+        let dead_at = expires.map(|d| d.max(heard_at + SILENT_FOR));
         tokio::select! {
+            // A frame that arrived counts before the deadline that passed meanwhile.
+            biased;
+            frame = stream.next() => {
+                let frame = match frame {
+                    Some(Ok(f)) => f,
+                    Some(Err(e)) => break format!("read: {e}"),
+                    None => break "closed by the peer".to_string(),
+                };
+                heard_at = tokio::time::Instant::now();
+                expires = None;
+                let env: Envelope<Reply> = match opener
+                    .open(frame)
+                    .and_then(|b| bincode::deserialize(&b).map_err(NetError::Decode))
+                {
+                    Ok(env) => env,
+                    Err(e) => break format!("reply: {e}"),
+                };
+                match pending.remove(&env.id) {
+                    Some(Waiter::Once(tx)) => {
+                        let _ = tx.send(Some(env.body));
+                    }
+                    // A stream's consumer sets the pace (its connection is its own).
+                    Some(Waiter::Stream(tx)) => {
+                        if tx.send(env.body).await.is_ok() {
+                            pending.insert(env.id, Waiter::Stream(tx));
+                        } else if pending.is_empty() {
+                            break "the stream's consumer is gone".to_string();
+                        }
+                    }
+                    None => {}
+                }
+            }
             () = async { tokio::time::sleep_until(dead_at.expect("guarded")).await }, if dead_at.is_some() => {
-                break "no reply from the peer by a call's deadline: the connection is taken for dead".to_string();
+                // Calls not written yet did not run: their callers may send them elsewhere.
+                calls.close();
+                while let Ok((_, waiter, _)) = calls.try_recv() {
+                    if let Waiter::Once(tx) = waiter {
+                        let _ = tx.send(None);
+                    }
+                }
+                break format!("nothing heard from the peer for {SILENT_FOR:?}, past a call's deadline: the connection is taken for dead");
             }
             call = calls.recv() => {
                 let Some(mut call) = call else { break "no more handles".to_string() };
@@ -252,7 +301,7 @@ async fn run(
                 let sent = loop {
                     let (body, reply, deadline) = call;
                     if let Some(d) = deadline {
-                        silent_until = Some(silent_until.map_or(d, |s| s.min(d)));
+                        expires = Some(expires.map_or(d, |s| s.min(d)));
                     }
                     // Calls whose callers gave up take no room.
                     if pending.len() >= 64 && pending.len().is_power_of_two() {
@@ -275,35 +324,6 @@ async fn run(
                 };
                 if let Err(why) = sent {
                     break why;
-                }
-            }
-            frame = stream.next() => {
-                let frame = match frame {
-                    Some(Ok(f)) => f,
-                    Some(Err(e)) => break format!("read: {e}"),
-                    None => break "closed by the peer".to_string(),
-                };
-                silent_until = None;
-                let env: Envelope<Reply> = match opener
-                    .open(frame)
-                    .and_then(|b| bincode::deserialize(&b).map_err(NetError::Decode))
-                {
-                    Ok(env) => env,
-                    Err(e) => break format!("reply: {e}"),
-                };
-                match pending.remove(&env.id) {
-                    Some(Waiter::Once(tx)) => {
-                        let _ = tx.send(env.body);
-                    }
-                    // A stream's consumer sets the pace (its connection is its own).
-                    Some(Waiter::Stream(tx)) => {
-                        if tx.send(env.body).await.is_ok() {
-                            pending.insert(env.id, Waiter::Stream(tx));
-                        } else if pending.is_empty() {
-                            break "the stream's consumer is gone".to_string();
-                        }
-                    }
-                    None => {}
                 }
             }
         }

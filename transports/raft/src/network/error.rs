@@ -25,6 +25,9 @@ pub enum NetError {
     /// A message did not decode.
     #[error("undecodable message")]
     Decode(#[source] bincode::Error),
+    /// The connection was given up before the request was written: it did not run.
+    #[error("connection to {0} given up before the request was sent")]
+    Unsent(String),
     /// The connection broke after the request was sent: its outcome is unknown.
     #[error("connection to {0} closed")]
     Closed(String),
@@ -44,7 +47,10 @@ impl NetError {
     pub(crate) fn not_sent(&self) -> bool {
         matches!(
             self,
-            NetError::Connect { .. } | NetError::AuthFailed(_) | NetError::Version(_)
+            NetError::Connect { .. }
+                | NetError::AuthFailed(_)
+                | NetError::Version(_)
+                | NetError::Unsent(_)
         )
     }
 }

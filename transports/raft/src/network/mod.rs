@@ -18,6 +18,8 @@ pub(crate) mod client;
 mod error;
 pub(crate) mod frame;
 pub(crate) mod link;
+// Public types, reached from outside only through `testing` (feature `testing`).
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub(crate) mod net;
 pub(crate) mod nopeers;
 pub(crate) mod peer;

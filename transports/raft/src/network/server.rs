@@ -445,9 +445,10 @@ mod tests {
         (addr, generation)
     }
 
-    /// A connection that goes silent without failing is given up at the deadline of
-    /// a call it did not answer, so the next call connects again instead of timing
-    /// out on it too (TCP would report the dead connection only after many minutes).
+    /// A connection that goes silent without failing is given up once a call it did
+    /// not answer is past its deadline and nothing was heard for `SILENT_FOR`, so the
+    /// next call connects again instead of timing out on it too (TCP would report the
+    /// dead connection only after many minutes).
     #[tokio::test]
     async fn a_connection_silent_past_a_calls_deadline_is_replaced() {
         let secret = Secret::new("the right cluster secret").expect("secret");
@@ -464,7 +465,8 @@ mod tests {
             .call(Request::Members, Duration::from_millis(300))
             .await;
         assert!(matches!(lost, Err(NetError::Timeout(_))), "{lost:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Given up once nothing has been heard for SILENT_FOR past that deadline.
+        tokio::time::sleep(crate::network::client::SILENT_FOR).await;
         let reply = member
             .call(Request::Members, t)
             .await

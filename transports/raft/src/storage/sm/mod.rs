@@ -179,7 +179,9 @@ impl Shared {
 
     /// Stops the writer thread once it has stored everything applied (at shutdown).
     pub(crate) fn close(&self) {
-        if let Some(Queue::Inline { .. }) = self.lock().writer.take() {
+        if let Some(Queue::Inline { .. }) = self.lock().writer.take()
+            && self.pending.lock().failed.is_none()
+        {
             close_clean(&self.db, &self.pending);
         }
         let thread = self
