@@ -37,7 +37,7 @@ use datasync::testing::linearizability::{self, Op, Recorder};
 use datasync::{
     Event, Expect, Key, Mirror, Prefix, ReadOptions, Value, WatchOptions, Watcher, Writer,
 };
-use datasync_raft::testing::{Faults, Listener, Net, Socket, set_inline, test_secret};
+use datasync_raft::testing::{Disk, Faults, Listener, Loss, Net, Socket, set_inline, test_secret};
 use datasync_raft::{Clock, ClusterConfig, RaftConfig, RaftStore, RemoteConfig, RemoteStore};
 use futures_util::StreamExt;
 
@@ -103,6 +103,8 @@ fn reg(i: usize) -> Key {
 struct Member {
     id: u64,
     dir: tempfile::TempDir,
+    /// Its files' disk, which loses unsynced writes when the member crashes.
+    disk: Arc<Disk>,
     clock: Clock,
     /// The open store, while the member runs.
     store: Arc<Mutex<Option<RaftStore>>>,
@@ -165,6 +167,12 @@ struct Report {
     unknown: usize,
     faults: usize,
     crashes: usize,
+    /// Unsynced writes at the crashes, and of those lost and torn.
+    unsynced: usize,
+    lost: usize,
+    torn: usize,
+    /// Log entries re-applied at restarts.
+    replayed: u64,
     events: usize,
     leases: usize,
     /// Snapshots installed from a leader by the members since they last opened.
@@ -239,18 +247,26 @@ fn simulate(seed: u64) -> Result<Report, String> {
         .build();
     let faults = Faults::new();
     let mut members: Vec<Member> = (1..=MEMBERS)
-        .map(|id| Member {
-            id,
-            dir: data_dir(),
-            clock: skewed(&mut nemesis),
-            store: Arc::default(),
-            restart_at: None,
+        .map(|id| {
+            let dir = data_dir();
+            Member {
+                id,
+                disk: Disk::register(dir.path()),
+                dir,
+                clock: skewed(&mut nemesis),
+                store: Arc::default(),
+                restart_at: None,
+            }
         })
         .collect();
+    // Log entries members re-applied at restarts (their state machine behind the log).
+    let replayed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for m in &members {
-        let (id, dir, clock, slot, faults) = (
+        let replayed = replayed.clone();
+        let (id, dir, disk, clock, slot, faults) = (
             m.id,
             m.dir.path().to_owned(),
+            m.disk.clone(),
             m.clock.clone(),
             m.store.clone(),
             faults.clone(),
@@ -258,10 +274,13 @@ fn simulate(seed: u64) -> Result<Report, String> {
         sim.host(host(id), move || {
             let (dir, clock, slot, faults) =
                 (dir.clone(), clock.clone(), slot.clone(), faults.clone());
+            disk.restart();
+            let replayed = replayed.clone();
             async move {
                 let store = RaftStore::open(Member::config(id, &dir, clock, faults))
                     .await
                     .map_err(|e| format!("member {id} could not open: {e} ({e:?})"))?;
+                replayed.fetch_add(store.behind_at_open(), Ordering::Relaxed);
                 *slot.lock().unwrap() = Some(store);
                 std::future::pending::<()>().await;
                 Ok(())
@@ -559,6 +578,17 @@ fn simulate(seed: u64) -> Result<Report, String> {
                 let m = &mut members[a as usize - 1];
                 if m.restart_at.is_none() {
                     report.crashes += 1;
+                    // The machine stops: what the member wrote but did not sync may be
+                    // lost (first, so nothing its dropped handles do reaches the files).
+                    let loss = match nemesis.u32(..4) {
+                        0 | 1 => Loss::None,
+                        2 => Loss::All,
+                        _ => Loss::Some(nemesis.u64(..)),
+                    };
+                    let lost = m.disk.crash(loss);
+                    report.unsynced += lost.unsynced;
+                    report.lost += lost.lost;
+                    report.torn += lost.torn;
                     sim.crash(host(a));
                     m.store.lock().unwrap().take();
                     m.restart_at = Some(now + Duration::from_millis(nemesis.u64(100..5000)));
@@ -700,6 +730,7 @@ fn simulate(seed: u64) -> Result<Report, String> {
         }
     }
     report.leases = l.put.len();
+    report.replayed = replayed.load(Ordering::Relaxed);
     report.installs = members
         .iter()
         .filter_map(|m| {
@@ -723,6 +754,7 @@ fn simulate(seed: u64) -> Result<Report, String> {
         (rev, format!("{kcs:?}")).hash(&mut h);
     }
     hashes(&members).hash(&mut h);
+    (report.unsynced, report.lost, report.torn, report.replayed).hash(&mut h);
     report.digest = h.finish();
     Ok(report)
 }
@@ -802,12 +834,16 @@ fn simulated_clusters_keep_their_guarantees_under_faults() {
             let started = std::time::Instant::now();
             match run(seed) {
                 Ok(r) => eprintln!(
-                    "seed {seed}: ok in {:.1?}: {} calls ({} unknown), {} faults ({} crashes), {} watch events, {} TTL keys, {} snapshot installs, digest {:016x}",
+                    "seed {seed}: ok in {:.1?}: {} calls ({} unknown), {} faults ({} crashes; {} unsynced writes, {} lost, {} torn; {} entries re-applied), {} watch events, {} TTL keys, {} snapshot installs, digest {:016x}",
                     started.elapsed(),
                     r.calls,
                     r.unknown,
                     r.faults,
                     r.crashes,
+                    r.unsynced,
+                    r.lost,
+                    r.torn,
+                    r.replayed,
                     r.events,
                     r.leases,
                     r.installs,

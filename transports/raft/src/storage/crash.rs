@@ -1,6 +1,7 @@
-//! Crash points for the log's crash tests (nothing outside tests).
+//! Crash points for the storage's crash tests (nothing outside tests), and the hooks of
+//! the simulated disk ([`super::disk`]).
 //!
-//! Every operation that changes the log's files goes through [`point`] or
+//! Every operation that changes the log's files or redb's goes through [`point`] or
 //! [`write_at`]. A test arms a `Plan` on its thread: the `n`-th such operation fails
 //! (a write may first tear, in whole sectors), and so does every later one, as if the
 //! process had died there. Appends are `O_DSYNC`: durable once written. Other writes
@@ -15,6 +16,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use super::disk;
 
 /// Where a test may stop the process: before an operation that changes the log's files.
 pub(crate) fn point() -> io::Result<()> {
@@ -41,15 +44,32 @@ pub(crate) fn write_at(f: &File, buf: &[u8], at: u64) -> io::Result<()> {
 /// [`write_at`] for a write that is durable only once its file is [`sync`]ed.
 pub(crate) fn write_unsynced(f: &File, path: &Path, buf: &[u8], at: u64) -> io::Result<()> {
     imp::remember(path, at, buf.len());
+    disk::before_write(path, at, buf)?;
     write_at(f, buf, at)
 }
 
+/// `f.set_len(len)`, durable once the file is synced.
+pub(crate) fn set_len(f: &File, path: &Path, len: u64) -> io::Result<()> {
+    point()?;
+    imp::remember(path, len, usize::MAX);
+    disk::before_set_len(path, len)?;
+    f.set_len(len)
+}
+
 /// `f.sync_all()`: the writes before it are durable.
-pub(crate) fn sync(f: &File) -> io::Result<()> {
+pub(crate) fn sync(f: &File, path: &Path) -> io::Result<()> {
     point()?;
     f.sync_all()?;
     imp::synced();
-    Ok(())
+    disk::synced(path)
+}
+
+/// `f.sync_data()`: the writes before it are durable.
+pub(crate) fn sync_data(f: &File, path: &Path) -> io::Result<()> {
+    point()?;
+    f.sync_data()?;
+    imp::synced();
+    disk::synced(path)
 }
 
 fn crashed() -> io::Error {

@@ -39,7 +39,7 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 /// The state machine's committed applied log id.
-fn applied(db: &Database) -> Result<Option<LogId>, StorageError> {
+pub(crate) fn applied(db: &Database) -> Result<Option<LogId>, StorageError> {
     let tx = db.begin_read().map_err(read_err)?;
     let t = tx.open_table(SM_META).map_err(read_err)?;
     match t.get("applied").map_err(read_err)? {

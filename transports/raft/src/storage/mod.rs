@@ -21,6 +21,7 @@
 #![allow(clippy::result_large_err)]
 
 mod crash;
+pub(crate) mod disk;
 pub(crate) mod lease;
 pub(crate) mod log;
 pub(crate) mod session;
@@ -157,7 +158,14 @@ pub(crate) fn open(dir: &Path, segment: u64) -> Result<(Arc<Database>, wal::Wal)
             "the data file is missing or empty, but this directory held a store".into(),
         ));
     }
-    let mut db = match redb::Builder::new().set_cache_size(CACHE).create(&path) {
+    let backend = disk::Backend::open(&path).map_err(|source| OpenError::Dir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut db = match redb::Builder::new()
+        .set_cache_size(CACHE)
+        .create_with_backend(backend)
+    {
         Ok(db) => db,
         Err(
             e @ (redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))

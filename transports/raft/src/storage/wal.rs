@@ -187,7 +187,7 @@ fn zero_file(path: &Path, len: u64) -> io::Result<()> {
         write_unsynced(&f, path, &chunk[..n], at)?;
         at += n as u64;
     }
-    sync(&f)
+    sync(&f, path)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -305,7 +305,7 @@ impl Redo {
             .truncate(true)
             .open(dir.join(REDO))?;
         write_unsynced(&f, &dir.join(REDO), &self.encode(), 0)?;
-        sync(&f)?;
+        sync(&f, &dir.join(REDO))?;
         sync_dir(dir)
     }
 
@@ -321,7 +321,7 @@ impl Redo {
             at += n as u64;
         }
         write_unsynced(&f, &path, &self.frame, self.off)?;
-        sync(&f)
+        sync(&f, &path)
     }
 
     fn remove(dir: &Path) -> io::Result<()> {
@@ -762,7 +762,7 @@ impl Wal {
                         .open(&path)
                         .map_err(|e| Damage::new(&path, e.to_string()))?;
                     write_unsynced(&f, &path, &vec![0u8; d + 1], end as u64)
-                        .and_then(|()| sync(&f))
+                        .and_then(|()| sync(&f, &path))
                         .map_err(|e| Damage::new(&path, e.to_string()))?;
                 }
                 let page_start = end - end % PAGE;

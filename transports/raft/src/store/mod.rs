@@ -383,6 +383,15 @@ impl RaftStore {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// How many log entries were past the state machine's durable state when this member
+    /// opened: re-applied from the log after a crash (0 after a clean close).
+    pub fn behind_at_open(&self) -> u64 {
+        self.inner
+            .sm
+            .behind_at_open
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How many watch registrations the store feeds.
     pub fn active_watches(&self) -> usize {
         self.inner.sm.lock().hub.active()

@@ -64,6 +64,13 @@ impl RaftStore {
             .map_err(|e| OpenError::Task(e.0))??;
         let shared = sm::Shared::new(db.clone(), config.history, config.clock.clone())
             .map_err(|e| OpenError::State(Box::new(e)))?;
+        let applied = storage::log::applied(&db).map_err(|e| OpenError::State(Box::new(e)))?;
+        let behind = wal.mem().last.map_or(0, |l| {
+            l.index.saturating_sub(applied.map_or(0, |a| a.index))
+        });
+        shared
+            .behind_at_open
+            .store(behind, std::sync::atomic::Ordering::Relaxed);
         let clean = {
             let db = db.clone();
             crate::rt::blocking(move || sm::take_clean_close(&db))

@@ -13,6 +13,7 @@ use crate::{ClusterConfig, RaftConfig, RaftStore, RemoteConfig, RemoteStore, Rol
 mod faults;
 pub use crate::network::net::{Listener, Net, Socket, Stream, Tcp};
 pub use crate::rt::set_inline;
+pub use crate::storage::disk::{Disk, Loss, Lost};
 pub use faults::Faults;
 
 /// Opens a fresh single-node store in a temp dir per suite test; the dirs are removed

@@ -113,6 +113,8 @@ pub(crate) struct Shared {
     pub(crate) membership: watch::Sender<StoredMembership>,
     /// Snapshots installed from a leader since open.
     pub(crate) installed: std::sync::atomic::AtomicU64,
+    /// Log entries past the durable applied state at open (re-applied after a crash).
+    pub(crate) behind_at_open: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -170,6 +172,7 @@ impl Shared {
             clock,
             membership: watch::Sender::new(membership),
             installed: std::sync::atomic::AtomicU64::new(0),
+            behind_at_open: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 

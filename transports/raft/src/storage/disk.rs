@@ -1,0 +1,379 @@
+//! redb's file ([`Backend`]), and a disk that loses what was not synced (feature
+//! `testing`, for the simulation).
+//!
+//! Every change redb makes to its file goes through [`super::crash`], as the log's do:
+//! the crash-point tests stop the process at each one, and a simulated disk ([`Disk`])
+//! keeps what was written since the last sync apart, so that a simulated crash can lose
+//! it, keep it, or keep part of it (a torn write), as power loss does. redb's own
+//! `FileBackend` does the I/O and the locking (a second process opening the store gets
+//! redb's "already open" error, as before).
+
+use std::fs::File;
+use std::io;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+
+use redb::backends::FileBackend;
+use redb::{BackendError, StorageBackend};
+
+use super::crash;
+
+/// redb's storage: its `FileBackend`, with every write, resize and sync a crash point.
+#[derive(Debug)]
+pub(crate) struct Backend {
+    inner: FileBackend,
+    /// The same file, for the writes (so the crash layer can see and tear them).
+    file: File,
+    path: PathBuf,
+}
+
+impl Backend {
+    /// Opens (or creates) `path`.
+    pub(crate) fn open(path: &Path) -> io::Result<Backend> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let inner = FileBackend::new(file.try_clone()?).map_err(io::Error::other)?;
+        Ok(Backend {
+            inner,
+            file,
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl StorageBackend for Backend {
+    fn len(&self) -> Result<u64, io::Error> {
+        self.inner.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
+        self.inner.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), io::Error> {
+        crash::set_len(&self.file, &self.path, len)
+    }
+
+    fn sync_data(&self) -> Result<(), io::Error> {
+        crash::sync_data(&self.file, &self.path)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+        crash::write_unsynced(&self.file, &self.path, data, offset)
+    }
+
+    fn close(&self) -> Result<(), io::Error> {
+        self.inner.close()
+    }
+
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.inner.try_lock_range(start, end)
+    }
+
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.inner.try_lock_shared_range(start, end)
+    }
+
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.lock_range(start, end)
+    }
+
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.lock_shared_range(start, end)
+    }
+
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.unlock_range(start, end)
+    }
+
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.inner.query_lock_range(start, end)
+    }
+}
+
+#[cfg(feature = "testing")]
+pub use sim::{Disk, Loss, Lost};
+#[cfg(feature = "testing")]
+pub(crate) use sim::{before_set_len, before_write, synced};
+
+#[cfg(not(feature = "testing"))]
+mod off {
+    use std::path::Path;
+
+    #[inline]
+    pub(crate) fn before_write(_path: &Path, _at: u64, _buf: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    #[inline]
+    pub(crate) fn before_set_len(_path: &Path, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    #[inline]
+    pub(crate) fn synced(_path: &Path) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+#[cfg(not(feature = "testing"))]
+pub(crate) use off::{before_set_len, before_write, synced};
+
+#[cfg(feature = "testing")]
+mod sim {
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex, MutexGuard};
+
+    /// The disks a simulation registered (none elsewhere: every call is then one check
+    /// of an empty list).
+    static DISKS: Mutex<Vec<Arc<Disk>>> = Mutex::new(Vec::new());
+
+    /// A simulated disk under a data directory: the store's files are real, but what was
+    /// written to one since its last sync is kept apart, and [`Disk::crash`] loses it as
+    /// power loss does (all of it, none, or a seeded choice of writes, some torn at a
+    /// 512-byte sector). Until [`Disk::restart`], every change to its files fails, so a
+    /// crashed member's handles (redb's close on drop) change nothing.
+    ///
+    /// Writes the log makes with `O_DSYNC` are durable when they return and are not kept
+    /// apart; directory operations (create, rename, remove) count as durable at once.
+    #[derive(Debug)]
+    pub struct Disk {
+        dir: PathBuf,
+        state: Mutex<State>,
+    }
+
+    #[derive(Debug, Default)]
+    struct State {
+        down: bool,
+        /// Per file, the changes since its last sync, oldest first.
+        unsynced: BTreeMap<PathBuf, Vec<Change>>,
+    }
+
+    #[derive(Debug)]
+    enum Change {
+        /// `new` written at `at`, over `old` (the bytes there before; shorter where the
+        /// file was) in a file `len` long before.
+        Write {
+            at: u64,
+            old: Vec<u8>,
+            new: Vec<u8>,
+            len: u64,
+        },
+        /// The length set to `to` from `len`, `tail` the bytes a shrink cut off.
+        SetLen { len: u64, to: u64, tail: Vec<u8> },
+    }
+
+    /// What a crash does with the writes not yet synced.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Loss {
+        /// Keeps them all (the process died, the machine did not).
+        None,
+        /// Loses them all.
+        All,
+        /// Keeps each with even odds, and tears one in four kept (a prefix of whole
+        /// sectors lands): the seed chooses.
+        Some(u64),
+    }
+
+    /// What a crash lost.
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+    pub struct Lost {
+        /// Unsynced writes (and resizes) in all.
+        pub unsynced: usize,
+        /// Of those, undone.
+        pub lost: usize,
+        /// Of those, kept in part.
+        pub torn: usize,
+    }
+
+    impl Disk {
+        /// Puts the files under `dir` on a simulated disk, for the rest of the process.
+        pub fn register(dir: &Path) -> Arc<Disk> {
+            let disk = Arc::new(Disk {
+                dir: dir.to_owned(),
+                state: Mutex::new(State::default()),
+            });
+            lock(&DISKS).push(Arc::clone(&disk));
+            disk
+        }
+
+        /// The machine stops: what was not synced is lost as `loss` says, and the files
+        /// refuse changes until [`Disk::restart`].
+        ///
+        /// # Panics
+        /// When the files cannot be put back (the test cannot go on).
+        pub fn crash(&self, loss: Loss) -> Lost {
+            let mut state = lock(&self.state);
+            state.down = true;
+            let mut rng = match loss {
+                Loss::Some(seed) => Some(fastrand::Rng::with_seed(seed)),
+                _ => None,
+            };
+            let mut lost = Lost::default();
+            for (path, changes) in std::mem::take(&mut state.unsynced) {
+                let keep: Vec<Option<usize>> = changes
+                    .iter()
+                    .map(|c| {
+                        lost.unsynced += 1;
+                        let kept = match (&mut rng, c) {
+                            (_, Change::SetLen { .. }) => Some(usize::MAX),
+                            (None, _) if loss == Loss::None => Some(usize::MAX),
+                            (None, _) => None,
+                            (Some(rng), Change::Write { new, .. }) => {
+                                if rng.bool() {
+                                    None
+                                } else if new.len() > 512 && rng.u8(..4) == 0 {
+                                    lost.torn += 1;
+                                    Some(rng.usize(1..new.len().div_ceil(512)) * 512)
+                                } else {
+                                    Some(usize::MAX)
+                                }
+                            }
+                        };
+                        if kept.is_none() {
+                            lost.lost += 1;
+                        }
+                        kept
+                    })
+                    .collect();
+                if keep.iter().all(|k| *k == Some(usize::MAX)) {
+                    continue;
+                }
+                undo(&path, &changes, &keep)
+                    .unwrap_or_else(|e| panic!("putting back {}: {e}", path.display()));
+            }
+            lost
+        }
+
+        /// The machine is back: its files take changes again.
+        pub fn restart(&self) {
+            lock(&self.state).down = false;
+        }
+    }
+
+    /// Takes every change back to the last sync, then makes again the kept ones (whole,
+    /// or the first `n` bytes of a torn write).
+    fn undo(path: &Path, changes: &[Change], keep: &[Option<usize>]) -> std::io::Result<()> {
+        let f = match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for c in changes.iter().rev() {
+            match c {
+                Change::Write { at, old, len, .. } => {
+                    f.write_all_at(old, *at)?;
+                    f.set_len(*len)?;
+                }
+                Change::SetLen { len, to, tail } => {
+                    f.set_len(*len)?;
+                    f.write_all_at(tail, *to)?;
+                }
+            }
+        }
+        for (c, k) in changes.iter().zip(keep) {
+            match (c, k) {
+                (_, None) => {}
+                (Change::Write { at, new, .. }, Some(n)) => {
+                    f.write_all_at(&new[..(*n).min(new.len())], *at)?
+                }
+                (Change::SetLen { to, .. }, Some(_)) => f.set_len(*to)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn disk_of(path: &Path) -> Option<Arc<Disk>> {
+        let disks = lock(&DISKS);
+        if disks.is_empty() {
+            return None;
+        }
+        disks.iter().find(|d| path.starts_with(&d.dir)).cloned()
+    }
+
+    fn down() -> std::io::Error {
+        std::io::Error::other("the simulated machine is down")
+    }
+
+    /// The bytes of `path` at `at..at + len` that exist, and the file's length.
+    fn read_range(path: &Path, at: u64, len: u64) -> std::io::Result<(Vec<u8>, u64)> {
+        let f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+            Err(e) => return Err(e),
+        };
+        let file_len = f.metadata()?.len();
+        let have = file_len.saturating_sub(at).min(len);
+        let mut buf = vec![0u8; have as usize];
+        f.read_exact_at(&mut buf, at)?;
+        Ok((buf, file_len))
+    }
+
+    /// Before `buf` is written at `at` without a sync: keeps what it overwrites.
+    pub(crate) fn before_write(path: &Path, at: u64, buf: &[u8]) -> std::io::Result<()> {
+        let Some(disk) = disk_of(path) else {
+            return Ok(());
+        };
+        let mut state = lock(&disk.state);
+        if state.down {
+            return Err(down());
+        }
+        let (old, len) = read_range(path, at, buf.len() as u64)?;
+        state
+            .unsynced
+            .entry(path.to_owned())
+            .or_default()
+            .push(Change::Write {
+                at,
+                old,
+                new: buf.to_vec(),
+                len,
+            });
+        Ok(())
+    }
+
+    /// Before `path` is resized to `to`: keeps what a shrink cuts off.
+    pub(crate) fn before_set_len(path: &Path, to: u64) -> std::io::Result<()> {
+        let Some(disk) = disk_of(path) else {
+            return Ok(());
+        };
+        let mut state = lock(&disk.state);
+        if state.down {
+            return Err(down());
+        }
+        let (tail, len) = read_range(path, to, u64::MAX)?;
+        let len = len.max(tail.len() as u64);
+        state
+            .unsynced
+            .entry(path.to_owned())
+            .or_default()
+            .push(Change::SetLen { len, to, tail });
+        Ok(())
+    }
+
+    /// After `path` was synced: its changes are durable.
+    pub(crate) fn synced(path: &Path) -> std::io::Result<()> {
+        let Some(disk) = disk_of(path) else {
+            return Ok(());
+        };
+        let mut state = lock(&disk.state);
+        if state.down {
+            return Err(down());
+        }
+        state.unsynced.remove(path);
+        Ok(())
+    }
+}
