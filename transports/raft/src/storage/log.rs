@@ -232,6 +232,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 #[cfg(test)]
+impl LogStore {
+    pub(crate) fn wal_append(&self, entries: Vec<Entry>) -> std::io::Result<()> {
+        self.wal.append(entries)
+    }
+
+    pub(crate) fn mem(&self) -> std::sync::MutexGuard<'_, super::wal::Mem> {
+        self.wal.mem()
+    }
+
+    pub(crate) fn wal_read(&self, from: u64) -> std::io::Result<Vec<Entry>> {
+        self.wal.read(from, None)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use openraft::CommittedLeaderId;
 

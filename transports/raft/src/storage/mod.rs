@@ -21,6 +21,8 @@
 #![allow(clippy::result_large_err)]
 
 mod crash;
+#[cfg(test)]
+mod crash_tests;
 pub(crate) mod disk;
 pub(crate) mod lease;
 pub(crate) mod log;
@@ -201,17 +203,25 @@ pub(crate) fn open(dir: &Path, segment: u64) -> Result<(Arc<Database>, wal::Wal)
     }
     // Every stored value must decode; a file with valid pages but wrong contents stops here.
     sm::verify(&db).map_err(|e| corrupted(e.to_string()))?;
-    let meta = |table, key| -> Result<Option<LogId>, String> {
+    fn meta<T: serde::de::DeserializeOwned>(
+        db: &Database,
+        table: redb::TableDefinition<'_, &str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, String> {
         let tx = db.begin_read().map_err(|e| e.to_string())?;
         let t = tx.open_table(table).map_err(|e| e.to_string())?;
         let v = t.get(key).map_err(|e| e.to_string())?;
         v.map(|v| bincode::deserialize(v.value()).map_err(|e| e.to_string()))
             .transpose()
-    };
-    let purged = meta(RAFT_META, "purged").map_err(corrupted)?;
-    let applied = meta(SM_META, "applied").map_err(corrupted)?;
-    // The last log id of a snapshot installed from a leader (not one built here).
-    let installed = meta(SM_META, "installed").map_err(corrupted)?;
+    }
+    let purged: Option<LogId> = meta(&db, RAFT_META, "purged").map_err(corrupted)?;
+    let applied: Option<LogId> = meta(&db, SM_META, "applied").map_err(corrupted)?;
+    // The last log id of a snapshot installed from a leader (not one built here), as
+    // the install stores it: an `Option` (decoding it as a bare id misread it, so a
+    // crash between an install and its purge left a store that refused to open).
+    let installed: Option<LogId> = meta::<Option<LogId>>(&db, SM_META, "installed")
+        .map_err(corrupted)?
+        .flatten();
     let db = Arc::new(db);
     let log_dir = dir.join("log");
     let log = wal::Wal::open(&log_dir, purged, segment).map_err(|d| OpenError::Corrupted {
@@ -273,7 +283,8 @@ mod tests {
             let applied = bincode::serialize(&log_id(20)).expect("encodes");
             m.insert("applied", applied.as_slice()).expect("insert");
             if let Some(i) = installed {
-                let bytes = bincode::serialize(&log_id(i)).expect("encodes");
+                // As `sm::snapshot::install` stores it.
+                let bytes = bincode::serialize(&Some(log_id(i))).expect("encodes");
                 m.insert("installed", bytes.as_slice()).expect("insert");
             }
             let meta = SnapshotMeta::<u64, openraft::BasicNode> {
