@@ -159,6 +159,8 @@ pub(crate) struct Service {
     pub(crate) sm: Arc<sm::Shared>,
     /// Remote clients' operations, served by the member's store (set once it is open).
     pub(crate) clients: OnceLock<Box<dyn ClientService>>,
+    /// When a leader's append last reached this member (see [`Node::hears_leader`]).
+    pub(crate) leader_heard: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// What a member's store answers remote clients (`serve.rs`).
@@ -281,7 +283,20 @@ impl Service {
 impl Handler for Service {
     async fn handle(&self, req: Request) -> Reply {
         match req {
-            Request::Append(r) => Reply::Append(self.raft.append_entries(r).await),
+            Request::Append(r) => {
+                let reply = self.raft.append_entries(r).await;
+                // Any answer but "higher vote" means the sender leads this member's term.
+                if let Ok(
+                    openraft::raft::AppendEntriesResponse::Success
+                    | openraft::raft::AppendEntriesResponse::PartialSuccess(_)
+                    | openraft::raft::AppendEntriesResponse::Conflict,
+                ) = &reply
+                {
+                    *self.leader_heard.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(tokio::time::Instant::now());
+                }
+                Reply::Append(reply)
+            }
             Request::Vote(r) => Reply::Vote(self.raft.vote(r).await),
             Request::Snapshot(r) => Reply::Snapshot(self.raft.install_snapshot(r).await),
             Request::Propose(cmd) => {
@@ -369,6 +384,34 @@ impl Node {
     /// Whether this member leads now.
     pub(crate) fn leads(&self) -> bool {
         self.service.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Whether this member follows a live leader: it leads (a voter of its group, with
+    /// a quorum's acknowledgement within three election timeouts as far as openraft's
+    /// metrics tell), or a leader's append reached it within three election timeouts.
+    ///
+    /// Why: a member cut off from the leader, or removed from the group (the leader
+    /// stops replicating to it, and it may never apply its own removal), keeps a
+    /// replica that only ages. Its remote watches end, so their clients move to another
+    /// member (etcd ends watches that require a leader likewise); reads and writes go
+    /// through the leader already.
+    pub(crate) fn hears_leader(&self) -> bool {
+        let within = Duration::from_millis(self.service.raft.config().election_timeout_max * 3);
+        {
+            let m = self.service.raft.metrics();
+            let m = m.borrow();
+            if m.current_leader == Some(self.id) {
+                // A leader that removed itself may still say it leads (openraft 0.9).
+                return m.membership_config.voter_ids().any(|v| v == self.id)
+                    && m.millis_since_quorum_ack
+                        .is_none_or(|ms| u128::from(ms) < within.as_millis());
+            }
+        }
+        self.service
+            .leader_heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < within)
     }
 
     /// Sends a request to the leader, following redirects and waiting out elections,

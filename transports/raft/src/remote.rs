@@ -449,9 +449,14 @@ impl Upstream for RemoteWatch {
                         format!("member {} ended the watch", eps[i]).into(),
                     ));
                 }
+                // A member that cannot serve now (no leader heard, a barrier that timed
+                // out): another may.
+                Ok(Some(Reply::Watch(WireItem::Failed(
+                    e @ (WireError::Unavailable(_) | WireError::Timeout(_)),
+                )))) => last_err = Some(StoreError::from(e)),
                 Ok(Some(Reply::Watch(WireItem::Failed(e)))) => return Err(StoreError::from(e)),
                 Ok(Some(_)) => return Err(corrupt("a watch")),
-                Err(_) => return Err(StoreError::Timeout(inner.config.timeout)),
+                Err(_) => last_err = Some(StoreError::Timeout(inner.config.timeout)),
             }
         }
         Err(last_err.unwrap_or(StoreError::Unavailable("no member to watch on".into())))

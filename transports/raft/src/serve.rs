@@ -47,8 +47,10 @@ async fn serve_op(
     op: ClientOp,
     id: Option<RequestId>,
 ) -> Result<ClientReply, WireError> {
-    // A member that left serves no clients: they go on to another endpoint.
-    if store.has_left() {
+    // A member that left, or that hears from no leader (cut off, or removed without
+    // knowing it: its replica only ages), serves no clients: they go on to another
+    // endpoint, as from a member that is stopping.
+    if store.has_left() || !store.hears_leader() {
         return Err(WireError::Stopped);
     }
     // The log's rule: a key stored under the older one can be read and deleted by
@@ -133,7 +135,17 @@ async fn serve_watch(
 ) {
     // The store is let go once the watch runs: a remote watch must not keep a member
     // that is being shut down alive.
+    let weak = store.downgrade();
+    let leaderless = |store: &RaftStore| {
+        WireError::Unavailable(format!(
+            "member {} hears from no leader: its replica may be behind",
+            store.node_id()
+        ))
+    };
     let started = async move {
+        if !store.hears_leader() {
+            return Err(leaderless(&store));
+        }
         let prefixes = prefixes
             .into_iter()
             .map(Prefix::new)
@@ -157,10 +169,22 @@ async fn serve_watch(
             return;
         }
     };
+    // A member that stops hearing from a leader ends its watches (see
+    // `Node::hears_leader`): the client resyncs from another member.
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let ev = tokio::select! {
             _ = out.closed() => return,
             ev = watch.next() => ev,
+            _ = check.tick() => {
+                let Some(store) = weak.upgrade() else { continue };
+                if store.hears_leader() {
+                    continue;
+                }
+                out.send(Reply::Watch(WireItem::Failed(leaderless(&store)))).await;
+                return;
+            }
         };
         let (item, done) = match ev {
             None => (WireItem::Failed(WireError::Stopped), None),

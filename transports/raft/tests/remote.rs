@@ -1,6 +1,7 @@
 //! Remote clients (no replica of their own) of a three-node cluster on loopback: a
-//! watch that moves to another member when its member stops, failing over to a live
-//! endpoint, membership, and refusing a client without the secret.
+//! watch that moves to another member when its member stops or is removed from the
+//! group, failing over to a live endpoint, membership, and refusing a client without
+//! the secret.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::time::Duration;
@@ -87,6 +88,64 @@ async fn a_remote_watch_moves_to_another_member_when_its_member_stops() {
     drop(w);
     wait_until("the member's watch is released", || {
         c.nodes.iter().map(RaftStore::active_watches).sum::<usize>() == 0
+    })
+    .await;
+}
+
+/// A member removed from the group by the others stops hearing from the leader (it
+/// may never apply its own removal) and its replica only ages: its remote watches end
+/// and it refuses calls, so clients move to a member of the group. Before, a watch on
+/// it stalled for good and its reads timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_client_moves_off_a_member_removed_from_the_group() {
+    let c = TestCluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let listen = "127.0.0.1:0".parse().unwrap();
+    let config = ClusterConfig::new(listen, test_secret())
+        .join(c.addrs())
+        .learner();
+    let learner = RaftStore::open(RaftConfig::new(dir.path()).cluster(4, config))
+        .await
+        .unwrap();
+    // The learner first: it serves the watch and the calls.
+    let mut endpoints = vec![learner.cluster_addr().unwrap().to_owned()];
+    endpoints.extend(c.addrs());
+    let remote = RemoteStore::connect(RemoteConfig::new(endpoints, test_secret()))
+        .await
+        .unwrap();
+    let mut w = remote
+        .watch("w", &[Prefix::new("m/").unwrap()], WatchOptions::default())
+        .await
+        .unwrap();
+    let mut mirror = Mirror::new();
+    let mut rev = Revision::ZERO;
+    for i in 0..10 {
+        rev = put(&remote, &format!("m/{i:02}")).await;
+    }
+    mirror_until(&mut w, &mut mirror, rev).await.unwrap();
+    assert_eq!(learner.active_watches(), 1, "the learner serves the watch");
+
+    c.nodes[0].remove_member(4).await.unwrap();
+    for i in 10..20 {
+        rev = put(&remote, &format!("m/{i:02}")).await;
+    }
+    let reasons = mirror_until(&mut w, &mut mirror, rev).await.unwrap();
+    assert!(
+        reasons.contains(&ResyncReason::Reconnect),
+        "the watch moved to another member: {reasons:?}"
+    );
+    assert_eq!(mirror.len(""), 20);
+    let listing = remote
+        .list(&Prefix::new("m/").unwrap(), ReadOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        listing.values.len(),
+        20,
+        "a linearizable listing, not the removed member's"
+    );
+    wait_until("the removed member's watch is released", || {
+        learner.active_watches() == 0
     })
     .await;
 }

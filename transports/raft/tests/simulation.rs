@@ -7,18 +7,20 @@
 //! writer run inline (`testing::set_inline`), while openraft's and our randomness come
 //! from `fastrand`'s thread-local generator, which the seed sets. Data is on real files.
 //!
-//! One run: three members; two clients making random puts, reads, compare-and-swaps
+//! One run: five members (three voters, two learners); two clients making random puts, reads, compare-and-swaps
 //! and deletes through `RemoteStore`, recorded; a watcher through another
 //! `RemoteStore`, applying its stream to a `Mirror`; a client putting TTL keys and
 //! watching them go. For the first part of the run a nemesis chosen by the seed
 //! partitions members (both ways and one way), holds, loses, delays and reorders
-//! messages, answers committed writes with "stopping", crashes members and restarts
-//! them from disk. Then the faults stop and the cluster must converge within a bound
+//! messages, answers committed writes with "stopping", crashes members (losing what
+//! their disk had not synced) and restarts them from disk, and changes the membership
+//! (promotes learners, removes voters and learners). Then the faults stop and the cluster must converge within a bound
 //! (liveness), and the checks run: the client history is linearizable; the watch
 //! stream kept the contract (the `Mirror`'s rules, every acknowledged write it
 //! delivered carried its value, and the final mirror equal to a linearizable listing,
-//! key by key with revisions); all members hold one `state_hash()`; no TTL key went
-//! before its TTL.
+//! key by key with revisions); all members of the final configuration hold one
+//! `state_hash()`; no TTL key went before its TTL; membership moved only through
+//! committed configurations.
 //!
 //! `cargo test` runs a fixed set of seeds, each in a process of its own;
 //! `DATASYNC_SIM_SEEDS=N` runs N random ones; a failure prints its seed, and
@@ -38,7 +40,9 @@ use datasync::{
     Event, Expect, Key, Mirror, Prefix, ReadOptions, Value, WatchOptions, Watcher, Writer,
 };
 use datasync_raft::testing::{Disk, Faults, Listener, Loss, Net, Socket, set_inline, test_secret};
-use datasync_raft::{Clock, ClusterConfig, RaftConfig, RaftStore, RemoteConfig, RemoteStore};
+use datasync_raft::{
+    Clock, ClusterConfig, Members, RaftConfig, RaftStore, RemoteConfig, RemoteStore, Role,
+};
 use futures_util::StreamExt;
 
 /// turmoil's simulated TCP.
@@ -79,7 +83,9 @@ impl Listener for SimListener {
 }
 
 const PORT: u16 = 7400;
-const MEMBERS: u64 = 3;
+/// Hosts that run a member: the first `VOTERS` start as voters, the others as learners.
+const MEMBERS: u64 = 5;
+const VOTERS: u64 = 3;
 const CLIENTS: usize = 2;
 const KEYS: usize = 3;
 /// How long the nemesis acts.
@@ -110,6 +116,25 @@ struct Member {
     store: Arc<Mutex<Option<RaftStore>>>,
     /// When a crashed member restarts.
     restart_at: Option<Duration>,
+    /// Membership changes the nemesis asks this member to make.
+    admin: Arc<Mutex<std::collections::VecDeque<Change>>>,
+}
+
+/// A membership change, made through a member (routed to the leader).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Change {
+    Promote(u64),
+    Remove(u64),
+}
+
+/// Membership as the members saw it, for the checks.
+#[derive(Default)]
+struct Membership {
+    /// Each committed configuration a member applied: member, its start count, the
+    /// configuration.
+    seen: Vec<(u64, u64, Members)>,
+    /// Changes made: the change, whether it returned success.
+    made: Vec<(Change, bool)>,
 }
 
 impl Member {
@@ -125,6 +150,9 @@ impl Member {
             .faults(faults);
         if id > 1 {
             c = c.join([addr(1)]);
+        }
+        if id > VOTERS {
+            c = c.learner();
         }
         // Small log segments: many members at once on a memory file system.
         RaftConfig::new(dir)
@@ -173,6 +201,9 @@ struct Report {
     torn: usize,
     /// Log entries re-applied at restarts.
     replayed: u64,
+    /// Membership changes asked for, and made.
+    changes: usize,
+    changed: usize,
     events: usize,
     leases: usize,
     /// Snapshots installed from a leader by the members since they last opened.
@@ -256,13 +287,20 @@ fn simulate(seed: u64) -> Result<Report, String> {
                 clock: skewed(&mut nemesis),
                 store: Arc::default(),
                 restart_at: None,
+                admin: Arc::default(),
             }
         })
         .collect();
     // Log entries members re-applied at restarts (their state machine behind the log).
     let replayed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let membership: Arc<Mutex<Membership>> = Arc::default();
     for m in &members {
         let replayed = replayed.clone();
+        let (admin, membership, starts) = (
+            m.admin.clone(),
+            membership.clone(),
+            Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        );
         let (id, dir, disk, clock, slot, faults) = (
             m.id,
             m.dir.path().to_owned(),
@@ -276,11 +314,40 @@ fn simulate(seed: u64) -> Result<Report, String> {
                 (dir.clone(), clock.clone(), slot.clone(), faults.clone());
             disk.restart();
             let replayed = replayed.clone();
+            let (admin, membership) = (admin.clone(), membership.clone());
+            let start = starts.fetch_add(1, Ordering::Relaxed);
             async move {
                 let store = RaftStore::open(Member::config(id, &dir, clock, faults))
                     .await
                     .map_err(|e| format!("member {id} could not open: {e} ({e:?})"))?;
                 replayed.fetch_add(store.behind_at_open(), Ordering::Relaxed);
+                let mut configs = store.observe_membership();
+                let seen = membership.clone();
+                tokio::spawn(async move {
+                    while let Some(m) = configs.next().await {
+                        seen.lock().unwrap().seen.push((id, start, m));
+                    }
+                });
+                let admin_store = store.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let Some(change) = admin.lock().unwrap().pop_front() else {
+                            continue;
+                        };
+                        let made = tokio::time::timeout(Duration::from_secs(10), async {
+                            match change {
+                                Change::Promote(x) => {
+                                    admin_store.add_member(x, &addr(x), Role::Voter).await
+                                }
+                                Change::Remove(x) => admin_store.remove_member(x).await,
+                            }
+                        })
+                        .await;
+                        let ok = matches!(made, Ok(Ok(())));
+                        membership.lock().unwrap().made.push((change, ok));
+                    }
+                });
                 *slot.lock().unwrap() = Some(store);
                 std::future::pending::<()>().await;
                 Ok(())
@@ -537,6 +604,10 @@ fn simulate(seed: u64) -> Result<Report, String> {
     let mut next_fault = Duration::from_secs(4);
     let mut cut: Vec<(String, String)> = Vec::new();
     let mut held: Vec<(String, String)> = Vec::new();
+    // The membership the nemesis has asked for (a change may fail, or commit later).
+    let mut asked: Vec<Change> = Vec::new();
+    let mut voters: Vec<u64> = (1..=VOTERS).collect();
+    let mut learners: Vec<u64> = (VOTERS + 1..=MEMBERS).collect();
     while sim.elapsed() < FAULTS_FOR {
         step(&mut sim)?;
         let now = sim.elapsed();
@@ -553,7 +624,7 @@ fn simulate(seed: u64) -> Result<Report, String> {
         report.faults += 1;
         let a = nemesis.u64(1..=MEMBERS);
         let b = (a + nemesis.u64(1..MEMBERS) - 1) % MEMBERS + 1;
-        match nemesis.u32(..100) {
+        match nemesis.u32(..108) {
             0..15 => {
                 // Isolate a member from the other members, both ways.
                 for o in (1..=MEMBERS).filter(|&o| o != a) {
@@ -602,7 +673,27 @@ fn simulate(seed: u64) -> Result<Report, String> {
             65..75 => faults.drop_rate(nemesis.f64() * 0.1),
             75..85 => faults.delay(Duration::ZERO, Duration::from_millis(nemesis.u64(1..100))),
             85..95 => faults.stop_replies(&addr(a), &addr(b), nemesis.usize(1..4)),
-            _ => sim.set_max_message_latency(Duration::from_millis(nemesis.u64(1..200))),
+            95..100 => sim.set_max_message_latency(Duration::from_millis(nemesis.u64(1..200))),
+            _ => {
+                // A membership change through a running member: promote a learner,
+                // remove a voter (three stay), or remove a learner. Removed members
+                // keep running, as a member a careless operator removed would.
+                let change = if !learners.is_empty() && nemesis.bool() {
+                    let x = learners.remove(nemesis.usize(..learners.len()));
+                    voters.push(x);
+                    Change::Promote(x)
+                } else if voters.len() > 3 {
+                    Change::Remove(voters.remove(nemesis.usize(..voters.len())))
+                } else if !learners.is_empty() {
+                    Change::Remove(learners.remove(nemesis.usize(..learners.len())))
+                } else {
+                    continue;
+                };
+                let through = &members[nemesis.usize(..members.len())];
+                through.admin.lock().unwrap().push_back(change);
+                asked.push(change);
+                report.changes += 1;
+            }
         }
     }
 
@@ -622,10 +713,20 @@ fn simulate(seed: u64) -> Result<Report, String> {
     }
     writes_stop.store(true, Ordering::Relaxed);
     let healed = sim.elapsed();
-    // Liveness: the members converge and the clients finish their reads.
-    let hashes = |members: &[Member]| -> Option<Vec<u64>> {
+    // Liveness: the members converge and the clients finish their reads. Members are
+    // those of the latest configuration any running member applied (a removed member
+    // keeps running, but no longer hears the log).
+    let current = |members: &[Member]| -> Option<Members> {
         members
             .iter()
+            .filter_map(|m| m.store.lock().unwrap().as_ref().map(|s| s.members()))
+            .max_by_key(|c| c.log_index)
+    };
+    let hashes = |members: &[Member]| -> Option<Vec<u64>> {
+        let config = current(members)?;
+        members
+            .iter()
+            .filter(|m| config.role(m.id).is_some())
             .map(|m| {
                 m.store
                     .lock()
@@ -682,6 +783,14 @@ fn simulate(seed: u64) -> Result<Report, String> {
     }
 
     // The checks.
+    check_membership(&membership.lock().unwrap(), &asked, current(&members))?;
+    report.changed = membership
+        .lock()
+        .unwrap()
+        .made
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .count();
     let history = recorder.history();
     report.calls = history.iter().filter(|c| c.end.is_some()).count();
     report.unknown = history.len() - report.calls;
@@ -755,8 +864,68 @@ fn simulate(seed: u64) -> Result<Report, String> {
     }
     hashes(&members).hash(&mut h);
     (report.unsynced, report.lost, report.torn, report.replayed).hash(&mut h);
+    format!("{:?}", membership.lock().unwrap().made).hash(&mut h);
     report.digest = h.finish();
     Ok(report)
+}
+
+/// Membership moved only through committed configurations: every member that applied a
+/// configuration at a log index applied the same one; each member (between restarts)
+/// applied them in log order; and the final configuration keeps every change that
+/// returned success, for the members whose every change did (a change that timed out
+/// may still commit later, and order against the others).
+fn check_membership(
+    ms: &Membership,
+    asked: &[Change],
+    last: Option<Members>,
+) -> Result<(), String> {
+    let mut at: BTreeMap<u64, (u64, &Members)> = BTreeMap::new();
+    let mut order: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    for (id, start, c) in &ms.seen {
+        if let Some((other_id, other)) = at.get(&c.log_index)
+            && *other != c
+        {
+            return Err(format!(
+                "two configurations at log index {}: member {other_id} applied {other:?}, member {id} {c:?}",
+                c.log_index
+            ));
+        }
+        at.insert(c.log_index, (*id, c));
+        if let Some(prev) = order.insert((*id, *start), c.log_index)
+            && prev > c.log_index
+        {
+            return Err(format!(
+                "member {id} applied the configuration at log index {} after the one at {prev}",
+                c.log_index
+            ));
+        }
+    }
+    let last = last.ok_or("no member runs at the end")?;
+    let node = |c: &Change| match c {
+        Change::Promote(x) | Change::Remove(x) => *x,
+    };
+    for x in 1..=MEMBERS {
+        let asked_x = asked.iter().filter(|c| node(c) == x).count();
+        let made_x: Vec<_> = ms.made.iter().filter(|(c, _)| node(c) == x).collect();
+        if asked_x == 0 || made_x.len() != asked_x || made_x.iter().any(|(_, ok)| !ok) {
+            continue;
+        }
+        let role = last.role(x);
+        match made_x.last().map(|(c, _)| c) {
+            Some(Change::Promote(_)) if role != Some(Role::Voter) => {
+                return Err(format!(
+                    "node {x} was promoted, but the final configuration has it as {role:?}: {last:?}"
+                ));
+            }
+            Some(Change::Remove(_)) if role.is_some() => {
+                return Err(format!(
+                    "node {x} was removed, but the final configuration has it as {role:?}: {last:?}"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Seeds `cargo test` runs when no environment variable asks for others.
@@ -834,7 +1003,7 @@ fn simulated_clusters_keep_their_guarantees_under_faults() {
             let started = std::time::Instant::now();
             match run(seed) {
                 Ok(r) => eprintln!(
-                    "seed {seed}: ok in {:.1?}: {} calls ({} unknown), {} faults ({} crashes; {} unsynced writes, {} lost, {} torn; {} entries re-applied), {} watch events, {} TTL keys, {} snapshot installs, digest {:016x}",
+                    "seed {seed}: ok in {:.1?}: {} calls ({} unknown), {} faults ({} crashes; {} unsynced writes, {} lost, {} torn; {} entries re-applied), {} membership changes ({} made), {} watch events, {} TTL keys, {} snapshot installs, digest {:016x}",
                     started.elapsed(),
                     r.calls,
                     r.unknown,
@@ -844,6 +1013,8 @@ fn simulated_clusters_keep_their_guarantees_under_faults() {
                     r.lost,
                     r.torn,
                     r.replayed,
+                    r.changes,
+                    r.changed,
                     r.events,
                     r.leases,
                     r.installs,

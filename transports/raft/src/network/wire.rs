@@ -165,7 +165,8 @@ pub(crate) enum WireError {
     Timeout(Duration),
     #[error("corrupted data: {0}")]
     Corrupted(String),
-    /// The member is stopping (another member may serve).
+    /// The member did nothing with the call and cannot serve now (it is stopping, it
+    /// left, or it hears from no leader); another member may.
     #[error("the member is stopping")]
     Stopped,
     /// A failure with no variant of its own (`StoreError::Backend` on the member),

@@ -167,6 +167,12 @@ impl WeakStore {
     }
 }
 
+impl RaftStore {
+    pub(crate) fn downgrade(&self) -> WeakStore {
+        WeakStore(Arc::downgrade(&self.inner))
+    }
+}
+
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RaftStore")
@@ -390,6 +396,12 @@ impl RaftStore {
             .sm
             .behind_at_open
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether this member follows a live leader (always, for a single node); see
+    /// `Node::hears_leader`.
+    pub(crate) fn hears_leader(&self) -> bool {
+        self.inner.node.as_ref().is_none_or(|n| n.hears_leader())
     }
 
     /// How many watch registrations the store feeds.

@@ -116,6 +116,7 @@ impl RaftStore {
                     proposals: proposals.clone(),
                     sm: shared.clone(),
                     clients: std::sync::OnceLock::new(),
+                    leader_heard: std::sync::Mutex::new(None),
                 });
                 let server = tokio::spawn(server::serve(
                     bound.listener,
