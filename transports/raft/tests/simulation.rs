@@ -1079,3 +1079,60 @@ fn a_seed_replays_to_the_same_run() {
         "seed {seed} did not replay the same:\n{first}\n{again}"
     );
 }
+
+/// The membership check on made-up observations (it cannot be shown to fail through
+/// the store without a defect in openraft's commit rule): two configurations at one log
+/// index, a member applying an older configuration after a newer one, and a final
+/// configuration that lost a change that returned success each fail it.
+#[test]
+fn the_membership_check_fails_on_bad_observations() {
+    let config = |index: u64, voters: &[u64]| {
+        let mut m = Members::default();
+        m.voters = voters.iter().map(|&v| (v, addr(v))).collect();
+        m.log_index = index;
+        m
+    };
+    let good = Membership {
+        seen: vec![
+            (1, 0, config(1, &[1, 2, 3])),
+            (2, 0, config(1, &[1, 2, 3])),
+            (1, 0, config(5, &[1, 2, 3, 4])),
+            // A restart starts over from an older configuration: allowed.
+            (1, 1, config(1, &[1, 2, 3])),
+        ],
+        made: vec![(Change::Promote(4), true)],
+    };
+    let last = Some(config(5, &[1, 2, 3, 4]));
+    assert_eq!(
+        check_membership(&good, &[Change::Promote(4)], last.clone()),
+        Ok(())
+    );
+
+    let mut split = Membership {
+        seen: good.seen.clone(),
+        made: good.made.clone(),
+    };
+    split.seen.push((3, 0, config(5, &[1, 2, 3, 5])));
+    let e = check_membership(&split, &[Change::Promote(4)], last.clone()).unwrap_err();
+    assert!(e.contains("two configurations at log index 5"), "{e}");
+
+    let mut back = Membership {
+        seen: good.seen.clone(),
+        made: good.made.clone(),
+    };
+    back.seen.push((1, 0, config(1, &[1, 2, 3])));
+    let e = check_membership(&back, &[Change::Promote(4)], last.clone()).unwrap_err();
+    assert!(e.contains("after the one at 5"), "{e}");
+
+    let lost = check_membership(&good, &[Change::Promote(4)], Some(config(5, &[1, 2, 3])));
+    assert!(lost.unwrap_err().contains("node 4 was promoted"));
+    // A change that failed may or may not have committed: nothing is asked of it.
+    let failed = Membership {
+        seen: good.seen.clone(),
+        made: vec![(Change::Promote(4), false)],
+    };
+    assert_eq!(
+        check_membership(&failed, &[Change::Promote(4)], Some(config(5, &[1, 2, 3]))),
+        Ok(())
+    );
+}
