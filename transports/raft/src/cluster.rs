@@ -212,6 +212,21 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
+    /// A leader reached this member (see [`Node::hears_leader`]).
+    fn heard(&self) {
+        *self.leader_heard.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(tokio::time::Instant::now());
+    }
+
+    /// A leader's message with `vote` arrived: heard, unless the vote is older than
+    /// this member's.
+    fn heard_from(&self, vote: &openraft::Vote<NodeId>) {
+        let current = self.raft.metrics().borrow().vote;
+        if *vote >= current {
+            self.heard();
+        }
+    }
+
     fn members(&self) -> Members {
         Members::from_stored(&self.sm.membership.borrow())
     }
@@ -284,21 +299,26 @@ impl Handler for Service {
     async fn handle(&self, req: Request) -> Reply {
         match req {
             Request::Append(r) => {
+                // Heard on arrival (a slow append must not make a leader look gone) from a
+                // leader at this member's vote or later, and again on any answer but
+                // "higher vote".
+                self.heard_from(&r.vote);
                 let reply = self.raft.append_entries(r).await;
-                // Any answer but "higher vote" means the sender leads this member's term.
                 if let Ok(
                     openraft::raft::AppendEntriesResponse::Success
                     | openraft::raft::AppendEntriesResponse::PartialSuccess(_)
                     | openraft::raft::AppendEntriesResponse::Conflict,
                 ) = &reply
                 {
-                    *self.leader_heard.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(tokio::time::Instant::now());
+                    self.heard();
                 }
                 Reply::Append(reply)
             }
             Request::Vote(r) => Reply::Vote(self.raft.vote(r).await),
-            Request::Snapshot(r) => Reply::Snapshot(self.raft.install_snapshot(r).await),
+            Request::Snapshot(r) => {
+                self.heard_from(&r.vote);
+                Reply::Snapshot(self.raft.install_snapshot(r).await)
+            }
             Request::Propose(cmd) => {
                 Reply::Proposed(self.proposals.propose(cmd).await.map_err(|e| match e {
                     ProposeError::NotLeader(leader) => ServiceError::NotLeader { leader },
@@ -361,6 +381,11 @@ pub(crate) struct Node {
     pub(crate) caught_up: tokio::sync::watch::Sender<bool>,
 }
 
+/// How long a member may go without hearing a leader before it stops serving remote
+/// clients (or three election timeouts, if longer). Long enough that a slow fsync or a
+/// busy leader does not end every watch on a healthy member.
+pub(crate) const LEADERLESS: Duration = Duration::from_secs(3);
+
 impl Node {
     /// `Err(Left)` once this node has left the group.
     pub(crate) fn check_member(&self) -> Result<(), ClusterError> {
@@ -387,16 +412,20 @@ impl Node {
     }
 
     /// Whether this member follows a live leader: it leads (a voter of its group, with
-    /// a quorum's acknowledgement within three election timeouts as far as openraft's
-    /// metrics tell), or a leader's append reached it within three election timeouts.
+    /// a quorum's acknowledgement within [`LEADERLESS`] or three election timeouts,
+    /// whichever is longer, as far as openraft's metrics tell), or a leader's append or
+    /// snapshot reached it within that time.
     ///
     /// Why: a member cut off from the leader, or removed from the group (the leader
     /// stops replicating to it, and it may never apply its own removal), keeps a
     /// replica that only ages. Its remote watches end, so their clients move to another
     /// member (etcd ends watches that require a leader likewise); reads and writes go
-    /// through the leader already.
+    /// through the leader already. Not covered: a member cut off together with a
+    /// deposed leader that still sends it appends (openraft 0.9 leaders do not step down
+    /// without a quorum) hears a leader until the partition heals.
     pub(crate) fn hears_leader(&self) -> bool {
-        let within = Duration::from_millis(self.service.raft.config().election_timeout_max * 3);
+        let election = Duration::from_millis(self.service.raft.config().election_timeout_max);
+        let within = (election * 3).max(LEADERLESS);
         {
             let m = self.service.raft.metrics();
             let m = m.borrow();

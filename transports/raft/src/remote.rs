@@ -487,6 +487,12 @@ impl Upstream for RemoteWatch {
                 .map(|values| Next::Resync(Revision(revision), reason, values))
                 .map_err(Lost::Broken),
             WireItem::Interrupted(e) => Ok(Next::Interrupted(StoreError::from(e))),
+            // The member cannot serve the watch any longer (it hears from no leader):
+            // another member resyncs it, with no error to the consumer.
+            WireItem::Failed(WireError::Unavailable(e)) => {
+                tracing::debug!(registration = self.reg.name(), error = %e, "the member ended the watch");
+                Err(Lost::Resync(ResyncReason::Reconnect))
+            }
             WireItem::Failed(e) => Err(Lost::Broken(StoreError::from(e))),
         }
     }

@@ -178,11 +178,13 @@ async fn serve_watch(
             _ = out.closed() => return,
             ev = watch.next() => ev,
             _ = check.tick() => {
-                let Some(store) = weak.upgrade() else { continue };
-                if store.hears_leader() {
-                    continue;
-                }
-                out.send(Reply::Watch(WireItem::Failed(leaderless(&store)))).await;
+                // The store is not held across the send (a client that stopped reading
+                // must not keep a stopping member alive).
+                let gone = match weak.upgrade() {
+                    Some(store) if !store.hears_leader() => leaderless(&store),
+                    _ => continue,
+                };
+                out.send(Reply::Watch(WireItem::Failed(gone))).await;
                 return;
             }
         };

@@ -9,7 +9,8 @@ use std::time::Duration;
 use datasync::ResyncReason;
 use datasync::testing::mirror_until;
 use datasync::{
-    Key, Mirror, Prefix, PutOptions, ReadOptions, Revision, Value, WatchOptions, Watcher, Writer,
+    Consistency, Key, Mirror, Prefix, PutOptions, ReadOptions, Revision, Value, WatchOptions,
+    Watcher, Writer,
 };
 use datasync_raft::testing::{TestCluster, test_secret, wait_until};
 use datasync_raft::{
@@ -124,6 +125,15 @@ async fn a_remote_client_moves_off_a_member_removed_from_the_group() {
     }
     mirror_until(&mut w, &mut mirror, rev).await.unwrap();
     assert_eq!(learner.active_watches(), 1, "the learner serves the watch");
+    // A client of the learner alone, reading its replica.
+    let pinned = RemoteStore::connect(RemoteConfig::new(
+        [learner.cluster_addr().unwrap().to_owned()],
+        test_secret(),
+    ))
+    .await
+    .unwrap();
+    let local = ReadOptions::new().consistency(Consistency::Local);
+    assert!(pinned.get(&key("m/00"), local).await.unwrap().is_some());
 
     c.nodes[0].remove_member(4).await.unwrap();
     for i in 10..20 {
@@ -139,11 +149,17 @@ async fn a_remote_client_moves_off_a_member_removed_from_the_group() {
         .list(&Prefix::new("m/").unwrap(), ReadOptions::new())
         .await
         .unwrap();
-    assert_eq!(
-        listing.values.len(),
-        20,
-        "a linearizable listing, not the removed member's"
-    );
+    assert_eq!(listing.values.len(), 20, "a linearizable listing");
+    // The removed member refuses even local reads once it has heard from no leader.
+    let mut refused = false;
+    for _ in 0..100 {
+        if pinned.get(&key("m/00"), local).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the removed member still serves its aging replica");
     wait_until("the removed member's watch is released", || {
         learner.active_watches() == 0
     })

@@ -116,6 +116,8 @@ struct Member {
     store: Arc<Mutex<Option<RaftStore>>>,
     /// When a crashed member restarts.
     restart_at: Option<Duration>,
+    /// When a member whose disk was set to fail is restarted.
+    fails_until: Option<Duration>,
     /// Membership changes the nemesis asks this member to make.
     admin: Arc<Mutex<std::collections::VecDeque<Change>>>,
 }
@@ -133,8 +135,9 @@ struct Membership {
     /// Each committed configuration a member applied: member, its start count, the
     /// configuration.
     seen: Vec<(u64, u64, Members)>,
-    /// Changes made: the change, whether it returned success.
-    made: Vec<(Change, bool)>,
+    /// Changes made: the change, whether it returned success, when it was asked for
+    /// and when it returned (simulated time).
+    made: Vec<(Change, bool, Duration, Duration)>,
 }
 
 impl Member {
@@ -201,6 +204,8 @@ struct Report {
     torn: usize,
     /// Log entries re-applied at restarts.
     replayed: u64,
+    /// Disks set to fail.
+    disk_failures: usize,
     /// Membership changes asked for, and made.
     changes: usize,
     changed: usize,
@@ -230,9 +235,36 @@ struct Leases {
     /// Key, when its put started, its TTL, the revision it was acknowledged at.
     put: Vec<(Key, Duration, Duration, Option<datasync::Revision>)>,
     /// When the watch saw each key go: its Delete, or a resync at or past the put's
-    /// revision without it.
+    /// revision without it (see [`Leases::settle`]).
     deleted: BTreeMap<Key, Duration>,
+    /// The watch's resyncs: revision, keys held, when.
+    resyncs: Vec<(
+        datasync::Revision,
+        std::collections::BTreeSet<Key>,
+        Duration,
+    )>,
     finished: bool,
+}
+
+impl Leases {
+    /// Counts a key as gone at the first resync at or past its put's revision that does
+    /// not hold it. Done when asked, not only as resyncs arrive: a put's acknowledgement
+    /// can come back after its key expired and a resync showed it gone.
+    fn settle(&mut self) {
+        for (k, _, _, rev) in &self.put {
+            let Some(rev) = rev else { continue };
+            if self.deleted.contains_key(k) {
+                continue;
+            }
+            if let Some((_, _, at)) = self
+                .resyncs
+                .iter()
+                .find(|(r, held, _)| r >= rev && !held.contains(k))
+            {
+                self.deleted.insert(k.clone(), *at);
+            }
+        }
+    }
 }
 
 /// Runs one seed; `Err` describes the violation found.
@@ -287,6 +319,7 @@ fn simulate(seed: u64) -> Result<Report, String> {
                 clock: skewed(&mut nemesis),
                 store: Arc::default(),
                 restart_at: None,
+                fails_until: None,
                 admin: Arc::default(),
             }
         })
@@ -335,6 +368,7 @@ fn simulate(seed: u64) -> Result<Report, String> {
                         let Some(change) = admin.lock().unwrap().pop_front() else {
                             continue;
                         };
+                        let from = turmoil::sim_elapsed().unwrap_or_default();
                         let made = tokio::time::timeout(Duration::from_secs(10), async {
                             match change {
                                 Change::Promote(x) => {
@@ -345,7 +379,8 @@ fn simulate(seed: u64) -> Result<Report, String> {
                         })
                         .await;
                         let ok = matches!(made, Ok(Ok(())));
-                        membership.lock().unwrap().made.push((change, ok));
+                        let to = turmoil::sim_elapsed().unwrap_or_default();
+                        membership.lock().unwrap().made.push((change, ok, from, to));
                     }
                 });
                 *slot.lock().unwrap() = Some(store);
@@ -446,24 +481,17 @@ fn simulate(seed: u64) -> Result<Report, String> {
                         let Ok(ev) = ev else { continue };
                         let at = turmoil::sim_elapsed().unwrap_or_default();
                         let mut l = leases.lock().unwrap();
-                        let Leases { put, deleted, .. } = &mut *l;
                         match &ev {
                             Event::Change(c) => {
                                 for kc in
                                     c.changes.iter().filter(|kc| kc.op == datasync::Op::Delete)
                                 {
-                                    deleted.entry(kc.key.clone()).or_insert(at);
+                                    l.deleted.entry(kc.key.clone()).or_insert(at);
                                 }
                             }
                             Event::Resync(r) => {
-                                let held: std::collections::BTreeSet<&Key> =
-                                    r.values().map(|kv| &kv.key).collect();
-                                for (k, _, _, rev) in put.iter() {
-                                    if rev.is_some_and(|rev| rev <= r.revision) && !held.contains(k)
-                                    {
-                                        deleted.entry(k.clone()).or_insert(at);
-                                    }
-                                }
+                                let held = r.values().map(|kv| kv.key.clone()).collect();
+                                l.resyncs.push((r.revision, held, at));
                             }
                             _ => {}
                         }
@@ -513,7 +541,8 @@ fn simulate(seed: u64) -> Result<Report, String> {
             // The expiries reach the watch too.
             loop {
                 let all_seen = {
-                    let l = leases.lock().unwrap();
+                    let mut l = leases.lock().unwrap();
+                    l.settle();
                     l.put
                         .iter()
                         .all(|(k, _, _, acked)| acked.is_none() || l.deleted.contains_key(k))
@@ -616,6 +645,11 @@ fn simulate(seed: u64) -> Result<Report, String> {
                 m.restart_at = None;
                 sim.bounce(host(m.id));
             }
+            if m.fails_until.is_some_and(|t| t <= now) {
+                m.fails_until = None;
+                let back = now + Duration::from_millis(100);
+                crash(&mut sim, m, Loss::None, back, &mut report);
+            }
         }
         if now < next_fault {
             continue;
@@ -624,7 +658,7 @@ fn simulate(seed: u64) -> Result<Report, String> {
         report.faults += 1;
         let a = nemesis.u64(1..=MEMBERS);
         let b = (a + nemesis.u64(1..MEMBERS) - 1) % MEMBERS + 1;
-        match nemesis.u32(..108) {
+        match nemesis.u32(..112) {
             0..15 => {
                 // Isolate a member from the other members, both ways.
                 for o in (1..=MEMBERS).filter(|&o| o != a) {
@@ -648,21 +682,13 @@ fn simulate(seed: u64) -> Result<Report, String> {
             45..55 => {
                 let m = &mut members[a as usize - 1];
                 if m.restart_at.is_none() {
-                    report.crashes += 1;
-                    // The machine stops: what the member wrote but did not sync may be
-                    // lost (first, so nothing its dropped handles do reaches the files).
                     let loss = match nemesis.u32(..4) {
                         0 | 1 => Loss::None,
                         2 => Loss::All,
                         _ => Loss::Some(nemesis.u64(..)),
                     };
-                    let lost = m.disk.crash(loss);
-                    report.unsynced += lost.unsynced;
-                    report.lost += lost.lost;
-                    report.torn += lost.torn;
-                    sim.crash(host(a));
-                    m.store.lock().unwrap().take();
-                    m.restart_at = Some(now + Duration::from_millis(nemesis.u64(100..5000)));
+                    let back = now + Duration::from_millis(nemesis.u64(100..5000));
+                    crash(&mut sim, m, loss, back, &mut report);
                 }
             }
             55..65 => {
@@ -674,8 +700,19 @@ fn simulate(seed: u64) -> Result<Report, String> {
             75..85 => faults.delay(Duration::ZERO, Duration::from_millis(nemesis.u64(1..100))),
             85..95 => faults.stop_replies(&addr(a), &addr(b), nemesis.usize(1..4)),
             95..100 => sim.set_max_message_latency(Duration::from_millis(nemesis.u64(1..200))),
+            100..104 => {
+                // The member's disk fails its next 1–3 changes; whatever the member makes
+                // of that, it is restarted 1–5 s later (as a supervisor restarts a
+                // process that failed), losing nothing more than a crash would.
+                let m = &mut members[a as usize - 1];
+                if m.restart_at.is_none() && m.fails_until.is_none() {
+                    m.disk.fail(nemesis.u32(1..4));
+                    m.fails_until = Some(now + Duration::from_millis(nemesis.u64(1000..5000)));
+                    report.disk_failures += 1;
+                }
+            }
             _ => {
-                // A membership change through a running member: promote a learner,
+                // A membership change through a member: promote a learner,
                 // remove a voter (three stay), or remove a learner. Removed members
                 // keep running, as a member a careless operator removed would.
                 let change = if !learners.is_empty() && nemesis.bool() {
@@ -707,6 +744,9 @@ fn simulate(seed: u64) -> Result<Report, String> {
     faults.reset();
     sim.set_max_message_latency(Duration::from_millis(5));
     for m in &mut members {
+        if m.fails_until.take().is_some() {
+            crash(&mut sim, m, Loss::None, Duration::ZERO, &mut report);
+        }
         if m.restart_at.take().is_some() {
             sim.bounce(host(m.id));
         }
@@ -775,8 +815,22 @@ fn simulate(seed: u64) -> Result<Report, String> {
                 let w = watched.lock().unwrap();
                 format!("{} events, at {:?}", w.events, w.mirror.revision(""))
             };
+            let unseen: Vec<String> = {
+                let mut l = leases.lock().unwrap();
+                l.settle();
+                l.put
+                    .iter()
+                    .filter(|(k, _, _, acked)| acked.is_some() && !l.deleted.contains_key(k))
+                    .map(|(k, start, ttl, acked)| {
+                        format!(
+                            "{k} put at {start:?} for {ttl:?} (r{:?})",
+                            acked.map(|r| r.0)
+                        )
+                    })
+                    .collect()
+            };
             return Err(format!(
-                "no liveness {LIVENESS:?} after the faults stopped (converged: {converged}): members {members:?}; clients {:?}; watcher {watcher}",
+                "no liveness {LIVENESS:?} after the faults stopped (converged: {converged}): members {members:?}; clients {:?}; watcher {watcher}; TTL keys whose expiry the watch did not see: {unseen:?}",
                 status.lock().unwrap()
             ));
         }
@@ -789,7 +843,7 @@ fn simulate(seed: u64) -> Result<Report, String> {
         .unwrap()
         .made
         .iter()
-        .filter(|(_, ok)| *ok)
+        .filter(|(_, ok, ..)| *ok)
         .count();
     let history = recorder.history();
     report.calls = history.iter().filter(|c| c.end.is_some()).count();
@@ -825,7 +879,8 @@ fn simulate(seed: u64) -> Result<Report, String> {
     }
     report.events = st.events;
     // No TTL key went before its TTL had passed since its put started.
-    let l = leases.lock().unwrap();
+    let mut l = leases.lock().unwrap();
+    l.settle();
     if !l.finished {
         return Err("the TTL client did not see every lease run out".into());
     }
@@ -869,11 +924,32 @@ fn simulate(seed: u64) -> Result<Report, String> {
     Ok(report)
 }
 
+/// Crashes member `m`: its disk first (what it had not synced is lost as `loss` says;
+/// nothing its dropped handles do reaches its files), then its tasks; it restarts at
+/// `back`.
+fn crash(
+    sim: &mut turmoil::Sim<'_>,
+    m: &mut Member,
+    loss: Loss,
+    back: Duration,
+    report: &mut Report,
+) {
+    report.crashes += 1;
+    let lost = m.disk.crash(loss);
+    report.unsynced += lost.unsynced;
+    report.lost += lost.lost;
+    report.torn += lost.torn;
+    sim.crash(host(m.id));
+    m.store.lock().unwrap().take();
+    m.restart_at = Some(back);
+}
+
 /// Membership moved only through committed configurations: every member that applied a
 /// configuration at a log index applied the same one; each member (between restarts)
 /// applied them in log order; and the final configuration keeps every change that
-/// returned success, for the members whose every change did (a change that timed out
-/// may still commit later, and order against the others).
+/// returned success, for the members whose every change did, one after another (a
+/// change that timed out may still commit later; two at once may commit in either
+/// order).
 fn check_membership(
     ms: &Membership,
     asked: &[Change],
@@ -906,12 +982,17 @@ fn check_membership(
     };
     for x in 1..=MEMBERS {
         let asked_x = asked.iter().filter(|c| node(c) == x).count();
-        let made_x: Vec<_> = ms.made.iter().filter(|(c, _)| node(c) == x).collect();
-        if asked_x == 0 || made_x.len() != asked_x || made_x.iter().any(|(_, ok)| !ok) {
+        let mut made_x: Vec<_> = ms.made.iter().filter(|(c, ..)| node(c) == x).collect();
+        if asked_x == 0 || made_x.len() != asked_x || made_x.iter().any(|(_, ok, ..)| !ok) {
+            continue;
+        }
+        // Changes that overlapped in time may have committed in either order.
+        made_x.sort_by_key(|(_, _, from, _)| *from);
+        if made_x.windows(2).any(|w| w[1].2 < w[0].3) {
             continue;
         }
         let role = last.role(x);
-        match made_x.last().map(|(c, _)| c) {
+        match made_x.last().map(|(c, ..)| c) {
             Some(Change::Promote(_)) if role != Some(Role::Voter) => {
                 return Err(format!(
                     "node {x} was promoted, but the final configuration has it as {role:?}: {last:?}"
@@ -1003,12 +1084,13 @@ fn simulated_clusters_keep_their_guarantees_under_faults() {
             let started = std::time::Instant::now();
             match run(seed) {
                 Ok(r) => eprintln!(
-                    "seed {seed}: ok in {:.1?}: {} calls ({} unknown), {} faults ({} crashes; {} unsynced writes, {} lost, {} torn; {} entries re-applied), {} membership changes ({} made), {} watch events, {} TTL keys, {} snapshot installs, digest {:016x}",
+                    "seed {seed}: ok in {:.1?}: {} calls ({} unknown), {} faults ({} crashes, {} failing disks; {} unsynced writes, {} lost, {} torn; {} entries re-applied), {} membership changes ({} made), {} watch events, {} TTL keys, {} snapshot installs, digest {:016x}",
                     started.elapsed(),
                     r.calls,
                     r.unknown,
                     r.faults,
                     r.crashes,
+                    r.disk_failures,
                     r.unsynced,
                     r.lost,
                     r.torn,
@@ -1100,7 +1182,12 @@ fn the_membership_check_fails_on_bad_observations() {
             // A restart starts over from an older configuration: allowed.
             (1, 1, config(1, &[1, 2, 3])),
         ],
-        made: vec![(Change::Promote(4), true)],
+        made: vec![(
+            Change::Promote(4),
+            true,
+            Duration::ZERO,
+            Duration::from_secs(1),
+        )],
     };
     let last = Some(config(5, &[1, 2, 3, 4]));
     assert_eq!(
@@ -1126,10 +1213,35 @@ fn the_membership_check_fails_on_bad_observations() {
 
     let lost = check_membership(&good, &[Change::Promote(4)], Some(config(5, &[1, 2, 3])));
     assert!(lost.unwrap_err().contains("node 4 was promoted"));
+    // Two changes one after another: the last one holds; at once: either may.
+    let secs = Duration::from_secs;
+    let both = [Change::Promote(4), Change::Remove(4)];
+    let after = Membership {
+        seen: good.seen.clone(),
+        made: vec![
+            (Change::Promote(4), true, secs(0), secs(1)),
+            (Change::Remove(4), true, secs(2), secs(3)),
+        ],
+    };
+    let e = check_membership(&after, &both, last.clone()).unwrap_err();
+    assert!(e.contains("node 4 was removed"), "{e}");
+    let at_once = Membership {
+        seen: good.seen.clone(),
+        made: vec![
+            (Change::Promote(4), true, secs(0), secs(2)),
+            (Change::Remove(4), true, secs(1), secs(3)),
+        ],
+    };
+    assert_eq!(check_membership(&at_once, &both, last.clone()), Ok(()));
     // A change that failed may or may not have committed: nothing is asked of it.
     let failed = Membership {
         seen: good.seen.clone(),
-        made: vec![(Change::Promote(4), false)],
+        made: vec![(
+            Change::Promote(4),
+            false,
+            Duration::ZERO,
+            Duration::from_secs(1),
+        )],
     };
     assert_eq!(
         check_membership(&failed, &[Change::Promote(4)], Some(config(5, &[1, 2, 3]))),

@@ -5,9 +5,8 @@
 //! [`write_at`]. A test arms a `Plan` on its thread: the `n`-th such operation fails
 //! (a write may first tear, in whole sectors), and so does every later one, as if the
 //! process had died there. Appends are `O_DSYNC`: durable once written. Other writes
-//! ([`write_unsynced`]) are durable at the next [`sync`]; with `lose`, a crash undoes
-//! every such write since the last sync (of any file: coarser than a disk, which keeps
-//! each file's own). Directory operations count as durable at once; reordering them is
+//! ([`write_unsynced`]) are durable at their file's next [`sync`]; with `lose`, a crash
+//! undoes every such write not yet synced. Directory operations count as durable at once; reordering them is
 //! the simulated disk's business (issue 18).
 //! Another thread's operations (the spare segment made in the background, into a
 //! `.tmp` file open removes) are not counted.
@@ -60,7 +59,7 @@ pub(crate) fn set_len(f: &File, path: &Path, len: u64) -> io::Result<()> {
 pub(crate) fn sync(f: &File, path: &Path) -> io::Result<()> {
     point()?;
     f.sync_all()?;
-    imp::synced();
+    imp::synced(path);
     disk::synced(path)
 }
 
@@ -68,7 +67,7 @@ pub(crate) fn sync(f: &File, path: &Path) -> io::Result<()> {
 pub(crate) fn sync_data(f: &File, path: &Path) -> io::Result<()> {
     point()?;
     f.sync_data()?;
-    imp::synced();
+    imp::synced(path);
     disk::synced(path)
 }
 
@@ -98,7 +97,7 @@ mod imp {
     pub(super) fn remember(_path: &std::path::Path, _at: u64, _len: usize) {}
 
     #[inline]
-    pub(super) fn synced() {}
+    pub(super) fn synced(_path: &std::path::Path) {}
 }
 
 #[cfg(test)]
@@ -181,10 +180,10 @@ mod imp {
         (buf, file_len)
     }
 
-    pub(super) fn synced() {
+    pub(super) fn synced(path: &Path) {
         PLAN.with(|p| {
             if let Some(plan) = p.borrow_mut().as_mut() {
-                plan.pending.clear();
+                plan.pending.retain(|(p, ..)| p != path);
             }
         })
     }

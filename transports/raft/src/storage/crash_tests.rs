@@ -6,7 +6,8 @@
 //!
 //! After each crash (clean or torn, with or without the unsynced writes), the store must
 //! open, its state machine must equal the model at the index it says it applied (never a
-//! partial apply, never past its log), the log must hold every entry after that index,
+//! partial apply, never past its log), its stored snapshot must be the model's state at
+//! the snapshot's index, the log must hold every entry after that index,
 //! every acknowledged append must still be there (in the log or in the applied state),
 //! and re-applying the log must reach the model's state at the log's end.
 
@@ -260,6 +261,25 @@ fn check(rt: &tokio::runtime::Runtime, dir: &Path, acked: &[LogId]) -> Result<()
                 "the acknowledged entry {ack} is gone (applied {a}, log to {last:?})"
             ));
         }
+    }
+    // The stored snapshot (built here or installed) is the state at its index.
+    if let Some(snap) = rt
+        .block_on(p.sm.get_current_snapshot())
+        .map_err(|e| e.to_string())?
+    {
+        let at = snap.meta.last_log_id.ok_or("a snapshot of nothing")?;
+        let fresh = tempfile::tempdir().expect("temp dir");
+        let mut q = parts(fresh.path()).map_err(|e| e.to_string())?;
+        rt.block_on(q.sm.install_snapshot(&snap.meta, snap.snapshot))
+            .map_err(|e| e.to_string())?;
+        let want =
+            expected_at(at).ok_or_else(|| format!("a snapshot at {at}: no state the run had"))?;
+        if kv(&q.db) != want {
+            return Err(format!(
+                "the stored snapshot at {at} differs from the model's"
+            ));
+        }
+        q.shared.close();
     }
     // Re-applying the log reaches the model's state at its end.
     if let Some(end) = replay.last().map(|e| e.log_id) {

@@ -102,7 +102,7 @@ impl StorageBackend for Backend {
 #[cfg(feature = "testing")]
 pub use sim::{Disk, Loss, Lost};
 #[cfg(feature = "testing")]
-pub(crate) use sim::{before_set_len, before_write, synced};
+pub(crate) use sim::{before_set_len, before_write, check, synced};
 
 #[cfg(not(feature = "testing"))]
 mod off {
@@ -122,9 +122,14 @@ mod off {
     pub(crate) fn synced(_path: &Path) -> std::io::Result<()> {
         Ok(())
     }
+
+    #[inline]
+    pub(crate) fn check(_path: &Path) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 #[cfg(not(feature = "testing"))]
-pub(crate) use off::{before_set_len, before_write, synced};
+pub(crate) use off::{before_set_len, before_write, check, synced};
 
 #[cfg(feature = "testing")]
 mod sim {
@@ -144,7 +149,10 @@ mod sim {
     /// crashed member's handles (redb's close on drop) change nothing.
     ///
     /// Writes the log makes with `O_DSYNC` are durable when they return and are not kept
-    /// apart; directory operations (create, rename, remove) count as durable at once.
+    /// apart (a down or failing disk refuses them); directory operations (create,
+    /// rename, remove) count as durable at once and are not refused. Unsynced changes are
+    /// kept by path: a file removed or renamed before its sync is not followed (the
+    /// store syncs the files it renames, and never removes redb's).
     #[derive(Debug)]
     pub struct Disk {
         dir: PathBuf,
@@ -154,6 +162,8 @@ mod sim {
     #[derive(Debug, Default)]
     struct State {
         down: bool,
+        /// Changes still to fail (see [`Disk::fail`]).
+        failing: u32,
         /// Per file, the changes since its last sync, oldest first.
         unsynced: BTreeMap<PathBuf, Vec<Change>>,
     }
@@ -177,7 +187,8 @@ mod sim {
     pub enum Loss {
         /// Keeps them all (the process died, the machine did not).
         None,
-        /// Loses them all.
+        /// Loses every write (resizes are kept, as a journaling file system keeps its
+        /// metadata).
         All,
         /// Keeps each with even odds, and tears one in four kept (a prefix of whole
         /// sectors lands): the seed chooses.
@@ -214,6 +225,7 @@ mod sim {
         pub fn crash(&self, loss: Loss) -> Lost {
             let mut state = lock(&self.state);
             state.down = true;
+            state.failing = 0;
             let mut rng = match loss {
                 Loss::Some(seed) => Some(fastrand::Rng::with_seed(seed)),
                 _ => None,
@@ -257,6 +269,28 @@ mod sim {
         /// The machine is back: its files take changes again.
         pub fn restart(&self) {
             lock(&self.state).down = false;
+        }
+
+        /// The next `n` changes to its files (writes, resizes, syncs, the log's
+        /// durable writes) fail with an I/O error, as a failing disk's do, until the
+        /// next crash. A failed sync leaves what it was to make durable unsynced (a
+        /// crash may lose it).
+        pub fn fail(&self, n: u32) {
+            lock(&self.state).failing = n;
+        }
+    }
+
+    impl State {
+        /// Whether the next change may go ahead.
+        fn admit(&mut self) -> std::io::Result<()> {
+            if self.down {
+                return Err(down());
+            }
+            if self.failing > 0 {
+                self.failing -= 1;
+                return Err(std::io::Error::other("simulated disk failure"));
+            }
+            Ok(())
         }
     }
 
@@ -328,9 +362,7 @@ mod sim {
             return Ok(());
         };
         let mut state = lock(&disk.state);
-        if state.down {
-            return Err(down());
-        }
+        state.admit()?;
         let (old, len) = read_range(path, at, buf.len() as u64)?;
         state
             .unsynced
@@ -351,9 +383,7 @@ mod sim {
             return Ok(());
         };
         let mut state = lock(&disk.state);
-        if state.down {
-            return Err(down());
-        }
+        state.admit()?;
         let (tail, len) = read_range(path, to, u64::MAX)?;
         let len = len.max(tail.len() as u64);
         state
@@ -364,16 +394,22 @@ mod sim {
         Ok(())
     }
 
-    /// After `path` was synced: its changes are durable.
+    /// After `path` was synced: its changes are durable (unless the sync fails).
     pub(crate) fn synced(path: &Path) -> std::io::Result<()> {
         let Some(disk) = disk_of(path) else {
             return Ok(());
         };
         let mut state = lock(&disk.state);
-        if state.down {
-            return Err(down());
-        }
+        state.admit()?;
         state.unsynced.remove(path);
         Ok(())
+    }
+
+    /// Before a durable change under `path` (the log's `O_DSYNC` writes).
+    pub(crate) fn check(path: &Path) -> std::io::Result<()> {
+        match disk_of(path) {
+            Some(disk) => lock(&disk.state).admit(),
+            None => Ok(()),
+        }
     }
 }

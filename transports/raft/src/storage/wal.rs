@@ -416,6 +416,7 @@ impl Files {
             off: a.pos,
         };
         let end = a.pos + frame.len() as u64;
+        super::disk::check(&self.dir)?;
         if a.direct {
             let page_start = a.pos - a.tail.len() as u64;
             let len = (a.tail.len() + frame.len()).next_multiple_of(PAGE);

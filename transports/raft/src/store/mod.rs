@@ -389,8 +389,9 @@ impl RaftStore {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// How many log entries were past the state machine's durable state when this member
-    /// opened: re-applied from the log after a crash (0 after a clean close).
+    /// How many log entries were past the state machine's durable applied state when
+    /// this member opened: after a crash, those committed are re-applied (the count
+    /// includes entries not committed yet).
     pub fn behind_at_open(&self) -> u64 {
         self.inner
             .sm
