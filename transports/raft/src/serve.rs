@@ -50,7 +50,9 @@ async fn serve_op(
     // A member that left, or that hears from no leader (cut off, or removed without
     // knowing it: its replica only ages), serves no clients: they go on to another
     // endpoint, as from a member that is stopping.
-    if store.has_left() || !store.hears_leader() {
+    // Its limits it still tells (a client connecting to it alone learns them).
+    let leaderless = !matches!(op, ClientOp::Limits) && !store.hears_leader();
+    if store.has_left() || leaderless {
         return Err(WireError::Stopped);
     }
     // The log's rule: a key stored under the older one can be read and deleted by
