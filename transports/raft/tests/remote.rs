@@ -9,8 +9,8 @@ use std::time::Duration;
 use datasync::ResyncReason;
 use datasync::testing::mirror_until;
 use datasync::{
-    Consistency, Key, Mirror, Prefix, PutOptions, ReadOptions, Revision, Value, WatchOptions,
-    Watcher, Writer,
+    Consistency, Key, Mirror, Prefix, PutOptions, ReadOptions, Revision, Value, Watch,
+    WatchOptions, Watcher, Writer,
 };
 use datasync_raft::testing::{TestCluster, test_secret, wait_until};
 use datasync_raft::{
@@ -35,6 +35,33 @@ async fn put(remote: &RemoteStore, k: &str) -> Revision {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("put {k} never succeeded");
+}
+
+/// Writes `m/{from}`… through `remote`; the watch must reach them through a resync on
+/// another member (`Reconnect`) and hold what a linearizable listing holds.
+async fn follow_elsewhere(
+    remote: &RemoteStore,
+    w: &mut Watch,
+    mirror: &mut Mirror,
+    keys: std::ops::Range<usize>,
+) {
+    let mut rev = Revision::ZERO;
+    for i in keys.clone() {
+        rev = put(remote, &format!("m/{i:02}")).await;
+    }
+    let reasons = mirror_until(w, mirror, rev).await.unwrap();
+    assert!(
+        reasons.contains(&ResyncReason::Reconnect),
+        "the watch resynced on another member: {reasons:?}"
+    );
+    assert_eq!(mirror.len(""), keys.end);
+    let listing = remote
+        .list(&Prefix::new("m/").unwrap(), ReadOptions::new())
+        .await
+        .unwrap();
+    let listed: Vec<_> = listing.values.iter().map(|kv| kv.key.clone()).collect();
+    let mirrored: Vec<_> = mirror.values("").map(|(k, _, _)| k.clone()).collect();
+    assert_eq!(listed, mirrored, "the watcher holds what the store holds");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,22 +96,7 @@ async fn a_remote_watch_moves_to_another_member_when_its_member_stops() {
     stopped.shutdown().await;
     drop(stopped);
     // Writes go on through the next endpoint; the watch resyncs on another member.
-    for i in 20..40 {
-        rev = put(&remote, &format!("m/{i:02}")).await;
-    }
-    let reasons = mirror_until(&mut w, &mut mirror, rev).await.unwrap();
-    assert!(
-        reasons.contains(&ResyncReason::Reconnect),
-        "a reconnect is a resync: {reasons:?}"
-    );
-    assert_eq!(mirror.len(""), 40);
-    let listing = remote
-        .list(&Prefix::new("m/").unwrap(), ReadOptions::new())
-        .await
-        .unwrap();
-    let listed: Vec<_> = listing.values.iter().map(|kv| kv.key.clone()).collect();
-    let mirrored: Vec<_> = mirror.values("").map(|(k, _, _)| k.clone()).collect();
-    assert_eq!(listed, mirrored, "the watcher holds what the store holds");
+    follow_elsewhere(&remote, &mut w, &mut mirror, 20..40).await;
     // Closing the registration releases the member's watch.
     drop(w);
     wait_until("the member's watch is released", || {
@@ -136,20 +148,7 @@ async fn a_remote_client_moves_off_a_member_removed_from_the_group() {
     assert!(pinned.get(&key("m/00"), local).await.unwrap().is_some());
 
     c.nodes[0].remove_member(4).await.unwrap();
-    for i in 10..20 {
-        rev = put(&remote, &format!("m/{i:02}")).await;
-    }
-    let reasons = mirror_until(&mut w, &mut mirror, rev).await.unwrap();
-    assert!(
-        reasons.contains(&ResyncReason::Reconnect),
-        "the watch moved to another member: {reasons:?}"
-    );
-    assert_eq!(mirror.len(""), 20);
-    let listing = remote
-        .list(&Prefix::new("m/").unwrap(), ReadOptions::new())
-        .await
-        .unwrap();
-    assert_eq!(listing.values.len(), 20, "a linearizable listing");
+    follow_elsewhere(&remote, &mut w, &mut mirror, 10..20).await;
     // The removed member refuses even local reads once it has heard from no leader.
     let mut refused = false;
     for _ in 0..100 {

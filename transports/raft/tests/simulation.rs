@@ -204,8 +204,9 @@ struct Report {
     torn: usize,
     /// Log entries re-applied at restarts.
     replayed: u64,
-    /// Disks set to fail.
+    /// Disks set to fail, and made slow.
     disk_failures: usize,
+    slow_disks: usize,
     /// Membership changes asked for, and made.
     changes: usize,
     changed: usize,
@@ -658,7 +659,7 @@ fn simulate(seed: u64) -> Result<Report, String> {
         report.faults += 1;
         let a = nemesis.u64(1..=MEMBERS);
         let b = (a + nemesis.u64(1..MEMBERS) - 1) % MEMBERS + 1;
-        match nemesis.u32(..112) {
+        match nemesis.u32(..116) {
             0..15 => {
                 // Isolate a member from the other members, both ways.
                 for o in (1..=MEMBERS).filter(|&o| o != a) {
@@ -673,6 +674,9 @@ fn simulate(seed: u64) -> Result<Report, String> {
             25..45 => {
                 for (x, y) in cut.drain(..) {
                     sim.repair(x, y);
+                }
+                for m in &members {
+                    m.disk.slow(Duration::ZERO);
                 }
                 for (x, y) in held.drain(..) {
                     sim.release(x, y);
@@ -700,6 +704,14 @@ fn simulate(seed: u64) -> Result<Report, String> {
             75..85 => faults.delay(Duration::ZERO, Duration::from_millis(nemesis.u64(1..100))),
             85..95 => faults.stop_replies(&addr(a), &addr(b), nemesis.usize(1..4)),
             95..100 => sim.set_max_message_latency(Duration::from_millis(nemesis.u64(1..200))),
+            104..108 => {
+                // A slow disk: each of the member's log writes takes 1–100 ms, until
+                // the next repair.
+                members[a as usize - 1]
+                    .disk
+                    .slow(Duration::from_millis(nemesis.u64(1..100)));
+                report.slow_disks += 1;
+            }
             100..104 => {
                 // The member's disk fails its next 1–3 changes; whatever the member makes
                 // of that, it is restarted 1–5 s later (as a supervisor restarts a
@@ -744,6 +756,7 @@ fn simulate(seed: u64) -> Result<Report, String> {
     faults.reset();
     sim.set_max_message_latency(Duration::from_millis(5));
     for m in &mut members {
+        m.disk.slow(Duration::ZERO);
         if m.fails_until.take().is_some() {
             crash(&mut sim, m, Loss::None, Duration::ZERO, &mut report);
         }
@@ -1084,13 +1097,14 @@ fn simulated_clusters_keep_their_guarantees_under_faults() {
             let started = std::time::Instant::now();
             match run(seed) {
                 Ok(r) => eprintln!(
-                    "seed {seed}: ok in {:.1?}: {} calls ({} unknown), {} faults ({} crashes, {} failing disks; {} unsynced writes, {} lost, {} torn; {} entries re-applied), {} membership changes ({} made), {} watch events, {} TTL keys, {} snapshot installs, digest {:016x}",
+                    "seed {seed}: ok in {:.1?}: {} calls ({} unknown), {} faults ({} crashes, {} failing disks, {} slow disks; {} unsynced writes, {} lost, {} torn; {} entries re-applied), {} membership changes ({} made), {} watch events, {} TTL keys, {} snapshot installs, digest {:016x}",
                     started.elapsed(),
                     r.calls,
                     r.unknown,
                     r.faults,
                     r.crashes,
                     r.disk_failures,
+                    r.slow_disks,
                     r.unsynced,
                     r.lost,
                     r.torn,

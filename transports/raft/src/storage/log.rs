@@ -92,6 +92,7 @@ impl LogStore {
         &self,
         f: impl FnOnce(&Wal) -> std::io::Result<T> + Send + 'static,
     ) -> Result<T, StorageError> {
+        super::disk::pause(self.wal.dir()).await;
         let wal = self.wal.clone();
         crate::rt::blocking(move || f(&wal))
             .await
@@ -188,6 +189,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        super::disk::pause(self.wal.dir()).await;
         match self.wal.append(entries) {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));

@@ -20,6 +20,7 @@
 // unboxed because every trait method would have to unbox it again.
 #![allow(clippy::result_large_err)]
 
+mod backend;
 mod crash;
 #[cfg(test)]
 mod crash_tests;
@@ -160,7 +161,7 @@ pub(crate) fn open(dir: &Path, segment: u64) -> Result<(Arc<Database>, wal::Wal)
             "the data file is missing or empty, but this directory held a store".into(),
         ));
     }
-    let backend = disk::Backend::open(&path).map_err(|source| OpenError::Dir {
+    let backend = backend::Backend::open(&path).map_err(|source| OpenError::Dir {
         path: dir.to_owned(),
         source,
     })?;

@@ -615,6 +615,11 @@ impl std::fmt::Debug for Wal {
 impl Wal {
     /// Opens the log in `dir`, recovering it; entries at or below `purged` are dropped.
     /// New segments grow up to `seg_size` bytes.
+    /// The log's directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub(crate) fn open(dir: &Path, purged: Option<LogId>, seg_size: u64) -> Result<Wal, Damage> {
         Self::open_sized(dir, purged, seg_size)
     }
