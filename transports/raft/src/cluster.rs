@@ -316,8 +316,14 @@ impl Handler for Service {
             }
             Request::Vote(r) => Reply::Vote(self.raft.vote(r).await),
             Request::Snapshot(r) => {
-                self.heard_from(&r.vote);
-                Reply::Snapshot(self.raft.install_snapshot(r).await)
+                let vote = r.vote;
+                self.heard_from(&vote);
+                let reply = self.raft.install_snapshot(r).await;
+                // A long install must not make the leader look gone.
+                if reply.as_ref().is_ok_and(|resp| vote >= resp.vote) {
+                    self.heard();
+                }
+                Reply::Snapshot(reply)
             }
             Request::Propose(cmd) => {
                 Reply::Proposed(self.proposals.propose(cmd).await.map_err(|e| match e {
@@ -413,8 +419,9 @@ impl Node {
 
     /// Whether this member follows a live leader: it leads (a voter of its group, with
     /// a quorum's acknowledgement within [`LEADERLESS`] or three election timeouts,
-    /// whichever is longer, as far as openraft's metrics tell), or a leader's append or
-    /// snapshot reached it within that time.
+    /// whichever is longer, as far as openraft's metrics tell; a new leader none has
+    /// answered yet does not count), or a leader's append or snapshot reached it within
+    /// that time.
     ///
     /// Why: a member cut off from the leader, or removed from the group (the leader
     /// stops replicating to it, and it may never apply its own removal), keeps a
@@ -433,7 +440,7 @@ impl Node {
                 // A leader that removed itself may still say it leads (openraft 0.9).
                 return m.membership_config.voter_ids().any(|v| v == self.id)
                     && m.millis_since_quorum_ack
-                        .is_none_or(|ms| u128::from(ms) < within.as_millis());
+                        .is_some_and(|ms| u128::from(ms) < within.as_millis());
             }
         }
         self.service

@@ -9,7 +9,7 @@ use std::time::Duration;
 use datasync::ResyncReason;
 use datasync::testing::mirror_until;
 use datasync::{
-    Consistency, Key, Mirror, Prefix, PutOptions, ReadOptions, Revision, Value, Watch,
+    Consistency, Key, Mirror, Prefix, PutOptions, ReadOptions, Revision, StoreError, Value, Watch,
     WatchOptions, Watcher, Writer,
 };
 use datasync_raft::testing::{TestCluster, test_secret, wait_until};
@@ -150,15 +150,25 @@ async fn a_remote_client_moves_off_a_member_removed_from_the_group() {
     c.nodes[0].remove_member(4).await.unwrap();
     follow_elsewhere(&remote, &mut w, &mut mirror, 10..20).await;
     // The removed member refuses even local reads once it has heard from no leader.
-    let mut refused = false;
+    let mut refused = None;
     for _ in 0..100 {
-        if pinned.get(&key("m/00"), local).await.is_err() {
-            refused = true;
+        if let Err(e) = pinned.get(&key("m/00"), local).await {
+            refused = Some(e);
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(refused, "the removed member still serves its aging replica");
+    // Refused as a member that cannot serve (no other endpoint to go on to).
+    match refused {
+        Some(StoreError::Unavailable(e)) => assert!(
+            matches!(
+                e.downcast_ref::<ClusterError>(),
+                Some(ClusterError::NoMember(_))
+            ),
+            "{e}"
+        ),
+        other => panic!("the removed member still serves its aging replica: {other:?}"),
+    }
     wait_until("the removed member's watch is released", || {
         learner.active_watches() == 0
     })

@@ -68,8 +68,9 @@ mod sim {
     #[derive(Debug, Default)]
     struct State {
         down: bool,
-        /// Changes still to fail (see [`Disk::fail`]).
+        /// Changes still to fail (see [`Disk::fail`]), and failed so far.
         failing: u32,
+        failed: u64,
         /// How long each of the log's writes takes (see [`Disk::slow`]).
         slow: std::time::Duration,
         /// Per file, the changes since its last sync, oldest first.
@@ -187,9 +188,15 @@ mod sim {
             lock(&self.state).failing = n;
         }
 
-        /// Each of the log's writes (appends, truncations, purges) takes `by` of
-        /// simulated time from now on (zero: as fast as the host; the simulation's time
-        /// does not pass during I/O otherwise).
+        /// Changes that failed as [`Disk::fail`] asked.
+        pub fn failures(&self) -> u64 {
+            lock(&self.state).failed
+        }
+
+        /// Each of the log's operations (appends, and the reads, truncations and
+        /// purges that go through its blocking helper) takes `by` of simulated time
+        /// from now on (zero: none; the simulation's time does not pass during I/O
+        /// otherwise).
         pub fn slow(&self, by: std::time::Duration) {
             lock(&self.state).slow = by;
         }
@@ -203,6 +210,7 @@ mod sim {
             }
             if self.failing > 0 {
                 self.failing -= 1;
+                self.failed += 1;
                 return Err(std::io::Error::other("simulated disk failure"));
             }
             Ok(())
