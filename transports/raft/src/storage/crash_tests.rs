@@ -85,7 +85,7 @@ fn parts(dir: &Path) -> Result<Parts, super::OpenError> {
     let shared = sm::Shared::new(db.clone(), 100, crate::Clock::new())
         .map_err(|e| super::OpenError::State(Box::new(e)))?;
     Ok(Parts {
-        log: LogStore::new(db.clone(), wal),
+        log: LogStore::new(db.clone(), wal, Some(1)),
         sm: sm::StateMachine::new(shared.clone()),
         db,
         shared,

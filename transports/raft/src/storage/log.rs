@@ -20,6 +20,9 @@ use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 pub(crate) struct LogStore {
     db: Arc<Database>,
     wal: Wal,
+    /// This node's id in a cluster (see `read_vote`); `None` for a single node, whose
+    /// commit index is its log's end once it replays.
+    id: Option<NodeId>,
 }
 
 fn io(
@@ -73,8 +76,8 @@ impl LogStore {
 }
 
 impl LogStore {
-    pub(crate) fn new(db: Arc<Database>, wal: Wal) -> Self {
-        LogStore { db, wal }
+    pub(crate) fn new(db: Arc<Database>, wal: Wal, id: Option<NodeId>) -> Self {
+        LogStore { db, wal, id }
     }
 
     /// Runs blocking redb work off the async threads.
@@ -167,13 +170,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await
     }
 
+    /// A vote this node won comes back as one it only cast: a leader that restarts
+    /// stands for election again.
+    ///
+    /// Why: openraft 0.9 resumes leading at once, in its old term, when it reads back a
+    /// committed vote for itself, with a commit index no further than its state
+    /// machine's durable applied index (the commit index is not stored). That can be
+    /// behind what it acknowledged before the crash (applies are durable about once a
+    /// second), and its read index for linearizable reads with it: it served a stale
+    /// read in the simulation (a leader whose disk failed, restarted within an election
+    /// timeout). Elected anew, it commits an entry of its new term before serving, which
+    /// brings its commit index past everything acknowledged. Still voting for itself in
+    /// that term, it cannot vote twice in it.
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.blocking(|db| Self::meta(db, "vote")).await
+        let id = self.id;
+        let vote: Option<Vote<NodeId>> = self.blocking(|db| Self::meta(db, "vote")).await?;
+        Ok(vote.map(|v| match v.leader_id() {
+            l if v.is_committed() && id.is_some() && l.voted_for() == id => {
+                Vote::new(l.term, l.node_id)
+            }
+            _ => v,
+        }))
     }
 
     // `save_committed`/`read_committed` keep openraft's defaults (not stored): storing
     // the commit index costs a redb commit per write, and after a restart the leader
-    // re-learns it by committing an entry of its new term.
+    // re-learns it by committing an entry of its new term (see `read_vote`).
 
     /// One durable frame per call, written before returning (see [`Wal::append`]); the
     /// callback runs once the entries are on disk. (openraft 0.9 waits for each append
@@ -265,6 +287,44 @@ mod tests {
         tx.commit().expect("commit");
     }
 
+    /// A cluster member's own won vote reads back as one it only cast (so a restarted
+    /// leader stands for election again instead of leading in its old term with a
+    /// commit index behind what it acknowledged: a stale read in simulation seed
+    /// 1796821148046384032 on commit 7e951e1); another leader's vote, and a single
+    /// node's own, read back as stored.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_restarted_leader_stands_for_election_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, wal) = super::super::open(dir.path(), 64 << 10).expect("opens");
+        let mut member = LogStore::new(db.clone(), wal.clone(), Some(3));
+        let mut single = LogStore::new(db.clone(), wal, None);
+        member
+            .save_vote(&Vote::new_committed(2, 3))
+            .await
+            .expect("saves");
+        assert_eq!(
+            member.read_vote().await.expect("reads"),
+            Some(Vote::new(2, 3))
+        );
+        assert_eq!(
+            single.read_vote().await.expect("reads"),
+            Some(Vote::new_committed(2, 3))
+        );
+        member
+            .save_vote(&Vote::new_committed(4, 1))
+            .await
+            .expect("saves");
+        assert_eq!(
+            member.read_vote().await.expect("reads"),
+            Some(Vote::new_committed(4, 1))
+        );
+        member.save_vote(&Vote::new(5, 3)).await.expect("saves");
+        assert_eq!(
+            member.read_vote().await.expect("reads"),
+            Some(Vote::new(5, 3))
+        );
+    }
+
     /// A purge to a point the state machine has not reached (a snapshot install still
     /// on its way) waits for it, so the purge point never becomes durable first.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,7 +332,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (db, wal) = super::super::open(dir.path(), 64 << 10).expect("opens");
         set_applied(&db, 5);
-        let mut store = LogStore::new(db.clone(), wal);
+        let mut store = LogStore::new(db.clone(), wal, None);
         let upto = LogId::new(CommittedLeaderId::new(1, 1), 10);
         let purge = tokio::spawn(async move { store.purge(upto).await });
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

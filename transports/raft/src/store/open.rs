@@ -85,7 +85,7 @@ impl RaftStore {
         }
         let raft_config = Arc::new(raft_config(&config)?);
         let (log, machine) = (
-            LogStore::new(db, wal),
+            LogStore::new(db, wal, config.cluster.as_ref().map(|_| config.node_id)),
             sm::StateMachine::new(shared.clone()),
         );
         let id = config.node_id;
