@@ -816,12 +816,14 @@ fn simulate(seed: u64) -> Result<Report, String> {
                 .map(|m| match &*m.store.lock().unwrap() {
                     None => format!("n{}: down", m.id),
                     Some(s) => format!(
-                        "n{}: leader {:?}, at {}, hash {:?}, voters {:?}",
+                        "n{}: leader {:?}, at {}, hash {:?}, voters {:?}, learners {:?} (config at {})",
                         m.id,
                         s.leader(),
                         s.revision(),
                         s.state_hash().ok(),
-                        s.members().voters.keys().collect::<Vec<_>>()
+                        s.members().voters.keys().collect::<Vec<_>>(),
+                        s.members().learners.keys().collect::<Vec<_>>(),
+                        s.members().log_index
                     ),
                 })
                 .collect();
