@@ -132,9 +132,10 @@ impl Proposals {
                 .is_ok()
         {
             let _done = InFlight(&self.inflight);
-            return match self.raft.client_write(cmd).await {
-                Ok(resp) => Ok((resp.data, resp.log_id.index)),
-                Err(e) => Err(write_error(&e)),
+            return match tokio::time::timeout(WRITE_WITHIN, self.raft.client_write(cmd)).await {
+                Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
+                Ok(Err(e)) => Err(write_error(&e)),
+                Err(_) => Err(ProposeError::Store(StoreError::Timeout(WRITE_WITHIN))),
             };
         }
         let (reply, rx) = oneshot::channel();
@@ -166,6 +167,15 @@ pub(crate) const IN_FLIGHT_CLUSTER: usize = 2;
 /// A batch closes at this many proposals or bytes of keys and values, so one log entry
 /// stays well within a network frame.
 const BATCH_MAX: usize = 1024;
+
+/// How long a proposal waits for raft's answer before it reports an unknown outcome.
+///
+/// Why a bound: openraft 0.9 can leave a write unanswered when its leader loses the
+/// term around it (the simulation found a leader whose first proposal never came back,
+/// seed 1796819930667185384); the slot that write held then blocked every later
+/// proposal on that member, and no lease expired while it led. A write that timed out
+/// may still commit (callers retry with the same request id).
+const WRITE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 const BATCH_BYTES: usize = 4 << 20;
 
 fn size(cmd: &Command) -> usize {
@@ -246,7 +256,16 @@ async fn commit(raft: Raft<TypeConfig>, batch: Vec<Proposal>) {
     } else {
         Command::Batch(cmds)
     };
-    match raft.client_write(cmd).await {
+    let written = match tokio::time::timeout(WRITE_WITHIN, raft.client_write(cmd)).await {
+        Ok(written) => written,
+        Err(_) => {
+            for reply in replies {
+                let _ = reply.send(Err(ProposeError::Store(StoreError::Timeout(WRITE_WITHIN))));
+            }
+            return;
+        }
+    };
+    match written {
         Ok(resp) => {
             let index = resp.log_id.index;
             match resp.data {
