@@ -161,23 +161,10 @@ mod imp {
             let Some(plan) = p.as_mut().filter(|p| p.lose && !p.dead) else {
                 return;
             };
-            let (old, old_len) = read_range(path, at, len);
+            let (old, old_len) =
+                super::super::disk::read_range(path, at, len as u64).unwrap_or_default();
             plan.pending.push((path.to_owned(), at, old, old_len));
         })
-    }
-
-    /// The bytes of `path` at `at..at + len` that exist, and the file's length.
-    fn read_range(path: &Path, at: u64, len: usize) -> (Vec<u8>, u64) {
-        let Ok(f) = std::fs::File::open(path) else {
-            return (Vec::new(), 0);
-        };
-        let file_len = f.metadata().map_or(0, |m| m.len());
-        let have = file_len.saturating_sub(at).min(len as u64) as usize;
-        let mut buf = vec![0u8; have];
-        if f.read_exact_at(&mut buf, at).is_err() {
-            buf.clear();
-        }
-        (buf, file_len)
     }
 
     pub(super) fn synced(path: &Path) {

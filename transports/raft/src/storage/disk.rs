@@ -7,6 +7,27 @@ pub use sim::{Disk, Loss, Lost};
 #[cfg(feature = "testing")]
 pub(crate) use sim::{before_set_len, before_write, check, pause, synced};
 
+/// The bytes of `path` at `at..at + len` that exist, and the file's length (none, 0 for
+/// a missing file): what an unsynced change overwrites, for the crash layers to undo.
+#[cfg(any(test, feature = "testing"))]
+pub(super) fn read_range(
+    path: &std::path::Path,
+    at: u64,
+    len: u64,
+) -> std::io::Result<(Vec<u8>, u64)> {
+    use std::os::unix::fs::FileExt;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(e),
+    };
+    let file_len = f.metadata()?.len();
+    let have = file_len.saturating_sub(at).min(len);
+    let mut buf = vec![0u8; have as usize];
+    f.read_exact_at(&mut buf, at)?;
+    Ok((buf, file_len))
+}
+
 #[cfg(not(feature = "testing"))]
 mod off {
     use std::path::Path;
@@ -265,19 +286,7 @@ mod sim {
         std::io::Error::other("the simulated machine is down")
     }
 
-    /// The bytes of `path` at `at..at + len` that exist, and the file's length.
-    fn read_range(path: &Path, at: u64, len: u64) -> std::io::Result<(Vec<u8>, u64)> {
-        let f = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-            Err(e) => return Err(e),
-        };
-        let file_len = f.metadata()?.len();
-        let have = file_len.saturating_sub(at).min(len);
-        let mut buf = vec![0u8; have as usize];
-        f.read_exact_at(&mut buf, at)?;
-        Ok((buf, file_len))
-    }
+    use super::read_range;
 
     /// Before `buf` is written at `at` without a sync: keeps what it overwrites.
     pub(crate) fn before_write(path: &Path, at: u64, buf: &[u8]) -> std::io::Result<()> {
