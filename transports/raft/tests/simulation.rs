@@ -1039,6 +1039,10 @@ fn check_membership(
 /// Seeds `cargo test` runs when no environment variable asks for others.
 const FIXED_SEEDS: std::ops::RangeInclusive<u64> = 1..=200;
 
+/// Seeds that found defects, run with the fixed ones: 1796819930667185384 (a write
+/// openraft never answered wedged a leader's proposals; `propose::WRITE_WITHIN`).
+const REGRESSION_SEEDS: [u64; 1] = [1_796_819_930_667_185_384];
+
 /// The seeds to run: `DATASYNC_SIM_SEED=S` (one, or several with commas), `DATASYNC_SIM_SEEDS=N` (N random
 /// ones), or the fixed set.
 fn seeds() -> Vec<u64> {
@@ -1063,7 +1067,10 @@ fn seeds() -> Vec<u64> {
             .map(|i| base.wrapping_add(i.wrapping_mul(0x9e37_79b9)))
             .collect();
     }
-    FIXED_SEEDS.rev().collect()
+    REGRESSION_SEEDS
+        .into_iter()
+        .chain(FIXED_SEEDS.rev())
+        .collect()
 }
 
 /// Runs `seed` in a process of its own (this test binary again) and returns what it
