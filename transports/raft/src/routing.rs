@@ -55,6 +55,12 @@ pub(crate) async fn change_membership(
 /// be reached, no known leader, or a change in progress is retried with backoff until
 /// `timeout`. A call that failed after it was sent is not retried (its outcome is
 /// unknown).
+///
+/// Why no attempt starts in the last [`LAST_TRY`] of the time: an attempt sent with
+/// almost no time left can only time out, and its timeout would turn "no member could
+/// take the call" (every attempt refused) into "the call failed after it was sent"
+/// (outcome unknown). A remote client pinned to one refusing member got that
+/// depending on where its backoff ended.
 pub(crate) async fn route<F, Fut>(
     timeout: Duration,
     mut pick: impl FnMut(Option<(NodeId, String)>) -> Option<(NodeId, String)>,
@@ -65,6 +71,8 @@ where
     Fut: std::future::Future<Output = Result<(Reply, bool), NetError>>,
 {
     let deadline = Instant::now() + timeout;
+    // The last moment an attempt may start (the first one always does).
+    let last_start = deadline - LAST_TRY.min(timeout / 4);
     let mut hint = None;
     let mut pauses = datasync::transport::resync::Pauses::between(
         Duration::from_millis(5),
@@ -90,18 +98,23 @@ where
                 Err(e) => return Err(ClusterError::Net(e)),
             },
         }
-        if Instant::now() >= deadline {
+        if hint.is_none() || redirected {
+            let left = last_start.saturating_duration_since(Instant::now());
+            tokio::time::sleep(pauses.next_pause().min(left)).await;
+        }
+        if Instant::now() >= last_start {
             return Err(if in_progress {
                 ClusterError::InProgress
             } else {
                 ClusterError::NoLeader(timeout)
             });
         }
-        if hint.is_none() || redirected {
-            tokio::time::sleep(pauses.next_pause().min(deadline - Instant::now())).await;
-        }
     }
 }
+
+/// The least time an attempt after the first is given (a quarter of the whole time if
+/// that is less): see [`route`].
+const LAST_TRY: Duration = Duration::from_secs(1);
 
 /// A refused membership change as a [`ClusterError`] (redirects, changes in progress
 /// and stops are handled by [`route`] before).
@@ -112,5 +125,50 @@ pub(crate) fn membership_error(e: ServiceError, timeout: Duration) -> ClusterErr
         ServiceError::Stopped => ClusterError::Stopped,
         ServiceError::NotLeader { .. } | ServiceError::NoQuorum => ClusterError::NoLeader(timeout),
         ServiceError::Store(_) => ClusterError::UnexpectedReply,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member that refuses every call (stopping, or hearing from no leader) makes
+    /// `route` give up with "no leader", never with a call sent too late to be
+    /// answered.
+    #[tokio::test(start_paused = true)]
+    async fn no_attempt_starts_too_late_to_be_answered() {
+        for timeout in [Duration::from_millis(300), Duration::from_secs(15)] {
+            let start = Instant::now();
+            let deadline = start + timeout;
+            let mut starts = Vec::new();
+            let routed = route(
+                timeout,
+                |_| Some((1, "member".to_owned())),
+                |_| {
+                    starts.push(Instant::now());
+                    async { Ok((Reply::Client(Err(WireError::Stopped)), true)) }
+                },
+            )
+            .await;
+            assert!(
+                matches!(routed, Err(ClusterError::NoLeader(t)) if t == timeout),
+                "{routed:?}"
+            );
+            assert!(starts.len() > 2, "the refusing member is asked again");
+            let least = LAST_TRY.min(timeout / 4);
+            for s in &starts {
+                assert!(
+                    deadline - *s >= least,
+                    "{timeout:?}: an attempt started {:?} before the deadline",
+                    deadline - *s
+                );
+            }
+            // It gave up when no attempt could start any more, not earlier.
+            assert!(
+                Instant::now() >= deadline - least,
+                "{:?}",
+                Instant::now() - start
+            );
+        }
     }
 }

@@ -248,7 +248,7 @@ impl RaftStore {
         match node.to_leader(|| Request::Propose(cmd.clone())).await? {
             (Reply::Proposed(Ok((out, index))), remote) => {
                 if remote {
-                    self.applied(index).await?;
+                    self.forwarded_applied(node, index).await?;
                 }
                 Ok(out)
             }
@@ -274,6 +274,26 @@ impl RaftStore {
                 openraft::metrics::WaitError::Timeout(t, _) => StoreError::Timeout(t),
                 openraft::metrics::WaitError::ShuttingDown => StoreError::Stopped,
             })
+    }
+
+    /// [`applied`](Self::applied) for a write this member forwarded: a member that has
+    /// heard from no leader for a while (removed from the group, or cut off) may never
+    /// apply it, so the wait ends then, as a timeout (the write committed; a retry with
+    /// its request id finds it). Before, a removed member held each such write for the
+    /// whole forward timeout.
+    async fn forwarded_applied(&self, node: &Node, index: u64) -> Result<(), StoreError> {
+        let start = tokio::time::Instant::now();
+        let leaderless = async {
+            // Not at once: a member that has just started may not have heard yet.
+            tokio::time::sleep(crate::cluster::LEADERLESS).await;
+            while node.hears_leader() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::select! {
+            r = self.applied(index) => r,
+            () = leaderless => Err(StoreError::Timeout(start.elapsed())),
+        }
     }
 
     /// This node's id.
