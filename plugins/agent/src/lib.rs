@@ -45,6 +45,15 @@ pub enum AgentError {
     /// The embedded raft store could not be opened.
     #[error("cannot open the embedded raft store")]
     Raft(#[from] datasync_raft::OpenError),
+    /// Another process holds the embedded store and does not serve it to others (it
+    /// runs without a local endpoint, or is starting or stopping).
+    #[error("the store in {} is held by another process, which does not serve it to others ({reason})", dir.display())]
+    HeldElsewhere {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// Why its local endpoint could not be used.
+        reason: String,
+    },
     /// The store could not be reached.
     #[error("cannot connect to the store")]
     Store(#[from] datasync::StoreError),

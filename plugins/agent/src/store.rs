@@ -26,15 +26,20 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
-    /// Opens (or connects to) the store `config` names.
+    /// Opens (or connects to) the store `config` names. An embedded store serves other
+    /// processes through its local endpoint (see [`open_or_reach`](Self::open_or_reach)).
     pub async fn open(config: &StoreConfig) -> Result<AnyStore, AgentError> {
+        AnyStore::open_serving(config, true).await
+    }
+
+    async fn open_serving(config: &StoreConfig, serve: bool) -> Result<AnyStore, AgentError> {
         match config {
             StoreConfig::Raft {
                 dir,
                 node_id,
                 cluster,
             } => {
-                let mut raft = RaftConfig::new(dir);
+                let mut raft = RaftConfig::new(dir).local_endpoint(serve);
                 raft.node_id = *node_id;
                 if let Some(c) = cluster {
                     let mut cc = ClusterConfig::new(c.listen, Secret::from_file(&c.secret_file)?)
@@ -74,6 +79,38 @@ impl AnyStore {
                 StoreConfig::Nats { .. } => "nats",
                 _ => "etcd",
             })),
+        }
+    }
+
+    /// [`open`](Self::open), except that an embedded store another process holds (an
+    /// agent, `datasync serve`, a CLI `watch`) is reached through that process's local
+    /// endpoint (a Unix socket in the data directory) instead of failing on its lock.
+    /// For the CLI: an agent opens its store itself, or fails. `serve`: whether this
+    /// process, if it opens the store itself, serves others in turn (a long-running
+    /// `watch` does; a one-shot command does not, so that a second CLI never comes to
+    /// depend on a process about to exit).
+    ///
+    /// A holder that is starting or exiting may hold the lock without serving: the
+    /// store is tried again for up to 5 s, then the error names both.
+    pub async fn open_or_reach(config: &StoreConfig, serve: bool) -> Result<AnyStore, AgentError> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let dir = match AnyStore::open_serving(config, serve).await {
+                Err(AgentError::Raft(datasync_raft::OpenError::InUse { dir })) => dir,
+                opened => return opened,
+            };
+            match RemoteStore::connect_local(&dir).await {
+                Ok(remote) => return Ok(AnyStore::Remote(remote)),
+                Err(datasync_raft::ClusterError::NoLocalEndpoint { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(datasync_raft::ClusterError::NoLocalEndpoint { dir, reason }) => {
+                    return Err(AgentError::HeldElsewhere { dir, reason });
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 

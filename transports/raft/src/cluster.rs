@@ -175,6 +175,8 @@ pub(crate) trait ClientService: Send + Sync + 'static {
     async fn op(&self, op: ClientOp, id: Option<RequestId>) -> Result<ClientReply, WireError>;
     /// Streams a watch to `out` until the client goes away.
     async fn watch(&self, name: String, prefixes: Vec<String>, queue_capacity: usize, out: Replies);
+    /// The committed configuration (`None` once the store is gone).
+    fn members(&self) -> Option<crate::members::Members>;
 }
 
 fn change_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ServiceError {
@@ -460,6 +462,7 @@ impl Node {
         let make = &make;
         route(
             self.forward_timeout,
+            Duration::ZERO,
             |hint| hint.or_else(|| self.leader()),
             |target| async move {
                 match target {

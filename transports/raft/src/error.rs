@@ -52,6 +52,15 @@ pub enum ClusterError {
         "this member restarted after a crash and is not yet caught up with its group (it needs a leader)"
     )]
     CatchingUp,
+    /// No process serves a local endpoint in this data directory (none holds the store,
+    /// or the one that did crashed): open the store directly.
+    #[error("no process serves the store in {} ({reason})", dir.display())]
+    NoLocalEndpoint {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// What was missing.
+        reason: String,
+    },
 }
 
 impl ClusterError {

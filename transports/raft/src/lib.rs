@@ -109,6 +109,7 @@ mod cluster;
 #[cfg(test)]
 mod decode_fuzz;
 mod error;
+mod local;
 mod members;
 mod network;
 mod once;

@@ -72,4 +72,8 @@ pub enum Refusal {
     /// The node to promote is not a learner of the group (it was removed meanwhile).
     #[error("node {0} is not a learner of the group")]
     NotALearner(NodeId),
+    /// The store is a single node, not a cluster member (reached through its local
+    /// endpoint).
+    #[error("this store is a single node, not a cluster")]
+    NotClustered,
 }

@@ -115,6 +115,17 @@ struct RemoteInner {
 impl RemoteStore {
     /// Connects to the first endpoint that answers and learns the cluster's limits.
     pub async fn connect(config: RemoteConfig) -> Result<RemoteStore, ClusterError> {
+        let within = config.timeout;
+        RemoteStore::connect_within(config, within).await
+    }
+
+    /// [`connect`](Self::connect), finding a member that answers within `within`.
+    pub(crate) async fn connect_within(
+        mut config: RemoteConfig,
+        within: Duration,
+    ) -> Result<RemoteStore, ClusterError> {
+        let timeout = config.timeout;
+        config.timeout = within.min(timeout);
         if config.endpoints.is_empty() {
             return Err(ClusterError::NoEndpoints);
         }
@@ -135,6 +146,7 @@ impl RemoteStore {
             }
             other => return Err(unexpected_reply(&other)),
         };
+        inner.config.timeout = timeout;
         Ok(RemoteStore {
             inner: Arc::new(inner),
         })
@@ -206,6 +218,7 @@ impl RemoteInner {
         let mut next = (0..).map(|a| (first + a) % eps.len());
         let routed = routing::route(
             timeout,
+            routing::LAST_TRY,
             // Members forward client calls themselves: no redirect comes back.
             |_| next.next().map(|i| (i as u64, eps[i].clone())),
             |(i, addr)| {

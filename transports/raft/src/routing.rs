@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::ClusterError;
+use crate::members::Refusal;
 use crate::network::NetError;
 use crate::network::client::Pool;
 use crate::network::wire::{Reply, Request, ServiceError, WireError};
@@ -36,6 +37,7 @@ pub(crate) async fn change_membership(
     let mut next_seed = seeds.iter().cycle();
     let (reply, _) = route(
         timeout,
+        Duration::ZERO,
         |hint| hint.or_else(|| next_seed.next().map(|s| (0, s.clone()))),
         |(_, addr)| {
             let req = req();
@@ -56,13 +58,16 @@ pub(crate) async fn change_membership(
 /// `timeout`. A call that failed after it was sent is not retried (its outcome is
 /// unknown).
 ///
-/// Why no attempt starts in the last [`LAST_TRY`] of the time: an attempt sent with
-/// almost no time left can only time out, and its timeout would turn "no member could
-/// take the call" (every attempt refused) into "the call failed after it was sent"
-/// (outcome unknown). A remote client pinned to one refusing member got that
-/// depending on where its backoff ended.
+/// `last_try`: no attempt after the first starts in this last part of the time (at most
+/// a quarter of it), for a caller whose attempts get only the time left. Why: such an
+/// attempt sent with almost no time left can only time out, and its timeout would turn
+/// "no member could take the call" (every attempt refused) into "the call failed after
+/// it was sent" (outcome unknown). A remote client pinned to one refusing member got
+/// that depending on where its backoff ended. Callers that give every attempt its own
+/// full time pass zero.
 pub(crate) async fn route<F, Fut>(
     timeout: Duration,
+    last_try: Duration,
     mut pick: impl FnMut(Option<(NodeId, String)>) -> Option<(NodeId, String)>,
     mut send: F,
 ) -> Result<(Reply, bool), ClusterError>
@@ -72,7 +77,7 @@ where
 {
     let deadline = Instant::now() + timeout;
     // The last moment an attempt may start (the first one always does).
-    let last_start = deadline - LAST_TRY.min(timeout / 4);
+    let last_start = deadline - last_try.min(timeout / 4);
     let mut hint = None;
     let mut pauses = datasync::transport::resync::Pauses::between(
         Duration::from_millis(5),
@@ -112,14 +117,15 @@ where
     }
 }
 
-/// The least time an attempt after the first is given (a quarter of the whole time if
-/// that is less): see [`route`].
-const LAST_TRY: Duration = Duration::from_secs(1);
+/// The least time a remote client's attempt after the first is given (a quarter of the
+/// whole time if that is less): see [`route`].
+pub(crate) const LAST_TRY: Duration = Duration::from_secs(1);
 
 /// A refused membership change as a [`ClusterError`] (redirects, changes in progress
 /// and stops are handled by [`route`] before).
 pub(crate) fn membership_error(e: ServiceError, timeout: Duration) -> ClusterError {
     match e {
+        ServiceError::Refused(Refusal::NotClustered) => ClusterError::NotClustered,
         ServiceError::Refused(r) => ClusterError::Refused(r),
         ServiceError::InProgress => ClusterError::InProgress,
         ServiceError::Stopped => ClusterError::Stopped,
@@ -143,6 +149,7 @@ mod tests {
             let mut starts = Vec::new();
             let routed = route(
                 timeout,
+                LAST_TRY,
                 |_| Some((1, "member".to_owned())),
                 |_| {
                     starts.push(Instant::now());

@@ -39,6 +39,10 @@ impl ClientService for WeakStore {
             }
         }
     }
+
+    fn members(&self) -> Option<crate::members::Members> {
+        self.upgrade().map(|s| s.members())
+    }
 }
 
 /// Runs a remote client's operation on this member's store.

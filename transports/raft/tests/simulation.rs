@@ -157,8 +157,10 @@ impl Member {
         if id > VOTERS {
             c = c.learner();
         }
-        // Small log segments: many members at once on a memory file system.
+        // Small log segments: many members at once on a memory file system. No local
+        // endpoint: it is a real Unix socket, outside the simulated network.
         RaftConfig::new(dir)
+            .local_endpoint(false)
             .clock(clock)
             .snapshots(200, 50)
             .log_segment(256 << 10)

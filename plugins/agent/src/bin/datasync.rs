@@ -13,7 +13,9 @@
 //! ```
 //!
 //! `--store` (or `DATASYNC_STORE`) picks the store: a directory (or `raft:DIR`) for the
-//! embedded raft store (default `./data`; one process at a time), `raft://HOST:PORT[,…]`
+//! embedded raft store (default `./data`; while another process holds it — an agent,
+//! `serve`, a `watch` — the CLI reaches it through that process's Unix socket in the
+//! directory), `raft://HOST:PORT[,…]`
 //! for a raft cluster reached as a remote client (with `--secret-file`),
 //! `nats://HOST:PORT[,…]` or `tls://…` (`?bucket=NAME`, default `datasync`), or
 //! `etcd://HOST:PORT[,…]` (`?namespace=N`) when built with the `etcd` feature. Any
@@ -348,7 +350,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         return serve(StoreConfig::raft_member(dir, id, cluster)).await;
     }
     let config = store_config(&cli.store, cli.secret_file.as_deref()).map_err(Failure::Usage)?;
-    let store = AnyStore::open(&config).await?;
+    // A long-running watch serves other CLI calls while it holds the store.
+    let serve = matches!(cli.command, Command::Watch { .. });
+    let store = AnyStore::open_or_reach(&config, serve).await?;
     let result = command(&store, cli.command, json).await;
     store.shutdown().await;
     result

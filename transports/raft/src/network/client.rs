@@ -16,7 +16,7 @@ use tracing::debug;
 
 use super::auth::{self, Hello, Opener, Sealer, Secret};
 use super::error::NetError;
-use super::frame::{Conn, HANDSHAKE_TIMEOUT, MAX_FRAME, codec, recv_plain, send_plain};
+use super::frame::{Conn, HANDSHAKE_TIMEOUT, MAX_FRAME, codec, send_plain};
 use super::link::{Fate, Link};
 use super::net::Net;
 use super::wire::{Envelope, Reply, Request, ServiceError, WireError};
@@ -203,7 +203,13 @@ async fn connect(
             },
         )
         .await?;
-        let challenge = recv_plain(&mut conn).await?;
+        // A peer that closes before its challenge (it is stopping) refused nothing: the
+        // call was not sent, and another member may take it.
+        let challenge = match conn.next().await {
+            Some(Ok(frame)) => bincode::deserialize(&frame).map_err(NetError::Decode)?,
+            Some(Err(e)) => return Err(connect_err(e)),
+            None => return Err(connect_err(std::io::ErrorKind::ConnectionAborted.into())),
+        };
         let (proof, sealer, mut opener) = auth::answer(secret, &nonce, &challenge)?;
         send_plain(&mut conn, &proof).await?;
         conn.codec_mut().set_max_frame_length(MAX_FRAME);

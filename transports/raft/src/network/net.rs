@@ -74,3 +74,16 @@ impl Listener for tokio::net::TcpListener {
         Ok((Box::new(stream), peer))
     }
 }
+
+#[async_trait::async_trait]
+impl Listener for tokio::net::UnixListener {
+    /// A Unix socket has no IP address: the unspecified one stands for it.
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    async fn accept(&self) -> io::Result<(Socket, SocketAddr)> {
+        let (stream, _) = tokio::net::UnixListener::accept(self).await?;
+        Ok((Box::new(stream), SocketAddr::from(([0, 0, 0, 0], 0))))
+    }
+}

@@ -135,7 +135,9 @@ impl Throttle {
     }
 }
 
-/// Serves `listener` until `stop`; connections end with it.
+/// Serves `listener` until `stop`; connections end with it, and calls under way are
+/// answered first (for up to [`DRAIN`]): a call that ran to its end is not reported
+/// to its client as "stopped" (which says it did nothing).
 pub(crate) async fn serve(
     listener: Box<dyn Listener>,
     secret: Secret,
@@ -143,6 +145,7 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) {
     let tasks = TaskTracker::new();
+    let calls = TaskTracker::new();
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let handshaking = Arc::new(Handshaking::default());
     let throttle = Arc::new(Throttle::new());
@@ -166,17 +169,24 @@ pub(crate) async fn serve(
             continue;
         };
         let (secret, handler, stop) = (secret.clone(), handler.clone(), stop.clone());
-        let throttle = throttle.clone();
+        let (throttle, calls) = (throttle.clone(), calls.clone());
         tasks.spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                () = connection(stream, peer, secret, handler, permit, &throttle) => {}
+                () = connection(stream, peer, secret, handler, permit, &throttle, &calls) => {}
             }
         });
     }
     tasks.close();
     tasks.wait().await;
+    calls.close();
+    if tokio::time::timeout(DRAIN, calls.wait()).await.is_err() {
+        warn!("calls still running {DRAIN:?} after the server stopped");
+    }
 }
+
+/// How long a stopping server waits for the calls under way.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn connection(
     stream: Socket,
@@ -185,17 +195,29 @@ async fn connection(
     handler: Arc<dyn Handler>,
     handshake_permit: InHandshake,
     throttle: &Throttle,
+    calls: &TaskTracker,
 ) {
     let mut conn = Framed::new(stream, codec());
     let handshake = async {
-        let hello: Hello = recv_plain(&mut conn).await?;
+        // A peer that closes before it says anything (a local client checking that the
+        // socket is alive) is no failed login.
+        let hello: Hello = match conn.next().await {
+            None => return Ok(None),
+            Some(frame) => {
+                bincode::deserialize(&frame.map_err(NetError::Io)?).map_err(NetError::Decode)?
+            }
+        };
         let (challenge, nonce_s) = auth::challenge(&secret, &hello)?;
         send_plain(&mut conn, &challenge).await?;
         let proof: Proof = recv_plain(&mut conn).await?;
-        auth::accept(&secret, &hello.nonce, &nonce_s, &proof)
+        auth::accept(&secret, &hello.nonce, &nonce_s, &proof).map(Some)
     };
     let (mut sealer, mut opener) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(keys)) => keys,
+        Ok(Ok(Some(keys))) => keys,
+        Ok(Ok(None)) => {
+            debug!(%peer, "closed before its handshake");
+            return;
+        }
         Ok(Err(e)) => {
             throttle.warn(|held| {
                 warn!(%peer, error = %e, held_back = held, "refused a peer that did not authenticate");
@@ -262,10 +284,10 @@ async fn connection(
                 tx,
                 closed: closed.clone(),
             };
-            tokio::spawn(async move { handler.stream(env.body, out).await });
+            calls.spawn(async move { handler.stream(env.body, out).await });
             continue;
         }
-        tokio::spawn(async move {
+        calls.spawn(async move {
             let body = handler.handle(env.body).await;
             let _ = tx.send(Envelope { id: env.id, body }).await;
         });

@@ -130,7 +130,14 @@ pub enum OpenError {
     /// Joining the cluster failed.
     #[error("cannot join the cluster")]
     Join(#[source] crate::ClusterError),
-    /// The database could not be opened (locked by another process, I/O error, …).
+    /// Another process holds the store (its database is locked): reach it through that
+    /// process with [`RemoteStore::connect_local`](crate::RemoteStore::connect_local).
+    #[error("the store in {} is held by another process", dir.display())]
+    InUse {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// The database could not be opened (I/O error, …).
     #[error("cannot open data file {path}")]
     Database {
         /// The file.
@@ -175,6 +182,11 @@ pub(crate) fn open(dir: &Path, segment: u64) -> Result<(Arc<Database>, wal::Wal)
             | redb::DatabaseError::Storage(redb::StorageError::Io(_))),
         ) => {
             return Err(corrupted(e.to_string()));
+        }
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+            return Err(OpenError::InUse {
+                dir: dir.to_owned(),
+            });
         }
         Err(source) => return Err(OpenError::Database { path, source }),
     };

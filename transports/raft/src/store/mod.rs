@@ -54,6 +54,9 @@ pub struct RaftConfig {
     pub cluster: Option<ClusterConfig>,
     /// The monotonic clock TTLs are counted on (the system's; tests skew it).
     pub clock: Clock,
+    /// Serve other processes of this host through a Unix socket in `dir` (default on;
+    /// see [`RemoteStore::connect_local`](crate::RemoteStore::connect_local)).
+    pub local_endpoint: bool,
 }
 
 impl Default for RaftConfig {
@@ -68,6 +71,7 @@ impl Default for RaftConfig {
             log_segment: crate::storage::SEGMENT,
             cluster: None,
             clock: Clock::default(),
+            local_endpoint: true,
         }
     }
 }
@@ -79,6 +83,13 @@ impl RaftConfig {
             dir: dir.into(),
             ..Default::default()
         }
+    }
+
+    /// Sets [`local_endpoint`](Self::local_endpoint).
+    #[must_use]
+    pub fn local_endpoint(mut self, on: bool) -> Self {
+        self.local_endpoint = on;
+        self
     }
 
     /// Sets [`max_value_size`](Self::max_value_size).
@@ -155,6 +166,8 @@ struct Inner {
     node: Option<Node>,
     /// This store's own writes' request ids, in a cluster (forwarding retries).
     requests: Requests,
+    /// The Unix socket other processes reach this store through, once open.
+    local: std::sync::OnceLock<crate::local::LocalEndpoint>,
 }
 
 /// A store that may have stopped (held by its own server, for remote clients).
@@ -276,13 +289,14 @@ impl RaftStore {
             })
     }
 
-    /// [`applied`](Self::applied) for a write this member forwarded: a member that has
-    /// heard from no leader for a while (removed from the group, or cut off) may never
-    /// apply it, so the wait ends then, as a timeout (the write committed; a retry with
-    /// its request id finds it). Before, a removed member held each such write for the
-    /// whole forward timeout.
+    /// [`applied`](Self::applied) for a write this member forwarded and the leader
+    /// committed: a member that has heard from no leader for a while (removed from the
+    /// group, or cut off) may never apply it, so the wait ends then and the write's
+    /// outcome is returned as the leader reported it (a committed write is not an
+    /// unknown one). Such a member serves no reads until it hears a leader again.
+    /// Before, a removed member held each such write for the whole forward timeout and
+    /// then reported it as timed out.
     async fn forwarded_applied(&self, node: &Node, index: u64) -> Result<(), StoreError> {
-        let start = tokio::time::Instant::now();
         let leaderless = async {
             // Not at once: a member that has just started may not have heard yet.
             tokio::time::sleep(crate::cluster::LEADERLESS).await;
@@ -292,7 +306,10 @@ impl RaftStore {
         };
         tokio::select! {
             r = self.applied(index) => r,
-            () = leaderless => Err(StoreError::Timeout(start.elapsed())),
+            () = leaderless => {
+                tracing::debug!(index, "a forwarded write committed; this member hears no leader to apply it");
+                Ok(())
+            }
         }
     }
 
@@ -446,6 +463,9 @@ impl RaftStore {
     /// directory can be opened again as soon as this handle and its clones are dropped.
     /// Open watches then end with `WatchError::Stopped`.
     pub async fn shutdown(&self) {
+        if let Some(local) = self.inner.local.get() {
+            local.close().await;
+        }
         self.inner.stop.cancel();
         let ttl = self
             .inner

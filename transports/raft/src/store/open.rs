@@ -176,6 +176,7 @@ impl RaftStore {
                 proposals,
                 node,
                 requests: Requests::new(),
+                local: std::sync::OnceLock::new(),
             }),
         };
         if let Some(node) = &store.inner.node {
@@ -189,6 +190,21 @@ impl RaftStore {
                 .service
                 .clients
                 .set(Box::new(WeakStore(Arc::downgrade(&store.inner))));
+        }
+        if store.inner.config.local_endpoint {
+            let handler: Arc<dyn crate::network::server::Handler> = match &store.inner.node {
+                Some(node) => node.service.clone(),
+                None => Arc::new(crate::local::SingleNode(Box::new(store.downgrade()))),
+            };
+            // The store serves this process without it: a failure is logged, not fatal.
+            match crate::local::open(&store.inner.config.dir, handler).await {
+                Ok(local) => {
+                    let _ = store.inner.local.set(local);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no local endpoint: other processes cannot reach this store")
+                }
+            }
         }
         Ok(store)
     }
