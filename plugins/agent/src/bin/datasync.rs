@@ -23,7 +23,10 @@
 //!
 //! Text output escapes what could drive a terminal (control and bidirectional
 //! formatting characters as `\u{…}`); `ls` and `watch` also escape newline, tab and
-//! backslash, one line per key. `--output json` shows values exactly.
+//! backslash, one line per key. `--output json` shows values exactly (as a string when
+//! UTF-8, else in base64 as `value_base64`); `get --output raw` writes a value's bytes
+//! as they are. `put KEY -` reads the value from standard input, `put KEY --file F`
+//! from a file.
 //!
 //! Logs go to stderr, filtered by `RUST_LOG` (default `info` for `agent` and `serve`,
 //! `warn` else). Long listings and resyncs show a progress bar on a terminal's stderr.
@@ -54,7 +57,11 @@ use datasync_netconfig as _;
 #[command(
     name = "datasync",
     version,
-    about = "Read, write and watch a datasync store; run the agent."
+    about = "Read, write and watch a datasync store; run the agent.",
+    after_help = "Exit codes: 0 done; 1 the store or the agent failed (or the agent stopped \
+        following the store); 2 bad usage (an invalid key, value source or --store \
+        included); 3 the key does not exist (get); 4 the compare-and-swap found another \
+        revision (cas)."
 )]
 struct Cli {
     /// The store: a directory or raft:DIR (embedded), raft://HOST:PORT,HOST:PORT… (a raft cluster, remote), nats://HOST:PORT[?bucket=B], etcd://HOST:PORT.
@@ -73,15 +80,21 @@ struct Cli {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Output {
     Text,
+    /// Values exactly: as a string when UTF-8, else base64 (`value_base64`).
     Json,
+    /// `get` only: the value's bytes as they are, nothing added.
+    Raw,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Writes a value.
+    /// Writes a value: the argument, `-` for standard input, or `--file F` (any bytes).
     Put {
         key: String,
-        value: String,
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long, conflicts_with = "value")]
+        file: Option<PathBuf>,
         /// Delete the key after this long (e.g. 500ms, 30s, 5m).
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
@@ -105,6 +118,12 @@ enum Command {
         prefix: String,
         #[arg(long)]
         rev: Option<u64>,
+        /// Print keys only.
+        #[arg(long)]
+        keys_only: bool,
+        /// Print at most this many keys (the first, in key order).
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Prints the resync, then every change (previous and current value, revision).
     Watch {
@@ -318,11 +337,52 @@ fn text(v: &Value) -> String {
 }
 
 fn kv_json(kv: &KeyValue) -> serde_json::Value {
-    serde_json::json!({"key": kv.key.as_str(), "value": text(&kv.value), "revision": kv.revision.0})
+    let mut j = serde_json::json!({"key": kv.key.as_str(), "revision": kv.revision.0});
+    value_json(&mut j, "value", Some(&kv.value));
+    j
+}
+
+/// Sets `name` in `j` to the value as a string when it is UTF-8, else `name_base64` to
+/// its bytes in base64 (so JSON output is exact for any bytes); `None` is `null`.
+fn value_json(j: &mut serde_json::Value, name: &str, v: Option<&Value>) {
+    use base64::Engine;
+    let (name, v) = match v.map(|v| std::str::from_utf8(v.as_bytes()).map_err(|_| v)) {
+        None => (name.to_owned(), serde_json::Value::Null),
+        Some(Ok(s)) => (name.to_owned(), s.into()),
+        Some(Err(v)) => (
+            format!("{name}_base64"),
+            base64::engine::general_purpose::STANDARD
+                .encode(v.as_bytes())
+                .into(),
+        ),
+    };
+    j[name] = v;
+}
+
+/// The value of `put`: the argument, standard input (`-`) or a file.
+fn value_arg(value: Option<String>, file: Option<PathBuf>) -> Result<Value, Failure> {
+    let read = |what: &str, r: std::io::Result<Vec<u8>>| {
+        r.map(Value::from)
+            .map_err(|e| Failure::Usage(format!("cannot read the value from {what}: {e}")))
+    };
+    match (value, file) {
+        (_, Some(f)) => read(&f.display().to_string(), std::fs::read(&f)),
+        (Some(v), None) if v == "-" => {
+            let mut buf = Vec::new();
+            let r = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map(|_| buf);
+            read("standard input", r)
+        }
+        (Some(v), None) => Ok(Value::from(v)),
+        (None, None) => Err(Failure::Usage(
+            "put needs a value: VALUE, - (standard input) or --file F".into(),
+        )),
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let json = cli.output == Output::Json;
+    if cli.output == Output::Raw && !matches!(cli.command, Command::Get { .. }) {
+        return Err(Failure::Usage("--output raw is for get".into()));
+    }
     if let Command::Agent { config } = &cli.command {
         let config = AgentConfig::load(config.as_deref())?;
         let agent = Agent::start(config).await?;
@@ -353,29 +413,41 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     // A long-running watch serves other CLI calls while it holds the store.
     let serve = matches!(cli.command, Command::Watch { .. });
     let store = AnyStore::open_or_reach(&config, serve).await?;
-    let result = command(&store, cli.command, json).await;
+    let result = command(&store, cli.command, cli.output).await;
     store.shutdown().await;
     result
 }
 
-async fn command(store: &AnyStore, command: Command, json: bool) -> Result<(), Failure> {
+async fn command(store: &AnyStore, command: Command, output: Output) -> Result<(), Failure> {
+    let json = output == Output::Json;
     let w = store.writer();
     let read = |rev: Option<u64>| match rev {
         Some(r) => ReadOptions::new().at(Revision(r)),
         None => ReadOptions::new(),
     };
     match command {
-        Command::Put { key, value, ttl } => {
+        Command::Put {
+            key,
+            value,
+            file,
+            ttl,
+        } => {
             let mut opts = PutOptions::new();
             if let Some(t) = ttl {
                 opts = opts.ttl(t);
             }
-            let rev = w.put(&key_arg(&key)?, Value::from(value), opts).await?;
+            let key = key_arg(&key)?;
+            let rev = w.put(&key, value_arg(value, file)?, opts).await?;
             say(json, serde_json::json!({"revision": rev.0}), || {
                 format!("r{rev}")
             });
         }
         Command::Get { key, rev } => match w.get(&key_arg(&key)?, read(rev)).await? {
+            Some(kv) if output == Output::Raw => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(kv.value.as_bytes())?;
+                out.flush()?;
+            }
             Some(kv) => say(json, kv_json(&kv), || {
                 escape(&text(&kv.value), false).into_owned()
             }),
@@ -394,26 +466,52 @@ async fn command(store: &AnyStore, command: Command, json: bool) -> Result<(), F
                 || format!("deleted {} at r{}", d.count, d.revision),
             );
         }
-        Command::Ls { prefix, rev } => {
+        Command::Ls {
+            prefix,
+            rev,
+            keys_only,
+            limit,
+        } => {
             let waiting = spinner(format!("listing {prefix:?}"));
             let l = w.list(&prefix_arg(&prefix)?, read(rev)).await?;
             waiting.finish_and_clear();
-            let bar = progress(l.values.len(), "keys");
+            let shown = &l.values[..limit.unwrap_or(usize::MAX).min(l.values.len())];
+            let more = shown.len() < l.values.len();
+            let bar = progress(shown.len(), "keys");
             if json {
-                let values: Vec<_> = l.values.iter().map(kv_json).collect();
+                let values: Vec<_> = shown
+                    .iter()
+                    .map(|kv| match keys_only {
+                        true => {
+                            serde_json::json!({"key": kv.key.as_str(), "revision": kv.revision.0})
+                        }
+                        false => kv_json(kv),
+                    })
+                    .collect();
                 println!(
                     "{}",
-                    serde_json::json!({"revision": l.revision.0, "values": values})
+                    serde_json::json!({"revision": l.revision.0, "values": values, "more": more})
                 );
             } else {
                 let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                for kv in &l.values {
-                    writeln!(out, "{}\t{}", kv.key, escape(&text(&kv.value), true))?;
+                for kv in shown {
+                    match keys_only {
+                        true => writeln!(out, "{}", kv.key)?,
+                        false => writeln!(out, "{}\t{}", kv.key, escape(&text(&kv.value), true))?,
+                    }
                     bar.inc(1);
                 }
                 out.flush()?;
                 bar.finish_and_clear();
-                eprintln!("{} keys at r{}", l.values.len(), l.revision);
+                match more {
+                    true => eprintln!(
+                        "{} of {} keys at r{}",
+                        shown.len(),
+                        l.values.len(),
+                        l.revision
+                    ),
+                    false => eprintln!("{} keys at r{}", l.values.len(), l.revision),
+                }
             }
         }
         Command::Cas {
@@ -524,10 +622,10 @@ async fn watch(
                 for kc in &c.changes {
                     let (prev, now) = (kc.prev.as_ref().map(text), kc.value.as_ref().map(text));
                     if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"change": {"revision": c.revision.0, "op": format!("{:?}", kc.op), "key": kc.key.as_str(), "prev": prev, "value": now}})
-                        );
+                        let mut change = serde_json::json!({"revision": c.revision.0, "op": format!("{:?}", kc.op), "key": kc.key.as_str()});
+                        value_json(&mut change, "prev", kc.prev.as_ref());
+                        value_json(&mut change, "value", kc.value.as_ref());
+                        println!("{}", serde_json::json!({ "change": change }));
                     } else {
                         println!(
                             "r{} {:?} {} prev={} now={}",

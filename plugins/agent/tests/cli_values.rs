@@ -1,0 +1,164 @@
+//! The CLI (the real binary) with values of any bytes: written from a file or standard
+//! input, read back exactly (`--output raw`, and JSON with base64 for non-UTF-8),
+//! listings of keys only and limited, and the exit codes in `--help`.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use base64::Engine;
+
+const BIN: &str = env!("CARGO_BIN_EXE_datasync");
+
+fn cli(data: &Path, args: &[&str]) -> Output {
+    cli_with(data, args, None)
+}
+
+fn cli_with(data: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("--store")
+        .arg(data)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: Output) -> Vec<u8> {
+    assert!(out.status.success(), "{out:?}");
+    out.stdout
+}
+
+fn json(out: Output) -> serde_json::Value {
+    serde_json::from_slice(&ok(out)).unwrap()
+}
+
+#[test]
+fn any_bytes_go_in_and_come_out_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Not UTF-8, with NUL, a lone continuation byte and a trailing newline.
+    let bytes: Vec<u8> = (0..=255u8).rev().chain([0, 0x80, b'\n']).collect();
+    let file = dir.path().join("blob");
+    std::fs::write(&file, &bytes).unwrap();
+
+    ok(cli(
+        &data,
+        &["put", "bin/file", "--file", file.to_str().unwrap()],
+    ));
+    ok(cli_with(&data, &["put", "bin/stdin", "-"], Some(&bytes)));
+    ok(cli_with(&data, &["put", "bin/empty", "-"], Some(b"")));
+    for key in ["bin/file", "bin/stdin"] {
+        assert_eq!(
+            ok(cli(&data, &["--output", "raw", "get", key])),
+            bytes,
+            "{key}"
+        );
+        let v = json(cli(&data, &["--output", "json", "get", key]));
+        assert!(v.get("value").is_none(), "not UTF-8: no string value: {v}");
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(v["value_base64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(decoded, bytes, "{key}");
+    }
+    assert_eq!(
+        ok(cli(&data, &["--output", "raw", "get", "bin/empty"])),
+        b""
+    );
+    // A UTF-8 value stays a string in JSON; `-` is no longer the value "-".
+    ok(cli(&data, &["put", "txt", "héllo"]));
+    assert_eq!(
+        json(cli(&data, &["--output", "json", "get", "txt"]))["value"],
+        "héllo"
+    );
+    assert_eq!(
+        ok(cli(&data, &["--output", "raw", "get", "txt"])),
+        "héllo".as_bytes()
+    );
+    // The watch's JSON is exact too (its resync holds the values).
+    let w = json(cli(
+        &data,
+        &["--output", "json", "watch", "bin/", "--count", "1"],
+    ));
+    let values = w["resync"]["values"].as_array().unwrap();
+    assert_eq!(values.len(), 3, "{w}");
+    assert!(values.iter().any(|v| v["value_base64"].is_string()), "{w}");
+
+    // Bad usage: no value, two sources, a file that is not there, raw for a listing.
+    let code = |args: &[&str]| cli(&data, args).status.code();
+    assert_eq!(code(&["put", "k"]), Some(2));
+    assert_eq!(
+        code(&["put", "k", "v", "--file", file.to_str().unwrap()]),
+        Some(2)
+    );
+    let missing = cli(&data, &["put", "k", "--file", "/no/such/file"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("/no/such/file"),
+        "{missing:?}"
+    );
+    assert_eq!(code(&["--output", "raw", "ls", ""]), Some(2));
+    assert_eq!(
+        code(&["get", "k"]),
+        Some(3),
+        "none of the refused puts wrote"
+    );
+}
+
+#[test]
+fn listings_of_keys_only_and_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for k in ["l/a", "l/b", "l/c"] {
+        ok(cli(&data, &["put", k, "value"]));
+    }
+    let keys = String::from_utf8(ok(cli(&data, &["ls", "l/", "--keys-only"]))).unwrap();
+    assert_eq!(keys, "l/a\nl/b\nl/c\n");
+    let first = String::from_utf8(ok(cli(&data, &["ls", "l/", "--limit", "2"]))).unwrap();
+    assert_eq!(first, "l/a\tvalue\nl/b\tvalue\n");
+    let j = json(cli(
+        &data,
+        &[
+            "--output",
+            "json",
+            "ls",
+            "l/",
+            "--limit",
+            "2",
+            "--keys-only",
+        ],
+    ));
+    assert_eq!(j["more"], true);
+    let values = j["values"].as_array().unwrap();
+    assert_eq!(values.len(), 2);
+    assert!(
+        values[0].get("value").is_none() && values[0]["key"] == "l/a",
+        "{j}"
+    );
+    let all = json(cli(&data, &["--output", "json", "ls", "l/"]));
+    assert_eq!(all["more"], false);
+    assert_eq!(all["values"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn help_states_the_exit_codes() {
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let text = String::from_utf8(help.stdout).unwrap();
+    for code in [
+        "0 done",
+        "2 bad usage",
+        "3 the key does not exist",
+        "4 the compare-and-swap",
+    ] {
+        assert!(text.contains(code), "{code:?} missing from --help:\n{text}");
+    }
+}
