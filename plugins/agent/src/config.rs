@@ -17,6 +17,17 @@
 //! # join = ["10.0.0.2:7400"]              # first start: join through these members
 //! # learner = false                       # join as a non-voting learner
 //!
+//! # [store.tuning]        # raft: each optional; the defaults are shown
+//! # max_value_size = 1048576              # bytes, at most 64 MiB
+//! # history = 10000                       # transactions kept for reads at past revisions
+//! # snapshot_every = 20000                # log entries between snapshots
+//! # keep_logs = 1000                      # log entries kept behind a snapshot
+//! # log_segment = 67108864                # bytes per log segment file, at least 64 KiB
+//! # heartbeat_ms = 100                    # cluster: raft heartbeat
+//! # election_min_ms = 500                 # cluster: election timeout range
+//! # election_max_ms = 1000
+//! # forward_timeout_ms = 10000            # cluster: how long a forwarded call looks for the leader
+//!
 //! [http]
 //! listen = "127.0.0.1:9191"   # /healthz, /readyz, /status, /metrics; omit to disable
 //!
@@ -82,6 +93,9 @@ pub enum StoreConfig {
         /// Cluster membership; absent: one node with no network.
         #[serde(default)]
         cluster: Option<ClusterSettings>,
+        /// Sizes and timings (`[store.tuning]`; boxed: the other kinds are small).
+        #[serde(default)]
+        tuning: Box<RaftTuning>,
     },
     /// A raft cluster reached as a remote client (no replica in this process).
     Remote {
@@ -163,6 +177,100 @@ impl ClusterSettings {
     }
 }
 
+/// Sizes and timings of the embedded raft store (`[store.tuning]`, and `datasync serve`
+/// flags); each one left out keeps the library's default (see `datasync_raft::RaftConfig`
+/// and `ClusterConfig`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, clap::Args)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RaftTuning {
+    /// Largest value accepted, in bytes (default 1 MiB, at most 64 MiB).
+    #[arg(long)]
+    pub max_value_size: Option<usize>,
+    /// Transactions kept in memory for reads at past revisions (default 10,000).
+    #[arg(long)]
+    pub history: Option<usize>,
+    /// Log entries between snapshots (default 20,000).
+    #[arg(long)]
+    pub snapshot_every: Option<u64>,
+    /// Log entries kept behind a snapshot for lagging members (default 1,000).
+    #[arg(long)]
+    pub keep_logs: Option<u64>,
+    /// Bytes per log segment file (default 64 MiB, at least 64 KiB).
+    #[arg(long)]
+    pub log_segment: Option<u64>,
+    /// Cluster: raft heartbeat interval in ms (default 100).
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Cluster: shortest election timeout in ms (default 500; more than twice the
+    /// heartbeat).
+    #[arg(long)]
+    pub election_min_ms: Option<u64>,
+    /// Cluster: longest election timeout in ms (default 1000; more than the shortest).
+    #[arg(long)]
+    pub election_max_ms: Option<u64>,
+    /// Cluster: how long a forwarded write, read or membership change looks for the
+    /// leader, in ms (default 10,000).
+    #[arg(long)]
+    pub forward_timeout_ms: Option<u64>,
+}
+
+impl RaftTuning {
+    /// `raft` with these settings (and its cluster's, if it has one).
+    pub fn apply(&self, mut raft: datasync_raft::RaftConfig) -> datasync_raft::RaftConfig {
+        let ms = Duration::from_millis;
+        raft.max_value_size = self.max_value_size.unwrap_or(raft.max_value_size);
+        raft.history = self.history.unwrap_or(raft.history);
+        raft.snapshot_every = self.snapshot_every.unwrap_or(raft.snapshot_every);
+        raft.keep_logs = self.keep_logs.unwrap_or(raft.keep_logs);
+        raft.log_segment = self.log_segment.unwrap_or(raft.log_segment);
+        if let Some(c) = raft.cluster.as_mut() {
+            c.heartbeat = self.heartbeat_ms.map_or(c.heartbeat, ms);
+            c.election.0 = self.election_min_ms.map_or(c.election.0, ms);
+            c.election.1 = self.election_max_ms.map_or(c.election.1, ms);
+            c.forward_timeout = self.forward_timeout_ms.map_or(c.forward_timeout, ms);
+        }
+        raft
+    }
+
+    /// Checks these settings as the store will, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        let defaults = datasync_raft::RaftConfig::default();
+        let tuned = self.apply(defaults);
+        let field = |f: &str| format!("store.tuning: invalid {f}");
+        if let Err(e) = tuned.validate() {
+            return Err(format!("store.tuning: {e}"));
+        }
+        let secret =
+            datasync_raft::Secret::new("a secret only for checking").map_err(|e| e.to_string())?;
+        let c = datasync_raft::ClusterConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), secret);
+        let (heartbeat, election) = (
+            self.heartbeat_ms.map_or(c.heartbeat, Duration::from_millis),
+            (
+                self.election_min_ms
+                    .map_or(c.election.0, Duration::from_millis),
+                self.election_max_ms
+                    .map_or(c.election.1, Duration::from_millis),
+            ),
+        );
+        if heartbeat.is_zero() {
+            return Err(field("heartbeat_ms: must be positive"));
+        }
+        if election.0 <= heartbeat * 2 {
+            return Err(field(
+                "election_min_ms: must be more than twice heartbeat_ms",
+            ));
+        }
+        if election.1 <= election.0 {
+            return Err(field("election_max_ms: must be more than election_min_ms"));
+        }
+        if self.forward_timeout_ms == Some(0) {
+            return Err(field("forward_timeout_ms: must be positive"));
+        }
+        Ok(())
+    }
+}
+
 impl StoreConfig {
     /// The embedded single-node raft store in `dir`.
     pub fn raft(dir: impl Into<PathBuf>) -> Self {
@@ -170,6 +278,7 @@ impl StoreConfig {
             dir: dir.into(),
             node_id: default_node_id(),
             cluster: None,
+            tuning: Box::default(),
         }
     }
 
@@ -179,7 +288,17 @@ impl StoreConfig {
             dir: dir.into(),
             node_id,
             cluster: Some(cluster),
+            tuning: Box::default(),
         }
+    }
+
+    /// This store with `tuning` (an embedded raft store; others are unchanged).
+    #[must_use]
+    pub fn tuned(mut self, tuning: RaftTuning) -> Self {
+        if let StoreConfig::Raft { tuning: t, .. } = &mut self {
+            **t = tuning;
+        }
+        self
     }
 }
 
@@ -375,12 +494,16 @@ impl AgentConfig {
                 }
             }
         }
-        AgentConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
-            invalid(
-                &format!("{origin} with overrides {}", overridden.join(", ")),
-                e.to_string(),
-            )
-        })
+        let origin = match overridden.is_empty() {
+            true => origin.to_owned(),
+            false => format!("{origin} with overrides {}", overridden.join(", ")),
+        };
+        let config = AgentConfig::deserialize(toml::Value::Table(table))
+            .map_err(|e| invalid(&origin, e.to_string()))?;
+        if let StoreConfig::Raft { tuning, .. } = &config.store {
+            tuning.check().map_err(|m| invalid(&origin, m))?;
+        }
+        Ok(config)
     }
 }
 

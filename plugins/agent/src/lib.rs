@@ -30,7 +30,8 @@ mod runtime;
 mod store;
 
 pub use config::{
-    AgentConfig, ClusterSettings, ConfigError, CoordinatorSettings, HttpConfig, StoreConfig,
+    AgentConfig, ClusterSettings, ConfigError, CoordinatorSettings, HttpConfig, RaftTuning,
+    StoreConfig,
 };
 pub use runtime::Agent;
 pub use store::AnyStore;

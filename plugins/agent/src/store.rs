@@ -38,6 +38,7 @@ impl AnyStore {
                 dir,
                 node_id,
                 cluster,
+                tuning,
             } => {
                 let mut raft = RaftConfig::new(dir).local_endpoint(serve);
                 raft.node_id = *node_id;
@@ -52,7 +53,7 @@ impl AnyStore {
                     }
                     raft = raft.cluster(*node_id, cc);
                 }
-                Ok(AnyStore::Raft(RaftStore::open(raft).await?))
+                Ok(AnyStore::Raft(RaftStore::open(tuning.apply(raft)).await?))
             }
             StoreConfig::Remote {
                 endpoints,

@@ -168,6 +168,25 @@ async fn oversized_values_and_zero_ttl_are_refused_before_the_log() {
     s.shutdown().await;
 }
 
+/// A limit no member could send on (one log entry travels in one frame) is refused
+/// when the store opens, naming the field; the largest allowed one opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_limit_past_what_members_can_send_is_refused() {
+    for bad in [0, datasync_raft::MAX_VALUE_SIZE + 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let err = RaftStore::open(RaftConfig::new(dir.path()).max_value_size(bad))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("max_value_size"), "{bad}: {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s =
+        RaftStore::open(RaftConfig::new(dir.path()).max_value_size(datasync_raft::MAX_VALUE_SIZE))
+            .await
+            .unwrap();
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_releases_the_files_and_ends_watches_with_an_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -44,7 +44,7 @@ use datasync::{
     CasOutcome, DeleteOptions, Event, Expect, Key, KeyValue, Prefix, PutOptions, ReadOptions,
     Revision, Value, WatchOptions,
 };
-use datasync_agent::{Agent, AgentConfig, AnyStore, ClusterSettings, StoreConfig};
+use datasync_agent::{Agent, AgentConfig, AnyStore, ClusterSettings, RaftTuning, StoreConfig};
 use datasync_raft::Role;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -171,6 +171,8 @@ enum Command {
         /// Join as a non-voting learner.
         #[arg(long)]
         learner: bool,
+        #[command(flatten)]
+        tuning: RaftTuning,
     },
     /// Lists a raft cluster's members, or changes them.
     Members {
@@ -398,16 +400,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         advertise,
         join,
         learner,
+        tuning,
     } = cli.command
     {
         let secret_file = cli.secret_file.ok_or_else(|| {
             Failure::Usage("serve needs --secret-file (or DATASYNC_SECRET_FILE)".into())
         })?;
+        tuning.check().map_err(Failure::Usage)?;
         let cluster = ClusterSettings::new(listen, secret_file)
             .advertise(advertise)
             .join(join)
             .learner(learner);
-        return serve(StoreConfig::raft_member(dir, id, cluster)).await;
+        return serve(StoreConfig::raft_member(dir, id, cluster).tuned(tuning)).await;
     }
     let config = store_config(&cli.store, cli.secret_file.as_deref()).map_err(Failure::Usage)?;
     // A long-running watch serves other CLI calls while it holds the store.

@@ -38,7 +38,7 @@ pub struct RaftConfig {
     pub dir: PathBuf,
     /// This node's id (default 1). Keep it across restarts.
     pub node_id: u64,
-    /// Largest value accepted, in bytes (default 1 MiB).
+    /// Largest value accepted, in bytes (default 1 MiB; at most [`MAX_VALUE_SIZE`]).
     pub max_value_size: usize,
     /// Transactions kept in memory for reads at past revisions (default 10,000).
     pub history: usize,
@@ -141,12 +141,22 @@ impl RaftConfig {
         if self.snapshot_every == 0 {
             return Err(OpenError::Config("snapshot_every must be positive"));
         }
+        if self.max_value_size == 0 || self.max_value_size > MAX_VALUE_SIZE {
+            return Err(OpenError::Config(
+                "max_value_size must be between 1 byte and 64 MiB",
+            ));
+        }
         if self.log_segment < 64 << 10 {
             return Err(OpenError::Config("log_segment must be at least 64 KiB"));
         }
         Ok(())
     }
 }
+
+/// The largest [`RaftConfig::max_value_size`]: 64 MiB. Why a bound: a value travels to
+/// the other members in one frame of the members' protocol (at most 256 MiB, with the
+/// rest of its log entry), and a leader can commit nothing it cannot send.
+pub const MAX_VALUE_SIZE: usize = 64 << 20;
 
 /// The embedded store. Cheap to clone; clones share the node.
 #[derive(Debug, Clone)]
