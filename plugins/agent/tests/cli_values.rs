@@ -150,6 +150,30 @@ fn listings_of_keys_only_and_limited() {
 }
 
 #[test]
+fn durations_read_as_people_write_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for ttl in ["90", "1h 30m", "500ms", "2days"] {
+        ok(cli(&data, &["put", "t", "v", "--ttl", ttl]));
+    }
+    for bad in ["soon", "1.5.2s", "-1s", ""] {
+        let out = cli(&data, &["put", "t", "v", &format!("--ttl={bad}")]);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("duration"),
+            "{out:?}"
+        );
+    }
+    // Longer than the store's ten years: a typed refusal, not a panic or a wrap.
+    let out = cli(&data, &["put", "t", "v", "--ttl", "20years"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TTL"),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn help_states_the_exit_codes() {
     let help = Command::new(BIN).arg("--help").output().unwrap();
     let text = String::from_utf8(help.stdout).unwrap();

@@ -95,7 +95,8 @@ enum Command {
         /// Read the value from this file.
         #[arg(long, conflicts_with = "value")]
         file: Option<PathBuf>,
-        /// Delete the key after this long (e.g. 500ms, 30s, 5m).
+        /// Delete the key after this long (e.g. 500ms, 30s, 1h 30m; a bare number is
+        /// seconds).
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
     },
@@ -195,19 +196,17 @@ enum MembersCommand {
     Remove { id: u64 },
 }
 
+/// A duration as people write it (`humantime`: `500ms`, `30s`, `1h 30m`); a bare
+/// number is seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("bad duration {s:?}: {e}"))
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|e| format!("bad duration {s:?}: {e}"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("bad duration {s:?}: {e} (e.g. 500ms, 30s, 5m, 1h 30m)"))
 }
 
 /// The `--store` argument as a store configuration. A value without `://` is a
