@@ -70,14 +70,7 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     std::fs::create_dir_all(&mirror).unwrap();
     std::fs::write(mirror.join("foreign"), "theirs").unwrap();
 
-    let mut agent = Running::spawn({
-        let mut c = Command::new(BIN);
-        c.args(["agent", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        c
-    });
+    let mut agent = Running::agent(BIN, &config);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some((200, body)) = http_get(&addr, "/readyz").await {

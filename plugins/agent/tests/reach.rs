@@ -110,14 +110,7 @@ async fn the_cli_configures_a_running_agent_on_the_embedded_store() {
         ),
     )
     .unwrap();
-    let mut agent = Running::spawn({
-        let mut c = Command::new(BIN);
-        c.args(["agent", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        c
-    });
+    let mut agent = Running::agent(BIN, &config);
     until("the agent holds its store", &mut agent, || {
         data.join("local.key").exists()
     })

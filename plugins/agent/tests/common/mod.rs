@@ -15,6 +15,16 @@ impl Running {
         Running(Process::spawn_once("datasync", command).unwrap())
     }
 
+    /// `datasync agent --config config` (the binary `bin`), its output discarded.
+    pub(crate) fn agent(bin: &str, config: &std::path::Path) -> Running {
+        let mut c = Command::new(bin);
+        c.args(["agent", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        Running::spawn(c)
+    }
+
     /// SIGTERM, then a clean exit within 10 s.
     pub(crate) fn stop(mut self) {
         let status = self

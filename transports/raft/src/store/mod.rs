@@ -165,6 +165,9 @@ pub struct RaftStore {
 }
 
 struct Inner {
+    /// The Unix socket other processes reach this store through, once open. First, so
+    /// that it is dropped (its files removed) while the store's lock is still held.
+    local: std::sync::OnceLock<crate::local::LocalEndpoint>,
     raft: Raft<TypeConfig>,
     sm: Arc<sm::Shared>,
     config: RaftConfig,
@@ -176,8 +179,6 @@ struct Inner {
     node: Option<Node>,
     /// This store's own writes' request ids, in a cluster (forwarding retries).
     requests: Requests,
-    /// The Unix socket other processes reach this store through, once open.
-    local: std::sync::OnceLock<crate::local::LocalEndpoint>,
 }
 
 /// A store that may have stopped (held by its own server, for remote clients).

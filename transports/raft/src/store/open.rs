@@ -167,6 +167,7 @@ impl RaftStore {
         ));
         let store = RaftStore {
             inner: Arc::new(Inner {
+                local: std::sync::OnceLock::new(),
                 raft,
                 sm: shared,
                 config,
@@ -176,7 +177,6 @@ impl RaftStore {
                 proposals,
                 node,
                 requests: Requests::new(),
-                local: std::sync::OnceLock::new(),
             }),
         };
         if let Some(node) = &store.inner.node {
