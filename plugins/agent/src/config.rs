@@ -18,11 +18,11 @@
 //! # learner = false                       # join as a non-voting learner
 //!
 //! # [store.tuning]        # raft: each optional; the defaults are shown
-//! # max_value_size = 1048576              # bytes, at most 64 MiB
+//! # max_value_size = 1048576              # bytes; at most 16 MiB, in a cluster 1 MiB per 100 ms of heartbeat
 //! # history = 10000                       # transactions kept for reads at past revisions
 //! # snapshot_every = 20000                # log entries between snapshots
 //! # keep_logs = 1000                      # log entries kept behind a snapshot
-//! # log_segment = 67108864                # bytes per log segment file, at least 64 KiB
+//! # log_segment = 67108864                # bytes per log segment file, 64 KiB to 1 GiB
 //! # heartbeat_ms = 100                    # cluster: raft heartbeat
 //! # election_min_ms = 500                 # cluster: election timeout range
 //! # election_max_ms = 1000
@@ -184,7 +184,8 @@ impl ClusterSettings {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RaftTuning {
-    /// Largest value accepted, in bytes (default 1 MiB, at most 64 MiB).
+    /// Largest value accepted, in bytes (default 1 MiB; at most 16 MiB, and in a
+    /// cluster 1 MiB per 100 ms of heartbeat).
     #[arg(long)]
     pub max_value_size: Option<usize>,
     /// Transactions kept in memory for reads at past revisions (default 10,000).
@@ -196,7 +197,7 @@ pub struct RaftTuning {
     /// Log entries kept behind a snapshot for lagging members (default 1,000).
     #[arg(long)]
     pub keep_logs: Option<u64>,
-    /// Bytes per log segment file (default 64 MiB, at least 64 KiB).
+    /// Bytes per log segment file (default 64 MiB; 64 KiB to 1 GiB).
     #[arg(long)]
     pub log_segment: Option<u64>,
     /// Cluster: raft heartbeat interval in ms (default 100).
@@ -233,14 +234,10 @@ impl RaftTuning {
         raft
     }
 
-    /// Checks these settings as the store will, naming the field.
-    pub fn check(&self) -> Result<(), String> {
-        let defaults = datasync_raft::RaftConfig::default();
-        let tuned = self.apply(defaults);
+    /// Checks these settings as the store will (for a cluster member if `clustered`),
+    /// naming the field.
+    pub fn check(&self, clustered: bool) -> Result<(), String> {
         let field = |f: &str| format!("store.tuning: invalid {f}");
-        if let Err(e) = tuned.validate() {
-            return Err(format!("store.tuning: {e}"));
-        }
         let secret =
             datasync_raft::Secret::new("a secret only for checking").map_err(|e| e.to_string())?;
         let c = datasync_raft::ClusterConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), secret);
@@ -253,8 +250,11 @@ impl RaftTuning {
                     .map_or(c.election.1, Duration::from_millis),
             ),
         );
-        if heartbeat.is_zero() {
-            return Err(field("heartbeat_ms: must be positive"));
+        if heartbeat.is_zero() || heartbeat > Duration::from_secs(60) {
+            return Err(field("heartbeat_ms: must be between 1 and 60000"));
+        }
+        if election.1 > Duration::from_secs(600) {
+            return Err(field("election_max_ms: must be at most 600000"));
         }
         if election.0 <= heartbeat * 2 {
             return Err(field(
@@ -264,10 +264,20 @@ impl RaftTuning {
         if election.1 <= election.0 {
             return Err(field("election_max_ms: must be more than election_min_ms"));
         }
-        if self.forward_timeout_ms == Some(0) {
-            return Err(field("forward_timeout_ms: must be positive"));
+        if self
+            .forward_timeout_ms
+            .is_some_and(|t| t == 0 || t > 86_400_000)
+        {
+            return Err(field("forward_timeout_ms: must be between 1 and 86400000"));
         }
-        Ok(())
+        let base = datasync_raft::RaftConfig::default();
+        let base = match clustered {
+            true => base.cluster(1, c),
+            false => base,
+        };
+        self.apply(base)
+            .validate()
+            .map_err(|e| format!("store.tuning: {e}"))
     }
 }
 
@@ -500,8 +510,13 @@ impl AgentConfig {
         };
         let config = AgentConfig::deserialize(toml::Value::Table(table))
             .map_err(|e| invalid(&origin, e.to_string()))?;
-        if let StoreConfig::Raft { tuning, .. } = &config.store {
-            tuning.check().map_err(|m| invalid(&origin, m))?;
+        if let StoreConfig::Raft {
+            tuning, cluster, ..
+        } = &config.store
+        {
+            tuning
+                .check(cluster.is_some())
+                .map_err(|m| invalid(&origin, m))?;
         }
         Ok(config)
     }

@@ -74,7 +74,12 @@ fn any_bytes_go_in_and_come_out_exactly() {
         ok(cli(&data, &["--output", "raw", "get", "bin/empty"])),
         b""
     );
-    // A UTF-8 value stays a string in JSON; `-` is no longer the value "-".
+    // A UTF-8 value stays a string in JSON; `-` is standard input, not the value "-".
+    ok(cli_with(&data, &["put", "dash", "-"], Some(b"from stdin")));
+    assert_eq!(
+        ok(cli(&data, &["--output", "raw", "get", "dash"])),
+        b"from stdin"
+    );
     ok(cli(&data, &["put", "txt", "héllo"]));
     assert_eq!(
         json(cli(&data, &["--output", "json", "get", "txt"]))["value"],
@@ -84,14 +89,62 @@ fn any_bytes_go_in_and_come_out_exactly() {
         ok(cli(&data, &["--output", "raw", "get", "txt"])),
         "héllo".as_bytes()
     );
-    // The watch's JSON is exact too (its resync holds the values).
-    let w = json(cli(
-        &data,
-        &["--output", "json", "watch", "bin/", "--count", "1"],
-    ));
-    let values = w["resync"]["values"].as_array().unwrap();
-    assert_eq!(values.len(), 3, "{w}");
-    assert!(values.iter().any(|v| v["value_base64"].is_string()), "{w}");
+    // The watch's JSON is exact too: its resync holds the values, and a change its
+    // previous and current ones (a process holding the store takes the CLI's writes).
+    let printed = dir.path().join("watch.json");
+    let mut watch = Command::new(BIN)
+        .arg("--store")
+        .arg(&data)
+        .args(["--output", "json", "watch", "bin/", "--count", "3"])
+        .stdout(std::fs::File::create(&printed).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&printed)
+        .unwrap()
+        .contains("resync")
+    {
+        assert!(std::time::Instant::now() < deadline, "no resync");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    ok(cli(&data, &["put", "bin/file", "plain"]));
+    ok(cli(&data, &["del", "bin/file"]));
+    assert!(watch.wait().unwrap().success());
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&printed)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let values = lines[0]["resync"]["values"].as_array().unwrap();
+    assert_eq!(values.len(), 3, "{lines:?}");
+    assert!(
+        values.iter().any(|v| v["value_base64"].is_string()),
+        "{lines:?}"
+    );
+    let (put, del) = (&lines[1]["change"], &lines[2]["change"]);
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(put["prev_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(decoded, bytes, "the put's previous value: {put}");
+    assert_eq!(put["value"], "plain");
+    assert_eq!(del["prev"], "plain");
+    assert!(del["value"].is_null(), "{del}");
+
+    // Endless input is refused, not read into memory; so is a directory.
+    let zero = cli(&data, &["put", "z", "--file", "/dev/zero"]);
+    assert_eq!(zero.status.code(), Some(2), "{zero:?}");
+    assert!(
+        String::from_utf8_lossy(&zero.stderr).contains("larger than"),
+        "{zero:?}"
+    );
+    let dir_as_file = cli(&data, &["put", "z", "--file", dir.path().to_str().unwrap()]);
+    assert_eq!(dir_as_file.status.code(), Some(2), "{dir_as_file:?}");
+    assert_eq!(
+        cli(&data, &["get", "z"]).status.code(),
+        Some(3),
+        "nothing written"
+    );
 
     // Bad usage: no value, two sources, a file that is not there, raw for a listing.
     let code = |args: &[&str]| cli(&data, args).status.code();
@@ -164,11 +217,33 @@ fn durations_read_as_people_write_them() {
             "{out:?}"
         );
     }
-    // Longer than the store's ten years: a typed refusal, not a panic or a wrap.
-    let out = cli(&data, &["put", "t", "v", "--ttl", "20years"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // Zero, or longer than the store's ten years: bad usage, never a panic or a wrap.
+    for bad in ["0", "0s", "20years", "18446744073709551615"] {
+        let out = cli(&data, &["put", "t", "v", "--ttl", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
+    }
+}
+
+/// A reader that goes away (`datasync watch … | head -1`) ends the command quietly with
+/// 141, as for tools killed by SIGPIPE; before, `println!` panicked.
+#[test]
+fn a_closed_pipe_is_no_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ok(cli(&data, &["put", "p/a", "v"]));
+    let mut child = Command::new(BIN)
+        .arg("--store")
+        .arg(&data)
+        .args(["watch", "p/"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("TTL"),
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
         "{out:?}"
     );
 }
@@ -182,6 +257,8 @@ fn help_states_the_exit_codes() {
         "2 bad usage",
         "3 the key does not exist",
         "4 the compare-and-swap",
+        "1 the store",
+        "141",
     ] {
         assert!(text.contains(code), "{code:?} missing from --help:\n{text}");
     }

@@ -60,6 +60,14 @@ async fn the_config_tunes_the_store_and_names_a_bad_field() {
         ("heartbeat_ms = 300", "election_min_ms"),
         ("election_max_ms = 400", "election_max_ms"),
         ("forward_timeout_ms = 0", "forward_timeout_ms"),
+        ("heartbeat_ms = 9000000000000000000", "heartbeat_ms"),
+        ("election_max_ms = 9000000000000000000", "election_max_ms"),
+        (
+            "forward_timeout_ms = 9000000000000000000",
+            "forward_timeout_ms",
+        ),
+        ("log_segment = 1099511627776", "log_segment"),
+        ("snapshot_every = 9000000000000000000", "snapshot_every"),
         ("snapshot_evry = 5", "snapshot_evry"),
     ] {
         let err = parse(
@@ -105,6 +113,18 @@ fn serve_flags_tune_the_node() {
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("election_min_ms"),
         "{bad:?}"
+    );
+    // Past u64::MAX / 2 ms, raft's arithmetic would overflow: refused first.
+    let huge = serve(&["--election-max-ms", "18446744073709551615"])
+        .output()
+        .unwrap();
+    assert_eq!(huge.status.code(), Some(2), "{huge:?}");
+    // A member's values must reach a follower within a heartbeat: 1 MiB per 100 ms.
+    let big = serve(&["--max-value-size", "2000000"]).output().unwrap();
+    assert_eq!(big.status.code(), Some(2), "{big:?}");
+    assert!(
+        String::from_utf8_lossy(&big.stderr).contains("max_value_size"),
+        "{big:?}"
     );
 
     let mut cmd = serve(&["--max-value-size", "16", "--heartbeat-ms", "50"]);

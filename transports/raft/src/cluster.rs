@@ -148,6 +148,15 @@ impl ClusterConfig {
         if self.election.1 <= self.election.0 {
             return Err("the election timeout range must not be empty");
         }
+        // openraft adds and multiplies these in milliseconds.
+        if self.heartbeat > Duration::from_secs(60) || self.election.1 > Duration::from_secs(600) {
+            return Err(
+                "the heartbeat must be at most 60 s and the election timeout at most 10 min",
+            );
+        }
+        if self.forward_timeout.is_zero() || self.forward_timeout > Duration::from_secs(86_400) {
+            return Err("the forward timeout must be positive and at most a day");
+        }
         Ok(())
     }
 }

@@ -131,4 +131,4 @@ pub use network::{MIN_SECRET, NetError, Secret, SecretError};
 pub use remote::{RemoteConfig, RemoteStore};
 pub use storage::OpenError;
 pub use storage::lease::Clock;
-pub use store::{MAX_VALUE_SIZE, MembershipWatch, RaftConfig, RaftStore};
+pub use store::{CLUSTER_VALUE_PER_100MS, MAX_VALUE_SIZE, MembershipWatch, RaftConfig, RaftStore};

@@ -33,7 +33,8 @@
 //!
 //! Exit codes: 0 done; 1 the store or the agent failed (or the agent stopped following
 //! the store); 2 bad usage (an invalid key or `--store` included); 3 the key does not
-//! exist (`get`); 4 the compare-and-swap found another revision (`cas`).
+//! exist (`get`); 4 the compare-and-swap found another revision (`cas`); 141 the reader
+//! of the output went away (a closed pipe), as for tools killed by SIGPIPE.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,6 +50,14 @@ use datasync_raft::Role;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::Write;
+
+/// `println!` that returns a failed write (a reader gone: a closed pipe) as the
+/// command's failure instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($t)*)?
+    };
+}
 // Plugins linked into this agent (a crate nothing references is not linked).
 use datasync_file_mirror as _;
 use datasync_netconfig as _;
@@ -59,9 +68,9 @@ use datasync_netconfig as _;
     version,
     about = "Read, write and watch a datasync store; run the agent.",
     after_help = "Exit codes: 0 done; 1 the store or the agent failed (or the agent stopped \
-        following the store); 2 bad usage (an invalid key, value source or --store \
+        following the store); 2 bad usage (an invalid key, value, TTL or --store \
         included); 3 the key does not exist (get); 4 the compare-and-swap found another \
-        revision (cas)."
+        revision (cas); 141 the reader of the output went away (a closed pipe)."
 )]
 struct Cli {
     /// The store: a directory or raft:DIR (embedded), raft://HOST:PORT,HOST:PORT… (a raft cluster, remote), nats://HOST:PORT[?bucket=B], etcd://HOST:PORT.
@@ -97,7 +106,7 @@ enum Command {
         file: Option<PathBuf>,
         /// Delete the key after this long (e.g. 500ms, 30s, 1h 30m; a bare number is
         /// seconds).
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = parse_ttl)]
         ttl: Option<Duration>,
     },
     /// Reads a value (exit code 3 if absent).
@@ -196,17 +205,23 @@ enum MembersCommand {
     Remove { id: u64 },
 }
 
-/// A duration as people write it (`humantime`: `500ms`, `30s`, `1h 30m`); a bare
-/// number is seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s
-            .parse()
+/// A TTL as people write it (`humantime`: `500ms`, `30s`, `1h 30m`; a bare number is
+/// seconds), positive and at most [`datasync::MAX_TTL`] (bad usage, not a store error).
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse()
             .map(Duration::from_secs)
-            .map_err(|e| format!("bad duration {s:?}: {e}"));
+            .map_err(|e| format!("bad duration {s:?}: {e}"))?
+    } else {
+        humantime::parse_duration(s)
+            .map_err(|e| format!("bad duration {s:?}: {e} (e.g. 500ms, 30s, 5m, 1h 30m)"))?
+    };
+    if d.is_zero() || d > datasync::MAX_TTL {
+        return Err(format!(
+            "a TTL must be positive and at most ten years, got {s:?}"
+        ));
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("bad duration {s:?}: {e} (e.g. 500ms, 30s, 5m, 1h 30m)"))
+    Ok(d)
 }
 
 /// The `--store` argument as a store configuration. A value without `://` is a
@@ -360,19 +375,36 @@ fn value_json(j: &mut serde_json::Value, name: &str, v: Option<&Value>) {
     j[name] = v;
 }
 
+/// The most a value read from a file or standard input may hold: the built-in store's
+/// largest limit (the others' are lower). Reading stops there, so an endless input
+/// (`/dev/zero`) is refused, not taken into memory.
+const MAX_READ: usize = datasync_raft::MAX_VALUE_SIZE;
+
 /// The value of `put`: the argument, standard input (`-`) or a file.
 fn value_arg(value: Option<String>, file: Option<PathBuf>) -> Result<Value, Failure> {
-    let read = |what: &str, r: std::io::Result<Vec<u8>>| {
-        r.map(Value::from)
-            .map_err(|e| Failure::Usage(format!("cannot read the value from {what}: {e}")))
+    let read = |what: &str, source: std::io::Result<Box<dyn std::io::Read>>| {
+        let failed =
+            |e: std::io::Error| Failure::Usage(format!("cannot read the value from {what}: {e}"));
+        let mut buf = Vec::new();
+        let source = source.map_err(failed)?;
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(source, MAX_READ as u64 + 1),
+            &mut buf,
+        )
+        .map_err(failed)?;
+        if buf.len() > MAX_READ {
+            return Err(Failure::Usage(format!(
+                "the value from {what} is larger than {MAX_READ} bytes"
+            )));
+        }
+        Ok(Value::from(buf))
     };
     match (value, file) {
-        (_, Some(f)) => read(&f.display().to_string(), std::fs::read(&f)),
-        (Some(v), None) if v == "-" => {
-            let mut buf = Vec::new();
-            let r = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map(|_| buf);
-            read("standard input", r)
-        }
+        (_, Some(f)) => read(
+            &f.display().to_string(),
+            std::fs::File::open(&f).map(|f| Box::new(f) as Box<dyn std::io::Read>),
+        ),
+        (Some(v), None) if v == "-" => read("standard input", Ok(Box::new(std::io::stdin()))),
         (Some(v), None) => Ok(Value::from(v)),
         (None, None) => Err(Failure::Usage(
             "put needs a value: VALUE, - (standard input) or --file F".into(),
@@ -380,7 +412,7 @@ fn value_arg(value: Option<String>, file: Option<PathBuf>) -> Result<Value, Fail
     }
 }
 
-async fn run(cli: Cli) -> Result<(), Failure> {
+async fn run(mut cli: Cli) -> Result<(), Failure> {
     if cli.output == Output::Raw && !matches!(cli.command, Command::Get { .. }) {
         return Err(Failure::Usage("--output raw is for get".into()));
     }
@@ -405,7 +437,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         let secret_file = cli.secret_file.ok_or_else(|| {
             Failure::Usage("serve needs --secret-file (or DATASYNC_SECRET_FILE)".into())
         })?;
-        tuning.check().map_err(Failure::Usage)?;
+        tuning.check(true).map_err(Failure::Usage)?;
         let cluster = ClusterSettings::new(listen, secret_file)
             .advertise(advertise)
             .join(join)
@@ -413,15 +445,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         return serve(StoreConfig::raft_member(dir, id, cluster).tuned(tuning)).await;
     }
     let config = store_config(&cli.store, cli.secret_file.as_deref()).map_err(Failure::Usage)?;
+    // A value is read before the store is opened: reading standard input must not hold
+    // the store, and a bad source is bad usage whatever the store.
+    let put_value = match &mut cli.command {
+        Command::Put { value, file, .. } => Some(value_arg(value.take(), file.take())?),
+        _ => None,
+    };
     // A long-running watch serves other CLI calls while it holds the store.
     let serve = matches!(cli.command, Command::Watch { .. });
     let store = AnyStore::open_or_reach(&config, serve).await?;
-    let result = command(&store, cli.command, cli.output).await;
+    let result = command(&store, cli.command, cli.output, put_value).await;
     store.shutdown().await;
     result
 }
 
-async fn command(store: &AnyStore, command: Command, output: Output) -> Result<(), Failure> {
+/// Runs `command` on `store`; `put_value` is the value of a `put`, read before the store
+/// was opened.
+async fn command(
+    store: &AnyStore,
+    command: Command,
+    output: Output,
+    put_value: Option<Value>,
+) -> Result<(), Failure> {
     let json = output == Output::Json;
     let w = store.writer();
     let read = |rev: Option<u64>| match rev {
@@ -440,10 +485,14 @@ async fn command(store: &AnyStore, command: Command, output: Output) -> Result<(
                 opts = opts.ttl(t);
             }
             let key = key_arg(&key)?;
-            let rev = w.put(&key, value_arg(value, file)?, opts).await?;
+            let value = match put_value {
+                Some(v) => v,
+                None => value_arg(value, file)?,
+            };
+            let rev = w.put(&key, value, opts).await?;
             say(json, serde_json::json!({"revision": rev.0}), || {
                 format!("r{rev}")
-            });
+            })?;
         }
         Command::Get { key, rev } => match w.get(&key_arg(&key)?, read(rev)).await? {
             Some(kv) if output == Output::Raw => {
@@ -453,7 +502,7 @@ async fn command(store: &AnyStore, command: Command, output: Output) -> Result<(
             }
             Some(kv) => say(json, kv_json(&kv), || {
                 escape(&text(&kv.value), false).into_owned()
-            }),
+            })?,
             None => return Err(Failure::NotFound),
         },
         Command::Del { key, prefix } => {
@@ -467,7 +516,7 @@ async fn command(store: &AnyStore, command: Command, output: Output) -> Result<(
                 json,
                 serde_json::json!({"deleted": d.count, "revision": d.revision.0}),
                 || format!("deleted {} at r{}", d.count, d.revision),
-            );
+            )?;
         }
         Command::Ls {
             prefix,
@@ -491,7 +540,7 @@ async fn command(store: &AnyStore, command: Command, output: Output) -> Result<(
                         false => kv_json(kv),
                     })
                     .collect();
-                println!(
+                out!(
                     "{}",
                     serde_json::json!({"revision": l.revision.0, "values": values, "more": more})
                 );
@@ -540,7 +589,7 @@ async fn command(store: &AnyStore, command: Command, output: Output) -> Result<(
                     json,
                     serde_json::json!({"swapped": true, "revision": rev.0}),
                     || format!("r{rev}"),
-                ),
+                )?,
                 CasOutcome::Conflict(current) => {
                     let cur = current.as_ref().map(kv_json);
                     say(
@@ -550,7 +599,7 @@ async fn command(store: &AnyStore, command: Command, output: Output) -> Result<(
                             Some(kv) => format!("conflict: {} is at r{}", kv.key, kv.revision),
                             None => "conflict: the key does not exist".to_owned(),
                         },
-                    );
+                    )?;
                     return Err(Failure::Conflict);
                 }
             }
@@ -564,12 +613,13 @@ async fn command(store: &AnyStore, command: Command, output: Output) -> Result<(
     Ok(())
 }
 
-fn say(json: bool, j: serde_json::Value, t: impl FnOnce() -> String) {
+fn say(json: bool, j: serde_json::Value, t: impl FnOnce() -> String) -> Result<(), Failure> {
     if json {
-        println!("{j}");
+        out!("{j}");
     } else {
-        println!("{}", t());
+        out!("{}", t());
     }
+    Ok(())
 }
 
 async fn watch(
@@ -605,12 +655,12 @@ async fn watch(
             Event::Resync(r) => {
                 if json {
                     let values: Vec<_> = r.values().map(kv_json).collect();
-                    println!(
+                    out!(
                         "{}",
                         serde_json::json!({"resync": {"revision": r.revision.0, "reason": format!("{:?}", r.reason), "values": values}})
                     );
                 } else {
-                    println!("resync r{} ({:?}): {} keys", r.revision, r.reason, r.len());
+                    out!("resync r{} ({:?}): {} keys", r.revision, r.reason, r.len());
                     let bar = progress(r.len(), "keys of the resync");
                     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                     for kv in r.values() {
@@ -628,9 +678,9 @@ async fn watch(
                         let mut change = serde_json::json!({"revision": c.revision.0, "op": format!("{:?}", kc.op), "key": kc.key.as_str()});
                         value_json(&mut change, "prev", kc.prev.as_ref());
                         value_json(&mut change, "value", kc.value.as_ref());
-                        println!("{}", serde_json::json!({ "change": change }));
+                        out!("{}", serde_json::json!({ "change": change }));
                     } else {
-                        println!(
+                        out!(
                             "r{} {:?} {} prev={} now={}",
                             c.revision,
                             kc.op,
@@ -719,16 +769,16 @@ async fn members(
                 .map(|(id, addr)| serde_json::json!({"id": id, "addr": addr}))
                 .collect::<Vec<_>>()
         };
-        println!(
+        out!(
             "{}",
             serde_json::json!({"voters": list(&m.voters), "learners": list(&m.learners), "joint": m.joint})
         );
     } else {
         for (id, addr) in &m.voters {
-            println!("{id}\tvoter\t{addr}");
+            out!("{id}\tvoter\t{addr}");
         }
         for (id, addr) in &m.learners {
-            println!("{id}\tlearner\t{addr}");
+            out!("{id}\tlearner\t{addr}");
         }
     }
     Ok(())
@@ -757,6 +807,12 @@ async fn main() -> ExitCode {
         }
         Err(Failure::NotFound) => ExitCode::from(3),
         Err(Failure::Conflict) => ExitCode::from(4),
+        Err(Failure::Error(e))
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::from(141)
+        }
         Err(Failure::Error(e)) => {
             eprintln!("error: {}", datasync::error_chain(&*e));
             ExitCode::from(1)
