@@ -142,7 +142,7 @@ impl ClusterConfig {
         if self.advertise.is_none() && self.listen.ip().is_unspecified() {
             return Err("cluster.advertise is required when listening on a wildcard address");
         }
-        if self.heartbeat.is_zero() || self.election.0 <= self.heartbeat * 2 {
+        if self.heartbeat.is_zero() || self.election.0 <= self.heartbeat.saturating_mul(2) {
             return Err("the election timeout must exceed twice the heartbeat");
         }
         if self.election.1 <= self.election.0 {

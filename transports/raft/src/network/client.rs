@@ -16,7 +16,7 @@ use tracing::debug;
 
 use super::auth::{self, Hello, Opener, Sealer, Secret};
 use super::error::NetError;
-use super::frame::{Conn, HANDSHAKE_TIMEOUT, MAX_FRAME, codec, send_plain};
+use super::frame::{Conn, HANDSHAKE_TIMEOUT, MAX_FRAME, codec, recv_plain_or_closed, send_plain};
 use super::link::{Fate, Link};
 use super::net::Net;
 use super::wire::{Envelope, Reply, Request, ServiceError, WireError};
@@ -205,10 +205,11 @@ async fn connect(
         .await?;
         // A peer that closes before its challenge (it is stopping) refused nothing: the
         // call was not sent, and another member may take it.
-        let challenge = match conn.next().await {
-            Some(Ok(frame)) => bincode::deserialize(&frame).map_err(NetError::Decode)?,
-            Some(Err(e)) => return Err(connect_err(e)),
-            None => return Err(connect_err(std::io::ErrorKind::ConnectionAborted.into())),
+        let challenge = match recv_plain_or_closed(&mut conn).await {
+            Ok(Some(challenge)) => challenge,
+            Ok(None) => return Err(connect_err(std::io::ErrorKind::ConnectionAborted.into())),
+            Err(NetError::Io(e)) => return Err(connect_err(e)),
+            Err(e) => return Err(e),
         };
         let (proof, sealer, mut opener) = auth::answer(secret, &nonce, &challenge)?;
         send_plain(&mut conn, &proof).await?;

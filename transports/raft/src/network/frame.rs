@@ -37,11 +37,22 @@ pub(crate) async fn send_plain<T: serde::Serialize>(
 pub(crate) async fn recv_plain<T: serde::de::DeserializeOwned>(
     conn: &mut Conn,
 ) -> Result<T, NetError> {
-    match conn.next().await {
-        Some(Ok(frame)) => bincode::deserialize(&frame).map_err(NetError::Decode),
-        Some(Err(e)) => Err(NetError::Io(e)),
-        None => Err(NetError::AuthFailed(
+    recv_plain_or_closed(conn)
+        .await?
+        .ok_or(NetError::AuthFailed(
             "the peer closed the connection during the handshake",
-        )),
+        ))
+}
+
+/// [`recv_plain`], with `None` when the peer closed the connection first.
+pub(crate) async fn recv_plain_or_closed<T: serde::de::DeserializeOwned>(
+    conn: &mut Conn,
+) -> Result<Option<T>, NetError> {
+    match conn.next().await {
+        Some(Ok(frame)) => bincode::deserialize(&frame)
+            .map(Some)
+            .map_err(NetError::Decode),
+        Some(Err(e)) => Err(NetError::Io(e)),
+        None => Ok(None),
     }
 }

@@ -14,7 +14,9 @@ use tracing::{debug, warn};
 
 use super::auth::{self, Hello, Proof, Secret};
 use super::error::NetError;
-use super::frame::{HANDSHAKE_TIMEOUT, MAX_FRAME, codec, recv_plain, send_plain};
+use super::frame::{
+    HANDSHAKE_TIMEOUT, MAX_FRAME, codec, recv_plain, recv_plain_or_closed, send_plain,
+};
 use super::wire::{Envelope, Reply, Request};
 
 /// What a node does with an authenticated peer's request.
@@ -201,11 +203,8 @@ async fn connection(
     let handshake = async {
         // A peer that closes before it says anything (a local client checking that the
         // socket is alive) is no failed login.
-        let hello: Hello = match conn.next().await {
-            None => return Ok(None),
-            Some(frame) => {
-                bincode::deserialize(&frame.map_err(NetError::Io)?).map_err(NetError::Decode)?
-            }
+        let Some(hello): Option<Hello> = recv_plain_or_closed(&mut conn).await? else {
+            return Ok(None);
         };
         let (challenge, nonce_s) = auth::challenge(&secret, &hello)?;
         send_plain(&mut conn, &challenge).await?;
