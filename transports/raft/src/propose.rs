@@ -21,6 +21,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::types::{Command, NodeId, Outcome, TypeConfig, leader_of};
 
 /// A proposal did not commit here.
@@ -52,6 +53,9 @@ pub(crate) struct Proposals {
     /// Whether the last batch held several writes: writes are concurrent, so they go
     /// through the proposer rather than directly.
     busy: Arc<AtomicBool>,
+    /// Client writes waiting for their outcome here.
+    pending: Arc<AtomicUsize>,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Proposals {
@@ -86,13 +90,20 @@ fn write_error(
 
 impl Proposals {
     /// Starts the proposer task.
-    pub(crate) fn start(raft: Raft<TypeConfig>, in_flight: usize, stop: CancellationToken) -> Self {
+    pub(crate) fn start(
+        raft: Raft<TypeConfig>,
+        in_flight: usize,
+        stop: CancellationToken,
+        metrics: &Metrics,
+    ) -> Self {
         let (queue, rx) = mpsc::channel(8192);
         let p = Proposals {
             queue,
             raft: raft.clone(),
             inflight: Arc::new(AtomicUsize::new(0)),
             busy: Arc::new(AtomicBool::new(false)),
+            pending: Arc::new(AtomicUsize::new(0)),
+            metrics: metrics.clone(),
         };
         tokio::spawn(proposer(
             raft,
@@ -101,8 +112,14 @@ impl Proposals {
             p.inflight.clone(),
             p.busy.clone(),
             stop,
+            metrics.batch_size.clone(),
         ));
         p
+    }
+
+    /// Client writes waiting for their outcome here.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
     }
 
     /// Proposes `cmd`: directly when nothing is in flight or queued, else through the
@@ -124,6 +141,23 @@ impl Proposals {
     /// [`Proposals::propose`] without [`Command::check`]: for a command its caller has
     /// checked, or a test that needs an invalid entry in the log.
     pub(crate) async fn propose_unchecked(&self, cmd: Command) -> Committed {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let _pending = InFlight(&self.pending);
+        let out = self.propose_inner(cmd).await;
+        match &out {
+            Ok(_) => {
+                self.metrics.committed.inc();
+            }
+            Err(ProposeError::Store(_)) => {
+                self.metrics.failed.inc();
+            }
+            // Nothing was proposed.
+            Err(ProposeError::NotLeader(_)) => {}
+        }
+        out
+    }
+
+    async fn propose_inner(&self, cmd: Command) -> Committed {
         if !self.busy.load(Ordering::Relaxed)
             && self.queue.capacity() == self.queue.max_capacity()
             && self
@@ -132,6 +166,7 @@ impl Proposals {
                 .is_ok()
         {
             let _done = InFlight(&self.inflight);
+            self.metrics.batch_size.observe(1.0);
             return match tokio::time::timeout(WRITE_WITHIN, self.raft.client_write(cmd)).await {
                 Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
                 Ok(Err(e)) => Err(write_error(&e)),
@@ -197,6 +232,7 @@ async fn proposer(
     inflight_count: Arc<AtomicUsize>,
     busy: Arc<AtomicBool>,
     stop: CancellationToken,
+    batch_size: prometheus_client::metrics::histogram::Histogram,
 ) {
     let mut inflight = FuturesUnordered::new();
     let mut carry: Option<Proposal> = None;
@@ -231,6 +267,7 @@ async fn proposer(
             }
         }
         inflight_count.fetch_add(1, Ordering::AcqRel);
+        batch_size.observe(batch.len() as f64);
         busy.store(batch.len() > 1, Ordering::Relaxed);
         let count = inflight_count.clone();
         let raft = raft.clone();

@@ -10,6 +10,8 @@
 //! datasync agent --config agent.toml
 //! datasync serve --id 1 --listen 127.0.0.1:7400 --secret-file secret --dir n1
 //! datasync --store raft://127.0.0.1:7400 --secret-file secret members
+//! datasync status --agent http://127.0.0.1:9191
+//! datasync resync --agent http://127.0.0.1:9191
 //! ```
 //!
 //! `--store` (or `DATASYNC_STORE`) picks the store: a directory (or `raft:DIR`) for the
@@ -95,6 +97,8 @@ enum Output {
     Raw,
 }
 
+// Parsed once per run: the size of `serve`'s flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Writes a value: the argument, `-` for standard input, or `--file F` (any bytes).
@@ -181,8 +185,26 @@ enum Command {
         /// Join as a non-voting learner.
         #[arg(long)]
         learner: bool,
+        /// Serve /healthz, /readyz, /status and /metrics here.
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
         #[command(flatten)]
         tuning: RaftTuning,
+    },
+    /// Shows a running agent's status (store, sources, plugins) with --agent, else the
+    /// store's (revision, leader, members, database size).
+    Status {
+        /// The agent's (or serve's) status endpoint, e.g. http://127.0.0.1:9191.
+        #[arg(long, env = "DATASYNC_AGENT")]
+        agent: Option<String>,
+    },
+    /// Asks a running agent for a resync pass of its plugins (every plugin, in order:
+    /// naming one checks that it exists).
+    Resync {
+        plugin: Option<String>,
+        /// The agent's status endpoint.
+        #[arg(long, env = "DATASYNC_AGENT", default_value = "http://127.0.0.1:9191")]
+        agent: String,
     },
     /// Lists a raft cluster's members, or changes them.
     Members {
@@ -431,6 +453,7 @@ async fn run(mut cli: Cli) -> Result<(), Failure> {
         advertise,
         join,
         learner,
+        http,
         tuning,
     } = cli.command
     {
@@ -442,7 +465,40 @@ async fn run(mut cli: Cli) -> Result<(), Failure> {
             .advertise(advertise)
             .join(join)
             .learner(learner);
-        return serve(StoreConfig::raft_member(dir, id, cluster).tuned(tuning)).await;
+        return serve(
+            StoreConfig::raft_member(dir, id, cluster).tuned(tuning),
+            http,
+        )
+        .await;
+    }
+    let json = cli.output == Output::Json;
+    match &cli.command {
+        Command::Status { agent: Some(url) } => {
+            let url = url.clone();
+            let s =
+                tokio::task::spawn_blocking(move || datasync_agent::agent_status(&url)).await??;
+            match json {
+                true => out!("{}", serde_json::to_string(&s)?),
+                false => write!(
+                    std::io::stdout().lock(),
+                    "{}",
+                    escape(&datasync_agent::status_text(&s), false)
+                )?,
+            }
+            return Ok(());
+        }
+        Command::Resync { plugin, agent } => {
+            let (url, plugin) = (agent.clone(), plugin.clone());
+            tokio::task::spawn_blocking(move || {
+                datasync_agent::request_resync(&url, plugin.as_deref())
+            })
+            .await??;
+            say(json, serde_json::json!({"requested": true}), || {
+                "resync requested".to_owned()
+            })?;
+            return Ok(());
+        }
+        _ => {}
     }
     let config = store_config(&cli.store, cli.secret_file.as_deref()).map_err(Failure::Usage)?;
     // A value is read before the store is opened: reading standard input must not hold
@@ -606,7 +662,18 @@ async fn command(
         }
         Command::Watch { prefixes, count } => watch(store, &prefixes, count, json).await?,
         Command::Members { change } => members(store, change, json).await?,
-        Command::Agent { .. } | Command::Serve { .. } => {
+        Command::Status { .. } => {
+            let s = store.status_with_members().await;
+            match json {
+                true => out!("{}", serde_json::to_string(&s)?),
+                false => write!(
+                    std::io::stdout().lock(),
+                    "{}",
+                    escape(&datasync_agent::store_text(&s), false)
+                )?,
+            }
+        }
+        Command::Agent { .. } | Command::Serve { .. } | Command::Resync { .. } => {
             unreachable!("handled before opening a store")
         }
     }
@@ -722,10 +789,18 @@ fn spinner(msg: String) -> ProgressBar {
 }
 
 /// Runs a raft store node until SIGINT or SIGTERM, then shuts it down cleanly.
-async fn serve(config: StoreConfig) -> Result<(), Failure> {
+async fn serve(config: StoreConfig, http: Option<std::net::SocketAddr>) -> Result<(), Failure> {
     let store = AnyStore::open(&config).await?;
     let AnyStore::Raft(node) = &store else {
         return Err(Failure::Usage("serve runs a raft store".into()));
+    };
+    let http = match http {
+        Some(addr) => {
+            let h = datasync_agent::serve_store_http(addr, store.clone()).await?;
+            eprintln!("status endpoint on http://{}", h.addr());
+            Some(h)
+        }
+        None => None,
     };
     eprintln!(
         "node {} serving on {} (members: {:?})",
@@ -735,6 +810,9 @@ async fn serve(config: StoreConfig) -> Result<(), Failure> {
     );
     wait_for_signal().await?;
     eprintln!("shutting down");
+    if let Some(h) = http {
+        h.stop().await;
+    }
     store.shutdown().await;
     Ok(())
 }

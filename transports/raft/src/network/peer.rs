@@ -26,6 +26,8 @@ const APPEND_LIMIT: u64 = 16 << 20;
 #[derive(Debug, Clone)]
 pub(crate) struct TcpNetwork {
     pub(crate) pool: Pool,
+    /// Counts snapshots sent in full.
+    pub(crate) snapshots_sent: prometheus_client::metrics::counter::Counter,
 }
 
 impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
@@ -34,6 +36,7 @@ impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
         Peer {
             target,
             client: self.pool.get(&node.addr),
+            snapshots_sent: self.snapshots_sent.clone(),
         }
     }
 }
@@ -43,6 +46,7 @@ impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
 pub(crate) struct Peer {
     target: NodeId,
     client: Client,
+    snapshots_sent: prometheus_client::metrics::counter::Counter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,11 +104,17 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(Request::Snapshot(rpc), &option, "snapshot", |r| match r {
-            Reply::Snapshot(r) => Some(r),
-            _ => None,
-        })
-        .await
+        let last = rpc.done;
+        let out = self
+            .call(Request::Snapshot(rpc), &option, "snapshot", |r| match r {
+                Reply::Snapshot(r) => Some(r),
+                _ => None,
+            })
+            .await;
+        if last && out.is_ok() {
+            self.snapshots_sent.inc();
+        }
+        out
     }
 
     async fn vote(

@@ -23,6 +23,8 @@ pub(crate) struct LogStore {
     /// This node's id in a cluster (see `read_vote`); `None` for a single node, whose
     /// commit index is its log's end once it replays.
     id: Option<NodeId>,
+    /// The time of each log write (`etcd_disk_wal_fsync_duration_seconds`).
+    fsync: prometheus_client::metrics::histogram::Histogram,
 }
 
 fn io(
@@ -77,7 +79,14 @@ impl LogStore {
 
 impl LogStore {
     pub(crate) fn new(db: Arc<Database>, wal: Wal, id: Option<NodeId>) -> Self {
-        LogStore { db, wal, id }
+        let fsync = crate::metrics::Metrics::default().wal_fsync;
+        LogStore { db, wal, id, fsync }
+    }
+
+    /// Log writes are timed into `metrics`.
+    pub(crate) fn metered(mut self, metrics: &crate::metrics::Metrics) -> Self {
+        self.fsync = metrics.wal_fsync.clone();
+        self
     }
 
     /// Runs blocking redb work off the async threads.
@@ -212,8 +221,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         super::disk::pause(self.wal.dir()).await;
+        let start = std::time::Instant::now();
         match self.wal.append(entries) {
             Ok(()) => {
+                self.fsync.observe(crate::metrics::since(start));
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }

@@ -85,7 +85,8 @@ impl RaftStore {
         }
         let raft_config = Arc::new(raft_config(&config)?);
         let (log, machine) = (
-            LogStore::new(db, wal, config.cluster.as_ref().map(|_| config.node_id)),
+            LogStore::new(db, wal, config.cluster.as_ref().map(|_| config.node_id))
+                .metered(shared.metrics()),
             sm::StateMachine::new(shared.clone()),
         );
         let id = config.node_id;
@@ -94,6 +95,7 @@ impl RaftStore {
             Some(b) => {
                 let net = TcpNetwork {
                     pool: b.pool.clone(),
+                    snapshots_sent: shared.metrics().snapshots_sent.clone(),
                 };
                 Raft::new(id, raft_config, net, log, machine).await
             }
@@ -104,7 +106,7 @@ impl RaftStore {
             None => crate::propose::IN_FLIGHT_SINGLE,
             Some(_) => crate::propose::IN_FLIGHT_CLUSTER,
         };
-        let proposals = Proposals::start(raft.clone(), in_flight, stop.clone());
+        let proposals = Proposals::start(raft.clone(), in_flight, stop.clone(), shared.metrics());
         let initialized = raft
             .is_initialized()
             .await
@@ -158,6 +160,11 @@ impl RaftStore {
                 None
             }
         };
+        tokio::spawn(super::tasks::count_leader_changes(
+            raft.clone(),
+            shared.metrics().leader_changes.clone(),
+            stop.clone(),
+        ));
         let ttl = tokio::spawn(ttl_task(
             proposals.clone(),
             shared.clone(),

@@ -14,6 +14,28 @@ use crate::propose::{Proposals, ProposeError};
 use crate::storage::sm;
 use crate::types::{Command, NodeId, TypeConfig};
 
+/// Counts the leader changes this member sees (`etcd_server_leader_changes_seen_total`):
+/// each time raft reports a leader other than the last one it reported.
+pub(super) async fn count_leader_changes(
+    raft: Raft<TypeConfig>,
+    changes: prometheus_client::metrics::counter::Counter,
+    stop: CancellationToken,
+) {
+    let mut metrics = raft.metrics();
+    let mut last = None;
+    loop {
+        let leader = metrics.borrow_and_update().current_leader;
+        if leader.is_some() && leader != last {
+            changes.inc();
+            last = leader;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = metrics.changed() => if r.is_err() { return },
+        }
+    }
+}
+
 /// Opens the read gate of a member that restarted after a crash (see
 /// [`RaftStore::caught_up`]) once it has applied a read index from a leader: the first
 /// one it gets, waited for as long as it takes (a member that applies slower than a

@@ -277,6 +277,8 @@ pub(super) fn apply_batch(
     shared: &Shared,
     entries: Vec<Entry>,
 ) -> Result<Vec<Outcome>, StorageError> {
+    let start = std::time::Instant::now();
+    let count = entries.len() as u64;
     // Held across publish: watch snapshots pin state under the same lock.
     let mut guard = shared.lock();
     let inner = &mut *guard;
@@ -353,6 +355,8 @@ pub(super) fn apply_batch(
     if let Some(m) = membership {
         shared.membership.send_replace(m);
     }
+    shared.metrics.applied.inc_by(count);
+    shared.metrics.apply.observe(crate::metrics::since(start));
     Ok(outcomes)
 }
 

@@ -115,6 +115,7 @@ pub(crate) struct Shared {
     pub(crate) installed: std::sync::atomic::AtomicU64,
     /// Log entries past the durable applied state at open (re-applied after a crash).
     pub(crate) behind_at_open: std::sync::atomic::AtomicU64,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Shared {
@@ -135,7 +136,9 @@ impl Shared {
                 load_sessions(&tx)?,
             )
         };
+        let metrics = crate::metrics::Metrics::default();
         let pending = Arc::new(Pending {
+            commit_time: metrics.backend_commit.clone(),
             state: Mutex::new(PendingState::default()),
             progress: Condvar::new(),
             stored_changed: Notify::new(),
@@ -173,7 +176,25 @@ impl Shared {
             membership: watch::Sender::new(membership),
             installed: std::sync::atomic::AtomicU64::new(0),
             behind_at_open: std::sync::atomic::AtomicU64::new(0),
+            metrics,
         }))
+    }
+
+    /// What the store measures (see [`crate::metrics`]).
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Why the writer no longer stores applied state, if it does not (it failed, or
+    /// the state machine closed).
+    pub(crate) fn writer_stopped(&self) -> Option<String> {
+        if let Some(why) = &self.pending.lock().failed {
+            return Some(format!("the state machine's writer failed: {why}"));
+        }
+        self.lock()
+            .writer
+            .is_none()
+            .then(|| "the state machine is closed".to_owned())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -56,6 +56,8 @@ pub(super) struct Pending {
     /// Whether the replica holds at least what it served before its last crash (false
     /// while a restarted member catches up): only then is a close a clean one.
     pub(super) complete: std::sync::atomic::AtomicBool,
+    /// The time of each commit (`etcd_disk_backend_commit_duration_seconds`).
+    pub(super) commit_time: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// Applies a writer thread may fall behind by before apply waits for it.
@@ -157,7 +159,9 @@ pub(super) fn store_works(
         }
         let n = works.len();
         let revision = works.last().map_or(0, |w| w.revision);
+        let start = std::time::Instant::now();
         let result = store(db, works, durable);
+        pending.commit_time.observe(crate::metrics::since(start));
         let mut st = pending.lock();
         match result {
             Ok(()) => {
