@@ -121,6 +121,12 @@ pub enum AgentError {
     /// Signal handlers could not be installed.
     #[error("cannot wait for signals")]
     Signal(#[source] std::io::Error),
+    /// A backup could not be made, read or restored.
+    #[error(transparent)]
+    Backup(#[from] datasync_raft::backup::BackupError),
+    /// A backup was asked of a store that is not the raft store.
+    #[error("backups are the raft store's: back up {0} with its own tools (see the README)")]
+    NoBackup(&'static str),
     /// A running agent's status endpoint could not be asked, or refused.
     #[error("agent at {url}: {reason}")]
     Endpoint {

@@ -230,6 +230,17 @@ impl AnyStore {
         st
     }
 
+    /// A backup of the raft store's state at one revision (the file's bytes; see
+    /// `datasync_raft::backup`), from the embedded store or through a member.
+    pub async fn backup(&self) -> Result<Vec<u8>, AgentError> {
+        match self {
+            AnyStore::Raft(s) => Ok(s.backup().await?),
+            AnyStore::Remote(s) => Ok(s.backup().await?),
+            #[allow(unreachable_patterns)]
+            other => Err(AgentError::NoBackup(other.kind())),
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             AnyStore::Raft(_) => "raft",

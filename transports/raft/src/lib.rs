@@ -105,6 +105,7 @@
 //!   upgraded by stopping every member, not one at a time. Version 3 (errors keep
 //!   their type on the wire) does not talk to version 2.
 
+pub mod backup;
 mod cluster;
 #[cfg(test)]
 mod decode_fuzz;

@@ -175,6 +175,20 @@ impl RemoteStore {
         }
     }
 
+    /// A backup of the state of the member asked, taken after a linearizable read
+    /// barrier (see [`RaftStore::backup`](crate::RaftStore::backup)). The whole file
+    /// comes in one frame: at most 256 MiB.
+    ///
+    /// # Cancel safety
+    /// Cancel safe (nothing is written).
+    pub async fn backup(&self) -> Result<Vec<u8>, StoreError> {
+        match self.op(ClientOp::Backup).await? {
+            ClientReply::Backup(file) => Ok(file),
+            other => Err(StoreError::Backend(Box::new(ClusterError::UnexpectedReply)))
+                .inspect_err(|_| tracing::warn!(?other, "unexpected reply to a backup")),
+        }
+    }
+
     /// The committed group configuration, as the member asked knows it.
     pub async fn members(&self) -> Result<Members, ClusterError> {
         match self.inner.call(|| Request::Members).await? {

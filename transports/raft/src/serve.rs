@@ -126,6 +126,7 @@ async fn serve_op(
                     CasOutcome::Conflict(c) => ClientReply::Conflict(c.as_ref().map(wire_kv)),
                 })
         }
+        ClientOp::Backup => store.backup().await.map(ClientReply::Backup),
         ClientOp::Limits => Ok(ClientReply::Limits {
             max_value_size: store.limits().max_value_size,
         }),

@@ -198,6 +198,11 @@ enum Command {
         #[arg(long, env = "DATASYNC_AGENT")]
         agent: Option<String>,
     },
+    /// Backs up the raft store, restores a backup into a new store, or checks one.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotCommand,
+    },
     /// Asks a running agent for a resync pass of its plugins (every plugin, in order:
     /// naming one checks that it exists).
     Resync {
@@ -211,6 +216,32 @@ enum Command {
         #[command(subcommand)]
         change: Option<MembersCommand>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Saves the state at one revision to FILE (checksummed), from --store: the
+    /// embedded store, a running agent's (through its data directory) or a cluster.
+    Save { file: PathBuf },
+    /// Makes a new store in --dir from FILE: a single node, or with --listen the first
+    /// member of a new cluster (with --secret-file), which others then join.
+    Restore {
+        file: PathBuf,
+        /// The new data directory (absent or empty).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new node's id.
+        #[arg(long, default_value_t = 1)]
+        id: u64,
+        /// Make a cluster member listening here (as `serve --listen` will).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// The address others reach it at (default: the listen address).
+        #[arg(long, requires = "listen")]
+        advertise: Option<String>,
+    },
+    /// Checks FILE (header, length, checksum, content) and says what it holds.
+    Status { file: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -472,6 +503,11 @@ async fn run(mut cli: Cli) -> Result<(), Failure> {
         .await;
     }
     let json = cli.output == Output::Json;
+    if let Command::Snapshot { action } = &cli.command
+        && !matches!(action, SnapshotCommand::Save { .. })
+    {
+        return snapshot_offline(action, cli.secret_file.as_deref(), json).await;
+    }
     match &cli.command {
         Command::Status { agent: Some(url) } => {
             let url = url.clone();
@@ -673,7 +709,27 @@ async fn command(
                 )?,
             }
         }
-        Command::Agent { .. } | Command::Serve { .. } | Command::Resync { .. } => {
+        Command::Snapshot {
+            action: SnapshotCommand::Save { file },
+        } => {
+            let bytes = store.backup().await?;
+            let info = datasync_raft::backup::verify(&bytes)?;
+            write_durably(&file, &bytes)?;
+            say(json, backup_json(&info), || {
+                format!(
+                    "saved r{} ({} keys, {} bytes, sha256 {}) to {}",
+                    info.revision,
+                    info.keys,
+                    info.bytes,
+                    info.sha256,
+                    file.display()
+                )
+            })?;
+        }
+        Command::Agent { .. }
+        | Command::Serve { .. }
+        | Command::Resync { .. }
+        | Command::Snapshot { .. } => {
             unreachable!("handled before opening a store")
         }
     }
@@ -815,6 +871,86 @@ async fn serve(config: StoreConfig, http: Option<std::net::SocketAddr>) -> Resul
     }
     store.shutdown().await;
     Ok(())
+}
+
+fn backup_json(info: &datasync_raft::backup::BackupInfo) -> serde_json::Value {
+    serde_json::json!({
+        "revision": info.revision,
+        "keys": info.keys,
+        "bytes": info.bytes,
+        "sha256": info.sha256,
+    })
+}
+
+/// Writes `bytes` to `path` whole or not at all: a temporary file beside it, synced,
+/// renamed over it, and the directory synced.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// `snapshot restore` and `snapshot status`: they work on files, not on a store.
+async fn snapshot_offline(
+    action: &SnapshotCommand,
+    secret_file: Option<&Path>,
+    json: bool,
+) -> Result<(), Failure> {
+    let read = |file: &Path| {
+        std::fs::read(file)
+            .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))
+    };
+    match action {
+        SnapshotCommand::Status { file } => {
+            let info = datasync_raft::backup::verify(&read(file)?)?;
+            say(json, backup_json(&info), || {
+                format!(
+                    "r{}, {} keys, {} bytes, sha256 {}",
+                    info.revision, info.keys, info.bytes, info.sha256
+                )
+            })
+        }
+        SnapshotCommand::Restore {
+            file,
+            dir,
+            id,
+            listen,
+            advertise,
+        } => {
+            let bytes = read(file)?;
+            let mut config = datasync_raft::RaftConfig::new(dir);
+            config.node_id = *id;
+            if let Some(listen) = listen {
+                let secret = secret_file
+                    .ok_or_else(|| Failure::Usage("a cluster member needs --secret-file".into()))?;
+                let mut c = datasync_raft::ClusterConfig::new(
+                    *listen,
+                    datasync_raft::Secret::from_file(secret)?,
+                );
+                if let Some(a) = advertise {
+                    c = c.advertise(a.clone());
+                }
+                config = config.cluster(*id, c);
+            }
+            let info = datasync_raft::RaftStore::restore(&bytes, config).await?;
+            say(json, backup_json(&info), || {
+                format!(
+                    "restored r{} ({} keys) into {}",
+                    info.revision,
+                    info.keys,
+                    dir.display()
+                )
+            })
+        }
+        SnapshotCommand::Save { .. } => unreachable!("save needs the store"),
+    }
 }
 
 async fn wait_for_signal() -> Result<(), Failure> {

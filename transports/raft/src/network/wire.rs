@@ -100,6 +100,8 @@ pub(crate) enum ClientOp {
     },
     /// The member's size limits.
     Limits,
+    /// A backup of the member's applied state (see [`crate::backup`]).
+    Backup,
 }
 
 /// How a remote read reads.
@@ -119,12 +121,22 @@ pub(crate) type WireChange = (String, bool, Option<Vec<u8>>, Option<Vec<u8>>);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum ClientReply {
     Revision(u64),
-    Deleted { count: u64, revision: u64 },
+    Deleted {
+        count: u64,
+        revision: u64,
+    },
     Value(Option<WireKv>),
-    Listing { revision: u64, values: Vec<WireKv> },
+    Listing {
+        revision: u64,
+        values: Vec<WireKv>,
+    },
     Swapped(u64),
     Conflict(Option<WireKv>),
-    Limits { max_value_size: usize },
+    Limits {
+        max_value_size: usize,
+    },
+    /// A backup file's bytes.
+    Backup(Vec<u8>),
 }
 
 /// One item of a remote watch stream.

@@ -25,6 +25,7 @@ use crate::once::Requests;
 use crate::propose::{Proposals, ProposeError, Rejected, unavailable};
 use crate::storage::lease::Clock;
 use crate::storage::sm;
+mod backup;
 mod metrics;
 pub use metrics::Health;
 mod open;

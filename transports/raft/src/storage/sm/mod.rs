@@ -30,6 +30,7 @@ mod writer;
 pub(crate) use reads::RaftSnapshots;
 use reads::scan;
 pub(crate) use snapshot::StateMachine;
+pub(crate) use snapshot::{backup_payload, payload_summary, restore_payload};
 #[cfg(test)]
 pub(crate) use snapshot::{payload_decodes, payload_seed};
 pub(crate) use writer::take_clean_close;

@@ -281,3 +281,83 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         .map_err(wr)?
     }
 }
+
+/// The applied state at one revision as a snapshot payload (for a backup): its
+/// revision, its key count and the payload. Read under the apply lock once the writer
+/// has stored everything applied, so no apply falls in between.
+pub(crate) fn backup_payload(shared: &Shared) -> Result<(u64, u64, Vec<u8>), StorageError> {
+    let rtx = {
+        let _applies = shared.lock();
+        shared.settle().map_err(rd)?;
+        shared.db.begin_read().map_err(rd)?
+    };
+    let m = rtx.open_table(SM_META).map_err(rd)?;
+    let revision: u64 = get_meta(&m, "revision")?.unwrap_or(0);
+    let kv = rtx.open_table(KV).map_err(rd)?;
+    let mut pairs = Vec::with_capacity(kv.len().map_err(rd)? as usize);
+    for item in kv.iter().map_err(rd)? {
+        let (k, v) = item.map_err(rd)?;
+        pairs.push((k.value().to_owned(), v.value().to_vec()));
+    }
+    let keys = pairs.len() as u64;
+    let data = Payload {
+        revision,
+        kv: pairs,
+        sessions: session_records(&rtx)?,
+    }
+    .encode()
+    .map_err(rd)?;
+    Ok((revision, keys, data))
+}
+
+/// A payload's revision and key count, checking that it decodes and that every record
+/// is whole.
+pub(crate) fn payload_summary(data: &[u8]) -> Result<(u64, u64), String> {
+    let p = Payload::decode(data).map_err(|e| e.to_string())?;
+    for (k, rec) in &p.kv {
+        datasync::Key::from_stored(k).map_err(|e| format!("key {k:?}: {e}"))?;
+        Stored::decode(rec).map_err(|e| format!("record of {k:?}: {e}"))?;
+    }
+    Ok((p.revision, p.kv.len() as u64))
+}
+
+/// Replaces the applied state with a backup's (a restore into a new store): keys,
+/// leases, client sessions and revision; the applied log position and membership stay
+/// this store's. Durable when it returns; watchers resync.
+pub(crate) fn restore_payload(shared: &Shared, data: &[u8]) -> Result<(), StorageError> {
+    let payload = Payload::decode(data).map_err(wr)?;
+    let mut inner = shared.lock();
+    shared.settle().map_err(wr)?;
+    let mut tx = shared.db.begin_write().map_err(wr)?;
+    tx.set_durability(Durability::Immediate).map_err(wr)?;
+    {
+        let mut kv = tx.open_table(KV).map_err(wr)?;
+        kv.retain(|_, _| false).map_err(wr)?;
+        let mut exp = tx.open_table(EXPIRY).map_err(wr)?;
+        exp.retain(|_, _| false).map_err(wr)?;
+        for (k, rec) in &payload.kv {
+            kv.insert(k.as_str(), rec.as_slice()).map_err(wr)?;
+            let (_, _, at) = Stored::header(rec).map_err(wr)?;
+            if at != 0 {
+                exp.insert((at, k.as_str()), ()).map_err(wr)?;
+            }
+        }
+        let mut clients = tx.open_table(CLIENTS).map_err(wr)?;
+        clients.retain(|_, _| false).map_err(wr)?;
+        for (client, session) in &payload.sessions {
+            clients.insert(client, session.as_slice()).map_err(wr)?;
+        }
+        let mut m = tx.open_table(SM_META).map_err(wr)?;
+        put_meta(&mut m, "revision", &payload.revision)?;
+    }
+    tx.commit().map_err(wr)?;
+    let rtx = shared.db.begin_read().map_err(rd)?;
+    inner.leases = load_leases(&rtx, &shared.clock)?;
+    inner.sessions = load_sessions(&rtx)?;
+    inner.revision = payload.revision;
+    inner.history.clear();
+    inner.hub.resync_all();
+    drop(inner);
+    shared.ttl_changed.notify_one();
+    Ok(())
+}

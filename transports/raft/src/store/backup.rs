@@ -1,0 +1,102 @@
+//! [`RaftStore::backup`] and [`RaftStore::restore`] (the file format is in
+//! [`crate::backup`]).
+
+use std::time::Duration;
+
+use datasync::{ReadOptions, StoreError};
+
+use super::RaftStore;
+use crate::RaftConfig;
+use crate::backup::{BackupError, BackupInfo};
+use crate::storage::sm;
+
+/// How long a restored store may take to lead, and to build its snapshot.
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn unfinished(e: crate::rt::Unfinished) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+fn storage(e: crate::types::StorageError) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+impl RaftStore {
+    /// A backup of the applied state at one revision: the file's bytes (see
+    /// [`crate::backup`]). After a linearizable read barrier, so it holds at least
+    /// every write committed when the call began; writes go on meanwhile.
+    ///
+    /// # Cancel safety
+    /// Cancel safe (nothing is written).
+    pub async fn backup(&self) -> Result<Vec<u8>, StoreError> {
+        self.read_barrier(&ReadOptions::new()).await?;
+        let shared = self.inner.sm.clone();
+        let (revision, keys, payload) =
+            crate::rt::blocking(move || sm::backup_payload(&shared).map_err(storage))
+                .await
+                .map_err(unfinished)??;
+        Ok(crate::backup::encode(revision, keys, &payload))
+    }
+
+    /// Makes a new store in `config.dir` holding a backup's state, then closes it: a
+    /// single node, or (with [`RaftConfig::cluster`] and no `join`) the first member of
+    /// a new group, which others then join. It has the backup's keys, leases, client
+    /// sessions and revision (so the same [`state_hash`](Self::state_hash)); its
+    /// membership is its own. The directory must be new or empty.
+    ///
+    /// The restored state is put in a snapshot and the log behind it purged, so that a
+    /// member joining later gets it from the snapshot.
+    pub async fn restore(backup: &[u8], config: RaftConfig) -> Result<BackupInfo, BackupError> {
+        let (info, payload) = crate::backup::decode(backup)?;
+        if config.cluster.as_ref().is_some_and(|c| !c.join.is_empty()) {
+            return Err(BackupError::Join);
+        }
+        let dir = config.dir.clone();
+        if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(BackupError::NotEmpty(dir));
+        }
+        let store = RaftStore::open(config.local_endpoint(false)).await?;
+        let restored = store.load(payload.to_vec()).await;
+        store.shutdown().await;
+        restored?;
+        Ok(info)
+    }
+
+    async fn load(&self, payload: Vec<u8>) -> Result<(), StoreError> {
+        let raft = &self.inner.raft;
+        let me = self.inner.config.node_id;
+        let mut m = raft.metrics();
+        let leads = m.wait_for(|m| m.current_leader == Some(me));
+        tokio::time::timeout(WITHIN, leads)
+            .await
+            .map_err(|_| StoreError::Timeout(WITHIN))?
+            .map_err(|_| StoreError::Stopped)?;
+        let shared = self.inner.sm.clone();
+        crate::rt::blocking(move || sm::restore_payload(&shared, &payload).map_err(storage))
+            .await
+            .map_err(unfinished)??;
+        let applied = raft.metrics().borrow().last_applied;
+        raft.trigger()
+            .snapshot()
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        let built = m.wait_for(|m| m.snapshot.is_some() && m.snapshot >= applied);
+        let snapshot = tokio::time::timeout(WITHIN, built)
+            .await
+            .map_err(|_| StoreError::Timeout(WITHIN))?
+            .map_err(|_| StoreError::Stopped)?
+            .snapshot;
+        if let Some(at) = snapshot {
+            raft.trigger()
+                .purge_log(at.index)
+                .await
+                .map_err(|_| StoreError::Stopped)?;
+            let purged = m.wait_for(|m| m.purged.is_some_and(|p| p.index >= at.index));
+            tokio::time::timeout(WITHIN, purged)
+                .await
+                .map_err(|_| StoreError::Timeout(WITHIN))?
+                .map_err(|_| StoreError::Stopped)?;
+        }
+        Ok(())
+    }
+}
