@@ -103,8 +103,13 @@ async fn readyz(State(ep): State<Endpoint>) -> Response {
     if let Some(why) = &store.stopped {
         return unavailable(format!("not ready: store stopped: {why}\n"));
     }
-    if !store.leader_known() {
-        return unavailable("not ready: the store knows no leader\n".into());
+    if !store.can_serve() {
+        return unavailable(match store.leader {
+            None => "not ready: the store knows no leader\n".into(),
+            Some(l) => {
+                format!("not ready: the store hears no live leader (last: {l}), or has left\n")
+            }
+        });
     }
     let Some((status, _)) = &ep.coordinator else {
         return (StatusCode::OK, "ready\n").into_response();
@@ -208,7 +213,7 @@ pub struct ErrorBody {
 
 async fn status_json(State(ep): State<Endpoint>) -> Response {
     let store = ep.store.status_with_members().await;
-    let store_ready = store.stopped.is_none() && store.leader_known();
+    let store_ready = store.can_serve();
     let Some((status, _)) = &ep.coordinator else {
         return axum::Json(StatusBody {
             ready: store_ready,

@@ -177,12 +177,15 @@ impl AnyStore {
         }
     }
 
-    /// What the process knows of the store now, without asking it anything.
+    /// What the process knows of the store now, without asking it anything and
+    /// without waiting for a lock an apply or a snapshot install may hold (health
+    /// checks call it).
     pub fn status(&self) -> StoreStatus {
         let mut st = StoreStatus {
             kind: self.kind().to_owned(),
             node_id: None,
             leader: None,
+            serving: None,
             term: None,
             revision: None,
             db_bytes: None,
@@ -195,10 +198,10 @@ impl AnyStore {
             let h = s.health();
             st.node_id = Some(s.node_id());
             st.leader = h.leader;
+            st.serving = Some(h.serving);
             st.term = Some(h.term);
             st.revision = Some(h.revision);
             st.db_bytes = Some(h.db_bytes);
-            st.watches = Some(s.active_watches());
             st.stopped = h.stopped;
         }
         st
@@ -206,15 +209,24 @@ impl AnyStore {
 
     /// [`status`](Self::status), with the raft cluster's members (asked of the cluster
     /// when this is a remote client; a failure to reach it goes into `error`).
+    /// At most 2 s is spent asking.
     pub async fn status_with_members(&self) -> StoreStatus {
         let mut st = self.status();
+        if let AnyStore::Raft(s) = self {
+            st.watches = Some(s.active_watches());
+        }
+        let within = std::time::Duration::from_secs(2);
         let members = match self {
-            AnyStore::Raft(_) | AnyStore::Remote(_) => self.members().await,
+            AnyStore::Raft(_) | AnyStore::Remote(_) => {
+                tokio::time::timeout(within, self.members()).await
+            }
             #[allow(unreachable_patterns)]
             _ => return st,
         };
         match members {
-            Ok(m) => {
+            Err(_) => st.error = Some(format!("the members did not answer within {within:?}")),
+            Ok(Err(e)) => st.error = Some(datasync::error_chain(&e)),
+            Ok(Ok(m)) => {
                 let role = |r: &'static str| {
                     move |(id, addr): (&u64, &String)| MemberStatus {
                         id: *id,
@@ -225,7 +237,6 @@ impl AnyStore {
                 st.members = m.voters.iter().map(role("voter")).collect();
                 st.members.extend(m.learners.iter().map(role("learner")));
             }
-            Err(e) => st.error = Some(datasync::error_chain(&e)),
         }
         st
     }
@@ -275,6 +286,8 @@ pub struct StoreStatus {
     pub node_id: Option<u64>,
     /// The leader the embedded node knows of.
     pub leader: Option<u64>,
+    /// Whether the embedded node serves clients (a member hearing a live leader).
+    pub serving: Option<bool>,
     /// The raft term (embedded).
     pub term: Option<u64>,
     /// The revision of the applied state (embedded).
@@ -293,9 +306,11 @@ pub struct StoreStatus {
 }
 
 impl StoreStatus {
-    /// Whether a leader is known: always for stores this process does not run.
-    pub fn leader_known(&self) -> bool {
-        self.kind != "raft" || self.leader.is_some()
+    /// Whether the store can serve: the embedded one runs, hears a live leader and is
+    /// a member; a store this process does not run, always (its watch says more).
+    pub fn can_serve(&self) -> bool {
+        self.stopped.is_none()
+            && (self.kind != "raft" || (self.leader.is_some() && self.serving == Some(true)))
     }
 }
 

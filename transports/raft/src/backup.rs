@@ -76,6 +76,18 @@ pub enum BackupError {
     Io(#[from] std::io::Error),
 }
 
+/// A backup too large to send to a remote client in one piece.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the backup is {bytes} bytes; through a member at most {limit}: save it on a member (`--store DIR`)"
+)]
+pub struct TooLarge {
+    /// The backup's size.
+    pub bytes: u64,
+    /// The most a member sends.
+    pub limit: u64,
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -6,10 +6,17 @@
 //! `O_DSYNC` write, the log's whole durability cost), `etcd_disk_backend_commit_duration_seconds`
 //! (a redb commit of the state machine's writer), `etcd_server_has_leader`,
 //! `etcd_server_is_leader`, `etcd_server_leader_changes_seen_total`,
-//! `etcd_server_proposals_{committed,applied,failed}_total`, `etcd_server_proposals_pending`,
+//! `etcd_server_proposals_applied_total` (a gauge of the applied index, as etcd's),
+//! `etcd_server_proposals_failed_total`, `etcd_server_proposals_pending`,
 //! `etcd_debugging_mvcc_{watcher,slow_watcher,events}_total`,
 //! `etcd_debugging_mvcc_current_revision`, `etcd_mvcc_db_total_size_in_bytes`.
-//! What etcd does not have is `datasync_raft_*` and `datasync_watch_*`.
+//! What etcd does not have, or means otherwise, is `datasync_raft_*` and
+//! `datasync_watch_*`: client writes committed are counted per write
+//! (`datasync_raft_client_writes_committed_total`), since many share one log entry;
+//! etcd's `proposals_committed_total` (the commit index) has no counterpart, as
+//! openraft 0.9 does not report the commit index. The backend commit histogram counts
+//! durable commits only (the writer commits without fsync in between, as etcd's
+//! batch does).
 //!
 //! Why histograms and counters are updated where things happen but gauges are read at
 //! scrape time: a gauge read then (raft's metrics, the hub, the file size) is exact and
@@ -29,7 +36,6 @@ pub(crate) struct Metrics {
     pub(crate) apply: Histogram,
     pub(crate) batch_size: Histogram,
     pub(crate) committed: Counter,
-    pub(crate) applied: Counter,
     pub(crate) failed: Counter,
     pub(crate) leader_changes: Counter,
     pub(crate) snapshots_sent: Counter,
@@ -49,7 +55,6 @@ impl Default for Metrics {
             apply: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             committed: Counter::default(),
-            applied: Counter::default(),
             failed: Counter::default(),
             leader_changes: Counter::default(),
             snapshots_sent: Counter::default(),

@@ -45,6 +45,9 @@ impl ClientService for WeakStore {
     }
 }
 
+/// The largest backup a member sends: a frame, less room for the reply around it.
+const BACKUP_LIMIT: usize = crate::network::frame::MAX_FRAME - (1 << 20);
+
 /// Runs a remote client's operation on this member's store.
 async fn serve_op(
     store: &RaftStore,
@@ -126,7 +129,16 @@ async fn serve_op(
                     CasOutcome::Conflict(c) => ClientReply::Conflict(c.as_ref().map(wire_kv)),
                 })
         }
-        ClientOp::Backup => store.backup().await.map(ClientReply::Backup),
+        ClientOp::Backup => match store.backup().await {
+            // The whole file goes in one frame: say so rather than fail the frame.
+            Ok(file) if file.len() > BACKUP_LIMIT => Err(datasync::StoreError::Backend(Box::new(
+                crate::backup::TooLarge {
+                    bytes: file.len() as u64,
+                    limit: BACKUP_LIMIT as u64,
+                },
+            ))),
+            other => other.map(ClientReply::Backup),
+        },
         ClientOp::Limits => Ok(ClientReply::Limits {
             max_value_size: store.limits().max_value_size,
         }),

@@ -19,8 +19,9 @@ fn key(s: &str) -> Key {
     Key::new(s).unwrap()
 }
 
-/// Writes of every kind: puts, overwrites, a TTL, a compare-and-swap, deletes.
-async fn fill(w: &impl Writer) -> Revision {
+/// Writes of every kind: puts, overwrites, TTLs (one of `short`), a compare-and-swap,
+/// deletes.
+async fn fill(w: &impl Writer, short: Duration) -> Revision {
     for i in 0..200 {
         let k = key(&format!("cfg/{i:03}"));
         w.put(&k, Value::from(format!("v{i}")), PutOptions::new())
@@ -34,6 +35,13 @@ async fn fill(w: &impl Writer) -> Revision {
         &key("lease/a"),
         Value::from(vec![0u8, 255, 7]),
         PutOptions::new().ttl(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    w.put(
+        &key("lease/short"),
+        Value::from("soon gone"),
+        PutOptions::new().ttl(short),
     )
     .await
     .unwrap();
@@ -67,12 +75,12 @@ fn free_addr() -> std::net::SocketAddr {
 async fn a_restored_store_has_the_state_revision_and_resyncs_its_watchers() {
     let a = tempfile::tempdir().unwrap();
     let store = RaftStore::open(RaftConfig::new(a.path())).await.unwrap();
-    let last = fill(&store).await;
+    let last = fill(&store, Duration::from_secs(4)).await;
     let file = store.backup().await.unwrap();
     let info = verify(&file).unwrap();
     assert_eq!(Revision(info.revision), last);
     assert_eq!(info.revision, store.revision().0);
-    let hash = store.state_hash().unwrap();
+    let hash = store.data_hash().unwrap();
     // Writes after the backup are not in it.
     store
         .put(&key("cfg/late"), Value::from("x"), PutOptions::new())
@@ -87,7 +95,7 @@ async fn a_restored_store_has_the_state_revision_and_resyncs_its_watchers() {
     assert_eq!(restored, info);
     let again = RaftStore::open(RaftConfig::new(b.path())).await.unwrap();
     assert_eq!(again.revision(), last);
-    assert_eq!(again.state_hash().unwrap(), hash);
+    assert_eq!(again.data_hash().unwrap(), hash);
     let mut w = again
         .watch("w", &[Prefix::new("").unwrap()], WatchOptions::default())
         .await
@@ -102,11 +110,21 @@ async fn a_restored_store_has_the_state_revision_and_resyncs_its_watchers() {
                 .find(|kv| kv.key.as_str() == "lease/a")
                 .unwrap();
             assert_eq!(lease.value, Value::from(vec![0u8, 255, 7]));
-            assert_eq!(values.len(), 200 - 100 - 1 + 2, "{}", values.len());
+            assert_eq!(values.len(), 200 - 100 - 1 + 3, "{}", values.len());
             r.done.complete(Ok(()));
         }
         other => panic!("{other:?}"),
     }
+    // Leases came along: the short one expires in the restored store.
+    match tokio::time::timeout(Duration::from_secs(20), w.next()).await {
+        Ok(Some(Ok(Event::Change(c)))) => {
+            assert_eq!(c.changes[0].key.as_str(), "lease/short");
+            assert_eq!(c.changes[0].op, datasync::Op::Delete);
+            c.done.complete(Ok(()));
+        }
+        other => panic!("the short lease did not expire: {other:?}"),
+    }
+    let last = Revision(last.0 + 1);
     let next = again
         .put(&key("cfg/new"), Value::from("n"), PutOptions::new())
         .await
@@ -120,8 +138,22 @@ async fn a_restored_store_has_the_state_revision_and_resyncs_its_watchers() {
     drop(again);
 
     // A used directory is refused, and left as it was.
+    let entries = |d: &std::path::Path| {
+        let mut e: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        e.sort();
+        e
+    };
+    let was = entries(b.path());
     let used = RaftStore::restore(&file, RaftConfig::new(b.path())).await;
     assert!(matches!(used, Err(BackupError::NotEmpty(_))), "{used:?}");
+    assert_eq!(entries(b.path()), was);
+    let reopened = RaftStore::open(RaftConfig::new(b.path())).await.unwrap();
+    assert_eq!(reopened.revision(), Revision(last.0 + 1));
+    reopened.shutdown().await;
+    drop(reopened);
     // A damaged or truncated file is refused before anything is made.
     let c = tempfile::tempdir().unwrap();
     let mut bad = file.clone();
@@ -141,9 +173,9 @@ async fn a_restored_store_has_the_state_revision_and_resyncs_its_watchers() {
 async fn a_member_joining_a_restored_node_gets_its_state() {
     let a = tempfile::tempdir().unwrap();
     let source = RaftStore::open(RaftConfig::new(a.path())).await.unwrap();
-    let last = fill(&source).await;
+    let last = fill(&source, Duration::from_secs(3600)).await;
     let file = source.backup().await.unwrap();
-    let hash = source.state_hash().unwrap();
+    let hash = source.data_hash().unwrap();
     source.shutdown().await;
 
     let listen = free_addr();
@@ -164,13 +196,13 @@ async fn a_member_joining_a_restored_node_gets_its_state() {
         .await
         .unwrap();
     wait_until("the restored member leads", || n1.leader() == Some(1)).await;
-    assert_eq!((n1.revision(), n1.state_hash().unwrap()), (last, hash));
+    assert_eq!((n1.revision(), n1.data_hash().unwrap()), (last, hash));
     let d2 = tempfile::tempdir().unwrap();
     let n2 = RaftStore::open(member(2, d2.path(), free_addr(), Some(listen.to_string())))
         .await
         .unwrap();
     converged(&[&n1, &n2]).await;
-    assert_eq!(n2.state_hash().unwrap(), hash);
+    assert_eq!(n2.data_hash().unwrap(), hash);
     assert!(
         n2.snapshots_installed() >= 1,
         "the state came in a snapshot"
@@ -182,6 +214,13 @@ async fn a_member_joining_a_restored_node_gets_its_state() {
     let through = remote.backup().await.unwrap();
     let info = verify(&through).unwrap();
     assert_eq!(Revision(info.revision), n1.revision());
+    let d3 = tempfile::tempdir().unwrap();
+    RaftStore::restore(&through, RaftConfig::new(d3.path()))
+        .await
+        .unwrap();
+    let n3 = RaftStore::open(RaftConfig::new(d3.path())).await.unwrap();
+    assert_eq!(n3.data_hash().unwrap(), n1.data_hash().unwrap());
+    n3.shutdown().await;
     n2.shutdown().await;
     n1.shutdown().await;
 }

@@ -64,6 +64,13 @@ async fn an_isolated_leader_cannot_commit_and_the_majority_goes_on() {
     );
     let read = ReadOptions::new().consistency(Consistency::Linearizable);
     assert!(old.get(&key("before"), read).await.is_err());
+    // It still names itself leader (openraft 0.9 does not step down), but its health
+    // says it cannot serve: what /readyz and etcd_server_has_leader report.
+    wait_until("the cut-off leader is not ready", || {
+        let h = old.health();
+        !h.ready() && !h.serving && h.stopped.is_none()
+    })
+    .await;
 
     // The majority elects a leader among themselves and commits through either member.
     wait_until("the majority elects a new leader", || {
@@ -84,6 +91,10 @@ async fn an_isolated_leader_cannot_commit_and_the_majority_goes_on() {
 
     c.faults.heal();
     converged(&all(&c)).await;
+    wait_until("every member is ready again", || {
+        c.nodes.iter().all(|n| n.health().ready())
+    })
+    .await;
     for n in &c.nodes {
         assert_eq!(local(n, "during/0").await, Some("2".into()));
         assert_eq!(local(n, "during/1").await, Some("2".into()));

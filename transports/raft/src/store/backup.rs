@@ -51,6 +51,16 @@ impl RaftStore {
         if config.cluster.as_ref().is_some_and(|c| !c.join.is_empty()) {
             return Err(BackupError::Join);
         }
+        let mut config = config;
+        if let Some(c) = config.cluster.as_mut()
+            && !(c.advertise.is_none() && c.listen.ip().is_unspecified())
+        {
+            // Unreachable while it restores: a node joining now would replicate a log
+            // that does not hold the restored state, and a client's write would be
+            // replaced by it. Its membership names the address it will serve on.
+            c.advertise.get_or_insert_with(|| c.listen.to_string());
+            c.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        }
         let dir = config.dir.clone();
         if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
             return Err(BackupError::NotEmpty(dir));

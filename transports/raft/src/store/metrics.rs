@@ -13,8 +13,12 @@ use super::{RaftStore, WeakStore};
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Health {
-    /// The leader this member knows of now.
+    /// The leader this member knows of now. (A leader cut off from its quorum still
+    /// names itself: see `serving`.)
     pub leader: Option<u64>,
+    /// Whether this member serves clients: it is still a member, and hears a live
+    /// leader (a single node always does).
+    pub serving: bool,
     /// The raft term.
     pub term: u64,
     /// The revision of the applied state.
@@ -28,14 +32,15 @@ pub struct Health {
 }
 
 impl Health {
-    /// Ready to serve: running, with a known leader.
+    /// Ready to serve: running, a member that hears a live leader.
     pub fn ready(&self) -> bool {
-        self.stopped.is_none() && self.leader.is_some()
+        self.stopped.is_none() && self.leader.is_some() && self.serving
     }
 }
 
 impl RaftStore {
-    /// Whether the store can serve, and what an operator checks first.
+    /// Whether the store can serve, and what an operator checks first. Takes no lock
+    /// an apply or a snapshot install holds.
     pub fn health(&self) -> Health {
         let inner = &self.inner;
         let raft = inner.raft.metrics().borrow().clone();
@@ -48,8 +53,9 @@ impl RaftStore {
         };
         Health {
             leader: raft.current_leader,
+            serving: self.hears_leader() && !self.has_left(),
             term: raft.current_term,
-            revision: inner.sm.lock().revision,
+            revision: self.revision().0,
             stopped,
             db_bytes: db_bytes(&inner.config.dir),
         }
@@ -81,18 +87,13 @@ impl RaftStore {
             m.batch_size,
         );
         registry.register(
-            "etcd_server_proposals_committed",
-            "Client writes committed through raft on this member.",
+            "datasync_raft_client_writes_committed",
+            "Client writes this member proposed that committed (several share a log entry).",
             m.committed,
         );
         registry.register(
-            "etcd_server_proposals_applied",
-            "Log entries applied to the state machine.",
-            m.applied,
-        );
-        registry.register(
             "etcd_server_proposals_failed",
-            "Client writes proposed on this member that failed or timed out.",
+            "Client writes this member proposed that failed or timed out.",
             m.failed,
         );
         registry.register(
@@ -145,23 +146,24 @@ impl Collector for Gauges {
         let inner = &store.inner;
         let raft = inner.raft.metrics().borrow().clone();
         let me = inner.config.node_id;
-        let (hub, revision) = {
-            let mut sm = inner.sm.lock();
-            (sm.hub.stats(), sm.revision)
-        };
+        let revision = store.revision().0;
+        let hub = inner.sm.lock().hub.stats();
         let leader = raft.current_leader;
+        // A leader cut off from its quorum still names itself (openraft 0.9 does not
+        // step down): a member counts a leader only while it hears one.
+        let serving = store.hears_leader() && !store.has_left();
         let e = &mut e;
         gauge(
             e,
             "etcd_server_has_leader",
-            "1 if this member knows a leader.",
-            i64::from(leader.is_some()),
+            "1 if this member hears a live leader.",
+            i64::from(leader.is_some() && serving),
         )?;
         gauge(
             e,
             "etcd_server_is_leader",
-            "1 if this member leads.",
-            i64::from(leader == Some(me)),
+            "1 if this member leads and hears from a quorum.",
+            i64::from(leader == Some(me) && serving),
         )?;
         gauge(
             e,
@@ -178,8 +180,8 @@ impl Collector for Gauges {
         )?;
         gauge(
             e,
-            "datasync_raft_applied_index",
-            "Index of the last entry applied to the state machine.",
+            "etcd_server_proposals_applied_total",
+            "Index of the last log entry applied to the state machine (as etcd's).",
             index(raft.last_applied.map(|l| l.index)),
         )?;
         gauge(

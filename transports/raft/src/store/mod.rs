@@ -445,12 +445,24 @@ impl RaftStore {
 
     /// The revision of the applied state.
     pub fn revision(&self) -> Revision {
-        Revision(self.inner.sm.lock().revision)
+        Revision(
+            self.inner
+                .sm
+                .revision_now
+                .load(std::sync::atomic::Ordering::Acquire),
+        )
     }
 
     /// A hash of the whole applied key space; equal on replicas at the same revision.
     pub fn state_hash(&self) -> Result<u64, StoreError> {
         self.inner.sm.state_hash()
+    }
+
+    /// A hash of every key with its value, revisions and lease (the state without the
+    /// client sessions [`state_hash`](Self::state_hash) covers too): equal on a store
+    /// restored from a backup and on the store at the backup's revision.
+    pub fn data_hash(&self) -> Result<u64, StoreError> {
+        self.inner.sm.data_hash()
     }
 
     /// How many snapshots this member has installed from a leader since it opened

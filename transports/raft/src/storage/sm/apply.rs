@@ -278,7 +278,6 @@ pub(super) fn apply_batch(
     entries: Vec<Entry>,
 ) -> Result<Vec<Outcome>, StorageError> {
     let start = std::time::Instant::now();
-    let count = entries.len() as u64;
     // Held across publish: watch snapshots pin state under the same lock.
     let mut guard = shared.lock();
     let inner = &mut *guard;
@@ -341,6 +340,9 @@ pub(super) fn apply_batch(
         store_works(&shared.db, &shared.pending, vec![work], durable_at);
     }
     inner.revision = revision;
+    shared
+        .revision_now
+        .store(revision, std::sync::atomic::Ordering::Release);
     for (txn, undo) in txns {
         inner.history.push_back(undo);
         if inner.history.len() > shared.history_len {
@@ -355,7 +357,6 @@ pub(super) fn apply_batch(
     if let Some(m) = membership {
         shared.membership.send_replace(m);
     }
-    shared.metrics.applied.inc_by(count);
     shared.metrics.apply.observe(crate::metrics::since(start));
     Ok(outcomes)
 }

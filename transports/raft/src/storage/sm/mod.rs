@@ -117,6 +117,11 @@ pub(crate) struct Shared {
     /// Log entries past the durable applied state at open (re-applied after a crash).
     pub(crate) behind_at_open: std::sync::atomic::AtomicU64,
     metrics: crate::metrics::Metrics,
+    /// `Inner::revision`, readable without the lock (which a snapshot install holds
+    /// for as long as it writes): for health checks and metrics.
+    pub(crate) revision_now: std::sync::atomic::AtomicU64,
+    /// Set once [`close`](Self::close) ran.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -178,6 +183,8 @@ impl Shared {
             installed: std::sync::atomic::AtomicU64::new(0),
             behind_at_open: std::sync::atomic::AtomicU64::new(0),
             metrics,
+            revision_now: std::sync::atomic::AtomicU64::new(revision),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -188,13 +195,14 @@ impl Shared {
 
     /// Why the writer no longer stores applied state, if it does not (it failed, or
     /// the state machine closed).
+    ///
+    /// Takes only the writer's progress lock, never the apply lock.
     pub(crate) fn writer_stopped(&self) -> Option<String> {
         if let Some(why) = &self.pending.lock().failed {
             return Some(format!("the state machine's writer failed: {why}"));
         }
-        self.lock()
-            .writer
-            .is_none()
+        self.closed
+            .load(std::sync::atomic::Ordering::Acquire)
             .then(|| "the state machine is closed".to_owned())
     }
 
@@ -204,6 +212,8 @@ impl Shared {
 
     /// Stops the writer thread once it has stored everything applied (at shutdown).
     pub(crate) fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         if let Some(Queue::Inline { .. }) = self.lock().writer.take()
             && self.pending.lock().failed.is_none()
         {

@@ -125,6 +125,15 @@ impl Shared {
     /// A hash of the whole key space (keys, values, revisions): equal on replicas that
     /// applied the same log. FNV-1a, 64 bits.
     pub(crate) fn state_hash(&self) -> Result<u64, StoreError> {
+        self.hash(true)
+    }
+
+    /// [`state_hash`](Self::state_hash) of the keys alone, without client sessions.
+    pub(crate) fn data_hash(&self) -> Result<u64, StoreError> {
+        self.hash(false)
+    }
+
+    fn hash(&self, sessions: bool) -> Result<u64, StoreError> {
         self.settle()?;
         let tx = self.db.begin_read().map_err(read_failed)?;
         let t = tx.open_table(KV).map_err(read_failed)?;
@@ -139,6 +148,9 @@ impl Shared {
             let (k, v) = item.map_err(read_failed)?;
             feed(k.value().as_bytes());
             feed(v.value());
+        }
+        if !sessions {
+            return Ok(h);
         }
         // Client sessions are replicated state too: a replica that lost them would
         // apply a retried write again.

@@ -214,6 +214,9 @@ pub(super) fn install(
     inner.leases = load_leases(&rtx, &shared.clock)?;
     inner.sessions = load_sessions(&rtx)?;
     inner.revision = payload.revision;
+    shared
+        .revision_now
+        .store(payload.revision, std::sync::atomic::Ordering::Release);
     inner.history.clear();
     inner.hub.resync_all();
     drop(inner);
@@ -285,6 +288,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 /// The applied state at one revision as a snapshot payload (for a backup): its
 /// revision, its key count and the payload. Read under the apply lock once the writer
 /// has stored everything applied, so no apply falls in between.
+///
+/// Why without client sessions: they let this group apply a retried write once, and
+/// no client of this group retries into a store restored from the backup; their log
+/// positions, meaningless in a new log, would also make its session eviction drop its
+/// own newest clients first.
 pub(crate) fn backup_payload(shared: &Shared) -> Result<(u64, u64, Vec<u8>), StorageError> {
     let rtx = {
         let _applies = shared.lock();
@@ -303,7 +311,7 @@ pub(crate) fn backup_payload(shared: &Shared) -> Result<(u64, u64, Vec<u8>), Sto
     let data = Payload {
         revision,
         kv: pairs,
-        sessions: session_records(&rtx)?,
+        sessions: Vec::new(),
     }
     .encode()
     .map_err(rd)?;
@@ -322,8 +330,9 @@ pub(crate) fn payload_summary(data: &[u8]) -> Result<(u64, u64), String> {
 }
 
 /// Replaces the applied state with a backup's (a restore into a new store): keys,
-/// leases, client sessions and revision; the applied log position and membership stay
-/// this store's. Durable when it returns; watchers resync.
+/// leases and revision; the applied log position and membership stay this store's,
+/// and it has no client sessions (a backup's are ignored: see [`backup_payload`]).
+/// Durable when it returns; watchers resync.
 pub(crate) fn restore_payload(shared: &Shared, data: &[u8]) -> Result<(), StorageError> {
     let payload = Payload::decode(data).map_err(wr)?;
     let mut inner = shared.lock();
@@ -344,9 +353,6 @@ pub(crate) fn restore_payload(shared: &Shared, data: &[u8]) -> Result<(), Storag
         }
         let mut clients = tx.open_table(CLIENTS).map_err(wr)?;
         clients.retain(|_, _| false).map_err(wr)?;
-        for (client, session) in &payload.sessions {
-            clients.insert(client, session.as_slice()).map_err(wr)?;
-        }
         let mut m = tx.open_table(SM_META).map_err(wr)?;
         put_meta(&mut m, "revision", &payload.revision)?;
     }
@@ -355,6 +361,9 @@ pub(crate) fn restore_payload(shared: &Shared, data: &[u8]) -> Result<(), Storag
     inner.leases = load_leases(&rtx, &shared.clock)?;
     inner.sessions = load_sessions(&rtx)?;
     inner.revision = payload.revision;
+    shared
+        .revision_now
+        .store(payload.revision, std::sync::atomic::Ordering::Release);
     inner.history.clear();
     inner.hub.resync_all();
     drop(inner);

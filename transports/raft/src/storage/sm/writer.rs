@@ -161,7 +161,9 @@ pub(super) fn store_works(
         let revision = works.last().map_or(0, |w| w.revision);
         let start = std::time::Instant::now();
         let result = store(db, works, durable);
-        pending.commit_time.observe(crate::metrics::since(start));
+        if durable {
+            pending.commit_time.observe(crate::metrics::since(start));
+        }
         let mut st = pending.lock();
         match result {
             Ok(()) => {
