@@ -72,6 +72,7 @@ mod event;
 mod key;
 pub mod local;
 mod mirror;
+pub mod model;
 mod revision;
 mod scope;
 #[cfg(any(test, feature = "testing"))]

@@ -9,8 +9,8 @@ use std::time::Duration;
 use datasync::coordinator::{
     Coordinator, CoordinatorConfig, CoordinatorHandle, PluginSpec, Registry,
 };
-use datasync::{DeleteOptions, Key, Prefix, PutOptions, Value, Watcher, Writer};
-use datasync_netconfig::{Device, InterfacesPlugin, Report, RoutesPlugin};
+use datasync::{DeleteOptions, Key, Prefix, PutOptions, Watcher, Writer};
+use datasync_netconfig::{Device, Interface, InterfacesPlugin, Report, Route, RoutesPlugin};
 
 /// The device the example plugins configure (interfaces and routes).
 pub type Interfaces = Device;
@@ -101,30 +101,35 @@ pub async fn walkthrough<S: Writer>(
     ifaces: &Interfaces,
 ) -> Result<(), Box<dyn Error>> {
     let key = |k: &str| Key::new(k);
-    let json = |s: &str| Value::from(s.to_owned());
     println!("2. live changes, with previous values");
     store
-        .put(&key("if/eth1")?, json(r#"{"mtu":9000}"#), PutOptions::new())
+        .put(&key("if/eth1")?, Interface::value(9000), PutOptions::new())
         .await?;
     store
-        .put(
-            &key("rt/storage")?,
-            json(r#"{"via":"eth1"}"#),
-            PutOptions::new(),
-        )
+        .put(&key("rt/storage")?, Route::value("eth1"), PutOptions::new())
         .await?;
     store
-        .put(&key("if/eth1")?, json(r#"{"mtu":1500}"#), PutOptions::new())
+        .put(&key("if/eth1")?, Interface::value(1500), PutOptions::new())
         .await?;
     settle().await;
+    if let Some(kv) = store.get(&key("if/eth1")?, Default::default()).await? {
+        let bytes: Vec<String> = kv
+            .value
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        println!(
+            "  if/eth1 holds a protobuf netconfig.Interface, {} bytes: {} = {:?}",
+            bytes.len(),
+            bytes.join(" "),
+            kv.value.proto::<Interface>()?
+        );
+    }
 
     println!("3. a route to a missing interface is rejected through Done");
     store
-        .put(
-            &key("rt/bad")?,
-            json(r#"{"via":"eth9"}"#),
-            PutOptions::new(),
-        )
+        .put(&key("rt/bad")?, Route::value("eth9"), PutOptions::new())
         .await?;
     let failures = || {
         coordinator
@@ -147,7 +152,7 @@ pub async fn walkthrough<S: Writer>(
     println!("4. a TTL key expires as a Delete with its previous value");
     let ttl = PutOptions::new().ttl(Duration::from_millis(300));
     store
-        .put(&key("if/tmp0")?, json(r#"{"mtu":68}"#), ttl)
+        .put(&key("if/tmp0")?, Interface::value(68), ttl)
         .await?;
     let has_tmp0 = || ifaces.state().interfaces.contains_key("tmp0");
     let until = |want: bool| async move {
@@ -180,14 +185,14 @@ pub async fn seed<S: Writer>(store: &S) -> Result<(), Box<dyn Error>> {
     store
         .put(
             &Key::new("if/eth0")?,
-            r#"{"mtu":1500}"#.into(),
+            Interface::value(1500),
             PutOptions::new(),
         )
         .await?;
     store
         .put(
             &Key::new("rt/default")?,
-            r#"{"via":"eth0"}"#.into(),
+            Route::value("eth0"),
             PutOptions::new(),
         )
         .await?;

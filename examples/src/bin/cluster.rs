@@ -100,7 +100,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     follower
         .put(
             &Key::new("if/eth2")?,
-            r#"{"mtu":1500}"#.into(),
+            datasync_netconfig::Interface::value(1500),
             PutOptions::new(),
         )
         .await?;

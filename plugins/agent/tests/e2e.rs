@@ -156,19 +156,22 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     // The netconfig pair is linked in too: a route through a missing interface is
     // refused through Done, and says so in /status; one through a known one is not.
     assert!(
-        cli(&store, &["put", "net/if/eth0", r#"{"mtu":1500}"#])
+        cli(&store, &["put", "net/if/eth0", r#"{"mtu":1500}"#, "--json"])
             .status
             .success()
     );
     assert!(
-        cli(&store, &["put", "net/rt/ok", r#"{"via":"eth0"}"#])
+        cli(&store, &["put", "net/rt/ok", r#"{"via":"eth0"}"#, "--json"])
             .status
             .success()
     );
     assert!(
-        cli(&store, &["put", "net/rt/bad", r#"{"via":"eth9"}"#])
-            .status
-            .success()
+        cli(
+            &store,
+            &["put", "net/rt/bad", r#"{"via":"eth9"}"#, "--json"]
+        )
+        .status
+        .success()
     );
     let refused = || async {
         let (_, body) = http_get(&addr, "/status").await.unwrap();
@@ -189,6 +192,77 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
         assert!(
             Instant::now() < deadline,
             "the route's refusal never showed in /status"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Values are protobuf messages; the CLI converts JSON through the model registry.
+    let got = cli(&store, &["get", "net/if/eth0", "--json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        r#"{"mtu":1500}"#
+    );
+    let raw = cli(&store, &["--output", "raw", "get", "net/if/eth0"]);
+    assert_eq!(
+        raw.stdout,
+        [0x08, 0xdc, 0x0b],
+        "the message's bytes: field 1, 1500"
+    );
+    for (args, says) in [
+        (
+            &["put", "net/if/x", r#"{"mtu":1,"speed":2}"#, "--json"][..],
+            "unknown field",
+        ),
+        (
+            &["put", "net/if/x", r#"{"mtu":"big"}"#, "--json"][..],
+            "invalid type",
+        ),
+        (&["put", "net/if/x", "not json", "--json"][..], "not JSON"),
+        (
+            &["put", "files/x", "{}", "--json"][..],
+            "no model is registered",
+        ),
+    ] {
+        let out = cli(&store, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{out:?}"
+        );
+    }
+    // A value that is no message is an error for that value only: the change fails
+    // through Done, the resync that follows skips it, the others apply.
+    assert!(
+        cli(&store, &["put", "net/if/junk", "not a message"])
+            .status
+            .success()
+    );
+    assert!(
+        cli(&store, &["put", "net/if/eth1", r#"{"mtu":9000}"#, "--json"])
+            .status
+            .success()
+    );
+    let recovered = || async {
+        let (_, body) = http_get(&addr, "/status").await.unwrap();
+        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let plugins = s["plugins"].as_array().unwrap().clone();
+        let ifaces = plugins
+            .iter()
+            .find(|p| p["name"] == "interfaces")
+            .cloned()
+            .unwrap();
+        ifaces["state"] == "ready"
+            && ifaces["failures"] == 1
+            && ifaces["resyncs"].as_u64() >= Some(2)
+            && ifaces["last_error"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("net/if/junk"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !recovered().await {
+        assert!(
+            Instant::now() < deadline,
+            "the bad value held up the plugin"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

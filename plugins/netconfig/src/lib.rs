@@ -1,7 +1,8 @@
 //! datasync-netconfig: two plugins with a dependency, the shape of a real agent's
 //! network configuration. `interfaces` keeps a device's interfaces in sync with
-//! `net/if/<name>` (JSON `{"mtu": 1500}`); `routes` installs `net/rt/<name>` (JSON
-//! `{"via": "eth0"}`) only through an interface the device has: a change to a route
+//! `net/if/<name>` (an [`Interface`] protobuf message, `{"mtu": 1500}` as JSON);
+//! `routes` installs `net/rt/<name>` (a [`Route`], `{"via": "eth0"}`) only through an
+//! interface the device has: a change to a route
 //! through a missing interface is rejected through `Done` with an error naming the
 //! route and the interface. The coordinator then resyncs `routes`, which keeps such a
 //! route pending (reported) and installs it once the interface appears, so one route
@@ -58,18 +59,58 @@ datasync::register_plugin! {
     factory: |_ctx: &PluginContext| Arc::new(RoutesPlugin::new(ROUTES_PREFIX, Device::global())),
 }
 
-/// An interface's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// An interface's configuration: the protobuf message stored under `net/if/`
+/// (`message Interface { uint32 mtu = 1; }`), `{"mtu": 1500}` as JSON.
+#[derive(Clone, PartialEq, Eq, prost::Message, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Interface {
     /// The MTU.
+    #[prost(uint32, tag = "1")]
     pub mtu: u32,
 }
 
-/// A route's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// A route's configuration: the protobuf message stored under `net/rt/`
+/// (`message Route { string via = 1; }`), `{"via": "eth0"}` as JSON.
+#[derive(Clone, PartialEq, Eq, prost::Message, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Route {
     /// The interface the route goes through.
+    #[prost(string, tag = "1")]
     pub via: String,
+}
+
+datasync::register_model!(name: "netconfig.Interface", prefix: INTERFACES_PREFIX, message: Interface);
+datasync::register_model!(name: "netconfig.Route", prefix: ROUTES_PREFIX, message: Route);
+
+impl Interface {
+    /// The stored value of an interface with `mtu`.
+    pub fn value(mtu: u32) -> Value {
+        Value::from(prost::Message::encode_to_vec(&Interface { mtu }))
+    }
+}
+
+impl Route {
+    /// The stored value of a route through `via`.
+    pub fn value(via: &str) -> Value {
+        Value::from(prost::Message::encode_to_vec(&Route {
+            via: via.to_owned(),
+        }))
+    }
+}
+
+/// A value as JSON if it is an `M`, else its text (lossy).
+fn render<M>(v: &Value) -> String
+where
+    M: prost::Message + Default + serde::Serialize,
+{
+    match v
+        .proto::<M>()
+        .ok()
+        .and_then(|m| serde_json::to_string(&m).ok())
+    {
+        Some(json) => json,
+        None => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+    }
 }
 
 /// What the plugins configure: interfaces (name → MTU) and installed routes (name →
@@ -187,13 +228,14 @@ fn log_report() -> Report {
     Arc::new(|line: &str| tracing::info!("{line}"))
 }
 
-/// One key change as a report line.
-pub fn describe(plugin: &str, c: &KeyChange, revision: Revision) -> String {
-    let text = |v: &Option<Value>| {
-        v.as_ref().map_or("-".to_owned(), |v| {
-            String::from_utf8_lossy(v.as_bytes()).into_owned()
-        })
-    };
+/// One key change as a report line, values shown by `render`.
+fn describe(
+    plugin: &str,
+    c: &KeyChange,
+    revision: Revision,
+    render: fn(&Value) -> String,
+) -> String {
+    let text = |v: &Option<Value>| v.as_ref().map_or("-".to_owned(), render);
     format!(
         "[{plugin}] change r{revision}: {:?} {} prev={} now={}",
         c.op,
@@ -257,7 +299,7 @@ impl Plugin for InterfacesPlugin {
             Event::Resync(r) => {
                 let mut interfaces = BTreeMap::new();
                 for kv in r.values() {
-                    match kv.value.json::<Interface>() {
+                    match kv.value.proto::<Interface>() {
                         Ok(i) => {
                             interfaces.insert(name(&self.0.prefix, &kv.key).to_owned(), i.mtu);
                         }
@@ -281,9 +323,9 @@ impl Plugin for InterfacesPlugin {
                 // Checked whole first: a bad value changes nothing.
                 let mut ops = Vec::with_capacity(c.changes.len());
                 for kc in &c.changes {
-                    (self.0.report)(&describe(INTERFACES, kc, c.revision));
+                    (self.0.report)(&describe(INTERFACES, kc, c.revision, render::<Interface>));
                     let n = name(&self.0.prefix, &kc.key).to_owned();
-                    match kc.value.as_ref().map(Value::json::<Interface>) {
+                    match kc.value.as_ref().map(Value::proto::<Interface>) {
                         Some(Ok(i)) => ops.push((n, Some(i.mtu))),
                         Some(Err(e)) => return c.done.fail(format!("{}: {e}", kc.key)),
                         None => ops.push((n, None)),
@@ -332,7 +374,7 @@ impl RoutesPlugin {
     /// The route's interface, if the device has it; else why not (`Ok(Err(via))`:
     /// only the interface is missing; `Err`: the value is not a route).
     fn check(&self, key: &Key, value: &Value) -> Result<Result<String, String>, String> {
-        let route: Route = value.json().map_err(|e| format!("{key}: {e}"))?;
+        let route: Route = value.proto().map_err(|e| format!("{key}: {e}"))?;
         if self.0.device.state().interfaces.contains_key(&route.via) {
             Ok(Ok(route.via))
         } else {
@@ -384,7 +426,7 @@ impl Plugin for RoutesPlugin {
                 // nothing.
                 let mut ops = Vec::with_capacity(c.changes.len());
                 for kc in &c.changes {
-                    (self.0.report)(&describe(ROUTES, kc, c.revision));
+                    (self.0.report)(&describe(ROUTES, kc, c.revision, render::<Route>));
                     let n = name(&self.0.prefix, &kc.key).to_owned();
                     match (kc.op, &kc.value) {
                         (Op::Put, Some(v)) => match self.check(&kc.key, v) {

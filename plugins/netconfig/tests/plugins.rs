@@ -11,16 +11,26 @@ use datasync::coordinator::{
     Registry,
 };
 use datasync::local::Local;
-use datasync::{Event, Key, Prefix, PutOptions, Writer};
-use datasync_netconfig::{Device, InterfacesPlugin, Report, RoutesPlugin};
+use datasync::{Event, Key, Prefix, PutOptions, Value, Writer};
+use datasync_netconfig::{Device, Interface, InterfacesPlugin, Report, Route, RoutesPlugin};
+
+/// The stored value for `v`: JSON of an interface (`if/…`) or route (`rt/…`) as its
+/// protobuf message, anything else as it is (a value the plugins cannot decode).
+fn value(k: &str, v: &str) -> Value {
+    let (ifc, rt) = (
+        serde_json::from_str::<Interface>(v),
+        serde_json::from_str::<Route>(v),
+    );
+    match (k.contains("if/"), k.contains("rt/"), ifc, rt) {
+        (true, _, Ok(i), _) => Interface::value(i.mtu),
+        (_, true, _, Ok(r)) => Route::value(&r.via),
+        _ => Value::from(v.to_owned()),
+    }
+}
 
 async fn put(store: &Local, k: &str, v: &str) {
     store
-        .put(
-            &Key::new(k).unwrap(),
-            v.to_owned().into(),
-            PutOptions::new(),
-        )
+        .put(&Key::new(k).unwrap(), value(k, v), PutOptions::new())
         .await
         .unwrap();
 }
@@ -256,7 +266,7 @@ async fn a_change_is_applied_whole_or_not_at_all() {
     let put_change = |k: &str, v: &str| KeyChange {
         key: Key::new(k).unwrap(),
         op: Op::Put,
-        value: Some(v.to_owned().into()),
+        value: Some(value(k, v)),
         prev: None,
     };
     let send = |changes: Vec<KeyChange>, revision: u64| {

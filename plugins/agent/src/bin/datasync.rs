@@ -112,6 +112,10 @@ enum Command {
         /// seconds).
         #[arg(long, value_parser = parse_ttl)]
         ttl: Option<Duration>,
+        /// The value is JSON of the message registered for the key's prefix (see
+        /// `datasync models`), stored as that protobuf message.
+        #[arg(long)]
+        json: bool,
     },
     /// Reads a value (exit code 3 if absent).
     Get {
@@ -119,7 +123,12 @@ enum Command {
         /// Read at this past revision.
         #[arg(long)]
         rev: Option<u64>,
+        /// Print the value as JSON of the message registered for the key's prefix.
+        #[arg(long)]
+        json: bool,
     },
+    /// Lists the registered models: key prefix, protobuf message.
+    Models,
     /// Deletes a key, or every key under a prefix.
     Del {
         key: String,
@@ -434,6 +443,30 @@ fn value_json(j: &mut serde_json::Value, name: &str, v: Option<&Value>) {
 const MAX_READ: usize = datasync_raft::MAX_VALUE_SIZE;
 
 /// The value of `put`: the argument, standard input (`-`) or a file.
+/// The model of `key`, or bad usage naming the models there are.
+fn model(key: &str) -> Result<&'static datasync::model::Model, Failure> {
+    datasync::model::model_for(&key_arg(key)?).ok_or_else(|| {
+        let known: Vec<String> = datasync::model::models()
+            .map(|m| format!("{} ({})", m.prefix, m.name))
+            .collect();
+        Failure::Usage(format!(
+            "no model is registered for {key:?}: --json needs one (models: {})",
+            known.join(", ")
+        ))
+    })
+}
+
+/// `v`, JSON of `key`'s model, as that protobuf message (bad usage if it is not one).
+fn json_value(key: &str, v: &Value) -> Result<Value, Failure> {
+    let m = model(key)?;
+    let json: serde_json::Value = serde_json::from_slice(v.as_bytes())
+        .map_err(|e| Failure::Usage(format!("the value is not JSON: {e}")))?;
+    let bytes = m
+        .from_json(&json)
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    Ok(Value::from(bytes))
+}
+
 fn value_arg(value: Option<String>, file: Option<PathBuf>) -> Result<Value, Failure> {
     let read = |what: &str, source: std::io::Result<Box<dyn std::io::Read>>| {
         let failed =
@@ -509,6 +542,16 @@ async fn run(mut cli: Cli) -> Result<(), Failure> {
         return snapshot_offline(action, cli.secret_file.as_deref(), json).await;
     }
     match &cli.command {
+        Command::Models => {
+            for m in datasync::model::models() {
+                say(
+                    json,
+                    serde_json::json!({"prefix": m.prefix, "message": m.name}),
+                    || format!("{}\t{}", m.prefix, m.name),
+                )?;
+            }
+            return Ok(());
+        }
         Command::Status { agent: Some(url) } => {
             let url = url.clone();
             let s =
@@ -540,7 +583,19 @@ async fn run(mut cli: Cli) -> Result<(), Failure> {
     // A value is read before the store is opened: reading standard input must not hold
     // the store, and a bad source is bad usage whatever the store.
     let put_value = match &mut cli.command {
-        Command::Put { value, file, .. } => Some(value_arg(value.take(), file.take())?),
+        Command::Put {
+            key,
+            value,
+            file,
+            json,
+            ..
+        } => {
+            let v = value_arg(value.take(), file.take())?;
+            Some(match json {
+                true => json_value(key, &v)?,
+                false => v,
+            })
+        }
         _ => None,
     };
     // A long-running watch serves other CLI calls while it holds the store.
@@ -571,6 +626,7 @@ async fn command(
             value,
             file,
             ttl,
+            ..
         } => {
             let mut opts = PutOptions::new();
             if let Some(t) = ttl {
@@ -586,7 +642,18 @@ async fn command(
                 format!("r{rev}")
             })?;
         }
-        Command::Get { key, rev } => match w.get(&key_arg(&key)?, read(rev)).await? {
+        Command::Get {
+            key,
+            rev,
+            json: true,
+        } => {
+            let m = model(&key)?;
+            match w.get(&key_arg(&key)?, read(rev)).await? {
+                Some(kv) => out!("{}", m.to_json(kv.value.as_bytes())?),
+                None => return Err(Failure::NotFound),
+            }
+        }
+        Command::Get { key, rev, .. } => match w.get(&key_arg(&key)?, read(rev)).await? {
             Some(kv) if output == Output::Raw => {
                 let mut out = std::io::stdout().lock();
                 out.write_all(kv.value.as_bytes())?;
@@ -729,6 +796,7 @@ async fn command(
         Command::Agent { .. }
         | Command::Serve { .. }
         | Command::Resync { .. }
+        | Command::Models
         | Command::Snapshot { .. } => {
             unreachable!("handled before opening a store")
         }
