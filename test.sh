@@ -110,7 +110,7 @@ etcd --data-dir "$servers_dir/etcd" --listen-client-urls "http://127.0.0.1:$etcd
   --listen-peer-urls "http://127.0.0.1:$etcd_peer" >/dev/null 2>&1 &
 etcd_pid=$!
 trap 'kill "$nats_pid" "$etcd_pid" 2>/dev/null; rm -rf "$servers_dir"' EXIT
-cargo run --quiet -p datasync-examples --bin nats -- "nats://127.0.0.1:$nats_port" >/dev/null
+cargo run --quiet -p datasync-examples --features nats --bin nats -- "nats://127.0.0.1:$nats_port" >/dev/null
 echo "example nats: ok"
 cargo run --quiet -p datasync-examples --features etcd --bin etcd -- "http://127.0.0.1:$etcd_port" >/dev/null
 echo "example etcd: ok"

@@ -26,6 +26,15 @@ pub enum ModelError {
         /// Why.
         source: prost::DecodeError,
     },
+    /// Two models are registered for the same prefix: which one a value holds is not
+    /// known.
+    #[error("models {models:?} are all registered for {prefix:?}")]
+    Ambiguous {
+        /// The prefix.
+        prefix: &'static str,
+        /// The models registered for it.
+        models: Vec<&'static str>,
+    },
     /// The JSON is not the model's message (an unknown field, a wrong type).
     #[error("not a {model} in JSON: {source}")]
     Json {
@@ -68,11 +77,17 @@ where
 
 impl Model {
     /// The model of message `M` under `prefix` (what [`register_model!`](crate::register_model)
-    /// submits).
+    /// submits). The prefix must end in `/` (a compile error else), so that `a/b/`
+    /// never covers `a/bc`.
     pub const fn proto<M>(name: &'static str, prefix: &'static str) -> Model
     where
         M: prost::Message + Default + serde::Serialize + serde::de::DeserializeOwned,
     {
+        let b = prefix.as_bytes();
+        assert!(
+            !b.is_empty() && b[b.len() - 1] == b'/',
+            "a model's prefix ends with '/'"
+        );
         Model {
             name,
             prefix,
@@ -97,11 +112,26 @@ pub fn models() -> impl Iterator<Item = &'static Model> {
     inventory::iter::<Model>.into_iter()
 }
 
-/// The model of `key`'s value: the registered model with the longest prefix of it.
-pub fn model_for(key: &Key) -> Option<&'static Model> {
-    models()
+/// The model of `key`'s value: the registered model with the longest prefix of it;
+/// an error if two models share that prefix.
+pub fn model_for(key: &Key) -> Result<Option<&'static Model>, ModelError> {
+    let Some(longest) = models()
         .filter(|m| key.as_str().starts_with(m.prefix))
-        .max_by_key(|m| m.prefix.len())
+        .map(|m| m.prefix.len())
+        .max()
+    else {
+        return Ok(None);
+    };
+    let found: Vec<&'static Model> = models()
+        .filter(|m| key.as_str().starts_with(m.prefix) && m.prefix.len() == longest)
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(Some(*one)),
+        _ => Err(ModelError::Ambiguous {
+            prefix: found[0].prefix,
+            models: found.iter().map(|m| m.name).collect(),
+        }),
+    }
 }
 
 /// Registers a model: values under `prefix` are `message`s (a `prost::Message` that
@@ -117,7 +147,7 @@ pub fn model_for(key: &Key) -> Option<&'static Model> {
 /// datasync::register_model!(name: "doc.Port", prefix: "doc/port/", message: Port);
 ///
 /// let key = datasync::Key::new("doc/port/1").unwrap();
-/// let model = datasync::model::model_for(&key).unwrap();
+/// let model = datasync::model::model_for(&key).unwrap().unwrap();
 /// let bytes = model.from_json(&serde_json::json!({"speed": 10})).unwrap();
 /// assert_eq!(model.to_json(&bytes).unwrap(), serde_json::json!({"speed": 10}));
 /// ```
@@ -153,17 +183,22 @@ mod tests {
 
     crate::register_model!(name: "test.Outer", prefix: "test/m/", message: Outer);
     crate::register_model!(name: "test.Inner", prefix: "test/m/inner/", message: Inner);
+    crate::register_model!(name: "test.One", prefix: "test/twice/", message: Inner);
+    crate::register_model!(name: "test.Two", prefix: "test/twice/", message: Outer);
 
     #[test]
     fn the_longest_prefix_picks_the_model_and_json_is_checked_whole() {
         let key = |k: &str| Key::new(k).unwrap();
-        assert_eq!(model_for(&key("test/m/a")).unwrap().name, "test.Outer");
-        assert_eq!(
-            model_for(&key("test/m/inner/a")).unwrap().name,
-            "test.Inner"
-        );
-        assert!(model_for(&key("test/x")).is_none());
-        let m = model_for(&key("test/m/a")).unwrap();
+        let name = |k: &str| model_for(&key(k)).unwrap().map(|m| m.name);
+        assert_eq!(name("test/m/a"), Some("test.Outer"));
+        assert_eq!(name("test/m/inner/a"), Some("test.Inner"));
+        assert_eq!(name("test/m/innerx"), Some("test.Outer"));
+        assert_eq!(name("test/x"), None);
+        assert!(matches!(
+            model_for(&key("test/twice/a")),
+            Err(ModelError::Ambiguous { .. })
+        ));
+        let m = model_for(&key("test/m/a")).unwrap().unwrap();
         let bytes = m
             .from_json(&serde_json::json!({"name": "é", "size": 7}))
             .unwrap();

@@ -3,7 +3,7 @@
 //! TTLs are whole seconds, at least the bucket's marker TTL), a prefix delete (one delete
 //! marker per key), and a resync after the server ends the watch's consumer.
 //!
-//! Run: `cargo run -p datasync-examples --bin nats -- nats://127.0.0.1:4222`
+//! Run: `cargo run -p datasync-examples --features nats --bin nats -- nats://127.0.0.1:4222`
 //! (needs a nats-server 2.11 or newer with JetStream: `nats-server -js`). It works in a
 //! bucket of its own, deleted at the end.
 

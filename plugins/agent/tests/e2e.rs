@@ -218,6 +218,7 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
             "invalid type",
         ),
         (&["put", "net/if/x", "not json", "--json"][..], "not JSON"),
+        (&["put", "net/if/x", "{}", "--json"][..], "missing field"),
         (
             &["put", "files/x", "{}", "--json"][..],
             "no model is registered",
@@ -263,6 +264,36 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
         assert!(
             Instant::now() < deadline,
             "the bad value held up the plugin"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let junk = cli(&store, &["get", "net/if/junk", "--json"]);
+    assert_eq!(junk.status.code(), Some(5), "{junk:?}");
+    // eth1 was applied: a route through it is installed, not refused.
+    assert!(
+        cli(
+            &store,
+            &["put", "net/rt/via1", r#"{"via":"eth1"}"#, "--json"]
+        )
+        .status
+        .success()
+    );
+    let routed = || async {
+        let (_, body) = http_get(&addr, "/status").await.unwrap();
+        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let plugins = s["plugins"].as_array().unwrap().clone();
+        let routes = plugins
+            .iter()
+            .find(|p| p["name"] == "routes")
+            .cloned()
+            .unwrap();
+        routes["state"] == "ready" && routes["changes"] == 3 && routes["failures"] == 1
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !routed().await {
+        assert!(
+            Instant::now() < deadline,
+            "the route through eth1 was refused"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

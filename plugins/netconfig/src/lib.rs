@@ -62,7 +62,7 @@ datasync::register_plugin! {
 /// An interface's configuration: the protobuf message stored under `net/if/`
 /// (`message Interface { uint32 mtu = 1; }`), `{"mtu": 1500}` as JSON.
 #[derive(Clone, PartialEq, Eq, prost::Message, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct Interface {
     /// The MTU.
     #[prost(uint32, tag = "1")]
@@ -72,7 +72,7 @@ pub struct Interface {
 /// A route's configuration: the protobuf message stored under `net/rt/`
 /// (`message Route { string via = 1; }`), `{"via": "eth0"}` as JSON.
 #[derive(Clone, PartialEq, Eq, prost::Message, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct Route {
     /// The interface the route goes through.
     #[prost(string, tag = "1")]
@@ -81,6 +81,18 @@ pub struct Route {
 
 datasync::register_model!(name: "netconfig.Interface", prefix: INTERFACES_PREFIX, message: Interface);
 datasync::register_model!(name: "netconfig.Route", prefix: ROUTES_PREFIX, message: Route);
+
+/// The MTUs an interface may have (IPv4's minimum to the largest frame).
+pub const MTU: std::ops::RangeInclusive<u32> = 68..=65535;
+
+/// `v` as an interface: a message whose MTU is in [`MTU`].
+fn interface(v: &Value) -> Result<Interface, String> {
+    let i: Interface = v.proto().map_err(|e| e.to_string())?;
+    if !MTU.contains(&i.mtu) {
+        return Err(format!("mtu {} is outside {MTU:?}", i.mtu));
+    }
+    Ok(i)
+}
 
 impl Interface {
     /// The stored value of an interface with `mtu`.
@@ -299,7 +311,7 @@ impl Plugin for InterfacesPlugin {
             Event::Resync(r) => {
                 let mut interfaces = BTreeMap::new();
                 for kv in r.values() {
-                    match kv.value.proto::<Interface>() {
+                    match interface(&kv.value) {
                         Ok(i) => {
                             interfaces.insert(name(&self.0.prefix, &kv.key).to_owned(), i.mtu);
                         }
@@ -325,7 +337,7 @@ impl Plugin for InterfacesPlugin {
                 for kc in &c.changes {
                     (self.0.report)(&describe(INTERFACES, kc, c.revision, render::<Interface>));
                     let n = name(&self.0.prefix, &kc.key).to_owned();
-                    match kc.value.as_ref().map(Value::proto::<Interface>) {
+                    match kc.value.as_ref().map(interface) {
                         Some(Ok(i)) => ops.push((n, Some(i.mtu))),
                         Some(Err(e)) => return c.done.fail(format!("{}: {e}", kc.key)),
                         None => ops.push((n, None)),
@@ -375,6 +387,9 @@ impl RoutesPlugin {
     /// only the interface is missing; `Err`: the value is not a route).
     fn check(&self, key: &Key, value: &Value) -> Result<Result<String, String>, String> {
         let route: Route = value.proto().map_err(|e| format!("{key}: {e}"))?;
+        if route.via.is_empty() {
+            return Err(format!("{key}: a route needs an interface (via)"));
+        }
         if self.0.device.state().interfaces.contains_key(&route.via) {
             Ok(Ok(route.via))
         } else {

@@ -304,4 +304,10 @@ async fn a_change_is_applied_whole_or_not_at_all() {
     ifaces.handle(ev).await;
     assert!(waiter.await.is_err());
     assert_eq!(device.state().interfaces.len(), 1, "{:?}", *device.state());
+    // A message, but not a usable interface: refused the same way.
+    let (ev, waiter) = send(vec![put_change("if/eth3", r#"{"mtu":0}"#)], 4);
+    ifaces.handle(ev).await;
+    let err = waiter.await.unwrap_err();
+    assert!(err.to_string().contains("mtu 0 is outside"), "{err}");
+    assert_eq!(device.state().interfaces.len(), 1, "{:?}", *device.state());
 }

@@ -79,7 +79,7 @@ pub enum BackupError {
 /// A backup too large to send to a remote client in one piece.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the backup is {bytes} bytes; through a member at most {limit}: save it on a member (`--store DIR`)"
+    "the backup is {bytes} bytes; a running member sends at most {limit}: stop it and save from its directory (`--store DIR`)"
 )]
 pub struct TooLarge {
     /// The backup's size.

@@ -75,7 +75,7 @@ fn free_addr() -> std::net::SocketAddr {
 async fn a_restored_store_has_the_state_revision_and_resyncs_its_watchers() {
     let a = tempfile::tempdir().unwrap();
     let store = RaftStore::open(RaftConfig::new(a.path())).await.unwrap();
-    let last = fill(&store, Duration::from_secs(4)).await;
+    let last = fill(&store, Duration::from_secs(10)).await;
     let file = store.backup().await.unwrap();
     let info = verify(&file).unwrap();
     assert_eq!(Revision(info.revision), last);
@@ -116,7 +116,7 @@ async fn a_restored_store_has_the_state_revision_and_resyncs_its_watchers() {
         other => panic!("{other:?}"),
     }
     // Leases came along: the short one expires in the restored store.
-    match tokio::time::timeout(Duration::from_secs(20), w.next()).await {
+    match tokio::time::timeout(Duration::from_secs(40), w.next()).await {
         Ok(Some(Ok(Event::Change(c)))) => {
             assert_eq!(c.changes[0].key.as_str(), "lease/short");
             assert_eq!(c.changes[0].op, datasync::Op::Delete);

@@ -35,8 +35,9 @@
 //!
 //! Exit codes: 0 done; 1 the store or the agent failed (or the agent stopped following
 //! the store); 2 bad usage (an invalid key or `--store` included); 3 the key does not
-//! exist (`get`); 4 the compare-and-swap found another revision (`cas`); 141 the reader
-//! of the output went away (a closed pipe), as for tools killed by SIGPIPE.
+//! exist (`get`); 4 the compare-and-swap found another revision (`cas`); 5 the value is
+//! not its model's message (`get --json`); 141 the reader of the output went away (a
+//! closed pipe), as for tools killed by SIGPIPE.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -72,7 +73,8 @@ use datasync_netconfig as _;
     after_help = "Exit codes: 0 done; 1 the store or the agent failed (or the agent stopped \
         following the store); 2 bad usage (an invalid key, value, TTL or --store \
         included); 3 the key does not exist (get); 4 the compare-and-swap found another \
-        revision (cas); 141 the reader of the output went away (a closed pipe)."
+        revision (cas); 5 the value is not its model's message (get --json); 141 the reader \
+        of the output went away (a closed pipe)."
 )]
 struct Cli {
     /// The store: a directory or raft:DIR (embedded), raft://HOST:PORT,HOST:PORT… (a raft cluster, remote), nats://HOST:PORT[?bucket=B], etcd://HOST:PORT.
@@ -402,6 +404,8 @@ enum Failure {
     Usage(String),
     NotFound,
     Conflict,
+    /// The stored value is not its model's message (`get --json`).
+    NotMessage(String),
 }
 
 impl<E: Into<Box<dyn std::error::Error>>> From<E> for Failure {
@@ -445,7 +449,9 @@ const MAX_READ: usize = datasync_raft::MAX_VALUE_SIZE;
 /// The value of `put`: the argument, standard input (`-`) or a file.
 /// The model of `key`, or bad usage naming the models there are.
 fn model(key: &str) -> Result<&'static datasync::model::Model, Failure> {
-    datasync::model::model_for(&key_arg(key)?).ok_or_else(|| {
+    let found =
+        datasync::model::model_for(&key_arg(key)?).map_err(|e| Failure::Usage(e.to_string()))?;
+    found.ok_or_else(|| {
         let known: Vec<String> = datasync::model::models()
             .map(|m| format!("{} ({})", m.prefix, m.name))
             .collect();
@@ -582,6 +588,12 @@ async fn run(mut cli: Cli) -> Result<(), Failure> {
     let config = store_config(&cli.store, cli.secret_file.as_deref()).map_err(Failure::Usage)?;
     // A value is read before the store is opened: reading standard input must not hold
     // the store, and a bad source is bad usage whatever the store.
+    if let Command::Get {
+        key, json: true, ..
+    } = &cli.command
+    {
+        model(key)?;
+    }
     let put_value = match &mut cli.command {
         Command::Put {
             key,
@@ -649,7 +661,10 @@ async fn command(
         } => {
             let m = model(&key)?;
             match w.get(&key_arg(&key)?, read(rev)).await? {
-                Some(kv) => out!("{}", m.to_json(kv.value.as_bytes())?),
+                Some(kv) => match m.to_json(kv.value.as_bytes()) {
+                    Ok(j) => out!("{j}"),
+                    Err(e) => return Err(Failure::NotMessage(format!("{key}: {e}"))),
+                },
                 None => return Err(Failure::NotFound),
             }
         }
@@ -1088,6 +1103,10 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::NotFound) => ExitCode::from(3),
+        Err(Failure::NotMessage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(5)
+        }
         Err(Failure::Conflict) => ExitCode::from(4),
         Err(Failure::Error(e))
             if e.downcast_ref::<std::io::Error>()

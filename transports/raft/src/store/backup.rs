@@ -40,12 +40,15 @@ impl RaftStore {
 
     /// Makes a new store in `config.dir` holding a backup's state, then closes it: a
     /// single node, or (with [`RaftConfig::cluster`] and no `join`) the first member of
-    /// a new group, which others then join. It has the backup's keys, leases, client
-    /// sessions and revision (so the same [`state_hash`](Self::state_hash)); its
-    /// membership is its own. The directory must be new or empty.
+    /// a new group, which others then join. It has the backup's keys, leases and
+    /// revision (so the same [`data_hash`](Self::data_hash)), no client sessions, and
+    /// its own membership. The directory must be new or empty.
     ///
     /// The restored state is put in a snapshot and the log behind it purged, so that a
-    /// member joining later gets it from the snapshot.
+    /// member joining later gets it from the snapshot. All of that happens in a
+    /// directory beside `config.dir`, renamed into place once done: a restore that
+    /// fails or is interrupted leaves no store there (an interrupted one leaves
+    /// `.NAME.restoring-PID` beside it).
     pub async fn restore(backup: &[u8], config: RaftConfig) -> Result<BackupInfo, BackupError> {
         let (info, payload) = crate::backup::decode(backup)?;
         if config.cluster.as_ref().is_some_and(|c| !c.join.is_empty()) {
@@ -65,10 +68,43 @@ impl RaftStore {
         if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
             return Err(BackupError::NotEmpty(dir));
         }
-        let store = RaftStore::open(config.local_endpoint(false)).await?;
-        let restored = store.load(payload.to_vec()).await;
-        store.shutdown().await;
-        restored?;
+        let name = dir.file_name().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} names no directory to make", dir.display()),
+            )
+        })?;
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let work = parent.join(format!(
+            ".{}.restoring-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        if work.exists() {
+            std::fs::remove_dir_all(&work)?;
+        }
+        config.dir = work.clone();
+        let made = async {
+            let store = RaftStore::open(config.local_endpoint(false)).await?;
+            let restored = store.load(payload.to_vec()).await;
+            store.shutdown().await;
+            drop(store);
+            restored?;
+            if dir.exists() {
+                std::fs::remove_dir(&dir)?;
+            }
+            std::fs::rename(&work, &dir)?;
+            std::fs::File::open(&parent)?.sync_all()?;
+            Ok::<_, BackupError>(())
+        }
+        .await;
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(e);
+        }
         Ok(info)
     }
 

@@ -175,27 +175,12 @@ pub(super) fn install(
     data: Vec<u8>,
 ) -> Result<(), StorageError> {
     let payload = Payload::decode(&data).map_err(wr)?;
-    let mut inner = shared.lock();
+    let inner = shared.lock();
     // Applies run one at a time, so once the writer has caught up nothing is pending.
     shared.settle().map_err(wr)?;
     let tx = shared.db.begin_write().map_err(wr)?;
     {
-        let mut kv = tx.open_table(KV).map_err(wr)?;
-        kv.retain(|_, _| false).map_err(wr)?;
-        let mut exp = tx.open_table(EXPIRY).map_err(wr)?;
-        exp.retain(|_, _| false).map_err(wr)?;
-        for (k, rec) in &payload.kv {
-            kv.insert(k.as_str(), rec.as_slice()).map_err(wr)?;
-            let (_, _, at) = Stored::header(rec).map_err(wr)?;
-            if at != 0 {
-                exp.insert((at, k.as_str()), ()).map_err(wr)?;
-            }
-        }
-        let mut clients = tx.open_table(CLIENTS).map_err(wr)?;
-        clients.retain(|_, _| false).map_err(wr)?;
-        for (client, session) in &payload.sessions {
-            clients.insert(client, session.as_slice()).map_err(wr)?;
-        }
+        replace_state(&tx, &payload, true)?;
         let mut m = tx.open_table(SM_META).map_err(wr)?;
         if let Some(applied) = meta.last_log_id {
             put_meta(&mut m, "applied", &applied)?;
@@ -210,17 +195,7 @@ pub(super) fn install(
         s.insert("data", data.as_slice()).map_err(wr)?;
     }
     tx.commit().map_err(wr)?;
-    let rtx = shared.db.begin_read().map_err(rd)?;
-    inner.leases = load_leases(&rtx, &shared.clock)?;
-    inner.sessions = load_sessions(&rtx)?;
-    inner.revision = payload.revision;
-    shared
-        .revision_now
-        .store(payload.revision, std::sync::atomic::Ordering::Release);
-    inner.history.clear();
-    inner.hub.resync_all();
-    drop(inner);
-    shared.ttl_changed.notify_one();
+    reloaded(shared, inner, payload.revision)?;
     shared.membership.send_replace(meta.last_membership.clone());
     shared
         .installed
@@ -335,35 +310,61 @@ pub(crate) fn payload_summary(data: &[u8]) -> Result<(u64, u64), String> {
 /// Durable when it returns; watchers resync.
 pub(crate) fn restore_payload(shared: &Shared, data: &[u8]) -> Result<(), StorageError> {
     let payload = Payload::decode(data).map_err(wr)?;
-    let mut inner = shared.lock();
+    let inner = shared.lock();
     shared.settle().map_err(wr)?;
     let mut tx = shared.db.begin_write().map_err(wr)?;
     tx.set_durability(Durability::Immediate).map_err(wr)?;
     {
-        let mut kv = tx.open_table(KV).map_err(wr)?;
-        kv.retain(|_, _| false).map_err(wr)?;
-        let mut exp = tx.open_table(EXPIRY).map_err(wr)?;
-        exp.retain(|_, _| false).map_err(wr)?;
-        for (k, rec) in &payload.kv {
-            kv.insert(k.as_str(), rec.as_slice()).map_err(wr)?;
-            let (_, _, at) = Stored::header(rec).map_err(wr)?;
-            if at != 0 {
-                exp.insert((at, k.as_str()), ()).map_err(wr)?;
-            }
-        }
-        let mut clients = tx.open_table(CLIENTS).map_err(wr)?;
-        clients.retain(|_, _| false).map_err(wr)?;
+        replace_state(&tx, &payload, false)?;
         let mut m = tx.open_table(SM_META).map_err(wr)?;
         put_meta(&mut m, "revision", &payload.revision)?;
     }
     tx.commit().map_err(wr)?;
+    reloaded(shared, inner, payload.revision)
+}
+
+/// Replaces the keys, their expiry index and (with `sessions`, else none) the client
+/// sessions with `payload`'s, in `tx`.
+fn replace_state(
+    tx: &redb::WriteTransaction,
+    payload: &Payload,
+    sessions: bool,
+) -> Result<(), StorageError> {
+    let mut kv = tx.open_table(KV).map_err(wr)?;
+    kv.retain(|_, _| false).map_err(wr)?;
+    let mut exp = tx.open_table(EXPIRY).map_err(wr)?;
+    exp.retain(|_, _| false).map_err(wr)?;
+    for (k, rec) in &payload.kv {
+        kv.insert(k.as_str(), rec.as_slice()).map_err(wr)?;
+        let (_, _, at) = Stored::header(rec).map_err(wr)?;
+        if at != 0 {
+            exp.insert((at, k.as_str()), ()).map_err(wr)?;
+        }
+    }
+    let mut clients = tx.open_table(CLIENTS).map_err(wr)?;
+    clients.retain(|_, _| false).map_err(wr)?;
+    if sessions {
+        for (client, session) in &payload.sessions {
+            clients.insert(client, session.as_slice()).map_err(wr)?;
+        }
+    }
+    Ok(())
+}
+
+/// After the whole state was replaced (committed): leases and sessions reloaded, the
+/// revision set, history dropped, every watcher resynced.
+fn reloaded(
+    shared: &Shared,
+    mut inner: MutexGuard<'_, Inner>,
+    revision: u64,
+) -> Result<(), StorageError> {
     let rtx = shared.db.begin_read().map_err(rd)?;
     inner.leases = load_leases(&rtx, &shared.clock)?;
     inner.sessions = load_sessions(&rtx)?;
-    inner.revision = payload.revision;
+    inner.revision = revision;
     shared
         .revision_now
-        .store(payload.revision, std::sync::atomic::Ordering::Release);
+        .store(revision, std::sync::atomic::Ordering::Release);
     inner.history.clear();
     inner.hub.resync_all();
     drop(inner);
