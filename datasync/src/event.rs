@@ -74,6 +74,10 @@ pub enum ResyncReason {
     /// lists: the added ones (or, on a transport that cannot read them alone, all of
     /// them); the state under the others carries on.
     PrefixAdded,
+    /// The resync coordinator's own pass: after a pass that failed (its retry pause),
+    /// or for a plugin whose handler returned after its time was up. Only a
+    /// coordinator's plugins see it; a transport sends `Requested` for every request.
+    Retry,
 }
 
 impl ResyncReason {
@@ -88,6 +92,7 @@ impl ResyncReason {
             ResyncReason::SnapshotInstalled => "snapshot_installed",
             ResyncReason::StoreReset => "store_reset",
             ResyncReason::PrefixAdded => "prefix_added",
+            ResyncReason::Retry => "retry",
         }
     }
 }

@@ -65,7 +65,17 @@ pub struct PluginContext {
     /// name.
     pub settings: Arc<BTreeMap<String, serde_json::Value>>,
     /// The coordinator these plugins run under, once it runs.
-    resync: Arc<std::sync::OnceLock<crate::Registration>>,
+    resync: Arc<std::sync::OnceLock<Request>>,
+}
+
+/// How a context asks its coordinator for a pass.
+#[derive(Clone)]
+struct Request(Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Request")
+    }
 }
 
 impl PluginContext {
@@ -80,8 +90,8 @@ impl PluginContext {
 
     /// Where [`request_resync`](Self::request_resync) goes (set by
     /// `PluginContext::attach`, in `run`). The first binding holds.
-    pub(super) fn bind_resync(&self, registration: crate::Registration) {
-        let _ = self.resync.set(registration);
+    pub(super) fn bind_resync(&self, request: Arc<dyn Fn() + Send + Sync>) {
+        let _ = self.resync.set(Request(request));
     }
 
     /// Asks for a resync pass (every plugin, in order; reason `Requested`): what a
@@ -89,8 +99,8 @@ impl PluginContext {
     /// attached to a running coordinator yet (whose first pass is still to come).
     pub fn request_resync(&self) -> bool {
         match self.resync.get() {
-            Some(t) => {
-                t.request_resync();
+            Some(request) => {
+                (request.0)();
                 true
             }
             None => false,

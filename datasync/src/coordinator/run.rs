@@ -1,6 +1,10 @@
 //! The coordinator task.
 
 use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::ResyncReason;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -152,11 +156,13 @@ impl Coordinator {
                 unsynced: std::sync::Mutex::default(),
             })
             .collect();
+        let asked = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(
             Runner {
                 plugins,
                 config,
                 status: status_tx,
+                asked: asked.clone(),
                 registration: registration.clone(),
             }
             .run(watch, stop.clone()),
@@ -164,6 +170,7 @@ impl Coordinator {
         Ok(CoordinatorHandle {
             status: status_rx,
             registration,
+            asked,
             stop,
             task,
         })
@@ -175,6 +182,9 @@ impl Coordinator {
 pub struct CoordinatorHandle {
     status: watch::Receiver<CoordinatorStatus>,
     registration: Registration,
+    /// Set by a request from outside (the handle, a trigger, a plugin's context): the
+    /// next `Requested` pass is theirs, not a retry of the coordinator's own.
+    asked: Arc<AtomicBool>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -200,13 +210,13 @@ impl CoordinatorHandle {
     /// Asks for a full resync of every plugin, in order. Requests made while a pass runs
     /// coalesce into one follow-up pass.
     pub fn request_resync(&self) {
-        self.registration.request_resync();
+        self.trigger().request_resync();
     }
 
     /// A cloneable trigger for [`request_resync`](Self::request_resync), to hand to
     /// plugins or an operator endpoint.
     pub fn trigger(&self) -> ResyncTrigger {
-        ResyncTrigger(self.registration.clone())
+        ResyncTrigger(self.registration.clone(), self.asked.clone())
     }
 
     /// Resolves once every source has had its first pass (every plugin answered,
@@ -253,17 +263,19 @@ impl crate::coordinator::PluginContext {
     /// Binds the context (and every clone of it) to the coordinator its plugins run
     /// under, for [`request_resync`](Self::request_resync). The first binding holds.
     pub fn attach(&self, coordinator: &CoordinatorHandle) {
-        self.bind_resync(coordinator.registration.clone());
+        let trigger = coordinator.trigger();
+        self.bind_resync(Arc::new(move || trigger.request_resync()));
     }
 }
 
 /// Requests a full resync from a running coordinator.
 #[derive(Debug, Clone)]
-pub struct ResyncTrigger(Registration);
+pub struct ResyncTrigger(Registration, Arc<AtomicBool>);
 
 impl ResyncTrigger {
     /// See [`CoordinatorHandle::request_resync`].
     pub fn request_resync(&self) {
+        self.1.store(true, Ordering::Release);
         self.0.request_resync();
     }
 }
@@ -287,6 +299,8 @@ struct Runner {
     /// The coordinator's watch: a handler that returns after its time was up asks it
     /// for a pass, so its plugin is resynced once it can take events again.
     registration: Registration,
+    /// See [`CoordinatorHandle`]'s field.
+    asked: Arc<AtomicBool>,
 }
 
 impl Running {
@@ -362,7 +376,13 @@ impl Runner {
                     warn!(error = %e, "watch stopped; coordinator stops");
                     break Some(error_chain(&e));
                 }
-                Some(Ok(Event::Resync(r))) => {
+                Some(Ok(Event::Resync(mut r))) => {
+                    // A request nobody outside made is the coordinator's own.
+                    if r.reason == ResyncReason::Requested
+                        && !self.asked.swap(false, Ordering::AcqRel)
+                    {
+                        r.reason = ResyncReason::Retry;
+                    }
                     let (source, revision, reason) = (r.source.clone(), r.revision, r.reason);
                     let all_ok = self.pass(r).await;
                     self.source(&source, |s| {

@@ -294,7 +294,7 @@ async fn failed_plugin_is_retried_by_a_later_pass() {
     let st = c.status();
     assert_eq!(st.plugins[0].state, PluginState::Ready);
     assert_eq!(st.passes, 2);
-    assert_eq!(f.log()[1], "p:resync@0:Requested:");
+    assert_eq!(f.log()[1], "p:resync@0:Retry:");
 }
 
 #[tokio::test(start_paused = true)]
@@ -550,7 +550,7 @@ async fn a_failed_change_resyncs_the_plugin_by_default() {
     assert_eq!(p.state, PluginState::Ready);
     assert_eq!(p.unapplied, None);
     assert!(
-        f.log().contains(&"p:resync@3:Requested:p/1,p/2".to_owned()),
+        f.log().contains(&"p:resync@3:Retry:p/1,p/2".to_owned()),
         "{:?}",
         f.log()
     );
@@ -637,7 +637,7 @@ async fn a_timed_out_handler_is_not_cancelled_and_gets_nothing_until_it_returns(
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         f.log()[1..],
-        ["p:change@1:p/1", "p:finished", "p:resync@1:Requested:p/1"]
+        ["p:change@1:p/1", "p:finished", "p:resync@1:Retry:p/1"]
     );
     let st = c.status();
     assert_eq!(st.plugins[0].state, PluginState::Ready, "{st:?}");
@@ -671,7 +671,7 @@ async fn a_change_skipped_for_a_busy_handler_puts_even_a_report_plugin_out_of_sy
     let st = c.status();
     assert_eq!(st.plugins[0].state, PluginState::Ready, "{st:?}");
     assert!(
-        f.log().contains(&"p:resync@2:Requested:p/1,p/2".to_owned()),
+        f.log().contains(&"p:resync@2:Retry:p/1,p/2".to_owned()),
         "{:?}",
         f.log()
     );
