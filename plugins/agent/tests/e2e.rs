@@ -5,13 +5,13 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use datasync_integration::{NatsServer, free_port};
 
 mod common;
-use common::Running;
+use common::{Running, cli};
 // Linked in, so that its registration is part of the in-process agent below.
 use datasync_file_mirror as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,15 +37,6 @@ async fn eventually<F: Fn() -> bool>(what: &str, f: F) {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn cli(store: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -623,7 +614,7 @@ async fn the_agent_through_a_store_outage() {
     );
     nats.start_again().await.unwrap_or_else(|e| panic!("{e}"));
     until_http(&addr, "/readyz", 200).await;
-    let put = cli(&nats.url(), &["put", "files/back", "again"]);
+    let put = cli(nats.url(), &["put", "files/back", "again"]);
     assert!(put.status.success(), "{put:?}");
     eventually("the mirror follows again", || {
         std::fs::read_to_string(dir.path().join("mirror/back")).is_ok_and(|t| t == "again")

@@ -13,7 +13,7 @@ use datasync_integration::free_port;
 use serde_json::Value as Json;
 
 mod common;
-use common::Running;
+use common::{Running, ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_datasync");
 
@@ -105,15 +105,6 @@ fn until(url: &str, code: u16) -> String {
 
 fn cli(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Checks what every raft store's metrics must show after exactly `writes` client

@@ -3,25 +3,15 @@
 //! setup, instead of failing on the store's lock.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use datasync_integration::free_port;
 
 mod common;
-use common::Running;
+use common::{Running, cli};
 
 const BIN: &str = env!("CARGO_BIN_EXE_datasync");
-
-fn cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--store")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 /// Waits (up to 20 s) until `check` holds; `running` must not exit meanwhile.
 async fn until(what: &str, running: &mut Running, check: impl Fn() -> bool) {

@@ -12,27 +12,9 @@ use datasync_integration::free_port;
 use serde_json::Value as Json;
 
 mod common;
-use common::Running;
+use common::{Running, cli, ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_datasync");
-
-fn cli(store: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn failed(out: Output, says: &str) {
     assert_eq!(out.status.code(), Some(1), "{out:?}");

@@ -1,10 +1,31 @@
 //! What the process tests share.
 #![allow(dead_code, clippy::unwrap_used)] // each test file uses its part
 
-use std::process::Command;
+use std::ffi::OsStr;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use datasync::testing::process::Process;
+
+/// `datasync --store STORE ARGS…`, run to the end.
+pub(crate) fn cli(store: impl AsRef<OsStr>, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_datasync"))
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The standard output of a command that must have succeeded (else its stderr).
+pub(crate) fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
 
 /// A child process, killed if the test fails before it is stopped.
 pub(crate) struct Running(pub(crate) Process);

@@ -112,11 +112,7 @@ impl RaftStore {
         let raft = &self.inner.raft;
         let me = self.inner.config.node_id;
         let mut m = raft.metrics();
-        let leads = m.wait_for(|m| m.current_leader == Some(me));
-        tokio::time::timeout(WITHIN, leads)
-            .await
-            .map_err(|_| StoreError::Timeout(WITHIN))?
-            .map_err(|_| StoreError::Stopped)?;
+        until(&mut m, |m| m.current_leader == Some(me)).await?;
         let shared = self.inner.sm.clone();
         crate::rt::blocking(move || sm::restore_payload(&shared, &payload).map_err(storage))
             .await
@@ -126,23 +122,29 @@ impl RaftStore {
             .snapshot()
             .await
             .map_err(|_| StoreError::Stopped)?;
-        let built = m.wait_for(|m| m.snapshot.is_some() && m.snapshot >= applied);
-        let snapshot = tokio::time::timeout(WITHIN, built)
-            .await
-            .map_err(|_| StoreError::Timeout(WITHIN))?
-            .map_err(|_| StoreError::Stopped)?
-            .snapshot;
+        let snapshot = until(&mut m, |m| m.snapshot.is_some() && m.snapshot >= applied).await?;
         if let Some(at) = snapshot {
             raft.trigger()
                 .purge_log(at.index)
                 .await
                 .map_err(|_| StoreError::Stopped)?;
-            let purged = m.wait_for(|m| m.purged.is_some_and(|p| p.index >= at.index));
-            tokio::time::timeout(WITHIN, purged)
-                .await
-                .map_err(|_| StoreError::Timeout(WITHIN))?
-                .map_err(|_| StoreError::Stopped)?;
+            until(&mut m, |m| m.purged.is_some_and(|p| p.index >= at.index)).await?;
         }
         Ok(())
     }
+}
+
+type Metrics = openraft::RaftMetrics<crate::types::NodeId, openraft::BasicNode>;
+
+/// Waits up to [`WITHIN`] until raft's metrics satisfy `ok`; returns the snapshot
+/// they then name.
+async fn until(
+    m: &mut tokio::sync::watch::Receiver<Metrics>,
+    ok: impl FnMut(&Metrics) -> bool,
+) -> Result<Option<crate::types::LogId>, StoreError> {
+    let seen = tokio::time::timeout(WITHIN, m.wait_for(ok))
+        .await
+        .map_err(|_| StoreError::Timeout(WITHIN))?
+        .map_err(|_| StoreError::Stopped)?;
+    Ok(seen.snapshot)
 }

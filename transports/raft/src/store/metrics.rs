@@ -145,31 +145,29 @@ impl Collector for Gauges {
         };
         let inner = &store.inner;
         let raft = inner.raft.metrics().borrow().clone();
-        let me = inner.config.node_id;
-        let revision = store.revision().0;
+        let health = store.health();
         let hub = inner.sm.lock().hub.stats();
-        let leader = raft.current_leader;
         // A leader cut off from its quorum still names itself (openraft 0.9 does not
         // step down): a member counts a leader only while it hears one.
-        let serving = store.hears_leader() && !store.has_left();
+        let leader = health.leader.filter(|_| health.serving);
         let e = &mut e;
         gauge(
             e,
             "etcd_server_has_leader",
             "1 if this member hears a live leader.",
-            i64::from(leader.is_some() && serving),
+            i64::from(leader.is_some()),
         )?;
         gauge(
             e,
             "etcd_server_is_leader",
             "1 if this member leads and hears from a quorum.",
-            i64::from(leader == Some(me) && serving),
+            i64::from(leader == Some(inner.config.node_id)),
         )?;
         gauge(
             e,
             "datasync_raft_term",
             "The current raft term.",
-            int(raft.current_term),
+            int(health.term),
         )?;
         let index = |l: Option<u64>| int(l.unwrap_or(0));
         gauge(
@@ -209,7 +207,7 @@ impl Collector for Gauges {
             e,
             "etcd_debugging_mvcc_current_revision",
             "The store's revision.",
-            int(revision),
+            int(health.revision),
         )?;
         gauge(
             e,
@@ -245,7 +243,7 @@ impl Collector for Gauges {
             e,
             "etcd_mvcc_db_total_size_in_bytes",
             "Size of the state machine's database file.",
-            int(db_bytes(&inner.config.dir)),
+            int(health.db_bytes),
         )?;
         gauge(
             e,

@@ -225,15 +225,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let applied: Option<LogId> = get_meta(&m, "applied")?;
             let membership: StoredMembership = get_meta(&m, "membership")?.unwrap_or_default();
             let revision: u64 = get_meta(&m, "revision")?.unwrap_or(0);
-            let kv = rtx.open_table(KV).map_err(rd)?;
-            let mut pairs = Vec::with_capacity(kv.len().map_err(rd)? as usize);
-            for item in kv.iter().map_err(rd)? {
-                let (k, v) = item.map_err(rd)?;
-                pairs.push((k.value().to_owned(), v.value().to_vec()));
-            }
             let data = Payload {
                 revision,
-                kv: pairs,
+                kv: kv_records(&rtx)?,
                 sessions: session_records(&rtx)?,
             }
             .encode()
@@ -276,12 +270,7 @@ pub(crate) fn backup_payload(shared: &Shared) -> Result<(u64, u64, Vec<u8>), Sto
     };
     let m = rtx.open_table(SM_META).map_err(rd)?;
     let revision: u64 = get_meta(&m, "revision")?.unwrap_or(0);
-    let kv = rtx.open_table(KV).map_err(rd)?;
-    let mut pairs = Vec::with_capacity(kv.len().map_err(rd)? as usize);
-    for item in kv.iter().map_err(rd)? {
-        let (k, v) = item.map_err(rd)?;
-        pairs.push((k.value().to_owned(), v.value().to_vec()));
-    }
+    let pairs = kv_records(&rtx)?;
     let keys = pairs.len() as u64;
     let data = Payload {
         revision,
@@ -321,6 +310,17 @@ pub(crate) fn restore_payload(shared: &Shared, data: &[u8]) -> Result<(), Storag
     }
     tx.commit().map_err(wr)?;
     reloaded(shared, inner, payload.revision)
+}
+
+/// Every key with its encoded record, in key order.
+fn kv_records(rtx: &redb::ReadTransaction) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+    let kv = rtx.open_table(KV).map_err(rd)?;
+    let mut pairs = Vec::with_capacity(kv.len().map_err(rd)? as usize);
+    for item in kv.iter().map_err(rd)? {
+        let (k, v) = item.map_err(rd)?;
+        pairs.push((k.value().to_owned(), v.value().to_vec()));
+    }
+    Ok(pairs)
 }
 
 /// Replaces the keys, their expiry index and (with `sessions`, else none) the client
