@@ -3,7 +3,7 @@
 //!
 //! Why not gRPC: the README's main command must build with only the Rust toolchain
 //! (no `protoc`), and openraft's messages already have serde forms. So each message is
-//! bincode in a length-delimited frame (`tokio_util::codec`), sealed with an HMAC tag
+//! bincode in a length-delimited frame (`tokio_util::codec`), encrypted and tagged
 //! ([`auth`]); one connection per peer carries many calls at once, answered in any
 //! order. The same protocol serves raft (append, vote, snapshot chunks) and the client
 //! services (forwarded writes, read index, join, leave, membership), so a node without
