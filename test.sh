@@ -69,6 +69,7 @@ need_component clippy clippy
 need_apt cc gcc
 need_apt protoc protobuf-compiler   # etcd-client's build (integration crate)
 need_apt etcd etcd-server           # real etcd for the integration tests and benchmarks
+need_apt etcdctl etcd-client        # etcd's own client, to set up auth in the TLS tests
 need_apt openssl openssl             # test certificates for the etcd TLS test
 need_nats                            # real nats-server for the NATS transport tests
 need_py_module prometheus_client prometheus-client  # the outside parser of /metrics

@@ -40,15 +40,30 @@ impl EtcdServer {
     /// `https://` endpoint. Returns once spawned: connect with
     /// [`EtcdConfig::with_wait_for_server`] (this harness's readiness probe is plain text).
     pub fn start_tls(cert: &Path, key: &Path) -> Result<EtcdServer, HarnessError> {
-        let tls = Some((cert.to_owned(), key.to_owned()));
+        let tls = Some(Tls {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            client_ca: None,
+        });
         Self::spawn(&etcd_binary()?, "https", tls)
     }
 
-    fn spawn(
-        binary: &Path,
-        scheme: &str,
-        tls: Option<(PathBuf, PathBuf)>,
+    /// [`start_tls`](Self::start_tls), and etcd asks every client for a certificate
+    /// signed by `ca` (`--client-cert-auth`).
+    pub fn start_mutual_tls(
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
     ) -> Result<EtcdServer, HarnessError> {
+        let tls = Some(Tls {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            client_ca: Some(ca.to_owned()),
+        });
+        Self::spawn(&etcd_binary()?, "https", tls)
+    }
+
+    fn spawn(binary: &Path, scheme: &str, tls: Option<Tls>) -> Result<EtcdServer, HarnessError> {
         let dir = tempfile::tempdir().map_err(io)?;
         let (client, peer) = (free_port().map_err(io)?, free_port().map_err(io)?);
         let endpoint = format!("{scheme}://127.0.0.1:{client}");
@@ -150,12 +165,21 @@ pub(crate) fn etcd_binary() -> Result<PathBuf, HarnessError> {
 
 /// The command of etcd member `name` of the cluster `initial` (`name=peer_url,…`),
 /// with its data in `dir` and its log appended to `etcd.log` there.
+/// A member's client TLS: its certificate and key, and the CA of the client
+/// certificates it asks for (none: it asks for none).
+#[derive(Debug, Clone)]
+pub(crate) struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
 pub(crate) fn member_command(
     binary: &Path,
     dir: &Path,
     endpoint: &str,
     peer_url: &str,
-    tls: Option<(PathBuf, PathBuf)>,
+    tls: Option<Tls>,
     name: &str,
     initial: &str,
 ) -> impl FnMut() -> Command + Send + Sync + 'static {
@@ -164,8 +188,16 @@ pub(crate) fn member_command(
     let (name, initial) = (name.to_owned(), initial.to_owned());
     move || {
         let mut cmd = Command::new(&binary);
-        if let Some((cert, key)) = &tls {
-            cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+        if let Some(t) = &tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key);
+            if let Some(ca) = &t.client_ca {
+                cmd.arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(ca);
+            }
         }
         let log = std::fs::OpenOptions::new()
             .create(true)

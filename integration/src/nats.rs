@@ -28,8 +28,24 @@ pub struct NatsServer {
     /// The store and log (removed after the process, which is dropped first).
     _dir: TempDir,
     extra: Vec<String>,
-    /// CA certificate the readiness probe trusts, for a server serving TLS.
-    roots: Option<PathBuf>,
+    /// How the readiness probe connects, for a server serving TLS or asking for
+    /// credentials.
+    client: ClientAuth,
+}
+
+/// How a client connects to a secured server (for the harness's readiness probe).
+#[derive(Debug, Clone, Default)]
+pub struct ClientAuth {
+    /// Require TLS, trusting this CA.
+    pub roots: Option<PathBuf>,
+    /// Client certificate and key, for a server that verifies clients.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// User and password.
+    pub user: Option<(String, String)>,
+    /// A token.
+    pub token: Option<String>,
+    /// An NKey seed.
+    pub nkey: Option<String>,
 }
 
 /// The nats-server binary to use: 2.11 or newer.
@@ -94,18 +110,31 @@ impl NatsServer {
     pub async fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Result<NatsServer, HarnessError> {
         let (cert, key) = (cert.display().to_string(), key.display().to_string());
         let args = ["--tls", "--tlscert", &cert, "--tlskey", &key];
-        Self::launch(None, &args, Some(ca.to_owned())).await
+        let client = ClientAuth {
+            roots: Some(ca.to_owned()),
+            ..ClientAuth::default()
+        };
+        Self::launch(None, &args, client).await
+    }
+
+    /// Starts nats-server with `extra` arguments that secure it (TLS, client
+    /// verification, credentials); the readiness probe connects as `client` says.
+    pub async fn start_secured(
+        extra: &[&str],
+        client: ClientAuth,
+    ) -> Result<NatsServer, HarnessError> {
+        Self::launch(None, extra, client).await
     }
 
     /// Like [`start_with`](Self::start_with), on `port` if given.
     pub async fn start_on(port: Option<u16>, extra: &[&str]) -> Result<NatsServer, HarnessError> {
-        Self::launch(port, extra, None).await
+        Self::launch(port, extra, ClientAuth::default()).await
     }
 
     async fn launch(
         port: Option<u16>,
         extra: &[&str],
-        roots: Option<PathBuf>,
+        client: ClientAuth,
     ) -> Result<NatsServer, HarnessError> {
         let binary = nats_binary()?;
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -124,7 +153,7 @@ impl NatsServer {
                 port,
                 _dir: dir,
                 extra: extra.clone(),
-                roots: roots.clone(),
+                client: client.clone(),
             };
             server.wait_ready().await?;
             Ok(server)
@@ -148,7 +177,7 @@ impl NatsServer {
         let probe = Probe {
             url: self.url(),
             extra: self.extra.clone(),
-            roots: self.roots.clone(),
+            client: self.client.clone(),
         };
         self.process
             .wait_ready(Duration::from_secs(30), || probe.jetstream_ready())
@@ -164,7 +193,7 @@ impl NatsServer {
 struct Probe {
     url: String,
     extra: Vec<String>,
-    roots: Option<PathBuf>,
+    client: ClientAuth,
 }
 
 impl Probe {
@@ -177,8 +206,21 @@ impl Probe {
         if let (Some(user), Some(pass)) = (arg("--user"), arg("--pass")) {
             opts = opts.user_and_password(user, pass);
         }
-        if let Some(ca) = &self.roots {
+        let c = &self.client;
+        if let Some(ca) = &c.roots {
             opts = opts.require_tls(true).add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &c.cert {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        if let Some((user, pass)) = &c.user {
+            opts = opts.user_and_password(user.clone(), pass.clone());
+        }
+        if let Some(token) = &c.token {
+            opts = opts.token(token.clone());
+        }
+        if let Some(seed) = &c.nkey {
+            opts = opts.nkey(seed.clone());
         }
         let Ok(client) = opts.connect(&self.url).await else {
             return false;

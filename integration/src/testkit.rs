@@ -56,8 +56,9 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// Makes, in `dir`, a test CA (`ca.crt`, `ca.key`) and a server certificate it signed
-/// for 127.0.0.1 (`server.crt`, `server.key`), with the `openssl` CLI.
+/// Makes, in `dir`, a test CA (`ca.crt`, `ca.key`), a server certificate it signed
+/// for 127.0.0.1 (`server.crt`, `server.key`) and a client certificate it signed
+/// (`client.crt`, `client.key`, CN `datasync-client`), with the `openssl` CLI.
 pub fn certificates(dir: &Path) {
     let ec = [
         "-newkey",
@@ -86,23 +87,50 @@ pub fn certificates(dir: &Path) {
         "keyUsage=critical,keyCertSign,cRLSign",
     ]);
     openssl(dir, &ca);
-    let mut csr = vec!["req", "-subj", "/CN=127.0.0.1"];
-    csr.extend(ec);
-    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
-    openssl(dir, &csr);
-    std::fs::write(
-        dir.join("ext"),
+    sign(
+        dir,
+        "server",
+        "/CN=127.0.0.1",
         "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
          keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap_or_else(|e| panic!("write {}: {e}", dir.display()));
+    );
+    sign(
+        dir,
+        "client",
+        "/CN=datasync-client",
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=clientAuth\n",
+    );
+}
+
+/// A key and a certificate for `subject` with extensions `ext`, signed by the test CA
+/// in `dir`: `NAME.key`, `NAME.crt`.
+fn sign(dir: &Path, name: &str, subject: &str, ext: &str) {
+    let (key, csr, crt, extfile) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+        format!("{name}.ext"),
+    );
+    let mut req = vec!["req", "-subj", subject];
+    req.extend([
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ]);
+    req.extend(["-keyout", &key, "-out", &csr]);
+    openssl(dir, &req);
+    std::fs::write(dir.join(&extfile), ext)
+        .unwrap_or_else(|e| panic!("write {}: {e}", dir.display()));
     openssl(
         dir,
         &[
             "x509",
             "-req",
             "-in",
-            "server.csr",
+            &csr,
             "-CA",
             "ca.crt",
             "-CAkey",
@@ -111,9 +139,9 @@ pub fn certificates(dir: &Path) {
             "-days",
             "2",
             "-out",
-            "server.crt",
+            &crt,
             "-extfile",
-            "ext",
+            &extfile,
         ],
     );
 }

@@ -21,6 +21,30 @@ pub mod resync;
 
 use crate::{Done, Prefix, PrefixSet, Registration, Revision};
 
+/// The first error of type `T` in `e`'s chain of causes, looking inside the
+/// `io::Error`s on the way too (whose `source()` skips the error they wrap): how a
+/// transport finds, say, the TLS library's error under its client library's.
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<T>() {
+            return Some(t);
+        }
+        if let Some(inner) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(t) = find_cause::<T>(inner) {
+                return Some(t);
+            }
+        }
+        cur = c.source();
+    }
+    None
+}
+
 /// The transport's side of one registration. Cheap to clone; the consumer's side is
 /// [`registration`](Self::registration).
 #[derive(Debug, Clone)]

@@ -10,6 +10,19 @@
 //! # endpoints = ["http://127.0.0.1:2379"] # etcd; remote: members' cluster addresses
 //! # secret_file = "/etc/datasync/secret"  # remote: the cluster secret
 //!
+//! # [store.tls]           # etcd, nats: TLS (etcd endpoints are then https://)
+//! # ca_file = "/etc/datasync/ca.pem"      # the CA that signed the servers' certificates
+//! # cert_file = "/etc/datasync/client.pem" # client certificate, for mutual TLS
+//! # key_file = "/etc/datasync/client.key"
+//! # server_name = "etcd.internal"         # etcd: the name the server's certificate carries
+//!
+//! # [store.auth]          # etcd: user + password; nats: one of the four
+//! # user = "agent"
+//! # password_file = "/etc/datasync/password"  # or password = "…" (e.g. DATASYNC__STORE__AUTH__PASSWORD)
+//! # token_file = "/etc/datasync/token"        # nats; or token = "…"
+//! # creds_file = "/etc/datasync/agent.creds"  # nats: JWT and NKey seed
+//! # nkey_file = "/etc/datasync/agent.nk"      # nats: an NKey seed (SU…)
+//!
 //! # [store.cluster]       # raft: make this agent a member of a cluster
 //! # listen = "0.0.0.0:7400"
 //! # advertise = "10.0.0.1:7400"           # required with a wildcard `listen`
@@ -53,6 +66,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::secure::{AuthSettings, TlsSettings};
 
 /// The configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -106,19 +121,31 @@ pub enum StoreConfig {
     },
     /// NATS JetStream Key-Value.
     Nats {
-        /// Server URLs.
+        /// Server URLs (`nats://`, or `tls://` to require TLS).
         servers: Vec<String>,
         /// The bucket.
         #[serde(default = "default_bucket")]
         bucket: String,
+        /// TLS (`[store.tls]`; its presence requires TLS).
+        #[serde(default)]
+        tls: Option<TlsSettings>,
+        /// Credentials (`[store.auth]`).
+        #[serde(default)]
+        auth: AuthSettings,
     },
     /// etcd v3.
     Etcd {
-        /// Client URLs.
+        /// Client URLs (`https://` with `[store.tls]`).
         endpoints: Vec<String>,
         /// Prefix of every key in etcd.
         #[serde(default)]
         namespace: String,
+        /// TLS (`[store.tls]`).
+        #[serde(default)]
+        tls: Option<TlsSettings>,
+        /// Credentials (`[store.auth]`: user and password).
+        #[serde(default)]
+        auth: AuthSettings,
     },
 }
 
@@ -282,6 +309,42 @@ impl RaftTuning {
 }
 
 impl StoreConfig {
+    /// Checks that the TLS and credential settings fit together and with the
+    /// endpoints, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        let (kind, urls, tls, auth) = match self {
+            StoreConfig::Nats {
+                servers, tls, auth, ..
+            } => ("nats", servers, tls, auth),
+            StoreConfig::Etcd {
+                endpoints,
+                tls,
+                auth,
+                ..
+            } => ("etcd", endpoints, tls, auth),
+            _ => return Ok(()),
+        };
+        auth.check(kind)?;
+        if let Some(t) = tls {
+            t.check()?;
+            if kind == "etcd" {
+                if let Some(u) = urls.iter().find(|u| !u.starts_with("https://")) {
+                    return Err(format!(
+                        "store.endpoints: {u:?} is not https://, which TLS (store.tls) needs"
+                    ));
+                }
+                if t.ca_file.is_none() {
+                    return Err(
+                        "store.tls: etcd over TLS needs ca_file (the CA that signed \
+                        the server's certificate)"
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The embedded single-node raft store in `dir`.
     pub fn raft(dir: impl Into<PathBuf>) -> Self {
         StoreConfig::Raft {
@@ -518,6 +581,7 @@ impl AgentConfig {
                 .check(cluster.is_some())
                 .map_err(|m| invalid(&origin, m))?;
         }
+        config.store.check().map_err(|m| invalid(&origin, m))?;
         Ok(config)
     }
 }
@@ -625,7 +689,10 @@ mod tests {
             ]),
         )
         .expect("valid");
-        let StoreConfig::Nats { servers, bucket } = &c.store else {
+        let StoreConfig::Nats {
+            servers, bucket, ..
+        } = &c.store
+        else {
             panic!("{:?}", c.store)
         };
         assert_eq!(servers, &["nats://a:4222"]);
@@ -727,11 +794,98 @@ mod tests {
             c.store,
             StoreConfig::Nats {
                 servers: vec!["nats://127.0.0.1:4222".into()],
-                bucket: "agents".into()
+                bucket: "agents".into(),
+                tls: None,
+                auth: AuthSettings::default(),
             }
         );
         assert_eq!(c.coordinator.change_timeout(), Duration::from_millis(500));
         assert_eq!(c.plugins["file-mirror"]["dir"], "/tmp/m");
+    }
+
+    #[test]
+    fn tls_and_credentials_from_the_file_and_the_environment() {
+        let text = r#"
+            [store]
+            kind = "etcd"
+            endpoints = ["https://10.0.0.1:2379"]
+            [store.tls]
+            ca_file = "/etc/ca.pem"
+            cert_file = "/etc/client.pem"
+            key_file = "/etc/client.key"
+            [store.auth]
+            user = "agent"
+        "#;
+        let c = AgentConfig::parse(
+            text,
+            "agent.toml",
+            env(&[("DATASYNC__STORE__AUTH__PASSWORD", "s3cret")]),
+        )
+        .expect("valid");
+        let StoreConfig::Etcd { tls, auth, .. } = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(
+            tls.as_ref().and_then(|t| t.ca_file.clone()),
+            Some("/etc/ca.pem".into())
+        );
+        assert_eq!(auth.password.as_deref(), Some("s3cret"));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug prints the password"
+        );
+        // Each misfit is refused, naming the field.
+        let refused = |text: &str, field: &str| {
+            let e = AgentConfig::parse(text, "agent.toml", env(&[])).expect_err(text);
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        };
+        let etcd = "[store]\nkind = \"etcd\"\nendpoints = [\"https://h:1\"]\n";
+        let nats = "[store]\nkind = \"nats\"\nservers = [\"nats://h:1\"]\n";
+        refused(
+            &format!("{etcd}[store.auth]\nuser = \"u\"\n"),
+            "user needs password",
+        );
+        refused(
+            &format!("{etcd}[store.auth]\npassword = \"p\"\n"),
+            "password needs user",
+        );
+        refused(
+            &format!("{etcd}[store.auth]\ntoken = \"t\"\n"),
+            "etcd takes user and password only",
+        );
+        refused(
+            &format!("{etcd}[store.tls]\ncert_file = \"c\"\nca_file = \"a\"\n"),
+            "cert_file and key_file",
+        );
+        refused(
+            &format!("{etcd}[store.tls]\nkey_file = \"k\"\n"),
+            "store.tls",
+        );
+        refused(&format!("{etcd}[store.tls]\n"), "needs ca_file");
+        refused(
+            "[store]\nkind = \"etcd\"\nendpoints = [\"http://h:1\"]\n[store.tls]\nca_file = \"a\"\n",
+            "is not https://",
+        );
+        refused(
+            &format!("{nats}[store.auth]\ntoken = \"t\"\nnkey_file = \"n\"\n"),
+            "one of",
+        );
+        refused(
+            &format!("{nats}[store.auth]\ntoken = \"t\"\ntoken_file = \"f\"\n"),
+            "not both",
+        );
+        refused(&format!("{nats}[store.auth]\ntokn = \"t\"\n"), "tokn");
+        // NATS: a token from the environment alone.
+        let c = AgentConfig::parse(
+            nats,
+            "agent.toml",
+            env(&[("DATASYNC__STORE__AUTH__TOKEN", "t0k")]),
+        )
+        .expect("valid");
+        let StoreConfig::Nats { auth, .. } = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(auth.token.as_deref(), Some("t0k"));
     }
 
     #[test]

@@ -31,7 +31,9 @@ mod config;
 mod http;
 mod ops;
 mod runtime;
+mod secure;
 mod store;
+mod store_url;
 
 pub use config::{
     AgentConfig, ClusterSettings, ConfigError, CoordinatorSettings, HttpConfig, RaftTuning,
@@ -40,6 +42,7 @@ pub use config::{
 pub use http::{ErrorBody, PluginBody, SourceBody, StatusBody};
 pub use ops::{agent_status, request_resync, status_text, store_text};
 pub use runtime::Agent;
+pub use secure::{AuthSettings, TlsSettings};
 pub use store::{AnyStore, MemberStatus, StoreStatus};
 
 /// Serves the status endpoint (`/healthz`, `/readyz`, `/status`, `/metrics`) of a
@@ -86,6 +89,15 @@ pub enum AgentError {
         dir: std::path::PathBuf,
         /// Why its local endpoint could not be used.
         reason: String,
+    },
+    /// A file of `[store.tls]` or `[store.auth]` could not be read.
+    #[error("cannot read {}", path.display())]
+    CredentialFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The store could not be reached.
     #[error("cannot connect to the store")]

@@ -7,7 +7,16 @@ use datasync_raft::{
     ClusterConfig, Members, RaftConfig, RaftStore, RemoteConfig, RemoteStore, Role, Secret,
 };
 
-use crate::{AgentError, StoreConfig};
+use crate::{AgentError, ConfigError, StoreConfig};
+
+/// A store configuration that does not fit together, as a configuration error.
+#[allow(dead_code)] // unused without the nats and etcd features
+fn invalid(message: String) -> AgentError {
+    AgentError::Config(ConfigError::Invalid {
+        origin: "the store settings".to_owned(),
+        message,
+    })
+}
 
 /// The store an agent runs on.
 #[derive(Debug, Clone)]
@@ -63,16 +72,25 @@ impl AnyStore {
                 Ok(AnyStore::Remote(RemoteStore::connect(c).await?))
             }
             #[cfg(feature = "nats")]
-            StoreConfig::Nats { servers, bucket } => {
-                let c = datasync_nats::NatsConfig::new(servers.clone()).with_bucket(bucket);
+            StoreConfig::Nats {
+                servers,
+                bucket,
+                tls,
+                auth,
+            } => {
+                config.check().map_err(invalid)?;
+                let c = crate::secure::nats_config(servers, bucket, tls.as_ref(), auth)?;
                 Ok(AnyStore::Nats(datasync_nats::NatsStore::connect(c).await?))
             }
             #[cfg(feature = "etcd")]
             StoreConfig::Etcd {
                 endpoints,
                 namespace,
+                tls,
+                auth,
             } => {
-                let c = datasync_etcd::EtcdConfig::new(endpoints.clone()).with_namespace(namespace);
+                config.check().map_err(invalid)?;
+                let c = crate::secure::etcd_config(endpoints, namespace, tls.as_ref(), auth)?;
                 Ok(AnyStore::Etcd(datasync_etcd::EtcdStore::connect(c).await?))
             }
             #[allow(unreachable_patterns)]

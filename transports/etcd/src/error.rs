@@ -23,6 +23,9 @@ pub(crate) fn header_rev(h: Option<&etcd_client::ResponseHeader>) -> Result<Revi
 /// Classifies an etcd client error: what a retry may fix is `Unavailable`.
 pub(crate) fn store_error(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
+    if certificate_refused(&e) {
+        return StoreError::Unauthenticated(Box::new(e));
+    }
     match e {
         E::GRpcStatus(status) => match status.code() {
             Code::Unavailable | Code::Aborted | Code::Cancelled => {
@@ -57,6 +60,49 @@ pub(crate) fn store_error(e: etcd_client::Error) -> StoreError {
         }
         other => StoreError::Backend(Box::new(other)),
     }
+}
+
+/// Whether `e` is a TLS handshake that failed over a certificate: ours missing or
+/// refused, or the server's not trusted. Trying again cannot help: it is
+/// `Unauthenticated`, not `Unavailable`.
+#[cfg(feature = "tls")]
+fn certificate_refused(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    use rustls::{AlertDescription as A, Error as T};
+    let inner: &(dyn std::error::Error + 'static) = match e {
+        E::GRpcStatus(s) => s,
+        E::TransportError(t) => t,
+        E::IoError(io) => io,
+        _ => return false,
+    };
+    const REFUSALS: [A; 8] = [
+        A::BadCertificate,
+        A::UnsupportedCertificate,
+        A::CertificateRevoked,
+        A::CertificateExpired,
+        A::CertificateUnknown,
+        A::UnknownCA,
+        A::AccessDenied,
+        A::CertificateRequired,
+    ];
+    match datasync::transport::find_cause::<T>(inner) {
+        Some(T::InvalidCertificate(_) | T::NoCertificatesPresented) => true,
+        Some(T::AlertReceived(a)) => REFUSALS.contains(a),
+        Some(_) => false,
+        // An alert after the handshake (TLS 1.3 refuses a client's certificate then)
+        // reaches us through h2, which keeps only rustls's message.
+        None => {
+            let text = datasync::error_chain(inner);
+            REFUSALS
+                .iter()
+                .any(|a| text.contains(&format!("received fatal alert: {a:?}")))
+        }
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn certificate_refused(_: &etcd_client::Error) -> bool {
+    false
 }
 
 fn is_transport(status: &tonic::Status) -> bool {

@@ -144,6 +144,13 @@ impl NatsConfig {
         self
     }
 
+    /// Presents the PEM client certificate `cert` with its key `key` (mutual TLS).
+    #[must_use]
+    pub fn with_client_cert(mut self, cert: PathBuf, key: PathBuf) -> Self {
+        self.tls_client_cert = Some((cert, key));
+        self
+    }
+
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), StoreError> {
         let bad = |what: &'static str| Err(StoreError::Unsupported(what));

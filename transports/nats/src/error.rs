@@ -237,7 +237,30 @@ pub(crate) fn connect_error(err: async_nats::ConnectError) -> StoreError {
     match err.kind() {
         K::AuthorizationViolation | K::Authentication => StoreError::Unauthenticated(Box::new(err)),
         K::ServerParse => StoreError::Backend(Box::new(err)),
+        _ if certificate_refused(&err) => StoreError::Unauthenticated(Box::new(err)),
         _ => StoreError::Unavailable(Box::new(err)),
+    }
+}
+
+/// Whether `e` is a TLS handshake that failed over a certificate: ours missing or
+/// refused, or the server's not trusted. Trying again cannot help: it is
+/// `Unauthenticated`, not `Unavailable`.
+fn certificate_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::{AlertDescription as A, Error as T};
+    match datasync::transport::find_cause::<T>(e) {
+        Some(T::InvalidCertificate(_) | T::NoCertificatesPresented) => true,
+        Some(T::AlertReceived(a)) => matches!(
+            a,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::CertificateRequired
+        ),
+        _ => false,
     }
 }
 

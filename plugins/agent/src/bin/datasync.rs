@@ -21,7 +21,10 @@
 //! for a raft cluster reached as a remote client (with `--secret-file`),
 //! `nats://HOST:PORT[,…]` or `tls://…` (`?bucket=NAME`, default `datasync`), or
 //! `etcd://HOST:PORT[,…]` (`?namespace=N`) when built with the `etcd` feature. Any
-//! other scheme is bad usage.
+//! other scheme is bad usage. TLS and credentials for NATS and etcd go in the URL:
+//! `user:password@` (or a NATS `token@`) before the hosts, and `ca=`, `cert=`, `key=`,
+//! `password_file=`, `token_file=`, `creds=`, `nkey=` parameters
+//! (`etcd://agent@10.0.0.1:2379?ca=ca.pem&cert=c.pem&key=c.key&password_file=pw`).
 //!
 //! Text output escapes what could drive a terminal (control and bidirectional
 //! formatting characters as `\u{…}`); `ls` and `watch` also escape newline, tab and
@@ -77,7 +80,7 @@ use datasync_netconfig as _;
         of the output went away (a closed pipe)."
 )]
 struct Cli {
-    /// The store: a directory or raft:DIR (embedded), raft://HOST:PORT,HOST:PORT… (a raft cluster, remote), nats://HOST:PORT[?bucket=B], etcd://HOST:PORT.
+    /// The store: a directory or raft:DIR (embedded), raft://HOST:PORT,HOST:PORT… (a raft cluster, remote), nats://HOST:PORT?bucket=B, tls://HOST:PORT, etcd://HOST:PORT?namespace=N. NATS and etcd take user:password@ (NATS also token@) before the host and ca=, cert=, key=, password_file= (NATS also token_file=, creds=, nkey=) parameters.
     #[arg(long, global = true, env = "DATASYNC_STORE", default_value = "./data")]
     store: String,
     /// The raft cluster's secret (for raft:// stores and `serve`).
@@ -286,78 +289,6 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
-}
-
-/// The `--store` argument as a store configuration. A value without `://` is a
-/// directory; with it, the scheme must be one the CLI knows (a typo must not turn into
-/// a directory named after a URL).
-fn store_config(spec: &str, secret_file: Option<&Path>) -> Result<StoreConfig, String> {
-    const FORMS: &str = "a directory, raft:DIR, raft://HOST:PORT[,…], \
-        nats://HOST:PORT[,…][?bucket=B], tls://HOST:PORT[,…][?bucket=B] or \
-        etcd://HOST:PORT[,…][?namespace=N]";
-    let Some((scheme, rest)) = spec.split_once("://") else {
-        let dir = spec.strip_prefix("raft:").unwrap_or(spec);
-        if dir.is_empty() {
-            return Err(format!("empty store directory; --store takes {FORMS}"));
-        }
-        return Ok(StoreConfig::raft(dir));
-    };
-    let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let mut params: std::collections::BTreeMap<String, String> =
-        url::form_urlencoded::parse(query.as_bytes())
-            .into_owned()
-            .collect();
-    let known = ["raft", "nats", "tls", "etcd"];
-    if !known.contains(&scheme) {
-        return Err(format!(
-            "unknown store scheme {scheme:?} in {spec:?}; --store takes {FORMS}"
-        ));
-    }
-    let endpoints = hosts
-        .split(',')
-        .map(|h| endpoint(scheme, h))
-        .collect::<Result<Vec<_>, _>>()?;
-    let config = match scheme {
-        "raft" => StoreConfig::Remote {
-            endpoints,
-            secret_file: secret_file
-                .ok_or("a raft:// store needs --secret-file (or DATASYNC_SECRET_FILE)")?
-                .to_owned(),
-        },
-        "nats" | "tls" => StoreConfig::Nats {
-            servers: endpoints
-                .iter()
-                .map(|e| format!("{scheme}://{e}"))
-                .collect(),
-            bucket: params
-                .remove("bucket")
-                .unwrap_or_else(|| "datasync".to_owned()),
-        },
-        _ => StoreConfig::Etcd {
-            endpoints: endpoints.iter().map(|e| format!("http://{e}")).collect(),
-            namespace: params.remove("namespace").unwrap_or_default(),
-        },
-    };
-    match params.keys().next() {
-        Some(k) => Err(format!("unknown parameter {k:?} for a {scheme}:// store")),
-        None => Ok(config),
-    }
-}
-
-/// One `HOST:PORT` of a store URL, checked by the `url` crate.
-fn endpoint(scheme: &str, hostport: &str) -> Result<String, String> {
-    let bad = |why: &str| format!("bad {scheme}:// endpoint {hostport:?}: {why}");
-    let u = url::Url::parse(&format!("{scheme}://{hostport}")).map_err(|e| bad(&e.to_string()))?;
-    if u.host_str().is_none_or(str::is_empty) {
-        return Err(bad("no host"));
-    }
-    if u.port().is_none() {
-        return Err(bad("no port"));
-    }
-    if !matches!(u.path(), "" | "/") || u.fragment().is_some() {
-        return Err(bad("only HOST:PORT is allowed"));
-    }
-    Ok(hostport.to_owned())
 }
 
 /// A key argument; an invalid one is bad usage (exit code 2).
@@ -585,7 +516,8 @@ async fn run(mut cli: Cli) -> Result<(), Failure> {
         }
         _ => {}
     }
-    let config = store_config(&cli.store, cli.secret_file.as_deref()).map_err(Failure::Usage)?;
+    let config =
+        StoreConfig::from_url(&cli.store, cli.secret_file.as_deref()).map_err(Failure::Usage)?;
     // A value is read before the store is opened: reading standard input must not hold
     // the store, and a bad source is bad usage whatever the store.
     if let Command::Get {

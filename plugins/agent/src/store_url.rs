@@ -1,0 +1,226 @@
+//! A store as a URL, for the CLI's `--store` (and `DATASYNC_STORE`).
+//!
+//! ```text
+//! ./data  raft:DIR                                  the embedded raft store
+//! raft://HOST:PORT[,…]                              a raft cluster, as a remote client
+//! nats://[USER:PASSWORD@|TOKEN@]HOST:PORT[,…]       NATS (tls:// requires TLS)
+//!     ?bucket=B&ca=F&cert=F&key=F&user=U&password_file=F&token_file=F&creds=F&nkey=F
+//! etcd://[USER[:PASSWORD]@]HOST:PORT[,…]            etcd (TLS when ca, cert, key,
+//!     ?namespace=N&ca=F&cert=F&key=F&server_name=S   server_name or tls=true is given)
+//!      &tls=true&user=U&password_file=F
+//! ```
+//!
+//! A password in the URL is visible to other users of the machine (`ps`):
+//! `password_file` (or the agent's config) keeps it out of sight.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::{AuthSettings, StoreConfig, TlsSettings};
+
+const FORMS: &str = "a directory, raft:DIR, raft://HOST:PORT[,…], \
+    nats://HOST:PORT[,…][?bucket=B], tls://HOST:PORT[,…][?bucket=B] or \
+    etcd://HOST:PORT[,…][?namespace=N]";
+
+impl StoreConfig {
+    /// The store `spec` names (see the module docs): a value without `://` is a
+    /// directory; with it, the scheme must be one this knows (a typo must not turn into
+    /// a directory named after a URL). `secret_file` is a raft cluster's secret.
+    /// Errors say what is wrong with the URL.
+    pub fn from_url(spec: &str, secret_file: Option<&Path>) -> Result<StoreConfig, String> {
+        let Some((scheme, rest)) = spec.split_once("://") else {
+            let dir = spec.strip_prefix("raft:").unwrap_or(spec);
+            if dir.is_empty() {
+                return Err(format!("empty store directory; --store takes {FORMS}"));
+            }
+            return Ok(StoreConfig::raft(dir));
+        };
+        if !["raft", "nats", "tls", "etcd"].contains(&scheme) {
+            return Err(format!(
+                "unknown store scheme {scheme:?} in {spec:?}; --store takes {FORMS}"
+            ));
+        }
+        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (userinfo, hosts) = match hosts.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, hosts),
+        };
+        let mut params: BTreeMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        let endpoints = hosts
+            .split(',')
+            .map(|h| endpoint(scheme, h))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut take = |k: &str| params.remove(k);
+        let config = if scheme == "raft" {
+            if userinfo.is_some() {
+                return Err("a raft:// store takes its secret from --secret-file".to_owned());
+            }
+            StoreConfig::Remote {
+                endpoints,
+                secret_file: secret_file
+                    .ok_or("a raft:// store needs --secret-file (or DATASYNC_SECRET_FILE)")?
+                    .to_owned(),
+            }
+        } else {
+            let file = |v: Option<String>| v.map(PathBuf::from);
+            let mut auth = AuthSettings {
+                user: take("user"),
+                password_file: file(take("password_file")),
+                token_file: file(take("token_file")),
+                creds_file: file(take("creds")),
+                nkey_file: file(take("nkey")),
+                ..AuthSettings::default()
+            };
+            if let Some(info) = userinfo {
+                let decode = |s: &str| {
+                    percent_encoding::percent_decode_str(s)
+                        .decode_utf8()
+                        .map(|c| c.into_owned())
+                        .map_err(|_| "the URL's user or password is not UTF-8".to_owned())
+                };
+                match info.split_once(':') {
+                    Some((u, p)) => {
+                        auth.user = Some(decode(u)?);
+                        auth.password = Some(decode(p)?);
+                    }
+                    None if scheme == "etcd" => auth.user = Some(decode(info)?),
+                    None => auth.token = Some(decode(info)?),
+                }
+            }
+            let tls_flag = match take("tls").as_deref() {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(v) => return Err(format!("tls={v:?}: give tls=true or tls=false")),
+            };
+            let tls = TlsSettings {
+                ca_file: file(take("ca")),
+                cert_file: file(take("cert")),
+                key_file: file(take("key")),
+                server_name: take("server_name"),
+            };
+            let tls = (tls_flag || tls != TlsSettings::default()).then_some(tls);
+            if scheme == "etcd" {
+                let web = if tls.is_some() { "https" } else { "http" };
+                StoreConfig::Etcd {
+                    endpoints: endpoints.iter().map(|e| format!("{web}://{e}")).collect(),
+                    namespace: take("namespace").unwrap_or_default(),
+                    tls,
+                    auth,
+                }
+            } else {
+                StoreConfig::Nats {
+                    servers: endpoints
+                        .iter()
+                        .map(|e| format!("{scheme}://{e}"))
+                        .collect(),
+                    bucket: take("bucket").unwrap_or_else(|| "datasync".to_owned()),
+                    tls,
+                    auth,
+                }
+            }
+        };
+        if let Some(k) = params.keys().next() {
+            return Err(format!("unknown parameter {k:?} for a {scheme}:// store"));
+        }
+        // The same checks as the agent's config; the field names are the URL's.
+        config.check().map_err(|e| {
+            let e = e.replace("store.auth: ", "").replace("store.tls: ", "");
+            format!("{spec:?}: {e}")
+        })?;
+        Ok(config)
+    }
+}
+
+/// One `HOST:PORT` of a store URL, checked by the `url` crate.
+fn endpoint(scheme: &str, hostport: &str) -> Result<String, String> {
+    let bad = |why: &str| format!("bad {scheme}:// endpoint {hostport:?}: {why}");
+    let u = url::Url::parse(&format!("{scheme}://{hostport}")).map_err(|e| bad(&e.to_string()))?;
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if u.port().is_none() {
+        return Err(bad("no port"));
+    }
+    if !matches!(u.path(), "" | "/") || u.fragment().is_some() || !u.username().is_empty() {
+        return Err(bad("only HOST:PORT is allowed"));
+    }
+    Ok(hostport.to_owned())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_carry_tls_and_credentials() {
+        let c = StoreConfig::from_url(
+            "etcd://agent:p%40ss@127.0.0.1:2379,127.0.0.1:2380?ca=/ca.pem&cert=/c.pem&key=/c.key&namespace=n/",
+            None,
+        )
+        .unwrap();
+        let StoreConfig::Etcd {
+            endpoints,
+            namespace,
+            tls,
+            auth,
+        } = c
+        else {
+            panic!("{c:?}")
+        };
+        assert_eq!(
+            endpoints,
+            ["https://127.0.0.1:2379", "https://127.0.0.1:2380"]
+        );
+        assert_eq!(namespace, "n/");
+        assert_eq!(tls.unwrap().key_file, Some(PathBuf::from("/c.key")));
+        assert_eq!(
+            (auth.user.as_deref(), auth.password.as_deref()),
+            (Some("agent"), Some("p@ss"))
+        );
+
+        let c = StoreConfig::from_url("etcd://127.0.0.1:2379?namespace=x", None).unwrap();
+        assert!(
+            matches!(&c, StoreConfig::Etcd { endpoints, tls: None, .. } if endpoints[0].starts_with("http://"))
+        );
+
+        let c = StoreConfig::from_url("tls://t0k@h:4222?bucket=b&ca=/ca.pem", None).unwrap();
+        let StoreConfig::Nats {
+            servers, tls, auth, ..
+        } = c
+        else {
+            panic!("{c:?}")
+        };
+        assert_eq!(servers, ["tls://h:4222"]);
+        assert_eq!(tls.unwrap().ca_file, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(auth.token.as_deref(), Some("t0k"));
+        let c = StoreConfig::from_url("nats://h:4222?creds=/u.creds", None).unwrap();
+        assert!(
+            matches!(c, StoreConfig::Nats { tls: None, auth, .. } if auth.creds_file.is_some())
+        );
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_wrong() {
+        let refused = |spec: &str, why: &str| {
+            let e = StoreConfig::from_url(spec, None).unwrap_err();
+            assert!(e.contains(why), "{spec}: {e}");
+        };
+        refused("etcd://u@h:1", "user needs password");
+        refused(
+            "etcd://h:1?token_file=/t",
+            "etcd takes user and password only",
+        );
+        refused("nats://u:p@h:1?token_file=/t", "one of");
+        refused("nats://h:1?cert=/c", "cert_file and key_file");
+        refused("etcd://h:1?tls=true", "needs ca_file");
+        refused("etcd://h:1?tls=yes", "tls=true or tls=false");
+        refused("nats://h:1?colour=red", "unknown parameter \"colour\"");
+        refused("raft://u@h:1", "--secret-file");
+        refused("htp://h:1", "unknown store scheme");
+        refused("nats://h", "no port");
+        refused("", "empty store directory");
+    }
+}
