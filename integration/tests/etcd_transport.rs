@@ -40,6 +40,7 @@ async fn through_a_proxy(etcd: &EtcdServer) -> (Proxy, EtcdStore, EtcdStore) {
 async fn etcd_killed_under_write_load_no_gap_no_duplicate() {
     let mut etcd = server().await;
     let store = connect(etcd.endpoint()).await;
+    assert_eq!(store.watch_streams_opened(), 0);
     let mut w = store
         .watch("load", &[prefix("load/")], WatchOptions::default())
         .await
@@ -131,6 +132,13 @@ async fn etcd_killed_under_write_load_no_gap_no_duplicate() {
         );
     }
     assert_same(&store, &mirror, "load/").await;
+    // One watch stream, and at least one more after the restart (a stream is opened
+    // again per retry while etcd is down).
+    assert!(
+        store.watch_streams_opened() >= 2,
+        "{} watch streams",
+        store.watch_streams_opened()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,9 +36,17 @@ pub(crate) struct Endpoint {
 
 impl Endpoint {
     /// An endpoint for `store`, with the store's metrics, and the coordinator's if any.
-    pub(crate) fn new(store: AnyStore, coordinator: Option<(Status, ResyncTrigger)>) -> Self {
+    /// With `requests`, the plugins' requests too.
+    pub(crate) fn new(
+        store: AnyStore,
+        coordinator: Option<(Status, ResyncTrigger)>,
+        requests: Option<&crate::metered::RequestMetrics>,
+    ) -> Self {
         let mut registry = Registry::default();
         store.register_metrics(&mut registry);
+        if let Some(r) = requests {
+            r.register(&mut registry);
+        }
         if let Some((status, _)) = &coordinator {
             registry.register_collector(Box::new(CoordinatorMetrics(status.clone())));
         }

@@ -29,6 +29,7 @@
 
 mod config;
 mod http;
+mod metered;
 mod ops;
 mod runtime;
 mod secure;
@@ -51,7 +52,7 @@ pub async fn serve_store_http(
     addr: std::net::SocketAddr,
     store: AnyStore,
 ) -> Result<StoreHttp, AgentError> {
-    let h = runtime::serve(addr, http::Endpoint::new(store, None)).await?;
+    let h = runtime::serve(addr, http::Endpoint::new(store, None, None)).await?;
     Ok(StoreHttp(h))
 }
 

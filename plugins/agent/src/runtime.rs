@@ -51,7 +51,9 @@ impl Agent {
         plugins: impl FnOnce(&PluginContext) -> Vec<PluginSpec>,
     ) -> Result<Agent, AgentError> {
         let store = AnyStore::open(&config.store).await?;
-        let ctx = PluginContext::new(store.writer()).with_settings(config.plugins.clone());
+        let requests = crate::metered::RequestMetrics::new();
+        let writer = crate::metered::Metered::wrap(store.writer(), requests.clone());
+        let ctx = PluginContext::new(writer).with_settings(config.plugins.clone());
         let mut registry = Registry::from_inventory(&ctx)
             .map_err(datasync::coordinator::CoordinatorError::from)?;
         for spec in plugins(&ctx) {
@@ -82,6 +84,7 @@ impl Agent {
                 crate::http::Endpoint::new(
                     store.clone(),
                     Some((coordinator.subscribe(), coordinator.trigger())),
+                    Some(&requests),
                 ),
             )
             .await

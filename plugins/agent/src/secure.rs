@@ -6,6 +6,8 @@
 //! `nkey_file`) so that the config itself can be world-readable; a `password` or
 //! `token` given inline (or in the environment) works too. Files are read when the
 //! store is opened, so an error names the file.
+// Without a NATS or etcd transport, only the settings' checks are used.
+#![cfg_attr(not(any(feature = "nats", feature = "etcd")), allow(dead_code))]
 
 use std::path::{Path, PathBuf};
 
@@ -129,6 +131,7 @@ impl AuthSettings {
         secret(self.password.as_ref(), self.password_file.as_deref())
     }
 
+    #[cfg(feature = "nats")]
     fn token(&self) -> Result<Option<String>, AgentError> {
         secret(self.token.as_ref(), self.token_file.as_deref())
     }

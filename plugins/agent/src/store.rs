@@ -190,8 +190,11 @@ impl AnyStore {
     /// Adds the store's metrics to `registry` (the embedded raft store's; the other
     /// stores' watches show in the coordinator's metrics).
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        if let AnyStore::Raft(s) = self {
-            s.register_metrics(registry);
+        match self {
+            AnyStore::Raft(s) => s.register_metrics(registry),
+            AnyStore::Remote(_) => {}
+            #[allow(unreachable_patterns)]
+            other => registry.register_collector(Box::new(ClientMetrics(other.clone()))),
         }
     }
 
@@ -341,4 +344,69 @@ pub struct MemberStatus {
     pub addr: String,
     /// `voter` or `learner`.
     pub role: String,
+}
+
+/// The NATS and etcd clients' counters, read at scrape time.
+#[derive(Debug)]
+struct ClientMetrics(AnyStore);
+
+impl prometheus_client::collector::Collector for ClientMetrics {
+    fn encode(
+        &self,
+        #[allow(unused_mut, unused_variables)]
+        mut e: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        #[allow(unused_variables)]
+        let counter = |e: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+                       name: &str,
+                       help: &str,
+                       n: u64|
+         -> Result<(), std::fmt::Error> {
+            use prometheus_client::encoding::EncodeMetric;
+            let c = prometheus_client::metrics::counter::ConstCounter::new(n);
+            c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+        };
+        match &self.0 {
+            #[cfg(feature = "nats")]
+            AnyStore::Nats(s) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                let st = s.client().statistics();
+                counter(
+                    &mut e,
+                    "datasync_nats_connects",
+                    "Connections made to a NATS server: the first, then each reconnect.",
+                    st.connects.load(Relaxed),
+                )?;
+                counter(
+                    &mut e,
+                    "datasync_nats_in_bytes",
+                    "Payload bytes received from NATS.",
+                    st.in_bytes.load(Relaxed),
+                )?;
+                counter(
+                    &mut e,
+                    "datasync_nats_out_bytes",
+                    "Payload bytes sent to NATS.",
+                    st.out_bytes.load(Relaxed),
+                )?;
+            }
+            #[cfg(feature = "etcd")]
+            AnyStore::Etcd(s) => {
+                counter(
+                    &mut e,
+                    "datasync_etcd_watch_streams_opened",
+                    "Watch streams opened on etcd: one per watch, one more after each loss.",
+                    s.watch_streams_opened(),
+                )?;
+                counter(
+                    &mut e,
+                    "datasync_etcd_leases_granted",
+                    "Leases granted for TTL puts.",
+                    s.leases_granted(),
+                )?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }

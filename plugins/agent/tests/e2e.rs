@@ -116,6 +116,11 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     assert_eq!(plugin["changes"], 1);
     assert_eq!(plugin["revision"], rev);
     let (_, metrics) = http_get(&addr, "/metrics").await.unwrap();
+    // The NATS client's connections: the first, no reconnect.
+    assert!(
+        metrics.contains("datasync_nats_connects_total 1\n"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("datasync_plugin_changes_total{plugin=\"file-mirror\"} 1")
             && metrics.contains("datasync_plugin_resyncs_total{plugin=\"file-mirror\"} 1")
@@ -440,9 +445,14 @@ async fn the_default_agent_runs_on_the_embedded_store_and_shuts_down_cleanly() {
         dir.path().join("mirror").display().to_string(),
     );
     let seen = Arc::new(Seen::default());
+    // The writer the plugins get (measured for /metrics).
+    let plugin_writer: Arc<Mutex<Option<Arc<dyn datasync::Writer>>>> = Arc::default();
+    let slot = plugin_writer.clone();
     let start = |seen: Arc<Seen>| {
         let config = AgentConfig::parse(&text, "agent.toml", std::iter::empty()).unwrap();
+        let slot = slot.clone();
         Agent::start_with(config, move |ctx| {
+            *slot.lock().unwrap() = Some(ctx.writer.clone());
             let greeting = ctx.settings_for("recorder")["greeting"]
                 .as_str()
                 .unwrap_or("?")
@@ -476,6 +486,29 @@ async fn the_default_agent_runs_on_the_embedded_store_and_shuts_down_cleanly() {
         seen.events.lock().unwrap().len() == 2
     })
     .await;
+    // A plugin's requests show in /metrics, by operation and result.
+    let pw = plugin_writer.lock().unwrap().clone().unwrap();
+    pw.put(&Key::new("other/b").unwrap(), "2".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let huge = PutOptions::new().ttl(std::time::Duration::MAX);
+    assert!(
+        pw.put(&Key::new("other/c").unwrap(), "3".into(), huge)
+            .await
+            .is_err()
+    );
+    let (_, metrics) = http_get(&agent.http_addr().unwrap().to_string(), "/metrics")
+        .await
+        .unwrap();
+    for line in [
+        "datasync_store_requests_total{op=\"put\",result=\"ok\"} 1\n",
+        "datasync_store_requests_total{op=\"put\",result=\"invalid_ttl\"} 1\n",
+        "datasync_store_request_duration_seconds_count{op=\"put\"} 2\n",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
+    drop(pw);
+    *plugin_writer.lock().unwrap() = None;
     assert_eq!(
         http_get(&agent.http_addr().unwrap().to_string(), "/readyz")
             .await
@@ -620,5 +653,12 @@ async fn the_agent_through_a_store_outage() {
         std::fs::read_to_string(dir.path().join("mirror/back")).is_ok_and(|t| t == "again")
     })
     .await;
+    // The outage shows as a reconnect of the NATS client.
+    let (_, metrics) = http_get(&addr, "/metrics").await.unwrap();
+    let connects = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("datasync_nats_connects_total "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(connects.is_some_and(|n| n >= 2), "{connects:?}\n{metrics}");
     running.stop();
 }

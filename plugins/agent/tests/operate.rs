@@ -13,7 +13,7 @@ use datasync_integration::free_port;
 use serde_json::Value as Json;
 
 mod common;
-use common::{Running, ok};
+use common::{Running, get, ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_datasync");
 
@@ -71,21 +71,6 @@ fn kind(m: &Families, family: &str) -> String {
         .unwrap_or_else(|| panic!("no family {family}: {:?}", m.keys()))
         .0
         .clone()
-}
-
-fn get(url: &str) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into();
-    match agent.get(url).call() {
-        Ok(mut r) => (
-            r.status().as_u16(),
-            r.body_mut().read_to_string().unwrap_or_default(),
-        ),
-        Err(_) => (0, String::new()),
-    }
 }
 
 fn until(url: &str, code: u16) -> String {

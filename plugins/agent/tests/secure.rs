@@ -44,14 +44,15 @@ fn cli_within(store: &str, args: &[&str]) -> Output {
 }
 
 /// An agent on `config` with `env` set, mirroring into `mirror`; asserts that a CLI
-/// write through `store` reaches the mirror.
-async fn agent_mirrors(config: &str, env: &[(&str, &str)], store: &str, dir: &Path) {
+/// write through `store` reaches the mirror, and that its `/metrics` has `metric`.
+async fn agent_mirrors(config: &str, env: &[(&str, &str)], store: &str, dir: &Path, metric: &str) {
     let mirror = dir.join("mirror");
     let file = dir.join("agent.toml");
+    let http = format!("127.0.0.1:{}", datasync_integration::free_port().unwrap());
     std::fs::write(
         &file,
         format!(
-            "{config}\n[plugins.file-mirror]\ndir = {:?}\n",
+            "{config}\n[http]\nlisten = \"{http}\"\n[plugins.file-mirror]\ndir = {:?}\n",
             mirror.display().to_string()
         ),
     )
@@ -77,6 +78,9 @@ async fn agent_mirrors(config: &str, env: &[(&str, &str)], store: &str, dir: &Pa
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (code, metrics) = common::get(&format!("http://{http}/metrics"));
+    assert_eq!(code, 200);
+    assert!(metrics.contains(metric), "no {metric:?} in\n{metrics}");
     agent.stop();
 }
 
@@ -196,6 +200,7 @@ async fn etcd_over_mutual_tls_with_auth() {
         &[("DATASYNC__STORE__AUTH__PASSWORD", "rootpw")],
         &root,
         dir.path(),
+        "datasync_etcd_watch_streams_opened_total 1\n",
     )
     .await;
     // The same agent with a wrong password stops at once, saying why.
@@ -281,6 +286,7 @@ async fn nats_over_mutual_tls_with_a_password() {
         &[("DATASYNC__STORE__AUTH__PASSWORD_FILE", pw.as_str())],
         &good,
         dir.path(),
+        "datasync_nats_connects_total 1\n",
     )
     .await;
 }

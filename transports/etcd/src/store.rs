@@ -36,6 +36,9 @@ pub(crate) struct Inner {
     pub(crate) ns: Namespace,
     pub(crate) leases: LeasePool,
     pub(crate) source: Source,
+    /// Watch streams opened on etcd (each registration opens one, and one more after
+    /// every loss of its stream).
+    pub(crate) watch_streams: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -93,6 +96,7 @@ impl EtcdStore {
                 leases: LeasePool::default(),
                 config: config.clone(),
                 source: Source::from(""),
+                watch_streams: Default::default(),
             }),
         };
         // Channels connect lazily: make one real request. A user whose role covers only
@@ -123,6 +127,14 @@ impl EtcdStore {
             .with_limit(1);
         let resp = self.get_raw(start, opts).await?;
         Ok(header_revision(&resp)?.0)
+    }
+
+    /// How many watch streams this store has opened on etcd: one per registration,
+    /// and one more each time a stream was lost and opened again.
+    pub fn watch_streams_opened(&self) -> u64 {
+        self.inner
+            .watch_streams
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many distinct leases this store has granted for TTL puts (they are shared
