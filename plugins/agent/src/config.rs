@@ -327,6 +327,11 @@ impl StoreConfig {
         auth.check(kind)?;
         if let Some(t) = tls {
             t.check()?;
+            if kind == "nats" && t.server_name.is_some() {
+                return Err(
+                    "store.tls: server_name is etcd's (NATS checks the URL's host)".to_owned(),
+                );
+            }
             if kind == "etcd" {
                 if let Some(u) = urls.iter().find(|u| !u.starts_with("https://")) {
                     return Err(format!(
@@ -490,7 +495,7 @@ impl AgentConfig {
         };
         // Check the file alone first, so that its errors point into it.
         let mut table: toml::Table =
-            toml::from_str(text).map_err(|e| invalid(origin, e.to_string()))?;
+            toml::from_str(text).map_err(|e| invalid(origin, syntax_error(text, &e)))?;
         let _: AgentConfig = AgentConfig::deserialize(toml::Value::Table(table.clone()))
             .map_err(|e| invalid(origin, e.to_string()))?;
         let mut overridden = Vec::new();
@@ -519,8 +524,14 @@ impl AgentConfig {
                 keys.push(k);
             }
             keys.push(key_in(t, last));
-            // A value that reads as TOML is taken so (a quoted string unquoted), else
-            // as the string it is.
+            // A secret is taken as it is (a password may look like TOML); any other
+            // value that reads as TOML is taken so (a quoted string unquoted), else as
+            // the string it is.
+            if matches!(keys.last().map(String::as_str), Some("password" | "token")) {
+                set(&mut table, &keys, toml::Value::String(value));
+                overridden.push(name);
+                continue;
+            }
             let parsed = format!("v = {value}")
                 .parse::<toml::Table>()
                 .ok()
@@ -584,6 +595,18 @@ impl AgentConfig {
         config.store.check().map_err(|m| invalid(&origin, m))?;
         Ok(config)
     }
+}
+
+/// A TOML syntax error by line and column, without the snippet of the line that
+/// `toml`'s message shows (it could be a password).
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
+        return e.message().trim().to_owned();
+    };
+    let before = text.get(..at).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {}", e.message().trim())
 }
 
 /// The key of `table` that `part` (an environment variable's name part) names: one
@@ -858,8 +881,39 @@ mod tests {
             "cert_file and key_file",
         );
         refused(
-            &format!("{etcd}[store.tls]\nkey_file = \"k\"\n"),
-            "store.tls",
+            &format!("{etcd}[store.tls]\nkey_file = \"k\"\nca_file = \"a\"\n"),
+            "cert_file and key_file",
+        );
+        refused(
+            &format!("{nats}[store.tls]\nserver_name = \"n\"\n"),
+            "server_name is etcd's",
+        );
+        // A secret is never repeated in an error.
+        for text in [
+            format!("{etcd}[store.auth]\nuser = \"u\"\npassword = hunter2\n"),
+            format!("{etcd}[store.auth]\nuser = \"u\"\npassword = [\"hunter2\"]\n"),
+        ] {
+            let e = AgentConfig::parse(&text, "agent.toml", env(&[])).expect_err(&text);
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        // A password that reads as a number, or as a TOML string, is taken as it is.
+        let c = AgentConfig::parse(
+            &format!("{etcd}[store.auth]\nuser = \"u\"\npassword = 12345678\n"),
+            "agent.toml",
+            env(&[]),
+        )
+        .expect("a number as a password");
+        assert!(
+            matches!(&c.store, StoreConfig::Etcd { auth, .. } if auth.password.as_deref() == Some("12345678"))
+        );
+        let c = AgentConfig::parse(
+            &format!("{etcd}[store.auth]\nuser = \"u\"\n"),
+            "agent.toml",
+            env(&[("DATASYNC__STORE__AUTH__PASSWORD", "\"pw\"")]),
+        )
+        .expect("valid");
+        assert!(
+            matches!(&c.store, StoreConfig::Etcd { auth, .. } if auth.password.as_deref() == Some("\"pw\""))
         );
         refused(&format!("{etcd}[store.tls]\n"), "needs ca_file");
         refused(

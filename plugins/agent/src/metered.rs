@@ -53,20 +53,50 @@ impl RequestMetrics {
         );
         registry.register(
             "datasync_store_requests",
-            "The plugins' store requests, by operation and result (ok or the error's kind).",
+            "The plugins' store requests, by operation and result (ok, cancelled or the \
+             error's kind).",
             self.total.clone(),
         );
     }
 
-    fn record<T>(&self, op: &'static str, started: Instant, r: &Result<T, StoreError>) {
-        self.duration
-            .get_or_create(&Op { op })
-            .observe(started.elapsed().as_secs_f64());
-        let result = match r {
+    /// Starts measuring a request of `op`: recorded when the guard is done with, or as
+    /// `cancelled` if the caller drops the request first.
+    fn start(&self, op: &'static str) -> Guard<'_> {
+        Guard {
+            metrics: self,
+            op,
+            started: Instant::now(),
+            result: None,
+        }
+    }
+}
+
+/// One request being measured.
+struct Guard<'a> {
+    metrics: &'a RequestMetrics,
+    op: &'static str,
+    started: Instant,
+    result: Option<&'static str>,
+}
+
+impl Guard<'_> {
+    fn done<T>(mut self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.result = Some(match &r {
             Ok(_) => "ok",
             Err(e) => kind(e),
-        };
-        self.total.get_or_create(&Outcome { op, result }).inc();
+        });
+        r
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        let (m, op) = (self.metrics, self.op);
+        m.duration
+            .get_or_create(&Op { op })
+            .observe(self.started.elapsed().as_secs_f64());
+        let result = self.result.unwrap_or("cancelled");
+        m.total.get_or_create(&Outcome { op, result }).inc();
     }
 }
 
@@ -112,31 +142,23 @@ impl Writer for Metered {
     }
 
     async fn put(&self, key: &Key, value: Value, opts: PutOptions) -> Result<Revision, StoreError> {
-        let t = Instant::now();
-        let r = self.inner.put(key, value, opts).await;
-        self.metrics.record("put", t, &r);
-        r
+        let g = self.metrics.start("put");
+        g.done(self.inner.put(key, value, opts).await)
     }
 
     async fn delete(&self, key: &Key, opts: DeleteOptions) -> Result<Deleted, StoreError> {
-        let t = Instant::now();
-        let r = self.inner.delete(key, opts).await;
-        self.metrics.record("delete", t, &r);
-        r
+        let g = self.metrics.start("delete");
+        g.done(self.inner.delete(key, opts).await)
     }
 
     async fn get(&self, key: &Key, opts: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
-        let t = Instant::now();
-        let r = self.inner.get(key, opts).await;
-        self.metrics.record("get", t, &r);
-        r
+        let g = self.metrics.start("get");
+        g.done(self.inner.get(key, opts).await)
     }
 
     async fn list(&self, prefix: &Prefix, opts: ReadOptions) -> Result<Listing, StoreError> {
-        let t = Instant::now();
-        let r = self.inner.list(prefix, opts).await;
-        self.metrics.record("list", t, &r);
-        r
+        let g = self.metrics.start("list");
+        g.done(self.inner.list(prefix, opts).await)
     }
 
     async fn compare_and_swap(
@@ -146,9 +168,70 @@ impl Writer for Metered {
         value: Value,
         opts: PutOptions,
     ) -> Result<CasOutcome, StoreError> {
-        let t = Instant::now();
-        let r = self.inner.compare_and_swap(key, expect, value, opts).await;
-        self.metrics.record("compare_and_swap", t, &r);
-        r
+        let g = self.metrics.start("compare_and_swap");
+        g.done(self.inner.compare_and_swap(key, expect, value, opts).await)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    /// A store whose requests never end.
+    #[derive(Debug)]
+    struct Stuck;
+
+    #[async_trait::async_trait]
+    impl Writer for Stuck {
+        fn limits(&self) -> Limits {
+            Limits::new(1024)
+        }
+        async fn put(&self, _: &Key, _: Value, _: PutOptions) -> Result<Revision, StoreError> {
+            std::future::pending().await
+        }
+        async fn delete(&self, _: &Key, _: DeleteOptions) -> Result<Deleted, StoreError> {
+            std::future::pending().await
+        }
+        async fn get(&self, _: &Key, _: ReadOptions) -> Result<Option<KeyValue>, StoreError> {
+            Err(StoreError::Stopped)
+        }
+        async fn list(&self, _: &Prefix, _: ReadOptions) -> Result<Listing, StoreError> {
+            std::future::pending().await
+        }
+        async fn compare_and_swap(
+            &self,
+            _: &Key,
+            _: Expect,
+            _: Value,
+            _: PutOptions,
+        ) -> Result<CasOutcome, StoreError> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_request_counts_as_cancelled_and_an_error_by_its_kind() {
+        let m = RequestMetrics::new();
+        let w = Metered::wrap(Arc::new(Stuck), m.clone());
+        let k = Key::new("k").unwrap();
+        let put = w.put(&k, "v".into(), PutOptions::new());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(10), put)
+                .await
+                .is_err()
+        );
+        assert!(w.get(&k, ReadOptions::new()).await.is_err());
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "datasync_store_requests_total{op=\"put\",result=\"cancelled\"} 1\n",
+            "datasync_store_requests_total{op=\"get\",result=\"stopped\"} 1\n",
+            "datasync_store_request_duration_seconds_count{op=\"put\"} 1\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
     }
 }

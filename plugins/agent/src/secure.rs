@@ -20,8 +20,8 @@ use crate::AgentError;
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct TlsSettings {
-    /// PEM CA certificate(s) to trust for the server's certificate. etcd: required
-    /// (the system's roots are not read); NATS: added to the system's.
+    /// PEM CA certificate(s) to trust for the server's certificate, instead of the
+    /// system's (etcd: required, as etcd-client reads no system roots).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate, for servers that verify clients (mutual TLS); needs
@@ -46,14 +46,14 @@ pub struct AuthSettings {
     /// User name (with `password` or `password_file`).
     #[serde(default)]
     pub user: Option<String>,
-    /// Password, inline.
-    #[serde(default)]
+    /// Password, inline (a number is taken as its text).
+    #[serde(default, deserialize_with = "scalar")]
     pub password: Option<String>,
     /// File holding the password (surrounding whitespace trimmed).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     /// NATS: a token, inline.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "scalar")]
     pub token: Option<String>,
     /// NATS: file holding a token.
     #[serde(default)]
@@ -64,6 +64,20 @@ pub struct AuthSettings {
     /// NATS: file holding a user's NKey seed (`SU…`).
     #[serde(default)]
     pub nkey_file: Option<PathBuf>,
+}
+
+/// A secret as text: a string, or a number, boolean or date taken as written. An
+/// array or a table is refused without showing it (serde's message would).
+fn scalar<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error;
+    match Option::<toml::Value>::deserialize(d)? {
+        None => Ok(None),
+        Some(toml::Value::String(s)) => Ok(Some(s)),
+        Some(toml::Value::Array(_) | toml::Value::Table(_)) => {
+            Err(D::Error::custom("a password or token must be a string"))
+        }
+        Some(other) => Ok(Some(other.to_string())),
+    }
 }
 
 impl std::fmt::Debug for AuthSettings {
@@ -182,6 +196,9 @@ pub(crate) fn etcd_config(
     use etcd_client::{Certificate, Identity, TlsOptions};
     let mut c = datasync_etcd::EtcdConfig::new(endpoints.to_owned()).with_namespace(namespace);
     if let (Some(user), Some(password)) = (&auth.user, auth.password()?) {
+        if tls.is_none() {
+            tracing::warn!("an etcd password without [store.tls] crosses the network in clear");
+        }
         c = c.with_user(user.clone(), password);
     }
     if let Some(t) = tls {
@@ -221,12 +238,25 @@ pub(crate) fn nats_config(
     } else {
         Auth::None
     };
+    let secured = !matches!(a, Auth::None);
     c = c.with_auth(a);
     if let Some(t) = tls {
+        // async-nats reads these when it connects, and would report a missing file
+        // as a TLS failure without its name: read them here first.
+        for f in [&t.ca_file, &t.cert_file, &t.key_file]
+            .into_iter()
+            .flatten()
+        {
+            read_bytes(f)?;
+        }
         c = c.with_tls(t.ca_file.clone());
         if let (Some(cert), Some(key)) = (&t.cert_file, &t.key_file) {
             c = c.with_client_cert(cert.clone(), key.clone());
         }
+    } else if secured && servers.iter().any(|s| !s.starts_with("tls://")) {
+        tracing::warn!(
+            "NATS credentials without [store.tls]: they cross the network in clear unless the server requires TLS"
+        );
     }
     Ok(c)
 }

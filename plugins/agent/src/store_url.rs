@@ -11,7 +11,10 @@
 //! ```
 //!
 //! A password in the URL is visible to other users of the machine (`ps`):
-//! `password_file` (or the agent's config) keeps it out of sight.
+//! `password_file` (or the agent's config) keeps it out of sight. Characters that
+//! would end the part they are in (`@`, `:`, `/`, `?`, `,` in a user or password; `&`,
+//! `=`, `%` in a parameter) are percent-encoded (`%40`); `+` is a plus. Error messages
+//! never repeat what comes before `@`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,9 +38,15 @@ impl StoreConfig {
             }
             return Ok(StoreConfig::raft(dir));
         };
+        // What may be shown of the URL: a secret may precede an '@' (or, not
+        // percent-encoded, sit anywhere).
+        let shown = match spec.contains('@') {
+            true => format!("{scheme}://…"),
+            false => spec.to_owned(),
+        };
         if !["raft", "nats", "tls", "etcd"].contains(&scheme) {
             return Err(format!(
-                "unknown store scheme {scheme:?} in {spec:?}; --store takes {FORMS}"
+                "unknown store scheme {scheme:?} in {shown:?}; --store takes {FORMS}"
             ));
         }
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -45,12 +54,18 @@ impl StoreConfig {
             Some((u, h)) => (Some(u), h),
             None => (None, hosts),
         };
-        let mut params: BTreeMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
-            .into_owned()
-            .collect();
+        let mut params = BTreeMap::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let (k, v) = (decode(k)?, decode(v)?);
+            if params.insert(k.clone(), v).is_some() {
+                return Err(format!("parameter {k:?} given twice"));
+            }
+        }
+        let quiet = userinfo.is_some() || spec.contains('@');
         let endpoints = hosts
             .split(',')
-            .map(|h| endpoint(scheme, h))
+            .map(|h| endpoint(scheme, h, quiet))
             .collect::<Result<Vec<_>, _>>()?;
         let mut take = |k: &str| params.remove(k);
         let config = if scheme == "raft" {
@@ -74,12 +89,9 @@ impl StoreConfig {
                 ..AuthSettings::default()
             };
             if let Some(info) = userinfo {
-                let decode = |s: &str| {
-                    percent_encoding::percent_decode_str(s)
-                        .decode_utf8()
-                        .map(|c| c.into_owned())
-                        .map_err(|_| "the URL's user or password is not UTF-8".to_owned())
-                };
+                if auth.user.is_some() {
+                    return Err("give the user before '@' or as user=, not both".to_owned());
+                }
                 match info.split_once(':') {
                     Some((u, p)) => {
                         auth.user = Some(decode(u)?);
@@ -90,8 +102,9 @@ impl StoreConfig {
                 }
             }
             let tls_flag = match take("tls").as_deref() {
-                None | Some("false") => false,
-                Some("true") => true,
+                None => None,
+                Some("false") => Some(false),
+                Some("true") => Some(true),
                 Some(v) => return Err(format!("tls={v:?}: give tls=true or tls=false")),
             };
             let tls = TlsSettings {
@@ -100,7 +113,15 @@ impl StoreConfig {
                 key_file: file(take("key")),
                 server_name: take("server_name"),
             };
-            let tls = (tls_flag || tls != TlsSettings::default()).then_some(tls);
+            let tls = match tls_flag {
+                Some(false) if tls != TlsSettings::default() => {
+                    return Err("tls=false with ca, cert, key or server_name".to_owned());
+                }
+                Some(false) => None,
+                _ if tls != TlsSettings::default() => Some(tls),
+                Some(true) => Some(tls),
+                None => None,
+            };
             if scheme == "etcd" {
                 let web = if tls.is_some() { "https" } else { "http" };
                 StoreConfig::Etcd {
@@ -127,15 +148,31 @@ impl StoreConfig {
         // The same checks as the agent's config; the field names are the URL's.
         config.check().map_err(|e| {
             let e = e.replace("store.auth: ", "").replace("store.tls: ", "");
-            format!("{spec:?}: {e}")
+            format!("{shown:?}: {e}")
         })?;
         Ok(config)
     }
 }
 
-/// One `HOST:PORT` of a store URL, checked by the `url` crate.
-fn endpoint(scheme: &str, hostport: &str) -> Result<String, String> {
-    let bad = |why: &str| format!("bad {scheme}:// endpoint {hostport:?}: {why}");
+/// A percent-encoded part of a URL (`+` stays a plus: these are paths and names, not
+/// form fields).
+fn decode(s: &str) -> Result<String, String> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| "a part of the store URL is not UTF-8 once percent-decoded".to_owned())
+}
+
+/// One `HOST:PORT` of a store URL, checked by the `url` crate; `quiet`: the URL may
+/// hold a secret, which a message must not repeat.
+fn endpoint(scheme: &str, hostport: &str, quiet: bool) -> Result<String, String> {
+    let bad = |why: &str| match quiet {
+        false => format!("bad {scheme}:// endpoint {hostport:?}: {why}"),
+        true => format!(
+            "bad {scheme}:// endpoint: {why} (percent-encode '@', ':', '/', '?' and ',' in \
+             a user or password)"
+        ),
+    };
     let u = url::Url::parse(&format!("{scheme}://{hostport}")).map_err(|e| bad(&e.to_string()))?;
     if u.host_str().is_none_or(str::is_empty) {
         return Err(bad("no host"));
@@ -222,5 +259,32 @@ mod tests {
         refused("htp://h:1", "unknown store scheme");
         refused("nats://h", "no port");
         refused("", "empty store directory");
+        refused("etcd://h:1?ca=a&ca=b", "given twice");
+        refused("etcd://u:p@h:1?user=v", "not both");
+        refused("etcd://h:1?tls=false&ca=a", "tls=false with ca");
+        // What precedes '@' is never repeated, even where the URL is wrong.
+        for spec in [
+            "nats://agent:s3cret@h:1?cert=/c",
+            "etcd://u:s3cret?x@h:1",
+            "htp://u:s3cret@h:1",
+            "etcd://u:s3cret@h",
+        ] {
+            let e = StoreConfig::from_url(spec, None).unwrap_err();
+            assert!(!e.contains("s3cret"), "{spec}: {e}");
+        }
+        // A plus is a plus; percent-encoding is decoded.
+        let c = StoreConfig::from_url("etcd://u:p%3Fw@h:1?password_file=/c++/pw&ca=/a%20b", None);
+        assert!(c.is_err(), "password and password_file");
+        let c =
+            StoreConfig::from_url("etcd://u@h:1?password_file=/c++/pw&ca=/a%20b", None).unwrap();
+        let StoreConfig::Etcd { tls, auth, .. } = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(auth.password_file, Some(PathBuf::from("/c++/pw")));
+        assert_eq!(tls.unwrap().ca_file, Some(PathBuf::from("/a b")));
+        let c = StoreConfig::from_url("etcd://u:p%3Fw%40x@h:1", None).unwrap();
+        assert!(
+            matches!(c, StoreConfig::Etcd { auth, .. } if auth.password.as_deref() == Some("p?w@x"))
+        );
     }
 }

@@ -267,6 +267,10 @@ async fn nats_over_mutual_tls_with_a_password() {
     let err = failed(cli_within(&no_cert, &["get", "sec/a"]));
     assert!(err.contains("not authenticated"), "{err}");
     assert!(err.contains("Certificate"), "{err}");
+    let missing = format!("tls://agent:s3cret@{host}?ca={}", f("missing-ca.pem"));
+    let err = failed(cli_within(&missing, &["get", "sec/a"]));
+    assert!(err.contains("missing-ca.pem"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
     let plain = format!("nats://agent:s3cret@{host}");
     let err = failed(cli_within(&plain, &["get", "sec/a"]));
     assert!(err.contains("not authenticated"), "{err}");

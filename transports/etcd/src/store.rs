@@ -103,7 +103,15 @@ impl EtcdStore {
         // some keys is refused this count of them all, which still proves the
         // connection and the credentials.
         match store.current_revision().await {
-            Ok(_) | Err(StoreError::PermissionDenied(_)) => Ok(store),
+            Ok(_) => Ok(store),
+            Err(StoreError::PermissionDenied(e)) => {
+                tracing::warn!(
+                    error = %e,
+                    "etcd: this user may not read the whole namespace; connected, but a \
+                     watch or read outside its role will be refused"
+                );
+                Ok(store)
+            }
             Err(e) => Err(e),
         }
     }

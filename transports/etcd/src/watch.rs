@@ -206,12 +206,14 @@ impl EtcdWatch {
             .with_prev_key()
             .with_progress_notify();
         let mut client = self.store.watch_client();
-        self.store
-            .inner
-            .watch_streams
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut ws = match timed(self.store.timeout(), client.watch(start, Some(opts))).await {
-            Ok(Ok(ws)) => ws,
+            Ok(Ok(ws)) => {
+                self.store
+                    .inner
+                    .watch_streams
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ws
+            }
             Ok(Err(e)) => return Err(Lost::Broken(store_error(e))),
             Err(e) => return Err(Lost::Broken(e)),
         };

@@ -81,7 +81,13 @@ use datasync_netconfig as _;
 )]
 struct Cli {
     /// The store: a directory or raft:DIR (embedded), raft://HOST:PORT,HOST:PORT… (a raft cluster, remote), nats://HOST:PORT?bucket=B, tls://HOST:PORT, etcd://HOST:PORT?namespace=N. NATS and etcd take user:password@ (NATS also token@) before the host and ca=, cert=, key=, password_file= (NATS also token_file=, creds=, nkey=) parameters.
-    #[arg(long, global = true, env = "DATASYNC_STORE", default_value = "./data")]
+    #[arg(
+        long,
+        global = true,
+        env = "DATASYNC_STORE",
+        hide_env_values = true,
+        default_value = "./data"
+    )]
     store: String,
     /// The raft cluster's secret (for raft:// stores and `serve`).
     #[arg(long, global = true, env = "DATASYNC_SECRET_FILE")]

@@ -318,10 +318,13 @@ mod tests {
         h[2] ^= 1;
         assert!(so.open(h).is_err());
         assert!(so.open(BytesMut::from(&b"short"[..])).is_err());
-        // A frame sealed for the other direction does not open.
-        let mut ss2 = ss;
-        let x = ss2.seal(b"x");
+        // A frame sealed for the other direction does not open, even at the same
+        // sequence number (each direction has its own key).
+        let ((mut cs, _), (mut ss, mut so)) = pair(&s, &s).expect("handshake");
+        let x = ss.seal(b"x");
         assert!(so.open(BytesMut::from(&x[..])).is_err());
+        let y = cs.seal(b"y");
+        assert_eq!(&so.open(BytesMut::from(&y[..])).expect("open")[..], b"y");
     }
 
     #[test]
