@@ -6,6 +6,9 @@
 //!   last event. Overflow resyncs (if the consumer fell behind) are reported.
 //! - resync: M keys of 256 bytes are loaded, then a new watch is timed until its resync
 //!   has been received, every value touched and its `Done` answered.
+//! - puts beside idle watches: sequential puts to a key one drained watch matches, while
+//!   R other watches (each on its own prefix) match none of them: what each write pays
+//!   for registrations it does not concern.
 
 #![allow(clippy::unwrap_used)] // a benchmark: failing loudly is the point
 
@@ -140,6 +143,62 @@ async fn resync(m: usize) -> ResyncRun {
     }
 }
 
+/// Puts/s of `n` sequential puts matched by one drained watch, beside `idle` watches on
+/// other prefixes.
+async fn puts_beside_idle_watches(idle: usize, n: u64) -> f64 {
+    let store = Local::new();
+    let mut idle_watches = Vec::with_capacity(idle);
+    for i in 0..idle {
+        let p = Prefix::new(format!("idle/{i:05}/")).unwrap();
+        idle_watches.push(
+            store
+                .watch("idle", &[p], WatchOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let mut hot = store
+        .watch(
+            "hot",
+            &[Prefix::new("hot/").unwrap()],
+            WatchOptions::default().queue_capacity(65_536),
+        )
+        .await
+        .unwrap();
+    let Some(Ok(first)) = hot.next().await else {
+        panic!("no resync")
+    };
+    first.into_done().ok();
+    let consumer = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < n {
+            match hot.next().await {
+                Some(Ok(Event::Change(c))) => {
+                    seen += c.changes.len() as u64;
+                    Event::Change(c).into_done().ok();
+                }
+                Some(Ok(ev)) => {
+                    ev.into_done().ok();
+                }
+                _ => panic!("the hot watch ended"),
+            }
+        }
+    });
+    let key = Key::new("hot/k").unwrap();
+    let value = Value::from(vec![b'x'; 64]);
+    let started = Instant::now();
+    for _ in 0..n {
+        store
+            .put(&key, value.clone(), PutOptions::new())
+            .await
+            .unwrap();
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    consumer.await.unwrap();
+    drop(idle_watches);
+    rate
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (n, m) = if quick {
@@ -160,6 +219,21 @@ fn main() {
             .unwrap()
     };
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let fanout: Vec<(usize, f64)> = [0, 100, 10_000]
+        .into_iter()
+        .map(|idle| {
+            let runs: Vec<f64> = (0..RUNS)
+                .map(|_| rt.block_on(puts_beside_idle_watches(idle, 20_000)))
+                .collect();
+            (idle, median(runs))
+        })
+        .collect();
+    if only == "fanout" {
+        for (idle, rate) in &fanout {
+            println!("puts/s beside {idle} idle watches: {rate:.0}");
+        }
+        return;
+    }
     let mut rates = Vec::new();
     let (mut changes, mut resyncs) = (0, 0);
     for _ in 0..if only == "resync" { 0 } else { RUNS } {
@@ -214,4 +288,11 @@ fn main() {
         "| process RSS after loading {m} keys | {:.0} MiB | |",
         median(rss)
     );
+    let base = fanout[0].1;
+    for (idle, rate) in &fanout[1..] {
+        println!(
+            "| sequential puts/s to a key 1 watch matches, beside {idle} idle watches | {rate:.0} ({:.2}x of none) | flat |",
+            rate / base
+        );
+    }
 }

@@ -9,11 +9,17 @@
 //! and takes a snapshot. Because rearming and snapshotting happen under the lock that
 //! also serializes publication, no transaction falls between the snapshot and the queue.
 //!
+//! Dispatch is by prefix: the hub indexes registrations by each prefix they watch, and
+//! a change looks up the byte-prefixes of its key that have that length of some
+//! indexed prefix, so a write costs the same beside ten thousand registrations it does
+//! not concern as beside none (`cargo bench -p datasync --bench local`).
+//!
 //! Prefixes added to a live registration are read the same way, under the lock, at the
 //! current revision C ([`Snapshots::extend`]); the queue is kept, and the stream delivers
 //! what it holds up to C before that partial resync, so it comes in order.
 
 use crate::transport::Producer;
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -66,7 +72,13 @@ impl Sub {
 /// The registrations a store feeds. Keep it under the store's commit lock.
 #[derive(Debug, Default)]
 pub struct Hub {
-    subs: Vec<Sub>,
+    /// Registrations by id (ids only grow: this is subscription order).
+    subs: BTreeMap<u64, Sub>,
+    /// The ids of the registrations watching each prefix.
+    by_prefix: BTreeMap<String, Vec<u64>>,
+    /// The lengths (in bytes) of the prefixes in `by_prefix`, with how many have each:
+    /// the only byte-prefixes of a key worth looking up.
+    lengths: BTreeMap<usize, usize>,
     /// After [`Hub::stop_all`], new feeds end at once.
     stopped: bool,
     next_id: u64,
@@ -96,26 +108,83 @@ impl Hub {
     /// Ends every feed: their streams report `Stopped` and end (the store stopped).
     pub fn stop_all(&mut self) {
         self.subs.clear();
+        self.by_prefix.clear();
+        self.lengths.clear();
         self.stopped = true;
+    }
+
+    fn index(&mut self, id: u64, prefixes: &PrefixSet) {
+        for p in prefixes.prefixes() {
+            let ids = self
+                .by_prefix
+                .entry(p.as_str().to_owned())
+                .or_insert_with(|| {
+                    *self.lengths.entry(p.as_str().len()).or_default() += 1;
+                    Vec::new()
+                });
+            ids.push(id);
+        }
+    }
+
+    fn unindex(&mut self, id: u64, prefixes: &PrefixSet) {
+        for p in prefixes.prefixes() {
+            let Some(ids) = self.by_prefix.get_mut(p.as_str()) else {
+                continue;
+            };
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                self.by_prefix.remove(p.as_str());
+                let len = p.as_str().len();
+                if let Some(n) = self.lengths.get_mut(&len) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.lengths.remove(&len);
+                    }
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(sub) = self.subs.remove(&id) {
+            self.unindex(id, &sub.prefixes);
+        }
+    }
+
+    /// Releases the registrations closed since the last call.
+    fn prune(&mut self) {
+        let gone: Vec<u64> = self
+            .subs
+            .values()
+            .filter(|s| s.is_gone())
+            .map(|s| s.id)
+            .collect();
+        for id in gone {
+            self.remove(id);
+        }
     }
 
     /// Registers a feed of the transactions touching `prefixes`, with a queue of
     /// `capacity` transactions.
     pub fn subscribe(&mut self, reg: &Producer, prefixes: PrefixSet, capacity: usize) -> Feed {
-        self.subs.retain(|s| !s.is_gone());
+        self.prune();
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let flag = Arc::new(AtomicU8::new(NONE));
         let id = self.next_id;
         self.next_id += 1;
         // Stopped: the sender goes at once, and the stream reports `Stopped`.
         if !self.stopped {
-            self.subs.push(Sub {
+            self.index(id, &prefixes);
+            self.subs.insert(
                 id,
-                reg: reg.clone(),
-                prefixes: prefixes.clone(),
-                tx,
-                flag: flag.clone(),
-            });
+                Sub {
+                    id,
+                    reg: reg.clone(),
+                    prefixes: prefixes.clone(),
+                    tx,
+                    flag: flag.clone(),
+                },
+            );
         }
         Feed {
             id,
@@ -128,68 +197,84 @@ impl Hub {
     }
 
     fn set_prefixes(&mut self, id: u64, prefixes: &PrefixSet) {
-        if let Some(sub) = self.subs.iter_mut().find(|s| s.id == id) {
+        let Some(old) = self.subs.get(&id).map(|s| s.prefixes.clone()) else {
+            return;
+        };
+        self.unindex(id, &old);
+        self.index(id, prefixes);
+        if let Some(sub) = self.subs.get_mut(&id) {
             sub.prefixes = prefixes.clone();
         }
     }
 
     /// Offers `txn` to every registration it concerns. Never waits.
     pub fn publish(&mut self, txn: Arc<Txn>) {
-        self.subs.retain(|sub| {
-            if sub.is_gone() {
-                return false;
+        let mut hit: Vec<u64> = Vec::new();
+        for c in &txn.changes {
+            let key = c.key.as_str();
+            for &len in self.lengths.range(..=key.len()).map(|(l, _)| l) {
+                // Not a character boundary: no prefix (valid UTF-8) ends there.
+                if let Some(ids) = key.get(..len).and_then(|p| self.by_prefix.get(p)) {
+                    hit.extend_from_slice(ids);
+                }
             }
-            if sub.flag.load(Ordering::Acquire) != NONE
-                || !txn
-                    .changes
-                    .iter()
-                    .any(|c| sub.prefixes.matches(c.key.as_str()))
-            {
-                return true;
+        }
+        hit.sort_unstable();
+        hit.dedup();
+        let mut gone = Vec::new();
+        for id in hit {
+            let Some(sub) = self.subs.get(&id) else {
+                continue;
+            };
+            if sub.is_gone() {
+                gone.push(id);
+                continue;
+            }
+            if sub.flag.load(Ordering::Acquire) != NONE {
+                continue;
             }
             match sub.tx.try_send(txn.clone()) {
-                Ok(()) => {
-                    self.delivered += 1;
-                    true
-                }
+                Ok(()) => self.delivered += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::debug!(registration = sub.reg.name(), "queue full: resync follows");
                     sub.flag(OVERFLOW);
                     self.overflows += 1;
-                    true
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(mpsc::error::TrySendError::Closed(_)) => gone.push(id),
             }
-        });
+        }
+        for id in gone {
+            self.remove(id);
+        }
     }
 
     /// Makes every registration resync (the state jumped, e.g. a snapshot was installed).
     pub fn resync_all(&mut self) {
-        self.subs.retain(|s| !s.is_gone());
-        for s in &self.subs {
+        self.prune();
+        for s in self.subs.values() {
             s.flag(SNAPSHOT);
         }
     }
 
     /// How many registrations are fed (closed ones are released).
     pub fn active(&mut self) -> usize {
-        self.subs.retain(|s| !s.is_gone());
+        self.prune();
         self.subs.len()
     }
 
     /// Counts for metrics (closed registrations are released first).
     pub fn stats(&mut self) -> HubStats {
-        self.subs.retain(|s| !s.is_gone());
+        self.prune();
         HubStats {
             active: self.subs.len(),
             behind: self
                 .subs
-                .iter()
+                .values()
                 .filter(|s| s.flag.load(Ordering::Acquire) != NONE)
                 .count(),
             queued: self
                 .subs
-                .iter()
+                .values()
                 .map(|s| s.tx.max_capacity() - s.tx.capacity())
                 .sum(),
             delivered: self.delivered,
@@ -488,5 +573,53 @@ mod tests {
         drop(feed);
         reg.close();
         assert_eq!(hub.stats().active, 0);
+    }
+
+    /// Dispatch by prefix gives each registration every transaction with a key under
+    /// one of its prefixes, once, and nothing else; nested, empty and non-ASCII prefixes
+    /// included, and a closed registration leaves the index.
+    #[test]
+    fn each_registration_gets_exactly_the_keys_under_its_prefixes() {
+        let mut hub = Hub::default();
+        let sets: [&[&str]; 6] = [
+            &[""],
+            &["a/"],
+            &["a/b/"],
+            &["a/", "a/b/c"],
+            &["é"],
+            &["p/é", "x"],
+        ];
+        let mut feeds = Vec::new();
+        for (i, set) in sets.iter().enumerate() {
+            let prefixes: Vec<Prefix> = set.iter().map(|p| Prefix::new(*p).unwrap()).collect();
+            let reg = Producer::new(&format!("r{i}"), &prefixes);
+            feeds.push((
+                reg.clone(),
+                hub.subscribe(&reg, PrefixSet::new(prefixes), 64),
+            ));
+        }
+        let keys = ["a/b/c", "a/x", "éa", "ê", "p/éz", "p/ê", "x", "a", "b/é"];
+        for (rev, k) in keys.iter().enumerate() {
+            hub.publish(txn(rev as u64 + 1, k));
+        }
+        for ((_, feed), set) in feeds.iter_mut().zip(sets) {
+            let mut got = Vec::new();
+            while let Ok(t) = feed.rx.try_recv() {
+                got.push(t.changes[0].key.as_str().to_owned());
+            }
+            let want: Vec<String> = keys
+                .iter()
+                .filter(|k| set.iter().any(|p| k.starts_with(p)))
+                .map(|k| k.to_string())
+                .collect();
+            assert_eq!(got, want, "registration on {set:?}");
+        }
+        // Closed registrations leave the index: nothing is looked up for them.
+        for (reg, _) in feeds.drain(1..) {
+            reg.close();
+        }
+        assert_eq!(hub.stats().active, 1);
+        assert_eq!(hub.by_prefix.keys().collect::<Vec<_>>(), [""]);
+        assert_eq!(hub.lengths.keys().collect::<Vec<_>>(), [&0]);
     }
 }
