@@ -61,7 +61,9 @@ pub enum Command {
     Put {
         /// The key.
         key: String,
-        /// The value.
+        /// The value (as bytes: the same bincode as a sequence of `u8`, without a call
+        /// per byte).
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         /// The lease word, if any.
         expires_at_ms: Option<u64>,
@@ -72,7 +74,9 @@ pub enum Command {
         key: String,
         /// Expected mod revision.
         expect: Option<u64>,
-        /// The value.
+        /// The value (as bytes: the same bincode as a sequence of `u8`, without a call
+        /// per byte).
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         /// The lease word, if any.
         expires_at_ms: Option<u64>,
@@ -288,6 +292,37 @@ pub enum Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A value as one byte string is the same bincode as the sequence of bytes it
+    /// was written as before: logs and snapshots from before read the same.
+    #[test]
+    fn values_as_byte_strings_keep_the_encoding() {
+        #[derive(Serialize)]
+        enum Before {
+            Put {
+                key: String,
+                value: Vec<u8>,
+                expires_at_ms: Option<u64>,
+            },
+        }
+        let (key, value) = ("k".to_owned(), vec![0u8, 1, 2, 255]);
+        let now = Command::Put {
+            key: key.clone(),
+            value: value.clone(),
+            expires_at_ms: Some(7),
+        };
+        let before = Before::Put {
+            key,
+            value,
+            expires_at_ms: Some(7),
+        };
+        let bytes = bincode::serialize(&now).expect("encode");
+        assert_eq!(bytes, bincode::serialize(&before).expect("encode"));
+        assert_eq!(
+            bincode::deserialize::<Command>(&bytes).expect("decode"),
+            now
+        );
+    }
 
     /// A frame of batches nested 100,000 deep (12 bytes a level) is refused past
     /// [`MAX_BATCH_DEPTH`], not decoded by recursion until the stack overflows.

@@ -77,6 +77,7 @@ impl Request {
 pub(crate) enum ClientOp {
     Put {
         key: String,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         ttl: Option<Duration>,
     },
@@ -95,6 +96,7 @@ pub(crate) enum ClientOp {
     Cas {
         key: String,
         expect: Option<u64>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         ttl: Option<Duration>,
     },
@@ -136,7 +138,7 @@ pub(crate) enum ClientReply {
         max_value_size: usize,
     },
     /// A backup file's bytes.
-    Backup(Vec<u8>),
+    Backup(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// One item of a remote watch stream.
