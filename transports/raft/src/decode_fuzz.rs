@@ -213,7 +213,11 @@ fn wire_requests_decode_or_fail_cleanly() {
 
 #[test]
 fn wire_replies_decode_or_fail_cleanly() {
-    let kv = ("k".to_owned(), b"v".to_vec(), 4u64);
+    let kv = (
+        "k".to_owned(),
+        serde_bytes::ByteBuf::from(b"v".to_vec()),
+        4u64,
+    );
     let bodies = vec![
         Reply::Proposed(Ok((
             Outcome::Batch(vec![
@@ -236,7 +240,12 @@ fn wire_replies_decode_or_fail_cleanly() {
         }),
         Reply::Watch(WireItem::Change {
             revision: 6,
-            changes: vec![("a/1".into(), false, Some(b"n".to_vec()), None)],
+            changes: vec![(
+                "a/1".into(),
+                false,
+                Some(serde_bytes::ByteBuf::from(b"n".to_vec())),
+                None,
+            )],
         }),
         Reply::ReadIndex(Ok(77)),
     ];

@@ -270,7 +270,7 @@ fn kv(raw: WireKv) -> Result<KeyValue, StoreError> {
     let (key, value, revision) = raw;
     Ok(KeyValue {
         key: Key::from_stored(key).map_err(|e| StoreError::Corrupted(e.to_string()))?,
-        value: Value::from(value),
+        value: Value::from(value.into_vec()),
         revision: Revision(revision),
     })
 }
@@ -542,8 +542,8 @@ fn key_changes(raw: Vec<WireChange>) -> Result<Vec<KeyChange>, StoreError> {
             Ok(KeyChange {
                 key: Key::from_stored(key).map_err(|e| StoreError::Corrupted(e.to_string()))?,
                 op: if delete { Op::Delete } else { Op::Put },
-                value: value.map(Value::from),
-                prev: prev.map(Value::from),
+                value: value.map(|v| Value::from(v.into_vec())),
+                prev: prev.map(|v| Value::from(v.into_vec())),
             })
         })
         .collect()

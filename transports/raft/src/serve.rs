@@ -232,8 +232,9 @@ async fn serve_watch(
                     .changes
                     .iter()
                     .map(|k| {
-                        let value = k.value.as_ref().map(|v| v.as_bytes().to_vec());
-                        let prev = k.prev.as_ref().map(|v| v.as_bytes().to_vec());
+                        let bytes = |v: &Value| serde_bytes::ByteBuf::from(v.as_bytes().to_vec());
+                        let value = k.value.as_ref().map(bytes);
+                        let prev = k.prev.as_ref().map(bytes);
                         (k.key.as_str().to_owned(), k.op == Op::Delete, value, prev)
                     })
                     .collect();
@@ -264,7 +265,7 @@ async fn serve_watch(
 fn wire_kv(kv: &KeyValue) -> WireKv {
     (
         kv.key.as_str().to_owned(),
-        kv.value.as_bytes().to_vec(),
+        serde_bytes::ByteBuf::from(kv.value.as_bytes().to_vec()),
         kv.revision.0,
     )
 }

@@ -114,10 +114,15 @@ pub(crate) struct Read {
 }
 
 /// A key, its value and mod revision.
-pub(crate) type WireKv = (String, Vec<u8>, u64);
+pub(crate) type WireKv = (String, serde_bytes::ByteBuf, u64);
 
 /// A key's change: key, whether it is a delete, value, previous value.
-pub(crate) type WireChange = (String, bool, Option<Vec<u8>>, Option<Vec<u8>>);
+pub(crate) type WireChange = (
+    String,
+    bool,
+    Option<serde_bytes::ByteBuf>,
+    Option<serde_bytes::ByteBuf>,
+);
 
 /// The answer to a [`ClientOp`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
