@@ -19,7 +19,7 @@
 //! what it holds up to C before that partial resync, so it comes in order.
 
 use crate::transport::Producer;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -75,7 +75,7 @@ pub struct Hub {
     /// Registrations by id (ids only grow: this is subscription order).
     subs: BTreeMap<u64, Sub>,
     /// The ids of the registrations watching each prefix.
-    by_prefix: BTreeMap<String, Vec<u64>>,
+    by_prefix: BTreeMap<String, BTreeSet<u64>>,
     /// The lengths (in bytes) of the prefixes in `by_prefix`, with how many have each:
     /// the only byte-prefixes of a key worth looking up.
     lengths: BTreeMap<usize, usize>,
@@ -120,9 +120,9 @@ impl Hub {
                 .entry(p.as_str().to_owned())
                 .or_insert_with(|| {
                     *self.lengths.entry(p.as_str().len()).or_default() += 1;
-                    Vec::new()
+                    BTreeSet::new()
                 });
-            ids.push(id);
+            ids.insert(id);
         }
     }
 
@@ -131,7 +131,7 @@ impl Hub {
             let Some(ids) = self.by_prefix.get_mut(p.as_str()) else {
                 continue;
             };
-            ids.retain(|i| *i != id);
+            ids.remove(&id);
             if ids.is_empty() {
                 self.by_prefix.remove(p.as_str());
                 let len = p.as_str().len();
@@ -209,16 +209,26 @@ impl Hub {
 
     /// Offers `txn` to every registration it concerns. Never waits.
     pub fn publish(&mut self, txn: Arc<Txn>) {
-        let mut hit: Vec<u64> = Vec::new();
+        // The prefixes hit, each once (a transaction may have many keys under one),
+        // then their registrations, each once.
+        let mut prefixes: Vec<&String> = Vec::new();
         for c in &txn.changes {
             let key = c.key.as_str();
             for &len in self.lengths.range(..=key.len()).map(|(l, _)| l) {
                 // Not a character boundary: no prefix (valid UTF-8) ends there.
-                if let Some(ids) = key.get(..len).and_then(|p| self.by_prefix.get(p)) {
-                    hit.extend_from_slice(ids);
+                if let Some((p, _)) = key.get(..len).and_then(|p| self.by_prefix.get_key_value(p)) {
+                    prefixes.push(p);
                 }
             }
         }
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        let mut hit: Vec<u64> = prefixes
+            .iter()
+            .filter_map(|p| self.by_prefix.get(*p))
+            .flatten()
+            .copied()
+            .collect();
         hit.sort_unstable();
         hit.dedup();
         let mut gone = Vec::new();
@@ -613,6 +623,24 @@ mod tests {
                 .map(|k| k.to_string())
                 .collect();
             assert_eq!(got, want, "registration on {set:?}");
+        }
+        // A transaction of many keys under one prefix reaches its registrations once.
+        let change = |k: &str| KeyChange {
+            key: Key::new(k).unwrap(),
+            op: Op::Delete,
+            value: None,
+            prev: Some("v".into()),
+        };
+        hub.publish(Arc::new(Txn {
+            revision: Revision(100),
+            changes: vec![change("a/1"), change("a/2"), change("a/b/3")],
+        }));
+        for ((_, feed), want) in feeds.iter_mut().zip([1, 1, 1, 1, 0, 0]) {
+            let mut n = 0;
+            while feed.rx.try_recv().is_ok() {
+                n += 1;
+            }
+            assert_eq!(n, want);
         }
         // Closed registrations leave the index: nothing is looked up for them.
         for (reg, _) in feeds.drain(1..) {

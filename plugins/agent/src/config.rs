@@ -527,7 +527,10 @@ impl AgentConfig {
             // A secret is taken as it is (a password may look like TOML); any other
             // value that reads as TOML is taken so (a quoted string unquoted), else as
             // the string it is.
-            if matches!(keys.last().map(String::as_str), Some("password" | "token")) {
+            if matches!(
+                keys.iter().map(String::as_str).collect::<Vec<_>>()[..],
+                ["store", "auth", "password" | "token"]
+            ) {
                 set(&mut table, &keys, toml::Value::String(value));
                 overridden.push(name);
                 continue;
@@ -896,25 +899,39 @@ mod tests {
             let e = AgentConfig::parse(&text, "agent.toml", env(&[])).expect_err(&text);
             assert!(!e.to_string().contains("hunter2"), "{e}");
         }
-        // A password that reads as a number, or as a TOML string, is taken as it is.
-        let c = AgentConfig::parse(
-            &format!("{etcd}[store.auth]\nuser = \"u\"\npassword = 12345678\n"),
+        // A password must be a string in the file (TOML would rewrite a number), and is
+        // not shown when it is not.
+        let e = AgentConfig::parse(
+            &format!("{etcd}[store.auth]\nuser = \"u\"\npassword = 0x5EC12E7\n"),
             "agent.toml",
             env(&[]),
         )
-        .expect("a number as a password");
+        .expect_err("a number as a password");
+        assert!(e.to_string().contains("quote it"), "{e}");
         assert!(
-            matches!(&c.store, StoreConfig::Etcd { auth, .. } if auth.password.as_deref() == Some("12345678"))
+            !e.to_string().contains("5EC12E7") && !e.to_string().contains("99161831"),
+            "{e}"
         );
+        // From the environment, a secret is taken as written (a TOML string too);
+        // elsewhere a value named `token` is typed as before.
+        for pw in ["0x5EC12E7", "\"pw\""] {
+            let c = AgentConfig::parse(
+                &format!("{etcd}[store.auth]\nuser = \"u\"\n"),
+                "agent.toml",
+                env(&[("DATASYNC__STORE__AUTH__PASSWORD", pw)]),
+            )
+            .expect("valid");
+            assert!(
+                matches!(&c.store, StoreConfig::Etcd { auth, .. } if auth.password.as_deref() == Some(pw))
+            );
+        }
         let c = AgentConfig::parse(
-            &format!("{etcd}[store.auth]\nuser = \"u\"\n"),
+            "",
             "agent.toml",
-            env(&[("DATASYNC__STORE__AUTH__PASSWORD", "\"pw\"")]),
+            env(&[("DATASYNC__PLUGINS__X__TOKEN", "42")]),
         )
         .expect("valid");
-        assert!(
-            matches!(&c.store, StoreConfig::Etcd { auth, .. } if auth.password.as_deref() == Some("\"pw\""))
-        );
+        assert_eq!(c.plugins["x"]["token"], 42);
         refused(&format!("{etcd}[store.tls]\n"), "needs ca_file");
         refused(
             "[store]\nkind = \"etcd\"\nendpoints = [\"http://h:1\"]\n[store.tls]\nca_file = \"a\"\n",

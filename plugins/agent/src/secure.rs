@@ -46,7 +46,7 @@ pub struct AuthSettings {
     /// User name (with `password` or `password_file`).
     #[serde(default)]
     pub user: Option<String>,
-    /// Password, inline (a number is taken as its text).
+    /// Password, inline (a TOML string).
     #[serde(default, deserialize_with = "scalar")]
     pub password: Option<String>,
     /// File holding the password (surrounding whitespace trimmed).
@@ -66,17 +66,17 @@ pub struct AuthSettings {
     pub nkey_file: Option<PathBuf>,
 }
 
-/// A secret as text: a string, or a number, boolean or date taken as written. An
-/// array or a table is refused without showing it (serde's message would).
+/// A secret, which must be a string: anything else is refused without showing it
+/// (serde's message would quote a number, and TOML would have rewritten it: `0x1F`,
+/// `1_000`, `1e3`).
 fn scalar<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     use serde::de::Error;
     match Option::<toml::Value>::deserialize(d)? {
         None => Ok(None),
         Some(toml::Value::String(s)) => Ok(Some(s)),
-        Some(toml::Value::Array(_) | toml::Value::Table(_)) => {
-            Err(D::Error::custom("a password or token must be a string"))
-        }
-        Some(other) => Ok(Some(other.to_string())),
+        Some(_) => Err(D::Error::custom(
+            "a password or token must be a string: quote it",
+        )),
     }
 }
 
@@ -243,12 +243,23 @@ pub(crate) fn nats_config(
     if let Some(t) = tls {
         // async-nats reads these when it connects, and would report a missing file
         // as a TLS failure without its name: read them here first.
-        for f in [&t.ca_file, &t.cert_file, &t.key_file]
-            .into_iter()
-            .flatten()
-        {
-            read_bytes(f)?;
-        }
+        let pem = |f: &Option<PathBuf>, label: &str| -> Result<(), AgentError> {
+            let Some(f) = f else { return Ok(()) };
+            let text = String::from_utf8_lossy(&read_bytes(f)?).into_owned();
+            match text.contains("-----BEGIN ") && text.contains(label) {
+                true => Ok(()),
+                false => Err(AgentError::CredentialFile {
+                    path: f.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("no PEM {} in it", label.trim_end_matches('-')),
+                    ),
+                }),
+            }
+        };
+        pem(&t.ca_file, "CERTIFICATE-----")?;
+        pem(&t.cert_file, "CERTIFICATE-----")?;
+        pem(&t.key_file, "PRIVATE KEY-----")?;
         c = c.with_tls(t.ca_file.clone());
         if let (Some(cert), Some(key)) = (&t.cert_file, &t.key_file) {
             c = c.with_client_cert(cert.clone(), key.clone());

@@ -31,24 +31,41 @@ impl StoreConfig {
     /// a directory named after a URL). `secret_file` is a raft cluster's secret.
     /// Errors say what is wrong with the URL.
     pub fn from_url(spec: &str, secret_file: Option<&Path>) -> Result<StoreConfig, String> {
+        // What may be shown of the URL: a secret may precede an '@' (or, not
+        // percent-encoded, sit anywhere after it).
+        let quiet = spec.contains('@');
         let Some((scheme, rest)) = spec.split_once("://") else {
+            if let Some(s) = ["nats:", "tls:", "etcd:"]
+                .iter()
+                .find(|s| spec.starts_with(**s))
+            {
+                return Err(format!(
+                    "a store starting with {s:?} but without \"://\" is no URL (and no directory \
+                     this would take); --store takes {FORMS}"
+                ));
+            }
             let dir = spec.strip_prefix("raft:").unwrap_or(spec);
             if dir.is_empty() {
                 return Err(format!("empty store directory; --store takes {FORMS}"));
             }
             return Ok(StoreConfig::raft(dir));
         };
-        // What may be shown of the URL: a secret may precede an '@' (or, not
-        // percent-encoded, sit anywhere).
-        let shown = match spec.contains('@') {
+        if !["raft", "nats", "tls", "etcd"].contains(&scheme) {
+            return Err(match quiet {
+                false => {
+                    format!("unknown store scheme {scheme:?} in {spec:?}; --store takes {FORMS}")
+                }
+                true => format!("unknown store scheme; --store takes {FORMS}"),
+            });
+        }
+        let shown = match quiet {
             true => format!("{scheme}://…"),
             false => spec.to_owned(),
         };
-        if !["raft", "nats", "tls", "etcd"].contains(&scheme) {
-            return Err(format!(
-                "unknown store scheme {scheme:?} in {shown:?}; --store takes {FORMS}"
-            ));
-        }
+        let param = |k: &str| match quiet {
+            true => "a parameter".to_owned(),
+            false => format!("parameter {k:?}"),
+        };
         let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (userinfo, hosts) = match hosts.rsplit_once('@') {
             Some((u, h)) => (Some(u), h),
@@ -59,10 +76,9 @@ impl StoreConfig {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let (k, v) = (decode(k)?, decode(v)?);
             if params.insert(k.clone(), v).is_some() {
-                return Err(format!("parameter {k:?} given twice"));
+                return Err(format!("{} given twice", param(&k)));
             }
         }
-        let quiet = userinfo.is_some() || spec.contains('@');
         let endpoints = hosts
             .split(',')
             .map(|h| endpoint(scheme, h, quiet))
@@ -105,7 +121,10 @@ impl StoreConfig {
                 None => None,
                 Some("false") => Some(false),
                 Some("true") => Some(true),
-                Some(v) => return Err(format!("tls={v:?}: give tls=true or tls=false")),
+                Some(v) if !quiet => {
+                    return Err(format!("tls={v:?}: give tls=true or tls=false"));
+                }
+                Some(_) => return Err("tls: give tls=true or tls=false".to_owned()),
             };
             let tls = TlsSettings {
                 ca_file: file(take("ca")),
@@ -143,7 +162,7 @@ impl StoreConfig {
             }
         };
         if let Some(k) = params.keys().next() {
-            return Err(format!("unknown parameter {k:?} for a {scheme}:// store"));
+            return Err(format!("unknown {} for a {scheme}:// store", param(k)));
         }
         // The same checks as the agent's config; the field names are the URL's.
         config.check().map_err(|e| {
@@ -266,8 +285,13 @@ mod tests {
         for spec in [
             "nats://agent:s3cret@h:1?cert=/c",
             "etcd://u:s3cret?x@h:1",
+            "etcd://admin:2024?s3cret@db:2379",
+            "etcd://u:1?tls=s3cret@h:1",
+            "etcd://u:1?k=1&k=s3cret@h:1",
+            "u:s3cret@etcd://h:1",
             "htp://u:s3cret@h:1",
             "etcd://u:s3cret@h",
+            "etcd:/u:s3cret@h:1",
         ] {
             let e = StoreConfig::from_url(spec, None).unwrap_err();
             assert!(!e.contains("s3cret"), "{spec}: {e}");

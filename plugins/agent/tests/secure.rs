@@ -271,6 +271,13 @@ async fn nats_over_mutual_tls_with_a_password() {
     let err = failed(cli_within(&missing, &["get", "sec/a"]));
     assert!(err.contains("missing-ca.pem"), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
+    // A CA file that holds no certificate (here: a key) is named too.
+    let not_ca = format!("tls://agent:s3cret@{host}?ca={}", f("client.key"));
+    let err = failed(cli_within(&not_ca, &["get", "sec/a"]));
+    assert!(
+        err.contains("client.key") && err.contains("no PEM CERTIFICATE"),
+        "{err}"
+    );
     let plain = format!("nats://agent:s3cret@{host}");
     let err = failed(cli_within(&plain, &["get", "sec/a"]));
     assert!(err.contains("not authenticated"), "{err}");

@@ -136,7 +136,8 @@ impl NatsConfig {
         self
     }
 
-    /// Requires TLS, trusting the PEM root certificates in `roots` as well.
+    /// Requires TLS, trusting the PEM root certificates in `roots` (instead of the
+    /// system's, which async-nats reads only when none are given).
     #[must_use]
     pub fn with_tls(mut self, roots: Option<PathBuf>) -> Self {
         self.tls_required = true;
