@@ -106,6 +106,7 @@
 //!   their type on the wire) does not talk to version 2.
 
 pub mod backup;
+mod bytes;
 mod cluster;
 #[cfg(test)]
 mod decode_fuzz;

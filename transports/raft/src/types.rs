@@ -278,6 +278,7 @@ pub enum Outcome {
     /// The compare-and-swap condition failed; the key's current value and mod revision.
     Conflict {
         /// Current state, if the key exists.
+        #[serde(with = "crate::bytes::value_rev")]
         current: Option<(Vec<u8>, u64)>,
     },
     /// The outcomes of a [`Command::Batch`], in order (decoded with the same depth

@@ -29,7 +29,7 @@ pub(crate) enum Request {
     /// Raft: ask for a vote.
     Vote(VoteRequest<NodeId>),
     /// Raft: one chunk of a snapshot.
-    Snapshot(InstallSnapshotRequest<TypeConfig>),
+    Snapshot(#[serde(with = "crate::bytes::chunk")] InstallSnapshotRequest<TypeConfig>),
     /// Propose a command on the leader (a follower forwards its writes).
     Propose(Command),
     /// The leader's read index, for a linearizable read on a follower.

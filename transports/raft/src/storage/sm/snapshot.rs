@@ -31,8 +31,10 @@ impl StateMachine {
 pub(super) struct Payload {
     revision: u64,
     /// Key and encoded [`Stored`] record, sorted by key.
+    #[serde(with = "crate::bytes::pairs")]
     kv: Vec<(String, Vec<u8>)>,
     /// Client id and encoded session (see [`super::session`]).
+    #[serde(with = "crate::bytes::pairs")]
     sessions: Vec<(u64, Vec<u8>)>,
 }
 
@@ -40,6 +42,7 @@ pub(super) struct Payload {
 #[derive(Deserialize)]
 pub(super) struct PayloadV1 {
     revision: u64,
+    #[serde(with = "crate::bytes::pairs")]
     kv: Vec<(String, Vec<u8>)>,
 }
 
