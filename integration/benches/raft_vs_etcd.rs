@@ -22,6 +22,46 @@ const SEQ: usize = 1000;
 const INFLIGHT_N: usize = 20_000;
 const PREFIX_N: usize = 100_000;
 
+/// The disk's floor for one durable write, in the file system of `dir`: the p50 of
+/// `n` 4 KiB writes each followed by `fdatasync`, and of `n` 4 KiB page writes with
+/// `O_DIRECT | O_DSYNC` (as the raft log writes; `None` where the file system refuses
+/// `O_DIRECT`).
+fn disk_floor(dir: &std::path::Path, n: usize) -> (Duration, Option<Duration>) {
+    use std::io::Write;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let page = [7u8; 4096];
+    let path = dir.join("floor");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&[0u8; 1 << 20]).unwrap();
+    f.sync_all().unwrap();
+    let mut synced = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        f.write_all_at(&page, ((i % 256) * 4096) as u64).unwrap();
+        f.sync_data().unwrap();
+        synced.push(t.elapsed());
+    }
+    let direct = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+        .open(&path)
+        .ok()
+        .map(|f| {
+            // O_DIRECT wants an aligned buffer: an aligned page inside a larger one.
+            let buf = vec![7u8; 8192];
+            let off = buf.as_ptr().align_offset(4096);
+            let aligned = &buf[off..off + 4096];
+            let mut times = Vec::with_capacity(n);
+            for i in 0..n {
+                let t = Instant::now();
+                f.write_all_at(aligned, ((i % 256) * 4096) as u64).unwrap();
+                times.push(t.elapsed());
+            }
+            quantile(times, 0.5)
+        });
+    (quantile(synced, 0.5), direct)
+}
+
 /// Child mode: a fresh embedded store with 100k keys; prints its peak RSS in KiB.
 async fn raft_rss_child(dir: &str) {
     let s = RaftStore::open(RaftConfig::new(dir)).await.unwrap();
@@ -55,6 +95,7 @@ async fn bench(runs: usize) {
     let (mut rs, mut rs50, mut es, mut es50) = (vec![], vec![], vec![], vec![]);
     let (mut ri, mut ei) = (vec![], vec![]);
     let (mut rw, mut ew) = (vec![], vec![]);
+    let (mut floor_sync, mut floor_direct) = (vec![], vec![]);
     for run in 0..runs {
         let (ops, p50) = store_seq(&raft, &format!("seq{run}"), SEQ).await;
         rs.push(ops);
@@ -66,6 +107,12 @@ async fn bench(runs: usize) {
         ei.push(etcd_inflight(&client, &format!("par{run}"), INFLIGHT_N).await);
         rw.extend(store_watch(&raft, &format!("watch{run}/")).await);
         ew.extend(etcd_watch(&client, &format!("watch{run}/"), false).await);
+        // The disk's floor, in each run, after the work it bounds (its thousands of
+        // syncs must not weigh on the next measurement).
+        let (synced, direct) = disk_floor(dir.path(), SEQ);
+        floor_sync.push(synced.as_secs_f64());
+        floor_direct.extend(direct.map(|d| d.as_secs_f64()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
     raft_inflight(&raft, "big", PREFIX_N).await;
@@ -146,6 +193,25 @@ async fn bench(runs: usize) {
         median(&rs50) / median(&es50),
         "× etcd",
         "",
+    );
+    let floor = if floor_direct.is_empty() {
+        median(&floor_sync)
+    } else {
+        median(&floor_direct)
+    };
+    println!(
+        "| disk floor p50: 4 KiB write + fdatasync / O_DIRECT+O_DSYNC page | {} / {} | | | |",
+        ms(median(&floor_sync)),
+        if floor_direct.is_empty() {
+            "refused".to_owned()
+        } else {
+            ms(median(&floor_direct))
+        },
+    );
+    println!(
+        "|   sequential put p50 over the floor (the floor's share of a put) | {:.2}× ({:.0} %) | | | >= 85 % |",
+        median(&rs50) / floor,
+        100.0 * floor / median(&rs50),
     );
     let (ri, ei) = (median(&ri), median(&ei));
     row(
