@@ -108,8 +108,13 @@ async fn bench(runs: usize) {
         rw.extend(store_watch(&raft, &format!("watch{run}/")).await);
         ew.extend(etcd_watch(&client, &format!("watch{run}/"), false).await);
         // The disk's floor, in each run, after the work it bounds (its thousands of
-        // syncs must not weigh on the next measurement).
-        let (synced, direct) = disk_floor(dir.path(), SEQ);
+        // syncs must not weigh on the next measurement), once the writeback of that
+        // work has settled.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let path = dir.path().to_owned();
+        let (synced, direct) = tokio::task::spawn_blocking(move || disk_floor(&path, SEQ))
+            .await
+            .unwrap();
         floor_sync.push(synced.as_secs_f64());
         floor_direct.extend(direct.map(|d| d.as_secs_f64()));
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -167,6 +167,13 @@ fn wire_requests_decode_or_fail_cleanly() {
             Some(LogId::new(CommittedLeaderId::new(3, 1), 9)),
         )),
         Request::Propose(commands().remove(4)),
+        Request::Snapshot(openraft::raft::InstallSnapshotRequest {
+            vote: Vote::new_committed(3, 1),
+            meta: Default::default(),
+            offset: 4096,
+            data: vec![7; 64],
+            done: false,
+        }),
         Request::Propose(Command::Once {
             id: crate::types::RequestId {
                 client: 3,
