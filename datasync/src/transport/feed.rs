@@ -48,7 +48,6 @@ const SNAPSHOT: u8 = 2;
 
 #[derive(Debug)]
 struct Sub {
-    id: u64,
     reg: Producer,
     prefixes: PrefixSet,
     tx: mpsc::Sender<Arc<Txn>>,
@@ -155,9 +154,9 @@ impl Hub {
     fn prune(&mut self) {
         let gone: Vec<u64> = self
             .subs
-            .values()
-            .filter(|s| s.is_gone())
-            .map(|s| s.id)
+            .iter()
+            .filter(|(_, s)| s.is_gone())
+            .map(|(id, _)| *id)
             .collect();
         for id in gone {
             self.remove(id);
@@ -178,7 +177,6 @@ impl Hub {
             self.subs.insert(
                 id,
                 Sub {
-                    id,
                     reg: reg.clone(),
                     prefixes: prefixes.clone(),
                     tx,
