@@ -308,9 +308,17 @@ fn stored_records_decode_or_fail_cleanly() {
         mod_rev: 5,
         create_rev: 3,
         expires_at_ms: expires,
+        version: 2,
         value: datasync::Value::from(v),
     };
+    // A record as stores before versions wrote it.
+    let mut old = Vec::new();
+    for w in [5u64, 3, 0] {
+        old.extend_from_slice(&w.to_le_bytes());
+    }
+    old.extend_from_slice(b"old");
     let seeds = vec![
+        old,
         rec(0, "value").encode(),
         rec(
             crate::storage::lease::word(std::time::Duration::from_secs(5)),

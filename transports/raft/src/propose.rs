@@ -222,6 +222,31 @@ fn size(cmd: &Command) -> usize {
         Command::Batch(b) => b.iter().map(size).sum(),
         Command::Once { cmd, .. } => size(cmd),
         Command::Expire { keys } => keys.iter().map(|(k, _)| k.len() + 8).sum(),
+        Command::Txn(t) => {
+            let range = |r: &crate::records::KeyRange| {
+                r.start.len()
+                    + match &r.end {
+                        crate::records::RangeEnd::Before(e) => e.len(),
+                        _ => 0,
+                    }
+            };
+            let compares: usize = t
+                .compares
+                .iter()
+                .map(|c| match &c.target {
+                    crate::records::CompareTarget::Value(v) => range(&c.range) + v.len(),
+                    _ => range(&c.range) + 16,
+                })
+                .sum();
+            let ops: usize = t
+                .ops()
+                .map(|op| match op {
+                    crate::records::TxnOp::Put { key, value, .. } => key.len() + value.len(),
+                    crate::records::TxnOp::Delete { range: r, .. } => range(r),
+                })
+                .sum();
+            compares + ops
+        }
     }
 }
 

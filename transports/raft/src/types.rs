@@ -108,6 +108,8 @@ pub enum Command {
         #[serde(deserialize_with = "nested_command")]
         cmd: Box<Command>,
     },
+    /// A transaction: compares, then one branch of writes, all at one revision.
+    Txn(Box<crate::records::Txn>),
 }
 
 /// A client write's identity, for exactly-once writes through retries.
@@ -159,17 +161,15 @@ impl Command {
             | Command::Cas {
                 expires_at_ms: Some(w),
                 ..
-            } => {
-                let ms = w & !TTL_FLAG;
-                let max = datasync::MAX_TTL.as_millis() as u64;
-                if w & TTL_FLAG == 0 || ms == 0 || ms > max {
-                    return Err(datasync::StoreError::InvalidTtl(
-                        std::time::Duration::from_millis(ms),
-                    ));
-                }
-                Ok(())
-            }
+            } => check_lease_word(*w),
             Command::Once { cmd, .. } => cmd.check_lease(),
+            Command::Txn(t) => t.ops().try_for_each(|op| match op {
+                crate::records::TxnOp::Put {
+                    expires_at_ms: Some(w),
+                    ..
+                } => check_lease_word(*w),
+                _ => Ok(()),
+            }),
             _ => Ok(()),
         }
     }
@@ -187,8 +187,12 @@ impl Command {
             Command::Batch(_) => {
                 return Err(datasync::StoreError::Unsupported("a batch inside a batch"));
             }
+            Command::Txn(t) => t.check()?,
             Command::Once { id, cmd } => match **cmd {
-                Command::Put { .. } | Command::Cas { .. } | Command::Delete { .. }
+                Command::Put { .. }
+                | Command::Cas { .. }
+                | Command::Delete { .. }
+                | Command::Txn(_)
                     if id.first_unacked <= id.seq =>
                 {
                     cmd.check_single()?
@@ -202,6 +206,18 @@ impl Command {
         }
         Ok(())
     }
+}
+
+/// A new write's lease word: a TTL word within [`datasync::MAX_TTL`].
+fn check_lease_word(w: u64) -> Result<(), datasync::StoreError> {
+    let ms = w & !TTL_FLAG;
+    let max = datasync::MAX_TTL.as_millis() as u64;
+    if w & TTL_FLAG == 0 || ms == 0 || ms > max {
+        return Err(datasync::StoreError::InvalidTtl(
+            std::time::Duration::from_millis(ms),
+        ));
+    }
+    Ok(())
 }
 
 /// Deepest nesting of batches the decoder accepts. Our proposers never nest batches
@@ -288,6 +304,8 @@ pub enum Outcome {
     /// entry that reached a log without the checks at its entry gets this: apply never
     /// fails on a command's content, so one bad entry cannot stop every replica.
     Invalid(String),
+    /// What a [`Command::Txn`] did.
+    Txn(crate::records::TxnOutcome),
 }
 
 #[cfg(test)]

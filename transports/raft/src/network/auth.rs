@@ -111,8 +111,10 @@ impl Secret {
 
 pub(crate) const MAGIC: [u8; 8] = *b"DSRAFT01";
 /// The protocol version; 2: client writes carry request ids (`Request::Client`);
-/// 3: errors keep their type (`WireError`, `ServiceError`); 4: frames are encrypted.
-pub(crate) const VERSION: u16 = 4;
+/// 3: errors keep their type (`WireError`, `ServiceError`); 4: frames are encrypted;
+/// 5: stored records carry their version and the log carries transactions (a member
+/// of version 4 would misread both in a snapshot or an entry).
+pub(crate) const VERSION: u16 = 5;
 
 /// Step 1, client → server.
 #[derive(Debug, Serialize, Deserialize)]

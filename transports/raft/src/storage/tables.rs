@@ -11,52 +11,127 @@ pub(crate) const SNAPSHOT: TableDefinition<'_, &str, &[u8]> = TableDefinition::n
 /// Client sessions for exactly-once writes: client id → bincode `session::Session`.
 pub(crate) const CLIENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("clients");
 
-/// A stored value: `[mod_rev u64 LE][create_rev u64 LE][expires_at_ms u64 LE][bytes]`.
+/// A stored value: `[mod_rev | VERSIONED][create_rev][lease word][version][bytes]`, each
+/// word a `u64` LE.
+///
+/// Why a flag: records written before versions were kept are
+/// `[mod_rev][create_rev][lease word][bytes]`. Revisions never reach 2^63, so the top bit
+/// of the first word tells the two apart and such a store opens without a migration;
+/// an old record reads as version 1 (what it was at its last write is not known) and
+/// counts on from there at its next write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Stored {
     pub(crate) mod_rev: u64,
     pub(crate) create_rev: u64,
     /// 0: no expiry; else a lease word (see [`super::lease`]).
     pub(crate) expires_at_ms: u64,
+    /// Writes since the key was created (1 at its creation), as etcd counts them.
+    pub(crate) version: u64,
     pub(crate) value: datasync::Value,
 }
 
-const HEADER: usize = 24;
+/// Set in the first word of a record that carries its version.
+const VERSIONED: u64 = 1 << 63;
+/// The header of a record without (with) its version.
+const OLD_HEADER: usize = 24;
+const HEADER: usize = 32;
+
+/// A record's header words: mod revision, create revision, lease word, version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub(crate) mod_rev: u64,
+    pub(crate) create_rev: u64,
+    pub(crate) expires_at_ms: u64,
+    pub(crate) version: u64,
+    /// Where the value starts.
+    len: usize,
+}
 
 impl Stored {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER + self.value.len());
-        out.extend_from_slice(&self.mod_rev.to_le_bytes());
+        out.extend_from_slice(&(self.mod_rev | VERSIONED).to_le_bytes());
         out.extend_from_slice(&self.create_rev.to_le_bytes());
         out.extend_from_slice(&self.expires_at_ms.to_le_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
         out.extend_from_slice(self.value.as_bytes());
         out
     }
 
     #[inline]
-    pub(crate) fn header(bytes: &[u8]) -> Result<(u64, u64, u64), CorruptValue> {
-        let h = bytes.get(..HEADER).ok_or(CorruptValue(bytes.len()))?;
+    pub(crate) fn header(bytes: &[u8]) -> Result<Header, CorruptValue> {
         let word = |i: usize| {
             let mut w = [0u8; 8];
-            w.copy_from_slice(&h[i * 8..i * 8 + 8]);
+            w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
             u64::from_le_bytes(w)
         };
-        Ok((word(0), word(1), word(2)))
+        if bytes.len() < OLD_HEADER {
+            return Err(CorruptValue(bytes.len()));
+        }
+        let first = word(0);
+        if first & VERSIONED == 0 {
+            return Ok(Header {
+                mod_rev: first,
+                create_rev: word(1),
+                expires_at_ms: word(2),
+                version: 1,
+                len: OLD_HEADER,
+            });
+        }
+        if bytes.len() < HEADER {
+            return Err(CorruptValue(bytes.len()));
+        }
+        Ok(Header {
+            mod_rev: first & !VERSIONED,
+            create_rev: word(1),
+            expires_at_ms: word(2),
+            version: word(3),
+            len: HEADER,
+        })
     }
 
     #[inline]
     pub(crate) fn decode(bytes: &[u8]) -> Result<Stored, CorruptValue> {
-        let (mod_rev, create_rev, expires_at_ms) = Self::header(bytes)?;
+        let h = Self::header(bytes)?;
         Ok(Stored {
-            mod_rev,
-            create_rev,
-            expires_at_ms,
-            value: datasync::Value::from(bytes[HEADER..].to_vec()),
+            mod_rev: h.mod_rev,
+            create_rev: h.create_rev,
+            expires_at_ms: h.expires_at_ms,
+            version: h.version,
+            value: datasync::Value::from(bytes[h.len..].to_vec()),
         })
     }
 }
 
 /// A stored record shorter than its header.
 #[derive(Debug, thiserror::Error)]
-#[error("stored record of {0} bytes is shorter than its 24-byte header")]
+#[error("stored record of {0} bytes is shorter than its header")]
 pub(crate) struct CorruptValue(pub(crate) usize);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_carry_their_version_and_old_ones_still_read() {
+        let rec = Stored {
+            mod_rev: 9,
+            create_rev: 2,
+            expires_at_ms: 5,
+            version: 4,
+            value: datasync::Value::from("v"),
+        };
+        assert_eq!(Stored::decode(&rec.encode()).expect("decodes"), rec);
+        // As stores before versions wrote it.
+        let mut old = Vec::new();
+        for w in [9u64, 2, 5] {
+            old.extend_from_slice(&w.to_le_bytes());
+        }
+        old.extend_from_slice(b"v");
+        let read = Stored::decode(&old).expect("decodes");
+        assert_eq!((read.mod_rev, read.version, read.value), (9, 1, "v".into()));
+        // A flagged record cut inside its version word is refused, not misread.
+        assert!(Stored::decode(&rec.encode()[..28]).is_err());
+        assert!(Stored::decode(&old[..20]).is_err());
+    }
+}

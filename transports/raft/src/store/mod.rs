@@ -29,6 +29,7 @@ mod backup;
 mod metrics;
 pub use metrics::Health;
 mod open;
+mod records;
 mod tasks;
 
 use crate::types::{Command, NodeId, Outcome, RequestId, TypeConfig, expected_rev};

@@ -2,11 +2,15 @@
 
 use std::sync::Arc;
 
-use datasync::transport::feed::Txn;
+use datasync::transport::feed::Txn as FeedTxn;
 use datasync::{Key, KeyChange, Op, Revision, Value};
 use openraft::EntryPayload;
 use redb::ReadableDatabase;
 
+use crate::records::{
+    Compare, CompareOp, CompareTarget, KeyRange, OpResult, PrevRecord, RangeEnd, Txn, TxnOp,
+    TxnOutcome,
+};
 use crate::storage::lease::{self, Leases};
 use crate::storage::session::{Seen, Sessions};
 use crate::storage::tables::{KV, Stored};
@@ -30,7 +34,8 @@ pub(super) struct View<'a> {
     index: u64,
 }
 
-pub(super) type Change = (KeyChange, Option<(Value, u64)>);
+/// A key's change event, and its record before the change.
+pub(super) type Change = (KeyChange, Option<Stored>);
 
 impl View<'_> {
     fn current(&self, key: &str) -> Result<Option<Stored>, StorageError> {
@@ -67,6 +72,7 @@ impl View<'_> {
             mod_rev: rev,
             create_rev: prev.as_ref().map_or(rev, |p| p.create_rev),
             expires_at_ms: expires.unwrap_or(0),
+            version: prev.as_ref().map_or(1, |p| p.version.saturating_add(1)),
             value: Value::from(value),
         };
         self.lease_written |= expires.is_some();
@@ -80,15 +86,14 @@ impl View<'_> {
             None => self.leases.clear(&key),
         }
         self.record(&key, rev, Some(rec));
-        let before = prev.map(|p| (p.value, p.mod_rev));
         Ok((
             KeyChange {
                 key,
                 op: Op::Put,
                 value: Some(value),
-                prev: before.as_ref().map(|(v, _)| v.clone()),
+                prev: prev.as_ref().map(|p| p.value.clone()),
             },
-            before,
+            prev,
         ))
     }
 
@@ -106,7 +111,7 @@ impl View<'_> {
                 value: None,
                 prev: Some(prev.value.clone()),
             },
-            Some((prev.value, prev.mod_rev)),
+            Some(prev),
         )))
     }
 
@@ -132,6 +137,98 @@ impl View<'_> {
                 .map(str::to_owned),
         );
         Ok(keys.into_iter().collect())
+    }
+
+    /// Keys in `range` in redb or among the pending writes (including ones deleted
+    /// since, which `delete` skips), in key order.
+    fn keys_in(&self, range: &KeyRange) -> Result<Vec<String>, StorageError> {
+        let start = range.start.as_str();
+        let end = match &range.end {
+            RangeEnd::Single => return Ok(vec![range.start.clone()]),
+            RangeEnd::Before(e) if e.as_str() <= start => return Ok(Vec::new()),
+            RangeEnd::Before(e) => std::ops::Bound::Excluded(e.as_str()),
+            RangeEnd::Unbounded => std::ops::Bound::Unbounded,
+        };
+        let bounds = (std::ops::Bound::Included(start), end);
+        let mut keys = std::collections::BTreeSet::new();
+        for item in self.kv.range::<&str>(bounds).map_err(rd)? {
+            let (k, _) = item.map_err(rd)?;
+            keys.insert(k.value().to_owned());
+        }
+        keys.extend(
+            self.pending
+                .keys
+                .range::<str, _>(bounds)
+                .map(|(k, _)| k.as_str().to_owned()),
+        );
+        Ok(keys.into_iter().collect())
+    }
+
+    /// Whether `c` holds on every key in its range (on an absent key's zeros if none
+    /// is there; a value compare on no key fails, as in etcd).
+    fn holds(&self, c: &Compare) -> Result<bool, StorageError> {
+        let mut found = false;
+        for k in self.keys_in(&c.range)? {
+            if let Some(s) = self.current(&k)? {
+                found = true;
+                if !compare(c, Some(&s)) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(found || (!matches!(c.target, CompareTarget::Value(_)) && compare(c, None)))
+    }
+
+    /// A transaction at revision `rev`: its compares, then one branch's writes.
+    fn txn(&mut self, t: Txn, rev: u64) -> Result<(Outcome, Vec<Change>), StorageError> {
+        let mut succeeded = true;
+        for c in &t.compares {
+            if !self.holds(c)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded { t.success } else { t.failure };
+        let mut changes = Vec::new();
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                TxnOp::Put {
+                    key,
+                    value,
+                    expires_at_ms,
+                    prev_kv,
+                } => {
+                    let c = self.put(&key, value, expires_at_ms, rev)?;
+                    let prev = c.1.as_ref().filter(|_| prev_kv);
+                    results.push(OpResult::Put(prev.map(|s| prev_record(&key, s))));
+                    changes.push(c);
+                }
+                TxnOp::Delete { range, prev_kv } => {
+                    let (mut count, mut prev) = (0, Vec::new());
+                    for k in self.keys_in(&range)? {
+                        let Some(c) = self.delete(&k, rev)? else {
+                            continue;
+                        };
+                        count += 1;
+                        if let (true, Some(s)) = (prev_kv, &c.1) {
+                            prev.push(prev_record(&k, s));
+                        }
+                        changes.push(c);
+                    }
+                    results.push(OpResult::Deleted { count, prev });
+                }
+            }
+        }
+        // One event lists a transaction's keys in order, as a prefix delete does.
+        changes.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        let revision = if changes.is_empty() { rev - 1 } else { rev };
+        let outcome = TxnOutcome {
+            succeeded,
+            revision,
+            results,
+        };
+        Ok((Outcome::Txn(outcome), changes))
     }
 
     /// Applies one command as revision `rev` (used only if something changes).
@@ -173,6 +270,7 @@ impl View<'_> {
                 let revision = if count == 0 { rev - 1 } else { rev };
                 (Outcome::Deleted { count, revision }, changes)
             }
+            Command::Txn(t) => self.txn(*t, rev)?,
             // `apply_command` unrolls batches and request ids before they get here.
             Command::Batch(_) | Command::Once { .. } => {
                 return Err(wr(crate::storage::tables::CorruptValue(0)));
@@ -193,7 +291,34 @@ impl View<'_> {
     }
 }
 
-pub(super) type Published = Vec<(Arc<Txn>, Undo)>;
+/// Whether a compare holds on a key's record (`None`: absent, all zeros).
+fn compare(c: &Compare, s: Option<&Stored>) -> bool {
+    use std::cmp::Ordering;
+    let ord = match &c.target {
+        CompareTarget::Value(v) => s.map_or(&[][..], |s| s.value.as_bytes()).cmp(v.as_slice()),
+        CompareTarget::Version(n) => s.map_or(0, |s| s.version).cmp(n),
+        CompareTarget::CreateRevision(n) => s.map_or(0, |s| s.create_rev).cmp(n),
+        CompareTarget::ModRevision(n) => s.map_or(0, |s| s.mod_rev).cmp(n),
+    };
+    match c.op {
+        CompareOp::Equal => ord == Ordering::Equal,
+        CompareOp::NotEqual => ord != Ordering::Equal,
+        CompareOp::Greater => ord == Ordering::Greater,
+        CompareOp::Less => ord == Ordering::Less,
+    }
+}
+
+fn prev_record(key: &str, s: &Stored) -> PrevRecord {
+    PrevRecord {
+        key: key.to_owned(),
+        value: s.value.as_bytes().to_vec(),
+        create_revision: s.create_rev,
+        mod_revision: s.mod_rev,
+        version: s.version,
+    }
+}
+
+pub(super) type Published = Vec<(Arc<FeedTxn>, Undo)>;
 
 /// Applies one command (a batch: each part in order), recording what it published.
 ///
@@ -249,7 +374,7 @@ pub(super) fn apply_command(
             before: keys.zip(before).collect(),
         };
         txns.push((
-            Arc::new(Txn {
+            Arc::new(FeedTxn {
                 revision: Revision(*revision),
                 changes,
             }),

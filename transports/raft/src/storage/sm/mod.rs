@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use datasync::transport::feed::{Feed, Hub};
-use datasync::{Key, PrefixSet, PrefixValues, Revision, StoreError, Value};
+use datasync::{Key, PrefixSet, PrefixValues, Revision, StoreError};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageIOError};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table};
 use serde::Serialize;
@@ -71,8 +71,8 @@ pub(crate) fn verify(db: &Database) -> Result<(), String> {
     Ok(())
 }
 
-/// Each key a transaction changed, with its value and mod revision before it.
-type Before = Vec<(Key, Option<(Value, u64)>)>;
+/// Each key a transaction changed, with its record before it.
+type Before = Vec<(Key, Option<Stored>)>;
 
 /// The state of keys before one transaction, to read at past revisions.
 #[derive(Debug)]
@@ -311,12 +311,12 @@ fn load_leases(tx: &ReadTransaction, clock: &Clock) -> Result<Leases, StorageErr
         let Some(v) = kv.get(key).map_err(rd)? else {
             continue;
         };
-        let (mod_rev, _, stored) = Stored::header(v.value()).map_err(rd)?;
-        if stored != word {
+        let h = Stored::header(v.value()).map_err(rd)?;
+        if h.expires_at_ms != word {
             continue;
         }
         let key = Key::from_stored(key).map_err(rd)?;
-        leases.set(&key, now + lease::ttl_of(word, clock.wall_ms()), mod_rev);
+        leases.set(&key, now + lease::ttl_of(word, clock.wall_ms()), h.mod_rev);
     }
     Ok(leases)
 }

@@ -8,6 +8,7 @@ use datasync::transport::feed::{Feed, Snapshots};
 use datasync::{Key, KeyValue, Prefix, PrefixValues, Revision, StoreError, Value};
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 
+use crate::records::{KeyRange, RangeEnd, Record};
 use crate::storage::tables::{CLIENTS, KV, Stored};
 
 use super::*;
@@ -35,11 +36,7 @@ impl Shared {
         let (tx, undo) = self.pin_at(at)?;
         let t = tx.open_table(KV).map_err(read_failed)?;
         let mut cur = match t.get(key.as_str()).map_err(read_failed)? {
-            Some(v) => {
-                let s =
-                    Stored::decode(v.value()).map_err(|e| StoreError::Corrupted(e.to_string()))?;
-                Some((s.value, s.mod_rev))
-            }
+            Some(v) => Some(decoded(v.value())?),
             None => None,
         };
         for before in undo.iter().rev() {
@@ -47,10 +44,10 @@ impl Shared {
                 cur = b.clone();
             }
         }
-        Ok(cur.map(|(value, rev)| KeyValue {
+        Ok(cur.map(|s| KeyValue {
             key: key.clone(),
-            value,
-            revision: Revision(rev),
+            value: s.value,
+            revision: Revision(s.mod_rev),
         }))
     }
 
@@ -74,7 +71,7 @@ impl Shared {
                         continue;
                     }
                     match before {
-                        Some(b) => map.insert(k.clone(), b.clone()),
+                        Some(b) => map.insert(k.clone(), (b.value.clone(), b.mod_rev)),
                         None => map.remove(k),
                     };
                 }
@@ -89,6 +86,61 @@ impl Shared {
                 .collect();
         }
         Ok((rev, values))
+    }
+
+    /// The records in `range`, at the current revision or at `at`, in key order.
+    pub(crate) fn range(
+        &self,
+        range: &KeyRange,
+        at: Option<Revision>,
+    ) -> Result<(Revision, Vec<Record>), StoreError> {
+        let (tx, undo) = self.pin_at(at)?;
+        let rev = at.map_or_else(|| undo_base(&tx), Ok)?;
+        let t = tx.open_table(KV).map_err(read_failed)?;
+        let mut map: BTreeMap<String, Stored> = BTreeMap::new();
+        let start = range.start.as_str();
+        let items = match &range.end {
+            RangeEnd::Single => {
+                if let Some(v) = t.get(start).map_err(read_failed)? {
+                    map.insert(start.to_owned(), decoded(v.value())?);
+                }
+                None
+            }
+            RangeEnd::Before(end) if end.as_str() <= start => None,
+            RangeEnd::Before(end) => Some(t.range::<&str>(start..end.as_str())),
+            RangeEnd::Unbounded => Some(t.range::<&str>(start..)),
+        };
+        if let Some(items) = items {
+            for item in items.map_err(read_failed)? {
+                let (k, v) = item.map_err(read_failed)?;
+                map.insert(k.value().to_owned(), decoded(v.value())?);
+            }
+        }
+        for before in undo.iter().rev() {
+            for (k, before) in before {
+                if !range.contains(k.as_str()) {
+                    continue;
+                }
+                match before {
+                    Some(b) => map.insert(k.as_str().to_owned(), b.clone()),
+                    None => map.remove(k.as_str()),
+                };
+            }
+        }
+        let records = map
+            .into_iter()
+            .map(|(k, s)| {
+                Ok(Record {
+                    key: Key::from_stored(&k)
+                        .map_err(|e| StoreError::Corrupted(format!("stored key {k:?}: {e}")))?,
+                    value: s.value,
+                    create_revision: Revision(s.create_rev),
+                    mod_revision: Revision(s.mod_rev),
+                    version: s.version,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok((rev, records))
     }
 
     /// Pins the current state and the undo records needed to go back to `at`.
@@ -179,8 +231,12 @@ pub(super) const SPLIT_AFTER: usize = 4096;
 /// How often (in keys) each end of a split scan checks whether the two have met.
 pub(super) const MEET_EVERY: usize = 256;
 
+fn decoded(v: &[u8]) -> Result<Stored, StoreError> {
+    Stored::decode(v).map_err(|e| StoreError::Corrupted(e.to_string()))
+}
+
 pub(super) fn stored_kv(k: &str, v: &[u8]) -> Result<KeyValue, StoreError> {
-    let s = Stored::decode(v).map_err(|e| StoreError::Corrupted(e.to_string()))?;
+    let s = decoded(v)?;
     Ok(KeyValue {
         key: Key::from_stored(k)
             .map_err(|e| StoreError::Corrupted(format!("stored key {k:?}: {e}")))?,

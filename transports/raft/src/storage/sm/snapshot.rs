@@ -53,7 +53,8 @@ pub(crate) fn payload_seed() -> Vec<u8> {
         mod_rev: 9,
         create_rev: 2,
         expires_at_ms: 0,
-        value: Value::from("v"),
+        version: 1,
+        value: datasync::Value::from("v"),
     };
     Payload {
         revision: 9,
@@ -339,7 +340,7 @@ fn replace_state(
     exp.retain(|_, _| false).map_err(wr)?;
     for (k, rec) in &payload.kv {
         kv.insert(k.as_str(), rec.as_slice()).map_err(wr)?;
-        let (_, _, at) = Stored::header(rec).map_err(wr)?;
+        let at = Stored::header(rec).map_err(wr)?.expires_at_ms;
         if at != 0 {
             exp.insert((at, k.as_str()), ()).map_err(wr)?;
         }

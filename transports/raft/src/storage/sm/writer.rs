@@ -256,7 +256,7 @@ pub(super) fn store(db: &Database, works: Vec<Work>, durable: bool) -> Result<()
                     None => kv.remove(key.as_str()),
                 }
                 .map_err(wr)?
-                .map(|v| Stored::header(v.value()).map(|(_, _, at)| at));
+                .map(|v| Stored::header(v.value()).map(|h| h.expires_at_ms));
                 if let Some(at) = old.transpose().map_err(rd)?
                     && at != 0
                 {

@@ -1,0 +1,360 @@
+//! Records as etcd keeps them (create revision, mod revision, version, at past
+//! revisions and across restarts and snapshot installs) and transactions (compares,
+//! one branch of writes at one revision, one change event, exactly once).
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use datasync::{
+    Consistency, Event, Key, Prefix, PutOptions, ReadOptions, Revision, StoreError, Value, Writer,
+};
+use datasync_raft::records::{
+    Compare, CompareOp, CompareTarget, KeyRange, OpResult, RangeEnd, Record, Txn, TxnOp,
+};
+use datasync_raft::testing::{TestCluster, converged, watch_past_resync};
+use datasync_raft::{RaftConfig, RaftStore};
+
+fn key(s: &str) -> Key {
+    Key::new(s).unwrap()
+}
+
+fn rec(k: &str, v: &str, create: u64, modr: u64, version: u64) -> Record {
+    Record {
+        key: key(k),
+        value: Value::from(v.to_owned()),
+        create_revision: Revision(create),
+        mod_revision: Revision(modr),
+        version,
+    }
+}
+
+async fn one(s: &RaftStore, k: &str, at: Option<u64>) -> Option<Record> {
+    let mut opts = ReadOptions::new();
+    if let Some(r) = at {
+        opts = opts.at(Revision(r));
+    }
+    let (_, mut got) = s.range(&KeyRange::key(&key(k)), opts).await.unwrap();
+    assert!(got.len() <= 1, "{got:?}");
+    got.pop()
+}
+
+fn put(k: &str, v: &str, prev_kv: bool) -> TxnOp {
+    TxnOp::Put {
+        key: k.into(),
+        value: v.as_bytes().to_vec(),
+        expires_at_ms: None,
+        prev_kv,
+    }
+}
+
+fn cmp(k: &str, op: CompareOp, target: CompareTarget) -> Compare {
+    Compare {
+        range: KeyRange {
+            start: k.into(),
+            end: RangeEnd::Single,
+        },
+        op,
+        target,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_keep_create_revision_and_version_as_etcd_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let o = PutOptions::new();
+    let r1 = s.put(&key("a"), "1".into(), o.clone()).await.unwrap().0;
+    let r2 = s.put(&key("a"), "2".into(), o.clone()).await.unwrap().0;
+    let r3 = s.put(&key("b"), "x".into(), o.clone()).await.unwrap().0;
+    let r4 = s
+        .delete(&key("a"), datasync::DeleteOptions::new())
+        .await
+        .unwrap()
+        .revision
+        .0;
+    let r5 = s.put(&key("a"), "3".into(), o.clone()).await.unwrap().0;
+    assert_eq!(one(&s, "a", None).await, Some(rec("a", "3", r5, r5, 1)));
+    // Past revisions, from the history.
+    assert_eq!(one(&s, "a", Some(r1)).await, Some(rec("a", "1", r1, r1, 1)));
+    assert_eq!(one(&s, "a", Some(r3)).await, Some(rec("a", "2", r1, r2, 2)));
+    assert_eq!(one(&s, "a", Some(r4)).await, None);
+    let (rev, all) = s
+        .range(&KeyRange::from(""), ReadOptions::new().at(Revision(r3)))
+        .await
+        .unwrap();
+    assert_eq!(rev, Revision(r3));
+    assert_eq!(
+        all,
+        vec![rec("a", "2", r1, r2, 2), rec("b", "x", r3, r3, 1)]
+    );
+    let (_, between) = s
+        .range(&KeyRange::between("a", "b"), ReadOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(between, vec![rec("a", "3", r5, r5, 1)]);
+    // Stored with the record: the same after a restart, and counting on.
+    s.shutdown().await;
+    drop(s);
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    assert_eq!(one(&s, "b", None).await, Some(rec("b", "x", r3, r3, 1)));
+    let r6 = s.put(&key("a"), "4".into(), o).await.unwrap().0;
+    assert_eq!(one(&s, "a", None).await, Some(rec("a", "4", r5, r6, 2)));
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_txn_applies_one_branch_at_one_revision_as_one_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let o = PutOptions::new();
+    let r1 = s.put(&key("t/a"), "1".into(), o.clone()).await.unwrap().0;
+    let r2 = s.put(&key("t/a"), "2".into(), o.clone()).await.unwrap().0;
+    s.put(&key("t/b"), "b".into(), o.clone()).await.unwrap();
+    s.put(&key("t/c"), "c".into(), o.clone()).await.unwrap();
+    let mut w = watch_past_resync(&s, "t/").await;
+
+    // Every compare holds: the success branch, at one revision, as one change.
+    let txn = Txn {
+        compares: vec![
+            cmp("t/a", CompareOp::Equal, CompareTarget::Version(2)),
+            cmp("t/a", CompareOp::Equal, CompareTarget::CreateRevision(r1)),
+            cmp("t/a", CompareOp::Greater, CompareTarget::ModRevision(r1)),
+            cmp("t/a", CompareOp::Less, CompareTarget::Value(b"3".to_vec())),
+            cmp("t/none", CompareOp::Equal, CompareTarget::Version(0)),
+            cmp("t/none", CompareOp::NotEqual, CompareTarget::ModRevision(5)),
+        ],
+        success: vec![
+            put("t/a", "A", true),
+            TxnOp::Delete {
+                range: KeyRange::between("t/b", "t/d"),
+                prev_kv: true,
+            },
+            put("t/new", "N", true),
+        ],
+        failure: vec![put("t/failed", "F", false)],
+    };
+    let out = s.txn(txn).await.unwrap();
+    assert!(out.succeeded, "{out:?}");
+    let r = out.revision;
+    assert_eq!(s.revision(), Revision(r), "one revision for the whole txn");
+    let OpResult::Put(Some(prev)) = &out.results[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(prev.record(), Some(rec("t/a", "2", r1, r2, 2)));
+    let OpResult::Deleted { count: 2, prev } = &out.results[1] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        prev.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(),
+        ["t/b", "t/c"]
+    );
+    assert_eq!(out.results[2], OpResult::Put(None), "a new key has no prev");
+    assert_eq!(one(&s, "t/a", None).await, Some(rec("t/a", "A", r1, r, 3)));
+    assert_eq!(one(&s, "t/failed", None).await, None);
+    let ev = datasync::testing::next_event(&mut w).await.unwrap();
+    let Event::Change(c) = &ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(c.revision, Revision(r));
+    let keys: Vec<_> = c.changes.iter().map(|k| k.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["t/a", "t/b", "t/c", "t/new"],
+        "one event, in key order"
+    );
+    assert_eq!(c.changes[0].prev, Some(Value::from("2")));
+    ev.into_done().ok();
+
+    // A compare fails: the failure branch; a value compare on no key fails.
+    let out = s
+        .txn(Txn {
+            compares: vec![cmp(
+                "t/none",
+                CompareOp::NotEqual,
+                CompareTarget::Value(b"x".to_vec()),
+            )],
+            success: vec![put("t/ok", "1", false)],
+            failure: vec![put("t/failed", "F", false)],
+        })
+        .await
+        .unwrap();
+    assert!(!out.succeeded);
+    assert_eq!(one(&s, "t/ok", None).await, None);
+    assert_eq!(
+        one(&s, "t/failed", None).await,
+        Some(rec("t/failed", "F", out.revision, out.revision, 1))
+    );
+    // A compare over a range holds only if it holds for every key there.
+    let range_cmp = |op, n| Compare {
+        range: KeyRange::prefix(&Prefix::new("t/").unwrap()),
+        op,
+        target: CompareTarget::Version(n),
+    };
+    let before = s.revision();
+    let out = s
+        .txn(Txn {
+            compares: vec![range_cmp(CompareOp::Greater, 0)],
+            ..Txn::default()
+        })
+        .await
+        .unwrap();
+    assert!(out.succeeded && out.results.is_empty());
+    assert_eq!(
+        out.revision, before.0,
+        "a txn that changes nothing adds no revision"
+    );
+    let out = s
+        .txn(Txn {
+            compares: vec![range_cmp(CompareOp::Equal, 1)],
+            ..Txn::default()
+        })
+        .await
+        .unwrap();
+    assert!(!out.succeeded, "t/a is at version 3");
+    assert_eq!(s.revision(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_txn_that_writes_a_key_twice_or_carries_too_much_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RaftStore::open(RaftConfig::new(dir.path()).max_value_size(1000))
+        .await
+        .unwrap();
+    let refused = |t: Txn| {
+        let s = &s;
+        async move {
+            let got = s.txn(t).await;
+            assert!(got.is_err(), "{got:?}");
+            assert_eq!(s.revision(), Revision(0), "nothing applied");
+            got.unwrap_err()
+        }
+    };
+    let twice = refused(Txn {
+        success: vec![put("k", "1", false), put("k", "2", false)],
+        ..Txn::default()
+    })
+    .await;
+    assert!(twice.to_string().contains("duplicate key"), "{twice}");
+    refused(Txn {
+        failure: vec![
+            TxnOp::Delete {
+                range: KeyRange::from("j"),
+                prev_kv: false,
+            },
+            put("k", "2", false),
+        ],
+        ..Txn::default()
+    })
+    .await;
+    let e = refused(Txn {
+        success: vec![put("", "1", false)],
+        ..Txn::default()
+    })
+    .await;
+    assert!(matches!(e, StoreError::InvalidKey(_)), "{e:?}");
+    let e = refused(Txn {
+        success: (0..129).map(|i| put(&format!("k{i}"), "", false)).collect(),
+        ..Txn::default()
+    })
+    .await;
+    assert!(matches!(e, StoreError::Unsupported(_)), "{e:?}");
+    let e = refused(Txn {
+        success: vec![
+            put("a", &"x".repeat(600), false),
+            put("b", &"x".repeat(600), false),
+        ],
+        ..Txn::default()
+    })
+    .await;
+    assert!(
+        matches!(
+            e,
+            StoreError::ValueTooLarge {
+                size: 1200,
+                max: 1000
+            }
+        ),
+        "{e:?}"
+    );
+    let e = refused(Txn {
+        success: vec![TxnOp::Put {
+            key: "k".into(),
+            value: vec![],
+            expires_at_ms: Some(0),
+            prev_kv: false,
+        }],
+        ..Txn::default()
+    })
+    .await;
+    assert!(matches!(e, StoreError::InvalidTtl(_)), "{e:?}");
+    // Different branches may name the same key: only one of them applies.
+    let out = s
+        .txn(Txn {
+            success: vec![put("k", "1", false)],
+            failure: vec![put("k", "2", false)],
+            ..Txn::default()
+        })
+        .await
+        .unwrap();
+    assert!(out.succeeded);
+    s.shutdown().await;
+}
+
+/// Through a follower whose forwarded txn's commit is answered "stopping" (so it is
+/// retried): applied once; a member that installs a snapshot gets the versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_txn_through_a_follower_applies_once_and_snapshots_carry_versions() {
+    let cluster = TestCluster::start_with(3, |c| c.snapshots(20, 5)).await;
+    let leader = cluster.leader().await;
+    let follower = cluster.follower().await;
+    let (l, f) = (
+        leader.cluster_addr().unwrap().to_owned(),
+        follower.cluster_addr().unwrap().to_owned(),
+    );
+    let mut w = watch_past_resync(leader, "x/").await;
+    let create = Txn {
+        compares: vec![cmp("x/k", CompareOp::Equal, CompareTarget::Version(0))],
+        success: vec![put("x/k", "v", false), put("x/j", "w", false)],
+        failure: vec![],
+    };
+    cluster.faults.stop_replies(&l, &f, 1);
+    let out = follower.txn(create).await.unwrap();
+    assert!(
+        out.succeeded,
+        "the retried create answers its first outcome: {out:?}"
+    );
+    let ev = datasync::testing::next_event(&mut w).await.unwrap();
+    assert_eq!(ev.revision(), Revision(out.revision));
+    ev.into_done().ok();
+    assert_eq!(leader.revision(), Revision(out.revision), "applied once");
+
+    // The third member misses enough writes to need the leader's snapshot.
+    let third = cluster
+        .nodes
+        .iter()
+        .find(|n| n.node_id() != leader.node_id() && n.node_id() != follower.node_id())
+        .unwrap();
+    let t = third.cluster_addr().unwrap().to_owned();
+    cluster
+        .faults
+        .partition(&[t.as_str()], &[l.as_str(), f.as_str()]);
+    for i in 0..60 {
+        leader
+            .put(&key("x/k"), format!("{i}").into(), PutOptions::new())
+            .await
+            .unwrap();
+    }
+    leader.snapshot().await.unwrap();
+    cluster.faults.heal();
+    converged(&[leader, follower, third]).await;
+    assert!(
+        third.snapshots_installed() > 0,
+        "the third member installed a snapshot"
+    );
+    let local = ReadOptions::new().consistency(Consistency::Local);
+    let want = one(leader, "x/k", None).await.unwrap();
+    assert_eq!(want.version, 61);
+    let (_, got) = third
+        .range(&KeyRange::key(&key("x/k")), local)
+        .await
+        .unwrap();
+    assert_eq!(got, vec![want]);
+}
