@@ -136,6 +136,7 @@ pub use records::{KeyRange, Record, Txn, TxnOutcome};
 pub use remote::{RemoteConfig, RemoteStore};
 pub use storage::OpenError;
 pub use storage::lease::Clock;
+pub use storage::sm::RecordWatch;
 pub use store::{
     CLUSTER_VALUE_PER_100MS, Health, MAX_VALUE_SIZE, MembershipWatch, RaftConfig, RaftStore,
 };

@@ -145,7 +145,7 @@ impl Txn {
             match op {
                 TxnOp::Put { key: k, .. } => key(k)?,
                 TxnOp::Delete { range, .. } if range.end == RangeEnd::Single => key(&range.start)?,
-                TxnOp::Delete { .. } => {}
+                TxnOp::Delete { .. } | TxnOp::Range { .. } => {}
             }
         }
         for branch in [&self.success, &self.failure] {
@@ -156,13 +156,13 @@ impl Txn {
                         start: key.clone(),
                         end: RangeEnd::Single,
                     }),
-                    TxnOp::Delete { .. } => None,
+                    TxnOp::Delete { .. } | TxnOp::Range { .. } => None,
                 })
                 .collect();
             for (i, put) in puts.iter().enumerate() {
                 let deleted = branch.iter().any(|op| match op {
                     TxnOp::Delete { range, .. } => range.overlaps(put),
-                    TxnOp::Put { .. } => false,
+                    TxnOp::Put { .. } | TxnOp::Range { .. } => false,
                 });
                 if deleted || puts[..i].contains(put) {
                     return Err(StoreError::Unsupported(
@@ -235,6 +235,11 @@ pub enum TxnOp {
         /// Whether the outcome carries the deleted records.
         prev_kv: bool,
     },
+    /// Read the records in a range, as the transaction's earlier writes left them.
+    Range {
+        /// The keys.
+        range: KeyRange,
+    },
 }
 
 /// What a transaction did.
@@ -260,6 +265,29 @@ pub enum OpResult {
         /// Their records before, if asked for.
         prev: Vec<PrevRecord>,
     },
+    /// A range read: the records found, in key order.
+    Range(Vec<PrevRecord>),
+}
+
+/// A revision's changes to the records a [`RecordWatch`](crate::RecordWatch) watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordChanges {
+    /// The revision.
+    pub revision: Revision,
+    /// The changed records in the watched range, in key order.
+    pub events: Vec<RecordEvent>,
+}
+
+/// One record's change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordEvent {
+    /// Put or delete.
+    pub op: datasync::Op,
+    /// The record after: for a delete, the key and the revision that deleted it
+    /// (value empty, create revision and version 0, as etcd reports it).
+    pub record: Record,
+    /// The record before, if the key existed.
+    pub prev: Option<Record>,
 }
 
 /// A record in an outcome (plain strings and bytes, as the log's encoding wants).

@@ -7,10 +7,12 @@ use datasync::{
     Consistency, Event, Key, Prefix, PutOptions, ReadOptions, Revision, StoreError, Value, Writer,
 };
 use datasync_raft::records::{
-    Compare, CompareOp, CompareTarget, KeyRange, OpResult, RangeEnd, Record, Txn, TxnOp,
+    Compare, CompareOp, CompareTarget, KeyRange, OpResult, RangeEnd, Record, RecordChanges, Txn,
+    TxnOp,
 };
 use datasync_raft::testing::{TestCluster, converged, watch_past_resync};
 use datasync_raft::{RaftConfig, RaftStore};
+use futures_util::StreamExt;
 
 fn key(s: &str) -> Key {
     Key::new(s).unwrap()
@@ -357,4 +359,132 @@ async fn a_txn_through_a_follower_applies_once_and_snapshots_carry_versions() {
         .await
         .unwrap();
     assert_eq!(got, vec![want]);
+}
+
+/// The next item of a record watch, within 10 s.
+async fn next(w: &mut datasync_raft::RecordWatch) -> Result<RecordChanges, StoreError> {
+    tokio::time::timeout(std::time::Duration::from_secs(10), w.next())
+        .await
+        .expect("a record watch item within 10 s")
+        .expect("the watch goes on")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_watches_replay_history_catch_up_and_end_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = RaftConfig::new(dir.path());
+    config.history = 3000;
+    let s = RaftStore::open(config).await.unwrap();
+    let o = PutOptions::new();
+    let r1 = s.put(&key("w/a"), "1".into(), o.clone()).await.unwrap().0;
+    s.put(&key("other"), "x".into(), o.clone()).await.unwrap();
+    let r3 = s.put(&key("w/a"), "2".into(), o.clone()).await.unwrap().0;
+    let range = KeyRange::prefix(&Prefix::new("w/").unwrap());
+    // From a past revision: the history replays, with records after and before.
+    let mut from = s
+        .watch_records(range.clone(), Some(Revision(r1)))
+        .await
+        .unwrap();
+    let c = next(&mut from).await.unwrap();
+    assert_eq!(c.revision, Revision(r1));
+    assert_eq!(c.events[0].record, rec("w/a", "1", r1, r1, 1));
+    assert_eq!(c.events[0].prev, None);
+    let c = next(&mut from).await.unwrap();
+    assert_eq!(
+        c.revision,
+        Revision(r3),
+        "a revision outside the range is skipped"
+    );
+    assert_eq!(c.events[0].record, rec("w/a", "2", r1, r3, 2));
+    assert_eq!(c.events[0].prev, Some(rec("w/a", "1", r1, r1, 1)));
+    assert_eq!(from.progress(), Some(Revision(r3)), "caught up");
+    let d = s
+        .delete(&key("w/a"), datasync::DeleteOptions::new())
+        .await
+        .unwrap()
+        .revision;
+    let c = next(&mut from).await.unwrap();
+    assert_eq!(c.events[0].op, datasync::Op::Delete);
+    assert_eq!(c.events[0].record.mod_revision, d);
+    assert_eq!(c.events[0].record.version, 0);
+    assert_eq!(c.events[0].prev, Some(rec("w/a", "2", r1, r3, 2)));
+
+    // A watch that is not read while 2,000 revisions commit overflows its queue and
+    // catches up from the history: every revision once, in order.
+    let mut slow = s.watch_records(range.clone(), None).await.unwrap();
+    let start = s.revision().0;
+    for i in 0..2000u64 {
+        s.put(
+            &key(&format!("w/{}", i % 10)),
+            format!("{i}").into(),
+            o.clone(),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(slow.progress(), None, "it has changes to deliver");
+    for want in start + 1..=start + 2000 {
+        let c = next(&mut slow).await.unwrap();
+        assert_eq!(c.revision, Revision(want));
+        assert_eq!(c.events.len(), 1);
+    }
+    // One that falls behind further than the history reaches ends compacted, as does
+    // one that starts there.
+    for i in 0..3500u64 {
+        s.put(&key("w/x"), format!("{i}").into(), o.clone())
+            .await
+            .unwrap();
+    }
+    let mut ended = next(&mut slow).await.map(|_| ());
+    while ended.is_ok() {
+        ended = next(&mut slow).await.map(|_| ());
+    }
+    assert!(
+        matches!(ended, Err(StoreError::Compacted { .. })),
+        "{ended:?}"
+    );
+    let old = s.watch_records(range, Some(Revision(r1))).await;
+    assert!(matches!(old, Err(StoreError::Compacted { .. })), "{old:?}");
+    s.shutdown().await;
+}
+
+/// A member that installs a snapshot cannot carry a record watch across the jump: the
+/// watch delivers what it had, then ends compacted (etcd's clients then re-read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_watch_ends_compacted_when_its_member_installs_a_snapshot() {
+    let cluster = TestCluster::start_with(3, |c| c.snapshots(20, 5)).await;
+    let leader = cluster.leader().await;
+    let behind = cluster
+        .nodes
+        .iter()
+        .find(|n| n.node_id() != leader.node_id())
+        .unwrap();
+    let range = KeyRange::prefix(&Prefix::new("s/").unwrap());
+    let mut w = behind.watch_records(range, None).await.unwrap();
+    leader
+        .put(&key("s/a"), "1".into(), PutOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(next(&mut w).await.unwrap().events.len(), 1);
+    let b = behind.cluster_addr().unwrap().to_owned();
+    let rest: Vec<String> = cluster.addrs().into_iter().filter(|a| *a != b).collect();
+    cluster.faults.partition(&[b.as_str()], &rest);
+    for i in 0..60 {
+        leader
+            .put(&key("s/a"), format!("{i}").into(), PutOptions::new())
+            .await
+            .unwrap();
+    }
+    leader.snapshot().await.unwrap();
+    cluster.faults.heal();
+    converged(&[leader, behind]).await;
+    assert!(behind.snapshots_installed() > 0);
+    let mut ended = next(&mut w).await.map(|_| ());
+    while ended.is_ok() {
+        ended = next(&mut w).await.map(|_| ());
+    }
+    assert!(
+        matches!(ended, Err(StoreError::Compacted { .. })),
+        "{ended:?}"
+    );
 }

@@ -29,6 +29,10 @@ pub struct Health {
     pub stopped: Option<String>,
     /// The size of the state machine's database file, in bytes.
     pub db_bytes: u64,
+    /// The index of the last entry in this member's log.
+    pub last_log_index: u64,
+    /// The index of the last entry applied to its state.
+    pub applied_index: u64,
 }
 
 impl Health {
@@ -58,6 +62,8 @@ impl RaftStore {
             revision: self.revision().0,
             stopped,
             db_bytes: db_bytes(&inner.config.dir),
+            last_log_index: raft.last_log_index.unwrap_or(0),
+            applied_index: raft.last_applied.map_or(0, |l| l.index),
         }
     }
 

@@ -527,7 +527,11 @@ impl RaftStore {
             warn!(error = %e, "raft shutdown");
         }
         // Watches end now, not when the last handle to the store is dropped.
-        self.inner.sm.lock().hub.stop_all();
+        {
+            let mut inner = self.inner.sm.lock();
+            inner.hub.stop_all();
+            inner.records.stop_all();
+        }
         // The listener is closed once the server has ended, so the address can be
         // bound again.
         let server = self

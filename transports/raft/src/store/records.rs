@@ -2,6 +2,8 @@
 
 use datasync::{ReadOptions, Revision, StoreError};
 
+use crate::storage::sm::RecordWatch;
+
 use super::RaftStore;
 use crate::records::{CompareTarget, KeyRange, Record, Txn, TxnOp, TxnOutcome};
 use crate::types::{Command, Outcome};
@@ -23,6 +25,27 @@ impl RaftStore {
         crate::rt::blocking(move || sm.range(&range, opts.revision))
             .await
             .map_err(|e| StoreError::Backend(Box::new(e)))?
+    }
+
+    /// Watches the records in `range`: every revision that changes one, with the
+    /// records after and before. From now, or from revision `from` on when the history
+    /// ([`RaftConfig::history`](crate::RaftConfig::history) revisions, in memory) still
+    /// holds it, else `Compacted`. A watch that falls behind its queue replays from the
+    /// history; one the history cannot carry across (too far behind, or this member
+    /// installed a snapshot) ends with `Compacted`.
+    pub async fn watch_records(
+        &self,
+        range: KeyRange,
+        from: Option<Revision>,
+    ) -> Result<RecordWatch, StoreError> {
+        if self.inner.stop.is_cancelled() {
+            return Err(StoreError::Stopped);
+        }
+        if let Some(node) = &self.inner.node {
+            node.check_member()?;
+        }
+        self.caught_up().await?;
+        self.inner.sm.watch_records(range, from)
     }
 
     /// Applies `txn` at one revision: its compares on the state it is applied to, then

@@ -218,6 +218,15 @@ impl View<'_> {
                     }
                     results.push(OpResult::Deleted { count, prev });
                 }
+                TxnOp::Range { range } => {
+                    let mut found = Vec::new();
+                    for k in self.keys_in(&range)? {
+                        if let Some(s) = self.current(&k)? {
+                            found.push(prev_record(&k, &s));
+                        }
+                    }
+                    results.push(OpResult::Range(found));
+                }
             }
         }
         // One event lists a transaction's keys in order, as a prefix delete does.
@@ -318,7 +327,7 @@ fn prev_record(key: &str, s: &Stored) -> PrevRecord {
     }
 }
 
-pub(super) type Published = Vec<(Arc<FeedTxn>, Undo)>;
+pub(super) type Published = Vec<Arc<Undo>>;
 
 /// Applies one command (a batch: each part in order), recording what it published.
 ///
@@ -369,17 +378,14 @@ pub(super) fn apply_command(
         *revision += 1;
         let (changes, before): (Vec<_>, Vec<_>) = changes.into_iter().unzip();
         let keys = changes.iter().map(|c| c.key.clone());
-        let undo = Undo {
+        txns.push(Arc::new(Undo {
             revision: *revision,
             before: keys.zip(before).collect(),
-        };
-        txns.push((
-            Arc::new(FeedTxn {
+            txn: Arc::new(FeedTxn {
                 revision: Revision(*revision),
                 changes,
             }),
-            undo,
-        ));
+        }));
     }
     Ok(outcome)
 }
@@ -468,12 +474,13 @@ pub(super) fn apply_batch(
     shared
         .revision_now
         .store(revision, std::sync::atomic::Ordering::Release);
-    for (txn, undo) in txns {
+    for undo in txns {
+        inner.records.publish(&undo);
+        inner.hub.publish(undo.txn.clone());
         inner.history.push_back(undo);
         if inner.history.len() > shared.history_len {
             inner.history.pop_front();
         }
-        inner.hub.publish(txn);
     }
     drop(guard);
     if leases_set {

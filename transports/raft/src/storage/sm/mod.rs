@@ -24,11 +24,14 @@ use super::tables::{CLIENTS, EXPIRY, KV, SM_META, Stored};
 
 mod apply;
 mod reads;
+mod record_watch;
 mod snapshot;
 mod writer;
 
 pub(crate) use reads::RaftSnapshots;
 use reads::scan;
+pub(crate) use record_watch::RecordSubs;
+pub use record_watch::RecordWatch;
 pub(crate) use snapshot::StateMachine;
 pub(crate) use snapshot::{backup_payload, payload_summary, restore_payload};
 #[cfg(test)]
@@ -74,11 +77,14 @@ pub(crate) fn verify(db: &Database) -> Result<(), String> {
 /// Each key a transaction changed, with its record before it.
 type Before = Vec<(Key, Option<Stored>)>;
 
-/// The state of keys before one transaction, to read at past revisions.
+/// One transaction as the history keeps it: its change (as published) and the state
+/// of its keys before it, to read at past revisions and replay to record watches.
 #[derive(Debug)]
-struct Undo {
+pub(crate) struct Undo {
     revision: u64,
+    /// Aligned with `txn.changes`.
     before: Before,
+    txn: Arc<datasync::transport::feed::Txn>,
 }
 
 /// What readers and the apply path share. The mutex orders commits with watch
@@ -88,7 +94,9 @@ struct Undo {
 pub(crate) struct Inner {
     pub(crate) hub: Hub,
     pub(crate) revision: u64,
-    history: VecDeque<Undo>,
+    history: VecDeque<Arc<Undo>>,
+    /// Record watches (etcd's), fed from the history's transactions.
+    pub(crate) records: RecordSubs,
     /// The way to the writer (`None` once closed).
     writer: Option<Queue>,
     /// Lease deadlines, kept by apply (see [`super::lease`]).
@@ -170,6 +178,7 @@ impl Shared {
                 hub: Hub::default(),
                 revision,
                 history: VecDeque::new(),
+                records: RecordSubs::default(),
                 writer: Some(queue),
                 leases,
                 sessions,

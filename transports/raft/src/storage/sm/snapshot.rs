@@ -371,6 +371,7 @@ fn reloaded(
         .store(revision, std::sync::atomic::Ordering::Release);
     inner.history.clear();
     inner.hub.resync_all();
+    inner.records.all_behind();
     drop(inner);
     shared.ttl_changed.notify_one();
     Ok(())

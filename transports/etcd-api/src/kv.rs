@@ -1,0 +1,330 @@
+//! etcd's KV service: Range, Put, DeleteRange and Txn on the store's records and
+//! transactions. Every write is one store transaction, so a put or delete answers its
+//! previous records exactly as they were replaced.
+
+use datasync::{Consistency, ReadOptions, Revision};
+use datasync_raft::records::{Compare, CompareOp, CompareTarget, OpResult, TxnOp, TxnOutcome};
+use datasync_raft::{RaftStore, Record, Txn};
+use etcd_client::proto::{
+    PbCompactionRequest, PbCompactionResponse, PbCompare, PbDeleteRequest, PbDeleteResponse,
+    PbKvService, PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse, PbResponseOp,
+    PbTargetUnion, PbTxnOpRequest, PbTxnOpResponse, PbTxnRequest, PbTxnResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::convert::{header, key, key_range, kv, prev_kv, signed, status, unsigned};
+
+/// The KV service over one store.
+#[derive(Debug, Clone)]
+pub(crate) struct Kv {
+    pub(crate) store: RaftStore,
+}
+
+// etcd's enum values (rpc.proto), as prost keeps them: plain integers.
+const SORT_NONE: i32 = 0;
+const SORT_DESCEND: i32 = 2;
+const TARGET_KEY: i32 = 0;
+const TARGET_VERSION: i32 = 1;
+const TARGET_CREATE: i32 = 2;
+const TARGET_MOD: i32 = 3;
+const TARGET_VALUE: i32 = 4;
+
+/// A range request's reading part: the range, and at which revision.
+fn read_options(r: &PbRangeRequest) -> Result<ReadOptions, Status> {
+    let mut opts = ReadOptions::new();
+    if r.serializable {
+        opts = opts.consistency(Consistency::Local);
+    }
+    if r.revision > 0 {
+        opts = opts.at(Revision(unsigned(r.revision, "revision")?));
+    } else if r.revision < 0 {
+        return Err(Status::invalid_argument(
+            "etcdserver: mvcc: required revision is a future revision",
+        ));
+    }
+    Ok(opts)
+}
+
+/// Filters, sorts, counts and limits `records` as etcd's Range does.
+fn shape(r: &PbRangeRequest, mut records: Vec<Record>) -> Result<PbRangeResponse, Status> {
+    let min_mod = unsigned(r.min_mod_revision, "min_mod_revision")?;
+    let max_mod = unsigned(r.max_mod_revision, "max_mod_revision")?;
+    let min_create = unsigned(r.min_create_revision, "min_create_revision")?;
+    let max_create = unsigned(r.max_create_revision, "max_create_revision")?;
+    records.retain(|rec| {
+        let (m, c) = (rec.mod_revision.0, rec.create_revision.0);
+        (min_mod == 0 || m >= min_mod)
+            && (max_mod == 0 || m <= max_mod)
+            && (min_create == 0 || c >= min_create)
+            && (max_create == 0 || c <= max_create)
+    });
+    let count = records.len();
+    // etcd: no order but a target other than the key sorts ascending.
+    let order = match (r.sort_order, r.sort_target) {
+        (SORT_NONE, TARGET_KEY) => SORT_NONE,
+        (SORT_NONE, _) => 1,
+        (o, _) => o,
+    };
+    if order != SORT_NONE {
+        match r.sort_target {
+            TARGET_KEY => {} // already in key order
+            TARGET_VERSION => records.sort_by_key(|x| x.version),
+            TARGET_CREATE => records.sort_by_key(|x| x.create_revision),
+            TARGET_MOD => records.sort_by_key(|x| x.mod_revision),
+            TARGET_VALUE => records.sort_by(|a, b| a.value.as_bytes().cmp(b.value.as_bytes())),
+            t => return Err(Status::invalid_argument(format!("unknown sort target {t}"))),
+        }
+        if order == SORT_DESCEND {
+            records.reverse();
+        }
+    }
+    let limit = usize::try_from(r.limit.max(0)).unwrap_or(usize::MAX);
+    let more = limit > 0 && records.len() > limit;
+    if limit > 0 {
+        records.truncate(limit);
+    }
+    let kvs = if r.count_only {
+        Vec::new()
+    } else {
+        records.iter().map(|x| kv(x, r.keys_only)).collect()
+    };
+    Ok(PbRangeResponse {
+        header: None,
+        kvs,
+        more,
+        count: signed(count as u64),
+    })
+}
+
+/// A compare as the store's.
+fn compare(c: &PbCompare) -> Result<Compare, Status> {
+    let op = match c.result {
+        0 => CompareOp::Equal,
+        1 => CompareOp::Greater,
+        2 => CompareOp::Less,
+        3 => CompareOp::NotEqual,
+        r => {
+            return Err(Status::invalid_argument(format!(
+                "unknown compare result {r}"
+            )));
+        }
+    };
+    let n = |v: i64| unsigned(v, "compare operand");
+    let target = match (c.target, &c.target_union) {
+        (0, Some(PbTargetUnion::Version(v))) => CompareTarget::Version(n(*v)?),
+        (1, Some(PbTargetUnion::CreateRevision(v))) => CompareTarget::CreateRevision(n(*v)?),
+        (2, Some(PbTargetUnion::ModRevision(v))) => CompareTarget::ModRevision(n(*v)?),
+        (3, Some(PbTargetUnion::Value(v))) => CompareTarget::Value(v.clone()),
+        // A target with no operand compares with the zero value, as protobuf reads it.
+        (0, None) => CompareTarget::Version(0),
+        (1, None) => CompareTarget::CreateRevision(0),
+        (2, None) => CompareTarget::ModRevision(0),
+        (3, None) => CompareTarget::Value(Vec::new()),
+        (4, _) => {
+            return Err(Status::unimplemented(
+                "etcdserver: lease compares: the built-in store has no etcd leases yet",
+            ));
+        }
+        (t, _) => {
+            return Err(Status::invalid_argument(format!(
+                "compare target {t} does not match its operand"
+            )));
+        }
+    };
+    Ok(Compare {
+        range: key_range(&c.key, &c.range_end)?,
+        op,
+        target,
+    })
+}
+
+fn put_op(p: &PbPutRequest) -> Result<TxnOp, Status> {
+    if p.lease != 0 {
+        return Err(Status::unimplemented(
+            "etcdserver: leases: the built-in store has no etcd leases yet",
+        ));
+    }
+    if p.ignore_value || p.ignore_lease {
+        return Err(Status::unimplemented(
+            "etcdserver: ignore_value and ignore_lease are not supported yet",
+        ));
+    }
+    Ok(TxnOp::Put {
+        key: key(&p.key)?.as_str().to_owned(),
+        value: p.value.clone(),
+        expires_at_ms: None,
+        prev_kv: p.prev_kv,
+    })
+}
+
+fn delete_op(d: &PbDeleteRequest) -> Result<TxnOp, Status> {
+    Ok(TxnOp::Delete {
+        range: key_range(&d.key, &d.range_end)?,
+        prev_kv: d.prev_kv,
+    })
+}
+
+fn range_op(r: &PbRangeRequest) -> Result<TxnOp, Status> {
+    if r.revision != 0 {
+        return Err(Status::unimplemented(
+            "etcdserver: a range at a past revision inside a txn is not supported",
+        ));
+    }
+    Ok(TxnOp::Range {
+        range: key_range(&r.key, &r.range_end)?,
+    })
+}
+
+/// One branch of a txn request as the store's writes and reads.
+fn branch(ops: &[etcd_client::proto::PbTxnRequestOp]) -> Result<Vec<TxnOp>, Status> {
+    ops.iter()
+        .map(|op| match &op.request {
+            Some(PbTxnOpRequest::RequestPut(p)) => put_op(p),
+            Some(PbTxnOpRequest::RequestDeleteRange(d)) => delete_op(d),
+            Some(PbTxnOpRequest::RequestRange(r)) => range_op(r),
+            Some(PbTxnOpRequest::RequestTxn(_)) => Err(Status::unimplemented(
+                "etcdserver: nested transactions are not supported",
+            )),
+            None => Err(Status::invalid_argument("etcdserver: empty request op")),
+        })
+        .collect()
+}
+
+/// The response ops of the branch applied.
+fn responses(
+    store: &RaftStore,
+    requests: &[etcd_client::proto::PbTxnRequestOp],
+    out: &TxnOutcome,
+) -> Result<Vec<PbResponseOp>, Status> {
+    requests
+        .iter()
+        .zip(&out.results)
+        .map(|(req, res)| {
+            let h = header(store, out.revision);
+            let response = match (&req.request, res) {
+                (Some(PbTxnOpRequest::RequestPut(_)), OpResult::Put(prev)) => {
+                    PbTxnOpResponse::ResponsePut(PbPutResponse {
+                        header: h,
+                        prev_kv: prev.as_ref().map(prev_kv),
+                    })
+                }
+                (
+                    Some(PbTxnOpRequest::RequestDeleteRange(_)),
+                    OpResult::Deleted { count, prev },
+                ) => PbTxnOpResponse::ResponseDeleteRange(PbDeleteResponse {
+                    header: h,
+                    deleted: signed(*count),
+                    prev_kvs: prev.iter().map(prev_kv).collect(),
+                }),
+                (Some(PbTxnOpRequest::RequestRange(r)), OpResult::Range(found)) => {
+                    let records = found.iter().filter_map(|p| p.record()).collect();
+                    let mut resp = shape(r, records)?;
+                    resp.header = h;
+                    PbTxnOpResponse::ResponseRange(resp)
+                }
+                _ => return Err(Status::internal("a txn result does not match its request")),
+            };
+            Ok(PbResponseOp {
+                response: Some(response),
+            })
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl PbKvService for Kv {
+    async fn range(
+        &self,
+        request: Request<PbRangeRequest>,
+    ) -> Result<Response<PbRangeResponse>, Status> {
+        let r = request.into_inner();
+        let range = key_range(&r.key, &r.range_end)?;
+        let opts = read_options(&r)?;
+        let past = opts.revision.is_some();
+        let (rev, records) = self.store.range(&range, opts).await.map_err(status)?;
+        let mut resp = shape(&r, records)?;
+        // The header carries the store's revision, a read at a past one included.
+        let now = if past { self.store.revision().0 } else { rev.0 };
+        resp.header = header(&self.store, now);
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, request: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {
+        let p = request.into_inner();
+        let txn = Txn {
+            success: vec![put_op(&p)?],
+            ..Txn::default()
+        };
+        let out = self.store.txn(txn).await.map_err(status)?;
+        let prev = match out.results.first() {
+            Some(OpResult::Put(prev)) => prev.as_ref().map(prev_kv),
+            _ => return Err(Status::internal("a put applied as something else")),
+        };
+        Ok(Response::new(PbPutResponse {
+            header: header(&self.store, out.revision),
+            prev_kv: prev,
+        }))
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<PbDeleteRequest>,
+    ) -> Result<Response<PbDeleteResponse>, Status> {
+        let d = request.into_inner();
+        let txn = Txn {
+            success: vec![delete_op(&d)?],
+            ..Txn::default()
+        };
+        let out = self.store.txn(txn).await.map_err(status)?;
+        let Some(OpResult::Deleted { count, prev }) = out.results.first() else {
+            return Err(Status::internal("a delete applied as something else"));
+        };
+        Ok(Response::new(PbDeleteResponse {
+            header: header(&self.store, out.revision),
+            deleted: signed(*count),
+            prev_kvs: prev.iter().map(prev_kv).collect(),
+        }))
+    }
+
+    async fn txn(&self, request: Request<PbTxnRequest>) -> Result<Response<PbTxnResponse>, Status> {
+        let t = request.into_inner();
+        let txn = Txn {
+            compares: t.compare.iter().map(compare).collect::<Result<_, _>>()?,
+            success: branch(&t.success)?,
+            failure: branch(&t.failure)?,
+        };
+        let out = self.store.txn(txn).await.map_err(status)?;
+        let requests = if out.succeeded {
+            &t.success
+        } else {
+            &t.failure
+        };
+        Ok(Response::new(PbTxnResponse {
+            header: header(&self.store, out.revision),
+            succeeded: out.succeeded,
+            responses: responses(&self.store, requests, &out)?,
+        }))
+    }
+
+    type RangeStreamStream =
+        futures_util::stream::Empty<Result<etcd_client::proto::PbRangeStreamResponse, Status>>;
+
+    async fn range_stream(
+        &self,
+        _request: Request<PbRangeRequest>,
+    ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        Err(Status::unimplemented(
+            "etcdserver: RangeStream is not supported (use Range)",
+        ))
+    }
+
+    async fn compact(
+        &self,
+        _request: Request<PbCompactionRequest>,
+    ) -> Result<Response<PbCompactionResponse>, Status> {
+        Err(Status::unimplemented(
+            "etcdserver: compaction: the built-in store keeps a bounded history of its own \
+             (RaftConfig::history) and does not compact on request yet",
+        ))
+    }
+}
