@@ -111,6 +111,10 @@ pub enum StoreConfig {
         /// Sizes and timings (`[store.tuning]`; boxed: the other kinds are small).
         #[serde(default)]
         tuning: Box<RaftTuning>,
+        /// The etcd v3 API on this store (`[store.etcd_api]`), for etcdctl and etcd
+        /// clients (feature `etcd-api`).
+        #[serde(default)]
+        etcd_api: Option<EtcdApiSettings>,
     },
     /// A raft cluster reached as a remote client (no replica in this process).
     Remote {
@@ -147,6 +151,22 @@ pub enum StoreConfig {
         #[serde(default)]
         auth: AuthSettings,
     },
+}
+
+/// Where the embedded store serves etcd's API (`[store.etcd_api]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct EtcdApiSettings {
+    /// The address to listen on (etcd's is `127.0.0.1:2379`).
+    pub listen: SocketAddr,
+}
+
+impl EtcdApiSettings {
+    /// Serving on `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        EtcdApiSettings { listen }
+    }
 }
 
 /// How an embedded raft store takes part in a cluster (`[store.cluster]`).
@@ -312,6 +332,15 @@ impl StoreConfig {
     /// Checks that the TLS and credential settings fit together and with the
     /// endpoints, naming the field.
     pub fn check(&self) -> Result<(), String> {
+        if let StoreConfig::Raft {
+            etcd_api: Some(_), ..
+        } = self
+            && !cfg!(feature = "etcd-api")
+        {
+            return Err("store.etcd_api: this agent was built without the etcd API \
+                        (enable the cargo feature `etcd-api`)"
+                .to_owned());
+        }
         let (kind, urls, tls, auth) = match self {
             StoreConfig::Nats {
                 servers, tls, auth, ..
@@ -357,6 +386,7 @@ impl StoreConfig {
             node_id: default_node_id(),
             cluster: None,
             tuning: Box::default(),
+            etcd_api: None,
         }
     }
 
@@ -367,7 +397,18 @@ impl StoreConfig {
             node_id,
             cluster: Some(cluster),
             tuning: Box::default(),
+            etcd_api: None,
         }
+    }
+
+    /// This store serving etcd's API too (an embedded raft store; others are
+    /// unchanged).
+    #[must_use]
+    pub fn with_etcd_api(mut self, api: EtcdApiSettings) -> Self {
+        if let StoreConfig::Raft { etcd_api, .. } = &mut self {
+            *etcd_api = Some(api);
+        }
+        self
     }
 
     /// This store with `tuning` (an embedded raft store; others are unchanged).

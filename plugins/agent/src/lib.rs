@@ -28,6 +28,7 @@
 //! [`request_resync`] are that endpoint's client side (`datasync status`, `resync`).
 
 mod config;
+mod etcd_api;
 mod http;
 mod metered;
 mod ops;
@@ -37,9 +38,10 @@ mod store;
 mod store_url;
 
 pub use config::{
-    AgentConfig, ClusterSettings, ConfigError, CoordinatorSettings, HttpConfig, RaftTuning,
-    StoreConfig,
+    AgentConfig, ClusterSettings, ConfigError, CoordinatorSettings, EtcdApiSettings, HttpConfig,
+    RaftTuning, StoreConfig,
 };
+pub use etcd_api::{EtcdApiServing, serve_etcd_api};
 pub use http::{ErrorBody, PluginBody, SourceBody, StatusBody};
 pub use ops::{agent_status, request_resync, status_text, store_text};
 pub use runtime::Agent;
@@ -119,6 +121,15 @@ pub enum AgentError {
     /// coordinator could not watch the store.
     #[error(transparent)]
     Coordinator(#[from] datasync::coordinator::CoordinatorError),
+    /// The etcd API could not listen.
+    #[error("cannot serve the etcd API on {addr}")]
+    EtcdApi {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The status endpoint could not listen.
     #[error("cannot serve HTTP on {addr}")]
     Http {

@@ -18,6 +18,7 @@ pub struct Agent {
     store: AnyStore,
     coordinator: CoordinatorHandle,
     http: Option<Http>,
+    etcd_api: Option<crate::EtcdApiServing>,
 }
 
 /// A running status endpoint.
@@ -77,6 +78,14 @@ impl Agent {
             }
         };
         ctx.attach(&coordinator);
+        let etcd_api = match crate::etcd_api::from_config(&config.store, &store).await {
+            Ok(api) => api,
+            Err(e) => {
+                coordinator.shutdown().await;
+                store.shutdown().await;
+                return Err(e);
+            }
+        };
         let http = match config.http.listen {
             None => None,
             Some(addr) => match serve(
@@ -101,6 +110,7 @@ impl Agent {
             store,
             coordinator,
             http,
+            etcd_api,
         })
     }
 
@@ -124,7 +134,12 @@ impl Agent {
         &self.store
     }
 
-    /// Where the status endpoint listens.
+    /// Where the etcd API listens, if it does.
+    pub fn etcd_api_addr(&self) -> Option<SocketAddr> {
+        self.etcd_api.as_ref().map(crate::EtcdApiServing::addr)
+    }
+
+    /// Where the status endpoint listens, if it does.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().map(|h| h.addr)
     }
@@ -165,6 +180,9 @@ impl Agent {
         self.coordinator.shutdown().await;
         if let Some(h) = self.http {
             h.stop().await;
+        }
+        if let Some(api) = self.etcd_api {
+            api.stop().await;
         }
         self.store.shutdown().await;
     }

@@ -48,6 +48,7 @@ impl AnyStore {
                 node_id,
                 cluster,
                 tuning,
+                ..
             } => {
                 let mut raft = RaftConfig::new(dir).local_endpoint(serve);
                 raft.node_id = *node_id;

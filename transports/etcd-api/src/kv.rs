@@ -96,8 +96,39 @@ fn shape(r: &PbRangeRequest, mut records: Vec<Record>) -> Result<PbRangeResponse
     })
 }
 
-/// A compare as the store's.
-fn compare(c: &PbCompare) -> Result<Compare, Status> {
+/// A compare as the store's; `None` when it holds whatever the keys hold.
+///
+/// A negative operand (etcd's fields are signed; ours never are, an absent key's
+/// zeros included) decides the compare alone: every key's number is greater.
+fn compare(c: &PbCompare) -> Result<Option<Compare>, Status> {
+    let negative = match &c.target_union {
+        Some(
+            PbTargetUnion::Version(v)
+            | PbTargetUnion::CreateRevision(v)
+            | PbTargetUnion::ModRevision(v),
+        ) => *v < 0,
+        _ => false,
+    };
+    if negative {
+        let range = key_range(&c.key, &c.range_end)?;
+        return match c.result {
+            // Greater, not equal: always so.
+            1 | 3 => Ok(None),
+            // Equal, less: never; "version < 0" is a compare that never holds.
+            0 | 2 => Ok(Some(Compare {
+                range,
+                op: CompareOp::Less,
+                target: CompareTarget::Version(0),
+            })),
+            r => Err(Status::invalid_argument(format!(
+                "unknown compare result {r}"
+            ))),
+        };
+    }
+    compare_unsigned(c).map(Some)
+}
+
+fn compare_unsigned(c: &PbCompare) -> Result<Compare, Status> {
     let op = match c.result {
         0 => CompareOp::Equal,
         1 => CompareOp::Greater,
@@ -289,7 +320,11 @@ impl PbKvService for Kv {
     async fn txn(&self, request: Request<PbTxnRequest>) -> Result<Response<PbTxnResponse>, Status> {
         let t = request.into_inner();
         let txn = Txn {
-            compares: t.compare.iter().map(compare).collect::<Result<_, _>>()?,
+            compares: t
+                .compare
+                .iter()
+                .filter_map(|c| compare(c).transpose())
+                .collect::<Result<_, _>>()?,
             success: branch(&t.success)?,
             failure: branch(&t.failure)?,
         };

@@ -208,6 +208,10 @@ enum Command {
         /// Serve /healthz, /readyz, /status and /metrics here.
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
+        /// Serve etcd's v3 API here, for etcdctl and etcd clients (built with the
+        /// `etcd-api` feature).
+        #[arg(long)]
+        etcd_listen: Option<std::net::SocketAddr>,
         #[command(flatten)]
         tuning: RaftTuning,
     },
@@ -461,6 +465,7 @@ async fn run(mut cli: Cli) -> Result<(), Failure> {
         join,
         learner,
         http,
+        etcd_listen,
         tuning,
     } = cli.command
     {
@@ -472,11 +477,12 @@ async fn run(mut cli: Cli) -> Result<(), Failure> {
             .advertise(advertise)
             .join(join)
             .learner(learner);
-        return serve(
-            StoreConfig::raft_member(dir, id, cluster).tuned(tuning),
-            http,
-        )
-        .await;
+        let mut store = StoreConfig::raft_member(dir, id, cluster).tuned(tuning);
+        if let Some(addr) = etcd_listen {
+            store = store.with_etcd_api(datasync_agent::EtcdApiSettings::new(addr));
+            store.check().map_err(Failure::Usage)?;
+        }
+        return serve(store, http).await;
     }
     let json = cli.output == Output::Json;
     if let Command::Snapshot { action } = &cli.command
@@ -879,6 +885,17 @@ async fn serve(config: StoreConfig, http: Option<std::net::SocketAddr>) -> Resul
         }
         None => None,
     };
+    let etcd_api = match &config {
+        StoreConfig::Raft {
+            etcd_api: Some(api),
+            ..
+        } => {
+            let api = datasync_agent::serve_etcd_api(&store, api.listen).await?;
+            eprintln!("etcd API on {}", api.addr());
+            Some(api)
+        }
+        _ => None,
+    };
     eprintln!(
         "node {} serving on {} (members: {:?})",
         node.node_id(),
@@ -889,6 +906,9 @@ async fn serve(config: StoreConfig, http: Option<std::net::SocketAddr>) -> Resul
     eprintln!("shutting down");
     if let Some(h) = http {
         h.stop().await;
+    }
+    if let Some(api) = etcd_api {
+        api.stop().await;
     }
     store.shutdown().await;
     Ok(())

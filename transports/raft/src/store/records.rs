@@ -48,6 +48,11 @@ impl RaftStore {
         self.inner.sm.watch_records(range, from)
     }
 
+    /// How many record watches the store feeds.
+    pub fn record_watches(&self) -> usize {
+        self.inner.sm.lock().records.active()
+    }
+
     /// Applies `txn` at one revision: its compares on the state it is applied to, then
     /// the writes of the branch they chose. Exactly once, as every client write.
     ///

@@ -75,6 +75,12 @@ impl RecordSubs {
         }
     }
 
+    /// How many watches are fed (closed ones are released first).
+    pub(crate) fn active(&mut self) -> usize {
+        self.subs.retain(|_, s| !s.tx.is_closed());
+        self.subs.len()
+    }
+
     /// Ends every watch (the store stopped).
     pub(crate) fn stop_all(&mut self) {
         self.subs.clear();
