@@ -67,8 +67,7 @@ pub(crate) fn key_range(key: &[u8], range_end: &[u8]) -> Result<KeyRange, Status
     Ok(KeyRange::between(start, text(range_end, "range end")?))
 }
 
-/// A record as etcd's `KeyValue` (no lease: the built-in store's TTLs are not etcd
-/// leases yet).
+/// A record as etcd's `KeyValue`.
 pub(crate) fn kv(r: &Record, keys_only: bool) -> PbKeyValue {
     PbKeyValue {
         key: r.key.as_str().as_bytes().to_vec(),
@@ -80,7 +79,7 @@ pub(crate) fn kv(r: &Record, keys_only: bool) -> PbKeyValue {
         } else {
             r.value.as_bytes().to_vec()
         },
-        lease: 0,
+        lease: signed(r.lease),
     }
 }
 
@@ -92,7 +91,7 @@ pub(crate) fn prev_kv(p: &PrevRecord) -> PbKeyValue {
         mod_revision: signed(p.mod_revision),
         version: signed(p.version),
         value: p.value.clone(),
-        lease: 0,
+        lease: signed(p.lease),
     }
 }
 
@@ -138,6 +137,9 @@ pub(crate) fn status(e: StoreError) -> Status {
             Status::invalid_argument("etcdserver: request is too large")
         }
         StoreError::InvalidTtl(_) => Status::invalid_argument(format!("etcdserver: {e}")),
+        StoreError::Unsupported(why) if why.contains("lease not found") => {
+            Status::not_found("etcdserver: requested lease not found")
+        }
         StoreError::Unsupported(why) if why.contains("duplicate key") => {
             Status::invalid_argument("etcdserver: duplicate key given in txn request")
         }

@@ -3,7 +3,9 @@
 //! previous records exactly as they were replaced.
 
 use datasync::{Consistency, ReadOptions, Revision};
-use datasync_raft::records::{Compare, CompareOp, CompareTarget, OpResult, TxnOp, TxnOutcome};
+use datasync_raft::records::{
+    Compare, CompareOp, CompareTarget, MAX_LEASE_ID, OpResult, TxnOp, TxnOutcome, on_lease,
+};
 use datasync_raft::{RaftStore, Record, Txn};
 use etcd_client::proto::{
     PbCompactionRequest, PbCompactionResponse, PbCompare, PbDeleteRequest, PbDeleteResponse,
@@ -170,11 +172,15 @@ fn compare_unsigned(c: &PbCompare) -> Result<Compare, Status> {
 }
 
 fn put_op(p: &PbPutRequest) -> Result<TxnOp, Status> {
-    if p.lease != 0 {
-        return Err(Status::unimplemented(
-            "etcdserver: leases: the built-in store has no etcd leases yet",
-        ));
-    }
+    let lease = match p.lease {
+        0 => None,
+        id => Some(on_lease(
+            u64::try_from(id)
+                .ok()
+                .filter(|id| *id <= MAX_LEASE_ID)
+                .ok_or_else(|| Status::not_found("etcdserver: requested lease not found"))?,
+        )),
+    };
     if p.ignore_value || p.ignore_lease {
         return Err(Status::unimplemented(
             "etcdserver: ignore_value and ignore_lease are not supported yet",
@@ -183,7 +189,7 @@ fn put_op(p: &PbPutRequest) -> Result<TxnOp, Status> {
     Ok(TxnOp::Put {
         key: key(&p.key)?.as_str().to_owned(),
         value: p.value.clone(),
-        expires_at_ms: None,
+        expires_at_ms: lease,
         prev_kv: p.prev_kv,
     })
 }

@@ -24,11 +24,12 @@
 //! - **Watch**: many watches on one stream, from now or from a revision the store still
 //!   holds in its history (else cancelled with `compact_revision`, as etcd does), with
 //!   previous records, `NOPUT`/`NODELETE` filters, progress requests and notifications.
+//! - **Lease**: Grant (a chosen or random id), Revoke, KeepAlive, TimeToLive (with
+//!   keys), Leases, on the store's lease objects; puts attach keys to them.
 //! - **Maintenance**: Status, AlarmList (empty). **Cluster**: MemberList.
 //!
-//! Not yet: leases (etcd's lease objects; the store has per-key TTLs), Compact, member
-//! changes, Hash/HashKV, Snapshot, authentication; they answer `Unimplemented` with a
-//! message naming what to use instead. Keys are UTF-8 text valid as `datasync` keys
+//! Not yet: Compact, member changes, Hash/HashKV, Snapshot, authentication; they
+//! answer `Unimplemented` with a message naming what to use instead. Keys are UTF-8 text valid as `datasync` keys
 //! (the store's rule), values any bytes.
 //!
 //! Why the endpoint maps onto the store's own records and transactions rather than its
@@ -37,13 +38,16 @@
 
 mod convert;
 mod kv;
+mod lease;
 mod maintenance;
 mod watch;
 
 use std::net::SocketAddr;
 
 use datasync_raft::RaftStore;
-use etcd_client::proto::{PbClusterServer, PbKvServer, PbMaintenanceServer, PbWatchServer};
+use etcd_client::proto::{
+    PbClusterServer, PbKvServer, PbLeaseServer, PbMaintenanceServer, PbWatchServer,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Largest request the endpoint decodes beyond the store's value limit (keys, the
@@ -87,6 +91,7 @@ impl EtcdApi {
         let watch = PbWatchServer::new(watch::Watch::new(store.clone(), stop.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX);
+        let lease = PbLeaseServer::new(lease::Lease::new(store.clone(), stop.clone()));
         let maintenance = PbMaintenanceServer::new(maintenance::Maintenance {
             store: store.clone(),
         });
@@ -99,6 +104,7 @@ impl EtcdApi {
             tonic::transport::Server::builder()
                 .add_service(kv)
                 .add_service(watch)
+                .add_service(lease)
                 .add_service(maintenance)
                 .add_service(cluster)
                 .serve_with_incoming_shutdown(

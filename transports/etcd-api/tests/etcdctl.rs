@@ -231,6 +231,51 @@ async fn etcdctl_reads_writes_transacts_and_watches_a_single_node() {
         assert_eq!(ctl.ok(&["get", "a", "--print-value-only"]), "20\n");
         assert_eq!(ctl.ok(&["get", "b"]), "");
 
+        // Leases: grant, keys on them, keep-alive, time-to-live, list, revoke.
+        let granted = ctl.ok(&["lease", "grant", "60"]);
+        let id = granted
+            .strip_prefix("lease ")
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{granted}"))
+            .to_owned();
+        assert_eq!(granted, format!("lease {id} granted with TTL(60s)\n"));
+        let lease = format!("--lease={id}");
+        assert_eq!(ctl.ok(&["put", "lk", "v", &lease]), "OK\n");
+        let got = ctl.json(&["get", "lk"]);
+        assert_eq!(
+            got["kvs"][0]["lease"].as_u64(),
+            u64::from_str_radix(&id, 16).ok()
+        );
+        let ttl = ctl.ok(&["lease", "timetolive", &id, "--keys"]);
+        assert!(
+            ttl.starts_with(&format!("lease {id} granted with TTL(60s), remaining(5"))
+                && ttl.ends_with("s), attached keys([lk])\n"),
+            "{ttl}"
+        );
+        assert_eq!(
+            ctl.ok(&["lease", "keep-alive", "--once", &id]),
+            format!("lease {id} keepalived with TTL(60)\n")
+        );
+        assert_eq!(
+            ctl.ok(&["lease", "list"]),
+            format!("found 1 leases\n{id}\n")
+        );
+        assert_eq!(
+            ctl.ok(&["lease", "revoke", &id]),
+            format!("lease {id} revoked\n")
+        );
+        assert_eq!(ctl.ok(&["get", "lk"]), "", "revoking deleted its key");
+        assert_eq!(
+            ctl.ok(&["lease", "timetolive", &id]),
+            format!("lease {id} already expired\n")
+        );
+        let out = ctl.run(&["put", "lk", "v", &lease], None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("requested lease not found"),
+            "{err}"
+        );
+
         // What the store does not do is refused, saying so.
         let out = ctl.run(&["compaction", "3"], None);
         assert!(!out.status.success());

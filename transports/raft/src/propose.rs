@@ -222,6 +222,10 @@ fn size(cmd: &Command) -> usize {
         Command::Batch(b) => b.iter().map(size).sum(),
         Command::Once { cmd, .. } => size(cmd),
         Command::Expire { keys } => keys.iter().map(|(k, _)| k.len() + 8).sum(),
+        Command::LeaseGrant { .. }
+        | Command::LeaseKeepAlive { .. }
+        | Command::LeaseRevoke { .. } => 16,
+        Command::LeaseExpire { ids } => ids.len() * 16,
         Command::Txn(t) => {
             let range = |r: &crate::records::KeyRange| {
                 r.start.len()

@@ -7,6 +7,29 @@
 use datasync::{Key, Prefix, Revision, Value};
 use serde::{Deserialize, Serialize};
 
+/// Set (without the TTL flag, the top bit) in a lease word that attaches a key to a
+/// lease object: the other bits are its id, so ids are below 2^62. The absolute
+/// deadlines older versions wrote never reach this bit.
+pub(crate) const LEASE_ID_FLAG: u64 = 1 << 62;
+
+/// Largest lease object id.
+pub const MAX_LEASE_ID: u64 = LEASE_ID_FLAG - 1;
+
+/// Longest lease object TTL: etcd's (`MaxLeaseTTL`, about 285 years), so what an etcd
+/// client may grant there it may grant here. A key's own TTL stays within
+/// [`datasync::MAX_TTL`].
+pub const MAX_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(9_000_000_000);
+
+/// The lease word of a [`TxnOp::Put`] that attaches its key to lease object `id`.
+pub fn on_lease(id: u64) -> u64 {
+    LEASE_ID_FLAG | id
+}
+
+/// The lease object a lease word attaches its key to, if it does.
+pub(crate) fn lease_id_of(word: u64) -> Option<u64> {
+    (word & (1 << 63) == 0 && word & LEASE_ID_FLAG != 0).then_some(word & !LEASE_ID_FLAG)
+}
+
 /// A key's record at some revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -20,6 +43,8 @@ pub struct Record {
     pub mod_revision: Revision,
     /// Writes since its creation (1 when created).
     pub version: u64,
+    /// The lease object it is attached to (0: none; a per-key TTL is no lease object).
+    pub lease: u64,
 }
 
 /// Keys from `start` to `end`, in byte (so code point) order.
@@ -304,6 +329,8 @@ pub struct PrevRecord {
     pub mod_revision: u64,
     /// Its version.
     pub version: u64,
+    /// Its lease object (0: none).
+    pub lease: u64,
 }
 
 impl PrevRecord {
@@ -315,6 +342,7 @@ impl PrevRecord {
             create_revision: Revision(self.create_revision),
             mod_revision: Revision(self.mod_revision),
             version: self.version,
+            lease: self.lease,
         })
     }
 }

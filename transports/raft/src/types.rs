@@ -12,6 +12,7 @@ pub use crate::rt::{Rng, Runtime};
 /// wrote; such a lease gets what is left of it by this machine's wall clock, counted
 /// from when it is read.
 pub(crate) const TTL_FLAG: u64 = 1 << 63;
+pub(crate) use crate::records::{LEASE_ID_FLAG, MAX_LEASE_ID, lease_id_of};
 
 openraft::declare_raft_types!(
     /// The raft type configuration of the datasync store.
@@ -110,6 +111,30 @@ pub enum Command {
     },
     /// A transaction: compares, then one branch of writes, all at one revision.
     Txn(Box<crate::records::Txn>),
+    /// Creates lease object `id` (refused if it exists) living `ttl_ms` from each
+    /// replica's apply unless kept alive.
+    LeaseGrant {
+        /// The lease (1 ..= [`MAX_LEASE_ID`]).
+        id: u64,
+        /// Its TTL in milliseconds (at most [`datasync::MAX_TTL`]).
+        ttl_ms: u64,
+    },
+    /// Gives lease `id` its whole TTL again, counted from each replica's apply.
+    LeaseKeepAlive {
+        /// The lease.
+        id: u64,
+    },
+    /// Ends lease `id`, deleting its keys at one revision.
+    LeaseRevoke {
+        /// The lease.
+        id: u64,
+    },
+    /// Ends leases that ran out, each only if not kept alive since the leader saw it
+    /// due: `(id, the log index of its last grant or keep-alive)`.
+    LeaseExpire {
+        /// The leases.
+        ids: Vec<(u64, u64)>,
+    },
 }
 
 /// A client write's identity, for exactly-once writes through retries.
@@ -167,9 +192,24 @@ impl Command {
                 crate::records::TxnOp::Put {
                     expires_at_ms: Some(w),
                     ..
+                } if lease_id_of(*w).is_some() => check_lease_id(*w & !LEASE_ID_FLAG),
+                crate::records::TxnOp::Put {
+                    expires_at_ms: Some(w),
+                    ..
                 } => check_lease_word(*w),
                 _ => Ok(()),
             }),
+            Command::LeaseGrant { id, ttl_ms } => {
+                check_lease_id(*id)?;
+                let max = crate::records::MAX_LEASE_TTL.as_millis() as u64;
+                if *ttl_ms == 0 || *ttl_ms > max {
+                    return Err(datasync::StoreError::InvalidTtl(
+                        std::time::Duration::from_millis(*ttl_ms),
+                    ));
+                }
+                Ok(())
+            }
+            Command::LeaseKeepAlive { id } | Command::LeaseRevoke { id } => check_lease_id(*id),
             _ => Ok(()),
         }
     }
@@ -188,11 +228,18 @@ impl Command {
                 return Err(datasync::StoreError::Unsupported("a batch inside a batch"));
             }
             Command::Txn(t) => t.check()?,
+            Command::LeaseGrant { .. }
+            | Command::LeaseKeepAlive { .. }
+            | Command::LeaseRevoke { .. }
+            | Command::LeaseExpire { .. } => {}
             Command::Once { id, cmd } => match **cmd {
                 Command::Put { .. }
                 | Command::Cas { .. }
                 | Command::Delete { .. }
                 | Command::Txn(_)
+                | Command::LeaseGrant { .. }
+                | Command::LeaseKeepAlive { .. }
+                | Command::LeaseRevoke { .. }
                     if id.first_unacked <= id.seq =>
                 {
                     cmd.check_single()?
@@ -206,6 +253,16 @@ impl Command {
         }
         Ok(())
     }
+}
+
+/// A lease object's id: 1 ..= [`MAX_LEASE_ID`].
+fn check_lease_id(id: u64) -> Result<(), datasync::StoreError> {
+    if id == 0 || id > MAX_LEASE_ID {
+        return Err(datasync::StoreError::Unsupported(
+            "a lease id must be between 1 and 2^62 - 1",
+        ));
+    }
+    Ok(())
 }
 
 /// A new write's lease word: a TTL word within [`datasync::MAX_TTL`].
@@ -306,6 +363,29 @@ pub enum Outcome {
     Invalid(String),
     /// What a [`Command::Txn`] did.
     Txn(crate::records::TxnOutcome),
+    /// What a lease command did.
+    Lease(LeaseOutcome),
+}
+
+/// What a lease command (or a transaction naming a lease) did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// Granted (or kept alive) with this TTL.
+    Alive {
+        /// The lease's TTL in milliseconds.
+        ttl_ms: u64,
+    },
+    /// A grant of an id that exists changed nothing.
+    Exists,
+    /// The lease does not exist (never granted, revoked or expired): nothing changed.
+    NotFound(u64),
+    /// Revoked: its keys deleted at `revision` (the store's revision if it had none).
+    Revoked {
+        /// Keys deleted.
+        count: u64,
+        /// The revision.
+        revision: u64,
+    },
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ fn rec(k: &str, v: &str, create: u64, modr: u64, version: u64) -> Record {
         create_revision: Revision(create),
         mod_revision: Revision(modr),
         version,
+        lease: 0,
     }
 }
 
@@ -338,6 +339,8 @@ async fn a_txn_through_a_follower_applies_once_and_snapshots_carry_versions() {
     cluster
         .faults
         .partition(&[t.as_str()], &[l.as_str(), f.as_str()]);
+    let long = std::time::Duration::from_secs(600);
+    assert!(leader.lease_grant(42, long).await.unwrap());
     for i in 0..60 {
         leader
             .put(&key("x/k"), format!("{i}").into(), PutOptions::new())
@@ -359,6 +362,7 @@ async fn a_txn_through_a_follower_applies_once_and_snapshots_carry_versions() {
         .await
         .unwrap();
     assert_eq!(got, vec![want]);
+    assert_eq!(third.leases(), [42], "the snapshot carries lease objects");
 }
 
 /// The next item of a record watch, within 10 s.
@@ -487,4 +491,99 @@ async fn a_record_watch_ends_compacted_when_its_member_installs_a_snapshot() {
         matches!(ended, Err(StoreError::Compacted { .. })),
         "{ended:?}"
     );
+}
+
+fn put_on(k: &str, v: &str, lease: u64) -> TxnOp {
+    TxnOp::Put {
+        key: k.into(),
+        value: v.as_bytes().to_vec(),
+        expires_at_ms: Some(datasync_raft::records::on_lease(lease)),
+        prev_kv: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_objects_hold_keys_until_revoked_or_expired() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    assert!(s.lease_grant(7, Duration::from_secs(60)).await.unwrap());
+    assert!(
+        !s.lease_grant(7, Duration::from_secs(60)).await.unwrap(),
+        "taken"
+    );
+    let e = s.lease_grant(8, Duration::ZERO).await;
+    assert!(matches!(e, Err(StoreError::InvalidTtl(_))), "{e:?}");
+    let out = s
+        .txn(Txn {
+            success: vec![put_on("l/a", "1", 7), put_on("l/b", "2", 7)],
+            ..Txn::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(one(&s, "l/a", None).await.unwrap().lease, 7);
+    let (ttl, left, keys) = s.lease_time_to_live(7).unwrap();
+    assert_eq!(ttl, Duration::from_secs(60));
+    assert!(left <= ttl && left > Duration::from_secs(50), "{left:?}");
+    assert_eq!(keys, [key("l/a"), key("l/b")]);
+    // A put on a lease that does not exist changes nothing.
+    let missing = s
+        .txn(Txn {
+            success: vec![put("l/c", "3", false), put_on("l/d", "4", 99)],
+            ..Txn::default()
+        })
+        .await;
+    assert!(missing.is_err_and(|e| e.to_string().contains("lease not found")));
+    assert_eq!(s.revision(), Revision(out.revision));
+    // Put again without the lease: the key leaves it.
+    s.put(&key("l/b"), "2b".into(), PutOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(s.lease_time_to_live(7).unwrap().2, [key("l/a")]);
+    // Revoked: its keys deleted at one revision, as one change with previous values.
+    let mut w = watch_past_resync(&s, "l/").await;
+    let (count, rev) = s.lease_revoke(7).await.unwrap().unwrap();
+    assert_eq!(count, 1);
+    let ev = datasync::testing::next_event(&mut w).await.unwrap();
+    let Event::Change(c) = &ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!((c.revision, c.changes.len()), (rev, 1));
+    assert_eq!(c.changes[0].prev, Some(Value::from("1")));
+    ev.into_done().ok();
+    assert_eq!(s.lease_revoke(7).await.unwrap(), None);
+    assert_eq!(s.lease_keep_alive(7).await.unwrap(), None);
+
+    // Expiry: a short lease, kept alive past its TTL, then let go.
+    assert!(s.lease_grant(9, Duration::from_millis(600)).await.unwrap());
+    s.txn(Txn {
+        success: vec![put_on("l/e", "5", 9)],
+        ..Txn::default()
+    })
+    .await
+    .unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(s.lease_keep_alive(9).await.unwrap().is_some());
+    }
+    assert!(
+        one(&s, "l/e", None).await.is_some(),
+        "kept alive past its TTL"
+    );
+    // A lease survives a restart (with its whole TTL again) and keeps its keys.
+    s.shutdown().await;
+    drop(s);
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    assert_eq!(s.leases(), [9]);
+    assert_eq!(s.lease_time_to_live(9).unwrap().2, [key("l/e")]);
+    let mut w = watch_past_resync(&s, "l/").await;
+    let ev = datasync::testing::next_event(&mut w).await.unwrap();
+    let Event::Change(c) = &ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(c.changes[0].key, key("l/e"));
+    assert_eq!(c.changes[0].op, datasync::Op::Delete);
+    ev.into_done().ok();
+    assert!(s.leases().is_empty(), "the expired lease is gone");
+    s.shutdown().await;
 }

@@ -87,6 +87,111 @@ impl Clock {
     }
 }
 
+/// A lease object as stored (and in snapshots): its TTL and the log index of its last
+/// grant or keep-alive (which `LeaseExpire` names, so it is replicated state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct LeaseObj {
+    pub(crate) ttl_ms: u64,
+    pub(crate) renewed: u64,
+}
+
+/// A lease object as this replica keeps it.
+#[derive(Debug)]
+struct Obj {
+    stored: LeaseObj,
+    deadline: Instant,
+    keys: BTreeSet<Key>,
+}
+
+/// The lease objects (etcd's leases) and their keys, with deadlines on this replica's
+/// clock, counted from its apply of the last grant or keep-alive (and from open: the
+/// full TTL again, as for per-key TTLs).
+#[derive(Debug, Default)]
+pub(crate) struct LeaseObjs {
+    by_id: std::collections::BTreeMap<u64, Obj>,
+    by_deadline: BTreeSet<(Instant, u64)>,
+}
+
+impl LeaseObjs {
+    /// Sets lease `id` (new, renewed or loaded), keeping its keys.
+    pub(crate) fn set(&mut self, id: u64, stored: LeaseObj, now: Instant) {
+        let deadline = now + Duration::from_millis(stored.ttl_ms);
+        let keys = match self.by_id.remove(&id) {
+            Some(old) => {
+                self.by_deadline.remove(&(old.deadline, id));
+                old.keys
+            }
+            None => BTreeSet::new(),
+        };
+        self.by_deadline.insert((deadline, id));
+        self.by_id.insert(
+            id,
+            Obj {
+                stored,
+                deadline,
+                keys,
+            },
+        );
+    }
+
+    /// Lease `id` as stored, if it exists.
+    pub(crate) fn get(&self, id: u64) -> Option<LeaseObj> {
+        self.by_id.get(&id).map(|o| o.stored)
+    }
+
+    /// Removes lease `id`; its keys.
+    pub(crate) fn remove(&mut self, id: u64) -> Option<BTreeSet<Key>> {
+        let o = self.by_id.remove(&id)?;
+        self.by_deadline.remove(&(o.deadline, id));
+        Some(o.keys)
+    }
+
+    /// `key` is attached to lease `id` (if it exists).
+    pub(crate) fn attach(&mut self, id: u64, key: &Key) {
+        if let Some(o) = self.by_id.get_mut(&id) {
+            o.keys.insert(key.clone());
+        }
+    }
+
+    /// `key` is no longer attached to lease `id`.
+    pub(crate) fn detach(&mut self, id: u64, key: &Key) {
+        if let Some(o) = self.by_id.get_mut(&id) {
+            o.keys.remove(key);
+        }
+    }
+
+    /// The earliest deadline.
+    pub(crate) fn next(&self) -> Option<Instant> {
+        self.by_deadline.first().map(|(d, _)| *d)
+    }
+
+    /// Leases whose deadline is at or before `now`, with their last renewal, at most
+    /// `limit`, earliest first.
+    pub(crate) fn due(&self, now: Instant, limit: usize) -> Vec<(u64, u64)> {
+        self.by_deadline
+            .iter()
+            .take_while(|(d, _)| *d <= now)
+            .take(limit)
+            .filter_map(|(_, id)| self.by_id.get(id).map(|o| (*id, o.stored.renewed)))
+            .collect()
+    }
+
+    /// Lease `id`'s TTL, time left on this replica's clock, and keys.
+    pub(crate) fn describe(&self, id: u64, now: Instant) -> Option<(u64, Duration, Vec<Key>)> {
+        let o = self.by_id.get(&id)?;
+        Some((
+            o.stored.ttl_ms,
+            o.deadline.saturating_duration_since(now),
+            o.keys.iter().cloned().collect(),
+        ))
+    }
+
+    /// Every lease's id.
+    pub(crate) fn ids(&self) -> Vec<u64> {
+        self.by_id.keys().copied().collect()
+    }
+}
+
 /// The deadline of every key with a lease, as this replica counts it.
 #[derive(Debug, Default)]
 pub(crate) struct Leases {

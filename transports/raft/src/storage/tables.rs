@@ -8,6 +8,10 @@ pub(crate) const KV: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kv
 pub(crate) const SM_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sm_meta");
 pub(crate) const EXPIRY: TableDefinition<'_, (u64, &str), ()> = TableDefinition::new("expiry");
 pub(crate) const SNAPSHOT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshot");
+/// Lease objects (etcd's leases): id → bincode [`super::lease::LeaseObj`]. Their keys
+/// are found through `EXPIRY` (a key's lease word names its lease).
+pub(crate) const LEASE_OBJS: TableDefinition<'_, u64, &[u8]> =
+    TableDefinition::new("lease_objects");
 /// Client sessions for exactly-once writes: client id → bincode `session::Session`.
 pub(crate) const CLIENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("clients");
 

@@ -3,6 +3,7 @@
 use datasync::{ReadOptions, Revision, StoreError};
 
 use crate::storage::sm::RecordWatch;
+use crate::types::LeaseOutcome;
 
 use super::RaftStore;
 use crate::records::{CompareTarget, KeyRange, Record, Txn, TxnOp, TxnOutcome};
@@ -48,6 +49,85 @@ impl RaftStore {
         self.inner.sm.watch_records(range, from)
     }
 
+    /// Grants lease object `id` (1 ..= [`MAX_LEASE_ID`](crate::records::MAX_LEASE_ID))
+    /// of `ttl` (rounded up to milliseconds, at most
+    /// [`MAX_LEASE_TTL`](crate::records::MAX_LEASE_TTL)): it ends,
+    /// deleting the keys put on it, unless kept alive within `ttl`. `false` if `id`
+    /// exists already (nothing changed).
+    ///
+    /// Like TTLs, a lease is counted on each member's monotonic clock from its apply of
+    /// the grant or the last keep-alive, and only the leader ends it; a member that
+    /// restarts gives it its whole TTL again (etcd's rule after a leader change).
+    ///
+    /// # Cancel safety
+    /// Dropping the future does not withdraw a grant already proposed.
+    pub async fn lease_grant(&self, id: u64, ttl: std::time::Duration) -> Result<bool, StoreError> {
+        if ttl.is_zero() || ttl > crate::records::MAX_LEASE_TTL {
+            return Err(StoreError::InvalidTtl(ttl));
+        }
+        let ttl_ms = u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+        match self.write(Command::LeaseGrant { id, ttl_ms }, None).await? {
+            Outcome::Lease(LeaseOutcome::Alive { .. }) => Ok(true),
+            Outcome::Lease(LeaseOutcome::Exists) => Ok(false),
+            other => Err(StoreError::Corrupted(format!(
+                "lease grant applied as {other:?}"
+            ))),
+        }
+    }
+
+    /// Gives lease `id` its whole TTL again; its TTL, or `None` if it does not exist.
+    /// Unlike etcd's, a keep-alive is a replicated write (one log entry), so every
+    /// member counts from it.
+    ///
+    /// # Cancel safety
+    /// Dropping the future does not withdraw a keep-alive already proposed.
+    pub async fn lease_keep_alive(
+        &self,
+        id: u64,
+    ) -> Result<Option<std::time::Duration>, StoreError> {
+        match self.write(Command::LeaseKeepAlive { id }, None).await? {
+            Outcome::Lease(LeaseOutcome::Alive { ttl_ms }) => {
+                Ok(Some(std::time::Duration::from_millis(ttl_ms)))
+            }
+            Outcome::Lease(LeaseOutcome::NotFound(_)) => Ok(None),
+            other => Err(StoreError::Corrupted(format!(
+                "keep-alive applied as {other:?}"
+            ))),
+        }
+    }
+
+    /// Ends lease `id` now, deleting its keys at one revision: how many and the
+    /// revision, or `None` if it does not exist.
+    ///
+    /// # Cancel safety
+    /// Dropping the future does not withdraw a revoke already proposed.
+    pub async fn lease_revoke(&self, id: u64) -> Result<Option<(u64, Revision)>, StoreError> {
+        match self.write(Command::LeaseRevoke { id }, None).await? {
+            Outcome::Lease(LeaseOutcome::Revoked { count, revision }) => {
+                Ok(Some((count, Revision(revision))))
+            }
+            Outcome::Lease(LeaseOutcome::NotFound(_)) => Ok(None),
+            other => Err(StoreError::Corrupted(format!(
+                "revoke applied as {other:?}"
+            ))),
+        }
+    }
+
+    /// Lease `id` as this member counts it: its TTL, the time it has left and its keys;
+    /// `None` if it does not exist (here: a follower may lag the leader).
+    pub fn lease_time_to_live(
+        &self,
+        id: u64,
+    ) -> Option<(std::time::Duration, std::time::Duration, Vec<datasync::Key>)> {
+        let (ttl_ms, left, keys) = self.inner.sm.lease_info(id)?;
+        Some((std::time::Duration::from_millis(ttl_ms), left, keys))
+    }
+
+    /// Every lease object's id, as this member has them.
+    pub fn leases(&self) -> Vec<u64> {
+        self.inner.sm.lease_ids()
+    }
+
     /// How many record watches the store feeds.
     pub fn record_watches(&self) -> usize {
         self.inner.sm.lock().records.active()
@@ -87,6 +167,9 @@ impl RaftStore {
         }
         match self.write(Command::Txn(Box::new(txn)), None).await? {
             Outcome::Txn(out) => Ok(out),
+            Outcome::Lease(LeaseOutcome::NotFound(_)) => Err(StoreError::Unsupported(
+                "requested lease not found (a put named a lease that does not exist)",
+            )),
             other => Err(StoreError::Corrupted(format!("txn applied as {other:?}"))),
         }
     }

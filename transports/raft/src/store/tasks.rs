@@ -99,18 +99,28 @@ pub(super) async fn ttl_task(
             Some(at) if at <= now => {
                 // Only the leader decides expiry; followers apply its Expire command.
                 if raft.metrics().borrow().current_leader == Some(id) {
+                    // Keys' TTLs first, then lease objects (one command each: the
+                    // proposer batches commands, and a batch holds no batch).
                     let keys = sm.due(now, 1024);
-                    if keys.is_empty() {
-                        Duration::from_millis(10)
-                    } else if let Err(e) = proposals.propose(Command::Expire { keys }).await {
-                        let e = match e {
-                            ProposeError::Store(e) => e.to_string(),
-                            ProposeError::NotLeader(_) => "not the leader".into(),
-                        };
-                        warn!(error = %e, "lease expiry not committed; retrying");
-                        Duration::from_millis(100)
+                    let cmd = if keys.is_empty() {
+                        let ids = sm.due_leases(now, 1024);
+                        (!ids.is_empty()).then_some(Command::LeaseExpire { ids })
                     } else {
-                        continue;
+                        Some(Command::Expire { keys })
+                    };
+                    match cmd {
+                        None => Duration::from_millis(10),
+                        Some(cmd) => match proposals.propose(cmd).await {
+                            Ok(_) => continue,
+                            Err(e) => {
+                                let e = match e {
+                                    ProposeError::Store(e) => e.to_string(),
+                                    ProposeError::NotLeader(_) => "not the leader".into(),
+                                };
+                                warn!(error = %e, "lease expiry not committed; retrying");
+                                Duration::from_millis(100)
+                            }
+                        },
                     }
                 } else {
                     Duration::from_millis(100)

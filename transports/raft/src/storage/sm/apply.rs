@@ -11,10 +11,12 @@ use crate::records::{
     Compare, CompareOp, CompareTarget, KeyRange, OpResult, PrevRecord, RangeEnd, Txn, TxnOp,
     TxnOutcome,
 };
-use crate::storage::lease::{self, Leases};
+use crate::storage::lease::{self, LeaseObj, LeaseObjs, Leases};
 use crate::storage::session::{Seen, Sessions};
 use crate::storage::tables::{KV, Stored};
-use crate::types::{Command, Entry, Outcome, StorageError, StoredMembership};
+use crate::types::{
+    Command, Entry, LeaseOutcome, Outcome, StorageError, StoredMembership, lease_id_of,
+};
 
 use super::writer::{Queue, Work, Write, WriterFailed, store_works};
 use super::*;
@@ -32,6 +34,9 @@ pub(super) struct View<'a> {
     sessions: &'a mut Sessions,
     /// The log index of the entry being applied.
     index: u64,
+    objs: &'a mut LeaseObjs,
+    /// Lease objects changed, for the writer (`None`: ended).
+    obj_writes: Vec<(u64, Option<Vec<u8>>)>,
 }
 
 /// A key's change event, and its record before the change.
@@ -78,7 +83,15 @@ impl View<'_> {
         self.lease_written |= expires.is_some();
         let value = rec.value.clone();
         let key = Key::from_stored(key).map_err(wr)?;
+        if let Some(old) = prev.as_ref().and_then(|p| lease_id_of(p.expires_at_ms)) {
+            self.objs.detach(old, &key);
+        }
         match expires {
+            // On a lease object: it expires with the lease (a txn checked it exists).
+            Some(word) if lease_id_of(word).is_some() => {
+                self.leases.clear(&key);
+                self.objs.attach(word & !crate::types::LEASE_ID_FLAG, &key);
+            }
             Some(word) => {
                 let ttl = lease::ttl_of(word, self.wall_ms);
                 self.leases.set(&key, self.now + ttl, rev)
@@ -103,6 +116,9 @@ impl View<'_> {
         };
         let key = Key::from_stored(key).map_err(wr)?;
         self.leases.clear(&key);
+        if let Some(old) = lease_id_of(prev.expires_at_ms) {
+            self.objs.detach(old, &key);
+        }
         self.record(&key, rev, None);
         Ok(Some((
             KeyChange {
@@ -179,6 +195,76 @@ impl View<'_> {
         Ok(found || (!matches!(c.target, CompareTarget::Value(_)) && compare(c, None)))
     }
 
+    /// Stores lease object `id` (its TTL from now on this replica).
+    fn set_obj(&mut self, id: u64, obj: LeaseObj) {
+        self.objs.set(id, obj, self.now);
+        self.obj_writes
+            .push((id, Some(bincode::serialize(&obj).unwrap_or_default())));
+        self.lease_written = true;
+    }
+
+    /// Ends lease object `id` (if it exists), deleting its keys at `rev`.
+    fn end_obj(&mut self, id: u64, rev: u64) -> Result<Option<Vec<Change>>, StorageError> {
+        let Some(keys) = self.objs.remove(id) else {
+            return Ok(None);
+        };
+        self.obj_writes.push((id, None));
+        let mut changes = Vec::new();
+        for k in keys {
+            changes.extend(self.delete(k.as_str(), rev)?);
+        }
+        Ok(Some(changes))
+    }
+
+    /// A lease command at revision `rev` (used if it deletes keys).
+    fn lease(&mut self, cmd: Command, rev: u64) -> Result<(Outcome, Vec<Change>), StorageError> {
+        let index = self.index;
+        Ok(match cmd {
+            Command::LeaseGrant { id, ttl_ms } => {
+                if self.objs.get(id).is_some() {
+                    return Ok((Outcome::Lease(LeaseOutcome::Exists), vec![]));
+                }
+                let obj = LeaseObj {
+                    ttl_ms,
+                    renewed: index,
+                };
+                self.set_obj(id, obj);
+                (Outcome::Lease(LeaseOutcome::Alive { ttl_ms }), vec![])
+            }
+            Command::LeaseKeepAlive { id } => match self.objs.get(id) {
+                None => (Outcome::Lease(LeaseOutcome::NotFound(id)), vec![]),
+                Some(mut obj) => {
+                    obj.renewed = index;
+                    self.set_obj(id, obj);
+                    let ttl_ms = obj.ttl_ms;
+                    (Outcome::Lease(LeaseOutcome::Alive { ttl_ms }), vec![])
+                }
+            },
+            Command::LeaseRevoke { id } => match self.end_obj(id, rev)? {
+                None => (Outcome::Lease(LeaseOutcome::NotFound(id)), vec![]),
+                Some(changes) => {
+                    let count = changes.len() as u64;
+                    let revision = if count == 0 { rev - 1 } else { rev };
+                    let out = LeaseOutcome::Revoked { count, revision };
+                    (Outcome::Lease(out), changes)
+                }
+            },
+            Command::LeaseExpire { ids } => {
+                let mut changes = Vec::new();
+                for (id, renewed) in ids {
+                    if self.objs.get(id).is_some_and(|o| o.renewed == renewed) {
+                        changes.extend(self.end_obj(id, rev)?.unwrap_or_default());
+                    }
+                }
+                changes.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+                let count = changes.len() as u64;
+                let revision = if count == 0 { rev - 1 } else { rev };
+                (Outcome::Deleted { count, revision }, changes)
+            }
+            _ => return Err(wr(crate::storage::tables::CorruptValue(0))),
+        })
+    }
+
     /// A transaction at revision `rev`: its compares, then one branch's writes.
     fn txn(&mut self, t: Txn, rev: u64) -> Result<(Outcome, Vec<Change>), StorageError> {
         let mut succeeded = true;
@@ -189,6 +275,18 @@ impl View<'_> {
             }
         }
         let ops = if succeeded { t.success } else { t.failure };
+        // A put on a lease that does not exist fails the whole txn, before any write.
+        for op in &ops {
+            if let TxnOp::Put {
+                expires_at_ms: Some(w),
+                ..
+            } = op
+                && let Some(id) = lease_id_of(*w)
+                && self.objs.get(id).is_none()
+            {
+                return Ok((Outcome::Lease(LeaseOutcome::NotFound(id)), vec![]));
+            }
+        }
         let mut changes = Vec::new();
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
@@ -280,6 +378,10 @@ impl View<'_> {
                 (Outcome::Deleted { count, revision }, changes)
             }
             Command::Txn(t) => self.txn(*t, rev)?,
+            c @ (Command::LeaseGrant { .. }
+            | Command::LeaseKeepAlive { .. }
+            | Command::LeaseRevoke { .. }
+            | Command::LeaseExpire { .. }) => self.lease(c, rev)?,
             // `apply_command` unrolls batches and request ids before they get here.
             Command::Batch(_) | Command::Once { .. } => {
                 return Err(wr(crate::storage::tables::CorruptValue(0)));
@@ -324,6 +426,7 @@ fn prev_record(key: &str, s: &Stored) -> PrevRecord {
         create_revision: s.create_rev,
         mod_revision: s.mod_rev,
         version: s.version,
+        lease: lease_id_of(s.expires_at_ms).unwrap_or(0),
     }
 }
 
@@ -377,10 +480,21 @@ pub(super) fn apply_command(
     if !changes.is_empty() {
         *revision += 1;
         let (changes, before): (Vec<_>, Vec<_>) = changes.into_iter().unzip();
+        // The lease object each key is on after the change (the record just written).
+        let leases = changes
+            .iter()
+            .map(|c| {
+                let after = a.pending.keys.get(&c.key).and_then(|(_, r)| r.as_ref());
+                after
+                    .and_then(|r| lease_id_of(r.expires_at_ms))
+                    .unwrap_or(0)
+            })
+            .collect();
         let keys = changes.iter().map(|c| c.key.clone());
         txns.push(Arc::new(Undo {
             revision: *revision,
             before: keys.zip(before).collect(),
+            leases,
             txn: Arc::new(FeedTxn {
                 revision: Revision(*revision),
                 changes,
@@ -434,6 +548,8 @@ pub(super) fn apply_batch(
         wall_ms: shared.clock.wall_ms(),
         sessions: &mut inner.sessions,
         index: 0,
+        objs: &mut inner.objs,
+        obj_writes: Vec::new(),
     };
     for e in entries {
         applied = Some(e.log_id);
@@ -455,6 +571,7 @@ pub(super) fn apply_batch(
         revision,
         membership: membership.clone(),
         sessions: view.sessions.take_dirty(),
+        lease_objs: view.obj_writes,
     };
     let leases_set = view.lease_written;
     let inline = match &inner.writer {

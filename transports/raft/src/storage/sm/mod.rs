@@ -18,9 +18,9 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
-use super::lease::{self, Clock, Leases};
+use super::lease::{self, Clock, LeaseObj, LeaseObjs, Leases};
 use super::session::Sessions;
-use super::tables::{CLIENTS, EXPIRY, KV, SM_META, Stored};
+use super::tables::{CLIENTS, EXPIRY, KV, LEASE_OBJS, SM_META, Stored};
 
 mod apply;
 mod reads;
@@ -84,6 +84,9 @@ pub(crate) struct Undo {
     revision: u64,
     /// Aligned with `txn.changes`.
     before: Before,
+    /// The lease object of each changed key's record after the change (0: none),
+    /// aligned with `txn.changes`.
+    leases: Vec<u64>,
     txn: Arc<datasync::transport::feed::Txn>,
 }
 
@@ -103,6 +106,8 @@ pub(crate) struct Inner {
     leases: Leases,
     /// Client sessions, kept by apply (see [`super::session`]).
     sessions: Sessions,
+    /// Lease objects, kept by apply (see [`super::lease`]).
+    objs: LeaseObjs,
 }
 
 /// The state machine's shared half (the store's handle reads through it).
@@ -138,7 +143,7 @@ impl Shared {
         history_len: usize,
         clock: Clock,
     ) -> Result<Arc<Self>, StorageError> {
-        let (revision, membership, leases, sessions) = {
+        let (revision, membership, leases, sessions, objs) = {
             let tx = db.begin_read().map_err(rd)?;
             let meta = tx.open_table(SM_META).map_err(rd)?;
             let revision: Option<u64> = get_meta(&meta, "revision")?;
@@ -148,6 +153,7 @@ impl Shared {
                 membership.unwrap_or_default(),
                 load_leases(&tx, &clock)?,
                 load_sessions(&tx)?,
+                load_lease_objs(&tx, &clock)?,
             )
         };
         let metrics = crate::metrics::Metrics::default();
@@ -182,6 +188,7 @@ impl Shared {
                 writer: Some(queue),
                 leases,
                 sessions,
+                objs,
             }),
             history_len,
             pending,
@@ -321,13 +328,50 @@ fn load_leases(tx: &ReadTransaction, clock: &Clock) -> Result<Leases, StorageErr
             continue;
         };
         let h = Stored::header(v.value()).map_err(rd)?;
-        if h.expires_at_ms != word {
+        // A key on a lease object expires with it (see `load_lease_objs`).
+        if h.expires_at_ms != word || crate::types::lease_id_of(word).is_some() {
             continue;
         }
         let key = Key::from_stored(key).map_err(rd)?;
         leases.set(&key, now + lease::ttl_of(word, clock.wall_ms()), h.mod_rev);
     }
     Ok(leases)
+}
+
+/// Every stored lease object, each with its full TTL from now, and its keys.
+fn load_lease_objs(tx: &ReadTransaction, clock: &Clock) -> Result<LeaseObjs, StorageError> {
+    let t = tx.open_table(LEASE_OBJS).map_err(rd)?;
+    let now = clock.now();
+    let mut objs = LeaseObjs::default();
+    for item in t.iter().map_err(rd)? {
+        let (id, v) = item.map_err(rd)?;
+        let stored: LeaseObj = bincode::deserialize(v.value()).map_err(rd)?;
+        objs.set(id.value(), stored, now);
+    }
+    let exp = tx.open_table(EXPIRY).map_err(rd)?;
+    let from = crate::types::LEASE_ID_FLAG;
+    for item in exp
+        .range((from, "")..(crate::types::TTL_FLAG, ""))
+        .map_err(rd)?
+    {
+        let (k, _) = item.map_err(rd)?;
+        let (word, key) = k.value();
+        if let Some(id) = crate::types::lease_id_of(word) {
+            objs.attach(id, &Key::from_stored(key).map_err(rd)?);
+        }
+    }
+    Ok(objs)
+}
+
+/// The stored lease objects, encoded.
+pub(super) fn lease_obj_records(tx: &ReadTransaction) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    let t = tx.open_table(LEASE_OBJS).map_err(rd)?;
+    let mut out = Vec::new();
+    for item in t.iter().map_err(rd)? {
+        let (k, v) = item.map_err(rd)?;
+        out.push((k.value(), v.value().to_vec()));
+    }
+    Ok(out)
 }
 
 /// The mod revision the current state is at (for listings).

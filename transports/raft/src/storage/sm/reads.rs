@@ -9,7 +9,7 @@ use datasync::{Key, KeyValue, Prefix, PrefixValues, Revision, StoreError, Value}
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 
 use crate::records::{KeyRange, RangeEnd, Record};
-use crate::storage::tables::{CLIENTS, KV, Stored};
+use crate::storage::tables::{CLIENTS, KV, LEASE_OBJS, Stored};
 
 use super::*;
 
@@ -137,6 +137,7 @@ impl Shared {
                     create_revision: Revision(s.create_rev),
                     mod_revision: Revision(s.mod_rev),
                     version: s.version,
+                    lease: crate::records::lease_id_of(s.expires_at_ms).unwrap_or(0),
                 })
             })
             .collect::<Result<_, StoreError>>()?;
@@ -201,6 +202,13 @@ impl Shared {
             feed(k.value().as_bytes());
             feed(v.value());
         }
+        // Lease objects are data: a replica without one would keep its keys forever.
+        let objs = tx.open_table(LEASE_OBJS).map_err(read_failed)?;
+        for item in objs.iter().map_err(read_failed)? {
+            let (k, v) = item.map_err(read_failed)?;
+            feed(&k.value().to_le_bytes());
+            feed(v.value());
+        }
         if !sessions {
             return Ok(h);
         }
@@ -215,9 +223,32 @@ impl Shared {
         Ok(h)
     }
 
-    /// The earliest lease deadline, if any, and now on the same clock.
+    /// The earliest deadline of a key's TTL or a lease object, if any, and now on the
+    /// same clock.
     pub(crate) fn next_expiry(&self) -> (Option<tokio::time::Instant>, tokio::time::Instant) {
-        (self.lock().leases.next(), self.clock.now())
+        let inner = self.lock();
+        let next = match (inner.leases.next(), inner.objs.next()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        (next, self.clock.now())
+    }
+
+    /// Lease objects that ran out by `now`, with their last renewal (at most `limit`).
+    pub(crate) fn due_leases(&self, now: tokio::time::Instant, limit: usize) -> Vec<(u64, u64)> {
+        self.lock().objs.due(now, limit)
+    }
+
+    /// Lease object `id`'s TTL in milliseconds, time left on this member's clock, and
+    /// its keys.
+    pub(crate) fn lease_info(&self, id: u64) -> Option<(u64, std::time::Duration, Vec<Key>)> {
+        let now = self.clock.now();
+        self.lock().objs.describe(id, now)
+    }
+
+    /// Every lease object's id.
+    pub(crate) fn lease_ids(&self) -> Vec<u64> {
+        self.lock().objs.ids()
     }
 
     /// Keys whose lease ran out by `now`, with their mod revisions (at most `limit`).

@@ -169,6 +169,7 @@ fn record(key: &datasync::Key, s: &Stored) -> Record {
         create_revision: Revision(s.create_rev),
         mod_revision: Revision(s.mod_rev),
         version: s.version,
+        lease: crate::records::lease_id_of(s.expires_at_ms).unwrap_or(0),
     }
 }
 
@@ -181,8 +182,9 @@ fn changes(undo: &Undo, range: &KeyRange) -> Option<RecordChanges> {
         .changes
         .iter()
         .zip(&undo.before)
-        .filter(|(c, _)| range.contains(c.key.as_str()))
-        .map(|(c, (_, before))| {
+        .zip(&undo.leases)
+        .filter(|((c, _), _)| range.contains(c.key.as_str()))
+        .map(|((c, (_, before)), lease)| {
             let prev = before.as_ref().map(|b| record(&c.key, b));
             let record = match c.op {
                 Op::Put => Record {
@@ -191,6 +193,7 @@ fn changes(undo: &Undo, range: &KeyRange) -> Option<RecordChanges> {
                     create_revision: Revision(before.as_ref().map_or(rev, |b| b.create_rev)),
                     mod_revision: Revision(rev),
                     version: before.as_ref().map_or(1, |b| b.version.saturating_add(1)),
+                    lease: *lease,
                 },
                 Op::Delete => Record {
                     key: c.key.clone(),
@@ -198,6 +201,7 @@ fn changes(undo: &Undo, range: &KeyRange) -> Option<RecordChanges> {
                     create_revision: Revision(0),
                     mod_revision: Revision(rev),
                     version: 0,
+                    lease: 0,
                 },
             };
             RecordEvent {

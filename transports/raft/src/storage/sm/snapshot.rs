@@ -8,7 +8,7 @@ use openraft::{OptionalSend, RaftSnapshotBuilder};
 use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 
-use crate::storage::tables::{CLIENTS, EXPIRY, KV, SM_META, SNAPSHOT, Stored};
+use crate::storage::tables::{CLIENTS, EXPIRY, KV, LEASE_OBJS, SM_META, SNAPSHOT, Stored};
 use crate::types::{Entry, LogId, NodeId, Outcome, StorageError, StoredMembership, TypeConfig};
 
 use super::apply::{apply_batch, small};
@@ -36,6 +36,19 @@ pub(super) struct Payload {
     /// Client id and encoded session (see [`super::session`]).
     #[serde(with = "crate::bytes::pairs")]
     sessions: Vec<(u64, Vec<u8>)>,
+    /// Lease object id and encoded object (see [`crate::storage::lease::LeaseObj`]).
+    #[serde(with = "crate::bytes::pairs")]
+    leases: Vec<(u64, Vec<u8>)>,
+}
+
+/// A snapshot's state as stores before lease objects wrote it.
+#[derive(Deserialize)]
+pub(super) struct PayloadV2 {
+    revision: u64,
+    #[serde(with = "crate::bytes::pairs")]
+    kv: Vec<(String, Vec<u8>)>,
+    #[serde(with = "crate::bytes::pairs")]
+    sessions: Vec<(u64, Vec<u8>)>,
 }
 
 /// A snapshot's state as stores before client sessions wrote it.
@@ -60,6 +73,7 @@ pub(crate) fn payload_seed() -> Vec<u8> {
         revision: 9,
         kv: vec![("k/é".into(), rec.encode())],
         sessions: vec![(7, vec![1, 2, 3])],
+        leases: vec![(5, vec![4, 5, 6])],
     }
     .encode()
     .unwrap_or_default()
@@ -71,26 +85,37 @@ pub(crate) fn payload_decodes(data: &[u8]) -> bool {
     Payload::decode(data).is_ok()
 }
 
-/// The first bytes of a snapshot with client sessions; without them, a [`PayloadV1`]
-/// (whose first bytes are its revision: never this large).
+/// The first bytes of a snapshot with client sessions (a [`PayloadV2`]); without
+/// them, a [`PayloadV1`] (whose first bytes are its revision: never this large).
 pub(super) const PAYLOAD_V2: &[u8; 8] = b"DSSNAP02";
+/// The first bytes of a snapshot with lease objects too.
+pub(super) const PAYLOAD_V3: &[u8; 8] = b"DSSNAP03";
 
 impl Payload {
     fn encode(&self) -> Result<Vec<u8>, bincode::Error> {
-        let mut out = PAYLOAD_V2.to_vec();
+        let mut out = PAYLOAD_V3.to_vec();
         bincode::serialize_into(&mut out, self)?;
         Ok(out)
     }
 
-    /// Decodes either format, told apart by the tag, never by trying one and then the
+    /// Decodes any format, told apart by the tag, never by trying one and then the
     /// other (a damaged new snapshot must not pass for an old one without sessions).
     fn decode(data: &[u8]) -> Result<Payload, bincode::Error> {
+        if let Some(v3) = data.strip_prefix(PAYLOAD_V3) {
+            return bincode::deserialize(v3);
+        }
         match data.strip_prefix(PAYLOAD_V2) {
-            Some(v2) => bincode::deserialize(v2),
+            Some(v2) => bincode::deserialize::<PayloadV2>(v2).map(|v2| Payload {
+                revision: v2.revision,
+                kv: v2.kv,
+                sessions: v2.sessions,
+                leases: Vec::new(),
+            }),
             None => bincode::deserialize::<PayloadV1>(data).map(|v1| Payload {
                 revision: v1.revision,
                 kv: v1.kv,
                 sessions: Vec::new(),
+                leases: Vec::new(),
             }),
         }
     }
@@ -233,6 +258,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 revision,
                 kv: kv_records(&rtx)?,
                 sessions: session_records(&rtx)?,
+                leases: lease_obj_records(&rtx)?,
             }
             .encode()
             .map_err(wr)?;
@@ -280,6 +306,7 @@ pub(crate) fn backup_payload(shared: &Shared) -> Result<(u64, u64, Vec<u8>), Sto
         revision,
         kv: pairs,
         sessions: Vec::new(),
+        leases: lease_obj_records(&rtx)?,
     }
     .encode()
     .map_err(rd)?;
@@ -352,6 +379,12 @@ fn replace_state(
             clients.insert(client, session.as_slice()).map_err(wr)?;
         }
     }
+    let mut objs = tx.open_table(LEASE_OBJS).map_err(wr)?;
+    objs.retain(|_, _| false).map_err(wr)?;
+    for (id, obj) in &payload.leases {
+        bincode::deserialize::<crate::storage::lease::LeaseObj>(obj).map_err(wr)?;
+        objs.insert(id, obj.as_slice()).map_err(wr)?;
+    }
     Ok(())
 }
 
@@ -365,6 +398,7 @@ fn reloaded(
     let rtx = shared.db.begin_read().map_err(rd)?;
     inner.leases = load_leases(&rtx, &shared.clock)?;
     inner.sessions = load_sessions(&rtx)?;
+    inner.objs = load_lease_objs(&rtx, &shared.clock)?;
     inner.revision = revision;
     shared
         .revision_now

@@ -7,7 +7,7 @@ use datasync::{Key, StoreError};
 use redb::{Database, Durability, ReadableTable};
 use tokio::sync::Notify;
 
-use crate::storage::tables::{CLIENTS, EXPIRY, KV, SM_META, Stored};
+use crate::storage::tables::{CLIENTS, EXPIRY, KV, LEASE_OBJS, SM_META, Stored};
 use crate::types::{LogId, StorageError, StoredMembership};
 
 use super::*;
@@ -29,6 +29,8 @@ pub(super) struct Work {
     pub(super) membership: Option<StoredMembership>,
     /// Client sessions changed (`None`: evicted).
     pub(super) sessions: Vec<(u64, Option<Vec<u8>>)>,
+    /// Lease objects changed (`None`: ended).
+    pub(super) lease_objs: Vec<(u64, Option<Vec<u8>>)>,
 }
 
 /// Applied state not yet written to redb, and the writer's progress.
@@ -241,8 +243,16 @@ pub(super) fn store(db: &Database, works: Vec<Work>, durable: bool) -> Result<()
         let mut exp = tx.open_table(EXPIRY).map_err(wr)?;
         let mut meta = tx.open_table(SM_META).map_err(wr)?;
         let mut clients = tx.open_table(CLIENTS).map_err(wr)?;
+        let mut objs = tx.open_table(LEASE_OBJS).map_err(wr)?;
         let (mut last, mut revision) = (None, None);
         for w in works {
+            for (id, obj) in &w.lease_objs {
+                match obj {
+                    Some(bytes) => objs.insert(id, bytes.as_slice()),
+                    None => objs.remove(id),
+                }
+                .map_err(wr)?;
+            }
             for (client, session) in &w.sessions {
                 match session {
                     Some(bytes) => clients.insert(client, bytes.as_slice()),
