@@ -116,7 +116,7 @@ pub(crate) fn header(store: &RaftStore, revision: u64) -> Option<PbResponseHeade
         cluster_id: 0,
         member_id: store.node_id(),
         revision: signed(revision),
-        raft_term: store.health().term,
+        raft_term: store.raft_term(),
     })
 }
 

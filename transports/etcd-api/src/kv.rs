@@ -53,6 +53,8 @@ fn shape(r: &PbRangeRequest, mut records: Vec<Record>) -> Result<PbRangeResponse
     let max_mod = unsigned(r.max_mod_revision, "max_mod_revision")?;
     let min_create = unsigned(r.min_create_revision, "min_create_revision")?;
     let max_create = unsigned(r.max_create_revision, "max_create_revision")?;
+    // etcd counts the whole range, before these filters.
+    let count = records.len();
     records.retain(|rec| {
         let (m, c) = (rec.mod_revision.0, rec.create_revision.0);
         (min_mod == 0 || m >= min_mod)
@@ -60,7 +62,6 @@ fn shape(r: &PbRangeRequest, mut records: Vec<Record>) -> Result<PbRangeResponse
             && (min_create == 0 || c >= min_create)
             && (max_create == 0 || c <= max_create)
     });
-    let count = records.len();
     // etcd: no order but a target other than the key sorts ascending.
     let order = match (r.sort_order, r.sort_target) {
         (SORT_NONE, TARGET_KEY) => SORT_NONE,
@@ -155,7 +156,7 @@ fn compare_unsigned(c: &PbCompare) -> Result<Compare, Status> {
         (3, None) => CompareTarget::Value(Vec::new()),
         (4, _) => {
             return Err(Status::unimplemented(
-                "etcdserver: lease compares: the built-in store has no etcd leases yet",
+                "etcdserver: lease compares are not supported yet",
             ));
         }
         (t, _) => {
@@ -201,45 +202,98 @@ fn delete_op(d: &PbDeleteRequest) -> Result<TxnOp, Status> {
     })
 }
 
-fn range_op(r: &PbRangeRequest) -> Result<TxnOp, Status> {
-    if r.revision != 0 {
-        return Err(Status::unimplemented(
-            "etcdserver: a range at a past revision inside a txn is not supported",
-        ));
+/// A branch's writes for the store, each range's key range, and whether it reads the
+/// state before the branch's writes (no write precedes it) or after them.
+///
+/// Why ranges are read after the txn rather than in it: the store keeps a txn's
+/// outcome for exactly-once retries and replicates it with the client sessions, so it
+/// carries no reads; the history holds the state just before and at the txn's revision.
+/// A range between two writes of one branch would need the state between them, which
+/// no revision has: refused.
+struct Branch {
+    writes: Vec<TxnOp>,
+    /// `(range, before the writes)` per range op, in order.
+    ranges: Vec<(datasync_raft::KeyRange, bool)>,
+}
+
+fn branch(ops: &[etcd_client::proto::PbTxnRequestOp]) -> Result<Branch, Status> {
+    let is_write = |op: &etcd_client::proto::PbTxnRequestOp| {
+        !matches!(op.request, Some(PbTxnOpRequest::RequestRange(_)))
+    };
+    let first_write = ops.iter().position(is_write);
+    let last_write = ops.iter().rposition(is_write);
+    let mut b = Branch {
+        writes: Vec::new(),
+        ranges: Vec::new(),
+    };
+    for (i, op) in ops.iter().enumerate() {
+        match &op.request {
+            Some(PbTxnOpRequest::RequestPut(p)) => b.writes.push(put_op(p)?),
+            Some(PbTxnOpRequest::RequestDeleteRange(d)) => b.writes.push(delete_op(d)?),
+            Some(PbTxnOpRequest::RequestRange(r)) => {
+                if r.revision != 0 {
+                    return Err(Status::unimplemented(
+                        "etcdserver: a range at a past revision inside a txn is not supported",
+                    ));
+                }
+                let before = first_write.is_none_or(|w| i < w);
+                let after = last_write.is_none_or(|w| i > w);
+                if !before && !after {
+                    return Err(Status::unimplemented(
+                        "etcdserver: a range between two writes of one txn is not supported \
+                         (put it before or after them)",
+                    ));
+                }
+                b.ranges.push((key_range(&r.key, &r.range_end)?, before));
+            }
+            Some(PbTxnOpRequest::RequestTxn(_)) => {
+                return Err(Status::unimplemented(
+                    "etcdserver: nested transactions are not supported",
+                ));
+            }
+            None => return Err(Status::invalid_argument("etcdserver: empty request op")),
+        }
     }
-    Ok(TxnOp::Range {
-        range: key_range(&r.key, &r.range_end)?,
-    })
+    Ok(b)
 }
 
-/// One branch of a txn request as the store's writes and reads.
-fn branch(ops: &[etcd_client::proto::PbTxnRequestOp]) -> Result<Vec<TxnOp>, Status> {
-    ops.iter()
-        .map(|op| match &op.request {
-            Some(PbTxnOpRequest::RequestPut(p)) => put_op(p),
-            Some(PbTxnOpRequest::RequestDeleteRange(d)) => delete_op(d),
-            Some(PbTxnOpRequest::RequestRange(r)) => range_op(r),
-            Some(PbTxnOpRequest::RequestTxn(_)) => Err(Status::unimplemented(
-                "etcdserver: nested transactions are not supported",
-            )),
-            None => Err(Status::invalid_argument("etcdserver: empty request op")),
-        })
-        .collect()
-}
-
-/// The response ops of the branch applied.
-fn responses(
+/// The response ops of the branch applied: writes from the outcome, ranges read at
+/// the txn's revision (or, before its writes, the one before it when it changed
+/// anything).
+async fn responses(
     store: &RaftStore,
     requests: &[etcd_client::proto::PbTxnRequestOp],
+    plan: &Branch,
     out: &TxnOutcome,
 ) -> Result<Vec<PbResponseOp>, Status> {
-    requests
-        .iter()
-        .zip(&out.results)
-        .map(|(req, res)| {
-            let h = header(store, out.revision);
-            let response = match (&req.request, res) {
-                (Some(PbTxnOpRequest::RequestPut(_)), OpResult::Put(prev)) => {
+    let changed = out.results.iter().any(|r| match r {
+        OpResult::Put(_) => true,
+        OpResult::Deleted { count, .. } => *count > 0,
+    });
+    let (mut results, mut ranges) = (out.results.iter(), plan.ranges.iter());
+    let mut ops = Vec::with_capacity(requests.len());
+    for req in requests {
+        let h = header(store, out.revision);
+        let response = match &req.request {
+            Some(PbTxnOpRequest::RequestRange(r)) => {
+                let Some((range, before)) = ranges.next() else {
+                    return Err(Status::internal("a txn range without its plan"));
+                };
+                let at = if *before && changed {
+                    out.revision - 1
+                } else {
+                    out.revision
+                };
+                let opts = ReadOptions::new()
+                    .at(Revision(at))
+                    .consistency(Consistency::Local);
+                let (_, records) = store.range(range, opts).await.map_err(status)?;
+                let mut resp = shape(r, records)?;
+                resp.header = h;
+                PbTxnOpResponse::ResponseRange(resp)
+            }
+            request => match (request, results.next()) {
+                (Some(PbTxnOpRequest::RequestPut(_)), Some(OpResult::Put(prev))) => {
                     PbTxnOpResponse::ResponsePut(PbPutResponse {
                         header: h,
                         prev_kv: prev.as_ref().map(prev_kv),
@@ -247,25 +301,20 @@ fn responses(
                 }
                 (
                     Some(PbTxnOpRequest::RequestDeleteRange(_)),
-                    OpResult::Deleted { count, prev },
+                    Some(OpResult::Deleted { count, prev }),
                 ) => PbTxnOpResponse::ResponseDeleteRange(PbDeleteResponse {
                     header: h,
                     deleted: signed(*count),
                     prev_kvs: prev.iter().map(prev_kv).collect(),
                 }),
-                (Some(PbTxnOpRequest::RequestRange(r)), OpResult::Range(found)) => {
-                    let records = found.iter().filter_map(|p| p.record()).collect();
-                    let mut resp = shape(r, records)?;
-                    resp.header = h;
-                    PbTxnOpResponse::ResponseRange(resp)
-                }
                 _ => return Err(Status::internal("a txn result does not match its request")),
-            };
-            Ok(PbResponseOp {
-                response: Some(response),
-            })
-        })
-        .collect()
+            },
+        };
+        ops.push(PbResponseOp {
+            response: Some(response),
+        });
+    }
+    Ok(ops)
 }
 
 #[tonic::async_trait]
@@ -325,25 +374,26 @@ impl PbKvService for Kv {
 
     async fn txn(&self, request: Request<PbTxnRequest>) -> Result<Response<PbTxnResponse>, Status> {
         let t = request.into_inner();
+        let (success, failure) = (branch(&t.success)?, branch(&t.failure)?);
         let txn = Txn {
             compares: t
                 .compare
                 .iter()
                 .filter_map(|c| compare(c).transpose())
                 .collect::<Result<_, _>>()?,
-            success: branch(&t.success)?,
-            failure: branch(&t.failure)?,
+            success: success.writes.clone(),
+            failure: failure.writes.clone(),
         };
         let out = self.store.txn(txn).await.map_err(status)?;
-        let requests = if out.succeeded {
-            &t.success
+        let (requests, plan) = if out.succeeded {
+            (&t.success, &success)
         } else {
-            &t.failure
+            (&t.failure, &failure)
         };
         Ok(Response::new(PbTxnResponse {
             header: header(&self.store, out.revision),
             succeeded: out.succeeded,
-            responses: responses(&self.store, requests, &out)?,
+            responses: responses(&self.store, requests, plan, &out).await?,
         }))
     }
 

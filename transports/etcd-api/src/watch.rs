@@ -76,6 +76,7 @@ impl PbWatchService for Watch {
             watches: StreamMap::new(),
             options: HashMap::new(),
             next_id: 0,
+            progress_wanted: false,
         };
         let stop = self.stop.clone();
         let run = session.run(request.into_inner(), self.progress_every);
@@ -96,6 +97,8 @@ struct Session {
     watches: StreamMap<i64, RecordWatch>,
     options: HashMap<i64, Options>,
     next_id: i64,
+    /// A progress request waits until every watch has delivered what it owes.
+    progress_wanted: bool,
 }
 
 impl Session {
@@ -113,7 +116,10 @@ impl Session {
                     Some(Err(_)) | None => return,
                 },
                 Some((id, item)) = self.watches.next(), if !self.watches.is_empty() => {
-                    self.deliver(id, item).await
+                    match self.deliver(id, item).await {
+                        Ok(()) => self.answer_progress().await,
+                        e => e,
+                    }
                 }
                 _ = tick.tick() => self.progress_notify().await,
                 () = self.out.closed() => return,
@@ -168,9 +174,11 @@ impl Session {
                     .filter(|r| *r > 0)
                     .map(Revision);
                 let watch = self.store.watch_records(range, from).await;
+                // The header says from where the watch sees every change.
+                let at = watch.as_ref().map_or(now, |w| w.registered_at().0);
                 let created = PbWatchResponse {
                     created: true,
-                    ..self.response(id, now)
+                    ..self.response(id, at)
                 };
                 self.send(created).await?;
                 match watch {
@@ -203,20 +211,31 @@ impl Session {
                 self.send(resp).await
             }
             Some(PbWatchRequestUnion::ProgressRequest(_)) => {
-                // Answered only when every watch has delivered all it owes, so the
-                // revision promises that no event at or below it is still to come.
-                let reached: Option<Vec<Revision>> =
-                    self.watches.values().map(RecordWatch::progress).collect();
-                match reached {
-                    Some(r) => {
-                        let rev = r.into_iter().min().map_or(self.store.revision().0, |r| r.0);
-                        self.send(self.response(NO_WATCH, rev)).await
-                    }
-                    None => Ok(()),
-                }
+                self.progress_wanted = true;
+                self.answer_progress().await
             }
             None => Ok(()),
         }
+    }
+
+    /// Answers a progress request once every watch has delivered all it owes, so the
+    /// revision promises that no event at or below it is still to come (checked again
+    /// after each delivery until then).
+    async fn answer_progress(&mut self) -> Result<(), ()> {
+        if !self.progress_wanted {
+            return Ok(());
+        }
+        let reached: Option<Vec<Revision>> =
+            self.watches.values().map(RecordWatch::progress).collect();
+        let Some(reached) = reached else {
+            return Ok(());
+        };
+        self.progress_wanted = false;
+        let rev = reached
+            .into_iter()
+            .min()
+            .map_or(self.store.revision().0, |r| r.0);
+        self.send(self.response(NO_WATCH, rev)).await
     }
 
     async fn deliver(
@@ -259,9 +278,11 @@ impl Session {
         self.options.remove(&id);
         let now = self.store.revision().0;
         let resp = match e {
+            // etcd's compact revision is the first a watch may start from again; the
+            // store's is the last one gone.
             StoreError::Compacted { compacted, .. } => PbWatchResponse {
                 canceled: true,
-                compact_revision: signed(compacted.0),
+                compact_revision: signed(compacted.0.saturating_add(1)),
                 cancel_reason: "etcdserver: mvcc: required revision has been compacted".into(),
                 ..self.response(id, now)
             },

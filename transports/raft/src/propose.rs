@@ -246,8 +246,7 @@ fn size(cmd: &Command) -> usize {
                 .ops()
                 .map(|op| match op {
                     crate::records::TxnOp::Put { key, value, .. } => key.len() + value.len(),
-                    crate::records::TxnOp::Delete { range: r, .. }
-                    | crate::records::TxnOp::Range { range: r } => range(r),
+                    crate::records::TxnOp::Delete { range: r, .. } => range(r),
                 })
                 .sum();
             compares + ops

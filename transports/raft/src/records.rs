@@ -131,6 +131,10 @@ impl KeyRange {
 
 /// A transaction: if every compare holds, `success` is applied, else `failure`; all
 /// of it at one revision (no new revision when nothing changes), as etcd's `Txn`.
+///
+/// Why no reads: an outcome is kept for exactly-once retries (and replicated with the
+/// client sessions), so it must stay small; a reader reads at the transaction's
+/// revision (or the one before) once it is applied, which the history holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Txn {
     /// The conditions, all of which must hold.
@@ -170,7 +174,7 @@ impl Txn {
             match op {
                 TxnOp::Put { key: k, .. } => key(k)?,
                 TxnOp::Delete { range, .. } if range.end == RangeEnd::Single => key(&range.start)?,
-                TxnOp::Delete { .. } | TxnOp::Range { .. } => {}
+                TxnOp::Delete { .. } => {}
             }
         }
         for branch in [&self.success, &self.failure] {
@@ -181,13 +185,13 @@ impl Txn {
                         start: key.clone(),
                         end: RangeEnd::Single,
                     }),
-                    TxnOp::Delete { .. } | TxnOp::Range { .. } => None,
+                    TxnOp::Delete { .. } => None,
                 })
                 .collect();
             for (i, put) in puts.iter().enumerate() {
                 let deleted = branch.iter().any(|op| match op {
                     TxnOp::Delete { range, .. } => range.overlaps(put),
-                    TxnOp::Put { .. } | TxnOp::Range { .. } => false,
+                    TxnOp::Put { .. } => false,
                 });
                 if deleted || puts[..i].contains(put) {
                     return Err(StoreError::Unsupported(
@@ -260,11 +264,6 @@ pub enum TxnOp {
         /// Whether the outcome carries the deleted records.
         prev_kv: bool,
     },
-    /// Read the records in a range, as the transaction's earlier writes left them.
-    Range {
-        /// The keys.
-        range: KeyRange,
-    },
 }
 
 /// What a transaction did.
@@ -290,8 +289,6 @@ pub enum OpResult {
         /// Their records before, if asked for.
         prev: Vec<PrevRecord>,
     },
-    /// A range read: the records found, in key order.
-    Range(Vec<PrevRecord>),
 }
 
 /// A revision's changes to the records a [`RecordWatch`](crate::RecordWatch) watches.

@@ -348,6 +348,11 @@ impl RaftStore {
         }
     }
 
+    /// The raft term this member is in.
+    pub fn raft_term(&self) -> u64 {
+        self.inner.raft.metrics().borrow().current_term
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> u64 {
         self.inner.config.node_id

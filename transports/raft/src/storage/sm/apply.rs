@@ -316,15 +316,6 @@ impl View<'_> {
                     }
                     results.push(OpResult::Deleted { count, prev });
                 }
-                TxnOp::Range { range } => {
-                    let mut found = Vec::new();
-                    for k in self.keys_in(&range)? {
-                        if let Some(s) = self.current(&k)? {
-                            found.push(prev_record(&k, &s));
-                        }
-                    }
-                    results.push(OpResult::Range(found));
-                }
             }
         }
         // One event lists a transaction's keys in order, as a prefix delete does.

@@ -101,6 +101,8 @@ pub struct RecordWatch {
     replay: VecDeque<Arc<Undo>>,
     /// The lowest revision not yet delivered.
     next: u64,
+    /// The store's revision when the watch was registered.
+    registered_at: u64,
     done: bool,
 }
 
@@ -138,6 +140,7 @@ impl Shared {
             behind,
             replay,
             next,
+            registered_at: current,
             done: false,
         })
     }
@@ -218,6 +221,12 @@ fn changes(undo: &Undo, range: &KeyRange) -> Option<RecordChanges> {
 }
 
 impl RecordWatch {
+    /// The store's revision when the watch was registered: every change after it (and
+    /// from its start revision, if given) comes through it.
+    pub fn registered_at(&self) -> Revision {
+        Revision(self.registered_at)
+    }
+
     /// The revision up to which this watch has delivered every change, if it has
     /// nothing queued: no event at or below it is still to come. `None` while it has
     /// changes to deliver or is catching up.
