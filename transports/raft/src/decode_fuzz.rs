@@ -309,6 +309,7 @@ fn stored_records_decode_or_fail_cleanly() {
         create_rev: 3,
         expires_at_ms: expires,
         version: 2,
+        versioned: true,
         value: datasync::Value::from(v),
     };
     // A record as stores before versions wrote it.

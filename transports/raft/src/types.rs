@@ -135,6 +135,9 @@ pub enum Command {
         /// The leases.
         ids: Vec<(u64, u64)>,
     },
+    /// From here on, records count their versions (proposed once by a leader of a
+    /// build that counts them; see the stored record's notes).
+    CountVersions,
 }
 
 /// A client write's identity, for exactly-once writes through retries.
@@ -231,7 +234,8 @@ impl Command {
             Command::LeaseGrant { .. }
             | Command::LeaseKeepAlive { .. }
             | Command::LeaseRevoke { .. }
-            | Command::LeaseExpire { .. } => {}
+            | Command::LeaseExpire { .. }
+            | Command::CountVersions => {}
             Command::Once { id, cmd } => match **cmd {
                 Command::Put { .. }
                 | Command::Cas { .. }

@@ -23,6 +23,12 @@ pub(crate) const CLIENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new
 /// of the first word tells the two apart and such a store opens without a migration;
 /// an old record reads as version 1 (what it was at its last write is not known) and
 /// counts on from there at its next write.
+///
+/// Replicas must write the same bytes for the same entry, yet entries applied by an
+/// older build on one member may be applied again by this one on another (a member
+/// replaying after a crash, a new member replaying the log). So records carry versions
+/// only from a `Command::CountVersions` entry on (proposed once by a leader of this
+/// build, recorded in the state machine): before it, every replica writes the old form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Stored {
     pub(crate) mod_rev: u64,
@@ -31,6 +37,8 @@ pub(crate) struct Stored {
     pub(crate) expires_at_ms: u64,
     /// Writes since the key was created (1 at its creation), as etcd counts them.
     pub(crate) version: u64,
+    /// Whether it is stored with its version (else in the old form, read as 1).
+    pub(crate) versioned: bool,
     pub(crate) value: datasync::Value,
 }
 
@@ -54,10 +62,13 @@ pub(crate) struct Header {
 impl Stored {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER + self.value.len());
-        out.extend_from_slice(&(self.mod_rev | VERSIONED).to_le_bytes());
+        let flag = if self.versioned { VERSIONED } else { 0 };
+        out.extend_from_slice(&(self.mod_rev | flag).to_le_bytes());
         out.extend_from_slice(&self.create_rev.to_le_bytes());
         out.extend_from_slice(&self.expires_at_ms.to_le_bytes());
-        out.extend_from_slice(&self.version.to_le_bytes());
+        if self.versioned {
+            out.extend_from_slice(&self.version.to_le_bytes());
+        }
         out.extend_from_slice(self.value.as_bytes());
         out
     }
@@ -102,6 +113,7 @@ impl Stored {
             create_rev: h.create_rev,
             expires_at_ms: h.expires_at_ms,
             version: h.version,
+            versioned: h.len == HEADER,
             value: datasync::Value::from(bytes[h.len..].to_vec()),
         })
     }
@@ -123,9 +135,22 @@ mod tests {
             create_rev: 2,
             expires_at_ms: 5,
             version: 4,
+            versioned: true,
             value: datasync::Value::from("v"),
         };
         assert_eq!(Stored::decode(&rec.encode()).expect("decodes"), rec);
+        // Written in the old form (before versions are counted): the same bytes.
+        let unversioned = Stored {
+            version: 1,
+            versioned: false,
+            ..rec.clone()
+        };
+        let mut same = Vec::new();
+        for w in [9u64, 2, 5] {
+            same.extend_from_slice(&w.to_le_bytes());
+        }
+        same.extend_from_slice(b"v");
+        assert_eq!(unversioned.encode(), same);
         // As stores before versions wrote it.
         let mut old = Vec::new();
         for w in [9u64, 2, 5] {

@@ -61,6 +61,9 @@ pub struct RaftConfig {
     /// Serve other processes of this host through a Unix socket in `dir` (default on;
     /// see [`RemoteStore::connect_local`](crate::RemoteStore::connect_local)).
     pub local_endpoint: bool,
+    /// Whether this member, leading, turns versions on (off only to test what a build
+    /// from before versions leaves).
+    pub(crate) count_versions: bool,
 }
 
 impl Default for RaftConfig {
@@ -76,6 +79,7 @@ impl Default for RaftConfig {
             cluster: None,
             clock: Clock::default(),
             local_endpoint: true,
+            count_versions: true,
         }
     }
 }
@@ -93,6 +97,15 @@ impl RaftConfig {
     #[must_use]
     pub fn local_endpoint(mut self, on: bool) -> Self {
         self.local_endpoint = on;
+        self
+    }
+
+    /// Acts as a build from before per-key versions: never turns them on (tests).
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    #[must_use]
+    pub fn as_older_build(mut self) -> Self {
+        self.count_versions = false;
         self
     }
 

@@ -166,6 +166,7 @@ impl RaftStore {
             stop.clone(),
         ));
         let ttl = tokio::spawn(ttl_task(
+            config.count_versions,
             proposals.clone(),
             shared.clone(),
             raft.clone(),
@@ -197,6 +198,15 @@ impl RaftStore {
                 .service
                 .clients
                 .set(Box::new(WeakStore(Arc::downgrade(&store.inner))));
+        }
+        // A single node turns versions on before its first write (a group's leader does
+        // from its TTL task).
+        if store.inner.node.is_none()
+            && store.inner.config.count_versions
+            && !store.inner.sm.versions()
+            && let Err(e) = store.propose(crate::types::Command::CountVersions).await
+        {
+            tracing::warn!(error = %e, "counting versions not committed yet; the TTL task retries");
         }
         if store.inner.config.local_endpoint {
             let handler: Arc<dyn crate::network::server::Handler> = match &store.inner.node {

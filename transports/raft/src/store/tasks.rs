@@ -85,8 +85,10 @@ pub(super) async fn catch_up(inner: std::sync::Weak<Inner>, stop: CancellationTo
     }
 }
 
-/// Proposes the expiry of due leases, on the leader only.
+/// Proposes the expiry of due leases, on the leader only; turns versions on once (with
+/// `count_versions`) when it leads a group that has not.
 pub(super) async fn ttl_task(
+    count_versions: bool,
     proposals: Proposals,
     sm: Arc<sm::Shared>,
     raft: Raft<TypeConfig>,
@@ -94,6 +96,14 @@ pub(super) async fn ttl_task(
     stop: CancellationToken,
 ) {
     loop {
+        // A leader of this build turns versions on once for the whole group.
+        if count_versions
+            && !sm.versions()
+            && raft.metrics().borrow().current_leader == Some(id)
+            && let Err(e) = proposals.propose(Command::CountVersions).await
+        {
+            tracing::debug!(error = ?e, "counting versions not committed; retrying");
+        }
         let (next, now) = sm.next_expiry();
         let wait = match next {
             Some(at) if at <= now => {

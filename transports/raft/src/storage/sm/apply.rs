@@ -37,6 +37,10 @@ pub(super) struct View<'a> {
     objs: &'a mut LeaseObjs,
     /// Lease objects changed, for the writer (`None`: ended).
     obj_writes: Vec<(u64, Option<Vec<u8>>)>,
+    /// Whether records count versions (see [`crate::storage::tables::Stored`]).
+    versions: &'a mut bool,
+    /// Set when a `CountVersions` entry turned it on in this apply.
+    versions_on: bool,
 }
 
 /// A key's change event, and its record before the change.
@@ -77,7 +81,11 @@ impl View<'_> {
             mod_rev: rev,
             create_rev: prev.as_ref().map_or(rev, |p| p.create_rev),
             expires_at_ms: expires.unwrap_or(0),
-            version: prev.as_ref().map_or(1, |p| p.version.saturating_add(1)),
+            version: match (*self.versions, &prev) {
+                (true, Some(p)) => p.version.saturating_add(1),
+                _ => 1,
+            },
+            versioned: *self.versions,
             value: Value::from(value),
         };
         self.lease_written |= expires.is_some();
@@ -369,6 +377,13 @@ impl View<'_> {
                 (Outcome::Deleted { count, revision }, changes)
             }
             Command::Txn(t) => self.txn(*t, rev)?,
+            Command::CountVersions => {
+                if !*self.versions {
+                    *self.versions = true;
+                    self.versions_on = true;
+                }
+                (Outcome::Unchanged, vec![])
+            }
             c @ (Command::LeaseGrant { .. }
             | Command::LeaseKeepAlive { .. }
             | Command::LeaseRevoke { .. }
@@ -541,6 +556,8 @@ pub(super) fn apply_batch(
         index: 0,
         objs: &mut inner.objs,
         obj_writes: Vec::new(),
+        versions: &mut inner.versions,
+        versions_on: false,
     };
     for e in entries {
         applied = Some(e.log_id);
@@ -563,6 +580,7 @@ pub(super) fn apply_batch(
         membership: membership.clone(),
         sessions: view.sessions.take_dirty(),
         lease_objs: view.obj_writes,
+        versions_on: view.versions_on,
     };
     let leases_set = view.lease_written;
     let inline = match &inner.writer {

@@ -108,6 +108,8 @@ pub(crate) struct Inner {
     sessions: Sessions,
     /// Lease objects, kept by apply (see [`super::lease`]).
     objs: LeaseObjs,
+    /// Whether records count versions (replicated: see `Command::CountVersions`).
+    versions: bool,
 }
 
 /// The state machine's shared half (the store's handle reads through it).
@@ -143,7 +145,7 @@ impl Shared {
         history_len: usize,
         clock: Clock,
     ) -> Result<Arc<Self>, StorageError> {
-        let (revision, membership, leases, sessions, objs) = {
+        let (revision, membership, leases, sessions, objs, versions) = {
             let tx = db.begin_read().map_err(rd)?;
             let meta = tx.open_table(SM_META).map_err(rd)?;
             let revision: Option<u64> = get_meta(&meta, "revision")?;
@@ -154,6 +156,7 @@ impl Shared {
                 load_leases(&tx, &clock)?,
                 load_sessions(&tx)?,
                 load_lease_objs(&tx, &clock)?,
+                get_meta::<bool>(&meta, "versions")?.unwrap_or(false),
             )
         };
         let metrics = crate::metrics::Metrics::default();
@@ -189,6 +192,7 @@ impl Shared {
                 leases,
                 sessions,
                 objs,
+                versions,
             }),
             history_len,
             pending,

@@ -202,6 +202,7 @@ impl Shared {
             feed(k.value().as_bytes());
             feed(v.value());
         }
+        feed(&[u8::from(self.lock().versions)]);
         // Lease objects are data: a replica without one would keep its keys forever.
         let objs = tx.open_table(LEASE_OBJS).map_err(read_failed)?;
         for item in objs.iter().map_err(read_failed)? {
@@ -244,6 +245,11 @@ impl Shared {
     pub(crate) fn lease_info(&self, id: u64) -> Option<(u64, std::time::Duration, Vec<Key>)> {
         let now = self.clock.now();
         self.lock().objs.describe(id, now)
+    }
+
+    /// Whether records count versions yet.
+    pub(crate) fn versions(&self) -> bool {
+        self.lock().versions
     }
 
     /// Every lease object's id.

@@ -39,6 +39,8 @@ pub(super) struct Payload {
     /// Lease object id and encoded object (see [`crate::storage::lease::LeaseObj`]).
     #[serde(with = "crate::bytes::pairs")]
     leases: Vec<(u64, Vec<u8>)>,
+    /// Whether records count versions.
+    versions: bool,
 }
 
 /// A snapshot's state as stores before lease objects wrote it.
@@ -67,6 +69,7 @@ pub(crate) fn payload_seed() -> Vec<u8> {
         create_rev: 2,
         expires_at_ms: 0,
         version: 1,
+        versioned: true,
         value: datasync::Value::from("v"),
     };
     Payload {
@@ -74,6 +77,7 @@ pub(crate) fn payload_seed() -> Vec<u8> {
         kv: vec![("k/é".into(), rec.encode())],
         sessions: vec![(7, vec![1, 2, 3])],
         leases: vec![(5, vec![4, 5, 6])],
+        versions: true,
     }
     .encode()
     .unwrap_or_default()
@@ -110,12 +114,14 @@ impl Payload {
                 kv: v2.kv,
                 sessions: v2.sessions,
                 leases: Vec::new(),
+                versions: false,
             }),
             None => bincode::deserialize::<PayloadV1>(data).map(|v1| Payload {
                 revision: v1.revision,
                 kv: v1.kv,
                 sessions: Vec::new(),
                 leases: Vec::new(),
+                versions: false,
             }),
         }
     }
@@ -259,6 +265,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 kv: kv_records(&rtx)?,
                 sessions: session_records(&rtx)?,
                 leases: lease_obj_records(&rtx)?,
+                versions: get_meta(&m, "versions")?.unwrap_or(false),
             }
             .encode()
             .map_err(wr)?;
@@ -307,6 +314,7 @@ pub(crate) fn backup_payload(shared: &Shared) -> Result<(u64, u64, Vec<u8>), Sto
         kv: pairs,
         sessions: Vec::new(),
         leases: lease_obj_records(&rtx)?,
+        versions: get_meta(&m, "versions")?.unwrap_or(false),
     }
     .encode()
     .map_err(rd)?;
@@ -379,6 +387,8 @@ fn replace_state(
             clients.insert(client, session.as_slice()).map_err(wr)?;
         }
     }
+    let mut meta = tx.open_table(SM_META).map_err(wr)?;
+    put_meta(&mut meta, "versions", &payload.versions)?;
     let mut objs = tx.open_table(LEASE_OBJS).map_err(wr)?;
     objs.retain(|_, _| false).map_err(wr)?;
     for (id, obj) in &payload.leases {
@@ -399,6 +409,8 @@ fn reloaded(
     inner.leases = load_leases(&rtx, &shared.clock)?;
     inner.sessions = load_sessions(&rtx)?;
     inner.objs = load_lease_objs(&rtx, &shared.clock)?;
+    let meta = rtx.open_table(SM_META).map_err(rd)?;
+    inner.versions = get_meta(&meta, "versions")?.unwrap_or(false);
     inner.revision = revision;
     shared
         .revision_now

@@ -31,6 +31,8 @@ pub(super) struct Work {
     pub(super) sessions: Vec<(u64, Option<Vec<u8>>)>,
     /// Lease objects changed (`None`: ended).
     pub(super) lease_objs: Vec<(u64, Option<Vec<u8>>)>,
+    /// Records count versions from this apply on.
+    pub(super) versions_on: bool,
 }
 
 /// Applied state not yet written to redb, and the writer's progress.
@@ -281,6 +283,9 @@ pub(super) fn store(db: &Database, works: Vec<Work>, durable: bool) -> Result<()
             }
             if let Some(m) = &w.membership {
                 put_meta(&mut meta, "membership", m)?;
+            }
+            if w.versions_on {
+                put_meta(&mut meta, "versions", &true)?;
             }
             if w.applied.is_some() {
                 last = w.applied;
