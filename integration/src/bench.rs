@@ -179,6 +179,10 @@ pub async fn etcd_watch_on(
         .watch(prefix, Some(opts))
         .await
         .expect("benchmark watch");
+    // The client returns once the request is sent: a put before the server created
+    // the watch would never be seen.
+    let created = stream.message().await.expect("created").expect("created");
+    assert!(created.created(), "the watch's first answer: {created:?}");
     let mut c = writer.clone();
     let mut lat = Vec::new();
     for i in 0..WATCH_N {

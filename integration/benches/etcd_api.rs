@@ -1,0 +1,138 @@
+//! The same `etcd-client` workloads against the built-in store's etcd endpoint and a
+//! real etcd, same machine, same run: does the gRPC layer keep the store's lead?
+//!
+//! `cargo bench -p datasync-integration --bench etcd_api` (`BENCH_RUNS` sets the runs,
+//! default 3). Prints medians over the runs and ratios (ours / etcd's; for
+//! throughput, ours over etcd's: above 1 is faster).
+#![allow(clippy::unwrap_used)] // a benchmark: failing loudly is the point
+
+use std::time::Instant;
+
+use datasync_etcd_api::EtcdApi;
+use datasync_integration::EtcdServer;
+use datasync_integration::bench::{
+    etcd_inflight, etcd_seq, etcd_watch, median, quantile, runs, runtime, value,
+};
+use datasync_raft::{RaftConfig, RaftStore};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+
+const SEQ_N: usize = 2_000;
+const INFLIGHT_N: usize = 20_000;
+const RANGE_N: usize = 100_000;
+const TXN_N: usize = 2_000;
+
+/// One run's figures for one server.
+#[derive(Debug, Default, Clone)]
+struct Run {
+    seq: f64,
+    seq_p50: f64,
+    inflight: f64,
+    watch_p50: f64,
+    watch_p99: f64,
+    range: f64,
+    txn: f64,
+}
+
+/// A table row: its name, the figure, its unit, its goal.
+type Row = (&'static str, fn(&Run) -> f64, &'static str, &'static str);
+
+/// `n` sequential txns, each with two compares and two puts; ops/s.
+async fn txns(c: &etcd_client::Client, prefix: &str, n: usize) -> f64 {
+    let mut kv = c.kv_client();
+    let t = Instant::now();
+    for i in 0..n {
+        let (a, b) = (format!("{prefix}/a{i:06}"), format!("{prefix}/b{i:06}"));
+        let txn = Txn::new()
+            .when([
+                Compare::version(a.clone(), CompareOp::Equal, 0),
+                Compare::version(b.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(a, value(), None), TxnOp::put(b, value(), None)]);
+        let resp = kv.txn(txn).await.expect("benchmark txn");
+        assert!(resp.succeeded());
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Loads `RANGE_N` keys (64 in flight), then reads them in one range; seconds.
+async fn range(c: &etcd_client::Client, prefix: &str) -> f64 {
+    etcd_inflight(c, prefix, RANGE_N).await;
+    // 100k values of 256 B are about 28 MB: past the client's default 4 MiB.
+    let mut kv = c.kv_client().max_decoding_message_size(64 << 20);
+    let t = Instant::now();
+    let resp = kv
+        .get(
+            format!("{prefix}/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("benchmark range");
+    assert_eq!(resp.kvs().len(), RANGE_N);
+    t.elapsed().as_secs_f64()
+}
+
+async fn run(c: &etcd_client::Client, round: usize) -> Run {
+    let p = |what: &str| format!("{what}{round}");
+    let (seq, seq_p50) = etcd_seq(c, &p("seq"), SEQ_N).await;
+    let inflight = etcd_inflight(c, &p("fl"), INFLIGHT_N).await;
+    let lat = etcd_watch(c, &format!("{}/", p("w")), true).await;
+    Run {
+        seq,
+        seq_p50: seq_p50.as_secs_f64() * 1e3,
+        inflight,
+        watch_p50: quantile(lat.clone(), 0.5).as_secs_f64() * 1e3,
+        watch_p99: quantile(lat, 0.99).as_secs_f64() * 1e3,
+        range: range(c, &p("r")).await * 1e3,
+        txn: txns(c, &p("t"), TXN_N).await,
+    }
+}
+
+fn main() {
+    let runs = runs(3);
+    runtime().block_on(async {
+        let etcd = EtcdServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let theirs = etcd.client().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+        let api = EtcdApi::new(store.clone())
+            .bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let ours = etcd_client::Client::connect([api.addr().to_string()], None)
+            .await
+            .unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        // Interleaved, so drift of the machine falls on both alike.
+        for round in 0..runs {
+            a.push(run(&ours, round).await);
+            b.push(run(&theirs, round).await);
+            eprintln!("run {} of {runs} done", round + 1);
+        }
+        let m = |v: &[Run], f: fn(&Run) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+        println!("etcd-client against the built-in store's etcd endpoint vs a real etcd ({runs} runs, medians)");
+        println!();
+        println!("| workload | built-in store | etcd | ratio | goal |");
+        println!("|---|---|---|---|---|");
+        let rows: [Row; 7] = [
+            ("sequential puts", |r| r.seq, "ops/s", "-"),
+            ("sequential put p50", |r| r.seq_p50, "ms", "-"),
+            ("64 puts in flight", |r| r.inflight, "ops/s", "≥ 2x"),
+            ("watch put→event p50", |r| r.watch_p50, "ms", "≤ 0.5x"),
+            ("watch put→event p99", |r| r.watch_p99, "ms", "-"),
+            ("100k-key range read", |r| r.range, "ms", "-"),
+            ("txn (2 compares, 2 puts), sequential", |r| r.txn, "ops/s", "-"),
+        ];
+        for (name, f, unit, goal) in rows {
+            let (x, y) = (m(&a, f), m(&b, f));
+            let ratio = x / y;
+            let met = match goal {
+                "≥ 2x" => format!("≥ 2x — {}", if ratio >= 2.0 { "met" } else { "not met" }),
+                "≤ 0.5x" => format!("≤ 0.5x — {}", if ratio <= 0.5 { "met" } else { "not met" }),
+                _ => "-".to_owned(),
+            };
+            println!("| {name} | {x:.2} {unit} | {y:.2} {unit} | {ratio:.2}x | {met} |");
+        }
+        api.stop().await;
+        store.shutdown().await;
+    });
+}
