@@ -287,7 +287,16 @@ async fn responses(
                 let opts = ReadOptions::new()
                     .at(Revision(at))
                     .consistency(Consistency::Local);
-                let (_, records) = store.range(range, opts).await.map_err(status)?;
+                // The writes are applied: a failed read must not read as "not applied"
+                // (a client would retry them).
+                let (_, records) = store.range(range, opts).await.map_err(|e| {
+                    Status::internal(format!(
+                        "etcdserver: the txn was applied at revision {}, but its range \
+                         reads could not be served: {}",
+                        out.revision,
+                        datasync::error_chain(&e)
+                    ))
+                })?;
                 let mut resp = shape(r, records)?;
                 resp.header = h;
                 PbTxnOpResponse::ResponseRange(resp)

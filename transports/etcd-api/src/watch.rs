@@ -23,6 +23,8 @@ use crate::convert::{header, key_range, kv, signed};
 /// How often a watch created with `progress_notify` hears the revision it has reached
 /// when nothing else comes (etcd's default).
 const PROGRESS_EVERY: Duration = Duration::from_secs(600);
+/// How often a progress request that waits for the watches is checked again.
+const PROGRESS_RECHECK: Duration = Duration::from_millis(50);
 /// The watch id etcd gives a response that concerns no one watch.
 const NO_WATCH: i64 = -1;
 // etcd's filter and event type values (rpc.proto, kv.proto).
@@ -108,6 +110,10 @@ impl Session {
     async fn run(mut self, mut incoming: Streaming<PbWatchRequest>, progress_every: Duration) {
         let mut tick = tokio::time::interval(progress_every);
         tick.tick().await;
+        // A watch can drain its queue without delivering (revisions outside its range):
+        // a waiting progress request is checked again on this tick too.
+        let mut recheck = tokio::time::interval(PROGRESS_RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let sent = tokio::select! {
                 req = incoming.next() => match req {
@@ -122,6 +128,7 @@ impl Session {
                     }
                 }
                 _ = tick.tick() => self.progress_notify().await,
+                _ = recheck.tick(), if self.progress_wanted => self.answer_progress().await,
                 () = self.out.closed() => return,
             };
             if sent.is_err() {
@@ -208,7 +215,8 @@ impl Session {
                     canceled: true,
                     ..self.response(c.watch_id, now)
                 };
-                self.send(resp).await
+                self.send(resp).await?;
+                self.answer_progress().await
             }
             Some(PbWatchRequestUnion::ProgressRequest(_)) => {
                 self.progress_wanted = true;

@@ -119,6 +119,14 @@ async fn a_compacted_watch_names_where_a_watch_may_start_and_progress_is_answere
     let progress = stream.message().await.unwrap().unwrap();
     assert!(progress.events().is_empty() && !progress.canceled());
     assert_eq!(progress.header().unwrap().revision(), 20);
+    // Revisions outside the watched keys leave nothing to deliver: still answered.
+    for i in 0..50 {
+        c.put(format!("other{i}"), "x", None).await.unwrap();
+    }
+    stream.request_progress().await.unwrap();
+    let progress = stream.message().await.unwrap().unwrap();
+    assert!(progress.events().is_empty(), "{progress:?}");
+    assert_eq!(progress.header().unwrap().revision(), 70);
     api.stop().await;
     store.shutdown().await;
 }

@@ -143,11 +143,14 @@ impl Proposals {
     pub(crate) async fn propose_unchecked(&self, cmd: Command) -> Committed {
         self.pending.fetch_add(1, Ordering::Relaxed);
         let _pending = InFlight(&self.pending);
+        // The versions marker is no client write.
+        let counted = !matches!(cmd, Command::CountVersions);
         let out = self.propose_inner(cmd).await;
         match &out {
-            Ok(_) => {
+            Ok(_) if counted => {
                 self.metrics.committed.inc();
             }
+            Ok(_) => {}
             Err(ProposeError::Store(_)) => {
                 self.metrics.failed.inc();
             }

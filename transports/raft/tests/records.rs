@@ -621,12 +621,19 @@ async fn members_write_the_same_records_across_the_upgrade_to_versions() {
     let old = RaftStore::open(RaftConfig::new(dir.path()).as_older_build())
         .await
         .unwrap();
+    let range = KeyRange::key(&key("a"));
+    let mut w = old.watch_records(range, None).await.unwrap();
     for v in ["1", "2"] {
         old.put(&key("a"), v.into(), PutOptions::new())
             .await
             .unwrap();
     }
     assert_eq!(one(&old, "a", None).await.unwrap().version, 1);
+    for _ in 0..2 {
+        let c = next(&mut w).await.unwrap();
+        assert_eq!(c.events[0].record.version, 1, "what a read returns");
+    }
+    drop(w);
     old.shutdown().await;
     drop(old);
     let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();

@@ -165,6 +165,17 @@ impl RaftStore {
             shared.metrics().leader_changes.clone(),
             stop.clone(),
         ));
+        // A single node turns versions on before its first write (a group's leader does
+        // from its TTL task, which also retries this if it failed).
+        if node.is_none()
+            && config.count_versions
+            && !shared.versions()
+            && let Err(e) = proposals
+                .propose(crate::types::Command::CountVersions)
+                .await
+        {
+            tracing::warn!(error = ?e, "counting versions not committed yet; the TTL task retries");
+        }
         let ttl = tokio::spawn(ttl_task(
             config.count_versions,
             proposals.clone(),
@@ -198,15 +209,6 @@ impl RaftStore {
                 .service
                 .clients
                 .set(Box::new(WeakStore(Arc::downgrade(&store.inner))));
-        }
-        // A single node turns versions on before its first write (a group's leader does
-        // from its TTL task).
-        if store.inner.node.is_none()
-            && store.inner.config.count_versions
-            && !store.inner.sm.versions()
-            && let Err(e) = store.propose(crate::types::Command::CountVersions).await
-        {
-            tracing::warn!(error = %e, "counting versions not committed yet; the TTL task retries");
         }
         if store.inner.config.local_endpoint {
             let handler: Arc<dyn crate::network::server::Handler> = match &store.inner.node {

@@ -486,21 +486,24 @@ pub(super) fn apply_command(
     if !changes.is_empty() {
         *revision += 1;
         let (changes, before): (Vec<_>, Vec<_>) = changes.into_iter().unzip();
-        // The lease object each key is on after the change (the record just written).
-        let leases = changes
+        // Each key's record as just written (create revision, version, lease), for
+        // record watches: what a read of it returns.
+        let after = changes
             .iter()
             .map(|c| {
-                let after = a.pending.keys.get(&c.key).and_then(|(_, r)| r.as_ref());
-                after
-                    .and_then(|r| lease_id_of(r.expires_at_ms))
-                    .unwrap_or(0)
+                let r = a.pending.keys.get(&c.key).and_then(|(_, r)| r.as_ref());
+                r.map(|r| After {
+                    create_rev: r.create_rev,
+                    version: r.version,
+                    lease: lease_id_of(r.expires_at_ms).unwrap_or(0),
+                })
             })
             .collect();
         let keys = changes.iter().map(|c| c.key.clone());
         txns.push(Arc::new(Undo {
             revision: *revision,
             before: keys.zip(before).collect(),
-            leases,
+            after,
             txn: Arc::new(FeedTxn {
                 revision: Revision(*revision),
                 changes,

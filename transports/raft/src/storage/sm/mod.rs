@@ -77,6 +77,14 @@ pub(crate) fn verify(db: &Database) -> Result<(), String> {
 /// Each key a transaction changed, with its record before it.
 type Before = Vec<(Key, Option<Stored>)>;
 
+/// What a key's record holds after a change besides its value (which the change has).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct After {
+    create_rev: u64,
+    version: u64,
+    lease: u64,
+}
+
 /// One transaction as the history keeps it: its change (as published) and the state
 /// of its keys before it, to read at past revisions and replay to record watches.
 #[derive(Debug)]
@@ -84,9 +92,9 @@ pub(crate) struct Undo {
     revision: u64,
     /// Aligned with `txn.changes`.
     before: Before,
-    /// The lease object of each changed key's record after the change (0: none),
-    /// aligned with `txn.changes`.
-    leases: Vec<u64>,
+    /// Each changed key's record after the change (`None`: deleted), aligned with
+    /// `txn.changes`.
+    after: Vec<Option<After>>,
     txn: Arc<datasync::transport::feed::Txn>,
 }
 

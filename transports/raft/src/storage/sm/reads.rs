@@ -9,7 +9,7 @@ use datasync::{Key, KeyValue, Prefix, PrefixValues, Revision, StoreError, Value}
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable};
 
 use crate::records::{KeyRange, RangeEnd, Record};
-use crate::storage::tables::{CLIENTS, KV, LEASE_OBJS, Stored};
+use crate::storage::tables::{CLIENTS, KV, LEASE_OBJS, SM_META, Stored};
 
 use super::*;
 
@@ -202,7 +202,12 @@ impl Shared {
             feed(k.value().as_bytes());
             feed(v.value());
         }
-        feed(&[u8::from(self.lock().versions)]);
+        let meta = tx.open_table(SM_META).map_err(read_failed)?;
+        let versions = meta
+            .get("versions")
+            .map_err(read_failed)?
+            .is_some_and(|v| bincode::deserialize::<bool>(v.value()).unwrap_or(false));
+        feed(&[u8::from(versions)]);
         // Lease objects are data: a replica without one would keep its keys forever.
         let objs = tx.open_table(LEASE_OBJS).map_err(read_failed)?;
         for item in objs.iter().map_err(read_failed)? {

@@ -185,20 +185,20 @@ fn changes(undo: &Undo, range: &KeyRange) -> Option<RecordChanges> {
         .changes
         .iter()
         .zip(&undo.before)
-        .zip(&undo.leases)
+        .zip(&undo.after)
         .filter(|((c, _), _)| range.contains(c.key.as_str()))
-        .map(|((c, (_, before)), lease)| {
+        .map(|((c, (_, before)), after)| {
             let prev = before.as_ref().map(|b| record(&c.key, b));
-            let record = match c.op {
-                Op::Put => Record {
+            let record = match (c.op, after) {
+                (Op::Put, Some(a)) => Record {
                     key: c.key.clone(),
                     value: c.value.clone().unwrap_or_default(),
-                    create_revision: Revision(before.as_ref().map_or(rev, |b| b.create_rev)),
+                    create_revision: Revision(a.create_rev),
                     mod_revision: Revision(rev),
-                    version: before.as_ref().map_or(1, |b| b.version.saturating_add(1)),
-                    lease: *lease,
+                    version: a.version,
+                    lease: a.lease,
                 },
-                Op::Delete => Record {
+                _ => Record {
                     key: c.key.clone(),
                     value: Value::default(),
                     create_revision: Revision(0),
