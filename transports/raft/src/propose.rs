@@ -143,14 +143,11 @@ impl Proposals {
     pub(crate) async fn propose_unchecked(&self, cmd: Command) -> Committed {
         self.pending.fetch_add(1, Ordering::Relaxed);
         let _pending = InFlight(&self.pending);
-        // The versions marker is no client write.
-        let counted = !matches!(cmd, Command::CountVersions);
         let out = self.propose_inner(cmd).await;
         match &out {
-            Ok(_) if counted => {
+            Ok(_) => {
                 self.metrics.committed.inc();
             }
-            Ok(_) => {}
             Err(ProposeError::Store(_)) => {
                 self.metrics.failed.inc();
             }
@@ -158,6 +155,17 @@ impl Proposals {
             Err(ProposeError::NotLeader(_)) => {}
         }
         out
+    }
+
+    /// Proposes a command of the store's own (the versions marker) straight to raft,
+    /// outside the batching and the client-write metrics.
+    pub(crate) async fn propose_internal(&self, cmd: Command) -> Committed {
+        cmd.check().map_err(ProposeError::Store)?;
+        match tokio::time::timeout(WRITE_WITHIN, self.raft.client_write(cmd)).await {
+            Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
+            Ok(Err(e)) => Err(write_error(&e)),
+            Err(_) => Err(ProposeError::Store(StoreError::Timeout(WRITE_WITHIN))),
+        }
     }
 
     async fn propose_inner(&self, cmd: Command) -> Committed {

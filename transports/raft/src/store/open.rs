@@ -171,7 +171,7 @@ impl RaftStore {
             && config.count_versions
             && !shared.versions()
             && let Err(e) = proposals
-                .propose(crate::types::Command::CountVersions)
+                .propose_internal(crate::types::Command::CountVersions)
                 .await
         {
             tracing::warn!(error = ?e, "counting versions not committed yet; the TTL task retries");

@@ -100,7 +100,7 @@ pub(super) async fn ttl_task(
         if count_versions
             && !sm.versions()
             && raft.metrics().borrow().current_leader == Some(id)
-            && let Err(e) = proposals.propose(Command::CountVersions).await
+            && let Err(e) = proposals.propose_internal(Command::CountVersions).await
         {
             tracing::debug!(error = ?e, "counting versions not committed; retrying");
         }
