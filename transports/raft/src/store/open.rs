@@ -111,6 +111,7 @@ impl RaftStore {
             .is_initialized()
             .await
             .map_err(|e| OpenError::Fatal(Box::new(e)))?;
+        let mut bootstrapped = false;
         let node = match bound {
             Some(bound) => {
                 let service = Arc::new(Service {
@@ -137,13 +138,16 @@ impl RaftStore {
                     member.start_first().await
                 } else {
                     member.restart(&shared);
-                    Ok(())
+                    Ok(false)
                 };
-                if let Err(e) = started {
-                    stop.cancel();
-                    let _ = raft.shutdown().await;
-                    return Err(e);
-                }
+                bootstrapped = match started {
+                    Ok(b) => b,
+                    Err(e) => {
+                        stop.cancel();
+                        let _ = raft.shutdown().await;
+                        return Err(e);
+                    }
+                };
                 Some(Node {
                     id,
                     addr: bound.advertise,
@@ -165,9 +169,16 @@ impl RaftStore {
             shared.metrics().leader_changes.clone(),
             stop.clone(),
         ));
-        // A single node turns versions on before its first write (a group's leader does
-        // from its TTL task, which also retries this if it failed).
-        if node.is_none()
+        // A new group (a single node, or the member that bootstraps one) counts versions
+        // from before its first write; an older group's leader turns them on from its
+        // TTL task, which also retries this if it failed.
+        if bootstrapped {
+            let _ = raft
+                .wait(Some(Duration::from_secs(5)))
+                .current_leader(id, "the bootstrapping member leads")
+                .await;
+        }
+        if (node.is_none() || bootstrapped)
             && config.count_versions
             && !shared.versions()
             && let Err(e) = proposals
@@ -313,9 +324,9 @@ struct Member<'a> {
 }
 
 impl Member<'_> {
-    /// Bootstraps a new group (nothing to join) or joins through the seeds, returning
-    /// once this member has applied the change that made it one.
-    async fn start_first(&self) -> Result<(), OpenError> {
+    /// Bootstraps a new group (nothing to join; `true`) or joins through the seeds,
+    /// returning once this member has applied the change that made it one.
+    async fn start_first(&self) -> Result<bool, OpenError> {
         let (id, c) = (self.id, self.config);
         if c.join.is_empty() {
             debug!(node = id, addr = %self.advertise, "bootstrapping a new group");
@@ -324,6 +335,7 @@ impl Member<'_> {
                 .raft
                 .initialize(members)
                 .await
+                .map(|()| true)
                 .map_err(|e| OpenError::Bootstrap(Box::new(e)));
         }
         debug!(node = id, addr = %self.advertise, seeds = ?c.join, "joining");
@@ -345,7 +357,7 @@ impl Member<'_> {
                 index: joined,
                 source,
             })?;
-        Ok(())
+        Ok(false)
     }
 
     /// A restart from disk. A member configured as a voter but restarting as a
