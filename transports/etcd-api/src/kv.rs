@@ -22,6 +22,41 @@ pub(crate) struct Kv {
     pub(crate) store: RaftStore,
 }
 
+impl Kv {
+    /// Puts the key's current value and/or lease into `op` (a put), as `p` asks; the
+    /// compare that the key is still as read. etcd's "key not found" when it is absent.
+    async fn keep_current(&self, p: &PbPutRequest, op: &mut TxnOp) -> Result<Compare, Status> {
+        let k = key(&p.key)?;
+        let range = datasync_raft::KeyRange::key(&k);
+        let (_, mut found) = self
+            .store
+            .range(&range, ReadOptions::new())
+            .await
+            .map_err(status)?;
+        let Some(cur) = found.pop() else {
+            return Err(Status::invalid_argument("etcdserver: key not found"));
+        };
+        if let TxnOp::Put {
+            value,
+            expires_at_ms,
+            ..
+        } = op
+        {
+            if p.ignore_value {
+                *value = cur.value.as_bytes().to_vec();
+            }
+            if p.ignore_lease {
+                *expires_at_ms = (cur.lease != 0).then(|| on_lease(cur.lease));
+            }
+        }
+        Ok(Compare {
+            range,
+            op: CompareOp::Equal,
+            target: CompareTarget::ModRevision(cur.mod_revision.0),
+        })
+    }
+}
+
 // etcd's enum values (rpc.proto), as prost keeps them: plain integers.
 const SORT_NONE: i32 = 0;
 const SORT_DESCEND: i32 = 2;
@@ -182,10 +217,11 @@ fn put_op(p: &PbPutRequest) -> Result<TxnOp, Status> {
                 .ok_or_else(|| Status::not_found("etcdserver: requested lease not found"))?,
         )),
     };
-    if p.ignore_value || p.ignore_lease {
-        return Err(Status::unimplemented(
-            "etcdserver: ignore_value and ignore_lease are not supported yet",
-        ));
+    if p.ignore_value && !p.value.is_empty() {
+        return Err(Status::invalid_argument("etcdserver: value is provided"));
+    }
+    if p.ignore_lease && p.lease != 0 {
+        return Err(Status::invalid_argument("etcdserver: lease is provided"));
     }
     Ok(TxnOp::Put {
         key: key(&p.key)?.as_str().to_owned(),
@@ -228,6 +264,12 @@ fn branch(ops: &[etcd_client::proto::PbTxnRequestOp]) -> Result<Branch, Status> 
     };
     for (i, op) in ops.iter().enumerate() {
         match &op.request {
+            Some(PbTxnOpRequest::RequestPut(p)) if p.ignore_value || p.ignore_lease => {
+                return Err(Status::unimplemented(
+                    "etcdserver: ignore_value and ignore_lease inside a txn are not supported \
+                     (a Put request takes them)",
+                ));
+            }
             Some(PbTxnOpRequest::RequestPut(p)) => b.writes.push(put_op(p)?),
             Some(PbTxnOpRequest::RequestDeleteRange(d)) => b.writes.push(delete_op(d)?),
             Some(PbTxnOpRequest::RequestRange(r)) => {
@@ -344,13 +386,37 @@ impl PbKvService for Kv {
         Ok(Response::new(resp))
     }
 
+    /// With `ignore_value` or `ignore_lease`, a compare-and-swap on the key's mod
+    /// revision: the current value or lease read, then written back only if the key
+    /// did not change meanwhile (else read again).
     async fn put(&self, request: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {
+        const ATTEMPTS: usize = 64;
         let p = request.into_inner();
-        let txn = Txn {
-            success: vec![put_op(&p)?],
-            ..Txn::default()
-        };
-        let out = self.store.txn(txn).await.map_err(status)?;
+        let mut op = put_op(&p)?;
+        let mut out = None;
+        for _ in 0..ATTEMPTS {
+            let compares = if p.ignore_value || p.ignore_lease {
+                vec![self.keep_current(&p, &mut op).await?]
+            } else {
+                Vec::new()
+            };
+            let txn = Txn {
+                compares,
+                success: vec![op.clone()],
+                ..Txn::default()
+            };
+            let done = self.store.txn(txn).await.map_err(status)?;
+            if done.succeeded {
+                out = Some(done);
+                break;
+            }
+        }
+        let out = out.ok_or_else(|| {
+            Status::aborted(format!(
+                "etcdserver: the key changed under each of {ATTEMPTS} attempts to keep its \
+                 value or lease"
+            ))
+        })?;
         let prev = match out.results.first() {
             Some(OpResult::Put(prev)) => prev.as_ref().map(prev_kv),
             _ => return Err(Status::internal("a put applied as something else")),
@@ -418,13 +484,19 @@ impl PbKvService for Kv {
         ))
     }
 
+    /// Replicated to every member; `physical` changes nothing here: the history is
+    /// gone once this member has applied the compaction, before the answer.
     async fn compact(
         &self,
-        _request: Request<PbCompactionRequest>,
+        request: Request<PbCompactionRequest>,
     ) -> Result<Response<PbCompactionResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: compaction: the built-in store keeps a bounded history of its own \
-             (RaftConfig::history) and does not compact on request yet",
-        ))
+        let revision = unsigned(request.into_inner().revision, "revision")?;
+        self.store
+            .compact(Revision(revision))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(PbCompactionResponse {
+            header: header(&self.store, self.store.revision().0),
+        }))
     }
 }

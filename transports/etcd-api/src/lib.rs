@@ -19,18 +19,22 @@
 //! - **KV**: Range (limit, count and keys only, revision, sort, filters, `range_end`
 //!   and the `\0` "from key" form), Put and DeleteRange (with previous records), Txn
 //!   (compares on value, version, create and mod revision over a key or a range; put,
-//!   delete-range and range in either branch, all at one revision). Each write is one
-//!   store transaction, so previous records are exactly what it replaced.
+//!   delete-range and range in either branch, all at one revision), Compact (replicated
+//!   to every member). Each write is one store transaction, so previous records are
+//!   exactly what it replaced.
 //! - **Watch**: many watches on one stream, from now or from a revision the store still
 //!   holds in its history (else cancelled with `compact_revision`, as etcd does), with
 //!   previous records, `NOPUT`/`NODELETE` filters, progress requests and notifications.
 //! - **Lease**: Grant (a chosen or random id), Revoke, KeepAlive, TimeToLive (with
 //!   keys), Leases, on the store's lease objects; puts attach keys to them.
-//! - **Maintenance**: Status, AlarmList (empty). **Cluster**: MemberList.
+//! - **Maintenance**: Status, AlarmList (empty), Hash and HashKV (the store's own
+//!   hashes), Snapshot (the store's backup, ending in its SHA-256 as etcd's does).
+//! - **Cluster**: MemberList, MemberAdd (the member need not run yet), MemberPromote
+//!   (once the learner is in sync), MemberRemove.
 //!
-//! Not yet: Compact, member changes, Hash/HashKV, Snapshot, authentication; they
-//! answer `Unimplemented` with a message naming what to use instead. Keys are UTF-8 text valid as `datasync` keys
-//! (the store's rule), values any bytes.
+//! Not yet: MemberUpdate, Defragment, MoveLeader, authentication; they answer
+//! `Unimplemented` with a message naming what to use instead. Keys are UTF-8 text
+//! valid as `datasync` keys (the store's rule), values any bytes.
 //!
 //! Why the endpoint maps onto the store's own records and transactions rather than its
 //! `datasync` `Writer`: etcd's answers carry create revisions, versions and previous

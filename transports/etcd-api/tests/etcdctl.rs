@@ -9,10 +9,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use datasync_etcd_api::{EtcdApi, Serving};
-use datasync_raft::testing::TestCluster;
-use datasync_raft::{RaftConfig, RaftStore};
+use datasync_raft::testing::{TestCluster, converged, test_secret};
+use datasync_raft::{ClusterConfig, RaftConfig, RaftStore};
 
 /// etcdctl against one endpoint.
+#[derive(Clone)]
 struct Ctl {
     endpoint: String,
 }
@@ -60,6 +61,14 @@ impl Ctl {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `args`, which must fail; its standard error.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args, None);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(!out.status.success(), "etcdctl {args:?} succeeded: {err}");
+        err
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -246,6 +255,21 @@ async fn etcdctl_reads_writes_transacts_and_watches_a_single_node() {
             got["kvs"][0]["lease"].as_u64(),
             u64::from_str_radix(&id, 16).ok()
         );
+        // `--ignore-lease` keeps the key's lease, `--ignore-value` its value.
+        assert_eq!(ctl.ok(&["put", "lk", "w", "--ignore-lease"]), "OK\n");
+        let both = ["put", "lk", "--ignore-value", "--ignore-lease"];
+        assert_eq!(ctl.ok(&both), "OK\n");
+        let got = ctl.json(&["get", "lk"]);
+        assert_eq!(got["kvs"][0]["value"], b64("w"));
+        assert_eq!(rev(&got["kvs"][0]["version"]), 3);
+        assert_eq!(
+            got["kvs"][0]["lease"].as_u64(),
+            u64::from_str_radix(&id, 16).ok()
+        );
+        let err = ctl.fails(&["put", "nokey", "--ignore-value"]);
+        assert!(err.contains("key not found"), "{err}");
+        let err = ctl.fails(&["put", "lk", "x", "--ignore-lease", &lease]);
+        assert!(err.contains("lease is provided"), "{err}");
         let ttl = ctl.ok(&["lease", "timetolive", &id, "--keys"]);
         assert!(
             ttl.starts_with(&format!("lease {id} granted with TTL(60s), remaining(5"))
@@ -276,11 +300,53 @@ async fn etcdctl_reads_writes_transacts_and_watches_a_single_node() {
             "{err}"
         );
 
-        // What the store does not do is refused, saying so.
-        let out = ctl.run(&["compaction", "3"], None);
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("does not compact on request"), "{err}");
+        // Compaction: the revision itself stays readable, the one before it does not,
+        // for reads and for watches, and compacting it again is refused.
+        let now = rev(&ctl.json(&["get", "a"])["header"]["revision"]);
+        let at = first + 2;
+        assert_eq!(
+            ctl.ok(&["compaction", &at.to_string()]),
+            format!("compacted revision {at}\n")
+        );
+        assert_eq!(ctl.ok(&["get", "a", &format!("--rev={at}")]), "a\n2\n");
+        let err = ctl.fails(&["get", "a", &format!("--rev={}", at - 1)]);
+        assert!(
+            err.contains("required revision has been compacted"),
+            "{err}"
+        );
+        let err = ctl.fails(&["compaction", &(at - 1).to_string()]);
+        assert!(
+            err.contains("required revision has been compacted"),
+            "{err}"
+        );
+        let err = ctl.fails(&["compaction", &(now + 1).to_string()]);
+        assert!(err.contains("future revision"), "{err}");
+        // The server cancels the watch; etcdctl says why and exits.
+        let err = ctl.fails(&["watch", "a", &format!("--rev={}", at - 1)]);
+        assert!(
+            err.contains(
+                "watch was canceled (etcdserver: mvcc: required revision has been compacted)"
+            ),
+            "{err}"
+        );
+
+        // `snapshot save` writes the store's backup: `datasync snapshot status` reads
+        // it, with its revision and keys.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let path = file.path().to_str().unwrap().to_owned();
+        let saved = ctl.ok(&["snapshot", "save", &path]);
+        assert!(
+            saved.contains(&format!("Snapshot saved at {path}")),
+            "{saved}"
+        );
+        let info = datasync_raft::backup::verify(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(info.revision, now);
+        let keys = ctl.ok(&["get", "", "--from-key", "--keys-only"]);
+        assert_eq!(
+            info.keys,
+            keys.lines().filter(|l| !l.is_empty()).count() as u64
+        );
+
         let out = ctl.run(&["get", "a", "--rev=999999"], None);
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
@@ -317,6 +383,7 @@ async fn etcdctl_through_a_follower_reads_its_writes_and_watches_the_leaders() {
         .await
         .unwrap();
     let (l, f) = (Ctl::new(&on_leader), Ctl::new(&on_follower));
+    let (l2, f2) = (l.clone(), f.clone());
     tokio::task::spawn_blocking(move || {
         let watch = f.spawn(&["watch", "k", "--prev-kv"]);
         std::thread::sleep(Duration::from_millis(500));
@@ -337,4 +404,168 @@ async fn etcdctl_through_a_follower_reads_its_writes_and_watches_the_leaders() {
     })
     .await
     .unwrap();
+
+    // Members at the same revision answer the same `hashkv`; a write changes it.
+    let hash = |ctl: Ctl| {
+        tokio::task::spawn_blocking(move || {
+            rev(&ctl.json(&["endpoint", "hashkv"])[0]["HashKV"]["hash"])
+        })
+    };
+    converged(&[leader, follower]).await;
+    let before = hash(f2.clone()).await.unwrap();
+    assert_eq!(hash(l2.clone()).await.unwrap(), before);
+    tokio::task::spawn_blocking(move || l2.ok(&["put", "k", "3"]))
+        .await
+        .unwrap();
+    converged(&[leader, follower]).await;
+    assert_ne!(hash(f2).await.unwrap(), before, "a write changes the hash");
+}
+
+/// `s` with each run of spaces as one (etcdctl pads ids to 16 columns).
+fn words(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A loopback port no one listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The id etcdctl prints after `Member` (hex, as every member command takes it).
+fn added_id(out: &str) -> String {
+    let id = out
+        .strip_prefix("Member ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no member id in {out:?}"));
+    assert!(out.contains(" added to cluster "), "{out}");
+    id.to_owned()
+}
+
+/// A member etcdctl added, started with the id it was given, joining through `seed`.
+async fn start_added(
+    id: &str,
+    port: u16,
+    seed: &str,
+    learner: bool,
+    dir: &std::path::Path,
+) -> RaftStore {
+    let id = u64::from_str_radix(id, 16).unwrap();
+    let listen = format!("127.0.0.1:{port}").parse().unwrap();
+    let cluster = ClusterConfig::new(listen, test_secret()).join([seed]);
+    let cluster = if learner { cluster.learner() } else { cluster };
+    RaftStore::open(RaftConfig::new(dir).cluster(id, cluster))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_adds_promotes_and_removes_members() {
+    let cluster = TestCluster::start(3).await;
+    let follower = cluster.follower().await;
+    let seed = follower.cluster_addr().unwrap().to_owned();
+    let api = EtcdApi::new(follower.clone())
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ctl = Ctl::new(&api);
+    let (p4, p5) = (free_port(), free_port());
+    let url4 = format!("--peer-urls=http://127.0.0.1:{p4}");
+    let url5 = format!("--peer-urls=http://127.0.0.1:{p5}");
+
+    // A learner, added before it runs: it cannot be promoted until it has the log.
+    let (ctl, id4) = tokio::task::spawn_blocking(move || {
+        ctl.ok(&["put", "k", "before"]);
+        let out = ctl.ok(&["member", "add", "n4", "--learner", &url4]);
+        let id4 = added_id(&out);
+        assert!(
+            out.contains("ETCD_INITIAL_CLUSTER_STATE=\"existing\""),
+            "{out}"
+        );
+        let list = ctl.ok(&["member", "list"]);
+        assert_eq!(list.lines().count(), 4, "{list}");
+        assert!(
+            list.lines()
+                .any(|l| l.starts_with(&format!("{id4},")) && l.ends_with(", true")),
+            "the new member is listed as a learner: {list}"
+        );
+        let err = ctl.fails(&["member", "promote", &id4]);
+        assert!(
+            err.contains("can only promote a learner member which is in sync with leader"),
+            "{err}"
+        );
+        let err = ctl.fails(&["member", "add", "again", &url4]);
+        assert!(err.contains("Peer URLs already exists"), "{err}");
+        let err = ctl.fails(&["member", "remove", "ff"]);
+        assert!(err.contains("member not found"), "{err}");
+        let err = ctl.fails(&["member", "promote", "ff"]);
+        assert!(err.contains("member not found"), "{err}");
+        (ctl, id4)
+    })
+    .await
+    .unwrap();
+
+    // Started with the id etcdctl printed, it catches up; then it can be promoted.
+    let d4 = tempfile::tempdir().unwrap();
+    let n4 = start_added(&id4, p4, &seed, true, d4.path()).await;
+    datasync_raft::testing::wait_until("the learner has the first write", || {
+        n4.revision() >= follower.revision()
+    })
+    .await;
+    let (ctl, id5) = tokio::task::spawn_blocking(move || {
+        let out = ctl.ok(&["member", "promote", &id4]);
+        assert!(
+            words(&out).starts_with(&format!("Member {id4} promoted")),
+            "{out}"
+        );
+        let err = ctl.fails(&["member", "promote", &id4]);
+        assert!(err.contains("can only promote a learner member"), "{err}");
+        // A voter added before it runs counts towards the quorum at once, as in etcd.
+        let out = ctl.ok(&["member", "add", "n5", &url5]);
+        (ctl, added_id(&out))
+    })
+    .await
+    .unwrap();
+    let d5 = tempfile::tempdir().unwrap();
+    let n5 = start_added(&id5, p5, &seed, false, d5.path()).await;
+    let ctl = tokio::task::spawn_blocking(move || {
+        ctl.ok(&["put", "k", "five"]);
+        let list = ctl.ok(&["member", "list"]);
+        assert_eq!(list.lines().count(), 5, "{list}");
+        assert!(
+            list.lines().all(|l| l.ends_with(", false")),
+            "every member votes: {list}"
+        );
+        ctl
+    })
+    .await
+    .unwrap();
+    datasync_raft::testing::converged(&[follower, &n4, &n5]).await;
+    for n in [&n4, &n5] {
+        assert_eq!(n.members().voters.len(), 5);
+    }
+
+    // Removed, each is gone from the list, and the group writes on without them.
+    let (i4, i5) = (n4.node_id(), n5.node_id());
+    tokio::task::spawn_blocking(move || {
+        for id in [i4, i5] {
+            let hex = format!("{id:x}");
+            let out = ctl.ok(&["member", "remove", &hex]);
+            assert!(
+                words(&out).starts_with(&format!("Member {hex} removed")),
+                "{out}"
+            );
+        }
+        let list = ctl.ok(&["member", "list"]);
+        assert_eq!(list.lines().count(), 3, "{list}");
+        assert_eq!(ctl.ok(&["put", "k", "after"]), "OK\n");
+    })
+    .await
+    .unwrap();
+    n4.shutdown().await;
+    n5.shutdown().await;
+    api.stop().await;
 }

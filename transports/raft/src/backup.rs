@@ -5,8 +5,14 @@
 //!
 //! The file: `DSBACKUP`, a format version (u32), the revision and key count (u64
 //! each), the payload's length (u64), the payload (the same encoding as a raft
-//! snapshot's: every key's record, the client sessions), then the SHA-256 of
-//! everything before it. All integers little-endian.
+//! snapshot's: every key's record, the client sessions), zero bytes up to a multiple of
+//! 512 (format 2; format 1 has none), then the SHA-256 of everything before it. All
+//! integers little-endian.
+//!
+//! Why the padding: etcd's snapshot files end the same way (a database of 512-byte
+//! pages, then its SHA-256), and `etcdctl snapshot save` refuses a stream whose length
+//! is not 32 past a multiple of 512. A backup streamed through the etcd endpoint is
+//! this file, so it has that length.
 //!
 //! Why a checksum over the whole file rather than trusting the payload's decoder: a
 //! flipped byte inside a value still decodes; only the checksum says the file is not
@@ -15,7 +21,9 @@
 use ring::digest::{SHA256, digest};
 
 const MAGIC: &[u8; 8] = b"DSBACKUP";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// The body (header, payload, padding) of a format 2 file is a multiple of this.
+const PAGE: usize = 512;
 const HEADER: usize = 8 + 4 + 8 + 8 + 8;
 const SUM: usize = 32;
 
@@ -41,7 +49,7 @@ pub enum BackupError {
     #[error("not a datasync backup (no DSBACKUP header)")]
     NotABackup,
     /// A format this build does not read.
-    #[error("backup format {0} is not known to this build (it reads format {VERSION})")]
+    #[error("backup format {0} is not known to this build (it reads formats 1 to {VERSION})")]
     UnknownVersion(u32),
     /// The file is shorter or longer than its header says.
     #[error("the backup is {found} bytes, its header says {expected}: truncated or extended")]
@@ -94,13 +102,28 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The backup file of `payload`, the state at `revision` with `keys` keys.
 pub(crate) fn encode(revision: u64, keys: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + payload.len() + SUM);
+    encode_as(VERSION, revision, keys, payload)
+}
+
+/// How many zero bytes follow a payload of `len` bytes in a file of `version`.
+fn padding(version: u32, len: u64) -> u64 {
+    let page = PAGE as u64;
+    match version {
+        1 => 0,
+        _ => (page - (HEADER as u64 + len % page) % page) % page,
+    }
+}
+
+fn encode_as(version: u32, revision: u64, keys: u64, payload: &[u8]) -> Vec<u8> {
+    let pad = padding(version, payload.len() as u64) as usize;
+    let mut out = Vec::with_capacity(HEADER + payload.len() + pad + SUM);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&revision.to_le_bytes());
     out.extend_from_slice(&keys.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(payload);
+    out.resize(out.len() + pad, 0);
     let sum = digest(&SHA256, &out);
     out.extend_from_slice(sum.as_ref());
     out
@@ -127,12 +150,13 @@ pub(crate) fn decode(file: &[u8]) -> Result<(BackupInfo, &[u8]), BackupError> {
     let mut v = [0u8; 4];
     v.copy_from_slice(&file[8..12]);
     let version = u32::from_le_bytes(v);
-    if version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(BackupError::UnknownVersion(version));
     }
     let (revision, keys, len) = (u64_at(file, 12), u64_at(file, 20), u64_at(file, 28));
+    let pad = padding(version, len);
     let expected = len
-        .checked_add((HEADER + SUM) as u64)
+        .checked_add((HEADER + SUM) as u64 + pad)
         .ok_or(BackupError::Length {
             expected: u64::MAX,
             found: file.len() as u64,
@@ -148,7 +172,10 @@ pub(crate) fn decode(file: &[u8]) -> Result<(BackupInfo, &[u8]), BackupError> {
     if sum.as_ref() != &file[file.len() - SUM..] {
         return Err(BackupError::Checksum);
     }
-    let payload = &body[HEADER..];
+    let (payload, padded) = body[HEADER..].split_at(len as usize);
+    if padded.iter().any(|b| *b != 0) {
+        return Err(BackupError::Invalid("the padding is not zeros".into()));
+    }
     let (rev, n) = crate::storage::sm::payload_summary(payload).map_err(BackupError::Invalid)?;
     if (rev, n) != (revision, keys) {
         return Err(BackupError::Invalid(format!(
@@ -205,9 +232,20 @@ mod tests {
                 "at {at}"
             );
         }
-        let mut v2 = file.clone();
-        v2[8] = 2;
-        assert!(matches!(verify(&v2), Err(BackupError::UnknownVersion(2))));
+        let mut v3 = file.clone();
+        v3[8] = 3;
+        assert!(matches!(verify(&v3), Err(BackupError::UnknownVersion(3))));
+        // etcd's length: 32 past a multiple of 512, which `etcdctl snapshot save`
+        // checks; format 1 files (no padding) still read.
+        assert_eq!(file.len() % PAGE, SUM);
+        let v1 = encode_as(1, 9, 1, &crate::storage::sm::payload_seed());
+        assert!(v1.len() % PAGE != SUM);
+        assert_eq!(verify(&v1).unwrap().revision, 9);
+        let mut dirty = file[..file.len() - SUM].to_vec();
+        *dirty.last_mut().unwrap() = 1;
+        let sum = digest(&SHA256, &dirty);
+        dirty.extend_from_slice(sum.as_ref());
+        assert!(matches!(verify(&dirty), Err(BackupError::Invalid(_))));
         // A huge length in the header is an error, not an overflow.
         let mut huge = file.clone();
         huge[28..36].copy_from_slice(&u64::MAX.to_le_bytes());

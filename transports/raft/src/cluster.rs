@@ -288,6 +288,60 @@ impl Service {
         }
     }
 
+    /// etcd's `member add`: the node is added now, whether or not it runs; the leader
+    /// replicates to it once it answers.
+    async fn register(&self, id: NodeId, addr: String, voter: bool) -> Result<u64, ServiceError> {
+        self.redirect()?;
+        if self.members().role(id).is_some() {
+            return Err(ServiceError::Refused(Refusal::AlreadyMember(id)));
+        }
+        let added = self
+            .raft
+            .add_learner(id, BasicNode::new(addr), false)
+            .await
+            .map_err(change_error)?;
+        if !voter {
+            return Ok(added.log_id.index);
+        }
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map(|r| r.log_id.index)
+            .map_err(change_error)
+    }
+
+    /// etcd's `member promote`: refused unless the learner holds 90 % of the leader's
+    /// log (etcd's rule), so a learner that never started cannot take a vote.
+    async fn promote(&self, id: NodeId) -> Result<u64, ServiceError> {
+        self.redirect()?;
+        match self.members().role(id) {
+            None => return Err(ServiceError::Refused(Refusal::NotAMember(id))),
+            Some(Role::Voter) => return Err(ServiceError::Refused(Refusal::AlreadyVoter(id))),
+            Some(Role::Learner) => {}
+        }
+        let (matched, leader) = {
+            let m = self.raft.metrics().borrow().clone();
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).cloned().flatten())
+                .map_or(0, |l| l.index);
+            (matched, m.last_log_index.unwrap_or(0))
+        };
+        if matched.saturating_mul(10) < leader.saturating_mul(9) {
+            return Err(ServiceError::Refused(Refusal::NotInSync {
+                id,
+                matched,
+                leader,
+            }));
+        }
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map(|r| r.log_id.index)
+            .map_err(change_error)
+    }
+
     async fn leave(&self, id: NodeId) -> Result<u64, ServiceError> {
         self.redirect()?;
         let now = self.members();
@@ -351,6 +405,10 @@ impl Handler for Service {
                 Reply::Membership(self.join(id, addr, voter).await)
             }
             Request::Leave { id } => Reply::Membership(self.leave(id).await),
+            Request::Register { id, addr, voter } => {
+                Reply::Membership(self.register(id, addr, voter).await)
+            }
+            Request::Promote { id } => Reply::Membership(self.promote(id).await),
             Request::Members => Reply::Members(self.members()),
             Request::Client(op, id) => Reply::Client(match self.clients.get() {
                 Some(clients) => clients.op(op, id).await,

@@ -130,7 +130,7 @@ pub mod types;
 
 pub use cluster::ClusterConfig;
 pub use error::ClusterError;
-pub use members::{Members, Role};
+pub use members::{Members, Refusal, Role};
 pub use network::{MIN_SECRET, NetError, Secret, SecretError};
 pub use records::{KeyRange, Record, Txn, TxnOutcome};
 pub use remote::{RemoteConfig, RemoteStore};

@@ -178,7 +178,10 @@ impl Handler for SingleNode {
                 Some(members) => Reply::Members(members),
                 None => Reply::Client(Err(WireError::Stopped)),
             },
-            Request::Join { .. } | Request::Leave { .. } => {
+            Request::Join { .. }
+            | Request::Leave { .. }
+            | Request::Register { .. }
+            | Request::Promote { .. } => {
                 Reply::Membership(Err(ServiceError::Refused(Refusal::NotClustered)))
             }
             _ => Reply::Client(Err(WireError::Misrouted)),

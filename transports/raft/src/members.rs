@@ -76,4 +76,26 @@ pub enum Refusal {
     /// endpoint).
     #[error("this store is a single node, not a cluster")]
     NotClustered,
+    /// The node to register is a member already.
+    #[error("node {0} is a member already")]
+    AlreadyMember(NodeId),
+    /// The node is not a member of the group.
+    #[error("node {0} is not a member of the group")]
+    NotAMember(NodeId),
+    /// The node to promote votes already.
+    #[error("node {0} is a voter already")]
+    AlreadyVoter(NodeId),
+    /// The learner to promote has not replicated enough of the leader's log (etcd's
+    /// rule: 90 % of it).
+    #[error(
+        "learner {id} is not in sync with the leader (it holds log index {matched} of {leader})"
+    )]
+    NotInSync {
+        /// The learner.
+        id: NodeId,
+        /// The last log index it holds, as the leader knows.
+        matched: u64,
+        /// The leader's last log index.
+        leader: u64,
+    },
 }

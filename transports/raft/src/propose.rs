@@ -237,7 +237,7 @@ fn size(cmd: &Command) -> usize {
         | Command::LeaseKeepAlive { .. }
         | Command::LeaseRevoke { .. } => 16,
         Command::LeaseExpire { ids } => ids.len() * 16,
-        Command::CountVersions => 0,
+        Command::CountVersions | Command::Compact { .. } => 0,
         Command::Txn(t) => {
             let range = |r: &crate::records::KeyRange| {
                 r.start.len()

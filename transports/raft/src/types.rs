@@ -138,6 +138,12 @@ pub enum Command {
     /// From here on, records count their versions (proposed once by a leader of a
     /// build that counts them; see the stored record's notes).
     CountVersions,
+    /// Drops the history up to `revision` on every member (etcd's compaction): reads
+    /// and watches from before it are `Compacted`. Takes no revision.
+    Compact {
+        /// The oldest revision that stays readable.
+        revision: u64,
+    },
 }
 
 /// A client write's identity, for exactly-once writes through retries.
@@ -235,7 +241,8 @@ impl Command {
             | Command::LeaseKeepAlive { .. }
             | Command::LeaseRevoke { .. }
             | Command::LeaseExpire { .. }
-            | Command::CountVersions => {}
+            | Command::CountVersions
+            | Command::Compact { .. } => {}
             Command::Once { id, cmd } => match **cmd {
                 Command::Put { .. }
                 | Command::Cas { .. }

@@ -643,3 +643,72 @@ async fn members_write_the_same_records_across_the_upgrade_to_versions() {
     assert_eq!(one(&s, "a", None).await.unwrap().version, 2);
     s.shutdown().await;
 }
+
+/// A compaction through a follower reaches every member: each refuses reads at and
+/// watches from revisions before it, and keeps the revision itself readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_cuts_the_history_on_every_member() {
+    let cluster = TestCluster::start(3).await;
+    let leader = cluster.leader().await;
+    let follower = cluster.follower().await;
+    let mut revs = Vec::new();
+    for i in 0..5 {
+        let r = leader
+            .put(
+                &key("c"),
+                Value::from(format!("{i}")),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        revs.push(r.0);
+    }
+    converged(&[leader, follower]).await;
+    let at = Revision(revs[2]);
+    assert!(follower.compacted_revision() < Revision(revs[0]));
+    follower.compact(at).await.unwrap();
+    for s in &cluster.nodes {
+        datasync_raft::testing::wait_until("the compaction applied", || {
+            s.compacted_revision() == at
+        })
+        .await;
+        let c = KeyRange::key(&key("c"));
+        let read = |r: u64| {
+            s.range(
+                &c,
+                ReadOptions::new()
+                    .at(Revision(r))
+                    .consistency(Consistency::Local),
+            )
+        };
+        let (_, got) = read(at.0).await.unwrap();
+        assert_eq!(got[0].value, Value::from("2".to_owned()));
+        assert!(matches!(
+            read(at.0 - 1).await,
+            Err(StoreError::Compacted { compacted, .. }) if compacted == at
+        ));
+        assert!(matches!(
+            s.watch_records(KeyRange::key(&key("c")), Some(Revision(at.0 - 1)))
+                .await,
+            Err(StoreError::Compacted { .. })
+        ));
+        let mut w = s
+            .watch_records(KeyRange::key(&key("c")), Some(at))
+            .await
+            .unwrap();
+        let first = next(&mut w).await.unwrap();
+        assert_eq!(
+            first.revision, at,
+            "replayed from {at:?} itself, as etcd does"
+        );
+    }
+    // Compacting below what is gone, or past the present, is refused.
+    assert!(matches!(
+        leader.compact(Revision(at.0 - 1)).await,
+        Err(StoreError::Compacted { .. })
+    ));
+    assert!(matches!(
+        leader.compact(Revision(revs[4] + 1)).await,
+        Err(StoreError::FutureRevision { .. })
+    ));
+}

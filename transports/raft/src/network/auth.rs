@@ -113,8 +113,9 @@ pub(crate) const MAGIC: [u8; 8] = *b"DSRAFT01";
 /// The protocol version; 2: client writes carry request ids (`Request::Client`);
 /// 3: errors keep their type (`WireError`, `ServiceError`); 4: frames are encrypted;
 /// 5: stored records carry their version and the log carries transactions (a member
-/// of version 4 would misread both in a snapshot or an entry).
-pub(crate) const VERSION: u16 = 5;
+/// of version 4 would misread both in a snapshot or an entry); 6: registering and
+/// promoting members (etcd's `member add` and `member promote`).
+pub(crate) const VERSION: u16 = 6;
 
 /// Step 1, client → server.
 #[derive(Debug, Serialize, Deserialize)]

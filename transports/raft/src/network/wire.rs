@@ -63,6 +63,22 @@ pub(crate) enum Request {
         /// The member-side queue capacity.
         queue_capacity: usize,
     },
+    /// Add a node that need not run yet (etcd's `member add`): committed at once; a
+    /// voter counts towards the quorum from then on.
+    Register {
+        /// The node.
+        id: NodeId,
+        /// Its advertised address.
+        addr: String,
+        /// Voter or learner.
+        voter: bool,
+    },
+    /// Make a learner a voter if it is in sync with the leader (etcd's `member
+    /// promote`); refused otherwise, at once.
+    Promote {
+        /// The learner.
+        id: NodeId,
+    },
 }
 
 impl Request {

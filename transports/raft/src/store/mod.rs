@@ -411,6 +411,35 @@ impl RaftStore {
         self.membership_change(node, true, req).await
     }
 
+    /// Adds node `id` at `addr` (routed to the leader) without waiting for it to run or
+    /// catch up: etcd's `member add`. Start the node afterwards with this id, joining
+    /// the group. A voter counts towards the quorum at once, as in etcd; a learner is
+    /// made a voter with [`promote_member`](Self::promote_member) once in sync.
+    /// Refused when `id` is a member already.
+    pub async fn register_member(
+        &self,
+        id: u64,
+        addr: &str,
+        role: Role,
+    ) -> Result<(), ClusterError> {
+        let node = self.inner.node.as_ref().ok_or(ClusterError::NotClustered)?;
+        let req = || Request::Register {
+            id,
+            addr: addr.to_owned(),
+            voter: role == Role::Voter,
+        };
+        self.membership_change(node, true, req).await
+    }
+
+    /// Makes learner `id` a voter (routed to the leader): etcd's `member promote`.
+    /// Refused at once when `id` is no learner, or holds less than 90 % of the leader's
+    /// log ([`Refusal::NotInSync`](crate::Refusal::NotInSync)).
+    pub async fn promote_member(&self, id: u64) -> Result<(), ClusterError> {
+        let node = self.inner.node.as_ref().ok_or(ClusterError::NotClustered)?;
+        self.membership_change(node, true, || Request::Promote { id })
+            .await
+    }
+
     /// Removes node `id` from the group (routed to the leader); the node keeps its data.
     /// Removing this node itself is leaving.
     pub async fn remove_member(&self, id: u64) -> Result<(), ClusterError> {

@@ -28,6 +28,43 @@ impl RaftStore {
             .map_err(|e| StoreError::Backend(Box::new(e)))?
     }
 
+    /// The oldest revision this member can still read at or watch from: revisions
+    /// before it are compacted (by [`compact`](Self::compact), by the history's length,
+    /// or because the history starts when this member opened or installed a snapshot).
+    pub fn compacted_revision(&self) -> Revision {
+        Revision(self.inner.sm.oldest_readable())
+    }
+
+    /// Compacts the history up to `revision` on every member (etcd's compaction): reads
+    /// at and watches from revisions before it then fail with `Compacted`. Refused with
+    /// `Compacted` when this member's history starts after `revision` already, and with
+    /// `FutureRevision` past the current revision. Returns once this member has
+    /// applied it.
+    ///
+    /// # Cancel safety
+    /// Dropped before it returns, the compaction may or may not happen.
+    pub async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        let current = self.revision();
+        if revision > current {
+            return Err(StoreError::FutureRevision {
+                requested: revision,
+                current,
+            });
+        }
+        let oldest = self.compacted_revision();
+        if revision < oldest {
+            return Err(StoreError::Compacted {
+                requested: revision,
+                compacted: oldest,
+            });
+        }
+        self.propose(Command::Compact {
+            revision: revision.0,
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Watches the records in `range`: every revision that changes one, with the
     /// records after and before. From now, or from revision `from` on when the history
     /// ([`RaftConfig::history`](crate::RaftConfig::history) revisions, in memory) still

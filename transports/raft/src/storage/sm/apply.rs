@@ -41,6 +41,8 @@ pub(super) struct View<'a> {
     versions: &'a mut bool,
     /// Set when a `CountVersions` entry turned it on in this apply.
     versions_on: bool,
+    /// The history up to here goes once this apply is done (`Command::Compact`).
+    compact: Option<u64>,
 }
 
 /// A key's change event, and its record before the change.
@@ -384,6 +386,10 @@ impl View<'_> {
                 }
                 (Outcome::Unchanged, vec![])
             }
+            Command::Compact { revision } => {
+                self.compact = self.compact.max(Some(revision));
+                (Outcome::Unchanged, vec![])
+            }
             c @ (Command::LeaseGrant { .. }
             | Command::LeaseKeepAlive { .. }
             | Command::LeaseRevoke { .. }
@@ -561,6 +567,7 @@ pub(super) fn apply_batch(
         obj_writes: Vec::new(),
         versions: &mut inner.versions,
         versions_on: false,
+        compact: None,
     };
     for e in entries {
         applied = Some(e.log_id);
@@ -586,6 +593,7 @@ pub(super) fn apply_batch(
         versions_on: view.versions_on,
     };
     let leases_set = view.lease_written;
+    let compact = view.compact;
     let inline = match &inner.writer {
         Some(Queue::Thread(w)) => match w.send(work) {
             Ok(()) => None,
@@ -610,6 +618,15 @@ pub(super) fn apply_batch(
         if inner.history.len() > shared.history_len {
             inner.history.pop_front();
         }
+    }
+    // Revision `to`'s own change stays, for watches from `to` (etcd keeps it too);
+    // the floor refuses reads before it.
+    if let Some(to) = compact {
+        let to = to.min(inner.revision);
+        while inner.history.front().is_some_and(|u| u.revision < to) {
+            inner.history.pop_front();
+        }
+        inner.compacted = inner.compacted.max(to);
     }
     drop(guard);
     if leases_set {

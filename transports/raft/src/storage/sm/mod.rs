@@ -118,6 +118,31 @@ pub(crate) struct Inner {
     objs: LeaseObjs,
     /// Whether records count versions (replicated: see `Command::CountVersions`).
     versions: bool,
+    /// The revision of the last compaction (`Command::Compact`): reads before it and
+    /// watches from before it are compacted, whatever the history still holds.
+    compacted: u64,
+}
+
+impl Inner {
+    /// The oldest revision a read can be at: the history rebuilds the state before
+    /// each revision it holds.
+    fn oldest_readable(&self) -> u64 {
+        let reach = self
+            .history
+            .front()
+            .map_or(self.revision, |u| u.revision - 1);
+        reach.max(self.compacted)
+    }
+
+    /// The oldest revision a watch can start from: the history holds each revision's
+    /// change from here on.
+    fn oldest_watchable(&self) -> u64 {
+        let reach = self
+            .history
+            .front()
+            .map_or(self.revision + 1, |u| u.revision);
+        reach.max(self.compacted)
+    }
 }
 
 /// The state machine's shared half (the store's handle reads through it).
@@ -201,6 +226,7 @@ impl Shared {
                 sessions,
                 objs,
                 versions,
+                compacted: 0,
             }),
             history_len,
             pending,

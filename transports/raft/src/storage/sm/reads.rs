@@ -144,6 +144,11 @@ impl Shared {
         Ok((rev, records))
     }
 
+    /// The oldest revision a read can still be at: the history's reach.
+    pub(crate) fn oldest_readable(&self) -> u64 {
+        self.lock().oldest_readable()
+    }
+
     /// Pins the current state and the undo records needed to go back to `at`.
     fn pin_at(&self, at: Option<Revision>) -> Result<(ReadTransaction, Vec<Before>), StoreError> {
         let inner = self.lock();
@@ -157,9 +162,7 @@ impl Shared {
                 current: Revision(current),
             });
         }
-        // Undo records cover revisions front.revision..=current: the state at
-        // front.revision - 1 and later can be rebuilt.
-        let oldest = inner.history.front().map_or(current, |u| u.revision - 1);
+        let oldest = inner.oldest_readable();
         if at < oldest {
             return Err(StoreError::Compacted {
                 requested: Revision(at),

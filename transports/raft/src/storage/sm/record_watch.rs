@@ -152,14 +152,13 @@ fn replayed(inner: &Inner, next: u64, out: &mut VecDeque<Arc<Undo>>) -> Result<(
     if next > inner.revision {
         return Ok(());
     }
-    match inner.history.front() {
-        Some(oldest) if oldest.revision <= next => {}
-        oldest => {
-            return Err(StoreError::Compacted {
-                requested: Revision(next),
-                compacted: Revision(oldest.map_or(inner.revision, |u| u.revision - 1)),
-            });
-        }
+    let oldest = inner.oldest_watchable();
+    if next < oldest {
+        // `compacted` names the last revision a watch cannot start from.
+        return Err(StoreError::Compacted {
+            requested: Revision(next),
+            compacted: Revision(oldest - 1),
+        });
     }
     out.extend(inner.history.iter().filter(|u| u.revision >= next).cloned());
     Ok(())
