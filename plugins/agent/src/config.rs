@@ -30,6 +30,12 @@
 //! # join = ["10.0.0.2:7400"]              # first start: join through these members
 //! # learner = false                       # join as a non-voting learner
 //!
+//! # [store.etcd_api]      # raft: serve etcd's v3 API (feature `etcd-api`)
+//! # listen = "127.0.0.1:2379"
+//! # cert_file = "/etc/datasync/server.pem" # TLS: the server's certificate chain
+//! # key_file = "/etc/datasync/server.key"  # and its key (clients use https://)
+//! # client_ca_file = "/etc/datasync/ca.pem" # clients must present a certificate it signed
+//!
 //! # [store.tuning]        # raft: each optional; the defaults are shown
 //! # max_value_size = 1048576              # bytes; at most 16 MiB, in a cluster 1 MiB per 100 ms of heartbeat
 //! # history = 10000                       # transactions kept for reads at past revisions
@@ -160,12 +166,48 @@ pub enum StoreConfig {
 pub struct EtcdApiSettings {
     /// The address to listen on (etcd's is `127.0.0.1:2379`).
     pub listen: SocketAddr,
+    /// TLS: the server's certificate chain (PEM); with `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// TLS: the server's private key (PEM).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Clients must present a certificate this CA (PEM) signed; needs TLS.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl EtcdApiSettings {
-    /// Serving on `listen`.
+    /// Serving on `listen`, without TLS.
     pub fn new(listen: SocketAddr) -> Self {
-        EtcdApiSettings { listen }
+        EtcdApiSettings {
+            listen,
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+        }
+    }
+
+    /// Serving over TLS with this certificate chain and key, and checking clients'
+    /// certificates against `client_ca` when given (all PEM files).
+    #[must_use]
+    pub fn tls(mut self, cert: PathBuf, key: PathBuf, client_ca: Option<PathBuf>) -> Self {
+        self.cert_file = Some(cert);
+        self.key_file = Some(key);
+        self.client_ca_file = client_ca;
+        self
+    }
+
+    /// Checks that the TLS files fit together, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => Err("store.etcd_api: cert_file needs key_file".to_owned()),
+            (None, Some(_)) => Err("store.etcd_api: key_file needs cert_file".to_owned()),
+            (None, None) if self.client_ca_file.is_some() => {
+                Err("store.etcd_api: client_ca_file needs TLS (cert_file and key_file)".to_owned())
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -333,13 +375,16 @@ impl StoreConfig {
     /// endpoints, naming the field.
     pub fn check(&self) -> Result<(), String> {
         if let StoreConfig::Raft {
-            etcd_api: Some(_), ..
+            etcd_api: Some(api),
+            ..
         } = self
-            && !cfg!(feature = "etcd-api")
         {
-            return Err("store.etcd_api: this agent was built without the etcd API \
-                        (enable the cargo feature `etcd-api`)"
-                .to_owned());
+            if !cfg!(feature = "etcd-api") {
+                return Err("store.etcd_api: this agent was built without the etcd API \
+                            (enable the cargo feature `etcd-api`)"
+                    .to_owned());
+            }
+            api.check()?;
         }
         let (kind, urls, tls, auth) = match self {
             StoreConfig::Nats {

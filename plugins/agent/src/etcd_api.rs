@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use crate::{AgentError, AnyStore, StoreConfig};
+use crate::{AgentError, AnyStore, EtcdApiSettings, StoreConfig};
 
 /// A running etcd API endpoint.
 #[derive(Debug)]
@@ -28,11 +28,12 @@ impl EtcdApiServing {
     }
 }
 
-/// Serves etcd's API for `store` (an embedded raft store) on `addr`.
+/// Serves etcd's API for `store` (an embedded raft store) as `settings` say.
 pub async fn serve_etcd_api(
     store: &AnyStore,
-    addr: SocketAddr,
+    settings: &EtcdApiSettings,
 ) -> Result<EtcdApiServing, AgentError> {
+    let addr = settings.listen;
     let AnyStore::Raft(raft) = store else {
         return Err(AgentError::Config(crate::ConfigError::Invalid {
             origin: "store.etcd_api".into(),
@@ -41,16 +42,36 @@ pub async fn serve_etcd_api(
     };
     #[cfg(feature = "etcd-api")]
     {
-        let serving = datasync_etcd_api::EtcdApi::new(raft.clone())
-            .bind(addr)
-            .await
-            .map_err(|source| AgentError::EtcdApi { addr, source })?;
+        settings.check().map_err(|message| {
+            AgentError::Config(crate::ConfigError::Invalid {
+                origin: "store.etcd_api".into(),
+                message,
+            })
+        })?;
+        let mut api = datasync_etcd_api::EtcdApi::new(raft.clone());
+        if let (Some(cert), Some(key)) = (&settings.cert_file, &settings.key_file) {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).map_err(|source| AgentError::EtcdApi {
+                    addr,
+                    source: format!("cannot read {}: {source}", path.display()).into(),
+                })
+            };
+            api = api.tls(datasync_etcd_api::Tls {
+                cert: read(cert)?,
+                key: read(key)?,
+                client_ca: settings.client_ca_file.as_deref().map(read).transpose()?,
+            });
+        }
+        let serving = api.bind(addr).await.map_err(|source| AgentError::EtcdApi {
+            addr,
+            source: Box::new(source),
+        })?;
         tracing::info!(addr = %serving.addr(), "serving the etcd v3 API");
         Ok(EtcdApiServing { serving })
     }
     #[cfg(not(feature = "etcd-api"))]
     {
-        let _ = (raft, addr);
+        let _ = (raft, addr, settings);
         Err(AgentError::NotBuiltIn("etcd-api"))
     }
 }
@@ -64,7 +85,7 @@ pub(crate) async fn from_config(
         StoreConfig::Raft {
             etcd_api: Some(api),
             ..
-        } => serve_etcd_api(store, api.listen).await.map(Some),
+        } => serve_etcd_api(store, api).await.map(Some),
         _ => Ok(None),
     }
 }

@@ -126,9 +126,9 @@ pub enum AgentError {
     EtcdApi {
         /// The address.
         addr: std::net::SocketAddr,
-        /// Why.
+        /// Why (it cannot listen, or a TLS file is unreadable or unusable).
         #[source]
-        source: std::io::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The status endpoint could not listen.
     #[error("cannot serve HTTP on {addr}")]

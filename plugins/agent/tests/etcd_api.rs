@@ -159,3 +159,57 @@ fn serve_with_etcd_listen_answers_etcdctl() {
     );
     node.stop();
 }
+
+#[test]
+fn serve_serves_etcds_api_over_tls_to_clients_with_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    datasync_integration::testkit::certificates(dir.path());
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "a cluster secret of enough length!").unwrap();
+    let api = addr();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--secret-file").arg(&secret).arg("serve");
+    cmd.args(["--listen", &addr(), "--etcd-listen", &api]);
+    cmd.args([
+        "--etcd-cert",
+        &file("server.crt"),
+        "--etcd-key",
+        &file("server.key"),
+    ]);
+    cmd.args(["--etcd-client-ca", &file("ca.crt"), "--dir"]);
+    cmd.arg(dir.path().join("n1"));
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let node = Running::spawn(cmd);
+    let https = format!("https://{api}");
+    let (ca, cert, key) = (
+        format!("--cacert={}", file("ca.crt")),
+        format!("--cert={}", file("client.crt")),
+        format!("--key={}", file("client.key")),
+    );
+    assert_eq!(
+        etcdctl(&https, &[&ca, &cert, &key, "put", "k", "v"]),
+        "OK\n"
+    );
+    assert_eq!(etcdctl(&https, &[&ca, &cert, &key, "get", "k"]), "k\nv\n");
+    let members = etcdctl(&https, &[&ca, &cert, &key, "member", "list"]);
+    assert!(members.contains(&https), "{members}");
+    // Without a client certificate, or in plain text, nothing gets in.
+    for args in [vec![ca.as_str()], vec![]] {
+        let endpoint = if args.is_empty() { &api } else { &https };
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", endpoint, "--dial-timeout", "2s"])
+            .args(["--command-timeout", "5s"])
+            .args(&args)
+            .args(["get", "k"])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "etcdctl {args:?} got in: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    node.stop();
+}

@@ -62,6 +62,44 @@ const REQUEST_SLACK: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct EtcdApi {
     store: RaftStore,
+    tls: Option<Tls>,
+}
+
+/// TLS for the endpoint, in PEM: the server's certificate chain and key, and the CA
+/// whose certificates clients must present (none: any client that trusts the
+/// server's certificate gets in).
+///
+/// Why a client CA and nothing finer: a certificate the CA signed is the whole
+/// credential (etcd's `--client-cert-auth` without users and roles, which the built-in
+/// store does not have).
+#[derive(Clone)]
+pub struct Tls {
+    /// The server's certificate chain.
+    pub cert: Vec<u8>,
+    /// Its private key.
+    pub key: Vec<u8>,
+    /// The CA that signs the certificates clients must present.
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("client_ca", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// The address could not be listened on.
+    #[error("cannot listen")]
+    Listen(#[from] std::io::Error),
+    /// The certificate, key or client CA is not usable.
+    #[error("the TLS certificate, key or client CA is not usable")]
+    Tls(#[source] tonic::transport::Error),
 }
 
 /// A running endpoint; [`stop`](Self::stop) it (dropping it stops it too).
@@ -76,12 +114,32 @@ impl EtcdApi {
     /// The API over `store` (a single node or a cluster member: on a follower writes
     /// are forwarded to the leader and reads are linearizable through it).
     pub fn new(store: RaftStore) -> EtcdApi {
-        EtcdApi { store }
+        EtcdApi { store, tls: None }
+    }
+
+    /// Serves over TLS (clients connect to `https://`), checking clients' certificates
+    /// against `tls.client_ca` when given.
+    #[must_use]
+    pub fn tls(mut self, tls: Tls) -> EtcdApi {
+        self.tls = Some(tls);
+        self
     }
 
     /// Listens on `addr` (port 0 picks one; see [`Serving::addr`]) and serves until
     /// stopped.
-    pub async fn bind(self, addr: SocketAddr) -> std::io::Result<Serving> {
+    pub async fn bind(self, addr: SocketAddr) -> Result<Serving, BindError> {
+        let mut server = tonic::transport::Server::builder();
+        let scheme = if let Some(tls) = &self.tls {
+            let mut config = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key));
+            if let Some(ca) = &tls.client_ca {
+                config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+            }
+            server = server.tls_config(config).map_err(BindError::Tls)?;
+            "https"
+        } else {
+            "http"
+        };
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let max = datasync::Writer::limits(&self.store).max_value_size + REQUEST_SLACK;
@@ -101,11 +159,11 @@ impl EtcdApi {
         });
         let cluster = PbClusterServer::new(maintenance::Cluster {
             store,
-            client_url: format!("http://{addr}"),
+            client_url: format!("{scheme}://{addr}"),
         });
         let stopped = stop.clone();
         let task = tokio::spawn(
-            tonic::transport::Server::builder()
+            server
                 .add_service(kv)
                 .add_service(watch)
                 .add_service(lease)

@@ -212,6 +212,16 @@ enum Command {
         /// `etcd-api` feature).
         #[arg(long)]
         etcd_listen: Option<std::net::SocketAddr>,
+        /// Serve etcd's API over TLS with this certificate chain (PEM; with
+        /// --etcd-key).
+        #[arg(long, requires_all = ["etcd_listen", "etcd_key"])]
+        etcd_cert: Option<PathBuf>,
+        /// The private key of --etcd-cert (PEM).
+        #[arg(long, requires = "etcd_cert")]
+        etcd_key: Option<PathBuf>,
+        /// Clients of etcd's API must present a certificate this CA (PEM) signed.
+        #[arg(long, requires = "etcd_cert")]
+        etcd_client_ca: Option<PathBuf>,
         #[command(flatten)]
         tuning: RaftTuning,
     },
@@ -466,6 +476,9 @@ async fn run(mut cli: Cli) -> Result<(), Failure> {
         learner,
         http,
         etcd_listen,
+        etcd_cert,
+        etcd_key,
+        etcd_client_ca,
         tuning,
     } = cli.command
     {
@@ -479,7 +492,11 @@ async fn run(mut cli: Cli) -> Result<(), Failure> {
             .learner(learner);
         let mut store = StoreConfig::raft_member(dir, id, cluster).tuned(tuning);
         if let Some(addr) = etcd_listen {
-            store = store.with_etcd_api(datasync_agent::EtcdApiSettings::new(addr));
+            let mut api = datasync_agent::EtcdApiSettings::new(addr);
+            if let (Some(cert), Some(key)) = (etcd_cert, etcd_key) {
+                api = api.tls(cert, key, etcd_client_ca);
+            }
+            store = store.with_etcd_api(api);
             store.check().map_err(Failure::Usage)?;
         }
         return serve(store, http).await;
@@ -890,7 +907,7 @@ async fn serve(config: StoreConfig, http: Option<std::net::SocketAddr>) -> Resul
             etcd_api: Some(api),
             ..
         } => {
-            let api = datasync_agent::serve_etcd_api(&store, api.listen).await?;
+            let api = datasync_agent::serve_etcd_api(&store, api).await?;
             eprintln!("etcd API on {}", api.addr());
             Some(api)
         }
