@@ -712,3 +712,86 @@ async fn a_compaction_cuts_the_history_on_every_member() {
         Err(StoreError::FutureRevision { .. })
     ));
 }
+
+/// The history is on disk: after a restart, reads at past revisions and watches from
+/// them work as before, bounded by the history's length and by the last compaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_and_the_compaction_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = RaftConfig::new(dir.path());
+        c.history = 20;
+        c
+    };
+    let s = RaftStore::open(config()).await.unwrap();
+    let mut revs = Vec::new();
+    for i in 0..30 {
+        let k = if i % 2 == 0 { "h/a" } else { "h/b" };
+        let r = s
+            .put(&key(k), Value::from(format!("{i}")), PutOptions::new())
+            .await
+            .unwrap();
+        revs.push(r.0);
+    }
+    s.delete(&key("h/a"), datasync::DeleteOptions::new())
+        .await
+        .unwrap();
+    let last = s.revision();
+    let oldest = s.compacted_revision();
+    assert_eq!(oldest, Revision(last.0 - 20), "20 revisions kept");
+    let at = Revision(revs[15]);
+    let before = s
+        .range(&KeyRange::from("h/"), ReadOptions::new().at(at))
+        .await
+        .unwrap();
+    s.shutdown().await;
+    drop(s);
+
+    let s = RaftStore::open(config()).await.unwrap();
+    assert_eq!(s.compacted_revision(), oldest, "the history came back");
+    let after = s
+        .range(&KeyRange::from("h/"), ReadOptions::new().at(at))
+        .await
+        .unwrap();
+    assert_eq!(after, before);
+    // A watch from a past revision replays it, with the records of the time.
+    let mut w = s
+        .watch_records(KeyRange::from("h/"), Some(at))
+        .await
+        .unwrap();
+    let first = next(&mut w).await.unwrap();
+    assert_eq!(first.revision, at);
+    assert_eq!(first.events[0].record.value, Value::from("15".to_owned()));
+    assert_eq!(
+        first.events[0].prev.as_ref().map(|p| p.value.clone()),
+        Some(Value::from("13".to_owned()))
+    );
+    let mut seen = vec![first.revision];
+    while seen.last() != Some(&last) {
+        seen.push(next(&mut w).await.unwrap().revision);
+    }
+    assert_eq!(seen.len() as u64, last.0 - at.0 + 1, "no revision missing");
+    drop(w);
+
+    // A compaction is kept too.
+    let floor = Revision(revs[25]);
+    s.compact(floor).await.unwrap();
+    s.shutdown().await;
+    drop(s);
+    let s = RaftStore::open(config()).await.unwrap();
+    assert_eq!(s.compacted_revision(), floor);
+    assert!(matches!(
+        s.range(
+            &KeyRange::from("h/"),
+            ReadOptions::new().at(Revision(floor.0 - 1))
+        )
+        .await,
+        Err(StoreError::Compacted { .. })
+    ));
+    let w = s
+        .watch_records(KeyRange::from("h/"), Some(floor))
+        .await
+        .unwrap();
+    drop(w);
+    s.shutdown().await;
+}

@@ -32,7 +32,7 @@ pub(crate) mod sm;
 pub(crate) mod tables;
 pub(crate) mod wal;
 
-use tables::{CLIENTS, EXPIRY, KV, LEASE_OBJS, RAFT_META, SM_META, SNAPSHOT};
+use tables::{CLIENTS, EXPIRY, HISTORY, KV, LEASE_OBJS, RAFT_META, SM_META, SNAPSHOT};
 pub(crate) use wal::SEGMENT;
 
 use std::path::{Path, PathBuf};
@@ -205,6 +205,7 @@ pub(crate) fn open(dir: &Path, segment: u64) -> Result<(Arc<Database>, wal::Wal)
         tx.open_table(SNAPSHOT)?;
         tx.open_table(CLIENTS)?;
         tx.open_table(LEASE_OBJS)?;
+        tx.open_table(HISTORY)?;
         tx.commit()?;
         Ok(())
     };

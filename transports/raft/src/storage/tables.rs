@@ -12,6 +12,11 @@ pub(crate) const SNAPSHOT: TableDefinition<'_, &str, &[u8]> = TableDefinition::n
 /// are found through `EXPIRY` (a key's lease word names its lease).
 pub(crate) const LEASE_OBJS: TableDefinition<'_, u64, &[u8]> =
     TableDefinition::new("lease_objects");
+/// The undo history (reads at past revisions, watches from a revision): revision →
+/// that revision's change with each key's record before and after it (see
+/// `sm::Undo::encode`). Written with the state it goes with, trimmed to the history's
+/// length and the last compaction, emptied when a snapshot replaces the state.
+pub(crate) const HISTORY: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("history");
 /// Client sessions for exactly-once writes: client id → bincode `session::Session`.
 pub(crate) const CLIENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("clients");
 
@@ -123,6 +128,11 @@ impl Stored {
 #[derive(Debug, thiserror::Error)]
 #[error("stored record of {0} bytes is shorter than its header")]
 pub(crate) struct CorruptValue(pub(crate) usize);
+
+/// A history row that does not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("stored history of revision {0} does not decode: {1}")]
+pub(crate) struct CorruptHistory(pub(crate) u64, pub(crate) String);
 
 #[cfg(test)]
 mod tests {

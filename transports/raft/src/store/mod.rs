@@ -44,7 +44,9 @@ pub struct RaftConfig {
     pub node_id: u64,
     /// Largest value accepted, in bytes (default 1 MiB; at most [`MAX_VALUE_SIZE`]).
     pub max_value_size: usize,
-    /// Transactions kept in memory for reads at past revisions (default 10,000).
+    /// Transactions kept for reads at past revisions and watches from them (default
+    /// 10,000): on disk with the state (so across restarts; each costs about its keys'
+    /// previous records) and in memory.
     pub history: usize,
     /// Build a snapshot (and compact the log) after this many new log entries
     /// (default 20,000).

@@ -583,7 +583,14 @@ pub(super) fn apply_batch(
             }
         }
     }
+    let compacted = view.compact.map(|to| to.min(revision).max(inner.compacted));
+    let history_cut = (revision + 1)
+        .saturating_sub(shared.history_len as u64)
+        .max(compacted.unwrap_or(inner.compacted));
     let work = Work {
+        history: txns.clone(),
+        history_cut,
+        compacted,
         writes: view.writes,
         applied,
         revision,
@@ -593,7 +600,6 @@ pub(super) fn apply_batch(
         versions_on: view.versions_on,
     };
     let leases_set = view.lease_written;
-    let compact = view.compact;
     let inline = match &inner.writer {
         Some(Queue::Thread(w)) => match w.send(work) {
             Ok(()) => None,
@@ -621,12 +627,11 @@ pub(super) fn apply_batch(
     }
     // Revision `to`'s own change stays, for watches from `to` (etcd keeps it too);
     // the floor refuses reads before it.
-    if let Some(to) = compact {
-        let to = to.min(inner.revision);
+    if let Some(to) = compacted {
         while inner.history.front().is_some_and(|u| u.revision < to) {
             inner.history.pop_front();
         }
-        inner.compacted = inner.compacted.max(to);
+        inner.compacted = to;
     }
     drop(guard);
     if leases_set {

@@ -1,5 +1,6 @@
-//! The replicated key-value state machine: applies committed commands, keeps a short
-//! in-memory history for reads at past revisions, and feeds watchers. redb is written
+//! The replicated key-value state machine: applies committed commands, keeps a history
+//! for reads at past revisions (in memory, and in redb's `history` table across
+//! restarts), and feeds watchers. redb is written
 //! behind the apply path by a writer thread (see [`apply::apply_batch`]).
 //!
 //! This module holds what the parts share ([`Shared`], [`Inner`], the undo history);
@@ -20,7 +21,7 @@ use tokio::sync::{Notify, watch};
 
 use super::lease::{self, Clock, LeaseObj, LeaseObjs, Leases};
 use super::session::Sessions;
-use super::tables::{CLIENTS, EXPIRY, KV, LEASE_OBJS, SM_META, Stored};
+use super::tables::{CLIENTS, EXPIRY, HISTORY, KV, LEASE_OBJS, SM_META, Stored};
 
 mod apply;
 mod reads;
@@ -71,6 +72,12 @@ pub(crate) fn verify(db: &Database) -> Result<(), String> {
     if let Some(v) = meta.get("revision").map_err(|e| e.to_string())? {
         bincode::deserialize::<u64>(v.value()).map_err(|e| format!("revision: {e}"))?;
     }
+    let history = tx.open_table(HISTORY).map_err(|e| e.to_string())?;
+    for item in history.iter().map_err(|e| e.to_string())? {
+        let (r, v) = item.map_err(|e| e.to_string())?;
+        Undo::decode(r.value(), v.value(), |_| Ok(datasync::Value::default()))
+            .map_err(|e| format!("history r{}: {e}", r.value()))?;
+    }
     Ok(())
 }
 
@@ -96,6 +103,136 @@ pub(crate) struct Undo {
     /// `txn.changes`.
     after: Vec<Option<After>>,
     txn: Arc<datasync::transport::feed::Txn>,
+}
+
+/// One key's change as the history table keeps it. The value after is not stored:
+/// it is the value before the key's next change, or its current value (see
+/// [`load_history`]), which halves what the history writes.
+#[derive(Serialize, serde::Deserialize)]
+struct StoredChange {
+    key: String,
+    /// The record before, encoded as in `KV` (`None`: absent).
+    before: Option<serde_bytes::ByteBuf>,
+    /// The record's create revision, version and lease after (`None`: deleted).
+    after: Option<(u64, u64, u64)>,
+}
+
+impl Undo {
+    /// The row of the history table (bincode of each change, in the change's order).
+    fn encode(&self) -> Vec<u8> {
+        let changes: Vec<StoredChange> = self
+            .txn
+            .changes
+            .iter()
+            .zip(&self.before)
+            .zip(&self.after)
+            .map(|((c, (_, before)), after)| StoredChange {
+                key: c.key.as_str().to_owned(),
+                before: before
+                    .as_ref()
+                    .map(|s| serde_bytes::ByteBuf::from(s.encode())),
+                after: after.map(|a| (a.create_rev, a.version, a.lease)),
+            })
+            .collect();
+        bincode::serialize(&changes).unwrap_or_default()
+    }
+
+    /// A history row back as the undo record it was: the change event is rebuilt from
+    /// the records (a change's previous value is the record before; a put's value
+    /// comes from `value_after`, given the key), as apply made it.
+    fn decode(
+        revision: u64,
+        bytes: &[u8],
+        mut value_after: impl FnMut(&Key) -> Result<datasync::Value, String>,
+    ) -> Result<Undo, String> {
+        let stored: Vec<StoredChange> = bincode::deserialize(bytes).map_err(|e| e.to_string())?;
+        let (mut changes, mut before, mut after) = (Vec::new(), Vec::new(), Vec::new());
+        for c in stored {
+            let key = Key::from_stored(&c.key).map_err(|e| format!("key {:?}: {e}", c.key))?;
+            let prev = c
+                .before
+                .map(|b| Stored::decode(&b).map_err(|e| format!("key {:?}: {e}", c.key)))
+                .transpose()?;
+            let value = match c.after {
+                Some(_) => Some(value_after(&key)?),
+                None => None,
+            };
+            changes.push(datasync::KeyChange {
+                key: key.clone(),
+                op: if value.is_some() {
+                    datasync::Op::Put
+                } else {
+                    datasync::Op::Delete
+                },
+                value,
+                prev: prev.as_ref().map(|p| p.value.clone()),
+            });
+            before.push((key, prev));
+            after.push(c.after.map(|(create_rev, version, lease)| After {
+                create_rev,
+                version,
+                lease,
+            }));
+        }
+        Ok(Undo {
+            revision,
+            before,
+            after,
+            txn: Arc::new(datasync::transport::feed::Txn {
+                revision: Revision(revision),
+                changes,
+            }),
+        })
+    }
+}
+
+/// The history table's last `len` rows, as the in-memory history. Read newest first:
+/// a put's value is the value before the key's next change, or its current value in
+/// `KV` when no later change is kept.
+fn load_history(
+    tx: &ReadTransaction,
+    len: usize,
+    revision: u64,
+) -> Result<VecDeque<Arc<Undo>>, StorageError> {
+    let t = tx.open_table(HISTORY).map_err(rd)?;
+    let kv = tx.open_table(KV).map_err(rd)?;
+    let from = (revision + 1).saturating_sub(len as u64);
+    let mut out = VecDeque::new();
+    if from > revision {
+        return Ok(out);
+    }
+    // Each key's value after the revision being decoded (`None`: absent then).
+    let mut later: std::collections::HashMap<Key, Option<datasync::Value>> =
+        std::collections::HashMap::new();
+    let corrupt = |r: u64, e: String| rd(crate::storage::tables::CorruptHistory(r, e));
+    for item in t.range(from..=revision).map_err(rd)?.rev() {
+        let (r, v) = item.map_err(rd)?;
+        let r = r.value();
+        // Rows are kept for consecutive revisions up to the state's; a gap means the
+        // rows before it cannot be rebuilt: the history starts after it.
+        if out
+            .front()
+            .map_or(r != revision, |u: &Arc<Undo>| u.revision != r + 1)
+        {
+            break;
+        }
+        let undo = Undo::decode(r, v.value(), |key| {
+            let known = match later.get(key) {
+                Some(v) => v.clone(),
+                None => match kv.get(key.as_str()).map_err(|e| e.to_string())? {
+                    Some(s) => Some(Stored::decode(s.value()).map_err(|e| e.to_string())?.value),
+                    None => None,
+                },
+            };
+            known.ok_or_else(|| format!("key {key:?} is absent after a put of it"))
+        })
+        .map_err(|e| corrupt(r, e))?;
+        for (key, before) in &undo.before {
+            later.insert(key.clone(), before.as_ref().map(|s| s.value.clone()));
+        }
+        out.push_front(Arc::new(undo));
+    }
+    Ok(out)
 }
 
 /// What readers and the apply path share. The mutex orders commits with watch
@@ -178,18 +315,20 @@ impl Shared {
         history_len: usize,
         clock: Clock,
     ) -> Result<Arc<Self>, StorageError> {
-        let (revision, membership, leases, sessions, objs, versions) = {
+        let (revision, membership, leases, sessions, objs, versions, history, compacted) = {
             let tx = db.begin_read().map_err(rd)?;
             let meta = tx.open_table(SM_META).map_err(rd)?;
-            let revision: Option<u64> = get_meta(&meta, "revision")?;
+            let revision: u64 = get_meta(&meta, "revision")?.unwrap_or(0);
             let membership: Option<StoredMembership> = get_meta(&meta, "membership")?;
             (
-                revision.unwrap_or(0),
+                revision,
                 membership.unwrap_or_default(),
                 load_leases(&tx, &clock)?,
                 load_sessions(&tx)?,
                 load_lease_objs(&tx, &clock)?,
                 get_meta::<bool>(&meta, "versions")?.unwrap_or(false),
+                load_history(&tx, history_len, revision)?,
+                get_meta::<u64>(&meta, "compacted")?.unwrap_or(0),
             )
         };
         let metrics = crate::metrics::Metrics::default();
@@ -219,14 +358,14 @@ impl Shared {
             inner: Mutex::new(Inner {
                 hub: Hub::default(),
                 revision,
-                history: VecDeque::new(),
+                history,
                 records: RecordSubs::default(),
                 writer: Some(queue),
                 leases,
                 sessions,
                 objs,
                 versions,
-                compacted: 0,
+                compacted,
             }),
             history_len,
             pending,

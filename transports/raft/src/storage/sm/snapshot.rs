@@ -8,7 +8,7 @@ use openraft::{OptionalSend, RaftSnapshotBuilder};
 use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 
-use crate::storage::tables::{CLIENTS, EXPIRY, KV, LEASE_OBJS, SM_META, SNAPSHOT, Stored};
+use crate::storage::tables::{CLIENTS, EXPIRY, HISTORY, KV, LEASE_OBJS, SM_META, SNAPSHOT, Stored};
 use crate::types::{Entry, LogId, NodeId, Outcome, StorageError, StoredMembership, TypeConfig};
 
 use super::apply::{apply_batch, small};
@@ -391,6 +391,9 @@ fn replace_state(
     put_meta(&mut meta, "versions", &payload.versions)?;
     let mut objs = tx.open_table(LEASE_OBJS).map_err(wr)?;
     objs.retain(|_, _| false).map_err(wr)?;
+    // The history led to the state replaced; none leads to the new one.
+    let mut history = tx.open_table(HISTORY).map_err(wr)?;
+    history.retain(|_, _| false).map_err(wr)?;
     for (id, obj) in &payload.leases {
         bincode::deserialize::<crate::storage::lease::LeaseObj>(obj).map_err(wr)?;
         objs.insert(id, obj.as_slice()).map_err(wr)?;

@@ -7,7 +7,7 @@ use datasync::{Key, StoreError};
 use redb::{Database, Durability, ReadableTable};
 use tokio::sync::Notify;
 
-use crate::storage::tables::{CLIENTS, EXPIRY, KV, LEASE_OBJS, SM_META, Stored};
+use crate::storage::tables::{CLIENTS, EXPIRY, HISTORY, KV, LEASE_OBJS, SM_META, Stored};
 use crate::types::{LogId, StorageError, StoredMembership};
 
 use super::*;
@@ -33,6 +33,12 @@ pub(super) struct Work {
     pub(super) lease_objs: Vec<(u64, Option<Vec<u8>>)>,
     /// Records count versions from this apply on.
     pub(super) versions_on: bool,
+    /// The history this apply added, for the history table.
+    pub(super) history: Vec<Arc<Undo>>,
+    /// History rows below this revision go (the history's length, compactions).
+    pub(super) history_cut: u64,
+    /// The last compaction, when this apply compacted.
+    pub(super) compacted: Option<u64>,
 }
 
 /// Applied state not yet written to redb, and the writer's progress.
@@ -246,8 +252,18 @@ pub(super) fn store(db: &Database, works: Vec<Work>, durable: bool) -> Result<()
         let mut meta = tx.open_table(SM_META).map_err(wr)?;
         let mut clients = tx.open_table(CLIENTS).map_err(wr)?;
         let mut objs = tx.open_table(LEASE_OBJS).map_err(wr)?;
-        let (mut last, mut revision) = (None, None);
+        let mut history = tx.open_table(HISTORY).map_err(wr)?;
+        let (mut last, mut revision, mut cut) = (None, None, 0);
         for w in works {
+            for undo in &w.history {
+                history
+                    .insert(undo.revision, undo.encode().as_slice())
+                    .map_err(wr)?;
+            }
+            cut = cut.max(w.history_cut);
+            if let Some(c) = w.compacted {
+                put_meta(&mut meta, "compacted", &c)?;
+            }
             for (id, obj) in &w.lease_objs {
                 match obj {
                     Some(bytes) => objs.insert(id, bytes.as_slice()),
@@ -295,6 +311,7 @@ pub(super) fn store(db: &Database, works: Vec<Work>, durable: bool) -> Result<()
         if let Some(r) = revision {
             put_meta(&mut meta, "revision", &r)?;
         }
+        history.retain_in(..cut, |_, _| false).map_err(wr)?;
         if let Some(applied) = last {
             put_meta(&mut meta, "applied", &applied)?;
         }
