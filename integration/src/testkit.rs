@@ -40,6 +40,29 @@ pub async fn assert_same<S: Writer>(store: &S, mirror: &Mirror, p: &str) {
     assert_eq!(got, want, "consumer state differs from the store under {p}");
 }
 
+/// Puts `tls/k` = `secret` through `store`, sees it as the first change of a watch of
+/// `tls/` at the put's revision, and reads it back: a client that got through works.
+pub async fn put_watch_get<S: Writer + datasync::Watcher>(store: &S) {
+    let k = key("tls/k");
+    let r = store
+        .put(&k, "secret".into(), datasync::PutOptions::new())
+        .await
+        .expect("a put");
+    let mut w = store
+        .watch("tls", &[prefix("tls/")], datasync::WatchOptions::default())
+        .await
+        .expect("a watch");
+    let ev = next_event(&mut w).await.expect("the watch's first event");
+    assert_eq!(ev.revision(), r);
+    ev.into_done().ok();
+    let got = store
+        .get(&k, ReadOptions::new())
+        .await
+        .expect("a read")
+        .expect("the key");
+    assert_eq!(got.value.as_bytes(), b"secret");
+}
+
 /// Runs `openssl` with `args` in `dir`; fails clearly if it is not installed.
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")

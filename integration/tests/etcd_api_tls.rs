@@ -8,11 +8,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use datasync::testing::next_event;
-use datasync::{Key, Prefix, PutOptions, ReadOptions, WatchOptions, Watcher, Writer};
+use datasync::{Key, ReadOptions, Writer};
 use datasync_etcd::{EtcdConfig, EtcdStore};
 use datasync_etcd_api::{BindError, EtcdApi, Tls};
-use datasync_integration::testkit::certificates;
+use datasync_integration::testkit::{certificates, put_watch_get};
 use datasync_raft::{RaftConfig, RaftStore};
 use etcd_client::{Certificate, Identity, TlsOptions};
 
@@ -75,24 +74,8 @@ async fn the_etcd_endpoint_serves_tls_to_clients_with_a_certificate_only() {
     )
     .await
     .unwrap();
+    put_watch_get(&etcd).await;
     let k = Key::new("tls/k").unwrap();
-    let r = etcd
-        .put(&k, "secret".into(), PutOptions::new())
-        .await
-        .unwrap();
-    let mut w = etcd
-        .watch(
-            "tls",
-            &[Prefix::new("tls/").unwrap()],
-            WatchOptions::default(),
-        )
-        .await
-        .unwrap();
-    let ev = next_event(&mut w).await.unwrap();
-    assert_eq!(ev.revision(), r);
-    ev.into_done().ok();
-    let got = etcd.get(&k, ReadOptions::new()).await.unwrap().unwrap();
-    assert_eq!(got.value.as_bytes(), b"secret");
 
     // A transport that trusts the server but has no certificate of its own gets
     // nowhere.

@@ -5,11 +5,9 @@
 
 use std::time::Duration;
 
-use datasync::testing::next_event;
-use datasync::{Key, Prefix, PutOptions, ReadOptions, WatchOptions, Watcher, Writer};
 use datasync_etcd::{EtcdConfig, EtcdStore};
 use datasync_integration::EtcdServer;
-use datasync_integration::testkit::certificates;
+use datasync_integration::testkit::{certificates, put_watch_get};
 use etcd_client::{Certificate, TlsOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,24 +28,7 @@ async fn writes_and_watches_over_tls_and_refuses_an_unknown_server() {
     )
     .await
     .unwrap();
-    let k = Key::new("tls/k").unwrap();
-    let r = store
-        .put(&k, "secret".into(), PutOptions::new())
-        .await
-        .unwrap();
-    let mut w = store
-        .watch(
-            "tls",
-            &[Prefix::new("tls/").unwrap()],
-            WatchOptions::default(),
-        )
-        .await
-        .unwrap();
-    let ev = next_event(&mut w).await.unwrap();
-    assert_eq!(ev.revision(), r);
-    ev.into_done().ok();
-    let got = store.get(&k, ReadOptions::new()).await.unwrap().unwrap();
-    assert_eq!(got.value.as_bytes(), b"secret");
+    put_watch_get(&store).await;
 
     // A client that does not trust the test CA must not get through.
     let untrusting = EtcdStore::connect(

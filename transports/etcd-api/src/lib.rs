@@ -130,8 +130,10 @@ impl EtcdApi {
     pub async fn bind(self, addr: SocketAddr) -> Result<Serving, BindError> {
         let mut server = tonic::transport::Server::builder();
         let scheme = if let Some(tls) = &self.tls {
+            // A client that never finishes its handshake must not hold a task forever.
             let mut config = tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key));
+                .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key))
+                .timeout(std::time::Duration::from_secs(10));
             if let Some(ca) = &tls.client_ca {
                 config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
             }

@@ -2,7 +2,7 @@
 //! the built-in store does not do yet answers `Unimplemented`, saying so.
 
 use datasync::{Consistency, ReadOptions, Revision};
-use datasync_raft::{ClusterError, KeyRange, RaftStore, Record, Refusal, Role};
+use datasync_raft::{ClusterError, KeyRange, RaftStore, Record, Refusal};
 use etcd_client::proto::{
     PbAlarmRequest, PbAlarmResponse, PbClusterService, PbDefragmentRequest, PbDefragmentResponse,
     PbDowngradeRequest, PbDowngradeResponse, PbHashKvRequest, PbHashKvResponse, PbHashRequest,
@@ -108,14 +108,21 @@ impl PbMaintenanceService for Maintenance {
         Err(not_yet("defragment"))
     }
 
-    /// The store's state hash (keys, values, revisions, leases, client sessions),
-    /// folded to etcd's 32 bits: equal on members that applied the same log.
+    /// The store's data hash (every key with its value, revisions and lease), folded
+    /// to etcd's 32 bits: equal on members at the same revision.
     async fn hash(
         &self,
         _request: Request<PbHashRequest>,
     ) -> Result<Response<PbHashResponse>, Status> {
-        let revision = self.store.revision().0;
-        let h = self.store.state_hash().map_err(status)?;
+        let store = self.store.clone();
+        // It waits for the writer and reads every key: off the async workers.
+        let (revision, h) = tokio::task::spawn_blocking(move || {
+            let revision = store.revision().0;
+            store.data_hash().map(|h| (revision, h))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("etcdserver: hash: {e}")))?
+        .map_err(status)?;
         Ok(Response::new(PbHashResponse {
             header: header(&self.store, revision),
             hash: fold(h),
@@ -146,8 +153,9 @@ impl PbMaintenanceService for Maintenance {
         }))
     }
 
-    type SnapshotStream =
-        futures_util::stream::Iter<std::vec::IntoIter<Result<PbSnapshotResponse, Status>>>;
+    type SnapshotStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<PbSnapshotResponse, Status>> + Send>,
+    >;
 
     /// The store's backup (`datasync snapshot status/restore` read it), in 32 KiB
     /// pieces. Like etcd's, the stream ends in the SHA-256 of what came before: the
@@ -157,22 +165,19 @@ impl PbMaintenanceService for Maintenance {
         _request: Request<PbSnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         const PIECE: usize = 32 << 10;
-        let backup = self.store.backup().await.map_err(status)?;
+        let backup = std::sync::Arc::new(self.store.backup().await.map_err(status)?);
         let header = header(&self.store, self.store.revision().0);
-        let mut left = backup.len();
-        let pieces: Vec<_> = backup
-            .chunks(PIECE)
-            .map(|piece| {
-                left -= piece.len();
-                Ok(PbSnapshotResponse {
-                    header,
-                    remaining_bytes: left as u64,
-                    blob: piece.to_vec(),
-                    ..PbSnapshotResponse::default()
-                })
+        // Each piece is copied out as it is sent, not all at once.
+        let pieces = (0..backup.len().div_ceil(PIECE)).map(move |i| {
+            let piece = &backup[i * PIECE..backup.len().min((i + 1) * PIECE)];
+            Ok(PbSnapshotResponse {
+                header,
+                remaining_bytes: (backup.len() - i * PIECE - piece.len()) as u64,
+                blob: piece.to_vec(),
+                ..PbSnapshotResponse::default()
             })
-            .collect();
-        Ok(Response::new(futures_util::stream::iter(pieces)))
+        });
+        Ok(Response::new(Box::pin(futures_util::stream::iter(pieces))))
     }
 
     async fn move_leader(
@@ -219,8 +224,9 @@ impl Cluster {
     }
 }
 
-/// A member's peer URL as the store's address: `host:port` after any scheme
-/// (etcdctl sends `http://host:port`; the members speak their own protocol there).
+/// A member's peer URL as the store's address: the `host:port` of an `http`,
+/// `https` or `raft` URL with nothing else in it (etcdctl sends `http://host:port`;
+/// the members speak their own protocol there).
 fn peer_addr(urls: &[String]) -> Result<String, Status> {
     let bad = || Status::invalid_argument("etcdserver: given member URLs are invalid");
     let [url] = urls else {
@@ -228,13 +234,32 @@ fn peer_addr(urls: &[String]) -> Result<String, Status> {
             "etcdserver: a member of the built-in store has exactly one peer URL",
         ));
     };
-    let addr = url.split_once("://").map_or(url.as_str(), |(_, a)| a);
-    let addr = addr.trim_end_matches('/');
-    match addr.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-            Ok(addr.to_owned())
-        }
+    let u = url::Url::parse(url).map_err(|_| bad())?;
+    let plain = matches!(u.scheme(), "http" | "https" | "raft")
+        && u.username().is_empty()
+        && u.password().is_none()
+        && matches!(u.path(), "" | "/")
+        && u.query().is_none()
+        && u.fragment().is_none();
+    match (plain, u.host_str(), u.port()) {
+        (true, Some(host), Some(port)) => Ok(format!("{host}:{port}")),
         _ => Err(bad()),
+    }
+}
+
+/// How long a membership change may take before the call fails (the change may still
+/// commit later: a group without a quorum commits nothing until it has one).
+const CHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn within<T>(
+    change: impl std::future::Future<Output = Result<T, ClusterError>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(CHANGE_TIMEOUT, change).await {
+        Ok(done) => done.map_err(cluster_status),
+        Err(_) => Err(Status::unavailable(format!(
+            "etcdserver: the membership change was not committed within {CHANGE_TIMEOUT:?} \
+             (no quorum?)"
+        ))),
     }
 }
 
@@ -284,30 +309,24 @@ impl PbClusterService for Cluster {
                 "etcdserver: Peer URLs already exists",
             ));
         }
-        // The next id after the members': short enough to type as `--node-id`.
-        let id = now
-            .voters
-            .keys()
-            .chain(now.learners.keys())
-            .max()
-            .map_or(1, |m| m.saturating_add(1));
-        let role = if r.is_learner {
-            Role::Learner
-        } else {
-            Role::Voter
+        // Random, as etcd's: an id is never given twice, so a removed member that
+        // still runs is never taken for a new one.
+        let id = loop {
+            let id = fastrand::u64(1..=i64::MAX as u64);
+            if now.role(id).is_none() {
+                break id;
+            }
         };
-        self.store
-            .register_member(id, &addr, role)
-            .await
-            .map_err(cluster_status)?;
+        within(self.store.register_member(id, &addr)).await?;
         Ok(Response::new(PbMemberAddResponse {
             header: header(&self.store, self.store.revision().0),
+            // A learner until it runs and catches up, even when a voter was asked for.
             member: Some(PbMember {
                 id,
                 name: String::new(),
                 peer_ur_ls: r.peer_ur_ls,
                 client_ur_ls: Vec::new(),
-                is_learner: r.is_learner,
+                is_learner: true,
             }),
             members: self.members(),
         }))
@@ -321,7 +340,7 @@ impl PbClusterService for Cluster {
         if self.store.members().role(id).is_none() {
             return Err(Status::not_found("etcdserver: member not found"));
         }
-        self.store.remove_member(id).await.map_err(cluster_status)?;
+        within(self.store.remove_member(id)).await?;
         Ok(Response::new(PbMemberRemoveResponse {
             header: header(&self.store, self.store.revision().0),
             members: self.members(),
@@ -352,10 +371,7 @@ impl PbClusterService for Cluster {
         request: Request<PbMemberPromoteRequest>,
     ) -> Result<Response<PbMemberPromoteResponse>, Status> {
         let id = request.into_inner().id;
-        self.store
-            .promote_member(id)
-            .await
-            .map_err(cluster_status)?;
+        within(self.store.promote_member(id)).await?;
         Ok(Response::new(PbMemberPromoteResponse {
             header: header(&self.store, self.store.revision().0),
             members: self.members(),

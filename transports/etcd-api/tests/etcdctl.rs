@@ -523,9 +523,18 @@ async fn etcdctl_adds_promotes_and_removes_members() {
         );
         let err = ctl.fails(&["member", "promote", &id4]);
         assert!(err.contains("can only promote a learner member"), "{err}");
-        // A voter added before it runs counts towards the quorum at once, as in etcd.
+        // A voter added before it runs is a learner until it runs and catches up: the
+        // group writes on meanwhile (a voter that does not run would stall it).
         let out = ctl.ok(&["member", "add", "n5", &url5]);
-        (ctl, added_id(&out))
+        let id5 = added_id(&out);
+        let list = ctl.ok(&["member", "list"]);
+        assert!(
+            list.lines()
+                .any(|l| l.starts_with(&format!("{id5},")) && l.ends_with(", true")),
+            "{list}"
+        );
+        assert_eq!(ctl.ok(&["put", "k", "while n5 is away"]), "OK\n");
+        (ctl, id5)
     })
     .await
     .unwrap();

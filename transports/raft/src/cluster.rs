@@ -272,7 +272,17 @@ impl Service {
         match now.role(id) {
             Some(Role::Voter) => Ok(now.log_index),
             Some(Role::Learner) if !voter => Ok(now.log_index),
-            Some(Role::Learner) => change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await,
+            Some(Role::Learner) => {
+                // Caught up first (as a new member is): a learner registered before it
+                // ran, or one restarting far behind, must not take a vote without the
+                // log.
+                let addr = now.learners.get(&id).cloned().unwrap_or(addr);
+                self.raft
+                    .add_learner(id, BasicNode::new(addr), true)
+                    .await
+                    .map_err(change_error)?;
+                change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+            }
             None => {
                 let added = self
                     .raft
@@ -288,23 +298,27 @@ impl Service {
         }
     }
 
-    /// etcd's `member add`: the node is added now, whether or not it runs; the leader
-    /// replicates to it once it answers.
-    async fn register(&self, id: NodeId, addr: String, voter: bool) -> Result<u64, ServiceError> {
+    /// etcd's `member add`: the node is added now as a learner, whether or not it
+    /// runs; the leader replicates to it once it answers. It becomes a voter when it
+    /// joins as one, once caught up (see `join`), or by `promote`.
+    ///
+    /// Why never a voter at once, as etcd does: openraft changes voters through a joint
+    /// configuration that a majority of the new voters must commit, so a voter that does
+    /// not run yet would stall every write of a group with a member down (and of a single
+    /// node) until it ran. The same learner at the same address again is no change (a
+    /// retry).
+    async fn register(&self, id: NodeId, addr: String) -> Result<u64, ServiceError> {
         self.redirect()?;
-        if self.members().role(id).is_some() {
-            return Err(ServiceError::Refused(Refusal::AlreadyMember(id)));
-        }
-        let added = self
-            .raft
-            .add_learner(id, BasicNode::new(addr), false)
-            .await
-            .map_err(change_error)?;
-        if !voter {
-            return Ok(added.log_id.index);
+        let now = self.members();
+        match now.role(id) {
+            Some(Role::Learner) if now.learners.get(&id) == Some(&addr) => {
+                return Ok(now.log_index);
+            }
+            Some(_) => return Err(ServiceError::Refused(Refusal::AlreadyMember(id))),
+            None => {}
         }
         self.raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .add_learner(id, BasicNode::new(addr), false)
             .await
             .map(|r| r.log_id.index)
             .map_err(change_error)
@@ -405,9 +419,7 @@ impl Handler for Service {
                 Reply::Membership(self.join(id, addr, voter).await)
             }
             Request::Leave { id } => Reply::Membership(self.leave(id).await),
-            Request::Register { id, addr, voter } => {
-                Reply::Membership(self.register(id, addr, voter).await)
-            }
+            Request::Register { id, addr, .. } => Reply::Membership(self.register(id, addr).await),
             Request::Promote { id } => Reply::Membership(self.promote(id).await),
             Request::Members => Reply::Members(self.members()),
             Request::Client(op, id) => Reply::Client(match self.clients.get() {

@@ -190,8 +190,9 @@ enum Command {
         /// The data directory.
         #[arg(long, default_value = "./data")]
         dir: PathBuf,
-        /// This node's id, unique in the cluster and kept across restarts.
-        #[arg(long, default_value_t = 1)]
+        /// This node's id, unique in the cluster and kept across restarts (decimal, or
+        /// hex as `0x…`: `etcdctl member add` prints ids in hex).
+        #[arg(long, default_value_t = 1, value_parser = node_id)]
         id: u64,
         /// Where to listen for members and clients.
         #[arg(long)]
@@ -264,8 +265,8 @@ enum SnapshotCommand {
         /// The new data directory (absent or empty).
         #[arg(long)]
         dir: PathBuf,
-        /// The new node's id.
-        #[arg(long, default_value_t = 1)]
+        /// The new node's id (decimal, or hex as `0x…`).
+        #[arg(long, default_value_t = 1, value_parser = node_id)]
         id: u64,
         /// Make a cluster member listening here (as `serve --listen` will).
         #[arg(long)]
@@ -282,6 +283,7 @@ enum SnapshotCommand {
 enum MembersCommand {
     /// Adds a node as a voter (or promotes a learner), or as a learner.
     Add {
+        #[arg(value_parser = node_id)]
         id: u64,
         /// Its cluster address.
         addr: String,
@@ -289,7 +291,10 @@ enum MembersCommand {
         learner: bool,
     },
     /// Removes a node (it keeps its data).
-    Remove { id: u64 },
+    Remove {
+        #[arg(value_parser = node_id)]
+        id: u64,
+    },
 }
 
 /// A TTL as people write it (`humantime`: `500ms`, `30s`, `1h 30m`; a bare number is
@@ -1009,6 +1014,15 @@ async fn snapshot_offline(
         }
         SnapshotCommand::Save { .. } => unreachable!("save needs the store"),
     }
+}
+
+/// A node id: decimal, or hex after `0x` (as `etcdctl` prints member ids, without it).
+fn node_id(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?} is not a node id (decimal, or hex as 0x…): {e}"))
 }
 
 async fn wait_for_signal() -> Result<(), Failure> {

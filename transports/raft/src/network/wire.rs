@@ -63,14 +63,13 @@ pub(crate) enum Request {
         /// The member-side queue capacity.
         queue_capacity: usize,
     },
-    /// Add a node that need not run yet (etcd's `member add`): committed at once; a
-    /// voter counts towards the quorum from then on.
+    /// Add a node that need not run yet (etcd's `member add`), as a learner.
     Register {
         /// The node.
         id: NodeId,
         /// Its advertised address.
         addr: String,
-        /// Voter or learner.
+        /// Reserved: always added as a learner (see `Service::register`).
         voter: bool,
     },
     /// Make a learner a voter if it is in sync with the leader (etcd's `member

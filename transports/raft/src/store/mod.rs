@@ -413,22 +413,18 @@ impl RaftStore {
         self.membership_change(node, true, req).await
     }
 
-    /// Adds node `id` at `addr` (routed to the leader) without waiting for it to run or
-    /// catch up: etcd's `member add`. Start the node afterwards with this id, joining
-    /// the group. A voter counts towards the quorum at once, as in etcd; a learner is
-    /// made a voter with [`promote_member`](Self::promote_member) once in sync.
-    /// Refused when `id` is a member already.
-    pub async fn register_member(
-        &self,
-        id: u64,
-        addr: &str,
-        role: Role,
-    ) -> Result<(), ClusterError> {
+    /// Adds node `id` at `addr` as a learner (routed to the leader) without waiting
+    /// for it to run or catch up: etcd's `member add`. Start the node afterwards with
+    /// this id, joining the group: as a voter it becomes one once caught up; as a
+    /// learner it stays one until [`promote_member`](Self::promote_member). Unlike
+    /// etcd's, the new member never counts towards the quorum before it has the log.
+    /// Refused when `id` is a member already (at another address, or a voter).
+    pub async fn register_member(&self, id: u64, addr: &str) -> Result<(), ClusterError> {
         let node = self.inner.node.as_ref().ok_or(ClusterError::NotClustered)?;
         let req = || Request::Register {
             id,
             addr: addr.to_owned(),
-            voter: role == Role::Voter,
+            voter: false,
         };
         self.membership_change(node, true, req).await
     }

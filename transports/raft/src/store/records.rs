@@ -28,9 +28,10 @@ impl RaftStore {
             .map_err(|e| StoreError::Backend(Box::new(e)))?
     }
 
-    /// The oldest revision this member can still read at or watch from: revisions
-    /// before it are compacted (by [`compact`](Self::compact), by the history's length,
-    /// or because the history starts when this member opened or installed a snapshot).
+    /// The oldest revision this member can still read at: revisions before it are
+    /// compacted (by [`compact`](Self::compact), by the history's length, or because
+    /// the history starts where this member installed a snapshot). A watch can start
+    /// from it after a compaction; else from the revision after it.
     pub fn compacted_revision(&self) -> Revision {
         Revision(self.inner.sm.oldest_readable())
     }
@@ -44,6 +45,8 @@ impl RaftStore {
     /// # Cancel safety
     /// Dropped before it returns, the compaction may or may not happen.
     pub async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        // This member's view as of now, not as of its last apply.
+        self.read_barrier(&ReadOptions::new()).await?;
         let current = self.revision();
         if revision > current {
             return Err(StoreError::FutureRevision {
@@ -51,7 +54,9 @@ impl RaftStore {
                 current,
             });
         }
-        let oldest = self.compacted_revision();
+        // Where a watch could still start: compacting below it would leave a floor
+        // that reads allow but watches do not.
+        let oldest = Revision(self.inner.sm.oldest_watchable().min(current.0));
         if revision < oldest {
             return Err(StoreError::Compacted {
                 requested: revision,

@@ -387,7 +387,9 @@ impl View<'_> {
                 (Outcome::Unchanged, vec![])
             }
             Command::Compact { revision } => {
-                self.compact = self.compact.max(Some(revision));
+                // At most the revision before this command's: the same on every
+                // member, however entries are batched.
+                self.compact = self.compact.max(Some(revision.min(rev - 1)));
                 (Outcome::Unchanged, vec![])
             }
             c @ (Command::LeaseGrant { .. }
@@ -583,7 +585,7 @@ pub(super) fn apply_batch(
             }
         }
     }
-    let compacted = view.compact.map(|to| to.min(revision).max(inner.compacted));
+    let compacted = view.compact.map(|to| to.max(inner.compacted));
     let history_cut = (revision + 1)
         .saturating_sub(shared.history_len as u64)
         .max(compacted.unwrap_or(inner.compacted));

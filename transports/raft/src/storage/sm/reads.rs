@@ -149,6 +149,11 @@ impl Shared {
         self.lock().oldest_readable()
     }
 
+    /// The oldest revision a watch can start from.
+    pub(crate) fn oldest_watchable(&self) -> u64 {
+        self.lock().oldest_watchable()
+    }
+
     /// Pins the current state and the undo records needed to go back to `at`.
     fn pin_at(&self, at: Option<Revision>) -> Result<(ReadTransaction, Vec<Before>), StoreError> {
         let inner = self.lock();
