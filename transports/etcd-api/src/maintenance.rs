@@ -117,12 +117,23 @@ impl PbMaintenanceService for Maintenance {
         let store = self.store.clone();
         // It waits for the writer and reads every key: off the async workers.
         let (revision, h) = tokio::task::spawn_blocking(move || {
-            let revision = store.revision().0;
-            store.data_hash().map(|h| (revision, h))
+            // The revision the hashed state is at: the same before and after the hash
+            // (a write in between would pair a revision with another state).
+            for _ in 0..8 {
+                let revision = store.revision().0;
+                let h = store.data_hash()?;
+                if store.revision().0 == revision {
+                    return Ok(Some((revision, h)));
+                }
+            }
+            Ok(None)
         })
         .await
         .map_err(|e| Status::internal(format!("etcdserver: hash: {e}")))?
-        .map_err(status)?;
+        .map_err(status)?
+        .ok_or_else(|| {
+            Status::unavailable("etcdserver: the store changed during each of 8 hashes; retry")
+        })?;
         Ok(Response::new(PbHashResponse {
             header: header(&self.store, revision),
             hash: fold(h),
@@ -224,9 +235,9 @@ impl Cluster {
     }
 }
 
-/// A member's peer URL as the store's address: the `host:port` of an `http`,
-/// `https` or `raft` URL with nothing else in it (etcdctl sends `http://host:port`;
-/// the members speak their own protocol there).
+/// A member's peer URL as the store's address: the `host:port` of an `http` or
+/// `https` URL with nothing else in it (the schemes etcdctl accepts; the members speak
+/// their own protocol at that address).
 fn peer_addr(urls: &[String]) -> Result<String, Status> {
     let bad = || Status::invalid_argument("etcdserver: given member URLs are invalid");
     let [url] = urls else {
@@ -235,13 +246,13 @@ fn peer_addr(urls: &[String]) -> Result<String, Status> {
         ));
     };
     let u = url::Url::parse(url).map_err(|_| bad())?;
-    let plain = matches!(u.scheme(), "http" | "https" | "raft")
+    let plain = matches!(u.scheme(), "http" | "https")
         && u.username().is_empty()
         && u.password().is_none()
         && matches!(u.path(), "" | "/")
         && u.query().is_none()
         && u.fragment().is_none();
-    match (plain, u.host_str(), u.port()) {
+    match (plain, u.host_str(), u.port_or_known_default()) {
         (true, Some(host), Some(port)) => Ok(format!("{host}:{port}")),
         _ => Err(bad()),
     }
@@ -268,6 +279,9 @@ fn cluster_status(e: ClusterError) -> Status {
     match e {
         ClusterError::Refused(Refusal::AlreadyMember(_)) => {
             Status::failed_precondition("etcdserver: member ID already exist")
+        }
+        ClusterError::Refused(Refusal::AddressInUse(_)) => {
+            Status::failed_precondition("etcdserver: Peer URLs already exists")
         }
         ClusterError::Refused(Refusal::NotAMember(_)) => {
             Status::not_found("etcdserver: member not found")
@@ -376,5 +390,35 @@ impl PbClusterService for Cluster {
             header: header(&self.store, self.store.revision().0),
             members: self.members(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_urls_are_plain_http_addresses() {
+        let one = |u: &str| peer_addr(&[u.to_owned()]).ok();
+        assert_eq!(
+            one("http://127.0.0.1:2380").as_deref(),
+            Some("127.0.0.1:2380")
+        );
+        assert_eq!(one("https://node5:443/").as_deref(), Some("node5:443"));
+        assert_eq!(one("http://10.0.0.5:80").as_deref(), Some("10.0.0.5:80"));
+        assert_eq!(one("http://[::1]:7").as_deref(), Some("[::1]:7"));
+        for bad in [
+            "raft://h:1",
+            "http://user@h:1",
+            "http://h:1/path",
+            "http://h:1?q",
+            "h:1",
+            "http://:1",
+            "",
+        ] {
+            assert_eq!(one(bad), None, "{bad:?}");
+        }
+        assert!(peer_addr(&[]).is_err());
+        assert!(peer_addr(&["http://a:1".into(), "http://b:1".into()]).is_err());
     }
 }

@@ -74,6 +74,10 @@ pub struct ClusterConfig {
     pub(crate) net: Arc<dyn crate::network::net::Net>,
 }
 
+/// How long the leader waits for a learner to catch up in one call (see
+/// `Service::add_caught_up`).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+
 impl ClusterConfig {
     /// A member listening on `listen` with `secret`, bootstrapping a new group unless
     /// [`join`](Self::join) names members.
@@ -277,24 +281,34 @@ impl Service {
                 // ran, or one restarting far behind, must not take a vote without the
                 // log.
                 let addr = now.learners.get(&id).cloned().unwrap_or(addr);
-                self.raft
-                    .add_learner(id, BasicNode::new(addr), true)
-                    .await
-                    .map_err(change_error)?;
+                self.add_caught_up(id, addr).await?;
                 change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
             }
             None => {
-                let added = self
-                    .raft
-                    .add_learner(id, BasicNode::new(addr), true)
-                    .await
-                    .map_err(change_error)?;
+                let added = self.add_caught_up(id, addr).await?;
                 if voter {
                     change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
                 } else {
-                    Ok(added.log_id.index)
+                    Ok(added)
                 }
             }
+        }
+    }
+
+    /// Adds (or re-adds) learner `id` and waits until it has caught up, at most
+    /// [`CATCH_UP_WAIT`]: then `InProgress`, which a joining member retries (the
+    /// learner stays). Why bounded: openraft waits for as long as this node leads, in a
+    /// task no caller would be waiting on once its own call timed out, and which would
+    /// promote the node whenever it caught up.
+    async fn add_caught_up(&self, id: NodeId, addr: String) -> Result<u64, ServiceError> {
+        match tokio::time::timeout(
+            CATCH_UP_WAIT,
+            self.raft.add_learner(id, BasicNode::new(addr), true),
+        )
+        .await
+        {
+            Ok(added) => added.map(|r| r.log_id.index).map_err(change_error),
+            Err(_) => Err(ServiceError::InProgress),
         }
     }
 
@@ -316,6 +330,15 @@ impl Service {
             }
             Some(_) => return Err(ServiceError::Refused(Refusal::AlreadyMember(id))),
             None => {}
+        }
+        // Two ids at one address would be one process with two votes.
+        if let Some((&other, _)) = now
+            .voters
+            .iter()
+            .chain(&now.learners)
+            .find(|(_, a)| **a == addr)
+        {
+            return Err(ServiceError::Refused(Refusal::AddressInUse(other)));
         }
         self.raft
             .add_learner(id, BasicNode::new(addr), false)

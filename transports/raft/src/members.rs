@@ -79,6 +79,9 @@ pub enum Refusal {
     /// The node to register is a member already.
     #[error("node {0} is a member already")]
     AlreadyMember(NodeId),
+    /// Another member (this one) has the address already.
+    #[error("node {0} has that address already")]
+    AddressInUse(NodeId),
     /// The node is not a member of the group.
     #[error("node {0} is not a member of the group")]
     NotAMember(NodeId),
