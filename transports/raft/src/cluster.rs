@@ -442,7 +442,7 @@ impl Handler for Service {
                 Reply::Membership(self.join(id, addr, voter).await)
             }
             Request::Leave { id } => Reply::Membership(self.leave(id).await),
-            Request::Register { id, addr, .. } => Reply::Membership(self.register(id, addr).await),
+            Request::Register { id, addr } => Reply::Membership(self.register(id, addr).await),
             Request::Promote { id } => Reply::Membership(self.promote(id).await),
             Request::Members => Reply::Members(self.members()),
             Request::Client(op, id) => Reply::Client(match self.clients.get() {

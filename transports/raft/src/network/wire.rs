@@ -69,8 +69,6 @@ pub(crate) enum Request {
         id: NodeId,
         /// Its advertised address.
         addr: String,
-        /// Reserved: always added as a learner (see `Service::register`).
-        voter: bool,
     },
     /// Make a learner a voter if it is in sync with the leader (etcd's `member
     /// promote`); refused otherwise, at once.

@@ -424,7 +424,6 @@ impl RaftStore {
         let req = || Request::Register {
             id,
             addr: addr.to_owned(),
-            voter: false,
         };
         self.membership_change(node, true, req).await
     }

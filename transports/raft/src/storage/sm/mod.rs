@@ -118,15 +118,23 @@ struct StoredChange {
 }
 
 impl Undo {
-    /// The row of the history table (bincode of each change, in the change's order).
-    fn encode(&self) -> Vec<u8> {
-        let changes: Vec<StoredChange> = self
-            .txn
+    /// Each changed key's change event, record before and record after.
+    fn entries(
+        &self,
+    ) -> impl Iterator<Item = (&datasync::KeyChange, &Option<Stored>, &Option<After>)> {
+        self.txn
             .changes
             .iter()
             .zip(&self.before)
             .zip(&self.after)
-            .map(|((c, (_, before)), after)| StoredChange {
+            .map(|((c, (_, before)), after)| (c, before, after))
+    }
+
+    /// The row of the history table (bincode of each change, in the change's order).
+    fn encode(&self) -> Result<Vec<u8>, bincode::Error> {
+        let changes: Vec<StoredChange> = self
+            .entries()
+            .map(|(c, before, after)| StoredChange {
                 key: c.key.as_str().to_owned(),
                 before: before
                     .as_ref()
@@ -134,7 +142,7 @@ impl Undo {
                 after: after.map(|a| (a.create_rev, a.version, a.lease)),
             })
             .collect();
-        bincode::serialize(&changes).unwrap_or_default()
+        bincode::serialize(&changes)
     }
 
     /// A history row back as the undo record it was: the change event is rebuilt from
@@ -261,24 +269,24 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// The oldest revision whose change the history holds (the next one when it holds
+    /// none).
+    fn history_start(&self) -> u64 {
+        self.history
+            .front()
+            .map_or(self.revision + 1, |u| u.revision)
+    }
+
     /// The oldest revision a read can be at: the history rebuilds the state before
     /// each revision it holds.
     fn oldest_readable(&self) -> u64 {
-        let reach = self
-            .history
-            .front()
-            .map_or(self.revision, |u| u.revision - 1);
-        reach.max(self.compacted)
+        (self.history_start() - 1).max(self.compacted)
     }
 
     /// The oldest revision a watch can start from: the history holds each revision's
     /// change from here on.
     fn oldest_watchable(&self) -> u64 {
-        let reach = self
-            .history
-            .front()
-            .map_or(self.revision + 1, |u| u.revision);
-        reach.max(self.compacted)
+        self.history_start().max(self.compacted)
     }
 }
 

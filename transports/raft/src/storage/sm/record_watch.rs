@@ -180,13 +180,9 @@ fn record(key: &datasync::Key, s: &Stored) -> Record {
 fn changes(undo: &Undo, range: &KeyRange) -> Option<RecordChanges> {
     let rev = undo.revision;
     let events: Vec<RecordEvent> = undo
-        .txn
-        .changes
-        .iter()
-        .zip(&undo.before)
-        .zip(&undo.after)
-        .filter(|((c, _), _)| range.contains(c.key.as_str()))
-        .map(|((c, (_, before)), after)| {
+        .entries()
+        .filter(|(c, _, _)| range.contains(c.key.as_str()))
+        .map(|(c, before, after)| {
             let prev = before.as_ref().map(|b| record(&c.key, b));
             let record = match (c.op, after) {
                 (Op::Put, Some(a)) => Record {

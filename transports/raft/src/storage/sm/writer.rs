@@ -257,7 +257,7 @@ pub(super) fn store(db: &Database, works: Vec<Work>, durable: bool) -> Result<()
         for w in works {
             for undo in &w.history {
                 history
-                    .insert(undo.revision, undo.encode().as_slice())
+                    .insert(undo.revision, undo.encode().map_err(wr)?.as_slice())
                     .map_err(wr)?;
             }
             cut = cut.max(w.history_cut);
