@@ -1109,3 +1109,18 @@ async fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::node_id;
+
+    #[test]
+    fn node_ids_are_decimal_or_0x_hex() {
+        assert_eq!(node_id("10"), Ok(10));
+        assert_eq!(node_id("0x10"), Ok(16));
+        assert_eq!(node_id("0XfF"), Ok(255));
+        for bad in ["", "0x", "-1", "10x", "0x1g", "18446744073709551616"] {
+            assert!(node_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -204,7 +204,9 @@ fn load_history(
 ) -> Result<VecDeque<Arc<Undo>>, StorageError> {
     let t = tx.open_table(HISTORY).map_err(rd)?;
     let kv = tx.open_table(KV).map_err(rd)?;
-    let from = (revision + 1).saturating_sub(len as u64);
+    // Revision 0 changes nothing: a row under it is no history (and would underflow
+    // the floors), whatever a damaged file holds.
+    let from = (revision + 1).saturating_sub(len as u64).max(1);
     let mut out = VecDeque::new();
     if from > revision {
         return Ok(out);
@@ -588,5 +590,29 @@ fn get_meta<T: serde::de::DeserializeOwned>(
     match t.get(key).map_err(rd)? {
         Some(v) => Ok(Some(bincode::deserialize(v.value()).map_err(rd)?)),
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod history_tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+    use super::*;
+
+    /// A damaged file's row under revision 0 is no history: loading it would make the
+    /// floors underflow.
+    #[test]
+    fn a_history_row_at_revision_zero_is_not_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("db")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            tx.open_table(KV).unwrap();
+            let mut h = tx.open_table(HISTORY).unwrap();
+            let empty = bincode::serialize(&Vec::<StoredChange>::new()).unwrap();
+            h.insert(0, empty.as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+        let tx = db.begin_read().unwrap();
+        assert!(load_history(&tx, 10, 0).unwrap().is_empty());
     }
 }
