@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use datasync_integration::{NatsServer, free_port};
 
 mod common;
-use common::{Running, cli};
+use common::{Running, agent_log_tail, cli};
 // Linked in, so that its registration is part of the in-process agent below.
 use datasync_file_mirror as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -187,7 +187,10 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     while !refused().await {
         assert!(
             Instant::now() < deadline,
-            "the route's refusal never showed in /status"
+            "{}: {}\n{}",
+            "the route's refusal never showed in /status",
+            http_get(&addr, "/status").await.unwrap_or_default().1,
+            agent_log_tail(&config, 80)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -259,7 +262,10 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     while !recovered().await {
         assert!(
             Instant::now() < deadline,
-            "the bad value held up the plugin"
+            "{}: {}\n{}",
+            "the bad value held up the plugin",
+            http_get(&addr, "/status").await.unwrap_or_default().1,
+            agent_log_tail(&config, 80)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -289,7 +295,10 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     while !routed().await {
         assert!(
             Instant::now() < deadline,
-            "the route through eth1 was refused"
+            "{}: {}\n{}",
+            "the route through eth1 was refused",
+            http_get(&addr, "/status").await.unwrap_or_default().1,
+            agent_log_tail(&config, 80)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -52,13 +52,16 @@ impl Running {
         Running(Process::spawn_once("datasync", command).unwrap())
     }
 
-    /// `datasync agent --config config` (the binary `bin`), its output discarded.
+    /// `datasync agent --config config` (the binary `bin`), its standard output
+    /// discarded, its log (debug for datasync) in [`agent_log`]`(config)`.
     pub(crate) fn agent(bin: &str, config: &std::path::Path) -> Running {
+        let log = std::fs::File::create(agent_log(config)).unwrap();
         let mut c = Command::new(bin);
         c.args(["agent", "--config"])
             .arg(config)
+            .env("RUST_LOG", "info,datasync=debug,datasync_nats=debug")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+            .stderr(log);
         Running::spawn(c)
     }
 
@@ -70,4 +73,16 @@ impl Running {
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(status.success(), "exited with {status}");
     }
+}
+
+/// Where [`Running::agent`] writes the log of the agent configured by `config`.
+pub(crate) fn agent_log(config: &std::path::Path) -> std::path::PathBuf {
+    config.with_extension("log")
+}
+
+/// The last `lines` lines of that log, for a failure message.
+pub(crate) fn agent_log_tail(config: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(agent_log(config)).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
