@@ -21,12 +21,17 @@ pub struct WatchOptions {
     /// How many events may wait for the consumer. A consumer that falls further behind is
     /// caught up by a resync, never by a stream with holes.
     pub queue_capacity: usize,
+    /// The consumer already holds the state of these prefixes at this revision (from
+    /// an earlier stream of the same store): the stream may begin with the changes
+    /// after it instead of a resync. See [`resume`](Self::resume).
+    pub resume: Option<Revision>,
 }
 
 impl Default for WatchOptions {
     fn default() -> Self {
         WatchOptions {
             queue_capacity: 1024,
+            resume: None,
         }
     }
 }
@@ -38,6 +43,22 @@ impl WatchOptions {
         self.queue_capacity = n.max(1);
         self
     }
+
+    /// Resumes from revision `r`, the revision of the last event the consumer applied
+    /// for exactly these prefixes on this store (rule 11 of `docs/CONTRACT.md`).
+    ///
+    /// A transport that retains the changes after `r` (the raft store, a `RemoteStore`,
+    /// etcd) begins the stream with them, previous values and all, and no resync: a
+    /// restarted consumer with a large state skips reading it again. Otherwise the
+    /// stream begins with a full resync as usual, whose reason says why: `Compacted`
+    /// (the changes after `r` are no longer retained), `StoreReset` (the store is
+    /// behind `r`: it is not the store `r` came from, or was restored from a backup),
+    /// or `Initial` (the transport does not resume: NATS, `local`).
+    #[must_use]
+    pub fn resume(mut self, r: Revision) -> Self {
+        self.resume = Some(r);
+        self
+    }
 }
 
 /// Something that can be watched.
@@ -45,7 +66,8 @@ impl WatchOptions {
 /// # To ensure correctness
 /// An implementation keeps every rule of the contract (`docs/CONTRACT.md`, checked by
 /// `datasync::testing`): the stream begins with a [`Event::Resync`] of all prefixes at one
-/// revision R; changes follow from R+1 with strictly increasing revisions, one event per
+/// revision R (or, resuming after R, [`WatchOptions::resume`], with the changes after it);
+/// changes follow from R+1 with strictly increasing revisions, one event per
 /// transaction; previous values are right per registration; any loss of continuity becomes
 /// a new resync; every event carries a `Done` made by
 /// [`Producer::done`](crate::transport::Producer::done); a slow consumer is resynced,

@@ -289,6 +289,8 @@ pub struct NatsHarness {
 impl Harness for NatsHarness {
     // A bucket cannot be read at a past sequence: an added prefix is a full resync.
     const READS_ADDED_PREFIXES_ALONE: bool = false;
+    // Previous values after a sequence would need each key's version before it.
+    const RESUMES: bool = false;
 
     type Store = NatsStore;
 

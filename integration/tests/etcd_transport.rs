@@ -205,6 +205,61 @@ async fn compaction_while_the_network_is_down_becomes_a_resync() {
     ev.into_done().ok();
 }
 
+/// A consumer resuming after a revision etcd compacted since gets a `Compacted` resync,
+/// at or after the compaction, that leaves its state right; later changes follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_after_a_compacted_revision_is_a_compacted_resync() {
+    let etcd = server().await;
+    let store = connect(etcd.endpoint()).await;
+    let held = store
+        .put(&key("rc/a"), "1".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let mut mirror = Mirror::new();
+    let mut w = store
+        .watch("rc", &[prefix("rc/")], WatchOptions::default())
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    mirror.apply(&ev).unwrap();
+    ev.into_done().ok();
+    drop(w);
+    for i in 0..5 {
+        store
+            .put(&key(&format!("rc/{i}")), "x".into(), PutOptions::new())
+            .await
+            .unwrap();
+    }
+    let head = store.current_revision().await.unwrap();
+    let mut kv = store.client().kv_client();
+    kv.compact(head.0 as i64, None).await.unwrap();
+
+    let mut w = store
+        .watch("rc", &[prefix("rc/")], WatchOptions::default().resume(held))
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    let Event::Resync(rs) = &ev else {
+        panic!("resumed before the compaction, want a resync, got {ev:?}");
+    };
+    assert_eq!(rs.reason, ResyncReason::Compacted);
+    assert!(rs.revision >= head);
+    mirror.apply(&ev).unwrap();
+    ev.into_done().ok();
+    assert_same(&store, &mirror, "rc/").await;
+    let r = store
+        .put(&key("rc/a"), "2".into(), PutOptions::new())
+        .await
+        .unwrap();
+    let ev = next(&mut w).await;
+    let Event::Change(c) = &ev else {
+        panic!("want a change, got {ev:?}")
+    };
+    assert_eq!(c.revision, r);
+    assert_eq!(c.changes[0].prev, Some(Value::from("1")));
+    ev.into_done().ok();
+}
+
 /// etcd looks up an event's `prev_kv` when it sends the event, not when the write
 /// happens: events held in its send queue while compaction passes their previous
 /// revision go out without `prev_kv` and without an error. Here the queue is held by a

@@ -55,6 +55,12 @@ impl Watcher for CompositeWatcher {
                 "a composite with two parts (or nested parts) of the same name",
             ));
         }
+        // Revisions are each part's own: one revision to resume from means nothing to
+        // the others, so every part starts with its resync.
+        let opts = WatchOptions {
+            resume: None,
+            ..opts
+        };
         let mut regs = Vec::with_capacity(self.parts.len());
         let mut streams = Vec::with_capacity(self.parts.len());
         for (part_name, part) in &self.parts {

@@ -135,7 +135,7 @@ impl Coordinator {
             .watch("coordinator", &all_prefixes, config.watch.clone())
             .await?;
         let registration = watch.registration().clone();
-        let initial = CoordinatorStatus {
+        let mut initial = CoordinatorStatus {
             passes: 0,
             plugins: plugins.iter().map(|p| PluginStatus::new(&p.name)).collect(),
             sources: watcher
@@ -145,6 +145,19 @@ impl Coordinator {
                 .collect(),
             stopped: None,
         };
+        // Resuming, every plugin holds the state at `r` already: ready, with no pass.
+        // (A composite resyncs its parts: it does not resume.)
+        if let Some(r) = config.watch.resume
+            && let [source] = &mut initial.sources[..]
+            && source.name.is_empty()
+        {
+            source.resumed = Some(r);
+            source.revision = r;
+            for p in &mut initial.plugins {
+                p.state = PluginState::Ready;
+                p.revision = r;
+            }
+        }
         let (status_tx, status_rx) = watch::channel(initial);
         let stop = CancellationToken::new();
         let plugins = plugins
@@ -232,7 +245,7 @@ impl CoordinatorHandle {
                 s.stopped.is_some()
                     || s.sources
                         .iter()
-                        .all(|src| src.passes > 0 || src.stopped.is_some())
+                        .all(|src| src.synced() || src.stopped.is_some())
             })
             .await;
     }

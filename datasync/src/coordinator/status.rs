@@ -101,6 +101,10 @@ pub struct SourceStatus {
     pub reasons: Vec<(ResyncReason, u64)>,
     /// The reason of its last resync pass.
     pub last_reason: Option<ResyncReason>,
+    /// The revision its stream resumed after, when the coordinator started resuming
+    /// ([`WatchOptions::resume`](crate::WatchOptions::resume)): the plugins hold its
+    /// state without a pass.
+    pub resumed: Option<Revision>,
 }
 
 impl SourceStatus {
@@ -113,7 +117,13 @@ impl SourceStatus {
             interrupted: None,
             reasons: Vec::new(),
             last_reason: None,
+            resumed: None,
         }
+    }
+
+    /// Whether the plugins hold this source's state: it had a pass, or resumed.
+    pub fn synced(&self) -> bool {
+        self.passes > 0 || self.resumed.is_some()
     }
 
     pub(super) fn count(&mut self, reason: ResyncReason) {
@@ -155,6 +165,6 @@ impl CoordinatorStatus {
             && self
                 .sources
                 .iter()
-                .all(|s| s.passes > 0 && s.stopped.is_none() && s.interrupted.is_none())
+                .all(|s| s.synced() && s.stopped.is_none() && s.interrupted.is_none())
     }
 }

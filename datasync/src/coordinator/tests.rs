@@ -202,6 +202,34 @@ async fn startup_resyncs_in_dependency_order_then_changes_flow() {
     assert_eq!(f.store.active_watches(), 0, "shutdown releases the watch");
 }
 
+/// Started resuming after R (its plugins hold the state at R, say kept across a
+/// restart), the coordinator hands them the changes after R and no resync: they are
+/// ready, and the coordinator follows, with no pass.
+#[tokio::test(start_paused = true)]
+async fn a_resumed_coordinator_hands_only_the_changes_after_its_revision() {
+    let mut f = Fixture::new()
+        .plugin("routes", &["rt/"], &["ifaces"], Behaviour::Ok)
+        .plugin("ifaces", &["if/"], &[], Behaviour::Ok);
+    f.put("if/a").await;
+    let held = f.put("rt/x").await;
+    f.put("if/b").await;
+    f.put("other/z").await;
+    f.put("rt/y").await;
+    let config = CoordinatorConfig::default()
+        .watch(crate::WatchOptions::default().resume(crate::Revision(held)));
+    let c = f.start(config).await;
+    c.ready().await;
+    settle().await;
+    assert_eq!(f.log(), ["ifaces:change@3:if/b", "routes:change@5:rt/y"]);
+    let st = c.status();
+    assert_eq!(st.passes, 0);
+    assert!(st.following());
+    assert_eq!(st.sources[0].resumed, Some(crate::Revision(held)));
+    assert!(st.plugins.iter().all(|p| p.state == PluginState::Ready));
+    assert_eq!(st.plugin("routes").unwrap().revision.0, 5);
+    c.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn next_plugin_waits_for_the_previous_answer() {
     let mut f = Fixture::new()

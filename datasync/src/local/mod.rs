@@ -44,11 +44,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
 use self::state::{Mutation, State};
-use crate::transport::feed::{Feed, FeedStream, Snapshots};
+use crate::transport::feed::{Feed, FeedStream, Snapshots, Start};
 use crate::{
     CasOutcome, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing, Prefix, PrefixSet,
-    PutOptions, ReadOptions, Revision, Source, StoreError, Value, Watch, WatchOptions, Watcher,
-    Writer,
+    PutOptions, ReadOptions, ResyncReason, Revision, Source, StoreError, Value, Watch,
+    WatchOptions, Watcher, Writer,
 };
 
 /// Configuration of a [`Local`] store.
@@ -327,18 +327,29 @@ impl Watcher for Local {
     ) -> Result<Watch, StoreError> {
         let reg = Producer::new(name, prefixes);
         let prefixes = PrefixSet::new(prefixes.iter().cloned());
-        let (feed, initial) = {
+        let (feed, start) = {
             let mut st = self.shared.lock_fresh();
-            let values = st.snapshot(&prefixes);
+            let replay = match opts.resume {
+                Some(r) => st.since(r).map_err(Some),
+                None => Err(None),
+            };
+            let start = match replay {
+                Ok(txns) => Start::Replay(txns),
+                Err(reason) => Start::Resync(
+                    st.revision,
+                    reason.unwrap_or(ResyncReason::Initial),
+                    st.snapshot(&prefixes),
+                ),
+            };
             let feed = st.hub.subscribe(&reg, prefixes, opts.queue_capacity);
-            (feed, (st.revision, values))
+            (feed, start)
         };
-        let stream = FeedStream::new(
+        let stream = FeedStream::starting(
             LocalSnapshots(self.shared.clone()),
             reg.clone(),
             self.shared.source.clone(),
             feed,
-            initial,
+            start,
         );
         Ok(Watch::new(reg.registration(), stream))
     }

@@ -245,6 +245,53 @@ impl State {
         Some((revision, count))
     }
 
+    /// The transactions after revision `after`, oldest first, rebuilt from the
+    /// retained versions (for a watch that resumes from `after`); else the reason of
+    /// the resync it gets instead: `StoreReset` past the current revision, `Compacted`
+    /// before the oldest revision a read still works at.
+    pub(super) fn since(&self, after: Revision) -> Result<VecDeque<Arc<Txn>>, crate::ResyncReason> {
+        if after > self.revision {
+            return Err(crate::ResyncReason::StoreReset);
+        }
+        if after < self.compacted {
+            return Err(crate::ResyncReason::Compacted);
+        }
+        let start = self.written.partition_point(|(r, _)| *r <= after);
+        let mut out: VecDeque<Arc<Txn>> = VecDeque::new();
+        let mut changes = Vec::new();
+        let mut at = None;
+        for (revision, key) in self.written.range(start..) {
+            if at.is_some_and(|a| a != *revision) {
+                changes.sort_by(|a: &KeyChange, b| a.key.cmp(&b.key));
+                out.push_back(Arc::new(Txn {
+                    revision: at.unwrap_or(*revision),
+                    changes: std::mem::take(&mut changes),
+                }));
+            }
+            at = Some(*revision);
+            // Every version after the compaction is kept, and the newest at or before it.
+            let Some(h) = self.keys.get(key.as_str()) else {
+                continue;
+            };
+            let i = h.versions.partition_point(|v| v.revision < *revision);
+            let Some(value) = h.versions.get(i).map(|v| v.value.clone()) else {
+                continue;
+            };
+            let prev = i.checked_sub(1).and_then(|j| h.versions[j].value.clone());
+            changes.push(KeyChange {
+                key: key.clone(),
+                op: if value.is_some() { Op::Put } else { Op::Delete },
+                value,
+                prev,
+            });
+        }
+        if let Some(revision) = at {
+            changes.sort_by(|a, b| a.key.cmp(&b.key));
+            out.push_back(Arc::new(Txn { revision, changes }));
+        }
+        Ok(out)
+    }
+
     /// Forgets history before `upto`; reads at `upto` and later still work.
     fn compact(&mut self, upto: Revision) {
         while let Some((rev, _)) = self.written.front() {

@@ -301,3 +301,42 @@ async fn a_resync_never_holds_an_expired_key() {
     assert_eq!(keys, ["kept"]);
     r.done.ok();
 }
+
+/// Resuming inside the kept history replays it, with the previous values of the time
+/// (also of keys whose older versions were compacted); before it, a `Compacted` resync.
+#[tokio::test]
+async fn a_resume_replays_the_kept_history_or_resyncs_as_compacted() {
+    let s = Local::with_config(LocalConfig::default().history(10));
+    for i in 0..40 {
+        s.put(
+            &key(&format!("k{}", i % 3)),
+            format!("{i}").into(),
+            PutOptions::new(),
+        )
+        .await
+        .unwrap();
+    }
+    let now = s.revision();
+    let all = [Prefix::all()];
+    let resumed = |r: u64| s.watch("r", &all, WatchOptions::default().resume(Revision(r)));
+    let mut w = resumed(now.0 - 5).await.unwrap();
+    for r in now.0 - 4..=now.0 {
+        let Event::Change(c) = next(&mut w).await else {
+            panic!("not a change")
+        };
+        assert_eq!(c.revision, Revision(r));
+        // Revision r wrote i = r - 1 to k{(r-1) % 3}, over i - 3.
+        let i = r - 1;
+        assert_eq!(c.changes[0].key, key(&format!("k{}", i % 3)));
+        assert_eq!(c.changes[0].value, Some(format!("{i}").into()));
+        assert_eq!(c.changes[0].prev, Some(format!("{}", i - 3).into()));
+        c.done.ok();
+    }
+    let mut w = resumed(3).await.unwrap();
+    let Event::Resync(rs) = next(&mut w).await else {
+        panic!("not a resync")
+    };
+    assert_eq!(rs.reason, ResyncReason::Compacted);
+    assert_eq!(rs.revision, now);
+    assert_eq!(rs.values().count(), 3);
+}

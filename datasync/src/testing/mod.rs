@@ -53,6 +53,11 @@ pub trait Harness: Send + Sync + 'static {
     /// Whether the transport reads a prefix added to a live registration alone (its
     /// `PrefixAdded` resync lists only it), rather than resyncing every prefix.
     const READS_ADDED_PREFIXES_ALONE: bool = true;
+
+    /// Whether the transport resumes a registration after a revision
+    /// ([`WatchOptions::resume`](crate::WatchOptions::resume)) from the changes it
+    /// retains, rather than beginning with an `Initial` resync.
+    const RESUMES: bool = true;
 }
 
 /// The harness of the in-memory [`Local`] transport.
@@ -221,6 +226,7 @@ macro_rules! conformance_tests {
             rule9_bad_input_gets_typed_errors,
             keys_unicode_prefixes_match_a_model,
             rule10_prefixes_added_and_removed_on_a_live_registration,
+            rule11_resume_after_a_revision,
         );
     };
     (@each $harness:expr; $($name:ident),+ $(,)?) => {

@@ -19,7 +19,7 @@
 //! what it holds up to C before that partial resync, so it comes in order.
 
 use crate::transport::Producer;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -407,10 +407,24 @@ pub trait Snapshots: Send + Sync + 'static {
     fn extend(&self, feed: &mut Feed) -> Result<Option<(Revision, Vec<PrefixValues>)>, StoreError>;
 }
 
+/// How a [`FeedStream`] begins (read under the lock its feed was subscribed under).
+#[derive(Debug)]
+pub enum Start {
+    /// With this resync.
+    Resync(Revision, ResyncReason, Vec<PrefixValues>),
+    /// With these transactions, the ones after the revision the consumer resumed from
+    /// ([`WatchOptions::resume`](crate::WatchOptions::resume)) up to the one the feed
+    /// was subscribed at, oldest first, as the store's history holds them. Those that
+    /// touch none of the prefixes are skipped.
+    Replay(VecDeque<Arc<Txn>>),
+}
+
 #[derive(Debug)]
 enum StreamState {
     /// A resync is ready to be delivered.
     Resync(Revision, ResyncReason, Vec<PrefixValues>),
+    /// Transactions from the history to deliver before the feed's (see [`Start::Replay`]).
+    Replay(VecDeque<Arc<Txn>>),
     /// A resync of added prefixes, read at this revision, is delivered once the queued
     /// transactions up to it are.
     Extended(Revision, Vec<PrefixValues>),
@@ -439,12 +453,24 @@ impl<S: Snapshots> FeedStream<S> {
         feed: Feed,
         initial: (Revision, Vec<PrefixValues>),
     ) -> Self {
+        let start = Start::Resync(initial.0, ResyncReason::Initial, initial.1);
+        Self::starting(snapshots, reg, source, feed, start)
+    }
+
+    /// Starts as `start` says.
+    pub fn starting(snapshots: S, reg: Producer, source: Source, feed: Feed, start: Start) -> Self {
+        let state = match start {
+            Start::Resync(revision, reason, values) => {
+                StreamState::Resync(revision, reason, values)
+            }
+            Start::Replay(txns) => StreamState::Replay(txns),
+        };
         FeedStream {
             snapshots,
             reg,
             source,
             feed,
-            state: StreamState::Resync(initial.0, ResyncReason::Initial, initial.1),
+            state,
         }
     }
 }
@@ -490,6 +516,24 @@ impl<S: Snapshots + Unpin> Stream for FeedStream<S> {
                     return Poll::Ready(Some(Ok(Event::Resync(ev))));
                 }
                 StreamState::Extended(..) => None,
+                // A resync due supersedes what is left; prefixes added wait for the end.
+                StreamState::Replay(mut txns) if this.feed.pending_resync().is_none() => {
+                    let prefixes = &this.feed.prefixes;
+                    let touches =
+                        |t: &Txn| t.changes.iter().any(|c| prefixes.matches(c.key.as_str()));
+                    while let Some(txn) = txns.pop_front() {
+                        if touches(&txn) {
+                            if !txns.is_empty() {
+                                this.state = StreamState::Replay(txns);
+                            }
+                            return Poll::Ready(Some(Ok(this
+                                .feed
+                                .change_event(&this.source, &txn))));
+                        }
+                    }
+                    None
+                }
+                StreamState::Replay(_) => None,
                 StreamState::Streaming(retry) => retry,
             };
             if let Some(reason) = retry.or_else(|| this.feed.pending_resync()) {

@@ -135,7 +135,7 @@ async fn readyz(State(ep): State<Endpoint>) -> Response {
         .filter_map(|src| match (&src.stopped, &src.interrupted) {
             (Some(why), _) => Some(format!("source {:?} stopped: {why}", src.name)),
             (None, Some(why)) => Some(format!("source {:?} interrupted: {why}", src.name)),
-            (None, None) if src.passes == 0 => Some(format!("source {:?}: no pass yet", src.name)),
+            (None, None) if !src.synced() => Some(format!("source {:?}: no pass yet", src.name)),
             (None, None) => None,
         })
         .collect();
@@ -356,7 +356,7 @@ impl Collector for CoordinatorMetrics {
             MetricType::Gauge,
         )?;
         for src in &s.sources {
-            let following = src.passes > 0 && src.stopped.is_none() && src.interrupted.is_none();
+            let following = src.synced() && src.stopped.is_none() && src.interrupted.is_none();
             ConstGauge::new(i64::from(following))
                 .encode(m.encode_family(&[("source", src.name.to_string())])?)?;
         }

@@ -44,12 +44,20 @@ pub(crate) async fn start(
 ) -> Result<Watch, StoreError> {
     let reg = Producer::new(name, prefixes);
     let set = PrefixSet::new(prefixes.iter().cloned());
-    let (rev, values, cluster) = store.snapshot(&set).await?;
     let source = store.inner.source.clone();
     let (relay, watch) = relay::channel(&reg, source, opts.queue_capacity);
-    relay
-        .try_send(Item::Resync(rev, ResyncReason::Initial, values))
-        .map_err(|_| StoreError::Backend("watch queue refused the first resync".into()))?;
+    // Resuming: etcd replays from `r + 1`, or cancels the watch as compacted, or shows
+    // a revision below `r` in its header (another store): see `check`.
+    let (rev, cluster) = match opts.resume {
+        Some(r) => (r, 0),
+        None => {
+            let (rev, values, cluster) = store.snapshot(&set).await?;
+            relay
+                .try_send(Item::Resync(rev, ResyncReason::Initial, values))
+                .map_err(|_| StoreError::Backend("watch queue refused the first resync".into()))?;
+            (rev, cluster)
+        }
+    };
     let up = EtcdWatch {
         store,
         set,

@@ -187,7 +187,14 @@ pub(crate) trait ClientService: Send + Sync + 'static {
     /// Runs one operation.
     async fn op(&self, op: ClientOp, id: Option<RequestId>) -> Result<ClientReply, WireError>;
     /// Streams a watch to `out` until the client goes away.
-    async fn watch(&self, name: String, prefixes: Vec<String>, queue_capacity: usize, out: Replies);
+    async fn watch(
+        &self,
+        name: String,
+        prefixes: Vec<String>,
+        queue_capacity: usize,
+        resume: Option<u64>,
+        out: Replies,
+    );
     /// The committed configuration (`None` once the store is gone).
     fn members(&self) -> Option<crate::members::Members>;
 }
@@ -458,12 +465,17 @@ impl Handler for Service {
             name,
             prefixes,
             queue_capacity,
+            resume,
         } = req
         else {
             return;
         };
         match self.clients.get() {
-            Some(clients) => clients.watch(name, prefixes, queue_capacity, out).await,
+            Some(clients) => {
+                clients
+                    .watch(name, prefixes, queue_capacity, resume, out)
+                    .await
+            }
             None => {
                 out.send(Reply::Watch(WireItem::Failed(WireError::Stopped)))
                     .await;

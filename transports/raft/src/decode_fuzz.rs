@@ -209,6 +209,7 @@ fn wire_requests_decode_or_fail_cleanly() {
             name: "w".into(),
             prefixes: vec!["a/".into(), "b/".into()],
             queue_capacity: 64,
+            resume: Some(7),
         },
     ];
     let seeds = envelopes(bodies);

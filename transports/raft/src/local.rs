@@ -194,7 +194,12 @@ impl Handler for SingleNode {
                 name,
                 prefixes,
                 queue_capacity,
-            } => self.0.watch(name, prefixes, queue_capacity, out).await,
+                resume,
+            } => {
+                self.0
+                    .watch(name, prefixes, queue_capacity, resume, out)
+                    .await
+            }
             _ => {
                 out.send(Reply::Watch(WireItem::Failed(WireError::Misrouted)))
                     .await;

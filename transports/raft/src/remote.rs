@@ -381,18 +381,31 @@ impl Watcher for RemoteStore {
             reg,
         };
         // The first stream is open, and its resync queued, before `watch` returns.
-        let first = up.snapshot().await?;
-        relay
-            .try_send(Item::Resync(
-                first.revision,
-                ResyncReason::Initial,
-                first.values,
-            ))
-            .map_err(|_| StoreError::Backend("watch queue refused the first resync".into()))?;
-        let start = Start {
-            revision: first.revision,
-            follower: first.follower,
-            owed: None,
+        let start = match opts.resume {
+            // The member replays from its history, or resyncs with its reason: both
+            // come through the stream, as any member resync does.
+            Some(r) => Start {
+                revision: r,
+                follower: Some(up.resumed(r).await?),
+                owed: None,
+            },
+            None => {
+                let first = up.snapshot().await?;
+                relay
+                    .try_send(Item::Resync(
+                        first.revision,
+                        ResyncReason::Initial,
+                        first.values,
+                    ))
+                    .map_err(|_| {
+                        StoreError::Backend("watch queue refused the first resync".into())
+                    })?;
+                Start {
+                    revision: first.revision,
+                    follower: first.follower,
+                    owed: None,
+                }
+            }
         };
         tokio::spawn(resync::drive(up, relay, start));
         Ok(watch)
@@ -412,6 +425,50 @@ struct RemoteWatch {
     /// Name, prefixes, member-side queue capacity.
     request: (String, Vec<String>, usize),
     reg: Producer,
+}
+
+impl RemoteWatch {
+    fn request(&self, resume: Option<Revision>) -> Request {
+        let (name, prefixes, queue_capacity) = self.request.clone();
+        Request::Watch {
+            name,
+            prefixes,
+            queue_capacity,
+            resume: resume.map(|r| r.0),
+        }
+    }
+
+    /// Opens a stream resuming after `r` on the first member that takes it. Its first
+    /// item is a change after `r`, or the member's resync (with the reason it could
+    /// not resume), or nothing until something changes.
+    async fn resumed(&self, r: Revision) -> Result<Stream, StoreError> {
+        let inner = &self.store.inner;
+        let eps = &inner.config.endpoints;
+        let first = inner.preferred.load(Ordering::Relaxed);
+        let mut last_err = None;
+        for attempt in 0..eps.len() {
+            let i = (first + attempt) % eps.len();
+            let client = Client::new(
+                eps[i].clone(),
+                inner.config.secret.clone(),
+                None,
+                inner.config.net.clone(),
+            );
+            match client
+                .stream(self.request(Some(r)), inner.config.timeout)
+                .await
+            {
+                Ok(rx) => {
+                    return Ok(Stream {
+                        _client: client,
+                        rx,
+                    });
+                }
+                Err(e) => last_err = Some(StoreError::from(ClusterError::Net(e))),
+            }
+        }
+        Err(last_err.unwrap_or(StoreError::Unavailable("no member to watch on".into())))
+    }
 }
 
 #[async_trait::async_trait]
@@ -442,12 +499,7 @@ impl Upstream for RemoteWatch {
                 None,
                 inner.config.net.clone(),
             );
-            let (name, prefixes, queue_capacity) = self.request.clone();
-            let req = Request::Watch {
-                name,
-                prefixes,
-                queue_capacity,
-            };
+            let req = self.request(None);
             let mut rx = match client.stream(req, inner.config.timeout).await {
                 Ok(rx) => rx,
                 Err(e) => {

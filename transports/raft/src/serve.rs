@@ -29,10 +29,11 @@ impl ClientService for WeakStore {
         name: String,
         prefixes: Vec<String>,
         queue_capacity: usize,
+        resume: Option<u64>,
         out: Replies,
     ) {
         match self.upgrade() {
-            Some(store) => serve_watch(store, (name, prefixes, queue_capacity), out).await,
+            Some(store) => serve_watch(store, (name, prefixes, queue_capacity, resume), out).await,
             None => {
                 out.send(Reply::Watch(WireItem::Failed(WireError::Stopped)))
                     .await;
@@ -149,7 +150,7 @@ async fn serve_op(
 /// Streams a watch on this member's replica to a remote client until it goes away.
 async fn serve_watch(
     store: RaftStore,
-    (name, prefixes, queue_capacity): (String, Vec<String>, usize),
+    (name, prefixes, queue_capacity, resume): (String, Vec<String>, usize, Option<u64>),
     out: Replies,
 ) {
     // The store is let go once the watch runs: a remote watch must not keep a member
@@ -175,7 +176,8 @@ async fn serve_watch(
             .read_barrier(&ReadOptions::new())
             .await
             .map_err(WireError::from)?;
-        let opts = WatchOptions::default().queue_capacity(queue_capacity);
+        let mut opts = WatchOptions::default().queue_capacity(queue_capacity);
+        opts.resume = resume.map(Revision);
         store
             .watch(&name, &prefixes, opts)
             .await

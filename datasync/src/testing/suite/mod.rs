@@ -9,8 +9,10 @@ use crate::{
 };
 
 mod reshape;
+mod resume;
 mod writes;
 pub use reshape::*;
+pub use resume::*;
 pub use writes::*;
 
 crate::conformance_tests!(@list @all;);

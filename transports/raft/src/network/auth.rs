@@ -115,7 +115,7 @@ pub(crate) const MAGIC: [u8; 8] = *b"DSRAFT01";
 /// 5: stored records carry their version and the log carries transactions (a member
 /// of version 4 would misread both in a snapshot or an entry); 6: registering and
 /// promoting members (etcd's `member add` and `member promote`).
-pub(crate) const VERSION: u16 = 6;
+pub(crate) const VERSION: u16 = 7;
 
 /// Step 1, client → server.
 #[derive(Debug, Serialize, Deserialize)]

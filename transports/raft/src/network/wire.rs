@@ -62,6 +62,8 @@ pub(crate) enum Request {
         prefixes: Vec<String>,
         /// The member-side queue capacity.
         queue_capacity: usize,
+        /// The revision to resume after ([`datasync::WatchOptions::resume`]).
+        resume: Option<u64>,
     },
     /// Add a node that need not run yet (etcd's `member add`), as a learner.
     Register {

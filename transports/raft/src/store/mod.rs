@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use datasync::transport::feed::FeedStream;
+use datasync::transport::feed::{FeedStream, Start};
 use datasync::{
     CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing,
     Prefix, PrefixSet, PutOptions, ReadOptions, Revision, Source, StoreError, Value, Watch,
@@ -823,25 +823,36 @@ impl Watcher for RaftStore {
             node.check_member()?;
         }
         self.caught_up().await?;
+        // A member behind the revision to resume from may only lag the leader (the
+        // consumer read it elsewhere): it catches up before it answers `StoreReset`.
+        if opts.resume.is_some_and(|r| r > self.revision()) {
+            self.read_barrier(&ReadOptions::default()).await?;
+        }
         let reg = Producer::new(name, prefixes);
         let set = PrefixSet::new(prefixes.iter().cloned());
         let sm = self.inner.sm.clone();
-        let (feed, initial) = {
+        let (feed, start) = {
             let reg = reg.clone();
             crate::rt::blocking(move || {
-                let (feed, tx, rev) = sm.subscribe(&reg, set.clone(), opts.queue_capacity)?;
-                let values = sm::Shared::read_prefixes(&tx, &set)?;
-                Ok::<_, StoreError>((feed, (Revision(rev), values)))
+                let (feed, sub) =
+                    sm.subscribe(&reg, set.clone(), opts.queue_capacity, opts.resume)?;
+                let start = match sub {
+                    sm::Subscribed::Replay(txns) => Start::Replay(txns),
+                    sm::Subscribed::Read(tx, rev, reason) => {
+                        Start::Resync(Revision(rev), reason, sm::Shared::read_prefixes(&tx, &set)?)
+                    }
+                };
+                Ok::<_, StoreError>((feed, start))
             })
             .await
             .map_err(|e| StoreError::Backend(Box::new(e)))??
         };
-        let stream = FeedStream::new(
+        let stream = FeedStream::starting(
             sm::RaftSnapshots(Arc::downgrade(&self.inner.sm)),
             reg.clone(),
             self.inner.source.clone(),
             feed,
-            initial,
+            start,
         );
         Ok(Watch::new(reg.registration(), stream))
     }

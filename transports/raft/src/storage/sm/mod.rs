@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use datasync::transport::feed::{Feed, Hub};
-use datasync::{Key, PrefixSet, PrefixValues, Revision, StoreError};
+use datasync::{Key, PrefixSet, PrefixValues, ResyncReason, Revision, StoreError};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageIOError};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, Table};
 use serde::Serialize;
@@ -245,6 +245,14 @@ fn load_history(
     Ok(out)
 }
 
+/// How a new watch begins (see [`Shared::subscribe`]).
+pub(crate) enum Subscribed {
+    /// With these transactions from the history.
+    Replay(VecDeque<Arc<datasync::transport::feed::Txn>>),
+    /// With a resync for this reason, read from this state at this revision.
+    Read(ReadTransaction, u64, ResyncReason),
+}
+
 /// What readers and the apply path share. The mutex orders commits with watch
 /// snapshots: apply commits and publishes under it; a snapshot opens its read
 /// transaction under it.
@@ -455,17 +463,37 @@ impl Shared {
         Ok((tx, inner.revision))
     }
 
-    /// Subscribes `reg` and pins the state its initial resync is read from.
+    /// Subscribes `reg`: with the history's transactions after `resume` when it holds
+    /// them all, else pinning the state its first resync is read from, with that
+    /// resync's reason (`StoreReset`: this store is behind `resume`; `Compacted`: the
+    /// history no longer reaches it).
     pub(crate) fn subscribe(
         &self,
         reg: &Producer,
         prefixes: PrefixSet,
         capacity: usize,
-    ) -> Result<(Feed, ReadTransaction, u64), StoreError> {
+        resume: Option<Revision>,
+    ) -> Result<(Feed, Subscribed), StoreError> {
         let mut inner = self.lock();
+        let reason = match resume {
+            None => ResyncReason::Initial,
+            Some(r) if r.0 > inner.revision => ResyncReason::StoreReset,
+            // The history holds every revision from `oldest_watchable` on.
+            Some(r) if r.0.saturating_add(1) < inner.oldest_watchable() => ResyncReason::Compacted,
+            Some(r) => {
+                let txns = inner
+                    .history
+                    .iter()
+                    .filter(|u| u.revision > r.0)
+                    .map(|u| u.txn.clone())
+                    .collect();
+                let feed = inner.hub.subscribe(reg, prefixes, capacity);
+                return Ok((feed, Subscribed::Replay(txns)));
+            }
+        };
         let (tx, rev) = self.pin(&inner)?;
         let feed = inner.hub.subscribe(reg, prefixes, capacity);
-        Ok((feed, tx, rev))
+        Ok((feed, Subscribed::Read(tx, rev, reason)))
     }
 
     /// Every value under `prefixes` in the pinned state.

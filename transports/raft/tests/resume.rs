@@ -1,0 +1,108 @@
+//! A consumer resumes after a revision it holds (`WatchOptions::resume`) from the
+//! history the store keeps on disk, across a restart of the store.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use datasync::testing::next_event;
+use datasync::{
+    DeleteOptions, Event, Key, Mirror, Prefix, PutOptions, ReadOptions, ResyncReason, Revision,
+    WatchOptions, Watcher, Writer,
+};
+use datasync_raft::{RaftConfig, RaftStore};
+
+fn key(s: &str) -> Key {
+    Key::new(s).unwrap()
+}
+
+async fn put(s: &RaftStore, k: &str, v: &str) -> Revision {
+    s.put(&key(k), v.to_owned().into(), PutOptions::new())
+        .await
+        .unwrap()
+}
+
+async fn same_as_store(s: &RaftStore, m: &Mirror) {
+    let listing = s
+        .list(&Prefix::new("p/").unwrap(), ReadOptions::new())
+        .await
+        .unwrap();
+    let store: Vec<_> = listing
+        .values
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone()))
+        .collect();
+    let mine: Vec<_> = m
+        .values("")
+        .map(|(k, v, _)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(store, mine);
+}
+
+/// The plugin's case: its state at R survives a restart of the agent (and the store),
+/// and the stream goes on from R + 1 with no full resync, previous values as its state
+/// has them; once a compaction passed R, it gets a `Compacted` resync instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_resumes_across_a_restart_of_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = RaftConfig::new(dir.path());
+        c.history = 100;
+        c
+    };
+    let prefixes = [Prefix::new("p/").unwrap()];
+    let s = RaftStore::open(config()).await.unwrap();
+    put(&s, "p/a", "a1").await;
+    put(&s, "p/b", "b1").await;
+    let mut m = Mirror::new();
+    let mut w = s
+        .watch("p", &prefixes, WatchOptions::default())
+        .await
+        .unwrap();
+    let ev = next_event(&mut w).await.unwrap();
+    m.apply(&ev).unwrap();
+    ev.into_done().ok();
+    let held = put(&s, "p/a", "a2").await;
+    while m.revision("") != Some(held) {
+        let ev = next_event(&mut w).await.unwrap();
+        m.apply(&ev).unwrap();
+        ev.into_done().ok();
+    }
+    drop(w);
+    // While the consumer is down.
+    put(&s, "p/b", "b2").await;
+    s.delete(&key("p/a"), DeleteOptions::new()).await.unwrap();
+    put(&s, "q/x", "elsewhere").await;
+    let last = put(&s, "p/c", "c1").await;
+    s.shutdown().await;
+    drop(s);
+
+    let s = RaftStore::open(config()).await.unwrap();
+    let mut w = s
+        .watch("p", &prefixes, WatchOptions::default().resume(held))
+        .await
+        .unwrap();
+    let mut changes = 0;
+    while m.revision("") != Some(last) {
+        let ev = next_event(&mut w).await.unwrap();
+        assert!(matches!(ev, Event::Change(_)), "{ev:?}");
+        m.apply(&ev).unwrap();
+        ev.into_done().ok();
+        changes += 1;
+    }
+    assert_eq!(changes, 3, "b2, the delete of a, c1 (not q/x)");
+    same_as_store(&s, &m).await;
+    drop(w);
+
+    // A compaction past the held revision: the consumer's state is resynced whole.
+    s.compact(last).await.unwrap();
+    let mut w = s
+        .watch("p", &prefixes, WatchOptions::default().resume(held))
+        .await
+        .unwrap();
+    let ev = next_event(&mut w).await.unwrap();
+    let Event::Resync(rs) = &ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(rs.reason, ResyncReason::Compacted);
+    m.apply(&ev).unwrap();
+    ev.into_done().ok();
+    same_as_store(&s, &m).await;
+}
