@@ -23,7 +23,8 @@ impl Revision {
     /// The next revision.
     #[must_use]
     pub fn next(self) -> Revision {
-        Revision(self.0 + 1)
+        // Saturating: a revision from outside (one to resume after) may be the last.
+        Revision(self.0.saturating_add(1))
     }
 }
 

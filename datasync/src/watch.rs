@@ -47,13 +47,17 @@ impl WatchOptions {
     /// Resumes from revision `r`, the revision of the last event the consumer applied
     /// for exactly these prefixes on this store (rule 11 of `docs/CONTRACT.md`).
     ///
-    /// A transport that retains the changes after `r` (the raft store, a `RemoteStore`,
-    /// etcd) begins the stream with them, previous values and all, and no resync: a
-    /// restarted consumer with a large state skips reading it again. Otherwise the
-    /// stream begins with a full resync as usual, whose reason says why: `Compacted`
-    /// (the changes after `r` are no longer retained), `StoreReset` (the store is
-    /// behind `r`: it is not the store `r` came from, or was restored from a backup),
-    /// or `Initial` (the transport does not resume: NATS, `local`).
+    /// A transport that retains the changes after `r` (`local`, the raft store, a
+    /// `RemoteStore`, etcd) begins the stream with them, previous values and all, and
+    /// no resync: a restarted consumer with a large state skips reading it again.
+    /// Otherwise the stream begins with a full resync as usual, whose reason says why:
+    /// `Compacted` (the changes after `r` are no longer retained), `StoreReset` (the
+    /// store is behind `r`: restored from a backup, or not the store `r` came from),
+    /// or `Initial` (the transport does not resume: NATS; a composite).
+    ///
+    /// A revision names no store: resuming on another store that is already past `r`
+    /// replays its changes as if they followed the consumer's state. (etcd's cluster
+    /// id is checked once the watch has seen it.)
     #[must_use]
     pub fn resume(mut self, r: Revision) -> Self {
         self.resume = Some(r);
@@ -88,7 +92,7 @@ pub trait Watcher: Send + Sync + fmt::Debug {
     ) -> Result<Watch, StoreError>;
 
     /// The sources whose events a watch carries: one resync of each starts the stream
-    /// (in any order). A plain store is one source, `""`; a composite names its parts.
+    /// (in any order), unless it resumes. A plain store is one source, `""`; a composite names its parts.
     fn sources(&self) -> Vec<crate::Source> {
         vec![crate::Source::from("")]
     }

@@ -233,7 +233,13 @@ impl CoordinatorHandle {
     }
 
     /// Resolves once every source has had its first pass (every plugin answered,
-    /// failed or timed out), or stopped, or the coordinator stopped.
+    /// failed or timed out) or resumed, or stopped, or the coordinator stopped.
+    ///
+    /// Started resuming (`CoordinatorConfig::watch` with
+    /// [`WatchOptions::resume`](crate::WatchOptions::resume)), the plugins count as
+    /// holding the state at that revision from the start: if the store answers with a
+    /// resync instead (it does not resume, or no longer holds the changes), that pass
+    /// comes as the first event.
     ///
     /// # Cancel safety
     /// Cancel safe.

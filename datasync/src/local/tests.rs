@@ -302,8 +302,9 @@ async fn a_resync_never_holds_an_expired_key() {
     r.done.ok();
 }
 
-/// Resuming inside the kept history replays it, with the previous values of the time
-/// (also of keys whose older versions were compacted); before it, a `Compacted` resync.
+/// Resuming inside the kept history replays it, with the previous values of the time,
+/// down to the compaction floor itself (whose previous values are the versions the
+/// compaction kept); before it, a `Compacted` resync.
 #[tokio::test]
 async fn a_resume_replays_the_kept_history_or_resyncs_as_compacted() {
     let s = Local::with_config(LocalConfig::default().history(10));
@@ -332,11 +333,80 @@ async fn a_resume_replays_the_kept_history_or_resyncs_as_compacted() {
         assert_eq!(c.changes[0].prev, Some(format!("{}", i - 3).into()));
         c.done.ok();
     }
-    let mut w = resumed(3).await.unwrap();
+    // 40 puts with history(10): compacted at 11 (revision 21), then at 22 (32).
+    let mut w = resumed(22).await.unwrap();
+    let Event::Change(c) = next(&mut w).await else {
+        panic!("not a change")
+    };
+    assert_eq!(c.revision, Revision(23));
+    // i = 22 to k1, over i = 19 written at revision 20, kept as the floor's version.
+    assert_eq!(c.changes[0].key, key("k1"));
+    assert_eq!(c.changes[0].prev, Some("19".into()));
+    c.done.ok();
+    let mut w = resumed(21).await.unwrap();
     let Event::Resync(rs) = next(&mut w).await else {
         panic!("not a resync")
     };
     assert_eq!(rs.reason, ResyncReason::Compacted);
     assert_eq!(rs.revision, now);
     assert_eq!(rs.values().count(), 3);
+}
+
+/// A queue that overflows while the replay is still being delivered: the rest of the
+/// replay gives way to an `Overflow` resync, and the consumer's state ends right.
+#[tokio::test]
+async fn an_overflow_during_a_replay_becomes_a_resync() {
+    let s = Local::new();
+    for i in 0..10 {
+        s.put(
+            &key(&format!("k{}", i % 2)),
+            format!("{i}").into(),
+            PutOptions::new(),
+        )
+        .await
+        .unwrap();
+    }
+    let all = [Prefix::all()];
+    let mut m = crate::Mirror::new();
+    let mut w = s.watch("r", &all, WatchOptions::default()).await.unwrap();
+    let ev = next(&mut w).await;
+    m.apply(&ev).unwrap();
+    ev.into_done().ok();
+    drop(w);
+    let held = s.revision();
+    for i in 10..20 {
+        s.put(
+            &key(&format!("k{}", i % 2)),
+            format!("{i}").into(),
+            PutOptions::new(),
+        )
+        .await
+        .unwrap();
+    }
+    let opts = WatchOptions::default().queue_capacity(1).resume(held);
+    let mut w = s.watch("r", &all, opts).await.unwrap();
+    let ev = next(&mut w).await;
+    assert!(matches!(ev, Event::Change(_)), "{ev:?}");
+    m.apply(&ev).unwrap();
+    ev.into_done().ok();
+    // Two writes while the replay is out: the queue of one overflows.
+    for i in 20..22 {
+        s.put(
+            &key(&format!("k{}", i % 2)),
+            format!("{i}").into(),
+            PutOptions::new(),
+        )
+        .await
+        .unwrap();
+    }
+    let ev = next(&mut w).await;
+    let Event::Resync(rs) = &ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(rs.reason, ResyncReason::Overflow);
+    assert_eq!(rs.revision, s.revision());
+    m.apply(&ev).unwrap();
+    ev.into_done().ok();
+    assert_eq!(m.get("", "k0"), Some(&crate::Value::from("20")));
+    assert_eq!(m.get("", "k1"), Some(&crate::Value::from("21")));
 }

@@ -30,6 +30,9 @@ enum Bug {
     /// Turns a TTL longer than a day into an immediate expiry (a deadline that
     /// overflowed), and accepts any TTL.
     HugeTtl,
+    /// Resumes one revision late (an off-by-one between "the revision held" and "the
+    /// first revision wanted").
+    ResumesLate,
 }
 
 /// The old, too-wide range end: the prefix up to its last ASCII byte below 0x7f, plus one.
@@ -136,6 +139,10 @@ impl Watcher for Broken {
         prefixes: &[Prefix],
         opts: WatchOptions,
     ) -> Result<Watch, StoreError> {
+        let mut opts = opts;
+        if self.bug == Bug::ResumesLate {
+            opts.resume = opts.resume.map(Revision::next);
+        }
         let mut inner = self.inner.watch(name, prefixes, opts).await?;
         let reg = inner.registration().clone();
         match self.bug {
@@ -210,7 +217,7 @@ impl Watcher for Broken {
                     })
                 }),
             )),
-            Bug::AsciiRange | Bug::HugeTtl => Ok(inner),
+            Bug::AsciiRange | Bug::HugeTtl | Bug::ResumesLate => Ok(inner),
             Bug::Lossy => {
                 let mut n = 0u32;
                 Ok(Watch::new(
@@ -313,4 +320,10 @@ async fn suite_catches_a_prefix_range_that_drops_non_ascii_bytes() {
 async fn suite_catches_huge_ttls_that_expire_at_once() {
     let failed = failing(Bug::HugeTtl).await;
     assert_eq!(failed, ["rule8_huge_ttls_are_refused_or_kept"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_catches_a_resume_one_revision_late() {
+    let failed = failing(Bug::ResumesLate).await;
+    assert_eq!(failed, ["rule11_resume_after_a_revision"]);
 }

@@ -58,7 +58,7 @@ pub(crate) async fn start(
             (rev, cluster)
         }
     };
-    let up = EtcdWatch {
+    let mut up = EtcdWatch {
         store,
         set,
         reg,
@@ -72,9 +72,18 @@ pub(crate) async fn start(
         follower: None,
         owed: None,
     };
-    if !up.set.is_empty() {
+    // etcd's revisions are `i64`: past them, the store is behind, with nothing to ask.
+    if opts.resume.is_some_and(|r| r.0 >= i64::MAX as u64) {
+        start.owed = Some(ResyncReason::StoreReset);
+    } else if !up.set.is_empty() {
         match up.open(rev).await {
-            Ok(open) => start.follower = Some(open),
+            Ok((open, cluster)) => {
+                // Resuming: the cluster the watch meets is the one to stay on.
+                if up.cluster == 0 {
+                    up.cluster = cluster;
+                }
+                start.follower = Some(open);
+            }
             Err(Lost::Broken(e)) => return Err(e),
             Err(Lost::Resync(reason)) => start.owed = Some(reason),
         }
@@ -140,7 +149,11 @@ impl Upstream for EtcdWatch {
 
     async fn resume(&mut self, from: Revision) -> Result<Follower, Lost> {
         self.buffered.clear();
-        self.open(Revision(from.0.saturating_sub(1))).await
+        let (follower, cluster) = self.open(Revision(from.0.saturating_sub(1))).await?;
+        if self.cluster == 0 {
+            self.cluster = cluster;
+        }
+        Ok(follower)
     }
 
     async fn next(&mut self, (ws, _): &mut Follower, last: Revision) -> Result<Next, Lost> {
@@ -205,8 +218,9 @@ impl EtcdWatch {
         Ok(())
     }
 
-    /// Opens an etcd watch from `last + 1` and waits until etcd has created it.
-    async fn open(&self, last: Revision) -> Result<Follower, Lost> {
+    /// Opens an etcd watch from `last + 1` and waits until etcd has created it;
+    /// returns it with the cluster id its creation showed (0: none).
+    async fn open(&self, last: Revision) -> Result<(Follower, u64), Lost> {
         let (start, end) = self.store.inner.ns.covering_range(&self.set);
         let opts = etcd_client::WatchOptions::new()
             .with_range(end)
@@ -238,7 +252,8 @@ impl EtcdWatch {
             };
             self.check(&resp, last)?;
             if resp.created() {
-                return Ok((ws, resp.watch_id()));
+                let cluster = resp.header().map_or(0, |h| h.cluster_id());
+                return Ok(((ws, resp.watch_id()), cluster));
             }
         }
     }

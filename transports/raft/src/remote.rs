@@ -438,10 +438,20 @@ impl RemoteWatch {
         }
     }
 
-    /// Opens a stream resuming after `r` on the first member that takes it. Its first
-    /// item is a change after `r`, or the member's resync (with the reason it could
-    /// not resume), or nothing until something changes.
+    /// Opens a stream resuming after `r` on the first member that can serve it: what
+    /// follows is the member's replay of the changes after `r`, or its resync (with
+    /// the reason it could not replay).
     async fn resumed(&self, r: Revision) -> Result<Stream, StoreError> {
+        match self.open(Some(r)).await? {
+            Opened::Resumed(stream) => Ok(stream),
+            Opened::Resync(..) => Err(corrupt("a resumed watch")),
+        }
+    }
+
+    /// Opens a stream on the first member that answers (resuming after `resume`, or
+    /// from a resync) and waits for its first item; a member that cannot serve now
+    /// (no leader heard, a barrier that timed out) passes the watch on to the next.
+    async fn open(&self, resume: Option<Revision>) -> Result<Opened, StoreError> {
         let inner = &self.store.inner;
         let eps = &inner.config.endpoints;
         let first = inner.preferred.load(Ordering::Relaxed);
@@ -454,53 +464,10 @@ impl RemoteWatch {
                 None,
                 inner.config.net.clone(),
             );
-            match client
-                .stream(self.request(Some(r)), inner.config.timeout)
+            let mut rx = match client
+                .stream(self.request(resume), inner.config.timeout)
                 .await
             {
-                Ok(rx) => {
-                    return Ok(Stream {
-                        _client: client,
-                        rx,
-                    });
-                }
-                Err(e) => last_err = Some(StoreError::from(ClusterError::Net(e))),
-            }
-        }
-        Err(last_err.unwrap_or(StoreError::Unavailable("no member to watch on".into())))
-    }
-}
-
-#[async_trait::async_trait]
-impl Upstream for RemoteWatch {
-    type Follower = Stream;
-    // A member's stream cannot be resumed at a revision: another member resyncs.
-    const RESUMES: bool = false;
-
-    fn rescope(&mut self, prefixes: PrefixSet) {
-        self.request.1 = prefixes
-            .prefixes()
-            .iter()
-            .map(|p| p.as_str().to_owned())
-            .collect();
-    }
-
-    /// Opens a stream on the first member that answers and waits for its resync.
-    async fn snapshot(&mut self) -> Result<Snapshot<Stream>, StoreError> {
-        let inner = &self.store.inner;
-        let eps = &inner.config.endpoints;
-        let first = inner.preferred.load(Ordering::Relaxed);
-        let mut last_err = None;
-        for attempt in 0..eps.len() {
-            let i = (first + attempt) % eps.len();
-            let client = Client::new(
-                eps[i].clone(),
-                inner.config.secret.clone(),
-                None,
-                inner.config.net.clone(),
-            );
-            let req = self.request(None);
-            let mut rx = match client.stream(req, inner.config.timeout).await {
                 Ok(rx) => rx,
                 Err(e) => {
                     last_err = Some(StoreError::from(ClusterError::Net(e)));
@@ -509,19 +476,21 @@ impl Upstream for RemoteWatch {
             };
             let first_item = tokio::time::timeout(inner.config.timeout, rx.recv()).await;
             match first_item {
+                Ok(Some(Reply::Watch(WireItem::Resumed))) if resume.is_some() => {
+                    return Ok(Opened::Resumed(Stream {
+                        _client: client,
+                        rx,
+                    }));
+                }
                 Ok(Some(Reply::Watch(WireItem::Resync {
                     revision, prefixes, ..
-                }))) => {
+                }))) if resume.is_none() => {
                     let values = prefix_values(prefixes)?;
                     let stream = Stream {
                         _client: client,
                         rx,
                     };
-                    return Ok(Snapshot {
-                        revision: Revision(revision),
-                        values,
-                        follower: Some(stream),
-                    });
+                    return Ok(Opened::Resync(Revision(revision), values, stream));
                 }
                 Ok(Some(Reply::Watch(WireItem::Failed(WireError::Stopped)))) | Ok(None) => {
                     last_err = Some(StoreError::Unavailable(
@@ -540,19 +509,57 @@ impl Upstream for RemoteWatch {
         }
         Err(last_err.unwrap_or(StoreError::Unavailable("no member to watch on".into())))
     }
+}
 
-    async fn resume(&mut self, _from: Revision) -> Result<Stream, Lost> {
-        Err(Lost::Resync(ResyncReason::Reconnect))
+/// A member's stream, open: resumed, or with its first resync.
+enum Opened {
+    Resumed(Stream),
+    Resync(Revision, Vec<PrefixValues>, Stream),
+}
+
+#[async_trait::async_trait]
+impl Upstream for RemoteWatch {
+    type Follower = Stream;
+    // Any member replays from its history (`WatchOptions::resume` on the wire).
+    const RESUMES: bool = true;
+
+    fn rescope(&mut self, prefixes: PrefixSet) {
+        self.request.1 = prefixes
+            .prefixes()
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect();
+    }
+
+    /// Opens a stream on the first member that answers and waits for its resync.
+    async fn snapshot(&mut self) -> Result<Snapshot<Stream>, StoreError> {
+        match self.open(None).await? {
+            Opened::Resync(revision, values, stream) => Ok(Snapshot {
+                revision,
+                values,
+                follower: Some(stream),
+            }),
+            Opened::Resumed(_) => Err(corrupt("a watch")),
+        }
+    }
+
+    async fn resume(&mut self, from: Revision) -> Result<Stream, Lost> {
+        self.resumed(Revision(from.0.saturating_sub(1)))
+            .await
+            .map_err(Lost::Broken)
     }
 
     async fn next(&mut self, stream: &mut Stream, _last: Revision) -> Result<Next, Lost> {
         let item = match stream.rx.recv().await {
             Some(Reply::Watch(item)) => item,
+            // Broken: resumed on a member that answers, from its history.
             None => {
                 tracing::debug!(registration = self.reg.name(), "remote watch stream broke");
-                return Err(Lost::Resync(ResyncReason::Reconnect));
+                return Err(Lost::Broken(StoreError::Unavailable(
+                    "the member's watch stream closed".into(),
+                )));
             }
-            Some(_) => return Err(Lost::Resync(ResyncReason::Reconnect)),
+            Some(_) => return Err(Lost::Broken(corrupt("a watch item"))),
         };
         match item {
             WireItem::Change { revision, changes } => key_changes(changes)
@@ -566,13 +573,8 @@ impl Upstream for RemoteWatch {
                 .map(|values| Next::Resync(Revision(revision), reason, values))
                 .map_err(Lost::Broken),
             WireItem::Interrupted(e) => Ok(Next::Interrupted(StoreError::from(e))),
-            // The member cannot serve the watch any longer (it hears from no leader):
-            // another member resyncs it, with no error to the consumer.
-            WireItem::Failed(WireError::Unavailable(e)) => {
-                tracing::debug!(registration = self.reg.name(), error = %e, "the member ended the watch");
-                Err(Lost::Resync(ResyncReason::Reconnect))
-            }
             WireItem::Failed(e) => Err(Lost::Broken(StoreError::from(e))),
+            WireItem::Resumed => Err(Lost::Broken(corrupt("a watch item"))),
         }
     }
 }

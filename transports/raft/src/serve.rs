@@ -190,6 +190,10 @@ async fn serve_watch(
             return;
         }
     };
+    // A replay may say nothing for long: the client learns the watch is on.
+    if resume.is_some() && !out.send(Reply::Watch(WireItem::Resumed)).await {
+        return;
+    }
     // A member that stops hearing from a leader ends its watches (see
     // `Node::hears_leader`): the client resyncs from another member.
     let mut check = tokio::time::interval(Duration::from_secs(1));

@@ -92,7 +92,24 @@ async fn a_consumer_resumes_across_a_restart_of_the_store() {
     drop(w);
 
     // A compaction past the held revision: the consumer's state is resynced whole.
+    // (Resuming after the revision just before the floor still replays: the floor's
+    // own change is kept.)
     s.compact(last).await.unwrap();
+    let mut w = s
+        .watch(
+            "p",
+            &prefixes,
+            WatchOptions::default().resume(Revision(last.0 - 1)),
+        )
+        .await
+        .unwrap();
+    let ev = next_event(&mut w).await.unwrap();
+    let Event::Change(c) = &ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(c.revision, last);
+    ev.into_done().ok();
+    drop(w);
     let mut w = s
         .watch("p", &prefixes, WatchOptions::default().resume(held))
         .await

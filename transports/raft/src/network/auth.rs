@@ -114,7 +114,8 @@ pub(crate) const MAGIC: [u8; 8] = *b"DSRAFT01";
 /// 3: errors keep their type (`WireError`, `ServiceError`); 4: frames are encrypted;
 /// 5: stored records carry their version and the log carries transactions (a member
 /// of version 4 would misread both in a snapshot or an entry); 6: registering and
-/// promoting members (etcd's `member add` and `member promote`).
+/// promoting members (etcd's `member add` and `member promote`); 7: watches resume
+/// after a revision (`Request::Watch::resume`, `WireItem::Resumed`).
 pub(crate) const VERSION: u16 = 7;
 
 /// Step 1, client → server.

@@ -179,6 +179,9 @@ pub(crate) enum WireItem {
     Interrupted(WireError),
     /// The watch could not start, or ended.
     Failed(WireError),
+    /// A watch asked to resume is registered (first item): the member's replay, or
+    /// its resync, follows.
+    Resumed,
 }
 
 /// A store error, on the wire: each `StoreError` a caller may match on keeps its
