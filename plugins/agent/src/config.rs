@@ -39,6 +39,7 @@
 //! # [store.tuning]        # raft: each optional; the defaults are shown
 //! # max_value_size = 1048576              # bytes; at most 16 MiB, in a cluster 1 MiB per 100 ms of heartbeat
 //! # history = 10000                       # transactions kept for reads at past revisions
+//! # history_age_s = 86400                 # also compact what is older (default: off)
 //! # snapshot_every = 20000                # log entries between snapshots
 //! # keep_logs = 1000                      # log entries kept behind a snapshot
 //! # log_segment = 67108864                # bytes per log segment file, 64 KiB to 1 GiB
@@ -280,6 +281,10 @@ pub struct RaftTuning {
     /// Transactions kept in memory for reads at past revisions (default 10,000).
     #[arg(long)]
     pub history: Option<usize>,
+    /// Compact the history older than this many seconds, as etcd's periodic
+    /// auto-compaction (default: off; 1 s to 10 years).
+    #[arg(long)]
+    pub history_age_s: Option<u64>,
     /// Log entries between snapshots (default 20,000).
     #[arg(long)]
     pub snapshot_every: Option<u64>,
@@ -311,6 +316,9 @@ impl RaftTuning {
         let ms = Duration::from_millis;
         raft.max_value_size = self.max_value_size.unwrap_or(raft.max_value_size);
         raft.history = self.history.unwrap_or(raft.history);
+        if let Some(s) = self.history_age_s {
+            raft.history_age = Some(Duration::from_secs(s));
+        }
         raft.snapshot_every = self.snapshot_every.unwrap_or(raft.snapshot_every);
         raft.keep_logs = self.keep_logs.unwrap_or(raft.keep_logs);
         raft.log_segment = self.log_segment.unwrap_or(raft.log_segment);
@@ -358,6 +366,12 @@ impl RaftTuning {
             .is_some_and(|t| t == 0 || t > 86_400_000)
         {
             return Err(field("forward_timeout_ms: must be between 1 and 86400000"));
+        }
+        let max_age = datasync_raft::MAX_HISTORY_AGE.as_secs();
+        if self.history_age_s.is_some_and(|s| s == 0 || s > max_age) {
+            return Err(field(&format!(
+                "history_age_s: must be between 1 and {max_age}"
+            )));
         }
         let base = datasync_raft::RaftConfig::default();
         let base = match clustered {

@@ -29,6 +29,14 @@ async fn the_config_tunes_the_store_and_names_a_bad_field() {
     );
     // An override reaches a tuning key too.
     let config = parse(&text, &[("DATASYNC__STORE__TUNING__SNAPSHOT_EVERY", "500")]).unwrap();
+    let aged = parse(&format!("{text}history_age_s = 3600\n"), &[]).unwrap();
+    let StoreConfig::Raft { tuning: aged, .. } = &aged.store else {
+        panic!("{:?}", aged.store);
+    };
+    assert_eq!(
+        aged.apply(datasync_raft::RaftConfig::default()).history_age,
+        Some(Duration::from_secs(3600))
+    );
     let StoreConfig::Raft { tuning, .. } = &config.store else {
         panic!("{:?}", config.store);
     };
@@ -69,6 +77,8 @@ async fn the_config_tunes_the_store_and_names_a_bad_field() {
         ("log_segment = 1099511627776", "log_segment"),
         ("snapshot_every = 9000000000000000000", "snapshot_every"),
         ("snapshot_evry = 5", "snapshot_evry"),
+        ("history_age_s = 0", "history_age_s"),
+        ("history_age_s = 9000000000000000000", "history_age_s"),
     ] {
         let err = parse(
             &format!("[store]\nkind = \"raft\"\n[store.tuning]\n{bad}\n"),

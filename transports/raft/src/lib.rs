@@ -138,5 +138,6 @@ pub use storage::OpenError;
 pub use storage::lease::Clock;
 pub use storage::sm::RecordWatch;
 pub use store::{
-    CLUSTER_VALUE_PER_100MS, Health, MAX_VALUE_SIZE, MembershipWatch, RaftConfig, RaftStore,
+    CLUSTER_VALUE_PER_100MS, Health, MAX_HISTORY_AGE, MAX_VALUE_SIZE, MembershipWatch, RaftConfig,
+    RaftStore,
 };

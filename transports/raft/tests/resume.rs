@@ -1,5 +1,6 @@
 //! A consumer resumes after a revision it holds (`WatchOptions::resume`) from the
-//! history the store keeps on disk, across a restart of the store.
+//! history the store keeps on disk, across a restart of the store; the history's
+//! compaction by age decides how far back that works.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use datasync::testing::next_event;
@@ -122,4 +123,65 @@ async fn a_consumer_resumes_across_a_restart_of_the_store() {
     m.apply(&ev).unwrap();
     ev.into_done().ok();
     same_as_store(&s, &m).await;
+}
+
+/// `history_age`: what is older is compacted on its own, and never what is younger.
+/// A consumer held at a revision that aged out gets a `Compacted` resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_is_compacted_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let age = std::time::Duration::from_secs(2);
+    let s = RaftStore::open(RaftConfig::new(dir.path()).history_age(Some(age)))
+        .await
+        .unwrap();
+    let mut held = Revision::ZERO;
+    for i in 0..5 {
+        held = put(&s, &format!("p/{i}"), "old").await;
+    }
+    // Up to about two ages (sampled every second), the floor reaches what was written.
+    let deadline = tokio::time::Instant::now() + age * 10;
+    while s.compacted_revision() < held {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never compacted: floor {}",
+            s.compacted_revision()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let young = put(&s, "p/young", "new").await;
+    // More than a sampling interval (1 s), less than the age.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(
+        s.compacted_revision() < young,
+        "a revision younger than the age is never compacted"
+    );
+    let old = s
+        .get(&key("p/0"), ReadOptions::new().at(Revision(held.0 - 1)))
+        .await;
+    assert!(
+        matches!(old, Err(datasync::StoreError::Compacted { .. })),
+        "{old:?}"
+    );
+    let mut w = s
+        .watch(
+            "p",
+            &[Prefix::new("p/").unwrap()],
+            WatchOptions::default().resume(Revision(1)),
+        )
+        .await
+        .unwrap();
+    let ev = next_event(&mut w).await.unwrap();
+    let Event::Resync(rs) = &ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(rs.reason, ResyncReason::Compacted);
+    ev.into_done().ok();
+    // Out of range ages are refused.
+    for bad in [
+        std::time::Duration::ZERO,
+        datasync_raft::MAX_HISTORY_AGE * 2,
+    ] {
+        let config = RaftConfig::new(dir.path().join("other")).history_age(Some(bad));
+        assert!(config.validate().is_err(), "{bad:?}");
+    }
 }

@@ -34,6 +34,9 @@ mod tasks;
 
 use crate::types::{Command, NodeId, Outcome, RequestId, TypeConfig, expected_rev};
 
+/// The longest [`RaftConfig::history_age`]: ten 365-day years (as `datasync::MAX_TTL`).
+pub const MAX_HISTORY_AGE: Duration = Duration::from_secs(10 * 365 * 86_400);
+
 /// Configuration of an embedded store.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -48,6 +51,11 @@ pub struct RaftConfig {
     /// 10,000): on disk with the state (so across restarts; each costs about its keys'
     /// previous records) and in memory.
     pub history: usize,
+    /// Compacts, on the leader, the history older than this (etcd's periodic
+    /// auto-compaction): every tenth of it (1 s to 1 h), the revision the store was at
+    /// this long ago becomes the compaction floor. `None` (the default): only
+    /// [`history`](Self::history) and [`compact`](RaftStore::compact) bound it.
+    pub history_age: Option<Duration>,
     /// Build a snapshot (and compact the log) after this many new log entries
     /// (default 20,000).
     pub snapshot_every: u64,
@@ -75,6 +83,7 @@ impl Default for RaftConfig {
             node_id: 1,
             max_value_size: 1 << 20,
             history: 10_000,
+            history_age: None,
             snapshot_every: 20_000,
             keep_logs: 1_000,
             log_segment: crate::storage::SEGMENT,
@@ -108,6 +117,13 @@ impl RaftConfig {
     #[must_use]
     pub fn as_older_build(mut self) -> Self {
         self.count_versions = false;
+        self
+    }
+
+    /// Sets [`history_age`](Self::history_age).
+    #[must_use]
+    pub fn history_age(mut self, age: Option<Duration>) -> Self {
+        self.history_age = age;
         self
     }
 
@@ -165,6 +181,14 @@ impl RaftConfig {
         }
         if self.snapshot_every == 0 {
             return Err(OpenError::Config("snapshot_every must be positive"));
+        }
+        if self
+            .history_age
+            .is_some_and(|a| a < Duration::from_secs(1) || a > MAX_HISTORY_AGE)
+        {
+            return Err(OpenError::Config(
+                "history_age must be between 1 second and 10 years",
+            ));
         }
         if self.max_value_size == 0 || self.max_value_size > MAX_VALUE_SIZE {
             return Err(OpenError::Config(

@@ -209,6 +209,13 @@ impl RaftStore {
                 requests: Requests::new(),
             }),
         };
+        if let Some(age) = store.inner.config.history_age {
+            tokio::spawn(super::tasks::compact_by_age(
+                Arc::downgrade(&store.inner),
+                age,
+                store.inner.stop.clone(),
+            ));
+        }
         if let Some(node) = &store.inner.node {
             if !*node.caught_up.borrow() {
                 tokio::spawn(catch_up(

@@ -1,4 +1,4 @@
-//! The store's background tasks: lease expiry (on the leader) and a restarted
+//! The store's background tasks: lease expiry and compaction by age (on the leader), and a restarted
 //! member's catch-up gate.
 
 use std::sync::Arc;
@@ -7,6 +7,8 @@ use std::time::Duration;
 use openraft::Raft;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+use datasync::Revision;
 
 use super::{Inner, RaftStore};
 use crate::network::wire::{Reply, Request};
@@ -143,6 +145,50 @@ pub(super) async fn ttl_task(
             _ = stop.cancelled() => return,
             _ = sm.ttl_changed.notified() => {}
             _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Compacts the history older than `age` (etcd's periodic auto-compaction): every
+/// tenth of `age` (1 s to 1 h) it notes the revision, and the leader compacts to the
+/// newest one noted at least `age` ago. Why samples and not commit times: a revision
+/// carries no time, and the floor only needs to be old enough. A new leader has noted
+/// nothing yet, so it waits `age` before its first compaction: never too early.
+pub(super) async fn compact_by_age(
+    inner: std::sync::Weak<Inner>,
+    age: Duration,
+    stop: CancellationToken,
+) {
+    let every = (age / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut noted: std::collections::VecDeque<(tokio::time::Instant, Revision)> =
+        std::collections::VecDeque::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let store = RaftStore { inner };
+        let now = tokio::time::Instant::now();
+        noted.push_back((now, store.revision()));
+        // Keep only the newest sample at least `age` old, and the ones after it.
+        while noted.len() > 1 && now.duration_since(noted[1].0) >= age {
+            noted.pop_front();
+        }
+        let Some(&(at, floor)) = noted.front() else {
+            continue;
+        };
+        let leads = store.inner.node.as_ref().is_none_or(|n| n.leads());
+        if now.duration_since(at) < age || !leads || floor <= store.compacted_revision() {
+            continue;
+        }
+        match store.compact(floor).await {
+            Ok(()) => tracing::debug!(%floor, "history older than {age:?} compacted"),
+            Err(e) => tracing::debug!(error = %e, %floor, "compaction by age not done"),
         }
     }
 }
