@@ -188,6 +188,16 @@ impl AnyStore {
         }
     }
 
+    /// Moves member `id` of the raft cluster to `addr` (restart it listening there).
+    pub async fn update_member(&self, id: u64, addr: &str) -> Result<(), AgentError> {
+        match self {
+            AnyStore::Raft(s) => Ok(s.update_member(id, addr).await?),
+            AnyStore::Remote(s) => Ok(s.update_member(id, addr).await?),
+            #[allow(unreachable_patterns)]
+            _ => Err(AgentError::NotClustered),
+        }
+    }
+
     /// Adds the store's metrics to `registry` (the embedded raft store's; the other
     /// stores' watches show in the coordinator's metrics).
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {

@@ -32,7 +32,7 @@
 //! - **Cluster**: MemberList, MemberAdd (the member need not run yet), MemberPromote
 //!   (once the learner is in sync), MemberRemove.
 //!
-//! Not yet: MemberUpdate, Defragment, MoveLeader, authentication; they answer
+//! Not yet: Defragment, MoveLeader, authentication; they answer
 //! `Unimplemented` with a message naming what to use instead. Keys are UTF-8 text
 //! valid as `datasync` keys (the store's rule), values any bytes.
 //!

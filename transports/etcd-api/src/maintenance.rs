@@ -354,11 +354,15 @@ impl PbClusterService for Cluster {
 
     async fn member_update(
         &self,
-        _request: Request<PbMemberUpdateRequest>,
+        request: Request<PbMemberUpdateRequest>,
     ) -> Result<Response<PbMemberUpdateResponse>, Status> {
-        Err(not_yet(
-            "member update (a member's address is set when it is added)",
-        ))
+        let r = request.into_inner();
+        let addr = peer_addr(&r.peer_ur_ls)?;
+        within(self.store.update_member(r.id, &addr)).await?;
+        Ok(Response::new(PbMemberUpdateResponse {
+            header: header(&self.store, self.store.revision().0),
+            members: self.members(),
+        }))
     }
 
     async fn member_list(

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use datasync::Writer as _;
 use datasync_etcd_api::{EtcdApi, Serving};
 use datasync_raft::testing::{TestCluster, converged, test_secret};
 use datasync_raft::{ClusterConfig, RaftConfig, RaftStore};
@@ -576,5 +577,81 @@ async fn etcdctl_adds_promotes_and_removes_members() {
     .unwrap();
     n4.shutdown().await;
     n5.shutdown().await;
+    api.stop().await;
+}
+
+/// `member update` moves a member to a new peer URL: the list shows it, the member
+/// restarted there (same data) is reached by the group again; an address another
+/// member has, or an unknown id, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_moves_a_member_to_a_new_address() {
+    let cluster = TestCluster::start(3).await;
+    let follower = cluster.follower().await;
+    let seed = follower.cluster_addr().unwrap().to_owned();
+    let api = EtcdApi::new(follower.clone())
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ctl = Ctl::new(&api);
+    let (p4, p6) = (free_port(), free_port());
+    let url4 = format!("--peer-urls=http://127.0.0.1:{p4}");
+    let (ctl, id4) = tokio::task::spawn_blocking(move || {
+        ctl.ok(&["put", "k", "before"]);
+        let out = ctl.ok(&["member", "add", "n4", "--learner", &url4]);
+        (ctl, added_id(&out))
+    })
+    .await
+    .unwrap();
+    let d4 = tempfile::tempdir().unwrap();
+    let n4 = start_added(&id4, p4, &seed, true, d4.path()).await;
+    datasync_raft::testing::wait_until("the learner has the first write", || {
+        n4.revision() >= follower.revision()
+    })
+    .await;
+    n4.shutdown().await;
+    drop(n4);
+
+    let (id, taken_addr) = (id4.clone(), seed.clone());
+    let ctl = tokio::task::spawn_blocking(move || {
+        let (id4, seed) = (id, taken_addr);
+        let moved = format!("--peer-urls=http://127.0.0.1:{p6}");
+        let out = ctl.ok(&["member", "update", &id4, &moved]);
+        assert!(
+            words(&out).starts_with(&format!("Member {id4} updated")),
+            "{out}"
+        );
+        let list = ctl.ok(&["member", "list"]);
+        assert!(
+            list.lines()
+                .any(|l| l.starts_with(&format!("{id4},"))
+                    && l.contains(&format!("://127.0.0.1:{p6},"))),
+            "the member is listed at its new address: {list}"
+        );
+        let taken = format!("--peer-urls=http://{seed}");
+        let err = ctl.fails(&["member", "update", &id4, &taken]);
+        assert!(err.contains("Peer URLs already exists"), "{err}");
+        let err = ctl.fails(&["member", "update", "ff", &moved]);
+        assert!(err.contains("member not found"), "{err}");
+        ctl.ok(&["put", "k", "while it moved"]);
+        ctl
+    })
+    .await
+    .unwrap();
+    // Restarted on its new address with its data, the group reaches it there.
+    let n4 = start_added(&id4, p6, &seed, true, d4.path()).await;
+    datasync_raft::testing::wait_until("the moved member has the write made meanwhile", || {
+        n4.revision() >= follower.revision()
+    })
+    .await;
+    let got = n4
+        .get(
+            &datasync::Key::new("k").unwrap(),
+            datasync::ReadOptions::new().consistency(datasync::Consistency::Local),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.unwrap().value, datasync::Value::from("while it moved"));
+    drop(ctl);
+    n4.shutdown().await;
     api.stop().await;
 }

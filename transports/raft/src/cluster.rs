@@ -354,6 +354,35 @@ impl Service {
             .map_err(change_error)
     }
 
+    /// etcd's `member update`: member `id` (voter or learner) is reached at `addr` from
+    /// now on; the member itself must listen there (restart it with that address). No
+    /// change when it is there already; refused for an address another member has.
+    async fn update(&self, id: NodeId, addr: String) -> Result<u64, ServiceError> {
+        self.redirect()?;
+        let now = self.members();
+        match now.voters.get(&id).or_else(|| now.learners.get(&id)) {
+            None => return Err(ServiceError::Refused(Refusal::NotAMember(id))),
+            Some(a) if *a == addr => return Ok(now.log_index),
+            Some(_) => {}
+        }
+        if let Some((&other, _)) = now
+            .voters
+            .iter()
+            .chain(&now.learners)
+            .find(|(o, a)| **a == addr && **o != id)
+        {
+            return Err(ServiceError::Refused(Refusal::AddressInUse(other)));
+        }
+        // `SetNodes` replaces the node's entry (openraft warns that pointing an id at
+        // another process splits the group: here it is the same member, moved).
+        let nodes = std::collections::BTreeMap::from([(id, BasicNode::new(addr))]);
+        self.raft
+            .change_membership(openraft::ChangeMembers::SetNodes(nodes), false)
+            .await
+            .map(|r| r.log_id.index)
+            .map_err(change_error)
+    }
+
     /// etcd's `member promote`: refused unless the learner holds 90 % of the leader's
     /// log (etcd's rule), so a learner that never started cannot take a vote.
     async fn promote(&self, id: NodeId) -> Result<u64, ServiceError> {
@@ -451,6 +480,7 @@ impl Handler for Service {
             Request::Leave { id } => Reply::Membership(self.leave(id).await),
             Request::Register { id, addr } => Reply::Membership(self.register(id, addr).await),
             Request::Promote { id } => Reply::Membership(self.promote(id).await),
+            Request::Update { id, addr } => Reply::Membership(self.update(id, addr).await),
             Request::Members => Reply::Members(self.members()),
             Request::Client(op, id) => Reply::Client(match self.clients.get() {
                 Some(clients) => clients.op(op, id).await,

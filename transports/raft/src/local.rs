@@ -181,7 +181,8 @@ impl Handler for SingleNode {
             Request::Join { .. }
             | Request::Leave { .. }
             | Request::Register { .. }
-            | Request::Promote { .. } => {
+            | Request::Promote { .. }
+            | Request::Update { .. } => {
                 Reply::Membership(Err(ServiceError::Refused(Refusal::NotClustered)))
             }
             _ => Reply::Client(Err(WireError::Misrouted)),

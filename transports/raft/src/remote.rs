@@ -213,6 +213,16 @@ impl RemoteStore {
         self.change(|| Request::Leave { id }).await
     }
 
+    /// Reaches member `id` at `addr` from now on (see
+    /// [`RaftStore::update_member`](crate::RaftStore::update_member)).
+    pub async fn update_member(&self, id: u64, addr: &str) -> Result<(), ClusterError> {
+        let req = || Request::Update {
+            id,
+            addr: addr.to_owned(),
+        };
+        self.change(req).await
+    }
+
     async fn change(&self, req: impl Fn() -> Request) -> Result<(), ClusterError> {
         let (pool, c) = (&self.inner.pool, &self.inner.config);
         routing::change_membership(pool, &c.endpoints, req, c.timeout)

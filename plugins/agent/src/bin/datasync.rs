@@ -295,6 +295,13 @@ enum MembersCommand {
         #[arg(value_parser = node_id)]
         id: u64,
     },
+    /// Moves a member to a new cluster address (then restart it listening there).
+    Update {
+        #[arg(value_parser = node_id)]
+        id: u64,
+        /// Its new cluster address.
+        addr: String,
+    },
 }
 
 /// A TTL as people write it (`humantime`: `500ms`, `30s`, `1h 30m`; a bare number is
@@ -1046,6 +1053,7 @@ async fn members(
             store.add_member(id, &addr, role).await?;
         }
         Some(MembersCommand::Remove { id }) => store.remove_member(id).await?,
+        Some(MembersCommand::Update { id, addr }) => store.update_member(id, &addr).await?,
         None => {}
     }
     let m = store.members().await?;

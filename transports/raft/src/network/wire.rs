@@ -78,6 +78,13 @@ pub(crate) enum Request {
         /// The learner.
         id: NodeId,
     },
+    /// Reach member `id` at `addr` from now on (etcd's `member update`).
+    Update {
+        /// The member.
+        id: NodeId,
+        /// Its new advertised address.
+        addr: String,
+    },
 }
 
 impl Request {

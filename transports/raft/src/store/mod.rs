@@ -461,6 +461,18 @@ impl RaftStore {
             .await
     }
 
+    /// Reaches member `id` at `addr` from now on (routed to the leader): etcd's `member
+    /// update`. Restart the member listening there; until then the group cannot reach
+    /// it. Refused when `id` is no member, or another member has `addr`.
+    pub async fn update_member(&self, id: u64, addr: &str) -> Result<(), ClusterError> {
+        let node = self.inner.node.as_ref().ok_or(ClusterError::NotClustered)?;
+        let req = || Request::Update {
+            id,
+            addr: addr.to_owned(),
+        };
+        self.membership_change(node, true, req).await
+    }
+
     /// Removes node `id` from the group (routed to the leader); the node keeps its data.
     /// Removing this node itself is leaving.
     pub async fn remove_member(&self, id: u64) -> Result<(), ClusterError> {
