@@ -39,7 +39,7 @@
 //! # [store.tuning]        # raft: each optional; the defaults are shown
 //! # max_value_size = 1048576              # bytes; at most 16 MiB, in a cluster 1 MiB per 100 ms of heartbeat
 //! # history = 10000                       # transactions kept for reads at past revisions
-//! # history_age_s = 86400                 # also compact what is older (default: off)
+//! # history_age_s = 86400                 # also compact what is older (off unless set)
 //! # snapshot_every = 20000                # log entries between snapshots
 //! # keep_logs = 1000                      # log entries kept behind a snapshot
 //! # log_segment = 67108864                # bytes per log segment file, 64 KiB to 1 GiB

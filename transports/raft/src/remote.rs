@@ -530,8 +530,11 @@ enum Opened {
 #[async_trait::async_trait]
 impl Upstream for RemoteWatch {
     type Follower = Stream;
-    // Any member replays from its history (`WatchOptions::resume` on the wire).
-    const RESUMES: bool = true;
+    // Not after a break: a revision names no store, and the cluster may have been
+    // restored from a backup and written past it meanwhile (a replay would then follow
+    // another history). Another member resyncs. Only a consumer's own
+    // `WatchOptions::resume` asks a member to replay.
+    const RESUMES: bool = false;
 
     fn rescope(&mut self, prefixes: PrefixSet) {
         self.request.1 = prefixes
@@ -553,23 +556,18 @@ impl Upstream for RemoteWatch {
         }
     }
 
-    async fn resume(&mut self, from: Revision) -> Result<Stream, Lost> {
-        self.resumed(Revision(from.0.saturating_sub(1)))
-            .await
-            .map_err(Lost::Broken)
+    async fn resume(&mut self, _from: Revision) -> Result<Stream, Lost> {
+        Err(Lost::Resync(ResyncReason::Reconnect))
     }
 
     async fn next(&mut self, stream: &mut Stream, _last: Revision) -> Result<Next, Lost> {
         let item = match stream.rx.recv().await {
             Some(Reply::Watch(item)) => item,
-            // Broken: resumed on a member that answers, from its history.
             None => {
                 tracing::debug!(registration = self.reg.name(), "remote watch stream broke");
-                return Err(Lost::Broken(StoreError::Unavailable(
-                    "the member's watch stream closed".into(),
-                )));
+                return Err(Lost::Resync(ResyncReason::Reconnect));
             }
-            Some(_) => return Err(Lost::Broken(corrupt("a watch item"))),
+            Some(_) => return Err(Lost::Resync(ResyncReason::Reconnect)),
         };
         match item {
             WireItem::Change { revision, changes } => key_changes(changes)
@@ -583,6 +581,12 @@ impl Upstream for RemoteWatch {
                 .map(|values| Next::Resync(Revision(revision), reason, values))
                 .map_err(Lost::Broken),
             WireItem::Interrupted(e) => Ok(Next::Interrupted(StoreError::from(e))),
+            // The member cannot serve the watch any longer (it hears from no leader):
+            // another member resyncs it, with no error to the consumer.
+            WireItem::Failed(WireError::Unavailable(e)) => {
+                tracing::debug!(registration = self.reg.name(), error = %e, "the member ended the watch");
+                Err(Lost::Resync(ResyncReason::Reconnect))
+            }
             WireItem::Failed(e) => Err(Lost::Broken(StoreError::from(e))),
             WireItem::Resumed => Err(Lost::Broken(corrupt("a watch item"))),
         }

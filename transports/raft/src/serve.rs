@@ -163,6 +163,10 @@ async fn serve_watch(
         ))
     };
     let started = async move {
+        // A member that left serves no watch: the client goes on to another.
+        if store.has_left() {
+            return Err(WireError::Stopped);
+        }
         if !store.hears_leader() {
             return Err(leaderless(&store));
         }

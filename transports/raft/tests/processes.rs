@@ -216,13 +216,12 @@ async fn sigkill_the_leader_under_load() {
         "the replica equals the cluster"
     );
 
-    // The leader's watcher moved to a survivor and holds the final state;
+    // The leader's watcher moved to a survivor with a resync and holds the final state;
     // a watcher on the restarted member starts from its caught-up replica.
     let reasons = mirror_until(&mut w, &mut mirror, target).await.unwrap();
-    // A survivor replays from its history: no resync for a lost connection.
     assert!(
-        !reasons.contains(&ResyncReason::Reconnect),
-        "the watcher resumed after the kill: {reasons:?}"
+        reasons.contains(&ResyncReason::Reconnect),
+        "the watcher resynced after the kill: {reasons:?}"
     );
     let mut fresh = on_back
         .watch(

@@ -152,8 +152,9 @@ pub(super) async fn ttl_task(
 /// Compacts the history older than `age` (etcd's periodic auto-compaction): every
 /// tenth of `age` (1 s to 1 h) it notes the revision, and the leader compacts to the
 /// newest one noted at least `age` ago. Why samples and not commit times: a revision
-/// carries no time, and the floor only needs to be old enough. A new leader has noted
-/// nothing yet, so it waits `age` before its first compaction: never too early.
+/// carries no time, and the floor only needs to be old enough. Every member samples (a
+/// sample is taken after what it saw committed, so a new leader's older samples are as
+/// safe as its own); only the leader proposes.
 pub(super) async fn compact_by_age(
     inner: std::sync::Weak<Inner>,
     age: Duration,
