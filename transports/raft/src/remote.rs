@@ -394,10 +394,18 @@ impl Watcher for RemoteStore {
         let start = match opts.resume {
             // The member replays from its history, or resyncs with its reason: both
             // come through the stream, as any member resync does.
-            Some(r) => Start {
-                revision: r,
-                follower: Some(up.resumed(r).await?),
-                owed: None,
+            Some(r) => match up.resumed(r).await? {
+                Some(stream) => Start {
+                    revision: r,
+                    follower: Some(stream),
+                    owed: None,
+                },
+                // No member holds the changes after `r` any more.
+                None => Start {
+                    revision: r,
+                    follower: None,
+                    owed: Some(ResyncReason::Compacted),
+                },
             },
             None => {
                 let first = up.snapshot().await?;
@@ -451,10 +459,13 @@ impl RemoteWatch {
     /// Opens a stream resuming after `r` on the first member that can serve it: what
     /// follows is the member's replay of the changes after `r`, or its resync (with
     /// the reason it could not replay).
-    async fn resumed(&self, r: Revision) -> Result<Stream, StoreError> {
-        match self.open(Some(r)).await? {
-            Opened::Resumed(stream) => Ok(stream),
-            Opened::Resync(..) => Err(corrupt("a resumed watch")),
+    /// `Ok(None)`: no member that answered still holds the changes after `r`.
+    async fn resumed(&self, r: Revision) -> Result<Option<Stream>, StoreError> {
+        match self.open(Some(r)).await {
+            Ok(Opened::Resumed(stream)) => Ok(Some(stream)),
+            Ok(Opened::Resync(..)) => Err(corrupt("a resumed watch")),
+            Err(StoreError::Compacted { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -466,6 +477,9 @@ impl RemoteWatch {
         let eps = &inner.config.endpoints;
         let first = inner.preferred.load(Ordering::Relaxed);
         let mut last_err = None;
+        // A member that no longer holds the changes to replay (it installed a
+        // snapshot): another may; if none does, the watch resyncs as compacted.
+        let mut compacted = None;
         for attempt in 0..eps.len() {
             let i = (first + attempt) % eps.len();
             let client = Client::new(
@@ -512,12 +526,19 @@ impl RemoteWatch {
                 Ok(Some(Reply::Watch(WireItem::Failed(
                     e @ (WireError::Unavailable(_) | WireError::Timeout(_)),
                 )))) => last_err = Some(StoreError::from(e)),
+                Ok(Some(Reply::Watch(WireItem::Failed(e @ WireError::Compacted { .. }))))
+                    if resume.is_some() =>
+                {
+                    compacted = Some(StoreError::from(e));
+                }
                 Ok(Some(Reply::Watch(WireItem::Failed(e)))) => return Err(StoreError::from(e)),
                 Ok(Some(_)) => return Err(corrupt("a watch")),
                 Err(_) => last_err = Some(StoreError::Timeout(inner.config.timeout)),
             }
         }
-        Err(last_err.unwrap_or(StoreError::Unavailable("no member to watch on".into())))
+        Err(compacted
+            .or(last_err)
+            .unwrap_or(StoreError::Unavailable("no member to watch on".into())))
     }
 }
 

@@ -180,6 +180,17 @@ async fn serve_watch(
             .read_barrier(&ReadOptions::new())
             .await
             .map_err(WireError::from)?;
+        // A member whose history no longer holds the changes after `r` (it installed
+        // a snapshot) passes the watch on: another may still replay them.
+        if let Some(r) = resume {
+            let oldest = store.oldest_watchable();
+            if r.saturating_add(1) < oldest {
+                return Err(WireError::Compacted {
+                    requested: r.saturating_add(1),
+                    compacted: oldest - 1,
+                });
+            }
+        }
         let mut opts = WatchOptions::default().queue_capacity(queue_capacity);
         opts.resume = resume.map(Revision);
         store

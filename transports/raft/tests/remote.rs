@@ -195,6 +195,51 @@ async fn a_remote_client_fails_over_to_a_live_endpoint() {
     );
 }
 
+/// A remote watch resuming after a revision: replayed by a member from its history;
+/// once every member compacted past it, each passes the watch on and the client
+/// resyncs as `Compacted`, its state then equal to the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_watch_resumes_or_resyncs_as_compacted() {
+    let c = TestCluster::start(3).await;
+    let remote = RemoteStore::connect(RemoteConfig::new(c.addrs(), test_secret()))
+        .await
+        .unwrap();
+    let held = put(&remote, "m/a").await;
+    let last = put(&remote, "m/b").await;
+    let prefixes = [Prefix::new("m/").unwrap()];
+    let mut w = remote
+        .watch("w", &prefixes, WatchOptions::default().resume(held))
+        .await
+        .unwrap();
+    let ev = datasync::testing::next_event(&mut w).await.unwrap();
+    let datasync::Event::Change(ch) = &ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(ch.revision, last);
+    ev.into_done().ok();
+    drop(w);
+
+    // The floor keeps its own change: compacting at `last` leaves `held` resumable.
+    let floor = put(&remote, "m/c").await;
+    c.nodes[0].compact(floor).await.unwrap();
+    for n in &c.nodes {
+        wait_until("every member compacted", || n.compacted_revision() >= floor).await;
+    }
+    let mut w = remote
+        .watch("w", &prefixes, WatchOptions::default().resume(held))
+        .await
+        .unwrap();
+    let mut mirror = Mirror::new();
+    let ev = datasync::testing::next_event(&mut w).await.unwrap();
+    let datasync::Event::Resync(rs) = &ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(rs.reason, ResyncReason::Compacted);
+    mirror.apply(&ev).unwrap();
+    ev.into_done().ok();
+    assert_eq!(mirror.len(""), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_through_a_remote_client() {
     let c = TestCluster::start(3).await;

@@ -36,6 +36,12 @@ impl RaftStore {
         Revision(self.inner.sm.oldest_readable())
     }
 
+    /// The oldest revision a watch can start from here (the history holds each
+    /// revision's change from it on).
+    pub(crate) fn oldest_watchable(&self) -> u64 {
+        self.inner.sm.oldest_watchable()
+    }
+
     /// Compacts the history up to `revision` on every member (etcd's compaction): reads
     /// at and watches from revisions before it then fail with `Compacted`. Refused with
     /// `Compacted` when this member's history starts after `revision` already, and with
