@@ -266,6 +266,33 @@ async fn a_lagging_member_catches_up_by_snapshot_and_its_watcher_is_consistent()
         back.snapshots_installed() > 0,
         "the member caught up from a snapshot"
     );
+
+    // A remote watch resuming after revision 1, asked of this member first: its history
+    // starts after the snapshot it installed, so it passes the watch on, and a member
+    // that holds the changes replays them (no resync).
+    let mut endpoints = vec![back.cluster_addr().unwrap().to_owned()];
+    endpoints.extend(nodes.iter().map(|n| n.cluster_addr().unwrap().to_owned()));
+    let remote = datasync_raft::RemoteStore::connect(datasync_raft::RemoteConfig::new(
+        endpoints,
+        test_secret(),
+    ))
+    .await
+    .unwrap();
+    let opts = WatchOptions::default().resume(datasync::Revision(1));
+    let mut w = remote
+        .watch("r", &[Prefix::new("s/").unwrap()], opts)
+        .await
+        .unwrap();
+    let ev = datasync::testing::next_event(&mut w).await.unwrap();
+    match &ev {
+        datasync::Event::Change(c) => assert_eq!(c.revision, datasync::Revision(2)),
+        datasync::Event::Resync(r) => {
+            panic!("replayed by another member, not a {:?} resync", r.reason)
+        }
+        other => panic!("{other:?}"),
+    }
+    ev.into_done().ok();
+    drop(w);
     nodes.push(back);
     converged(&nodes.iter().collect::<Vec<_>>()).await;
 }
