@@ -189,11 +189,8 @@ fn compare_unsigned(c: &PbCompare) -> Result<Compare, Status> {
         (1, None) => CompareTarget::CreateRevision(0),
         (2, None) => CompareTarget::ModRevision(0),
         (3, None) => CompareTarget::Value(Vec::new()),
-        (4, _) => {
-            return Err(Status::unimplemented(
-                "etcdserver: lease compares are not supported yet",
-            ));
-        }
+        (4, Some(PbTargetUnion::Lease(v))) => CompareTarget::Lease(n(*v)?),
+        (4, None) => CompareTarget::Lease(0),
         (t, _) => {
             return Err(Status::invalid_argument(format!(
                 "compare target {t} does not match its operand"

@@ -18,7 +18,7 @@
 //! # What it serves
 //! - **KV**: Range (limit, count and keys only, revision, sort, filters, `range_end`
 //!   and the `\0` "from key" form), Put and DeleteRange (with previous records), Txn
-//!   (compares on value, version, create and mod revision over a key or a range; put,
+//!   (compares on value, version, create and mod revision and lease over a key or a range; put,
 //!   delete-range and range in either branch, all at one revision), Compact (replicated
 //!   to every member). Each write is one store transaction, so previous records are
 //!   exactly what it replaced.

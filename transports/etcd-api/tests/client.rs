@@ -130,3 +130,45 @@ async fn a_compacted_watch_names_where_a_watch_may_start_and_progress_is_answere
     api.stop().await;
     store.shutdown().await;
 }
+
+/// Compares on a key's lease (etcd's `Compare_LEASE`; etcdctl 3.4 cannot send one):
+/// the lease the key is on, 0 for a key on none and for an absent key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_txn_compares_the_lease_a_key_is_on() {
+    let (_dir, store, api, mut c) = start(100).await;
+    let lease = c.lease_grant(60, None).await.unwrap().id();
+    c.put(
+        "leased",
+        "v",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    c.put("plain", "v", None).await.unwrap();
+    let holds = |key: &str, op: CompareOp, id: i64| {
+        etcd_client::Txn::new().when([Compare::lease(key, op, id)])
+    };
+    for (key, op, id, want) in [
+        ("leased", CompareOp::Equal, lease, true),
+        ("leased", CompareOp::Equal, 0, false),
+        ("leased", CompareOp::Greater, 0, true),
+        ("leased", CompareOp::NotEqual, lease + 1, true),
+        ("plain", CompareOp::Equal, 0, true),
+        ("plain", CompareOp::Equal, lease, false),
+        ("absent", CompareOp::Equal, 0, true),
+        ("absent", CompareOp::Less, lease, true),
+    ] {
+        let got = c.txn(holds(key, op, id)).await.unwrap().succeeded();
+        assert_eq!(got, want, "lease({key}) {op:?} {id}");
+    }
+    // Revoked, the key is gone and compares as on no lease.
+    c.lease_revoke(lease).await.unwrap();
+    let got = c
+        .txn(holds("leased", CompareOp::Equal, 0))
+        .await
+        .unwrap()
+        .succeeded();
+    assert!(got);
+    api.stop().await;
+    store.shutdown().await;
+}

@@ -240,6 +240,8 @@ pub enum CompareTarget {
     CreateRevision(u64),
     /// The mod revision (0: absent).
     ModRevision(u64),
+    /// The lease object the key is on (0: none, or absent).
+    Lease(u64),
 }
 
 /// A write in a transaction.

@@ -424,6 +424,10 @@ fn compare(c: &Compare, s: Option<&Stored>) -> bool {
         CompareTarget::Version(n) => s.map_or(0, |s| s.version).cmp(n),
         CompareTarget::CreateRevision(n) => s.map_or(0, |s| s.create_rev).cmp(n),
         CompareTarget::ModRevision(n) => s.map_or(0, |s| s.mod_rev).cmp(n),
+        CompareTarget::Lease(n) => s
+            .and_then(|s| crate::records::lease_id_of(s.expires_at_ms))
+            .unwrap_or(0)
+            .cmp(n),
     };
     match c.op {
         CompareOp::Equal => ord == Ordering::Equal,
