@@ -143,7 +143,8 @@ fn compare(c: &PbCompare) -> Result<Option<Compare>, Status> {
         Some(
             PbTargetUnion::Version(v)
             | PbTargetUnion::CreateRevision(v)
-            | PbTargetUnion::ModRevision(v),
+            | PbTargetUnion::ModRevision(v)
+            | PbTargetUnion::Lease(v),
         ) => *v < 0,
         _ => false,
     };

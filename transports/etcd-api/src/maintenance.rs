@@ -292,6 +292,9 @@ fn cluster_status(e: ClusterError) -> Status {
         ClusterError::Refused(Refusal::NotInSync { .. }) => Status::failed_precondition(
             "etcdserver: can only promote a learner member which is in sync with leader",
         ),
+        ClusterError::Refused(r @ (Refusal::VoterMove(_) | Refusal::BadAddress)) => {
+            Status::failed_precondition(format!("etcdserver: {r}"))
+        }
         ClusterError::Refused(r @ Refusal::NoVoterLeft) => {
             Status::failed_precondition(format!("etcdserver: {r}"))
         }

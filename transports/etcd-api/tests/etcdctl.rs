@@ -580,9 +580,9 @@ async fn etcdctl_adds_promotes_and_removes_members() {
     api.stop().await;
 }
 
-/// `member update` moves a member to a new peer URL: the list shows it, the member
-/// restarted there (same data) is reached by the group again; an address another
-/// member has, or an unknown id, is refused.
+/// `member update` moves a learner to a new peer URL: the list shows it, the member
+/// restarted there (same data) is reached by the group again; a voter, an address
+/// another member has, or an unknown id, is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_moves_a_member_to_a_new_address() {
     let cluster = TestCluster::start(3).await;
@@ -632,6 +632,12 @@ async fn etcdctl_moves_a_member_to_a_new_address() {
         assert!(err.contains("Peer URLs already exists"), "{err}");
         let err = ctl.fails(&["member", "update", "ff", &moved]);
         assert!(err.contains("member not found"), "{err}");
+        // A voter's move would need the voter at its new address to commit.
+        let err = ctl.fails(&["member", "update", "1", &moved]);
+        assert!(
+            err.contains("only a learner's address can be changed"),
+            "{err}"
+        );
         ctl.ok(&["put", "k", "while it moved"]);
         ctl
     })

@@ -354,16 +354,28 @@ impl Service {
             .map_err(change_error)
     }
 
-    /// etcd's `member update`: member `id` (voter or learner) is reached at `addr` from
-    /// now on; the member itself must listen there (restart it with that address). No
-    /// change when it is there already; refused for an address another member has.
+    /// etcd's `member update`: learner `id` is reached at `addr` from now on; the member
+    /// itself must listen there (restart it with that address). No change when it is
+    /// there already; refused for a voter (see `Refusal::VoterMove`), for an address
+    /// another member has, and for one that is not `host:port`.
     async fn update(&self, id: NodeId, addr: String) -> Result<u64, ServiceError> {
         self.redirect()?;
         let now = self.members();
-        match now.voters.get(&id).or_else(|| now.learners.get(&id)) {
+        if now.voters.contains_key(&id) {
+            return Err(ServiceError::Refused(Refusal::VoterMove(id)));
+        }
+        match now.learners.get(&id) {
             None => return Err(ServiceError::Refused(Refusal::NotAMember(id))),
             Some(a) if *a == addr => return Ok(now.log_index),
             Some(_) => {}
+        }
+        let valid = addr.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && !host.contains(['/', ' '])
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !valid {
+            return Err(ServiceError::Refused(Refusal::BadAddress));
         }
         if let Some((&other, _)) = now
             .voters

@@ -101,4 +101,12 @@ pub enum Refusal {
         /// The leader's last log index.
         leader: u64,
     },
+    /// A voter's address cannot be changed: the leader sends to the new address as
+    /// soon as the change is in its log, so committing it would need the voter there
+    /// already (a wrong address would stall the group). Remove it and add it again.
+    #[error("node {0} is a voter: only a learner's address can be changed")]
+    VoterMove(NodeId),
+    /// The address is not `host:port`.
+    #[error("the address is not host:port")]
+    BadAddress,
 }

@@ -115,8 +115,9 @@ pub(crate) const MAGIC: [u8; 8] = *b"DSRAFT01";
 /// 5: stored records carry their version and the log carries transactions (a member
 /// of version 4 would misread both in a snapshot or an entry); 6: registering and
 /// promoting members (etcd's `member add` and `member promote`); 7: watches resume
-/// after a revision (`Request::Watch::resume`, `WireItem::Resumed`).
-pub(crate) const VERSION: u16 = 7;
+/// after a revision (`Request::Watch::resume`, `WireItem::Resumed`); 8: member update
+/// (`Request::Update`) and lease compares in the log (`CompareTarget::Lease`).
+pub(crate) const VERSION: u16 = 8;
 
 /// Step 1, client → server.
 #[derive(Debug, Serialize, Deserialize)]

@@ -461,16 +461,19 @@ impl RaftStore {
             .await
     }
 
-    /// Reaches member `id` at `addr` from now on (routed to the leader): etcd's `member
-    /// update`. Restart the member listening there; until then the group cannot reach
-    /// it. Refused when `id` is no member, or another member has `addr`.
+    /// Reaches learner `id` at `addr` from now on (routed to the leader): etcd's
+    /// `member update`. Restart the member listening there; until then the group
+    /// cannot reach it. Refused for a voter ([`Refusal::VoterMove`](crate::Refusal):
+    /// remove it and add it again), when `id` is no member, when another member has
+    /// `addr`, and when `addr` is not `host:port`.
     pub async fn update_member(&self, id: u64, addr: &str) -> Result<(), ClusterError> {
         let node = self.inner.node.as_ref().ok_or(ClusterError::NotClustered)?;
         let req = || Request::Update {
             id,
             addr: addr.to_owned(),
         };
-        self.membership_change(node, true, req).await
+        // A member moved away no longer hears the change it is told to wait for.
+        self.membership_change(node, id != node.id, req).await
     }
 
     /// Removes node `id` from the group (routed to the leader); the node keeps its data.
