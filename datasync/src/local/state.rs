@@ -257,18 +257,9 @@ impl State {
             return Err(crate::ResyncReason::Compacted);
         }
         let start = self.written.partition_point(|(r, _)| *r <= after);
-        let mut out: VecDeque<Arc<Txn>> = VecDeque::new();
-        let mut changes = Vec::new();
-        let mut at = None;
+        // `written` holds each transaction's keys together, in revision order.
+        let mut txns: Vec<(Revision, Vec<KeyChange>)> = Vec::new();
         for (revision, key) in self.written.range(start..) {
-            if at.is_some_and(|a| a != *revision) {
-                changes.sort_by(|a: &KeyChange, b| a.key.cmp(&b.key));
-                out.push_back(Arc::new(Txn {
-                    revision: at.unwrap_or(*revision),
-                    changes: std::mem::take(&mut changes),
-                }));
-            }
-            at = Some(*revision);
             // Every version after the compaction is kept, and the newest at or before it.
             let Some(h) = self.keys.get(key.as_str()) else {
                 continue;
@@ -278,18 +269,24 @@ impl State {
                 continue;
             };
             let prev = i.checked_sub(1).and_then(|j| h.versions[j].value.clone());
-            changes.push(KeyChange {
+            let change = KeyChange {
                 key: key.clone(),
                 op: if value.is_some() { Op::Put } else { Op::Delete },
                 value,
                 prev,
-            });
+            };
+            match txns.last_mut() {
+                Some((r, changes)) if r == revision => changes.push(change),
+                _ => txns.push((*revision, vec![change])),
+            }
         }
-        if let Some(revision) = at {
-            changes.sort_by(|a, b| a.key.cmp(&b.key));
-            out.push_back(Arc::new(Txn { revision, changes }));
-        }
-        Ok(out)
+        Ok(txns
+            .into_iter()
+            .map(|(revision, mut changes)| {
+                changes.sort_by(|a, b| a.key.cmp(&b.key));
+                Arc::new(Txn { revision, changes })
+            })
+            .collect())
     }
 
     /// Forgets history before `upto`; reads at `upto` and later still work.

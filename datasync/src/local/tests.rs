@@ -9,6 +9,17 @@ fn key(s: &str) -> Key {
     Key::new(s).unwrap()
 }
 
+/// Writes `i` to key `k{i % keys}` for each `i` in `range`: revision `i + 1` on a
+/// fresh store.
+async fn rotate(s: &Local, range: std::ops::Range<u64>, keys: u64) {
+    for i in range {
+        let k = key(&format!("k{}", i % keys));
+        s.put(&k, format!("{i}").into(), PutOptions::new())
+            .await
+            .unwrap();
+    }
+}
+
 async fn next(w: &mut crate::Watch) -> Event {
     crate::testing::next_event(w).await.expect("next event")
 }
@@ -101,15 +112,7 @@ async fn prefix_delete_is_one_transaction() {
 #[tokio::test]
 async fn history_is_compacted_and_reads_say_so() {
     let s = Local::with_config(LocalConfig::default().history(10));
-    for i in 0..100 {
-        s.put(
-            &key(&format!("k{}", i % 3)),
-            format!("{i}").into(),
-            PutOptions::new(),
-        )
-        .await
-        .unwrap();
-    }
+    rotate(&s, 0..100, 3).await;
     s.delete(&key("k0"), DeleteOptions::new()).await.unwrap();
     let now = s.revision();
     assert_eq!(now, Revision(101));
@@ -308,15 +311,7 @@ async fn a_resync_never_holds_an_expired_key() {
 #[tokio::test]
 async fn a_resume_replays_the_kept_history_or_resyncs_as_compacted() {
     let s = Local::with_config(LocalConfig::default().history(10));
-    for i in 0..40 {
-        s.put(
-            &key(&format!("k{}", i % 3)),
-            format!("{i}").into(),
-            PutOptions::new(),
-        )
-        .await
-        .unwrap();
-    }
+    rotate(&s, 0..40, 3).await;
     let now = s.revision();
     let all = [Prefix::all()];
     let resumed = |r: u64| s.watch("r", &all, WatchOptions::default().resume(Revision(r)));
@@ -357,15 +352,7 @@ async fn a_resume_replays_the_kept_history_or_resyncs_as_compacted() {
 #[tokio::test]
 async fn an_overflow_during_a_replay_becomes_a_resync() {
     let s = Local::new();
-    for i in 0..10 {
-        s.put(
-            &key(&format!("k{}", i % 2)),
-            format!("{i}").into(),
-            PutOptions::new(),
-        )
-        .await
-        .unwrap();
-    }
+    rotate(&s, 0..10, 2).await;
     let all = [Prefix::all()];
     let mut m = crate::Mirror::new();
     let mut w = s.watch("r", &all, WatchOptions::default()).await.unwrap();
@@ -374,15 +361,7 @@ async fn an_overflow_during_a_replay_becomes_a_resync() {
     ev.into_done().ok();
     drop(w);
     let held = s.revision();
-    for i in 10..20 {
-        s.put(
-            &key(&format!("k{}", i % 2)),
-            format!("{i}").into(),
-            PutOptions::new(),
-        )
-        .await
-        .unwrap();
-    }
+    rotate(&s, 10..20, 2).await;
     let opts = WatchOptions::default().queue_capacity(1).resume(held);
     let mut w = s.watch("r", &all, opts).await.unwrap();
     let ev = next(&mut w).await;
@@ -390,15 +369,7 @@ async fn an_overflow_during_a_replay_becomes_a_resync() {
     m.apply(&ev).unwrap();
     ev.into_done().ok();
     // Two writes while the replay is out: the queue of one overflows.
-    for i in 20..22 {
-        s.put(
-            &key(&format!("k{}", i % 2)),
-            format!("{i}").into(),
-            PutOptions::new(),
-        )
-        .await
-        .unwrap();
-    }
+    rotate(&s, 20..22, 2).await;
     let ev = next(&mut w).await;
     let Event::Resync(rs) = &ev else {
         panic!("{ev:?}")

@@ -39,6 +39,42 @@ async fn eventually<F: Fn() -> bool>(what: &str, f: F) {
     }
 }
 
+/// The agent's `/status`.
+async fn fetch_status(addr: &str) -> serde_json::Value {
+    serde_json::from_str(&http_get(addr, "/status").await.unwrap().1).unwrap()
+}
+
+/// Plugin `name`'s entry in a `/status`.
+fn plugin_named<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["plugins"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .unwrap_or_else(|| panic!("no plugin {name} in {status}"))
+}
+
+/// Polls `/status` until `holds` for up to 20 s; else fails saying `what`, with the
+/// last status and the tail of the agent's log (its config is `config`).
+async fn until_status(
+    addr: &str,
+    config: &Path,
+    what: &str,
+    holds: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = fetch_status(addr).await;
+        if holds(&s) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {s}\n{}",
+            agent_log_tail(config, 80)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     let nats = NatsServer::start().await.unwrap_or_else(|e| panic!("{e}"));
@@ -134,23 +170,15 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
     // that pass, so later writes reach the plugins as changes, not inside that resync.
     let bad = cli(&store, &["put", "files/a//b", "x"]);
     assert!(bad.status.success());
-    let failed = || async {
-        let (_, body) = http_get(&addr, "/status").await.unwrap();
-        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
-        s["plugins"][0]["failures"] == 1
-            && s["plugins"][0]["state"] == "ready"
-            && s["plugins"][0]["last_error"]["error"]
+    until_status(&addr, &config, "the refusal never showed in /status", |s| {
+        let mirror = plugin_named(s, "file-mirror");
+        mirror["failures"] == 1
+            && mirror["state"] == "ready"
+            && mirror["last_error"]["error"]
                 .as_str()
                 .is_some_and(|e| e.contains("empty path segment"))
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !failed().await {
-        assert!(
-            Instant::now() < deadline,
-            "the refusal never showed in /status"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 
     // The netconfig pair is linked in too: a route through a missing interface is
     // refused through Done, and says so in /status; one through a known one is not.
@@ -172,13 +200,13 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
         .status
         .success()
     );
-    let refused = || async {
-        let (_, body) = http_get(&addr, "/status").await.unwrap();
-        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let plugins = s["plugins"].as_array().unwrap().clone();
-        let by = |n: &str| plugins.iter().find(|p| p["name"] == n).cloned().unwrap();
-        let (ifaces, routes) = (by("interfaces"), by("routes"));
-        ifaces["changes"] == 1
+    until_status(
+        &addr,
+        &config,
+        "the route's refusal never showed in /status",
+        |s| {
+            let (ifaces, routes) = (plugin_named(s, "interfaces"), plugin_named(s, "routes"));
+            ifaces["changes"] == 1
             && ifaces["failures"] == 0
             && routes["changes"] == 2
             && routes["failures"] == 1
@@ -188,18 +216,9 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
             && routes["last_error"]["error"]
                 .as_str()
                 .is_some_and(|e| e.contains(r#"net/rt/bad: interface "eth9" does not exist"#))
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !refused().await {
-        assert!(
-            Instant::now() < deadline,
-            "{}: {}\n{}",
-            "the route's refusal never showed in /status",
-            http_get(&addr, "/status").await.unwrap_or_default().1,
-            agent_log_tail(&config, 80)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        },
+    )
+    .await;
 
     // Values are protobuf messages; the CLI converts JSON through the model registry.
     let got = cli(&store, &["get", "net/if/eth0", "--json"]);
@@ -236,13 +255,9 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
             "{out:?}"
         );
     }
-    let resyncs_before = {
-        let (_, body) = http_get(&addr, "/status").await.unwrap();
-        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let plugins = s["plugins"].as_array().unwrap().clone();
-        let ifaces = plugins.iter().find(|p| p["name"] == "interfaces").unwrap();
-        ifaces["resyncs"].as_u64().unwrap()
-    };
+    let resyncs_before = plugin_named(&fetch_status(&addr).await, "interfaces")["resyncs"]
+        .as_u64()
+        .unwrap();
     // A value that is no message is an error for that value only: the change fails
     // through Done, the resync that follows skips it, the others apply.
     assert!(
@@ -255,33 +270,16 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
             .status
             .success()
     );
-    let recovered = || async {
-        let (_, body) = http_get(&addr, "/status").await.unwrap();
-        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let plugins = s["plugins"].as_array().unwrap().clone();
-        let ifaces = plugins
-            .iter()
-            .find(|p| p["name"] == "interfaces")
-            .cloned()
-            .unwrap();
+    until_status(&addr, &config, "the bad value held up the plugin", |s| {
+        let ifaces = plugin_named(s, "interfaces");
         ifaces["state"] == "ready"
             && ifaces["failures"] == 1
             && ifaces["resyncs"].as_u64() > Some(resyncs_before)
             && ifaces["last_error"]["error"]
                 .as_str()
                 .is_some_and(|e| e.contains("net/if/junk"))
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !recovered().await {
-        assert!(
-            Instant::now() < deadline,
-            "{}: {}\n{}",
-            "the bad value held up the plugin",
-            http_get(&addr, "/status").await.unwrap_or_default().1,
-            agent_log_tail(&config, 80)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let junk = cli(&store, &["get", "net/if/junk", "--json"]);
     assert_eq!(junk.status.code(), Some(5), "{junk:?}");
     // eth1 was applied: a route through it is installed, not refused.
@@ -293,28 +291,11 @@ async fn cli_put_reaches_the_mirror_and_sigterm_stops_the_agent() {
         .status
         .success()
     );
-    let routed = || async {
-        let (_, body) = http_get(&addr, "/status").await.unwrap();
-        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let plugins = s["plugins"].as_array().unwrap().clone();
-        let routes = plugins
-            .iter()
-            .find(|p| p["name"] == "routes")
-            .cloned()
-            .unwrap();
+    until_status(&addr, &config, "the route through eth1 was refused", |s| {
+        let routes = plugin_named(s, "routes");
         routes["state"] == "ready" && routes["changes"] == 3 && routes["failures"] == 1
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !routed().await {
-        assert!(
-            Instant::now() < deadline,
-            "{}: {}\n{}",
-            "the route through eth1 was refused",
-            http_get(&addr, "/status").await.unwrap_or_default().1,
-            agent_log_tail(&config, 80)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 
     let del = cli(&store, &["del", "files/etc/motd"]);
     assert!(del.status.success(), "{del:?}");

@@ -463,16 +463,23 @@ async fn start_added(
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcdctl_adds_promotes_and_removes_members() {
+/// A three-member cluster, one follower of it (and its cluster address, a seed to
+/// join through) serving the endpoint, and etcdctl pointed at it.
+async fn through_a_follower() -> (TestCluster, RaftStore, String, Serving, Ctl) {
     let cluster = TestCluster::start(3).await;
-    let follower = cluster.follower().await;
+    let follower = cluster.follower().await.clone();
     let seed = follower.cluster_addr().unwrap().to_owned();
     let api = EtcdApi::new(follower.clone())
         .bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let ctl = Ctl::new(&api);
+    (cluster, follower, seed, api, ctl)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_adds_promotes_and_removes_members() {
+    let (_cluster, follower, seed, api, ctl) = through_a_follower().await;
     let (p4, p5) = (free_port(), free_port());
     let url4 = format!("--peer-urls=http://127.0.0.1:{p4}");
     let url5 = format!("--peer-urls=http://127.0.0.1:{p5}");
@@ -553,7 +560,7 @@ async fn etcdctl_adds_promotes_and_removes_members() {
     })
     .await
     .unwrap();
-    datasync_raft::testing::converged(&[follower, &n4, &n5]).await;
+    datasync_raft::testing::converged(&[&follower, &n4, &n5]).await;
     for n in [&n4, &n5] {
         assert_eq!(n.members().voters.len(), 5);
     }
@@ -585,14 +592,7 @@ async fn etcdctl_adds_promotes_and_removes_members() {
 /// another member has, or an unknown id, is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_moves_a_member_to_a_new_address() {
-    let cluster = TestCluster::start(3).await;
-    let follower = cluster.follower().await;
-    let seed = follower.cluster_addr().unwrap().to_owned();
-    let api = EtcdApi::new(follower.clone())
-        .bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let ctl = Ctl::new(&api);
+    let (_cluster, follower, seed, api, ctl) = through_a_follower().await;
     let (p4, p6) = (free_port(), free_port());
     let url4 = format!("--peer-urls=http://127.0.0.1:{p4}");
     let (ctl, id4) = tokio::task::spawn_blocking(move || {

@@ -21,20 +21,17 @@ async fn put(s: &RaftStore, k: &str, v: &str) -> Revision {
 }
 
 async fn same_as_store(s: &RaftStore, m: &Mirror) {
-    let listing = s
-        .list(&Prefix::new("p/").unwrap(), ReadOptions::new())
+    datasync::testing::same_as_store(s, m, "p/").await.unwrap();
+}
+
+/// The first event of a watch of `p/` resuming after `r`.
+async fn first_after(s: &RaftStore, r: Revision) -> Event {
+    let opts = WatchOptions::default().resume(r);
+    let mut w = s
+        .watch("p", &[Prefix::new("p/").unwrap()], opts)
         .await
         .unwrap();
-    let store: Vec<_> = listing
-        .values
-        .iter()
-        .map(|kv| (kv.key.clone(), kv.value.clone()))
-        .collect();
-    let mine: Vec<_> = m
-        .values("")
-        .map(|(k, v, _)| (k.clone(), v.clone()))
-        .collect();
-    assert_eq!(store, mine);
+    next_event(&mut w).await.unwrap()
 }
 
 /// The plugin's case: its state at R survives a restart of the agent (and the store),
@@ -96,26 +93,13 @@ async fn a_consumer_resumes_across_a_restart_of_the_store() {
     // (Resuming after the revision just before the floor still replays: the floor's
     // own change is kept.)
     s.compact(last).await.unwrap();
-    let mut w = s
-        .watch(
-            "p",
-            &prefixes,
-            WatchOptions::default().resume(Revision(last.0 - 1)),
-        )
-        .await
-        .unwrap();
-    let ev = next_event(&mut w).await.unwrap();
+    let ev = first_after(&s, Revision(last.0 - 1)).await;
     let Event::Change(c) = &ev else {
         panic!("{ev:?}")
     };
     assert_eq!(c.revision, last);
     ev.into_done().ok();
-    drop(w);
-    let mut w = s
-        .watch("p", &prefixes, WatchOptions::default().resume(held))
-        .await
-        .unwrap();
-    let ev = next_event(&mut w).await.unwrap();
+    let ev = first_after(&s, held).await;
     let Event::Resync(rs) = &ev else {
         panic!("{ev:?}")
     };
@@ -162,15 +146,7 @@ async fn the_history_is_compacted_by_age() {
         matches!(old, Err(datasync::StoreError::Compacted { .. })),
         "{old:?}"
     );
-    let mut w = s
-        .watch(
-            "p",
-            &[Prefix::new("p/").unwrap()],
-            WatchOptions::default().resume(Revision(1)),
-        )
-        .await
-        .unwrap();
-    let ev = next_event(&mut w).await.unwrap();
+    let ev = first_after(&s, Revision(1)).await;
     let Event::Resync(rs) = &ev else {
         panic!("{ev:?}")
     };

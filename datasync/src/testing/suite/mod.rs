@@ -62,7 +62,7 @@ pub(super) async fn catch_up(w: &mut Watch, mirror: &mut Mirror, rev: Revision) 
 }
 
 /// The mirror holds exactly what the store lists under `p`.
-pub(super) async fn same_as_store<S: Writer>(s: &S, mirror: &Mirror, p: &str) -> Outcome {
+pub async fn same_as_store<S: Writer>(s: &S, mirror: &Mirror, p: &str) -> Outcome {
     let listing = s.list(&prefix(p), ReadOptions::new()).await?;
     let store: Vec<_> = listing
         .values
