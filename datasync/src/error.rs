@@ -72,6 +72,11 @@ pub enum StoreError {
     /// The credentials were accepted but do not allow this operation. Not retryable.
     #[error("permission denied")]
     PermissionDenied(#[source] BoxError),
+    /// A transaction the store will not apply as given (a branch that writes one key
+    /// twice, too many operations): see [`Txn::validate`](crate::Txn::validate). Not
+    /// retryable.
+    #[error("invalid transaction: {0}")]
+    InvalidTxn(String),
     /// Some parts of a composite writer failed.
     #[error("{} of {} writers failed", .0.failed(), .0.results.len())]
     Composite(Box<CompositeError>),

@@ -6,8 +6,9 @@
 //! through its [`Done`]. Whenever the transport loses continuity (a reconnect, a
 //! compaction, a queue overflow, a snapshot install), another resync follows; the stream
 //! never resumes silently past a gap. Writes go through [`Writer`]: put (with TTL),
-//! delete (of a key or a prefix, returning the count), get/list at a revision, and
-//! compare-and-swap on a key's revision.
+//! delete (of a key or a prefix, returning the count), get/list at a revision,
+//! compare-and-swap on a key's revision, and transactions over several keys ([`Txn`])
+//! where the store has them.
 //!
 //! The rules every transport keeps, with the tests that check them, are in the
 //! repository's `docs/CONTRACT.md`; `docs/ARCHITECTURE.md` maps the crates and modules.
@@ -79,6 +80,7 @@ mod scope;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 pub mod transport;
+mod txn;
 mod value;
 mod watch;
 mod write;
@@ -94,6 +96,7 @@ pub use inventory;
 pub use key::{Key, KeyError, MAX_KEY_LEN, Prefix, PrefixSet};
 pub use mirror::{Mirror, MirrorError};
 pub use revision::Revision;
+pub use txn::{MAX_TXN_OPS, Txn, TxnOp, TxnOutcome};
 pub use value::{Codec, DecodeError, EncodeError, Json, Proto, Value};
 pub use watch::{Registration, Watch, WatchOptions, Watcher};
 pub use write::{

@@ -240,6 +240,24 @@ pub trait Writer: Send + Sync + fmt::Debug {
         value: Value,
         opts: PutOptions,
     ) -> Result<CasOutcome, StoreError>;
+
+    /// Applies `txn` atomically: its conditions and the writes of the branch they
+    /// choose, at one revision, which watchers see as one change (contract rule 3).
+    /// Checked first with [`Txn::validate`](crate::Txn::validate).
+    ///
+    /// A transport that cannot write several keys atomically answers
+    /// [`StoreError::Unsupported`] (this default): NATS JetStream KV, and a composite
+    /// whose transaction spans its parts.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped after the request left, the transaction may or may not
+    /// be applied, as when it fails with `Unavailable` or `Timeout`; read to find out.
+    async fn txn(&self, txn: crate::Txn) -> Result<crate::TxnOutcome, StoreError> {
+        let _ = txn;
+        Err(StoreError::Unsupported(
+            "transactions over several keys: this store cannot write them atomically",
+        ))
+    }
 }
 
 #[async_trait::async_trait]
@@ -267,6 +285,9 @@ impl<W: Writer + ?Sized> Writer for Arc<W> {
         opts: PutOptions,
     ) -> Result<CasOutcome, StoreError> {
         (**self).compare_and_swap(key, expect, value, opts).await
+    }
+    async fn txn(&self, txn: crate::Txn) -> Result<crate::TxnOutcome, StoreError> {
+        (**self).txn(txn).await
     }
 }
 

@@ -291,6 +291,8 @@ impl Harness for NatsHarness {
     const READS_ADDED_PREFIXES_ALONE: bool = false;
     // Previous values after a sequence would need each key's version before it.
     const RESUMES: bool = false;
+    // No atomic write of several keys at one revision (see the crate's docs).
+    const TRANSACTIONS: bool = false;
 
     type Store = NatsStore;
 

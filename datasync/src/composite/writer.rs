@@ -11,8 +11,8 @@ use crate::{
 /// Writes to every part concurrently; reads from the first part (the primary).
 ///
 /// A write succeeds when it succeeded on every part; otherwise the error lists each
-/// part's outcome ([`StoreError::Composite`]). Compare-and-swap cannot be atomic across
-/// stores and is refused ([`StoreError::Unsupported`]).
+/// part's outcome ([`StoreError::Composite`]). Compare-and-swap and transactions cannot
+/// be atomic across stores and are refused ([`StoreError::Unsupported`]).
 #[derive(Debug, Clone, Default)]
 pub struct CompositeWriter {
     parts: Vec<(Source, Arc<dyn Writer>)>,
@@ -99,6 +99,12 @@ impl Writer for CompositeWriter {
     ) -> Result<CasOutcome, StoreError> {
         Err(StoreError::Unsupported(
             "compare-and-swap across several stores cannot be atomic",
+        ))
+    }
+
+    async fn txn(&self, _txn: crate::Txn) -> Result<crate::TxnOutcome, StoreError> {
+        Err(StoreError::Unsupported(
+            "a transaction across several stores cannot be atomic",
         ))
     }
 }

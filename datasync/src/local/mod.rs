@@ -47,8 +47,8 @@ use self::state::{Mutation, State};
 use crate::transport::feed::{Feed, FeedStream, Snapshots, Start};
 use crate::{
     CasOutcome, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing, Prefix, PrefixSet,
-    PutOptions, ReadOptions, ResyncReason, Revision, Source, StoreError, Value, Watch,
-    WatchOptions, Watcher, Writer,
+    PutOptions, ReadOptions, ResyncReason, Revision, Source, StoreError, Txn, TxnOp, TxnOutcome,
+    Value, Watch, WatchOptions, Watcher, Writer,
 };
 
 /// Configuration of a [`Local`] store.
@@ -313,6 +313,55 @@ impl Writer for Local {
             return Ok(CasOutcome::Conflict(current));
         }
         Ok(CasOutcome::Swapped(self.commit_put(st, key, value, &opts)))
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        tokio::task::coop::consume_budget().await;
+        txn.validate(&self.limits())?;
+        let mut st = self.shared.lock_fresh();
+        let succeeded =
+            txn.when
+                .iter()
+                .all(|(key, expect)| match (expect, st.latest(key.as_str())) {
+                    (Expect::Absent, None) => true,
+                    (Expect::Revision(r), Some(kv)) => kv.revision == *r,
+                    _ => false,
+                });
+        let branch = if succeeded { txn.then } else { txn.otherwise };
+        let now = Instant::now();
+        let mut ttl = false;
+        let mut mutations = Vec::with_capacity(branch.len());
+        for op in branch {
+            match op {
+                TxnOp::Put { key, value, opts } => {
+                    ttl |= opts.ttl.is_some();
+                    let deadline = opts.ttl.map(|t| now + t);
+                    mutations.push(Mutation::Put {
+                        key,
+                        value,
+                        deadline,
+                    });
+                }
+                TxnOp::Delete { key, opts } if opts.prefix => mutations.extend(
+                    st.live_keys_under(&Prefix::from(key))
+                        .into_iter()
+                        .map(Mutation::Delete),
+                ),
+                TxnOp::Delete { key, .. } => mutations.push(Mutation::Delete(key)),
+            }
+        }
+        let revision = match st.commit(mutations, self.shared.config.history) {
+            Some((r, _)) => r,
+            None => st.revision,
+        };
+        drop(st);
+        if ttl {
+            self.shared.ttl_changed.notify_one();
+        }
+        Ok(TxnOutcome {
+            succeeded,
+            revision,
+        })
     }
 }
 

@@ -10,8 +10,8 @@ use super::{Harness, run_all};
 use crate::local::Local;
 use crate::{
     CasOutcome, Change, DeleteOptions, Deleted, Done, DoneError, Event, Expect, Key, KeyChange,
-    KeyValue, Limits, Listing, Op, Prefix, PutOptions, ReadOptions, Revision, StoreError, Value,
-    Watch, WatchOptions, Watcher, Writer,
+    KeyValue, Limits, Listing, Op, Prefix, PutOptions, ReadOptions, Revision, StoreError, Txn,
+    TxnOp, TxnOutcome, Value, Watch, WatchOptions, Watcher, Writer,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -33,6 +33,9 @@ enum Bug {
     /// Resumes one revision late (an off-by-one between "the revision held" and "the
     /// first revision wanted").
     ResumesLate,
+    /// Applies a transaction's writes one by one, each at its own revision (a
+    /// "transaction" built on single-key writes).
+    TxnInPieces,
 }
 
 /// The old, too-wide range end: the prefix up to its last ASCII byte below 0x7f, plus one.
@@ -94,6 +97,37 @@ impl Writer for Broken {
         opts: PutOptions,
     ) -> Result<CasOutcome, StoreError> {
         self.inner.compare_and_swap(key, expect, value, opts).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        if self.bug != Bug::TxnInPieces {
+            return self.inner.txn(txn).await;
+        }
+        txn.validate(&self.limits())?;
+        let mut succeeded = true;
+        for (k, expect) in &txn.when {
+            let current = self.inner.get(k, ReadOptions::new()).await?;
+            succeeded &= match (expect, current) {
+                (Expect::Absent, None) => true,
+                (Expect::Revision(r), Some(kv)) => kv.revision == *r,
+                _ => false,
+            };
+        }
+        let branch = if succeeded { txn.then } else { txn.otherwise };
+        let mut revision = self
+            .inner
+            .list(&Prefix::all(), ReadOptions::new())
+            .await?
+            .revision;
+        for op in branch {
+            revision = match op {
+                TxnOp::Put { key, value, opts } => self.inner.put(&key, value, opts).await?,
+                TxnOp::Delete { key, opts } => self.inner.delete(&key, opts).await?.revision,
+            };
+        }
+        Ok(TxnOutcome {
+            succeeded,
+            revision,
+        })
     }
 }
 
@@ -217,7 +251,7 @@ impl Watcher for Broken {
                     })
                 }),
             )),
-            Bug::AsciiRange | Bug::HugeTtl | Bug::ResumesLate => Ok(inner),
+            Bug::AsciiRange | Bug::HugeTtl | Bug::ResumesLate | Bug::TxnInPieces => Ok(inner),
             Bug::Lossy => {
                 let mut n = 0u32;
                 Ok(Watch::new(
@@ -326,4 +360,10 @@ async fn suite_catches_huge_ttls_that_expire_at_once() {
 async fn suite_catches_a_resume_one_revision_late() {
     let failed = failing(Bug::ResumesLate).await;
     assert_eq!(failed, ["rule11_resume_after_a_revision"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_catches_a_transaction_in_pieces() {
+    let failed = failing(Bug::TxnInPieces).await;
+    assert_eq!(failed, ["rule12_transactions"]);
 }

@@ -58,6 +58,10 @@ pub trait Harness: Send + Sync + 'static {
     /// ([`WatchOptions::resume`](crate::WatchOptions::resume)) from the changes it
     /// retains, rather than beginning with an `Initial` resync.
     const RESUMES: bool = true;
+
+    /// Whether the transport applies transactions over several keys
+    /// ([`Writer::txn`](crate::Writer::txn)), rather than answering `Unsupported`.
+    const TRANSACTIONS: bool = true;
 }
 
 /// The harness of the in-memory [`Local`] transport.
@@ -227,6 +231,7 @@ macro_rules! conformance_tests {
             keys_unicode_prefixes_match_a_model,
             rule10_prefixes_added_and_removed_on_a_live_registration,
             rule11_resume_after_a_revision,
+            rule12_transactions,
         );
     };
     (@each $harness:expr; $($name:ident),+ $(,)?) => {

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use datasync::{
     CasOutcome, DeleteOptions, Deleted, Expect, Key, KeyValue, Limits, Listing, Prefix, PutOptions,
-    ReadOptions, Revision, StoreError, Value, Writer,
+    ReadOptions, Revision, StoreError, Txn, TxnOutcome, Value, Writer,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -115,6 +115,7 @@ fn kind(e: &StoreError) -> &'static str {
         StoreError::InvalidKey(_) => "invalid_key",
         StoreError::ValueTooLarge { .. } => "value_too_large",
         StoreError::InvalidTtl(_) => "invalid_ttl",
+        StoreError::InvalidTxn(_) => "invalid_txn",
         StoreError::Unsupported(_) => "unsupported",
         StoreError::Corrupted(_) => "corrupted",
         StoreError::Composite(_) => "composite",
@@ -170,6 +171,11 @@ impl Writer for Metered {
     ) -> Result<CasOutcome, StoreError> {
         let g = self.metrics.start("compare_and_swap");
         g.done(self.inner.compare_and_swap(key, expect, value, opts).await)
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        let g = self.metrics.start("txn");
+        g.done(self.inner.txn(txn).await)
     }
 }
 

@@ -403,7 +403,7 @@ impl PbKvService for Kv {
                 success: vec![op.clone()],
                 ..Txn::default()
             };
-            let done = self.store.txn(txn).await.map_err(status)?;
+            let done = self.store.record_txn(txn).await.map_err(status)?;
             if done.succeeded {
                 out = Some(done);
                 break;
@@ -434,7 +434,7 @@ impl PbKvService for Kv {
             success: vec![delete_op(&d)?],
             ..Txn::default()
         };
-        let out = self.store.txn(txn).await.map_err(status)?;
+        let out = self.store.record_txn(txn).await.map_err(status)?;
         let Some(OpResult::Deleted { count, prev }) = out.results.first() else {
             return Err(Status::internal("a delete applied as something else"));
         };
@@ -457,7 +457,7 @@ impl PbKvService for Kv {
             success: success.writes.clone(),
             failure: failure.writes.clone(),
         };
-        let out = self.store.txn(txn).await.map_err(status)?;
+        let out = self.store.record_txn(txn).await.map_err(status)?;
         let (requests, plan) = if out.succeeded {
             (&t.success, &success)
         } else {

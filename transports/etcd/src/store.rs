@@ -402,6 +402,13 @@ fn header_revision(resp: &GetResponse) -> Result<(Revision, u64), StoreError> {
     ))
 }
 
+/// The operand of a mod revision compare for `Expect::Revision(r)`. No key is at
+/// revision 0 (etcd's mod revision of an absent key) nor above i64::MAX: -1 makes
+/// those compares fail, as they must.
+fn mod_rev(r: Revision) -> i64 {
+    i64::try_from(r.0).ok().filter(|r| *r > 0).unwrap_or(-1)
+}
+
 fn is_too_large(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("too large"))
 }
@@ -500,11 +507,7 @@ impl Writer for EtcdStore {
         let lease = self.lease_for(&opts).await?;
         let cmp = match expect {
             Expect::Absent => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
-            // No key is at a revision above i64::MAX: -1 makes the compare fail, as it must.
-            Expect::Revision(r) => {
-                let r = i64::try_from(r.0).unwrap_or(-1);
-                Compare::mod_revision(k.clone(), CompareOp::Equal, r)
-            }
+            Expect::Revision(r) => Compare::mod_revision(k.clone(), CompareOp::Equal, mod_rev(r)),
         };
         let txn = Txn::new()
             .when([cmp])
@@ -525,5 +528,70 @@ impl Writer for EtcdStore {
             _ => None,
         });
         Ok(CasOutcome::Conflict(current.flatten()))
+    }
+
+    async fn txn(&self, txn: datasync::Txn) -> Result<datasync::TxnOutcome, StoreError> {
+        txn.validate(&self.limits())?;
+        let ns = &self.inner.ns;
+        let when: Vec<Compare> = txn
+            .when
+            .iter()
+            .map(|(key, expect)| match expect {
+                Expect::Absent => Compare::create_revision(ns.key(key), CompareOp::Equal, 0),
+                Expect::Revision(r) => {
+                    Compare::mod_revision(ns.key(key), CompareOp::Equal, mod_rev(*r))
+                }
+            })
+            .collect();
+        // A lease can vanish under us (revoked by an operator): take new ones, once.
+        for attempt in 0..2 {
+            let mut leases = Vec::new();
+            let mut branches = [Vec::new(), Vec::new()];
+            for (ops, branch) in [&txn.then, &txn.otherwise].into_iter().zip(&mut branches) {
+                for op in ops {
+                    branch.push(match op {
+                        datasync::TxnOp::Put { key, value, opts } => {
+                            let lease = self.lease_for(opts).await?;
+                            leases.push(lease);
+                            TxnOp::put(
+                                ns.key(key),
+                                value.as_bytes().to_vec(),
+                                Some(etcd_client::PutOptions::new().with_lease(lease)),
+                            )
+                        }
+                        datasync::TxnOp::Delete { key, opts } if opts.prefix => {
+                            let (start, end) = ns.range(&Prefix::from(key.clone()));
+                            TxnOp::delete(
+                                start,
+                                Some(etcd_client::DeleteOptions::new().with_range(end)),
+                            )
+                        }
+                        datasync::TxnOp::Delete { key, .. } => TxnOp::delete(ns.key(key), None),
+                    });
+                }
+            }
+            let [then, otherwise] = branches;
+            let request = Txn::new()
+                .when(when.clone())
+                .and_then(then)
+                .or_else(otherwise);
+            match timed(self.timeout(), self.kv().txn(request)).await? {
+                Ok(resp) => {
+                    return Ok(datasync::TxnOutcome {
+                        succeeded: resp.succeeded(),
+                        revision: header_rev(resp.header())?,
+                    });
+                }
+                Err(e) if attempt == 0 && is_lease_gone(&e) => {
+                    for lease in leases.into_iter().filter(|l| *l != 0) {
+                        self.inner.leases.forget(lease).await;
+                    }
+                }
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        Err(StoreError::Unavailable(
+            "etcd lost two leases in a row".into(),
+        ))
     }
 }

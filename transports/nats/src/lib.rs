@@ -37,6 +37,11 @@
 //!   [`NatsConfig::marker_ttl`] learns of an expiry by its next resync.
 //! - **Compare-and-swap** publishes with `Nats-Expected-Last-Subject-Sequence`, after
 //!   reading the key's last version (a delete marker there means "absent").
+//! - **Transactions over several keys** (`Writer::txn`) answer `StoreError::Unsupported`.
+//!   JetStream's atomic batch publish (server 2.12) commits several messages all or
+//!   nothing, with per-message expected sequences, but each message at a sequence of
+//!   its own: watchers would see several changes at several revisions, where the
+//!   contract (rule 3) promises one change at one revision.
 //! - **Reads at a past revision** use the versions the bucket keeps, judged by the
 //!   bucket's own limits as its stream reports them (a bucket made elsewhere, e.g. by
 //!   `nats kv add` with a history of 1, is read by its limits, not by

@@ -31,7 +31,7 @@ use datasync::transport::resync::{self, Lost, Next, Snapshot, Start, Upstream};
 use datasync::{
     CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Key, KeyChange, KeyValue, Limits,
     Listing, Op, Prefix, PrefixSet, PrefixValues, PutOptions, ReadOptions, ResyncReason, Revision,
-    Source, StoreError, Value, Watch, WatchOptions, Watcher, Writer,
+    Source, StoreError, Txn, TxnOutcome, Value, Watch, WatchOptions, Watcher, Writer,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -162,7 +162,10 @@ impl RemoteStore {
     async fn op(&self, op: ClientOp) -> Result<ClientReply, StoreError> {
         let write = matches!(
             op,
-            ClientOp::Put { .. } | ClientOp::Delete { .. } | ClientOp::Cas { .. }
+            ClientOp::Put { .. }
+                | ClientOp::Delete { .. }
+                | ClientOp::Cas { .. }
+                | ClientOp::Txn(_)
         );
         let ticket = match write {
             true => Some(self.inner.requests.begin().await),
@@ -367,6 +370,20 @@ impl Writer for RemoteStore {
                 Ok(CasOutcome::Conflict(current.map(kv).transpose()?))
             }
             _ => Err(corrupt("a compare-and-swap")),
+        }
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        txn.validate(&self.limits())?;
+        match self.op(ClientOp::Txn(Box::new(txn.into()))).await? {
+            ClientReply::Txn {
+                succeeded,
+                revision,
+            } => Ok(TxnOutcome {
+                succeeded,
+                revision: Revision(revision),
+            }),
+            _ => Err(corrupt("a transaction")),
         }
     }
 }

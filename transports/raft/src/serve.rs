@@ -130,6 +130,13 @@ async fn serve_op(
                     CasOutcome::Conflict(c) => ClientReply::Conflict(c.as_ref().map(wire_kv)),
                 })
         }
+        ClientOp::Txn(txn) => store
+            .record_txn_as(*txn, id)
+            .await
+            .map(|o| ClientReply::Txn {
+                succeeded: o.succeeded,
+                revision: o.revision,
+            }),
         ClientOp::Backup => match store.backup().await {
             // The whole file goes in one frame: say so rather than fail the frame.
             Ok(file) if file.len() > BACKUP_LIMIT => Err(datasync::StoreError::Backend(Box::new(

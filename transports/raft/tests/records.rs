@@ -134,7 +134,7 @@ async fn a_txn_applies_one_branch_at_one_revision_as_one_change() {
         ],
         failure: vec![put("t/failed", "F", false)],
     };
-    let out = s.txn(txn).await.unwrap();
+    let out = s.record_txn(txn).await.unwrap();
     assert!(out.succeeded, "{out:?}");
     let r = out.revision;
     assert_eq!(s.revision(), Revision(r), "one revision for the whole txn");
@@ -168,7 +168,7 @@ async fn a_txn_applies_one_branch_at_one_revision_as_one_change() {
 
     // A compare fails: the failure branch; a value compare on no key fails.
     let out = s
-        .txn(Txn {
+        .record_txn(Txn {
             compares: vec![cmp(
                 "t/none",
                 CompareOp::NotEqual,
@@ -193,7 +193,7 @@ async fn a_txn_applies_one_branch_at_one_revision_as_one_change() {
     };
     let before = s.revision();
     let out = s
-        .txn(Txn {
+        .record_txn(Txn {
             compares: vec![range_cmp(CompareOp::Greater, 0)],
             ..Txn::default()
         })
@@ -205,7 +205,7 @@ async fn a_txn_applies_one_branch_at_one_revision_as_one_change() {
         "a txn that changes nothing adds no revision"
     );
     let out = s
-        .txn(Txn {
+        .record_txn(Txn {
             compares: vec![range_cmp(CompareOp::Equal, 1)],
             ..Txn::default()
         })
@@ -224,7 +224,7 @@ async fn a_txn_that_writes_a_key_twice_or_carries_too_much_is_refused() {
     let refused = |t: Txn| {
         let s = &s;
         async move {
-            let got = s.txn(t).await;
+            let got = s.record_txn(t).await;
             assert!(got.is_err(), "{got:?}");
             assert_eq!(s.revision(), Revision(0), "nothing applied");
             got.unwrap_err()
@@ -290,7 +290,7 @@ async fn a_txn_that_writes_a_key_twice_or_carries_too_much_is_refused() {
     assert!(matches!(e, StoreError::InvalidTtl(_)), "{e:?}");
     // Different branches may name the same key: only one of them applies.
     let out = s
-        .txn(Txn {
+        .record_txn(Txn {
             success: vec![put("k", "1", false)],
             failure: vec![put("k", "2", false)],
             ..Txn::default()
@@ -319,7 +319,7 @@ async fn a_txn_through_a_follower_applies_once_and_snapshots_carry_versions() {
         failure: vec![],
     };
     cluster.faults.stop_replies(&l, &f, 1);
-    let out = follower.txn(create).await.unwrap();
+    let out = follower.record_txn(create).await.unwrap();
     assert!(
         out.succeeded,
         "the retried create answers its first outcome: {out:?}"
@@ -515,7 +515,7 @@ async fn lease_objects_hold_keys_until_revoked_or_expired() {
     let e = s.lease_grant(8, Duration::ZERO).await;
     assert!(matches!(e, Err(StoreError::InvalidTtl(_))), "{e:?}");
     let out = s
-        .txn(Txn {
+        .record_txn(Txn {
             success: vec![put_on("l/a", "1", 7), put_on("l/b", "2", 7)],
             ..Txn::default()
         })
@@ -528,7 +528,7 @@ async fn lease_objects_hold_keys_until_revoked_or_expired() {
     assert_eq!(keys, [key("l/a"), key("l/b")]);
     // A put on a lease that does not exist changes nothing.
     let missing = s
-        .txn(Txn {
+        .record_txn(Txn {
             success: vec![put("l/c", "3", false), put_on("l/d", "4", 99)],
             ..Txn::default()
         })
@@ -556,7 +556,7 @@ async fn lease_objects_hold_keys_until_revoked_or_expired() {
 
     // Expiry: a short lease, kept alive past its TTL, then let go.
     assert!(s.lease_grant(9, Duration::from_millis(600)).await.unwrap());
-    s.txn(Txn {
+    s.record_txn(Txn {
         success: vec![put_on("l/e", "5", 9)],
         ..Txn::default()
     })

@@ -10,9 +10,11 @@ use crate::{
 
 mod reshape;
 mod resume;
+mod txn;
 mod writes;
 pub use reshape::*;
 pub use resume::*;
+pub use txn::*;
 pub use writes::*;
 
 crate::conformance_tests!(@list @all;);

@@ -190,6 +190,19 @@ pub async fn rule8_compare_and_swap<H: Harness>(h: &H) -> Outcome {
         matches!(absent, CasOutcome::Conflict(None)),
         "swap of an absent key returned {absent:?}"
     );
+    // An absent key has no revision, not revision 0 (etcd's mod revision of one).
+    let zero = s
+        .compare_and_swap(
+            &key("r8c/none"),
+            Expect::Revision(Revision::ZERO),
+            "z".into(),
+            PutOptions::new(),
+        )
+        .await?;
+    ensure!(
+        matches!(zero, CasOutcome::Conflict(None)),
+        "swap of an absent key at revision 0 returned {zero:?}"
+    );
     let v = s.get(&k, ReadOptions::new()).await?;
     ensure!(
         v.is_some_and(|kv| kv.value == Value::from("2")),

@@ -116,8 +116,9 @@ pub(crate) const MAGIC: [u8; 8] = *b"DSRAFT01";
 /// of version 4 would misread both in a snapshot or an entry); 6: registering and
 /// promoting members (etcd's `member add` and `member promote`); 7: watches resume
 /// after a revision (`Request::Watch::resume`, `WireItem::Resumed`); 8: member update
-/// (`Request::Update`) and lease compares in the log (`CompareTarget::Lease`).
-pub(crate) const VERSION: u16 = 8;
+/// (`Request::Update`) and lease compares in the log (`CompareTarget::Lease`); 9:
+/// remote clients' transactions (`ClientOp::Txn`).
+pub(crate) const VERSION: u16 = 9;
 
 /// Step 1, client → server.
 #[derive(Debug, Serialize, Deserialize)]

@@ -122,6 +122,8 @@ pub(crate) enum ClientOp {
         value: Vec<u8>,
         ttl: Option<Duration>,
     },
+    /// A transaction (`datasync::Writer::txn`, in the log's form).
+    Txn(Box<crate::records::Txn>),
     /// The member's size limits.
     Limits,
     /// A backup of the member's applied state (see [`crate::backup`]).
@@ -161,6 +163,11 @@ pub(crate) enum ClientReply {
     },
     Swapped(u64),
     Conflict(Option<WireKv>),
+    /// What a transaction did.
+    Txn {
+        succeeded: bool,
+        revision: u64,
+    },
     Limits {
         max_value_size: usize,
     },
@@ -223,6 +230,9 @@ pub(crate) enum WireError {
     /// A compare-and-swap retry loop gave up after this many conflicts.
     #[error("contended: gave up after {0} conflicts")]
     Contended(u32),
+    /// A transaction the member refused as given.
+    #[error("invalid transaction: {0}")]
+    InvalidTxn(String),
     /// The request does not fit where it was sent (a watch sent as a call).
     #[error("the request was sent the wrong way")]
     Misrouted,
@@ -299,6 +309,7 @@ impl From<StoreError> for WireError {
             StoreError::Corrupted(s) => WireError::Corrupted(s),
             StoreError::Stopped => WireError::Stopped,
             StoreError::Contended(n) => WireError::Contended(n),
+            StoreError::InvalidTxn(s) => WireError::InvalidTxn(s),
             e @ StoreError::Unavailable(_) => WireError::Unavailable(datasync::error_chain(&e)),
             e => WireError::Backend(datasync::error_chain(&e)),
         }
@@ -325,6 +336,7 @@ impl From<WireError> for StoreError {
             WireError::Timeout(t) => StoreError::Timeout(t),
             WireError::Corrupted(s) => StoreError::Corrupted(s),
             WireError::Contended(n) => StoreError::Contended(n),
+            WireError::InvalidTxn(s) => StoreError::InvalidTxn(s),
             // The member stopped, not this client: another member may serve.
             e @ (WireError::Stopped | WireError::Unavailable(_)) => {
                 StoreError::Unavailable(Box::new(e))

@@ -745,6 +745,15 @@ impl Writer for RaftStore {
         self.compare_and_swap_as(key, expect, value, opts, None)
             .await
     }
+
+    async fn txn(&self, txn: datasync::Txn) -> Result<datasync::TxnOutcome, StoreError> {
+        txn.validate(&self.limits())?;
+        let out = self.record_txn(txn.into()).await?;
+        Ok(datasync::TxnOutcome {
+            succeeded: out.succeeded,
+            revision: Revision(out.revision),
+        })
+    }
 }
 
 /// The writes, with the request id a remote client gave them (`None`: this store's own).

@@ -7,7 +7,7 @@ use crate::types::LeaseOutcome;
 
 use super::RaftStore;
 use crate::records::{CompareTarget, KeyRange, Record, Txn, TxnOp, TxnOutcome};
-use crate::types::{Command, Outcome};
+use crate::types::{Command, Outcome, RequestId};
 
 impl RaftStore {
     /// The records in `range` with their create and mod revisions and versions, at the
@@ -189,7 +189,16 @@ impl RaftStore {
     ///
     /// # Cancel safety
     /// Dropping the future does not withdraw a transaction already proposed.
-    pub async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+    pub async fn record_txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        self.record_txn_as(txn, None).await
+    }
+
+    /// [`record_txn`](Self::record_txn) with a remote client's request id.
+    pub(crate) async fn record_txn_as(
+        &self,
+        txn: Txn,
+        id: Option<RequestId>,
+    ) -> Result<TxnOutcome, StoreError> {
         let limits = datasync::Writer::limits(self);
         let compared: usize = txn
             .compares
@@ -213,7 +222,7 @@ impl RaftStore {
                 });
             }
         }
-        match self.write(Command::Txn(Box::new(txn)), None).await? {
+        match self.write(Command::Txn(Box::new(txn)), id).await? {
             Outcome::Txn(out) => Ok(out),
             Outcome::Lease(LeaseOutcome::NotFound(_)) => Err(StoreError::Unsupported(
                 "requested lease not found (a put named a lease that does not exist)",
