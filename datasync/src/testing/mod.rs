@@ -60,7 +60,7 @@ pub trait Harness: Send + Sync + 'static {
     const RESUMES: bool = true;
 
     /// Whether the transport applies transactions over several keys
-    /// ([`Writer::txn`](crate::Writer::txn)), rather than answering `Unsupported`.
+    /// ([`Writer::txn`]), rather than answering `Unsupported`.
     const TRANSACTIONS: bool = true;
 }
 
