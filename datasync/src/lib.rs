@@ -80,7 +80,6 @@ mod scope;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 pub mod transport;
-mod txn;
 mod value;
 mod watch;
 mod write;
@@ -96,10 +95,10 @@ pub use inventory;
 pub use key::{Key, KeyError, MAX_KEY_LEN, Prefix, PrefixSet};
 pub use mirror::{Mirror, MirrorError};
 pub use revision::Revision;
-pub use txn::{MAX_TXN_OPS, Txn, TxnOp, TxnOutcome};
 pub use value::{Codec, DecodeError, EncodeError, Json, Proto, Value};
 pub use watch::{Registration, Watch, WatchOptions, Watcher};
 pub use write::{
-    CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Limits, Listing, MAX_TTL, PutOptions,
-    ReadOptions, Store, TypedPutError, UPDATE_ATTEMPTS, Updated, Writer, WriterExt,
+    CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Limits, Listing, MAX_TTL, MAX_TXN_OPS,
+    PutOptions, ReadOptions, Store, Txn, TxnOp, TxnOutcome, TypedPutError, UPDATE_ATTEMPTS,
+    Updated, Writer, WriterExt,
 };

@@ -4,15 +4,21 @@
 //! `cargo bench -p datasync-integration --bench etcd_api` (`BENCH_RUNS` sets the runs,
 //! default 3). Prints medians over the runs and ratios (ours / etcd's; for
 //! throughput, ours over etcd's: above 1 is faster).
+//!
+//! Each server runs in a process of its own, as a user would run it: etcd, and this
+//! bench's binary again (`--serve DIR`) with the store and its endpoint on a runtime of
+//! two workers, as many as etcd's `GOMAXPROCS` here. The client is the same for both.
 #![allow(clippy::unwrap_used)] // a benchmark: failing loudly is the point
 
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use datasync_etcd_api::EtcdApi;
-use datasync_integration::EtcdServer;
 use datasync_integration::bench::{
     etcd_inflight, etcd_seq, etcd_watch, median, quantile, runs, runtime, value,
 };
+use datasync_integration::{EtcdServer, proc};
 use datasync_raft::{RaftConfig, RaftStore};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
@@ -31,6 +37,7 @@ struct Run {
     watch_p99: f64,
     range: f64,
     txn: f64,
+    rss: f64,
 }
 
 /// A table row: its name, the figure, its unit, its goal.
@@ -84,21 +91,78 @@ async fn run(c: &etcd_client::Client, round: usize) -> Run {
         watch_p99: quantile(lat, 0.99).as_secs_f64() * 1e3,
         range: range(c, &p("r")).await * 1e3,
         txn: txns(c, &p("t"), TXN_N).await,
+        rss: 0.0,
+    }
+}
+
+/// The child: the store and its etcd endpoint, serving until stdin closes.
+async fn serve(dir: &str) {
+    let store = RaftStore::open(RaftConfig::new(dir)).await.unwrap();
+    let api = EtcdApi::new(store.clone())
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    println!("{}", api.addr());
+    tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new()))
+        .await
+        .unwrap()
+        .unwrap();
+    api.stop().await;
+    store.shutdown().await;
+}
+
+/// Our server, in a child process; killed when dropped (its stdin closes first).
+struct Ours {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Ours {
+    fn start() -> Ours {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .arg("--serve")
+            .arg(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut addr = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut addr)
+            .unwrap();
+        Ours {
+            child,
+            addr: addr.trim().to_owned(),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Ours {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
     }
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--serve") {
+        runtime().block_on(serve(&args[i + 1]));
+        return;
+    }
     let runs = runs(3);
     runtime().block_on(async {
         let etcd = EtcdServer::start().await.unwrap_or_else(|e| panic!("{e}"));
         let theirs = etcd.client().await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
-        let api = EtcdApi::new(store.clone())
-            .bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let ours = etcd_client::Client::connect([api.addr().to_string()], None)
+        let server = Ours::start();
+        let ours = etcd_client::Client::connect([server.addr.clone()], None)
             .await
             .unwrap();
         let (mut a, mut b) = (Vec::new(), Vec::new());
@@ -108,12 +172,18 @@ fn main() {
             b.push(run(&theirs, round).await);
             eprintln!("run {} of {runs} done", round + 1);
         }
+        // Both servers hold the same keys now: every run's.
+        let rss = |pid| proc::peak_rss_kib(pid).unwrap() as f64 / 1024.0;
+        for (runs, pid) in [(&mut a, server.child.id()), (&mut b, etcd.pid())] {
+            let mib = rss(pid);
+            runs.iter_mut().for_each(|r| r.rss = mib);
+        }
         let m = |v: &[Run], f: fn(&Run) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
         println!("etcd-client against the built-in store's etcd endpoint vs a real etcd ({runs} runs, medians)");
         println!();
         println!("| workload | built-in store | etcd | ratio | goal |");
         println!("|---|---|---|---|---|");
-        let rows: [Row; 7] = [
+        let rows: [Row; 8] = [
             ("sequential puts", |r| r.seq, "ops/s", "-"),
             ("sequential put p50", |r| r.seq_p50, "ms", "-"),
             ("64 puts in flight", |r| r.inflight, "ops/s", "≥ 2x"),
@@ -121,6 +191,7 @@ fn main() {
             ("watch put→event p99", |r| r.watch_p99, "ms", "-"),
             ("100k-key range read", |r| r.range, "ms", "-"),
             ("txn (2 compares, 2 puts), sequential", |r| r.txn, "ops/s", "-"),
+            ("server peak RSS", |r| r.rss, "MiB", "-"),
         ];
         for (name, f, unit, goal) in rows {
             let (x, y) = (m(&a, f), m(&b, f));
@@ -132,7 +203,6 @@ fn main() {
             };
             println!("| {name} | {x:.2} {unit} | {y:.2} {unit} | {ratio:.2}x | {met} |");
         }
-        api.stop().await;
-        store.shutdown().await;
+        drop(server);
     });
 }

@@ -204,59 +204,6 @@ impl Txn {
     }
 }
 
-impl From<datasync::Txn> for Txn {
-    /// The `datasync` API's transaction (checked with [`datasync::Txn::validate`]
-    /// first): `Absent` is version 0; `Revision(r)` is mod revision r, and for r = 0 a
-    /// key that exists too, which no key is (an absent key's mod revision is 0).
-    fn from(t: datasync::Txn) -> Txn {
-        let mut compares = Vec::with_capacity(t.when.len());
-        for (key, expect) in &t.when {
-            let compare = |op, target| Compare {
-                range: KeyRange::key(key),
-                op,
-                target,
-            };
-            match expect {
-                datasync::Expect::Absent => {
-                    compares.push(compare(CompareOp::Equal, CompareTarget::Version(0)));
-                }
-                datasync::Expect::Revision(r) => {
-                    compares.push(compare(CompareOp::Equal, CompareTarget::ModRevision(r.0)));
-                    if r.0 == 0 {
-                        compares.push(compare(CompareOp::NotEqual, CompareTarget::Version(0)));
-                    }
-                }
-            }
-        }
-        let ops = |branch: Vec<datasync::TxnOp>| -> Vec<TxnOp> {
-            branch
-                .into_iter()
-                .map(|op| match op {
-                    datasync::TxnOp::Put { key, value, opts } => TxnOp::Put {
-                        key: key.as_str().to_owned(),
-                        value: value.as_bytes().to_vec(),
-                        expires_at_ms: opts.ttl.map(crate::storage::lease::word),
-                        prev_kv: false,
-                    },
-                    datasync::TxnOp::Delete { key, opts } => TxnOp::Delete {
-                        range: if opts.prefix {
-                            KeyRange::prefix(&Prefix::from(key))
-                        } else {
-                            KeyRange::key(&key)
-                        },
-                        prev_kv: false,
-                    },
-                })
-                .collect()
-        };
-        Txn {
-            compares,
-            success: ops(t.then),
-            failure: ops(t.otherwise),
-        }
-    }
-}
-
 /// A condition on every key in a range (on the absent key's zeros when none is:
 /// version, create and mod revision 0; a value compare on no key fails, as in etcd).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -31,7 +31,7 @@ use datasync::transport::resync::{self, Lost, Next, Snapshot, Start, Upstream};
 use datasync::{
     CasOutcome, Consistency, DeleteOptions, Deleted, Expect, Key, KeyChange, KeyValue, Limits,
     Listing, Op, Prefix, PrefixSet, PrefixValues, PutOptions, ReadOptions, ResyncReason, Revision,
-    Source, StoreError, Txn, TxnOutcome, Value, Watch, WatchOptions, Watcher, Writer,
+    Source, StoreError, Txn, TxnOp, TxnOutcome, Value, Watch, WatchOptions, Watcher, Writer,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -41,7 +41,7 @@ use crate::members::{Members, Role};
 use crate::network::Secret;
 use crate::network::client::{Client, Pool};
 use crate::network::wire::{
-    ClientOp, ClientReply, Read, Reply, Request, WireChange, WireError, WireItem, WireKv,
+    ClientOp, ClientReply, Read, Reply, Request, WireChange, WireError, WireItem, WireKv, WireTxnOp,
 };
 use crate::once::Requests;
 use crate::routing;
@@ -165,7 +165,7 @@ impl RemoteStore {
             ClientOp::Put { .. }
                 | ClientOp::Delete { .. }
                 | ClientOp::Cas { .. }
-                | ClientOp::Txn(_)
+                | ClientOp::Txn { .. }
         );
         let ticket = match write {
             true => Some(self.inner.requests.begin().await),
@@ -375,7 +375,31 @@ impl Writer for RemoteStore {
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
         txn.validate(&self.limits())?;
-        match self.op(ClientOp::Txn(Box::new(txn.into()))).await? {
+        let branch = |ops: Vec<TxnOp>| -> Vec<WireTxnOp> {
+            ops.into_iter()
+                .map(|op| match op {
+                    TxnOp::Put { key, value, opts } => WireTxnOp::Put {
+                        key: key.as_str().to_owned(),
+                        value: value.as_bytes().to_vec(),
+                        ttl: opts.ttl,
+                    },
+                    TxnOp::Delete { key, opts } => WireTxnOp::Delete {
+                        key: key.as_str().to_owned(),
+                        prefix: opts.prefix,
+                    },
+                })
+                .collect()
+        };
+        let op = ClientOp::Txn {
+            when: txn
+                .when
+                .iter()
+                .map(|(k, e)| (k.as_str().to_owned(), expected_rev(*e)))
+                .collect(),
+            then: branch(txn.then),
+            otherwise: branch(txn.otherwise),
+        };
+        match self.op(op).await? {
             ClientReply::Txn {
                 succeeded,
                 revision,

@@ -5,12 +5,14 @@ use std::time::Duration;
 
 use datasync::{
     CasOutcome, Consistency, DeleteOptions, Event, Expect, Key, KeyValue, Op, Prefix, PutOptions,
-    ReadOptions, Revision, Value, WatchError, WatchOptions, Watcher, Writer,
+    ReadOptions, Revision, Txn, TxnOp, Value, WatchError, WatchOptions, Watcher, Writer,
 };
 
 use crate::cluster::ClientService;
 use crate::network::server::Replies;
-use crate::network::wire::{ClientOp, ClientReply, Read, Reply, WireError, WireItem, WireKv};
+use crate::network::wire::{
+    ClientOp, ClientReply, Read, Reply, WireError, WireItem, WireKv, WireTxnOp,
+};
 use crate::store::{RaftStore, WeakStore};
 use crate::types::RequestId;
 use futures_util::StreamExt;
@@ -130,13 +132,43 @@ async fn serve_op(
                     CasOutcome::Conflict(c) => ClientReply::Conflict(c.as_ref().map(wire_kv)),
                 })
         }
-        ClientOp::Txn(txn) => store
-            .record_txn_as(*txn, id)
-            .await
-            .map(|o| ClientReply::Txn {
+        ClientOp::Txn {
+            when,
+            then,
+            otherwise,
+        } => {
+            let branch = |ops: Vec<WireTxnOp>| -> Result<Vec<TxnOp>, WireError> {
+                ops.into_iter()
+                    .map(|op| {
+                        Ok(match op {
+                            WireTxnOp::Put { key: k, value, ttl } => TxnOp::Put {
+                                key: key(k)?,
+                                value: Value::from(value),
+                                opts: put_opts(ttl),
+                            },
+                            WireTxnOp::Delete { key: k, prefix } => TxnOp::Delete {
+                                key: key(k)?,
+                                opts: match prefix {
+                                    true => DeleteOptions::new().prefix(),
+                                    false => DeleteOptions::new(),
+                                },
+                            },
+                        })
+                    })
+                    .collect()
+            };
+            let mut txn = Txn::new();
+            for (k, rev) in when {
+                let expect = rev.map_or(Expect::Absent, |r| Expect::Revision(Revision(r)));
+                txn = txn.when(&key(k)?, expect);
+            }
+            txn.then = branch(then)?;
+            txn.otherwise = branch(otherwise)?;
+            store.txn_as(txn, id).await.map(|o| ClientReply::Txn {
                 succeeded: o.succeeded,
-                revision: o.revision,
-            }),
+                revision: o.revision.0,
+            })
+        }
         ClientOp::Backup => match store.backup().await {
             // The whole file goes in one frame: say so rather than fail the frame.
             Ok(file) if file.len() > BACKUP_LIMIT => Err(datasync::StoreError::Backend(Box::new(

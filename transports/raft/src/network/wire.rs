@@ -122,12 +122,32 @@ pub(crate) enum ClientOp {
         value: Vec<u8>,
         ttl: Option<Duration>,
     },
-    /// A transaction (`datasync::Writer::txn`, in the log's form).
-    Txn(Box<crate::records::Txn>),
+    /// A transaction (`datasync::Writer::txn`): conditions (a key, and the revision it
+    /// must be at, `None` for absent), then the two branches.
+    Txn {
+        when: Vec<(String, Option<u64>)>,
+        then: Vec<WireTxnOp>,
+        otherwise: Vec<WireTxnOp>,
+    },
     /// The member's size limits.
     Limits,
     /// A backup of the member's applied state (see [`crate::backup`]).
     Backup,
+}
+
+/// A write of a remote client's transaction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum WireTxnOp {
+    Put {
+        key: String,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    },
+    Delete {
+        key: String,
+        prefix: bool,
+    },
 }
 
 /// How a remote read reads.

@@ -747,12 +747,7 @@ impl Writer for RaftStore {
     }
 
     async fn txn(&self, txn: datasync::Txn) -> Result<datasync::TxnOutcome, StoreError> {
-        txn.validate(&self.limits())?;
-        let out = self.record_txn(txn.into()).await?;
-        Ok(datasync::TxnOutcome {
-            succeeded: out.succeeded,
-            revision: Revision(out.revision),
-        })
+        self.txn_as(txn, None).await
     }
 }
 

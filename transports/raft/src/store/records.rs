@@ -1,15 +1,31 @@
 //! Reads of whole records and transactions (etcd's model; see [`crate::records`]).
 
-use datasync::{ReadOptions, Revision, StoreError};
+use datasync::{Prefix, ReadOptions, Revision, StoreError};
 
 use crate::storage::sm::RecordWatch;
 use crate::types::LeaseOutcome;
 
 use super::RaftStore;
-use crate::records::{CompareTarget, KeyRange, Record, Txn, TxnOp, TxnOutcome};
+use crate::records::{Compare, CompareOp, CompareTarget, KeyRange, Record, Txn, TxnOp, TxnOutcome};
 use crate::types::{Command, Outcome, RequestId};
 
 impl RaftStore {
+    /// A `datasync` transaction ([`datasync::Writer::txn`]), with a remote client's
+    /// request id: checked with [`datasync::Txn::validate`] here, on the member, then
+    /// applied in the log's form.
+    pub(crate) async fn txn_as(
+        &self,
+        txn: datasync::Txn,
+        id: Option<RequestId>,
+    ) -> Result<datasync::TxnOutcome, StoreError> {
+        txn.validate(&datasync::Writer::limits(self))?;
+        let out = self.record_txn_as(log_txn(txn), id).await?;
+        Ok(datasync::TxnOutcome {
+            succeeded: out.succeeded,
+            revision: Revision(out.revision),
+        })
+    }
+
     /// The records in `range` with their create and mod revisions and versions, at the
     /// current revision or at `opts`' revision, in key order, and the revision read.
     ///
@@ -229,5 +245,56 @@ impl RaftStore {
             )),
             other => Err(StoreError::Corrupted(format!("txn applied as {other:?}"))),
         }
+    }
+}
+
+/// The `datasync` API's transaction (checked with [`datasync::Txn::validate`]
+/// first): `Absent` is version 0; `Revision(r)` is mod revision r, and for r = 0 a
+/// key that exists too, which no key is (an absent key's mod revision is 0).
+fn log_txn(t: datasync::Txn) -> Txn {
+    let mut compares = Vec::with_capacity(t.when.len());
+    for (key, expect) in &t.when {
+        let compare = |op, target| Compare {
+            range: KeyRange::key(key),
+            op,
+            target,
+        };
+        match expect {
+            datasync::Expect::Absent => {
+                compares.push(compare(CompareOp::Equal, CompareTarget::Version(0)));
+            }
+            datasync::Expect::Revision(r) => {
+                compares.push(compare(CompareOp::Equal, CompareTarget::ModRevision(r.0)));
+                if r.0 == 0 {
+                    compares.push(compare(CompareOp::NotEqual, CompareTarget::Version(0)));
+                }
+            }
+        }
+    }
+    let ops = |branch: Vec<datasync::TxnOp>| -> Vec<TxnOp> {
+        branch
+            .into_iter()
+            .map(|op| match op {
+                datasync::TxnOp::Put { key, value, opts } => TxnOp::Put {
+                    key: key.as_str().to_owned(),
+                    value: value.as_bytes().to_vec(),
+                    expires_at_ms: super::expiry(opts.ttl),
+                    prev_kv: false,
+                },
+                datasync::TxnOp::Delete { key, opts } => TxnOp::Delete {
+                    range: if opts.prefix {
+                        KeyRange::prefix(&Prefix::from(key))
+                    } else {
+                        KeyRange::key(&key)
+                    },
+                    prev_kv: false,
+                },
+            })
+            .collect()
+    };
+    Txn {
+        compares,
+        success: ops(t.then),
+        failure: ops(t.otherwise),
     }
 }

@@ -10,8 +10,8 @@
 //! which write wins is not obvious, and etcd refuses the same ("duplicate key given in
 //! txn request"); refusing it everywhere keeps every transport's answer the same.
 
-use crate::write::Limits;
-use crate::{DeleteOptions, Expect, Key, Prefix, PutOptions, Revision, StoreError, Value};
+use super::{DeleteOptions, Expect, Limits, PutOptions};
+use crate::{Key, Prefix, Revision, StoreError, Value};
 
 /// The most conditions, and the most writes in a branch, of one transaction (etcd's
 /// default `--max-txn-ops`).

@@ -4,6 +4,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod txn;
+
+pub use txn::{MAX_TXN_OPS, Txn, TxnOp, TxnOutcome};
+
 use crate::value::{Codec, EncodeError};
 use crate::{Key, KeyValue, Prefix, Revision, StoreError, Value};
 
