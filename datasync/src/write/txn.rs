@@ -149,9 +149,9 @@ impl Txn {
     /// Checks what every transport checks before it does anything: at most
     /// [`MAX_TXN_OPS`] conditions and writes per branch, each put's value and options
     /// ([`Limits::check_put`]), and no branch that writes a key twice or puts a key one
-    /// of its deletes covers ([`StoreError::InvalidTxn`]). A transport may limit a
-    /// transaction's total size further (the raft store: a branch's values together
-    /// within its value limit, as one log entry carries them).
+    /// of its deletes covers ([`StoreError::InvalidTxn`]), and its keys and values
+    /// together within the value limit and one key ([`StoreError::ValueTooLarge`]: one
+    /// raft log entry, one etcd request carries them all).
     pub fn validate(&self, limits: &Limits) -> Result<(), StoreError> {
         if self.when.len() > MAX_TXN_OPS
             || self.then.len() > MAX_TXN_OPS
@@ -163,6 +163,18 @@ impl Txn {
                 self.then.len(),
                 self.otherwise.len()
             )));
+        }
+        let size = self
+            .keys()
+            .map(|k| k.as_str().len())
+            .chain(self.then.iter().chain(&self.otherwise).map(|op| match op {
+                TxnOp::Put { value, .. } => value.len(),
+                TxnOp::Delete { .. } => 0,
+            }))
+            .fold(0usize, usize::saturating_add);
+        let max = limits.max_value_size.saturating_add(crate::MAX_KEY_LEN);
+        if size > max {
+            return Err(StoreError::ValueTooLarge { size, max });
         }
         for branch in [&self.then, &self.otherwise] {
             for (i, op) in branch.iter().enumerate() {
@@ -260,6 +272,20 @@ mod tests {
         assert!(matches!(
             zero.validate(&limits),
             Err(StoreError::InvalidTtl(_))
+        ));
+        // Each value within the limit, all of them (and their keys) together not.
+        let limits = Limits::new(100_000);
+        let v = || "x".repeat(40_000);
+        let together = Txn::new()
+            .put(&k("a"), v(), PutOptions::new())
+            .put(&k("b"), v(), PutOptions::new())
+            .or_put(&k("c"), v(), PutOptions::new());
+        assert!(matches!(
+            together.validate(&limits),
+            Err(StoreError::ValueTooLarge {
+                size: 120_003,
+                max: 104_096
+            })
         ));
         let mut many = Txn::new();
         for i in 0..=MAX_TXN_OPS {

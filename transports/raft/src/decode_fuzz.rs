@@ -11,7 +11,9 @@
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::{CommittedLeaderId, EntryPayload, Vote};
 
-use crate::network::wire::{ClientOp, ClientReply, Envelope, Read, Reply, Request, WireItem};
+use crate::network::wire::{
+    ClientOp, ClientReply, Envelope, Read, Reply, Request, WireItem, WireTxnOp,
+};
 use crate::types::{Command, Entry, LogId, Outcome};
 
 fn inputs() -> usize {
@@ -204,6 +206,31 @@ fn wire_requests_decode_or_fail_cleanly() {
                 },
             },
             None,
+        ),
+        Request::Client(
+            ClientOp::Txn {
+                when: vec![("a".into(), Some(3)), ("b".into(), None)],
+                then: vec![
+                    WireTxnOp::Put {
+                        key: "a".into(),
+                        value: b"v".to_vec(),
+                        ttl: Some(std::time::Duration::from_millis(1500)),
+                    },
+                    WireTxnOp::Delete {
+                        key: "c/".into(),
+                        prefix: true,
+                    },
+                ],
+                otherwise: vec![WireTxnOp::Delete {
+                    key: "d".into(),
+                    prefix: false,
+                }],
+            },
+            Some(crate::types::RequestId {
+                client: 99,
+                seq: 8,
+                first_unacked: 5,
+            }),
         ),
         Request::Watch {
             name: "w".into(),

@@ -137,6 +137,14 @@ async fn serve_op(
             then,
             otherwise,
         } => {
+            // Refused before anything is built from a hostile count.
+            let most = when.len().max(then.len()).max(otherwise.len());
+            if most > datasync::MAX_TXN_OPS {
+                return Err(WireError::InvalidTxn(format!(
+                    "{most} conditions or writes in a branch: at most {}",
+                    datasync::MAX_TXN_OPS
+                )));
+            }
             let branch = |ops: Vec<WireTxnOp>| -> Result<Vec<TxnOp>, WireError> {
                 ops.into_iter()
                     .map(|op| {

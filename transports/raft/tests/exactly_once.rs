@@ -177,3 +177,28 @@ async fn a_remote_clients_write_retried_after_its_commit_applies_once() {
         Some(Value::from("v"))
     );
 }
+
+/// A remote client's transaction, forwarded by its member, whose answer from the
+/// leader is lost: retried, applied once and answered with its first outcome (applied
+/// again, its condition would fail and answer so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_clients_txn_retried_after_its_commit_applies_once() {
+    let cluster = TestCluster::start(3).await;
+    let (_, _, l, f, mut w) = leader_and_follower(&cluster).await;
+    let remote = RemoteStore::connect(RemoteConfig::new([f.clone()], test_secret()))
+        .await
+        .unwrap();
+    cluster.faults.stop_replies(&l, &f, 1);
+    let txn = datasync::Txn::new()
+        .when(&key("x/t"), Expect::Absent)
+        .put(&key("x/t"), "t", PutOptions::new())
+        .put(&key("x/u"), "u", PutOptions::new());
+    let out = remote.txn(txn).await.unwrap();
+    assert!(
+        out.succeeded,
+        "the retried txn must answer its first outcome: {out:?}"
+    );
+    let got = changes_until(&mut w, out.revision).await;
+    let r = out.revision;
+    assert_eq!(got, vec![(r, "x/t".to_owned()), (r, "x/u".to_owned())]);
+}

@@ -261,18 +261,24 @@ async fn a_txn_that_writes_a_key_twice_or_carries_too_much_is_refused() {
     assert!(matches!(e, StoreError::Unsupported(_)), "{e:?}");
     let e = refused(Txn {
         success: vec![
-            put("a", &"x".repeat(600), false),
-            put("b", &"x".repeat(600), false),
+            put("a", &"x".repeat(1000), false),
+            put("b", &"x".repeat(1000), false),
+            put("c", &"x".repeat(1000), false),
         ],
+        failure: ["d", "e", "f"]
+            .map(|k| put(k, &"x".repeat(1000), false))
+            .to_vec(),
         ..Txn::default()
     })
     .await;
+    // Both branches, keys and values: one log entry carries them all; the limit is the
+    // value limit and one key.
     assert!(
         matches!(
             e,
             StoreError::ValueTooLarge {
-                size: 1200,
-                max: 1000
+                size: 6006,
+                max: 5096
             }
         ),
         "{e:?}"

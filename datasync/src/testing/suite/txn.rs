@@ -114,20 +114,41 @@ pub async fn rule12_transactions<H: Harness>(h: &H) -> Outcome {
         "at the revision before the transaction the store held {keys:?}"
     );
 
-    // A stale condition: the other branch, at its own revision.
+    // Every condition must hold: here two do (one on a deleted key, which is absent)
+    // and the last does not (a deleted key is at no revision, not at the one that
+    // deleted it); the other branch, at its own revision.
     let stale = Txn::new()
-        .when(&a, Expect::Revision(r1))
+        .when(&a, Expect::Revision(out.revision))
+        .when(&key("r12/c/x"), Expect::Absent)
+        .when(&key("r12/c/y"), Expect::Revision(out.revision))
         .put(&a, "lost", PutOptions::new())
-        .or_put(&d, "3", PutOptions::new());
+        .or_put(&d, "3", PutOptions::new())
+        .or_delete(&key("r12/b"), DeleteOptions::new().prefix());
     let other = s.txn(stale).await?;
     ensure!(
         !other.succeeded && other.revision > out.revision,
-        "a transaction on a stale revision: {other:?}"
+        "a transaction whose last condition fails: {other:?}"
     );
     let changes = summary(&one_change(&mut w, &mut mirror, other.revision).await?);
+    let want = vec![
+        ("r12/b".to_owned(), Op::Delete, none.clone(), v("2")),
+        ("r12/d".to_owned(), Op::Put, v("3"), none.clone()),
+    ];
     ensure!(
-        changes == [("r12/d".to_owned(), Op::Put, v("3"), none.clone())],
-        "the other branch's change: {changes:?}"
+        changes == want,
+        "the other branch's change:\n got  {changes:?}\n want {want:?}"
+    );
+    // And a stale revision alone fails too.
+    let old = s
+        .txn(
+            Txn::new()
+                .when(&a, Expect::Revision(r1))
+                .put(&a, "lost", PutOptions::new()),
+        )
+        .await?;
+    ensure!(
+        !old.succeeded && old.revision == other.revision,
+        "a condition on a stale revision: {old:?}"
     );
 
     // Branches that change nothing take no revision and emit nothing: a failed
@@ -135,7 +156,7 @@ pub async fn rule12_transactions<H: Harness>(h: &H) -> Outcome {
     // and deletes of absent keys.
     let nothing = [
         Txn::new()
-            .when(&b, Expect::Absent)
+            .when(&d, Expect::Absent)
             .put(&d, "lost", PutOptions::new()),
         Txn::new()
             .when(&key("r12/none"), Expect::Revision(Revision::ZERO))
@@ -163,8 +184,10 @@ pub async fn rule12_transactions<H: Harness>(h: &H) -> Outcome {
         "a branch that puts a key twice: {refused:?}"
     );
 
-    // A TTL put in a transaction expires as a delete with its previous value.
+    // A TTL put in a transaction expires as a delete with its previous value, not
+    // before its TTL.
     let ttl = PutOptions::new().ttl(Duration::from_secs(1));
+    let sent = std::time::Instant::now();
     let leased = s
         .txn(
             Txn::new()
@@ -187,6 +210,11 @@ pub async fn rule12_transactions<H: Harness>(h: &H) -> Outcome {
     let Event::Change(c) = &ev else {
         return Err(Failure(format!("want the expiry, got {ev:?}")));
     };
+    ensure!(
+        sent.elapsed() >= Duration::from_secs(1),
+        "a TTL of 1 s expired after {:?}",
+        sent.elapsed()
+    );
     let expiry = summary(&c.changes);
     ensure!(
         expiry == [("r12/t".to_owned(), Op::Delete, none, v("t"))],

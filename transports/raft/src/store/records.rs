@@ -6,7 +6,9 @@ use crate::storage::sm::RecordWatch;
 use crate::types::LeaseOutcome;
 
 use super::RaftStore;
-use crate::records::{Compare, CompareOp, CompareTarget, KeyRange, Record, Txn, TxnOp, TxnOutcome};
+use crate::records::{
+    Compare, CompareOp, CompareTarget, KeyRange, RangeEnd, Record, Txn, TxnOp, TxnOutcome,
+};
 use crate::types::{Command, Outcome, RequestId};
 
 impl RaftStore {
@@ -200,8 +202,9 @@ impl RaftStore {
     /// Applies `txn` at one revision: its compares on the state it is applied to, then
     /// the writes of the branch they chose. Exactly once, as every client write.
     ///
-    /// A branch's values and the compares' values together are within the store's
-    /// value limit (one log entry carries them all).
+    /// Its keys and values together (both branches' and the compares') are within the
+    /// store's value limit and one key (one log entry carries them all, and must reach
+    /// a follower as a value does).
     ///
     /// # Cancel safety
     /// Dropping the future does not withdraw a transaction already proposed.
@@ -216,27 +219,28 @@ impl RaftStore {
         id: Option<RequestId>,
     ) -> Result<TxnOutcome, StoreError> {
         let limits = datasync::Writer::limits(self);
-        let compared: usize = txn
-            .compares
-            .iter()
-            .map(|c| match &c.target {
-                CompareTarget::Value(v) => v.len(),
-                _ => 0,
-            })
-            .sum();
-        for branch in [&txn.success, &txn.failure] {
-            let mut total = compared;
-            for op in branch {
-                if let TxnOp::Put { value, .. } = op {
-                    total = total.saturating_add(value.len());
+        let range = |r: &KeyRange| {
+            r.start.len()
+                + match &r.end {
+                    RangeEnd::Before(e) => e.len(),
+                    RangeEnd::Single | RangeEnd::Unbounded => 0,
                 }
-            }
-            if total > limits.max_value_size {
-                return Err(StoreError::ValueTooLarge {
-                    size: total,
-                    max: limits.max_value_size,
-                });
-            }
+        };
+        let compared = txn.compares.iter().map(|c| {
+            range(&c.range)
+                + match &c.target {
+                    CompareTarget::Value(v) => v.len(),
+                    _ => 0,
+                }
+        });
+        let written = txn.ops().map(|op| match op {
+            TxnOp::Put { key, value, .. } => key.len() + value.len(),
+            TxnOp::Delete { range: r, .. } => range(r),
+        });
+        let total = compared.chain(written).fold(0usize, usize::saturating_add);
+        let max = limits.max_value_size.saturating_add(datasync::MAX_KEY_LEN);
+        if total > max {
+            return Err(StoreError::ValueTooLarge { size: total, max });
         }
         match self.write(Command::Txn(Box::new(txn)), id).await? {
             Outcome::Txn(out) => Ok(out),
@@ -249,8 +253,9 @@ impl RaftStore {
 }
 
 /// The `datasync` API's transaction (checked with [`datasync::Txn::validate`]
-/// first): `Absent` is version 0; `Revision(r)` is mod revision r, and for r = 0 a
-/// key that exists too, which no key is (an absent key's mod revision is 0).
+/// first): `Absent` is version 0; `Revision(r)` is mod revision r, but `Revision(0)`
+/// a version below 0, which holds for no key (an absent key's mod revision is 0), so
+/// that each condition is one compare, as etcd's limit of 128 counts them.
 fn log_txn(t: datasync::Txn) -> Txn {
     let mut compares = Vec::with_capacity(t.when.len());
     for (key, expect) in &t.when {
@@ -263,11 +268,11 @@ fn log_txn(t: datasync::Txn) -> Txn {
             datasync::Expect::Absent => {
                 compares.push(compare(CompareOp::Equal, CompareTarget::Version(0)));
             }
+            datasync::Expect::Revision(Revision(0)) => {
+                compares.push(compare(CompareOp::Less, CompareTarget::Version(0)));
+            }
             datasync::Expect::Revision(r) => {
                 compares.push(compare(CompareOp::Equal, CompareTarget::ModRevision(r.0)));
-                if r.0 == 0 {
-                    compares.push(compare(CompareOp::NotEqual, CompareTarget::Version(0)));
-                }
             }
         }
     }
