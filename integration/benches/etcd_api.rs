@@ -38,6 +38,9 @@ struct Run {
     range: f64,
     txn: f64,
     rss: f64,
+    server_cpu: f64,
+    client_cpu: f64,
+    get_p50: f64,
 }
 
 /// A table row: its name, the figure, its unit, its goal.
@@ -61,6 +64,28 @@ async fn txns(c: &etcd_client::Client, prefix: &str, n: usize) -> f64 {
     n as f64 / t.elapsed().as_secs_f64()
 }
 
+/// p50 of `SEQ_N` sequential serializable gets of one key, in ms: a round trip
+/// through the client, gRPC and the server, with no disk and no consensus.
+async fn gets(c: &etcd_client::Client, prefix: &str) -> f64 {
+    let mut kv = c.kv_client();
+    let key = format!("{prefix}/k");
+    kv.put(key.clone(), value(), None)
+        .await
+        .expect("benchmark put");
+    let opts = etcd_client::GetOptions::new().with_serializable();
+    let mut lat = Vec::with_capacity(SEQ_N);
+    for _ in 0..SEQ_N {
+        let t = Instant::now();
+        let resp = kv
+            .get(key.clone(), Some(opts.clone()))
+            .await
+            .expect("benchmark get");
+        lat.push(t.elapsed());
+        assert_eq!(resp.kvs().len(), 1);
+    }
+    quantile(lat, 0.5).as_secs_f64() * 1e3
+}
+
 /// Loads `RANGE_N` keys (64 in flight), then reads them in one range; seconds.
 async fn range(c: &etcd_client::Client, prefix: &str) -> f64 {
     etcd_inflight(c, prefix, RANGE_N).await;
@@ -78,10 +103,15 @@ async fn range(c: &etcd_client::Client, prefix: &str) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-async fn run(c: &etcd_client::Client, round: usize) -> Run {
+/// One run against the server in process `pid`.
+async fn run(c: &etcd_client::Client, round: usize, pid: u32) -> Run {
     let p = |what: &str| format!("{what}{round}");
     let (seq, seq_p50) = etcd_seq(c, &p("seq"), SEQ_N).await;
+    let cpu = || (proc::cpu_time_of(pid).unwrap(), proc::cpu_time().unwrap());
+    let (server0, client0) = cpu();
     let inflight = etcd_inflight(c, &p("fl"), INFLIGHT_N).await;
+    let (server1, client1) = cpu();
+    let per_put = |d: std::time::Duration| d.as_secs_f64() * 1e6 / INFLIGHT_N as f64;
     let lat = etcd_watch(c, &format!("{}/", p("w")), true).await;
     Run {
         seq,
@@ -92,6 +122,9 @@ async fn run(c: &etcd_client::Client, round: usize) -> Run {
         range: range(c, &p("r")).await * 1e3,
         txn: txns(c, &p("t"), TXN_N).await,
         rss: 0.0,
+        server_cpu: per_put(server1 - server0),
+        client_cpu: per_put(client1 - client0),
+        get_p50: gets(c, &p("g")).await,
     }
 }
 
@@ -168,8 +201,8 @@ fn main() {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         // Interleaved, so drift of the machine falls on both alike.
         for round in 0..runs {
-            a.push(run(&ours, round).await);
-            b.push(run(&theirs, round).await);
+            a.push(run(&ours, round, server.child.id()).await);
+            b.push(run(&theirs, round, etcd.pid()).await);
             eprintln!("run {} of {runs} done", round + 1);
         }
         // Both servers hold the same keys now: every run's.
@@ -183,10 +216,13 @@ fn main() {
         println!();
         println!("| workload | built-in store | etcd | ratio | goal |");
         println!("|---|---|---|---|---|");
-        let rows: [Row; 8] = [
+        let rows: [Row; 11] = [
             ("sequential puts", |r| r.seq, "ops/s", "-"),
             ("sequential put p50", |r| r.seq_p50, "ms", "-"),
+            ("sequential serializable get p50 (no disk)", |r| r.get_p50, "ms", "-"),
             ("64 puts in flight", |r| r.inflight, "ops/s", "≥ 2x"),
+            ("  server CPU per put", |r| r.server_cpu, "µs", "-"),
+            ("  client CPU per put (the same client)", |r| r.client_cpu, "µs", "-"),
             ("watch put→event p50", |r| r.watch_p50, "ms", "≤ 0.5x"),
             ("watch put→event p99", |r| r.watch_p99, "ms", "-"),
             ("100k-key range read", |r| r.range, "ms", "-"),

@@ -25,8 +25,17 @@ fn status_field(pid: u32, field: &str) -> Option<u64> {
 /// (`/proc/self/task/*/schedstat`). Repeatable where wall time is not: it leaves out
 /// time spent waiting for a server.
 pub fn cpu_time() -> Option<std::time::Duration> {
+    tasks_cpu_time("/proc/self/task")
+}
+
+/// [`cpu_time`] of process `pid` (a server the bench started).
+pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
+    tasks_cpu_time(&format!("/proc/{pid}/task"))
+}
+
+fn tasks_cpu_time(dir: &str) -> Option<std::time::Duration> {
     let mut ns = 0u64;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
+    for task in std::fs::read_dir(dir).ok()? {
         let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
         ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
     }
