@@ -1,4 +1,6 @@
-//! The embedded raft store against a real etcd, same machine, same run. Prints a table.
+//! The embedded raft store against a real etcd and NATS JetStream KV (file storage,
+//! with `sync_interval: always` and with its default), same machine, same run. Prints
+//! two tables.
 //!
 //! `cargo bench -p datasync-integration --bench raft_vs_etcd`
 //! (`BENCH_RUNS` sets the runs per measurement, default 3; medians are reported.)
@@ -15,7 +17,8 @@ use datasync_integration::bench::{
     etcd_inflight, etcd_seq, etcd_watch, median, quantile, store_inflight as raft_inflight,
     store_seq, store_watch,
 };
-use datasync_integration::{EtcdServer, proc};
+use datasync_integration::{EtcdServer, NatsServer, proc};
+use datasync_nats::NatsStore;
 use datasync_raft::{RaftConfig, RaftStore};
 
 const SEQ: usize = 1000;
@@ -62,6 +65,39 @@ fn disk_floor(dir: &std::path::Path, n: usize) -> (Duration, Option<Duration>) {
     (quantile(synced, 0.5), direct)
 }
 
+/// A NATS server with JetStream syncing every write to disk (`sync_interval: always`:
+/// durable as raft and etcd are), or with its default (synced every two minutes).
+async fn nats(always: bool, dir: &std::path::Path) -> NatsServer {
+    let conf = dir.join(format!("nats-{always}.conf"));
+    let sync = if always { "always" } else { "2m" };
+    std::fs::write(&conf, format!("jetstream {{ sync_interval: {sync} }}\n")).unwrap();
+    NatsServer::start_with(&["-c", &conf.display().to_string()])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One NATS configuration's figures over the runs.
+#[derive(Default)]
+struct NatsFigures {
+    seq: Vec<f64>,
+    seq50: Vec<f64>,
+    inflight: Vec<f64>,
+    watch: Vec<Duration>,
+    read: Vec<f64>,
+}
+
+impl NatsFigures {
+    async fn run(&mut self, s: &NatsStore, run: usize) {
+        let (ops, p50) = store_seq(s, &format!("seq{run}"), SEQ).await;
+        self.seq.push(ops);
+        self.seq50.push(p50.as_secs_f64());
+        self.inflight
+            .push(raft_inflight(s, &format!("par{run}"), INFLIGHT_N).await);
+        self.watch
+            .extend(store_watch(s, &format!("watch{run}/")).await);
+    }
+}
+
 /// Child mode: a fresh embedded store with 100k keys; prints its peak RSS in KiB.
 async fn raft_rss_child(dir: &str) {
     let s = RaftStore::open(RaftConfig::new(dir)).await.unwrap();
@@ -96,7 +132,19 @@ async fn bench(runs: usize) {
     let (mut ri, mut ei) = (vec![], vec![]);
     let (mut rw, mut ew) = (vec![], vec![]);
     let (mut floor_sync, mut floor_direct) = (vec![], vec![]);
+    let conf = tempfile::tempdir().unwrap();
+    let (always, default) = (
+        nats(true, conf.path()).await,
+        nats(false, conf.path()).await,
+    );
+    let (sa, sd) = (
+        always.store().await.unwrap(),
+        default.store().await.unwrap(),
+    );
+    let (mut na, mut nd) = (NatsFigures::default(), NatsFigures::default());
     for run in 0..runs {
+        na.run(&sa, run).await;
+        nd.run(&sd, run).await;
         let (ops, p50) = store_seq(&raft, &format!("seq{run}"), SEQ).await;
         rs.push(ops);
         rs50.push(p50.as_secs_f64());
@@ -122,6 +170,18 @@ async fn bench(runs: usize) {
 
     raft_inflight(&raft, "big", PREFIX_N).await;
     etcd_inflight(&client, "big", PREFIX_N).await;
+    for (s, f) in [(&sa, &mut na), (&sd, &mut nd)] {
+        raft_inflight(s, "big", PREFIX_N).await;
+        for _ in 0..runs {
+            let t = Instant::now();
+            let l = s
+                .list(&Prefix::new("big/").unwrap(), ReadOptions::new())
+                .await
+                .unwrap();
+            assert_eq!(l.values.len(), PREFIX_N);
+            f.read.push(t.elapsed().as_secs_f64());
+        }
+    }
     let mut kv = client.kv_client().max_decoding_message_size(256 << 20);
     let (mut rr, mut er) = (vec![], vec![]);
     for _ in 0..runs {
@@ -259,6 +319,112 @@ async fn bench(runs: usize) {
         raft_rss / etcd_rss,
         "× etcd",
         "<= 0.5×",
+    );
+
+    // NATS: a fresh default server for its RSS, as for the others.
+    let nats_rss = {
+        let fresh = nats(false, conf.path()).await;
+        let s = fresh.store().await.unwrap();
+        raft_inflight(&s, "rss", PREFIX_N).await;
+        let l = s
+            .list(&Prefix::new("rss/").unwrap(), ReadOptions::new())
+            .await
+            .unwrap();
+        assert_eq!(l.values.len(), PREFIX_N);
+        drop(l);
+        proc::peak_rss_kib(fresh.pid()).unwrap() as f64 / 1024.0
+    };
+    println!();
+    println!(
+        "the same against NATS JetStream KV through datasync-nats (file storage; `always`: \
+         sync_interval always, durable per write as raft and etcd; `default`: synced every 2 min)"
+    );
+    println!();
+    println!(
+        "| work | raft | NATS always | NATS default | raft vs always | raft vs default | goal |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let faster = |r: f64, n: f64| r / n;
+    let nrow =
+        |work: &str, r: String, a: String, d: String, va: f64, vd: f64, unit: &str, goal: &str| {
+            // NaN: no figure to compare with.
+            let ratio = |v: f64| match v.is_nan() {
+                true => "-".to_owned(),
+                false => format!("{v:.2}{unit}"),
+            };
+            let (va, vd) = (ratio(va), ratio(vd));
+            println!("| {work} | {r} | {a} | {d} | {va} | {vd} | {goal} |");
+        };
+    let (sa_ops, sd_ops) = (median(&na.seq), median(&nd.seq));
+    nrow(
+        "sequential puts, 1 client (ops/s)",
+        format!("{rs:.0}"),
+        format!("{sa_ops:.0}"),
+        format!("{sd_ops:.0}"),
+        faster(rs, sa_ops),
+        faster(rs, sd_ops),
+        "×",
+        ">= 1× always",
+    );
+    let r50 = median(&rs50);
+    let (a50, d50) = (median(&na.seq50), median(&nd.seq50));
+    nrow(
+        "  p50 latency",
+        ms(r50),
+        ms(a50),
+        ms(d50),
+        r50 / a50,
+        r50 / d50,
+        "×",
+        "<= 1× always",
+    );
+    let (ai, di) = (median(&na.inflight), median(&nd.inflight));
+    nrow(
+        "64 puts in flight (ops/s)",
+        format!("{ri:.0}"),
+        format!("{ai:.0}"),
+        format!("{di:.0}"),
+        faster(ri, ai),
+        faster(ri, di),
+        "×",
+        ">= 1× both",
+    );
+    for (name, q) in [("watch put→event p50", 0.5), ("watch put→event p99", 0.99)] {
+        let r = if q == 0.5 { rw50 } else { rw99 };
+        let a = quantile(na.watch.clone(), q);
+        let d = quantile(nd.watch.clone(), q);
+        let ratio = |n: Duration| r.as_secs_f64() / n.as_secs_f64();
+        nrow(
+            name,
+            us(r),
+            us(a),
+            us(d),
+            ratio(a),
+            ratio(d),
+            "×",
+            "<= 1× always",
+        );
+    }
+    let (ar, dr) = (median(&na.read), median(&nd.read));
+    nrow(
+        "read a 100k-key prefix",
+        ms(rr),
+        ms(ar),
+        ms(dr),
+        rr / ar,
+        rr / dr,
+        "×",
+        "<= 1× always",
+    );
+    nrow(
+        "server peak RSS with 100k keys",
+        format!("{raft_rss:.0} MiB"),
+        "-".to_owned(),
+        format!("{nats_rss:.0} MiB"),
+        f64::NAN,
+        raft_rss / nats_rss,
+        "×",
+        "",
     );
     raft.shutdown().await;
 }
