@@ -165,6 +165,11 @@ impl Ours {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut addr)
             .unwrap();
+        assert!(
+            !addr.trim().is_empty(),
+            "the store's process ended before it served: {:?}",
+            child.wait()
+        );
         Ours {
             child,
             addr: addr.trim().to_owned(),
@@ -175,11 +180,15 @@ impl Ours {
 
 impl Drop for Ours {
     fn drop(&mut self) {
+        // A closed stdin asks it to shut down; after 5 s it is killed.
         drop(self.child.stdin.take());
-        if !matches!(self.child.try_wait(), Ok(Some(_))) {
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            let _ = self.child.kill();
+        for _ in 0..50 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }

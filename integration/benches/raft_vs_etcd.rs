@@ -66,14 +66,28 @@ fn disk_floor(dir: &std::path::Path, n: usize) -> (Duration, Option<Duration>) {
 }
 
 /// A NATS server with JetStream syncing every write to disk (`sync_interval: always`:
-/// durable as raft and etcd are), or with its default (synced every two minutes).
+/// durable as raft and etcd are), or as NATS comes (no configuration: synced every two
+/// minutes).
 async fn nats(always: bool, dir: &std::path::Path) -> NatsServer {
-    let conf = dir.join(format!("nats-{always}.conf"));
-    let sync = if always { "always" } else { "2m" };
-    std::fs::write(&conf, format!("jetstream {{ sync_interval: {sync} }}\n")).unwrap();
-    NatsServer::start_with(&["-c", &conf.display().to_string()])
+    let started = if always {
+        let conf = dir.join("nats-always.conf");
+        std::fs::write(&conf, "jetstream { sync_interval: always }\n").unwrap();
+        NatsServer::start_with(&["-c", &conf.display().to_string()]).await
+    } else {
+        NatsServer::start().await
+    };
+    started.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Reads `prefix`'s `PREFIX_N` keys through the datasync API; seconds.
+async fn read_all<S: Writer>(s: &S, prefix: &str) -> f64 {
+    let t = Instant::now();
+    let l = s
+        .list(&Prefix::new(prefix).unwrap(), ReadOptions::new())
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap();
+    assert_eq!(l.values.len(), PREFIX_N);
+    t.elapsed().as_secs_f64()
 }
 
 /// One NATS configuration's figures over the runs.
@@ -173,25 +187,13 @@ async fn bench(runs: usize) {
     for (s, f) in [(&sa, &mut na), (&sd, &mut nd)] {
         raft_inflight(s, "big", PREFIX_N).await;
         for _ in 0..runs {
-            let t = Instant::now();
-            let l = s
-                .list(&Prefix::new("big/").unwrap(), ReadOptions::new())
-                .await
-                .unwrap();
-            assert_eq!(l.values.len(), PREFIX_N);
-            f.read.push(t.elapsed().as_secs_f64());
+            f.read.push(read_all(s, "big/").await);
         }
     }
     let mut kv = client.kv_client().max_decoding_message_size(256 << 20);
     let (mut rr, mut er) = (vec![], vec![]);
     for _ in 0..runs {
-        let t = Instant::now();
-        let l = raft
-            .list(&Prefix::new("big/").unwrap(), ReadOptions::new())
-            .await
-            .unwrap();
-        assert_eq!(l.values.len(), PREFIX_N);
-        rr.push(t.elapsed().as_secs_f64());
+        rr.push(read_all(&raft, "big/").await);
         let t = Instant::now();
         let g = kv
             .get("big/", Some(etcd_client::GetOptions::new().with_prefix()))
@@ -326,18 +328,14 @@ async fn bench(runs: usize) {
         let fresh = nats(false, conf.path()).await;
         let s = fresh.store().await.unwrap();
         raft_inflight(&s, "rss", PREFIX_N).await;
-        let l = s
-            .list(&Prefix::new("rss/").unwrap(), ReadOptions::new())
-            .await
-            .unwrap();
-        assert_eq!(l.values.len(), PREFIX_N);
-        drop(l);
+        read_all(&s, "rss/").await;
         proc::peak_rss_kib(fresh.pid()).unwrap() as f64 / 1024.0
     };
     println!();
     println!(
         "the same against NATS JetStream KV through datasync-nats (file storage; `always`: \
-         sync_interval always, durable per write as raft and etcd; `default`: synced every 2 min)"
+         sync_interval always, durable per write as raft and etcd; `default`: NATS as it comes, \
+         synced every 2 min)"
     );
     println!();
     println!(

@@ -149,16 +149,23 @@ async fn a_forwarded_write_retried_after_its_commit_applies_once() {
     );
 }
 
+/// A remote client of a follower, and a watch on it; the leader's next answer to the
+/// follower comes back as "stopping".
+async fn remote_whose_next_answer_is_lost(c: &TestCluster) -> (RemoteStore, Watch) {
+    let (_, _, l, f, w) = leader_and_follower(c).await;
+    let remote = RemoteStore::connect(RemoteConfig::new([f.clone()], test_secret()))
+        .await
+        .unwrap();
+    c.faults.stop_replies(&l, &f, 1);
+    (remote, w)
+}
+
 /// The same through a remote client: its member forwards, the leader's answer comes
 /// back as "stopping", the member retries with the client's request id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_clients_write_retried_after_its_commit_applies_once() {
     let cluster = TestCluster::start(3).await;
-    let (_, _, l, f, mut w) = leader_and_follower(&cluster).await;
-    let remote = RemoteStore::connect(RemoteConfig::new([f.clone()], test_secret()))
-        .await
-        .unwrap();
-    cluster.faults.stop_replies(&l, &f, 1);
+    let (remote, mut w) = remote_whose_next_answer_is_lost(&cluster).await;
     let got = remote
         .compare_and_swap(&key("x/k"), Expect::Absent, "v".into(), PutOptions::new())
         .await
@@ -184,11 +191,7 @@ async fn a_remote_clients_write_retried_after_its_commit_applies_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_clients_txn_retried_after_its_commit_applies_once() {
     let cluster = TestCluster::start(3).await;
-    let (_, _, l, f, mut w) = leader_and_follower(&cluster).await;
-    let remote = RemoteStore::connect(RemoteConfig::new([f.clone()], test_secret()))
-        .await
-        .unwrap();
-    cluster.faults.stop_replies(&l, &f, 1);
+    let (remote, mut w) = remote_whose_next_answer_is_lost(&cluster).await;
     let txn = datasync::Txn::new()
         .when(&key("x/t"), Expect::Absent)
         .put(&key("x/t"), "t", PutOptions::new())
