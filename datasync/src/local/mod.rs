@@ -304,12 +304,7 @@ impl Writer for Local {
         self.limits().check_put(&value, &opts)?;
         let st = self.shared.lock_fresh();
         let current = st.latest(key.as_str());
-        let holds = match (expect, &current) {
-            (Expect::Absent, None) => true,
-            (Expect::Revision(r), Some(kv)) => kv.revision == r,
-            _ => false,
-        };
-        if !holds {
+        if !expect.holds(current.as_ref()) {
             return Ok(CasOutcome::Conflict(current));
         }
         Ok(CasOutcome::Swapped(self.commit_put(st, key, value, &opts)))
@@ -319,14 +314,10 @@ impl Writer for Local {
         tokio::task::coop::consume_budget().await;
         txn.validate(&self.limits())?;
         let mut st = self.shared.lock_fresh();
-        let succeeded =
-            txn.when
-                .iter()
-                .all(|(key, expect)| match (expect, st.latest(key.as_str())) {
-                    (Expect::Absent, None) => true,
-                    (Expect::Revision(r), Some(kv)) => kv.revision == *r,
-                    _ => false,
-                });
+        let succeeded = txn
+            .when
+            .iter()
+            .all(|(key, expect)| expect.holds(st.latest(key.as_str()).as_ref()));
         let branch = if succeeded { txn.then } else { txn.otherwise };
         let now = Instant::now();
         let mut ttl = false;

@@ -106,11 +106,7 @@ impl Writer for Broken {
         let mut succeeded = true;
         for (k, expect) in &txn.when {
             let current = self.inner.get(k, ReadOptions::new()).await?;
-            succeeded &= match (expect, current) {
-                (Expect::Absent, None) => true,
-                (Expect::Revision(r), Some(kv)) => kv.revision == *r,
-                _ => false,
-            };
+            succeeded &= expect.holds(current.as_ref());
         }
         let branch = if succeeded { txn.then } else { txn.otherwise };
         let mut revision = self

@@ -127,6 +127,17 @@ pub enum Expect {
     Revision(Revision),
 }
 
+impl Expect {
+    /// Whether it holds for a key whose current state is `current` (`None`: absent).
+    pub fn holds(self, current: Option<&KeyValue>) -> bool {
+        match (self, current) {
+            (Expect::Absent, None) => true,
+            (Expect::Revision(r), Some(kv)) => kv.revision == r,
+            _ => false,
+        }
+    }
+}
+
 /// What a compare-and-swap did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]

@@ -402,11 +402,17 @@ fn header_revision(resp: &GetResponse) -> Result<(Revision, u64), StoreError> {
     ))
 }
 
-/// The operand of a mod revision compare for `Expect::Revision(r)`. No key is at
-/// revision 0 (etcd's mod revision of an absent key) nor above i64::MAX: -1 makes
-/// those compares fail, as they must.
-fn mod_rev(r: Revision) -> i64 {
-    i64::try_from(r.0).ok().filter(|r| *r > 0).unwrap_or(-1)
+/// `expect` on etcd key `k`. `Absent` is create revision 0; `Revision(r)` is mod
+/// revision r, where no key is at revision 0 (etcd's mod revision of an absent key)
+/// nor above i64::MAX: -1 makes those compares fail, as they must.
+fn compare(k: Vec<u8>, expect: Expect) -> Compare {
+    match expect {
+        Expect::Absent => Compare::create_revision(k, CompareOp::Equal, 0),
+        Expect::Revision(r) => {
+            let r = i64::try_from(r.0).ok().filter(|r| *r > 0).unwrap_or(-1);
+            Compare::mod_revision(k, CompareOp::Equal, r)
+        }
+    }
 }
 
 fn is_too_large(e: &etcd_client::Error) -> bool {
@@ -505,10 +511,7 @@ impl Writer for EtcdStore {
         self.limits().check_put(&value, &opts)?;
         let k = self.inner.ns.key(key);
         let lease = self.lease_for(&opts).await?;
-        let cmp = match expect {
-            Expect::Absent => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
-            Expect::Revision(r) => Compare::mod_revision(k.clone(), CompareOp::Equal, mod_rev(r)),
-        };
+        let cmp = compare(k.clone(), expect);
         let txn = Txn::new()
             .when([cmp])
             .and_then([TxnOp::put(
@@ -536,12 +539,7 @@ impl Writer for EtcdStore {
         let when: Vec<Compare> = txn
             .when
             .iter()
-            .map(|(key, expect)| match expect {
-                Expect::Absent => Compare::create_revision(ns.key(key), CompareOp::Equal, 0),
-                Expect::Revision(r) => {
-                    Compare::mod_revision(ns.key(key), CompareOp::Equal, mod_rev(*r))
-                }
-            })
+            .map(|(key, expect)| compare(ns.key(key), *expect))
             .collect();
         // A lease can vanish under us (revoked by an operator): take new ones, once.
         for attempt in 0..2 {

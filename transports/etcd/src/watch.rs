@@ -77,13 +77,7 @@ pub(crate) async fn start(
         start.owed = Some(ResyncReason::StoreReset);
     } else if !up.set.is_empty() {
         match up.open(rev).await {
-            Ok((open, cluster)) => {
-                // Resuming: the cluster the watch meets is the one to stay on.
-                if up.cluster == 0 {
-                    up.cluster = cluster;
-                }
-                start.follower = Some(open);
-            }
+            Ok(open) => start.follower = Some(open),
             Err(Lost::Broken(e)) => return Err(e),
             Err(Lost::Resync(reason)) => start.owed = Some(reason),
         }
@@ -149,11 +143,7 @@ impl Upstream for EtcdWatch {
 
     async fn resume(&mut self, from: Revision) -> Result<Follower, Lost> {
         self.buffered.clear();
-        let (follower, cluster) = self.open(Revision(from.0.saturating_sub(1))).await?;
-        if self.cluster == 0 {
-            self.cluster = cluster;
-        }
-        Ok(follower)
+        self.open(Revision(from.0.saturating_sub(1))).await
     }
 
     async fn next(&mut self, (ws, _): &mut Follower, last: Revision) -> Result<Next, Lost> {
@@ -218,9 +208,10 @@ impl EtcdWatch {
         Ok(())
     }
 
-    /// Opens an etcd watch from `last + 1` and waits until etcd has created it;
-    /// returns it with the cluster id its creation showed (0: none).
-    async fn open(&self, last: Revision) -> Result<(Follower, u64), Lost> {
+    /// Opens an etcd watch from `last + 1` and waits until etcd has created it. A
+    /// watch that knows no cluster yet (one resuming) stays on the cluster its
+    /// creation shows.
+    async fn open(&mut self, last: Revision) -> Result<Follower, Lost> {
         let (start, end) = self.store.inner.ns.covering_range(&self.set);
         let opts = etcd_client::WatchOptions::new()
             .with_range(end)
@@ -252,8 +243,10 @@ impl EtcdWatch {
             };
             self.check(&resp, last)?;
             if resp.created() {
-                let cluster = resp.header().map_or(0, |h| h.cluster_id());
-                return Ok(((ws, resp.watch_id()), cluster));
+                if self.cluster == 0 {
+                    self.cluster = resp.header().map_or(0, |h| h.cluster_id());
+                }
+                return Ok((ws, resp.watch_id()));
             }
         }
     }

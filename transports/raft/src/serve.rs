@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use datasync::{
-    CasOutcome, Consistency, DeleteOptions, Event, Expect, Key, KeyValue, Op, Prefix, PutOptions,
+    CasOutcome, Consistency, DeleteOptions, Event, Key, KeyValue, Op, Prefix, PutOptions,
     ReadOptions, Revision, Txn, TxnOp, Value, WatchError, WatchOptions, Watcher, Writer,
 };
 
@@ -14,7 +14,7 @@ use crate::network::wire::{
     ClientOp, ClientReply, Read, Reply, WireError, WireItem, WireKv, WireTxnOp,
 };
 use crate::store::{RaftStore, WeakStore};
-use crate::types::RequestId;
+use crate::types::{RequestId, expect_of};
 use futures_util::StreamExt;
 
 #[async_trait::async_trait]
@@ -72,6 +72,10 @@ async fn serve_op(
         Some(t) => PutOptions::new().ttl(t),
         None => PutOptions::new(),
     };
+    let delete_opts = |prefix: bool| match prefix {
+        true => DeleteOptions::new().prefix(),
+        false => DeleteOptions::new(),
+    };
     let read_opts = |r: Read| {
         let c = if r.linearizable {
             Consistency::Linearizable
@@ -89,20 +93,13 @@ async fn serve_op(
             .put_as(&key(k)?, Value::from(value), put_opts(ttl), id)
             .await
             .map(|r| ClientReply::Revision(r.0)),
-        ClientOp::Delete { key: k, prefix } => {
-            let opts = if prefix {
-                DeleteOptions::new().prefix()
-            } else {
-                DeleteOptions::new()
-            };
-            store
-                .delete_as(&key(k)?, opts, id)
-                .await
-                .map(|d| ClientReply::Deleted {
-                    count: d.count,
-                    revision: d.revision.0,
-                })
-        }
+        ClientOp::Delete { key: k, prefix } => store
+            .delete_as(&key(k)?, delete_opts(prefix), id)
+            .await
+            .map(|d| ClientReply::Deleted {
+                count: d.count,
+                revision: d.revision.0,
+            }),
         ClientOp::Get { key: k, read } => store
             .get(&key(k)?, read_opts(read))
             .await
@@ -123,7 +120,7 @@ async fn serve_op(
             value,
             ttl,
         } => {
-            let expect = expect.map_or(Expect::Absent, |r| Expect::Revision(Revision(r)));
+            let expect = expect_of(expect);
             store
                 .compare_and_swap_as(&key(k)?, expect, Value::from(value), put_opts(ttl), id)
                 .await
@@ -156,10 +153,7 @@ async fn serve_op(
                             },
                             WireTxnOp::Delete { key: k, prefix } => TxnOp::Delete {
                                 key: key(k)?,
-                                opts: match prefix {
-                                    true => DeleteOptions::new().prefix(),
-                                    false => DeleteOptions::new(),
-                                },
+                                opts: delete_opts(prefix),
                             },
                         })
                     })
@@ -167,8 +161,7 @@ async fn serve_op(
             };
             let mut txn = Txn::new();
             for (k, rev) in when {
-                let expect = rev.map_or(Expect::Absent, |r| Expect::Revision(Revision(r)));
-                txn = txn.when(&key(k)?, expect);
+                txn = txn.when(&key(k)?, expect_of(rev));
             }
             txn.then = branch(then)?;
             txn.otherwise = branch(otherwise)?;

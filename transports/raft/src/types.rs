@@ -53,6 +53,13 @@ pub(crate) fn expected_rev(expect: datasync::Expect) -> Option<u64> {
     }
 }
 
+/// The condition [`expected_rev`] made: `None` is `Absent`.
+pub(crate) fn expect_of(rev: Option<u64>) -> datasync::Expect {
+    rev.map_or(datasync::Expect::Absent, |r| {
+        datasync::Expect::Revision(datasync::Revision(r))
+    })
+}
+
 /// A write, replicated through the log and applied by every replica identically.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Command {

@@ -257,25 +257,26 @@ impl RaftStore {
 /// a version below 0, which holds for no key (an absent key's mod revision is 0), so
 /// that each condition is one compare, as etcd's limit of 128 counts them.
 fn log_txn(t: datasync::Txn) -> Txn {
-    let mut compares = Vec::with_capacity(t.when.len());
-    for (key, expect) in &t.when {
-        let compare = |op, target| Compare {
-            range: KeyRange::key(key),
-            op,
-            target,
-        };
-        match expect {
-            datasync::Expect::Absent => {
-                compares.push(compare(CompareOp::Equal, CompareTarget::Version(0)));
+    let compares = t
+        .when
+        .iter()
+        .map(|(key, expect)| {
+            let (op, target) = match expect {
+                datasync::Expect::Absent => (CompareOp::Equal, CompareTarget::Version(0)),
+                datasync::Expect::Revision(Revision(0)) => {
+                    (CompareOp::Less, CompareTarget::Version(0))
+                }
+                datasync::Expect::Revision(r) => {
+                    (CompareOp::Equal, CompareTarget::ModRevision(r.0))
+                }
+            };
+            Compare {
+                range: KeyRange::key(key),
+                op,
+                target,
             }
-            datasync::Expect::Revision(Revision(0)) => {
-                compares.push(compare(CompareOp::Less, CompareTarget::Version(0)));
-            }
-            datasync::Expect::Revision(r) => {
-                compares.push(compare(CompareOp::Equal, CompareTarget::ModRevision(r.0)));
-            }
-        }
-    }
+        })
+        .collect();
     let ops = |branch: Vec<datasync::TxnOp>| -> Vec<TxnOp> {
         branch
             .into_iter()
