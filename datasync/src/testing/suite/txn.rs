@@ -174,6 +174,20 @@ pub async fn rule12_transactions<H: Harness>(h: &H) -> Outcome {
         );
     }
 
+    // As many conditions as a transaction may have, the last on revision 0: all are
+    // decided (each is one condition to the store, also `Revision(0)`), and it fails.
+    let mut most = Txn::new().put(&d, "lost", PutOptions::new());
+    for i in 1..crate::MAX_TXN_OPS {
+        most = most.when(&key(&format!("r12/m{i}")), Expect::Absent);
+    }
+    let most = most.when(&key("r12/m0"), Expect::Revision(Revision::ZERO));
+    let out = s.txn(most).await?;
+    ensure!(
+        !out.succeeded && out.revision == other.revision,
+        "{} conditions, the last on revision 0: {out:?}",
+        crate::MAX_TXN_OPS
+    );
+
     // Refused as given, nothing written.
     let twice = Txn::new()
         .put(&a, "x", PutOptions::new())
