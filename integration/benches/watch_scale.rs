@@ -1,50 +1,225 @@
-//! How a write's watch latency and an idle watch's memory grow with the number of
-//! watches, on the embedded raft store and on a real etcd, same machine, same run.
-//! Prints a table.
+//! How a write's watch latency, its CPU cost and an idle watch's memory grow with the
+//! number of watch registrations, on the embedded raft store, a real etcd and NATS
+//! JetStream KV (`sync_interval: always`, durable per write as the others), same
+//! machine, same run. Prints a table and writes the curves as `docs/watch_scale.svg`.
 //!
 //! `cargo bench -p datasync-integration --bench watch_scale`
 //! (`BENCH_RUNS` sets the runs per size, default 3; medians are reported.)
 //!
-//! For each size R, a fresh store gets R idle watches, each on its own prefix (on the
-//! raft store: `watch` registrations of the embedded store, each past its resync, in a
-//! child process of their own so that no earlier run's freed memory hides their cost;
-//! on etcd: R watches multiplexed on one watch stream of `etcd-client`, as etcd's own
-//! Go client does, each confirmed created), then one more watch on the benchmark's
-//! prefix times put → event, 500 times. Memory per idle watch is the growth of the
-//! resident set of the process that holds them (the child for the raft store, the etcd
-//! server for etcd; Go's heap grows by steps, so etcd's small sizes are rough) divided
-//! by R. The raft store's figures are in-process, etcd's over loopback gRPC: the
-//! latency ratio compares what a plugin on each would see.
+//! For each size R, a fresh store gets R idle registrations, each on its own prefix,
+//! and 100 more on one shared prefix, each drained by a task of its own (on the raft
+//! store: `watch` registrations of the embedded store, in a child process of their own
+//! so that no earlier run's freed memory hides their cost; on NATS: `datasync-nats`
+//! watches, one JetStream consumer each; on etcd: watches multiplexed on one watch
+//! stream of `etcd-client`, as etcd's own Go client does). Then:
+//! - one match: put → event on one more registration, 500 times;
+//! - 100 matches: put on the shared prefix → the last of its 100 registrations has it,
+//!   200 times;
+//! - CPU per write: 2,000 sequential puts that one drained registration matches, over
+//!   the CPU time of the process holding the store (its threads' `schedstat`): the raft
+//!   child, which holds the bench's writer and watchers too, or the etcd or NATS
+//!   server, whose clients are in the bench process. (Sequential: at 64 in flight,
+//!   NATS beside 10,000 consumers let puts time out after 5 s.)
+//! - memory per idle registration: the growth of that process's resident set over R
+//!   (Go's heap grows by steps, so etcd's and NATS's small sizes are rough).
+//!
+//! The raft store's figures are in-process, etcd's and NATS's over loopback: the
+//! latencies compare what a plugin on each would see.
 #![allow(clippy::unwrap_used)] // a benchmark: failing loudly is the point
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-use datasync::{Prefix, WatchOptions, Watcher};
-use datasync_integration::bench::{etcd_watch, median, quantile, store_watch};
-use datasync_integration::{EtcdServer, proc};
+use datasync::{Event, Key, Prefix, PutOptions, Value, WatchOptions, Watcher, Writer};
+use datasync_integration::bench::{
+    etcd_seq, etcd_watch, median, quantile, store_seq, store_watch, value,
+};
+use datasync_integration::plot::{self, Panel};
+use datasync_integration::{EtcdServer, NatsServer, proc};
 use datasync_raft::{RaftConfig, RaftStore};
 use futures_util::StreamExt;
+use tokio::sync::mpsc;
 
 const SIZES: [usize; 3] = [1, 100, 10_000];
+const STORES: [&str; 3] = ["raft", "etcd", "NATS always"];
+/// Registrations on the one shared prefix.
+const SHARED: usize = 100;
+/// Puts timed to reach all [`SHARED`] registrations.
+const FAN_N: usize = 200;
+/// Sequential puts over which CPU per write is measured.
+const CPU_N: usize = 2_000;
 
+#[derive(Clone, Copy)]
 struct Row {
-    p50: Duration,
-    p99: Duration,
+    p50: f64,
+    p99: f64,
+    fan50: f64,
+    fan99: f64,
+    cpu_us: f64,
     kib_per_watch: f64,
 }
 
-/// Child mode: one raft row of `idle` watches; prints p50 and p99 (ns) and KiB/watch.
-async fn raft_child(idle: usize) {
-    let r = raft_row(idle).await;
-    println!(
-        "{} {} {}",
-        r.p50.as_nanos(),
-        r.p99.as_nanos(),
-        r.kib_per_watch
-    );
+impl Row {
+    fn to_line(self) -> String {
+        [
+            self.p50,
+            self.p99,
+            self.fan50,
+            self.fan99,
+            self.cpu_us,
+            self.kib_per_watch,
+        ]
+        .map(|x| x.to_string())
+        .join(" ")
+    }
+
+    fn from_line(line: &str) -> Row {
+        let f: Vec<f64> = line
+            .split_whitespace()
+            .map(|w| w.parse().unwrap())
+            .collect();
+        Row {
+            p50: f[0],
+            p99: f[1],
+            fan50: f[2],
+            fan99: f[3],
+            cpu_us: f[4],
+            kib_per_watch: f[5],
+        }
+    }
+
+    fn median(runs: &[Row]) -> Row {
+        let m = |f: fn(&Row) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        Row {
+            p50: m(|r| r.p50),
+            p99: m(|r| r.p99),
+            fan50: m(|r| r.fan50),
+            fan99: m(|r| r.fan99),
+            cpu_us: m(|r| r.cpu_us),
+            kib_per_watch: m(|r| r.kib_per_watch),
+        }
+    }
 }
 
-/// A raft row, measured in a fresh child process.
+fn cpu_of(pid: u32) -> Duration {
+    proc::threads_cpu_time_of(pid).unwrap()
+}
+
+/// Put → the last of the [`SHARED`] registrations has it, [`FAN_N`] times; `arrived`
+/// carries the key of every change any of them sees.
+async fn fan_latency<F, Fut>(
+    mut put: F,
+    arrived: &mut mpsc::UnboundedReceiver<String>,
+) -> Vec<Duration>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut lat = Vec::with_capacity(FAN_N);
+    for i in 0..FAN_N {
+        let k = format!("shared/{i:06}");
+        let t = Instant::now();
+        put(k.clone()).await;
+        let mut seen = 0;
+        while seen < SHARED {
+            if arrived.recv().await.unwrap() == k {
+                seen += 1;
+            }
+        }
+        lat.push(t.elapsed());
+    }
+    lat
+}
+
+/// A datasync registration on `prefix`, past its resync, drained by a task that sends
+/// the key of every change it sees to `tx`.
+async fn drained<S: Watcher>(s: &S, prefix: &str, tx: mpsc::UnboundedSender<String>) {
+    let mut w = s
+        .watch(
+            "drained",
+            &[Prefix::new(prefix).unwrap()],
+            WatchOptions::default(),
+        )
+        .await
+        .unwrap();
+    w.next().await.unwrap().unwrap().into_done().ok();
+    tokio::spawn(async move {
+        while let Some(Ok(ev)) = w.next().await {
+            if let Event::Change(c) = &ev {
+                for kc in &c.changes {
+                    // The receiver goes away when its measurement is over.
+                    tx.send(kc.key.as_str().to_owned()).ok();
+                }
+            }
+            ev.into_done().ok();
+        }
+    });
+}
+
+/// A row through the datasync API (the raft store, NATS); `pid` holds the store.
+async fn datasync_row<S: Watcher + Writer + Clone + 'static>(s: &S, idle: usize, pid: u32) -> Row {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = proc::rss_kib(pid).unwrap();
+    let mut watches = Vec::with_capacity(idle);
+    for i in 0..idle {
+        let p = Prefix::new(format!("idle/{i:05}/")).unwrap();
+        let mut w = s
+            .watch("idle", &[p], WatchOptions::default())
+            .await
+            .unwrap();
+        w.next().await.unwrap().unwrap().into_done().ok();
+        watches.push(w);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = proc::rss_kib(pid).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for _ in 0..SHARED {
+        drained(s, "shared/", tx.clone()).await;
+    }
+    let one = store_watch(s, "hot/").await;
+    let v = Value::from(value());
+    let fan = fan_latency(
+        |k| {
+            let (s, v) = (s.clone(), v.clone());
+            async move {
+                s.put(&Key::new(k).unwrap(), v, PutOptions::new())
+                    .await
+                    .unwrap();
+            }
+        },
+        &mut rx,
+    )
+    .await;
+    drop(rx);
+    drained(s, "cpu/", mpsc::unbounded_channel().0).await;
+    let c0 = cpu_of(pid);
+    store_seq(s, "cpu", CPU_N).await;
+    let cpu = cpu_of(pid) - c0;
+    drop(watches);
+    row(one, fan, cpu, after.saturating_sub(before), idle)
+}
+
+fn row(one: Vec<Duration>, fan: Vec<Duration>, cpu: Duration, kib: u64, idle: usize) -> Row {
+    let s = |d: Duration| d.as_secs_f64();
+    Row {
+        p50: s(quantile(one.clone(), 0.5)),
+        p99: s(quantile(one, 0.99)),
+        fan50: s(quantile(fan.clone(), 0.5)),
+        fan99: s(quantile(fan, 0.99)),
+        cpu_us: cpu.as_secs_f64() * 1e6 / CPU_N as f64,
+        kib_per_watch: kib as f64 / idle as f64,
+    }
+}
+
+/// Child mode: one raft row, measured in this fresh process.
+async fn raft_child(idle: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let r = datasync_row(&store, idle, std::process::id()).await;
+    store.shutdown().await;
+    println!("{}", r.to_line());
+}
+
 fn raft_row_in_child(idle: usize) -> Row {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--raft-child", &idle.to_string()])
@@ -55,44 +230,42 @@ fn raft_row_in_child(idle: usize) -> Row {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let f: Vec<f64> = text
-        .split_whitespace()
-        .map(|w| w.parse().unwrap())
-        .collect();
-    Row {
-        p50: Duration::from_nanos(f[0] as u64),
-        p99: Duration::from_nanos(f[1] as u64),
-        kib_per_watch: f[2],
-    }
+    Row::from_line(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-async fn raft_row(idle: usize) -> Row {
-    let dir = tempfile::tempdir().unwrap();
-    let store = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = proc::rss_kib(std::process::id()).unwrap();
-    let mut watches = Vec::with_capacity(idle);
-    for i in 0..idle {
-        let p = Prefix::new(format!("idle/{i:05}/")).unwrap();
-        let mut w = store
-            .watch("idle", &[p], WatchOptions::default())
-            .await
-            .unwrap();
-        let first = w.next().await.unwrap().unwrap();
-        first.into_done().ok();
-        watches.push(w);
-    }
-    let after = proc::rss_kib(std::process::id()).unwrap();
-    let lat = store_watch(&store, "hot/").await;
-    let row = Row {
-        p50: quantile(lat.clone(), 0.5),
-        p99: quantile(lat, 0.99),
-        kib_per_watch: after.saturating_sub(before) as f64 / idle as f64,
-    };
-    drop(watches);
-    store.shutdown().await;
-    row
+async fn nats_row(idle: usize) -> Row {
+    let conf = tempfile::tempdir().unwrap();
+    let path = conf.path().join("nats-always.conf");
+    // nats-server 2.15 refuses a stream's 1001st consumer unless told otherwise, and
+    // every registration is a consumer.
+    let conf_text =
+        "jetstream { sync_interval: always, limits { default_max_consumers: 20000 } }\n";
+    std::fs::write(&path, conf_text).unwrap();
+    let server = NatsServer::start_with(&["-c", &path.display().to_string()])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = server.store().await.unwrap();
+    datasync_row(&s, idle, server.pid()).await
+}
+
+/// A raw etcd watch of `prefix` (with previous values, as datasync asks for), created,
+/// drained by a task that sends each event's key to `tx`.
+async fn etcd_drained(c: &etcd_client::Client, prefix: &str, tx: mpsc::UnboundedSender<String>) {
+    let opts = etcd_client::WatchOptions::new()
+        .with_prefix()
+        .with_prev_key();
+    let mut stream = c.clone().watch(prefix, Some(opts)).await.unwrap();
+    let created = stream.message().await.unwrap().unwrap();
+    assert!(created.created());
+    tokio::spawn(async move {
+        while let Ok(Some(resp)) = stream.message().await {
+            for e in resp.events() {
+                if let Some(kv) = e.kv() {
+                    tx.send(String::from_utf8_lossy(kv.key()).into_owned()).ok();
+                }
+            }
+        }
+    });
 }
 
 async fn etcd_row(idle: usize) -> Row {
@@ -115,12 +288,28 @@ async fn etcd_row(idle: usize) -> Row {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = proc::rss_kib(etcd.pid()).unwrap();
-    let lat = etcd_watch(&client, "hot/", true).await;
-    Row {
-        p50: quantile(lat.clone(), 0.5),
-        p99: quantile(lat, 0.99),
-        kib_per_watch: after.saturating_sub(before) as f64 / idle as f64,
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for _ in 0..SHARED {
+        etcd_drained(&client, "shared/", tx.clone()).await;
     }
+    let one = etcd_watch(&client, "hot/", true).await;
+    let fan = fan_latency(
+        |k| {
+            let mut c = client.clone();
+            async move {
+                c.put(k, value(), None).await.unwrap();
+            }
+        },
+        &mut rx,
+    )
+    .await;
+    drop(rx);
+    etcd_drained(&client, "cpu/", mpsc::unbounded_channel().0).await;
+    let c0 = cpu_of(etcd.pid());
+    etcd_seq(&client, "cpu", CPU_N).await;
+    let cpu = cpu_of(etcd.pid()) - c0;
+    drop(streams);
+    row(one, fan, cpu, after.saturating_sub(before), idle)
 }
 
 fn main() {
@@ -135,43 +324,93 @@ fn main() {
 }
 
 async fn bench(runs: usize) {
+    let mut results: Vec<[Row; 3]> = Vec::new();
+    for idle in SIZES {
+        let mut per: [Vec<Row>; 3] = Default::default();
+        for _ in 0..runs {
+            per[0].push(
+                tokio::task::spawn_blocking(move || raft_row_in_child(idle))
+                    .await
+                    .unwrap(),
+            );
+            per[1].push(etcd_row(idle).await);
+            per[2].push(nats_row(idle).await);
+        }
+        eprintln!("{idle} idle registrations measured");
+        results.push(per.map(|runs| Row::median(&runs)));
+    }
     println!(
-        "watch scale: embedded raft store (in-process) vs etcd (loopback gRPC), {runs} runs per size, medians; p99 of 500 samples is noisy"
+        "watch scale: embedded raft store (in-process) vs etcd and NATS always (loopback), \
+         {runs} runs per size, medians; a p99 of 500 or 200 samples is noisy"
     );
     println!();
     println!(
-        "| idle watches | raft put→event p50 / p99 | etcd p50 / p99 | p99 ratio | raft KiB per idle watch | etcd KiB per idle watch |"
+        "| idle registrations | store | 1 match: put→event p50 / p99 | 100 matches: put→last of 100 p50 / p99 | CPU per write | KiB per idle registration |"
     );
     println!("|---|---|---|---|---|---|");
-    let ms = |d: f64| d * 1000.0;
-    for idle in SIZES {
-        let (mut r50, mut r99, mut rk) = (vec![], vec![], vec![]);
-        let (mut e50, mut e99, mut ek) = (vec![], vec![], vec![]);
-        for _ in 0..runs {
-            let r = tokio::task::spawn_blocking(move || raft_row_in_child(idle))
-                .await
-                .unwrap();
-            r50.push(r.p50.as_secs_f64());
-            r99.push(r.p99.as_secs_f64());
-            rk.push(r.kib_per_watch);
-            let e = etcd_row(idle).await;
-            e50.push(e.p50.as_secs_f64());
-            e99.push(e.p99.as_secs_f64());
-            ek.push(e.kib_per_watch);
+    let ms = |s: f64| format!("{:.3}", s * 1e3);
+    for (idle, row) in SIZES.iter().zip(&results) {
+        for (name, r) in STORES.iter().zip(row) {
+            let kib = match idle {
+                1 => "-".to_owned(),
+                _ => format!("{:.2}", r.kib_per_watch),
+            };
+            println!(
+                "| {idle} | {name} | {} / {} ms | {} / {} ms | {:.1} µs | {kib} |",
+                ms(r.p50),
+                ms(r.p99),
+                ms(r.fan50),
+                ms(r.fan99),
+                r.cpu_us,
+            );
         }
-        let per = |v: &[f64]| match idle {
-            1 => "-".to_owned(),
-            _ => format!("{:.2}", median(v)),
-        };
+    }
+    println!();
+    println!("raft vs etcd / vs NATS always:");
+    println!();
+    println!("| idle registrations | 1 match p99 | 100 matches p99 | CPU per write | goal |");
+    println!("|---|---|---|---|---|");
+    for (idle, [r, e, n]) in SIZES.iter().zip(&results) {
         println!(
-            "| {idle} | {:.3} / {:.3} ms | {:.3} / {:.3} ms | {:.2}x | {} | {} |",
-            ms(median(&r50)),
-            ms(median(&r99)),
-            ms(median(&e50)),
-            ms(median(&e99)),
-            median(&r99) / median(&e99),
-            per(&rk),
-            per(&ek),
+            "| {idle} | {:.2}× / {:.2}× | {:.2}× / {:.2}× | {:.2}× / {:.2}× | p99 <= 0.5× etcd |",
+            r.p99 / e.p99,
+            r.p99 / n.p99,
+            r.fan99 / e.fan99,
+            r.fan99 / n.fan99,
+            r.cpu_us / e.cpu_us,
+            r.cpu_us / n.cpu_us,
         );
     }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/watch_scale.svg");
+    type Metric = fn(&Row) -> f64;
+    let panels: [(&str, &str, Metric); 4] = [
+        ("put→event p50, 1 match", "ms", |r| r.p50 * 1e3),
+        ("put→last of 100 p50", "ms", |r| r.fan50 * 1e3),
+        ("server CPU per write", "µs", |r| r.cpu_us),
+        ("memory per idle registration", "KiB", |r| r.kib_per_watch),
+    ];
+    let panels: Vec<Panel> = panels
+        .into_iter()
+        .map(|(title, unit, metric)| Panel {
+            title: title.to_owned(),
+            unit: unit.to_owned(),
+            lines: STORES
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let points = SIZES
+                        .iter()
+                        .zip(&results)
+                        // Memory per registration at one registration is noise.
+                        .filter(|(idle, _)| title != "memory per idle registration" || **idle > 1)
+                        .map(|(&idle, row)| (idle as f64, metric(&row[i])))
+                        .collect();
+                    (name.to_string(), points)
+                })
+                .collect(),
+        })
+        .collect();
+    plot::svg(&path, "idle registrations", &panels).unwrap();
+    println!();
+    println!("plot written to {}", path.display());
 }

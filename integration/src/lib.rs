@@ -8,6 +8,7 @@ pub mod bench;
 pub mod etcd;
 pub mod etcd_cluster;
 pub mod nats;
+pub mod plot;
 pub mod proc;
 pub mod proxy;
 pub mod testkit;

@@ -26,7 +26,7 @@ pub struct NatsServer {
     process: Process,
     port: u16,
     /// The store and log (removed after the process, which is dropped first).
-    _dir: TempDir,
+    dir: TempDir,
     extra: Vec<String>,
     /// How the readiness probe connects, for a server serving TLS or asking for
     /// credentials.
@@ -151,7 +151,7 @@ impl NatsServer {
             let mut server = NatsServer {
                 process,
                 port,
-                _dir: dir,
+                dir,
                 extra: extra.clone(),
                 client: client.clone(),
             };
@@ -241,6 +241,11 @@ impl NatsServer {
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// Where JetStream keeps its streams (the server's `-sd`).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("js")
     }
 
     /// A datasync store on this server, bucket `datasync`.

@@ -44,6 +44,13 @@ pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
     ))
 }
 
+/// CPU time process `pid` has used so far, summed over its live threads, in
+/// nanoseconds (`/proc/<pid>/task/*/schedstat`): finer than [`cpu_time_of`]'s clock
+/// ticks, for servers whose threads live as long as they do (Go's, ours).
+pub fn threads_cpu_time_of(pid: u32) -> Option<std::time::Duration> {
+    tasks_cpu_time(&format!("/proc/{pid}/task"))
+}
+
 fn tasks_cpu_time(dir: &str) -> Option<std::time::Duration> {
     let mut ns = 0u64;
     for task in std::fs::read_dir(dir).ok()? {
@@ -51,4 +58,18 @@ fn tasks_cpu_time(dir: &str) -> Option<std::time::Duration> {
         ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(std::time::Duration::from_nanos(ns))
+}
+
+/// Bytes the files under `path` take on disk (allocated blocks, so preallocated but
+/// unwritten space counts, as `du` counts it); 0 for a path that does not exist.
+pub fn disk_usage(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.blocks() * 512;
+    }
+    let entries = std::fs::read_dir(path).into_iter().flatten().flatten();
+    meta.blocks() * 512 + entries.map(|e| disk_usage(&e.path())).sum::<u64>()
 }
