@@ -17,7 +17,9 @@ pub struct Panel {
     pub lines: Vec<(String, Vec<(f64, f64)>)>,
 }
 
-/// Draws `panels` side by side into `path`, sizes (`x_desc`) on a log axis from 0.
+/// Draws `panels` side by side into `path`, sizes (`x_desc`) on a log axis from the
+/// smallest size / 1.5 to the largest × 1.5. Refuses panels with no positive finite
+/// size (plotters would loop on an empty log range).
 pub fn svg(path: &Path, x_desc: &str, panels: &[Panel]) -> Result<(), Box<dyn std::error::Error>> {
     let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
     let root = SVGBackend::new(path, (350 * panels.len() as u32, 380)).into_drawing_area();
@@ -28,7 +30,11 @@ pub fn svg(path: &Path, x_desc: &str, panels: &[Panel]) -> Result<(), Box<dyn st
             .flat_map(|p| &p.lines)
             .flat_map(|l| &l.1)
             .map(|p| p.0)
+            .filter(|x| x.is_finite() && *x > 0.0)
     };
+    if xs().next().is_none() {
+        return Err("nothing to plot: no positive finite size".into());
+    }
     let (x0, x1) = (
         xs().fold(f64::INFINITY, f64::min) / 1.5,
         xs().fold(0.0, f64::max) * 1.5,

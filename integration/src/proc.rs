@@ -44,13 +44,6 @@ pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
     ))
 }
 
-/// CPU time process `pid` has used so far, summed over its live threads, in
-/// nanoseconds (`/proc/<pid>/task/*/schedstat`): finer than [`cpu_time_of`]'s clock
-/// ticks, for servers whose threads live as long as they do (Go's, ours).
-pub fn threads_cpu_time_of(pid: u32) -> Option<std::time::Duration> {
-    tasks_cpu_time(&format!("/proc/{pid}/task"))
-}
-
 fn tasks_cpu_time(dir: &str) -> Option<std::time::Duration> {
     let mut ns = 0u64;
     for task in std::fs::read_dir(dir).ok()? {

@@ -28,10 +28,12 @@
 //!   consumer then delivers the changes from R+1.
 //! - **Previous values** come from a per-registration cache seeded by each resync.
 //! - **Consumers**: every registration holds one consumer on the bucket's stream while
-//!   it runs. nats-server 2.15 refuses a stream's 1001st consumer unless the stream or
-//!   the server says otherwise (`jetstream { limits { default_max_consumers: N } }`);
-//!   past it, `watch` fails with `StoreError::Backend` ("maximum consumers limit
-//!   reached"). The `watch_scale` bench raises it to hold 10,000 registrations.
+//!   it runs, and so does a `list`, a read at a past revision or a prefix delete while
+//!   it reads (a released consumer is deleted in the background). nats-server 2.15
+//!   refuses a stream's 1001st consumer unless the stream or the server says otherwise
+//!   (`jetstream { limits { default_max_consumers: N } }`); past it, `watch` and those
+//!   reads fail with `StoreError::Backend` ("maximum consumers limit reached"). The
+//!   `watch_scale` bench raises it to hold 10,000 registrations.
 //! - **Continuity**: a lost message, a silent or ended consumer, a reconnect: a new
 //!   resync (see `watch`).
 //! - **TTL** is NATS's per-message TTL, rounded up to whole seconds (never to zero). The

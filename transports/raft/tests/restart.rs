@@ -250,3 +250,30 @@ async fn a_watch_asked_for_a_prefix_or_a_resync_after_shutdown_ends_instead_of_s
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_returns_once_the_snapshot_is_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    for i in 0..50 {
+        s.put(&key(&format!("k/{i}")), "v".into(), PutOptions::new())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.snapshot_index(),
+        None,
+        "the first comes after 20,000 entries"
+    );
+    s.snapshot().await.unwrap();
+    let first = s.snapshot_index().expect("built when `snapshot` returns");
+    s.put(&key("k/last"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    s.snapshot().await.unwrap();
+    assert!(
+        s.snapshot_index().unwrap() > first,
+        "a second snapshot covers the later write"
+    );
+    s.shutdown().await;
+}

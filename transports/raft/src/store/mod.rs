@@ -577,14 +577,50 @@ impl RaftStore {
         self.inner.sm.lock().hub.active()
     }
 
-    /// Builds a snapshot now and compacts the log behind it.
+    /// The log index this member's latest snapshot covers (`None`: no snapshot yet).
+    pub fn snapshot_index(&self) -> Option<u64> {
+        self.inner.raft.metrics().borrow().snapshot.map(|l| l.index)
+    }
+
+    /// Builds a snapshot of everything applied so far and compacts the log behind it;
+    /// returns once the snapshot is built (the log's purge follows in the background).
+    ///
+    /// # Cancel safety
+    /// Dropped before it returns, the snapshot is built all the same.
     pub async fn snapshot(&self) -> Result<(), StoreError> {
-        self.inner
-            .raft
-            .trigger()
-            .snapshot()
-            .await
-            .map_err(|_| StoreError::Stopped)
+        let raft = &self.inner.raft;
+        // The state machine's own index covers every write answered before this call;
+        // the metrics may not show the last of them yet, but do show a replay at open.
+        let sm = self
+            .inner
+            .sm
+            .applied_index
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let metrics = raft.metrics().borrow().last_applied.map(|l| l.index);
+        let applied = metrics.max((sm > 0).then_some(sm));
+        loop {
+            // Ignored while a snapshot is being built: one that started before this
+            // call may end short of `applied`, so the trigger is repeated until one
+            // covers it.
+            raft.trigger()
+                .snapshot()
+                .await
+                .map_err(|_| StoreError::Stopped)?;
+            let built = raft
+                .wait(Some(Duration::from_secs(1)))
+                .metrics(
+                    |m| m.snapshot.map(|l| l.index) >= applied,
+                    "the snapshot is built",
+                )
+                .await;
+            match built {
+                Ok(_) => return Ok(()),
+                Err(openraft::metrics::WaitError::Timeout(..)) => continue,
+                Err(openraft::metrics::WaitError::ShuttingDown) => {
+                    return Err(StoreError::Stopped);
+                }
+            }
+        }
     }
 
     /// Stops the node; persisted state is kept for the next [`open`](Self::open).

@@ -593,6 +593,11 @@ pub(super) fn apply_batch(
     let history_cut = (revision + 1)
         .saturating_sub(shared.history_len as u64)
         .max(compacted.unwrap_or(inner.compacted));
+    if let Some(a) = applied {
+        shared
+            .applied_index
+            .fetch_max(a.index, std::sync::atomic::Ordering::Relaxed);
+    }
     let work = Work {
         history: txns.clone(),
         history_cut,

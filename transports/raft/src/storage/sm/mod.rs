@@ -323,6 +323,9 @@ pub(crate) struct Shared {
     /// `Inner::revision`, readable without the lock (which a snapshot install holds
     /// for as long as it writes): for health checks and metrics.
     pub(crate) revision_now: std::sync::atomic::AtomicU64,
+    /// The log index of the last entry applied (or installed) since open, 0 before
+    /// any: set before its callers are answered, where openraft's metrics may lag.
+    pub(crate) applied_index: std::sync::atomic::AtomicU64,
     /// Set once [`close`](Self::close) ran.
     closed: std::sync::atomic::AtomicBool,
 }
@@ -395,6 +398,7 @@ impl Shared {
             behind_at_open: std::sync::atomic::AtomicU64::new(0),
             metrics,
             revision_now: std::sync::atomic::AtomicU64::new(revision),
+            applied_index: std::sync::atomic::AtomicU64::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
         }))
     }

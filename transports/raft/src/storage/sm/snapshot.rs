@@ -235,6 +235,11 @@ pub(super) fn install(
     shared
         .installed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(l) = meta.last_log_id {
+        shared
+            .applied_index
+            .fetch_max(l.index, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(())
 }
 
