@@ -28,7 +28,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use datasync::{Event, Prefix, ReadOptions, WatchOptions, Watcher, Writer};
-use datasync_integration::bench::{etcd_inflight, median, store_inflight};
+use datasync_integration::bench::{etcd_inflight, from_line, medians, store_inflight, to_line};
 use datasync_integration::plot::{self, Panel};
 use datasync_integration::{EtcdServer, NatsServer, proc};
 use datasync_raft::{RaftConfig, RaftStore};
@@ -52,8 +52,8 @@ struct Figures {
 }
 
 impl Figures {
-    fn to_line(self) -> String {
-        let f = [
+    fn to_array(self) -> [f64; 8] {
+        [
             self.load,
             self.first,
             self.done,
@@ -62,39 +62,35 @@ impl Figures {
             self.rss_peak,
             self.disk_load,
             self.disk_compacted,
-        ];
-        f.map(|x| x.to_string()).join(" ")
+        ]
     }
 
-    fn from_line(line: &str) -> Figures {
-        let f: Vec<f64> = line
-            .split_whitespace()
-            .map(|w| w.parse().unwrap())
-            .collect();
+    fn from_array(f: [f64; 8]) -> Figures {
+        let [
+            load,
+            first,
+            done,
+            list,
+            rss_load,
+            rss_peak,
+            disk_load,
+            disk_compacted,
+        ] = f;
         Figures {
-            load: f[0],
-            first: f[1],
-            done: f[2],
-            list: f[3],
-            rss_load: f[4],
-            rss_peak: f[5],
-            disk_load: f[6],
-            disk_compacted: f[7],
+            load,
+            first,
+            done,
+            list,
+            rss_load,
+            rss_peak,
+            disk_load,
+            disk_compacted,
         }
     }
 
     fn median(runs: &[Figures]) -> Figures {
-        let m = |f: fn(&Figures) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
-        Figures {
-            load: m(|f| f.load),
-            first: m(|f| f.first),
-            done: m(|f| f.done),
-            list: m(|f| f.list),
-            rss_load: m(|f| f.rss_load),
-            rss_peak: m(|f| f.rss_peak),
-            disk_load: m(|f| f.disk_load),
-            disk_compacted: m(|f| f.disk_compacted),
-        }
+        let runs: Vec<[f64; 8]> = runs.iter().map(|f| f.to_array()).collect();
+        Figures::from_array(medians(&runs))
     }
 }
 
@@ -189,7 +185,7 @@ async fn raft_child(n: usize) {
         disk_load,
         disk_compacted,
     };
-    println!("{}", f.to_line());
+    println!("{}", to_line(f.to_array()));
 }
 
 /// With `BENCH_DISK_DETAIL` set: the bytes under each file of `dir`, on stderr.
@@ -218,7 +214,7 @@ fn raft_in_child(n: usize) -> Figures {
         .output()
         .unwrap();
     assert!(out.status.success(), "the raft child failed (stderr above)");
-    Figures::from_line(String::from_utf8(out.stdout).unwrap().trim())
+    Figures::from_array(from_line(String::from_utf8(out.stdout).unwrap().trim()))
 }
 
 async fn etcd(n: usize) -> Figures {

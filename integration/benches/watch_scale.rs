@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use datasync::{Event, Key, Prefix, PutOptions, Value, WatchOptions, Watcher, Writer};
 use datasync_integration::bench::{
-    etcd_seq, etcd_watch, median, quantile, store_seq, store_watch, value,
+    etcd_seq, etcd_watch, from_line, medians, quantile, store_seq, store_watch, to_line, value,
 };
 use datasync_integration::plot::{self, Panel};
 use datasync_integration::{EtcdServer, NatsServer, proc};
@@ -66,7 +66,7 @@ struct Row {
 }
 
 impl Row {
-    fn to_line(self) -> String {
+    fn to_array(self) -> [f64; 7] {
         [
             self.p50,
             self.p99,
@@ -76,37 +76,24 @@ impl Row {
             self.idle_pct,
             self.kib_per_watch,
         ]
-        .map(|x| x.to_string())
-        .join(" ")
     }
 
-    fn from_line(line: &str) -> Row {
-        let f: Vec<f64> = line
-            .split_whitespace()
-            .map(|w| w.parse().unwrap())
-            .collect();
+    fn from_array(f: [f64; 7]) -> Row {
+        let [p50, p99, fan50, fan99, cpu_us, idle_pct, kib_per_watch] = f;
         Row {
-            p50: f[0],
-            p99: f[1],
-            fan50: f[2],
-            fan99: f[3],
-            cpu_us: f[4],
-            idle_pct: f[5],
-            kib_per_watch: f[6],
+            p50,
+            p99,
+            fan50,
+            fan99,
+            cpu_us,
+            idle_pct,
+            kib_per_watch,
         }
     }
 
     fn median(runs: &[Row]) -> Row {
-        let m = |f: fn(&Row) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
-        Row {
-            p50: m(|r| r.p50),
-            p99: m(|r| r.p99),
-            fan50: m(|r| r.fan50),
-            fan99: m(|r| r.fan99),
-            cpu_us: m(|r| r.cpu_us),
-            idle_pct: m(|r| r.idle_pct),
-            kib_per_watch: m(|r| r.kib_per_watch),
-        }
+        let runs: Vec<[f64; 7]> = runs.iter().map(|r| r.to_array()).collect();
+        Row::from_array(medians(&runs))
     }
 }
 
@@ -256,7 +243,7 @@ async fn raft_child(idle: usize) {
     let store = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
     let r = datasync_row(&store, idle, std::process::id()).await;
     store.shutdown().await;
-    println!("{}", r.to_line());
+    println!("{}", to_line(r.to_array()));
 }
 
 fn raft_row_in_child(idle: usize) -> Row {
@@ -269,7 +256,7 @@ fn raft_row_in_child(idle: usize) -> Row {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Row::from_line(String::from_utf8(out.stdout).unwrap().trim())
+    Row::from_array(from_line(String::from_utf8(out.stdout).unwrap().trim()))
 }
 
 async fn nats_row(idle: usize) -> Row {

@@ -19,6 +19,25 @@ pub fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Figures as one line of numbers (a child process's answer to the bench).
+pub fn to_line<const N: usize>(f: [f64; N]) -> String {
+    f.map(|x| x.to_string()).join(" ")
+}
+
+/// A line of [`to_line`] back into its figures.
+pub fn from_line<const N: usize>(line: &str) -> [f64; N] {
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .map(|w| w.parse().expect("a child's figure"))
+        .collect();
+    v.try_into().expect("a child's figures, all of them")
+}
+
+/// The median of each figure over the runs.
+pub fn medians<const N: usize>(runs: &[[f64; N]]) -> [f64; N] {
+    std::array::from_fn(|i| median(&runs.iter().map(|r| r[i]).collect::<Vec<_>>()))
+}
+
 /// The `q` quantile.
 pub fn quantile(mut v: Vec<Duration>, q: f64) -> Duration {
     v.sort();

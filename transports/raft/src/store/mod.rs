@@ -586,7 +586,7 @@ impl RaftStore {
     /// returns once the snapshot is built (the log's purge follows in the background).
     ///
     /// # Cancel safety
-    /// Dropped before it returns, the snapshot is built all the same.
+    /// Dropped before it returns, a build may be under way; nothing more is promised.
     pub async fn snapshot(&self) -> Result<(), StoreError> {
         let raft = &self.inner.raft;
         // The state machine's own index covers every write answered before this call;
@@ -598,10 +598,13 @@ impl RaftStore {
             .load(std::sync::atomic::Ordering::Relaxed);
         let metrics = raft.metrics().borrow().last_applied.map(|l| l.index);
         let applied = metrics.max((sm > 0).then_some(sm));
+        let index =
+            |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| m.snapshot.map(|l| l.index);
         loop {
+            let seen = index(&raft.metrics().borrow());
             // Ignored while a snapshot is being built: one that started before this
-            // call may end short of `applied`, so the trigger is repeated until one
-            // covers it.
+            // call may end short of `applied`, so the trigger is repeated, as soon as
+            // a build ends or every second, until one covers it.
             raft.trigger()
                 .snapshot()
                 .await
@@ -609,13 +612,13 @@ impl RaftStore {
             let built = raft
                 .wait(Some(Duration::from_secs(1)))
                 .metrics(
-                    |m| m.snapshot.map(|l| l.index) >= applied,
-                    "the snapshot is built",
+                    |m| index(m) >= applied || index(m) != seen,
+                    "a snapshot is built",
                 )
                 .await;
             match built {
-                Ok(_) => return Ok(()),
-                Err(openraft::metrics::WaitError::Timeout(..)) => continue,
+                Ok(m) if index(&m) >= applied => return Ok(()),
+                Ok(_) | Err(openraft::metrics::WaitError::Timeout(..)) => continue,
                 Err(openraft::metrics::WaitError::ShuttingDown) => {
                     return Err(StoreError::Stopped);
                 }
