@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use datasync::{Event, Prefix, ReadOptions, WatchOptions, Watcher, Writer};
 use datasync_integration::bench::{etcd_inflight, from_line, medians, store_inflight, to_line};
-use datasync_integration::plot::{self, Panel};
+use datasync_integration::plot::{self, Metric};
 use datasync_integration::{EtcdServer, NatsServer, proc};
 use datasync_raft::{RaftConfig, RaftStore};
 use futures_util::StreamExt;
@@ -425,8 +425,7 @@ fn map_join(sizes: &[usize], f: impl Fn(usize) -> String) -> String {
 
 /// The per-key curves, one line per store: load and resync time, disk and memory.
 fn plot(path: &Path, sizes: &[usize], results: &[[Figures; 4]]) {
-    type Metric = fn(&Figures, f64) -> f64;
-    let panels: [(&str, &str, Metric); 4] = [
+    let specs: [(&str, &str, Metric<Figures>); 4] = [
         ("load at 64 in flight", "µs per key", |f, n| {
             f.load / n * 1e6
         }),
@@ -438,24 +437,6 @@ fn plot(path: &Path, sizes: &[usize], results: &[[Figures; 4]]) {
             f.rss_peak * 1024.0 / n
         }),
     ];
-    let panels: Vec<Panel> = panels
-        .into_iter()
-        .map(|(title, unit, metric)| Panel {
-            title: title.to_owned(),
-            unit: unit.to_owned(),
-            lines: STORES
-                .iter()
-                .enumerate()
-                .map(|(i, name)| {
-                    let points = sizes
-                        .iter()
-                        .zip(results)
-                        .map(|(&n, row)| (n as f64, metric(&row[i], n as f64)))
-                        .collect();
-                    (name.to_string(), points)
-                })
-                .collect(),
-        })
-        .collect();
+    let panels = plot::per_store(&specs, &STORES, sizes, results);
     plot::svg(path, "keys", &panels).unwrap();
 }

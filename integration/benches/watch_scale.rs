@@ -38,7 +38,7 @@ use datasync::{Event, Key, Prefix, PutOptions, Value, WatchOptions, Watcher, Wri
 use datasync_integration::bench::{
     etcd_seq, etcd_watch, from_line, medians, quantile, store_seq, store_watch, to_line, value,
 };
-use datasync_integration::plot::{self, Panel};
+use datasync_integration::plot::{self, Metric};
 use datasync_integration::{EtcdServer, NatsServer, proc};
 use datasync_raft::{RaftConfig, RaftStore};
 use futures_util::StreamExt;
@@ -421,34 +421,19 @@ async fn bench(runs: usize) {
         true => Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/watch_scale.svg"),
         false => std::env::temp_dir().join("watch_scale.svg"),
     };
-    type Metric = fn(&Row) -> f64;
-    let panels: [(&str, &str, Metric); 4] = [
-        ("put→event p50, 1 match", "ms", |r| r.p50 * 1e3),
-        ("put→last of 100 p50", "ms", |r| r.fan50 * 1e3),
-        ("server CPU per write", "µs", |r| r.cpu_us),
-        ("memory per idle registration", "KiB", |r| r.kib_per_watch),
+    let specs: [(&str, &str, Metric<Row>); 4] = [
+        ("put→event p50, 1 match", "ms", |r, _| r.p50 * 1e3),
+        ("put→last of 100 p50", "ms", |r, _| r.fan50 * 1e3),
+        ("server CPU per write", "µs", |r, _| r.cpu_us),
+        // Memory per registration at one registration is noise.
+        ("memory per idle registration", "KiB", |r, n| {
+            match n > 1.0 {
+                true => r.kib_per_watch,
+                false => f64::NAN,
+            }
+        }),
     ];
-    let panels: Vec<Panel> = panels
-        .into_iter()
-        .map(|(title, unit, metric)| Panel {
-            title: title.to_owned(),
-            unit: unit.to_owned(),
-            lines: STORES
-                .iter()
-                .enumerate()
-                .map(|(i, name)| {
-                    let points = SIZES
-                        .iter()
-                        .zip(&results)
-                        // Memory per registration at one registration is noise.
-                        .filter(|(idle, _)| title != "memory per idle registration" || **idle > 1)
-                        .map(|(&idle, row)| (idle as f64, metric(&row[i])))
-                        .collect();
-                    (name.to_string(), points)
-                })
-                .collect(),
-        })
-        .collect();
+    let panels = plot::per_store(&specs, &STORES, &SIZES, &results);
     plot::svg(&path, "idle registrations", &panels).unwrap();
     println!();
     println!("plot written to {}", path.display());

@@ -17,6 +17,39 @@ pub struct Panel {
     pub lines: Vec<(String, Vec<(f64, f64)>)>,
 }
 
+/// A figure of one store at one size, for [`per_store`]: `(figures, size)` to a value
+/// (NaN: no point).
+pub type Metric<R> = fn(&R, f64) -> f64;
+
+/// One panel per `(title, unit, metric)`, one line per store: `rows[i][j]` holds store
+/// `j`'s figures at `sizes[i]`.
+pub fn per_store<R, A: AsRef<[R]>>(
+    specs: &[(&str, &str, Metric<R>)],
+    stores: &[&str],
+    sizes: &[usize],
+    rows: &[A],
+) -> Vec<Panel> {
+    specs
+        .iter()
+        .map(|&(title, unit, metric)| Panel {
+            title: title.to_owned(),
+            unit: unit.to_owned(),
+            lines: stores
+                .iter()
+                .enumerate()
+                .map(|(j, store)| {
+                    let points = sizes
+                        .iter()
+                        .zip(rows)
+                        .map(|(&n, row)| (n as f64, metric(&row.as_ref()[j], n as f64)))
+                        .collect();
+                    (store.to_string(), points)
+                })
+                .collect(),
+        })
+        .collect()
+}
+
 /// Draws `panels` side by side into `path`, sizes (`x_desc`) on a log axis from the
 /// smallest size / 1.5 to the largest × 1.5. Refuses panels with no positive finite
 /// size (plotters would loop on an empty log range).
