@@ -22,15 +22,20 @@
 //!   after a compaction (raft: history compacted to the current revision and a snapshot
 //!   that purges the log; etcd: compact and defragment; NATS keeps one message per key
 //!   and has nothing to compact), each once they have not changed for 2 s.
-#![allow(clippy::unwrap_used)] // a benchmark: failing loudly is the point
+#![allow(clippy::unwrap_used)]
+// a benchmark: failing loudly is the point
+// Each store's figures are filled in as they are measured, one step after another.
+#![allow(clippy::field_reassign_with_default)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use datasync::{Event, Prefix, ReadOptions, WatchOptions, Watcher, Writer};
-use datasync_integration::bench::{etcd_inflight, from_line, medians, store_inflight, to_line};
+use datasync_integration::bench::{
+    child_figures, etcd_inflight, medians, nats_server, store_inflight, to_line,
+};
 use datasync_integration::plot::{self, Metric};
-use datasync_integration::{EtcdServer, NatsServer, proc};
+use datasync_integration::{EtcdServer, proc};
 use datasync_raft::{RaftConfig, RaftStore};
 use futures_util::StreamExt;
 
@@ -146,12 +151,8 @@ async fn settled_disk(dir: &Path) -> f64 {
     last as f64
 }
 
-fn kib(pid: u32, peak: bool) -> f64 {
-    let v = match peak {
-        true => proc::peak_rss_kib(pid),
-        false => proc::rss_kib(pid),
-    };
-    v.unwrap() as f64
+fn peak_kib(pid: u32) -> f64 {
+    proc::peak_rss_kib(pid).unwrap() as f64
 }
 
 /// Child mode: the raft store's figures for `n` keys, in this fresh process.
@@ -159,32 +160,23 @@ async fn raft_child(n: usize) {
     let dir = tempfile::tempdir().unwrap();
     let me = std::process::id();
     let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
-    let load = n as f64 / store_inflight(&s, "k", n).await;
-    let rss_load = kib(me, true);
-    let disk_load = settled_disk(dir.path()).await;
+    let mut f = Figures::default();
+    f.load = n as f64 / store_inflight(&s, "k", n).await;
+    f.rss_load = peak_kib(me);
+    f.disk_load = settled_disk(dir.path()).await;
     if std::env::var_os("BENCH_DISK_DETAIL").is_some() {
         detail("raft after load", dir.path());
     }
-    let (first, done) = resync(&s, n).await;
-    let list = list(&s, n).await;
-    let rss_peak = kib(me, true);
+    (f.first, f.done) = resync(&s, n).await;
+    f.list = list(&s, n).await;
+    f.rss_peak = peak_kib(me);
     s.compact(s.revision()).await.unwrap();
     s.snapshot().await.unwrap();
-    let disk_compacted = settled_disk(dir.path()).await;
+    f.disk_compacted = settled_disk(dir.path()).await;
     if std::env::var_os("BENCH_DISK_DETAIL").is_some() {
         detail("raft after compaction", dir.path());
     }
     s.shutdown().await;
-    let f = Figures {
-        load,
-        first,
-        done,
-        list,
-        rss_load,
-        rss_peak,
-        disk_load,
-        disk_compacted,
-    };
     println!("{}", to_line(f.to_array()));
 }
 
@@ -208,24 +200,19 @@ fn detail(what: &str, dir: &Path) {
 }
 
 fn raft_in_child(n: usize) -> Figures {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--raft-child", &n.to_string()])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "the raft child failed (stderr above)");
-    Figures::from_array(from_line(String::from_utf8(out.stdout).unwrap().trim()))
+    Figures::from_array(child_figures(&["--raft-child", &n.to_string()]))
 }
 
 async fn etcd(n: usize) -> Figures {
     let etcd = EtcdServer::start().await.unwrap_or_else(|e| panic!("{e}"));
     let mut client = etcd.client().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let load = n as f64 / etcd_inflight(&client, "k", n).await;
-    let rss_load = kib(etcd.pid(), true);
-    let disk_load = settled_disk(&etcd.data_dir()).await;
+    let mut f = Figures::default();
+    f.load = n as f64 / etcd_inflight(&client, "k", n).await;
+    f.rss_load = peak_kib(etcd.pid());
+    f.disk_load = settled_disk(&etcd.data_dir()).await;
     let store = etcd.store().await.unwrap();
-    let (first, done) = resync(&store, n).await;
+    (f.first, f.done) = resync(&store, n).await;
     drop(store);
     let mut kv = client.kv_client().max_decoding_message_size(1 << 30);
     let t = Instant::now();
@@ -234,10 +221,10 @@ async fn etcd(n: usize) -> Figures {
         .await
         .unwrap();
     assert_eq!(g.kvs().len(), n);
-    let list = t.elapsed().as_secs_f64();
+    f.list = t.elapsed().as_secs_f64();
     let rev = g.header().unwrap().revision();
     drop(g);
-    let rss_peak = kib(etcd.pid(), true);
+    f.rss_peak = peak_kib(etcd.pid());
     client
         .compact(
             rev,
@@ -246,47 +233,26 @@ async fn etcd(n: usize) -> Figures {
         .await
         .unwrap();
     client.defragment().await.unwrap();
-    let disk_compacted = settled_disk(&etcd.data_dir()).await;
-    Figures {
-        load,
-        first,
-        done,
-        list,
-        rss_load,
-        rss_peak,
-        disk_load,
-        disk_compacted,
-    }
+    f.disk_compacted = settled_disk(&etcd.data_dir()).await;
+    f
 }
 
 /// NATS with `sync_interval: always`, or as it comes.
 async fn nats(n: usize, always: bool) -> Figures {
-    let conf = tempfile::tempdir().unwrap();
-    let server = if always {
-        let path = conf.path().join("nats-always.conf");
-        std::fs::write(&path, "jetstream { sync_interval: always }\n").unwrap();
-        NatsServer::start_with(&["-c", &path.display().to_string()]).await
-    } else {
-        NatsServer::start().await
-    }
-    .unwrap_or_else(|e| panic!("{e}"));
+    let server = nats_server(always).await;
     let s = server.store().await.unwrap();
-    let load = n as f64 / store_inflight(&s, "k", n).await;
-    let rss_load = kib(server.pid(), true);
-    let disk_load = settled_disk(&server.store_dir()).await;
-    let (first, done) = resync(&s, n).await;
-    let list = list(&s, n).await;
-    let rss_peak = kib(server.pid(), true);
-    Figures {
-        load,
-        first,
-        done,
-        list,
-        rss_load,
-        rss_peak,
-        disk_load,
+    let mut f = Figures {
+        // Nothing to compact.
         disk_compacted: f64::NAN,
-    }
+        ..Figures::default()
+    };
+    f.load = n as f64 / store_inflight(&s, "k", n).await;
+    f.rss_load = peak_kib(server.pid());
+    f.disk_load = settled_disk(&server.store_dir()).await;
+    (f.first, f.done) = resync(&s, n).await;
+    f.list = list(&s, n).await;
+    f.rss_peak = peak_kib(server.pid());
+    f
 }
 
 fn main() {

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use datasync::{Prefix, ReadOptions, Writer};
 use datasync_integration::bench::{
-    etcd_inflight, etcd_seq, etcd_watch, median, quantile, store_inflight as raft_inflight,
-    store_seq, store_watch,
+    child_figures, etcd_inflight, etcd_seq, etcd_watch, median, nats_server, quantile,
+    store_inflight as raft_inflight, store_seq, store_watch,
 };
-use datasync_integration::{EtcdServer, NatsServer, proc};
+use datasync_integration::{EtcdServer, proc};
 use datasync_nats::NatsStore;
 use datasync_raft::{RaftConfig, RaftStore};
 
@@ -63,20 +63,6 @@ fn disk_floor(dir: &std::path::Path, n: usize) -> (Duration, Option<Duration>) {
             quantile(times, 0.5)
         });
     (quantile(synced, 0.5), direct)
-}
-
-/// A NATS server with JetStream syncing every write to disk (`sync_interval: always`:
-/// durable as raft and etcd are), or as NATS comes (no configuration: synced every two
-/// minutes).
-async fn nats(always: bool, dir: &std::path::Path) -> NatsServer {
-    let started = if always {
-        let conf = dir.join("nats-always.conf");
-        std::fs::write(&conf, "jetstream { sync_interval: always }\n").unwrap();
-        NatsServer::start_with(&["-c", &conf.display().to_string()]).await
-    } else {
-        NatsServer::start().await
-    };
-    started.unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Reads `prefix`'s `PREFIX_N` keys through the datasync API; seconds.
@@ -146,11 +132,7 @@ async fn bench(runs: usize) {
     let (mut ri, mut ei) = (vec![], vec![]);
     let (mut rw, mut ew) = (vec![], vec![]);
     let (mut floor_sync, mut floor_direct) = (vec![], vec![]);
-    let conf = tempfile::tempdir().unwrap();
-    let (always, default) = (
-        nats(true, conf.path()).await,
-        nats(false, conf.path()).await,
-    );
+    let (always, default) = (nats_server(true).await, nats_server(false).await);
     let (sa, sd) = (
         always.store().await.unwrap(),
         default.store().await.unwrap(),
@@ -219,16 +201,8 @@ async fn bench(runs: usize) {
         proc::peak_rss_kib(fresh.pid()).unwrap() as f64 / 1024.0
     };
     let rss_dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .arg("--raft-rss")
-        .arg(rss_dir.path())
-        .output()
-        .unwrap();
-    let raft_rss = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse::<f64>()
-        .unwrap()
-        / 1024.0;
+    let [raft_rss] = child_figures(&["--raft-rss", &rss_dir.path().display().to_string()]);
+    let raft_rss = raft_rss / 1024.0;
 
     let ms = |s: f64| format!("{:.3} ms", s * 1e3);
     let us = |d: Duration| format!("{} µs", d.as_micros());
@@ -325,7 +299,7 @@ async fn bench(runs: usize) {
 
     // NATS: a fresh default server for its RSS, as for the others.
     let nats_rss = {
-        let fresh = nats(false, conf.path()).await;
+        let fresh = nats_server(false).await;
         let s = fresh.store().await.unwrap();
         raft_inflight(&s, "rss", PREFIX_N).await;
         read_all(&s, "rss/").await;

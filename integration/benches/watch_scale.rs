@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use datasync::{Event, Key, Prefix, PutOptions, Value, WatchOptions, Watcher, Writer};
 use datasync_integration::bench::{
-    etcd_seq, etcd_watch, from_line, medians, quantile, store_seq, store_watch, to_line, value,
+    child_figures, etcd_seq, etcd_watch, medians, quantile, store_seq, store_watch, to_line, value,
 };
 use datasync_integration::plot::{self, Metric};
 use datasync_integration::{EtcdServer, NatsServer, proc};
@@ -247,27 +247,14 @@ async fn raft_child(idle: usize) {
 }
 
 fn raft_row_in_child(idle: usize) -> Row {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--raft-child", &idle.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Row::from_array(from_line(String::from_utf8(out.stdout).unwrap().trim()))
+    Row::from_array(child_figures(&["--raft-child", &idle.to_string()]))
 }
 
 async fn nats_row(idle: usize) -> Row {
-    let conf = tempfile::tempdir().unwrap();
-    let path = conf.path().join("nats-always.conf");
     // nats-server 2.15 refuses a stream's 1001st consumer unless told otherwise, and
     // every registration is a consumer.
-    let conf_text =
-        "jetstream { sync_interval: always, limits { default_max_consumers: 20000 } }\n";
-    std::fs::write(&path, conf_text).unwrap();
-    let server = NatsServer::start_with(&["-c", &path.display().to_string()])
+    let settings = "sync_interval: always, limits { default_max_consumers: 20000 }";
+    let server = NatsServer::start_with_jetstream(settings)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let s = server.store().await.unwrap();

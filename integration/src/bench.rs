@@ -19,6 +19,33 @@ pub fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// A NATS server with JetStream syncing every write to disk (`sync_interval: always`:
+/// durable as raft and etcd are), or as NATS comes (no configuration: synced every two
+/// minutes).
+pub async fn nats_server(always: bool) -> crate::NatsServer {
+    let started = match always {
+        true => crate::NatsServer::start_with_jetstream("sync_interval: always").await,
+        false => crate::NatsServer::start().await,
+    };
+    started.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs this bench's binary again with `args` (a child mode measuring in a fresh
+/// process, its stderr passed through) and returns the figures it prints.
+pub fn child_figures<const N: usize>(args: &[&str]) -> [f64; N] {
+    let exe = std::env::current_exe().expect("the bench's own binary");
+    let out = std::process::Command::new(exe)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("the bench's child process");
+    assert!(
+        out.status.success(),
+        "the child {args:?} failed (stderr above)"
+    );
+    from_line(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// Figures as one line of numbers (a child process's answer to the bench).
 pub fn to_line<const N: usize>(f: [f64; N]) -> String {
     f.map(|x| x.to_string()).join(" ")

@@ -105,6 +105,12 @@ impl NatsServer {
         Self::start_on(None, extra).await
     }
 
+    /// Like [`start`](Self::start), with these JetStream settings (the body of a
+    /// `jetstream { }` block, e.g. `sync_interval: always`) in a config file of its own.
+    pub async fn start_with_jetstream(settings: &str) -> Result<NatsServer, HarnessError> {
+        Self::launch(None, &[], ClientAuth::default(), Some(settings)).await
+    }
+
     /// Starts nats-server serving clients over TLS only, with the PEM files `cert` and
     /// `key`; `ca` is the CA that signed `cert`.
     pub async fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Result<NatsServer, HarnessError> {
@@ -114,7 +120,7 @@ impl NatsServer {
             roots: Some(ca.to_owned()),
             ..ClientAuth::default()
         };
-        Self::launch(None, &args, client).await
+        Self::launch(None, &args, client, None).await
     }
 
     /// Starts nats-server with `extra` arguments that secure it (TLS, client
@@ -123,18 +129,19 @@ impl NatsServer {
         extra: &[&str],
         client: ClientAuth,
     ) -> Result<NatsServer, HarnessError> {
-        Self::launch(None, extra, client).await
+        Self::launch(None, extra, client, None).await
     }
 
     /// Like [`start_with`](Self::start_with), on `port` if given.
     pub async fn start_on(port: Option<u16>, extra: &[&str]) -> Result<NatsServer, HarnessError> {
-        Self::launch(port, extra, ClientAuth::default()).await
+        Self::launch(port, extra, ClientAuth::default(), None).await
     }
 
     async fn launch(
         port: Option<u16>,
         extra: &[&str],
         client: ClientAuth,
+        jetstream: Option<&str>,
     ) -> Result<NatsServer, HarnessError> {
         let binary = nats_binary()?;
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -146,13 +153,20 @@ impl NatsServer {
                 None => free_port().map_err(io)?,
             };
             let log = dir.path().join("nats.log");
+            let mut extra = extra.clone();
+            if let Some(settings) = jetstream {
+                // In the server's dir, so a restart reads it again.
+                let conf = dir.path().join("nats.conf");
+                std::fs::write(&conf, format!("jetstream {{ {settings} }}\n")).map_err(io)?;
+                extra.extend(["-c".to_owned(), conf.display().to_string()]);
+            }
             let command = command(&binary, dir.path(), port, &extra);
             let process = Process::spawn("nats-server", Some(log), command).map_err(io)?;
             let mut server = NatsServer {
                 process,
                 port,
                 dir,
-                extra: extra.clone(),
+                extra,
                 client: client.clone(),
             };
             server.wait_ready().await?;

@@ -95,8 +95,8 @@ pub fn svg(path: &Path, x_desc: &str, panels: &[Panel]) -> Result<(), Box<dyn st
             .x_label_formatter(&|x| format!("{x:.0}"))
             .draw()?;
         for ((name, line), color) in panel.lines.iter().zip(colors.iter().cycle()) {
-            let (line, color) = (line.clone(), *color);
-            let line: Vec<(f64, f64)> = line.into_iter().filter(|p| p.1.is_finite()).collect();
+            let color = *color;
+            let line: Vec<(f64, f64)> = line.iter().copied().filter(|p| p.1.is_finite()).collect();
             chart
                 .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))?
                 .label(name)

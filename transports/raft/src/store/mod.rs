@@ -598,10 +598,11 @@ impl RaftStore {
             .load(std::sync::atomic::Ordering::Relaxed);
         let metrics = raft.metrics().borrow().last_applied.map(|l| l.index);
         let applied = metrics.max((sm > 0).then_some(sm));
-        let index =
-            |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| m.snapshot.map(|l| l.index);
+        let index = |m: &openraft::RaftMetrics<crate::types::NodeId, openraft::BasicNode>| {
+            m.snapshot.map(|l| l.index)
+        };
         loop {
-            let seen = index(&raft.metrics().borrow());
+            let seen = self.snapshot_index();
             // Ignored while a snapshot is being built: one that started before this
             // call may end short of `applied`, so the trigger is repeated, as soon as
             // a build ends or every second, until one covers it.
