@@ -1,11 +1,10 @@
 //! openraft type configuration and the replicated commands. openraft types stay behind
 //! this module (and `storage`), so a move to openraft 0.10 stays local.
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 pub use crate::rt::{Rng, Runtime};
+pub use crate::storage::sm::SnapshotData;
 
 /// Set in a lease word (of a command and of a stored record): the other bits are a TTL
 /// in milliseconds. Without it the word is an absolute Unix-ms deadline, as older stores
@@ -22,7 +21,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = SnapshotData,
         AsyncRuntime = crate::rt::Runtime,
 );
 

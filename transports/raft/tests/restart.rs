@@ -277,3 +277,99 @@ async fn snapshot_returns_once_the_snapshot_is_built() {
     );
     s.shutdown().await;
 }
+
+/// Bytes allocated to the file `path`, or to the files under it.
+fn disk(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    if !m.is_dir() {
+        return m.blocks() * 512;
+    }
+    std::fs::read_dir(path)
+        .unwrap()
+        .map(|e| disk(&e.unwrap().path()))
+        .sum()
+}
+
+/// Puts `n` keys of `size` bytes, 64 at a time.
+async fn load(s: &RaftStore, n: usize, size: usize) {
+    let value = Value::from(vec![7u8; size]);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+        let keys: Vec<Key> = chunk.iter().map(|i| key(&format!("k/{i:06}"))).collect();
+        let puts = keys
+            .iter()
+            .map(|k| s.put(k, value.clone(), PutOptions::new()));
+        for r in futures_util::future::join_all(puts).await {
+            r.unwrap();
+        }
+    }
+}
+
+/// A snapshot is the state machine's tables, not a copy of them: building one does not
+/// grow the data file by the state's size (a store that kept a copy in its database
+/// grew by about one copy per snapshot: the new copy cannot reuse the old one's pages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_not_a_copy_of_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let state = 4_000 * 4096;
+    load(&s, 4_000, 4096).await;
+    let db = dir.path().join("datasync.redb");
+    // The first snapshot also waits for the state machine's writer to store the load.
+    s.snapshot().await.unwrap();
+    let first = disk(&db);
+    for i in 0..3 {
+        s.put(&key(&format!("k/last{i}")), "v".into(), PutOptions::new())
+            .await
+            .unwrap();
+        s.snapshot().await.unwrap();
+    }
+    let after = disk(&db);
+    assert!(
+        after < first + state / 4,
+        "three more snapshots grew the data file from {first} to {after} bytes (the state is {state})"
+    );
+    s.shutdown().await;
+    drop(s);
+    // The state is whole after a restart.
+    let s = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let all = s
+        .list(&Prefix::new("k/").unwrap(), ReadOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(all.values.len(), 4_003);
+    s.shutdown().await;
+}
+
+/// The log is compacted by its size as well as by its entry count: with a count no
+/// load reaches, a snapshot comes once the log holds `snapshot_log_bytes`, and the log
+/// before it is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_compacted_by_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = RaftConfig::new(dir.path())
+        .snapshots(1 << 40, 10)
+        .snapshot_log_bytes(1 << 20)
+        .log_segment(256 << 10);
+    let s = RaftStore::open(config).await.unwrap();
+    for i in 0..1_000 {
+        let value = Value::from(vec![7u8; 4096]);
+        s.put(&key(&format!("k/{i}")), value, PutOptions::new())
+            .await
+            .unwrap();
+    }
+    let log = dir.path().join("log");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (index, bytes) = (s.snapshot_index(), disk(&log));
+        if index.is_some() && bytes < 2 << 20 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after 4 MiB of puts: snapshot at {index:?}, log {bytes} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.shutdown().await;
+}

@@ -12,7 +12,6 @@
 //! and re-applying the log must reach the model's state at the log's end.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,7 +22,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use super::log::{LogStore, applied};
 use super::tables::{KV, SM_META, Stored};
 use super::{crash, open, sm};
-use crate::types::{Command, Entry, LogId, NodeId};
+use crate::types::{Command, Entry, LogId, NodeId, SnapshotData};
 
 const SEGMENT: u64 = 64 << 10;
 /// Local entries before the crash points, and in all.
@@ -137,8 +136,9 @@ fn leader_snapshot(
                 .build_snapshot()
                 .await
                 .expect("snapshot");
+        let data = snap.snapshot.into_bytes().await.expect("encodes");
         p.shared.close();
-        (snap.meta, snap.snapshot.into_inner())
+        (snap.meta, data)
     })
 }
 
@@ -192,7 +192,7 @@ fn run(
                 .await
                 .map_err(|_| ())?;
             let (meta, data) = snapshot;
-            p.sm.install_snapshot(meta, Box::new(Cursor::new(data.clone())))
+            p.sm.install_snapshot(meta, Box::new(SnapshotData::bytes(data.clone())))
                 .await
                 .map_err(|_| ())?;
             p.log.purge(id(2, INSTALL)).await.map_err(|_| ())?;

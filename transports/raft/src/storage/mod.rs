@@ -1,5 +1,7 @@
 //! The on-disk layout: the raft log in segment files under `log/` ([`wal`]); the vote,
-//! the purge point, the state machine and the snapshot in one redb database.
+//! the purge point and the state machine in one redb database. There is no separate
+//! snapshot: the state machine's tables are it (see `sm::snapshot::SnapshotData`), and
+//! the `snapshot` table holds only the last one's metadata.
 //!
 //! Durability: an acknowledged write is durable in the log. State-machine applies
 //! commit with `Durability::None` (no second fsync per write), so after a crash the
@@ -7,9 +9,9 @@
 //! from there. Last-applied is written in the same transaction as the data it covers,
 //! by the state machine's writer thread, behind the apply path. Durable redb commits
 //! happen once a second on that thread (bounding the replay), at snapshots (after the
-//! writer has caught up, so a snapshot never runs ahead of what a restart recovers),
-//! votes and purges; the purge point is stored durably before any segment is deleted,
-//! so the entries a replay needs are never gone.
+//! writer has caught up and after the snapshot's view began, so a snapshot never runs
+//! ahead of what a restart recovers), votes and purges; the purge point is stored
+//! durably before any segment is deleted, so the entries a replay needs are never gone.
 //!
 //! redb checksums its pages; at open the whole file is verified
 //! ([`redb::Database::check_integrity`]), and the log's frames are checksummed and

@@ -32,6 +32,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use super::crash::{point, sync, write_at, write_unsynced};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{debug, warn};
@@ -597,10 +598,35 @@ impl Mem {
     }
 }
 
+/// How much the log has grown: bytes of frames appended since open, and a signal each
+/// time they cross another multiple of `every` (0: never).
+#[derive(Debug, Default)]
+pub(crate) struct Growth {
+    bytes: AtomicU64,
+    every: AtomicU64,
+    /// Notified when another `every` bytes were appended.
+    pub(crate) crossed: tokio::sync::Notify,
+}
+
+impl Growth {
+    pub(crate) fn signal_every(&self, bytes: u64) {
+        self.every.store(bytes, Ordering::Relaxed);
+    }
+
+    fn add(&self, n: u64) {
+        let every = self.every.load(Ordering::Relaxed);
+        let before = self.bytes.fetch_add(n, Ordering::Relaxed);
+        if every > 0 && before / every != before.saturating_add(n) / every {
+            self.crossed.notify_one();
+        }
+    }
+}
+
 /// The log: cheap to clone, clones share the files.
 #[derive(Clone)]
 pub(crate) struct Wal {
     dir: PathBuf,
+    growth: Arc<Growth>,
     mem: Arc<Mutex<Mem>>,
     /// Locked before `mem` when both are.
     files: Arc<Mutex<Files>>,
@@ -618,6 +644,11 @@ impl Wal {
     /// The log's directory.
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// How much the log has grown since open.
+    pub(crate) fn growth(&self) -> Arc<Growth> {
+        self.growth.clone()
     }
 
     pub(crate) fn open(dir: &Path, purged: Option<LogId>, seg_size: u64) -> Result<Wal, Damage> {
@@ -805,6 +836,7 @@ impl Wal {
         };
         Ok(Wal {
             dir: dir.to_owned(),
+            growth: Arc::default(),
             mem: Arc::new(Mutex::new(mem)),
             files: Arc::new(Mutex::new(files)),
         })
@@ -843,6 +875,7 @@ impl Wal {
             warn!(error = %e, "raft log write failed");
         })?;
         drop(files);
+        self.growth.add(frame.len() as u64);
         let mut mem = self.mem();
         for i in indexes {
             mem.locs.insert(i, loc);

@@ -59,6 +59,10 @@ pub struct RaftConfig {
     /// Build a snapshot (and compact the log) after this many new log entries
     /// (default 20,000).
     pub snapshot_every: u64,
+    /// Build a snapshot (and compact the log) also after this many bytes of new log
+    /// entries (default 64 MiB): entries carry up to hundreds of writes each under load,
+    /// so a count alone lets the log grow large. Between 64 KiB and 1 TiB.
+    pub snapshot_log_bytes: u64,
     /// Log entries kept behind a snapshot, for lagging followers (default 1,000).
     pub keep_logs: u64,
     /// Largest log segment file, in bytes (default 64 MiB; at least 64 KiB). Compaction
@@ -85,6 +89,7 @@ impl Default for RaftConfig {
             history: 10_000,
             history_age: None,
             snapshot_every: 20_000,
+            snapshot_log_bytes: 64 << 20,
             keep_logs: 1_000,
             log_segment: crate::storage::SEGMENT,
             cluster: None,
@@ -139,6 +144,13 @@ impl RaftConfig {
     pub fn snapshots(mut self, every: u64, keep_logs: u64) -> Self {
         self.snapshot_every = every;
         self.keep_logs = keep_logs;
+        self
+    }
+
+    /// Sets [`snapshot_log_bytes`](Self::snapshot_log_bytes).
+    #[must_use]
+    pub fn snapshot_log_bytes(mut self, bytes: u64) -> Self {
+        self.snapshot_log_bytes = bytes;
         self
     }
 
@@ -198,6 +210,11 @@ impl RaftConfig {
         if self.snapshot_every > 1 << 40 || self.keep_logs > 1 << 40 {
             return Err(OpenError::Config(
                 "snapshot_every and keep_logs must be at most 2^40 entries",
+            ));
+        }
+        if self.snapshot_log_bytes < 64 << 10 || self.snapshot_log_bytes > 1 << 40 {
+            return Err(OpenError::Config(
+                "snapshot_log_bytes must be between 64 KiB and 1 TiB",
             ));
         }
         if self.log_segment < 64 << 10 || self.log_segment > 1 << 30 {

@@ -84,6 +84,8 @@ impl RaftStore {
             shared.set_complete(clean || left);
         }
         let raft_config = Arc::new(raft_config(&config)?);
+        let growth = wal.growth();
+        growth.signal_every(config.snapshot_log_bytes);
         let (log, machine) = (
             LogStore::new(db, wal, config.cluster.as_ref().map(|_| config.node_id))
                 .metered(shared.metrics()),
@@ -164,6 +166,11 @@ impl RaftStore {
                 None
             }
         };
+        tokio::spawn(super::tasks::snapshot_by_log_bytes(
+            raft.clone(),
+            growth,
+            stop.clone(),
+        ));
         tokio::spawn(super::tasks::count_leader_changes(
             raft.clone(),
             shared.metrics().leader_changes.clone(),

@@ -38,6 +38,29 @@ pub(super) async fn count_leader_changes(
     }
 }
 
+/// Builds a snapshot each time another [`RaftConfig::snapshot_log_bytes`] of log were
+/// appended (openraft counts entries only). A trigger while a build runs is dropped by
+/// openraft; the next crossing triggers again.
+///
+/// [`RaftConfig::snapshot_log_bytes`]: super::RaftConfig::snapshot_log_bytes
+pub(super) async fn snapshot_by_log_bytes(
+    raft: Raft<TypeConfig>,
+    growth: Arc<crate::storage::wal::Growth>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = growth.crossed.notified() => {
+                if let Err(e) = raft.trigger().snapshot().await {
+                    debug!(error = %e, "no snapshot by log size: raft stopped");
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Opens the read gate of a member that restarted after a crash (see
 /// [`RaftStore::caught_up`]) once it has applied a read index from a leader: the first
 /// one it gets, waited for as long as it takes (a member that applies slower than a

@@ -1,7 +1,11 @@
 //! The openraft adapter: applied state, apply, and raft snapshots (build, install).
 
-use std::io::Cursor;
+use std::io::{self, Cursor, SeekFrom};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite};
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{OptionalSend, RaftSnapshotBuilder};
@@ -167,39 +171,253 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        Ok(Box::new(SnapshotData::bytes(Vec::new())))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
+        let data = snapshot.into_bytes().await.map_err(rd)?;
         let shared = self.shared.clone();
         let meta = meta.clone();
-        crate::rt::blocking(move || install(&shared, &meta, snapshot.into_inner()))
+        crate::rt::blocking(move || install(&shared, &meta, data))
             .await
             .map_err(wr)?
     }
 
+    /// The state as it is now, once a snapshot was ever built or installed (before,
+    /// none: the whole log is still there). Newer than the last one built, which
+    /// openraft accepts (a follower sent it is only further along).
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let db = self.shared.db.clone();
+        let shared = self.shared.clone();
         crate::rt::blocking(move || {
-            let tx = db.begin_read().map_err(rd)?;
+            let tx = shared.db.begin_read().map_err(rd)?;
             let t = tx.open_table(SNAPSHOT).map_err(rd)?;
-            let meta: Option<SnapshotMeta<NodeId, openraft::BasicNode>> = get_meta(&t, "meta")?;
-            let data = t.get("data").map_err(rd)?.map(|v| v.value().to_vec());
-            Ok(match (meta, data) {
-                (Some(meta), Some(data)) => Some(Snapshot {
-                    meta,
-                    snapshot: Box::new(Cursor::new(data)),
-                }),
-                _ => None,
-            })
+            if t.get("meta").map_err(rd)?.is_none() {
+                return Ok(None);
+            }
+            let (view, meta) = pin(&shared)?;
+            Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(SnapshotData::pinned(view)),
+            }))
         })
         .await
         .map_err(rd)?
+    }
+}
+
+/// A consistent view of the state machine and its snapshot metadata, durable before
+/// it is returned: the view and every apply before it survive a crash, so openraft may
+/// purge the log up to it. The metadata is stored as the last snapshot's.
+fn pin(shared: &Shared) -> Result<(View, SnapshotMeta<NodeId, openraft::BasicNode>), StorageError> {
+    shared.settle().map_err(rd)?;
+    let view = shared.db.begin_read().map_err(rd)?;
+    let m = view.open_table(SM_META).map_err(rd)?;
+    let applied: Option<LogId> = get_meta(&m, "applied")?;
+    let membership: StoredMembership = get_meta(&m, "membership")?.unwrap_or_default();
+    let revision: u64 = get_meta(&m, "revision")?.unwrap_or(0);
+    let meta = SnapshotMeta {
+        last_log_id: applied,
+        last_membership: membership,
+        snapshot_id: format!("{}-{revision}", applied.map_or(0, |l| l.index)),
+    };
+    // A durable commit after the view began covers every commit the view sees (the
+    // writer thread's commits are not durable on their own).
+    let mut tx = shared.db.begin_write().map_err(wr)?;
+    tx.set_durability(Durability::Immediate).map_err(wr)?;
+    {
+        let mut s = tx.open_table(SNAPSHOT).map_err(wr)?;
+        put_meta(&mut s, "meta", &meta)?;
+        // Stores before this kept a copy of the state here.
+        s.remove("data").map_err(wr)?;
+    }
+    tx.commit().map_err(wr)?;
+    let view = View {
+        tx: view,
+        _db: shared.db.clone(),
+    };
+    Ok((view, meta))
+}
+
+/// A pinned view, with the database it reads: a read transaction holds the data file
+/// open (and locked) past the database's drop, so the view counts as a user of it and
+/// [`RaftStore::shutdown`](crate::RaftStore::shutdown) waits for it.
+struct View {
+    tx: redb::ReadTransaction,
+    _db: Arc<redb::Database>,
+}
+
+/// The payload of the state a view sees.
+fn encode_view(view: &redb::ReadTransaction) -> Result<Vec<u8>, StorageError> {
+    let m = view.open_table(SM_META).map_err(rd)?;
+    Payload {
+        revision: get_meta(&m, "revision")?.unwrap_or(0),
+        kv: kv_records(view)?,
+        sessions: session_records(view)?,
+        leases: lease_obj_records(view)?,
+        versions: get_meta(&m, "versions")?.unwrap_or(false),
+    }
+    .encode()
+    .map_err(rd)
+}
+
+/// A raft snapshot's bytes.
+///
+/// Why not a copy: the state machine's tables are the snapshot. One this store serves
+/// is a pinned redb read transaction (a view later writes do not change), encoded the
+/// first time it is read or written, on the blocking pool. openraft builds snapshots
+/// to purge the log and asks for the current one at start for its metadata; neither
+/// reads the bytes, so only a follower that needs the state pays for its encoding. One
+/// received from a leader is written into memory.
+pub struct SnapshotData {
+    data: Data,
+    /// A seek asked for before the bytes were there.
+    seek: Option<SeekFrom>,
+}
+
+enum Data {
+    Pinned(Option<View>),
+    Encoding(tokio::task::JoinHandle<Result<Vec<u8>, String>>),
+    Bytes(Cursor<Vec<u8>>),
+    Failed(String),
+}
+
+impl std::fmt::Debug for SnapshotData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.data {
+            Data::Pinned(_) => "pinned",
+            Data::Encoding(_) => "encoding",
+            Data::Bytes(_) => "bytes",
+            Data::Failed(_) => "failed",
+        };
+        f.debug_struct("SnapshotData")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl SnapshotData {
+    fn pinned(view: View) -> Self {
+        SnapshotData {
+            data: Data::Pinned(Some(view)),
+            seek: None,
+        }
+    }
+
+    /// Bytes already encoded (a snapshot being received, or a test's).
+    pub(crate) fn bytes(data: Vec<u8>) -> Self {
+        SnapshotData {
+            data: Data::Bytes(Cursor::new(data)),
+            seek: None,
+        }
+    }
+
+    /// The encoded bytes.
+    ///
+    /// # Cancel safety
+    /// Dropping the future drops the snapshot; an encoding under way finishes on the
+    /// blocking pool and is discarded.
+    pub(crate) async fn into_bytes(mut self) -> io::Result<Vec<u8>> {
+        std::future::poll_fn(|cx| self.poll_cursor(cx).map_ok(|_| ())).await?;
+        match self.data {
+            Data::Bytes(c) => Ok(c.into_inner()),
+            _ => Err(io::Error::other("snapshot bytes missing")),
+        }
+    }
+
+    /// The bytes, encoding them first if they are not there yet; a seek asked for
+    /// meanwhile is made.
+    fn poll_cursor(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut Cursor<Vec<u8>>>> {
+        loop {
+            match &mut self.data {
+                Data::Bytes(_) => break,
+                Data::Failed(e) => return Poll::Ready(Err(io::Error::other(e.clone()))),
+                Data::Pinned(view) => {
+                    let Some(view) = view.take() else {
+                        self.data = Data::Failed("snapshot view lost".into());
+                        continue;
+                    };
+                    let encode = move || encode_view(&view.tx).map_err(|e| e.to_string());
+                    self.data = if crate::rt::inline() {
+                        done(encode())
+                    } else {
+                        Data::Encoding(tokio::task::spawn_blocking(encode))
+                    };
+                }
+                Data::Encoding(job) => {
+                    let res = ready!(Pin::new(job).poll(cx));
+                    self.data = done(res.unwrap_or_else(|e| Err(e.to_string())));
+                }
+            }
+        }
+        let Data::Bytes(c) = &mut self.data else {
+            return Poll::Ready(Err(io::Error::other("snapshot bytes missing")));
+        };
+        if let Some(pos) = self.seek.take() {
+            Pin::new(&mut *c).start_seek(pos)?;
+        }
+        Poll::Ready(Ok(c))
+    }
+}
+
+fn done(res: Result<Vec<u8>, String>) -> Data {
+    match res {
+        Ok(bytes) => Data::Bytes(Cursor::new(bytes)),
+        Err(e) => Data::Failed(format!("encoding the snapshot: {e}")),
+    }
+}
+
+impl AsyncRead for SnapshotData {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let c = ready!(self.get_mut().poll_cursor(cx))?;
+        Pin::new(c).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SnapshotData {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let c = ready!(self.get_mut().poll_cursor(cx))?;
+        Pin::new(c).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let c = ready!(self.get_mut().poll_cursor(cx))?;
+        Pin::new(c).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let c = ready!(self.get_mut().poll_cursor(cx))?;
+        Pin::new(c).poll_shutdown(cx)
+    }
+}
+
+impl AsyncSeek for SnapshotData {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
+        let this = self.get_mut();
+        match &mut this.data {
+            Data::Bytes(c) => Pin::new(c).start_seek(position),
+            _ => {
+                this.seek = Some(position);
+                Ok(())
+            }
+        }
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        let c = ready!(self.get_mut().poll_cursor(cx))?;
+        Pin::new(c).poll_complete(cx)
     }
 }
 
@@ -225,9 +443,10 @@ pub(super) fn install(
         // What open needs to tell a crash between this and the log purge that follows
         // from a damaged log (see `storage::open`).
         put_meta(&mut m, "installed", &meta.last_log_id)?;
+        // The state just written is the snapshot: no copy of it is kept.
         let mut s = tx.open_table(SNAPSHOT).map_err(wr)?;
         put_meta(&mut s, "meta", meta)?;
-        s.insert("data", data.as_slice()).map_err(wr)?;
+        s.remove("data").map_err(wr)?;
     }
     tx.commit().map_err(wr)?;
     reloaded(shared, inner, payload.revision)?;
@@ -253,42 +472,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let shared = self.shared.clone();
         crate::rt::blocking(move || {
-            let db = &shared.db;
-            shared.settle().map_err(rd)?;
-            // Make every apply so far durable, so the snapshot never runs ahead of the
-            // state a restart recovers (the log before it may be purged).
-            let mut tx = db.begin_write().map_err(wr)?;
-            tx.set_durability(Durability::Immediate).map_err(wr)?;
-            tx.commit().map_err(wr)?;
-            let rtx = db.begin_read().map_err(rd)?;
-            let m = rtx.open_table(SM_META).map_err(rd)?;
-            let applied: Option<LogId> = get_meta(&m, "applied")?;
-            let membership: StoredMembership = get_meta(&m, "membership")?.unwrap_or_default();
-            let revision: u64 = get_meta(&m, "revision")?.unwrap_or(0);
-            let data = Payload {
-                revision,
-                kv: kv_records(&rtx)?,
-                sessions: session_records(&rtx)?,
-                leases: lease_obj_records(&rtx)?,
-                versions: get_meta(&m, "versions")?.unwrap_or(false),
-            }
-            .encode()
-            .map_err(wr)?;
-            let meta = SnapshotMeta {
-                last_log_id: applied,
-                last_membership: membership,
-                snapshot_id: format!("{}-{revision}", applied.map_or(0, |l| l.index)),
-            };
-            let tx = db.begin_write().map_err(wr)?;
-            {
-                let mut s = tx.open_table(SNAPSHOT).map_err(wr)?;
-                put_meta(&mut s, "meta", &meta)?;
-                s.insert("data", data.as_slice()).map_err(wr)?;
-            }
-            tx.commit().map_err(wr)?;
+            let (view, meta) = pin(&shared)?;
             Ok(Snapshot {
                 meta,
-                snapshot: Box::new(Cursor::new(data)),
+                snapshot: Box::new(SnapshotData::pinned(view)),
             })
         })
         .await
