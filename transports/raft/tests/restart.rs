@@ -373,3 +373,51 @@ async fn the_log_is_compacted_by_its_size() {
     }
     s.shutdown().await;
 }
+
+/// After a restart the log from before it is compacted too: at open, and by a
+/// snapshot at the index the store restarted at (which openraft, starting from a
+/// snapshot of the state as it is, would not purge behind by itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_from_before_a_restart_is_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        RaftConfig::new(dir.path())
+            .snapshots(1 << 40, 10)
+            .log_segment(64 << 10)
+    };
+    let s = RaftStore::open(config()).await.unwrap();
+    s.put(&key("first"), "v".into(), PutOptions::new())
+        .await
+        .unwrap();
+    s.snapshot().await.unwrap();
+    for i in 0..500 {
+        let value = Value::from(vec![7u8; 4096]);
+        s.put(&key(&format!("k/{i}")), value, PutOptions::new())
+            .await
+            .unwrap();
+    }
+    s.shutdown().await;
+    drop(s);
+    let log = dir.path().join("log");
+    assert!(disk(&log) > 2 << 20, "the puts are in the log");
+    let s = RaftStore::open(config()).await.unwrap();
+    s.snapshot().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while disk(&log) > 1 << 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the log still takes {} bytes after a restart and a snapshot",
+            disk(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        s.list(&Prefix::new("k/").unwrap(), ReadOptions::new())
+            .await
+            .unwrap()
+            .values
+            .len(),
+        500
+    );
+    s.shutdown().await;
+}

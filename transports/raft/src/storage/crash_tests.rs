@@ -262,7 +262,8 @@ fn check(rt: &tokio::runtime::Runtime, dir: &Path, acked: &[LogId]) -> Result<()
             ));
         }
     }
-    // The stored snapshot (built here or installed) is the state at its index.
+    // The snapshot served now (the state as it is, made durable first) is the state at
+    // its index.
     if let Some(snap) = rt
         .block_on(p.sm.get_current_snapshot())
         .map_err(|e| e.to_string())?

@@ -635,7 +635,9 @@ impl RaftStore {
                 )
                 .await;
             match built {
-                Ok(m) if index(&m) >= applied => return Ok(()),
+                Ok(m) if index(&m) >= applied => {
+                    return tasks::purge_behind_snapshot(raft, self.inner.config.keep_logs).await;
+                }
                 Ok(_) | Err(openraft::metrics::WaitError::Timeout(..)) => continue,
                 Err(openraft::metrics::WaitError::ShuttingDown) => {
                     return Err(StoreError::Stopped);

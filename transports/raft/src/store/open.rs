@@ -166,6 +166,9 @@ impl RaftStore {
                 None
             }
         };
+        if let Err(e) = super::tasks::purge_behind_snapshot(&raft, config.keep_logs).await {
+            tracing::warn!(error = %e, "the log behind the snapshot is not purged at open");
+        }
         tokio::spawn(super::tasks::snapshot_by_log_bytes(
             raft.clone(),
             growth,

@@ -8,7 +8,7 @@ use openraft::Raft;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use datasync::Revision;
+use datasync::{Revision, StoreError};
 
 use super::{Inner, RaftStore};
 use crate::network::wire::{Reply, Request};
@@ -48,17 +48,52 @@ pub(super) async fn snapshot_by_log_bytes(
     growth: Arc<crate::storage::wal::Growth>,
     stop: CancellationToken,
 ) {
+    let index =
+        |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| m.snapshot.map(|l| l.index);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = growth.crossed.notified() => {
-                if let Err(e) = raft.trigger().snapshot().await {
-                    debug!(error = %e, "no snapshot by log size: raft stopped");
-                    return;
-                }
+            _ = growth.crossed.notified() => {}
+        }
+        // openraft ignores a trigger while a build runs: repeat it until a snapshot
+        // covers what was applied at the crossing.
+        let target = raft.metrics().borrow().last_applied.map(|l| l.index);
+        loop {
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+            let wait = raft.wait(Some(Duration::from_secs(1)));
+            let built = tokio::select! {
+                _ = stop.cancelled() => return,
+                built = wait.metrics(|m| index(m) >= target, "a snapshot by log size") => built,
+            };
+            match built {
+                Ok(_) => break,
+                Err(openraft::metrics::WaitError::Timeout(..)) => continue,
+                Err(openraft::metrics::WaitError::ShuttingDown) => return,
             }
         }
     }
+}
+
+/// Purges the log behind the last snapshot, but for `keep` entries. openraft does
+/// that itself only when a build moves its snapshot on. The snapshot it starts with is
+/// the state as it is (see `storage::sm::snapshot`), so after a restart a build at the
+/// same index would leave the log from before the restart in place.
+pub(super) async fn purge_behind_snapshot(
+    raft: &Raft<TypeConfig>,
+    keep: u64,
+) -> Result<(), StoreError> {
+    let at = raft.metrics().borrow().snapshot;
+    if let Some(at) = at
+        && at.index > keep
+    {
+        raft.trigger()
+            .purge_log(at.index - keep)
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+    }
+    Ok(())
 }
 
 /// Opens the read gate of a member that restarted after a crash (see

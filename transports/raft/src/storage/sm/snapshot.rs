@@ -3,6 +3,7 @@
 use std::io::{self, Cursor, SeekFrom};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite};
@@ -251,12 +252,16 @@ struct View {
     _db: Arc<redb::Database>,
 }
 
-/// The payload of the state a view sees.
-fn encode_view(view: &redb::ReadTransaction) -> Result<Vec<u8>, StorageError> {
+/// The payload of the state a view sees; ends early once `dropped` is set (nobody
+/// wants the bytes any more, and the view holds the data files open).
+fn encode_view(
+    view: &redb::ReadTransaction,
+    dropped: &AtomicBool,
+) -> Result<Vec<u8>, StorageError> {
     let m = view.open_table(SM_META).map_err(rd)?;
     Payload {
         revision: get_meta(&m, "revision")?.unwrap_or(0),
-        kv: kv_records(view)?,
+        kv: kv_records(view, dropped)?,
         sessions: session_records(view)?,
         leases: lease_obj_records(view)?,
         versions: get_meta(&m, "versions")?.unwrap_or(false),
@@ -277,6 +282,14 @@ pub struct SnapshotData {
     data: Data,
     /// A seek asked for before the bytes were there.
     seek: Option<SeekFrom>,
+    /// Set when this is dropped, to stop an encoding under way.
+    dropped: Arc<AtomicBool>,
+}
+
+impl Drop for SnapshotData {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::Relaxed);
+    }
 }
 
 enum Data {
@@ -305,6 +318,7 @@ impl SnapshotData {
         SnapshotData {
             data: Data::Pinned(Some(view)),
             seek: None,
+            dropped: Arc::default(),
         }
     }
 
@@ -313,6 +327,7 @@ impl SnapshotData {
         SnapshotData {
             data: Data::Bytes(Cursor::new(data)),
             seek: None,
+            dropped: Arc::default(),
         }
     }
 
@@ -323,8 +338,8 @@ impl SnapshotData {
     /// blocking pool and is discarded.
     pub(crate) async fn into_bytes(mut self) -> io::Result<Vec<u8>> {
         std::future::poll_fn(|cx| self.poll_cursor(cx).map_ok(|_| ())).await?;
-        match self.data {
-            Data::Bytes(c) => Ok(c.into_inner()),
+        match &mut self.data {
+            Data::Bytes(c) => Ok(std::mem::take(c.get_mut())),
             _ => Err(io::Error::other("snapshot bytes missing")),
         }
     }
@@ -341,7 +356,8 @@ impl SnapshotData {
                         self.data = Data::Failed("snapshot view lost".into());
                         continue;
                     };
-                    let encode = move || encode_view(&view.tx).map_err(|e| e.to_string());
+                    let dropped = self.dropped.clone();
+                    let encode = move || encode_view(&view.tx, &dropped).map_err(|e| e.to_string());
                     self.data = if crate::rt::inline() {
                         done(encode())
                     } else {
@@ -499,7 +515,7 @@ pub(crate) fn backup_payload(shared: &Shared) -> Result<(u64, u64, Vec<u8>), Sto
     };
     let m = rtx.open_table(SM_META).map_err(rd)?;
     let revision: u64 = get_meta(&m, "revision")?.unwrap_or(0);
-    let pairs = kv_records(&rtx)?;
+    let pairs = kv_records(&rtx, &AtomicBool::new(false))?;
     let keys = pairs.len() as u64;
     let data = Payload {
         revision,
@@ -543,11 +559,17 @@ pub(crate) fn restore_payload(shared: &Shared, data: &[u8]) -> Result<(), Storag
     reloaded(shared, inner, payload.revision)
 }
 
-/// Every key with its encoded record, in key order.
-fn kv_records(rtx: &redb::ReadTransaction) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+/// Every key with its encoded record, in key order; an error once `stop` is set.
+fn kv_records(
+    rtx: &redb::ReadTransaction,
+    stop: &AtomicBool,
+) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
     let kv = rtx.open_table(KV).map_err(rd)?;
     let mut pairs = Vec::with_capacity(kv.len().map_err(rd)? as usize);
-    for item in kv.iter().map_err(rd)? {
+    for (n, item) in kv.iter().map_err(rd)?.enumerate() {
+        if n % 4096 == 0 && stop.load(Ordering::Relaxed) {
+            return Err(rd(io::Error::other("snapshot dropped while encoded")));
+        }
         let (k, v) = item.map_err(rd)?;
         pairs.push((k.value().to_owned(), v.value().to_vec()));
     }
@@ -616,4 +638,101 @@ fn reloaded(
     drop(inner);
     shared.ttl_changed.notify_one();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+    use super::*;
+    use crate::types::Command;
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::Put {
+                key: format!("k/{index:05}"),
+                value: vec![index as u8; 200],
+                expires_at_ms: None,
+            }),
+        }
+    }
+
+    /// A served snapshot reads as openraft's chunked sender reads it (seek to the end
+    /// for its size, then to each chunk's offset) to the same bytes as a whole read,
+    /// a seek asked for before the bytes were encoded included, and installs as the
+    /// state it was taken of.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_served_snapshot_reads_in_chunks_as_a_whole() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (db, _wal) = crate::storage::open(dir.path(), 64 << 10).expect("opens");
+        let shared = Shared::new(db, 100, crate::Clock::new()).expect("state");
+        let mut sm = StateMachine::new(shared.clone());
+        sm.apply((1..=3_000).map(entry).collect::<Vec<_>>())
+            .await
+            .expect("applies");
+        assert!(sm.get_current_snapshot().await.expect("reads").is_none());
+        let built = sm.get_snapshot_builder().await.build_snapshot().await;
+        let at = built.expect("builds").meta.last_log_id;
+        assert_eq!(at.map(|l| l.index), Some(3_000));
+
+        let whole = sm
+            .get_current_snapshot()
+            .await
+            .expect("reads")
+            .expect("one");
+        assert_eq!(whole.meta.last_log_id, at);
+        let whole = whole.snapshot.into_bytes().await.expect("encodes");
+        assert!(whole.len() > 3_000 * 200);
+
+        let mut snap = sm
+            .get_current_snapshot()
+            .await
+            .expect("reads")
+            .expect("one");
+        // Before any read: the seek waits for the encoding.
+        Pin::new(&mut *snap.snapshot)
+            .start_seek(SeekFrom::End(0))
+            .expect("seeks");
+        let len = std::future::poll_fn(|cx| Pin::new(&mut *snap.snapshot).poll_complete(cx))
+            .await
+            .expect("seeks");
+        assert_eq!(len, whole.len() as u64);
+        let mut chunks = Vec::new();
+        let mut off = 0;
+        while off < len {
+            snap.snapshot
+                .seek(SeekFrom::Start(off))
+                .await
+                .expect("seeks");
+            let mut buf = vec![0; 100_000];
+            let n = snap.snapshot.read(&mut buf).await.expect("reads");
+            assert!(n > 0, "a read at {off} of {len}");
+            chunks.extend_from_slice(&buf[..n]);
+            off += n as u64;
+        }
+        assert_eq!(chunks, whole);
+
+        // Installed into another store, it is the state it was taken of.
+        let other = tempfile::tempdir().expect("temp dir");
+        let (db2, _wal2) = crate::storage::open(other.path(), 64 << 10).expect("opens");
+        let shared2 = Shared::new(db2, 100, crate::Clock::new()).expect("state");
+        let mut sm2 = StateMachine::new(shared2.clone());
+        let mut received = SnapshotData::bytes(Vec::new());
+        tokio::io::AsyncWriteExt::write_all(&mut received, &chunks)
+            .await
+            .expect("writes");
+        sm2.install_snapshot(&snap.meta, Box::new(received))
+            .await
+            .expect("installs");
+        let again = sm2
+            .get_current_snapshot()
+            .await
+            .expect("reads")
+            .expect("one");
+        assert_eq!(again.snapshot.into_bytes().await.expect("encodes"), whole);
+        shared.close();
+        shared2.close();
+    }
 }
