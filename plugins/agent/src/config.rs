@@ -41,6 +41,7 @@
 //! # history = 10000                       # transactions kept for reads at past revisions
 //! # history_age_s = 86400                 # also compact what is older (off unless set)
 //! # snapshot_every = 20000                # log entries between snapshots
+//! # snapshot_log_bytes = 67108864         # and bytes of log between them, 64 KiB to 1 TiB
 //! # keep_logs = 1000                      # log entries kept behind a snapshot
 //! # log_segment = 67108864                # bytes per log segment file, 64 KiB to 1 GiB
 //! # heartbeat_ms = 100                    # cluster: raft heartbeat
@@ -288,6 +289,9 @@ pub struct RaftTuning {
     /// Log entries between snapshots (default 20,000).
     #[arg(long)]
     pub snapshot_every: Option<u64>,
+    /// Bytes of log between snapshots too (default 64 MiB; 64 KiB to 1 TiB).
+    #[arg(long)]
+    pub snapshot_log_bytes: Option<u64>,
     /// Log entries kept behind a snapshot for lagging members (default 1,000).
     #[arg(long)]
     pub keep_logs: Option<u64>,
@@ -320,6 +324,7 @@ impl RaftTuning {
             raft.history_age = Some(Duration::from_secs(s));
         }
         raft.snapshot_every = self.snapshot_every.unwrap_or(raft.snapshot_every);
+        raft.snapshot_log_bytes = self.snapshot_log_bytes.unwrap_or(raft.snapshot_log_bytes);
         raft.keep_logs = self.keep_logs.unwrap_or(raft.keep_logs);
         raft.log_segment = self.log_segment.unwrap_or(raft.log_segment);
         if let Some(c) = raft.cluster.as_mut() {

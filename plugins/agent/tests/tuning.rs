@@ -63,6 +63,11 @@ async fn the_config_tunes_the_store_and_names_a_bad_field() {
         ("max_value_size = 0", "max_value_size"),
         ("max_value_size = 100000000", "max_value_size"),
         ("snapshot_every = 0", "snapshot_every"),
+        ("snapshot_log_bytes = 1024", "snapshot_log_bytes"),
+        (
+            "snapshot_log_bytes = 9000000000000000000",
+            "snapshot_log_bytes",
+        ),
         ("log_segment = 1024", "log_segment"),
         ("heartbeat_ms = 0", "heartbeat_ms"),
         ("heartbeat_ms = 300", "election_min_ms"),

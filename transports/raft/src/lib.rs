@@ -122,6 +122,7 @@ mod remote;
 mod routing;
 mod rt;
 mod serve;
+mod snapshot_data;
 mod storage;
 mod store;
 #[cfg(feature = "testing")]

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::rt::{Rng, Runtime};
-pub use crate::storage::sm::SnapshotData;
+pub use crate::snapshot_data::SnapshotData;
 
 /// Set in a lease word (of a command and of a stored record): the other bits are a TTL
 /// in milliseconds. Without it the word is an absolute Unix-ms deadline, as older stores

@@ -1,6 +1,6 @@
 //! The on-disk layout: the raft log in segment files under `log/` ([`wal`]); the vote,
 //! the purge point and the state machine in one redb database. There is no separate
-//! snapshot: the state machine's tables are it (see `sm::snapshot::SnapshotData`), and
+//! snapshot: the state machine's tables are it (see `sm::snapshot`), and
 //! the `snapshot` table holds only the last one's metadata.
 //!
 //! Durability: an acknowledged write is durable in the log. State-machine applies

@@ -33,7 +33,6 @@ pub(crate) use reads::RaftSnapshots;
 use reads::scan;
 pub(crate) use record_watch::RecordSubs;
 pub use record_watch::RecordWatch;
-pub use snapshot::SnapshotData;
 pub(crate) use snapshot::StateMachine;
 pub(crate) use snapshot::{backup_payload, payload_summary, restore_payload};
 #[cfg(test)]

@@ -1,18 +1,15 @@
 //! The openraft adapter: applied state, apply, and raft snapshots (build, install).
 
-use std::io::{self, Cursor, SeekFrom};
-use std::pin::Pin;
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
-
-use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite};
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{OptionalSend, RaftSnapshotBuilder};
 use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 
+use crate::snapshot_data::SnapshotData;
 use crate::storage::tables::{CLIENTS, EXPIRY, HISTORY, KV, LEASE_OBJS, SM_META, SNAPSHOT, Stored};
 use crate::types::{Entry, LogId, NodeId, Outcome, StorageError, StoredMembership, TypeConfig};
 
@@ -203,7 +200,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let (view, meta) = pin(&shared)?;
             Ok(Some(Snapshot {
                 meta,
-                snapshot: Box::new(SnapshotData::pinned(view)),
+                snapshot: Box::new(lazy(view)),
             }))
         })
         .await
@@ -252,6 +249,11 @@ struct View {
     _db: Arc<redb::Database>,
 }
 
+/// The snapshot of a view, encoded when first used.
+fn lazy(view: View) -> SnapshotData {
+    SnapshotData::lazy(move |dropped| encode_view(&view.tx, dropped).map_err(|e| e.to_string()))
+}
+
 /// The payload of the state a view sees; ends early once `dropped` is set (nobody
 /// wants the bytes any more, and the view holds the data files open).
 fn encode_view(
@@ -268,173 +270,6 @@ fn encode_view(
     }
     .encode()
     .map_err(rd)
-}
-
-/// A raft snapshot's bytes.
-///
-/// Why not a copy: the state machine's tables are the snapshot. One this store serves
-/// is a pinned redb read transaction (a view later writes do not change), encoded the
-/// first time it is read or written, on the blocking pool. openraft builds snapshots
-/// to purge the log and asks for the current one at start for its metadata; neither
-/// reads the bytes, so only a follower that needs the state pays for its encoding. One
-/// received from a leader is written into memory.
-pub struct SnapshotData {
-    data: Data,
-    /// A seek asked for before the bytes were there.
-    seek: Option<SeekFrom>,
-    /// Set when this is dropped, to stop an encoding under way.
-    dropped: Arc<AtomicBool>,
-}
-
-impl Drop for SnapshotData {
-    fn drop(&mut self) {
-        self.dropped.store(true, Ordering::Relaxed);
-    }
-}
-
-enum Data {
-    Pinned(Option<View>),
-    Encoding(tokio::task::JoinHandle<Result<Vec<u8>, String>>),
-    Bytes(Cursor<Vec<u8>>),
-    Failed(String),
-}
-
-impl std::fmt::Debug for SnapshotData {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match &self.data {
-            Data::Pinned(_) => "pinned",
-            Data::Encoding(_) => "encoding",
-            Data::Bytes(_) => "bytes",
-            Data::Failed(_) => "failed",
-        };
-        f.debug_struct("SnapshotData")
-            .field("state", &state)
-            .finish()
-    }
-}
-
-impl SnapshotData {
-    fn pinned(view: View) -> Self {
-        SnapshotData {
-            data: Data::Pinned(Some(view)),
-            seek: None,
-            dropped: Arc::default(),
-        }
-    }
-
-    /// Bytes already encoded (a snapshot being received, or a test's).
-    pub(crate) fn bytes(data: Vec<u8>) -> Self {
-        SnapshotData {
-            data: Data::Bytes(Cursor::new(data)),
-            seek: None,
-            dropped: Arc::default(),
-        }
-    }
-
-    /// The encoded bytes.
-    ///
-    /// # Cancel safety
-    /// Dropping the future drops the snapshot; an encoding under way finishes on the
-    /// blocking pool and is discarded.
-    pub(crate) async fn into_bytes(mut self) -> io::Result<Vec<u8>> {
-        std::future::poll_fn(|cx| self.poll_cursor(cx).map_ok(|_| ())).await?;
-        match &mut self.data {
-            Data::Bytes(c) => Ok(std::mem::take(c.get_mut())),
-            _ => Err(io::Error::other("snapshot bytes missing")),
-        }
-    }
-
-    /// The bytes, encoding them first if they are not there yet; a seek asked for
-    /// meanwhile is made.
-    fn poll_cursor(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut Cursor<Vec<u8>>>> {
-        loop {
-            match &mut self.data {
-                Data::Bytes(_) => break,
-                Data::Failed(e) => return Poll::Ready(Err(io::Error::other(e.clone()))),
-                Data::Pinned(view) => {
-                    let Some(view) = view.take() else {
-                        self.data = Data::Failed("snapshot view lost".into());
-                        continue;
-                    };
-                    let dropped = self.dropped.clone();
-                    let encode = move || encode_view(&view.tx, &dropped).map_err(|e| e.to_string());
-                    self.data = if crate::rt::inline() {
-                        done(encode())
-                    } else {
-                        Data::Encoding(tokio::task::spawn_blocking(encode))
-                    };
-                }
-                Data::Encoding(job) => {
-                    let res = ready!(Pin::new(job).poll(cx));
-                    self.data = done(res.unwrap_or_else(|e| Err(e.to_string())));
-                }
-            }
-        }
-        let Data::Bytes(c) = &mut self.data else {
-            return Poll::Ready(Err(io::Error::other("snapshot bytes missing")));
-        };
-        if let Some(pos) = self.seek.take() {
-            Pin::new(&mut *c).start_seek(pos)?;
-        }
-        Poll::Ready(Ok(c))
-    }
-}
-
-fn done(res: Result<Vec<u8>, String>) -> Data {
-    match res {
-        Ok(bytes) => Data::Bytes(Cursor::new(bytes)),
-        Err(e) => Data::Failed(format!("encoding the snapshot: {e}")),
-    }
-}
-
-impl AsyncRead for SnapshotData {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let c = ready!(self.get_mut().poll_cursor(cx))?;
-        Pin::new(c).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SnapshotData {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let c = ready!(self.get_mut().poll_cursor(cx))?;
-        Pin::new(c).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let c = ready!(self.get_mut().poll_cursor(cx))?;
-        Pin::new(c).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let c = ready!(self.get_mut().poll_cursor(cx))?;
-        Pin::new(c).poll_shutdown(cx)
-    }
-}
-
-impl AsyncSeek for SnapshotData {
-    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
-        let this = self.get_mut();
-        match &mut this.data {
-            Data::Bytes(c) => Pin::new(c).start_seek(position),
-            _ => {
-                this.seek = Some(position);
-                Ok(())
-            }
-        }
-    }
-
-    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
-        let c = ready!(self.get_mut().poll_cursor(cx))?;
-        Pin::new(c).poll_complete(cx)
-    }
 }
 
 /// Replaces the whole state with a snapshot's; watchers resync.
@@ -491,7 +326,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let (view, meta) = pin(&shared)?;
             Ok(Snapshot {
                 meta,
-                snapshot: Box::new(SnapshotData::pinned(view)),
+                snapshot: Box::new(lazy(view)),
             })
         })
         .await
@@ -642,8 +477,11 @@ fn reloaded(
 
 #[cfg(test)]
 mod tests {
+    use std::io::SeekFrom;
+    use std::pin::Pin;
+
     use openraft::{CommittedLeaderId, EntryPayload};
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    use tokio::io::{AsyncReadExt, AsyncSeek, AsyncSeekExt};
 
     use super::*;
     use crate::types::Command;
