@@ -22,6 +22,42 @@ use datasync_nats::NatsStore;
 use datasync_raft::{RaftConfig, RaftStore};
 
 const SEQ: usize = 1000;
+
+/// Total seconds and count of the store's histogram `name`, read as a scrape would.
+fn histogram(registry: &prometheus_client::registry::Registry, name: &str) -> (f64, f64) {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    let field = |suffix: &str| {
+        let head = format!("{name}_{suffix} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&head))
+            .unwrap_or_else(|| panic!("no {name}_{suffix} in the metrics"))
+            .parse::<f64>()
+            .unwrap()
+    };
+    (field("sum"), field("count"))
+}
+
+/// The mean time of one observation of histogram `name` while `work` ran, and the
+/// observations per put of `SEQ`.
+async fn mean_during<F: std::future::Future>(
+    registry: &prometheus_client::registry::Registry,
+    names: [&str; 2],
+    work: F,
+) -> (F::Output, [(f64, f64); 2]) {
+    let before = names.map(|n| histogram(registry, n));
+    let out = work.await;
+    let mut means = [(0.0, 0.0); 2];
+    for (i, n) in names.iter().enumerate() {
+        let (sum, count) = histogram(registry, n);
+        let (d_sum, d_count) = (sum - before[i].0, count - before[i].1);
+        means[i] = (d_sum / d_count.max(1.0), d_count / SEQ as f64);
+    }
+    (out, means)
+}
+
+const WAL: &str = "etcd_disk_wal_fsync_duration_seconds";
+const APPLY: &str = "datasync_raft_apply_duration_seconds";
 const INFLIGHT_N: usize = 20_000;
 const PREFIX_N: usize = 100_000;
 
@@ -127,6 +163,11 @@ async fn bench(runs: usize) {
     let client = etcd.client().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let raft = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    raft.register_metrics(&mut registry);
+    // A sequential put's mean, and its log write's and apply's (the store's own
+    // timings), per run.
+    let (mut put_mean, mut wal_mean, mut apply_mean) = (vec![], vec![], vec![]);
 
     let (mut rs, mut rs50, mut es, mut es50) = (vec![], vec![], vec![], vec![]);
     let (mut ri, mut ei) = (vec![], vec![]);
@@ -141,7 +182,17 @@ async fn bench(runs: usize) {
     for run in 0..runs {
         na.run(&sa, run).await;
         nd.run(&sd, run).await;
-        let (ops, p50) = store_seq(&raft, &format!("seq{run}"), SEQ).await;
+        let prefix = format!("seq{run}");
+        let seq = store_seq(&raft, &prefix, SEQ);
+        let ((ops, p50), [wal, apply]) = mean_during(&registry, [WAL, APPLY], seq).await;
+        assert!(
+            (0.9..1.5).contains(&wal.1),
+            "one log write per sequential put, not {}",
+            wal.1
+        );
+        put_mean.push(1.0 / ops);
+        wal_mean.push(wal.0);
+        apply_mean.push(apply.0 * apply.1);
         rs.push(ops);
         rs50.push(p50.as_secs_f64());
         let (ops, p50) = etcd_seq(&client, &format!("seq{run}"), SEQ).await;
@@ -253,6 +304,18 @@ async fn bench(runs: usize) {
         "|   sequential put p50 over the floor (the floor's share of a put) | {:.2}× ({:.0} %) | | | >= 85 % |",
         median(&rs50) / floor,
         100.0 * floor / median(&rs50),
+    );
+    let (put, wal, apply) = (median(&put_mean), median(&wal_mean), median(&apply_mean));
+    let rest = put - wal - apply;
+    println!(
+        "|   sequential put, mean {}: log write (one frame, O_DIRECT+O_DSYNC) {} ({:.0} %), apply {} ({:.0} %), the rest (openraft's core, hand-offs between tasks and threads, reply) {} ({:.0} %) | | | | |",
+        ms(put),
+        ms(wal),
+        100.0 * wal / put,
+        ms(apply),
+        100.0 * apply / put,
+        ms(rest),
+        100.0 * rest / put,
     );
     let (ri, ei) = (median(&ri), median(&ei));
     row(
