@@ -38,8 +38,8 @@ fn histogram(registry: &prometheus_client::registry::Registry, name: &str) -> (f
     (field("sum"), field("count"))
 }
 
-/// The mean time of one observation of histogram `name` while `work` ran, and the
-/// observations per put of `SEQ`.
+/// The time histogram `name` counted per put of `SEQ` while `work` ran, and its
+/// observations per put.
 async fn mean_during<F: std::future::Future>(
     registry: &prometheus_client::registry::Registry,
     names: [&str; 2],
@@ -51,7 +51,7 @@ async fn mean_during<F: std::future::Future>(
     for (i, n) in names.iter().enumerate() {
         let (sum, count) = histogram(registry, n);
         let (d_sum, d_count) = (sum - before[i].0, count - before[i].1);
-        means[i] = (d_sum / d_count.max(1.0), d_count / SEQ as f64);
+        means[i] = (d_sum / SEQ as f64, d_count / SEQ as f64);
     }
     (out, means)
 }
@@ -165,9 +165,10 @@ async fn bench(runs: usize) {
     let raft = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
     raft.register_metrics(&mut registry);
-    // A sequential put's mean, and its log write's and apply's (the store's own
-    // timings), per run.
-    let (mut put_mean, mut wal_mean, mut apply_mean) = (vec![], vec![], vec![]);
+    // A sequential put's mean, its log write's and apply's (the store's own timings)
+    // and the rest, per run.
+    let (mut put_mean, mut wal_mean, mut apply_mean, mut rest_mean) =
+        (vec![], vec![], vec![], vec![]);
 
     let (mut rs, mut rs50, mut es, mut es50) = (vec![], vec![], vec![], vec![]);
     let (mut ri, mut ei) = (vec![], vec![]);
@@ -192,7 +193,8 @@ async fn bench(runs: usize) {
         );
         put_mean.push(1.0 / ops);
         wal_mean.push(wal.0);
-        apply_mean.push(apply.0 * apply.1);
+        apply_mean.push(apply.0);
+        rest_mean.push(1.0 / ops - wal.0 - apply.0);
         rs.push(ops);
         rs50.push(p50.as_secs_f64());
         let (ops, p50) = etcd_seq(&client, &format!("seq{run}"), SEQ).await;
@@ -306,7 +308,7 @@ async fn bench(runs: usize) {
         100.0 * floor / median(&rs50),
     );
     let (put, wal, apply) = (median(&put_mean), median(&wal_mean), median(&apply_mean));
-    let rest = put - wal - apply;
+    let rest = median(&rest_mean);
     println!(
         "|   sequential put, mean {}: log write (one frame, O_DIRECT+O_DSYNC) {} ({:.0} %), apply {} ({:.0} %), the rest (openraft's core, hand-offs between tasks and threads, reply) {} ({:.0} %) | | | | |",
         ms(put),

@@ -1,7 +1,7 @@
 //! The on-disk layout: the raft log in segment files under `log/` ([`wal`]); the vote,
 //! the purge point and the state machine in one redb database. There is no separate
-//! snapshot: the state machine's tables are it (see `sm::snapshot`), and
-//! the `snapshot` table holds only the last one's metadata.
+//! snapshot: the state machine's tables are it (see `sm::snapshot`), and the `snapshot`
+//! table holds only a snapshot's metadata (only whether there is one is read).
 //!
 //! Durability: an acknowledged write is durable in the log. State-machine applies
 //! commit with `Durability::None` (no second fsync per write), so after a crash the

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{OptionalSend, RaftSnapshotBuilder};
@@ -211,7 +211,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 /// A consistent view of the state machine and its snapshot metadata, durable before
 /// it is returned: the view and every apply before it survive a crash, so openraft may
 /// purge the log up to it. The metadata is stored as the last snapshot's.
-fn pin(shared: &Shared) -> Result<(View, SnapshotMeta<NodeId, openraft::BasicNode>), StorageError> {
+fn pin(
+    shared: &Arc<Shared>,
+) -> Result<(View, SnapshotMeta<NodeId, openraft::BasicNode>), StorageError> {
     shared.settle().map_err(rd)?;
     let view = shared.db.begin_read().map_err(rd)?;
     let m = view.open_table(SM_META).map_err(rd)?;
@@ -236,34 +238,38 @@ fn pin(shared: &Shared) -> Result<(View, SnapshotMeta<NodeId, openraft::BasicNod
     tx.commit().map_err(wr)?;
     let view = View {
         tx: view,
-        _db: shared.db.clone(),
+        shared: shared.clone(),
     };
     Ok((view, meta))
 }
 
-/// A pinned view, with the database it reads: a read transaction holds the data file
-/// open (and locked) past the database's drop, so the view counts as a user of it and
-/// [`RaftStore::shutdown`](crate::RaftStore::shutdown) waits for it.
+/// A pinned view, with the state machine it reads: a read transaction holds the data
+/// file open (and locked) past the database's drop, so the view counts as a user of it
+/// and [`RaftStore::shutdown`](crate::RaftStore::shutdown) waits for it; an encoding
+/// stops once the state machine is closed, so that wait is short.
 struct View {
     tx: redb::ReadTransaction,
-    _db: Arc<redb::Database>,
+    shared: Arc<Shared>,
 }
 
 /// The snapshot of a view, encoded when first used.
 fn lazy(view: View) -> SnapshotData {
-    SnapshotData::lazy(move |dropped| encode_view(&view.tx, dropped).map_err(|e| e.to_string()))
+    SnapshotData::lazy(move |dropped| {
+        let stop = || dropped.load(Ordering::Relaxed) || view.shared.closed.load(Ordering::Acquire);
+        encode_view(&view.tx, &stop).map_err(|e| e.to_string())
+    })
 }
 
-/// The payload of the state a view sees; ends early once `dropped` is set (nobody
-/// wants the bytes any more, and the view holds the data files open).
+/// The payload of the state a view sees; ends early once `stop` says so (nobody wants
+/// the bytes any more, or the store is closing: the view holds the data files open).
 fn encode_view(
     view: &redb::ReadTransaction,
-    dropped: &AtomicBool,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Vec<u8>, StorageError> {
     let m = view.open_table(SM_META).map_err(rd)?;
     Payload {
         revision: get_meta(&m, "revision")?.unwrap_or(0),
-        kv: kv_records(view, dropped)?,
+        kv: kv_records(view, stop)?,
         sessions: session_records(view)?,
         leases: lease_obj_records(view)?,
         versions: get_meta(&m, "versions")?.unwrap_or(false),
@@ -350,7 +356,7 @@ pub(crate) fn backup_payload(shared: &Shared) -> Result<(u64, u64, Vec<u8>), Sto
     };
     let m = rtx.open_table(SM_META).map_err(rd)?;
     let revision: u64 = get_meta(&m, "revision")?.unwrap_or(0);
-    let pairs = kv_records(&rtx, &AtomicBool::new(false))?;
+    let pairs = kv_records(&rtx, &|| false)?;
     let keys = pairs.len() as u64;
     let data = Payload {
         revision,
@@ -394,15 +400,15 @@ pub(crate) fn restore_payload(shared: &Shared, data: &[u8]) -> Result<(), Storag
     reloaded(shared, inner, payload.revision)
 }
 
-/// Every key with its encoded record, in key order; an error once `stop` is set.
+/// Every key with its encoded record, in key order; an error once `stop` says so.
 fn kv_records(
     rtx: &redb::ReadTransaction,
-    stop: &AtomicBool,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
     let kv = rtx.open_table(KV).map_err(rd)?;
     let mut pairs = Vec::with_capacity(kv.len().map_err(rd)? as usize);
     for (n, item) in kv.iter().map_err(rd)?.enumerate() {
-        if n % 4096 == 0 && stop.load(Ordering::Relaxed) {
+        if n % 4096 == 0 && stop() {
             return Err(rd(io::Error::other("snapshot dropped while encoded")));
         }
         let (k, v) = item.map_err(rd)?;
@@ -570,7 +576,21 @@ mod tests {
             .expect("reads")
             .expect("one");
         assert_eq!(again.snapshot.into_bytes().await.expect("encodes"), whole);
+
+        // A store that closes stops an encoding (its view holds the files open, and
+        // shutdown waits for it).
+        let late = sm
+            .get_current_snapshot()
+            .await
+            .expect("reads")
+            .expect("one");
         shared.close();
+        let refused = late.snapshot.into_bytes().await;
+        assert!(
+            refused.is_err(),
+            "encoded after close: {} bytes",
+            refused.map_or(0, |b| b.len())
+        );
         shared2.close();
     }
 }
