@@ -615,35 +615,8 @@ impl RaftStore {
             .load(std::sync::atomic::Ordering::Relaxed);
         let metrics = raft.metrics().borrow().last_applied.map(|l| l.index);
         let applied = metrics.max((sm > 0).then_some(sm));
-        let index = |m: &openraft::RaftMetrics<crate::types::NodeId, openraft::BasicNode>| {
-            m.snapshot.map(|l| l.index)
-        };
-        loop {
-            let seen = self.snapshot_index();
-            // Ignored while a snapshot is being built: one that started before this
-            // call may end short of `applied`, so the trigger is repeated, as soon as
-            // a build ends or every second, until one covers it.
-            raft.trigger()
-                .snapshot()
-                .await
-                .map_err(|_| StoreError::Stopped)?;
-            let built = raft
-                .wait(Some(Duration::from_secs(1)))
-                .metrics(
-                    |m| index(m) >= applied || index(m) != seen,
-                    "a snapshot is built",
-                )
-                .await;
-            match built {
-                Ok(m) if index(&m) >= applied => {
-                    return tasks::purge_behind_snapshot(raft, self.inner.config.keep_logs).await;
-                }
-                Ok(_) | Err(openraft::metrics::WaitError::Timeout(..)) => continue,
-                Err(openraft::metrics::WaitError::ShuttingDown) => {
-                    return Err(StoreError::Stopped);
-                }
-            }
-        }
+        tasks::snapshot_covering(raft, applied).await?;
+        tasks::purge_behind_snapshot(raft, self.inner.config.keep_logs).await
     }
 
     /// Stops the node; persisted state is kept for the next [`open`](Self::open).

@@ -38,9 +38,42 @@ pub(super) async fn count_leader_changes(
     }
 }
 
+/// Triggers snapshots until one covers log index `target`. openraft ignores a trigger
+/// while a build runs, and a build that started earlier may end short of `target`, so
+/// the trigger is repeated as soon as a build ends, or every second.
+///
+/// # Cancel safety
+/// Dropped before it returns, a build may be under way; nothing more is promised.
+pub(super) async fn snapshot_covering(
+    raft: &Raft<TypeConfig>,
+    target: Option<u64>,
+) -> Result<(), StoreError> {
+    let index =
+        |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| m.snapshot.map(|l| l.index);
+    loop {
+        let seen = index(&raft.metrics().borrow());
+        raft.trigger()
+            .snapshot()
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        let built = raft
+            .wait(Some(Duration::from_secs(1)))
+            .metrics(
+                |m| index(m) >= target || index(m) != seen,
+                "a snapshot is built",
+            )
+            .await;
+        match built {
+            Ok(m) if index(&m) >= target => return Ok(()),
+            Ok(_) | Err(openraft::metrics::WaitError::Timeout(..)) => continue,
+            Err(openraft::metrics::WaitError::ShuttingDown) => return Err(StoreError::Stopped),
+        }
+    }
+}
+
 /// Builds a snapshot each time another [`RaftConfig::snapshot_log_bytes`] of log were
-/// appended (openraft counts entries only). A trigger while a build runs is dropped by
-/// openraft; the next crossing triggers again.
+/// appended (openraft counts entries only), one that covers what was applied at the
+/// crossing.
 ///
 /// [`RaftConfig::snapshot_log_bytes`]: super::RaftConfig::snapshot_log_bytes
 pub(super) async fn snapshot_by_log_bytes(
@@ -48,30 +81,15 @@ pub(super) async fn snapshot_by_log_bytes(
     growth: Arc<crate::storage::wal::Growth>,
     stop: CancellationToken,
 ) {
-    let index =
-        |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| m.snapshot.map(|l| l.index);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = growth.crossed.notified() => {}
         }
-        // openraft ignores a trigger while a build runs: repeat it until a snapshot
-        // covers what was applied at the crossing.
         let target = raft.metrics().borrow().last_applied.map(|l| l.index);
-        loop {
-            if raft.trigger().snapshot().await.is_err() {
-                return;
-            }
-            let wait = raft.wait(Some(Duration::from_secs(1)));
-            let built = tokio::select! {
-                _ = stop.cancelled() => return,
-                built = wait.metrics(|m| index(m) >= target, "a snapshot by log size") => built,
-            };
-            match built {
-                Ok(_) => break,
-                Err(openraft::metrics::WaitError::Timeout(..)) => continue,
-                Err(openraft::metrics::WaitError::ShuttingDown) => return,
-            }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            built = snapshot_covering(&raft, target) => if built.is_err() { return },
         }
     }
 }

@@ -409,7 +409,9 @@ fn kv_records(
     let mut pairs = Vec::with_capacity(kv.len().map_err(rd)? as usize);
     for (n, item) in kv.iter().map_err(rd)?.enumerate() {
         if n % 4096 == 0 && stop() {
-            return Err(rd(io::Error::other("snapshot dropped while encoded")));
+            return Err(rd(io::Error::other(
+                "snapshot encoding stopped: dropped, or the store closed",
+            )));
         }
         let (k, v) = item.map_err(rd)?;
         pairs.push((k.value().to_owned(), v.value().to_vec()));
