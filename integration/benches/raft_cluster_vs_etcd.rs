@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use datasync_integration::EtcdCluster;
 use datasync_integration::bench::{
-    etcd_inflight, etcd_seq, etcd_watch_on, median, quantile, store_inflight, store_seq,
-    store_watch_on,
+    DEPTH, etcd_inflight, etcd_seq, etcd_watch_on, histogram, median, quantile, store_inflight,
+    store_seq, store_watch_on,
 };
 use datasync_raft::testing::{TestCluster, test_secret};
-use datasync_raft::{RemoteConfig, RemoteStore};
+use datasync_raft::{RaftStore, RemoteConfig, RemoteStore};
+use prometheus_client::registry::Registry;
 
 const SEQ: usize = 500;
 const INFLIGHT_N: usize = 10_000;
@@ -38,10 +39,141 @@ struct Samples {
     fseq: Vec<f64>,
     fseq50: Vec<f64>,
     inflight: Vec<f64>,
+    finflight: Vec<f64>,
     rseq: Vec<f64>,
     rseq50: Vec<f64>,
     rinflight: Vec<f64>,
     watch: Vec<Duration>,
+}
+
+const WAL: &str = "etcd_disk_wal_fsync_duration_seconds";
+const APPLY: &str = "datasync_raft_apply_duration_seconds";
+const BATCH: &str = "datasync_raft_proposal_batch_size";
+
+/// The disk's floor with `writers` members writing at once: the p50 of `n` 4 KiB page
+/// writes with `O_DIRECT | O_DSYNC` (as the raft log writes), each writer on a file of
+/// its own in `dir`, all started together. `None` where the file system refuses
+/// `O_DIRECT`.
+fn disk_floor_together(dir: &std::path::Path, writers: usize, n: usize) -> Option<Duration> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let files: Vec<std::fs::File> = (0..writers)
+        .map(|w| {
+            let path = dir.join(format!("floor{w}"));
+            std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+            std::fs::File::open(&path).unwrap().sync_all().unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+                .open(&path)
+                .ok()
+        })
+        .collect::<Option<_>>()?;
+    let start = std::sync::Barrier::new(writers);
+    let times: Vec<Duration> = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .iter()
+            .map(|f| {
+                let start = &start;
+                s.spawn(move || {
+                    // O_DIRECT wants an aligned buffer: an aligned page inside a larger one.
+                    let buf = vec![7u8; 8192];
+                    let off = buf.as_ptr().align_offset(4096);
+                    let page = &buf[off..off + 4096];
+                    start.wait();
+                    (0..n)
+                        .map(|i| {
+                            let t = std::time::Instant::now();
+                            f.write_all_at(page, ((i % 256) * 4096) as u64).unwrap();
+                            t.elapsed()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    Some(quantile(times, 0.5))
+}
+
+/// Each member's metrics, the leader's first.
+struct Members(Vec<Registry>);
+
+impl Members {
+    fn of(leader: &RaftStore, nodes: &[RaftStore]) -> Self {
+        let mut order: Vec<&RaftStore> = vec![leader];
+        order.extend(nodes.iter().filter(|n| n.node_id() != leader.node_id()));
+        Members(
+            order
+                .into_iter()
+                .map(|n| {
+                    let mut r = Registry::default();
+                    n.register_metrics(&mut r);
+                    r
+                })
+                .collect(),
+        )
+    }
+
+    /// Each member's (sum, count) of every histogram the breakdown reads.
+    fn read(&self) -> Vec<[(f64, f64); 3]> {
+        self.0
+            .iter()
+            .map(|r| [WAL, APPLY, BATCH].map(|n| histogram(r, n)))
+            .collect()
+    }
+
+    /// Where the time of the `n` puts `work` makes goes, by the members' own metrics.
+    async fn during<F: std::future::Future>(&self, n: usize, work: F) -> (F::Output, Steps) {
+        let before = self.read();
+        let (cpu0, t0) = (
+            datasync_integration::proc::cpu_time_of(std::process::id()),
+            std::time::Instant::now(),
+        );
+        let out = work.await;
+        let (cpu1, wall) = (
+            datasync_integration::proc::cpu_time_of(std::process::id()),
+            t0.elapsed(),
+        );
+        let after = self.read();
+        let d = |m: usize, h: usize| {
+            let (a, b) = (after[m][h], before[m][h]);
+            (a.0 - b.0, a.1 - b.1)
+        };
+        let mean = |(sum, count): (f64, f64)| if count > 0.0 { sum / count } else { 0.0 };
+        let followers: Vec<f64> = (1..self.0.len()).map(|m| mean(d(m, 0))).collect();
+        let steps = Steps {
+            log_writes: d(0, 0).1 / n as f64,
+            leader_write: mean(d(0, 0)),
+            follower_write: followers.iter().sum::<f64>() / followers.len() as f64,
+            apply: mean(d(0, 1)),
+            batch: mean(d(0, 2)),
+            cores: match (cpu0, cpu1) {
+                (Some(a), Some(b)) => (b - a).as_secs_f64() / wall.as_secs_f64(),
+                _ => f64::NAN,
+            },
+        };
+        (out, steps)
+    }
+}
+
+/// A workload's steps, from the members' metrics.
+#[derive(Default, Clone, Copy)]
+struct Steps {
+    /// The leader's log writes per put.
+    log_writes: f64,
+    /// The mean time of one log write on the leader, and on a follower.
+    leader_write: f64,
+    follower_write: f64,
+    /// The mean time of one apply on the leader.
+    apply: f64,
+    /// Puts per proposal batch on the leader.
+    batch: f64,
+    /// The bench process's CPU time over the wall time (all three members and the
+    /// clients; the machine has 2 cores).
+    cores: f64,
 }
 
 async fn bench(runs: usize) {
@@ -56,6 +188,10 @@ async fn bench(runs: usize) {
     );
     let raft = TestCluster::start(3).await;
     let (rleader, rfollower) = (raft.leader().await.clone(), raft.follower().await.clone());
+    let members = Members::of(&rleader, &raft.nodes);
+    // Per run: (sequential to the leader, 64 in flight to the leader, 64 in flight from
+    // the remote client).
+    let mut steps: Vec<[(f64, Steps); 3]> = Vec::new();
     let remote = RemoteStore::connect(RemoteConfig::new(
         [rleader.cluster_addr().unwrap().to_owned()],
         test_secret(),
@@ -65,7 +201,9 @@ async fn bench(runs: usize) {
 
     let (mut r, mut e) = (Samples::default(), Samples::default());
     for run in 0..runs {
-        let (ops, p50) = store_seq(&rleader, &format!("seq{run}"), SEQ).await;
+        let ((ops, p50), seq_steps) = members
+            .during(SEQ, store_seq(&rleader, &format!("seq{run}"), SEQ))
+            .await;
         r.seq.push(ops);
         r.seq50.push(p50.as_secs_f64());
         let (ops, p50) = etcd_seq(&eleader, &format!("seq{run}"), SEQ).await;
@@ -77,15 +215,35 @@ async fn bench(runs: usize) {
         let (ops, p50) = etcd_seq(&efollower, &format!("fseq{run}"), SEQ).await;
         e.fseq.push(ops);
         e.fseq50.push(p50.as_secs_f64());
-        r.inflight
-            .push(store_inflight(&rleader, &format!("par{run}"), INFLIGHT_N).await);
+        let (par_ops, par_steps) = members
+            .during(
+                INFLIGHT_N,
+                store_inflight(&rleader, &format!("par{run}"), INFLIGHT_N),
+            )
+            .await;
+        r.inflight.push(par_ops);
         e.inflight
             .push(etcd_inflight(&eleader, &format!("par{run}"), INFLIGHT_N).await);
+        r.finflight
+            .push(store_inflight(&rfollower, &format!("fpar{run}"), INFLIGHT_N).await);
+        e.finflight
+            .push(etcd_inflight(&efollower, &format!("fpar{run}"), INFLIGHT_N).await);
         let (ops, p50) = store_seq(&remote, &format!("rseq{run}"), SEQ).await;
         r.rseq.push(ops);
         r.rseq50.push(p50.as_secs_f64());
-        r.rinflight
-            .push(store_inflight(&remote, &format!("rpar{run}"), INFLIGHT_N).await);
+        let (rops, remote_steps) = members
+            .during(
+                INFLIGHT_N,
+                store_inflight(&remote, &format!("rpar{run}"), INFLIGHT_N),
+            )
+            .await;
+        r.rinflight.push(rops);
+        // A put's mean time: one at a time, or 64 at once.
+        steps.push([
+            (1.0 / r.seq[run], seq_steps),
+            (DEPTH as f64 / par_ops, par_steps),
+            (DEPTH as f64 / rops, remote_steps),
+        ]);
         r.watch
             .extend(store_watch_on(&rleader, &rfollower, &format!("watch{run}/")).await);
         e.watch
@@ -111,7 +269,15 @@ async fn bench(runs: usize) {
         format!("{:.0}", ops(&e.inflight)),
         ops(&r.inflight) / ops(&e.inflight),
         "×",
-        ">= 2×",
+        ">= 6×",
+    );
+    row(
+        "64 puts in flight through a follower (ops/s)",
+        format!("{:.0}", ops(&r.finflight)),
+        format!("{:.0}", ops(&e.finflight)),
+        ops(&r.finflight) / ops(&e.finflight),
+        "×",
+        ">= 4×",
     );
     row(
         "sequential puts to the leader (ops/s)",
@@ -119,7 +285,7 @@ async fn bench(runs: usize) {
         format!("{:.0}", ops(&e.seq)),
         ops(&r.seq) / ops(&e.seq),
         "×",
-        "",
+        ">= 2×",
     );
     row(
         "  p50 latency",
@@ -151,7 +317,7 @@ async fn bench(runs: usize) {
         format!("{:.0}", ops(&e.inflight)),
         ops(&r.rinflight) / ops(&e.inflight),
         "×",
-        "",
+        ">= 4×",
     );
     row(
         "sequential puts from a remote client (ops/s)",
@@ -185,7 +351,53 @@ async fn bench(runs: usize) {
         us(e99),
         r99.as_secs_f64() / e99.as_secs_f64(),
         "× etcd",
-        "",
+        "<= 0.5×",
+    );
+    println!();
+    println!(
+        "Where a raft put's time goes, by the members' own metrics (medians of the runs; a put's mean time is 1/ops, times 64 for 64 in flight)"
+    );
+    println!();
+    println!(
+        "| work | put, mean | leader log writes per put | leader log write | follower log write | apply | puts per batch | cores busy |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (i, work) in [
+        "sequential to the leader",
+        "64 in flight to the leader",
+        "64 in flight from a remote client",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let m = |f: fn(&(f64, Steps)) -> f64| {
+            median(&steps.iter().map(|s| f(&s[i])).collect::<Vec<_>>())
+        };
+        println!(
+            "| {work} | {} | {:.3} | {} | {} | {} | {:.1} | {:.2} |",
+            ms(m(|s| s.0)),
+            m(|s| s.1.log_writes),
+            ms(m(|s| s.1.leader_write)),
+            ms(m(|s| s.1.follower_write)),
+            ms(m(|s| s.1.apply)),
+            m(|s| s.1.batch),
+            m(|s| s.1.cores),
+        );
+    }
+    // The device all three members share: what one synced page write costs alone,
+    // and with two or three at once (a leader and its followers writing together).
+    let dir = raft.dirs[0].path().to_owned();
+    let floors = tokio::task::spawn_blocking(move || {
+        [1, 2, 3].map(|w| disk_floor_together(&dir, w, SEQ).map(|d| ms(d.as_secs_f64())))
+    })
+    .await
+    .unwrap();
+    println!();
+    println!(
+        "The shared disk: p50 of a 4 KiB O_DIRECT|O_DSYNC page write, 1 / 2 / 3 writers at once: {}",
+        floors
+            .map(|f| f.unwrap_or_else(|| "O_DIRECT refused".into()))
+            .join(" / ")
     );
     for n in &raft.nodes {
         n.shutdown().await;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use datasync::{Prefix, ReadOptions, Writer};
 use datasync_integration::bench::{
-    child_figures, etcd_inflight, etcd_seq, etcd_watch, median, nats_server, quantile,
+    child_figures, etcd_inflight, etcd_seq, etcd_watch, histogram, median, nats_server, quantile,
     store_inflight as raft_inflight, store_seq, store_watch,
 };
 use datasync_integration::{EtcdServer, proc};
@@ -22,21 +22,6 @@ use datasync_nats::NatsStore;
 use datasync_raft::{RaftConfig, RaftStore};
 
 const SEQ: usize = 1000;
-
-/// Total seconds and count of the store's histogram `name`, read as a scrape would.
-fn histogram(registry: &prometheus_client::registry::Registry, name: &str) -> (f64, f64) {
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
-    let field = |suffix: &str| {
-        let head = format!("{name}_{suffix} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&head))
-            .unwrap_or_else(|| panic!("no {name}_{suffix} in the metrics"))
-            .parse::<f64>()
-            .unwrap()
-    };
-    (field("sum"), field("count"))
-}
 
 /// The time histogram `name` counted per put of `SEQ` while `work` ran, and its
 /// observations per put.

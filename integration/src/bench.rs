@@ -65,6 +65,22 @@ pub fn medians<const N: usize>(runs: &[[f64; N]]) -> [f64; N] {
     std::array::from_fn(|i| median(&runs.iter().map(|r| r[i]).collect::<Vec<_>>()))
 }
 
+/// Total seconds (or units) and count of the histogram `name` in `registry`, read as a
+/// scrape would.
+pub fn histogram(registry: &prometheus_client::registry::Registry, name: &str) -> (f64, f64) {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).expect("metrics encode");
+    let field = |suffix: &str| {
+        let head = format!("{name}_{suffix} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&head))
+            .unwrap_or_else(|| panic!("no {name}_{suffix} in the metrics"))
+            .parse::<f64>()
+            .expect("a metric's value")
+    };
+    (field("sum"), field("count"))
+}
+
 /// The `q` quantile.
 pub fn quantile(mut v: Vec<Duration>, q: f64) -> Duration {
     v.sort();
