@@ -53,7 +53,7 @@ const BATCH: &str = "datasync_raft_proposal_batch_size";
 /// The disk's floor with `writers` members writing at once: the p50 of `n` 4 KiB page
 /// writes with `O_DIRECT | O_DSYNC` (as the raft log writes), each writer on a file of
 /// its own in `dir`, all started together. `None` where the file system refuses
-/// `O_DIRECT`.
+/// `O_DIRECT` (at the open or at a write).
 fn disk_floor_together(dir: &std::path::Path, writers: usize, n: usize) -> Option<Duration> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let files: Vec<std::fs::File> = (0..writers)
@@ -77,24 +77,25 @@ fn disk_floor_together(dir: &std::path::Path, writers: usize, n: usize) -> Optio
                 s.spawn(move || {
                     // O_DIRECT wants an aligned buffer: an aligned page inside a larger one.
                     let buf = vec![7u8; 8192];
-                    let off = buf.as_ptr().align_offset(4096);
+                    let off = (4096 - buf.as_ptr() as usize % 4096) % 4096;
                     let page = &buf[off..off + 4096];
                     start.wait();
                     (0..n)
                         .map(|i| {
                             let t = std::time::Instant::now();
-                            f.write_all_at(page, ((i % 256) * 4096) as u64).unwrap();
-                            t.elapsed()
+                            f.write_all_at(page, ((i % 256) * 4096) as u64).ok()?;
+                            Some(t.elapsed())
                         })
-                        .collect::<Vec<_>>()
+                        .collect::<Option<Vec<_>>>()
                 })
             })
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    });
+            .map(|h| h.join().unwrap())
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat())
+    })?;
     Some(quantile(times, 0.5))
 }
 
@@ -126,37 +127,54 @@ impl Members {
     }
 
     /// Where the time of the `n` puts `work` makes goes, by the members' own metrics.
-    async fn during<F: std::future::Future>(&self, n: usize, work: F) -> (F::Output, Steps) {
+    /// Panics if the leader changed meanwhile: its rows would then be another member's.
+    async fn during<F: std::future::Future>(
+        &self,
+        leader: &RaftStore,
+        n: usize,
+        work: F,
+    ) -> (F::Output, Steps) {
+        let led = leader.leader();
+        assert_eq!(
+            led,
+            Some(leader.node_id()),
+            "the leader changed before a phase"
+        );
         let before = self.read();
-        let (cpu0, t0) = (
-            datasync_integration::proc::cpu_time_of(std::process::id()),
-            std::time::Instant::now(),
-        );
+        let (cpu0, t0) = (process_cpu(), std::time::Instant::now());
         let out = work.await;
-        let (cpu1, wall) = (
-            datasync_integration::proc::cpu_time_of(std::process::id()),
-            t0.elapsed(),
-        );
+        let (cpu1, wall) = (process_cpu(), t0.elapsed());
         let after = self.read();
+        assert_eq!(
+            leader.leader(),
+            led,
+            "the leader changed during a phase: its figures would be another member's; run the bench again"
+        );
         let d = |m: usize, h: usize| {
             let (a, b) = (after[m][h], before[m][h]);
             (a.0 - b.0, a.1 - b.1)
         };
-        let mean = |(sum, count): (f64, f64)| if count > 0.0 { sum / count } else { 0.0 };
-        let followers: Vec<f64> = (1..self.0.len()).map(|m| mean(d(m, 0))).collect();
+        // NaN (printed "–") where nothing was observed.
+        let mean = |(sum, count): (f64, f64)| if count > 0.0 { sum / count } else { f64::NAN };
+        let followers = (1..self.0.len())
+            .map(|m| d(m, 0))
+            .fold((0.0, 0.0), |(s, c), (ms, mc)| (s + ms, c + mc));
         let steps = Steps {
             log_writes: d(0, 0).1 / n as f64,
             leader_write: mean(d(0, 0)),
-            follower_write: followers.iter().sum::<f64>() / followers.len() as f64,
+            follower_write: mean(followers),
             apply: mean(d(0, 1)),
             batch: mean(d(0, 2)),
-            cores: match (cpu0, cpu1) {
-                (Some(a), Some(b)) => (b - a).as_secs_f64() / wall.as_secs_f64(),
-                _ => f64::NAN,
-            },
+            cores: (cpu1 - cpu0).as_secs_f64() / wall.as_secs_f64(),
         };
         (out, steps)
     }
+}
+
+/// This process's CPU time, threads that have exited included, in clock ticks (10 ms
+/// here: over a phase of about a second, a few hundredths of a core).
+fn process_cpu() -> Duration {
+    datasync_integration::proc::cpu_time_of(std::process::id()).expect("this process's CPU time")
 }
 
 /// A workload's steps, from the members' metrics.
@@ -202,7 +220,11 @@ async fn bench(runs: usize) {
     let (mut r, mut e) = (Samples::default(), Samples::default());
     for run in 0..runs {
         let ((ops, p50), seq_steps) = members
-            .during(SEQ, store_seq(&rleader, &format!("seq{run}"), SEQ))
+            .during(
+                &rleader,
+                SEQ,
+                store_seq(&rleader, &format!("seq{run}"), SEQ),
+            )
             .await;
         r.seq.push(ops);
         r.seq50.push(p50.as_secs_f64());
@@ -217,6 +239,7 @@ async fn bench(runs: usize) {
         e.fseq50.push(p50.as_secs_f64());
         let (par_ops, par_steps) = members
             .during(
+                &rleader,
                 INFLIGHT_N,
                 store_inflight(&rleader, &format!("par{run}"), INFLIGHT_N),
             )
@@ -233,6 +256,7 @@ async fn bench(runs: usize) {
         r.rseq50.push(p50.as_secs_f64());
         let (rops, remote_steps) = members
             .during(
+                &rleader,
                 INFLIGHT_N,
                 store_inflight(&remote, &format!("rpar{run}"), INFLIGHT_N),
             )
@@ -254,7 +278,7 @@ async fn bench(runs: usize) {
     let us = |d: Duration| format!("{} µs", d.as_micros());
     let version = eleader.clone().status().await.unwrap().version().to_owned();
     println!(
-        "3-node embedded raft cluster vs 3-member etcd {version} cluster, loopback, {runs} runs, medians; 256-byte values"
+        "3-node embedded raft cluster vs 3-member etcd {version} cluster, loopback, {runs} runs, medians (watch quantiles over all runs' events); 256-byte values"
     );
     println!();
     println!("| work | raft | etcd | raft vs etcd | goal |");
@@ -355,7 +379,7 @@ async fn bench(runs: usize) {
     );
     println!();
     println!(
-        "Where a raft put's time goes, by the members' own metrics (medians of the runs; a put's mean time is 1/ops, times 64 for 64 in flight)"
+        "Where a raft put's time goes, by the members' own metrics: for each work the run with the median put time, whole (a put's mean time is 1/ops, times 64 for 64 in flight; cores busy in 10 ms clock ticks)"
     );
     println!();
     println!(
@@ -370,18 +394,24 @@ async fn bench(runs: usize) {
     .iter()
     .enumerate()
     {
-        let m = |f: fn(&(f64, Steps)) -> f64| {
-            median(&steps.iter().map(|s| f(&s[i])).collect::<Vec<_>>())
+        // One run's figures together, so that they add up (medians per column might
+        // each come from another run).
+        let mut by_time: Vec<(f64, Steps)> = steps.iter().map(|s| s[i]).collect();
+        by_time.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (put, st) = by_time[by_time.len() / 2];
+        let or_dash = |v: f64, f: &dyn Fn(f64) -> String| match v.is_nan() {
+            true => "–".to_owned(),
+            false => f(v),
         };
         println!(
-            "| {work} | {} | {:.3} | {} | {} | {} | {:.1} | {:.2} |",
-            ms(m(|s| s.0)),
-            m(|s| s.1.log_writes),
-            ms(m(|s| s.1.leader_write)),
-            ms(m(|s| s.1.follower_write)),
-            ms(m(|s| s.1.apply)),
-            m(|s| s.1.batch),
-            m(|s| s.1.cores),
+            "| {work} | {} | {:.3} | {} | {} | {} | {} | {:.2} |",
+            ms(put),
+            st.log_writes,
+            or_dash(st.leader_write, &ms),
+            or_dash(st.follower_write, &ms),
+            or_dash(st.apply, &ms),
+            or_dash(st.batch, &|b| format!("{b:.1}")),
+            st.cores,
         );
     }
     // The device all three members share: what one synced page write costs alone,
