@@ -11,7 +11,7 @@
 //! a single batch in flight collects every caller the last one answered. A cluster
 //! keeps two, so one batch replicates while the next is written.
 //!
-//! A batch that opens within its wait's window of batches answering several writers
+//! A batch that opens within [`GATHER_RECENT`] of batches answering several writers
 //! waits for as many proposals to be queued (at most half the commit time of the batch
 //! that answered last, and [`GATHER_MAX`]). Why: a batch's cost is mostly per batch (a
 //! log write and its sync on every member, a replication round, a redb commit per
@@ -239,6 +239,8 @@ const BATCH_MAX: usize = 1024;
 /// module's docs). Measured with 64 writers (`remote_overhead`): 50 µs was too short for
 /// a remote client on one node, 200–500 µs gained as much as 1 ms in a cluster.
 const GATHER_MAX: Duration = Duration::from_micros(500);
+/// A batch waits only for writers answered this recently.
+const GATHER_RECENT: Duration = Duration::from_millis(1);
 /// No wait below this window (a batch that failed fast).
 const GATHER_MIN: Duration = Duration::from_micros(10);
 /// Batches that close without waiting after a wait ran out.
@@ -332,9 +334,10 @@ async fn proposer(
         // writes before this batch closes, or it closes on the first of them.
         tokio::task::yield_now().await;
         let window = (last_commit / 2).min(GATHER_MAX);
-        // Writers answered longer ago than the window are not coming back at once; and
-        // a batch that failed fast leaves no window worth a wait.
-        let recent = answered_at.elapsed() < window && window >= GATHER_MIN;
+        // Writers answered longer ago than [`GATHER_RECENT`] are taken as not coming
+        // back at once (a stale count would make an occasional writer wait); and a
+        // batch that failed fast leaves no window worth a wait.
+        let recent = answered_at.elapsed() < GATHER_RECENT && window >= GATHER_MIN;
         if gathers && answered > 1 && recent && skip == 0 {
             let t = std::time::Instant::now();
             while queue.len() + 1 < answered.min(BATCH_MAX) {
