@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use datasync_integration::EtcdCluster;
 use datasync_integration::bench::{
-    DEPTH, etcd_inflight, etcd_seq, etcd_watch_on, histogram, median, quantile, store_inflight,
-    store_seq, store_watch_on,
+    DEPTH, direct_page_writes, etcd_inflight, etcd_seq, etcd_watch_on, histogram, median, quantile,
+    store_inflight, store_seq, store_watch_on,
 };
 use datasync_raft::testing::{TestCluster, test_secret};
 use datasync_raft::{RaftStore, RemoteConfig, RemoteStore};
@@ -49,55 +49,6 @@ struct Samples {
 const WAL: &str = "etcd_disk_wal_fsync_duration_seconds";
 const APPLY: &str = "datasync_raft_apply_duration_seconds";
 const BATCH: &str = "datasync_raft_proposal_batch_size";
-
-/// The disk's floor with `writers` members writing at once: the p50 of `n` 4 KiB page
-/// writes with `O_DIRECT | O_DSYNC` (as the raft log writes), each writer on a file of
-/// its own in `dir`, all started together. `None` where the file system refuses
-/// `O_DIRECT` (at the open or at a write).
-fn disk_floor_together(dir: &std::path::Path, writers: usize, n: usize) -> Option<Duration> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let files: Vec<std::fs::File> = (0..writers)
-        .map(|w| {
-            let path = dir.join(format!("floor{w}"));
-            std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-            std::fs::File::open(&path).unwrap().sync_all().unwrap();
-            std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
-                .open(&path)
-                .ok()
-        })
-        .collect::<Option<_>>()?;
-    let start = std::sync::Barrier::new(writers);
-    let times: Vec<Duration> = std::thread::scope(|s| {
-        let handles: Vec<_> = files
-            .iter()
-            .map(|f| {
-                let start = &start;
-                s.spawn(move || {
-                    // O_DIRECT wants an aligned buffer: an aligned page inside a larger one.
-                    let buf = vec![7u8; 8192];
-                    let off = (4096 - buf.as_ptr() as usize % 4096) % 4096;
-                    let page = &buf[off..off + 4096];
-                    start.wait();
-                    (0..n)
-                        .map(|i| {
-                            let t = std::time::Instant::now();
-                            f.write_all_at(page, ((i % 256) * 4096) as u64).ok()?;
-                            Some(t.elapsed())
-                        })
-                        .collect::<Option<Vec<_>>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .collect::<Option<Vec<_>>>()
-            .map(|v| v.concat())
-    })?;
-    Some(quantile(times, 0.5))
-}
 
 /// Each member's metrics, the leader's first.
 struct Members(Vec<Registry>);
@@ -418,7 +369,7 @@ async fn bench(runs: usize) {
     // and with two or three at once (a leader and its followers writing together).
     let dir = raft.dirs[0].path().to_owned();
     let floors = tokio::task::spawn_blocking(move || {
-        [1, 2, 3].map(|w| disk_floor_together(&dir, w, SEQ).map(|d| ms(d.as_secs_f64())))
+        [1, 2, 3].map(|w| direct_page_writes(&dir, w, SEQ).map(|d| ms(d.as_secs_f64())))
     })
     .await
     .unwrap();

@@ -52,7 +52,7 @@ const PREFIX_N: usize = 100_000;
 /// `O_DIRECT`).
 fn disk_floor(dir: &std::path::Path, n: usize) -> (Duration, Option<Duration>) {
     use std::io::Write;
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::unix::fs::FileExt;
     let page = [7u8; 4096];
     let path = dir.join("floor");
     let mut f = std::fs::File::create(&path).unwrap();
@@ -65,24 +65,7 @@ fn disk_floor(dir: &std::path::Path, n: usize) -> (Duration, Option<Duration>) {
         f.sync_data().unwrap();
         synced.push(t.elapsed());
     }
-    let direct = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
-        .open(&path)
-        .ok()
-        .map(|f| {
-            // O_DIRECT wants an aligned buffer: an aligned page inside a larger one.
-            let buf = vec![7u8; 8192];
-            let off = buf.as_ptr().align_offset(4096);
-            let aligned = &buf[off..off + 4096];
-            let mut times = Vec::with_capacity(n);
-            for i in 0..n {
-                let t = Instant::now();
-                f.write_all_at(aligned, ((i % 256) * 4096) as u64).unwrap();
-                times.push(t.elapsed());
-            }
-            quantile(times, 0.5)
-        });
+    let direct = datasync_integration::bench::direct_page_writes(dir, 1, n);
     (quantile(synced, 0.5), direct)
 }
 

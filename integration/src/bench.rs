@@ -326,3 +326,54 @@ pub fn paired_overhead(a: &[f64], b: &[f64]) -> f64 {
     let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
     (median(&ratios) - 1.0) * 100.0
 }
+
+/// The disk's floor with `writers` writing at once (members sharing one disk): the p50
+/// of `n` 4 KiB page writes with `O_DIRECT | O_DSYNC` (as the raft log writes), each
+/// writer on a file of its own in `dir`, all started together. `None` where the file system refuses
+/// `O_DIRECT` (at the open or at a write).
+pub fn direct_page_writes(dir: &std::path::Path, writers: usize, n: usize) -> Option<Duration> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let files: Vec<std::fs::File> = (0..writers)
+        .map(|w| {
+            let path = dir.join(format!("floor{w}"));
+            std::fs::write(&path, vec![0u8; 1 << 20]).expect("a probe file");
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .expect("a synced probe file");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+                .open(&path)
+                .ok()
+        })
+        .collect::<Option<_>>()?;
+    let start = std::sync::Barrier::new(writers);
+    let times: Vec<Duration> = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .iter()
+            .map(|f| {
+                let start = &start;
+                s.spawn(move || {
+                    // O_DIRECT wants an aligned buffer: an aligned page inside a larger one.
+                    let buf = vec![7u8; 8192];
+                    let off = (4096 - buf.as_ptr() as usize % 4096) % 4096;
+                    let page = &buf[off..off + 4096];
+                    start.wait();
+                    (0..n)
+                        .map(|i| {
+                            let t = std::time::Instant::now();
+                            f.write_all_at(page, ((i % 256) * 4096) as u64).ok()?;
+                            Some(t.elapsed())
+                        })
+                        .collect::<Option<Vec<_>>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a probe thread"))
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat())
+    })?;
+    Some(quantile(times, 0.5))
+}
