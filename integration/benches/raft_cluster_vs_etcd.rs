@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use datasync_integration::EtcdCluster;
 use datasync_integration::bench::{
-    DEPTH, direct_page_writes, etcd_inflight, etcd_seq, etcd_watch_on, histogram, median, quantile,
-    store_inflight, store_seq, store_watch_on,
+    DEPTH, direct_page_writes, etcd_inflight, etcd_seq, etcd_watch_on, histograms, median,
+    quantile, store_inflight, store_seq, store_watch_on,
 };
 use datasync_raft::testing::{TestCluster, test_secret};
 use datasync_raft::{RaftStore, RemoteConfig, RemoteStore};
@@ -73,7 +73,7 @@ impl Members {
     fn read(&self) -> Vec<[(f64, f64); 3]> {
         self.0
             .iter()
-            .map(|r| [WAL, APPLY, BATCH].map(|n| histogram(r, n)))
+            .map(|r| histograms(r, [WAL, APPLY, BATCH]))
             .collect()
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use datasync::{Prefix, ReadOptions, Writer};
 use datasync_integration::bench::{
-    child_figures, etcd_inflight, etcd_seq, etcd_watch, histogram, median, nats_server, quantile,
+    child_figures, etcd_inflight, etcd_seq, etcd_watch, histograms, median, nats_server, quantile,
     store_inflight as raft_inflight, store_seq, store_watch,
 };
 use datasync_integration::{EtcdServer, proc};
@@ -30,11 +30,12 @@ async fn mean_during<F: std::future::Future>(
     names: [&str; 2],
     work: F,
 ) -> (F::Output, [(f64, f64); 2]) {
-    let before = names.map(|n| histogram(registry, n));
+    let before = histograms(registry, names);
     let out = work.await;
+    let after = histograms(registry, names);
     let mut means = [(0.0, 0.0); 2];
-    for (i, n) in names.iter().enumerate() {
-        let (sum, count) = histogram(registry, n);
+    for i in 0..names.len() {
+        let (sum, count) = after[i];
         let (d_sum, d_count) = (sum - before[i].0, count - before[i].1);
         means[i] = (d_sum / SEQ as f64, d_count / SEQ as f64);
     }

@@ -15,13 +15,15 @@
 use std::time::{Duration, Instant};
 
 use datasync::{Consistency, Key, PutOptions, ReadOptions, Value, Writer};
-use datasync_integration::bench::{DEPTH, histogram, median, quantile, store_inflight, value};
+use datasync_integration::bench::{
+    histogram, inflight, median, quantile, store_inflight, store_seq, value,
+};
 use datasync_raft::testing::{TestCluster, test_secret};
 use datasync_raft::{RemoteConfig, RemoteStore};
 use prometheus_client::registry::Registry;
 
 const SEQ: usize = 2_000;
-const INFLIGHT_N: usize = 320 * DEPTH;
+const INFLIGHT_N: usize = 20_000;
 
 fn main() {
     let rt = datasync_integration::bench::runtime();
@@ -51,37 +53,17 @@ async fn get_seq<S: Writer>(s: &S, key: &Key, n: usize) -> Duration {
     quantile(lat, 0.5)
 }
 
-/// `n` local reads of `key` from [`DEPTH`] tasks (`n` a multiple of it): ops/s.
+/// `n` local reads of `key` from `bench::DEPTH` tasks: ops/s.
 async fn get_inflight<S: Writer + Clone + 'static>(s: &S, key: &Key, n: usize) -> f64 {
-    let t = Instant::now();
-    let tasks: Vec<_> = (0..DEPTH)
-        .map(|_| {
-            let (s, key) = (s.clone(), key.clone());
-            tokio::spawn(async move {
-                let opts = ReadOptions::new().consistency(Consistency::Local);
-                for _ in 0..n / DEPTH {
-                    s.get(&key, opts).await.unwrap().unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    (n / DEPTH * DEPTH) as f64 / t.elapsed().as_secs_f64()
-}
-
-/// `n` sequential puts: the p50.
-async fn put_seq<S: Writer>(s: &S, prefix: &str, n: usize) -> Duration {
-    let v = Value::from(value());
-    let mut lat = Vec::with_capacity(n);
-    for i in 0..n {
-        let k = Key::new(format!("{prefix}/{i:06}")).unwrap();
-        let t = Instant::now();
-        s.put(&k, v.clone(), PutOptions::new()).await.unwrap();
-        lat.push(t.elapsed());
-    }
-    quantile(lat, 0.5)
+    let (s, key) = (s.clone(), key.clone());
+    inflight(n, move |_| {
+        let (s, key) = (s.clone(), key.clone());
+        async move {
+            let opts = ReadOptions::new().consistency(Consistency::Local);
+            s.get(&key, opts).await.unwrap().unwrap();
+        }
+    })
+    .await
 }
 
 /// Ops/s and CPU per op of `work`, which makes `n` ops.
@@ -124,21 +106,17 @@ async fn bench(runs: usize, nodes: u64) {
     get_seq(&remote, &key, 200).await;
 
     // A profile's workload: remote reads, or remote puts, 64 in flight, for 5 s.
-    match std::env::var("BENCH_ONLY").as_deref() {
-        Ok("reads") | Ok("puts") => {
-            let reads = std::env::var("BENCH_ONLY").unwrap() == "reads";
-            let t = Instant::now();
-            let mut i = 0;
-            while t.elapsed() < Duration::from_secs(5) {
-                match reads {
-                    true => get_inflight(&remote, &key, INFLIGHT_N).await,
-                    false => store_inflight(&remote, &format!("p{i}"), INFLIGHT_N).await,
-                };
-                i += 1;
-            }
-            return;
+    if let Ok(only @ ("reads" | "puts")) = std::env::var("BENCH_ONLY").as_deref() {
+        let t = Instant::now();
+        let mut i = 0;
+        while t.elapsed() < Duration::from_secs(5) {
+            match only {
+                "reads" => get_inflight(&remote, &key, INFLIGHT_N).await,
+                _ => store_inflight(&remote, &format!("p{i}"), INFLIGHT_N).await,
+            };
+            i += 1;
         }
-        _ => {}
+        return;
     }
     let (mut d, mut r) = (Side::default(), Side::default());
     for run in 0..runs {
@@ -226,7 +204,7 @@ impl<S: Writer + Clone + 'static> WriterDyn for S {
         timed(n, get_inflight(self, key, n)).await
     }
     async fn put_seq(&self, prefix: &str, n: usize) -> Duration {
-        put_seq(self, prefix, n).await
+        store_seq(self, prefix, n).await.1
     }
     async fn put_inflight_timed(&self, prefix: &str, n: usize) -> (f64, f64) {
         timed(n, store_inflight(self, prefix, n)).await

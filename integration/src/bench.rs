@@ -68,17 +68,28 @@ pub fn medians<const N: usize>(runs: &[[f64; N]]) -> [f64; N] {
 /// Total seconds (or units) and count of the histogram `name` in `registry`, read as a
 /// scrape would.
 pub fn histogram(registry: &prometheus_client::registry::Registry, name: &str) -> (f64, f64) {
+    let [h] = histograms(registry, [name]);
+    h
+}
+
+/// [`histogram`] of each of `names`, from one scrape.
+pub fn histograms<const N: usize>(
+    registry: &prometheus_client::registry::Registry,
+    names: [&str; N],
+) -> [(f64, f64); N] {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, registry).expect("metrics encode");
-    let field = |suffix: &str| {
-        let head = format!("{name}_{suffix} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&head))
-            .unwrap_or_else(|| panic!("no {name}_{suffix} in the metrics"))
-            .parse::<f64>()
-            .expect("a metric's value")
-    };
-    (field("sum"), field("count"))
+    names.map(|name| {
+        let field = |suffix: &str| {
+            let head = format!("{name}_{suffix} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&head))
+                .unwrap_or_else(|| panic!("no {name}_{suffix} in the metrics"))
+                .parse::<f64>()
+                .expect("a metric's value")
+        };
+        (field("sum"), field("count"))
+    })
 }
 
 /// The `q` quantile.
@@ -96,8 +107,8 @@ fn bench_key(s: String) -> Key {
     Key::new(s).expect("benchmark keys are valid")
 }
 
-/// `n` puts from [`DEPTH`] tasks, `put(i)` making the `i`-th; ops/s.
-async fn inflight<F, Fut>(n: usize, put: F) -> f64
+/// `n` operations from [`DEPTH`] tasks, `put(i)` making the `i`-th; ops/s.
+pub async fn inflight<F, Fut>(n: usize, put: F) -> f64
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,

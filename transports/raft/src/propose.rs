@@ -310,18 +310,16 @@ async fn proposer(
     let mut inflight = FuturesUnordered::new();
     let mut carry: Option<Proposal> = None;
     let gathers = !crate::rt::inline();
-    // Writers the batches answered since the last one closed, when the last answered
-    // and how long it took to commit, and batches left to close without waiting.
-    let (mut answered, mut skip) = (0usize, 0u32);
-    let (mut answered_at, mut last_commit) = (std::time::Instant::now(), Duration::ZERO);
+    let mut answered = Answered::default();
+    // Batches left to close without waiting.
+    let mut skip = 0u32;
     loop {
         let first = match carry.take() {
             Some(p) => p,
             None => tokio::select! {
                 _ = stop.cancelled() => return,
-                Some((n, took)) = inflight.next(), if !inflight.is_empty() => {
-                    answered += n;
-                    (answered_at, last_commit) = (std::time::Instant::now(), took);
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    answered.record(done);
                     continue;
                 }
                 p = queue.recv(), if inflight.len() < in_flight => match p {
@@ -333,29 +331,28 @@ async fn proposer(
         // The callers a batch answered are woken together: let them queue their next
         // writes before this batch closes, or it closes on the first of them.
         tokio::task::yield_now().await;
-        let window = (last_commit / 2).min(GATHER_MAX);
+        let window = (answered.last_commit / 2).min(GATHER_MAX);
         // Writers answered longer ago than [`GATHER_RECENT`] are taken as not coming
         // back at once (a stale count would make an occasional writer wait); and a
         // batch that failed fast leaves no window worth a wait.
-        let recent = answered_at.elapsed() < GATHER_RECENT && window >= GATHER_MIN;
-        if gathers && answered > 1 && recent && skip == 0 {
+        let recent = answered.at.elapsed() < GATHER_RECENT && window >= GATHER_MIN;
+        if gathers && answered.writers > 1 && recent && skip == 0 {
             let t = std::time::Instant::now();
-            while queue.len() + 1 < answered.min(BATCH_MAX) {
+            while queue.len() + 1 < answered.writers.min(BATCH_MAX) {
                 if t.elapsed() >= window {
                     skip = GATHER_SKIP;
                     break;
                 }
                 // Batches still in flight go on answering meanwhile.
-                if let Some(Some((n, took))) = inflight.next().now_or_never() {
-                    answered += n;
-                    (answered_at, last_commit) = (std::time::Instant::now(), took);
+                if let Some(Some(done)) = inflight.next().now_or_never() {
+                    answered.record(done);
                 }
                 tokio::task::yield_now().await;
             }
         } else {
             skip = skip.saturating_sub(1);
         }
-        answered = 0;
+        answered.writers = 0;
         let mut bytes = size(&first.cmd);
         let mut batch = vec![first];
         while batch.len() < BATCH_MAX && bytes < BATCH_BYTES {
@@ -385,14 +382,40 @@ async fn proposer(
         if carry.is_some() && inflight.len() >= in_flight {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                done = inflight.next() => if let Some((n, took)) = done {
-                    answered += n;
-                    (answered_at, last_commit) = (std::time::Instant::now(), took);
+                done = inflight.next() => if let Some(done) = done {
+                    answered.record(done);
                 },
             }
         }
     }
     while inflight.next().await.is_some() {}
+}
+
+/// What the batches answered since the last batch closed.
+struct Answered {
+    /// Writers answered.
+    writers: usize,
+    /// When the last batch answered, and how long it took to commit.
+    at: std::time::Instant,
+    last_commit: Duration,
+}
+
+impl Default for Answered {
+    fn default() -> Self {
+        Answered {
+            writers: 0,
+            at: std::time::Instant::now(),
+            last_commit: Duration::ZERO,
+        }
+    }
+}
+
+impl Answered {
+    /// A batch of `n` writers answered after `took`.
+    fn record(&mut self, (n, took): (usize, Duration)) {
+        self.writers += n;
+        (self.at, self.last_commit) = (std::time::Instant::now(), took);
+    }
 }
 
 /// Proposes one batch and answers its callers.
