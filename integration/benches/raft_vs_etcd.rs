@@ -10,6 +10,7 @@
 //! a parked worker thread to hand its request over (~100 µs more per raft put here).
 #![allow(clippy::unwrap_used)] // a benchmark: failing loudly is the point
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use datasync::{Prefix, ReadOptions, Writer};
@@ -23,35 +24,36 @@ use datasync_raft::{RaftConfig, RaftStore};
 
 const SEQ: usize = 1000;
 
-/// The time histogram `name` counted per put of `SEQ` while `work` ran, and its
-/// observations per put.
-async fn mean_during<F: std::future::Future>(
+/// The time each histogram of `names` counted per put of `SEQ` while `work` ran, and
+/// its observations per put.
+async fn mean_during<F: std::future::Future, const N: usize>(
     registry: &prometheus_client::registry::Registry,
-    names: [&str; 2],
+    names: [&str; N],
     work: F,
-) -> (F::Output, [(f64, f64); 2]) {
+) -> (F::Output, [(f64, f64); N]) {
     let before = histograms(registry, names);
     let out = work.await;
     let after = histograms(registry, names);
-    let mut means = [(0.0, 0.0); 2];
-    for i in 0..names.len() {
+    let means = std::array::from_fn(|i| {
         let (sum, count) = after[i];
         let (d_sum, d_count) = (sum - before[i].0, count - before[i].1);
-        means[i] = (d_sum / SEQ as f64, d_count / SEQ as f64);
-    }
+        (d_sum / SEQ as f64, d_count / SEQ as f64)
+    });
     (out, means)
 }
 
 const WAL: &str = "etcd_disk_wal_fsync_duration_seconds";
 const APPLY: &str = "datasync_raft_apply_duration_seconds";
+/// From handing a write to openraft (`client_write`) to its answer.
+const PROPOSAL: &str = "datasync_raft_proposal_duration_seconds";
 const INFLIGHT_N: usize = 20_000;
 const PREFIX_N: usize = 100_000;
 
 /// The disk's floor for one durable write, in the file system of `dir`: the p50 of
-/// `n` 4 KiB writes each followed by `fdatasync`, and of `n` 4 KiB page writes with
-/// `O_DIRECT | O_DSYNC` (as the raft log writes; `None` where the file system refuses
-/// `O_DIRECT`).
-fn disk_floor(dir: &std::path::Path, n: usize) -> (Duration, Option<Duration>) {
+/// `n` 4 KiB writes each followed by `fdatasync`, and the p50 and mean of `n` 4 KiB page
+/// writes with `O_DIRECT | O_DSYNC` (as the raft log writes; `None` where the file
+/// system refuses `O_DIRECT`).
+fn disk_floor(dir: &std::path::Path, n: usize) -> (Duration, Option<(Duration, Duration)>) {
     use std::io::Write;
     use std::os::unix::fs::FileExt;
     let page = [7u8; 4096];
@@ -134,15 +136,18 @@ async fn bench(runs: usize) {
     let raft = RaftStore::open(RaftConfig::new(dir.path())).await.unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
     raft.register_metrics(&mut registry);
-    // A sequential put's mean, its log write's and apply's (the store's own timings)
-    // and the rest, per run.
-    let (mut put_mean, mut wal_mean, mut apply_mean, mut rest_mean) =
-        (vec![], vec![], vec![], vec![]);
+    // A sequential put's mean and its parts (the store's own timings), per run: the
+    // log write, the apply, the rest of openraft's time (its proposal less both), and
+    // the time outside openraft (the put less its proposal).
+    let (mut put_mean, mut wal_mean, mut apply_mean) = (vec![], vec![], vec![]);
+    let (mut raft_rest, mut outside) = (vec![], vec![]);
+    // The bench process's scheduler figures over each sequential phase, by thread name.
+    let mut sched_runs = vec![];
 
     let (mut rs, mut rs50, mut es, mut es50) = (vec![], vec![], vec![], vec![]);
     let (mut ri, mut ei) = (vec![], vec![]);
     let (mut rw, mut ew) = (vec![], vec![]);
-    let (mut floor_sync, mut floor_direct) = (vec![], vec![]);
+    let (mut floor_sync, mut floor_direct, mut floor_mean) = (vec![], vec![], vec![]);
     let (always, default) = (nats_server(true).await, nats_server(false).await);
     let (sa, sd) = (
         always.store().await.unwrap(),
@@ -154,16 +159,30 @@ async fn bench(runs: usize) {
         nd.run(&sd, run).await;
         let prefix = format!("seq{run}");
         let seq = store_seq(&raft, &prefix, SEQ);
-        let ((ops, p50), [wal, apply]) = mean_during(&registry, [WAL, APPLY], seq).await;
-        assert!(
-            (0.9..1.5).contains(&wal.1),
-            "one log write per sequential put, not {}",
-            wal.1
+        let before = proc::sched_by_thread().unwrap();
+        let ((ops, p50), [wal, apply, proposal]) =
+            mean_during(&registry, [WAL, APPLY, PROPOSAL], seq).await;
+        let after = proc::sched_by_thread().unwrap();
+        sched_runs.push(
+            after
+                .iter()
+                .map(|(name, a)| {
+                    let b = before.get(name).copied().unwrap_or_default();
+                    (name.clone(), a.since(&b))
+                })
+                .collect::<BTreeMap<_, _>>(),
         );
+        for (name, (_, per_put)) in [(WAL, wal), (PROPOSAL, proposal)] {
+            assert!(
+                (0.9..1.5).contains(&per_put),
+                "{name}: one observation per sequential put, not {per_put}"
+            );
+        }
         put_mean.push(1.0 / ops);
         wal_mean.push(wal.0);
         apply_mean.push(apply.0);
-        rest_mean.push(1.0 / ops - wal.0 - apply.0);
+        raft_rest.push(proposal.0 - wal.0 - apply.0);
+        outside.push(1.0 / ops - proposal.0);
         rs.push(ops);
         rs50.push(p50.as_secs_f64());
         let (ops, p50) = etcd_seq(&client, &format!("seq{run}"), SEQ).await;
@@ -182,7 +201,10 @@ async fn bench(runs: usize) {
             .await
             .unwrap();
         floor_sync.push(synced.as_secs_f64());
-        floor_direct.extend(direct.map(|d| d.as_secs_f64()));
+        if let Some((p50, mean)) = direct {
+            floor_direct.push(p50.as_secs_f64());
+            floor_mean.push(mean.as_secs_f64());
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
@@ -277,17 +299,51 @@ async fn bench(runs: usize) {
         100.0 * floor / median(&rs50),
     );
     let (put, wal, apply) = (median(&put_mean), median(&wal_mean), median(&apply_mean));
-    let rest = median(&rest_mean);
+    let (raft_rest, outside) = (median(&raft_rest), median(&outside));
+    let share = |part: f64| format!("{} ({:.0} %)", ms(part), 100.0 * part / put);
     println!(
-        "|   sequential put, mean {}: log write (one frame, O_DIRECT+O_DSYNC) {} ({:.0} %), apply {} ({:.0} %), the rest (openraft's core, hand-offs between tasks and threads, reply) {} ({:.0} %) | | | | |",
+        "|   sequential put, mean {}: log write (one frame, O_DIRECT+O_DSYNC) {}, apply {}, the rest of openraft's time (its core and state-machine tasks, hand-offs between them and to the caller) {}, outside openraft (the datasync API, the store's command, the bench's loop) {} | | | | |",
         ms(put),
-        ms(wal),
-        100.0 * wal / put,
-        ms(apply),
-        100.0 * apply / put,
-        ms(rest),
-        100.0 * rest / put,
+        share(wal),
+        share(apply),
+        share(raft_rest),
+        share(outside),
     );
+    // Per sequential put, by thread name: CPU, time runnable but waiting for a CPU, and
+    // times put on a CPU (medians over the runs; threads with under 1 µs of CPU left out).
+    let names: std::collections::BTreeSet<&String> =
+        sched_runs.iter().flat_map(|r| r.keys()).collect();
+    let per_put = |name: &str, f: fn(&proc::Sched) -> f64| {
+        let v: Vec<f64> = sched_runs
+            .iter()
+            .map(|r| r.get(name).map_or(0.0, f) / SEQ as f64)
+            .collect();
+        median(&v)
+    };
+    let threads: Vec<String> = names
+        .into_iter()
+        .filter(|n| per_put(n, |s| s.cpu.as_secs_f64()) >= 1e-6)
+        .map(|n| {
+            format!(
+                "{n}: CPU {}, waiting {}, runs {:.1}",
+                ms(per_put(n, |s| s.cpu.as_secs_f64())),
+                ms(per_put(n, |s| s.waiting.as_secs_f64())),
+                per_put(n, |s| s.runs as f64),
+            )
+        })
+        .collect();
+    println!(
+        "|   per sequential put, by thread of this process (CPU, runnable but waiting for a CPU, times put on one) | {} | | | |",
+        threads.join("; "),
+    );
+    if !floor_mean.is_empty() {
+        let floor_mean = median(&floor_mean);
+        println!(
+            "|   the log write's mean over the page-write floor's mean ({}) | {:.2}× | | | |",
+            ms(floor_mean),
+            wal / floor_mean,
+        );
+    }
     let (ri, ei) = (median(&ri), median(&ei));
     row(
         "64 puts in flight (ops/s)",

@@ -339,10 +339,14 @@ pub fn paired_overhead(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// The disk's floor with `writers` writing at once (members sharing one disk): the p50
-/// of `n` 4 KiB page writes with `O_DIRECT | O_DSYNC` (as the raft log writes), each
+/// and the mean of `n` 4 KiB page writes with `O_DIRECT | O_DSYNC` (as the raft log writes), each
 /// writer on a file of its own in `dir`, all started together. `None` where the file system refuses
 /// `O_DIRECT` (at the open or at a write).
-pub fn direct_page_writes(dir: &std::path::Path, writers: usize, n: usize) -> Option<Duration> {
+pub fn direct_page_writes(
+    dir: &std::path::Path,
+    writers: usize,
+    n: usize,
+) -> Option<(Duration, Duration)> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let files: Vec<std::fs::File> = (0..writers)
         .map(|w| {
@@ -386,5 +390,6 @@ pub fn direct_page_writes(dir: &std::path::Path, writers: usize, n: usize) -> Op
             .collect::<Option<Vec<_>>>()
             .map(|v| v.concat())
     })?;
-    Some(quantile(times, 0.5))
+    let mean = times.iter().sum::<Duration>() / times.len().max(1) as u32;
+    Some((quantile(times, 0.5), mean))
 }

@@ -45,12 +45,78 @@ pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
 }
 
 fn tasks_cpu_time(dir: &str) -> Option<std::time::Duration> {
-    let mut ns = 0u64;
-    for task in std::fs::read_dir(dir).ok()? {
-        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    tasks_sched(dir).map(|s| s.cpu)
+}
+
+/// What the scheduler did for a process, summed over its live threads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sched {
+    /// Time on a CPU.
+    pub cpu: std::time::Duration,
+    /// Time runnable but waiting for a CPU: a woken thread's wait to run is in it.
+    pub waiting: std::time::Duration,
+    /// Times a thread was put on a CPU (each wake-up of a sleeping thread is one).
+    pub runs: u64,
+}
+
+impl Sched {
+    /// What happened between `before` and this (threads that exited in between make
+    /// it an underestimate, never negative).
+    pub fn since(&self, before: &Sched) -> Sched {
+        Sched {
+            cpu: self.cpu.saturating_sub(before.cpu),
+            waiting: self.waiting.saturating_sub(before.waiting),
+            runs: self.runs.saturating_sub(before.runs),
+        }
     }
-    Some(std::time::Duration::from_nanos(ns))
+}
+
+/// [`Sched`] of this process so far (`/proc/self/task/*/schedstat`).
+pub fn sched() -> Option<Sched> {
+    tasks_sched("/proc/self/task")
+}
+
+/// [`Sched`] of this process so far by thread name (`comm`: its first 15 bytes; tokio
+/// names its workers and blocking threads alike).
+pub fn sched_by_thread() -> Option<std::collections::BTreeMap<String, Sched>> {
+    let mut by = std::collections::BTreeMap::<String, Sched>::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path();
+        // A thread that exits meanwhile is left out.
+        let (Ok(name), Some(s)) = (
+            std::fs::read_to_string(path.join("comm")),
+            thread_sched(&path),
+        ) else {
+            continue;
+        };
+        let e = by.entry(name.trim_end().to_owned()).or_default();
+        (e.cpu, e.waiting, e.runs) = (e.cpu + s.cpu, e.waiting + s.waiting, e.runs + s.runs);
+    }
+    Some(by)
+}
+
+fn thread_sched(task: &std::path::Path) -> Option<Sched> {
+    let stat = std::fs::read_to_string(task.join("schedstat")).ok()?;
+    let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
+    let mut next = || fields.next().flatten();
+    Some(Sched {
+        cpu: std::time::Duration::from_nanos(next()?),
+        waiting: std::time::Duration::from_nanos(next()?),
+        runs: next()?,
+    })
+}
+
+fn tasks_sched(dir: &str) -> Option<Sched> {
+    let mut total = Sched::default();
+    for task in std::fs::read_dir(dir).ok()? {
+        let s = thread_sched(&task.ok()?.path())?;
+        (total.cpu, total.waiting, total.runs) = (
+            total.cpu + s.cpu,
+            total.waiting + s.waiting,
+            total.runs + s.runs,
+        );
+    }
+    Some(total)
 }
 
 /// Bytes the files under `path` take on disk (allocated blocks, so preallocated but

@@ -101,6 +101,7 @@ fn check_store_metrics(m: &Families, writes: f64, durable: bool) {
         ("etcd_disk_backend_commit_duration_seconds", "histogram"),
         ("datasync_raft_apply_duration_seconds", "histogram"),
         ("datasync_raft_proposal_batch_size", "histogram"),
+        ("datasync_raft_proposal_duration_seconds", "histogram"),
         ("datasync_raft_client_writes_committed", "counter"),
         ("etcd_server_proposals_applied_total", "gauge"),
         ("etcd_server_proposals_failed", "counter"),
@@ -151,6 +152,13 @@ fn check_store_metrics(m: &Families, writes: f64, durable: bool) {
     );
     let batch = "datasync_raft_proposal_batch_size";
     assert_eq!(sample(m, batch, &format!("{batch}_sum"), &[]), writes);
+    // One proposal's time per entry proposed, direct or batched.
+    let proposal = "datasync_raft_proposal_duration_seconds";
+    assert_eq!(
+        sample(m, proposal, &format!("{proposal}_count"), &[]),
+        sample(m, batch, &format!("{batch}_count"), &[])
+    );
+    assert!(sample(m, proposal, &format!("{proposal}_sum"), &[]) > 0.0);
     let applied = "etcd_server_proposals_applied_total";
     let last = "datasync_raft_last_log_index";
     assert!(sample(m, applied, applied, &[]) >= 1.0);

@@ -13,6 +13,9 @@
 //! What etcd does not have, or means otherwise, is `datasync_raft_*` and
 //! `datasync_watch_*`: client writes committed are counted per write
 //! (`datasync_raft_client_writes_committed_total`), since many share one log entry;
+//! `datasync_raft_proposal_duration_seconds` is the time from handing one log entry's
+//! write (a lone write or a batch) to openraft until it answers, so its mean less the
+//! log write's and the apply's is openraft's own share of a write;
 //! etcd's `proposals_committed_total` (the commit index) has no counterpart, as
 //! openraft 0.9 does not report the commit index. The backend commit histogram counts
 //! durable commits only (the writer commits without fsync in between, as etcd's
@@ -34,6 +37,7 @@ pub(crate) struct Metrics {
     pub(crate) wal_fsync: Histogram,
     pub(crate) backend_commit: Histogram,
     pub(crate) apply: Histogram,
+    pub(crate) proposal: Histogram,
     pub(crate) batch_size: Histogram,
     pub(crate) committed: Counter,
     pub(crate) failed: Counter,
@@ -53,6 +57,7 @@ impl Default for Metrics {
             backend_commit: disk_buckets(),
             // etcd's apply buckets: 100 µs to 3.3 s.
             apply: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            proposal: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             committed: Counter::default(),
             failed: Counter::default(),

@@ -39,6 +39,7 @@ use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use openraft::Raft;
 use openraft::error::{ClientWriteError, RaftError};
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -133,7 +134,7 @@ impl Proposals {
             p.inflight.clone(),
             p.busy.clone(),
             stop,
-            metrics.batch_size.clone(),
+            metrics.clone(),
         ));
         p
     }
@@ -199,7 +200,10 @@ impl Proposals {
         {
             let _done = InFlight(&self.inflight);
             self.metrics.batch_size.observe(1.0);
-            return match tokio::time::timeout(WRITE_WITHIN, self.raft.client_write(cmd)).await {
+            let t = std::time::Instant::now();
+            let written = tokio::time::timeout(WRITE_WITHIN, self.raft.client_write(cmd)).await;
+            self.metrics.proposal.observe(crate::metrics::since(t));
+            return match written {
                 Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
                 Ok(Err(e)) => Err(write_error(&e)),
                 Err(_) => Err(ProposeError::Store(StoreError::Timeout(WRITE_WITHIN))),
@@ -305,7 +309,7 @@ async fn proposer(
     inflight_count: Arc<AtomicUsize>,
     busy: Arc<AtomicBool>,
     stop: CancellationToken,
-    batch_size: prometheus_client::metrics::histogram::Histogram,
+    metrics: Metrics,
 ) {
     let mut inflight = FuturesUnordered::new();
     let mut carry: Option<Proposal> = None;
@@ -369,14 +373,15 @@ async fn proposer(
             }
         }
         inflight_count.fetch_add(1, Ordering::AcqRel);
-        batch_size.observe(batch.len() as f64);
+        metrics.batch_size.observe(batch.len() as f64);
         busy.store(batch.len() > 1, Ordering::Relaxed);
         let count = inflight_count.clone();
         let raft = raft.clone();
+        let proposal = metrics.proposal.clone();
         let (n, t) = (batch.len(), std::time::Instant::now());
         inflight.push(async move {
             let _done = InFlight(&count);
-            commit(raft, batch).await;
+            commit(raft, batch, &proposal).await;
             (n, t.elapsed())
         });
         if carry.is_some() && inflight.len() >= in_flight {
@@ -419,14 +424,17 @@ impl Answered {
 }
 
 /// Proposes one batch and answers its callers.
-async fn commit(raft: Raft<TypeConfig>, batch: Vec<Proposal>) {
+async fn commit(raft: Raft<TypeConfig>, batch: Vec<Proposal>, proposal: &Histogram) {
     let (mut cmds, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
     let cmd = if cmds.len() == 1 {
         cmds.remove(0)
     } else {
         Command::Batch(cmds)
     };
-    let written = match tokio::time::timeout(WRITE_WITHIN, raft.client_write(cmd)).await {
+    let t = std::time::Instant::now();
+    let written = tokio::time::timeout(WRITE_WITHIN, raft.client_write(cmd)).await;
+    proposal.observe(crate::metrics::since(t));
+    let written = match written {
         Ok(written) => written,
         Err(_) => {
             for reply in replies {

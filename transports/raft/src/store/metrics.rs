@@ -88,6 +88,11 @@ impl RaftStore {
             m.apply,
         );
         registry.register(
+            "datasync_raft_proposal_duration_seconds",
+            "Time from handing a client write (or a batch of them) to raft until raft answers, committed and applied (or the wait times out).",
+            m.proposal,
+        );
+        registry.register(
             "datasync_raft_proposal_batch_size",
             "Client writes proposed together in one log entry.",
             m.batch_size,
