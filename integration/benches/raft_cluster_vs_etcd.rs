@@ -369,7 +369,7 @@ async fn bench(runs: usize) {
     // and with two or three at once (a leader and its followers writing together).
     let dir = raft.dirs[0].path().to_owned();
     let floors = tokio::task::spawn_blocking(move || {
-        [1, 2, 3].map(|w| direct_page_writes(&dir, w, SEQ).map(|(p50, _)| ms(p50.as_secs_f64())))
+        [1, 2, 3].map(|w| direct_page_writes(&dir, w, SEQ).map(|f| ms(f.p50.as_secs_f64())))
     })
     .await
     .unwrap();

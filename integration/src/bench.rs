@@ -338,15 +338,22 @@ pub fn paired_overhead(a: &[f64], b: &[f64]) -> f64 {
     (median(&ratios) - 1.0) * 100.0
 }
 
-/// The disk's floor with `writers` writing at once (members sharing one disk): the p50
-/// and the mean of `n` 4 KiB page writes with `O_DIRECT | O_DSYNC` (as the raft log writes), each
+/// What [`direct_page_writes`] measured, per write.
+#[derive(Debug, Clone, Copy)]
+pub struct PageWrites {
+    /// The median time of a write.
+    pub p50: Duration,
+    /// The mean time of a write.
+    pub mean: Duration,
+    /// The writing threads' CPU time (the system call's).
+    pub cpu: Duration,
+}
+
+/// The disk's floor with `writers` writing at once (members sharing one disk): `n` 4 KiB
+/// page writes with `O_DIRECT | O_DSYNC` (as the raft log writes), each
 /// writer on a file of its own in `dir`, all started together. `None` where the file system refuses
 /// `O_DIRECT` (at the open or at a write).
-pub fn direct_page_writes(
-    dir: &std::path::Path,
-    writers: usize,
-    n: usize,
-) -> Option<(Duration, Duration)> {
+pub fn direct_page_writes(dir: &std::path::Path, writers: usize, n: usize) -> Option<PageWrites> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let files: Vec<std::fs::File> = (0..writers)
         .map(|w| {
@@ -363,7 +370,7 @@ pub fn direct_page_writes(
         })
         .collect::<Option<_>>()?;
     let start = std::sync::Barrier::new(writers);
-    let times: Vec<Duration> = std::thread::scope(|s| {
+    let times: Vec<(Vec<Duration>, Duration)> = std::thread::scope(|s| {
         let handles: Vec<_> = files
             .iter()
             .map(|f| {
@@ -374,13 +381,16 @@ pub fn direct_page_writes(
                     let off = (4096 - buf.as_ptr() as usize % 4096) % 4096;
                     let page = &buf[off..off + 4096];
                     start.wait();
-                    (0..n)
+                    let cpu = crate::proc::thread_cpu_time();
+                    let times = (0..n)
                         .map(|i| {
                             let t = std::time::Instant::now();
                             f.write_all_at(page, ((i % 256) * 4096) as u64).ok()?;
                             Some(t.elapsed())
                         })
-                        .collect::<Option<Vec<_>>>()
+                        .collect::<Option<Vec<_>>>()?;
+                    let cpu = crate::proc::thread_cpu_time()?.saturating_sub(cpu?);
+                    Some((times, cpu))
                 })
             })
             .collect();
@@ -388,8 +398,14 @@ pub fn direct_page_writes(
             .into_iter()
             .map(|h| h.join().expect("a probe thread"))
             .collect::<Option<Vec<_>>>()
-            .map(|v| v.concat())
     })?;
-    let mean = times.iter().sum::<Duration>() / times.len().max(1) as u32;
-    Some((quantile(times, 0.5), mean))
+    let cpu: Duration = times.iter().map(|(_, cpu)| *cpu).sum();
+    let times: Vec<Duration> = times.into_iter().flat_map(|(t, _)| t).collect();
+    let count = times.len().max(1) as u32;
+    let mean = times.iter().sum::<Duration>() / count;
+    Some(PageWrites {
+        p50: quantile(times, 0.5),
+        mean,
+        cpu: cpu / count,
+    })
 }

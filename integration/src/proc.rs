@@ -48,15 +48,31 @@ fn tasks_cpu_time(dir: &str) -> Option<std::time::Duration> {
     tasks_sched(dir).map(|s| s.cpu)
 }
 
-/// What the scheduler did for a process, summed over its live threads.
+/// What the scheduler did for threads, summed over them (`schedstat` and `status` of
+/// each).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sched {
     /// Time on a CPU.
     pub cpu: std::time::Duration,
     /// Time runnable but waiting for a CPU: a woken thread's wait to run is in it.
     pub waiting: std::time::Duration,
-    /// Times a thread was put on a CPU (each wake-up of a sleeping thread is one).
+    /// Times a thread was put on a CPU: after it slept (a park, a lock, I/O) or after
+    /// it was preempted.
     pub runs: u64,
+    /// Times a thread gave up its CPU to sleep (`voluntary_ctxt_switches`).
+    pub sleeps: u64,
+    /// Times a thread was preempted (`nonvoluntary_ctxt_switches`).
+    pub preempted: u64,
+}
+
+impl std::ops::AddAssign for Sched {
+    fn add_assign(&mut self, o: Sched) {
+        self.cpu += o.cpu;
+        self.waiting += o.waiting;
+        self.runs += o.runs;
+        self.sleeps += o.sleeps;
+        self.preempted += o.preempted;
+    }
 }
 
 impl Sched {
@@ -67,13 +83,15 @@ impl Sched {
             cpu: self.cpu.saturating_sub(before.cpu),
             waiting: self.waiting.saturating_sub(before.waiting),
             runs: self.runs.saturating_sub(before.runs),
+            sleeps: self.sleeps.saturating_sub(before.sleeps),
+            preempted: self.preempted.saturating_sub(before.preempted),
         }
     }
 }
 
-/// [`Sched`] of this process so far (`/proc/self/task/*/schedstat`).
-pub fn sched() -> Option<Sched> {
-    tasks_sched("/proc/self/task")
+/// CPU time of the calling thread so far (`/proc/thread-self/schedstat`).
+pub fn thread_cpu_time() -> Option<std::time::Duration> {
+    thread_sched(std::path::Path::new("/proc/thread-self")).map(|s| s.cpu)
 }
 
 /// [`Sched`] of this process so far by thread name (`comm`: its first 15 bytes; tokio
@@ -89,8 +107,7 @@ pub fn sched_by_thread() -> Option<std::collections::BTreeMap<String, Sched>> {
         ) else {
             continue;
         };
-        let e = by.entry(name.trim_end().to_owned()).or_default();
-        (e.cpu, e.waiting, e.runs) = (e.cpu + s.cpu, e.waiting + s.waiting, e.runs + s.runs);
+        *by.entry(name.trim_end().to_owned()).or_default() += s;
     }
     Some(by)
 }
@@ -99,22 +116,29 @@ fn thread_sched(task: &std::path::Path) -> Option<Sched> {
     let stat = std::fs::read_to_string(task.join("schedstat")).ok()?;
     let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
     let mut next = || fields.next().flatten();
+    let (cpu, waiting, runs) = (next()?, next()?, next()?);
+    let status = std::fs::read_to_string(task.join("status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim()
+            .parse()
+            .ok()
+    };
     Some(Sched {
-        cpu: std::time::Duration::from_nanos(next()?),
-        waiting: std::time::Duration::from_nanos(next()?),
-        runs: next()?,
+        cpu: std::time::Duration::from_nanos(cpu),
+        waiting: std::time::Duration::from_nanos(waiting),
+        runs,
+        sleeps: field("voluntary_ctxt_switches:")?,
+        preempted: field("nonvoluntary_ctxt_switches:")?,
     })
 }
 
 fn tasks_sched(dir: &str) -> Option<Sched> {
     let mut total = Sched::default();
     for task in std::fs::read_dir(dir).ok()? {
-        let s = thread_sched(&task.ok()?.path())?;
-        (total.cpu, total.waiting, total.runs) = (
-            total.cpu + s.cpu,
-            total.waiting + s.waiting,
-            total.runs + s.runs,
-        );
+        total += thread_sched(&task.ok()?.path())?;
     }
     Some(total)
 }

@@ -156,7 +156,8 @@ fn check_store_metrics(m: &Families, writes: f64, durable: bool) {
     let proposal = "datasync_raft_proposal_duration_seconds";
     assert_eq!(
         sample(m, proposal, &format!("{proposal}_count"), &[]),
-        sample(m, batch, &format!("{batch}_count"), &[])
+        sample(m, batch, &format!("{batch}_count"), &[]),
+        "each proposal timed once"
     );
     assert!(sample(m, proposal, &format!("{proposal}_sum"), &[]) > 0.0);
     let applied = "etcd_server_proposals_applied_total";

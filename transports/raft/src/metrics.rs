@@ -14,8 +14,10 @@
 //! `datasync_watch_*`: client writes committed are counted per write
 //! (`datasync_raft_client_writes_committed_total`), since many share one log entry;
 //! `datasync_raft_proposal_duration_seconds` is the time from handing one log entry's
-//! write (a lone write or a batch) to openraft until it answers, so its mean less the
-//! log write's and the apply's is openraft's own share of a write;
+//! write (a lone write or a batch) to openraft until it answers or the write is given
+//! up (on one node with one write at a time, its mean less the log write's and the
+//! apply's is openraft's own share of a write; in a cluster it also holds replication,
+//! and under load a batch is answered only after the next batch's log write);
 //! etcd's `proposals_committed_total` (the commit index) has no counterpart, as
 //! openraft 0.9 does not report the commit index. The backend commit histogram counts
 //! durable commits only (the writer commits without fsync in between, as etcd's

@@ -39,6 +39,7 @@ use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use openraft::Raft;
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::ClientWriteResponse;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -183,11 +184,10 @@ impl Proposals {
     /// outside the batching and the client-write metrics.
     pub(crate) async fn propose_internal(&self, cmd: Command) -> Committed {
         cmd.check().map_err(ProposeError::Store)?;
-        match tokio::time::timeout(WRITE_WITHIN, self.raft.client_write(cmd)).await {
-            Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
-            Ok(Err(e)) => Err(write_error(&e)),
-            Err(_) => Err(ProposeError::Store(StoreError::Timeout(WRITE_WITHIN))),
-        }
+        write(&self.raft, cmd, None)
+            .await
+            .map(|r| (r.data, r.log_id.index))
+            .map_err(|e| e.error())
     }
 
     async fn propose_inner(&self, cmd: Command) -> Committed {
@@ -200,14 +200,10 @@ impl Proposals {
         {
             let _done = InFlight(&self.inflight);
             self.metrics.batch_size.observe(1.0);
-            let t = std::time::Instant::now();
-            let written = tokio::time::timeout(WRITE_WITHIN, self.raft.client_write(cmd)).await;
-            self.metrics.proposal.observe(crate::metrics::since(t));
-            return match written {
-                Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
-                Ok(Err(e)) => Err(write_error(&e)),
-                Err(_) => Err(ProposeError::Store(StoreError::Timeout(WRITE_WITHIN))),
-            };
+            return write(&self.raft, cmd, Some(&self.metrics.proposal))
+                .await
+                .map(|r| (r.data, r.log_id.index))
+                .map_err(|e| e.error());
         }
         let (reply, rx) = oneshot::channel();
         self.queue
@@ -216,6 +212,51 @@ impl Proposals {
             .map_err(|_| ProposeError::Store(StoreError::Stopped))?;
         rx.await
             .map_err(|_| ProposeError::Store(StoreError::Stopped))?
+    }
+}
+
+/// Why a `client_write` gave no outcome.
+enum Unanswered {
+    Raft(Box<RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>>),
+    Timeout,
+}
+
+impl Unanswered {
+    /// The error each caller gets (by reference: one batch answers many).
+    fn error(&self) -> ProposeError {
+        match self {
+            Unanswered::Raft(e) => write_error(e),
+            Unanswered::Timeout => ProposeError::Store(StoreError::Timeout(WRITE_WITHIN)),
+        }
+    }
+}
+
+/// Records a proposal's time when dropped, so a write its caller gave up on counts too.
+struct Timer<'a>(Option<&'a Histogram>, std::time::Instant);
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.0 {
+            h.observe(crate::metrics::since(self.1));
+        }
+    }
+}
+
+/// `client_write` within [`WRITE_WITHIN`]; its time goes to `proposal`, if given.
+///
+/// # Cancel safety
+/// Dropping the future does not withdraw a write raft already took; its time is
+/// recorded up to the drop.
+async fn write(
+    raft: &Raft<TypeConfig>,
+    cmd: Command,
+    proposal: Option<&Histogram>,
+) -> Result<ClientWriteResponse<TypeConfig>, Unanswered> {
+    let _timer = Timer(proposal, std::time::Instant::now());
+    match tokio::time::timeout(WRITE_WITHIN, raft.client_write(cmd)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(Unanswered::Raft(Box::new(e))),
+        Err(_) => Err(Unanswered::Timeout),
     }
 }
 
@@ -431,19 +472,7 @@ async fn commit(raft: Raft<TypeConfig>, batch: Vec<Proposal>, proposal: &Histogr
     } else {
         Command::Batch(cmds)
     };
-    let t = std::time::Instant::now();
-    let written = tokio::time::timeout(WRITE_WITHIN, raft.client_write(cmd)).await;
-    proposal.observe(crate::metrics::since(t));
-    let written = match written {
-        Ok(written) => written,
-        Err(_) => {
-            for reply in replies {
-                let _ = reply.send(Err(ProposeError::Store(StoreError::Timeout(WRITE_WITHIN))));
-            }
-            return;
-        }
-    };
-    match written {
+    match write(&raft, cmd, Some(proposal)).await {
         Ok(resp) => {
             let index = resp.log_id.index;
             match resp.data {
@@ -468,7 +497,7 @@ async fn commit(raft: Raft<TypeConfig>, batch: Vec<Proposal>, proposal: &Histogr
         }
         Err(e) => {
             for reply in replies {
-                let _ = reply.send(Err(write_error(&e)));
+                let _ = reply.send(Err(e.error()));
             }
         }
     }

@@ -49,12 +49,17 @@ pub(crate) enum Background<T> {
 }
 
 impl<T: Send + 'static> Background<T> {
-    /// Starts `f` on a thread of its own (runs it now under a simulation).
-    pub(crate) fn spawn(f: impl FnOnce() -> T + Send + 'static) -> Self {
+    /// Starts `f` on a thread of its own named `name` (runs it now under a simulation);
+    /// an error if the system refuses a thread.
+    pub(crate) fn spawn(
+        name: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<Self> {
         if inline() {
-            return Background::Done(f());
+            return Ok(Background::Done(f()));
         }
-        Background::Thread(std::thread::spawn(f))
+        let h = std::thread::Builder::new().name(name.into()).spawn(f)?;
+        Ok(Background::Thread(h))
     }
 
     /// Waits for the work; `None` if its thread panicked.

@@ -331,13 +331,12 @@ impl Files {
         if a.pos > a.cap / 2 && self.spare.is_none() {
             let path = self.dir.join("spare.tmp");
             let size = self.next_size();
-            self.spare = Some((
-                size,
-                crate::rt::Background::spawn(move || {
-                    zero_file(&path, size)?;
-                    Ok(path)
-                }),
-            ));
+            // Without a thread, the next segment is made when it is needed.
+            let made = crate::rt::Background::spawn("raft-log-spare", move || {
+                zero_file(&path, size)?;
+                Ok(path)
+            });
+            self.spare = made.ok().map(|h| (size, h));
         }
         Ok(loc)
     }

@@ -89,7 +89,7 @@ impl RaftStore {
         );
         registry.register(
             "datasync_raft_proposal_duration_seconds",
-            "Time from handing a client write (or a batch of them) to raft until raft answers, committed and applied (or the wait times out).",
+            "Time from handing a client write (or a batch of them) to raft until raft answers (committed and applied, or failed) or the write is given up.",
             m.proposal,
         );
         registry.register(
