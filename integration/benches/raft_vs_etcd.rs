@@ -10,7 +10,6 @@
 //! a parked worker thread to hand its request over (~100 µs more per raft put here).
 #![allow(clippy::unwrap_used)] // a benchmark: failing loudly is the point
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use datasync::{Prefix, ReadOptions, Writer};
@@ -50,9 +49,9 @@ const INFLIGHT_N: usize = 20_000;
 const PREFIX_N: usize = 100_000;
 
 /// The disk's floor for one durable write, in the file system of `dir`: the p50 of
-/// `n` 4 KiB writes each followed by `fdatasync`, and the p50 and mean of `n` 4 KiB page
-/// writes with `O_DIRECT | O_DSYNC` (as the raft log writes; `None` where the file
-/// system refuses `O_DIRECT`).
+/// `n` 4 KiB writes each followed by `fdatasync`, and the p50, mean and CPU per write of
+/// `n` 4 KiB page writes with `O_DIRECT | O_DSYNC` (as the raft log writes; `None` where
+/// the file system refuses `O_DIRECT`).
 fn disk_floor(dir: &std::path::Path, n: usize) -> (Duration, Option<PageWrites>) {
     use std::io::Write;
     use std::os::unix::fs::FileExt;
@@ -160,30 +159,17 @@ async fn bench(runs: usize) {
         nd.run(&sd, run).await;
         let prefix = format!("seq{run}");
         let seq = store_seq(&raft, &prefix, SEQ);
-        let before = proc::sched_by_thread().unwrap();
+        let before = proc::threads().unwrap();
         let ((ops, p50), [wal, apply, proposal]) =
             mean_during(&registry, [WAL, APPLY, PROPOSAL], seq).await;
-        let after = proc::sched_by_thread().unwrap();
-        sched_runs.push(
-            after
-                .iter()
-                .map(|(name, a)| {
-                    let b = before.get(name).copied().unwrap_or_default();
-                    (name.clone(), a.since(&b))
-                })
-                .collect::<BTreeMap<_, _>>(),
-        );
+        sched_runs.push(proc::by_name_since(&before, &proc::threads().unwrap()));
         assert!(
             (0.9..1.5).contains(&wal.1),
             "one log write per sequential put, not {}",
             wal.1
         );
         // Nothing else proposes meanwhile (the store's own proposals are not timed).
-        assert_eq!(
-            proposal.1 * SEQ as f64,
-            SEQ as f64,
-            "one proposal per sequential put"
-        );
+        assert_eq!(proposal.1, 1.0, "one proposal per sequential put");
         put_mean.push(1.0 / ops);
         wal_mean.push(wal.0);
         apply_mean.push(apply.0);
@@ -317,8 +303,8 @@ async fn bench(runs: usize) {
         share(outside),
     );
     // Per sequential put, by thread name: CPU, time runnable but waiting for a CPU, times
-    // put on a CPU, sleeps and preemptions (medians over the runs; threads with under
-    // 1 µs of CPU left out).
+    // put on a CPU, sleeps and switches while runnable (medians over the runs; threads
+    // with under 1 µs of CPU left out).
     let names: std::collections::BTreeSet<&String> =
         sched_runs.iter().flat_map(|r| r.keys()).collect();
     let per_put = |name: &str, f: fn(&proc::Sched) -> f64| {
@@ -333,17 +319,17 @@ async fn bench(runs: usize) {
         .filter(|n| per_put(n, |s| s.cpu.as_secs_f64()) >= 1e-6)
         .map(|n| {
             format!(
-                "{n}: CPU {}, waiting {}, runs {:.1} (sleeps {:.1}, preempted {:.1})",
+                "{n}: CPU {}, waiting {}, runs {:.1} (sleeps {:.1}, switched out while runnable {:.1})",
                 ms(per_put(n, |s| s.cpu.as_secs_f64())),
                 ms(per_put(n, |s| s.waiting.as_secs_f64())),
                 per_put(n, |s| s.runs as f64),
                 per_put(n, |s| s.sleeps as f64),
-                per_put(n, |s| s.preempted as f64),
+                per_put(n, |s| s.switched as f64),
             )
         })
         .collect();
     println!(
-        "|   per sequential put, by thread name of this process (CPU, runnable but waiting for a CPU, times put on one: after a sleep or a preemption) | {} | | | |",
+        "|   per sequential put, by thread name of this process (CPU, runnable but waiting for a CPU, times put on one: after a sleep, or after being switched out while runnable) | {} | | | |",
         threads.join("; "),
     );
     if !floor_mean.is_empty() {

@@ -1,4 +1,4 @@
-//! Process memory figures from `/proc`.
+//! Process figures from `/proc`: memory, CPU time, the scheduler's counts.
 
 /// Peak resident set size (`VmHWM`) of process `pid`, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
@@ -12,20 +12,31 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 
 fn status_field(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_number(&status, field)
+}
+
+/// The first number after `field` (a line's start) in a `status` file's text.
+fn status_number(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find(|l| l.starts_with(field))?
+        .find_map(|l| l.strip_prefix(field))?
         .split_whitespace()
-        .nth(1)?
+        .next()?
         .parse()
         .ok()
 }
 
 /// CPU time this process has used so far, summed over its live threads, in nanoseconds
-/// (`/proc/self/task/*/schedstat`). Repeatable where wall time is not: it leaves out
-/// time spent waiting for a server.
+/// (`/proc/self/task/*/schedstat`; a thread that exits while it is read is left out).
+/// Repeatable where wall time is not: it leaves out time spent waiting for a server.
 pub fn cpu_time() -> Option<std::time::Duration> {
-    tasks_cpu_time("/proc/self/task")
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        if let Some((cpu, _, _)) = task.ok().and_then(|t| schedstat(&t.path())) {
+            ns += cpu;
+        }
+    }
+    Some(std::time::Duration::from_nanos(ns))
 }
 
 /// CPU time process `pid` (a server the bench started) has used so far, user and
@@ -44,8 +55,13 @@ pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
     ))
 }
 
-fn tasks_cpu_time(dir: &str) -> Option<std::time::Duration> {
-    tasks_sched(dir).map(|s| s.cpu)
+/// CPU time of the calling thread so far (`CLOCK_THREAD_CPUTIME_ID`).
+pub fn thread_cpu_time() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 /// What the scheduler did for threads, summed over them (`schedstat` and `status` of
@@ -57,12 +73,13 @@ pub struct Sched {
     /// Time runnable but waiting for a CPU: a woken thread's wait to run is in it.
     pub waiting: std::time::Duration,
     /// Times a thread was put on a CPU: after it slept (a park, a lock, I/O) or after
-    /// it was preempted.
+    /// it was switched out while runnable.
     pub runs: u64,
     /// Times a thread gave up its CPU to sleep (`voluntary_ctxt_switches`).
     pub sleeps: u64,
-    /// Times a thread was preempted (`nonvoluntary_ctxt_switches`).
-    pub preempted: u64,
+    /// Times a thread was switched out while runnable: preempted, or yielding
+    /// (`nonvoluntary_ctxt_switches`).
+    pub switched: u64,
 }
 
 impl std::ops::AddAssign for Sched {
@@ -71,76 +88,78 @@ impl std::ops::AddAssign for Sched {
         self.waiting += o.waiting;
         self.runs += o.runs;
         self.sleeps += o.sleeps;
-        self.preempted += o.preempted;
+        self.switched += o.switched;
     }
 }
 
 impl Sched {
-    /// What happened between `before` and this (threads that exited in between make
-    /// it an underestimate, never negative).
+    /// What happened between `before` and this, never negative.
     pub fn since(&self, before: &Sched) -> Sched {
         Sched {
             cpu: self.cpu.saturating_sub(before.cpu),
             waiting: self.waiting.saturating_sub(before.waiting),
             runs: self.runs.saturating_sub(before.runs),
             sleeps: self.sleeps.saturating_sub(before.sleeps),
-            preempted: self.preempted.saturating_sub(before.preempted),
+            switched: self.switched.saturating_sub(before.switched),
         }
     }
 }
 
-/// CPU time of the calling thread so far (`/proc/thread-self/schedstat`).
-pub fn thread_cpu_time() -> Option<std::time::Duration> {
-    thread_sched(std::path::Path::new("/proc/thread-self")).map(|s| s.cpu)
-}
-
-/// [`Sched`] of this process so far by thread name (`comm`: its first 15 bytes; tokio
-/// names its workers and blocking threads alike).
-pub fn sched_by_thread() -> Option<std::collections::BTreeMap<String, Sched>> {
-    let mut by = std::collections::BTreeMap::<String, Sched>::new();
+/// This process's live threads so far: thread id → (name, [`Sched`]). The name is
+/// `comm`, its first 15 bytes; tokio names its workers and blocking threads alike. A
+/// thread that exits while it is read is left out.
+pub fn threads() -> Option<std::collections::BTreeMap<u64, (String, Sched)>> {
+    let mut all = std::collections::BTreeMap::new();
     for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let path = task.ok()?.path();
-        // A thread that exits meanwhile is left out.
+        let Ok(task) = task else { continue };
+        let path = task.path();
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
         let (Ok(name), Some(s)) = (
             std::fs::read_to_string(path.join("comm")),
             thread_sched(&path),
         ) else {
             continue;
         };
-        *by.entry(name.trim_end().to_owned()).or_default() += s;
+        all.insert(tid, (name.trim_end().to_owned(), s));
     }
-    Some(by)
+    Some(all)
 }
 
-fn thread_sched(task: &std::path::Path) -> Option<Sched> {
+/// What each thread name's threads did between two [`threads`] readings: diffed by
+/// thread id (a thread started in between counts from zero; one that exited in
+/// between is missed), then summed by name.
+pub fn by_name_since(
+    before: &std::collections::BTreeMap<u64, (String, Sched)>,
+    after: &std::collections::BTreeMap<u64, (String, Sched)>,
+) -> std::collections::BTreeMap<String, Sched> {
+    let mut by = std::collections::BTreeMap::<String, Sched>::new();
+    for (tid, (name, a)) in after {
+        let b = before.get(tid).map(|(_, b)| *b).unwrap_or_default();
+        *by.entry(name.clone()).or_default() += a.since(&b);
+    }
+    by
+}
+
+/// Time on a CPU, runnable but waiting, and times run, in ns (`schedstat`).
+fn schedstat(task: &std::path::Path) -> Option<(u64, u64, u64)> {
     let stat = std::fs::read_to_string(task.join("schedstat")).ok()?;
     let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
     let mut next = || fields.next().flatten();
-    let (cpu, waiting, runs) = (next()?, next()?, next()?);
+    Some((next()?, next()?, next()?))
+}
+
+fn thread_sched(task: &std::path::Path) -> Option<Sched> {
+    let (cpu, waiting, runs) = schedstat(task)?;
     let status = std::fs::read_to_string(task.join("status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))?
-            .trim()
-            .parse()
-            .ok()
-    };
     Some(Sched {
         cpu: std::time::Duration::from_nanos(cpu),
         waiting: std::time::Duration::from_nanos(waiting),
         runs,
-        sleeps: field("voluntary_ctxt_switches:")?,
-        preempted: field("nonvoluntary_ctxt_switches:")?,
+        sleeps: status_number(&status, "voluntary_ctxt_switches:")?,
+        switched: status_number(&status, "nonvoluntary_ctxt_switches:")?,
     })
-}
-
-fn tasks_sched(dir: &str) -> Option<Sched> {
-    let mut total = Sched::default();
-    for task in std::fs::read_dir(dir).ok()? {
-        total += thread_sched(&task.ok()?.path())?;
-    }
-    Some(total)
 }
 
 /// Bytes the files under `path` take on disk (allocated blocks, so preallocated but

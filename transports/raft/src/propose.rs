@@ -155,7 +155,8 @@ impl Proposals {
     /// writes (when it has just answered them, nothing is in flight yet).
     ///
     /// # Cancel safety
-    /// Dropping the future does not withdraw a proposal already queued.
+    /// Dropping the future does not withdraw a proposal already queued, or one already
+    /// handed to raft on the direct path (its time is recorded up to the drop).
     pub(crate) async fn propose(&self, cmd: Command) -> Committed {
         cmd.check().map_err(ProposeError::Store)?;
         self.propose_unchecked(cmd).await
@@ -184,10 +185,7 @@ impl Proposals {
     /// outside the batching and the client-write metrics.
     pub(crate) async fn propose_internal(&self, cmd: Command) -> Committed {
         cmd.check().map_err(ProposeError::Store)?;
-        write(&self.raft, cmd, None)
-            .await
-            .map(|r| (r.data, r.log_id.index))
-            .map_err(|e| e.error())
+        committed(write(&self.raft, cmd, None).await)
     }
 
     async fn propose_inner(&self, cmd: Command) -> Committed {
@@ -200,10 +198,7 @@ impl Proposals {
         {
             let _done = InFlight(&self.inflight);
             self.metrics.batch_size.observe(1.0);
-            return write(&self.raft, cmd, Some(&self.metrics.proposal))
-                .await
-                .map(|r| (r.data, r.log_id.index))
-                .map_err(|e| e.error());
+            return committed(write(&self.raft, cmd, Some(&self.metrics.proposal)).await);
         }
         let (reply, rx) = oneshot::channel();
         self.queue
@@ -229,6 +224,13 @@ impl Unanswered {
             Unanswered::Timeout => ProposeError::Store(StoreError::Timeout(WRITE_WITHIN)),
         }
     }
+}
+
+/// A lone write's outcome.
+fn committed(written: Result<ClientWriteResponse<TypeConfig>, Unanswered>) -> Committed {
+    written
+        .map(|r| (r.data, r.log_id.index))
+        .map_err(|e| e.error())
 }
 
 /// Records a proposal's time when dropped, so a write its caller gave up on counts too.
@@ -414,15 +416,17 @@ async fn proposer(
             }
         }
         inflight_count.fetch_add(1, Ordering::AcqRel);
-        metrics.batch_size.observe(batch.len() as f64);
         busy.store(batch.len() > 1, Ordering::Relaxed);
         let count = inflight_count.clone();
         let raft = raft.clone();
-        let proposal = metrics.proposal.clone();
+        let m = metrics.clone();
         let (n, t) = (batch.len(), std::time::Instant::now());
         inflight.push(async move {
             let _done = InFlight(&count);
-            commit(raft, batch, &proposal).await;
+            // Counted where it is proposed (and timed), not before: the proposer can stop
+            // first.
+            m.batch_size.observe(n as f64);
+            commit(raft, batch, &m.proposal).await;
             (n, t.elapsed())
         });
         if carry.is_some() && inflight.len() >= in_flight {

@@ -331,12 +331,17 @@ impl Files {
         if a.pos > a.cap / 2 && self.spare.is_none() {
             let path = self.dir.join("spare.tmp");
             let size = self.next_size();
-            // Without a thread, the next segment is made when it is needed.
             let made = crate::rt::Background::spawn("raft-log-spare", move || {
                 zero_file(&path, size)?;
                 Ok(path)
             });
-            self.spare = made.ok().map(|h| (size, h));
+            // Without a thread, the next segment is made when it is needed, and no other
+            // thread is tried for this one.
+            let made = made.unwrap_or_else(|e| {
+                warn!(error = %e, "no thread to prepare the next log segment");
+                crate::rt::Background::Done(Err(e))
+            });
+            self.spare = Some((size, made));
         }
         Ok(loc)
     }
