@@ -35,8 +35,7 @@ fn main() {
     rt.block_on(async move { tokio::spawn(bench(runs, nodes)).await.unwrap() });
 }
 
-/// This process's CPU time in nanoseconds, over its live threads (a thread that exits
-/// during a phase takes its share with it: differences saturate at zero).
+/// This process's CPU time.
 fn cpu() -> Duration {
     datasync_integration::proc::cpu_time().expect("this process's CPU time")
 }

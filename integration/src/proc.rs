@@ -26,17 +26,20 @@ fn status_number(status: &str, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// CPU time this process has used so far, summed over its live threads, in nanoseconds
-/// (`/proc/self/task/*/schedstat`; a thread that exits while it is read is left out).
-/// Repeatable where wall time is not: it leaves out time spent waiting for a server.
+/// CPU time this process has used so far, threads that have exited included
+/// (`CLOCK_PROCESS_CPUTIME_ID`): it never goes down. Repeatable where wall time is not:
+/// it leaves out time spent waiting for a server.
 pub fn cpu_time() -> Option<std::time::Duration> {
-    let mut ns = 0u64;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        if let Some((cpu, _, _)) = task.ok().and_then(|t| schedstat(&t.path())) {
-            ns += cpu;
-        }
-    }
-    Some(std::time::Duration::from_nanos(ns))
+    Some(duration(rustix::time::clock_gettime(
+        rustix::time::ClockId::ProcessCPUTime,
+    )))
+}
+
+fn duration(t: rustix::time::Timespec) -> std::time::Duration {
+    std::time::Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 /// CPU time process `pid` (a server the bench started) has used so far, user and
@@ -57,11 +60,9 @@ pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
 
 /// CPU time of the calling thread so far (`CLOCK_THREAD_CPUTIME_ID`).
 pub fn thread_cpu_time() -> std::time::Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-    std::time::Duration::new(
-        t.tv_sec.max(0) as u64,
-        t.tv_nsec.clamp(0, 999_999_999) as u32,
-    )
+    duration(rustix::time::clock_gettime(
+        rustix::time::ClockId::ThreadCPUTime,
+    ))
 }
 
 /// What the scheduler did for threads, summed over them (`schedstat` and `status` of
@@ -174,4 +175,28 @@ pub fn disk_usage(path: &std::path::Path) -> u64 {
     }
     let entries = std::fs::read_dir(path).into_iter().flatten().flatten();
     meta.blocks() * 512 + entries.map(|e| disk_usage(&e.path())).sum::<u64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_times_grow_with_work_and_a_thread_is_part_of_its_process() {
+        // The process's clock read outside the thread's: its span holds the thread's.
+        let p0 = cpu_time().expect("process CPU time");
+        let t0 = thread_cpu_time();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        let t1 = thread_cpu_time();
+        let p1 = cpu_time().expect("process CPU time");
+        assert!(t1 > t0, "the thread's CPU time grew with its work");
+        assert!(p1 - p0 >= t1 - t0, "the process's CPU holds its thread's");
+        let mine = threads().expect("this process's threads");
+        let me = rustix::thread::gettid().as_raw_nonzero().get() as u64;
+        let (_, s) = mine.get(&me).expect("this thread among them");
+        assert!(s.cpu > std::time::Duration::ZERO && s.runs > 0);
+    }
 }

@@ -419,14 +419,14 @@ async fn proposer(
         busy.store(batch.len() > 1, Ordering::Relaxed);
         let count = inflight_count.clone();
         let raft = raft.clone();
-        let m = metrics.clone();
+        let (sizes, proposal) = (metrics.batch_size.clone(), metrics.proposal.clone());
         let (n, t) = (batch.len(), std::time::Instant::now());
         inflight.push(async move {
             let _done = InFlight(&count);
             // Counted where it is proposed (and timed), not before: the proposer can stop
             // first.
-            m.batch_size.observe(n as f64);
-            commit(raft, batch, &m.proposal).await;
+            sizes.observe(n as f64);
+            commit(raft, batch, &proposal).await;
             (n, t.elapsed())
         });
         if carry.is_some() && inflight.len() >= in_flight {
