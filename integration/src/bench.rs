@@ -323,9 +323,19 @@ pub fn runs(default: usize) -> usize {
 }
 
 /// The runtime every bench runs on: 2 tokio workers, as many as the machine has cores.
+/// `BENCH_MAX_BLOCKING` caps its blocking threads (tokio's default: 512), to show what
+/// spreading blocking work over threads costs in memory (see the README's key-scale
+/// section).
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("BENCH_MAX_BLOCKING")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n: &usize| *n > 0)
+    {
+        b.max_blocking_threads(n);
+    }
+    b.worker_threads(2)
         .enable_all()
         .build()
         .expect("a tokio runtime")
