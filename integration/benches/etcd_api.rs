@@ -107,7 +107,7 @@ async fn range(c: &etcd_client::Client, prefix: &str) -> f64 {
 async fn run(c: &etcd_client::Client, round: usize, pid: u32) -> Run {
     let p = |what: &str| format!("{what}{round}");
     let (seq, seq_p50) = etcd_seq(c, &p("seq"), SEQ_N).await;
-    let cpu = || (proc::cpu_time_of(pid).unwrap(), proc::cpu_time().unwrap());
+    let cpu = || (proc::cpu_time_of(pid).unwrap(), proc::cpu_time());
     let (server0, client0) = cpu();
     let inflight = etcd_inflight(c, &p("fl"), INFLIGHT_N).await;
     let (server1, client1) = cpu();

@@ -18,6 +18,7 @@ use datasync::{Consistency, Key, PutOptions, ReadOptions, Value, Writer};
 use datasync_integration::bench::{
     histogram, inflight, median, quantile, store_inflight, store_seq, value,
 };
+use datasync_integration::proc::cpu_time;
 use datasync_raft::testing::{TestCluster, test_secret};
 use datasync_raft::{RemoteConfig, RemoteStore};
 use prometheus_client::registry::Registry;
@@ -33,11 +34,6 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     rt.block_on(async move { tokio::spawn(bench(runs, nodes)).await.unwrap() });
-}
-
-/// This process's CPU time.
-fn cpu() -> Duration {
-    datasync_integration::proc::cpu_time().expect("this process's CPU time")
 }
 
 /// `n` sequential local reads of `key`: the p50.
@@ -67,10 +63,9 @@ async fn get_inflight<S: Writer + Clone + 'static>(s: &S, key: &Key, n: usize) -
 
 /// Ops/s and CPU per op of `work`, which makes `n` ops.
 async fn timed<F: std::future::Future<Output = f64>>(n: usize, work: F) -> (f64, f64) {
-    let c0 = cpu();
+    let c0 = cpu_time();
     let ops = work.await;
-    let c1 = cpu();
-    (ops, c1.saturating_sub(c0).as_secs_f64() / n as f64)
+    (ops, (cpu_time() - c0).as_secs_f64() / n as f64)
 }
 
 #[derive(Default)]
